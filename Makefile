@@ -1,0 +1,38 @@
+# Set-up, build, tests and benchmarks in one place. `make test` and `make demo` work
+# on a fresh machine: the first run creates .venv and installs everything.
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TORCH_VERSION ?= 2.14.1
+DEPS := $(VENV)/.deps-installed
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+
+.PHONY: all build test bench demo clean
+
+all: build
+
+$(DEPS): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) numpy 'pytest>=8' 'pytest-benchmark>=4'
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+# Rebuild the extension in place when a C++/CUDA source changed (ninja: incremental).
+dsv3/.built: $(DEPS) $(CSRC)
+	$(PYTHON) setup.py -q build_ext --inplace
+	touch $@
+
+build: dsv3/.built
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	$(PYTHON) -m benchmarks.run
+
+# The main job. Until the trainer lands it is the benchmark table.
+demo: bench
+
+clean:
+	rm -rf build dsv3/_C*.so dsv3/.built

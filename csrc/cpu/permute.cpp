@@ -1,0 +1,196 @@
+// Token permutation on the CPU: a stable counting sort of routed copies by expert,
+// the scatter of token rows into expert-grouped order, and the weighted,
+// deterministic combine back (a gather per token, summed over k in order: no
+// atomics, so results are bitwise identical on repeat). OpenMP over tokens.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+namespace dsv3 {
+namespace {
+
+constexpr int64_t kTokenGrain = 16;
+
+// Counting sort in chunks: each chunk histograms its copies, the (bin, chunk)
+// starts come from one scan, and each chunk then places its copies in order.
+// Chunks are contiguous ranges of copies, so the result is stable and independent
+// of the thread count. Bin n_experts collects dropped copies (expert id -1).
+std::tuple<at::Tensor, at::Tensor> expert_index_cpu(const at::Tensor& experts_TK_in,
+                                                    int64_t n_experts) {
+  TORCH_CHECK_TYPE(experts_TK_in.scalar_type() == at::kInt, "expert_index: experts_TK must be int32");
+  TORCH_CHECK_VALUE(experts_TK_in.dim() == 2, "expert_index: experts_TK must be 2-D [T, K]");
+  TORCH_CHECK_VALUE(n_experts >= 1, "expert_index: n_experts must be >= 1, got ", n_experts);
+  const at::Tensor experts_TK = experts_TK_in.contiguous();
+  const int64_t n_copies = experts_TK.numel(), n_bins = n_experts + 1;
+  const int32_t* experts = experts_TK.const_data_ptr<int32_t>();
+  const int64_t chunk = std::max<int64_t>(4096, (n_copies + at::get_num_threads() - 1) /
+                                                    std::max(at::get_num_threads(), 1));
+  const int64_t n_chunks = std::max<int64_t>(1, (n_copies + chunk - 1) / chunk);
+  std::vector<int64_t> cursor(n_chunks * n_bins, 0);  // [chunk][bin]
+  std::atomic<bool> out_of_range{false};
+
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* hist = cursor.data() + c * n_bins;
+      for (int64_t i = c * chunk; i < std::min(n_copies, (c + 1) * chunk); ++i) {
+        const int32_t e = experts[i];
+        if (e < -1 || e >= n_experts) {
+          out_of_range = true;
+          continue;
+        }
+        ++hist[e < 0 ? n_experts : e];
+      }
+    }
+  });
+  TORCH_CHECK_VALUE(!out_of_range, "expert_index: experts_TK values must be in [-1, n_experts=",
+                    n_experts, ")");
+  at::Tensor offsets_E = at::empty({n_experts}, experts_TK.options());
+  int32_t* offsets = offsets_E.mutable_data_ptr<int32_t>();
+  int64_t running = 0;
+  for (int64_t b = 0; b < n_bins; ++b) {
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t count = cursor[c * n_bins + b];
+      cursor[c * n_bins + b] = running;
+      running += count;
+    }
+    if (b < n_experts) offsets[b] = static_cast<int32_t>(running);
+  }
+  at::Tensor row_map_TK = at::empty_like(experts_TK);
+  int32_t* row_map = row_map_TK.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      int64_t* next = cursor.data() + c * n_bins;
+      for (int64_t i = c * chunk; i < std::min(n_copies, (c + 1) * chunk); ++i) {
+        const int32_t e = experts[i];
+        row_map[i] = static_cast<int32_t>(next[e < 0 ? n_experts : e]++);
+      }
+    }
+  });
+  return {offsets_E, row_map_TK};
+}
+
+// A row map indexes raw memory, so a bad one must be caught before any kernel
+// uses it; the scan is one pass over T*K ints.
+void check_row_map(const at::Tensor& row_map_TK, int64_t n_rows, const char* op) {
+  TORCH_CHECK_TYPE(row_map_TK.scalar_type() == at::kInt, op, ": row_map_TK must be int32");
+  TORCH_CHECK_VALUE(row_map_TK.dim() == 2 && row_map_TK.numel() == n_rows, op,
+                    ": row_map_TK must be 2-D [T, K] with T*K=", n_rows, " entries, got ",
+                    row_map_TK.sizes());
+  const at::Tensor rows = row_map_TK.contiguous();
+  const int32_t* data = rows.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < n_rows; ++i)
+    TORCH_CHECK_VALUE(data[i] >= 0 && data[i] < n_rows, op, ": row_map_TK values must be in [0, ",
+                      n_rows, "), got ", data[i]);
+}
+
+at::Tensor permute_rows_cpu(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {
+  check_row_map(row_map_TK_in, row_map_TK_in.numel(), "permute_rows");
+  const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
+  const int64_t row_bytes = x_TD.size(1) * x_TD.element_size();
+  at::Tensor x_SD = at::empty({n_tokens * top_k, x_TD.size(1)}, x_TD.options());
+  const char* src = static_cast<const char*>(x_TD.const_data_ptr());
+  char* dst = static_cast<char*>(x_SD.mutable_data_ptr());
+  const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
+  at::parallel_for(0, n_tokens, kTokenGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t k = 0; k < top_k; ++k)
+        std::memcpy(dst + row_map[t * top_k + k] * row_bytes, src + t * row_bytes, row_bytes);
+  });
+  return x_SD;
+}
+
+at::Tensor unpermute_cpu(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
+                         const c10::optional<at::Tensor>& weights_TK_in) {
+  check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute");
+  const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
+  at::Tensor y_TD = at::empty({n_tokens, dim}, y_SD.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(), "unpermute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor weights_TK;
+    if (weights_TK_in.has_value())
+      weights_TK = weights_TK_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* weights = weights_TK.defined() ? weights_TK.const_data_ptr<acc_t>() : nullptr;
+    const scalar_t* y_rows = y_SD.const_data_ptr<scalar_t>();
+    const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
+    scalar_t* out = y_TD.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n_tokens, kTokenGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc_D(dim);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc_D.begin(), acc_D.end(), acc_t(0));
+        for (int64_t k = 0; k < top_k; ++k) {
+          const scalar_t* row = y_rows + row_map[t * top_k + k] * dim;
+          const acc_t w = weights ? weights[t * top_k + k] : acc_t(1);
+          for (int64_t d = 0; d < dim; ++d) acc_D[d] += w * static_cast<acc_t>(row[d]);
+        }
+        for (int64_t d = 0; d < dim; ++d) out[t * dim + d] = static_cast<scalar_t>(acc_D[d]);
+      }
+    });
+  });
+  return y_TD;
+}
+
+// grad_y_SD[row_map[t, k]] = weights[t, k] * grad_y_TD[t];
+// grad_weights[t, k] = <grad_y_TD[t], y_SD[row_map[t, k]]>.
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad_y_TD_in,
+                                                          const at::Tensor& y_SD_in,
+                                                          const at::Tensor& row_map_TK_in,
+                                                          const at::Tensor& weights_TK_in) {
+  check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute_backward");
+  const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD_in.scalar_type());
+  const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
+  at::Tensor grad_y_SD = at::empty_like(y_SD);
+  at::Tensor grad_weights_TK;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(),
+                                  "unpermute_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor weights_TK = weights_TK_in.to(acc_type).contiguous();
+    grad_weights_TK = at::empty({n_tokens, top_k}, weights_TK.options());
+    const acc_t* weights = weights_TK.const_data_ptr<acc_t>();
+    acc_t* grad_weights = grad_weights_TK.mutable_data_ptr<acc_t>();
+    const scalar_t* grad_y = grad_y_TD.const_data_ptr<scalar_t>();
+    const scalar_t* y_rows = y_SD.const_data_ptr<scalar_t>();
+    scalar_t* grad_rows = grad_y_SD.mutable_data_ptr<scalar_t>();
+    const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
+    at::parallel_for(0, n_tokens, kTokenGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* g = grad_y + t * dim;
+        for (int64_t k = 0; k < top_k; ++k) {
+          const int64_t row = row_map[t * top_k + k];
+          const acc_t w = weights[t * top_k + k];
+          const scalar_t* y = y_rows + row * dim;
+          scalar_t* dy = grad_rows + row * dim;
+          acc_t dot = 0;
+          for (int64_t d = 0; d < dim; ++d) {
+            const acc_t g_d = static_cast<acc_t>(g[d]);
+            dy[d] = static_cast<scalar_t>(w * g_d);
+            dot += g_d * static_cast<acc_t>(y[d]);
+          }
+          grad_weights[t * top_k + k] = dot;
+        }
+      }
+    });
+  });
+  return {grad_y_SD, grad_weights_TK.to(weights_TK_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("expert_index", &expert_index_cpu);
+  m.impl("permute_rows", &permute_rows_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_backward", &unpermute_backward_cpu);
+}
+
+}  // namespace dsv3

@@ -1,0 +1,44 @@
+// Schemas of every dsv3 operator, in one place, so the CPU (csrc/cpu) and GPU
+// (csrc/cuda, dsv3/kernels) implementations register against the same contract.
+// Autograd formulas and fake (meta) implementations live in Python (dsv3/ops/),
+// next to the input checks; the kernels here are raw and gradient-free.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dsv3, m) {
+  // Top-k routing. weights_TK (fp32, or fp64 for fp64 logits), experts_TK (int32),
+  // counts_E (int32). The bias only steers selection; weights come from the
+  // unbiased scores (DeepSeek-V3's aux-loss-free balancing).
+  m.def(
+      "route(Tensor logits_TE, int top_k, str score, Tensor? bias_E, int n_groups, "
+      "int topk_groups, bool normalize, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "route_backward(Tensor grad_weights_TK, Tensor logits_TE, Tensor experts_TK, "
+      "str score, bool normalize, float scale) -> Tensor");
+  // Stable counting sort of routed copies by expert. Expert id -1 means "dropped":
+  // those copies go after every expert's segment. offsets_E are cumulative ends.
+  m.def("expert_index(Tensor experts_TK, int n_experts) -> (Tensor, Tensor)");
+  // x_SD[row_map_TK[t, k]] = x_TD[t]
+  m.def("permute_rows(Tensor x_TD, Tensor row_map_TK) -> Tensor");
+  // y_TD[t] = sum_k weights_TK[t, k] * y_SD[row_map_TK[t, k]], k in order (deterministic)
+  m.def("unpermute(Tensor y_SD, Tensor row_map_TK, Tensor? weights_TK) -> Tensor");
+  m.def(
+      "unpermute_backward(Tensor grad_y_TD, Tensor y_SD, Tensor row_map_TK, "
+      "Tensor weights_TK) -> (Tensor, Tensor)");
+  // y_SY[rows of expert e] = x_SX[rows of expert e] @ w_EXY[e]; rows past the last
+  // offset (dropped copies) are zero.
+  m.def("grouped_mm(Tensor x_SX, Tensor w_EXY, Tensor offsets_E) -> Tensor");
+  // grad_w_EXY[e] = x_SX[rows of e]^T @ grad_y_SY[rows of e]; with transposed=True the
+  // result is laid out [E, Y, X] (for weights stored as nn.Linear's [out, in]).
+  m.def(
+      "grouped_mm_wgrad(Tensor x_SX, Tensor grad_y_SY, Tensor offsets_E, bool transposed) "
+      "-> Tensor");
+  // a_SF = silu(h[:, :F]) * h[:, F:]
+  m.def("swiglu(Tensor h_S2F) -> Tensor");
+  m.def("swiglu_backward(Tensor grad_a_SF, Tensor h_S2F) -> Tensor");
+}
+
+// `import dsv3._C` loads this library and so runs the registrations above; the
+// module itself carries no Python functions.
+static struct PyModuleDef dsv3_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&dsv3_module); }

@@ -1,0 +1,206 @@
+"""``dsv3.MoE``: a drop-in Mixture-of-Experts feed-forward layer on the dsv3 ops.
+
+route -> permute -> grouped GEMM (gate and up fused) -> SwiGLU -> grouped GEMM ->
+weighted unpermute (+ shared experts). The module is thin: the work and the
+gradients live in the ops. Expert weights are kept in nn.Linear's [out, in]
+layout (``gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]), the layout
+transformers uses, so weights move between the two without reshuffling.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3 import ops
+
+ACTIVATIONS = ("swiglu",)
+
+
+@dataclass
+class MoEConfig:
+    dim: int
+    ffn_dim: int  # hidden size of each routed expert
+    n_experts: int
+    top_k: int = 2
+    n_shared_experts: int = 0  # always-on experts, fused as one MLP of n_shared_experts * ffn_dim
+    score: str = "softmax"  # "softmax" (Mixtral) or "sigmoid" (DeepSeek-V3)
+    n_groups: int = 1  # group-limited routing (DeepSeek-V3: 8 groups, 4 chosen)
+    topk_groups: int = 1
+    route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3: 2.5)
+    normalize_weights: bool = True  # weights of the chosen experts sum to route_scale
+    aux_loss_coef: float = 0.01  # Switch-Transformer load-balance loss
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 disables the bias
+    capacity_factor: float | None = None  # None: dropless; else copies past capacity are dropped
+    activation: str = "swiglu"
+
+    def __post_init__(self):
+        for name in ("dim", "ffn_dim", "n_experts", "top_k", "n_groups", "topk_groups"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig: {name} must be a positive int, got {value!r}")
+        if self.n_shared_experts < 0:
+            raise ValueError(f"MoEConfig: n_shared_experts must be >= 0, got {self.n_shared_experts}")
+        if self.score not in ops.SCORES:
+            raise ValueError(f"MoEConfig: score must be one of {ops.SCORES}, got {self.score!r}")
+        if self.n_experts % self.n_groups:
+            raise ValueError(f"MoEConfig: n_groups={self.n_groups} must divide "
+                             f"n_experts={self.n_experts}")
+        if self.topk_groups > self.n_groups:
+            raise ValueError(f"MoEConfig: topk_groups={self.topk_groups} must be <= "
+                             f"n_groups={self.n_groups}")
+        reachable = self.topk_groups * (self.n_experts // self.n_groups)
+        if self.top_k > reachable:
+            raise ValueError(f"MoEConfig: top_k={self.top_k} must be <= the experts reachable in "
+                             f"topk_groups groups ({reachable})")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoEConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"MoEConfig: capacity_factor must be > 0 or None, "
+                             f"got {self.capacity_factor}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"MoEConfig: activation must be one of {ACTIVATIONS}, "
+                             f"got {self.activation!r}")
+
+
+@dataclass
+class MoEStats:
+    """What one forward saw, for monitoring. Tensors, detached: reading them is the
+    caller's choice of when to sync."""
+    tokens_per_expert: torch.Tensor  # int32 [E], copies each expert computed
+    dropped_tokens: torch.Tensor  # int64 scalar, copies dropped by the capacity limit
+    aux_loss: torch.Tensor  # fp32 scalar, load-balance loss (already times its coef)
+    z_loss: torch.Tensor  # fp32 scalar, router z-loss (already times its coef)
+
+
+class SwiGLUMLP(nn.Module):
+    """A dense SwiGLU MLP (the shared experts), gate and up fused in one matmul."""
+
+    def __init__(self, dim: int, hidden_dim: int, **factory):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False, **factory)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False, **factory)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x_TD)))
+
+
+class MoE(nn.Module):
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None):
+        super().__init__()
+        self.config = c = config
+        factory = {"device": device, "dtype": dtype}
+        self.router = nn.Linear(c.dim, c.n_experts, bias=False, **factory)
+        self.gate_up_proj = nn.Parameter(torch.empty(c.n_experts, 2 * c.ffn_dim, c.dim, **factory))
+        self.down_proj = nn.Parameter(torch.empty(c.n_experts, c.dim, c.ffn_dim, **factory))
+        self.shared_experts = (SwiGLUMLP(c.dim, c.n_shared_experts * c.ffn_dim, **factory)
+                               if c.n_shared_experts else None)
+        if c.bias_update_rate > 0:
+            # Selection-only bias, moved by update_bias(), never by gradients.
+            self.register_buffer("expert_bias", torch.zeros(c.n_experts, device=device))
+            self.register_buffer("pending_counts", torch.zeros(c.n_experts, device=device,
+                                                               dtype=torch.int64),
+                                 persistent=False)
+        else:
+            self.expert_bias = None
+        self.aux_loss: torch.Tensor | None = None
+        self.last_stats: MoEStats | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, applied per expert (fan-in of one expert)."""
+        for weight in (self.gate_up_proj, self.down_proj):
+            bound = 1.0 / math.sqrt(weight.shape[-1])
+            nn.init.uniform_(weight, -bound, bound)
+        self.router.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != c.dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {shape}")
+        if x.numel() == 0:
+            raise ValueError(f"MoE: x must hold at least one token, got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, c.dim)
+        n_tokens = x_TD.shape[0]
+        # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        weights_TK, experts_TK, counts_E = ops.route(
+            logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
+            c.normalize_weights, c.route_scale)
+        dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        if c.capacity_factor is not None:
+            weights_TK, experts_TK, counts_E, dropped = self._apply_capacity(
+                weights_TK, experts_TK, counts_E, n_tokens)
+
+        x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, c.n_experts)
+        h_S2F = ops.grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offsets_E)
+        y_SD = ops.grouped_mm(ops.swiglu(h_S2F), self.down_proj.transpose(1, 2), offsets_E)
+        y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+
+        self._record(logits_TE, counts_E, dropped, n_tokens)
+        return y_TD.view(x.shape)
+
+    def _apply_capacity(self, weights_TK, experts_TK, counts_E, n_tokens):
+        """Drop the copies past each expert's capacity (later tokens first): they get
+        expert id -1 (permuted after every expert, never computed) and weight 0."""
+        c = self.config
+        capacity = math.ceil(c.capacity_factor * n_tokens * c.top_k / c.n_experts)
+        offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
+        starts_E = offsets_E - counts_E
+        rank_TK = row_map_TK - starts_E[experts_TK.long()]  # position within its expert
+        dropped_TK = rank_TK >= capacity
+        experts_TK = torch.where(dropped_TK, -1, experts_TK)
+        weights_TK = weights_TK.masked_fill(dropped_TK, 0.0)
+        return weights_TK, experts_TK, counts_E.clamp(max=capacity), dropped_TK.sum()
+
+    def _record(self, logits_TE, counts_E, dropped, n_tokens) -> None:
+        c = self.config
+        aux = z = logits_TE.new_zeros(())
+        if self.training and c.aux_loss_coef > 0:
+            # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
+            scores_TE = logits_TE.softmax(-1) if c.score == "softmax" else logits_TE.sigmoid()
+            scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+            fraction_E = counts_E.float() / (n_tokens * c.top_k)
+            aux = c.aux_loss_coef * c.n_experts * (fraction_E * scores_TE.mean(0)).sum()
+        if self.training and c.z_loss_coef > 0:
+            z = c.z_loss_coef * logits_TE.logsumexp(-1).square().mean()
+        if self.training and self.expert_bias is not None:
+            self.pending_counts += counts_E
+        self.aux_loss = aux + z
+        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), aux.detach(), z.detach())
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3's aux-loss-free balancing step: raise the selection bias of
+        under-loaded experts and lower it for over-loaded ones by bias_update_rate,
+        from the counts seen since the last call (so it composes with gradient
+        accumulation). Call once per optimizer step."""
+        if self.expert_bias is None:
+            return
+        counts_E = self.pending_counts.float()
+        if counts_E.sum() > 0:
+            self.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+        self.pending_counts.zero_()
+
+
+def moe_aux_loss(model: nn.Module) -> torch.Tensor:
+    """Sum of the auxiliary losses (load balance + z-loss) of every MoE layer's last
+    forward; add it to the task loss."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+    if not losses:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return torch.stack(losses).sum()
+
+
+def moe_update_bias(model: nn.Module) -> None:
+    """Apply update_bias() to every MoE layer of ``model`` (once per optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.update_bias()

@@ -1,0 +1,120 @@
+"""Plain-PyTorch reference paths: routing, permutation, grouped expert FFN and a
+whole MoE layer, written for obviousness rather than speed.
+
+They are the truth every kernel is tested against and the "reference loop"
+baseline of the benchmarks. Math is done in fp32 (fp64 for fp64 inputs) and cast
+back, so a kernel's low-precision error can be judged against them.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_groups=1,
+          normalize=True, scale=1.0):
+    """Top-k routing: (weights_TK, experts_TK int32, counts_E int32).
+
+    Ties go to the lower expert index (a stable descending sort), as in the kernels.
+    """
+    if torch.isnan(logits_TE).any():
+        raise ValueError("route: logits_TE contains NaN")
+    logits_TE = logits_TE.to(_acc_dtype(logits_TE.dtype))
+    n_tokens, n_experts = logits_TE.shape
+    scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    choice_TE = scores_TE.detach().clone()
+    if bias_E is not None:
+        choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
+    if n_groups > 1:
+        # Group score: the sum of the group's two best choice scores (DeepSeek-V3).
+        choice_TGX = choice_TE.view(n_tokens, n_groups, -1)
+        best_TGX = choice_TGX.sort(dim=-1, descending=True, stable=True).values
+        group_score_TG = best_TGX[..., : min(2, best_TGX.shape[-1])].sum(-1)
+        groups_TG = group_score_TG.sort(dim=-1, descending=True, stable=True).indices[:, :topk_groups]
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter(1, groups_TG, True)
+        choice_TE = choice_TGX.masked_fill(~keep_TG[..., None], -math.inf).view(n_tokens, n_experts)
+    experts_TK = choice_TE.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights_TK = scores_TE.gather(1, experts_TK)
+    if normalize:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    weights_TK = weights_TK * scale
+    counts_E = torch.bincount(experts_TK.flatten(), minlength=n_experts).to(torch.int32)
+    return weights_TK, experts_TK.to(torch.int32), counts_E
+
+
+def expert_index(experts_TK, n_experts):
+    """(offsets_E, row_map_TK): a stable sort of routed copies by expert; id -1
+    (a dropped copy) sorts after every expert."""
+    key_S = experts_TK.flatten().long()
+    key_S = torch.where(key_S < 0, n_experts, key_S)
+    order_S = torch.sort(key_S, stable=True).indices
+    row_map_S = torch.empty_like(order_S)
+    row_map_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    counts_E = torch.bincount(key_S, minlength=n_experts + 1)[:n_experts]
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    return offsets_E, row_map_S.view(experts_TK.shape).to(torch.int32)
+
+
+def permute(x_TD, experts_TK, n_experts):
+    """(x_SD, offsets_E, row_map_TK) with x_SD[row_map_TK[t, k]] = x_TD[t]."""
+    offsets_E, row_map_TK = expert_index(experts_TK, n_experts)
+    top_k = experts_TK.shape[1]
+    x_SD = x_TD.new_empty(x_TD.shape[0] * top_k, x_TD.shape[1])
+    x_SD[row_map_TK.flatten().long()] = x_TD.repeat_interleave(top_k, dim=0)
+    return x_SD, offsets_E, row_map_TK
+
+
+def unpermute(y_SD, row_map_TK, weights_TK=None):
+    """y_TD[t] = sum_k weights_TK[t, k] * y_SD[row_map_TK[t, k]]."""
+    y_TKD = y_SD[row_map_TK.long()].to(_acc_dtype(y_SD.dtype))
+    if weights_TK is not None:
+        y_TKD = y_TKD * weights_TK.to(y_TKD.dtype)[..., None]
+    return y_TKD.sum(1).to(y_SD.dtype)
+
+
+def grouped_mm(x_SX, w_EXY, offsets_E):
+    """y_SY[rows of e] = x_SX[rows of e] @ w_EXY[e]; rows past the last offset are 0."""
+    y_SY = x_SX.new_zeros(x_SX.shape[0], w_EXY.shape[2])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        y_SY[start:end] = x_SX[start:end] @ w_EXY[e]
+        start = end
+    return y_SY
+
+
+def swiglu(h_S2F):
+    gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
+    return F.silu(gate_SF) * up_SF
+
+
+def expert_ffn(x_D, gate_up_2FD, down_DF):
+    """One SwiGLU expert with weights in nn.Linear's [out, in] layout."""
+    return F.linear(swiglu(F.linear(x_D, gate_up_2FD)), down_DF)
+
+
+def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias_E=None,
+        n_groups=1, topk_groups=1, normalize=True, scale=1.0, capacity=None, shared=None):
+    """A whole MoE layer as a loop over experts. Returns (y_TD, logits_TE, experts_TK).
+
+    ``capacity`` caps the copies an expert takes (earlier tokens first; the rest are
+    dropped); ``shared`` is an optional module applied to every token and added.
+    """
+    logits_TE = F.linear(x_TD.float(), router_ED.float())
+    weights_TK, experts_TK, _ = route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
+                                      normalize, scale)
+    y_TD = torch.zeros_like(x_TD)
+    for e in range(gate_up_E2FD.shape[0]):
+        tokens, slots = (experts_TK == e).nonzero(as_tuple=True)  # in token order
+        if capacity is not None:
+            tokens, slots = tokens[:capacity], slots[:capacity]
+        if tokens.numel() == 0:
+            continue
+        out_ND = expert_ffn(x_TD[tokens], gate_up_E2FD[e], down_EDF[e])
+        y_TD = y_TD.index_add(0, tokens, out_ND * weights_TK[tokens, slots, None].to(out_ND.dtype))
+    if shared is not None:
+        y_TD = y_TD + shared(x_TD)
+    return y_TD, logits_TE, experts_TK

@@ -1,0 +1,58 @@
+"""Builds the one compiled extension, ``dsv3._C``.
+
+The CPU kernels (csrc/cpu, OpenMP) are always built. The CUDA kernels (csrc/cuda)
+are added when torch was built with CUDA and nvcc is found; ``DSV3_BUILD_CUDA=0|1``
+overrides that guess. See DESIGN.md section 3 for why CUDA_HOME and the extra
+include directory are set the way they are.
+"""
+import glob
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent
+
+
+def cuda_wanted() -> bool:
+    forced = os.environ.get("DSV3_BUILD_CUDA")
+    if forced is not None:
+        return forced == "1"
+    has_sources = bool(glob.glob(str(ROOT / "csrc" / "cuda" / "*.cu")))
+    return has_sources and torch.version.cuda is not None and shutil.which("nvcc") is not None
+
+
+def nvidia_include_dirs() -> list[str]:
+    """Headers that pip's CUDA wheels ship outside CUDA_HOME (cuSPARSE and friends)."""
+    site = Path(torch.__file__).parent.parent
+    return [str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir()]
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    link_flags = ["-fopenmp"]
+    if not cuda_wanted():
+        return cpp_extension.CppExtension(
+            "dsv3._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
+    os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+    arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    return cpp_extension.CUDAExtension(
+        "dsv3._C",
+        sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=nvidia_include_dirs(),
+        define_macros=[("DSV3_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", *arch_flags]},
+        extra_link_args=link_flags,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
