@@ -10,6 +10,8 @@
 
 #include <vector>
 
+#include "alloc.h"
+
 namespace dsv3 {
 namespace {
 
@@ -58,7 +60,7 @@ at::Tensor grouped_mm_cpu(const at::Tensor& x_SX, const at::Tensor& w_EXY,
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t n_rows = x_SX.size(0), n_experts = w_EXY.size(0);
   const auto starts = read_offsets(offsets_E, n_experts, n_rows, "grouped_mm");
-  at::Tensor y_SY = at::empty({n_rows, w_EXY.size(2)}, x_SX.options());
+  at::Tensor y_SY = empty_output({n_rows, w_EXY.size(2)}, x_SX.options());
   y_SY.narrow(0, starts.back(), n_rows - starts.back()).zero_();
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
@@ -78,8 +80,8 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x_SX, const at::Tensor& grad_y
   const int64_t n_rows = x_SX.size(0), n_experts = offsets_E.numel();
   const auto starts = read_offsets(offsets_E, n_experts, n_rows, "grouped_mm_wgrad");
   const int64_t dim_x = x_SX.size(1), dim_y = grad_y_SY.size(1);
-  at::Tensor grad_w = transposed ? at::empty({n_experts, dim_y, dim_x}, x_SX.options())
-                                 : at::empty({n_experts, dim_x, dim_y}, x_SX.options());
+  at::Tensor grad_w = transposed ? empty_output({n_experts, dim_y, dim_x}, x_SX.options())
+                                 : empty_output({n_experts, dim_x, dim_y}, x_SX.options());
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     at::Tensor out = grad_w[e];

@@ -13,6 +13,9 @@
 #include <cstring>
 #include <vector>
 
+#include "alloc.h"
+#include "vec_math.h"
+
 namespace dsv3 {
 namespace {
 
@@ -95,7 +98,7 @@ at::Tensor permute_rows_cpu(const at::Tensor& x_TD_in, const at::Tensor& row_map
   const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
   const int64_t row_bytes = x_TD.size(1) * x_TD.element_size();
-  at::Tensor x_SD = at::empty({n_tokens * top_k, x_TD.size(1)}, x_TD.options());
+  at::Tensor x_SD = empty_output({n_tokens * top_k, x_TD.size(1)}, x_TD.options());
   const char* src = static_cast<const char*>(x_TD.const_data_ptr());
   char* dst = static_cast<char*>(x_SD.mutable_data_ptr());
   const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
@@ -107,32 +110,93 @@ at::Tensor permute_rows_cpu(const at::Tensor& x_TD_in, const at::Tensor& row_map
   return x_SD;
 }
 
+// float32 and reduced precision go through float row buffers (vec_math.h);
+// float64 (gradcheck) keeps its own precision in the scalar loops below.
+template <typename scalar_t>
+void unpermute_tokens(const scalar_t* y_rows, const int32_t* row_map, const float* weights,
+                      scalar_t* out, int64_t begin, int64_t end, int64_t top_k, int64_t dim) {
+  std::vector<float> acc_D(dim), row_D(dim);
+  for (int64_t t = begin; t < end; ++t) {
+    std::fill(acc_D.begin(), acc_D.end(), 0.0f);
+    for (int64_t k = 0; k < top_k; ++k) {
+      const float* row = vec::as_float(y_rows + row_map[t * top_k + k] * dim, row_D.data(), dim);
+      vec::axpy(weights ? weights[t * top_k + k] : 1.0f, row, acc_D.data(), dim);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>)
+      std::copy(acc_D.begin(), acc_D.end(), out + t * dim);
+    else
+      vec::from_float(acc_D.data(), out + t * dim, dim);
+  }
+}
+
+void unpermute_tokens(const double* y_rows, const int32_t* row_map, const double* weights,
+                      double* out, int64_t begin, int64_t end, int64_t top_k, int64_t dim) {
+  for (int64_t t = begin; t < end; ++t) {
+    double* acc = out + t * dim;
+    std::fill(acc, acc + dim, 0.0);
+    for (int64_t k = 0; k < top_k; ++k) {
+      const double* row = y_rows + row_map[t * top_k + k] * dim;
+      const double w = weights ? weights[t * top_k + k] : 1.0;
+      for (int64_t d = 0; d < dim; ++d) acc[d] += w * row[d];
+    }
+  }
+}
+
+template <typename scalar_t>
+void unpermute_backward_tokens(const scalar_t* grad_y, const scalar_t* y_rows,
+                               const int32_t* row_map, const float* weights, scalar_t* grad_rows,
+                               float* grad_weights, int64_t begin, int64_t end, int64_t top_k,
+                               int64_t dim) {
+  std::vector<float> grad_D(dim), row_D(dim), scaled_D(dim);
+  for (int64_t t = begin; t < end; ++t) {
+    const float* g = vec::as_float(grad_y + t * dim, grad_D.data(), dim);
+    for (int64_t k = 0; k < top_k; ++k) {
+      const int64_t row = row_map[t * top_k + k];
+      const float* y = vec::as_float(y_rows + row * dim, row_D.data(), dim);
+      grad_weights[t * top_k + k] = vec::dot(g, y, dim);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        vec::scale(weights[t * top_k + k], g, grad_rows + row * dim, dim);
+      } else {
+        vec::scale(weights[t * top_k + k], g, scaled_D.data(), dim);
+        vec::from_float(scaled_D.data(), grad_rows + row * dim, dim);
+      }
+    }
+  }
+}
+
+void unpermute_backward_tokens(const double* grad_y, const double* y_rows, const int32_t* row_map,
+                               const double* weights, double* grad_rows, double* grad_weights,
+                               int64_t begin, int64_t end, int64_t top_k, int64_t dim) {
+  for (int64_t t = begin; t < end; ++t) {
+    const double* g = grad_y + t * dim;
+    for (int64_t k = 0; k < top_k; ++k) {
+      const int64_t row = row_map[t * top_k + k];
+      const double w = weights[t * top_k + k];
+      double dot = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        grad_rows[row * dim + d] = w * g[d];
+        dot += g[d] * y_rows[row * dim + d];
+      }
+      grad_weights[t * top_k + k] = dot;
+    }
+  }
+}
+
 at::Tensor unpermute_cpu(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
                          const c10::optional<at::Tensor>& weights_TK_in) {
   check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute");
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
-  at::Tensor y_TD = at::empty({n_tokens, dim}, y_SD.options());
+  at::Tensor y_TD = empty_output({n_tokens, dim}, y_SD.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(), "unpermute", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor weights_TK;
     if (weights_TK_in.has_value())
       weights_TK = weights_TK_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* weights = weights_TK.defined() ? weights_TK.const_data_ptr<acc_t>() : nullptr;
-    const scalar_t* y_rows = y_SD.const_data_ptr<scalar_t>();
-    const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
-    scalar_t* out = y_TD.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_tokens, kTokenGrain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc_D(dim);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc_D.begin(), acc_D.end(), acc_t(0));
-        for (int64_t k = 0; k < top_k; ++k) {
-          const scalar_t* row = y_rows + row_map[t * top_k + k] * dim;
-          const acc_t w = weights ? weights[t * top_k + k] : acc_t(1);
-          for (int64_t d = 0; d < dim; ++d) acc_D[d] += w * static_cast<acc_t>(row[d]);
-        }
-        for (int64_t d = 0; d < dim; ++d) out[t * dim + d] = static_cast<scalar_t>(acc_D[d]);
-      }
+      unpermute_tokens(y_SD.const_data_ptr<scalar_t>(), row_map_TK.const_data_ptr<int32_t>(),
+                       weights, y_TD.mutable_data_ptr<scalar_t>(), begin, end, top_k, dim);
     });
   });
   return y_TD;
@@ -148,37 +212,20 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
   const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD_in.scalar_type());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
-  at::Tensor grad_y_SD = at::empty_like(y_SD);
+  at::Tensor grad_y_SD = empty_output(y_SD.sizes(), y_SD.options());
   at::Tensor grad_weights_TK;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(),
                                   "unpermute_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor weights_TK = weights_TK_in.to(acc_type).contiguous();
+    const at::Tensor weights_TK =
+        weights_TK_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     grad_weights_TK = at::empty({n_tokens, top_k}, weights_TK.options());
-    const acc_t* weights = weights_TK.const_data_ptr<acc_t>();
-    acc_t* grad_weights = grad_weights_TK.mutable_data_ptr<acc_t>();
-    const scalar_t* grad_y = grad_y_TD.const_data_ptr<scalar_t>();
-    const scalar_t* y_rows = y_SD.const_data_ptr<scalar_t>();
-    scalar_t* grad_rows = grad_y_SD.mutable_data_ptr<scalar_t>();
-    const int32_t* row_map = row_map_TK.const_data_ptr<int32_t>();
     at::parallel_for(0, n_tokens, kTokenGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* g = grad_y + t * dim;
-        for (int64_t k = 0; k < top_k; ++k) {
-          const int64_t row = row_map[t * top_k + k];
-          const acc_t w = weights[t * top_k + k];
-          const scalar_t* y = y_rows + row * dim;
-          scalar_t* dy = grad_rows + row * dim;
-          acc_t dot = 0;
-          for (int64_t d = 0; d < dim; ++d) {
-            const acc_t g_d = static_cast<acc_t>(g[d]);
-            dy[d] = static_cast<scalar_t>(w * g_d);
-            dot += g_d * static_cast<acc_t>(y[d]);
-          }
-          grad_weights[t * top_k + k] = dot;
-        }
-      }
+      unpermute_backward_tokens(
+          grad_y_TD.const_data_ptr<scalar_t>(), y_SD.const_data_ptr<scalar_t>(),
+          row_map_TK.const_data_ptr<int32_t>(), weights_TK.const_data_ptr<acc_t>(),
+          grad_y_SD.mutable_data_ptr<scalar_t>(), grad_weights_TK.mutable_data_ptr<acc_t>(), begin,
+          end, top_k, dim);
     });
   });
   return {grad_y_SD, grad_weights_TK.to(weights_TK_in.scalar_type())};

@@ -1,79 +1,137 @@
-// SwiGLU on the CPU, fused: one vectorized pass reads gate and up from the
-// grouped GEMM's [S, 2F] output and writes silu(gate) * up. The backward
-// recomputes the sigmoid instead of saving silu(gate), so the layer keeps one
-// [S, 2F] activation for backward rather than an extra [S, F].
+// SwiGLU on the CPU, fused: one pass reads gate and up from the grouped GEMM's
+// [S, 2F] output and writes silu(gate) * up. The backward recomputes the sigmoid
+// instead of saving silu(gate), so the layer keeps one [S, 2F] activation for
+// backward rather than an extra [S, F]. Math in float on row chunks (vec_math.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "alloc.h"
+#include "vec_math.h"
 
 namespace dsv3 {
 namespace {
 
 constexpr int64_t kRowGrain = 16;
+constexpr int64_t kChunk = 512;  // floats per buffer: all buffers stay in L1
+
+using vec::fast_sigmoid;
+
+DSV3_MULTIVERSION void swiglu_chunk(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] * up[i] * fast_sigmoid(gate[i]);
+}
+
+// With sig = sigmoid(g): d(up) = dy * g * sig; d(gate) = dy * up * sig * (1 + g * (1 - sig)).
+DSV3_MULTIVERSION void swiglu_backward_chunk(const float* dy, const float* gate, const float* up,
+                                             float* grad_gate, float* grad_up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float sig = fast_sigmoid(gate[i]);
+    grad_up[i] = dy[i] * gate[i] * sig;
+    grad_gate[i] = dy[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
+  }
+}
 
 void check_hidden(const at::Tensor& h_S2F, const char* op) {
   TORCH_CHECK_VALUE(h_S2F.dim() == 2 && h_S2F.size(1) % 2 == 0, op,
                     ": h_S2F must be 2-D [S, 2F] with an even last dim, got ", h_S2F.sizes());
 }
 
+// float32 runs on the tensors' memory directly; bf16/fp16 are widened per chunk.
+template <typename scalar_t>
+void swiglu_rows(const scalar_t* h, scalar_t* a, int64_t begin, int64_t end, int64_t ffn) {
+  float gate[kChunk], up[kChunk], out[kChunk];
+  for (int64_t s = begin; s < end; ++s) {
+    for (int64_t c = 0; c < ffn; c += kChunk) {
+      const int64_t n = std::min(kChunk, ffn - c);
+      const scalar_t* gate_in = h + s * 2 * ffn + c;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        swiglu_chunk(gate_in, gate_in + ffn, a + s * ffn + c, n);
+      } else {
+        vec::to_float(gate_in, gate, n);
+        vec::to_float(gate_in + ffn, up, n);
+        swiglu_chunk(gate, up, out, n);
+        vec::from_float(out, a + s * ffn + c, n);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* grad_h, int64_t begin,
+                          int64_t end, int64_t ffn) {
+  float dy[kChunk], gate[kChunk], up[kChunk], grad_gate[kChunk], grad_up[kChunk];
+  for (int64_t s = begin; s < end; ++s) {
+    for (int64_t c = 0; c < ffn; c += kChunk) {
+      const int64_t n = std::min(kChunk, ffn - c);
+      const scalar_t* gate_in = h + s * 2 * ffn + c;
+      scalar_t* grad_gate_out = grad_h + s * 2 * ffn + c;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        swiglu_backward_chunk(grad + s * ffn + c, gate_in, gate_in + ffn, grad_gate_out,
+                              grad_gate_out + ffn, n);
+      } else {
+        vec::to_float(grad + s * ffn + c, dy, n);
+        vec::to_float(gate_in, gate, n);
+        vec::to_float(gate_in + ffn, up, n);
+        swiglu_backward_chunk(dy, gate, up, grad_gate, grad_up, n);
+        vec::from_float(grad_gate, grad_gate_out, n);
+        vec::from_float(grad_up, grad_gate_out + ffn, n);
+      }
+    }
+  }
+}
+
+// float64 is for gradcheck, where exactness matters more than speed.
+void swiglu_rows(const double* h, double* a, int64_t begin, int64_t end, int64_t ffn) {
+  for (int64_t s = begin; s < end; ++s)
+    for (int64_t f = 0; f < ffn; ++f) {
+      const double g = h[s * 2 * ffn + f], u = h[s * 2 * ffn + ffn + f];
+      a[s * ffn + f] = g * u / (1.0 + std::exp(-g));
+    }
+}
+
+void swiglu_backward_rows(const double* grad, const double* h, double* grad_h, int64_t begin,
+                          int64_t end, int64_t ffn) {
+  for (int64_t s = begin; s < end; ++s)
+    for (int64_t f = 0; f < ffn; ++f) {
+      const double g = h[s * 2 * ffn + f], u = h[s * 2 * ffn + ffn + f], dy = grad[s * ffn + f];
+      const double sig = 1.0 / (1.0 + std::exp(-g));
+      grad_h[s * 2 * ffn + f] = dy * u * sig * (1.0 + g * (1.0 - sig));
+      grad_h[s * 2 * ffn + ffn + f] = dy * g * sig;
+    }
+}
+
 at::Tensor swiglu_cpu(const at::Tensor& h_S2F_in) {
   check_hidden(h_S2F_in, "swiglu");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
-  at::Tensor a_SF = at::empty({n_rows, ffn}, h_S2F.options());
+  at::Tensor a_SF = empty_output({n_rows, ffn}, h_S2F.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_S2F.scalar_type(), "swiglu", [&] {
     const scalar_t* h = h_S2F.const_data_ptr<scalar_t>();
     scalar_t* a = a_SF.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const scalar_t* gate = h + s * 2 * ffn;
-        at::vec::map2(
-            [](auto g, auto u) {
-              using Vec = decltype(g);
-              return g * u / (Vec(1) + g.neg().exp());
-            },
-            a + s * ffn, gate, gate + ffn, ffn);
-      }
+      swiglu_rows(h, a, begin, end, ffn);
     });
   });
   return a_SF;
 }
 
-// With sig = sigmoid(g): d(up) = grad * g * sig; d(gate) = grad * up * sig * (1 + g * (1 - sig)).
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Tensor& h_S2F_in) {
   check_hidden(h_S2F_in, "swiglu_backward");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
   const at::Tensor grad_a_SF = grad_a_SF_in.to(h_S2F.scalar_type()).contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
-  at::Tensor grad_h_S2F = at::empty_like(h_S2F);
+  at::Tensor grad_h_S2F = empty_output(h_S2F.sizes(), h_S2F.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_S2F.scalar_type(),
                                   "swiglu_backward", [&] {
-    const scalar_t* h = h_S2F.const_data_ptr<scalar_t>();
     const scalar_t* grad = grad_a_SF.const_data_ptr<scalar_t>();
+    const scalar_t* h = h_S2F.const_data_ptr<scalar_t>();
     scalar_t* grad_h = grad_h_S2F.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t s = begin; s < end; ++s) {
-        const scalar_t* gate = h + s * 2 * ffn;
-        const scalar_t* grad_row = grad + s * ffn;
-        scalar_t* grad_gate = grad_h + s * 2 * ffn;
-        at::vec::map3(
-            [](auto dy, auto g, auto u) {
-              using Vec = decltype(g);
-              const Vec one(1);
-              const Vec sig = one / (one + g.neg().exp());
-              return dy * u * sig * (one + g * (one - sig));
-            },
-            grad_gate, grad_row, gate, gate + ffn, ffn);
-        at::vec::map2(
-            [](auto dy, auto g) {
-              using Vec = decltype(g);
-              return dy * g / (Vec(1) + g.neg().exp());
-            },
-            grad_gate + ffn, grad_row, gate, ffn);
-      }
+      swiglu_backward_rows(grad, h, grad_h, begin, end, ffn);
     });
   });
   return grad_h_S2F;
