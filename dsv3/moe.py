@@ -161,7 +161,7 @@ class MoE(nn.Module):
 
     def _record(self, logits_TE, counts_E, dropped, n_tokens) -> None:
         c = self.config
-        aux = z = logits_TE.new_zeros(())
+        aux, z = logits_TE.new_zeros(()), logits_TE.new_zeros(())
         if self.training and c.aux_loss_coef > 0:
             # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
             scores_TE = logits_TE.softmax(-1) if c.score == "softmax" else logits_TE.sigmoid()
@@ -173,7 +173,10 @@ class MoE(nn.Module):
         if self.training and self.expert_bias is not None:
             self.pending_counts += counts_E
         self.aux_loss = aux + z
-        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), aux.detach(), z.detach())
+        # Clones, not detached views: under torch.compile a detached alias of an
+        # output that requires grad breaks the compiled backward (torch 2.14).
+        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), aux.detach().clone(),
+                                   z.detach().clone())
 
     @torch.no_grad()
     def update_bias(self) -> None:
