@@ -2,13 +2,20 @@
 
 Importing this package loads the compiled kernels (``dsv3._C``, which registers
 the op schemas and the CPU implementations) and then the Python side of each op:
-input checks, fake implementations for torch.compile and autograd formulas.
+input checks, fake implementations for torch.compile and autograd formulas; and,
+where triton is installed, the Triton kernels (see ops/triton_backend.py).
 """
 import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
+from dsv3.ops.backend import triton_available
 from dsv3.ops.grouped_mm import grouped_mm
 from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
 from dsv3.ops.route import SCORES, RouteOutput, route
 from dsv3.ops.swiglu import swiglu
+
+if triton_available():
+    from dsv3.ops import triton_backend
+
+    triton_backend.register()
 
 __all__ = ["route", "RouteOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
            "unpermute", "grouped_mm", "swiglu"]

@@ -1,19 +1,21 @@
 """Chooses which implementation an op call runs, in one place for every op.
 
-``DSV3_BACKEND`` selects it: ``auto`` (default) runs the compiled kernels where the
-tensors' device has them and the reference path elsewhere; ``reference`` forces
-the plain-PyTorch reference path everywhere (for debugging a kernel against the
-truth without changing any call site).
+``DSV3_BACKEND`` selects it:
+- ``auto`` (default): the dispatcher routes by device: CPU tensors to the C++
+  kernels, CUDA tensors to the Triton kernels (when triton is installed);
+- ``triton``: the Triton kernels whatever the device (CPU tensors need
+  ``TRITON_INTERPRET=1``); ops without a Triton kernel keep their CPU kernel;
+- ``reference``: the plain-PyTorch reference path everywhere, to debug a kernel
+  against the truth without changing any call site.
+Devices without kernels (or CUDA without triton) take the reference path.
 """
+import functools
+import importlib.util
 import os
 
 import torch
 
-BACKENDS = ("auto", "reference")
-
-# Devices with compiled dsv3 kernels. GPU kernels arrive with the GPU issue; until
-# then CUDA tensors take the reference path, which is plain PyTorch and runs there.
-_KERNEL_DEVICES = ("cpu",)
+BACKENDS = ("auto", "reference", "triton")
 
 
 def selected_backend() -> str:
@@ -23,6 +25,15 @@ def selected_backend() -> str:
     return name
 
 
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_reference(tensor: torch.Tensor) -> bool:
     """True when calls on ``tensor`` must take the reference path."""
-    return selected_backend() == "reference" or tensor.device.type not in _KERNEL_DEVICES
+    if selected_backend() == "reference":
+        return True
+    if tensor.device.type == "cuda":
+        return not triton_available()
+    return tensor.device.type != "cpu"

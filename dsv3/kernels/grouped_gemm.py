@@ -1,0 +1,134 @@
+"""Triton grouped GEMM: forward/dgrad (``y_SY = x_SX @ w_EXY[e]`` per expert
+segment) and wgrad (``dw_EXY[e] = x_e^T @ dy_e``), bf16/fp16/fp32 in, fp32
+accumulation.
+
+Scheduling without host syncs: the launch covers an upper bound of row tiles,
+``cdiv(S, BLOCK_M) + E + 1`` (every segment adds at most one partial tile), and
+each program finds its expert from the offsets on the device: a cumulative sum of
+tiles per segment and a count of segments that end at or before its tile. The
+rows after the last expert (dropped copies) form one more segment whose tiles
+store zeros, so no separate memset is needed. Programs past the last tile do
+nothing. Tiny and huge experts therefore share one launch.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from dsv3.kernels.config import INTERPRET, dot_precision, matmul_configs
+
+
+@triton.jit
+def _find_segment(offsets_ptr, n_experts, n_rows, tile, BLOCK_M: tl.constexpr,
+                  BLOCK_E: tl.constexpr):
+    """(segment, first row, end row, tile index within segment) of row tile ``tile``.
+    Segment ``n_experts`` is the dropped-copies tail; a segment > n_experts means
+    the tile is past the end."""
+    seg = tl.arange(0, BLOCK_E)
+    ends = tl.load(offsets_ptr + seg, mask=seg < n_experts, other=0)
+    ends = tl.where(seg == n_experts, n_rows, ends)
+    starts = tl.load(offsets_ptr + seg - 1, mask=(seg > 0) & (seg < n_experts + 1), other=0)
+    sizes = tl.where(seg <= n_experts, ends - starts, 0)
+    tiles = (sizes + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    segment = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    here = seg == segment
+    first_row = tl.sum(tl.where(here, starts, 0), 0)
+    end_row = tl.sum(tl.where(here, ends, 0), 0)
+    tile_in_segment = tile - tl.sum(tl.where(here, tiles_end - tiles, 0), 0)
+    return segment, first_row, end_row, tile_in_segment
+
+
+@triton.jit
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, n_rows, n_experts, DIM_X, DIM_Y,
+                       stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys, stride_yy,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    segment, first_row, end_row, tile = _find_segment(offsets_ptr, n_experts, n_rows,
+                                                      tl.program_id(0), BLOCK_M, BLOCK_E)
+    rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = (rows[:, None] < end_row) & (cols[None, :] < DIM_Y)
+    out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if segment < n_experts:
+        inner = tl.arange(0, BLOCK_K)
+        w_base = w_ptr + segment.to(tl.int64) * stride_we
+        for k0 in range(0, DIM_X, BLOCK_K):
+            ks = k0 + inner
+            x_tile = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + ks[None, :] * stride_xx,
+                             mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X), other=0.0)
+            w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
+                             mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y), other=0.0)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+    if segment <= n_experts:  # the tail segment stores the zeros it was initialised with
+        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, DIM_X, DIM_Y,
+                             stride_xs, stride_xx, stride_ds, stride_dy,
+                             stride_we, stride_wx, stride_wy,
+                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (e, x-tile, y-tile) reduces over expert e's rows: dw[e] = x_e^T @ dy_e.
+    expert = tl.program_id(0)
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_ptr + expert)
+    xs = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ys = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + inner
+        x_tile_T = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xs + xs[:, None] * stride_xx,
+                           mask=(rows[None, :] < end) & (xs[:, None] < DIM_X), other=0.0)
+        dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
+                          mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
+        acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+    out_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx + ys[None, :] * stride_wy
+    tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty),
+             mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
+
+
+_grouped_mm_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM_Y"])(_grouped_mm_kernel)
+_wgrad_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM_Y"])(_grouped_mm_wgrad_kernel)
+
+
+def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    n_rows, dim_x = x_SX.shape
+    n_experts, _, dim_y = w_EXY.shape
+    y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
+    block_e = triton.next_power_of_2(n_experts + 1)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1,
+                triton.cdiv(dim_y, meta["BLOCK_N"]))
+
+    _grouped_mm_tuned[grid](
+        x_SX, w_EXY, y_SY, offsets_E, n_rows, n_experts, dim_x, dim_y,
+        *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
+        PRECISION=dot_precision(x_SX.dtype), BLOCK_E=block_e)
+    return y_SY
+
+
+def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
+                     transposed: bool) -> torch.Tensor:
+    dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
+    if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
+        grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)
+        view_EXY = grad_w.transpose(1, 2)
+    else:
+        grad_w = view_EXY = torch.empty(n_experts, dim_x, dim_y, device=x_SX.device,
+                                        dtype=x_SX.dtype)
+
+    def grid(meta):
+        return (n_experts, triton.cdiv(dim_x, meta["BLOCK_M"]), triton.cdiv(dim_y, meta["BLOCK_N"]))
+
+    _wgrad_tuned[grid](
+        x_SX, grad_y_SY, view_EXY, offsets_E, dim_x, dim_y,
+        *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
+        PRECISION=dot_precision(x_SX.dtype))
+    return grad_w
+
+
+__all__ = ["grouped_mm", "grouped_mm_wgrad", "INTERPRET"]

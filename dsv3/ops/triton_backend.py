@@ -1,0 +1,38 @@
+"""Registers the Triton kernels (dsv3/kernels) as the CUDA implementations of the
+dsv3 ops and, under ``DSV3_BACKEND=triton``, as their CPU implementations too
+(replacing the C++ kernels, so that with ``TRITON_INTERPRET=1`` the whole op API
+and ``dsv3.MoE`` run through Triton on CPU tensors). Autograd formulas and fake
+impls are shared with the C++ path: only the kernels change.
+
+Imported by dsv3.ops only when triton is installed.
+"""
+import warnings
+
+import torch
+
+from dsv3.kernels import grouped_gemm, permute, router, swiglu
+from dsv3.ops.backend import selected_backend
+
+TRITON_KERNELS = {
+    "dsv3::route": router.route,
+    "dsv3::route_backward": router.route_backward,
+    "dsv3::permute_rows": permute.permute_rows,
+    "dsv3::unpermute": permute.unpermute,
+    "dsv3::unpermute_backward": permute.unpermute_backward,
+    "dsv3::grouped_mm": grouped_gemm.grouped_mm,
+    "dsv3::grouped_mm_wgrad": grouped_gemm.grouped_mm_wgrad,
+    "dsv3::swiglu": swiglu.swiglu,
+    "dsv3::swiglu_backward": swiglu.swiglu_backward,
+}
+# Kernels in plain device-side torch ops, for CUDA until csrc/cuda replaces them.
+CUDA_ONLY_KERNELS = {"dsv3::expert_index": permute.expert_index}
+
+
+def register() -> None:
+    for name, kernel in {**TRITON_KERNELS, **CUDA_ONLY_KERNELS}.items():
+        torch.library.register_kernel(name, "cuda", kernel)
+    if selected_backend() == "triton":
+        with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
+            warnings.simplefilter("ignore")
+            for name, kernel in TRITON_KERNELS.items():
+                torch.library.register_kernel(name, "cpu", kernel)
