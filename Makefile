@@ -14,7 +14,7 @@ all: build
 $(DEPS): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) numpy 'pytest>=8' 'pytest-benchmark>=4'
+	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton numpy 'pytest>=8' 'pytest-benchmark>=4'
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -25,8 +25,14 @@ dsv3/.built: $(DEPS) $(CSRC)
 
 build: dsv3/.built
 
+# Two passes: everything on the C++ CPU kernels, then the op and layer tests again
+# through the Triton kernels on CPU tensors under Triton's interpreter.
+TRITON_TESTS := tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py \
+	tests/test_swiglu.py tests/test_moe.py
+
 test: build
 	$(PYTHON) -m pytest -q tests
+	DSV3_BACKEND=triton TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu" $(TRITON_TESTS)
 
 bench: build
 	$(PYTHON) -m benchmarks.run

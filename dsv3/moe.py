@@ -119,11 +119,17 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != c.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != c.dim:
+            raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
         if x.numel() == 0:
             raise ValueError(f"MoE: x must hold at least one token, got shape {tuple(x.shape)}")
+        weight = self.gate_up_proj
+        if x.dtype != weight.dtype:
+            raise TypeError(f"MoE: x must have the layer's dtype {weight.dtype}, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"MoE: x must be on the layer's device {weight.device}, got {x.device}")
         x_TD = x.reshape(-1, c.dim)
         n_tokens = x_TD.shape[0]
         # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.

@@ -21,8 +21,10 @@ def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_group
 
     Ties go to the lower expert index (a stable descending sort), as in the kernels.
     """
-    if torch.isnan(logits_TE).any():
-        raise ValueError("route: logits_TE contains NaN")
+    if (torch.isnan(logits_TE) | (logits_TE == math.inf)).any():
+        raise ValueError("route: logits_TE contains NaN or +inf")
+    if bias_E is not None and not torch.isfinite(bias_E).all():
+        raise ValueError("route: bias_E must be finite")
     logits_TE = logits_TE.to(_acc_dtype(logits_TE.dtype))
     n_tokens, n_experts = logits_TE.shape
     scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()

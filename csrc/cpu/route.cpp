@@ -23,14 +23,15 @@ Score parse_score(c10::string_view score) {
   TORCH_CHECK_VALUE(false, "route: score must be 'softmax' or 'sigmoid', got '", score, "'");
 }
 
-// Fills prob_E with softmax or sigmoid of one token's logits; returns false on NaN.
+// Fills prob_E with softmax or sigmoid of one token's logits; returns false on NaN
+// or +inf (which would turn the softmax into NaN); -inf is a legal "never" logit.
 template <typename scalar_t, typename acc_t>
 bool token_scores(const scalar_t* logits_E, int64_t n_experts, Score score, acc_t* prob_E) {
   bool finite = true;
   if (score == Score::Sigmoid) {
     for (int64_t e = 0; e < n_experts; ++e) {
       acc_t l = static_cast<acc_t>(logits_E[e]);
-      finite &= !std::isnan(l);
+      finite &= !std::isnan(l) && l != std::numeric_limits<acc_t>::infinity();
       prob_E[e] = acc_t(1) / (acc_t(1) + std::exp(-l));
     }
     return finite;
@@ -38,7 +39,7 @@ bool token_scores(const scalar_t* logits_E, int64_t n_experts, Score score, acc_
   acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
   for (int64_t e = 0; e < n_experts; ++e) {
     acc_t l = static_cast<acc_t>(logits_E[e]);
-    finite &= !std::isnan(l);
+    finite &= !std::isnan(l) && l != std::numeric_limits<acc_t>::infinity();
     max_logit = l > max_logit ? l : max_logit;
   }
   acc_t total = 0;
@@ -72,7 +73,13 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
   const int64_t group_size = n_experts / n_groups;
   const scalar_t* logits = logits_TE.const_data_ptr<scalar_t>();
   at::Tensor bias_acc;
-  if (bias_E.has_value()) bias_acc = bias_E->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  if (bias_E.has_value()) {
+    bias_acc = bias_E->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* values = bias_acc.const_data_ptr<acc_t>();
+    for (int64_t e = 0; e < n_experts; ++e)
+      TORCH_CHECK_VALUE(std::isfinite(values[e]), "route: bias_E must be finite, got ", values[e],
+                        " for expert ", e);
+  }
   const acc_t* bias = bias_E.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   acc_t* weights = weights_TK.mutable_data_ptr<acc_t>();
   int32_t* experts = experts_TK.mutable_data_ptr<int32_t>();
@@ -123,7 +130,7 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
     }
   });
   const int64_t bad = nan_token.load();
-  TORCH_CHECK_VALUE(bad < 0, "route: logits_TE contains NaN (token ", bad, ")");
+  TORCH_CHECK_VALUE(bad < 0, "route: logits_TE contains NaN or +inf (token ", bad, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(

@@ -43,7 +43,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     cols = tl.arange(0, BLOCK_E)
     token_mask = tokens < n_tokens
     logits, probs = _scores(logits_ptr, stride_t, tokens, cols, n_tokens, n_experts, SIGMOID)
-    has_nan = tl.sum(tl.where(logits != logits, 1, 0), 1)
+    has_nan = tl.sum(tl.where((logits != logits) | (logits == float("inf")), 1, 0), 1)
     tl.atomic_max(nan_ptr, tl.max(has_nan, 0))
 
     choice = tl.where(cols[None, :] < n_experts, probs, float("-inf"))
@@ -160,9 +160,9 @@ def _raise_on_nan(nan_flag: torch.Tensor) -> None:
     the C++ kernel. On a GPU, reading it would sync: assert on the device instead."""
     if nan_flag.device.type == "cpu":
         if nan_flag.item():
-            raise ValueError("route: logits_TE contains NaN")
+            raise ValueError("route: logits_TE contains NaN or +inf")
     else:
-        torch._assert_async(nan_flag[0] == 0, "route: logits_TE contains NaN")
+        torch._assert_async(nan_flag[0] == 0, "route: logits_TE contains NaN or +inf")
 
 
 def route_backward(grad_weights_TK, logits_TE, experts_TK, score, normalize, scale):

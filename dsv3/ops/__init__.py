@@ -5,6 +5,8 @@ the op schemas and the CPU implementations) and then the Python side of each op:
 input checks, fake implementations for torch.compile and autograd formulas; and,
 where triton is installed, the Triton kernels (see ops/triton_backend.py).
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which dsv3._C links against)
+
 import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
 from dsv3.ops.grouped_mm import grouped_mm

@@ -1,0 +1,254 @@
+"""Bad input is part of the contract (DESIGN.md §4): every public function given a
+wrong shape, dtype, device or value raises ValueError/TypeError naming the
+argument, before any kernel runs. Nothing is silently clamped or dropped."""
+import pytest
+import torch
+
+from dsv3 import MoE, MoEConfig, ops
+
+I32 = torch.int32
+META = "meta"  # a device no CPU tensor is on: stands in for "the wrong device"
+
+
+def logits(t=4, e=8, **kw):
+    return torch.randn(t, e, **kw)
+
+
+def experts(t=4, k=2, e=8):
+    return torch.randint(0, e, (t, k), dtype=I32)
+
+
+def row_map(t=4, k=2):
+    return torch.randperm(t * k).to(I32).view(t, k)
+
+
+def offsets(*ends):
+    return torch.tensor(ends, dtype=I32)
+
+
+def nan_logits():
+    logits_TE = logits(70, 8)  # past the 64-token grain: the NaN is in the second chunk
+    logits_TE[65, 3] = float("nan")
+    return logits_TE
+
+
+ROUTE = [
+    # (call, error type, pattern the message must match)
+    pytest.param(lambda: ops.route([[1.0, 2.0]], 1), TypeError, "logits_TE",
+                 id="logits_not_tensor"),
+    pytest.param(lambda: ops.route(torch.randn(8), 2), ValueError, "logits_TE", id="logits_1d"),
+    pytest.param(lambda: ops.route(torch.randn(2, 4, 8), 2), ValueError, "logits_TE",
+                 id="logits_3d"),
+    pytest.param(lambda: ops.route(torch.ones(4, 8, dtype=torch.int64), 2), TypeError, "logits_TE",
+                 id="logits_int"),
+    pytest.param(lambda: ops.route(logits(0), 2), ValueError, "logits_TE", id="empty_batch"),
+    pytest.param(lambda: ops.route(nan_logits(), 2), ValueError, "logits_TE.*NaN",
+                 id="nan_logits_softmax"),
+    pytest.param(lambda: ops.route(nan_logits(), 2, "sigmoid"), ValueError, "logits_TE.*NaN",
+                 id="nan_logits_sigmoid"),
+    # +inf would make the softmax NaN; -inf ("never this expert") stays legal
+    pytest.param(lambda: ops.route(logits().index_fill(1, torch.tensor([2]), float("inf")), 2),
+                 ValueError, "logits_TE.*inf", id="pos_inf_logits"),
+    pytest.param(lambda: ops.route(logits(), 2, "sigmoid", torch.tensor([float("nan")] * 8)),
+                 ValueError, "bias_E.*finite", id="nan_bias"),
+    pytest.param(lambda: ops.route(logits(), 9), ValueError, "top_k", id="top_k_gt_E"),
+    pytest.param(lambda: ops.route(logits(), 0), ValueError, "top_k", id="top_k_zero"),
+    pytest.param(lambda: ops.route(logits(), 2.0), TypeError, "top_k", id="top_k_float"),
+    pytest.param(lambda: ops.route(logits(), True), TypeError, "top_k", id="top_k_bool"),
+    pytest.param(lambda: ops.route(logits(e=8), 5, n_groups=4, topk_groups=2), ValueError, "top_k",
+                 id="top_k_gt_experts_in_kept_groups"),
+    pytest.param(lambda: ops.route(logits(), 2, "relu"), ValueError, "score", id="bad_score"),
+    pytest.param(lambda: ops.route(logits(), 2, n_groups=3), ValueError, "n_groups",
+                 id="n_groups_not_dividing_E"),
+    pytest.param(lambda: ops.route(logits(), 2, n_groups=0), ValueError, "n_groups",
+                 id="n_groups_zero"),
+    pytest.param(lambda: ops.route(logits(), 2, n_groups=2, topk_groups=3), ValueError,
+                 "topk_groups", id="topk_groups_gt_n_groups"),
+    pytest.param(lambda: ops.route(logits(), 2, bias_E=torch.zeros(9)), ValueError, "bias_E",
+                 id="bias_wrong_shape"),
+    pytest.param(lambda: ops.route(logits(), 2, bias_E=torch.zeros(1, 8)), ValueError, "bias_E",
+                 id="bias_2d"),
+    pytest.param(lambda: ops.route(logits(), 2, bias_E=torch.zeros(8, dtype=I32)), TypeError,
+                 "bias_E", id="bias_int"),
+    pytest.param(lambda: ops.route(logits(), 2, bias_E=torch.zeros(8, device=META)), ValueError,
+                 "bias_E", id="bias_wrong_device"),
+]
+
+PERMUTE = [
+    pytest.param(lambda: ops.expert_index(experts().long(), 8), TypeError, "experts_TK",
+                 id="index_experts_int64"),
+    pytest.param(lambda: ops.expert_index(experts().flatten(), 8), ValueError, "experts_TK",
+                 id="index_experts_1d"),
+    pytest.param(lambda: ops.expert_index(offsets(0, 8), 8), ValueError, "experts_TK",
+                 id="index_experts_1d_values"),
+    pytest.param(lambda: ops.expert_index(torch.tensor([[0, 8]], dtype=I32), 8), ValueError,
+                 "experts_TK", id="index_expert_id_ge_E"),
+    pytest.param(lambda: ops.expert_index(torch.tensor([[0, -2]], dtype=I32), 8), ValueError,
+                 "experts_TK", id="index_expert_id_lt_minus_1"),
+    pytest.param(lambda: ops.expert_index(experts(), 0), ValueError, "n_experts",
+                 id="index_n_experts_zero"),
+    pytest.param(lambda: ops.expert_index(experts(), 8.0), TypeError, "n_experts",
+                 id="index_n_experts_float"),
+    pytest.param(lambda: ops.permute("x", experts(), 8), TypeError, "x_TD", id="x_not_tensor"),
+    pytest.param(lambda: ops.permute(torch.randn(4), experts(), 8), ValueError, "x_TD",
+                 id="x_1d"),
+    pytest.param(lambda: ops.permute(torch.ones(4, 3, dtype=I32), experts(), 8), TypeError, "x_TD",
+                 id="x_int"),
+    pytest.param(lambda: ops.permute(torch.randn(0, 3), experts(0), 8), ValueError, "x_TD",
+                 id="empty_batch"),
+    pytest.param(lambda: ops.permute(torch.randn(5, 3), experts(4), 8), ValueError, "experts_TK",
+                 id="experts_rows_ne_tokens"),
+    pytest.param(lambda: ops.permute(torch.randn(4, 3), experts().long(), 8), TypeError,
+                 "experts_TK", id="experts_int64"),
+    pytest.param(lambda: ops.permute(torch.randn(1, 3), torch.tensor([[3, 8]], dtype=I32), 8),
+                 ValueError, "experts_TK", id="expert_id_out_of_range"),
+    pytest.param(lambda: ops.permute(torch.randn(4, 3), experts().to(META), 8), ValueError,
+                 "experts_TK", id="experts_wrong_device"),
+    pytest.param(lambda: ops.permute(torch.randn(4, 3), experts(), 0), ValueError, "n_experts",
+                 id="n_experts_zero"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8), row_map()), ValueError, "y_SD", id="y_1d"),
+    pytest.param(lambda: ops.unpermute(torch.ones(8, 3, dtype=I32), row_map()), TypeError, "y_SD",
+                 id="y_int"),
+    pytest.param(lambda: ops.unpermute(torch.randn(9, 3), row_map()), ValueError, "y_SD",
+                 id="y_rows_ne_TK"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map().long()), TypeError,
+                 "row_map_TK", id="row_map_int64"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map().flatten()), ValueError,
+                 "row_map_TK", id="row_map_1d"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map() + 1), ValueError,
+                 "row_map_TK", id="row_map_out_of_range"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map() - 1), ValueError,
+                 "row_map_TK", id="row_map_negative"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map().to(META)), ValueError,
+                 "row_map_TK", id="row_map_wrong_device"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map(), torch.rand(4, 3)), ValueError,
+                 "weights_TK", id="weights_wrong_shape"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map(), torch.ones(4, 2, dtype=I32)),
+                 TypeError, "weights_TK", id="weights_int"),
+    pytest.param(lambda: ops.unpermute(torch.randn(8, 3), row_map(), torch.rand(4, 2, device=META)),
+                 ValueError, "weights_TK", id="weights_wrong_device"),
+]
+
+GROUPED_MM = [
+    pytest.param(lambda: ops.grouped_mm(torch.randn(2, 6, 4), torch.randn(2, 4, 5), offsets(3, 6)),
+                 ValueError, "x_SX", id="x_3d"),
+    pytest.param(lambda: ops.grouped_mm(torch.ones(6, 4, dtype=I32), torch.randn(2, 4, 5),
+                                        offsets(3, 6)), TypeError, "x_SX", id="x_int"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(4, 5), offsets(3, 6)),
+                 ValueError, "w_EXY", id="w_2d"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5).double(),
+                                        offsets(3, 6)), TypeError, "w_EXY", id="w_dtype_mismatch"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 5, 4), offsets(3, 6)),
+                 ValueError, "w_EXY", id="w_wrong_X"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5, device=META),
+                                        offsets(3, 6)), ValueError, "w_EXY", id="w_wrong_device"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5),
+                                        offsets(3, 6).long()), TypeError, "offsets_E",
+                 id="offsets_int64"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5), offsets(2, 4, 6)),
+                 ValueError, "offsets_E", id="offsets_wrong_length"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5),
+                                        offsets(3, 6).view(1, 2)), ValueError, "offsets_E",
+                 id="offsets_2d"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5), offsets(4, 2)),
+                 ValueError, "offsets_E", id="offsets_decreasing"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5), offsets(3, 7)),
+                 ValueError, "offsets_E", id="offsets_past_S"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5), offsets(-1, 6)),
+                 ValueError, "offsets_E", id="offsets_negative"),
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 5),
+                                        offsets(3, 6).to(META)), ValueError, "offsets_E",
+                 id="offsets_wrong_device"),
+]
+
+SWIGLU = [
+    pytest.param(lambda: ops.swiglu(torch.randn(4, 7)), ValueError, "h_S2F", id="odd_last_dim"),
+    pytest.param(lambda: ops.swiglu(torch.randn(8)), ValueError, "h_S2F", id="h_1d"),
+    pytest.param(lambda: ops.swiglu(torch.ones(4, 8, dtype=I32)), TypeError, "h_S2F", id="h_int"),
+    pytest.param(lambda: ops.swiglu([1.0, 2.0]), TypeError, "h_S2F", id="h_not_tensor"),
+]
+
+CONFIG = [
+    pytest.param({"top_k": 9}, "top_k", id="top_k_gt_n_experts"),
+    pytest.param({"top_k": 0}, "top_k", id="top_k_zero"),
+    pytest.param({"top_k": True}, "top_k", id="top_k_bool"),
+    pytest.param({"dim": 0}, "dim", id="dim_zero"),
+    pytest.param({"ffn_dim": 2.5}, "ffn_dim", id="ffn_dim_float"),
+    pytest.param({"score": "relu"}, "score", id="bad_score"),
+    pytest.param({"n_groups": 3}, "n_groups", id="n_groups_not_dividing"),
+    pytest.param({"n_groups": 2, "topk_groups": 3}, "topk_groups", id="topk_groups_gt_n_groups"),
+    pytest.param({"n_groups": 4, "topk_groups": 1, "top_k": 3}, "top_k",
+                 id="top_k_gt_experts_in_kept_groups"),
+    pytest.param({"capacity_factor": 0.0}, "capacity_factor", id="capacity_zero"),
+    pytest.param({"aux_loss_coef": -1.0}, "aux_loss_coef", id="aux_coef_negative"),
+    pytest.param({"z_loss_coef": -1.0}, "z_loss_coef", id="z_coef_negative"),
+    pytest.param({"bias_update_rate": -1.0}, "bias_update_rate", id="bias_rate_negative"),
+    pytest.param({"n_shared_experts": -1}, "n_shared_experts", id="shared_negative"),
+    pytest.param({"activation": "gelu"}, "activation", id="bad_activation"),
+]
+
+
+@pytest.mark.parametrize("call, error, pattern", ROUTE + PERMUTE + GROUPED_MM + SWIGLU)
+def test_op_rejects_bad_input(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_neg_inf_logits_are_allowed():
+    """-inf masks an expert out: it is never chosen while finite logits remain."""
+    logits_TE = logits(10, 8)
+    logits_TE[:, 0] = float("-inf")
+    _, experts_TK, _ = ops.route(logits_TE, 2)
+    assert (experts_TK != 0).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_nan_logits_rejected_on_every_backend(backend, monkeypatch):
+    monkeypatch.setenv("DSV3_BACKEND", backend)
+    with pytest.raises(ValueError, match="logits_TE.*NaN"):
+        ops.route(nan_logits(), 2)
+
+
+@pytest.mark.parametrize("overrides, pattern", CONFIG)
+def test_config_rejects_bad_values(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoEConfig(**{"dim": 8, "ffn_dim": 16, "n_experts": 8, "top_k": 2, **overrides})
+
+
+def small_moe():
+    return MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2))
+
+
+@pytest.mark.parametrize("x, error", [
+    pytest.param(torch.randn(5, 7), ValueError, id="wrong_last_dim"),
+    pytest.param(torch.randn(0, 8), ValueError, id="empty_batch"),
+    pytest.param(torch.randn(2, 0, 8), ValueError, id="empty_sequence"),
+    pytest.param(torch.randn(5, 8, dtype=torch.float64), TypeError, id="dtype_ne_parameters"),
+    pytest.param(torch.randn(5, 8, dtype=torch.bfloat16), TypeError, id="bf16_into_fp32_layer"),
+    pytest.param(torch.ones(5, 8, dtype=torch.int64), TypeError, id="int_dtype"),
+    pytest.param(torch.randn(5, 8, device=META), ValueError, id="wrong_device"),
+])
+def test_moe_rejects_bad_input_naming_x(x, error):
+    with pytest.raises(error, match=r"MoE: x\b"):
+        small_moe()(x)
+
+
+def test_moe_rejects_non_tensor():
+    with pytest.raises((TypeError, ValueError), match=r"MoE: x\b"):
+        small_moe()([[0.0] * 8])
+
+
+def test_moe_rejects_nan_input():
+    x = torch.randn(5, 8)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        small_moe()(x)
+
+
+@pytest.mark.gpu
+def test_mixed_devices_rejected_on_gpu():
+    x_TD = torch.randn(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="experts_TK"):
+        ops.permute(x_TD, experts(), 8)
+    with pytest.raises(ValueError, match="w_EXY"):
+        ops.grouped_mm(torch.randn(6, 4, device="cuda"), torch.randn(2, 4, 5), offsets(3, 6))

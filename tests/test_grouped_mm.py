@@ -1,0 +1,103 @@
+"""dsv3.ops.grouped_mm against reference.grouped_mm: output, d(x) and d(w) in both
+weight layouts; rows past the last offset exactly zero; empty experts get an
+exactly-zero weight gradient."""
+import pytest
+import torch
+
+from conftest import DEVICES, DTYPES, assert_close, check_op, make_experts
+from dsv3 import ops, reference
+
+# (T, E, K, X, Y, expert pattern); S = T·K rows grouped by expert as permute makes them.
+CASES = [
+    # Baseline: 64 rows over 8 experts (the small-segment, expert-per-thread path).
+    pytest.param(32, 8, 2, 32, 48, "random", id="baseline"),
+    # T = 1: one token, K rows.
+    pytest.param(1, 8, 2, 32, 48, "random", id="T1"),
+    # K = E: every expert gets every token.
+    pytest.param(10, 4, 4, 16, 24, "random", id="K_eq_E"),
+    # Odd dims: X = 100, Y = 37.
+    pytest.param(20, 8, 2, 100, 37, "random", id="odd_dims_X100_Y37"),
+    # Prime E = 7 with T·K = 39 rows, not a multiple of any block.
+    pytest.param(13, 7, 3, 24, 40, "random", id="primeE7_S39"),
+    # Prime E = 13.
+    pytest.param(26, 13, 2, 16, 16, "random", id="primeE13"),
+    # All rows to one expert; the others are empty segments.
+    pytest.param(40, 8, 1, 16, 32, "one_expert", id="one_expert"),
+    # Empty experts, including the first and the last (E = 7: only 1, 3, 5 used).
+    pytest.param(30, 7, 2, 16, 32, "empty", id="empty_experts"),
+    # Dropped copies: rows past offsets_E[-1] must come out zero.
+    pytest.param(30, 8, 2, 16, 32, "dropped", id="dropped_tail"),
+    # Medium: 600 rows over 2 experts takes the large-segment (multithreaded BLAS) path.
+    pytest.param(300, 2, 2, 64, 96, "random", id="medium_large_segments"),
+]
+LAYOUTS = [
+    "EXY",  # contiguous [E, X, Y]
+    "EYX_T",  # nn.Linear's [out, in] = [E, Y, X], passed transposed (the MoE layer's layout)
+]
+
+
+def make_weights(E, X, Y, layout, dtype, device):
+    if layout == "EXY":
+        return torch.randn(E, X, Y, device=device).to(dtype) / X**0.5
+    return (torch.randn(E, Y, X, device=device).to(dtype) / X**0.5).transpose(1, 2)
+
+
+def make_rows(T, E, K, X, pattern, dtype, device):
+    offsets_E, _ = ops.expert_index(make_experts(T, E, K, pattern), E)
+    return torch.randn(T * K, X, device=device).to(dtype), offsets_E.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("T, E, K, X, Y, pattern", CASES)
+def test_grouped_mm_matches_reference(T, E, K, X, Y, pattern, layout, dtype, device):
+    x_SX, offsets_E = make_rows(T, E, K, X, pattern, dtype, device)
+    w_EXY = make_weights(E, X, Y, layout, dtype, device)
+    (y_SY,), (grad_x_SX, grad_w_EXY) = check_op(
+        lambda x, w: ops.grouped_mm(x, w, offsets_E),
+        lambda x, w: reference.grouped_mm(x, w, offsets_E),
+        [x_SX, w_EXY], differentiable=(0, 1))
+    end = offsets_E[-1].item()
+    # Rows of dropped copies carry nothing, forward or backward.
+    assert (y_SY[end:] == 0).all() and (grad_x_SX[end:] == 0).all()
+    # An expert with no rows gets an exact zero gradient.
+    empty_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)) == 0
+    assert (grad_w_EXY[empty_E] == 0).all()
+
+
+def test_tail_rows_are_zero_even_if_input_is_poisoned():
+    """Rows past offsets_E[-1] are never read: NaN there must not leak anywhere."""
+    E, X, Y = 4, 16, 8
+    x_SX = torch.randn(20, X)
+    x_SX[15:] = float("nan")
+    offsets_E = torch.tensor([4, 4, 10, 15], dtype=torch.int32)
+    w_EXY = torch.randn(E, X, Y, requires_grad=True)
+    x_SX.requires_grad_()
+    y_SY = ops.grouped_mm(x_SX, w_EXY, offsets_E)
+    assert (y_SY[15:] == 0).all() and torch.isfinite(y_SY).all()
+    grad_x_SX, grad_w_EXY = torch.autograd.grad(y_SY, (x_SX, w_EXY), torch.randn(20, Y))
+    assert torch.isfinite(grad_w_EXY).all() and (grad_x_SX[15:] == 0).all()
+    assert_close(y_SY[:15], reference.grouped_mm(x_SX[:15].detach(), w_EXY.detach(),
+                                                 offsets_E))
+
+
+def test_linear_layout_gradient_keeps_parameter_layout():
+    """A parameter stored [E, Y, X] and passed transposed gets a plain [E, Y, X] grad."""
+    E, X, Y = 4, 12, 20
+    weight_EYX = torch.nn.Parameter(torch.randn(E, Y, X))
+    x_SX = torch.randn(30, X)
+    offsets_E = torch.tensor([5, 5, 20, 30], dtype=torch.int32)
+    ops.grouped_mm(x_SX, weight_EYX.transpose(1, 2), offsets_E).square().sum().backward()
+    want = weight_EYX.detach().clone().requires_grad_()
+    reference.grouped_mm(x_SX, want.transpose(1, 2), offsets_E).square().sum().backward()
+    assert weight_EYX.grad.shape == (E, Y, X) and weight_EYX.grad.is_contiguous()
+    assert_close(weight_EYX.grad, want.grad)
+
+
+def test_grouped_mm_non_contiguous_rows():
+    x_SX = torch.randn(24, 40)[:, ::2]
+    w_EXY = torch.randn(3, 20, 8)
+    offsets_E = torch.tensor([8, 16, 24], dtype=torch.int32)
+    assert_close(ops.grouped_mm(x_SX, w_EXY, offsets_E),
+                 reference.grouped_mm(x_SX, w_EXY, offsets_E))

@@ -1,0 +1,332 @@
+"""dsv3.MoE against reference.moe (a loop over experts): output and the gradients of
+x, the router and every expert weight, over the layer's configurations; plus the
+layer's own contracts: per-expert gradient isolation, capacity drops and their
+count, the per-forward stats, moe_aux_loss, aux-loss-free bias updates, [B, S, D]
+input and bitwise determinism."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import dsv3
+from conftest import DTYPES, assert_close, check_op
+from dsv3 import MoE, MoEConfig, reference
+
+
+def make_moe(dtype=torch.float32, **overrides) -> MoE:
+    config = MoEConfig(**{"dim": 32, "ffn_dim": 48, "n_experts": 8, "top_k": 2, **overrides})
+    return MoE(config, dtype=dtype)
+
+
+def capacity_of(moe: MoE, n_tokens: int) -> int | None:
+    c = moe.config
+    if c.capacity_factor is None:
+        return None
+    return math.ceil(c.capacity_factor * n_tokens * c.top_k / c.n_experts)
+
+
+def param_names(moe: MoE) -> list[str]:
+    return [name for name, _ in moe.named_parameters()]
+
+
+def run_moe(moe: MoE, x, *params):
+    return functional_call(moe, dict(zip(param_names(moe), params)), (x,))
+
+
+def run_reference(moe: MoE, x, *params):
+    """reference.moe with the module's config, on the given parameter tensors."""
+    c, p = moe.config, dict(zip(param_names(moe), params))
+    shared = None
+    if moe.shared_experts is not None:
+        def shared(x_TD):  # the shared experts are one dense SwiGLU MLP
+            return reference.expert_ffn(x_TD, p["shared_experts.gate_up_proj.weight"],
+                                        p["shared_experts.down_proj.weight"])
+    x_TD = x.reshape(-1, c.dim)
+    y_TD, _, _ = reference.moe(
+        x_TD, p["router.weight"], p["gate_up_proj"], p["down_proj"], top_k=c.top_k,
+        score=c.score, bias_E=moe.expert_bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
+        normalize=c.normalize_weights, scale=c.route_scale,
+        capacity=capacity_of(moe, x_TD.shape[0]), shared=shared)
+    return y_TD.view(x.shape)
+
+
+def reference_experts(moe: MoE, x_TD) -> torch.Tensor:
+    c = moe.config
+    _, _, experts_TK = reference.moe(
+        x_TD.float(), moe.router.weight.float(), moe.gate_up_proj.float(), moe.down_proj.float(),
+        top_k=c.top_k, score=c.score, bias_E=moe.expert_bias, n_groups=c.n_groups,
+        topk_groups=c.topk_groups, normalize=c.normalize_weights, scale=c.route_scale)
+    return experts_TK
+
+
+def make_input(moe: MoE, shape, dtype, hot_expert=None):
+    """Random tokens; with ``hot_expert``, the router is set so that every token's
+    first choice is that expert (a constant feature it alone weighs heavily)."""
+    x = torch.randn(*shape, moe.config.dim)
+    if hot_expert is not None:
+        x[..., 0] = 5.0
+        with torch.no_grad():
+            moe.router.weight[:, 0] = 0.0
+            moe.router.weight[hot_expert, 0] = 10.0
+    return x.to(dtype)
+
+
+# (token shape, config overrides, hot expert or None)
+CASES = [
+    # Mixtral-style baseline: softmax top-2 of 8.
+    pytest.param((64,), {}, None, id="baseline"),
+    # T = 1: a single token.
+    pytest.param((1,), {}, None, id="T1"),
+    # K = E: every expert computes every token.
+    pytest.param((16,), {"n_experts": 4, "top_k": 4}, None, id="K_eq_E"),
+    # Odd dims: D = 100, F = 37.
+    pytest.param((20,), {"dim": 100, "ffn_dim": 37}, None, id="odd_dims_D100_F37"),
+    # Prime E = 7 and T·K = 39, not a multiple of any block.
+    pytest.param((13,), {"n_experts": 7, "top_k": 3}, None, id="primeE7_TK39"),
+    # Prime E = 13.
+    pytest.param((30,), {"n_experts": 13, "top_k": 2}, None, id="primeE13"),
+    # All tokens to one expert (K = 1): the other seven experts are empty.
+    pytest.param((24,), {"top_k": 1}, 3, id="one_expert"),
+    # Empty experts: 3 tokens x top-2 reach at most 6 of 16 experts.
+    pytest.param((3,), {"n_experts": 16}, None, id="empty_experts"),
+    # Sigmoid scores, unnormalized, scale != 1.
+    pytest.param((32,), {"score": "sigmoid", "normalize_weights": False, "route_scale": 0.7},
+                 None, id="sigmoid_raw_scale"),
+    # DeepSeek-V3: sigmoid + selection bias + 4 groups (2 kept) + scale 2.5 + a shared expert.
+    pytest.param((40,), {"n_experts": 16, "top_k": 4, "score": "sigmoid", "n_groups": 4,
+                         "topk_groups": 2, "route_scale": 2.5, "bias_update_rate": 1e-3,
+                         "n_shared_experts": 1}, None, id="deepseek"),
+    # Capacity 0.5: half of the copies are dropped (later tokens first).
+    pytest.param((48,), {"capacity_factor": 0.5}, None, id="capacity_drops"),
+    # Capacity with every token on one expert: most of the hot expert's copies drop.
+    pytest.param((24,), {"capacity_factor": 1.0}, 5, id="capacity_one_expert"),
+    # [B, S, D] input: y has x's shape.
+    pytest.param((3, 7), {}, None, id="BSD_input"),
+    # Medium: 512 tokens, 16 experts, top-4.
+    pytest.param((512,), {"dim": 64, "ffn_dim": 96, "n_experts": 16, "top_k": 4}, None,
+                 id="medium"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, overrides, hot_expert", CASES)
+def test_moe_matches_reference(shape, overrides, hot_expert, dtype):
+    moe = make_moe(dtype, **overrides)
+    if moe.expert_bias is not None:
+        moe.expert_bias.copy_(0.05 * torch.randn_like(moe.expert_bias))
+    x = make_input(moe, shape, dtype, hot_expert)
+    params = [p.detach() for p in moe.parameters()]
+    (y,), _ = check_op(lambda *a: run_moe(moe, *a), lambda *a: run_reference(moe, *a),
+                       [x, *params], differentiable=tuple(range(len(params) + 1)))
+    assert y.shape == x.shape and y.dtype == dtype
+
+    # The stats of that forward count what the reference routed (after capacity).
+    experts_TK = reference_experts(moe, x.reshape(-1, moe.config.dim))
+    counts_E = torch.bincount(experts_TK.flatten(), minlength=moe.config.n_experts)
+    capacity = capacity_of(moe, experts_TK.shape[0])
+    kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
+    stats = moe.last_stats
+    assert torch.equal(stats.tokens_per_expert.long(), kept_E)
+    assert stats.dropped_tokens.item() == (counts_E - kept_E).sum().item()
+    if hot_expert is not None:
+        assert experts_TK[:, 0].eq(hot_expert).all()
+
+
+def test_each_expert_gets_gradient_only_from_its_own_tokens():
+    moe = make_moe()
+    x_TD = torch.randn(40, 32)
+    experts_TK = reference_experts(moe, x_TD)
+    counts_E = torch.bincount(experts_TK.flatten(), minlength=8)
+    e = counts_E.argmax().item()
+    mine_T = (experts_TK == e).any(1)
+    assert 0 < mine_T.sum() < 40
+
+    # Upstream gradient only on the other tokens: expert e's weights get exactly zero.
+    grad_TD = torch.randn(40, 32) * ~mine_T[:, None]
+    moe(x_TD).backward(grad_TD)
+    assert (moe.gate_up_proj.grad[e] == 0).all() and (moe.down_proj.grad[e] == 0).all()
+    others = torch.arange(8) != e
+    assert moe.gate_up_proj.grad[others & (counts_E > 0)].abs().sum(dim=(1, 2)).gt(0).all()
+
+    # Upstream gradient only on expert e's tokens: its gradient is that of the
+    # reference loop on those tokens alone.
+    moe.zero_grad()
+    grad_TD = torch.randn(40, 32) * mine_T[:, None]
+    moe(x_TD).backward(grad_TD)
+    want = [p.detach().clone().requires_grad_() for p in (moe.gate_up_proj, moe.down_proj)]
+    y_TD, _, _ = reference.moe(x_TD, moe.router.weight.detach(), *want, top_k=2)
+    y_TD.backward(grad_TD)
+    assert_close(moe.gate_up_proj.grad[e], want[0].grad[e], "gate_up_proj grad")
+    assert_close(moe.down_proj.grad[e], want[1].grad[e], "down_proj grad")
+
+
+def test_empty_experts_get_exact_zero_gradient():
+    moe = make_moe(n_experts=16)
+    x_TD = torch.randn(3, 32)
+    counts_E = torch.bincount(reference_experts(moe, x_TD).flatten(), minlength=16)
+    moe(x_TD).sum().backward()
+    empty_E = counts_E == 0
+    assert empty_E.sum() >= 10
+    assert (moe.gate_up_proj.grad[empty_E] == 0).all() and (moe.down_proj.grad[empty_E] == 0).all()
+
+
+@pytest.mark.parametrize("capacity_factor", [
+    0.25,  # most copies dropped
+    1.0,  # balanced capacity: drops only where routing is uneven
+    8.0,  # capacity above any expert's load: nothing dropped
+])
+def test_capacity_drops_overflow_and_counts_it(capacity_factor):
+    moe = make_moe(capacity_factor=capacity_factor)
+    x_TD = torch.randn(64, 32)
+    y_TD = moe(x_TD)
+    capacity = math.ceil(capacity_factor * 64 * 2 / 8)
+    counts_E = torch.bincount(reference_experts(moe, x_TD).flatten(), minlength=8)
+    stats = moe.last_stats
+    assert stats.dropped_tokens.dtype == torch.int64
+    assert stats.dropped_tokens.item() == (counts_E - capacity).clamp(min=0).sum().item()
+    assert (stats.tokens_per_expert <= capacity).all()
+    assert stats.tokens_per_expert.sum().item() + stats.dropped_tokens.item() == 64 * 2
+    if capacity_factor == 8.0:
+        assert stats.dropped_tokens.item() == 0
+        dropless = make_moe()
+        dropless.load_state_dict(moe.state_dict())
+        assert_close(y_TD, dropless(x_TD))
+
+
+def test_token_with_every_copy_dropped_outputs_zero():
+    moe = make_moe(top_k=1, capacity_factor=1.0)
+    x = make_input(moe, (16,), torch.float32, hot_expert=2)  # all 16 tokens want expert 2
+    y_TD = moe(x)
+    capacity = math.ceil(16 / 8)
+    assert moe.last_stats.dropped_tokens.item() == 16 - capacity
+    assert (y_TD[capacity:] == 0).all() and (y_TD[:capacity] != 0).any(1).all()
+
+
+def test_stats_and_aux_losses():
+    moe = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01)
+    x_TD = torch.randn(50, 32)
+    moe(x_TD)
+    logits_TE = x_TD @ moe.router.weight.detach().T
+    counts_E = torch.bincount(reference_experts(moe, x_TD).flatten(), minlength=8)
+    fraction_E = counts_E.float() / (50 * 2)
+    want_aux = 0.1 * 8 * (fraction_E * logits_TE.softmax(-1).mean(0)).sum()
+    want_z = 0.01 * logits_TE.logsumexp(-1).square().mean()
+    stats = moe.last_stats
+    assert stats.tokens_per_expert.dtype == torch.int32
+    assert torch.equal(stats.tokens_per_expert.long(), counts_E)
+    assert stats.dropped_tokens.item() == 0
+    assert_close(stats.aux_loss, want_aux, "aux_loss")
+    assert_close(stats.z_loss, want_z, "z_loss")
+    for t in (stats.tokens_per_expert, stats.dropped_tokens, stats.aux_loss, stats.z_loss):
+        assert not t.requires_grad
+    # The layer's aux_loss is their sum and trains the router.
+    assert_close(moe.aux_loss.detach(), want_aux + want_z, "aux_loss total")
+    moe.aux_loss.backward()
+    assert moe.router.weight.grad.abs().sum() > 0
+
+
+def test_aux_losses_are_zero_in_eval():
+    moe = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01).eval()
+    moe(torch.randn(10, 32))
+    assert moe.aux_loss.item() == 0 and moe.last_stats.z_loss.item() == 0
+
+
+def test_moe_aux_loss_sums_every_layer():
+    model = nn.Sequential(make_moe(aux_loss_coef=0.1), nn.Linear(32, 32),
+                          nn.Sequential(make_moe(aux_loss_coef=0.2, z_loss_coef=0.01)))
+    model(torch.randn(20, 32))
+    first, second = model[0], model[2][0]
+    total = dsv3.moe_aux_loss(model)
+    assert_close(total.detach(), (first.aux_loss + second.aux_loss).detach(), "moe_aux_loss")
+    assert total.requires_grad
+    total.backward()
+    assert first.router.weight.grad.abs().sum() > 0 and second.router.weight.grad.abs().sum() > 0
+
+
+def test_moe_aux_loss_without_moe_layers_is_zero():
+    total = dsv3.moe_aux_loss(nn.Linear(4, 4))
+    assert total.item() == 0 and total.dim() == 0
+
+
+def test_update_bias_balances_load():
+    """DeepSeek-V3 aux-loss-free balancing: over-loaded experts' bias goes down,
+    under-loaded ones' up; selection follows, weights stay unbiased."""
+    moe = make_moe(score="sigmoid", top_k=1, bias_update_rate=0.5)
+    assert "expert_bias" not in param_names(moe) and "expert_bias" in moe.state_dict()
+    x = make_input(moe, (64,), torch.float32, hot_expert=6)
+    moe(x)
+    counts_E = moe.last_stats.tokens_per_expert.clone()
+    assert counts_E[6] == 64
+    moe.update_bias()
+    assert moe.expert_bias[6] < 0 and (moe.expert_bias[torch.arange(8) != 6] > 0).all()
+    assert (moe.pending_counts == 0).all()
+
+    y = moe(x)  # the bias now steers tokens away from expert 6
+    assert moe.last_stats.tokens_per_expert[6] < 64
+    assert_close(y, run_reference(moe, x, *[p.detach() for p in moe.parameters()]))
+    # Weights are the unbiased sigmoid scores of the chosen experts.
+    logits_TE = x @ moe.router.weight.detach().T
+    weights_TK, experts_TK, _ = dsv3.ops.route(logits_TE, 1, "sigmoid", moe.expert_bias,
+                                               normalize=False)
+    assert_close(weights_TK, logits_TE.sigmoid().gather(1, experts_TK.long()), "weights")
+
+
+def test_update_bias_uses_counts_since_last_call():
+    moe = make_moe(bias_update_rate=0.1)
+    x1, x2 = torch.randn(10, 32), torch.randn(30, 32)
+    moe(x1)
+    first = moe.last_stats.tokens_per_expert.clone()
+    moe(x2)  # gradient accumulation: two micro-batches, one step
+    total_E = (first + moe.last_stats.tokens_per_expert).float()
+    moe.eval()
+    moe(torch.randn(50, 32))  # eval forwards do not count
+    moe.update_bias()
+    assert torch.equal(moe.expert_bias, 0.1 * torch.sign(total_E.mean() - total_E))
+
+
+def test_moe_update_bias_reaches_every_layer_and_skips_bias_free_ones():
+    model = nn.Sequential(make_moe(bias_update_rate=0.1), make_moe(bias_update_rate=0.2),
+                          make_moe())
+    x = make_input(model[0], (32,), torch.float32, hot_expert=1)
+    model(x)
+    dsv3.moe_update_bias(model)
+    assert model[2].expert_bias is None
+    for layer in model[:2]:
+        assert layer.expert_bias.abs().sum() > 0 and (layer.pending_counts == 0).all()
+
+
+def test_update_bias_is_a_noop_without_rate():
+    moe = make_moe()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe(torch.randn(8, 32))
+    moe.update_bias()
+    assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 5),  # [B, S, D]
+    (2, 3, 4),  # any leading dims
+])
+def test_leading_dims(shape):
+    moe = make_moe()
+    x = torch.randn(*shape, 32)
+    y = moe(x)
+    assert y.shape == x.shape
+    assert_close(y.reshape(-1, 32), moe(x.reshape(-1, 32)))
+
+
+def test_moe_is_bitwise_deterministic():
+    moe = make_moe(n_shared_experts=1, dtype=torch.bfloat16)
+    x = torch.randn(100, 32, dtype=torch.bfloat16)
+    grad = torch.randn(100, 32, dtype=torch.bfloat16)
+
+    def run():
+        moe.zero_grad()
+        y = moe(x)
+        y.backward(grad)
+        return [y.detach()] + [p.grad.clone() for p in moe.parameters()]
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)

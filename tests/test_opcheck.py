@@ -1,0 +1,46 @@
+"""torch.library registration of every dsv3:: op, checked by torch.library.opcheck:
+schema, fake (meta) implementation against the real one, autograd registration and
+AOT dispatch (what torch.compile relies on)."""
+import pytest
+import torch
+
+from conftest import make_experts
+from dsv3 import ops
+
+
+def op_cases():
+    torch.manual_seed(0)  # built at collection time, before the seed fixture runs
+    logits_TE = torch.randn(9, 8, requires_grad=True)
+    experts_TK = make_experts(9, 4, 2, "dropped")
+    offsets_E, row_map_TK = ops.expert_index(experts_TK, 4)
+    y_SD = torch.randn(18, 5, requires_grad=True)
+    weights_TK = torch.rand(9, 2, requires_grad=True)
+    d = torch.ops.dsv3
+    return [
+        # softmax routing, normalized
+        pytest.param(d.route.default, (logits_TE, 2, "softmax", None, 1, 1, True, 1.0),
+                     id="route_softmax"),
+        # sigmoid + bias + groups + scale
+        pytest.param(d.route.default, (logits_TE, 3, "sigmoid", torch.randn(8), 4, 2, True, 2.5),
+                     id="route_deepseek"),
+        # counting sort with dropped copies
+        pytest.param(d.expert_index.default, (experts_TK, 4), id="expert_index"),
+        pytest.param(d.permute_rows.default, (torch.randn(9, 5, requires_grad=True), row_map_TK),
+                     id="permute_rows"),
+        pytest.param(d.unpermute.default, (y_SD, row_map_TK, weights_TK), id="unpermute_weighted"),
+        pytest.param(d.unpermute.default, (y_SD, row_map_TK, None), id="unpermute_plain"),
+        # contiguous [E, X, Y] weights
+        pytest.param(d.grouped_mm.default,
+                     (y_SD, torch.randn(4, 5, 7, requires_grad=True), offsets_E),
+                     id="grouped_mm"),
+        # nn.Linear layout passed transposed
+        pytest.param(d.grouped_mm.default,
+                     (y_SD, torch.randn(4, 7, 5).transpose(1, 2).requires_grad_(), offsets_E),
+                     id="grouped_mm_linear_layout"),
+        pytest.param(d.swiglu.default, (torch.randn(18, 8, requires_grad=True),), id="swiglu"),
+    ]
+
+
+@pytest.mark.parametrize("op, args", op_cases())
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)

@@ -1,0 +1,134 @@
+"""dsv3.ops.expert_index / permute / unpermute against the reference: the index
+(offsets, row map) exactly, rows and gradients within tolerance; stability of
+the permutation, placement of dropped copies, determinism of the combine."""
+import pytest
+import torch
+
+from conftest import DEVICES, DTYPES, assert_close, check_op, make_experts
+from dsv3 import ops, reference
+
+# (T, E, K, D, expert pattern)
+CASES = [
+    # Baseline: random top-2 of 8.
+    pytest.param(64, 8, 2, 32, "random", id="baseline"),
+    # T = 1: a single token.
+    pytest.param(1, 8, 2, 32, "random", id="T1"),
+    # K = E: every token goes to every expert.
+    pytest.param(12, 5, 5, 32, "random", id="K_eq_E"),
+    # Odd model dim D = 100.
+    pytest.param(20, 8, 2, 100, "random", id="D100"),
+    # Prime E = 7, T·K = 39: not a multiple of the 16-token grain or any power of two.
+    pytest.param(13, 7, 3, 24, "random", id="primeE7_TK39"),
+    # Prime E = 13 with T = 17 (just past one 16-token grain).
+    pytest.param(17, 13, 2, 8, "random", id="primeE13"),
+    # All tokens to one expert (K = 1): every other segment is empty.
+    pytest.param(33, 8, 1, 16, "one_expert", id="one_expert_K1"),
+    # All tokens to the same two experts.
+    pytest.param(33, 8, 2, 16, "one_expert", id="one_expert_K2"),
+    # Empty experts, including the first and the last (E = 7: only 1, 3, 5 used).
+    pytest.param(40, 7, 2, 16, "empty", id="empty_experts"),
+    # Dropped copies (expert id -1) must land after every expert's rows.
+    pytest.param(40, 8, 2, 16, "dropped", id="dropped"),
+    # Medium: 9003 copies span more than one 4096-copy chunk of the counting sort.
+    pytest.param(3001, 16, 3, 16, "random", id="medium_multichunk"),
+]
+
+
+def _segments(offsets_E):
+    ends = offsets_E.long().tolist()
+    return list(zip([0] + ends[:-1], ends))
+
+
+@pytest.mark.parametrize("T, E, K, pattern",
+                         [pytest.param(*c.values[:3], c.values[4], id=c.id) for c in CASES])
+def test_expert_index_matches_reference(T, E, K, pattern):
+    experts_TK = make_experts(T, E, K, pattern)
+    offsets_E, row_map_TK = ops.expert_index(experts_TK, E)
+    want_offsets_E, want_row_map_TK = reference.expert_index(experts_TK, E)
+    assert_close(offsets_E, want_offsets_E, "offsets_E")
+    assert_close(row_map_TK, want_row_map_TK, "row_map_TK")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, E, K, D, pattern", CASES)
+def test_permute_matches_reference(T, E, K, D, pattern, dtype, device):
+    x_TD = torch.randn(T, D, device=device).to(dtype)
+    experts_TK = make_experts(T, E, K, pattern, device)
+    (x_SD, offsets_E, row_map_TK), _ = check_op(
+        lambda x: ops.permute(x, experts_TK, E), lambda x: reference.permute(x, experts_TK, E),
+        [x_TD], differentiable=(0,))
+    # A permutation copies rows: exact in every dtype.
+    assert torch.equal(x_SD, x_TD.repeat_interleave(K, 0)[row_map_TK.flatten().argsort()])
+    assert offsets_E.dtype == row_map_TK.dtype == torch.int32
+    assert sorted(row_map_TK.flatten().tolist()) == list(range(T * K))  # a bijection
+    dropped_TK = experts_TK < 0
+    assert offsets_E[-1].item() == T * K - dropped_TK.sum().item()
+    # Dropped copies come after every expert's segment.
+    assert (row_map_TK[dropped_TK] >= offsets_E[-1]).all()
+    # Each copy sits in its expert's segment.
+    for e, (start, end) in enumerate(_segments(offsets_E)):
+        rows = row_map_TK[experts_TK == e]
+        assert rows.numel() == end - start and ((rows >= start) & (rows < end)).all()
+
+
+@pytest.mark.parametrize("T, E, K, pattern", [
+    (64, 8, 2, "random"),  # baseline
+    (3001, 16, 3, "random"),  # several counting-sort chunks
+    (40, 8, 2, "dropped"),  # dropped copies keep their token order too
+])
+def test_permute_is_stable(T, E, K, pattern):
+    """Within an expert (and among dropped copies) copies keep token order."""
+    experts_TK = make_experts(T, E, K, pattern)
+    _, offsets_E, row_map_TK = ops.permute(torch.randn(T, 4), experts_TK, E)
+    flat_rows = row_map_TK.flatten().long()
+    source_S = torch.empty_like(flat_rows)
+    source_S[flat_rows] = torch.arange(T * K)  # row -> flat (t, k) index, in (t, k) order
+    for start, end in _segments(offsets_E) + [(offsets_E[-1].item(), T * K)]:
+        assert (source_S[start:end].diff() > 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_weights", [True, False])
+@pytest.mark.parametrize("T, E, K, D, pattern", CASES)
+def test_unpermute_matches_reference(T, E, K, D, pattern, with_weights, dtype, device):
+    experts_TK = make_experts(T, E, K, pattern, device)
+    _, row_map_TK = ops.expert_index(experts_TK, E)
+    y_SD = torch.randn(T * K, D, device=device).to(dtype)
+    # Routing weights stay fp32 whatever the activations' dtype, as in the MoE layer.
+    weights_TK = torch.rand(T, K, device=device) if with_weights else None
+    check_op(lambda y, w: ops.unpermute(y, row_map_TK, w),
+             lambda y, w: reference.unpermute(y, row_map_TK, w),
+             [y_SD, weights_TK], differentiable=(0, 1) if with_weights else (0,))
+
+
+def test_unpermute_is_deterministic():
+    """Bitwise identical on repeat and whatever the thread count (no atomics)."""
+    T, E, K, D = 257, 8, 4, 64
+    experts_TK = make_experts(T, E, K)
+    _, row_map_TK = ops.expert_index(experts_TK, E)
+    y_SD = torch.randn(T * K, D, dtype=torch.bfloat16, requires_grad=True)
+    weights_TK = torch.rand(T, K, requires_grad=True)
+    grad_TD = torch.randn(T, D, dtype=torch.bfloat16)
+
+    def run():
+        y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
+        return (y_TD, *torch.autograd.grad(y_TD, (y_SD, weights_TK), grad_TD))
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_permute_unpermute_round_trip():
+    """Unweighted unpermute of a permute sums the K copies: K * x."""
+    x_TD = torch.randn(50, 16)
+    x_SD, _, row_map_TK = ops.permute(x_TD, make_experts(50, 8, 3), 8)
+    assert_close(ops.unpermute(x_SD, row_map_TK), 3 * x_TD)

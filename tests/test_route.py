@@ -1,0 +1,121 @@
+"""dsv3.ops.route against reference.route: expert ids and counts exactly, weights
+and d(logits) within the dtype's tolerance, over the routing variants and edge cases."""
+import pytest
+import torch
+
+from conftest import DEVICES, DTYPES, assert_close, check_op
+from dsv3 import ops, reference
+
+# (T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, logits pattern)
+CASES = [
+    # Mixtral's router: softmax top-2, normalized.
+    pytest.param(64, 8, 2, "softmax", False, 1, 1, True, 1.0, "random", id="mixtral"),
+    # T = 1: a single token.
+    pytest.param(1, 8, 2, "softmax", False, 1, 1, True, 1.0, "random", id="T1"),
+    # K = E: every expert chosen by every token.
+    pytest.param(16, 6, 6, "softmax", False, 1, 1, True, 1.0, "random", id="K_eq_E"),
+    # Prime E, T·K = 39 not a multiple of any block (the CPU grain is 64 tokens).
+    pytest.param(13, 7, 3, "softmax", False, 1, 1, True, 1.0, "random", id="primeE7_TK39"),
+    # Prime E = 13, K = 1, T = 65 crosses the 64-token parallel grain by one.
+    pytest.param(65, 13, 1, "softmax", False, 1, 1, True, 1.0, "random", id="primeE13_K1_T65"),
+    # All tokens to one expert: one logit dominates every row.
+    pytest.param(33, 8, 1, "softmax", False, 1, 1, True, 1.0, "one_expert", id="one_expert"),
+    # Softmax without normalization and with scale != 1.
+    pytest.param(40, 8, 2, "softmax", False, 1, 1, False, 0.5, "random", id="softmax_raw_scale"),
+    # Softmax with a selection bias.
+    pytest.param(40, 8, 3, "softmax", True, 1, 1, True, 1.0, "random", id="softmax_bias"),
+    # Sigmoid scores, normalized.
+    pytest.param(40, 8, 2, "sigmoid", False, 1, 1, True, 1.0, "random", id="sigmoid"),
+    # Sigmoid without normalization, scale != 1.
+    pytest.param(40, 8, 2, "sigmoid", False, 1, 1, False, 2.5, "random", id="sigmoid_raw_scale"),
+    # DeepSeek-V3: sigmoid + bias + group-limited (4 groups, 2 kept) + scale 2.5.
+    pytest.param(50, 16, 4, "sigmoid", True, 4, 2, True, 2.5, "random", id="deepseek_groups"),
+    # Groups of one expert: the group score is that expert's score alone.
+    pytest.param(30, 4, 2, "sigmoid", True, 4, 2, True, 1.0, "random", id="group_size_1"),
+    # Group-limited softmax, K = all experts of the kept groups.
+    pytest.param(30, 12, 6, "softmax", False, 3, 2, True, 1.0, "random",
+                 id="softmax_groups_K_full"),
+    # Degenerate all-equal rows: ties everywhere, must all go to the lowest indices.
+    pytest.param(20, 8, 3, "softmax", False, 1, 1, True, 1.0, "equal", id="ties_equal_rows"),
+    # Heavy ties (integer logits) under group-limited selection with bias-free sigmoid.
+    pytest.param(40, 8, 3, "sigmoid", False, 4, 2, True, 1.0, "integer", id="ties_groups"),
+    # Medium, DeepSeek-V3-like: 64 experts in 8 groups, top-8 from 4 groups, > 1 parallel chunk.
+    pytest.param(700, 64, 8, "sigmoid", True, 8, 4, True, 2.5, "random", id="medium_deepseek"),
+]
+
+
+def make_logits(n_tokens, n_experts, pattern, dtype, device):
+    if pattern == "equal":
+        logits_TE = torch.full((n_tokens, n_experts), 0.3)
+    elif pattern == "integer":
+        logits_TE = torch.randint(-1, 2, (n_tokens, n_experts)).float()
+    else:
+        logits_TE = 2 * torch.randn(n_tokens, n_experts)
+        if pattern == "one_expert":
+            logits_TE[:, n_experts // 2] += 30
+    return logits_TE.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, "
+                         "pattern", CASES)
+def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_groups, normalize,
+                                 scale, pattern, dtype, device):
+    logits_TE = make_logits(T, E, pattern, dtype, device)
+    bias_E = 0.1 * torch.randn(E, device=device) if with_bias else None
+    kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
+                  normalize=normalize, scale=scale)
+    (weights_TK, experts_TK, counts_E), _ = check_op(
+        lambda logits, bias: ops.route(logits, bias_E=bias, **kwargs),
+        lambda logits, bias: reference.route(logits, bias_E=bias, **kwargs),
+        [logits_TE, bias_E], differentiable=(0,))
+    assert weights_TK.dtype == torch.float32 and experts_TK.dtype == counts_E.dtype == torch.int32
+    assert weights_TK.shape == experts_TK.shape == (T, K) and counts_E.shape == (E,)
+    assert counts_E.sum().item() == T * K
+    assert ((experts_TK >= 0) & (experts_TK < E)).all()
+    # Distinct experts per token.
+    assert (experts_TK.sort(1).values.diff(dim=1) > 0).all()
+    if normalize:
+        sums_T = weights_TK.sum(1)
+        assert torch.allclose(sums_T, torch.full_like(sums_T, scale), rtol=1e-5)
+    if pattern == "equal":
+        assert (experts_TK == torch.arange(K, dtype=torch.int32, device=device)).all()
+    if pattern == "one_expert":
+        assert (counts_E == torch.nn.functional.one_hot(torch.tensor(E // 2), E)
+                .to(counts_E) * T).all()
+
+
+def test_route_fp64_weights_stay_fp64():
+    weights_TK, _, _ = ops.route(torch.randn(5, 6, dtype=torch.float64), 2)
+    assert weights_TK.dtype == torch.float64
+
+
+def test_bias_steers_selection_not_weights():
+    """DeepSeek-V3: the bias picks experts; weights come from the unbiased scores."""
+    logits_TE = torch.randn(32, 8)
+    bias_E = torch.zeros(8)
+    bias_E[5] = 10.0  # expert 5 always chosen
+    weights_TK, experts_TK, counts_E = ops.route(logits_TE, 2, "sigmoid", bias_E, normalize=False)
+    assert (experts_TK == 5).any(1).all() and counts_E[5] == 32
+    assert_close(weights_TK, logits_TE.sigmoid().gather(1, experts_TK.long()), "weights")
+
+
+def test_bias_gets_no_gradient():
+    logits_TE = torch.randn(16, 8, requires_grad=True)
+    bias_E = torch.randn(8, requires_grad=True)
+    ops.route(logits_TE, 2, "sigmoid", bias_E).weights_TK.sum().backward()
+    assert bias_E.grad is None and logits_TE.grad is not None
+
+
+def test_group_limited_selection_stays_in_kept_groups():
+    T, E, G, kept = 64, 16, 4, 2
+    _, experts_TK, _ = ops.route(torch.randn(T, E), 4, "sigmoid", n_groups=G, topk_groups=kept)
+    groups_per_token = [len(set(row)) for row in (experts_TK // (E // G)).tolist()]
+    assert max(groups_per_token) <= kept
+
+
+def test_non_contiguous_logits():
+    logits_TE = torch.randn(8, 20)[:, ::2]  # stride 2
+    for got, want in zip(ops.route(logits_TE, 3), reference.route(logits_TE, 3)):
+        assert_close(got, want)
