@@ -1,5 +1,5 @@
 """Registers the Triton kernels (dsv3/kernels) as the CUDA implementations of the
-dsv3 ops and, under ``DSV3_BACKEND=triton``, as their CPU implementations too
+dsv3 ops that have no compiled CUDA kernel (csrc/cuda) and, under ``DSV3_BACKEND=triton``, as their CPU implementations too
 (replacing the C++ kernels, so that with ``TRITON_INTERPRET=1`` the whole op API
 and ``dsv3.MoE`` run through Triton on CPU tensors). Autograd formulas and fake
 impls are shared with the C++ path: only the kernels change.
@@ -24,13 +24,15 @@ TRITON_KERNELS = {
     "dsv3::swiglu": swiglu.swiglu,
     "dsv3::swiglu_backward": swiglu.swiglu_backward,
 }
-# Kernels in plain device-side torch ops, for CUDA until csrc/cuda replaces them.
+# Kernels in plain device-side torch ops, for CUDA builds without csrc/cuda.
 CUDA_ONLY_KERNELS = {"dsv3::expert_index": permute.expert_index}
 
 
 def register() -> None:
     for name, kernel in {**TRITON_KERNELS, **CUDA_ONLY_KERNELS}.items():
-        torch.library.register_kernel(name, "cuda", kernel)
+        # Ops with a compiled CUDA kernel (csrc/cuda, when built with CUDA) keep it.
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
+            torch.library.register_kernel(name, "cuda", kernel)
     if selected_backend() == "triton":
         with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
             warnings.simplefilter("ignore")

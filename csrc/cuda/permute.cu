@@ -1,0 +1,270 @@
+// Token permutation on CUDA: the stable counting sort of routed copies by expert
+// (per-block histograms, one scan, per-block stable placement: integer work only,
+// so the result is exact and deterministic, and nothing is read back to the host),
+// the scatter of token rows with 16-byte accesses, and the deterministic combine
+// (one program per token, summed over k in order in fp32: no atomics).
+// Raw pointers and the current stream only; registered under the CUDA key.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace dsv3 {
+namespace {
+
+constexpr int kBlock = 256;
+
+// Bin of a copy: its expert, or n_experts for a dropped copy (id -1) and for an
+// out-of-range id, which is also flagged so the host-side op can report it.
+__device__ __forceinline__ int bin_of(int32_t expert, int n_experts, int* bad) {
+  if (expert < -1 || expert >= n_experts) {
+    atomicExch(bad, 1);
+    return n_experts;
+  }
+  return expert < 0 ? n_experts : expert;
+}
+
+__global__ void block_histogram_kernel(const int32_t* experts, int64_t n_copies, int n_experts,
+                                       int* hist, int* bad) {
+  extern __shared__ int counts[];
+  const int n_bins = n_experts + 1;
+  for (int b = threadIdx.x; b < n_bins; b += blockDim.x) counts[b] = 0;
+  __syncthreads();
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n_copies) atomicAdd(&counts[bin_of(experts[i], n_experts, bad)], 1);
+  __syncthreads();
+  for (int b = threadIdx.x; b < n_bins; b += blockDim.x)
+    hist[static_cast<int64_t>(blockIdx.x) * n_bins + b] = counts[b];
+}
+
+// One block: turns hist[block][bin] into the first row of (block, bin) and writes
+// offsets_E (cumulative ends). Bins are scanned in order by thread 0 over the
+// per-bin totals; the per-bin scans over blocks run in parallel.
+__global__ void scan_kernel(int* hist, int n_blocks, int n_experts, int32_t* offsets) {
+  extern __shared__ int totals[];
+  const int n_bins = n_experts + 1;
+  for (int b = threadIdx.x; b < n_bins; b += blockDim.x) {
+    int running = 0;
+    for (int blk = 0; blk < n_blocks; ++blk) {
+      const int count = hist[static_cast<int64_t>(blk) * n_bins + b];
+      hist[static_cast<int64_t>(blk) * n_bins + b] = running;
+      running += count;
+    }
+    totals[b] = running;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int start = 0;
+    for (int b = 0; b < n_bins; ++b) {
+      const int total = totals[b];
+      totals[b] = start;
+      start += total;
+      if (b < n_experts) offsets[b] = start;
+    }
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < n_bins; b += blockDim.x)
+    for (int blk = 0; blk < n_blocks; ++blk) hist[static_cast<int64_t>(blk) * n_bins + b] += totals[b];
+}
+
+// Stable placement: a copy's row is its (block, bin) start plus the number of
+// copies before it in the block with the same bin.
+__global__ void place_kernel(const int32_t* experts, int64_t n_copies, int n_experts,
+                             const int* hist, int32_t* row_map, int* bad) {
+  __shared__ int bins[kBlock];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int bin = i < n_copies ? bin_of(experts[i], n_experts, bad) : -1;
+  bins[threadIdx.x] = bin;
+  __syncthreads();
+  if (i >= n_copies) return;
+  int rank = 0;
+  for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += bins[j] == bin;
+  row_map[i] = hist[static_cast<int64_t>(blockIdx.x) * (n_experts + 1) + bin] + rank;
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_TK_in,
+                                                     int64_t n_experts) {
+  TORCH_CHECK_TYPE(experts_TK_in.scalar_type() == at::kInt, "expert_index: experts_TK must be int32");
+  TORCH_CHECK_VALUE(experts_TK_in.dim() == 2, "expert_index: experts_TK must be 2-D [T, K]");
+  TORCH_CHECK_VALUE(n_experts >= 1, "expert_index: n_experts must be >= 1, got ", n_experts);
+  const c10::cuda::CUDAGuard guard(experts_TK_in.device());
+  const at::Tensor experts_TK = experts_TK_in.contiguous();
+  const int64_t n_copies = experts_TK.numel();
+  const int n_blocks = static_cast<int>((n_copies + kBlock - 1) / kBlock);
+  const auto int_options = experts_TK.options();
+  at::Tensor offsets_E = at::empty({n_experts}, int_options);
+  at::Tensor row_map_TK = at::empty_like(experts_TK);
+  // hist and the out-of-range flag live in one buffer: a single allocation.
+  at::Tensor scratch = at::zeros({static_cast<int64_t>(n_blocks) * (n_experts + 1) + 1}, int_options);
+  int* hist = scratch.mutable_data_ptr<int>();
+  int* bad = hist + static_cast<int64_t>(n_blocks) * (n_experts + 1);
+  const size_t bins_bytes = (n_experts + 1) * sizeof(int);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (n_blocks > 0) {
+    block_histogram_kernel<<<n_blocks, kBlock, bins_bytes, stream>>>(
+        experts_TK.const_data_ptr<int32_t>(), n_copies, n_experts, hist, bad);
+  }
+  scan_kernel<<<1, 1024, bins_bytes, stream>>>(hist, n_blocks, n_experts,
+                                                offsets_E.mutable_data_ptr<int32_t>());
+  if (n_blocks > 0) {
+    place_kernel<<<n_blocks, kBlock, 0, stream>>>(experts_TK.const_data_ptr<int32_t>(), n_copies,
+                                                 n_experts, hist,
+                                                 row_map_TK.mutable_data_ptr<int32_t>(), bad);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // An out-of-range id is reported without a host sync: a device-side assert.
+  at::_assert_async(scratch[-1] == 0, "expert_index: experts_TK values must be in [-1, n_experts)");
+  return {offsets_E, row_map_TK};
+}
+
+// One block per token: copies the row to its K destinations, 16 bytes at a time
+// when rows are 16-byte aligned, else one element at a time.
+template <typename vec_t>
+__global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_t* out,
+                                    int64_t row_vecs, int top_k) {
+  const int64_t token = blockIdx.x;
+  const vec_t* src = x + token * row_vecs;
+  for (int k = 0; k < top_k; ++k) {
+    vec_t* dst = out + static_cast<int64_t>(row_map[token * top_k + k]) * row_vecs;
+    for (int64_t v = threadIdx.x; v < row_vecs; v += blockDim.x) dst[v] = src[v];
+  }
+}
+
+at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {
+  const c10::cuda::CUDAGuard guard(x_TD_in.device());
+  const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
+  at::Tensor x_SD = at::empty({n_tokens * top_k, x_TD.size(1)}, x_TD.options());
+  if (n_tokens == 0) return x_SD;
+  const int64_t row_bytes = x_TD.size(1) * x_TD.element_size();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int32_t* rows = row_map_TK.const_data_ptr<int32_t>();
+  const bool aligned = row_bytes % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(x_TD.const_data_ptr()) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(x_SD.const_data_ptr()) % 16 == 0;
+  if (aligned) {
+    permute_rows_kernel<uint4><<<n_tokens, 128, 0, stream>>>(
+        static_cast<const uint4*>(x_TD.const_data_ptr()), rows,
+        static_cast<uint4*>(x_SD.mutable_data_ptr()), row_bytes / 16, top_k);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_TD.scalar_type(), "permute_rows", [&] {
+      permute_rows_kernel<scalar_t><<<n_tokens, 128, 0, stream>>>(
+          x_TD.const_data_ptr<scalar_t>(), rows, x_SD.mutable_data_ptr<scalar_t>(), x_TD.size(1),
+          top_k);
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return x_SD;
+}
+
+template <typename scalar_t, typename weight_t>
+__global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, const weight_t* weights,
+                                 scalar_t* out, int64_t dim, int top_k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t token = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    acc_t acc = 0;
+    for (int k = 0; k < top_k; ++k) {
+      const acc_t w = weights ? static_cast<acc_t>(weights[token * top_k + k]) : acc_t(1);
+      acc += w * static_cast<acc_t>(y[static_cast<int64_t>(row_map[token * top_k + k]) * dim + d]);
+    }
+    out[token * dim + d] = static_cast<scalar_t>(acc);
+  }
+}
+
+at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
+                          const c10::optional<at::Tensor>& weights_TK_in) {
+  const c10::cuda::CUDAGuard guard(y_SD_in.device());
+  const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
+  at::Tensor y_TD = at::empty({n_tokens, dim}, y_SD.options());
+  if (n_tokens == 0) return y_TD;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(), "unpermute", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor weights_TK;
+    if (weights_TK_in.has_value())
+      weights_TK = weights_TK_in->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    unpermute_kernel<scalar_t, acc_t><<<n_tokens, 256, 0, stream>>>(
+        y_SD.const_data_ptr<scalar_t>(), row_map_TK.const_data_ptr<int32_t>(),
+        weights_TK.defined() ? weights_TK.const_data_ptr<acc_t>() : nullptr,
+        y_TD.mutable_data_ptr<scalar_t>(), dim, top_k);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y_TD;
+}
+
+// One block per token. grad_y_SD[row_map[t, k]] = w[t, k] * grad[t]; grad_w[t, k] is the
+// dot of grad[t] and y_SD[row_map[t, k]], reduced in a fixed tree order (deterministic).
+template <typename scalar_t>
+__global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y,
+                                          const int32_t* row_map,
+                                          const at::opmath_type<scalar_t>* weights,
+                                          scalar_t* grad_rows, at::opmath_type<scalar_t>* grad_weights,
+                                          int64_t dim, int top_k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ acc_t partial[256];
+  const int64_t token = blockIdx.x;
+  for (int k = 0; k < top_k; ++k) {
+    const int64_t row = row_map[token * top_k + k];
+    const acc_t w = weights[token * top_k + k];
+    acc_t dot = 0;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      const acc_t g = static_cast<acc_t>(grad[token * dim + d]);
+      grad_rows[row * dim + d] = static_cast<scalar_t>(w * g);
+      dot += g * static_cast<acc_t>(y[row * dim + d]);
+    }
+    partial[threadIdx.x] = dot;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+      if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) grad_weights[token * top_k + k] = partial[0];
+    __syncthreads();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& grad_y_TD_in,
+                                                           const at::Tensor& y_SD_in,
+                                                           const at::Tensor& row_map_TK_in,
+                                                           const at::Tensor& weights_TK_in) {
+  const c10::cuda::CUDAGuard guard(y_SD_in.device());
+  const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
+  const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD.scalar_type());
+  const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
+  at::Tensor grad_y_SD = at::empty_like(y_SD);
+  at::Tensor grad_weights_TK;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(),
+                                  "unpermute_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor weights_TK =
+        weights_TK_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    grad_weights_TK = at::empty({n_tokens, top_k}, weights_TK.options());
+    if (n_tokens > 0) {
+      unpermute_backward_kernel<scalar_t><<<n_tokens, 256, 0, stream>>>(
+          grad_y_TD.const_data_ptr<scalar_t>(), y_SD.const_data_ptr<scalar_t>(),
+          row_map_TK.const_data_ptr<int32_t>(), weights_TK.const_data_ptr<acc_t>(),
+          grad_y_SD.mutable_data_ptr<scalar_t>(), grad_weights_TK.mutable_data_ptr<acc_t>(), dim,
+          top_k);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_y_SD, grad_weights_TK.to(weights_TK_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsv3, CUDA, m) {
+  m.impl("expert_index", &expert_index_cuda);
+  m.impl("permute_rows", &permute_rows_cuda);
+  m.impl("unpermute", &unpermute_cuda);
+  m.impl("unpermute_backward", &unpermute_backward_cuda);
+}
+
+}  // namespace dsv3
