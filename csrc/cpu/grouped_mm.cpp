@@ -16,7 +16,7 @@ namespace dsv3 {
 namespace {
 
 // Below this many rows per expert (on average) BLAS cannot keep all threads busy.
-constexpr int64_t kSmallSegmentRows = 256;
+constexpr int64_t kSmallSegmentRows = 1024;
 
 std::vector<int64_t> read_offsets(const at::Tensor& offsets_E, int64_t n_experts, int64_t n_rows,
                                   const char* op) {
