@@ -2,7 +2,7 @@
 
 The CPU kernels (csrc/cpu, OpenMP) are always built. The CUDA kernels (csrc/cuda)
 are added when torch was built with CUDA and nvcc is found; ``DSV3_BUILD_CUDA=0|1``
-overrides that guess. See DESIGN.md section 3 for why CUDA_HOME and the extra
+overrides that guess and ``DSV3_CUDA_ARCHS`` (default "80;90") picks the targets. See DESIGN.md section 3 for why CUDA_HOME and the extra
 include directory are set the way they are.
 """
 import glob
@@ -41,7 +41,8 @@ def extension():
         )
     os.environ.setdefault("CUDA_HOME", "/usr/local/cuda")
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-    arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    archs = os.environ.get("DSV3_CUDA_ARCHS", "80;90").split(";")
+    arch_flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
     return cpp_extension.CUDAExtension(
         "dsv3._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
