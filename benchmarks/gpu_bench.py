@@ -1,0 +1,161 @@
+"""GPU benchmarks (run by benchmarks/gpu_check.sh on a lent H200): every kernel
+against its physical bound and the strongest peer on the machine, side by side in
+one process, as ratios.
+
+- grouped GEMM fwd / dgrad / wgrad: dsv3 (Triton) vs ``torch._grouped_mm`` vs
+  dense cuBLAS at the same FLOPs (``torch.mm`` of the stacked rows);
+- router, permute, unpermute: achieved bytes/s vs the measured copy bandwidth;
+- the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
+  reference loop.
+Timing: ``triton.testing.do_bench`` (CUDA events, median). Writes JSON and a
+markdown table to --out.
+"""
+import argparse
+import json
+import platform
+import traceback
+from pathlib import Path
+
+import torch
+import triton
+
+import dsv3
+from benchmarks.providers import grouped_mm_layer
+
+# (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts.
+GEMM_SHAPES = [
+    ("dsv3-like T4096", 4096, 7168, 2048, 32, 1),   # 256 experts / 8 ranks, K=8: ~T rows locally
+    ("dsv3-like T16384", 16384, 7168, 2048, 32, 1),
+    ("mixtral-like", 4096, 4096, 14336, 8, 2),
+    ("fine E128 F768", 4096, 2048, 768, 128, 8),
+    ("fine E512 F256", 4096, 2048, 256, 512, 8),
+]
+LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 4096, 2048, 768, 128, 8)]
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write): the HBM bound."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def balanced_offsets(n_rows: int, n_experts: int) -> torch.Tensor:
+    counts = torch.distributions.Multinomial(n_rows, torch.ones(n_experts)).sample().int()
+    return counts.cumsum(0).to(torch.int32).cuda()
+
+
+def gemm_rows(name, T, D, F, E, K):
+    S = T * K
+    x_SD = torch.randn(S, D, device="cuda", dtype=torch.bfloat16)
+    w_E2FD = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
+    dy_S2F = torch.randn(S, 2 * F, device="cuda", dtype=torch.bfloat16)
+    offsets_E = balanced_offsets(S, E)
+    dense_D2F = w_E2FD[0].t()
+    flops = 2 * S * D * 2 * F
+    cases = {
+        "fwd": (lambda: torch.ops.dsv3.grouped_mm(x_SD, w_E2FD.transpose(1, 2), offsets_E),
+                lambda: torch._grouped_mm(x_SD, w_E2FD.transpose(1, 2), offs=offsets_E),
+                lambda: x_SD @ dense_D2F),
+        "dgrad": (lambda: torch.ops.dsv3.grouped_mm(dy_S2F, w_E2FD, offsets_E),
+                  lambda: torch._grouped_mm(dy_S2F, w_E2FD, offs=offsets_E),
+                  lambda: dy_S2F @ dense_D2F.t()),
+        "wgrad": (lambda: torch.ops.dsv3.grouped_mm_wgrad(x_SD, dy_S2F, offsets_E, True),
+                  lambda: torch._grouped_mm(dy_S2F.t(), x_SD, offs=offsets_E),
+                  lambda: dy_S2F.t() @ x_SD),
+    }
+    rows = []
+    for kind, (ours, peer, dense) in cases.items():
+        t_ours, t_peer, t_dense = bench_ms(ours), bench_ms(peer), bench_ms(dense)
+        rows.append({"bench": f"grouped_mm {kind}", "shape": name, "dsv3_ms": t_ours,
+                     "peer_ms": t_peer, "bound_ms": t_dense,
+                     "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
+                     "peer_over_dsv3": t_peer / t_ours})
+    return rows
+
+
+def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
+    logits_TE = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    bias_E = torch.randn(E, device="cuda") * 0.01
+    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    _, experts_TK, _ = dsv3.ops.route(logits_TE.float(), K, "sigmoid", bias_E, 8, 4, True, 2.5)
+    weights_TK = torch.rand(T, K, device="cuda")
+    x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
+    cases = [
+        ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
+         T * E * 2 + T * K * 8),
+        ("permute", lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
+        ("unpermute", lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK), T * D * 2 * (K + 1)),
+    ]
+    rows = []
+    for name, fn, n_bytes in cases:
+        ms = bench_ms(fn)
+        rows.append({"bench": name, "shape": f"T{T} D{D} E{E} K{K}", "dsv3_ms": ms,
+                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bandwidth})
+    return rows
+
+
+def layer_rows(name, T, D, F, E, K):
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=D, ffn_dim=F, n_experts=E, top_k=K, aux_loss_coef=0.0),
+                   device="cuda", dtype=torch.bfloat16)
+    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_TD = torch.randn_like(x_TD)
+    weights = [moe.router.weight, moe.gate_up_proj, moe.down_proj]
+
+    def step(forward):
+        def run():
+            for leaf in [x_TD, *weights]:
+                leaf.grad = None
+            forward().backward(grad_TD)
+        return run
+
+    t_ours = bench_ms(step(lambda: moe(x_TD)))
+    t_peer = bench_ms(step(lambda: grouped_mm_layer(x_TD, *weights, K)))
+    t_loop = bench_ms(step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]))
+    return [{"bench": "layer fwd+bwd", "shape": name, "dsv3_ms": t_ours, "peer_ms": t_peer,
+             "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours}]
+
+
+def markdown(rows, header) -> str:
+    cols = ["bench", "shape", "dsv3_ms", "peer_ms", "bound_ms", "loop_ms", "dsv3_tflops",
+            "dsv3_vs_bound", "peer_over_dsv3", "loop_over_dsv3", "error"]
+    used = [c for c in cols if any(c in r for r in rows)]
+    lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
+    for r in rows:
+        cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    rows = []
+    jobs = ([(gemm_rows, s) for s in GEMM_SHAPES] + [(lambda: memory_rows(bandwidth), None)]
+            + [(layer_rows, s) for s in LAYER_SHAPES])
+    for job, shape in jobs:
+        try:
+            rows += job(*shape) if shape else job()
+        except Exception as error:  # one failing case must not hide the others' figures
+            rows.append({"bench": getattr(job, "__name__", "memory"), "shape": str(shape and shape[0]),
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
+            traceback.print_exc()
+        print(rows[-1], flush=True)
+    header = (f"GPU benchmarks on {torch.cuda.get_device_name()} · torch {torch.__version__} · "
+              f"triton {triton.__version__} · copy bandwidth {bandwidth / 1e12:.2f} TB/s · "
+              f"{platform.node()}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    (args.out / "gpu_bench.md").write_text(markdown(rows, header))
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
