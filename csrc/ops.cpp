@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/alloc.h"
+
 TORCH_LIBRARY(dsv3, m) {
   // Top-k routing. weights_TK (fp32, or fp64 for fp64 logits), experts_TK (int32),
   // counts_E (int32). The bias only steers selection; weights come from the
@@ -37,6 +39,14 @@ TORCH_LIBRARY(dsv3, m) {
   m.def("swiglu(Tensor h_S2F) -> Tensor");
   m.def("swiglu_backward(Tensor grad_a_SF, Tensor h_S2F) -> Tensor");
 }
+
+namespace {
+// Frees the CPU kernels' cached output buffers (csrc/cpu/alloc.h), like
+// torch.cuda.empty_cache() does for CUDA's caching allocator.
+int64_t release_cached_memory() { return static_cast<int64_t>(dsv3::OutputCache::instance().release()); }
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsv3, m) { m.def("release_cached_memory() -> int", &release_cached_memory); }
 
 // `import dsv3._C` loads this library and so runs the registrations above; the
 // module itself carries no Python functions.

@@ -19,5 +19,13 @@ if triton_available():
 
     triton_backend.register()
 
-__all__ = ["route", "RouteOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
+
+
+def release_cached_memory() -> int:
+    """Free the CPU kernels' cache of large output buffers (kept for reuse across
+    steps, capped by DSV3_CPU_CACHE_MB); returns the bytes released."""
+    return torch.ops.dsv3.release_cached_memory()
+
+
+__all__ = ["release_cached_memory", "route", "RouteOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
            "unpermute", "grouped_mm", "swiglu"]
