@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels.config import INTERPRET, dot_precision, matmul_configs
+from dsv3.kernels.config import dot_precision, matmul_configs
 
 
 @triton.jit
@@ -131,4 +131,4 @@ def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: tor
     return grad_w
 
 
-__all__ = ["grouped_mm", "grouped_mm_wgrad", "INTERPRET"]
+__all__ = ["grouped_mm", "grouped_mm_wgrad"]
