@@ -19,7 +19,7 @@ if ! DSV3_BUILD_CUDA=1 python3 setup.py -q build_ext --inplace >> "$OUT/build.lo
 fi
 
 echo "== pytest -m gpu"
-timeout 240 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+timeout 240 python3 -m pytest -q --maxfail=20 -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmarks"
