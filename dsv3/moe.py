@@ -179,10 +179,11 @@ class MoE(nn.Module):
         if self.training and self.expert_bias is not None:
             self.pending_counts += counts_E
         self.aux_loss = aux + z
-        # Clones, not detached views: under torch.compile a detached alias of an
-        # output that requires grad breaks the compiled backward (torch 2.14).
-        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), aux.detach().clone(),
-                                   z.detach().clone())
+        # The stats' losses live in one new stacked tensor, never a detached alias or a
+        # clone of aux_loss: under torch.compile an output aliasing another output that
+        # requires grad breaks the compiled backward (torch 2.14).
+        losses = torch.stack([aux, z]).detach()
+        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), losses[0], losses[1])
 
     @torch.no_grad()
     def update_bias(self) -> None:
