@@ -50,14 +50,16 @@ def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_group
 
 def expert_index(experts_TK, n_experts):
     """(offsets_E, row_map_TK): a stable sort of routed copies by expert; id -1
-    (a dropped copy) sorts after every expert."""
+    (a dropped copy) sorts after every expert. Device-side ops only (no host sync),
+    so it also serves as the CUDA kernel of builds without csrc/cuda."""
     key_S = experts_TK.flatten().long()
     key_S = torch.where(key_S < 0, n_experts, key_S)
     order_S = torch.sort(key_S, stable=True).indices
     row_map_S = torch.empty_like(order_S)
     row_map_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    counts_E = torch.bincount(key_S, minlength=n_experts + 1)[:n_experts]
-    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    counts = torch.zeros(n_experts + 1, device=key_S.device, dtype=torch.int64)
+    counts.scatter_add_(0, key_S, torch.ones_like(key_S))  # bincount would sync for its size
+    offsets_E = counts[:n_experts].cumsum(0).to(torch.int32)
     return offsets_E, row_map_S.view(experts_TK.shape).to(torch.int32)
 
 

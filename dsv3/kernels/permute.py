@@ -3,9 +3,8 @@ expert-grouped order and the deterministic weighted combine back (a gather per
 token summed over k in order, fp32 accumulation: no atomics), with the combine's
 backward. ``row_map_TK[t, k]`` is the row of x_SD holding token t's k-th copy.
 
-Building the row map itself (a stable counting sort) is done by
-``expert_index`` below with device-side torch ops (no host sync) until the CUDA
-permutation kernels replace it.
+Building the row map itself (a stable counting sort) is the CUDA kernel in
+csrc/cuda/permute.cu.
 """
 import torch
 import triton
@@ -62,19 +61,6 @@ def _unpermute_backward_kernel(grad_ptr, y_ptr, row_map_ptr, weights_ptr, grad_r
             tl.store(grad_rows_ptr + row * dim + cols,
                      (weight * grad).to(grad_rows_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_weights_ptr + token * top_k + k, tl.sum(dot, 0))
-
-
-def expert_index(experts_TK: torch.Tensor, n_experts: int):
-    """Stable sort of routed copies by expert on the device (id -1: dropped, last)."""
-    key_S = experts_TK.flatten().long()
-    key_S = torch.where(key_S < 0, n_experts, key_S)
-    order_S = torch.sort(key_S, stable=True).indices
-    row_map_S = torch.empty_like(order_S)
-    row_map_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    counts = torch.zeros(n_experts + 1, device=key_S.device, dtype=torch.int64)
-    counts.scatter_add_(0, key_S, torch.ones_like(key_S))  # bincount would sync for its size
-    offsets_E = counts[:n_experts].cumsum(0).to(torch.int32)
-    return offsets_E, row_map_S.view(experts_TK.shape).to(torch.int32)
 
 
 def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from dsv3 import reference
 from dsv3.kernels import grouped_gemm, permute, router, swiglu
 from dsv3.ops.backend import selected_backend
 
@@ -25,7 +26,7 @@ TRITON_KERNELS = {
     "dsv3::swiglu_backward": swiglu.swiglu_backward,
 }
 # Kernels in plain device-side torch ops, for CUDA builds without csrc/cuda.
-CUDA_ONLY_KERNELS = {"dsv3::expert_index": permute.expert_index}
+CUDA_ONLY_KERNELS = {"dsv3::expert_index": reference.expert_index}
 
 
 def register() -> None:
