@@ -10,13 +10,19 @@
 TORCH_LIBRARY(dsv3, m) {
   // Top-k routing. weights_TK (fp32, or fp64 for fp64 logits), experts_TK (int32),
   // counts_E (int32). The bias only steers selection; weights come from the
-  // unbiased scores (DeepSeek-V3's aux-loss-free balancing).
+  // unbiased scores (DeepSeek-V3's aux-loss-free balancing). With stats=True the
+  // same pass also sums what the balance losses need: score_sum_E = sum over tokens
+  // of the row-normalized scores, lse_sq_sum = sum over tokens of logsumexp(logits)^2
+  // (both in the weights' dtype); with stats=False both are empty.
   m.def(
       "route(Tensor logits_TE, int top_k, str score, Tensor? bias_E, int n_groups, "
-      "int topk_groups, bool normalize, float scale) -> (Tensor, Tensor, Tensor)");
+      "int topk_groups, bool normalize, float scale, bool stats) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // d(logits) from any of d(weights_TK), d(score_sum_E), d(lse_sq_sum) (absent = zero).
   m.def(
-      "route_backward(Tensor grad_weights_TK, Tensor logits_TE, Tensor experts_TK, "
-      "str score, bool normalize, float scale) -> Tensor");
+      "route_backward(Tensor? grad_weights_TK, Tensor? grad_score_sum_E, "
+      "Tensor? grad_lse_sq_sum, Tensor logits_TE, Tensor experts_TK, str score, "
+      "bool normalize, float scale) -> Tensor");
   // Stable counting sort of routed copies by expert. Expert id -1 means "dropped":
   // those copies go after every expert's segment. offsets_E are cumulative ends.
   m.def("expert_index(Tensor experts_TK, int n_experts) -> (Tensor, Tensor)");

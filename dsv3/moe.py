@@ -134,7 +134,9 @@ class MoE(nn.Module):
         n_tokens = x_TD.shape[0]
         # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        weights_TK, experts_TK, counts_E = ops.route(
+        want_losses = self.training and (c.aux_loss_coef > 0 or c.z_loss_coef > 0)
+        route = ops.route_with_stats if want_losses else ops.route
+        weights_TK, experts_TK, counts_E, *loss_sums = route(
             logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
             c.normalize_weights, c.route_scale)
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -149,7 +151,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self._record(logits_TE, counts_E, dropped, n_tokens)
+        self._record(loss_sums, counts_E, dropped, n_tokens)
         return y_TD.view(x.shape)
 
     def _apply_capacity(self, weights_TK, experts_TK, counts_E, n_tokens):
@@ -165,17 +167,19 @@ class MoE(nn.Module):
         weights_TK = weights_TK.masked_fill(dropped_TK, 0.0)
         return weights_TK, experts_TK, counts_E.clamp(max=capacity), dropped_TK.sum()
 
-    def _record(self, logits_TE, counts_E, dropped, n_tokens) -> None:
+    def _record(self, loss_sums, counts_E, dropped, n_tokens) -> None:
+        """Balance losses from the router's own sums (``loss_sums``: score_sum_E and
+        lse_sq_sum, present when training with a loss on), counts and stats."""
         c = self.config
-        aux, z = logits_TE.new_zeros(()), logits_TE.new_zeros(())
-        if self.training and c.aux_loss_coef > 0:
-            # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
-            scores_TE = logits_TE.softmax(-1) if c.score == "softmax" else logits_TE.sigmoid()
-            scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-            fraction_E = counts_E.float() / (n_tokens * c.top_k)
-            aux = c.aux_loss_coef * c.n_experts * (fraction_E * scores_TE.mean(0)).sum()
-        if self.training and c.z_loss_coef > 0:
-            z = c.z_loss_coef * logits_TE.logsumexp(-1).square().mean()
+        aux = z = counts_E.new_zeros((), dtype=torch.float32)
+        if loss_sums:
+            score_sum_E, lse_sq_sum = loss_sums
+            if c.aux_loss_coef > 0:
+                # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
+                fraction_E = counts_E.float() / (n_tokens * c.top_k)
+                aux = c.aux_loss_coef * c.n_experts * (fraction_E * score_sum_E).sum() / n_tokens
+            if c.z_loss_coef > 0:
+                z = c.z_loss_coef * lse_sq_sum / n_tokens
         if self.training and self.expert_bias is not None:
             self.pending_counts += counts_E
         self.aux_loss = aux + z

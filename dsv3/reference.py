@@ -48,6 +48,15 @@ def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_group
     return weights_TK, experts_TK.to(torch.int32), counts_E
 
 
+def route_stats(logits_TE, score="softmax"):
+    """(score_sum_E, lse_sq_sum): the sums over tokens of the row-normalized scores
+    and of logsumexp(logits)^2, which the load-balance and z losses are made of."""
+    logits_TE = logits_TE.to(_acc_dtype(logits_TE.dtype))
+    scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+    return scores_TE.sum(0), logits_TE.logsumexp(-1).square().sum()
+
+
 def expert_index(experts_TK, n_experts):
     """(offsets_E, row_map_TK): a stable sort of routed copies by expert; id -1
     (a dropped copy) sorts after every expert. Device-side ops only (no host sync),

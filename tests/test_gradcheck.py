@@ -29,6 +29,18 @@ def test_route_gradcheck(K, score, with_bias, n_groups, topk_groups, normalize, 
                                               normalize, scale).weights_TK, (2 * f64(6, 8),))
 
 
+@pytest.mark.parametrize("score, with_bias, n_groups, topk_groups", [
+    ("softmax", False, 1, 1),  # Mixtral-style router
+    ("sigmoid", True, 4, 2),  # DeepSeek-V3-style router
+])
+def test_route_with_stats_gradcheck(score, with_bias, n_groups, topk_groups):
+    """Weights and both balance-loss sums, differentiated together."""
+    bias_E = 0.1 * torch.randn(8, dtype=F64) if with_bias else None
+    assert gradcheck(lambda logits: tuple(ops.route_with_stats(
+        logits, 3, score, bias_E, n_groups, topk_groups, True, 2.5)[i] for i in (0, 3, 4)),
+        (2 * f64(6, 8),))
+
+
 @pytest.mark.parametrize("pattern", [
     "random",  # plain permutation
     "one_expert",  # all copies in one segment

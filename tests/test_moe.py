@@ -227,6 +227,25 @@ def test_stats_and_aux_losses():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_aux_loss_gradient_matches_formula(score):
+    """The router's fused loss sums give the same router-weight gradient as the
+    Switch aux loss and z-loss written out in plain PyTorch."""
+    moe = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01, score=score)
+    x_TD = torch.randn(50, 32)
+    moe(x_TD)
+    moe.aux_loss.backward()
+    router_ED = moe.router.weight.detach().clone().requires_grad_()
+    logits_TE = x_TD @ router_ED.T
+    scores_TE = logits_TE.softmax(-1) if score == "softmax" else logits_TE.sigmoid()
+    scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+    counts_E = torch.bincount(reference_experts(moe, x_TD).flatten(), minlength=8)
+    want = (0.1 * 8 * (counts_E.float() / 100 * scores_TE.mean(0)).sum()
+            + 0.01 * logits_TE.logsumexp(-1).square().mean())
+    want.backward()
+    assert_close(moe.router.weight.grad, router_ED.grad, "d(router weight) of aux_loss")
+
+
 def test_aux_losses_are_zero_in_eval():
     moe = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01).eval()
     moe(torch.randn(10, 32))

@@ -18,11 +18,18 @@ def op_cases():
     d = torch.ops.dsv3
     return [
         # softmax routing, normalized
-        pytest.param(d.route.default, (logits_TE, 2, "softmax", None, 1, 1, True, 1.0),
+        pytest.param(d.route.default, (logits_TE, 2, "softmax", None, 1, 1, True, 1.0, False),
                      id="route_softmax"),
         # sigmoid + bias + groups + scale
-        pytest.param(d.route.default, (logits_TE, 3, "sigmoid", torch.randn(8), 4, 2, True, 2.5),
+        pytest.param(d.route.default,
+                     (logits_TE, 3, "sigmoid", torch.randn(8), 4, 2, True, 2.5, False),
                      id="route_deepseek"),
+        # with the balance-loss sums (differentiable outputs 3 and 4)
+        pytest.param(d.route.default, (logits_TE, 2, "softmax", None, 1, 1, True, 1.0, True),
+                     id="route_softmax_stats"),
+        pytest.param(d.route.default,
+                     (logits_TE, 3, "sigmoid", torch.randn(8), 4, 2, True, 2.5, True),
+                     id="route_deepseek_stats"),
         # counting sort with dropped copies
         pytest.param(d.expert_index.default, (experts_TK, 4), id="expert_index"),
         pytest.param(d.permute_rows.default, (torch.randn(9, 5, requires_grad=True), row_map_TK),

@@ -86,6 +86,64 @@ def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_group
                 .to(counts_E) * T).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, "
+                         "pattern", CASES)
+def test_route_with_stats_matches_reference(T, E, K, score, with_bias, n_groups, topk_groups,
+                                            normalize, scale, pattern, dtype, device):
+    """The balance-loss sums come from the routing pass itself: they, the weights and
+    d(logits) from all three differentiable outputs together match the reference."""
+    logits_TE = make_logits(T, E, pattern, dtype, device)
+    bias_E = 0.1 * torch.randn(E, device=device) if with_bias else None
+    kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
+                  normalize=normalize, scale=scale)
+
+    def reference_with_stats(logits, bias):
+        return (*reference.route(logits, bias_E=bias, **kwargs),
+                *reference.route_stats(logits, score))
+
+    (_, _, _, score_sum_E, lse_sq_sum), _ = check_op(
+        lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
+        reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+    assert score_sum_E.shape == (E,) and lse_sq_sum.shape == ()
+    # Each token's normalized scores sum to 1.
+    assert abs(score_sum_E.sum().item() - T) <= 1e-4 * T
+
+
+@pytest.mark.parametrize("output", ["score_sum_E", "lse_sq_sum"])
+def test_route_stats_gradient_alone(output):
+    """A loss on one stats output alone (the others get no gradient) back-propagates
+    exactly that term: the kernel must not assume d(weights) is present."""
+    logits_TE = make_logits(40, 8, "random", torch.float32, "cpu")
+    for score in ("softmax", "sigmoid"):
+        got = torch.autograd.grad(
+            (getattr(ops.route_with_stats(logits_TE.requires_grad_(), 2, score), output)
+             * torch.linspace(0.5, 1.5, 8 if output == "score_sum_E" else 1).squeeze()).sum(),
+            logits_TE)[0]
+        score_sum_E, lse_sq_sum = reference.route_stats(logits_TE, score)
+        ref = score_sum_E if output == "score_sum_E" else lse_sq_sum
+        want = torch.autograd.grad(
+            (ref * torch.linspace(0.5, 1.5, 8 if output == "score_sum_E" else 1).squeeze()).sum(),
+            logits_TE)[0]
+        assert_close(got, want, f"d(logits) from {output} ({score})")
+
+
+def test_route_stats_thread_count_independent():
+    """The sums are reduced in fixed chunks, in order: bitwise equal for 1 or 2 threads."""
+    logits_TE = make_logits(1000, 16, "random", torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.route_with_stats(logits_TE, 2)
+        torch.set_num_threads(2)
+        two = ops.route_with_stats(logits_TE, 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.score_sum_E, two.score_sum_E)
+    assert torch.equal(one.lse_sq_sum, two.lse_sq_sum)
+
+
 def test_route_fp64_weights_stay_fp64():
     weights_TK, _, _ = ops.route(torch.randn(5, 6, dtype=torch.float64), 2)
     assert weights_TK.dtype == torch.float64

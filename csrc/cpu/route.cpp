@@ -1,12 +1,15 @@
 // Fused top-k router on the CPU: one pass over each token's logits computes the
-// scores, the (group-limited) selection, the weights and, in the same sweep, a
-// NaN check, so no second pass over logits_TE is needed. OpenMP over tokens.
+// scores, the (group-limited) selection, the weights, a NaN check and, when asked,
+// the sums the balance losses need (score_sum_E, lse_sq_sum), so no second pass
+// over logits_TE is needed. OpenMP over fixed chunks of tokens: the loss sums are
+// reduced chunk by chunk in order, so they are the same for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
@@ -64,10 +67,30 @@ int64_t argmax_untaken(const acc_t* value, const std::vector<char>& taken, int64
   return best;
 }
 
+// log(sum_e exp(l_e)) of one token's logits, shifted by the max for range.
+template <typename scalar_t, typename acc_t>
+acc_t token_logsumexp(const scalar_t* logits_E, int64_t n_experts) {
+  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const acc_t l = static_cast<acc_t>(logits_E[e]);
+    max_logit = l > max_logit ? l : max_logit;
+  }
+  if (max_logit == -std::numeric_limits<acc_t>::infinity()) return max_logit;
+  acc_t total = 0;
+  for (int64_t e = 0; e < n_experts; ++e)
+    total += std::exp(static_cast<acc_t>(logits_E[e]) - max_logit);
+  return max_logit + std::log(total);
+}
+
+// Tokens per chunk of the parallel loop. Fixed (not derived from the thread count)
+// so the per-chunk loss sums, added in chunk order, are bitwise reproducible.
+constexpr int64_t kTokensPerChunk = 64;
+
 template <typename scalar_t>
 void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
                   const c10::optional<at::Tensor>& bias_E, int64_t n_groups, int64_t topk_groups,
-                  bool normalize, double scale, at::Tensor& weights_TK, at::Tensor& experts_TK) {
+                  bool normalize, double scale, at::Tensor& weights_TK, at::Tensor& experts_TK,
+                  at::Tensor* partial_sums_CX) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_tokens = logits_TE.size(0), n_experts = logits_TE.size(1);
   const int64_t group_size = n_experts / n_groups;
@@ -83,15 +106,28 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
   const acc_t* bias = bias_E.has_value() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
   acc_t* weights = weights_TK.mutable_data_ptr<acc_t>();
   int32_t* experts = experts_TK.mutable_data_ptr<int32_t>();
+  // Row c of partial_sums_CX: chunk c's score sums per expert, then its lse^2 sum.
+  acc_t* partial = partial_sums_CX ? partial_sums_CX->mutable_data_ptr<acc_t>() : nullptr;
   std::atomic<int64_t> nan_token{-1};
+  const int64_t n_chunks = (n_tokens + kTokensPerChunk - 1) / kTokensPerChunk;
 
-  at::parallel_for(0, n_tokens, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> prob_E(n_experts), choice_E(n_experts), group_score_G(n_groups);
     std::vector<char> taken_E(n_experts), taken_G(n_groups);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = chunk_begin * kTokensPerChunk;
+         t < std::min(n_tokens, chunk_end * kTokensPerChunk); ++t) {
       if (!token_scores(logits + t * n_experts, n_experts, score, prob_E.data())) {
         nan_token.store(t);
         continue;
+      }
+      if (partial) {
+        acc_t* sums = partial + (t / kTokensPerChunk) * (n_experts + 1);
+        acc_t row_total = 0;  // softmax rows sum to 1; sigmoid rows are normalized here
+        for (int64_t e = 0; e < n_experts; ++e) row_total += prob_E[e];
+        const acc_t inv_total = score == Score::Softmax ? acc_t(1) : acc_t(1) / row_total;
+        for (int64_t e = 0; e < n_experts; ++e) sums[e] += prob_E[e] * inv_total;
+        const acc_t lse = token_logsumexp<scalar_t, acc_t>(logits + t * n_experts, n_experts);
+        sums[n_experts] += lse * lse;
       }
       for (int64_t e = 0; e < n_experts; ++e) {
         choice_E[e] = prob_E[e] + (bias ? bias[e] : acc_t(0));
@@ -133,10 +169,10 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
   TORCH_CHECK_VALUE(bad < 0, "route: logits_TE contains NaN or +inf (token ", bad, ")");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& logits_TE_in, int64_t top_k, c10::string_view score_name,
     const c10::optional<at::Tensor>& bias_E, int64_t n_groups, int64_t topk_groups, bool normalize,
-    double scale) {
+    double scale, bool stats) {
   const Score score = parse_score(score_name);
   TORCH_CHECK_VALUE(logits_TE_in.dim() == 2, "route: logits_TE must be 2-D [T, E]");
   const at::Tensor logits_TE = logits_TE_in.contiguous();
@@ -150,23 +186,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route_cpu(
   const auto acc_type = logits_TE.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor weights_TK = at::empty({n_tokens, top_k}, logits_TE.options().dtype(acc_type));
   at::Tensor experts_TK = at::empty({n_tokens, top_k}, logits_TE.options().dtype(at::kInt));
+  const int64_t n_chunks = (n_tokens + kTokensPerChunk - 1) / kTokensPerChunk;
+  at::Tensor partial_sums_CX =
+      stats ? at::zeros({n_chunks, n_experts + 1}, weights_TK.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_TE.scalar_type(), "route", [&] {
     route_kernel<scalar_t>(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize,
-                           scale, weights_TK, experts_TK);
+                           scale, weights_TK, experts_TK, stats ? &partial_sums_CX : nullptr);
   });
+  at::Tensor score_sum_E = at::empty({0}, weights_TK.options());
+  at::Tensor lse_sq_sum = at::empty({0}, weights_TK.options());
+  if (stats) {
+    // Chunk order, one thread: the same sums for any thread count.
+    at::Tensor sums_X = at::zeros({n_experts + 1}, weights_TK.options());
+    AT_DISPATCH_FLOATING_TYPES(sums_X.scalar_type(), "route_stats", [&] {
+      const scalar_t* partial = partial_sums_CX.const_data_ptr<scalar_t>();
+      scalar_t* sums = sums_X.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < n_chunks; ++c)
+        for (int64_t x = 0; x <= n_experts; ++x) sums[x] += partial[c * (n_experts + 1) + x];
+    });
+    score_sum_E = sums_X.narrow(0, 0, n_experts).clone();
+    lse_sq_sum = sums_X[n_experts].clone();
+  }
   at::Tensor counts_E = at::zeros({n_experts}, experts_TK.options());
   int32_t* counts = counts_E.mutable_data_ptr<int32_t>();
   const int32_t* experts = experts_TK.const_data_ptr<int32_t>();
   for (int64_t i = 0; i < n_tokens * top_k; ++i) ++counts[experts[i]];
-  return {weights_TK, experts_TK, counts_E};
+  return {weights_TK, experts_TK, counts_E, score_sum_E, lse_sq_sum};
 }
 
-// d(weights) -> d(logits). With p the scores, s the sum of the selected ones and
-// g = dL/dw: normalized weights w_k = scale * p_k / s give
-//   dL/dp_k = scale / s * (g_k - sum_j g_j p_j / s), else dL/dp_k = scale * g_k;
-// softmax: dL/dl_e = p_e * (dL/dp_e - sum_k dL/dp_k p_k); sigmoid: dL/dl_e = dL/dp_e p_e (1 - p_e).
+// d(weights), d(score_sum_E), d(lse_sq_sum) -> d(logits), each term optional.
+// Weights: with p the scores, s the sum of the selected ones and g = dL/dw,
+// normalized weights w_k = scale * p_k / s give
+//   dL/dp_k = scale / s * (g_k - sum_j g_j p_j / s), else dL/dp_k = scale * g_k.
+// Score sums: q = p / sum(p) summed over tokens, so with h = dL/d(score_sum_E)
+//   dL/dp_e = (h_e - sum_j h_j q_j) / sum(p) (for softmax sum(p) = 1).
+// Then softmax: dL/dl_e = p_e * (dL/dp_e - sum_j dL/dp_j p_j); sigmoid: dL/dp_e p_e (1 - p_e).
+// z: d(lse^2)/dl_e = 2 lse softmax(l)_e, whatever the score function.
 template <typename scalar_t>
-void route_backward_kernel(const at::Tensor& grad_weights_TK, const at::Tensor& logits_TE,
+void route_backward_kernel(const at::Tensor* grad_weights_TK, const at::Tensor* grad_score_sum_E,
+                           const at::Tensor* grad_lse_sq_sum, const at::Tensor& logits_TE,
                            const at::Tensor& experts_TK, Score score, bool normalize, double scale,
                            at::Tensor& grad_logits_TE) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -174,54 +232,79 @@ void route_backward_kernel(const at::Tensor& grad_weights_TK, const at::Tensor& 
   const int64_t top_k = experts_TK.size(1);
   const scalar_t* logits = logits_TE.const_data_ptr<scalar_t>();
   const int32_t* experts = experts_TK.const_data_ptr<int32_t>();
-  const acc_t* grad_w = grad_weights_TK.const_data_ptr<acc_t>();
+  const acc_t* grad_w = grad_weights_TK ? grad_weights_TK->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* grad_sum = grad_score_sum_E ? grad_score_sum_E->const_data_ptr<acc_t>() : nullptr;
+  const acc_t grad_z = grad_lse_sq_sum ? grad_lse_sq_sum->const_data_ptr<acc_t>()[0] : acc_t(0);
   scalar_t* grad_logits = grad_logits_TE.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, n_tokens, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> prob_E(n_experts), grad_E(n_experts), grad_p_K(top_k);
+    std::vector<acc_t> prob_E(n_experts), grad_p_E(n_experts);
     for (int64_t t = begin; t < end; ++t) {
-      token_scores(logits + t * n_experts, n_experts, score, prob_E.data());
-      const int32_t* chosen = experts + t * top_k;
-      const acc_t* g = grad_w + t * top_k;
-      acc_t total = 0, g_dot_p = 0;
-      for (int64_t k = 0; k < top_k; ++k) {
-        total += prob_E[chosen[k]];
-        g_dot_p += g[k] * prob_E[chosen[k]];
-      }
-      total += acc_t(1e-20);
-      for (int64_t k = 0; k < top_k; ++k)
-        grad_p_K[k] = normalize ? acc_t(scale) / total * (g[k] - g_dot_p / total)
-                                : acc_t(scale) * g[k];
-      scalar_t* out = grad_logits + t * n_experts;
-      if (score == Score::Sigmoid) {
-        for (int64_t e = 0; e < n_experts; ++e) out[e] = scalar_t(0);
+      const scalar_t* row = logits + t * n_experts;
+      token_scores(row, n_experts, score, prob_E.data());
+      std::fill(grad_p_E.begin(), grad_p_E.end(), acc_t(0));
+      if (grad_w) {
+        const int32_t* chosen = experts + t * top_k;
+        const acc_t* g = grad_w + t * top_k;
+        acc_t total = 0, g_dot_p = 0;
         for (int64_t k = 0; k < top_k; ++k) {
-          const acc_t p = prob_E[chosen[k]];
-          out[chosen[k]] = static_cast<scalar_t>(grad_p_K[k] * p * (acc_t(1) - p));
+          total += prob_E[chosen[k]];
+          g_dot_p += g[k] * prob_E[chosen[k]];
         }
-        continue;
+        total += acc_t(1e-20);
+        for (int64_t k = 0; k < top_k; ++k)
+          grad_p_E[chosen[k]] += normalize ? acc_t(scale) / total * (g[k] - g_dot_p / total)
+                                           : acc_t(scale) * g[k];
       }
+      if (grad_sum) {
+        acc_t row_total = 0, h_dot_p = 0;
+        for (int64_t e = 0; e < n_experts; ++e) {
+          row_total += prob_E[e];
+          h_dot_p += grad_sum[e] * prob_E[e];
+        }
+        if (score == Score::Softmax) row_total = 1;
+        for (int64_t e = 0; e < n_experts; ++e)
+          grad_p_E[e] += (grad_sum[e] - h_dot_p / row_total) / row_total;
+      }
+      scalar_t* out = grad_logits + t * n_experts;
       acc_t gp_dot_p = 0;
-      for (int64_t k = 0; k < top_k; ++k) gp_dot_p += grad_p_K[k] * prob_E[chosen[k]];
-      for (int64_t e = 0; e < n_experts; ++e) grad_E[e] = -prob_E[e] * gp_dot_p;
-      for (int64_t k = 0; k < top_k; ++k) grad_E[chosen[k]] += prob_E[chosen[k]] * grad_p_K[k];
-      for (int64_t e = 0; e < n_experts; ++e) out[e] = static_cast<scalar_t>(grad_E[e]);
+      if (score == Score::Softmax)
+        for (int64_t e = 0; e < n_experts; ++e) gp_dot_p += grad_p_E[e] * prob_E[e];
+      acc_t lse = 0;
+      if (grad_lse_sq_sum) lse = token_logsumexp<scalar_t, acc_t>(row, n_experts);
+      for (int64_t e = 0; e < n_experts; ++e) {
+        const acc_t p = prob_E[e];
+        acc_t grad = score == Score::Softmax ? p * (grad_p_E[e] - gp_dot_p)
+                                             : grad_p_E[e] * p * (acc_t(1) - p);
+        if (grad_lse_sq_sum)
+          grad += grad_z * acc_t(2) * lse * std::exp(static_cast<acc_t>(row[e]) - lse);
+        out[e] = static_cast<scalar_t>(grad);
+      }
     }
   });
 }
 
-at::Tensor route_backward_cpu(const at::Tensor& grad_weights_TK, const at::Tensor& logits_TE_in,
-                              const at::Tensor& experts_TK, c10::string_view score_name,
-                              bool normalize, double scale) {
+at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_weights_TK,
+                              const c10::optional<at::Tensor>& grad_score_sum_E,
+                              const c10::optional<at::Tensor>& grad_lse_sq_sum,
+                              const at::Tensor& logits_TE_in, const at::Tensor& experts_TK,
+                              c10::string_view score_name, bool normalize, double scale) {
   const Score score = parse_score(score_name);
   const at::Tensor logits_TE = logits_TE_in.contiguous();
   const auto acc_type = logits_TE.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor grad_w = grad_weights_TK.to(acc_type).contiguous();
+  auto as_acc = [&](const c10::optional<at::Tensor>& grad) {
+    return grad.has_value() ? grad->to(acc_type).contiguous() : at::Tensor();
+  };
+  const at::Tensor grad_w = as_acc(grad_weights_TK), grad_sum = as_acc(grad_score_sum_E),
+                   grad_z = as_acc(grad_lse_sq_sum);
   at::Tensor grad_logits_TE = at::empty_like(logits_TE);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_TE.scalar_type(),
                                   "route_backward", [&] {
-    route_backward_kernel<scalar_t>(grad_w, logits_TE, experts_TK.contiguous(), score, normalize,
-                                    scale, grad_logits_TE);
+    route_backward_kernel<scalar_t>(grad_w.defined() ? &grad_w : nullptr,
+                                    grad_sum.defined() ? &grad_sum : nullptr,
+                                    grad_z.defined() ? &grad_z : nullptr, logits_TE,
+                                    experts_TK.contiguous(), score, normalize, scale,
+                                    grad_logits_TE);
   });
   return grad_logits_TE;
 }

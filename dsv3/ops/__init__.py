@@ -11,7 +11,7 @@ import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
 from dsv3.ops.grouped_mm import grouped_mm
 from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
-from dsv3.ops.route import SCORES, RouteOutput, route
+from dsv3.ops.route import SCORES, RouteOutput, RouteStatsOutput, route, route_with_stats
 from dsv3.ops.swiglu import swiglu
 
 if triton_available():
@@ -27,5 +27,6 @@ def release_cached_memory() -> int:
     return torch.ops.dsv3.release_cached_memory()
 
 
-__all__ = ["release_cached_memory", "route", "RouteOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
+__all__ = ["release_cached_memory", "route", "RouteOutput", "route_with_stats",
+           "RouteStatsOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
            "unpermute", "grouped_mm", "swiglu"]

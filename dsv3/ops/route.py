@@ -1,7 +1,9 @@
 """``dsv3::route``: fused top-k routing (softmax or sigmoid scores, optional
 selection bias, group-limited selection, normalization and scale), with its fake
-implementation for torch.compile and its autograd formula (weights are
-differentiable w.r.t. the logits; expert ids and counts are not)."""
+implementation for torch.compile and its autograd formula (weights and the
+balance-loss sums are differentiable w.r.t. the logits; expert ids and counts
+are not). ``route_with_stats`` also returns, from the same pass over the logits,
+the sums the load-balance and z losses need."""
 from typing import NamedTuple
 
 import torch
@@ -19,33 +21,48 @@ class RouteOutput(NamedTuple):
     counts_E: torch.Tensor  # int32, copies routed to each expert
 
 
+class RouteStatsOutput(NamedTuple):
+    weights_TK: torch.Tensor
+    experts_TK: torch.Tensor
+    counts_E: torch.Tensor
+    score_sum_E: torch.Tensor  # sum over tokens of the row-normalized scores (differentiable)
+    lse_sq_sum: torch.Tensor  # scalar: sum over tokens of logsumexp(logits)^2 (differentiable)
+
+
 @torch.library.register_fake("dsv3::route")
-def _route_fake(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale):
+def _route_fake(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
     n_tokens, n_experts = logits_TE.shape
     acc = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
     return (logits_TE.new_empty(n_tokens, top_k, dtype=acc),
             logits_TE.new_empty(n_tokens, top_k, dtype=torch.int32),
-            logits_TE.new_empty(n_experts, dtype=torch.int32))
+            logits_TE.new_empty(n_experts, dtype=torch.int32),
+            logits_TE.new_empty(n_experts if stats else 0, dtype=acc),
+            logits_TE.new_empty(() if stats else (0,), dtype=acc))
 
 
 @torch.library.register_fake("dsv3::route_backward")
-def _route_backward_fake(grad_weights_TK, logits_TE, experts_TK, score, normalize, scale):
+def _route_backward_fake(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE,
+                         experts_TK, score, normalize, scale):
     return torch.empty_like(logits_TE)
 
 
 def _route_setup(ctx, inputs, output):
-    logits_TE, _, score, _, _, _, normalize, scale = inputs
+    logits_TE, _, score, _, _, _, normalize, scale, _ = inputs
     ctx.save_for_backward(logits_TE, output[1])
     ctx.score, ctx.normalize, ctx.scale = score, normalize, scale
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no work for it
 
 
-def _route_backward(ctx, grad_weights_TK, _grad_experts, _grad_counts):
+def _route_backward(ctx, grad_weights_TK, _grad_experts, _grad_counts, grad_score_sum_E,
+                    grad_lse_sq_sum):
     logits_TE, experts_TK = ctx.saved_tensors
+    grads = [g if g is not None and g.numel() else None
+             for g in (grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum)]
     grad_logits_TE = None
-    if grad_weights_TK is not None:
+    if any(g is not None for g in grads):
         grad_logits_TE = torch.ops.dsv3.route_backward(
-            grad_weights_TK, logits_TE, experts_TK, ctx.score, ctx.normalize, ctx.scale)
-    return grad_logits_TE, None, None, None, None, None, None, None
+            *grads, logits_TE, experts_TK, ctx.score, ctx.normalize, ctx.scale)
+    return grad_logits_TE, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dsv3::route", _route_backward, setup_context=_route_setup)
@@ -62,6 +79,22 @@ def route(logits_TE: torch.Tensor, top_k: int = 2, score: str = "softmax",
     ``topk_groups`` groups whose two best scores sum highest) and ``scale``.
     Math runs in fp32 whatever the logits' dtype: bf16 scores tie and flip choices.
     """
+    return RouteOutput(*_route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize,
+                               scale, stats=False)[:3])
+
+
+def route_with_stats(logits_TE: torch.Tensor, top_k: int = 2, score: str = "softmax",
+                     bias_E: torch.Tensor | None = None, n_groups: int = 1, topk_groups: int = 1,
+                     normalize: bool = True, scale: float = 1.0) -> RouteStatsOutput:
+    """``route`` plus, from the same read of the logits, ``score_sum_E`` (per expert,
+    the sum over tokens of the scores normalized to sum to 1 per token: the Switch
+    load-balance loss's mean probability times T) and ``lse_sq_sum`` (the sum over
+    tokens of logsumexp(logits)^2: the ST-MoE z-loss times T). Both differentiable."""
+    return RouteStatsOutput(*_route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
+                                    normalize, scale, stats=True))
+
+
+def _route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
     op = "route"
     check_tensor(op, "logits_TE", logits_TE, dim=2, dtypes=FLOAT_DTYPES)
     check_tokens(op, "logits_TE", logits_TE)
@@ -79,7 +112,8 @@ def route(logits_TE: torch.Tensor, top_k: int = 2, score: str = "softmax",
             raise ValueError(f"{op}: bias_E must have shape [{n_experts}], got {tuple(bias_E.shape)}")
         bias_E = bias_E.detach()
     if use_reference(logits_TE):
-        return RouteOutput(*reference.route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
-                                            normalize, scale))
-    return RouteOutput(*torch.ops.dsv3.route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
-                                             normalize, float(scale)))
+        outputs = reference.route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
+                                  normalize, scale)
+        return (*outputs, *reference.route_stats(logits_TE, score)) if stats else outputs
+    return torch.ops.dsv3.route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
+                                normalize, float(scale), stats)
