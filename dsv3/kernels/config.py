@@ -1,6 +1,8 @@
 """Launch settings shared by the Triton kernels: autotune configs (one small,
 sane set on GPUs; a single config under the interpreter, where every program
-runs at Python speed) and the tl.dot precision per dtype."""
+runs at Python speed), the size of persistent launches and the tl.dot precision
+per dtype."""
+import functools
 import os
 
 import torch
@@ -25,3 +27,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+# Under the interpreter a few programs, so that each walks several tiles: the
+# persistent loop is exercised by the CPU tests.
+INTERPRETER_PROGRAMS = 3
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent launch: one per SM (the big matmul tiles fill an SM)."""
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -2,34 +2,40 @@
 segment) and wgrad (``dw_EXY[e] = x_e^T @ dy_e``), bf16/fp16/fp32 in, fp32
 accumulation.
 
-Scheduling without host syncs: the launch covers an upper bound of row tiles,
-``cdiv(S, BLOCK_M) + E + 1`` (every segment adds at most one partial tile), and
-each program finds its expert from the offsets on the device: a cumulative sum of
-tiles per segment and a count of segments that end at or before its tile. The
-rows after the last expert (dropped copies) form one more segment whose tiles
-store zeros, so no separate memset is needed. Programs past the last tile do
-nothing. Tiny and huge experts therefore share one launch.
+Scheduling without host syncs, persistent: a fixed number of programs (one per
+SM on a GPU) walks the (row tile, column tile) space with a stride. Each program
+first reads the offsets once and builds the tile table on the device: tiles per
+segment and their cumulative sum (the rows after the last expert, dropped copies,
+form one more segment whose tiles store zeros, so no separate memset is needed).
+The walk stops at the real number of tiles, so tiny and huge experts share one
+launch, the launch size does not depend on the routing, and no program idles
+on a tile past the end.
 """
 import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels.config import dot_precision, matmul_configs
+from dsv3.kernels.config import dot_precision, matmul_configs, persistent_programs
 
 
 @triton.jit
-def _find_segment(offsets_ptr, n_experts, n_rows, tile, BLOCK_M: tl.constexpr,
-                  BLOCK_E: tl.constexpr):
-    """(segment, first row, end row, tile index within segment) of row tile ``tile``.
-    Segment ``n_experts`` is the dropped-copies tail; a segment > n_experts means
-    the tile is past the end."""
+def _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per segment (experts, then the dropped-copies tail): first row, end row, row
+    tiles and their inclusive cumulative sum."""
     seg = tl.arange(0, BLOCK_E)
     ends = tl.load(offsets_ptr + seg, mask=seg < n_experts, other=0)
     ends = tl.where(seg == n_experts, n_rows, ends)
     starts = tl.load(offsets_ptr + seg - 1, mask=(seg > 0) & (seg < n_experts + 1), other=0)
     sizes = tl.where(seg <= n_experts, ends - starts, 0)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
-    tiles_end = tl.cumsum(tiles, 0)
+    return starts, ends, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _find_segment(starts, ends, tiles, tiles_end, tile, BLOCK_E: tl.constexpr):
+    """(segment, first row, end row, tile index within segment) of row tile ``tile``.
+    Segment ``n_experts`` is the dropped-copies tail."""
+    seg = tl.arange(0, BLOCK_E)
     segment = tl.sum((tiles_end <= tile).to(tl.int32), 0)
     here = seg == segment
     first_row = tl.sum(tl.where(here, starts, 0), 0)
@@ -43,25 +49,31 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, n_rows, n_experts, DIM_
                        stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys, stride_yy,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
-    segment, first_row, end_row, tile = _find_segment(offsets_ptr, n_experts, n_rows,
-                                                      tl.program_id(0), BLOCK_M, BLOCK_E)
-    rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = (rows[:, None] < end_row) & (cols[None, :] < DIM_Y)
-    out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if segment < n_experts:
-        inner = tl.arange(0, BLOCK_K)
-        w_base = w_ptr + segment.to(tl.int64) * stride_we
-        for k0 in range(0, DIM_X, BLOCK_K):
-            ks = k0 + inner
-            x_tile = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs + ks[None, :] * stride_xx,
-                             mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X), other=0.0)
-            w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
-                             mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y), other=0.0)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
-    if segment <= n_experts:  # the tail segment stores the zeros it was initialised with
-        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    starts, ends, tiles, tiles_end = _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M,
+                                                    BLOCK_E)
+    n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
+    n_tiles = tl.sum(tiles, 0) * n_col_tiles
+    inner = tl.arange(0, BLOCK_K)
+    # Column tiles vary fastest: programs running side by side share x's row tile.
+    for flat_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        segment, first_row, end_row, tile = _find_segment(starts, ends, tiles, tiles_end,
+                                                          flat_tile // n_col_tiles, BLOCK_E)
+        rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (flat_tile % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if segment < n_experts:  # the tail segment stores the zeros it was initialised with
+            w_base = w_ptr + segment.to(tl.int64) * stride_we
+            for k0 in range(0, DIM_X, BLOCK_K):
+                ks = k0 + inner
+                x_tile = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs
+                                 + ks[None, :] * stride_xx,
+                                 mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X), other=0.0)
+                w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
+                                 mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y), other=0.0)
+                acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+        out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
+        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < end_row) & (cols[None, :] < DIM_Y))
 
 
 @triton.jit
@@ -101,8 +113,10 @@ def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor)
     block_e = triton.next_power_of_2(n_experts + 1)
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1,
-                triton.cdiv(dim_y, meta["BLOCK_N"]))
+        # Upper bound of tiles: every segment adds at most one partial row tile.
+        max_tiles = ((triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1)
+                     * triton.cdiv(dim_y, meta["BLOCK_N"]))
+        return (min(max_tiles, persistent_programs(x_SX.device)),)
 
     _grouped_mm_tuned[grid](
         x_SX, w_EXY, y_SY, offsets_E, n_rows, n_experts, dim_x, dim_y,
