@@ -36,11 +36,18 @@ TORCH_LIBRARY(dsv3, m) {
   // y_SY[rows of expert e] = x_SX[rows of expert e] @ w_EXY[e]; rows past the last
   // offset (dropped copies) are zero.
   m.def("grouped_mm(Tensor x_SX, Tensor w_EXY, Tensor offsets_E) -> Tensor");
-  // grad_w_EXY[e] = x_SX[rows of e]^T @ grad_y_SY[rows of e]; with transposed=True the
-  // result is laid out [E, Y, X] (for weights stored as nn.Linear's [out, in]).
+  // The permute fused into the GEMM's loads (ScatterMoE-style): row s of the input is
+  // x_TX[token_S[s]], so the expert-ordered copy x_SX is never written. row_map_TK
+  // (token_S's inverse, one row per copy) is what the backward sums d(x) through.
   m.def(
-      "grouped_mm_wgrad(Tensor x_SX, Tensor grad_y_SY, Tensor offsets_E, bool transposed) "
-      "-> Tensor");
+      "grouped_mm_gather(Tensor x_TX, Tensor w_EXY, Tensor offsets_E, Tensor token_S, "
+      "Tensor row_map_TK) -> Tensor");
+  // grad_w_EXY[e] = x_SX[rows of e]^T @ grad_y_SY[rows of e]; with transposed=True the
+  // result is laid out [E, Y, X] (for weights stored as nn.Linear's [out, in]). With
+  // token_S, x is x_TX and row s reads x_TX[token_S[s]] (the gathered GEMM's wgrad).
+  m.def(
+      "grouped_mm_wgrad(Tensor x_SX, Tensor grad_y_SY, Tensor offsets_E, bool transposed, "
+      "Tensor? token_S=None) -> Tensor");
   // a_SF = silu(h[:, :F]) * h[:, F:]
   m.def("swiglu(Tensor h_S2F) -> Tensor");
   m.def("swiglu_backward(Tensor grad_a_SF, Tensor h_S2F) -> Tensor");

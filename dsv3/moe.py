@@ -1,8 +1,8 @@
 """``dsv3.MoE``: a drop-in Mixture-of-Experts feed-forward layer on the dsv3 ops.
 
-route -> permute -> grouped GEMM (gate and up fused) -> SwiGLU -> grouped GEMM ->
-weighted unpermute (+ shared experts). The module is thin: the work and the
-gradients live in the ops. Expert weights are kept in nn.Linear's [out, in]
+route -> grouped GEMM reading the tokens through the routing map (permute fused
+in; gate and up fused) -> SwiGLU -> grouped GEMM -> weighted unpermute (+ shared
+experts). The module is thin: the work and the gradients live in the ops. Expert weights are kept in nn.Linear's [out, in]
 layout (``gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]), the layout
 transformers uses, so weights move between the two without reshuffling.
 """
@@ -144,8 +144,11 @@ class MoE(nn.Module):
             weights_TK, experts_TK, counts_E, dropped = self._apply_capacity(
                 weights_TK, experts_TK, counts_E, n_tokens)
 
-        x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, c.n_experts)
-        h_S2F = ops.grouped_mm(x_SD, self.gate_up_proj.transpose(1, 2), offsets_E)
+        # The permute is fused into the first GEMM's loads: no expert-ordered copy of
+        # x is written or kept for the backward.
+        offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
+        h_S2F = ops.gather_grouped_mm(x_TD, self.gate_up_proj.transpose(1, 2), offsets_E,
+                                      row_map_TK)
         y_SD = ops.grouped_mm(ops.swiglu(h_S2F), self.down_proj.transpose(1, 2), offsets_E)
         y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
         if self.shared_experts is not None:

@@ -1,6 +1,7 @@
 """dsv3.ops.grouped_mm against reference.grouped_mm: output, d(x) and d(w) in both
 weight layouts; rows past the last offset exactly zero; empty experts get an
-exactly-zero weight gradient."""
+exactly-zero weight gradient. dsv3.ops.gather_grouped_mm (the permute fused into
+the loads) against the reference permute followed by the reference grouped_mm."""
 import pytest
 import torch
 
@@ -64,6 +65,33 @@ def test_grouped_mm_matches_reference(T, E, K, X, Y, pattern, layout, dtype, dev
     # An expert with no rows gets an exact zero gradient.
     empty_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)) == 0
     assert (grad_w_EXY[empty_E] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("T, E, K, X, Y, pattern", CASES)
+def test_gather_grouped_mm_matches_reference(T, E, K, X, Y, pattern, layout, dtype, device):
+    experts_TK = make_experts(T, E, K, pattern, device)
+    offsets_E, row_map_TK = ops.expert_index(experts_TK, E)
+    x_TX = torch.randn(T, X, device=device).to(dtype)
+    w_EXY = make_weights(E, X, Y, layout, dtype, device)
+    (y_SY,), (grad_x_TX, grad_w_EXY) = check_op(
+        lambda x, w: ops.gather_grouped_mm(x, w, offsets_E, row_map_TK),
+        lambda x, w: reference.grouped_mm(reference.permute(x, experts_TK, E)[0], w, offsets_E),
+        [x_TX, w_EXY], differentiable=(0, 1))
+    assert (y_SY[offsets_E[-1].item():] == 0).all()
+    empty_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)) == 0
+    assert (grad_w_EXY[empty_E] == 0).all()
+
+
+def test_gather_grouped_mm_rejects_bad_row_map():
+    x_TX, w_EXY = torch.randn(6, 4), torch.randn(3, 4, 5)
+    offsets_E, row_map_TK = ops.expert_index(make_experts(6, 3, 2), 3)
+    with pytest.raises(ValueError, match="row_map_TK must have one row per token"):
+        ops.gather_grouped_mm(x_TX[:5], w_EXY, offsets_E, row_map_TK)
+    with pytest.raises(TypeError, match="row_map_TK"):
+        ops.gather_grouped_mm(x_TX, w_EXY, offsets_E, row_map_TK.long())
 
 
 def test_tail_rows_are_zero_even_if_input_is_poisoned():

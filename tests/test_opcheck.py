@@ -8,6 +8,14 @@ from conftest import make_experts
 from dsv3 import ops
 
 
+def _token_index(row_map_TK):
+    token_S = torch.empty(row_map_TK.numel(), dtype=torch.int32)
+    token_S[row_map_TK.flatten().long()] = torch.arange(row_map_TK.shape[0],
+                                                        dtype=torch.int32).repeat_interleave(
+                                                            row_map_TK.shape[1])
+    return token_S
+
+
 def op_cases():
     torch.manual_seed(0)  # built at collection time, before the seed fixture runs
     logits_TE = torch.randn(9, 8, requires_grad=True)
@@ -44,6 +52,12 @@ def op_cases():
         pytest.param(d.grouped_mm.default,
                      (y_SD, torch.randn(4, 7, 5).transpose(1, 2).requires_grad_(), offsets_E),
                      id="grouped_mm_linear_layout"),
+        # the permute fused into the GEMM's loads (token_S: row_map_TK inverted)
+        pytest.param(d.grouped_mm_gather.default,
+                     (torch.randn(9, 5, requires_grad=True),
+                      torch.randn(4, 7, 5).transpose(1, 2).requires_grad_(), offsets_E,
+                      _token_index(row_map_TK), row_map_TK),
+                     id="grouped_mm_gather"),
         pytest.param(d.swiglu.default, (torch.randn(18, 8, requires_grad=True),), id="swiglu"),
     ]
 

@@ -1,5 +1,6 @@
 // Grouped expert GEMMs on the CPU: one BLAS call per non-empty expert segment,
-// written straight into the output slice (no gather/scatter copies). Rows past
+// written straight into the output slice. The gathered variant (permute fused in)
+// copies one segment's token rows at a time instead of the whole x_SX. Rows past
 // the last offset belong to dropped copies and are zero-filled so they carry
 // nothing forward. Large segments use multithreaded BLAS one after another;
 // many small segments run side by side, one single-threaded BLAS call per thread,
@@ -51,37 +52,76 @@ void for_each_expert(const std::vector<int64_t>& starts, const Body& body) {
   }
 }
 
-at::Tensor grouped_mm_cpu(const at::Tensor& x_SX, const at::Tensor& w_EXY,
-                          const at::Tensor& offsets_E) {
-  TORCH_CHECK_VALUE(x_SX.dim() == 2 && w_EXY.dim() == 3 && x_SX.size(1) == w_EXY.size(1),
-                    "grouped_mm: expected x_SX [S, X] and w_EXY [E, X, Y], got ", x_SX.sizes(),
-                    " and ", w_EXY.sizes());
+// Rows [begin, begin + count) of the GEMM input: a slice of x, or with token_S the
+// gathered rows x_TX[token_S[begin:begin + count]] (a per-segment temporary).
+at::Tensor input_rows(const at::Tensor& x, const at::Tensor& token_S, int64_t begin,
+                      int64_t count) {
+  if (!token_S.defined()) return x.narrow(0, begin, count);
+  return x.index_select(0, token_S.narrow(0, begin, count));
+}
+
+at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w_EXY, const at::Tensor& offsets_E,
+                           const at::Tensor& token_S, const char* op) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && w_EXY.dim() == 3 && x.size(1) == w_EXY.size(1), op,
+                    ": expected x [rows, X] and w_EXY [E, X, Y], got ", x.sizes(), " and ",
+                    w_EXY.sizes());
   // Autograd is handled by the op; the inner mm_out calls must not see it.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t n_rows = x_SX.size(0), n_experts = w_EXY.size(0);
-  const auto starts = read_offsets(offsets_E, n_experts, n_rows, "grouped_mm");
-  at::Tensor y_SY = empty_output({n_rows, w_EXY.size(2)}, x_SX.options());
+  const int64_t n_rows = token_S.defined() ? token_S.size(0) : x.size(0);
+  const int64_t n_experts = w_EXY.size(0);
+  const auto starts = read_offsets(offsets_E, n_experts, n_rows, op);
+  at::Tensor y_SY = empty_output({n_rows, w_EXY.size(2)}, x.options());
   y_SY.narrow(0, starts.back(), n_rows - starts.back()).zero_();
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     if (count == 0) return;
     at::Tensor out = y_SY.narrow(0, begin, count);
-    at::mm_out(out, x_SX.narrow(0, begin, count), w_EXY[e]);
+    at::mm_out(out, input_rows(x, token_S, begin, count), w_EXY[e]);
   });
   return y_SY;
 }
 
-at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x_SX, const at::Tensor& grad_y_SY,
-                                const at::Tensor& offsets_E, bool transposed) {
-  TORCH_CHECK_VALUE(x_SX.dim() == 2 && grad_y_SY.dim() == 2 && x_SX.size(0) == grad_y_SY.size(0),
-                    "grouped_mm_wgrad: expected x_SX [S, X] and grad_y_SY [S, Y], got ",
-                    x_SX.sizes(), " and ", grad_y_SY.sizes());
+at::Tensor grouped_mm_cpu(const at::Tensor& x_SX, const at::Tensor& w_EXY,
+                          const at::Tensor& offsets_E) {
+  return grouped_mm_impl(x_SX, w_EXY, offsets_E, at::Tensor(), "grouped_mm");
+}
+
+at::Tensor check_token_index(const at::Tensor& token_S, int64_t n_tokens, const char* op) {
+  TORCH_CHECK_TYPE(token_S.scalar_type() == at::kInt, op, ": token_S must be int32");
+  TORCH_CHECK_VALUE(token_S.dim() == 1, op, ": token_S must be 1-D, got ", token_S.sizes());
+  const at::Tensor index = token_S.contiguous();
+  const int32_t* data = index.const_data_ptr<int32_t>();
+  for (int64_t s = 0; s < index.size(0); ++s)
+    TORCH_CHECK_VALUE(data[s] >= 0 && data[s] < n_tokens, op, ": token_S[", s, "] = ", data[s],
+                      " is not a row of x (", n_tokens, " rows)");
+  return index;
+}
+
+at::Tensor grouped_mm_gather_cpu(const at::Tensor& x_TX, const at::Tensor& w_EXY,
+                                 const at::Tensor& offsets_E, const at::Tensor& token_S,
+                                 const at::Tensor& /*row_map_TK: for the backward*/) {
+  return grouped_mm_impl(x_TX, w_EXY, offsets_E,
+                         check_token_index(token_S, x_TX.size(0), "grouped_mm_gather"),
+                         "grouped_mm_gather");
+}
+
+at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_y_SY,
+                                const at::Tensor& offsets_E, bool transposed,
+                                const c10::optional<at::Tensor>& token_S_opt) {
+  const char* op = "grouped_mm_wgrad";
+  const at::Tensor token_S = token_S_opt.has_value()
+                                 ? check_token_index(*token_S_opt, x.size(0), op)
+                                 : at::Tensor();
+  const int64_t n_rows = token_S.defined() ? token_S.size(0) : x.size(0);
+  TORCH_CHECK_VALUE(x.dim() == 2 && grad_y_SY.dim() == 2 && n_rows == grad_y_SY.size(0), op,
+                    ": expected x [S, X] (or x_TX with token_S [S]) and grad_y_SY [S, Y], got ",
+                    x.sizes(), " and ", grad_y_SY.sizes());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const int64_t n_rows = x_SX.size(0), n_experts = offsets_E.numel();
-  const auto starts = read_offsets(offsets_E, n_experts, n_rows, "grouped_mm_wgrad");
-  const int64_t dim_x = x_SX.size(1), dim_y = grad_y_SY.size(1);
-  at::Tensor grad_w = transposed ? empty_output({n_experts, dim_y, dim_x}, x_SX.options())
-                                 : empty_output({n_experts, dim_x, dim_y}, x_SX.options());
+  const int64_t n_experts = offsets_E.numel();
+  const auto starts = read_offsets(offsets_E, n_experts, n_rows, op);
+  const int64_t dim_x = x.size(1), dim_y = grad_y_SY.size(1);
+  at::Tensor grad_w = transposed ? empty_output({n_experts, dim_y, dim_x}, x.options())
+                                 : empty_output({n_experts, dim_x, dim_y}, x.options());
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     at::Tensor out = grad_w[e];
@@ -89,11 +129,12 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x_SX, const at::Tensor& grad_y
       out.zero_();  // an expert with no tokens gets an exact zero gradient
       return;
     }
-    const at::Tensor x = x_SX.narrow(0, begin, count), dy = grad_y_SY.narrow(0, begin, count);
+    const at::Tensor rows = input_rows(x, token_S, begin, count);
+    const at::Tensor dy = grad_y_SY.narrow(0, begin, count);
     if (transposed)
-      at::mm_out(out, dy.t(), x);
+      at::mm_out(out, dy.t(), rows);
     else
-      at::mm_out(out, x.t(), dy);
+      at::mm_out(out, rows.t(), dy);
   });
   return grad_w;
 }
@@ -102,6 +143,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x_SX, const at::Tensor& grad_y
 
 TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
   m.impl("grouped_mm", &grouped_mm_cpu);
+  m.impl("grouped_mm_gather", &grouped_mm_gather_cpu);
   m.impl("grouped_mm_wgrad", &grouped_mm_wgrad_cpu);
 }
 

@@ -1,6 +1,8 @@
 """Triton grouped GEMM: forward/dgrad (``y_SY = x_SX @ w_EXY[e]`` per expert
 segment) and wgrad (``dw_EXY[e] = x_e^T @ dy_e``), bf16/fp16/fp32 in, fp32
-accumulation.
+accumulation. Both can read their input rows through a token index instead
+(ScatterMoE-style: the permute fused into the loads, so the expert-ordered copy
+of the tokens is never written, nor kept for the backward).
 
 Scheduling without host syncs, persistent: a fixed number of programs (one per
 SM on a GPU) walks the (row tile, column tile) space with a stride. Each program
@@ -45,10 +47,19 @@ def _find_segment(starts, ends, tiles, tiles_end, tile, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, n_rows, n_experts, DIM_X, DIM_Y,
-                       stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys, stride_yy,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+def _input_rows(token_ptr, rows, end_row, GATHER: tl.constexpr):
+    """Rows of x a tile reads: its own rows, or (permute fused in) the tokens they copy."""
+    if GATHER:
+        return tl.load(token_ptr + rows, mask=rows < end_row, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, n_rows, n_experts, DIM_X,
+                       DIM_Y, stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys,
+                       stride_yy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_E: tl.constexpr):
     starts, ends, tiles, tiles_end = _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M,
                                                     BLOCK_E)
     n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
@@ -63,10 +74,10 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, n_rows, n_experts, DIM_
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if segment < n_experts:  # the tail segment stores the zeros it was initialised with
             w_base = w_ptr + segment.to(tl.int64) * stride_we
+            x_rows = _input_rows(token_ptr, rows, end_row, GATHER)
             for k0 in range(0, DIM_X, BLOCK_K):
                 ks = k0 + inner
-                x_tile = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xs
-                                 + ks[None, :] * stride_xx,
+                x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
                                  mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X), other=0.0)
                 w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
                                  mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y), other=0.0)
@@ -77,11 +88,11 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, n_rows, n_experts, DIM_
 
 
 @triton.jit
-def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, DIM_X, DIM_Y,
+def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, DIM_X, DIM_Y,
                              stride_xs, stride_xx, stride_ds, stride_dy,
                              stride_we, stride_wx, stride_wy,
-                             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                             PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (e, x-tile, y-tile) reduces over expert e's rows: dw[e] = x_e^T @ dy_e.
     expert = tl.program_id(0)
     start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
@@ -92,7 +103,8 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, DIM_X, DIM_Y,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + inner
-        x_tile_T = tl.load(x_ptr + rows[None, :].to(tl.int64) * stride_xs + xs[:, None] * stride_xx,
+        x_rows = _input_rows(token_ptr, rows, end, GATHER)
+        x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
                            mask=(rows[None, :] < end) & (xs[:, None] < DIM_X), other=0.0)
         dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
                           mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
@@ -106,8 +118,11 @@ _grouped_mm_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM
 _wgrad_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM_Y"])(_grouped_mm_wgrad_kernel)
 
 
-def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    n_rows, dim_x = x_SX.shape
+def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
+               token_S: torch.Tensor | None = None) -> torch.Tensor:
+    """With ``token_S``, x_SX is x_TX and row s reads x_TX[token_S[s]]."""
+    n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
+    dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
     block_e = triton.next_power_of_2(n_experts + 1)
@@ -119,14 +134,19 @@ def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor)
         return (min(max_tiles, persistent_programs(x_SX.device)),)
 
     _grouped_mm_tuned[grid](
-        x_SX, w_EXY, y_SY, offsets_E, n_rows, n_experts, dim_x, dim_y,
-        *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
-        PRECISION=dot_precision(x_SX.dtype), BLOCK_E=block_e)
+        x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, n_rows,
+        n_experts, dim_x, dim_y, *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
+        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, BLOCK_E=block_e)
     return y_SY
 
 
+def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
+                      token_S: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
+    return grouped_mm(x_TX, w_EXY, offsets_E, token_S)
+
+
 def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
-                     transposed: bool) -> torch.Tensor:
+                     transposed: bool, token_S: torch.Tensor | None = None) -> torch.Tensor:
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)
@@ -139,10 +159,10 @@ def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: tor
         return (n_experts, triton.cdiv(dim_x, meta["BLOCK_M"]), triton.cdiv(dim_y, meta["BLOCK_N"]))
 
     _wgrad_tuned[grid](
-        x_SX, grad_y_SY, view_EXY, offsets_E, dim_x, dim_y,
-        *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
-        PRECISION=dot_precision(x_SX.dtype))
+        x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E,
+        dim_x, dim_y, *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
+        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None)
     return grad_w
 
 
-__all__ = ["grouped_mm", "grouped_mm_wgrad"]
+__all__ = ["grouped_mm", "grouped_mm_gather", "grouped_mm_wgrad"]

@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libc10/libtorch, which dsv3._C links against)
 
 import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
-from dsv3.ops.grouped_mm import grouped_mm
+from dsv3.ops.grouped_mm import gather_grouped_mm, grouped_mm
 from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
 from dsv3.ops.route import SCORES, RouteOutput, RouteStatsOutput, route, route_with_stats
 from dsv3.ops.swiglu import swiglu
@@ -29,4 +29,4 @@ def release_cached_memory() -> int:
 
 __all__ = ["release_cached_memory", "route", "RouteOutput", "route_with_stats",
            "RouteStatsOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
-           "unpermute", "grouped_mm", "swiglu"]
+           "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu"]

@@ -21,6 +21,7 @@ TRITON_KERNELS = {
     "dsv3::unpermute": permute.unpermute,
     "dsv3::unpermute_backward": permute.unpermute_backward,
     "dsv3::grouped_mm": grouped_gemm.grouped_mm,
+    "dsv3::grouped_mm_gather": grouped_gemm.grouped_mm_gather,
     "dsv3::grouped_mm_wgrad": grouped_gemm.grouped_mm_wgrad,
     "dsv3::swiglu": swiglu.swiglu,
     "dsv3::swiglu_backward": swiglu.swiglu_backward,
