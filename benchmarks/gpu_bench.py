@@ -4,7 +4,9 @@ one process, as ratios.
 
 - grouped GEMM fwd / dgrad / wgrad: dsv3 (Triton) vs ``torch._grouped_mm`` vs
   dense cuBLAS at the same FLOPs (``torch.mm`` of the stacked rows);
-- router, permute, unpermute: achieved bytes/s vs the measured copy bandwidth;
+- the permute fused into the first GEMM vs permute then GEMM;
+- router (with and without the loss sums), permute, unpermute: achieved bytes/s vs
+  the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
   reference loop.
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Writes JSON and a
@@ -78,6 +80,21 @@ def gemm_rows(name, T, D, F, E, K):
     return rows
 
 
+def gather_rows(name, T, D, F, E, K):
+    """The permute fused into the first GEMM vs permute_rows then grouped_mm: does
+    skipping the write and re-read of x_SD win at this shape?"""
+    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    w_E2FD = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
+    experts_TK = torch.rand(T, E, device="cuda").argsort(1)[:, :K].to(torch.int32)
+    offsets_E, row_map_TK = dsv3.ops.expert_index(experts_TK, E)
+    w_ED2F = w_E2FD.transpose(1, 2)
+    fused = bench_ms(lambda: dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK))
+    unfused = bench_ms(lambda: torch.ops.dsv3.grouped_mm(
+        torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F, offsets_E))
+    return [{"bench": "gather+grouped_mm fwd (peer: permute then GEMM)", "shape": name,
+             "dsv3_ms": fused, "peer_ms": unfused, "peer_over_dsv3": unfused / fused}]
+
+
 def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
     logits_TE = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
     bias_E = torch.randn(E, device="cuda") * 0.01
@@ -87,6 +104,8 @@ def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
     cases = [
         ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
+         T * E * 2 + T * K * 8),
+        ("route + loss sums", lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4),
          T * E * 2 + T * K * 8),
         ("permute", lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
         ("unpermute", lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK), T * D * 2 * (K + 1)),
@@ -139,7 +158,7 @@ def main():
     bandwidth = copy_bandwidth()
     rows = []
     jobs = ([(gemm_rows, s) for s in GEMM_SHAPES] + [(lambda: memory_rows(bandwidth), None)]
-            + [(layer_rows, s) for s in LAYER_SHAPES])
+            + [(gather_rows, s) for s in LAYER_SHAPES] + [(layer_rows, s) for s in LAYER_SHAPES])
     for job, shape in jobs:
         try:
             rows += job(*shape) if shape else job()

@@ -2,7 +2,10 @@
 segment) and wgrad (``dw_EXY[e] = x_e^T @ dy_e``), bf16/fp16/fp32 in, fp32
 accumulation. Both can read their input rows through a token index instead
 (ScatterMoE-style: the permute fused into the loads, so the expert-ordered copy
-of the tokens is never written, nor kept for the backward).
+of the tokens is never written, nor kept for the backward). The routing weight is
+not folded into the second GEMM's epilogue: unpermute already applies it in its one
+read of y_SD, and fusing the scatter-add too would need atomics, whose summation
+order (and so the result) changes from run to run.
 
 Scheduling without host syncs, persistent: a fixed number of programs (one per
 SM on a GPU) walks the (row tile, column tile) space with a stride. Each program
