@@ -48,6 +48,16 @@ TORCH_LIBRARY(dsv3, m) {
   m.def(
       "grouped_mm_wgrad(Tensor x_SX, Tensor grad_y_SY, Tensor offsets_E, bool transposed, "
       "Tensor? token_S=None) -> Tensor");
+  // Block-wise int8 quantization for compressed gradient all-reduce (dsv3.distributed):
+  // v = x_N + error_N (error feedback, optional); per block of block_size values
+  // scale = max|v| / 127, q = v / scale rounded half away from zero; new_error_N is
+  // what q * scale misses of v. Scales and errors are fp32.
+  m.def(
+      "quantize_int8(Tensor x_N, int block_size, Tensor? error_N) "
+      "-> (Tensor q_N, Tensor scales_B, Tensor new_error_N)");
+  // sum_N = sum over r (in order) of q_RN[r] * scales_RB[r] per block: R quantized
+  // chunks dequantized and reduced in one pass (R = 1: plain dequantization).
+  m.def("dequantize_int8(Tensor q_RN, Tensor scales_RB, int block_size) -> Tensor");
   // a_SF = silu(h[:, :F]) * h[:, F:]
   m.def("swiglu(Tensor h_S2F) -> Tensor");
   m.def("swiglu_backward(Tensor grad_a_SF, Tensor h_S2F) -> Tensor");

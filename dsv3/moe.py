@@ -89,13 +89,29 @@ class SwiGLUMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config: MoEConfig, *, device=None, dtype=None):
+    """``ep_group``: a torch.distributed group to shard the experts over (expert
+    parallelism, dsv3.distributed.expert_parallel): this rank then holds only
+    ``expert_range`` in ``gate_up_proj``/``down_proj``; routing stays replicated.
+    Dropless only (``capacity_factor=None``)."""
+
+    def __init__(self, config: MoEConfig, *, device=None, dtype=None, ep_group=None):
         super().__init__()
         self.config = c = config
         factory = {"device": device, "dtype": dtype}
+        self.ep_group = ep_group
+        self.expert_range = range(c.n_experts)
+        if ep_group is not None:
+            # Imported here: the distributed layer sits above the modules, and only
+            # an expert-parallel layer needs it.
+            from dsv3.distributed.expert_parallel import local_expert_range
+            if c.capacity_factor is not None:
+                raise ValueError("MoE: ep_group needs a dropless config (capacity_factor=None), "
+                                 f"got capacity_factor={c.capacity_factor}")
+            self.expert_range = local_expert_range(c.n_experts, ep_group)
+        n_local = len(self.expert_range)
         self.router = nn.Linear(c.dim, c.n_experts, bias=False, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(c.n_experts, 2 * c.ffn_dim, c.dim, **factory))
-        self.down_proj = nn.Parameter(torch.empty(c.n_experts, c.dim, c.ffn_dim, **factory))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_local, 2 * c.ffn_dim, c.dim, **factory))
+        self.down_proj = nn.Parameter(torch.empty(n_local, c.dim, c.ffn_dim, **factory))
         self.shared_experts = (SwiGLUMLP(c.dim, c.n_shared_experts * c.ffn_dim, **factory)
                                if c.n_shared_experts else None)
         if c.bias_update_rate > 0:
@@ -144,13 +160,18 @@ class MoE(nn.Module):
             weights_TK, experts_TK, counts_E, dropped = self._apply_capacity(
                 weights_TK, experts_TK, counts_E, n_tokens)
 
-        # The permute is fused into the first GEMM's loads: no expert-ordered copy of
-        # x is written or kept for the backward.
-        offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
-        h_S2F = ops.gather_grouped_mm(x_TD, self.gate_up_proj.transpose(1, 2), offsets_E,
-                                      row_map_TK)
-        y_SD = ops.grouped_mm(ops.swiglu(h_S2F), self.down_proj.transpose(1, 2), offsets_E)
-        y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
+        if self.ep_group is not None:
+            from dsv3.distributed.expert_parallel import expert_parallel_ffn
+            y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, self.gate_up_proj,
+                                       self.down_proj, c.n_experts, self.ep_group)
+        else:
+            # The permute is fused into the first GEMM's loads: no expert-ordered copy
+            # of x is written or kept for the backward.
+            offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
+            h_S2F = ops.gather_grouped_mm(x_TD, self.gate_up_proj.transpose(1, 2), offsets_E,
+                                          row_map_TK)
+            y_SD = ops.grouped_mm(ops.swiglu(h_S2F), self.down_proj.transpose(1, 2), offsets_E)
+            y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
@@ -200,6 +221,10 @@ class MoE(nn.Module):
         accumulation). Call once per optimizer step."""
         if self.expert_bias is None:
             return
+        if self.ep_group is not None:
+            # Every rank routes its own tokens: balance on the counts of them all, so
+            # the replicated bias stays the same on every rank.
+            torch.distributed.all_reduce(self.pending_counts, group=self.ep_group)
         counts_E = self.pending_counts.float()
         if counts_E.sum() > 0:
             self.expert_bias += self.config.bias_update_rate * torch.sign(counts_E.mean() - counts_E)

@@ -131,3 +131,41 @@ def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias
     if shared is not None:
         y_TD = y_TD + shared(x_TD)
     return y_TD, logits_TE, experts_TK
+
+
+def _round_half_away(r):
+    """Round to nearest, halves away from zero (C's round()), exactly: r - trunc(r) is
+    exact in floating point, unlike r + 0.5."""
+    whole = torch.trunc(r)
+    return whole + torch.sign(r) * ((r - whole).abs() >= 0.5)
+
+
+def quantize_int8(x_N, block_size, error_N=None):
+    """(q_N int8, scales_B fp32, new_error_N fp32): v = x + error; per block
+    scale = max|v| / 127, q = round(v / scale); new_error = v - q * scale. A block
+    with inf/NaN: scale NaN, q 0, residual 0."""
+    v_N = x_N.float() + (error_N.float() if error_N is not None else 0)
+    n = v_N.numel()
+    n_blocks = -(-n // block_size)
+    padded_BX = F.pad(v_N, (0, n_blocks * block_size - n)).view(n_blocks, block_size)
+    finite_B = torch.isfinite(padded_BX).all(1)
+    scales_B = torch.where(finite_B, padded_BX.abs().amax(1) / 127, math.nan)
+    usable_B = finite_B & (scales_B > 0)
+    safe_B = torch.where(usable_B, scales_B, 1.0)
+    level_BX = torch.where(usable_B[:, None], _round_half_away(padded_BX / safe_B[:, None]), 0.0)
+    level_N = level_BX.flatten()[:n]
+    new_error_N = v_N - level_N * scales_B.repeat_interleave(block_size)[:n]
+    # A non-finite block (an fp16 overflow) leaves a zero residual behind.
+    new_error_N = torch.where(finite_B.repeat_interleave(block_size)[:n], new_error_N, 0.0)
+    return level_N.to(torch.int8), scales_B, new_error_N
+
+
+def dequantize_int8(q_RN, scales_RB, block_size):
+    """sum over r (in order) of the dequantized rows of q_RN; 1-D inputs are one row."""
+    q_RN = q_RN.view(1, -1) if q_RN.dim() == 1 else q_RN
+    scales_RB = scales_RB.view(1, -1) if scales_RB.dim() == 1 else scales_RB
+    n = q_RN.shape[1]
+    sum_N = torch.zeros(n, dtype=torch.float32, device=q_RN.device)
+    for r in range(q_RN.shape[0]):
+        sum_N += q_RN[r].float() * scales_RB[r].repeat_interleave(block_size)[:n]
+    return sum_N

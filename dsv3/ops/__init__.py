@@ -11,6 +11,7 @@ import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
 from dsv3.ops.grouped_mm import gather_grouped_mm, grouped_mm
 from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
+from dsv3.ops.quantize import Quantized, dequantize_int8, quantize_int8
 from dsv3.ops.route import SCORES, RouteOutput, RouteStatsOutput, route, route_with_stats
 from dsv3.ops.swiglu import swiglu
 
@@ -29,4 +30,5 @@ def release_cached_memory() -> int:
 
 __all__ = ["release_cached_memory", "route", "RouteOutput", "route_with_stats",
            "RouteStatsOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
-           "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu"]
+           "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
+           "quantize_int8", "dequantize_int8", "Quantized"]

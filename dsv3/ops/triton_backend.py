@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from dsv3 import reference
-from dsv3.kernels import grouped_gemm, permute, router, swiglu
+from dsv3.kernels import grouped_gemm, permute, quantize, router, swiglu
 from dsv3.ops.backend import selected_backend
 
 TRITON_KERNELS = {
@@ -23,6 +23,8 @@ TRITON_KERNELS = {
     "dsv3::grouped_mm": grouped_gemm.grouped_mm,
     "dsv3::grouped_mm_gather": grouped_gemm.grouped_mm_gather,
     "dsv3::grouped_mm_wgrad": grouped_gemm.grouped_mm_wgrad,
+    "dsv3::quantize_int8": quantize.quantize_int8,
+    "dsv3::dequantize_int8": quantize.dequantize_int8,
     "dsv3::swiglu": swiglu.swiglu,
     "dsv3::swiglu_backward": swiglu.swiglu_backward,
 }

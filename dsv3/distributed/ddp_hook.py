@@ -1,0 +1,30 @@
+"""DDP communication hook around compressed_all_reduce:
+
+    state = dsv3.distributed.CompressionState(process_group=None, start_iter=10)
+    model.register_comm_hook(state, dsv3.distributed.int8_compress_hook)
+
+DDP calls the hook once per gradient bucket, only on steps that synchronize, so
+gradient accumulation under ``model.no_sync()`` needs nothing special: the
+residuals carry over between synchronizing steps. Under AMP the bucket holds the
+gradients in their own dtype; they are quantized from fp32 and written back.
+"""
+import torch
+import torch.distributed as dist
+
+from dsv3.distributed.compress import CompressionState, compressed_all_reduce
+
+
+def int8_compress_hook(state: CompressionState,
+                       bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Averages the bucket's gradients across the DDP group through int8 blocks.
+
+    The collectives run when DDP hands the bucket over and the returned future is
+    already complete: simple, but the backward waits for them (no overlap of this
+    bucket's communication with later buckets' gradients)."""
+    tensor = bucket.buffer()
+    compressed_all_reduce(tensor, state, average=True, key=bucket.index())
+    if bucket.is_last():
+        state.step()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(tensor)
+    return future

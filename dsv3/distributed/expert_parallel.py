@@ -1,0 +1,72 @@
+"""Expert parallelism: the experts of an MoE layer sharded over a process group,
+tokens moved to their experts' rank and back with ``all_to_all_single``.
+
+Rank r of W holds experts [r E/W, (r+1) E/W). Every rank routes its own tokens,
+groups the copies by expert (so the copies bound for each rank are contiguous),
+exchanges per-expert counts, then the rows (variable splits). A received batch
+is ordered (source rank, expert, token); regrouping it by expert gives each local
+expert exactly the rows, in the same order, that a single process running the
+layer on all ranks' tokens concatenated would give it, so the outputs and the
+expert gradients are bit-for-bit those of the single-process layer. Dropless.
+
+The counts must be known on the host to size the exchange: one device sync per
+layer call, inherent to variable-split all-to-all.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_to_all_single
+
+from dsv3 import ops
+
+
+def local_expert_range(n_experts: int, group) -> range:
+    """The experts rank ``group.rank()`` holds; checks that they divide evenly."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if n_experts % world:
+        raise ValueError(f"expert parallelism: n_experts={n_experts} must be divisible by the "
+                         f"expert-parallel group size {world}")
+    per_rank = n_experts // world
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
+                        gate_up_local_E2FD: torch.Tensor, down_local_EDF: torch.Tensor,
+                        n_experts: int, group) -> torch.Tensor:
+    """y_TD = sum_k weights_TK[t, k] * expert_{experts_TK[t, k]}(x_TD[t]) with the
+    experts spread over ``group``; differentiable w.r.t. x_TD, weights_TK and the
+    local expert weights (the all-to-alls carry the gradients back)."""
+    world = dist.get_world_size(group)
+    n_local = n_experts // world
+    x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, n_experts)
+
+    # Counts: send_WE[j, e] copies go to rank j's local expert e; recv_WE[i, e] come from rank i.
+    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).to(torch.int64)
+    send_WE = counts_E.view(world, n_local)
+    recv_WE = torch.empty_like(send_WE)
+    dist.all_to_all_single(recv_WE, send_WE, group=group)
+    send_splits = send_WE.sum(1).tolist()  # the one host sync
+    recv_splits = recv_WE.sum(1).tolist()
+
+    if sum(recv_splits) == 0:  # no copies for this rank's experts in this batch
+        # Still a node of the graph through the local weights, so they get (zero)
+        # gradients like on every other rank and DDP sees every parameter used.
+        dead = (gate_up_local_E2FD.sum() + down_local_EDF.sum()) * 0
+        y_RD = x_SD.new_zeros(0, x_SD.shape[1]) + dead.to(x_SD.dtype)
+        y_SD = all_to_all_single(x_SD.new_empty(x_SD.shape), y_RD, send_splits, recv_splits,
+                                 group=group)
+        return ops.unpermute(y_SD, row_map_TK, weights_TK)
+    recv_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[1]), x_SD,
+                                recv_splits, send_splits, group=group)
+    # Regroup the received rows by local expert; within an expert: source rank, then token.
+    local_expert_R = torch.arange(n_local, device=x_TD.device).repeat(world).repeat_interleave(
+        recv_WE.flatten())
+    x_local_RD, offsets_local_E, row_map_R1 = ops.permute(
+        recv_RD, local_expert_R.to(torch.int32)[:, None], n_local)
+    h_R2F = ops.grouped_mm(x_local_RD, gate_up_local_E2FD.transpose(1, 2), offsets_local_E)
+    y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F), down_local_EDF.transpose(1, 2),
+                                offsets_local_E)
+    y_RD = ops.unpermute(y_local_RD, row_map_R1)
+
+    y_SD = all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[1]), y_RD,
+                             send_splits, recv_splits, group=group)
+    return ops.unpermute(y_SD, row_map_TK, weights_TK)

@@ -1,0 +1,73 @@
+"""Triton block-wise int8 quantization with error feedback, and the fused
+dequantize + ordered reduce of several ranks' chunks: the GPU compute of the
+compressed all-reduce (dsv3.distributed). Both are memory-bound single passes:
+one program per block of values, the scale computed from the block in registers.
+
+Rounding is half away from zero, done exactly (as C's round()), so the GPU, the
+C++ kernel and the reference agree on every level.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, block_size,
+                     HAS_ERROR: tl.constexpr, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    idx = block.to(tl.int64) * block_size + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < block_size) & (idx < n)
+    v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ERROR:
+        v += tl.load(error_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), 0)
+    # Counted apart: a max reduction may skip NaN.
+    finite = tl.sum(tl.where((v != v) | (tl.abs(v) == float("inf")), 1, 0), 0) == 0
+    scale = tl.where(finite, amax / 127.0, float("nan"))
+    # IEEE division (a plain / may be approximate on GPUs): levels must match the CPU's.
+    usable = finite & (scale > 0)
+    ratio = tl.math.div_rn(tl.where(usable, v, 0.0), tl.where(usable, scale, 1.0))
+    whole = tl.where(ratio < 0, -tl.floor(-ratio), tl.floor(ratio))  # trunc
+    half_up = tl.where(tl.abs(ratio - whole) >= 0.5, 1.0, 0.0)
+    level = tl.where(usable, whole + tl.where(ratio < 0, -half_up, half_up), 0.0)
+    tl.store(scales_ptr + block, scale)
+    tl.store(q_ptr + idx, level.to(tl.int8), mask=mask)
+    # inf/NaN block: NaN scale (AMP's scaler sees it), clean residual.
+    tl.store(new_error_ptr + idx, tl.where(finite, v - level * scale, 0.0), mask=mask)
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, scales_ptr, out_ptr, n_rows, n, n_blocks, block_size,
+                       BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    idx = block.to(tl.int64) * block_size + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < block_size) & (idx < n)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(n_rows):  # in order: every rank reduces to the same bits
+        scale = tl.load(scales_ptr + r * n_blocks + block)
+        total += tl.load(q_ptr + r * n + idx, mask=mask, other=0).to(tl.float32) * scale
+    tl.store(out_ptr + idx, total, mask=mask)
+
+
+def quantize_int8(x_N: torch.Tensor, block_size: int, error_N: torch.Tensor | None):
+    n = x_N.numel()
+    n_blocks = triton.cdiv(n, block_size)
+    x_N = x_N.contiguous()
+    q_N = torch.empty(n, device=x_N.device, dtype=torch.int8)
+    scales_B = torch.empty(n_blocks, device=x_N.device, dtype=torch.float32)
+    new_error_N = torch.empty(n, device=x_N.device, dtype=torch.float32)
+    _quantize_kernel[(n_blocks,)](
+        x_N, error_N.contiguous() if error_N is not None else x_N, q_N, scales_B, new_error_N,
+        n, block_size, HAS_ERROR=error_N is not None, BLOCK=triton.next_power_of_2(block_size))
+    return q_N, scales_B, new_error_N
+
+
+def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int) -> torch.Tensor:
+    q_RN = q_RN.reshape(1, -1) if q_RN.dim() == 1 else q_RN.contiguous()
+    scales_RB = scales_RB.reshape(1, -1) if scales_RB.dim() == 1 else scales_RB.contiguous()
+    n_rows, n = q_RN.shape
+    n_blocks = scales_RB.shape[1]
+    sum_N = torch.empty(n, device=q_RN.device, dtype=torch.float32)
+    _dequantize_kernel[(n_blocks,)](q_RN, scales_RB, sum_N, n_rows, n, n_blocks, block_size,
+                                    BLOCK=triton.next_power_of_2(block_size))
+    return sum_N

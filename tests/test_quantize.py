@@ -1,0 +1,116 @@
+"""dsv3.ops.quantize_int8 / dequantize_int8 (the compute of the compressed
+all-reduce) against the reference: every level, scale and residual exactly, over
+block layouts and the degenerate blocks; the error bound of one round trip."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from dsv3 import ops, reference
+
+# (N, block_size, pattern)
+CASES = [
+    # Whole blocks of the default size.
+    pytest.param(1024, 256, "random", id="whole_blocks"),
+    # N not a multiple of the block: a partial last block.
+    pytest.param(1000, 256, "random", id="partial_tail"),
+    # Fewer values than one block.
+    pytest.param(7, 128, "random", id="N_lt_block"),
+    # Block of one value: every value is its own scale (levels are all +-127 or 0).
+    pytest.param(33, 1, "random", id="block_1"),
+    # Odd block size, not a power of two.
+    pytest.param(500, 100, "random", id="block_100"),
+    # An all-zero block: scale 0, levels 0, residual 0 (no division by zero).
+    pytest.param(512, 256, "zero_block", id="zero_block"),
+    # Values exactly on rounding halves (k + 0.5 levels): half away from zero everywhere.
+    pytest.param(256, 256, "halves", id="halves"),
+    # Huge dynamic range within a block: small values quantize to 0 and go to the residual.
+    pytest.param(256, 64, "range", id="dynamic_range"),
+]
+
+
+def make_values(n, block_size, pattern, device):
+    x_N = torch.randn(n) * 3
+    if pattern == "zero_block":
+        x_N[:block_size] = 0
+    elif pattern == "halves":
+        # max |x| = 127 makes the scale exactly 1, so every other value is a level + 0.5.
+        x_N = (torch.arange(n) % 252 - 126).float() + 0.5
+        x_N[0] = 127.0
+    elif pattern == "range":
+        x_N = x_N * torch.logspace(-6, 2, n)
+    return x_N.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_error", [False, True])
+@pytest.mark.parametrize("n, block_size, pattern", CASES)
+def test_quantize_matches_reference(n, block_size, pattern, with_error, device):
+    x_N = make_values(n, block_size, pattern, device)
+    error_N = 0.01 * torch.randn(n, device=device) if with_error else None
+    got = ops.quantize_int8(x_N, block_size, error_N)
+    want = reference.quantize_int8(x_N.cpu(), block_size, None if error_N is None else error_N.cpu())
+    assert got.q_N.dtype == torch.int8 and got.scales_B.dtype == got.error_N.dtype == torch.float32
+    assert got.scales_B.shape == (math.ceil(n / block_size),)
+    for name, g, w in zip(("q_N", "scales_B", "error_N"), got, want):
+        assert torch.equal(g.cpu(), w), f"{name} differs from the reference"
+    # One round trip loses at most half a level per value, and the residual is exactly that loss.
+    v_N = x_N + (error_N if error_N is not None else 0)
+    back_N = ops.dequantize_int8(got.q_N, got.scales_B, block_size)
+    half_level_N = (got.scales_B / 2).repeat_interleave(block_size)[:n]
+    assert ((v_N - back_N).abs() <= half_level_N * (1 + 1e-6) + 1e-30).all()
+    torch.testing.assert_close(back_N + got.error_N, v_N, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_rows", [1, 2, 5])
+def test_dequantize_sums_rows_in_order(n_rows, device):
+    """Several ranks' chunks dequantized and summed in rank order, as the reference."""
+    block_size, n = 128, 1000
+    parts = [ops.quantize_int8(torch.randn(n, device=device), block_size) for _ in range(n_rows)]
+    q_RN = torch.stack([p.q_N for p in parts])
+    scales_RB = torch.stack([p.scales_B for p in parts])
+    got = ops.dequantize_int8(q_RN, scales_RB, block_size)
+    assert torch.equal(got.cpu(), reference.dequantize_int8(q_RN.cpu(), scales_RB.cpu(), block_size))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_block_propagates_and_leaves_clean_residual(bad, device):
+    """An fp16 overflow must reach AMP's scaler (NaN out) but not the error feedback."""
+    x_N = torch.randn(600, device=device)
+    x_N[300] = bad  # block 1 of 256
+    q_N, scales_B, error_N = ops.quantize_int8(x_N, 256)
+    assert torch.isnan(scales_B[1]) and torch.isfinite(scales_B[[0, 2]]).all()
+    assert (error_N[256:512] == 0).all() and torch.isfinite(error_N).all()
+    back_N = ops.dequantize_int8(q_N, scales_B, 256)
+    assert torch.isnan(back_N[256:512]).all() and torch.isfinite(back_N[:256]).all()
+
+
+def test_low_precision_input_is_quantized_from_its_values():
+    x_N = torch.randn(300).to(torch.bfloat16)
+    got = ops.quantize_int8(x_N, 128)
+    want = reference.quantize_int8(x_N.float(), 128)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: ops.quantize_int8(torch.randn(4, 4)), ValueError, "x_N must be 1-D"),
+    (lambda: ops.quantize_int8(torch.arange(8)), TypeError, "x_N must have dtype"),
+    (lambda: ops.quantize_int8(torch.randn(8), 0), ValueError, "block_size"),
+    (lambda: ops.quantize_int8(torch.randn(8), 2.0), TypeError, "block_size"),
+    (lambda: ops.quantize_int8(torch.randn(0)), ValueError, "x_N must not be empty"),
+    (lambda: ops.quantize_int8(torch.randn(8), 4, torch.zeros(9)), ValueError, "error_N"),
+    (lambda: ops.quantize_int8(torch.randn(8), 4, torch.zeros(8, dtype=torch.float64)), TypeError,
+     "error_N"),
+    (lambda: ops.dequantize_int8(torch.zeros(8), torch.ones(2), 4), TypeError, "q_RN"),
+    (lambda: ops.dequantize_int8(torch.zeros(8, dtype=torch.int8), torch.ones(3), 4), ValueError,
+     "scales_RB must have shape"),
+    (lambda: ops.dequantize_int8(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), 4),
+     ValueError, "must both be 1-D or both 2-D"),
+], ids=["x_2d", "x_int", "block_0", "block_float", "x_empty", "error_shape", "error_dtype",
+        "q_float", "scales_shape", "scales_dims"])
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
