@@ -143,6 +143,15 @@ def compressed_all_reduce(tensor: torch.Tensor, state: CompressionState, group=N
         raise RuntimeError("compressed_all_reduce: torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
     group = group if group is not None else state.process_group
+    try:
+        return _compressed_all_reduce(tensor, state, group, average, key)
+    except (RuntimeError, dist.DistError) as error:
+        # gloo/NCCL say "connection closed" or "timed out"; say what it means here.
+        raise RuntimeError(f"compressed_all_reduce: a collective failed (a rank may have died, "
+                           f"or missed this call and timed out): {error}") from error
+
+
+def _compressed_all_reduce(tensor, state, group, average, key):
     world = dist.get_world_size(group)
     _check_same_numel(tensor.numel(), group, tensor.device)
     state.stats.calls += 1

@@ -14,9 +14,31 @@ layer call, inherent to variable-split all-to-all.
 """
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single
 
 from dsv3 import ops
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows with variable splits; its gradient is the same
+    exchange with the splits swapped. (torch.distributed.nn's version is deprecated
+    in favour of a private module.)"""
+
+    @staticmethod
+    def forward(ctx, x_RD, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out_RD = x_RD.new_empty(sum(out_splits), *x_RD.shape[1:])
+        dist.all_to_all_single(out_RD, x_RD.contiguous(), out_splits, in_splits, group=group)
+        return out_RD
+
+    @staticmethod
+    def backward(ctx, grad_out_RD):
+        out_splits, in_splits = ctx.splits
+        return _AllToAll.apply(grad_out_RD, in_splits, out_splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(x_RD, out_splits, in_splits, group):
+    """Rows of ``x_RD`` in ``in_splits`` blocks to each rank; ``out_splits`` rows from each."""
+    return _AllToAll.apply(x_RD, out_splits, in_splits, group)
 
 
 def local_expert_range(n_experts: int, group) -> range:
@@ -47,26 +69,21 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
     send_splits = send_WE.sum(1).tolist()  # the one host sync
     recv_splits = recv_WE.sum(1).tolist()
 
-    if sum(recv_splits) == 0:  # no copies for this rank's experts in this batch
+    recv_RD = all_to_all_rows(x_SD, recv_splits, send_splits, group)
+    if recv_RD.shape[0] == 0:  # no copies for this rank's experts in this batch
         # Still a node of the graph through the local weights, so they get (zero)
         # gradients like on every other rank and DDP sees every parameter used.
         dead = (gate_up_local_E2FD.sum() + down_local_EDF.sum()) * 0
-        y_RD = x_SD.new_zeros(0, x_SD.shape[1]) + dead.to(x_SD.dtype)
-        y_SD = all_to_all_single(x_SD.new_empty(x_SD.shape), y_RD, send_splits, recv_splits,
-                                 group=group)
-        return ops.unpermute(y_SD, row_map_TK, weights_TK)
-    recv_RD = all_to_all_single(x_SD.new_empty(sum(recv_splits), x_SD.shape[1]), x_SD,
-                                recv_splits, send_splits, group=group)
-    # Regroup the received rows by local expert; within an expert: source rank, then token.
-    local_expert_R = torch.arange(n_local, device=x_TD.device).repeat(world).repeat_interleave(
-        recv_WE.flatten())
-    x_local_RD, offsets_local_E, row_map_R1 = ops.permute(
-        recv_RD, local_expert_R.to(torch.int32)[:, None], n_local)
-    h_R2F = ops.grouped_mm(x_local_RD, gate_up_local_E2FD.transpose(1, 2), offsets_local_E)
-    y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F), down_local_EDF.transpose(1, 2),
-                                offsets_local_E)
-    y_RD = ops.unpermute(y_local_RD, row_map_R1)
-
-    y_SD = all_to_all_single(y_RD.new_empty(x_SD.shape[0], y_RD.shape[1]), y_RD,
-                             send_splits, recv_splits, group=group)
+        y_RD = recv_RD + dead.to(recv_RD.dtype)
+    else:
+        # Regroup by local expert; within an expert: source rank, then token.
+        local_expert_R = torch.arange(n_local, device=x_TD.device).repeat(world).repeat_interleave(
+            recv_WE.flatten())
+        x_local_RD, offsets_local_E, row_map_R1 = ops.permute(
+            recv_RD, local_expert_R.to(torch.int32)[:, None], n_local)
+        h_R2F = ops.grouped_mm(x_local_RD, gate_up_local_E2FD.transpose(1, 2), offsets_local_E)
+        y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F), down_local_EDF.transpose(1, 2),
+                                    offsets_local_E)
+        y_RD = ops.unpermute(y_local_RD, row_map_R1)
+    y_SD = all_to_all_rows(y_RD, send_splits, recv_splits, group)
     return ops.unpermute(y_SD, row_map_TK, weights_TK)

@@ -1,0 +1,241 @@
+"""Per-rank bodies of the distributed tests (run by tests/multiprocess.run_ranks in
+spawned processes, so they live in an importable module). Every rank can rebuild
+every other rank's inputs from seeds, so each one checks the collective result
+against the exact answer itself."""
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import dsv3
+from dsv3.distributed import CompressionState, compressed_all_reduce, int8_compress_hook
+
+
+def rank_tensor(n: int, rank: int, salt: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1000 * salt + 17 * n + rank)
+    return torch.randn(n, generator=gen) * torch.logspace(-2, 1, n)[torch.randperm(n, generator=gen)]
+
+
+def block_amax(x_N: torch.Tensor, block: int) -> torch.Tensor:
+    """max |x| of each value's block, per value."""
+    n = x_N.numel()
+    padded = torch.nn.functional.pad(x_N.abs(), (0, -(-n // block) * block - n))
+    return padded.view(-1, block).amax(1).repeat_interleave(block)[:n]
+
+
+# --- compressed all-reduce ---------------------------------------------------------------------
+def assert_within_bound(got_N, inputs, block, average=False, what=""):
+    """Phase 1 loses <= half a level of each rank's block, phase 2 half a level of the
+    reduced block (whose max is at most the exact one's plus phase 1's error)."""
+    world = len(inputs)
+    exact_N = torch.stack(inputs).sum(0) / (world if average else 1)
+    phase1_N = sum(block_amax(x, block) for x in inputs) / 254 / (world if average else 1)
+    bound_N = phase1_N + (block_amax(exact_N, block) + phase1_N) / 254
+    excess = ((got_N - exact_N).abs() - bound_N * (1 + 1e-5) - 1e-6).max().item()
+    assert excess <= 0, f"{what}: error exceeds its bound by {excess}"
+
+
+def check_compressed_all_reduce(rank, world):
+    block = 256
+    for n in (1, 100, 5000, 100_000):
+        state = CompressionState(block_size=block, start_iter=0)
+        inputs = [rank_tensor(n, r) for r in range(world)]
+        got_N = compressed_all_reduce(inputs[rank].clone(), state)
+        assert_within_bound(got_N, inputs, block, what=f"n={n}")
+        # Every rank ends with the same bits.
+        gathered = [torch.empty_like(got_N) for _ in range(world)]
+        dist.all_gather(gathered, got_N)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), f"n={n}: ranks disagree"
+        if n == 100_000:
+            assert state.stats.compression_ratio <= 0.27, state.stats.compression_ratio
+            # Values spread over three decades within a block: a few % of quantization error.
+            assert 0 < state.stats.relative_error < 0.05, state.stats.relative_error
+    # average=True divides by the world size; the tensor is reduced in place.
+    inputs = [rank_tensor(3000, r, salt=1) for r in range(world)]
+    mean_N = compressed_all_reduce(inputs[rank].clone(), CompressionState(start_iter=0),
+                                   average=True)
+    assert_within_bound(mean_N, inputs, 256, average=True, what="average")
+    # A bf16 tensor is reduced in place and keeps its dtype: the fp32 result, rounded.
+    x_N = inputs[rank].to(torch.bfloat16)
+    want_N = compressed_all_reduce(x_N.float(), CompressionState(start_iter=0), average=True)
+    out = compressed_all_reduce(x_N, CompressionState(start_iter=0), average=True)
+    assert out is x_N and x_N.dtype == torch.bfloat16
+    assert torch.equal(x_N, want_N.to(torch.bfloat16))
+    # Warm-up: uncompressed (exact up to fp32 summation) until start_iter.
+    state = CompressionState(start_iter=2)
+    x_N = rank_tensor(1000, rank, salt=2)
+    compressed_all_reduce(x_N, state)
+    torch.testing.assert_close(x_N, torch.stack([rank_tensor(1000, r, salt=2)
+                                                 for r in range(world)]).sum(0))
+    assert state.stats.compression_ratio == 1.0
+
+
+def check_error_feedback(rank, world):
+    """Reducing the same gradients step after step: with error feedback the summed
+    error stays bounded (its mean over steps goes to 0); without, it grows linearly."""
+    steps, n = 40, 3000
+    exact_N = torch.stack([rank_tensor(n, r, salt=3) for r in range(world)]).sum(0)
+    with_feedback = CompressionState(start_iter=0)
+    total_fb = torch.zeros(n)
+    total_plain = torch.zeros(n)
+    first_error = None
+    for step in range(steps):
+        total_fb += compressed_all_reduce(rank_tensor(n, rank, salt=3), with_feedback)
+        fresh = CompressionState(start_iter=0)  # no residual carried over
+        total_plain += compressed_all_reduce(rank_tensor(n, rank, salt=3), fresh)
+        if step == 0:
+            first_error = (total_fb - exact_N).norm().item()
+    error_fb = (total_fb - steps * exact_N).norm().item()
+    error_plain = (total_plain - steps * exact_N).norm().item()
+    assert error_fb <= 3 * first_error, (error_fb, first_error)
+    assert error_fb / steps < first_error / 10  # the mean error goes to zero
+    assert error_plain > 10 * error_fb  # and without feedback it accumulates
+    # The residuals are saved and restored with checkpoints: a restored state continues
+    # exactly as the original.
+    restored = CompressionState(start_iter=0)
+    restored.load_state_dict(with_feedback.state_dict())
+    a = compressed_all_reduce(rank_tensor(n, rank, salt=4), with_feedback)
+    b = compressed_all_reduce(rank_tensor(n, rank, salt=4), restored)
+    assert torch.equal(a, b)
+
+
+def check_failures(rank, world):
+    # A tensor of another size on one rank: every rank gets a ValueError naming the sizes.
+    state = CompressionState(start_iter=0)
+    try:
+        compressed_all_reduce(torch.randn(100 + rank), state)
+    except ValueError as error:
+        assert "same number of elements on every rank" in str(error), error
+    else:
+        raise AssertionError("a size mismatch was not detected")
+    # A rank that is gone: the others get a clear error once the collective fails.
+    if rank == world - 1:
+        return
+    try:
+        compressed_all_reduce(torch.randn(100), state)
+    except RuntimeError as error:
+        assert "a rank may have died" in str(error), error
+    else:
+        raise AssertionError("a missing rank was not detected")
+
+
+# --- DDP training with the hook ------------------------------------------------------------------
+VOCAB, DIM, SEQ, BATCH = 48, 32, 16, 8
+
+
+class TinyMoELM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.norm = nn.RMSNorm(DIM)
+        self.moe = dsv3.MoE(dsv3.MoEConfig(dim=DIM, ffn_dim=2 * DIM, n_experts=4, top_k=2))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens_BS):
+        h = self.embed(tokens_BS)
+        return self.head(h + self.moe(self.norm(h)))
+
+
+def lm_batch(step: int, rank: int):
+    """A learnable toy language: next = (5 * token + 3) mod V, with 10% noise."""
+    gen = torch.Generator().manual_seed(step * 1000 + rank)
+    start = torch.randint(VOCAB, (BATCH, 1), generator=gen)
+    tokens = [start]
+    for _ in range(SEQ):
+        nxt = (5 * tokens[-1] + 3) % VOCAB
+        noise = torch.rand(BATCH, 1, generator=gen) < 0.1
+        tokens.append(torch.where(noise, torch.randint(VOCAB, (BATCH, 1), generator=gen), nxt))
+    seq = torch.cat(tokens, 1)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def train(rank, steps, hook=None, accumulate=1, autocast=False):
+    torch.manual_seed(0)
+    model = DDP(TinyMoELM())
+    state = None
+    if hook is not None:
+        state = CompressionState(start_iter=10)
+        model.register_comm_hook(state, hook)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            inputs, targets = lm_batch(step * accumulate + micro, rank)
+            sync = micro == accumulate - 1
+            with (model.no_sync() if not sync else torch.enable_grad()), \
+                    torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                logits = model(inputs)
+                loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                (loss + dsv3.moe_aux_loss(model)).div(accumulate).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, state
+
+
+def check_ddp_hook_training(rank, world):
+    steps = 300
+    plain, _ = train(rank, steps)
+    compressed, state = train(rank, steps, hook=int8_compress_hook)
+    assert state.iteration == steps and state.stats.compression_ratio < 0.3
+    final_plain = sum(plain[-30:]) / 30
+    final_compressed = sum(compressed[-30:]) / 30
+    assert final_plain < 0.6 * plain[0], ("the model did not learn", plain[0], final_plain)
+    gap = abs(final_compressed - final_plain) / final_plain
+    assert gap < 0.01, f"int8 final loss {final_compressed:.4f} vs fp32 {final_plain:.4f}"
+
+
+def check_ddp_hook_accumulation_and_amp(rank, world):
+    # Under no_sync the hook runs only on the synchronizing micro-batch: one state step
+    # per optimizer step.
+    losses, state = train(rank, 15, hook=int8_compress_hook, accumulate=3)
+    assert state.iteration == 15
+    # bf16 autocast: the hook reduces the fp32 gradients of the autocast run.
+    losses, state = train(rank, 25, hook=int8_compress_hook, autocast=True)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    assert state.iteration == 25
+
+
+# --- expert parallelism ---------------------------------------------------------------------------
+def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False):
+    """EP layer on each rank's own tokens == the single-process layer on all ranks'
+    tokens concatenated: outputs, d(x) and the expert gradients bit for bit (fp32)."""
+    config = dsv3.MoEConfig(**config_kwargs)
+    torch.manual_seed(0)
+    full = dsv3.MoE(config)
+    ep = dsv3.MoE(config, ep_group=dist.group.WORLD)
+    local = ep.expert_range
+    with torch.no_grad():
+        ep.router.weight.copy_(full.router.weight)
+        ep.gate_up_proj.copy_(full.gate_up_proj[local.start:local.stop])
+        ep.down_proj.copy_(full.down_proj[local.start:local.stop])
+        if config.n_shared_experts:
+            ep.shared_experts.load_state_dict(full.shared_experts.state_dict())
+        if starve_last_rank:  # route every token away from the last rank's experts
+            bias = torch.zeros(config.n_experts)
+            bias[:config.n_experts - len(local)] = 100.0
+            full.expert_bias.copy_(bias)
+            ep.expert_bias.copy_(bias)
+    xs = [torch.randn(10 + 3 * r, config.dim, generator=torch.Generator().manual_seed(r))
+          for r in range(world)]
+    grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + r))
+             for r, x in enumerate(xs)]
+    x_full = torch.cat(xs).requires_grad_()
+    y_full = full(x_full)
+    (y_full * torch.cat(grads)).sum().backward()
+    x_mine = xs[rank].clone().requires_grad_()
+    y_mine = ep(x_mine)
+    (y_mine * grads[rank]).sum().backward()
+
+    mine = slice(sum(x.shape[0] for x in xs[:rank]), sum(x.shape[0] for x in xs[:rank + 1]))
+    assert torch.equal(y_mine, y_full[mine].detach()), "EP output differs from single-process"
+    assert torch.equal(x_mine.grad, x_full.grad[mine]), "EP d(x) differs"
+    assert torch.equal(ep.gate_up_proj.grad, full.gate_up_proj.grad[local.start:local.stop])
+    assert torch.equal(ep.down_proj.grad, full.down_proj.grad[local.start:local.stop])
+    if starve_last_rank and rank == world - 1:
+        assert (ep.gate_up_proj.grad == 0).all() and (ep.down_proj.grad == 0).all()
+    # The router is replicated: its gradient summed over ranks is the full one (summed
+    # in another order, so to rounding).
+    router_grad = ep.router.weight.grad.clone()
+    dist.all_reduce(router_grad)
+    torch.testing.assert_close(router_grad, full.router.weight.grad)

@@ -1,0 +1,48 @@
+"""dsv3.distributed on real process groups: gloo over 127.0.0.1, 2 and 4 ranks
+(tests/distributed_workers.py holds what each rank runs and checks)."""
+import pytest
+
+import distributed_workers as workers
+from multiprocess import run_ranks
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_compressed_all_reduce_error_bounds(world):
+    run_ranks(world, workers.check_compressed_all_reduce)
+
+
+def test_error_feedback_and_checkpointed_state():
+    run_ranks(2, workers.check_error_feedback)
+
+
+def test_size_mismatch_and_dead_rank_give_clear_errors():
+    run_ranks(2, workers.check_failures, collective_timeout=10)
+
+
+def test_ddp_hook_trains_like_fp32():
+    run_ranks(2, workers.check_ddp_hook_training, timeout=300)
+
+
+def test_ddp_hook_with_accumulation_and_autocast():
+    run_ranks(2, workers.check_ddp_hook_accumulation_and_amp)
+
+
+EP_CONFIGS = {
+    # Mixtral-style softmax top-2.
+    "softmax": dict(dim=16, ffn_dim=24, n_experts=8, top_k=2, aux_loss_coef=0.0),
+    # DeepSeek-V3-style: sigmoid, groups, scale, bias, a shared expert.
+    "deepseek": dict(dim=16, ffn_dim=24, n_experts=8, top_k=3, score="sigmoid", n_groups=4,
+                     topk_groups=2, route_scale=2.5, n_shared_experts=1, aux_loss_coef=0.0,
+                     bias_update_rate=1e-3),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("config", EP_CONFIGS, ids=list(EP_CONFIGS))
+def test_expert_parallel_equals_single_process(world, config):
+    run_ranks(world, workers.check_expert_parallel, EP_CONFIGS[config])
+
+
+def test_expert_parallel_rank_with_no_tokens():
+    config = dict(EP_CONFIGS["softmax"], bias_update_rate=1e-3)
+    run_ranks(2, workers.check_expert_parallel, config, True)
