@@ -5,8 +5,8 @@ one process, as ratios.
 - grouped GEMM fwd / dgrad / wgrad: dsv3 (Triton) vs ``torch._grouped_mm`` vs
   dense cuBLAS at the same FLOPs (``torch.mm`` of the stacked rows);
 - the permute fused into the first GEMM vs permute then GEMM;
-- router (with and without the loss sums), permute, unpermute: achieved bytes/s vs
-  the measured copy bandwidth;
+- router (with and without the loss sums), permute, unpermute, int8 quantize and
+  dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
   reference loop.
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Writes JSON and a
@@ -101,6 +101,10 @@ def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
     x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     _, experts_TK, _ = dsv3.ops.route(logits_TE.float(), K, "sigmoid", bias_E, 8, 4, True, 2.5)
     weights_TK = torch.rand(T, K, device="cuda")
+    grad_N = torch.randn(1 << 28, device="cuda")  # 1 GiB of fp32 gradients
+    residual_N = torch.randn_like(grad_N) * 1e-3
+    q_8N = torch.randint(-127, 128, (8, 1 << 25), device="cuda", dtype=torch.int8)
+    scales_8B = torch.rand(8, (1 << 25) // 256, device="cuda")
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
     cases = [
         ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
@@ -109,6 +113,12 @@ def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
          T * E * 2 + T * K * 8),
         ("permute", lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
         ("unpermute", lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK), T * D * 2 * (K + 1)),
+        # Gradient compression: read fp32 values + residual, write int8 + new residual.
+        ("quantize_int8 (error feedback)", lambda: dsv3.ops.quantize_int8(grad_N, 256, residual_N),
+         grad_N.numel() * (4 + 4 + 1 + 4)),
+        # Reduce step: W=8 int8 chunks in, one fp32 sum out.
+        ("dequantize_int8 (8 chunks summed)",
+         lambda: dsv3.ops.dequantize_int8(q_8N, scales_8B, 256), q_8N.numel() + q_8N.shape[1] * 4),
     ]
     rows = []
     for name, fn, n_bytes in cases:
