@@ -239,3 +239,25 @@ def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False):
     router_grad = ep.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     torch.testing.assert_close(router_grad, full.router.weight.grad)
+
+
+def check_expert_parallel_under_ddp(rank, world):
+    """EP experts stay rank-local under DDP (ignored), the router is averaged."""
+    from dsv3.distributed import ddp_ignore_expert_parameters
+    config = dsv3.MoEConfig(dim=16, ffn_dim=24, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), dsv3.MoE(config, ep_group=dist.group.WORLD))
+    assert ddp_ignore_expert_parameters(model) == ["1.gate_up_proj", "1.down_proj"]
+    ddp = DDP(model)
+    x = torch.randn(12, 16, generator=torch.Generator().manual_seed(rank))
+    ddp(x).square().sum().backward()
+    expert_grad = model[1].gate_up_proj.grad.clone()
+    router_grad = model[1].router.weight.grad.clone()
+    # DDP averaged the router's gradient: the same on every rank ...
+    gathered = [torch.empty_like(router_grad) for _ in range(world)]
+    dist.all_gather(gathered, router_grad)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    # ... and left the local experts' gradients alone (each rank's own experts).
+    gathered = [torch.empty_like(expert_grad) for _ in range(world)]
+    dist.all_gather(gathered, expert_grad)
+    assert not torch.equal(gathered[0], gathered[1])

@@ -46,3 +46,7 @@ def test_expert_parallel_equals_single_process(world, config):
 def test_expert_parallel_rank_with_no_tokens():
     config = dict(EP_CONFIGS["softmax"], bias_update_rate=1e-3)
     run_ranks(2, workers.check_expert_parallel, config, True)
+
+
+def test_expert_parallel_layer_under_ddp():
+    run_ranks(2, workers.check_expert_parallel_under_ddp)

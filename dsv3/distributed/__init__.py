@@ -9,5 +9,7 @@ launched with torchrun.
 from dsv3.distributed.compress import (CompressionState, CompressionStats,
                                        compressed_all_reduce)
 from dsv3.distributed.ddp_hook import int8_compress_hook
+from dsv3.distributed.expert_parallel import ddp_ignore_expert_parameters
 
-__all__ = ["CompressionState", "CompressionStats", "compressed_all_reduce", "int8_compress_hook"]
+__all__ = ["CompressionState", "CompressionStats", "compressed_all_reduce", "int8_compress_hook",
+           "ddp_ignore_expert_parameters"]

@@ -48,6 +48,11 @@ class CompressionStats:
             return float("nan")
         return math.sqrt(self.error_sq.item() / max(self.value_sq.item(), 1e-30))
 
+    @property
+    def error_feedback_norm(self) -> float:
+        """||residuals||: how much quantization error the calls carried forward."""
+        return math.sqrt(self.error_sq.item()) if self.error_sq is not None else float("nan")
+
     def reset(self) -> None:
         self.calls = self.bytes_sent = self.bytes_fp32 = 0
         self.error_sq = self.value_sq = None

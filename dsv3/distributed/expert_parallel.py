@@ -87,3 +87,20 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
         y_RD = ops.unpermute(y_local_RD, row_map_R1)
     y_SD = all_to_all_rows(y_RD, send_splits, recv_splits, group)
     return ops.unpermute(y_SD, row_map_TK, weights_TK)
+
+
+def ddp_ignore_expert_parameters(model: torch.nn.Module) -> list[str]:
+    """Tell DistributedDataParallel not to all-reduce the expert weights of the
+    expert-parallel MoE layers in ``model``: each rank holds different experts, so
+    averaging them across data-parallel ranks would mix experts. Call before
+    wrapping ``model`` in DDP; returns the ignored names. (The replicated router
+    and shared experts are still reduced as usual.)"""
+    from torch.nn.parallel import DistributedDataParallel
+    from dsv3.moe import MoE
+
+    names = [f"{module_name}.{param_name}" if module_name else param_name
+             for module_name, module in model.named_modules()
+             if isinstance(module, MoE) and module.ep_group is not None
+             for param_name in ("gate_up_proj", "down_proj")]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
