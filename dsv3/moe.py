@@ -6,7 +6,9 @@ experts). The module is thin: the work and the gradients live in the ops. Expert
 layout (``gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]), the layout
 transformers uses, so weights move between the two without reshuffling.
 """
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,19 @@ from torch import nn
 from dsv3 import ops
 
 ACTIVATIONS = ("swiglu",)
+_replaying = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks forwards run inside as activation-checkpointing replays: the MoE layers
+    then leave their balance counts alone (the first forward already counted)."""
+    previous = getattr(_replaying, "active", False)
+    _replaying.active = True
+    try:
+        yield
+    finally:
+        _replaying.active = previous
 
 
 @dataclass
@@ -84,8 +99,9 @@ class SwiGLUMLP(nn.Module):
         self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False, **factory)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False, **factory)
 
-    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.swiglu(self.gate_up_proj(x_TD)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_T2F = self.gate_up_proj(x).flatten(0, -2)  # the fused op takes rows
+        return self.down_proj(ops.swiglu(h_T2F)).view(*x.shape[:-1], -1)
 
 
 class MoE(nn.Module):
@@ -204,7 +220,8 @@ class MoE(nn.Module):
                 aux = c.aux_loss_coef * c.n_experts * (fraction_E * score_sum_E).sum() / n_tokens
             if c.z_loss_coef > 0:
                 z = c.z_loss_coef * lse_sq_sum / n_tokens
-        if self.training and self.expert_bias is not None:
+        if self.training and self.expert_bias is not None and not getattr(_replaying, "active",
+                                                                          False):
             self.pending_counts += counts_E
         self.aux_loss = aux + z
         # The stats' losses live in one new stacked tensor, never a detached alias or a
