@@ -89,6 +89,10 @@ class MoEStats:
     dropped_tokens: torch.Tensor  # int64 scalar, copies dropped by the capacity limit
     aux_loss: torch.Tensor  # fp32 scalar, load-balance loss (already times its coef)
     z_loss: torch.Tensor  # fp32 scalar, router z-loss (already times its coef)
+    # fp32 scalar, mean over tokens of the entropy of the normalized router scores;
+    # computed only while the layer's ``collect_router_entropy`` is set (an extra pass
+    # over the logits), else None.
+    router_entropy: torch.Tensor | None = None
 
 
 class SwiGLUMLP(nn.Module):
@@ -140,6 +144,7 @@ class MoE(nn.Module):
             self.expert_bias = None
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: MoEStats | None = None
+        self.collect_router_entropy = False  # monitoring: see MoEStats.router_entropy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -157,15 +162,22 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
         if x.numel() == 0:
             raise ValueError(f"MoE: x must hold at least one token, got shape {tuple(x.shape)}")
-        weight = self.gate_up_proj
-        if x.dtype != weight.dtype:
-            raise TypeError(f"MoE: x must have the layer's dtype {weight.dtype}, got {x.dtype}")
-        if x.device != weight.device:
-            raise ValueError(f"MoE: x must be on the layer's device {weight.device}, got {x.device}")
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if x.device != gate_up.device:
+            raise ValueError(f"MoE: x must be on the layer's device {gate_up.device}, got {x.device}")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Mixed precision: the experts run in the autocast dtype from the fp32 master
+            # weights (the casts are differentiable); custom ops get no autocast of their own.
+            compute_dtype = torch.get_autocast_dtype(device_type)
+            x, gate_up, down = x.to(compute_dtype), gate_up.to(compute_dtype), down.to(compute_dtype)
+        elif x.dtype != gate_up.dtype:
+            raise TypeError(f"MoE: x must have the layer's dtype {gate_up.dtype}, got {x.dtype}")
         x_TD = x.reshape(-1, c.dim)
         n_tokens = x_TD.shape[0]
         # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        with torch.autocast(device_type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
         want_losses = self.training and (c.aux_loss_coef > 0 or c.z_loss_coef > 0)
         route = ops.route_with_stats if want_losses else ops.route
         weights_TK, experts_TK, counts_E, *loss_sums = route(
@@ -178,21 +190,28 @@ class MoE(nn.Module):
 
         if self.ep_group is not None:
             from dsv3.distributed.expert_parallel import expert_parallel_ffn
-            y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, self.gate_up_proj,
-                                       self.down_proj, c.n_experts, self.ep_group)
+            y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, gate_up, down,
+                                       c.n_experts, self.ep_group)
         else:
             # The permute is fused into the first GEMM's loads: no expert-ordered copy
             # of x is written or kept for the backward.
             offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
-            h_S2F = ops.gather_grouped_mm(x_TD, self.gate_up_proj.transpose(1, 2), offsets_E,
-                                          row_map_TK)
-            y_SD = ops.grouped_mm(ops.swiglu(h_S2F), self.down_proj.transpose(1, 2), offsets_E)
+            h_S2F = ops.gather_grouped_mm(x_TD, gate_up.transpose(1, 2), offsets_E, row_map_TK)
+            y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down.transpose(1, 2), offsets_E)
             y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
         self._record(loss_sums, counts_E, dropped, n_tokens)
+        if self.collect_router_entropy:
+            self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
+
+    def _router_entropy(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        scores_TE = (logits_TE.softmax(-1) if self.config.score == "softmax"
+                     else logits_TE.sigmoid())
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        return -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1).mean()
 
     def _apply_capacity(self, weights_TK, experts_TK, counts_E, n_tokens):
         """Drop the copies past each expert's capacity (later tokens first): they get

@@ -349,3 +349,28 @@ def test_moe_is_bitwise_deterministic():
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
+
+
+def test_autocast_runs_experts_in_low_precision_from_fp32_weights():
+    """Under bf16 autocast the experts compute in bf16 from the fp32 master weights
+    (gradients land in fp32), the router stays fp32, and the result tracks fp32."""
+    moe = make_moe(n_shared_experts=1)
+    x_TD = torch.randn(40, 32)
+    want = moe(x_TD)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = moe(x_TD)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    got.float().sum().backward()
+    assert moe.gate_up_proj.grad.dtype == torch.float32
+    assert torch.isfinite(moe.gate_up_proj.grad).all() and moe.router.weight.grad.abs().sum() > 0
+
+
+def test_router_entropy_is_collected_on_request():
+    moe = make_moe()
+    moe(torch.randn(10, 32))
+    assert moe.last_stats.router_entropy is None
+    moe.collect_router_entropy = True
+    moe(torch.randn(10, 32))
+    entropy = moe.last_stats.router_entropy.item()
+    assert 0 < entropy <= math.log(8) + 1e-6
