@@ -1,0 +1,58 @@
+"""Saving and resuming a run, and exporting the trained model for evaluation.
+
+``OUT_DIR/checkpoint/state.pt`` holds everything a resumed run needs to continue
+the same loss curve: model (expert biases included), optimizer, grad scaler, step,
+RNG states, the DPO reference model, the compression residuals and the running
+counters. Written to a temporary file and renamed, so a crash mid-save leaves the
+previous checkpoint intact. ``OUT_DIR/final/`` is what ``dsv3 eval`` loads:
+config.json, model.pt and the tokenizer."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def checkpoint_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoint" / "state.pt"
+
+
+def save_state(out_dir: Path, state: dict) -> Path:
+    path = checkpoint_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_state(out_dir: Path) -> dict | None:
+    path = checkpoint_path(out_dir)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_model(out_dir: Path, model, tokenizer_path: Path | None) -> Path:
+    """The evaluation layout: config.json (ModelConfig), model.pt (state dict), tokenizer.json."""
+    final = Path(out_dir) / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
+    torch.save(model.state_dict(), final / "model.pt")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, final / "tokenizer.json")
+    return final

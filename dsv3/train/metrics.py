@@ -1,0 +1,137 @@
+"""The monitoring panel's numbers and where they go: every ``log_every`` steps one
+record to ``metrics.jsonl`` and TensorBoard (``tensorboard --logdir OUT_DIR/tb``).
+
+MFU uses the PaLM-paper count of training FLOPs per token,
+``6 * N_active + 12 * n_layers * seq_len * dim`` (N_active: parameters one token
+uses, embeddings excluded; the second term is attention's score and value
+products), against the dense-matmul rate measured on this device at start-up in
+the run's precision: "how much of what this machine's matmuls can do".
+"""
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.history: list[dict] = []
+        self._jsonl = self._tb = None
+        if enabled:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = (out_dir / "metrics.jsonl").open("a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(out_dir / "tb"))
+            except ImportError:  # tensorboard is optional: the JSONL file has everything
+                self._tb = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        self.history.append(record)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
+    """Dense matmul FLOP/s on this device and dtype (median of a few runs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / sorted(times)[len(times) // 2]
+
+
+def training_flops_per_token(model, seq_len: int) -> float:
+    config = model.config
+    active = model.num_parameters(active=True) - model.embed.weight.numel()
+    return 6 * active + 12 * config.n_layers * seq_len * config.dim
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Device memory high-water mark (CUDA) or the process's resident one (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@contextmanager
+def saved_activation_bytes(counter: list):
+    """Adds to counter[0] the bytes autograd saves for the backward inside the block
+    (each storage once). Checkpointed regions save only their inputs here."""
+    seen = set()
+
+    def pack(tensor):
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                counter[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield
+
+
+def moe_metrics(model) -> dict:
+    """Per-layer expert load (max/mean, coefficient of variation), router entropy,
+    dropped copies, aux/z losses and expert-bias norm from the MoE layers' last stats."""
+    out, loads = {}, []
+    aux = z = dropped = 0.0
+    entropies, bias_sq = [], 0.0
+    for index, layer in enumerate(model.moe_layers()):
+        stats = layer.last_stats
+        if stats is None:
+            continue
+        counts = stats.tokens_per_expert.float()
+        mean = counts.mean().item()
+        loads.append(counts.cpu())
+        out[f"moe/layer{index}/load_max_over_mean"] = counts.max().item() / max(mean, 1e-9)
+        out[f"moe/layer{index}/load_cv"] = (counts.std(unbiased=False).item() / max(mean, 1e-9))
+        aux += stats.aux_loss.item()
+        z += stats.z_loss.item()
+        dropped += stats.dropped_tokens.item()
+        if stats.router_entropy is not None:
+            entropies.append(stats.router_entropy.item())
+        if layer.expert_bias is not None:
+            bias_sq += layer.expert_bias.square().sum().item()
+    if loads:
+        out["moe/load_max_over_mean"] = max(v for k, v in out.items() if k.endswith("max_over_mean"))
+        out["moe/load_cv"] = sum(v for k, v in out.items() if k.endswith("/load_cv")) / len(loads)
+        out["moe/aux_loss"], out["moe/z_loss"], out["moe/dropped_tokens"] = aux, z, dropped
+        out["moe/expert_bias_norm"] = math.sqrt(bias_sq)
+        if entropies:
+            out["moe/router_entropy"] = sum(entropies) / len(entropies)
+    return out, loads
+
+
+def param_norm(model) -> float:
+    return math.sqrt(sum(p.detach().float().square().sum().item() for p in model.parameters()))

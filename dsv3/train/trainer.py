@@ -1,0 +1,259 @@
+"""The training loop: one ``Trainer`` runs every stage of a ``TrainConfig``.
+
+Per optimizer step: pick the stage and its learning rate, draw ``grad_accum``
+micro-batches (stateless sampling, see data.py), forward under autocast (bf16, or
+fp16 with a dynamic loss scale; weights stay fp32), backward (DDP all-reduces
+only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
+step, and nudge the MoE selection biases. Every ``log_every`` steps a metrics
+record; at the end a checkpoint, the exported model and the HTML report.
+"""
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from dsv3.model import Transformer
+from dsv3.moe import moe_aux_loss, moe_update_bias
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.config import TrainConfig
+from dsv3.train.data import TokenData, lm_batch, mixture_weights, preference_batch
+from dsv3.train.dpo import dpo_loss
+from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
+                                peak_memory_bytes, saved_activation_bytes,
+                                training_flops_per_token)
+from dsv3.train.schedule import lr_factor
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, data: TokenData, device: str | None = None):
+        self.config, self.data = config, data
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.out_dir = Path(config.out_dir)
+        torch.manual_seed(config.seed)
+        model_config = replace(config.model_config(), vocab_size=data.vocab_size)
+        self.model = Transformer(model_config).to(self.device)
+        self.model.set_checkpointing(config.checkpointing)
+        self.compression = None
+        self.ddp = None
+        if self.distributed:
+            self.ddp = DDP(self.model)
+            if config.compress_grads:
+                from dsv3.distributed import CompressionState, int8_compress_hook
+                self.compression = CompressionState(start_iter=config.compress_start_iter)
+                self.ddp.register_comm_hook(self.compression, int8_compress_hook)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        o = config.optim
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas)
+        self.autocast_dtype = AUTOCAST_DTYPES[config.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.step = 0
+        self.skipped_steps = 0
+        self.reference = None  # the frozen model a DPO stage compares against
+        self.domain_rows: dict[str, int] = {}
+        self.load_counts = [torch.zeros(m.config.n_experts) for m in self.model.moe_layers()]
+        self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
+        self.peak_flops = measure_matmul_flops(self.device, self.autocast_dtype or torch.float32)
+        self._stage_ends = torch.tensor(config.stage_steps()).cumsum(0).tolist()
+
+    # --- stages ------------------------------------------------------------------------------
+    def stage_at(self, step: int):
+        """(index, stage, progress in [0, 1) through it) of optimizer step ``step``."""
+        index = next(i for i, end in enumerate(self._stage_ends) if step < end)
+        start = self._stage_ends[index - 1] if index else 0
+        return index, self.config.stages[index], (step - start) / (self._stage_ends[index] - start)
+
+    @staticmethod
+    def seq_len_at(stage, progress: float) -> int:
+        """Curriculum stages warm the sequence length up linearly (multiples of 8)."""
+        if stage.kind != "curriculum" or stage.seq_len_start is None:
+            return stage.seq_len
+        length = stage.seq_len_start + progress * (stage.seq_len - stage.seq_len_start)
+        return max(stage.seq_len_start, min(stage.seq_len, int(length) // 8 * 8))
+
+    # --- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                              enabled=self.autocast_dtype is not None)
+
+    def _micro_loss(self, stage, progress, micro: int, record: dict):
+        c = self.config
+        forward = self.ddp if self.ddp is not None else self.model
+        if stage.kind == "dpo":
+            prompt_len = stage.seq_len // 2
+            prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
+                self.data, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
+                step=self.step, micro=micro, rank=self.rank))
+            with self._autocast():
+                loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
+                                                  rejected, stage.dpo_beta)
+            record["dpo/reward_margin"] = margin.mean().item()
+            record["dpo/reward_accuracy"] = accuracy.item()
+            return loss, c.micro_batch * stage.seq_len * 2
+        seq_len = self.seq_len_at(stage, progress)
+        weights = mixture_weights(self.data, stage.mixture_start, stage.mixture_end, progress)
+        tokens, domains = lm_batch(self.data, weights, c.micro_batch, seq_len, seed=c.seed,
+                                   step=self.step, micro=micro, rank=self.rank)
+        for domain in domains:
+            self.domain_rows[domain] = self.domain_rows.get(domain, 0) + 1
+        tokens = tokens.to(self.device)
+        with self._autocast():
+            logits = forward(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        record["seq_len"] = seq_len
+        record.setdefault("lm_loss_sum", 0.0)
+        record["lm_loss_sum"] += loss.item()
+        return loss + moe_aux_loss(self.model), c.micro_batch * seq_len
+
+    def train_step(self, measure: bool = False) -> dict:
+        c = self.config
+        index, stage, progress = self.stage_at(self.step)
+        if stage.kind == "dpo" and self.reference is None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        lr = c.optim.lr * stage.lr_scale * lr_factor(
+            self.step, c.steps, c.optim.warmup_steps, c.optim.schedule, c.optim.min_lr_ratio,
+            c.optim.decay_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for layer in self.model.moe_layers():
+            layer.collect_router_entropy = measure
+        record = {"stage": index, "lr": lr}
+        start = time.perf_counter()
+        tokens, data_time, activation = 0, 0.0, [0]
+        for micro in range(c.grad_accum):
+            last = micro == c.grad_accum - 1
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _nullcontext()
+            counting = saved_activation_bytes(activation) if (measure and micro == 0) \
+                else _nullcontext()
+            data_start = time.perf_counter()
+            with sync, counting:
+                loss, n_tokens = self._micro_loss(stage, progress, micro, record)
+                data_time += 0  # batches are drawn inside _micro_loss; timed below
+                self.scaler.scale(loss / c.grad_accum).backward()
+            tokens += n_tokens
+            data_time += record.pop("_data_time", 0.0)
+            del data_start
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.skipped_steps += int(skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        moe_update_bias(self.model)
+        for counts, layer in zip(self.load_counts, self.model.moe_layers()):
+            counts += layer.last_stats.tokens_per_expert.float().cpu()
+        step_time = time.perf_counter() - start
+        self.step += 1
+        record.update(grad_norm=grad_norm.item(), step_time_ms=1e3 * step_time,
+                      tokens_per_s=tokens * self.world / step_time, skipped=bool(skipped))
+        if "lm_loss_sum" in record:
+            record["loss"] = record.pop("lm_loss_sum") / c.grad_accum
+            record["perplexity"] = float(torch.tensor(record["loss"]).exp())
+        if stage.kind == "lm" or stage.kind == "curriculum":
+            flops = training_flops_per_token(self.model, record["seq_len"]) * tokens
+            record["mfu"] = flops / step_time / self.peak_flops
+        if measure:
+            record["activation_mb"] = activation[0] / 2**20
+        return record
+
+    # --- the run -------------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        c = self.config
+        metrics = {k: v for k, v in record.items() if k != "skipped"}
+        metrics.update(param_norm=param_norm(self.model), skipped_steps=self.skipped_steps,
+                       loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+                       peak_memory_mb=peak_memory_bytes(self.device) / 2**20,
+                       data_time_share=record.get("data_time_share", 0.0))
+        moe, _ = moe_metrics(self.model)
+        metrics.update(moe)
+        total_rows = sum(self.domain_rows.values())
+        for domain, rows in self.domain_rows.items():
+            metrics[f"domain_share/{domain}"] = rows / total_rows
+        if self.compression is not None:
+            stats = self.compression.stats
+            metrics.update(comm_bytes=stats.bytes_sent, comm_ratio=stats.compression_ratio,
+                           compression_error=stats.relative_error if stats.value_sq is not None
+                           else None)
+        del c
+        self.logger.log(self.step, metrics)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
+                "reference": self.reference.state_dict() if self.reference is not None else None,
+                "compression": self.compression.state_dict() if self.compression else None,
+                "domain_rows": dict(self.domain_rows), "load_counts": self.load_counts,
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["config"]["model"] != self.config.model or \
+                state["config"]["model_overrides"] != self.config.model_overrides:
+            raise ValueError(f"the checkpoint in {self.out_dir} was trained with model "
+                             f"{state['config']['model']!r} {state['config']['model_overrides']}, "
+                             f"this config asks for {self.config.model!r} "
+                             f"{self.config.model_overrides}: use another out_dir")
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.skipped_steps = state["skipped_steps"]
+        if state["reference"] is not None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.reference.load_state_dict(state["reference"])
+        if self.compression is not None and state["compression"] is not None:
+            self.compression.load_state_dict(state["compression"], self.device)
+        self.domain_rows = dict(state["domain_rows"])
+        self.load_counts = state["load_counts"]
+
+    def save(self) -> None:
+        if self.rank == 0:
+            ckpt.save_state(self.out_dir, self.state_dict())
+
+    def train(self, resume: bool = True, progress: bool = True) -> list[dict]:
+        c = self.config
+        if resume and (state := ckpt.load_state(self.out_dir)) is not None:
+            self.load_state_dict(state)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        while self.step < c.steps:
+            measure = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+            record = self.train_step(measure=measure)
+            if measure:
+                self._log(record)
+                bar.set_postfix(stage=c.stages[record["stage"]].name,
+                                loss=f"{record.get('loss', float('nan')):.3f}")
+            if c.save_every and self.step % c.save_every == 0:
+                self.save()
+            bar.update(1)
+        bar.close()
+        self.save()
+        if self.rank == 0:
+            ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
+        self.logger.close()
+        return self.logger.history
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
