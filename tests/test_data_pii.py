@@ -120,15 +120,17 @@ def hard_negative(rng):
         d = _card(rng)
         d = d[:-1] + str((int(d[-1]) + rng.randint(1, 9)) % 10)
         return rng.choice([d, _group4(d, " ")]) if len(d) == 16 else d
-    if kind == "version":
-        return f"v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}"
+    if kind == "version":  # three- and four-part versions, spec section numbers
+        return rng.choice([f"v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}",
+                           f"version {rng.randint(1, 9)}.{rng.randint(0, 9)}.{rng.randint(0, 9)}.{rng.randint(0, 99)}",
+                           f"section {rng.randint(1, 9)}.{rng.randint(1, 9)}.{rng.randint(1, 9)}.{rng.randint(1, 60)}"])
     if kind == "price":
         return f"¥{rng.randint(1, 99)},{rng.randint(100, 999)}.00"
     if kind == "handle":
         return f"@{_rand(rng, string.ascii_lowercase, 7)}"
     if kind == "weak_password":
         return rng.choice(["password = changeme", "api_key: YOUR_API_KEY_HERE",
-                           "secret=<redacted>"])
+                           "secret=<redacted>", "password = HTTPPasswordMgr.find_user_password"])
     if kind == "ip_invalid":
         return f"{rng.randint(256, 999)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}"
     return f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"

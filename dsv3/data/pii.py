@@ -140,16 +140,30 @@ def _valid_ip(s: str) -> bool:
     return s not in ("::", "0.0.0.0")
 
 
+def _valid_ipv4(s: str) -> bool:
+    """A parsable address that is not a version or section number: those run
+    "2.7.2.2", "8.2.4.44" (three single-digit parts first), which the stdlib's own
+    text is full of; the public resolvers 1.1.1.1 / 8.8.8.8 are the cost, and they
+    are no one's personal information."""
+    parts = s.split(".")
+    return _valid_ip(s) and not all(len(p) == 1 for p in parts[:3])
+
+
 def _entropy_bits_per_char(s: str) -> float:
     counts = Counter(s)
     return -sum(c / len(s) * math.log2(c / len(s)) for c in counts.values())
 
 
 def _looks_random(s: str) -> bool:
-    """A secret value: long, mixed classes and high entropy (so 'password=changeme'
-    or an identifier like MAX_RETRY_COUNT_SETTING is not one)."""
-    classes = sum(bool(re.search(p, s)) for p in (r"[a-z]", r"[A-Z]", r"\d"))
-    return len(s) >= 16 and classes >= 2 and _entropy_bits_per_char(s) >= 3.0
+    """A secret value: long, high entropy, and either letters with digits or mixed-case
+    letters that do not read as code or a placeholder: 'password=changeme',
+    YOUR_API_KEY_HERE and HTTPPasswordMgr.find_user_password are not secrets."""
+    if len(s) < 16 or _entropy_bits_per_char(s) < 3.0 or re.search(r"[A-Za-z]", s) is None:
+        return False
+    if re.search(r"\d", s):
+        return True
+    return (re.search(r"[a-z]", s) is not None and re.search(r"[A-Z]", s) is not None
+            and "." not in s and "_" not in s)
 
 
 def _phone_ok(s: str) -> bool:
@@ -193,7 +207,7 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     # North American style without a country code: (555) 123-4567, 555-123-4567
     ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4})" + _NT),
      1, lambda s: True),
-    ("ip", (r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3})(?![\w]|\.\d)"), 1, _valid_ip),
+    ("ip", (r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3})(?![\w]|\.\d)"), 1, _valid_ipv4),
     ("ip", (
         # not inside a longer address, but a colon after a word ("ip:" or a full-width
         # "：" after Chinese, both ":" after NFKC) may precede one
