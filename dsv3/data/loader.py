@@ -16,6 +16,8 @@ Resumability: :class:`PackedLoader` counts the batches it has handed out; its
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator
 
 import numpy as np
@@ -116,6 +118,22 @@ class PackedLoader:
         for batch in loader:
             self.batches_done += 1
             yield batch
+
+    @classmethod
+    def from_prepared(cls, directory: str, seq_len: int, batch_size: int,
+                      num_workers: int = 0) -> "PackedLoader":
+        """The loader over what ``dsv3 data prepare`` wrote to ``directory``
+        (``tokens/`` and the schedule in ``mixture.json``)."""
+        path = os.path.join(directory, "mixture.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"directory: no mixture.json in {directory!r} "
+                                    f"(write it with `dsv3 data prepare`)")
+        with open(path) as f:
+            mix = json.load(f)
+        corpus = TokenizedCorpus.load(os.path.join(directory, "tokens"))
+        schedule = MixtureSchedule(mix["weights"], mix["total_tokens"])
+        return cls(corpus, schedule, seq_len, batch_size, seed=mix["seed"],
+                   max_chunk_tokens=mix["max_chunk_tokens"], num_workers=num_workers)
 
     def state_dict(self) -> dict:
         return {"batches_done": self.batches_done, **self.settings}

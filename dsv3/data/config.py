@@ -1,0 +1,104 @@
+"""The ``dsv3 data prepare`` config: TOML in, validated plain dicts and step objects out.
+
+Kept apart from the runner so a config error names its key before any work starts,
+and so other entry points (the trainer, tests) can build the same steps from a dict.
+
+    [output]            dir = "out/data"
+    [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text", plus reader options
+    [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+    [steps.<name>]      that step's options; ``domains = [...]`` limits it to those
+                        domains, ``write_dropped = false`` turns its side file off
+    [review]            per_stratum, seed
+    [tokenizer]         vocab_size, min_frequency
+    [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Callable
+
+from dsv3.data.dedup import ExactDedup, MinHashDedup
+from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
+from dsv3.data.pii import PiiFilter
+from dsv3.data.step import DroppedWriter, Step
+
+DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text")
+SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture")
+
+
+def _heuristics(opts: dict, common: dict) -> Step:
+    return HeuristicFilter(HeuristicRules.from_dict(opts), **common)
+
+
+def _pii(opts: dict, common: dict) -> Step:
+    return PiiFilter(opts.pop("policy", None), **_no_more(opts, "pii"), **common)
+
+
+def _minhash(opts: dict, common: dict) -> Step:
+    return MinHashDedup(**opts, **common)
+
+
+def _exact(opts: dict, common: dict) -> Step:
+    return ExactDedup(**_no_more(opts, "exact_dedup"), **common)
+
+
+def _no_more(opts: dict, step: str) -> dict:
+    if opts:
+        raise ValueError(f"steps.{step}: unknown option(s) {sorted(opts)}")
+    return {}
+
+
+# name -> builder(options, {domains, dropped_writer}); a new step registers here.
+STEP_BUILDERS: dict[str, Callable[[dict, dict], Step]] = {
+    "heuristics": _heuristics, "pii": _pii, "exact_dedup": _exact, "minhash_dedup": _minhash,
+}
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config: no such file {os.fspath(path)!r}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {os.fspath(path)!r}: invalid TOML ({e})") from None
+    return validate_config(config)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    config = {"output": {"dir": "out/data"}, "sources": [{"kind": "embedded"}], "steps": {},
+              "review": {}, "tokenizer": {}, "mixture": {}, **config}
+    for i, src in enumerate(config["sources"]):
+        if src.get("kind") not in SOURCE_KINDS:
+            raise ValueError(f"sources[{i}].kind must be one of {list(SOURCE_KINDS)}, "
+                             f"got {src.get('kind')!r}")
+    order = config["steps"].get("order", DEFAULT_ORDER)
+    for name in order:
+        if name not in STEP_BUILDERS:
+            raise ValueError(f"steps.order: unknown step {name!r}; known: {sorted(STEP_BUILDERS)}")
+    stray = sorted(set(config["steps"]) - {"order"} - set(order))
+    if stray:
+        raise ValueError(f"steps: options given for step(s) {stray} that are not in steps.order")
+    return config
+
+
+def build_steps(config: dict[str, Any], dropped_dir: str | None) -> list[Step]:
+    """The configured steps in order, each with a side file in ``dropped_dir`` unless
+    turned off (``dropped_dir=None`` turns them all off)."""
+    steps = []
+    for name in config["steps"].get("order", DEFAULT_ORDER):
+        opts = dict(config["steps"].get(name, {}))
+        write = opts.pop("write_dropped", True)
+        common = {"domains": opts.pop("domains", None)}
+        if write and dropped_dir is not None:
+            common["dropped_writer"] = DroppedWriter(os.path.join(dropped_dir, f"{name}.jsonl"))
+        try:
+            steps.append(STEP_BUILDERS[name](opts, common))
+        except TypeError as e:  # an unknown keyword reaching a step's constructor
+            raise ValueError(f"steps.{name}: {e}") from None
+    return steps
