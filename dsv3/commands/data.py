@@ -20,6 +20,16 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_quality(args: argparse.Namespace) -> int:
+    from dsv3.data.quality import make_featurizer, read_labeled, train_quality
+    texts, labels = read_labeled(args.data, args.text_field, args.label_field)
+    featurizer = make_featurizer(args.backend, args.encoder)
+    metrics = train_quality(texts, labels, featurizer, args.out, holdout=args.holdout,
+                            threshold=args.threshold, seed=args.seed, epochs=args.epochs)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def register(groups: argparse._SubParsersAction) -> None:
     data = groups.add_parser("data", help="data pipeline: prepare, review, quality classifier")
     commands = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
@@ -30,3 +40,17 @@ def register(groups: argparse._SubParsersAction) -> None:
                    help="skip and count malformed input records instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_prepare)
+
+    q = commands.add_parser("train-quality", help="train the quality classifier on labeled jsonl "
+                            "and report precision/recall on a held-out split")
+    q.add_argument("--data", required=True, help="jsonl with a text and a 0/1 label per line")
+    q.add_argument("--out", required=True, help="directory for the model and metrics.json")
+    q.add_argument("--backend", default="hashed", choices=["hashed", "hf"])
+    q.add_argument("--encoder", help="local HF encoder directory (backend hf)")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--label-field", default="label")
+    q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
+    q.add_argument("--threshold", type=float, default=0.5, help="keep when P(good) >= this")
+    q.add_argument("--epochs", type=int, default=20)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_train_quality)

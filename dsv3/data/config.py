@@ -6,7 +6,8 @@ and so other entry points (the trainer, tests) can build the same steps from a d
     [output]            dir = "out/data"
     [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text", plus reader options
     [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
-    [steps.<name>]      that step's options; ``domains = [...]`` limits it to those
+    [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
+                        from ``dsv3 data train-quality``, and takes ``threshold``); ``domains = [...]`` limits it to those
                         domains, ``write_dropped = false`` turns its side file off
     [review]            per_stratum, seed
     [tokenizer]         vocab_size, min_frequency
@@ -21,6 +22,7 @@ from typing import Any, Callable
 from dsv3.data.dedup import ExactDedup, MinHashDedup
 from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
 from dsv3.data.pii import PiiFilter
+from dsv3.data.quality import QualityFilter
 from dsv3.data.step import DroppedWriter, Step
 
 DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
@@ -44,6 +46,14 @@ def _exact(opts: dict, common: dict) -> Step:
     return ExactDedup(**_no_more(opts, "exact_dedup"), **common)
 
 
+def _quality(opts: dict, common: dict) -> Step:
+    if "model" not in opts:
+        raise ValueError("steps.quality: 'model' (a directory from `dsv3 data train-quality`) "
+                         "is required")
+    return QualityFilter(opts.pop("model"), opts.pop("threshold", 0.5),
+                         **_no_more(opts, "quality"), **common)
+
+
 def _no_more(opts: dict, step: str) -> dict:
     if opts:
         raise ValueError(f"steps.{step}: unknown option(s) {sorted(opts)}")
@@ -53,6 +63,7 @@ def _no_more(opts: dict, step: str) -> dict:
 # name -> builder(options, {domains, dropped_writer}); a new step registers here.
 STEP_BUILDERS: dict[str, Callable[[dict, dict], Step]] = {
     "heuristics": _heuristics, "pii": _pii, "exact_dedup": _exact, "minhash_dedup": _minhash,
+    "quality": _quality,
 }
 
 
