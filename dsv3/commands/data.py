@@ -30,6 +30,27 @@ def _train_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _review(args: argparse.Namespace) -> int:
+    import os
+    from dsv3.data.review import estimate_precision, read_verdicts, verdicts_to_labels
+    items = read_verdicts(args.sample, args.verdicts)
+    strata_path = os.path.join(os.path.dirname(args.sample), "strata.json")
+    if not os.path.exists(strata_path):
+        raise FileNotFoundError(f"--sample: no strata.json next to {args.sample!r}")
+    with open(strata_path) as f:
+        strata = json.load(f)["strata"]
+    report = {"judged": sum(it["verdict"] is not None for it in items), "of": len(items),
+              "steps": estimate_precision(items, strata)}
+    if args.labels_out:
+        rows = verdicts_to_labels(items)
+        with open(args.labels_out, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        report["labels_written"] = len(rows)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def register(groups: argparse._SubParsersAction) -> None:
     data = groups.add_parser("data", help="data pipeline: prepare, review, quality classifier")
     commands = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
@@ -54,3 +75,12 @@ def register(groups: argparse._SubParsersAction) -> None:
     q.add_argument("--epochs", type=int, default=20)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_train_quality)
+
+    r = commands.add_parser("review", help="read spot-check verdicts, estimate each step's "
+                            "precision with a 95%% interval, optionally write classifier labels")
+    r.add_argument("--sample", required=True, help="review/sample.jsonl written by prepare")
+    r.add_argument("--verdicts", help="verdicts.jsonl from the review page (else the "
+                   "'verdict' fields filled in the sample file are used)")
+    r.add_argument("--labels-out", help="write judged documents as {text, label} jsonl "
+                   "for train-quality")
+    r.set_defaults(func=_review)

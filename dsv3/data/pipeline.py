@@ -17,7 +17,7 @@ from dsv3.data.step import Step
 
 
 class Pipeline:
-    def __init__(self, steps: Sequence[Step]) -> None:
+    def __init__(self, steps: Sequence[Step], reviewer=None) -> None:
         names = [s.name for s in steps]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -27,6 +27,8 @@ class Pipeline:
             if not isinstance(s, Step):
                 raise TypeError(f"steps: expected Step instances, got {type(s).__name__}")
         self.steps = list(steps)
+        for s in self.steps:  # a dsv3.data.review.ReviewSampler, or None
+            s.reviewer = reviewer
 
     def run(self, docs: Iterable[Document], *, progress: bool = True,
             total: int | None = None) -> Iterator[Document]:

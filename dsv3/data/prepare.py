@@ -10,6 +10,7 @@ training). Outputs, all under ``[output] dir``:
     tokenizer.json        the byte-level BPE trained on the kept documents
     tokens/               per-domain token arrays + offsets (TokenizedCorpus)
     mixture.json          the schedule the trainer's loader will follow
+    review/               the spot-check sample: sample.jsonl, strata.json, index.html
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from dsv3.data.document import Document
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pipeline import Pipeline
 from dsv3.data.readers import ReaderStats, read_documents
+from dsv3.data.review import ReviewSampler
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -120,12 +122,17 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     reader_stats: list[dict] = []
-    pipeline = Pipeline(build_steps(config, os.path.join(out, "dropped")))
+    review_cfg = dict(config["review"])
+    reviewer = ReviewSampler(review_cfg.pop("per_stratum", 5), review_cfg.pop("seed", 0))
+    if review_cfg:
+        raise ValueError(f"review: unknown option(s) {sorted(review_cfg)}")
+    pipeline = Pipeline(build_steps(config, os.path.join(out, "dropped")), reviewer=reviewer)
     try:
         docs = pipeline.run(read_sources(config, skip_malformed, reader_stats), progress=progress)
         kept = _write_kept(docs, os.path.join(out, "kept"))
     finally:
         pipeline.close()
+    review = reviewer.write(os.path.join(out, "review"))
     if not kept:
         raise ValueError("no documents were kept: see dropped/ and the step stats")
     t_steps = time.perf_counter()
@@ -149,7 +156,7 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
     with open(os.path.join(out, "mixture.json"), "w") as f:
         json.dump(mixture, f, indent=2)
     return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
-        "readers": reader_stats, "kept_by_domain": kept, "tokens": manifest,
+        "readers": reader_stats, "kept_by_domain": kept, "review": review, "tokens": manifest,
         "mixture": mixture,
         "seconds": {"steps": round(t_steps - t0, 3), "tokenize": round(t_tokens - t_steps, 3)},
     })

@@ -88,6 +88,8 @@ class Step:
         self.domains = frozenset(domains) if domains is not None else None
         self.dropped_writer = dropped_writer
         self.stats = StepStats()
+        # set by the pipeline when a spot-check sample is wanted (dsv3.data.review)
+        self.reviewer = None
 
     # --- the per-document decision -------------------------------------------------------
     def apply(self, doc: Document) -> Document | str:
@@ -100,10 +102,14 @@ class Step:
     # --- bookkeeping shared by every step ------------------------------------------------
     def keep(self, doc: Document) -> Document:
         self.stats.kept += 1
+        if self.reviewer is not None:
+            self.reviewer.offer(self.name, "kept", None, doc)
         return doc
 
     def drop(self, doc: Document, reason: str) -> None:
         self.stats.dropped[reason] += 1
+        if self.reviewer is not None:
+            self.reviewer.offer(self.name, "dropped", reason, doc)
         doc.metadata["drop_step"] = self.name
         doc.metadata["drop_reason"] = reason
         if self.dropped_writer is not None:
@@ -115,8 +121,9 @@ class Step:
     def run(self, docs: Iterable[Document]) -> Iterator[Document]:
         for doc in docs:
             self.stats.seen += 1
-            if not self.applies_to(doc):
-                yield self.keep(doc)
+            if not self.applies_to(doc):  # passed through unjudged: not a review candidate
+                self.stats.kept += 1
+                yield doc
                 continue
             result = self.apply(doc)
             if isinstance(result, str):
