@@ -11,6 +11,10 @@ def _prepare(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.out:
         config["output"]["dir"] = args.out
+    if args.backend:
+        config["scale"]["backend"] = args.backend
+    if args.num_proc:
+        config["scale"]["num_proc"] = args.num_proc
     stats = prepare(config, progress=not args.no_progress, skip_malformed=args.skip_malformed)
     summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
                for name, s in stats["steps"].items()}
@@ -60,6 +64,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed input records instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backend", choices=["serial", "datasets", "spark"],
+                   help="where per-document steps run (overrides [scale] backend)")
+    p.add_argument("--num-proc", type=int, help="processes / Spark cores (overrides [scale])")
     p.set_defaults(func=_prepare)
 
     q = commands.add_parser("train-quality", help="train the quality classifier on labeled jsonl "

@@ -12,6 +12,7 @@ and so other entry points (the trainer, tests) can build the same steps from a d
     [review]            per_stratum, seed
     [tokenizer]         vocab_size, min_frequency
     [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
+    [scale]             backend = "serial" | "datasets" | "spark", num_proc
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from dsv3.data.step import DroppedWriter, Step
 
 DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text")
-SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture")
+SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture", "scale")
+SCALE_BACKENDS = ("serial", "datasets", "spark")
 
 
 def _heuristics(opts: dict, common: dict) -> Step:
@@ -83,7 +85,12 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
     config = {"output": {"dir": "out/data"}, "sources": [{"kind": "embedded"}], "steps": {},
-              "review": {}, "tokenizer": {}, "mixture": {}, **config}
+              "review": {}, "tokenizer": {}, "mixture": {}, "scale": {}, **config}
+    scale = {"backend": "serial", "num_proc": 1, **config["scale"]}
+    if scale["backend"] not in SCALE_BACKENDS or set(scale) != {"backend", "num_proc"}:
+        raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)} and num_proc, "
+                         f"got {config['scale']}")
+    config["scale"] = scale
     for i, src in enumerate(config["sources"]):
         if src.get("kind") not in SOURCE_KINDS:
             raise ValueError(f"sources[{i}].kind must be one of {list(SOURCE_KINDS)}, "

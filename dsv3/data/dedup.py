@@ -33,6 +33,7 @@ def normalized_digest(text: str) -> bytes:
 
 class ExactDedup(Step):
     name = "exact_dedup"
+    stateful = True
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -51,6 +52,7 @@ class MinHashDedup(Step):
     near-duplicate; ``ngram``: words per shingle; ``num_perm``: signature length."""
 
     name = "minhash_dedup"
+    stateful = True
 
     def __init__(self, threshold: float = 0.8, ngram: int = 5, num_perm: int = 128,
                  seed: int = 1, **kwargs) -> None:

@@ -30,6 +30,7 @@ from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pipeline import Pipeline
 from dsv3.data.readers import ReaderStats, read_documents
 from dsv3.data.review import ReviewSampler
+from dsv3.data.scale import run_scaled
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -128,7 +129,14 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
         raise ValueError(f"review: unknown option(s) {sorted(review_cfg)}")
     pipeline = Pipeline(build_steps(config, os.path.join(out, "dropped")), reviewer=reviewer)
     try:
-        docs = pipeline.run(read_sources(config, skip_malformed, reader_stats), progress=progress)
+        sources = read_sources(config, skip_malformed, reader_stats)
+        scale = config["scale"]
+        if scale["backend"] == "serial":
+            docs = pipeline.run(sources, progress=progress)
+        else:
+            docs = run_scaled(sources, pipeline.steps, config["steps"], scale["backend"],
+                              scale["num_proc"])
+            docs = _bar(docs, desc="documents kept") if progress else docs
         kept = _write_kept(docs, os.path.join(out, "kept"))
     finally:
         pipeline.close()

@@ -82,6 +82,9 @@ class Step:
     pass through untouched (code should not be held to English prose rules)."""
 
     name = "step"
+    # True for steps whose decision depends on earlier documents (dedup): they cannot
+    # be spread over workers (dsv3.data.scale) and run in the driver
+    stateful = False
 
     def __init__(self, *, domains: Iterable[str] | None = None,
                  dropped_writer: DroppedWriter | None = None) -> None:

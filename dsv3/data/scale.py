@@ -1,0 +1,155 @@
+"""Scale-out: the per-document steps on HF ``datasets.map(num_proc=...)`` or Apache
+Spark, with output identical to the plain generator chain.
+
+Only steps that judge each document alone (heuristics, PII, quality) are spread out;
+the leading run of them in the configured order goes to the workers, and the rest
+(dedup, which must see every earlier document) runs in the driver afterwards.
+
+Workers build their own copies of the steps from the config (step objects hold
+writers and counters that do not travel), apply them to each row and return, with
+the processed row, a small record: which step dropped it and why, each step's
+"modified" counts for it, and the text after every step that changed it. The driver
+then replays those records through its own step objects in the original order, so
+counters, side files and the spot-check sample come out exactly as a local run makes
+them, whatever the number of processes or partitions.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+from dsv3.data.config import build_steps
+from dsv3.data.document import Document
+from dsv3.data.step import Step
+
+# "inline" runs the workers' code path in this process: the replay without the cluster
+BACKENDS = ("inline", "datasets", "spark")
+
+_WORKER_STEPS: dict[str, list[Step]] = {}  # per process: steps built once per config
+
+
+def split_steps(steps: list[Step]) -> tuple[list[Step], list[Step]]:
+    """(leading per-document steps, the rest)."""
+    n = 0
+    while n < len(steps) and not steps[n].stateful:
+        n += 1
+    return steps[:n], steps[n:]
+
+
+def _worker_steps(steps_config: dict) -> list[Step]:
+    key = json.dumps(steps_config, sort_keys=True)
+    steps = _WORKER_STEPS.get(key)
+    if steps is None:
+        steps = split_steps(build_steps({"steps": steps_config}, dropped_dir=None))[0]
+        _WORKER_STEPS[key] = steps
+    return steps
+
+
+def process_row(row: dict, steps: list[Step]) -> dict:
+    """Apply the per-document steps to one row; returns the row as it leaves them and
+    the record the driver replays."""
+    doc = Document(row["id"], row["text"], row["domain"], json.loads(row["metadata"]))
+    record: dict[str, Any] = {"dropped_by": None, "reason": None, "modified": {}, "texts": {}}
+    for step in steps:
+        if not step.applies_to(doc):
+            continue
+        before, text = Counter(step.stats.modified), doc.text
+        result = step.apply(doc)
+        delta = step.stats.modified - before
+        if delta:
+            record["modified"][step.name] = dict(delta)
+        if isinstance(result, str):
+            record["dropped_by"], record["reason"] = step.name, result
+            break
+        doc = result
+        if doc.text != text:
+            record["texts"][step.name] = doc.text
+    return {"id": doc.id, "text": doc.text, "domain": doc.domain,
+            "metadata": json.dumps(doc.metadata, ensure_ascii=False),
+            "record": json.dumps(record, ensure_ascii=False)}
+
+
+def _rows(docs: Iterable[Document]) -> list[dict]:
+    return [{"id": d.id, "text": d.text, "domain": d.domain,
+             "metadata": json.dumps(d.metadata, ensure_ascii=False)} for d in docs]
+
+
+def _map_batch(batch: dict, steps_config: dict) -> dict:
+    steps = _worker_steps(steps_config)
+    out = [process_row(dict(zip(batch, values)), steps) for values in zip(*batch.values())]
+    return {k: [r[k] for r in out] for k in ("id", "text", "domain", "metadata", "record")}
+
+
+def _on_datasets(rows: list[dict], steps_config: dict, num_proc: int) -> Iterator[dict]:
+    import datasets
+    ds = datasets.Dataset.from_list(rows)
+    mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
+                    fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
+                    load_from_cache_file=False)
+    yield from mapped
+
+
+def _on_spark(rows: list[dict], steps_config: dict, num_proc: int) -> Iterator[dict]:
+    import os
+    import sys
+    from pyspark.sql import SparkSession
+    # Spark's Python workers must be this interpreter (same packages), not `python3`
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (SparkSession.builder.master(f"local[{num_proc}]").appName("dsv3-data")
+             .config("spark.ui.enabled", "false").getOrCreate())
+
+    def partition(it):
+        steps = _worker_steps(steps_config)
+        for row in it:
+            yield process_row(row, steps)
+
+    # parallelize keeps the list order across partitions and collect() returns it
+    yield from spark.sparkContext.parallelize(rows, max(num_proc * 2, 1)).mapPartitions(
+        partition).collect()
+
+
+def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
+               backend: str, num_proc: int) -> Iterator[Document]:
+    """Like chaining ``steps`` over ``docs``, with the leading per-document steps run
+    on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    mapped_steps, rest = split_steps(steps)
+    rows = _rows(docs)
+    if backend == "datasets":
+        results = _on_datasets(rows, steps_config, num_proc)
+    elif backend == "spark":
+        results = _on_spark(rows, steps_config, num_proc)
+    else:
+        local = _worker_steps(steps_config)
+        results = (process_row(r, local) for r in rows)
+    stream: Iterable[Document] = _replay(rows, results, mapped_steps)
+    for step in rest:
+        stream = step(stream)
+    yield from stream
+
+
+def _replay(inputs: list[dict], results: Iterable[dict], steps: list[Step]) -> Iterator[Document]:
+    """Drive the driver's step objects through the workers' records, in input order."""
+    for src, out in zip(inputs, results, strict=True):
+        rec = json.loads(out["record"])
+        doc = Document(src["id"], src["text"], src["domain"], json.loads(src["metadata"]))
+        final_meta = json.loads(out["metadata"])
+        for step in steps:
+            step.stats.seen += 1
+            if not step.applies_to(doc):
+                step.stats.kept += 1
+                continue
+            step.stats.modified.update(rec["modified"].get(step.name, {}))
+            if rec["dropped_by"] == step.name:
+                doc.metadata = final_meta  # what earlier steps had learned by then
+                step.drop(doc, rec["reason"])
+                break
+            if step.name in rec["texts"]:
+                doc = Document(doc.id, rec["texts"][step.name], doc.domain, doc.metadata)
+            step.keep(doc)
+        else:
+            yield Document(out["id"], out["text"], out["domain"], final_meta)
