@@ -36,7 +36,8 @@ def test_step_counts_and_writes_dropped_with_reason(tmp_path):
     step.dropped_writer.close()
     assert [d.id for d in kept] == ["1", "3"]
     assert step.stats.to_dict() == {"seen": 4, "kept": 2, "dropped": 2,
-                                    "dropped_by_reason": {"short": 2}, "modified_by_reason": {}}
+                                    "dropped_by_reason": {"short": 2}, "modified_by_reason": {},
+                                    "counts": {}}
     lines = [json.loads(x) for x in side.read_text().splitlines()]
     assert [(x["step"], x["reason"], x["document"]["id"]) for x in lines] == [
         ("drop_short", "short", "0"), ("drop_short", "short", "2")]

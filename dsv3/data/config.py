@@ -9,6 +9,7 @@ and so other entry points (the trainer, tests) can build the same steps from a d
     [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
                         from ``dsv3 data train-quality``, and takes ``threshold``); ``domains = [...]`` limits it to those
                         domains, ``write_dropped = false`` turns its side file off
+                        ``augment`` takes rate, seed and lexicon = a TSV path or "learned"
     [review]            per_stratum, seed
     [tokenizer]         vocab_size, min_frequency
     [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
@@ -20,6 +21,7 @@ import os
 import tomllib
 from typing import Any, Callable
 
+from dsv3.data.augment import Augmenter, Lexicon
 from dsv3.data.dedup import ExactDedup, MinHashDedup
 from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
 from dsv3.data.pii import PiiFilter
@@ -56,6 +58,21 @@ def _quality(opts: dict, common: dict) -> Step:
                          **_no_more(opts, "quality"), **common)
 
 
+def _augment(opts: dict, common: dict) -> Step:
+    lexicon = opts.pop("lexicon", None)
+    if isinstance(lexicon, str):
+        if lexicon == "learned":  # prepare replaces it by the learned table before this
+            raise ValueError("steps.augment.lexicon = 'learned' is resolved by prepare; "
+                             "build the Lexicon with Lexicon.learn() when calling build_steps")
+        lexicon = Lexicon.from_tsv(lexicon)
+    elif isinstance(lexicon, dict):
+        lexicon = Lexicon(lexicon)
+    elif lexicon is not None:
+        raise ValueError(f"steps.augment.lexicon: expected a TSV path or 'learned', got {lexicon!r}")
+    return Augmenter(lexicon, opts.pop("rate", 0.15), opts.pop("seed", 0),
+                     **_no_more(opts, "augment"), **common)
+
+
 def _no_more(opts: dict, step: str) -> dict:
     if opts:
         raise ValueError(f"steps.{step}: unknown option(s) {sorted(opts)}")
@@ -65,7 +82,7 @@ def _no_more(opts: dict, step: str) -> dict:
 # name -> builder(options, {domains, dropped_writer}); a new step registers here.
 STEP_BUILDERS: dict[str, Callable[[dict, dict], Step]] = {
     "heuristics": _heuristics, "pii": _pii, "exact_dedup": _exact, "minhash_dedup": _minhash,
-    "quality": _quality,
+    "quality": _quality, "augment": _augment,
 }
 
 

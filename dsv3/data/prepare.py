@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
+from dsv3.data.augment import Augmenter, Lexicon
 from dsv3.data.config import build_steps
 from dsv3.data.corpus import DOMAINS, embedded_corpus
 from dsv3.data.document import Document
@@ -117,8 +118,19 @@ def _mixture(config: dict, manifest: dict) -> dict:
     return out
 
 
+def _resolve_learned_lexicon(config: dict, skip_malformed: bool, max_docs: int = 20_000) -> None:
+    """``lexicon = "learned"``: learn neighbours from (up to ``max_docs`` of) the sources
+    in a first pass and put the table in the config, where every worker can read it."""
+    augment = config["steps"].get("augment", {})
+    if augment.get("lexicon") == "learned":
+        texts = [d.text for d in itertools.islice(read_sources(config, skip_malformed, []),
+                                                  max_docs)]
+        config["steps"]["augment"] = {**augment, "lexicon": Lexicon.learn(texts).synonyms}
+
+
 def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
     """Run the whole preparation; returns what it wrote to ``stats.json``."""
+    _resolve_learned_lexicon(config, skip_malformed)
     out = config["output"]["dir"]
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
@@ -164,7 +176,9 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
     with open(os.path.join(out, "mixture.json"), "w") as f:
         json.dump(mixture, f, indent=2)
     return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
-        "readers": reader_stats, "kept_by_domain": kept, "review": review, "tokens": manifest,
+        "readers": reader_stats, "kept_by_domain": kept, "review": review,
+        "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}
+                         for s in pipeline.steps if isinstance(s, Augmenter)}, "tokens": manifest,
         "mixture": mixture,
         "seconds": {"steps": round(t_steps - t0, 3), "tokenize": round(t_tokens - t_steps, 3)},
     })

@@ -50,15 +50,17 @@ def process_row(row: dict, steps: list[Step]) -> dict:
     """Apply the per-document steps to one row; returns the row as it leaves them and
     the record the driver replays."""
     doc = Document(row["id"], row["text"], row["domain"], json.loads(row["metadata"]))
-    record: dict[str, Any] = {"dropped_by": None, "reason": None, "modified": {}, "texts": {}}
+    record: dict[str, Any] = {"dropped_by": None, "reason": None, "modified": {}, "counts": {},
+                              "texts": {}}
     for step in steps:
         if not step.applies_to(doc):
             continue
-        before, text = Counter(step.stats.modified), doc.text
+        before, counts, text = Counter(step.stats.modified), Counter(step.stats.counts), doc.text
         result = step.apply(doc)
-        delta = step.stats.modified - before
-        if delta:
-            record["modified"][step.name] = dict(delta)
+        for key, now, then in (("modified", step.stats.modified, before),
+                               ("counts", step.stats.counts, counts)):
+            if now - then:
+                record[key][step.name] = dict(now - then)
         if isinstance(result, str):
             record["dropped_by"], record["reason"] = step.name, result
             break
@@ -144,6 +146,7 @@ def _replay(inputs: list[dict], results: Iterable[dict], steps: list[Step]) -> I
                 step.stats.kept += 1
                 continue
             step.stats.modified.update(rec["modified"].get(step.name, {}))
+            step.stats.counts.update(rec["counts"].get(step.name, {}))
             if rec["dropped_by"] == step.name:
                 doc.metadata = final_meta  # what earlier steps had learned by then
                 step.drop(doc, rec["reason"])

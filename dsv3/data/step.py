@@ -30,6 +30,7 @@ class StepStats:
         self.kept = 0
         self.dropped: Counter[str] = Counter()
         self.modified: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # step-specific tallies (sentences seen, ...)
 
     def merge(self, other: "StepStats") -> None:
         """Add another shard's counts (a worker process, a Spark partition)."""
@@ -37,12 +38,14 @@ class StepStats:
         self.kept += other.kept
         self.dropped.update(other.dropped)
         self.modified.update(other.modified)
+        self.counts.update(other.counts)
 
     def to_dict(self) -> dict:
         return {"seen": self.seen, "kept": self.kept,
                 "dropped": sum(self.dropped.values()),
                 "dropped_by_reason": dict(sorted(self.dropped.items())),
-                "modified_by_reason": dict(sorted(self.modified.items()))}
+                "modified_by_reason": dict(sorted(self.modified.items())),
+                "counts": dict(sorted(self.counts.items()))}
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepStats":
@@ -50,6 +53,7 @@ class StepStats:
         s.seen, s.kept = d["seen"], d["kept"]
         s.dropped.update(d["dropped_by_reason"])
         s.modified.update(d["modified_by_reason"])
+        s.counts.update(d.get("counts", {}))
         return s
 
 
