@@ -49,8 +49,10 @@ def test_passing_documents_pass():
     # the same line over and over
     ((good_english(3) + "\n") + "\n".join(["The river carried cold water from the far mountains."] * 20), "gopher_dup_lines"),
     # a repeated 5-word run inside lines that are otherwise distinct
-    ("\n".join(f"Line {i} says the river carried cold water again {i}." for i in range(40)),
-     "gopher_top_2gram"),
+    ("\n".join(f"Line {i} says the river and the sea carried cold water again {i}." for i in range(40)),
+     "gopher_top_3gram"),
+    # one line repeated once: few duplicate lines, but over FineWeb's 1% of characters
+    (good_english() + "\n" + good_english().split("\n")[0], "fineweb_char_dup"),
 ])
 def test_each_rule_fires(text, reason):
     assert check(TextView(text), HeuristicRules()) == reason

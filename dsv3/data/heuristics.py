@@ -60,6 +60,7 @@ class HeuristicRules:
     max_short_line_fraction: float | None = 0.67
     short_line_chars: int = 30
     max_newline_word_ratio: float | None = 0.3
+    max_line_char_dup_fraction: float | None = 0.01
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeuristicRules":
@@ -160,14 +161,16 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
         if alpha / n_words < r.min_alpha_word_fraction:
             return "gopher_alpha_words"
     if r.min_stop_words is not None:
+        # distinct stop words, as in Gopher ("at least two of the following words")
         stops = ZH_STOP_WORDS if zh else EN_STOP_WORDS
-        found = 0
+        found: set[str] = set()
         for w in words:
-            if (w if zh else w.lower()) in stops:
-                found += 1
-                if found >= r.min_stop_words:
+            w = w if zh else w.lower()
+            if w in stops:
+                found.add(w)
+                if len(found) >= r.min_stop_words:
                     break
-        if found < r.min_stop_words:
+        if len(found) < r.min_stop_words:
             return "gopher_stop_words"
     if lines:
         if (r.min_line_punct_fraction is not None and
@@ -185,6 +188,11 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
         return "gopher_dup_lines"
     if r.max_dup_line_char_fraction is not None and dup_line_chars > r.max_dup_line_char_fraction:
         return "gopher_dup_line_chars"
+    if r.max_line_char_dup_fraction is not None and lines:
+        # FineWeb's variant: duplicated-line characters over all non-newline characters
+        ratio = dup_line_chars * sum(map(len, lines)) / max(len(text) - text.count("\n"), 1)
+        if ratio > r.max_line_char_dup_fraction:
+            return "fineweb_char_dup"
     dup_paras, dup_para_chars = _dup_fraction(view.paragraphs)
     if r.max_dup_paragraph_fraction is not None and dup_paras > r.max_dup_paragraph_fraction:
         return "gopher_dup_paragraphs"
