@@ -95,3 +95,19 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "heuristics: unknown rule(s) ['min_wrods']" in capsys.readouterr().err
     assert main(["data", "prepare", "--config", str(tmp_path / "none.toml")]) == 2
     assert "--config: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo", "deepseek_v3_recipe"])
+def test_shipped_configs_validate(name):
+    from dsv3.data.config import build_steps, builtin_configs, load_config
+    from dsv3.data.mixture import MixtureSchedule
+    assert name in builtin_configs()
+    config = load_config(name)
+    build_steps(config, dropped_dir=None)
+    mix = config["mixture"]
+    schedule = MixtureSchedule(mix["weights"], mix["total_tokens"])
+    if name == "deepseek_v3_recipe":
+        assert len(schedule.domains) == 12
+        tech = schedule.domains.index("tech")
+        assert schedule.weights_at(0.0)[tech] == pytest.approx(0.25)
+        assert schedule.weights_at(1.0)[tech] == pytest.approx(0.18)

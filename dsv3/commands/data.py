@@ -59,7 +59,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     data = groups.add_parser("data", help="data pipeline: prepare, review, quality classifier")
     commands = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     p = commands.add_parser("prepare", help="run the pipeline from a TOML config")
-    p.add_argument("--config", required=True, help="TOML file (see dsv3/data/config.py)")
+    p.add_argument("--config", required=True, help="TOML file (see dsv3/data/config.py) or a "
+                   "shipped config's name: demo, deepseek_v3_recipe")
     p.add_argument("--out", help="output directory (overrides [output] dir)")
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed input records instead of stopping")

@@ -86,12 +86,23 @@ STEP_BUILDERS: dict[str, Callable[[dict, dict], Step]] = {
 }
 
 
+BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(BUILTIN_DIR) if f.endswith(".toml"))
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file, or the name of a shipped one (``demo``, ``deepseek_v3_recipe``)."""
+    if not os.path.exists(path) and os.fspath(path) in builtin_configs():
+        path = os.path.join(BUILTIN_DIR, f"{os.fspath(path)}.toml")
     try:
         with open(path, "rb") as f:
             config = tomllib.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--config: no such file {os.fspath(path)!r}") from None
+        raise FileNotFoundError(f"--config: no such file {os.fspath(path)!r} (shipped configs: "
+                                f"{builtin_configs()})") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {os.fspath(path)!r}: invalid TOML ({e})") from None
     return validate_config(config)
