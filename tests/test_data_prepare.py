@@ -66,6 +66,7 @@ def test_loader_over_prepared_output_follows_configured_mixture(tmp_path):
     cfg = _config(tmp_path, extra="""
 [mixture]
 total_tokens = 100000
+max_chunk_tokens = 128
 [mixture.weights]
 reference = [0.6, 0.2]
 docstrings = [0.3, 0.5]
@@ -79,10 +80,12 @@ web = [0.1, 0.3]
         assert batch["input_ids"].shape == (8, 64)
         assert int(batch["input_ids"].max()) < 400
         counts += torch.bincount(batch["domain_ids"].flatten(), minlength=3)
-        if i == 19:  # 10k tokens: progress 0 -> 0.1, reference share ~0.6 -> 0.56
+        if i == 39:
             break
-    share = counts / counts.sum()
-    assert abs(share[0].item() - 0.58) < 0.02, share
+    n = int(counts.sum())  # 20480 tokens: progress 0 -> 0.2, reference 0.6 -> 0.52
+    expected = torch.tensor(loader.schedule.mean_weights(0, n), dtype=torch.float32)
+    # the deficit sampler stays within about a chunk per domain of its target
+    assert torch.allclose(counts / n, expected, atol=3 * 128 / n), (counts / n, expected)
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):
