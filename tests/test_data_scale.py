@@ -58,6 +58,7 @@ def test_inline_and_datasets_match_serial(tmp_path):
     _check_same(serial, _run("datasets", tmp_path, num_proc=2))
 
 
+@pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
 def test_spark_matches_serial(tmp_path):
     pytest.importorskip("pyspark", reason="pyspark is an optional dependency (the data extra)")
     if shutil.which("java") is None:
