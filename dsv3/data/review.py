@@ -103,7 +103,8 @@ def render_html(items: list[dict], max_chars: int = 4000) -> str:
         radios = "".join(f'<label><input type="radio" name="v{i}" value="{v}"> {v}</label> '
                          for v in VERDICTS)
         parts.append(f'<div class="item" data-id="{rid}"><b>{html.escape(it["step"])}</b> '
-                     f'{html.escape(it["decision"])} ({html.escape(it["reason"] or "")}) · '
+                     f'{html.escape(it["decision"])}'
+                     f'{" (" + html.escape(it["reason"]) + ")" if it["reason"] else ""} · '
                      f'{html.escape(it["domain"])} · {html.escape(it["id"])}<br>{radios}'
                      f'<pre>{html.escape(text)}</pre></div>')
     return _PAGE.format(items="\n".join(parts))
