@@ -75,6 +75,7 @@ web = [0.1, 0.3]
     assert main(["data", "prepare", "--config", str(cfg), "--no-progress",
                  "--skip-malformed"]) == 0
     loader = PackedLoader.from_prepared(str(tmp_path / "out"), seq_len=63, batch_size=8)
+    assert loader.vocab_size == 400 and loader.eos_id == 0  # the BPE's one special token
     counts = torch.zeros(3)
     for i, batch in enumerate(loader):
         assert batch["input_ids"].shape == (8, 64)

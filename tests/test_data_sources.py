@@ -76,6 +76,7 @@ def test_parquet_and_text_readers(tmp_path):
     (tmp_path / "b.txt").write_text("other file")
     docs = list(read_documents(str(tmp_path / "*.txt"), format="text", default_domain="books"))
     assert [d.text.strip() for d in docs] == ["line one\nline two", "other file"]
+    assert [d.id for d in docs] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
     assert {d.domain for d in docs} == {"books"}
 
 

@@ -135,6 +135,15 @@ class PackedLoader:
         return cls(corpus, schedule, seq_len, batch_size, seed=mix["seed"],
                    max_chunk_tokens=mix["max_chunk_tokens"], num_workers=num_workers)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.corpus.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-text token closing every document (the model's vocabulary needs it)."""
+        return self.corpus.eos_id
+
     def state_dict(self) -> dict:
         return {"batches_done": self.batches_done, **self.settings}
 

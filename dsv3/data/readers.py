@@ -93,11 +93,11 @@ def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     stats = stats if stats is not None else ReaderStats()
     for path in _expand(paths):
-        base = os.path.basename(path)
         for line_no, record, error in _records(path, format):
+            # the location doubles as the default id: unique across files and directories
             where = f"{path}:{line_no}" if format != "text" else path
             if error is None:
-                result = _record_to_doc(record, where, f"{base}:{line_no}", text_field,
+                result = _record_to_doc(record, where, where, text_field,
                                         domain_field, default_domain)
             else:
                 result = error
@@ -142,4 +142,4 @@ def _records(path: str, format: str) -> Iterator[tuple[int, object, str | None]]
     else:  # text: the whole file is one document
         ds = datasets.load_dataset("text", data_files=path, split="train", sample_by="document")
         for i, row in enumerate(ds, start=1):
-            yield i, {"text": row["text"], "id": os.path.basename(path)}, None
+            yield i, {"text": row["text"]}, None
