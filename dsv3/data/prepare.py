@@ -106,7 +106,7 @@ def _mixture(config: dict, manifest: dict) -> dict:
         # shares must sum to exactly 1 within 1e-6: give the rounding to the largest
         biggest = max(weights, key=weights.get)
         weights[biggest] += 1.0 - sum(weights.values())
-    missing = sorted(d for d, w in weights.items() if d not in tokens and w != 0)
+    missing = sorted(d for d in weights if d not in tokens)
     if missing:
         raise ValueError(f"mixture.weights: domains {missing} have no kept documents "
                          f"(kept: {sorted(tokens)})")
