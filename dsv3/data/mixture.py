@@ -83,10 +83,16 @@ class MixtureSchedule:
         lo, hi = self._rows[k], self._rows[k + 1]
         return [a + (c - a) * t for a, c in zip(lo, hi)]
 
+    def weights_at_many(self, progress: np.ndarray) -> np.ndarray:
+        """Shares at many progress points at once: [len(progress), n_domains]."""
+        p = np.clip(np.asarray(progress, dtype=np.float64), 0.0, 1.0)
+        return np.stack([np.interp(p, self.breakpoints, self.table[:, d])
+                         for d in range(len(self.domains))], axis=1)
+
     def mean_weights(self, start_token: int, end_token: int, samples: int = 513) -> np.ndarray:
         """Average share of each domain over a token range (what a window should hold)."""
         xs = np.linspace(start_token, end_token, samples) / self.total_tokens
-        return np.array([self.weights_at(x) for x in xs]).mean(axis=0)
+        return self.weights_at_many(xs).mean(axis=0)
 
 
 @dataclass
