@@ -87,3 +87,21 @@ def test_reader_argument_errors(tmp_path):
         list(read_documents("x", on_error="ignore"))
     with pytest.raises(FileNotFoundError, match="paths: nothing matches"):
         list(read_documents(str(tmp_path / "missing*.jsonl")))
+
+
+def test_hf_dataset_reader_through_load_dataset(tmp_path):
+    """kind "hf" is datasets.load_dataset: here the parquet builder over local files
+    (a hub name goes the same way where a network exists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dsv3.data.readers import read_hf_dataset
+    pq.write_table(pa.table({"body": ["one", "two", None]}), tmp_path / "x.parquet")
+    with pytest.raises(MalformedRecordError, match=r"parquet \[train\], row 3: missing field 'body'"):
+        list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"), text_field="body"))
+    stats = ReaderStats()
+    docs = list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"),
+                                text_field="body", default_domain="web", on_error="skip",
+                                stats=stats))
+    assert [(d.id, d.text, d.domain) for d in docs] == [("parquet[train]:1", "one", "web"),
+                                                         ("parquet[train]:2", "two", "web")]
+    assert stats.to_dict()["skipped"] == 1

@@ -4,7 +4,8 @@ Kept apart from the runner so a config error names its key before any work start
 and so other entry points (the trainer, tests) can build the same steps from a dict.
 
     [output]            dir = "out/data"
-    [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text", plus reader options
+    [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text" | "hf" (any
+                        datasets.load_dataset name), plus reader options
     [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
     [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
                         from ``dsv3 data train-quality``, and takes ``threshold``); ``domains = [...]`` limits it to those
@@ -29,7 +30,7 @@ from dsv3.data.quality import QualityFilter
 from dsv3.data.step import DroppedWriter, Step
 
 DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
-SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text")
+SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf")
 SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture", "scale")
 SCALE_BACKENDS = ("serial", "datasets", "spark")
 

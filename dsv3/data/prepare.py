@@ -29,7 +29,7 @@ from dsv3.data.corpus import DOMAINS, embedded_corpus
 from dsv3.data.document import Document
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pipeline import Pipeline
-from dsv3.data.readers import ReaderStats, read_documents
+from dsv3.data.readers import ReaderStats, read_documents, read_hf_dataset
 from dsv3.data.review import ReviewSampler
 from dsv3.data.scale import run_scaled
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
@@ -39,6 +39,8 @@ _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 _READER_OPTIONS = frozenset({"paths", "text_field", "domain_field", "default_domain", "on_error"})
 _EMBEDDED_OPTIONS = frozenset({"domains", "max_docs_per_domain"})
+_HF_OPTIONS = frozenset({"name", "config", "split", "data_files", "streaming", "text_field",
+                         "domain_field", "default_domain", "on_error"})
 
 
 def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Iterator[Document]:
@@ -46,7 +48,7 @@ def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Itera
     for i, src in enumerate(config["sources"]):
         src = dict(src)
         kind = src.pop("kind")
-        allowed = _EMBEDDED_OPTIONS if kind == "embedded" else _READER_OPTIONS
+        allowed = {"embedded": _EMBEDDED_OPTIONS, "hf": _HF_OPTIONS}.get(kind, _READER_OPTIONS)
         unknown = sorted(set(src) - allowed)
         if unknown:
             raise ValueError(f"sources[{i}]: unknown option(s) {unknown} for kind {kind!r}; "
@@ -54,11 +56,17 @@ def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Itera
         if kind == "embedded":
             yield from embedded_corpus(src.get("domains", DOMAINS), src.get("max_docs_per_domain"))
             continue
-        if "paths" not in src:
-            raise ValueError(f"sources[{i}]: 'paths' is required for kind {kind!r}")
         if skip_malformed:
             src["on_error"] = "skip"
         reader_stats = ReaderStats()
+        if kind == "hf":
+            if "name" not in src:
+                raise ValueError(f"sources[{i}]: 'name' is required for kind 'hf'")
+            yield from read_hf_dataset(src.pop("name"), stats=reader_stats, **src)
+            stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
+            continue
+        if "paths" not in src:
+            raise ValueError(f"sources[{i}]: 'paths' is required for kind {kind!r}")
         yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats, **src)
         stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
 

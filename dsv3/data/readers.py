@@ -1,4 +1,5 @@
-"""Readers for user data: local jsonl, parquet and text files through HF ``datasets``.
+"""Readers for user data: local jsonl, parquet and text files, and any HF ``datasets``
+dataset (a hub name where a network exists, or a builder over local files).
 
 Every record becomes a :class:`Document` whose id names its file and line (or row),
 so any later drop, PII hit or review verdict can be traced back to the source.
@@ -93,24 +94,47 @@ def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     stats = stats if stats is not None else ReaderStats()
     for path in _expand(paths):
-        for line_no, record, error in _records(path, format):
-            # the location doubles as the default id: unique across files and directories
-            where = f"{path}:{line_no}" if format != "text" else path
-            if error is None:
-                result = _record_to_doc(record, where, where, text_field,
-                                        domain_field, default_domain)
-            else:
-                result = error
-            if isinstance(result, str):
-                if on_error == "raise":
-                    what = "line" if format == "jsonl" else "row"
-                    raise MalformedRecordError(
-                        f"{path}, {what} {line_no}: {result} (pass on_error='skip' / "
-                        f"--skip-malformed to skip and count such records)")
-                stats.skip(where, result.split(":")[0])
-                continue
-            stats.read += 1
-            yield result
+        what = "line" if format == "jsonl" else "row"
+        located = ((f"{path}:{n}" if format != "text" else path, f"{path}, {what} {n}", record,
+                    error) for n, record, error in _records(path, format))
+        yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
+
+
+def read_hf_dataset(name: str, *, config: str | None = None, split: str = "train",
+                    data_files=None, streaming: bool = True, text_field: str = "text",
+                    domain_field: str | None = "domain", default_domain: str = "default",
+                    on_error: str = "raise", stats: ReaderStats | None = None
+                    ) -> Iterator[Document]:
+    """Documents from ``datasets.load_dataset(name, config, split=...)``: a hub name
+    where a network exists, or a builder such as "parquet" with local ``data_files``.
+    Streaming by default, so a large hub dataset is read as it is processed."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    import datasets
+    stats = stats if stats is not None else ReaderStats()
+    ds = datasets.load_dataset(name, config, split=split, data_files=data_files,
+                               streaming=streaming)
+    located = ((f"{name}[{split}]:{n}", f"{name} [{split}], row {n}", row, None)
+               for n, row in enumerate(ds, start=1))
+    yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
+
+
+def _documents(located, text_field: str, domain_field: str | None, default_domain: str,
+               on_error: str, stats: ReaderStats) -> Iterator[Document]:
+    """(id/location, location for messages, record, parse error) -> documents, with
+    malformed records raised or skipped and counted."""
+    for where, message_where, record, error in located:
+        result = error if error is not None else _record_to_doc(
+            record, where, where, text_field, domain_field, default_domain)
+        if isinstance(result, str):
+            if on_error == "raise":
+                raise MalformedRecordError(
+                    f"{message_where}: {result} (pass on_error='skip' / --skip-malformed to "
+                    f"skip and count such records)")
+            stats.skip(where, result.split(":")[0])
+            continue
+        stats.read += 1
+        yield result
 
 
 def _records(path: str, format: str) -> Iterator[tuple[int, object, str | None]]:
