@@ -1,6 +1,7 @@
 """Quality classifier: both backends learn a held-out split; the filter step and CLI."""
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,8 @@ from dsv3.data.corpus import embedded_corpus
 from dsv3.data.document import Document
 from dsv3.data.quality import (HashedNgrams, QualityClassifier, QualityFilter, make_featurizer,
                                read_labeled, train_quality)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def labeled(n_good=150, seed=0, kinds=("salad", "noise", "spam")):
@@ -65,7 +68,7 @@ def test_hashed_ids_are_stable_across_processes():
     code = ("from dsv3.data.quality import HashedNgrams; "
             "print(HashedNgrams(12).ids('Stable hashing, 稳定').tolist())")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": "12345", "PYTHONPATH": "."}, check=True)
+                           env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}, check=True)
     assert other.stdout.strip() == str(HashedNgrams(12).ids("Stable hashing, 稳定").tolist())
 
 
