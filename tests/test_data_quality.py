@@ -45,10 +45,17 @@ def test_hashed_backend_precision_recall_on_held_out(tmp_path):
     assert metrics["precision"] >= 0.95 and metrics["recall"] >= 0.95, metrics
     assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
     model = QualityClassifier.load(str(tmp_path / "m"))
-    step = QualityFilter(model, threshold=0.5)
-    kept = list(step([Document("g", texts[0]), Document("b", texts[-1])]))
-    assert [d.id for d in kept] == ["g"] and 0.5 <= kept[0].metadata["quality"] <= 1
-    assert step.stats.dropped == {"low_quality_score": 1}
+    step = QualityFilter(model, threshold=0.5, batch_size=2, domains=["web"])
+    docs = [Document("g", texts[0], "web"), Document("other", texts[-2], "code"),
+            Document("b", texts[-1], "web")]
+    kept = list(step(docs))
+    # batched scoring; the "code" document is outside the step's domains and passes
+    assert [d.id for d in kept] == ["g", "other"] and 0.5 <= kept[0].metadata["quality"] <= 1
+    assert "quality" not in kept[1].metadata
+    assert step.stats.dropped == {"low_quality_score": 1} and step.stats.seen == 3
+    one_by_one = QualityFilter(model, threshold=0.5)
+    assert one_by_one.apply(Document("g", texts[0])).metadata["quality"] == \
+        kept[0].metadata["quality"]
 
 
 def test_hashed_backend_on_word_salad_is_the_hard_case(tmp_path):

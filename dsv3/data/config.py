@@ -56,7 +56,7 @@ def _quality(opts: dict, common: dict) -> Step:
         raise ValueError("steps.quality: 'model' (a directory from `dsv3 data train-quality`) "
                          "is required")
     return QualityFilter(opts.pop("model"), opts.pop("threshold", 0.5),
-                         **_no_more(opts, "quality"), **common)
+                         opts.pop("batch_size", 32), **_no_more(opts, "quality"), **common)
 
 
 def _augment(opts: dict, common: dict) -> Step:
