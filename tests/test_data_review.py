@@ -101,3 +101,17 @@ vocab_size = 300
     verdicts.write_text(json.dumps({"review_id": "nope", "verdict": "correct"}) + "\n")
     with pytest.raises(ValueError, match=r"verdicts.jsonl, line 1: review_id 'nope' is not in"):
         read_verdicts(str(sample), str(verdicts))
+
+
+def test_changed_documents_are_shown_before_and_after(tmp_path):
+    from dsv3.data.pii import PiiFilter
+    sampler = ReviewSampler(per_stratum=10)
+    docs = [Document("p", "write to a.b@example.com"), Document("q", "nothing to hide")]
+    list(Pipeline([PiiFilter()], reviewer=sampler).run(docs, progress=False))
+    items = {i["id"]: i for i in sampler.items()}
+    assert items["p"]["text"] == "write to <EMAIL>"
+    assert items["p"]["text_before"] == "write to a.b@example.com"
+    assert items["q"]["text_before"] is None
+    sampler.write(str(tmp_path))
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("before this step:") == 1 and "a.b@example.com" in page

@@ -41,12 +41,13 @@ class ReviewSampler:
         h = hashlib.blake2b(f"{self.seed}\x00{step}\x00{doc_id}".encode(), digest_size=8)
         return int.from_bytes(h.digest(), "big")
 
-    def offer(self, step: str, decision: str, reason: str | None, doc: Document) -> None:
+    def offer(self, step: str, decision: str, reason: str | None, doc: Document,
+              text_before: str | None = None) -> None:
         key = (step, doc.domain, decision)
         self.population[key] += 1
         # max-heap of the k smallest priorities (negated), holding snapshots: later
         # steps may change the text, the reviewer must see what this step saw
-        item = (-self._priority(step, doc.id), doc.id, reason, doc.text)
+        item = (-self._priority(step, doc.id), doc.id, reason, doc.text, text_before)
         heap = self._heaps[key]
         if len(heap) < self.per_stratum:
             heapq.heappush(heap, item)
@@ -56,10 +57,11 @@ class ReviewSampler:
     def items(self) -> list[dict]:
         out = []
         for (step, domain, decision), heap in sorted(self._heaps.items()):
-            for _, doc_id, reason, text in sorted(heap, reverse=True):
+            for _, doc_id, reason, text, before in sorted(heap, reverse=True):
                 out.append({"review_id": f"{step}/{domain}/{decision}/{doc_id}", "step": step,
                             "domain": domain, "decision": decision, "reason": reason,
-                            "id": doc_id, "text": text, "verdict": None})
+                            "id": doc_id, "text": text, "text_before": before,
+                            "verdict": None})
         return out
 
     def write(self, directory: str) -> dict:
@@ -99,14 +101,17 @@ def render_html(items: list[dict], max_chars: int = 4000) -> str:
     parts = []
     for i, it in enumerate(items):
         rid = html.escape(it["review_id"], quote=True)
-        text = it["text"] if len(it["text"]) <= max_chars else it["text"][:max_chars] + " […]"
+        def cut(t: str) -> str:
+            return t if len(t) <= max_chars else t[:max_chars] + " […]"
+        before = (f'<p>before this step:</p><pre>{html.escape(cut(it["text_before"]))}</pre>'
+                  f'<p>after:</p>' if it.get("text_before") else "")
         radios = "".join(f'<label><input type="radio" name="v{i}" value="{v}"> {v}</label> '
                          for v in VERDICTS)
         parts.append(f'<div class="item" data-id="{rid}"><b>{html.escape(it["step"])}</b> '
                      f'{html.escape(it["decision"])}'
                      f'{" (" + html.escape(it["reason"]) + ")" if it["reason"] else ""} · '
                      f'{html.escape(it["domain"])} · {html.escape(it["id"])}<br>{radios}'
-                     f'<pre>{html.escape(text)}</pre></div>')
+                     f'{before}<pre>{html.escape(cut(it["text"]))}</pre></div>')
     return _PAGE.format(items="\n".join(parts))
 
 

@@ -151,8 +151,10 @@ def _replay(inputs: list[dict], results: Iterable[dict], steps: list[Step]) -> I
                 doc.metadata = final_meta  # what earlier steps had learned by then
                 step.drop(doc, rec["reason"])
                 break
+            before = None
             if step.name in rec["texts"]:
+                before = doc.text
                 doc = Document(doc.id, rec["texts"][step.name], doc.domain, doc.metadata)
-            step.keep(doc)
+            step.keep(doc, before)
         else:
             yield Document(out["id"], out["text"], out["domain"], final_meta)

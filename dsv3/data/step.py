@@ -107,10 +107,12 @@ class Step:
         return self.domains is None or doc.domain in self.domains
 
     # --- bookkeeping shared by every step ------------------------------------------------
-    def keep(self, doc: Document) -> Document:
+    def keep(self, doc: Document, text_before: str | None = None) -> Document:
+        """Count ``doc`` as kept; ``text_before``: its text before this step changed it,
+        so a reviewer sees both (what PII scrubbing or augmentation did)."""
         self.stats.kept += 1
         if self.reviewer is not None:
-            self.reviewer.offer(self.name, "kept", None, doc)
+            self.reviewer.offer(self.name, "kept", None, doc, text_before)
         return doc
 
     def drop(self, doc: Document, reason: str) -> None:
@@ -132,11 +134,12 @@ class Step:
                 self.stats.kept += 1
                 yield doc
                 continue
+            before = doc.text
             result = self.apply(doc)
             if isinstance(result, str):
                 self.drop(doc, result)
             else:
-                yield self.keep(result)
+                yield self.keep(result, before if result.text != before else None)
 
     def __call__(self, docs: Iterable[Document]) -> Iterator[Document]:
         return self.run(docs)
