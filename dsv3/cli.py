@@ -18,7 +18,9 @@ import dsv3.commands
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsv3", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dsv3", description="dsv3: a Mixture-of-Experts engine for PyTorch; its data "
+        "pipeline, trainer and evaluation as commands")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(dsv3.commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

@@ -115,3 +115,13 @@ def test_shipped_configs_validate(name):
         tech = schedule.domains.index("tech")
         assert schedule.weights_at(0.0)[tech] == pytest.approx(0.25)
         assert schedule.weights_at(1.0)[tech] == pytest.approx(0.18)
+
+
+def test_cli_lists_command_groups(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "data" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data"])  # a group without its subcommand is a usage error
+    assert "SUBCOMMAND" in capsys.readouterr().err
