@@ -1,7 +1,9 @@
 """``dsv3 data prepare``: sources -> steps -> kept documents -> tokenizer -> tokens -> mixture.
 
-Everything streams except what must see the whole corpus (dedup's index, tokenizer
-training). Outputs, all under ``[output] dir``:
+With the serial backend everything streams except what must see the whole corpus
+(dedup's index, tokenizer training); the datasets and Spark backends first gather the
+input rows in the driver (dsv3.data.scale), which bounds them by its memory. Outputs,
+all under ``[output] dir``:
 
     stats.json            per-step kept/dropped/modified counts with reasons, reader
                           counts (malformed records skipped), tokens per domain

@@ -12,6 +12,10 @@ the processed row, a small record: which step dropped it and why, each step's
 then replays those records through its own step objects in the original order, so
 counters, side files and the spot-check sample come out exactly as a local run makes
 them, whatever the number of processes or partitions.
+
+What it costs: the input rows are gathered in the driver first (a list handed to
+``Dataset.from_list`` or ``parallelize``), so the corpus must fit in its memory; reading
+shards straight into the workers is the next step for corpora that do not.
 """
 from __future__ import annotations
 
