@@ -36,9 +36,12 @@ def _run(backend, tmp_path, num_proc=2):
     if backend == "serial":
         kept = list(pipe.run(_docs(), progress=False))
     else:
-        kept = list(run_scaled(_docs(), pipe.steps, config["steps"], backend, num_proc))
+        # small shards, so that several shards and partitions are in play
+        kept = list(run_scaled(_docs(), pipe.steps, config["steps"], backend, num_proc,
+                               spill_dir=str(tmp_path), rows_per_shard=7))
     pipe.close()
     side = {p.name: p.read_text() for p in sorted((tmp_path / backend).iterdir())}
+    assert not list(tmp_path.glob("dsv3-scale-*"))  # the spilled shards are cleaned up
     return [d.to_row() for d in kept], pipe.stats(), side, reviewer.items()
 
 

@@ -14,7 +14,7 @@ and so other entry points (the trainer, tests) can build the same steps from a d
     [review]            per_stratum, seed
     [tokenizer]         vocab_size, min_frequency
     [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
-    [scale]             backend = "serial" | "datasets" | "spark", num_proc
+    [scale]             backend = "serial" | "datasets" | "spark", num_proc, spill_dir
 """
 from __future__ import annotations
 
@@ -115,10 +115,11 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
     config = {"output": {"dir": "out/data"}, "sources": [{"kind": "embedded"}], "steps": {},
               "review": {}, "tokenizer": {}, "mixture": {}, "scale": {}, **config}
-    scale = {"backend": "serial", "num_proc": 1, **config["scale"]}
-    if scale["backend"] not in SCALE_BACKENDS or set(scale) != {"backend", "num_proc"}:
-        raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)} and num_proc, "
-                         f"got {config['scale']}")
+    scale = {"backend": "serial", "num_proc": 1, "spill_dir": None, **config["scale"]}
+    if (scale["backend"] not in SCALE_BACKENDS
+            or set(scale) != {"backend", "num_proc", "spill_dir"}):
+        raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)}, num_proc and "
+                         f"optionally spill_dir, got {config['scale']}")
     config["scale"] = scale
     for i, src in enumerate(config["sources"]):
         if src.get("kind") not in SOURCE_KINDS:

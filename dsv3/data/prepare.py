@@ -1,9 +1,8 @@
 """``dsv3 data prepare``: sources -> steps -> kept documents -> tokenizer -> tokens -> mixture.
 
-With the serial backend everything streams except what must see the whole corpus
-(dedup's index, tokenizer training); the datasets and Spark backends first gather the
-input rows in the driver (dsv3.data.scale), which bounds them by its memory. Outputs,
-all under ``[output] dir``:
+Everything streams except what must see the whole corpus (dedup's index, tokenizer
+training); the datasets and Spark backends spill the input to parquet shards first
+(dsv3.data.scale). Outputs, all under ``[output] dir``:
 
     stats.json            per-step kept/dropped/modified counts with reasons, reader
                           counts (malformed records skipped), tokens per domain
@@ -157,7 +156,7 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
             docs = pipeline.run(sources, progress=progress)
         else:
             docs = run_scaled(sources, pipeline.steps, config["steps"], scale["backend"],
-                              scale["num_proc"])
+                              scale["num_proc"], spill_dir=scale.get("spill_dir"))
             docs = _bar(docs, desc="documents kept") if progress else docs
         kept = _write_kept(docs, os.path.join(out, "kept"))
     finally:

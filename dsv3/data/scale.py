@@ -13,13 +13,18 @@ then replays those records through its own step objects in the original order, s
 counters, side files and the spot-check sample come out exactly as a local run makes
 them, whatever the number of processes or partitions.
 
-What it costs: the input rows are gathered in the driver first (a list handed to
-``Dataset.from_list`` or ``parallelize``), so the corpus must fit in its memory; reading
-shards straight into the workers is the next step for corpora that do not.
+Data movement: the driver streams the input into numbered parquet shards (one shard in
+memory at a time) under ``spill_dir``; datasets memory-maps them, Spark reads them as a
+DataFrame; results come back in input order (Spark: sorted by the shards' row index,
+one partition at a time), and the replay re-reads the shards alongside. What it costs:
+the input is written to disk once more, and ``spill_dir`` must be visible to every
+worker (local disk in local mode, a shared filesystem on a cluster).
 """
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -71,33 +76,65 @@ def process_row(row: dict, steps: list[Step]) -> dict:
         doc = result
         if doc.text != text:
             record["texts"][step.name] = doc.text
-    return {"id": doc.id, "text": doc.text, "domain": doc.domain,
+    return {"idx": row["idx"], "id": doc.id, "text": doc.text, "domain": doc.domain,
             "metadata": json.dumps(doc.metadata, ensure_ascii=False),
             "record": json.dumps(record, ensure_ascii=False)}
 
 
-def _rows(docs: Iterable[Document]) -> list[dict]:
-    return [{"id": d.id, "text": d.text, "domain": d.domain,
-             "metadata": json.dumps(d.metadata, ensure_ascii=False)} for d in docs]
+_COLUMNS = ("idx", "id", "text", "domain", "metadata")
+
+
+def _spill(docs: Iterable[Document], directory: str, rows_per_shard: int) -> list[str]:
+    """Write the input to numbered parquet shards with a global row index, holding one
+    shard in memory at a time; the workers read the shards, the replay re-reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("idx", pa.int64())] + [(c, pa.string()) for c in _COLUMNS[1:]])
+    paths: list[str] = []
+    rows: list[dict] = []
+
+    def flush() -> None:
+        path = os.path.join(directory, f"shard-{len(paths):06d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        paths.append(path)
+        rows.clear()
+
+    for idx, d in enumerate(docs):
+        rows.append({"idx": idx, "id": d.id, "text": d.text, "domain": d.domain,
+                     "metadata": json.dumps(d.metadata, ensure_ascii=False)})
+        if len(rows) == rows_per_shard:
+            flush()
+    if rows or not paths:
+        flush()
+    return paths
+
+
+def _read_shards(paths: list[str]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
 
 
 def _map_batch(batch: dict, steps_config: dict) -> dict:
     steps = _worker_steps(steps_config)
     out = [process_row(dict(zip(batch, values)), steps) for values in zip(*batch.values())]
-    return {k: [r[k] for r in out] for k in ("id", "text", "domain", "metadata", "record")}
+    return {k: [r[k] for r in out] for k in out[0]} if out else {}
 
 
-def _on_datasets(rows: list[dict], steps_config: dict, num_proc: int) -> Iterator[dict]:
+def _on_datasets(paths: list[str], steps_config: dict, num_proc: int,
+                 cache_dir: str) -> Iterator[dict]:
     import datasets
-    ds = datasets.Dataset.from_list(rows)
+    # memory-mapped from the shards; the cache lives in this run's spill directory, so
+    # nothing from an earlier run can be picked up
+    ds = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir)
     mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
                     fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
-                    load_from_cache_file=False)
+                    remove_columns=ds.column_names, load_from_cache_file=False)
     yield from mapped
 
 
-def _on_spark(rows: list[dict], steps_config: dict, num_proc: int) -> Iterator[dict]:
-    import os
+def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[dict]:
     import sys
     from pyspark.sql import SparkSession
     # Spark's Python workers must be this interpreter (same packages), not `python3`
@@ -108,39 +145,47 @@ def _on_spark(rows: list[dict], steps_config: dict, num_proc: int) -> Iterator[d
     def partition(it):
         steps = _worker_steps(steps_config)
         for row in it:
-            yield process_row(row, steps)
+            yield process_row(row.asDict(), steps)
 
-    # parallelize keeps the list order across partitions and collect() returns it
-    yield from spark.sparkContext.parallelize(rows, max(num_proc * 2, 1)).mapPartitions(
-        partition).collect()
+    # the shards' row index restores input order; toLocalIterator brings one partition
+    # at a time to the driver instead of collecting everything
+    rdd = spark.read.parquet(*paths).rdd.mapPartitions(partition)
+    yield from rdd.sortBy(lambda r: r["idx"], numPartitions=max(num_proc * 2, 1)).toLocalIterator()
 
 
 def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
-               backend: str, num_proc: int) -> Iterator[Document]:
+               backend: str, num_proc: int, spill_dir: str | None = None,
+               rows_per_shard: int = 10_000) -> Iterator[Document]:
     """Like chaining ``steps`` over ``docs``, with the leading per-document steps run
-    on ``backend``."""
+    on ``backend``. ``spill_dir``: where the input shards go (a directory every worker
+    can read; a fresh temporary directory under it is used and removed)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
     mapped_steps, rest = split_steps(steps)
-    rows = _rows(docs)
-    if backend == "datasets":
-        results = _on_datasets(rows, steps_config, num_proc)
-    elif backend == "spark":
-        results = _on_spark(rows, steps_config, num_proc)
-    else:
-        local = _worker_steps(steps_config)
-        results = (process_row(r, local) for r in rows)
-    stream: Iterable[Document] = _replay(rows, results, mapped_steps)
-    for step in rest:
-        stream = step(stream)
-    yield from stream
+    with tempfile.TemporaryDirectory(prefix="dsv3-scale-", dir=spill_dir) as tmp:
+        paths = _spill(docs, tmp, rows_per_shard)
+        if backend == "datasets":
+            results = _on_datasets(paths, steps_config, num_proc, os.path.join(tmp, "cache"))
+        elif backend == "spark":
+            results = _on_spark(paths, steps_config, num_proc)
+        else:
+            local = _worker_steps(steps_config)
+            results = (process_row(r, local) for r in _read_shards(paths))
+        stream: Iterable[Document] = _replay(_read_shards(paths), results, mapped_steps)
+        for step in rest:
+            stream = step(stream)
+        yield from stream
 
 
-def _replay(inputs: list[dict], results: Iterable[dict], steps: list[Step]) -> Iterator[Document]:
+def _replay(inputs: Iterable[dict], results: Iterable[dict],
+            steps: list[Step]) -> Iterator[Document]:
     """Drive the driver's step objects through the workers' records, in input order."""
     for src, out in zip(inputs, results, strict=True):
+        if src["idx"] != out["idx"]:
+            raise RuntimeError(f"scale-out returned row {out['idx']} where row {src['idx']} "
+                               f"was expected: the backend lost the input order")
         rec = json.loads(out["record"])
         doc = Document(src["id"], src["text"], src["domain"], json.loads(src["metadata"]))
         final_meta = json.loads(out["metadata"])
