@@ -150,7 +150,7 @@ def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[d
     # the shards' row index restores input order; toLocalIterator brings one partition
     # at a time to the driver instead of collecting everything
     rdd = spark.read.parquet(*paths).rdd.mapPartitions(partition)
-    yield from rdd.sortBy(lambda r: r["idx"], numPartitions=max(num_proc * 2, 1)).toLocalIterator()
+    yield from rdd.sortBy(lambda r: r["idx"], numPartitions=num_proc).toLocalIterator()
 
 
 def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
