@@ -85,3 +85,9 @@ def test_document_validates_fields():
         Document(id="x", text="t", domain="")
     d = Document(id="x", text="t", domain="d", metadata={"k": 1})
     assert Document.from_row(d.to_row()) == d
+    # a metadata dict handed to two documents is not shared: a drop reason written
+    # into one must not appear in the other (found by the serial/scale-out comparison)
+    shared = {"source": "same record"}
+    a, b = Document("a", "t", metadata=shared), Document("b", "t", metadata=shared)
+    a.metadata["drop_reason"] = "x"
+    assert "drop_reason" not in b.metadata and "drop_reason" not in shared

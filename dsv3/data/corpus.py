@@ -77,9 +77,9 @@ def _source_docs(domains: frozenset[str]) -> Iterator[Document]:
                 docs = []
             if docs:
                 yield Document(id=f"docstrings/{module}", text="\n\n".join(docs),
-                               domain="docstrings", metadata=meta)
+                               domain="docstrings", metadata=dict(meta))
         if "code" in domains and source.strip():
-            yield Document(id=f"code/{module}", text=source, domain="code", metadata=meta)
+            yield Document(id=f"code/{module}", text=source, domain="code", metadata=dict(meta))
 
 
 def embedded_corpus(domains: Sequence[str] = DOMAINS,

@@ -31,6 +31,10 @@ class Document:
         if not isinstance(self.domain, str) or not self.domain:
             raise ValueError(f"Document.domain must be a non-empty str, got {self.domain!r} "
                              f"(document {self.id!r})")
+        # each document owns its metadata: steps write drop reasons and scores into it,
+        # and a dict shared by two documents (one source record read twice) would leak
+        # one's drop reason into the other
+        self.metadata = dict(self.metadata)
 
     def to_row(self) -> dict[str, Any]:
         return {"id": self.id, "text": self.text, "domain": self.domain,
