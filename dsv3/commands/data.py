@@ -1,4 +1,4 @@
-"""``dsv3 data ...``: prepare the training corpus (and, later, review and classifier commands)."""
+"""``dsv3 data ...``: prepare the training corpus, train the quality classifier, read review verdicts."""
 from __future__ import annotations
 
 import argparse
