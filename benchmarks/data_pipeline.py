@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         "kept_by_datatrove_only": sum(i in theirs and i not in ours for i in ids),
     }
     print(f"| chain | docs/CPU-s | CPU s | kept |\n|---|--:|--:|--:|\n"
-          f"| dsv3 heuristics + PII | {result['dsv3']['docs_per_cpu_s']} | {ours_cpu:.2f} | {len(ours)} |\n"
+          f"| dsv3 heuristics + PII | {result['dsv3']['docs_per_cpu_s']} | {ours_cpu:.2f} | "
+          f"{len(ours)} |\n"
           f"| datatrove Gopher+C4+FineWeb + PII | {result['datatrove']['docs_per_cpu_s']} | "
           f"{dt_cpu:.2f} | {len(theirs)} |\n\n"
           f"{n} documents, {mb:.1f} MB; speed-up {result['speedup']}x (target >= 4x); "

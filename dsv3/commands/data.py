@@ -1,4 +1,4 @@
-"""``dsv3 data ...``: prepare the training corpus, train the quality classifier, read review verdicts."""
+"""``dsv3 data ...``: prepare the corpus, train the quality classifier, read review verdicts."""
 from __future__ import annotations
 
 import argparse

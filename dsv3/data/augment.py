@@ -143,17 +143,23 @@ def _lower_first(s: str) -> str:
     return s[0].lower() + s[1:] if first.lower() in _LOWERABLE else s
 
 
+def _upper_first(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
 _EN_RULES = [
     (re.compile(r"^(?:Because|Since) ([^,]+), ([^,]+?)([.!?])$"),
-     lambda m: f"{m.group(2)[0].upper()}{m.group(2)[1:]} because {_lower_first(m.group(1))}{m.group(3)}"),
+     lambda m: f"{_upper_first(m.group(2))} because {_lower_first(m.group(1))}{m.group(3)}"),
     (re.compile(r"^([^,]+?) because ([^,]+?)([.!?])$"),
      lambda m: f"Because {_lower_first(m.group(2))}, {_lower_first(m.group(1))}{m.group(3)}"),
     (re.compile(r"^If ([^,]+), ([^,]+?)([.!?])$"),
-     lambda m: f"{m.group(2)[0].upper()}{m.group(2)[1:]} if {_lower_first(m.group(1))}{m.group(3)}"),
+     lambda m: f"{_upper_first(m.group(2))} if {_lower_first(m.group(1))}{m.group(3)}"),
 ]
 _ZH_RULES = [
-    (re.compile(r"^因为(.+?)，所以(.+?)([。！？])$"), lambda m: f"之所以{m.group(2)}，是因为{m.group(1)}{m.group(3)}"),
-    (re.compile(r"^虽然(.+?)，但是?(.+?)([。！？])$"), lambda m: f"尽管{m.group(1)}，{m.group(2)}{m.group(3)}"),
+    (re.compile(r"^因为(.+?)，所以(.+?)([。！？])$"),
+     lambda m: f"之所以{m.group(2)}，是因为{m.group(1)}{m.group(3)}"),
+    (re.compile(r"^虽然(.+?)，但是?(.+?)([。！？])$"),
+     lambda m: f"尽管{m.group(1)}，{m.group(2)}{m.group(3)}"),
 ]
 
 

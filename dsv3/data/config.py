@@ -8,7 +8,8 @@ and so other entry points (the trainer, tests) can build the same steps from a d
                         datasets.load_dataset name), plus reader options
     [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
     [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
-                        from ``dsv3 data train-quality``, and takes ``threshold``); ``domains = [...]`` limits it to those
+                        from ``dsv3 data train-quality``, and takes ``threshold``);
+                        ``domains = [...]`` limits it to those
                         domains, ``write_dropped = false`` turns its side file off
                         ``augment`` takes rate, seed and lexicon = a TSV path or "learned"
     [review]            per_stratum, seed
@@ -69,7 +70,8 @@ def _augment(opts: dict, common: dict) -> Step:
     elif isinstance(lexicon, dict):
         lexicon = Lexicon(lexicon)
     elif lexicon is not None:
-        raise ValueError(f"steps.augment.lexicon: expected a TSV path or 'learned', got {lexicon!r}")
+        raise ValueError(f"steps.augment.lexicon: expected a TSV path or 'learned', "
+                         f"got {lexicon!r}")
     return Augmenter(lexicon, opts.pop("rate", 0.15), opts.pop("seed", 0),
                      **_no_more(opts, "augment"), **common)
 

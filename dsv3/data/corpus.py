@@ -88,7 +88,8 @@ def embedded_corpus(domains: Sequence[str] = DOMAINS,
     then per stdlib module its docstrings and its source."""
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown:
-        raise ValueError(f"domains: unknown embedded domains {unknown}; choose from {list(DOMAINS)}")
+        raise ValueError(f"domains: unknown embedded domains {unknown}; "
+                         f"choose from {list(DOMAINS)}")
     if max_docs_per_domain is not None and max_docs_per_domain < 1:
         raise ValueError(f"max_docs_per_domain must be >= 1 or None, got {max_docs_per_domain}")
     wanted = frozenset(domains)

@@ -187,7 +187,8 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
                 sum(len(line) <= r.short_line_chars for line in lines) / len(lines)
                 > r.max_short_line_fraction):
             return "fineweb_short_lines"
-    if r.max_newline_word_ratio is not None and text.count("\n") / max(n_words, 1) > r.max_newline_word_ratio:
+    if (r.max_newline_word_ratio is not None
+            and text.count("\n") / max(n_words, 1) > r.max_newline_word_ratio):
         return "fineweb_list_ratio"
     dup_lines, dup_line_chars = _dup_fraction(lines)
     if r.max_dup_line_fraction is not None and dup_lines > r.max_dup_line_fraction:

@@ -211,7 +211,8 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     ("ip", (
         # not inside a longer address, but a colon after a word ("ip:" or a full-width
         # "：" after Chinese, both ":" after NFKC) may precede one
-        r"(?<![\w.])(?<![0-9A-Fa-f]:)((?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
+        r"(?<![\w.])(?<![0-9A-Fa-f]:)("
+        r"(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
         r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
         r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6})(?![\w:]|\.\d)"), 1,
      lambda s: ("::" in s or s.count(":") == 7) and _valid_ip(s)),

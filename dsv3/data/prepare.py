@@ -120,7 +120,8 @@ def _mixture(config: dict, manifest: dict) -> dict:
         raise ValueError(f"mixture.weights: domains {missing} have no kept documents "
                          f"(kept: {sorted(tokens)})")
     out = {"weights": weights, "total_tokens": int(mix.pop("total_tokens", sum(tokens.values()))),
-           "seed": int(mix.pop("seed", 0)), "max_chunk_tokens": int(mix.pop("max_chunk_tokens", 1024))}
+           "seed": int(mix.pop("seed", 0)),
+           "max_chunk_tokens": int(mix.pop("max_chunk_tokens", 1024))}
     if mix:
         raise ValueError(f"mixture: unknown option(s) {sorted(mix)}")
     MixtureSchedule(out["weights"], out["total_tokens"])  # validate before saving

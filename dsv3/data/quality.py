@@ -48,14 +48,15 @@ class HashedNgrams:
         low = text.lower()
         grams += ["#" + low[i:i + 3] for i in range(len(low) - 2)]
         mask = self.size - 1
-        return np.fromiter((xxhash.xxh64_intdigest(g.encode()) & mask for g in grams), dtype=np.int64,
-                           count=len(grams))
+        return np.fromiter((xxhash.xxh64_intdigest(g.encode()) & mask for g in grams),
+                           dtype=np.int64, count=len(grams))
 
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         per_doc = [self.ids(t) for t in texts]
         lengths = [len(x) for x in per_doc]
         offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64)
-        flat = torch.from_numpy(np.concatenate(per_doc)) if per_doc else torch.empty(0, dtype=torch.int64)
+        flat = (torch.from_numpy(np.concatenate(per_doc)) if per_doc
+                else torch.empty(0, dtype=torch.int64))
         return flat, offsets
 
     def config(self) -> dict:
@@ -119,7 +120,10 @@ class QualityClassifier:
             self.mean, self.std = features.mean(0), features.std(0).clamp(min=1e-6)
         y = torch.tensor(labels, dtype=torch.float32)
         params = list(self.head.parameters()) + [self.bias]
-        opt = torch.optim.Adam(params, lr=lr if isinstance(self.featurizer, HashedNgrams) else lr / 10)
+        # the dense head sees standardized features of unit scale, where the bag-of-buckets
+        # head's mean-pooled weights need the larger step
+        dense = not isinstance(self.featurizer, HashedNgrams)
+        opt = torch.optim.Adam(params, lr=lr / 10 if dense else lr)
         for _ in range(epochs):  # full batch: the corpora this trains on fit in memory
             opt.zero_grad()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(self._logits(features), y)
