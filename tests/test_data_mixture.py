@@ -1,6 +1,8 @@
 """Scheduled domain mixture: the issue's targets (every 1M-token window within 0.5 pp of
 its scheduled share; the same stream after resume; the same batches for any number of
 DataLoader workers), plus schedule validation."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -154,13 +156,20 @@ def test_loader_same_batches_for_any_worker_count_and_after_resume():
     for k in (1, 5, 9):
         first = PackedLoader(corpus, schedule, **kwargs)
         _batches(first, k)
-        state = first.state_dict()
+        state = json.loads(json.dumps(first.state_dict()))  # checkpoints hold plain data
         resumed = PackedLoader(corpus, schedule, num_workers=2 if k == 5 else 0, **kwargs)
         resumed.load_state_dict(state)
         rest = _batches(resumed, 12 - k)
         for i, b in enumerate(rest):
             assert torch.equal(b["input_ids"], serial[k + i]["input_ids"]), f"resume {k}, +{i}"
         assert resumed.state_dict()["batches_done"] == 12
+    # batch boundaries cut units: a resume must pick up inside one, not at the next unit
+    cuts = []
+    for k in (1, 5, 9):
+        loader = PackedLoader(corpus, schedule, **kwargs)
+        _batches(loader, k)
+        cuts.append(loader.state_dict()["position"]["pending"])
+    assert any(p is not None for p in cuts)
 
 
 def test_loader_state_mismatch_is_an_error():
