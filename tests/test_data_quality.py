@@ -113,6 +113,28 @@ def test_cli_train_quality_and_label_errors(tmp_path, capsys):
     assert main(["data", "train-quality", "--data", str(data), "--out", str(tmp_path / "m")]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) >= {"precision", "recall", "n"}
+    # the trained model as a prepare step, scoring the embedded reference topics
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[[sources]]
+kind = "embedded"
+domains = ["reference"]
+max_docs_per_domain = 6
+[steps]
+order = ["quality"]
+[steps.quality]
+model = "{tmp_path / 'm'}"
+threshold = 0.5
+[tokenizer]
+vocab_size = 300
+""")
+    assert main(["data", "prepare", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())["steps"]["quality"]
+    assert stats["seen"] == 6 and stats["kept"] + stats["dropped"] == 6
+    kept = (tmp_path / "o" / "kept" / "reference.jsonl").read_text().splitlines()
+    assert all(json.loads(x)["metadata"]["quality"] >= 0.5 for x in kept)
     data.write_text(json.dumps({"text": "x", "label": "good"}) + "\n")
     with pytest.raises(ValueError, match=r"labeled.jsonl, line 1: field 'label' must be 0/1"):
         read_labeled(str(data))
