@@ -139,8 +139,12 @@ def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[d
     from pyspark.sql import SparkSession
     # Spark's Python workers must be this interpreter (same packages), not `python3`
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # our own progress bar and stats say what happens; Spark's console bar and INFO/WARN
+    # lines would bury them
     spark = (SparkSession.builder.master(f"local[{num_proc}]").appName("dsv3-data")
-             .config("spark.ui.enabled", "false").getOrCreate())
+             .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
 
     def partition(it):
         steps = _worker_steps(steps_config)
