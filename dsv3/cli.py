@@ -1,0 +1,42 @@
+"""The ``dsv3`` command.
+
+Each command group is one module in :mod:`dsv3.commands` with a
+``register(subparsers)`` function that adds its parser and sets ``func`` on it;
+``main`` discovers the modules, so adding ``dsv3 train`` or ``dsv3 eval`` is adding one
+file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``
+or missing file it raises is printed as one ``dsv3: error:`` line (the messages name
+the argument at fault), not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+import dsv3.commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsv3", description="dsv3: a Mixture-of-Experts engine for PyTorch; its data "
+        "pipeline, trainer and evaluation as commands")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    for info in sorted(pkgutil.iter_modules(dsv3.commands.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"dsv3.commands.{info.name}").register(groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"dsv3: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``dsv3 data ...``: prepare the corpus, train the quality classifier, read review verdicts."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from dsv3.data.config import load_config
+    from dsv3.data.prepare import prepare
+    config = load_config(args.config)
+    if args.out:
+        config["output"]["dir"] = args.out
+    if args.backend:
+        config["scale"]["backend"] = args.backend
+    if args.num_proc:
+        config["scale"]["num_proc"] = args.num_proc
+    stats = prepare(config, progress=not args.no_progress, skip_malformed=args.skip_malformed)
+    summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
+               for name, s in stats["steps"].items()}
+    print(json.dumps({"output": config["output"]["dir"], "steps": summary,
+                      "tokens": {d: m["tokens"] for d, m in stats["tokens"]["domains"].items()}},
+                     indent=2))
+    return 0
+
+
+def _train_quality(args: argparse.Namespace) -> int:
+    from dsv3.data.quality import make_featurizer, read_labeled, train_quality
+    texts, labels = read_labeled(args.data, args.text_field, args.label_field)
+    featurizer = make_featurizer(args.backend, args.encoder)
+    metrics = train_quality(texts, labels, featurizer, args.out, holdout=args.holdout,
+                            threshold=args.threshold, seed=args.seed, epochs=args.epochs)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    import os
+    from dsv3.data.review import estimate_precision, read_verdicts, verdicts_to_labels
+    items = read_verdicts(args.sample, args.verdicts)
+    strata_path = os.path.join(os.path.dirname(args.sample), "strata.json")
+    if not os.path.exists(strata_path):
+        raise FileNotFoundError(f"--sample: no strata.json next to {args.sample!r}")
+    with open(strata_path) as f:
+        strata = json.load(f)["strata"]
+    report = {"judged": sum(it["verdict"] is not None for it in items), "of": len(items),
+              "steps": estimate_precision(items, strata)}
+    if args.labels_out:
+        rows = verdicts_to_labels(items)
+        with open(args.labels_out, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        report["labels_written"] = len(rows)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    data = groups.add_parser("data", help="data pipeline: prepare, review, quality classifier")
+    commands = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    p = commands.add_parser("prepare", help="run the pipeline from a TOML config")
+    p.add_argument("--config", required=True, help="TOML file (see dsv3/data/config.py) or a "
+                   "shipped config's name: demo, deepseek_v3_recipe")
+    p.add_argument("--out", help="output directory (overrides [output] dir)")
+    p.add_argument("--skip-malformed", action="store_true",
+                   help="skip and count malformed input records instead of stopping")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backend", choices=["serial", "datasets", "spark"],
+                   help="where per-document steps run (overrides [scale] backend)")
+    p.add_argument("--num-proc", type=int, help="processes / Spark cores (overrides [scale])")
+    p.set_defaults(func=_prepare)
+
+    q = commands.add_parser("train-quality", help="train the quality classifier on labeled jsonl "
+                            "and report precision/recall on a held-out split")
+    q.add_argument("--data", required=True, help="jsonl with a text and a 0/1 label per line")
+    q.add_argument("--out", required=True, help="directory for the model and metrics.json")
+    q.add_argument("--backend", default="hashed", choices=["hashed", "hf"])
+    q.add_argument("--encoder", help="local HF encoder directory (backend hf)")
+    q.add_argument("--text-field", default="text")
+    q.add_argument("--label-field", default="label")
+    q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
+    q.add_argument("--threshold", type=float, default=0.5, help="keep when P(good) >= this")
+    q.add_argument("--epochs", type=int, default=20)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_train_quality)
+
+    r = commands.add_parser("review", help="read spot-check verdicts, estimate each step's "
+                            "precision with a 95%% interval, optionally write classifier labels")
+    r.add_argument("--sample", required=True, help="review/sample.jsonl written by prepare")
+    r.add_argument("--verdicts", help="verdicts.jsonl from the review page (else the "
+                   "'verdict' fields filled in the sample file are used)")
+    r.add_argument("--labels-out", help="write judged documents as {text, label} jsonl "
+                   "for train-quality")
+    r.set_defaults(func=_review)

@@ -1,0 +1,154 @@
+"""The ``dsv3 data prepare`` config: TOML in, validated plain dicts and step objects out.
+
+Kept apart from the runner so a config error names its key before any work starts,
+and so other entry points (the trainer, tests) can build the same steps from a dict.
+
+    [output]            dir = "out/data"
+    [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text" | "hf" (any
+                        datasets.load_dataset name), plus reader options
+    [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+    [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
+                        from ``dsv3 data train-quality``, and takes ``threshold``);
+                        ``domains = [...]`` limits it to those
+                        domains, ``write_dropped = false`` turns its side file off
+                        ``augment`` takes rate, seed and lexicon = a TSV path or "learned"
+    [review]            per_stratum, seed
+    [tokenizer]         vocab_size, min_frequency
+    [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
+    [scale]             backend = "serial" | "datasets" | "spark", num_proc, spill_dir
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Callable
+
+from dsv3.data.augment import Augmenter, Lexicon
+from dsv3.data.dedup import ExactDedup, MinHashDedup
+from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
+from dsv3.data.pii import PiiFilter
+from dsv3.data.quality import QualityFilter
+from dsv3.data.step import DroppedWriter, Step
+
+DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf")
+SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture", "scale")
+SCALE_BACKENDS = ("serial", "datasets", "spark")
+
+
+def _heuristics(opts: dict, common: dict) -> Step:
+    return HeuristicFilter(HeuristicRules.from_dict(opts), **common)
+
+
+def _pii(opts: dict, common: dict) -> Step:
+    return PiiFilter(opts.pop("policy", None), **_no_more(opts, "pii"), **common)
+
+
+def _minhash(opts: dict, common: dict) -> Step:
+    return MinHashDedup(**opts, **common)
+
+
+def _exact(opts: dict, common: dict) -> Step:
+    return ExactDedup(**_no_more(opts, "exact_dedup"), **common)
+
+
+def _quality(opts: dict, common: dict) -> Step:
+    if "model" not in opts:
+        raise ValueError("steps.quality: 'model' (a directory from `dsv3 data train-quality`) "
+                         "is required")
+    return QualityFilter(opts.pop("model"), opts.pop("threshold", 0.5),
+                         opts.pop("batch_size", 32), **_no_more(opts, "quality"), **common)
+
+
+def _augment(opts: dict, common: dict) -> Step:
+    lexicon = opts.pop("lexicon", None)
+    if isinstance(lexicon, str):
+        if lexicon == "learned":  # prepare replaces it by the learned table before this
+            raise ValueError("steps.augment.lexicon = 'learned' is resolved by prepare; "
+                             "build the Lexicon with Lexicon.learn() when calling build_steps")
+        lexicon = Lexicon.from_tsv(lexicon)
+    elif isinstance(lexicon, dict):
+        lexicon = Lexicon(lexicon)
+    elif lexicon is not None:
+        raise ValueError(f"steps.augment.lexicon: expected a TSV path or 'learned', "
+                         f"got {lexicon!r}")
+    return Augmenter(lexicon, opts.pop("rate", 0.15), opts.pop("seed", 0),
+                     **_no_more(opts, "augment"), **common)
+
+
+def _no_more(opts: dict, step: str) -> dict:
+    if opts:
+        raise ValueError(f"steps.{step}: unknown option(s) {sorted(opts)}")
+    return {}
+
+
+# name -> builder(options, {domains, dropped_writer}); a new step registers here.
+STEP_BUILDERS: dict[str, Callable[[dict, dict], Step]] = {
+    "heuristics": _heuristics, "pii": _pii, "exact_dedup": _exact, "minhash_dedup": _minhash,
+    "quality": _quality, "augment": _augment,
+}
+
+
+BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(BUILTIN_DIR) if f.endswith(".toml"))
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML file, or the name of a shipped one (``demo``, ``deepseek_v3_recipe``)."""
+    if not os.path.exists(path) and os.fspath(path) in builtin_configs():
+        path = os.path.join(BUILTIN_DIR, f"{os.fspath(path)}.toml")
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config: no such file {os.fspath(path)!r} (shipped configs: "
+                                f"{builtin_configs()})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"--config {os.fspath(path)!r}: invalid TOML ({e})") from None
+    return validate_config(config)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+    config = {"output": {"dir": "out/data"}, "sources": [{"kind": "embedded"}], "steps": {},
+              "review": {}, "tokenizer": {}, "mixture": {}, "scale": {}, **config}
+    scale = {"backend": "serial", "num_proc": 1, "spill_dir": None, **config["scale"]}
+    if (scale["backend"] not in SCALE_BACKENDS
+            or set(scale) != {"backend", "num_proc", "spill_dir"}):
+        raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)}, num_proc and "
+                         f"optionally spill_dir, got {config['scale']}")
+    config["scale"] = scale
+    for i, src in enumerate(config["sources"]):
+        if src.get("kind") not in SOURCE_KINDS:
+            raise ValueError(f"sources[{i}].kind must be one of {list(SOURCE_KINDS)}, "
+                             f"got {src.get('kind')!r}")
+    order = config["steps"].get("order", DEFAULT_ORDER)
+    for name in order:
+        if name not in STEP_BUILDERS:
+            raise ValueError(f"steps.order: unknown step {name!r}; known: {sorted(STEP_BUILDERS)}")
+    stray = sorted(set(config["steps"]) - {"order"} - set(order))
+    if stray:
+        raise ValueError(f"steps: options given for step(s) {stray} that are not in steps.order")
+    return config
+
+
+def build_steps(config: dict[str, Any], dropped_dir: str | None) -> list[Step]:
+    """The configured steps in order, each with a side file in ``dropped_dir`` unless
+    turned off (``dropped_dir=None`` turns them all off)."""
+    steps = []
+    for name in config["steps"].get("order", DEFAULT_ORDER):
+        opts = dict(config["steps"].get(name, {}))
+        write = opts.pop("write_dropped", True)
+        common = {"domains": opts.pop("domains", None)}
+        if write and dropped_dir is not None:
+            common["dropped_writer"] = DroppedWriter(os.path.join(dropped_dir, f"{name}.jsonl"))
+        try:
+            steps.append(STEP_BUILDERS[name](opts, common))
+        except TypeError as e:  # an unknown keyword reaching a step's constructor
+            raise ValueError(f"steps.{name}: {e}") from None
+    return steps

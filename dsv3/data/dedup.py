@@ -1,0 +1,94 @@
+"""Exact and near-duplicate removal; the first occurrence of each document is kept.
+
+Exact: a 128-bit BLAKE2b digest of the text after NFKC, lowercasing and collapsing
+whitespace, so copies that differ only in spacing or case go too.
+
+Near: MinHash signatures over word n-gram shingles (CJK ideographs count as words,
+from the shared :mod:`~dsv3.data.textview` tokenization) and an LSH index, both from
+``datasketch``. A document whose estimated Jaccard similarity to an already-kept
+document reaches ``threshold`` is dropped. LSH makes each lookup sublinear; what it
+costs is a small, tunable chance of missing a pair near the threshold (bands/rows are
+chosen by datasketch to balance false positives and negatives).
+
+Both steps are stateful over the whole stream, so they run in one process after the
+per-document steps (which are the ones worth spreading over workers).
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+from dsv3.data.document import Document
+from dsv3.data.step import Step
+from dsv3.data.textview import text_view
+
+_SPACE_RE = re.compile(r"\s+")
+
+
+def normalized_digest(text: str) -> bytes:
+    norm = _SPACE_RE.sub(" ", unicodedata.normalize("NFKC", text).lower()).strip()
+    return hashlib.blake2b(norm.encode("utf-8"), digest_size=16).digest()
+
+
+class ExactDedup(Step):
+    name = "exact_dedup"
+    stateful = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._seen: set[bytes] = set()
+
+    def apply(self, doc: Document) -> Document | str:
+        digest = normalized_digest(doc.text)
+        if digest in self._seen:
+            return "exact_duplicate"
+        self._seen.add(digest)
+        return doc
+
+
+class MinHashDedup(Step):
+    """``threshold``: estimated Jaccard similarity at which a document counts as a
+    near-duplicate; ``ngram``: words per shingle; ``num_perm``: signature length."""
+
+    name = "minhash_dedup"
+    stateful = True
+
+    def __init__(self, threshold: float = 0.8, ngram: int = 5, num_perm: int = 128,
+                 seed: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if ngram < 1:
+            raise ValueError(f"ngram must be >= 1, got {ngram}")
+        if num_perm < 16:
+            raise ValueError(f"num_perm must be >= 16, got {num_perm}")
+        from datasketch import MinHash, MinHashLSH
+        self._minhash_cls = MinHash
+        self.threshold, self.ngram, self.num_perm, self.seed = threshold, ngram, num_perm, seed
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # one permutation set shared by every signature (datasketch builds it per MinHash
+        # otherwise, which dominates the cost for short documents)
+        self._template = MinHash(num_perm=num_perm, seed=seed)
+
+    def shingles(self, doc: Document) -> set[bytes]:
+        words = [w.lower() for w in text_view(doc).words]
+        n = self.ngram
+        if len(words) < n:
+            return {" ".join(words).encode("utf-8")}
+        return {" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
+
+    def signature(self, doc: Document):
+        m = self._minhash_cls(num_perm=self.num_perm, seed=self.seed,
+                              permutations=self._template.permutations,
+                              scheme=self._template.scheme)
+        m.update_batch(sorted(self.shingles(doc)))
+        return m
+
+    def apply(self, doc: Document) -> Document | str:
+        sig = self.signature(doc)
+        if self._lsh.query(sig):
+            return "near_duplicate"
+        # LSH keys must be unique; prefixing the position keeps them so if ids repeat
+        self._lsh.insert(f"{self.stats.seen}:{doc.id}", sig)
+        return doc

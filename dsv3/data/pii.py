@@ -1,0 +1,299 @@
+"""Sensitive-information detection and scrubbing: regex candidates, then validation.
+
+Each kind has a permissive regex that finds candidates and a validator that rejects
+look-alikes, which is where precision comes from: Chinese resident ID numbers must
+carry a valid birth date and the GB 11643-1999 check character, bank cards must pass
+Luhn and start like a card network, IPs must parse, secrets must look random.
+
+Matching runs on an NFKC-normalized copy (full-width digits, the full-width ＠, the
+full-width full stop become ASCII), normalized character by
+character so every match maps back to a span of the original text; ``find_pii``
+returns spans of the text it was given.
+
+Public: ``find_pii(text) -> list[PiiSpan]``, ``scrub(text, policy)`` and the
+:class:`PiiFilter` step (replace with typed placeholders, or drop the document,
+per kind; counts per kind).
+"""
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date
+from typing import Callable, Mapping
+
+from dsv3.data.document import Document
+from dsv3.data.step import Step
+
+KINDS = ("email", "phone", "cn_id", "bank_card", "ip", "url_credentials", "secret")
+POLICIES = ("replace", "drop", "keep")
+PLACEHOLDERS = {k: f"<{k.upper()}>" for k in KINDS}
+
+
+@dataclass(frozen=True)
+class PiiSpan:
+    kind: str
+    start: int
+    end: int
+
+
+# --- normalization with an offset map ---------------------------------------------------------
+_NFKC_CACHE: dict[str, str] = {}
+
+
+def _normalize(text: str) -> tuple[str, list[int] | None]:
+    """NFKC per character, and for each normalized character the index of the original
+    character it came from (None when nothing changed: the common ASCII case)."""
+    if text.isascii() or unicodedata.is_normalized("NFKC", text):
+        return text, None
+    pieces, origin = [], []
+    cache = _NFKC_CACHE
+    for i, ch in enumerate(text):
+        if ch < "\x80":
+            pieces.append(ch)
+            origin.append(i)
+            continue
+        norm = cache.get(ch)
+        if norm is None:
+            norm = unicodedata.normalize("NFKC", ch)
+            if len(cache) < 100_000:
+                cache[ch] = norm
+        pieces.append(norm)
+        origin.extend([i] * len(norm))
+    return "".join(pieces), origin
+
+
+# --- validators ---------------------------------------------------------------------------------
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+
+
+def _id_date_ok(digits: str) -> bool:
+    try:
+        born = date(int(digits[6:10]), int(digits[10:12]), int(digits[12:14]))
+    except ValueError:
+        return False
+    return date(1900, 1, 1) <= born <= date.today()
+
+
+def _id_shaped(digits: str) -> bool:
+    """Region code and birth date of a resident ID, checksum not yet checked."""
+    return len(digits) == 18 and digits[0] in "1234568" and _id_date_ok(digits)
+
+
+def valid_cn_id(s: str) -> bool:
+    """GB 11643-1999: 6-digit region, 8-digit birth date, 3-digit sequence, check char."""
+    s = s.upper()
+    if len(s) != 18 or not s[:17].isdigit() or not _id_shaped(s[:17] + "0"):
+        return False
+    total = sum(int(c) * w for c, w in zip(s[:17], _ID_WEIGHTS))
+    return _ID_CHECK[total % 11] == s[17]
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = ord(c) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_network_ok(d: str) -> bool:
+    """Issuer prefix and length of the major networks (Visa, Mastercard, Amex,
+    UnionPay, JCB, Discover, Diners): a random Luhn-passing number usually fails it."""
+    n = len(d)
+    if d[0] == "4":
+        return n in (13, 16, 19)
+    if d[:2] in ("34", "37"):
+        return n == 15
+    if "51" <= d[:2] <= "55" or "2221" <= d[:4] <= "2720":
+        return n == 16
+    if d[:2] == "62" or d[:2] == "81":
+        return 16 <= n <= 19
+    if "3528" <= d[:4] <= "3589" or d[:4] == "6011" or d[:2] == "65" or "644" <= d[:3] <= "649":
+        return 16 <= n <= 19
+    if d[:2] in ("36", "38", "39") or "300" <= d[:3] <= "305":
+        return 14 <= n <= 19
+    return False
+
+
+def valid_bank_card(s: str) -> bool:
+    d = re.sub(r"[ -]", "", s)
+    if not (13 <= len(d) <= 19 and d.isdigit()):
+        return False
+    # an 18-digit number with a region and birth date is a mistyped ID, not a card
+    if len(d) == 18 and _id_shaped(d):
+        return False
+    return _card_network_ok(d) and luhn_ok(d)
+
+
+def _valid_ip(s: str) -> bool:
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return s not in ("::", "0.0.0.0")
+
+
+def _valid_ipv4(s: str) -> bool:
+    """A parsable address that is not a version or section number: those run
+    "2.7.2.2", "8.2.4.44" (three single-digit parts first), which the stdlib's own
+    text is full of; the public resolvers 1.1.1.1 / 8.8.8.8 are the cost, and they
+    are no one's personal information."""
+    parts = s.split(".")
+    return _valid_ip(s) and not all(len(p) == 1 for p in parts[:3])
+
+
+def _entropy_bits_per_char(s: str) -> float:
+    counts = Counter(s)
+    return -sum(c / len(s) * math.log2(c / len(s)) for c in counts.values())
+
+
+def _looks_random(s: str) -> bool:
+    """A secret value: long, high entropy, and either letters with digits or mixed-case
+    letters that do not read as code or a placeholder: 'password=changeme',
+    YOUR_API_KEY_HERE and HTTPPasswordMgr.find_user_password are not secrets."""
+    if len(s) < 16 or _entropy_bits_per_char(s) < 3.0 or re.search(r"[A-Za-z]", s) is None:
+        return False
+    if re.search(r"\d", s):
+        return True
+    return (re.search(r"[a-z]", s) is not None and re.search(r"[A-Z]", s) is not None
+            and "." not in s and "_" not in s)
+
+
+def _phone_ok(s: str) -> bool:
+    digits = re.sub(r"\D", "", s)
+    return 8 <= len(digits) <= 15
+
+
+# --- patterns: (kind, regex, group holding the value, validator) -------------------------------
+# Compiled with re.ASCII: \w and \b then mean ASCII word characters, so a number or an
+# address glued to Chinese text ("手机13812345678") is still found.
+_ND = r"(?<![\w.+])"      # not glued to a preceding word, number or sign
+_NT = r"(?![\w@]|[.-]\d)"  # not continued by a word character or by more digits
+_RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
+    ("url_credentials", (
+        r"\b[a-zA-Z][a-zA-Z0-9+.-]*://([^\s/:@]+:[^\s/@]+)@[^\s/?#]+"), 1, lambda s: True),
+    ("secret", (
+        r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]+?-----END (?:[A-Z]+ )?PRIVATE KEY-----"),
+     0, lambda s: True),
+    ("secret", (
+        r"\b(AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36}|xox[baprs]-[A-Za-z0-9-]{10,}"
+        r"|sk-(?:proj-)?[A-Za-z0-9_-]{20,}|sk_live_[0-9A-Za-z]{24,}|AIza[0-9A-Za-z_-]{35})\b"),
+     1, lambda s: True),
+    ("secret", (
+        r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password"
+        r"|passwd|client[_-]?secret)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9_\-/+=.]{16,})"),
+     1, _looks_random),
+    ("email", (
+        r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"
+        r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"),
+     0, lambda s: ".." not in s),
+    ("cn_id", (_ND + r"([1-8]\d{16}[\dXx])" + _NT), 1, valid_cn_id),
+    ("bank_card", (_ND + r"(\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}|\d{13,19})" + _NT),
+     1, valid_bank_card),
+    # Chinese mobiles: 1[3-9]x, optionally +86 / 0086 / 86, optionally split 3-4-4
+    ("phone", (
+        _ND + r"((?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2})" + _NT), 1, lambda s: True),
+    # international: a + and country code, then groups of digits (E.164: 8 to 15 digits)
+    ("phone", (
+        _ND + r"(\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4})" + _NT),
+     1, _phone_ok),
+    # North American style without a country code: (555) 123-4567, 555-123-4567
+    ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4})" + _NT),
+     1, lambda s: True),
+    ("ip", (r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3})(?![\w]|\.\d)"), 1, _valid_ipv4),
+    ("ip", (
+        # not inside a longer address, but a colon after a word ("ip:" or a full-width
+        # "：" after Chinese, both ":" after NFKC) may precede one
+        r"(?<![\w.])(?<![0-9A-Fa-f]:)("
+        r"(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
+        r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
+        r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6})(?![\w:]|\.\d)"), 1,
+     lambda s: ("::" in s or s.count(":") == 7) and _valid_ip(s)),
+]
+_PATTERNS = [(kind, re.compile(p, re.ASCII), group, ok) for kind, p, group, ok in _RAW_PATTERNS]
+# Cheap gates: a family whose trigger cannot occur in the text is not run at all.
+_NEEDS_AT = frozenset({"email", "url_credentials"})
+_NEEDS_DIGIT = frozenset({"cn_id", "bank_card", "phone", "ip"})
+
+
+def find_pii(text: str) -> list[PiiSpan]:
+    """Spans of sensitive information in ``text`` (indices into ``text`` itself),
+    sorted by start; overlapping candidates resolve to the earlier listed kind."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    norm, origin = _normalize(text)
+    has_at = "@" in norm
+    has_digit = re.search(r"\d", norm) is not None
+    taken: list[tuple[int, int]] = []
+    found: list[PiiSpan] = []
+    for kind, pattern, group, ok in _PATTERNS:
+        if (kind in _NEEDS_AT and not has_at) or (kind in _NEEDS_DIGIT and not has_digit):
+            continue
+        for m in pattern.finditer(norm):
+            start, end = m.span(group)
+            value = m.group(group)
+            if any(s < end and start < e for s, e in taken) or not ok(value):
+                continue
+            taken.append((start, end))
+            if origin is not None:
+                start, end = origin[start], origin[end - 1] + 1
+            found.append(PiiSpan(kind, start, end))
+    found.sort(key=lambda s: s.start)
+    return found
+
+
+def _check_policy(policy: Mapping[str, str]) -> dict[str, str]:
+    for kind, action in policy.items():
+        if kind not in KINDS:
+            raise ValueError(f"policy: unknown kind {kind!r}; kinds are {list(KINDS)}")
+        if action not in POLICIES:
+            raise ValueError(f"policy[{kind!r}]: unknown action {action!r}; "
+                             f"choose from {list(POLICIES)}")
+    return {k: policy.get(k, "replace") for k in KINDS}
+
+
+def scrub(text: str, policy: Mapping[str, str] | None = None) -> tuple[str, Counter[str], bool]:
+    """(text with 'replace' kinds swapped for placeholders, count per kind, whether a
+    'drop' kind was found). Unlisted kinds default to 'replace'."""
+    full = _check_policy(policy or {})
+    spans = find_pii(text)
+    counts = Counter(s.kind for s in spans)
+    drop = any(full[s.kind] == "drop" for s in spans)
+    out, last = [], 0
+    for s in spans:
+        if full[s.kind] == "replace":
+            out.append(text[last:s.start])
+            out.append(PLACEHOLDERS[s.kind])
+            last = s.end
+    out.append(text[last:])
+    return "".join(out), counts, drop
+
+
+class PiiFilter(Step):
+    """Replaces sensitive information with typed placeholders (``<EMAIL>``, ``<CN_ID>``…)
+    or drops the document, per kind; counts each kind found (in stats ``modified``)."""
+
+    name = "pii"
+
+    def __init__(self, policy: Mapping[str, str] | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.policy = _check_policy(policy or {})
+
+    def apply(self, doc: Document) -> Document | str:
+        text, counts, drop = scrub(doc.text, self.policy)
+        for kind, n in counts.items():
+            self.modified(f"found_{kind}", n)
+        if drop:
+            kinds = sorted(k for k in counts if self.policy[k] == "drop")
+            return "pii_" + "+".join(kinds)
+        if counts:
+            doc.text = text
+            doc.metadata["pii"] = dict(counts)
+        return doc

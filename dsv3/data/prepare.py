@@ -1,0 +1,194 @@
+"""``dsv3 data prepare``: sources -> steps -> kept documents -> tokenizer -> tokens -> mixture.
+
+Everything streams except what must see the whole corpus (dedup's index, tokenizer
+training); the datasets and Spark backends spill the input to parquet shards first
+(dsv3.data.scale). Outputs, all under ``[output] dir``:
+
+    stats.json            per-step kept/dropped/modified counts with reasons, reader
+                          counts (malformed records skipped), tokens per domain
+    dropped/<step>.jsonl  every dropped document with its step and reason
+    kept/<domain>.jsonl   the documents that made it through
+    tokenizer.json        the byte-level BPE trained on the kept documents
+    tokens/               per-domain token arrays + offsets (TokenizedCorpus)
+    mixture.json          the schedule the trainer's loader will follow
+    review/               the spot-check sample: sample.jsonl, strata.json, index.html
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import time
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+from dsv3.data.augment import Augmenter, Lexicon
+from dsv3.data.config import build_steps
+from dsv3.data.corpus import DOMAINS, embedded_corpus
+from dsv3.data.document import Document
+from dsv3.data.mixture import MixtureSchedule
+from dsv3.data.pipeline import Pipeline
+from dsv3.data.readers import ReaderStats, read_documents, read_hf_dataset
+from dsv3.data.review import ReviewSampler
+from dsv3.data.scale import run_scaled
+from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
+
+_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+_READER_OPTIONS = frozenset({"paths", "text_field", "domain_field", "default_domain", "on_error"})
+_EMBEDDED_OPTIONS = frozenset({"domains", "max_docs_per_domain"})
+_HF_OPTIONS = frozenset({"name", "config", "split", "data_files", "streaming", "text_field",
+                         "domain_field", "default_domain", "on_error"})
+
+
+def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Iterator[Document]:
+    """Documents of every configured source in order; reader counts go to ``stats``."""
+    for i, src in enumerate(config["sources"]):
+        src = dict(src)
+        kind = src.pop("kind")
+        allowed = {"embedded": _EMBEDDED_OPTIONS, "hf": _HF_OPTIONS}.get(kind, _READER_OPTIONS)
+        unknown = sorted(set(src) - allowed)
+        if unknown:
+            raise ValueError(f"sources[{i}]: unknown option(s) {unknown} for kind {kind!r}; "
+                             f"known: {sorted(allowed)}")
+        if kind == "embedded":
+            yield from embedded_corpus(src.get("domains", DOMAINS), src.get("max_docs_per_domain"))
+            continue
+        if skip_malformed:
+            src["on_error"] = "skip"
+        reader_stats = ReaderStats()
+        if kind == "hf":
+            if "name" not in src:
+                raise ValueError(f"sources[{i}]: 'name' is required for kind 'hf'")
+            yield from read_hf_dataset(src.pop("name"), stats=reader_stats, **src)
+            stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
+            continue
+        if "paths" not in src:
+            raise ValueError(f"sources[{i}]: 'paths' is required for kind {kind!r}")
+        yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats, **src)
+        stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
+
+
+def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
+    os.makedirs(kept_dir, exist_ok=True)
+    files: dict[str, Any] = {}
+    counts: dict[str, int] = {}
+    try:
+        for doc in docs:
+            if not _DOMAIN_NAME_RE.match(doc.domain):
+                raise ValueError(f"document {doc.id!r}: domain {doc.domain!r} cannot name a file "
+                                 f"(use letters, digits, '_', '-', '.')")
+            f = files.get(doc.domain)
+            if f is None:
+                f = files[doc.domain] = open(os.path.join(kept_dir, f"{doc.domain}.jsonl"), "w",
+                                             encoding="utf-8")
+            f.write(json.dumps(doc.to_row(), ensure_ascii=False) + "\n")
+            counts[doc.domain] = counts.get(doc.domain, 0) + 1
+    finally:
+        for f in files.values():
+            f.close()
+    return counts
+
+
+def _kept_texts(kept_dir: str, domain: str) -> Iterator[str]:
+    with open(os.path.join(kept_dir, f"{domain}.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)["text"]
+
+
+def _bar(items: Iterator, **kwargs) -> Iterator:
+    """A progress bar that appears when iteration starts, not when it is created."""
+    yield from tqdm(items, unit="doc", **kwargs)
+
+
+def _mixture(config: dict, manifest: dict) -> dict:
+    """The schedule to store: the configured one, or constant natural token shares."""
+    mix = dict(config["mixture"])
+    weights = mix.pop("weights", None)
+    tokens = {d: m["tokens"] for d, m in manifest["domains"].items()}
+    if weights is None:
+        total = sum(tokens.values())
+        weights = {d: n / total for d, n in tokens.items()}
+        # shares must sum to exactly 1 within 1e-6: give the rounding to the largest
+        biggest = max(weights, key=weights.get)
+        weights[biggest] += 1.0 - sum(weights.values())
+    missing = sorted(d for d in weights if d not in tokens)
+    if missing:
+        raise ValueError(f"mixture.weights: domains {missing} have no kept documents "
+                         f"(kept: {sorted(tokens)})")
+    out = {"weights": weights, "total_tokens": int(mix.pop("total_tokens", sum(tokens.values()))),
+           "seed": int(mix.pop("seed", 0)),
+           "max_chunk_tokens": int(mix.pop("max_chunk_tokens", 1024))}
+    if mix:
+        raise ValueError(f"mixture: unknown option(s) {sorted(mix)}")
+    MixtureSchedule(out["weights"], out["total_tokens"])  # validate before saving
+    return out
+
+
+def _resolve_learned_lexicon(config: dict, skip_malformed: bool, max_docs: int = 20_000) -> None:
+    """``lexicon = "learned"``: learn neighbours from (up to ``max_docs`` of) the sources
+    in a first pass and put the table in the config, where every worker can read it."""
+    augment = config["steps"].get("augment", {})
+    if augment.get("lexicon") == "learned":
+        texts = [d.text for d in itertools.islice(read_sources(config, skip_malformed, []),
+                                                  max_docs)]
+        config["steps"]["augment"] = {**augment, "lexicon": Lexicon.learn(texts).synonyms}
+
+
+def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
+    """Run the whole preparation; returns what it wrote to ``stats.json``."""
+    _resolve_learned_lexicon(config, skip_malformed)
+    out = config["output"]["dir"]
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    reader_stats: list[dict] = []
+    review_cfg = dict(config["review"])
+    reviewer = ReviewSampler(review_cfg.pop("per_stratum", 5), review_cfg.pop("seed", 0))
+    if review_cfg:
+        raise ValueError(f"review: unknown option(s) {sorted(review_cfg)}")
+    pipeline = Pipeline(build_steps(config, os.path.join(out, "dropped")), reviewer=reviewer)
+    try:
+        sources = read_sources(config, skip_malformed, reader_stats)
+        scale = config["scale"]
+        if scale["backend"] == "serial":
+            docs = pipeline.run(sources, progress=progress)
+        else:
+            docs = run_scaled(sources, pipeline.steps, config["steps"], scale["backend"],
+                              scale["num_proc"], spill_dir=scale.get("spill_dir"))
+            docs = _bar(docs, desc="documents kept") if progress else docs
+        kept = _write_kept(docs, os.path.join(out, "kept"))
+    finally:
+        pipeline.close()
+    review = reviewer.write(os.path.join(out, "review"))
+    if not kept:
+        raise ValueError("no documents were kept: see dropped/ and the step stats")
+    t_steps = time.perf_counter()
+
+    kept_dir = os.path.join(out, "kept")
+    tok_cfg = dict(config["tokenizer"])
+    all_texts = itertools.chain.from_iterable(_kept_texts(kept_dir, d) for d in sorted(kept))
+    if progress:
+        all_texts = _bar(all_texts, desc="training tokenizer", total=sum(kept.values()))
+    tokenizer = train_tokenizer(all_texts, vocab_size=tok_cfg.pop("vocab_size", 8192),
+                                min_frequency=tok_cfg.pop("min_frequency", 2))
+    if tok_cfg:
+        raise ValueError(f"tokenizer: unknown option(s) {sorted(tok_cfg)}")
+    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    by_domain = {d: (_bar(_kept_texts(kept_dir, d), desc=f"tokenizing {d}", total=kept[d])
+                     if progress else _kept_texts(kept_dir, d)) for d in sorted(kept)}
+    manifest = TokenizedCorpus.encode(by_domain, tokenizer).save(os.path.join(out, "tokens"))
+    t_tokens = time.perf_counter()
+
+    mixture = _mixture(config, manifest)
+    with open(os.path.join(out, "mixture.json"), "w") as f:
+        json.dump(mixture, f, indent=2)
+    return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
+        "readers": reader_stats, "kept_by_domain": kept, "review": review,
+        "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}
+                         for s in pipeline.steps if isinstance(s, Augmenter)}, "tokens": manifest,
+        "mixture": mixture,
+        "seconds": {"steps": round(t_steps - t0, 3), "tokenize": round(t_tokens - t_steps, 3)},
+    })

@@ -1,0 +1,277 @@
+"""Quality classifier: a frozen featurizer + a trained linear head, and its filter step.
+
+Two featurizers behind one interface (texts -> features):
+
+- ``hashed`` (built in, fast): word 1-2-grams from the shared tokenization plus
+  character 3-grams, hashed (xxhash, stable across processes) into ``2**dim_bits``
+  buckets; the head is then a fastText-style linear model over the bag of buckets
+  (``EmbeddingBag`` of width 1). Trains in seconds on a CPU, no download.
+- ``hf``: any HF encoder from a local path (a BERT such as ``bert-base-chinese``),
+  frozen, mean-pooled over tokens; the head is a ``Linear`` on those vectors. Slower
+  and needs the model, but carries semantics the n-grams cannot.
+
+Both heads are trained with logistic loss; a document is kept when its probability
+of being good reaches the threshold. ``train_quality`` trains on labeled jsonl and
+reports precision/recall of the "good" class on a held-out split.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import xxhash
+
+from dsv3.data.document import Document
+from dsv3.data.step import Step
+from dsv3.data.textview import TextView
+
+BACKENDS = ("hashed", "hf")
+
+
+class HashedNgrams:
+    """Texts -> (flat bucket ids, offsets) for ``nn.EmbeddingBag``."""
+
+    def __init__(self, dim_bits: int = 18, max_chars: int = 20_000) -> None:
+        if not 8 <= dim_bits <= 24:
+            raise ValueError(f"dim_bits must be in [8, 24], got {dim_bits}")
+        self.dim_bits, self.max_chars = dim_bits, max_chars
+        self.size = 1 << dim_bits
+
+    def ids(self, text: str) -> np.ndarray:
+        text = text[:self.max_chars]
+        words = [w.lower() for w in TextView(text).words]
+        grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+        low = text.lower()
+        grams += ["#" + low[i:i + 3] for i in range(len(low) - 2)]
+        mask = self.size - 1
+        return np.fromiter((xxhash.xxh64_intdigest(g.encode()) & mask for g in grams),
+                           dtype=np.int64, count=len(grams))
+
+    def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        per_doc = [self.ids(t) for t in texts]
+        lengths = [len(x) for x in per_doc]
+        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64)
+        flat = (torch.from_numpy(np.concatenate(per_doc)) if per_doc
+                else torch.empty(0, dtype=torch.int64))
+        return flat, offsets
+
+    def config(self) -> dict:
+        return {"backend": "hashed", "dim_bits": self.dim_bits, "max_chars": self.max_chars}
+
+
+class HFEncoder:
+    """A frozen HF encoder from a local directory; mean of the last hidden states."""
+
+    def __init__(self, path: str, max_length: int = 256, batch_size: int = 16) -> None:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"encoder: {path!r} is not a local model directory")
+        from transformers import AutoModel, AutoTokenizer
+        self.path, self.max_length, self.batch_size = path, max_length, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.size = self.model.config.hidden_size
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True,
+                                 truncation=True, max_length=self.max_length, return_tensors="pt")
+            hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        return torch.cat(out) if out else torch.empty(0, self.size)
+
+    def config(self) -> dict:
+        return {"backend": "hf", "path": self.path, "max_length": self.max_length}
+
+
+class QualityClassifier:
+    def __init__(self, featurizer: HashedNgrams | HFEncoder) -> None:
+        self.featurizer = featurizer
+        if isinstance(featurizer, HashedNgrams):
+            self.head: torch.nn.Module = torch.nn.EmbeddingBag(featurizer.size, 1, mode="mean")
+            torch.nn.init.zeros_(self.head.weight)
+        else:
+            self.head = torch.nn.Linear(featurizer.size, 1)
+        self.bias = torch.nn.Parameter(torch.zeros(1))
+        # dense encoder features are standardized with training statistics: pooled
+        # hidden states have uneven scales per dimension, which slows a linear head
+        self.mean = torch.zeros(featurizer.size if isinstance(featurizer, HFEncoder) else 0)
+        self.std = torch.ones_like(self.mean)
+
+    def _logits(self, features) -> torch.Tensor:
+        if isinstance(features, tuple):
+            return self.head(*features).squeeze(-1) + self.bias
+        return self.head((features - self.mean) / self.std).squeeze(-1) + self.bias
+
+    def fit(self, texts: Sequence[str], labels: Sequence[int], epochs: int = 20,
+            lr: float = 0.5, seed: int = 0) -> "QualityClassifier":
+        if len(texts) != len(labels) or not texts:
+            raise ValueError(f"texts and labels must be non-empty and of equal length, got "
+                             f"{len(texts)} and {len(labels)}")
+        torch.manual_seed(seed)
+        features = self.featurizer(texts)
+        if not isinstance(features, tuple):
+            self.mean, self.std = features.mean(0), features.std(0).clamp(min=1e-6)
+        y = torch.tensor(labels, dtype=torch.float32)
+        params = list(self.head.parameters()) + [self.bias]
+        # the dense head sees standardized features of unit scale, where the bag-of-buckets
+        # head's mean-pooled weights need the larger step
+        dense = not isinstance(self.featurizer, HashedNgrams)
+        opt = torch.optim.Adam(params, lr=lr / 10 if dense else lr)
+        for _ in range(epochs):  # full batch: the corpora this trains on fit in memory
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self._logits(features), y)
+            loss.backward()
+            opt.step()
+        return self
+
+    @torch.no_grad()
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        return torch.sigmoid(self._logits(self.featurizer(texts))).numpy()
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        torch.save({"head": self.head.state_dict(), "bias": self.bias.detach(),
+                    "mean": self.mean, "std": self.std},
+                   os.path.join(directory, "head.pt"))
+        with open(os.path.join(directory, "featurizer.json"), "w") as f:
+            json.dump(self.featurizer.config(), f)
+
+    @classmethod
+    def load(cls, directory: str) -> "QualityClassifier":
+        path = os.path.join(directory, "featurizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model: no featurizer.json in {directory!r} "
+                                    f"(train one with `dsv3 data train-quality`)")
+        with open(path) as f:
+            cfg = json.load(f)
+        featurizer = (HashedNgrams(cfg["dim_bits"], cfg["max_chars"]) if cfg["backend"] == "hashed"
+                      else HFEncoder(cfg["path"], cfg["max_length"]))
+        model = cls(featurizer)
+        state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+        model.head.load_state_dict(state["head"])
+        model.bias.data.copy_(state["bias"])
+        model.mean, model.std = state["mean"], state["std"]
+        return model
+
+
+def make_featurizer(backend: str, encoder: str | None = None, **kwargs):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "hf":
+        if not encoder:
+            raise ValueError("encoder: the 'hf' backend needs a local model directory")
+        return HFEncoder(encoder, **kwargs)
+    return HashedNgrams(**kwargs)
+
+
+def read_labeled(path: str, text_field: str = "text", label_field: str = "label"):
+    """(texts, labels) from jsonl; labels 1/true = good, 0/false = bad."""
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+            text, label = rec.get(text_field), rec.get(label_field)
+            if not isinstance(text, str):
+                raise ValueError(f"{path}, line {n}: field {text_field!r} must be a string")
+            if label not in (0, 1, True, False):
+                raise ValueError(f"{path}, line {n}: field {label_field!r} must be 0/1 or "
+                                 f"true/false, got {label!r}")
+            texts.append(text)
+            labels.append(int(label))
+    return texts, labels
+
+
+def precision_recall(probs: np.ndarray, labels: Sequence[int], threshold: float) -> dict:
+    pred = probs >= threshold
+    y = np.asarray(labels, dtype=bool)
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1),
+            "accuracy": float((pred == y).mean()) if len(y) else 0.0, "n": len(y),
+            "threshold": threshold}
+
+
+def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_dir: str,
+                  holdout: float = 0.2, threshold: float = 0.5, seed: int = 0,
+                  epochs: int = 20) -> dict:
+    """Train on a seeded (1 - holdout) split, report on the rest, save model + metrics."""
+    if not 0.0 < holdout < 1.0:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    cut = int(round(len(order) * (1 - holdout)))
+    train, test = order[:cut], order[cut:]
+    if not test or len({labels[i] for i in train}) < 2:
+        raise ValueError(f"labels: need both classes in training and a non-empty held-out "
+                         f"split; got {len(train)} train / {len(test)} held out")
+    model = QualityClassifier(featurizer).fit([texts[i] for i in train],
+                                              [labels[i] for i in train], epochs=epochs, seed=seed)
+    metrics = precision_recall(model.predict_proba([texts[i] for i in test]),
+                               [labels[i] for i in test], threshold)
+    metrics["train_n"] = len(train)
+    model.save(out_dir)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+class QualityFilter(Step):
+    """Keeps documents whose predicted probability of being good reaches ``threshold``;
+    the score goes into ``metadata["quality"]``. As a generator it scores documents in
+    batches of ``batch_size`` (an encoder's forward pass is much cheaper per document
+    in a batch); :meth:`apply`, used by the scale-out workers, scores one at a time."""
+
+    name = "quality"
+
+    def __init__(self, model: str | QualityClassifier, threshold: float = 0.5,
+                 batch_size: int = 32, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = QualityClassifier.load(model) if isinstance(model, str) else model
+        self.threshold, self.batch_size = threshold, batch_size
+
+    def _decide(self, doc: Document, score: float) -> Document | str:
+        doc.metadata["quality"] = round(score, 4)
+        return doc if score >= self.threshold else "low_quality_score"
+
+    def apply(self, doc: Document) -> Document | str:
+        return self._decide(doc, float(self.model.predict_proba([doc.text])[0]))
+
+    def run(self, docs):
+        batch: list[Document] = []
+
+        def flush():
+            judged = [d for d in batch if self.applies_to(d)]
+            scores = iter(self.model.predict_proba([d.text for d in judged]) if judged else [])
+            for doc in batch:
+                self.stats.seen += 1
+                if not self.applies_to(doc):
+                    self.stats.kept += 1
+                    yield doc
+                    continue
+                result = self._decide(doc, float(next(scores)))
+                if isinstance(result, str):
+                    self.drop(doc, result)
+                else:
+                    yield self.keep(result)
+            batch.clear()
+
+        for doc in docs:
+            batch.append(doc)
+            if len(batch) == self.batch_size:
+                yield from flush()
+        yield from flush()

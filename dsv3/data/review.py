@@ -1,0 +1,189 @@
+"""Human spot-check: a seeded, stratified sample of each step's decisions, a static
+page to judge them, and precision estimates from the verdicts.
+
+Sampling is bottom-k by a seeded hash of the document id within each stratum
+(step, domain, decision): the same documents are picked whatever the processing order
+or sharding, so a rerun with the same seed gives the same review file, and a stratum
+with fewer documents than k is taken whole. The population of every stratum is
+recorded so estimates can weight strata by their true size.
+
+A reviewer answers, for each sampled decision, whether the step was right
+("correct" / "wrong"). A step's precision (of its drops) is the share of dropped
+documents that deserved it; per stratum it gets a Wilson 95% interval, and over a
+step the strata are combined weighted by their populations (stratified estimator,
+normal-approximation interval). Verdicts also become classifier labels: a document
+rightly dropped or wrongly kept is bad (0), the other way round good (1).
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import html
+import json
+import math
+import os
+from collections import Counter, defaultdict
+
+from dsv3.data.document import Document
+
+VERDICTS = ("correct", "wrong")
+
+
+class ReviewSampler:
+    def __init__(self, per_stratum: int = 5, seed: int = 0) -> None:
+        if per_stratum < 1:
+            raise ValueError(f"per_stratum must be >= 1, got {per_stratum}")
+        self.per_stratum, self.seed = per_stratum, seed
+        self._heaps: dict[tuple[str, str, str], list] = defaultdict(list)
+        self.population: Counter[tuple[str, str, str]] = Counter()
+
+    def _priority(self, step: str, doc_id: str) -> int:
+        h = hashlib.blake2b(f"{self.seed}\x00{step}\x00{doc_id}".encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "big")
+
+    def offer(self, step: str, decision: str, reason: str | None, doc: Document,
+              text_before: str | None = None) -> None:
+        key = (step, doc.domain, decision)
+        self.population[key] += 1
+        # max-heap of the k smallest priorities (negated), holding snapshots: later
+        # steps may change the text, the reviewer must see what this step saw
+        item = (-self._priority(step, doc.id), doc.id, reason, doc.text, text_before)
+        heap = self._heaps[key]
+        if len(heap) < self.per_stratum:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:
+            heapq.heapreplace(heap, item)
+
+    def items(self) -> list[dict]:
+        out = []
+        for (step, domain, decision), heap in sorted(self._heaps.items()):
+            for _, doc_id, reason, text, before in sorted(heap, reverse=True):
+                out.append({"review_id": f"{step}/{domain}/{decision}/{doc_id}", "step": step,
+                            "domain": domain, "decision": decision, "reason": reason,
+                            "id": doc_id, "text": text, "text_before": before,
+                            "verdict": None})
+        return out
+
+    def write(self, directory: str) -> dict:
+        """review/sample.jsonl (fill in "verdict"), strata.json and index.html."""
+        os.makedirs(directory, exist_ok=True)
+        items = self.items()
+        with open(os.path.join(directory, "sample.jsonl"), "w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        strata = [{"step": s, "domain": d, "decision": c, "population": n,
+                   "sampled": len(self._heaps[(s, d, c)])}
+                  for (s, d, c), n in sorted(self.population.items())]
+        with open(os.path.join(directory, "strata.json"), "w") as f:
+            json.dump({"seed": self.seed, "per_stratum": self.per_stratum, "strata": strata}, f,
+                      indent=2)
+        with open(os.path.join(directory, "index.html"), "w", encoding="utf-8") as f:
+            f.write(render_html(items))
+        return {"items": len(items), "strata": len(strata)}
+
+
+_PAGE = """<!doctype html><meta charset="utf-8"><title>dsv3 data review</title>
+<style>body{{font:14px sans-serif;max-width:60em;margin:auto}}pre{{white-space:pre-wrap;
+background:#f6f6f6;padding:.5em;max-height:20em;overflow:auto}}.item{{border-top:1px solid #ccc;
+padding:.5em 0}}</style>
+<h1>Spot-check review</h1><p>For each decision: was the step right? Then press
+<button onclick="save()">download verdicts.jsonl</button> and run
+<code>dsv3 data review --sample sample.jsonl --verdicts verdicts.jsonl</code>.</p>
+{items}
+<script>function save(){{const out=[];document.querySelectorAll('.item').forEach(e=>{{
+const c=e.querySelector('input:checked');if(c)out.push(JSON.stringify({{review_id:e.dataset.id,
+verdict:c.value}}))}});const a=document.createElement('a');a.href=URL.createObjectURL(
+new Blob([out.join('\\n')+'\\n'],{{type:'application/jsonl'}}));a.download='verdicts.jsonl';
+a.click()}}</script>"""
+
+
+def render_html(items: list[dict], max_chars: int = 4000) -> str:
+    parts = []
+    for i, it in enumerate(items):
+        rid = html.escape(it["review_id"], quote=True)
+        def cut(t: str) -> str:
+            return t if len(t) <= max_chars else t[:max_chars] + " […]"
+        before = (f'<p>before this step:</p><pre>{html.escape(cut(it["text_before"]))}</pre>'
+                  f'<p>after:</p>' if it.get("text_before") else "")
+        radios = "".join(f'<label><input type="radio" name="v{i}" value="{v}"> {v}</label> '
+                         for v in VERDICTS)
+        parts.append(f'<div class="item" data-id="{rid}"><b>{html.escape(it["step"])}</b> '
+                     f'{html.escape(it["decision"])}'
+                     f'{" (" + html.escape(it["reason"]) + ")" if it["reason"] else ""} · '
+                     f'{html.escape(it["domain"])} · {html.escape(it["id"])}<br>{radios}'
+                     f'{before}<pre>{html.escape(cut(it["text"]))}</pre></div>')
+    return _PAGE.format(items="\n".join(parts))
+
+
+def read_verdicts(sample_path: str, verdicts_path: str | None = None) -> list[dict]:
+    """Sample items with their verdicts: from the sample file itself, overridden by a
+    separate verdicts file (``{"review_id", "verdict"}`` per line) when given."""
+    with open(sample_path, encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    by_id = {it["review_id"]: it for it in items}
+    if verdicts_path:
+        with open(verdicts_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if rec.get("review_id") not in by_id:
+                    raise ValueError(f"{verdicts_path}, line {n}: review_id "
+                                     f"{rec.get('review_id')!r} is not in {sample_path}")
+                by_id[rec["review_id"]]["verdict"] = rec.get("verdict")
+    for it in items:
+        if it["verdict"] not in (None, *VERDICTS):
+            raise ValueError(f"verdict for {it['review_id']!r} must be one of "
+                             f"{list(VERDICTS)} or null, got {it['verdict']!r}")
+    return items
+
+
+def wilson(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def estimate_precision(items: list[dict], strata: list[dict]) -> dict:
+    """Per step: precision of its drops, per domain (Wilson) and combined (stratified)."""
+    population = {(s["step"], s["domain"]): s["population"] for s in strata
+                  if s["decision"] == "dropped"}
+    judged: dict[tuple[str, str], list[bool]] = defaultdict(list)
+    for it in items:
+        if it["decision"] == "dropped" and it["verdict"] is not None:
+            judged[(it["step"], it["domain"])].append(it["verdict"] == "correct")
+    report: dict[str, dict] = {}
+    for (step, domain), votes in sorted(judged.items()):
+        k, n = sum(votes), len(votes)
+        lo, hi = wilson(k, n)
+        r = report.setdefault(step, {"domains": {}})
+        r["domains"][domain] = {"precision": k / n, "ci95": [lo, hi], "judged": n,
+                                "population": population.get((step, domain), n)}
+    for step, r in report.items():
+        doms = r["domains"].values()
+        total = sum(d["population"] for d in doms)
+        p = sum(d["population"] * d["precision"] for d in doms) / total
+        var = sum((d["population"] / total) ** 2 * d["precision"] * (1 - d["precision"])
+                  / d["judged"] for d in doms)
+        # Wilson interval at the stratified estimate's effective sample size (where every
+        # stratum is unanimous the variance is 0: fall back to the judged count)
+        n_eff = p * (1 - p) / var if var > 0 else sum(d["judged"] for d in doms)
+        r["precision"] = p
+        r["ci95"] = list(wilson(p * n_eff, n_eff))
+        r["judged"] = sum(d["judged"] for d in doms)
+    return report
+
+
+def verdicts_to_labels(items: list[dict]) -> list[dict]:
+    """Judged items as classifier training rows: {"text", "label"} (1 = good)."""
+    rows = []
+    for it in items:
+        if it["verdict"] is None:
+            continue
+        bad = (it["decision"] == "dropped") == (it["verdict"] == "correct")
+        rows.append({"text": it["text"], "label": 0 if bad else 1, "review_id": it["review_id"]})
+    return rows

@@ -1,0 +1,213 @@
+"""Scale-out: the per-document steps on HF ``datasets.map(num_proc=...)`` or Apache
+Spark, with output identical to the plain generator chain.
+
+Only steps that judge each document alone (heuristics, PII, quality) are spread out;
+the leading run of them in the configured order goes to the workers, and the rest
+(dedup, which must see every earlier document) runs in the driver afterwards.
+
+Workers build their own copies of the steps from the config (step objects hold
+writers and counters that do not travel), apply them to each row and return, with
+the processed row, a small record: which step dropped it and why, each step's
+"modified" counts for it, and the text after every step that changed it. The driver
+then replays those records through its own step objects in the original order, so
+counters, side files and the spot-check sample come out exactly as a local run makes
+them, whatever the number of processes or partitions.
+
+Data movement: the driver streams the input into numbered parquet shards (one shard in
+memory at a time) under ``spill_dir``; datasets memory-maps them, Spark reads them as a
+DataFrame; results come back in input order (Spark: sorted by the shards' row index,
+one partition at a time), and the replay re-reads the shards alongside. What it costs:
+the input is written to disk once more, and ``spill_dir`` must be visible to every
+worker (local disk in local mode, a shared filesystem on a cluster).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from typing import Any, Iterable, Iterator
+
+from dsv3.data.config import build_steps
+from dsv3.data.document import Document
+from dsv3.data.step import Step
+
+# "inline" runs the workers' code path in this process: the replay without the cluster
+BACKENDS = ("inline", "datasets", "spark")
+
+_WORKER_STEPS: dict[str, list[Step]] = {}  # per process: steps built once per config
+
+
+def split_steps(steps: list[Step]) -> tuple[list[Step], list[Step]]:
+    """(leading per-document steps, the rest)."""
+    n = 0
+    while n < len(steps) and not steps[n].stateful:
+        n += 1
+    return steps[:n], steps[n:]
+
+
+def _worker_steps(steps_config: dict) -> list[Step]:
+    key = json.dumps(steps_config, sort_keys=True)
+    steps = _WORKER_STEPS.get(key)
+    if steps is None:
+        steps = split_steps(build_steps({"steps": steps_config}, dropped_dir=None))[0]
+        _WORKER_STEPS[key] = steps
+    return steps
+
+
+def process_row(row: dict, steps: list[Step]) -> dict:
+    """Apply the per-document steps to one row; returns the row as it leaves them and
+    the record the driver replays."""
+    doc = Document(row["id"], row["text"], row["domain"], json.loads(row["metadata"]))
+    record: dict[str, Any] = {"dropped_by": None, "reason": None, "modified": {}, "counts": {},
+                              "texts": {}}
+    for step in steps:
+        if not step.applies_to(doc):
+            continue
+        before, counts, text = Counter(step.stats.modified), Counter(step.stats.counts), doc.text
+        result = step.apply(doc)
+        for key, now, then in (("modified", step.stats.modified, before),
+                               ("counts", step.stats.counts, counts)):
+            if now - then:
+                record[key][step.name] = dict(now - then)
+        if isinstance(result, str):
+            record["dropped_by"], record["reason"] = step.name, result
+            break
+        doc = result
+        if doc.text != text:
+            record["texts"][step.name] = doc.text
+    return {"idx": row["idx"], "id": doc.id, "text": doc.text, "domain": doc.domain,
+            "metadata": json.dumps(doc.metadata, ensure_ascii=False),
+            "record": json.dumps(record, ensure_ascii=False)}
+
+
+_COLUMNS = ("idx", "id", "text", "domain", "metadata")
+
+
+def _spill(docs: Iterable[Document], directory: str, rows_per_shard: int) -> list[str]:
+    """Write the input to numbered parquet shards with a global row index, holding one
+    shard in memory at a time; the workers read the shards, the replay re-reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    schema = pa.schema([("idx", pa.int64())] + [(c, pa.string()) for c in _COLUMNS[1:]])
+    paths: list[str] = []
+    rows: list[dict] = []
+
+    def flush() -> None:
+        path = os.path.join(directory, f"shard-{len(paths):06d}.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+        paths.append(path)
+        rows.clear()
+
+    for idx, d in enumerate(docs):
+        rows.append({"idx": idx, "id": d.id, "text": d.text, "domain": d.domain,
+                     "metadata": json.dumps(d.metadata, ensure_ascii=False)})
+        if len(rows) == rows_per_shard:
+            flush()
+    if rows or not paths:
+        flush()
+    return paths
+
+
+def _read_shards(paths: list[str]) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+    for path in paths:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+
+
+def _map_batch(batch: dict, steps_config: dict) -> dict:
+    steps = _worker_steps(steps_config)
+    out = [process_row(dict(zip(batch, values)), steps) for values in zip(*batch.values())]
+    return {k: [r[k] for r in out] for k in out[0]} if out else {}
+
+
+def _on_datasets(paths: list[str], steps_config: dict, num_proc: int,
+                 cache_dir: str) -> Iterator[dict]:
+    import datasets
+    # memory-mapped from the shards; the cache lives in this run's spill directory, so
+    # nothing from an earlier run can be picked up
+    ds = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir)
+    mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
+                    fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
+                    remove_columns=ds.column_names, load_from_cache_file=False)
+    yield from mapped
+
+
+def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[dict]:
+    import sys
+    from pyspark.sql import SparkSession
+    # Spark's Python workers must be this interpreter (same packages), not `python3`
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # our own progress bar and stats say what happens; Spark's console bar and INFO/WARN
+    # lines would bury them
+    spark = (SparkSession.builder.master(f"local[{num_proc}]").appName("dsv3-data")
+             .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+
+    def partition(it):
+        steps = _worker_steps(steps_config)
+        for row in it:
+            yield process_row(row.asDict(), steps)
+
+    # the shards' row index restores input order; toLocalIterator brings one partition
+    # at a time to the driver instead of collecting everything
+    rdd = spark.read.parquet(*paths).rdd.mapPartitions(partition)
+    yield from rdd.sortBy(lambda r: r["idx"], numPartitions=num_proc).toLocalIterator()
+
+
+def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
+               backend: str, num_proc: int, spill_dir: str | None = None,
+               rows_per_shard: int = 10_000) -> Iterator[Document]:
+    """Like chaining ``steps`` over ``docs``, with the leading per-document steps run
+    on ``backend``. ``spill_dir``: where the input shards go (a directory every worker
+    can read; a fresh temporary directory under it is used and removed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if num_proc < 1:
+        raise ValueError(f"num_proc must be >= 1, got {num_proc}")
+    mapped_steps, rest = split_steps(steps)
+    with tempfile.TemporaryDirectory(prefix="dsv3-scale-", dir=spill_dir) as tmp:
+        paths = _spill(docs, tmp, rows_per_shard)
+        if backend == "datasets":
+            results = _on_datasets(paths, steps_config, num_proc, os.path.join(tmp, "cache"))
+        elif backend == "spark":
+            results = _on_spark(paths, steps_config, num_proc)
+        else:
+            local = _worker_steps(steps_config)
+            results = (process_row(r, local) for r in _read_shards(paths))
+        stream: Iterable[Document] = _replay(_read_shards(paths), results, mapped_steps)
+        for step in rest:
+            stream = step(stream)
+        yield from stream
+
+
+def _replay(inputs: Iterable[dict], results: Iterable[dict],
+            steps: list[Step]) -> Iterator[Document]:
+    """Drive the driver's step objects through the workers' records, in input order."""
+    for src, out in zip(inputs, results, strict=True):
+        if src["idx"] != out["idx"]:
+            raise RuntimeError(f"scale-out returned row {out['idx']} where row {src['idx']} "
+                               f"was expected: the backend lost the input order")
+        rec = json.loads(out["record"])
+        doc = Document(src["id"], src["text"], src["domain"], json.loads(src["metadata"]))
+        final_meta = json.loads(out["metadata"])
+        for step in steps:
+            step.stats.seen += 1
+            if not step.applies_to(doc):
+                step.stats.kept += 1
+                continue
+            step.stats.modified.update(rec["modified"].get(step.name, {}))
+            step.stats.counts.update(rec["counts"].get(step.name, {}))
+            if rec["dropped_by"] == step.name:
+                doc.metadata = final_meta  # what earlier steps had learned by then
+                step.drop(doc, rec["reason"])
+                break
+            before = None
+            if step.name in rec["texts"]:
+                before = doc.text
+                doc = Document(doc.id, rec["texts"][step.name], doc.domain, doc.metadata)
+            step.keep(doc, before)
+        else:
+            yield Document(out["id"], out["text"], out["domain"], final_meta)

@@ -1,0 +1,108 @@
+"""Byte-level BPE trained on the corpus (HF ``tokenizers``) and the tokenized corpus on disk.
+
+Byte-level so that any text (code, Chinese, emoji) tokenizes without unknown tokens;
+trained on the prepared corpus itself so its vocabulary fits what the model will read.
+Each document is encoded once and stored per domain as one flat ``uint32`` token array
+plus document offsets (``.npy``, memory-mapped when read), which is all the mixture
+sampler and the packer need: a document is a slice, and its length is a subtraction.
+An end-of-text token closes every document, so packed sequences mark where one ends.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Mapping
+
+import numpy as np
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2):
+    """A byte-level BPE ``tokenizers.Tokenizer`` with ``EOS`` as its one special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if vocab_size < 256 + 1:
+        raise ValueError(f"vocab_size must be > 256 (the byte alphabet) , got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(os.fspath(path))
+
+
+class TokenizedCorpus:
+    """Per-domain ``tokens`` (uint32) and ``offsets`` (int64, n_docs + 1) arrays."""
+
+    def __init__(self, tokens: Mapping[str, np.ndarray], offsets: Mapping[str, np.ndarray],
+                 eos_id: int, vocab_size: int) -> None:
+        if set(tokens) != set(offsets):
+            raise ValueError(f"tokens and offsets name different domains: "
+                             f"{sorted(tokens)} vs {sorted(offsets)}")
+        self.tokens, self.offsets = dict(tokens), dict(offsets)
+        self.eos_id, self.vocab_size = eos_id, vocab_size
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.tokens)
+
+    @classmethod
+    def encode(cls, docs_by_domain: Mapping[str, Iterable[str]], tokenizer,
+               batch_size: int = 256) -> "TokenizedCorpus":
+        eos_id = tokenizer.token_to_id(EOS)
+        if eos_id is None:
+            raise ValueError(f"tokenizer: has no {EOS!r} token (train it with train_tokenizer)")
+        tokens, offsets = {}, {}
+        for domain, texts in docs_by_domain.items():
+            pieces, lengths, batch = [], [], []
+
+            def flush():
+                for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
+                    ids = enc.ids + [eos_id]
+                    pieces.append(np.asarray(ids, dtype=np.uint32))
+                    lengths.append(len(ids))
+                batch.clear()
+
+            for text in texts:
+                batch.append(text)
+                if len(batch) == batch_size:
+                    flush()
+            flush()
+            if not pieces:
+                raise ValueError(f"docs_by_domain[{domain!r}]: no documents")
+            tokens[domain] = np.concatenate(pieces)
+            offsets[domain] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls(tokens, offsets, eos_id, tokenizer.get_vocab_size())
+
+    def save(self, directory: str | os.PathLike) -> dict:
+        os.makedirs(directory, exist_ok=True)
+        manifest = {"eos_id": self.eos_id, "vocab_size": self.vocab_size, "domains": {}}
+        for d in self.domains:
+            np.save(os.path.join(directory, f"{d}.tokens.npy"), self.tokens[d])
+            np.save(os.path.join(directory, f"{d}.offsets.npy"), self.offsets[d])
+            manifest["domains"][d] = {"documents": len(self.offsets[d]) - 1,
+                                      "tokens": int(self.offsets[d][-1])}
+        with open(os.path.join(directory, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+        return manifest
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "TokenizedCorpus":
+        path = os.path.join(directory, "manifest.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"directory: no manifest.json in {os.fspath(directory)!r} "
+                                    f"(write it with `dsv3 data prepare`)")
+        with open(path) as f:
+            manifest = json.load(f)
+        tokens = {d: np.load(os.path.join(directory, f"{d}.tokens.npy"), mmap_mode="r")
+                  for d in manifest["domains"]}
+        offsets = {d: np.load(os.path.join(directory, f"{d}.offsets.npy"))
+                   for d in manifest["domains"]}
+        return cls(tokens, offsets, manifest["eos_id"], manifest["vocab_size"])

@@ -1,0 +1,56 @@
+"""Exact and MinHash near-duplicate removal keep the first copy and count the rest."""
+import random
+
+import pytest
+
+from dsv3.data.dedup import ExactDedup, MinHashDedup
+from dsv3.data.document import Document
+
+
+def _text(rng, n=200):
+    vocab = [f"w{i}" for i in range(2000)]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+def test_exact_dedup_ignores_case_and_spacing():
+    docs = [Document("a", "Hello  World\n"), Document("b", "hello world"),
+            Document("c", "hello, world"), Document("d", "ＨＥＬＬＯ world")]
+    step = ExactDedup()
+    assert [d.id for d in step(docs)] == ["a", "c"]
+    assert step.stats.dropped == {"exact_duplicate": 2}
+
+
+def test_minhash_drops_near_copies_and_keeps_distinct_documents():
+    rng = random.Random(0)
+    originals = [_text(rng) for _ in range(30)]
+    docs = [Document(f"o{i}", t) for i, t in enumerate(originals)]
+    # near copies: 2 of 200 words changed (Jaccard of 5-gram shingles ~0.9)
+    for i, t in enumerate(originals[:10]):
+        words = t.split()
+        words[50], words[150] = "changed", "again"
+        docs.append(Document(f"near{i}", " ".join(words)))
+    # far copies: half the words changed (Jaccard ~0): must be kept
+    for i, t in enumerate(originals[10:20]):
+        words = t.split()
+        words[::2] = [f"x{j}" for j in range(len(words[::2]))]
+        docs.append(Document(f"far{i}", " ".join(words)))
+    step = MinHashDedup(threshold=0.7)
+    kept = [d.id for d in step(docs)]
+    assert kept == [f"o{i}" for i in range(30)] + [f"far{i}" for i in range(10)]
+    assert step.stats.dropped == {"near_duplicate": 10}
+
+
+def test_minhash_on_chinese_uses_characters():
+    base = "我们在春天的早晨走进山谷看见农民在田里种植小麦和水稻孩子们沿着小路去学校老师准备好了新的课本" * 2
+    docs = [Document("a", base), Document("b", base[:-2] + "教材"), Document("c", base[::-1])]
+    assert [d.id for d in MinHashDedup(threshold=0.7)(docs)] == ["a", "c"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": 1.0}, r"threshold must be in \(0, 1\), got 1.0"),
+    ({"ngram": 0}, "ngram must be >= 1, got 0"),
+    ({"num_perm": 8}, "num_perm must be >= 16, got 8"),
+])
+def test_minhash_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MinHashDedup(**kwargs)

@@ -1,0 +1,103 @@
+"""Heuristic quality rules: each rule fires on text built to fail it, English and Chinese."""
+import pytest
+
+from dsv3.data.document import Document
+from dsv3.data.heuristics import HeuristicFilter, HeuristicRules, check
+from dsv3.data.textview import TextView, text_view
+
+# Varied English prose (no repeated n-grams) built from a word list, so each test can
+# break exactly one property of an otherwise passing document.
+_WORDS = ("the river carried cold water from mountains toward a quiet valley where farmers "
+          "grew barley and wheat with patience and care while children walked to school "
+          "along narrow roads that wound between old stone walls covered in moss").split()
+
+
+def good_english(n_sentences=12):
+    import random
+    rng = random.Random(0)
+    sentences = []
+    for _ in range(n_sentences):
+        ws = rng.sample(_WORDS, 12)
+        sentences.append(" ".join(ws).capitalize() + ".")
+    return "\n".join(sentences)
+
+
+_ZH = ("我们在春天的早晨走进山谷，看见农民在田里种植小麦和水稻。孩子们沿着小路去学校，"
+       "老师已经准备好了新的课本。城市里的工厂开始使用清洁能源，空气也变得更加新鲜。"
+       "历史博物馆展出了古代的陶器与青铜器，吸引了很多游客前来参观。")
+
+
+def test_passing_documents_pass():
+    assert check(TextView(good_english()), HeuristicRules()) is None
+    view = TextView(_ZH)
+    assert view.lang == "zh"
+    assert check(view, HeuristicRules()) is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("too short to be a page.", "gopher_too_few_words"),
+    (good_english() + "\nlorem ipsum dolor sit amet.", "c4_lorem_ipsum"),
+    (good_english() + " #" * 40, "gopher_symbol_ratio"),
+    # every line a bullet
+    ("\n".join("- " + line for line in good_english().split("\n")), "gopher_bullet_lines"),
+    # most lines trail off
+    ("\n".join(line[:-1] + "..." for line in good_english().split("\n")), "gopher_ellipsis_lines"),
+    # numbers instead of words
+    (good_english() + " " + " ".join(str(i) for i in range(60)) + ".", "gopher_alpha_words"),
+    # no terminal punctuation on any line
+    (good_english().replace(".", ""), "fineweb_line_punctuation"),
+    # the same line over and over
+    ((good_english(3) + "\n") + "\n".join(["The river carried cold water from the far mountains."] * 20), "gopher_dup_lines"),
+    # a repeated 5-word run inside lines that are otherwise distinct
+    ("\n".join(f"Line {i} says the river and the sea carried cold water again {i}." for i in range(40)),
+     "gopher_top_3gram"),
+    # one line repeated once: few duplicate lines, but over FineWeb's 1% of characters
+    (good_english() + "\n" + good_english().split("\n")[0], "fineweb_char_dup"),
+])
+def test_each_rule_fires(text, reason):
+    assert check(TextView(text), HeuristicRules()) == reason
+
+
+def test_disabled_rule_does_not_fire():
+    text = "\n".join(line[:-1] + "…" for line in good_english().split("\n"))
+    assert check(TextView(text), HeuristicRules()) == "gopher_ellipsis_lines"
+    assert check(TextView(text), HeuristicRules(max_ellipsis_line_fraction=None)) is None
+
+
+def test_dup_ngram_rule_alone():
+    # the same 10-word run repeated, but top-n-gram rules off: the dup-n-gram rule decides
+    text = good_english() + "\n" + " ".join(["barley wheat river valley stone walls moss roads "
+                                             "school farmers."] * 6)
+    rules = HeuristicRules(max_top_ngram_char_fraction={})
+    assert check(TextView(text), rules) == "gopher_dup_5gram"
+
+
+def test_chinese_rules_use_chinese_words():
+    no_stop = "".join(c for c in _ZH if c not in "的了是在和有我不这也就都而及与")
+    assert check(TextView(no_stop), HeuristicRules()) == "gopher_stop_words"
+    # the mean-word-length rule would drop every Chinese text (1 char per word): not applied
+    assert check(TextView(_ZH), HeuristicRules(min_mean_word_length=3.0)) is None
+    assert check(TextView(_ZH[:20]), HeuristicRules()) == "gopher_too_few_words"
+
+
+def test_rules_from_dict_and_errors():
+    r = HeuristicRules.from_dict({"min_words": 5, "max_dup_ngram_char_fraction": {"5": 0.5}})
+    assert r.min_words == 5 and r.max_dup_ngram_char_fraction == {5: 0.5}
+    with pytest.raises(ValueError, match=r"heuristics: unknown rule\(s\) \['min_wrods'\]"):
+        HeuristicRules.from_dict({"min_wrods": 5})
+    with pytest.raises(TypeError, match="rules must be a HeuristicRules, got dict"):
+        HeuristicFilter({"min_words": 5})
+
+
+def test_filter_step_counts_reasons_and_caches_one_view():
+    docs = [Document(id="a", text=good_english()), Document(id="b", text="tiny."),
+            Document(id="c", text=_ZH, domain="zh")]
+    step = HeuristicFilter()
+    kept = list(step(docs))
+    assert [d.id for d in kept] == ["a", "c"]
+    assert step.stats.dropped == {"gopher_too_few_words": 1}
+    assert kept[1].metadata["lang"] == "zh"
+    view = text_view(kept[0])
+    assert text_view(kept[0]) is view          # cached
+    kept[0].text = kept[0].text + " more"
+    assert text_view(kept[0]) is not view      # recomputed after the text changed

@@ -1,0 +1,236 @@
+"""PII detection: a generated labeled set with hard negatives checks the issue's targets
+(recall >= 0.99, precision >= 0.98); unit tests pin the validators and the policies."""
+import ipaddress
+import random
+import string
+
+import pytest
+
+from dsv3.data.document import Document
+from dsv3.data.pii import (PiiFilter, find_pii, luhn_ok, scrub, valid_bank_card, valid_cn_id)
+
+_ID_W = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_REGIONS = ["110105", "310101", "440305", "330106", "510104", "350102", "620102", "650102",
+            "210102", "420106", "130102", "610113"]
+
+
+def _id_check(body17):
+    return "10X98765432"[sum(int(c) * w for c, w in zip(body17, _ID_W)) % 11]
+
+
+def _id_body(rng):
+    y, m, d = rng.randint(1940, 2010), rng.randint(1, 12), rng.randint(1, 28)
+    return f"{rng.choice(_REGIONS)}{y:04d}{m:02d}{d:02d}{rng.randint(0, 999):03d}"
+
+
+def _luhn_digit(partial):
+    for c in "0123456789":
+        if luhn_ok(partial + c):
+            return c
+
+
+def _card(rng):
+    prefix, length = rng.choice([("4", 16), ("51", 16), ("55", 16), ("62", 19), ("62", 16),
+                                 ("37", 15), ("6011", 16), ("3530", 16)])
+    body = prefix + "".join(rng.choice(string.digits) for _ in range(length - len(prefix) - 1))
+    return body + _luhn_digit(body)
+
+
+def _group4(d, sep):
+    return sep.join(d[i:i + 4] for i in range(0, len(d), 4))
+
+
+def _fullwidth(s):
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in s)
+
+
+def _rand(rng, alphabet, n):
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def positive(rng):
+    """(kind, text as written, offset of the sensitive part within it, its length)."""
+    kind = rng.choice(["email", "phone_cn", "phone_intl", "cn_id", "bank_card", "ipv4",
+                       "ipv6", "url_credentials", "secret"])
+    if kind == "email":
+        local = rng.choice([_rand(rng, string.ascii_lowercase, rng.randint(3, 10)),
+                            "zhang.san", "li_si+news", "w.wang88"])
+        v = f"{local}@{rng.choice(['example.com', 'mail.qq.com', 'corp.example.org', '163.com'])}"
+        v = _fullwidth(v) if rng.random() < 0.1 else v
+        return "email", v, 0, len(v)
+    if kind == "phone_cn":
+        num = rng.choice("3456789") + _rand(rng, string.digits, 9)
+        num = "1" + num
+        v = rng.choice([num, f"+86 {num}", f"+86-{num[:3]}-{num[3:7]}-{num[7:]}",
+                        f"{num[:3]} {num[3:7]} {num[7:]}", f"0086{num}", _fullwidth(num)])
+        return "phone", v, 0, len(v)
+    if kind == "phone_intl":
+        v = rng.choice([f"+44 20 {rng.randint(1000, 9999)} {rng.randint(1000, 9999)}",
+                        f"+1 ({rng.randint(200, 999)}) {rng.randint(200, 999)}-{rng.randint(1000, 9999)}",
+                        f"+49 30 {rng.randint(1000000, 99999999)}",
+                        f"+33 1 {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)} {rng.randint(10, 99)}",
+                        f"({rng.randint(200, 999)}) {rng.randint(200, 999)}-{rng.randint(1000, 9999)}"])
+        return "phone", v, 0, len(v)
+    if kind == "cn_id":
+        body = _id_body(rng)
+        return "cn_id", body + _id_check(body), 0, 18
+    if kind == "bank_card":
+        d = _card(rng)
+        v = rng.choice([d, _group4(d, " "), _group4(d, "-")]) if len(d) == 16 else d
+        return "bank_card", v, 0, len(v)
+    if kind == "ipv4":
+        v = ".".join(str(rng.randint(1, 254)) for _ in range(4))
+        return "ip", v, 0, len(v)
+    if kind == "ipv6":
+        v = str(ipaddress.IPv6Address(rng.getrandbits(128) & ~(0xFFFF << 64) | (0x2001 << 112)))
+        return "ip", v, 0, len(v)
+    if kind == "url_credentials":
+        cred = f"{_rand(rng, string.ascii_lowercase, 6)}:{_rand(rng, string.ascii_letters + string.digits, 12)}"
+        v = f"{rng.choice(['https', 'postgres', 'ftp'])}://{cred}@db{rng.randint(1, 9)}.example.com/data"
+        return "url_credentials", v, v.index("//") + 2, len(cred)
+    alnum = string.ascii_letters + string.digits
+    secret = rng.choice(["AKIA" + _rand(rng, string.ascii_uppercase + string.digits, 16),
+                         "ghp_" + _rand(rng, alnum, 36), "sk-" + _rand(rng, alnum, 40)])
+    if rng.random() < 0.4:
+        value = _rand(rng, alnum, 24)
+        v = f'api_key = "{value}"'
+        return "secret", v, v.index(value), len(value)
+    return "secret", secret, 0, len(secret)
+
+
+def hard_negative(rng):
+    """Text that looks like PII and is not."""
+    kind = rng.choice(["order", "timestamp", "id_bad_check", "card_bad_luhn", "version",
+                       "price", "handle", "weak_password", "ip_invalid", "time"])
+    if kind == "order":
+        return rng.choice([f"订单号 {rng.randint(2019, 2025)}{rng.randint(10**11, 10**12 - 1)}",
+                           f"ORD-{rng.randint(2019, 2025)}-{rng.randint(1, 12):02d}-{rng.randint(10000, 99999)}",
+                           f"order #{rng.randint(10**9, 10**10 - 1)}"])
+    if kind == "timestamp":
+        return rng.choice([f"{rng.randint(1600000000, 1800000000)}",
+                           f"{rng.randint(1600000000000, 1800000000000)}",
+                           f"2023-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T12:{rng.randint(10, 59)}:05Z",
+                           f"{rng.randint(2019, 2025)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+                           f"{rng.randint(0, 23):02d}{rng.randint(0, 59):02d}{rng.randint(0, 59):02d}"])
+    if kind == "id_bad_check":
+        body = _id_body(rng)
+        bad = rng.choice([c for c in "0123456789X" if c != _id_check(body)])
+        return body + bad
+    if kind == "card_bad_luhn":
+        d = _card(rng)
+        d = d[:-1] + str((int(d[-1]) + rng.randint(1, 9)) % 10)
+        return rng.choice([d, _group4(d, " ")]) if len(d) == 16 else d
+    if kind == "version":  # three- and four-part versions, spec section numbers
+        return rng.choice([f"v{rng.randint(1, 9)}.{rng.randint(0, 30)}.{rng.randint(0, 99)}",
+                           f"version {rng.randint(1, 9)}.{rng.randint(0, 9)}.{rng.randint(0, 9)}.{rng.randint(0, 99)}",
+                           f"section {rng.randint(1, 9)}.{rng.randint(1, 9)}.{rng.randint(1, 9)}.{rng.randint(1, 60)}"])
+    if kind == "price":
+        return f"¥{rng.randint(1, 99)},{rng.randint(100, 999)}.00"
+    if kind == "handle":
+        return f"@{_rand(rng, string.ascii_lowercase, 7)}"
+    if kind == "weak_password":
+        return rng.choice(["password = changeme", "api_key: YOUR_API_KEY_HERE",
+                           "secret=<redacted>", "password = HTTPPasswordMgr.find_user_password"])
+    if kind == "ip_invalid":
+        return f"{rng.randint(256, 999)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(0, 255)}"
+    return f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}"
+
+
+_EN = ["Please contact {} for details.", "The record shows {} as of today.", "Logged: {}.",
+       "See entry {} in the table below.", "He wrote {} on the form."]
+_ZH = ["请通过{}联系我们。", "系统记录显示{}。", "客户填写的信息是 {} ，请核对。", "备注：{}。"]
+
+
+def labeled_set(n_docs, seed=0):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        text, spans = "", []
+        for _ in range(rng.randint(1, 3)):
+            template = rng.choice(_EN + _ZH)
+            if rng.random() < 0.5:
+                kind, v, off, length = positive(rng)
+                at = len(text) + template.index("{}")
+                spans.append((kind, at + off, at + off + length))
+            else:
+                v = hard_negative(rng)
+            # Chinese runs on without spaces; English sentences are separated
+            text += template.format(v) + rng.choice([" ", "\n", ""] if template in _ZH else [" ", "\n"])
+        docs.append((text, spans))
+    return docs
+
+
+def measure(docs):
+    tp = n_true = n_pred = 0
+    misses, false = [], []
+    for text, spans in docs:
+        truth = set(spans)
+        found = {(s.kind, s.start, s.end) for s in find_pii(text)}
+        tp += len(truth & found)
+        n_true += len(truth)
+        n_pred += len(found)
+        misses += [(text, text[s:e], k) for k, s, e in truth - found]
+        false += [(text, text[s:e], k) for k, s, e in found - truth]
+    return tp / n_true, tp / n_pred, misses, false
+
+
+def test_recall_and_precision_targets_on_generated_set_with_hard_negatives():
+    # seed 7: the rules were tuned looking at seed 0, so this set is held out
+    recall, precision, misses, false = measure(labeled_set(3000, seed=7))
+    assert recall >= 0.99, f"recall {recall:.4f}; missed e.g. {misses[:5]}"
+    assert precision >= 0.98, f"precision {precision:.4f}; false e.g. {false[:5]}"
+
+
+@pytest.mark.parametrize("text", [
+    "11010519491231002X",        # the GB 11643 example: valid
+])
+def test_valid_id(text):
+    assert valid_cn_id(text) and valid_cn_id(text.lower())
+
+
+@pytest.mark.parametrize("text, why", [
+    ("110105194912310021", "wrong check character"),
+    ("110105194902300020", "February 30th"),
+    ("910105194912310020", "no region starts with 9"),
+])
+def test_invalid_id(text, why):
+    assert not valid_cn_id(text), why
+
+
+def test_bank_card_validation():
+    assert valid_bank_card("4111 1111 1111 1111") and valid_bank_card("4111-1111-1111-1111")
+    assert not valid_bank_card("4111111111111112")          # Luhn fails
+    assert not valid_bank_card("1234567812345670")          # Luhn passes, no network starts with 1
+    body = "35010219900101123"                               # ID-shaped 18 digits, Fujian region
+    assert not valid_bank_card(body + _luhn_digit(body))
+
+
+def test_spans_index_the_original_text_after_nfkc():
+    text = "邮箱：ｌｉ．ｓｉ＠ｅｘａｍｐｌｅ．ｃｏｍ，电话１３８１２３４５６７８。"
+    spans = find_pii(text)
+    assert [(s.kind, text[s.start:s.end]) for s in spans] == [
+        ("email", "ｌｉ．ｓｉ＠ｅｘａｍｐｌｅ．ｃｏｍ"), ("phone", "１３８１２３４５６７８")]
+
+
+def test_scrub_policies_and_filter_step():
+    text = "mail a.b@example.com, card 4111 1111 1111 1111."
+    out, counts, drop = scrub(text)
+    assert out == "mail <EMAIL>, card <BANK_CARD>." and counts == {"email": 1, "bank_card": 1}
+    assert not drop
+    out, _, drop = scrub(text, {"email": "keep", "bank_card": "drop"})
+    assert drop and out == text
+    step = PiiFilter({"bank_card": "drop"})
+    docs = [Document(id="1", text=text), Document(id="2", text="mail a.b@example.com")]
+    kept = list(step(docs))
+    assert [d.text for d in kept] == ["mail <EMAIL>"] and kept[0].metadata["pii"] == {"email": 1}
+    assert step.stats.dropped == {"pii_bank_card": 1}
+    assert step.stats.modified == {"found_email": 2, "found_bank_card": 1}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"policy: unknown kind 'ssn'"):
+        scrub("x", {"ssn": "drop"})
+    with pytest.raises(ValueError, match=r"policy\['email'\]: unknown action 'mask'"):
+        PiiFilter({"email": "mask"})
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):
+        find_pii(b"a@b.com")

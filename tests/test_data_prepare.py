@@ -1,0 +1,127 @@
+"""`dsv3 data prepare` end to end on a small config: outputs, stats, malformed input,
+config errors, and the trainer-side loader over what it wrote."""
+import json
+
+import pytest
+import torch
+
+from dsv3.cli import main
+from dsv3.data.loader import PackedLoader
+
+
+def _config(tmp_path, extra=""):
+    good = tmp_path / "web.jsonl"
+    rows = [{"text": f"Write to person{i}@example.com about the harbour. " + " ".join(
+        f"the ship number {i} carried wool and grain to the port of call {j} with care."
+        for j in range(12)), "domain": "web"} for i in range(6)]
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f"""
+[output]
+dir = "{tmp_path / 'out'}"
+[[sources]]
+kind = "embedded"
+domains = ["reference", "docstrings"]
+max_docs_per_domain = 8
+[[sources]]
+kind = "jsonl"
+paths = ["{good}"]
+[steps.heuristics]
+domains = ["reference"]
+min_words = 30
+[steps.minhash_dedup]
+threshold = 0.7
+[tokenizer]
+vocab_size = 400
+{extra}
+""")
+    return cfg
+
+
+def test_malformed_line_stops_with_file_and_line_then_skips_by_flag(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    assert main(["data", "prepare", "--config", str(cfg), "--no-progress"]) == 2
+    assert "web.jsonl, line 7: invalid JSON" in capsys.readouterr().err
+    assert main(["data", "prepare", "--config", str(cfg), "--no-progress",
+                 "--skip-malformed"]) == 0
+    out = tmp_path / "out"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["readers"][0]["skipped"] == 1 and stats["readers"][0]["read"] == 6
+    steps = stats["steps"]
+    assert list(steps) == ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+    assert steps["heuristics"]["seen"] == 16 + 6
+    assert steps["pii"]["modified_by_reason"]["found_email"] >= 6
+    # the six web documents differ only in a number: near-duplicates of the first
+    assert steps["minhash_dedup"]["dropped_by_reason"] == {"near_duplicate": 5}
+    for name, s in steps.items():
+        dropped = (out / "dropped" / f"{name}.jsonl").read_text().splitlines()
+        assert len(dropped) == s["dropped"], name
+    web = [json.loads(x) for x in (out / "kept" / "web.jsonl").read_text().splitlines()]
+    assert len(web) == 1 and "<EMAIL>" in web[0]["text"] and "@example.com" not in web[0]["text"]
+    assert set(stats["tokens"]["domains"]) == {"reference", "docstrings", "web"}
+    assert sum(stats["mixture"]["weights"].values()) == pytest.approx(1.0)
+
+
+def test_loader_over_prepared_output_follows_configured_mixture(tmp_path):
+    cfg = _config(tmp_path, extra="""
+[mixture]
+total_tokens = 100000
+max_chunk_tokens = 128
+[mixture.weights]
+reference = [0.6, 0.2]
+docstrings = [0.3, 0.5]
+web = [0.1, 0.3]
+""")
+    assert main(["data", "prepare", "--config", str(cfg), "--no-progress",
+                 "--skip-malformed"]) == 0
+    loader = PackedLoader.from_prepared(str(tmp_path / "out"), seq_len=63, batch_size=8)
+    assert loader.vocab_size == 400 and loader.eos_id == 0  # the BPE's one special token
+    counts = torch.zeros(3)
+    for i, batch in enumerate(loader):
+        assert batch["input_ids"].shape == (8, 64)
+        assert int(batch["input_ids"].max()) < 400
+        counts += torch.bincount(batch["domain_ids"].flatten(), minlength=3)
+        if i == 39:
+            break
+    n = int(counts.sum())  # 20480 tokens: progress 0 -> 0.2, reference 0.6 -> 0.52
+    expected = torch.tensor(loader.schedule.mean_weights(0, n), dtype=torch.float32)
+    # the deficit sampler stays within about a chunk per domain of its target
+    assert torch.allclose(counts / n, expected, atol=3 * 128 / n), (counts / n, expected)
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[steps]\norder = ["heuristics", "spellcheck"]\n')
+    assert main(["data", "prepare", "--config", str(bad)]) == 2
+    assert "steps.order: unknown step 'spellcheck'" in capsys.readouterr().err
+    bad.write_text('[steps.heuristics]\nmin_wrods = 3\n')
+    assert main(["data", "prepare", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "heuristics: unknown rule(s) ['min_wrods']" in capsys.readouterr().err
+    assert main(["data", "prepare", "--config", str(tmp_path / "none.toml")]) == 2
+    assert "--config: no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["demo", "deepseek_v3_recipe"])
+def test_shipped_configs_validate(name):
+    from dsv3.data.config import build_steps, builtin_configs, load_config
+    from dsv3.data.mixture import MixtureSchedule
+    assert name in builtin_configs()
+    config = load_config(name)
+    build_steps(config, dropped_dir=None)
+    mix = config["mixture"]
+    schedule = MixtureSchedule(mix["weights"], mix["total_tokens"])
+    if name == "deepseek_v3_recipe":
+        assert len(schedule.domains) == 12
+        tech = schedule.domains.index("tech")
+        assert schedule.weights_at(0.0)[tech] == pytest.approx(0.25)
+        assert schedule.weights_at(1.0)[tech] == pytest.approx(0.18)
+
+
+def test_cli_lists_command_groups(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "data" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data"])  # a group without its subcommand is a usage error
+    assert "SUBCOMMAND" in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""Quality classifier: both backends learn a held-out split; the filter step and CLI."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.data.corpus import embedded_corpus
+from dsv3.data.document import Document
+from dsv3.data.quality import (HashedNgrams, QualityClassifier, QualityFilter, make_featurizer,
+                               read_labeled, train_quality)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def labeled(n_good=150, seed=0, kinds=("salad", "noise", "spam")):
+    """Good: paragraphs of the Python reference. Bad: the same paragraphs degraded the
+    ways crawled text is (word salad, character noise, boilerplate spam)."""
+    rng = random.Random(seed)
+    paras = [p.strip() for d in embedded_corpus(["reference"]) for p in d.text.split("\n\n")
+             if len(p.strip()) > 200 and " " in p]
+    rng.shuffle(paras)
+    good = paras[:n_good]
+    bad = []
+    for i, p in enumerate(paras[n_good:2 * n_good]):
+        words = p.split()
+        kind = kinds[i % len(kinds)]
+        if kind == "salad":
+            rng.shuffle(words)
+            bad.append(" ".join(words))
+        elif kind == "noise":
+            bad.append("".join(rng.choice("!#$%&*@~^|<>") if rng.random() < 0.3 else c for c in p))
+        else:
+            bad.append(" ".join(rng.choice(["CLICK", "HERE", "FREE", "!!!", "buy", "now", "$$$",
+                                            "win", "best", "price"]) for _ in words))
+    texts, labels = good + bad, [1] * len(good) + [0] * len(bad)
+    return texts, labels
+
+
+def test_hashed_backend_precision_recall_on_held_out(tmp_path):
+    texts, labels = labeled(kinds=("noise", "spam"))
+    metrics = train_quality(texts, labels, make_featurizer("hashed"), str(tmp_path / "m"))
+    assert metrics["n"] == 60 and metrics["train_n"] == 240
+    assert metrics["precision"] >= 0.95 and metrics["recall"] >= 0.95, metrics
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text()) == metrics
+    model = QualityClassifier.load(str(tmp_path / "m"))
+    step = QualityFilter(model, threshold=0.5, batch_size=2, domains=["web"])
+    docs = [Document("g", texts[0], "web"), Document("other", texts[-2], "code"),
+            Document("b", texts[-1], "web")]
+    kept = list(step(docs))
+    # batched scoring; the "code" document is outside the step's domains and passes
+    assert [d.id for d in kept] == ["g", "other"] and 0.5 <= kept[0].metadata["quality"] <= 1
+    assert "quality" not in kept[1].metadata
+    assert step.stats.dropped == {"low_quality_score": 1} and step.stats.seen == 3
+    one_by_one = QualityFilter(model, threshold=0.5)
+    assert one_by_one.apply(Document("g", texts[0])).metadata["quality"] == \
+        kept[0].metadata["quality"]
+
+
+def test_hashed_backend_on_word_salad_is_the_hard_case(tmp_path):
+    """Shuffled words keep every unigram and character 3-gram of real prose; only the
+    bigrams tell, and 240 examples teach few of them. Measured: accuracy 0.85, with
+    the errors all salad passing as good. Kept as a floor against regressions."""
+    texts, labels = labeled()
+    metrics = train_quality(texts, labels, make_featurizer("hashed"), str(tmp_path / "m"))
+    assert metrics["accuracy"] >= 0.8 and metrics["recall"] >= 0.9, metrics
+
+
+def test_hashed_ids_are_stable_across_processes():
+    """A saved model is only valid if bucket ids do not depend on Python's per-process
+    string hash seed."""
+    import subprocess
+    import sys
+    code = ("from dsv3.data.quality import HashedNgrams; "
+            "print(HashedNgrams(12).ids('Stable hashing, 稳定').tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}, check=True)
+    assert other.stdout.strip() == str(HashedNgrams(12).ids("Stable hashing, 稳定").tolist())
+
+
+def _tiny_bert(path, texts):
+    """A tiny random BERT with a character vocabulary built from ``texts`` (each
+    character also as a "##" continuation, so WordPiece splits any word into them)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+    chars = sorted({c for t in texts for c in t.lower() if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    BertTokenizer(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(path))
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    BertModel(cfg).save_pretrained(str(path))
+
+
+def test_hf_encoder_backend_from_a_local_tiny_bert(tmp_path):
+    import torch
+    torch.manual_seed(0)
+    # a random encoder's pooled states reflect character statistics, so it can tell prose
+    # from symbol noise and spam (not from word salad: same characters); what this tests
+    # is the backend's plumbing end to end, with a bar a broken head would not clear
+    texts, labels = labeled(n_good=60, kinds=("noise", "spam"))
+    _tiny_bert(tmp_path / "bert", texts)
+    featurizer = make_featurizer("hf", str(tmp_path / "bert"))
+    metrics = train_quality(texts, labels, featurizer, str(tmp_path / "m"), epochs=100)
+    assert metrics["precision"] >= 0.8 and metrics["recall"] >= 0.8, metrics
+    reloaded = QualityClassifier.load(str(tmp_path / "m"))
+    assert reloaded.predict_proba(texts[:3]).shape == (3,)
+
+
+def test_cli_train_quality_and_label_errors(tmp_path, capsys):
+    texts, labels = labeled(n_good=40)
+    data = tmp_path / "labeled.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in zip(texts, labels)))
+    assert main(["data", "train-quality", "--data", str(data), "--out", str(tmp_path / "m")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) >= {"precision", "recall", "n"}
+    # the trained model as a prepare step, scoring the embedded reference topics
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[[sources]]
+kind = "embedded"
+domains = ["reference"]
+max_docs_per_domain = 6
+[steps]
+order = ["quality"]
+[steps.quality]
+model = "{tmp_path / 'm'}"
+threshold = 0.5
+[tokenizer]
+vocab_size = 300
+""")
+    assert main(["data", "prepare", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    stats = json.loads((tmp_path / "o" / "stats.json").read_text())["steps"]["quality"]
+    assert stats["seen"] == 6 and stats["kept"] + stats["dropped"] == 6
+    kept = (tmp_path / "o" / "kept" / "reference.jsonl").read_text().splitlines()
+    assert all(json.loads(x)["metadata"]["quality"] >= 0.5 for x in kept)
+    data.write_text(json.dumps({"text": "x", "label": "good"}) + "\n")
+    with pytest.raises(ValueError, match=r"labeled.jsonl, line 1: field 'label' must be 0/1"):
+        read_labeled(str(data))
+    with pytest.raises(ValueError, match="encoder: the 'hf' backend needs a local model directory"):
+        make_featurizer("hf")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        make_featurizer("svm")

@@ -1,0 +1,117 @@
+"""Spot-check review: seeded stratified sample, verdicts -> precision with intervals,
+verdicts -> classifier labels, and the CLI round trip over prepare's output."""
+import json
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.data.document import Document
+from dsv3.data.pipeline import Pipeline
+from dsv3.data.review import (ReviewSampler, estimate_precision, read_verdicts,
+                              verdicts_to_labels, wilson)
+from dsv3.data.step import Step
+
+
+class DropOdd(Step):
+    name = "drop_odd"
+
+    def apply(self, doc):
+        return "odd" if int(doc.id) % 2 else doc
+
+
+def _docs(n=200):
+    return [Document(str(i), f"text {i}", domain="a" if i % 4 < 2 else "b") for i in range(n)]
+
+
+def test_sample_is_stratified_seeded_and_order_independent(tmp_path):
+    def run(docs, seed):
+        sampler = ReviewSampler(per_stratum=3, seed=seed)
+        list(Pipeline([DropOdd()], reviewer=sampler).run(docs, progress=False))
+        return sampler
+    a, b = run(_docs(), 0), run(list(reversed(_docs())), 0)
+    assert [i["review_id"] for i in a.items()] == [i["review_id"] for i in b.items()]
+    assert [i["review_id"] for i in a.items()] != [i["review_id"] for i in run(_docs(), 1).items()]
+    strata = {(i["domain"], i["decision"]) for i in a.items()}
+    assert strata == {("a", "kept"), ("a", "dropped"), ("b", "kept"), ("b", "dropped")}
+    assert all(sum((i["domain"], i["decision"]) == s for i in a.items()) == 3 for s in strata)
+    assert a.population[("drop_odd", "a", "dropped")] == 50
+    a.write(str(tmp_path))
+    page = (tmp_path / "index.html").read_text()
+    assert page.count('class="item"') == 12 and "download verdicts.jsonl" in page
+
+
+def test_precision_estimates_and_intervals():
+    lo, hi = wilson(8, 10)
+    assert 0.49 < lo < 0.8 < hi < 0.95
+    items = ([{"step": "s", "domain": "a", "decision": "dropped", "verdict": "correct"}] * 9
+             + [{"step": "s", "domain": "a", "decision": "dropped", "verdict": "wrong"}]
+             + [{"step": "s", "domain": "b", "decision": "dropped", "verdict": "correct"}] * 5
+             + [{"step": "s", "domain": "b", "decision": "dropped", "verdict": "wrong"}] * 5)
+    strata = [{"step": "s", "domain": "a", "decision": "dropped", "population": 900},
+              {"step": "s", "domain": "b", "decision": "dropped", "population": 100}]
+    r = estimate_precision(items, strata)["s"]
+    # weighted by population: 0.9 * 0.9 + 0.1 * 0.5, not the pooled 14/20
+    assert r["precision"] == pytest.approx(0.86)
+    assert r["ci95"][0] < 0.86 < r["ci95"][1] and r["judged"] == 20
+    assert r["domains"]["b"]["precision"] == 0.5
+
+
+def test_verdicts_to_labels():
+    items = [{"review_id": "1", "text": "x", "decision": "dropped", "verdict": "correct"},
+             {"review_id": "2", "text": "y", "decision": "dropped", "verdict": "wrong"},
+             {"review_id": "3", "text": "z", "decision": "kept", "verdict": "wrong"},
+             {"review_id": "4", "text": "w", "decision": "kept", "verdict": None}]
+    assert [(r["text"], r["label"]) for r in verdicts_to_labels(items)] == [
+        ("x", 0), ("y", 1), ("z", 0)]
+
+
+def test_review_cli_over_prepare_output(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[output]
+dir = "{tmp_path / 'out'}"
+[[sources]]
+kind = "embedded"
+domains = ["reference", "docstrings"]
+max_docs_per_domain = 12
+[steps]
+order = ["heuristics"]
+[review]
+per_stratum = 2
+seed = 3
+[tokenizer]
+vocab_size = 300
+""")
+    assert main(["data", "prepare", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    sample = tmp_path / "out" / "review" / "sample.jsonl"
+    items = [json.loads(x) for x in sample.read_text().splitlines()]
+    dropped = [i for i in items if i["decision"] == "dropped"]
+    assert dropped and len(items) <= 8
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text("\n".join(json.dumps({"review_id": i["review_id"], "verdict": v})
+                                  for i, v in zip(dropped, ["correct", "wrong"] * 4)))
+    labels = tmp_path / "labels.jsonl"
+    assert main(["data", "review", "--sample", str(sample), "--verdicts", str(verdicts),
+                 "--labels-out", str(labels)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["judged"] == len(dropped)
+    assert 0.0 <= report["steps"]["heuristics"]["precision"] <= 1.0
+    assert report["labels_written"] == len(dropped) == len(labels.read_text().splitlines())
+    verdicts.write_text(json.dumps({"review_id": "nope", "verdict": "correct"}) + "\n")
+    with pytest.raises(ValueError, match=r"verdicts.jsonl, line 1: review_id 'nope' is not in"):
+        read_verdicts(str(sample), str(verdicts))
+
+
+def test_changed_documents_are_shown_before_and_after(tmp_path):
+    from dsv3.data.pii import PiiFilter
+    sampler = ReviewSampler(per_stratum=10)
+    docs = [Document("p", "write to a.b@example.com"), Document("q", "nothing to hide")]
+    list(Pipeline([PiiFilter()], reviewer=sampler).run(docs, progress=False))
+    items = {i["id"]: i for i in sampler.items()}
+    assert items["p"]["text"] == "write to <EMAIL>"
+    assert items["p"]["text_before"] == "write to a.b@example.com"
+    assert items["q"]["text_before"] is None
+    sampler.write(str(tmp_path))
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("before this step:") == 1 and "a.b@example.com" in page

@@ -1,0 +1,103 @@
+"""Scale-out: datasets.map(num_proc) and Spark give the same kept documents, stats,
+side files and review sample as the plain generator chain."""
+import json
+import shutil
+
+import pytest
+
+from dsv3.cli import main
+from dsv3.data.config import build_steps, validate_config
+from dsv3.data.corpus import embedded_corpus
+from dsv3.data.document import Document
+from dsv3.data.pipeline import Pipeline
+from dsv3.data.review import ReviewSampler
+from dsv3.data.scale import run_scaled
+
+STEPS = {"order": ["heuristics", "pii", "exact_dedup", "minhash_dedup"],
+         "heuristics": {"min_words": 30, "domains": ["reference", "docstrings"]},
+         "pii": {"policy": {"ip": "drop"}}}
+
+
+def _docs():
+    docs = list(embedded_corpus(["reference", "docstrings"], max_docs_per_domain=25))
+    # PII to replace, PII to drop, an exact copy (domain "code": no heuristics)
+    docs.append(Document("mail", "Contact " + docs[0].text + " a.b@example.com", "reference"))
+    docs.append(Document("ip", docs[1].text + " server 10.1.20.3", "reference"))
+    docs.append(Document("c1", "ADMIN = 'a.b@example.com'  # who to tell", "code"))
+    docs.append(Document("c2", "ADMIN = 'a.b@example.com'  # who to tell", "code"))
+    return docs
+
+
+def _run(backend, tmp_path, num_proc=2):
+    config = validate_config({"steps": STEPS})
+    steps = build_steps(config, str(tmp_path / backend))
+    reviewer = ReviewSampler(per_stratum=3, seed=1)
+    pipe = Pipeline(steps, reviewer=reviewer)
+    if backend == "serial":
+        kept = list(pipe.run(_docs(), progress=False))
+    else:
+        # small shards, so that several shards and partitions are in play
+        kept = list(run_scaled(_docs(), pipe.steps, config["steps"], backend, num_proc,
+                               spill_dir=str(tmp_path), rows_per_shard=7))
+    pipe.close()
+    side = {p.name: p.read_text() for p in sorted((tmp_path / backend).iterdir())}
+    assert not list(tmp_path.glob("dsv3-scale-*"))  # the spilled shards are cleaned up
+    return [d.to_row() for d in kept], pipe.stats(), side, reviewer.items()
+
+
+def _check_same(reference, other):
+    kept, stats, side, review = other
+    assert kept == reference[0]
+    assert stats == reference[1]
+    assert side == reference[2]
+    assert review == reference[3]
+
+
+def test_inline_and_datasets_match_serial(tmp_path):
+    serial = _run("serial", tmp_path)
+    assert serial[1]["pii"]["dropped_by_reason"] == {"pii_ip": 1}
+    assert serial[1]["exact_dedup"]["dropped"] >= 1
+    _check_same(serial, _run("inline", tmp_path))
+    _check_same(serial, _run("datasets", tmp_path, num_proc=2))
+
+
+@pytest.mark.filterwarnings("ignore:PySpark does not yet fully support pandas:FutureWarning")
+def test_spark_matches_serial(tmp_path):
+    pytest.importorskip("pyspark", reason="pyspark is an optional dependency (the data extra)")
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs a Java runtime")
+    _check_same(_run("serial", tmp_path), _run("spark", tmp_path))
+
+
+def test_bad_backend_arguments(tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        list(run_scaled([], [], {}, "ray", 2))
+    with pytest.raises(ValueError, match="num_proc must be >= 1, got 0"):
+        list(run_scaled([], [], {}, "datasets", 0))
+    with pytest.raises(ValueError, match="scale: expected backend in"):
+        validate_config({"scale": {"backend": "dask"}})
+
+
+def test_prepare_with_datasets_backend_writes_the_same_outputs(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("""
+[[sources]]
+kind = "embedded"
+domains = ["reference", "docstrings"]
+max_docs_per_domain = 15
+[steps.heuristics]
+min_words = 30
+[tokenizer]
+vocab_size = 300
+""")
+    outs = {}
+    for backend in ("serial", "datasets"):
+        out = tmp_path / backend
+        assert main(["data", "prepare", "--config", str(cfg), "--out", str(out), "--no-progress",
+                     "--backend", backend, "--num-proc", "2"]) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        outs[backend] = (stats["steps"], stats["tokens"],
+                         {p.name: p.read_text() for p in (out / "kept").iterdir()},
+                         (out / "review" / "sample.jsonl").read_text())
+    capsys.readouterr()
+    assert outs["serial"] == outs["datasets"]

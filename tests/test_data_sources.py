@@ -1,0 +1,107 @@
+"""Embedded corpus and local-file readers, including malformed-record handling."""
+import json
+
+import pytest
+
+from dsv3.data.corpus import DOMAINS, embedded_corpus, embedded_corpus_dataset
+from dsv3.data.readers import MalformedRecordError, ReaderStats, read_documents
+
+
+def test_embedded_corpus_is_real_deterministic_and_split_in_domains():
+    a = list(embedded_corpus(max_docs_per_domain=5))
+    b = list(embedded_corpus(max_docs_per_domain=5))
+    assert [(d.id, d.text) for d in a] == [(d.id, d.text) for d in b]
+    assert {d.domain for d in a} == set(DOMAINS)
+    assert all(sum(d.domain == dom for d in a) == 5 for dom in DOMAINS)
+    from pydoc_data.topics import topics
+    ref = next(d for d in a if d.domain == "reference")
+    assert ref.text == topics[ref.metadata["name"]].strip()
+    code = next(d for d in a if d.domain == "code")
+    assert "import" in code.text or "def " in code.text
+
+
+def test_embedded_corpus_as_hf_dataset():
+    ds = embedded_corpus_dataset(domains=["reference"], max_docs_per_domain=3)
+    assert ds.num_rows == 3
+    assert set(ds.column_names) >= {"id", "text", "domain"}
+    assert set(ds["domain"]) == {"reference"}
+
+
+def test_embedded_corpus_rejects_unknown_domain():
+    with pytest.raises(ValueError, match=r"domains: unknown embedded domains \['poetry'\]"):
+        list(embedded_corpus(domains=["poetry"]))
+
+
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_jsonl_reader_names_file_and_line_of_a_malformed_record(tmp_path):
+    f = tmp_path / "data.jsonl"
+    _write_jsonl(f, [json.dumps({"text": "ok one", "domain": "web"}), "{not json",
+                     json.dumps({"text": "ok two"})])
+    with pytest.raises(MalformedRecordError, match=r"data\.jsonl, line 2: invalid JSON"):
+        list(read_documents(str(f)))
+
+
+def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
+    f = tmp_path / "data.jsonl"
+    _write_jsonl(f, [json.dumps({"text": "ok one", "domain": "web"}), "{not json",
+                     json.dumps({"body": "no text field"}), json.dumps({"text": 5}),
+                     json.dumps({"text": "ok two", "lang": "en"})])
+    stats = ReaderStats()
+    docs = list(read_documents(str(f), on_error="skip", default_domain="misc", stats=stats))
+    assert [(d.text, d.domain) for d in docs] == [("ok one", "web"), ("ok two", "misc")]
+    assert docs[1].metadata["lang"] == "en" and docs[1].metadata["source"].endswith("data.jsonl:5")
+    s = stats.to_dict()
+    assert s["read"] == 2 and s["skipped"] == 3
+    assert s["skipped_by_reason"] == {"field 'text' is a int, not a string": 1,
+                                      "invalid JSON (Expecting property name enclosed in "
+                                      "double quotes at column 2)": 1,
+                                      "missing field 'text'": 1}
+    assert s["skipped_examples"][0].endswith("data.jsonl:2: invalid JSON (Expecting property "
+                                             "name enclosed in double quotes at column 2)")
+
+
+def test_parquet_and_text_readers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["first", None, "third"], "domain": ["a", "a", "b"]}),
+                   tmp_path / "d.parquet")
+    with pytest.raises(MalformedRecordError, match=r"d\.parquet, row 2: missing field 'text'"):
+        list(read_documents(str(tmp_path / "d.parquet"), format="parquet"))
+    docs = list(read_documents(str(tmp_path / "d.parquet"), format="parquet", on_error="skip"))
+    assert [(d.text, d.domain) for d in docs] == [("first", "a"), ("third", "b")]
+    (tmp_path / "a.txt").write_text("line one\nline two\n")
+    (tmp_path / "b.txt").write_text("other file")
+    docs = list(read_documents(str(tmp_path / "*.txt"), format="text", default_domain="books"))
+    assert [d.text.strip() for d in docs] == ["line one\nline two", "other file"]
+    assert [d.id for d in docs] == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    assert {d.domain for d in docs} == {"books"}
+
+
+def test_reader_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="format must be one of"):
+        list(read_documents("x", format="csv"))
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        list(read_documents("x", on_error="ignore"))
+    with pytest.raises(FileNotFoundError, match="paths: nothing matches"):
+        list(read_documents(str(tmp_path / "missing*.jsonl")))
+
+
+def test_hf_dataset_reader_through_load_dataset(tmp_path):
+    """kind "hf" is datasets.load_dataset: here the parquet builder over local files
+    (a hub name goes the same way where a network exists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dsv3.data.readers import read_hf_dataset
+    pq.write_table(pa.table({"body": ["one", "two", None]}), tmp_path / "x.parquet")
+    with pytest.raises(MalformedRecordError, match=r"parquet \[train\], row 3: missing field 'body'"):
+        list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"), text_field="body"))
+    stats = ReaderStats()
+    docs = list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"),
+                                text_field="body", default_domain="web", on_error="skip",
+                                stats=stats))
+    assert [(d.id, d.text, d.domain) for d in docs] == [("parquet[train]:1", "one", "web"),
+                                                         ("parquet[train]:2", "two", "web")]
+    assert stats.to_dict()["skipped"] == 1
