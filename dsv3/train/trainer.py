@@ -7,7 +7,6 @@ only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
 step, and nudge the MoE selection biases. Every ``log_every`` steps a metrics
 record; at the end a checkpoint, the exported model and the HTML report.
 """
-import copy
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,18 +21,19 @@ from dsv3.model import Transformer
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import TrainConfig
-from dsv3.train.data import TokenData, lm_batch, mixture_weights, preference_batch
+from dsv3.train.data import TrainData, preference_batch
 from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
                                 peak_memory_bytes, saved_activation_bytes,
                                 training_flops_per_token)
+from dsv3.train.report import write_report
 from dsv3.train.schedule import lr_factor
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, data: TokenData, device: str | None = None):
+    def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
         self.config, self.data = config, data
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -63,7 +63,9 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.reference = None  # the frozen model a DPO stage compares against
-        self.domain_rows: dict[str, int] = {}
+        self.domain_tokens: dict[str, int] = {}  # realized mixture since the last log, in tokens
+        self._loader = self._batches = None  # the current stage's PackedLoader and iterator
+        self._loader_stage = -1
         self.load_counts = [torch.zeros(m.config.n_experts) for m in self.model.moe_layers()]
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
         self.peak_flops = measure_matmul_flops(self.device, self.autocast_dtype or torch.float32)
@@ -84,6 +86,21 @@ class Trainer:
         length = stage.seq_len_start + progress * (stage.seq_len - stage.seq_len_start)
         return max(stage.seq_len_start, min(stage.seq_len, int(length) // 8 * 8))
 
+    def _frozen_copy(self, state: dict | None = None) -> Transformer:
+        """The DPO reference: the model as it is now (or ``state``), frozen."""
+        reference = Transformer(self.model.config).to(self.device)
+        reference.load_state_dict(state if state is not None else self.model.state_dict())
+        return reference.eval().requires_grad_(False)
+
+    def _open_loader(self, index: int, state: dict | None = None) -> None:
+        stage = self.config.stages[index]
+        n_batches = self.config.stage_steps()[index] * self.config.grad_accum
+        self._loader = self.data.stage_loader(stage, n_batches, self.config.micro_batch, self.rank)
+        if state is not None:
+            self._loader.load_state_dict(state)
+        self._batches = iter(self._loader)
+        self._loader_stage = index
+
     # --- one step ------------------------------------------------------------------------------
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype,
@@ -95,20 +112,25 @@ class Trainer:
         if stage.kind == "dpo":
             prompt_len = stage.seq_len // 2
             prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
-                self.data, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
+                self.data.val, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
                 step=self.step, micro=micro, rank=self.rank))
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
                                                   rejected, stage.dpo_beta)
+            record["dpo/loss"] = loss.item()
             record["dpo/reward_margin"] = margin.mean().item()
             record["dpo/reward_accuracy"] = accuracy.item()
             return loss, c.micro_batch * stage.seq_len * 2
         seq_len = self.seq_len_at(stage, progress)
-        weights = mixture_weights(self.data, stage.mixture_start, stage.mixture_end, progress)
-        tokens, domains = lm_batch(self.data, weights, c.micro_batch, seq_len, seed=c.seed,
-                                   step=self.step, micro=micro, rank=self.rank)
-        for domain in domains:
-            self.domain_rows[domain] = self.domain_rows.get(domain, 0) + 1
+        data_start = time.perf_counter()
+        batch = next(self._batches)
+        self._data_time += time.perf_counter() - data_start
+        tokens = batch["input_ids"][:, :seq_len + 1]  # curriculum: a prefix while warming up
+        names = self._loader.schedule.domains
+        counts = torch.bincount(batch["domain_ids"][:, :seq_len + 1].flatten(),
+                                minlength=len(names))
+        for name, count in zip(names, counts.tolist()):
+            self.domain_tokens[name] = self.domain_tokens.get(name, 0) + count
         tokens = tokens.to(self.device)
         with self._autocast():
             logits = forward(tokens[:, :-1])
@@ -122,7 +144,9 @@ class Trainer:
         c = self.config
         index, stage, progress = self.stage_at(self.step)
         if stage.kind == "dpo" and self.reference is None:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.reference = self._frozen_copy()
+        if stage.kind != "dpo" and self._loader_stage != index:
+            self._open_loader(index)
         lr = c.optim.lr * stage.lr_scale * lr_factor(
             self.step, c.steps, c.optim.warmup_steps, c.optim.schedule, c.optim.min_lr_ratio,
             c.optim.decay_fraction)
@@ -132,20 +156,17 @@ class Trainer:
             layer.collect_router_entropy = measure
         record = {"stage": index, "lr": lr}
         start = time.perf_counter()
-        tokens, data_time, activation = 0, 0.0, [0]
+        tokens, activation = 0, [0]
+        self._data_time = 0.0
         for micro in range(c.grad_accum):
             last = micro == c.grad_accum - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _nullcontext()
             counting = saved_activation_bytes(activation) if (measure and micro == 0) \
                 else _nullcontext()
-            data_start = time.perf_counter()
             with sync, counting:
                 loss, n_tokens = self._micro_loss(stage, progress, micro, record)
-                data_time += 0  # batches are drawn inside _micro_loss; timed below
                 self.scaler.scale(loss / c.grad_accum).backward()
             tokens += n_tokens
-            data_time += record.pop("_data_time", 0.0)
-            del data_start
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf"))
@@ -161,7 +182,8 @@ class Trainer:
         step_time = time.perf_counter() - start
         self.step += 1
         record.update(grad_norm=grad_norm.item(), step_time_ms=1e3 * step_time,
-                      tokens_per_s=tokens * self.world / step_time, skipped=bool(skipped))
+                      tokens_per_s=tokens * self.world / step_time, skipped=bool(skipped),
+                      data_time_share=self._data_time / step_time)
         if "lm_loss_sum" in record:
             record["loss"] = record.pop("lm_loss_sum") / c.grad_accum
             record["perplexity"] = float(torch.tensor(record["loss"]).exp())
@@ -174,23 +196,21 @@ class Trainer:
 
     # --- the run -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
-        c = self.config
         metrics = {k: v for k, v in record.items() if k != "skipped"}
         metrics.update(param_norm=param_norm(self.model), skipped_steps=self.skipped_steps,
                        loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
-                       peak_memory_mb=peak_memory_bytes(self.device) / 2**20,
-                       data_time_share=record.get("data_time_share", 0.0))
+                       peak_memory_mb=peak_memory_bytes(self.device) / 2**20)
         moe, _ = moe_metrics(self.model)
         metrics.update(moe)
-        total_rows = sum(self.domain_rows.values())
-        for domain, rows in self.domain_rows.items():
-            metrics[f"domain_share/{domain}"] = rows / total_rows
+        total = sum(self.domain_tokens.values())
+        for domain, count in self.domain_tokens.items():
+            metrics[f"domain_share/{domain}"] = count / total
+        self.domain_tokens = {}  # shares are per logging window
         if self.compression is not None:
             stats = self.compression.stats
             metrics.update(comm_bytes=stats.bytes_sent, comm_ratio=stats.compression_ratio,
                            compression_error=stats.relative_error if stats.value_sq is not None
                            else None)
-        del c
         self.logger.log(self.step, metrics)
 
     def state_dict(self) -> dict:
@@ -199,7 +219,9 @@ class Trainer:
                 "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
                 "reference": self.reference.state_dict() if self.reference is not None else None,
                 "compression": self.compression.state_dict() if self.compression else None,
-                "domain_rows": dict(self.domain_rows), "load_counts": self.load_counts,
+                "domain_tokens": dict(self.domain_tokens), "load_counts": self.load_counts,
+                "loader": ({"stage": self._loader_stage, "state": self._loader.state_dict()}
+                           if self._loader is not None else None),
                 "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,12 +238,13 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.skipped_steps = state["skipped_steps"]
         if state["reference"] is not None:
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
-            self.reference.load_state_dict(state["reference"])
+            self.reference = self._frozen_copy(state["reference"])
         if self.compression is not None and state["compression"] is not None:
             self.compression.load_state_dict(state["compression"], self.device)
-        self.domain_rows = dict(state["domain_rows"])
+        self.domain_tokens = dict(state["domain_tokens"])
         self.load_counts = state["load_counts"]
+        if state["loader"] is not None:
+            self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
     def save(self) -> None:
         if self.rank == 0:
@@ -245,9 +268,17 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.save()
+        self.logger.close()
         if self.rank == 0:
             ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
-        self.logger.close()
+            losses = [r["loss"] for r in self.logger.history if "loss" in r]
+            write_report(self.out_dir, self.load_counts, summary={
+                "steps": self.step, "stages": ", ".join(s.name for s in c.stages),
+                "parameters": self.model.num_parameters(),
+                "active parameters": self.model.num_parameters(active=True),
+                "precision": c.precision, "checkpointing": c.checkpointing,
+                "first / last logged LM loss": (f"{losses[0]:.4f} / {losses[-1]:.4f}"
+                                                if losses else "n/a")})
         return self.logger.history
 
 

@@ -1,0 +1,57 @@
+"""``dsv3 train``: run a training config (all its stages), resuming from the
+checkpoint in its out_dir if there is one. Under ``torchrun`` (WORLD_SIZE > 1) it
+joins the process group (gloo on CPU, NCCL on GPU) and trains data-parallel."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from dsv3.train.config import load_config
+    from dsv3.train.data import TrainData
+    from dsv3.train.trainer import Trainer
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.data:
+        overrides.append(f"data_dir={args.data}")
+    config = load_config(args.config, overrides)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        trainer = Trainer(config, TrainData.load(config.data_dir), device=args.device)
+        history = trainer.train(resume=not args.no_resume, progress=not args.no_progress)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        losses = [r["loss"] for r in history if "loss" in r]
+        print(json.dumps({"out_dir": config.out_dir, "steps": trainer.step,
+                          "first_logged_loss": losses[0] if losses else None,
+                          "last_logged_loss": losses[-1] if losses else None,
+                          "report": os.path.join(config.out_dir, "report.html")}, indent=2))
+    return 0
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    parser = groups.add_parser("train", help="train a model through the stages of a config")
+    parser.add_argument("--config", help="TOML or YAML training config (default: built-in defaults)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. optim.lr=1e-3 or stages.0.seq_len=64 "
+                             "(repeatable; values parse as JSON when they can)")
+    parser.add_argument("--data", help="prepared data directory (overrides data_dir)")
+    parser.add_argument("--out", help="output directory (overrides out_dir)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start over even if out_dir holds a checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_train)
