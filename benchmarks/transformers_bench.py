@@ -7,9 +7,11 @@ Providers: transformers' own experts implementations (``eager``: a Python loop o
 the hit experts; ``grouped_mm``: torch's grouped GEMM; ``batched_mm``: one bmm over a
 per-row gathered copy of the expert weights) against dsv3's two routes
 (``dsv3``: experts_implementation="dsv3", the model's router; ``patch_moe``: whole
-blocks replaced, routing fused too). Two cases per model and dtype: a training step
-(forward + backward of the LM loss, gradients dropped before each) and a prefill
-(forward under no_grad, eval mode). Every provider gets its own copy of the same
+blocks replaced, routing fused too). Three cases per model and dtype: a training step
+(forward + backward of the LM loss, gradients dropped before each), a prefill
+(forward under no_grad, eval mode), and one MoE block's forward + backward alone,
+since at this size attention, norms and the LM head take most of a model step and
+dilute the difference the experts make. Every provider gets its own copy of the same
 seeded model; calls are interleaved (a rotating provider order per repeat) so a
 burst of load from the other users of the machine hits all of them alike; the table
 reports medians and the ratio of each peer to dsv3 (> 1: dsv3 is faster).
@@ -30,7 +32,7 @@ PEERS = ("eager", "grouped_mm", "batched_mm")
 OURS = ("dsv3", "patch_moe")
 PROVIDERS = PEERS + OURS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MODES = ("train", "prefill")
+MODES = ("train", "prefill", "block")
 BATCH, SEQ = 1, 256  # 256 tokens: batched_mm copies one expert weight per routed row (~0.4 GiB)
 
 _COMMON = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -58,6 +60,19 @@ def build(model_name: str, dtype: torch.dtype, provider: str):
 
 
 def make_call(model, mode: str, ids: torch.Tensor):
+    if mode == "block":  # layer 0's MoE block alone: what the providers actually change
+        model.train()
+        block = model.model.layers[0].mlp
+        gen = torch.Generator().manual_seed(2)
+        dtype = model.lm_head.weight.dtype
+        x = torch.randn(*ids.shape, _COMMON["hidden_size"], generator=gen).to(dtype).requires_grad_()
+        grad = torch.randn(x.shape, generator=gen).to(dtype)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            block(x).backward(grad)
+        return step
     if mode == "train":
         model.train()
 
@@ -118,7 +133,8 @@ def report(rows, info) -> str:
         f"`python -m benchmarks.transformers_bench`, wall time {info['wall_s'] / 60:.1f} min.", "",
         f"Models: 2 decoder layers, D=256, vocab 1024, {BATCH}x{SEQ} tokens; mixtral: E=8 "
         f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4. train = forward + backward "
-        f"of the LM loss; prefill = forward under no_grad.", "",
+        f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
+        f"MoE block alone (router, experts), the part the providers change.", "",
         markdown_table(rows), "",
         f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls; "
         "ratios > 1 mean dsv3 (experts_implementation=\"dsv3\") is faster.",
@@ -133,7 +149,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--write-results", action="store_true",
