@@ -1,10 +1,8 @@
 """Tiny random transformers MoE models for the integration tests: built from configs,
 never downloaded. Two decoder layers, D=32, vocab 100, fp32; per architecture the
 routing features worth covering are switched on (see the comments)."""
-import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
@@ -12,7 +10,14 @@ COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **overrides):
+    config = _config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _config(arch: str):
     if arch == "mixtral":  # softmax top-2 of 4, renormalized
         return transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
                                           num_experts_per_tok=2, **COMMON)
@@ -38,11 +43,12 @@ def tiny_config(arch: str):
 N_SPARSE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 1}
 
 
-def tiny_model(arch: str, experts_implementation: str = "eager"):
-    """A fresh tiny model in train mode (dropout is 0 in these configs)."""
+def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
+    """A fresh tiny model in train mode (dropout is 0 in these configs); ``overrides``
+    set config fields."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        tiny_config(arch), experts_implementation=experts_implementation)
+        tiny_config(arch, **overrides), experts_implementation=experts_implementation)
     if arch == "deepseek_v3":
         # A non-zero correction bias, so that selecting with it (and weighting without
         # it) is exercised; big enough to change some choices.

@@ -5,8 +5,10 @@ backward equal to eager."""
 import pytest
 import torch
 
+pytest.importorskip("transformers")  # only where it is not installed; CI has it
+
 from conftest import assert_close
-from hf_models import tiny_model
+from hf_models import input_ids, tiny_model
 
 import dsv3.integrations.transformers as dt
 
@@ -36,9 +38,10 @@ def _compare_compiled(module, make_inputs, leaves_of):
             assert_close(g, w, f"compiled grad {i} (T={n_tokens})")
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])  # gated shared; groups + bias
-def test_compiled_patched_block(arch):
-    moe = dt.from_module(tiny_model(arch).model.layers[1].mlp)
+def test_compiled_patched_block():
+    """DeepSeek-V3's block: group-limited sigmoid routing with the correction bias and
+    shared experts (Qwen2-MoE's gated shared expert: the whole-model test below)."""
+    moe = dt.from_module(tiny_model("deepseek_v3").model.layers[1].mlp)
     params = [moe.router.weight, moe.gate_up_proj, moe.down_proj,
               *[p for name, p in moe.named_parameters() if name.startswith("shared")]]
 
@@ -60,3 +63,32 @@ def test_compiled_experts_implementation():
 
     _compare_compiled(experts, make_inputs,
                       lambda inputs: [inputs[0], inputs[2], experts.gate_up_proj, experts.down_proj])
+
+
+def test_compiled_patched_model_with_router_logits():
+    """The whole patched model under fullgraph with dynamic sequence lengths, the
+    router_logits hooks on the logits tap included (installed by an eager call first:
+    transformers' lazy hook installation takes a lock that dynamo cannot trace,
+    patched model or not); loss, logits, aux loss and every gradient match eager."""
+    torch._dynamo.reset()
+    model = tiny_model("qwen2_moe", num_hidden_layers=1)  # one layer: half the compile time
+    dt.patch_moe(model)
+    model(input_ids(), output_router_logits=True)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+
+    def run(fn, ids):
+        model.zero_grad(set_to_none=True)
+        out = fn(ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    for i, seq in enumerate((9, 13)):
+        ids = input_ids(seq=seq)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got, got_grads = run(compiled, ids)
+        want, want_grads = run(model, ids)
+        assert_close(got.logits, want.logits, f"logits (seq {seq})")
+        assert_close(got.aux_loss, want.aux_loss, f"aux_loss (seq {seq})")
+        assert len(got.router_logits) == 1
+        for j, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
+            assert_close(g, w, f"grad {j} (seq {seq})")

@@ -4,11 +4,17 @@ table in conftest, DESIGN.md section 4), generate the same tokens, keep
 output_router_logits and the aux loss working, share the original Parameters, and
 reject what they do not support with a message that says what is supported."""
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import DEVICES, assert_close, assert_close_to_reference
 from hf_models import ARCHS, N_SPARSE, input_ids, tiny_config, tiny_model, transformers
@@ -17,6 +23,7 @@ import dsv3
 import dsv3.integrations.transformers as dt
 
 ROUTES = ("experts_implementation", "patch_moe")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _DsvOpLog(TorchDispatchMode):
@@ -193,6 +200,20 @@ def test_from_pretrained_with_dsv3_experts(tmp_path):
     assert_close(got, want, "logits")
 
 
+def test_import_dsv3_leaves_transformers_alone():
+    """transformers is optional: importing dsv3 (and dsv3.integrations) must not load it;
+    importing dsv3.integrations.transformers registers "dsv3" with it."""
+    code = ("import sys, dsv3, dsv3.integrations; assert 'transformers' not in sys.modules; "
+            "import dsv3.integrations.transformers; "
+            "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS; "
+            "print('dsv3' in ALL_EXPERTS_FUNCTIONS)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "True"
+
+
 # --- bad input ------------------------------------------------------------------------------
 def test_patch_moe_rejects_unsupported_models():
     llama = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
@@ -256,3 +277,17 @@ def test_bf16_block_error_within_plain_pytorch(arch, route):
     what = ["output", "grad of x"] + [f"grad of {n}" for n, _ in hf_bf16.named_parameters()]
     for got, plain, ref, name in zip(runs["dsv3"], runs["plain"], runs["fp64"], what, strict=True):
         assert_close_to_reference(got, ref, plain, name)
+
+
+def test_mixtral_router_jitter_matches():
+    """Training-time jitter: the same multiplicative noise from the same RNG state."""
+    block = tiny_model("mixtral").model.layers[0].mlp
+    block.jitter_noise = 0.3
+    moe = dt.from_module(block)
+    x = torch.randn(2, 5, 32)
+    torch.manual_seed(7)
+    want = block(x.clone())  # HF scales its input in place
+    torch.manual_seed(7)
+    got = moe(x)
+    assert_close(got, want, "output with jitter")
+    assert not torch.equal(got, moe.eval()(x)), "jitter had no effect"

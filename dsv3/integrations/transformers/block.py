@@ -16,8 +16,8 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   more, outside dsv3.MoE's fused router: a [T, D] x [D, E] matmul, small next to the
   experts. The logits are fp32 (dsv3 routes in fp32), where Mixtral and Qwen record
   them in the model dtype; in fp32 models they are the same.
-- Mixtral's router jitter (training only, off by default): same distribution as HF,
-  other random draws.
+- Mixtral's router jitter (training only, off by default): the same draws as HF's from
+  the same RNG state, applied out of place (HF scales the block's input in place).
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
