@@ -228,6 +228,33 @@ def test_patch_moe_rejects_unsupported_models():
         dt.patch_moe("mixtral")
     with pytest.raises(TypeError, match=r"block: Linear is not a supported sparse MoE block"):
         dt.from_module(nn.Linear(2, 2))
+    block = tiny_model("mixtral").model.layers[0].mlp
+    with pytest.raises(TypeError, match=r"model is itself a MixtralSparseMoeBlock; .*from_module"):
+        dt.patch_moe(block)
+
+
+def test_experts_implementation_transposed_layout():
+    """Experts stored [E, in, out] (``is_transposed``, as some models do) run on the same
+    kernels as a view-free input: same output and grads as the [out, in] layout."""
+    experts = tiny_model("mixtral", experts_implementation="dsv3").model.layers[0].mlp.experts
+    x_TD = torch.randn(7, 32)
+    top_k_index = torch.rand(7, 4).argsort(1)[:, :2]
+    top_k_weights = torch.rand(7, 2)
+    runs = []
+    for transposed in (False, True):
+        if transposed:  # store the same weights transposed, as new contiguous Parameters
+            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2)
+                                                .contiguous())
+            experts.down_proj = nn.Parameter(experts.down_proj.detach().transpose(1, 2)
+                                             .contiguous())
+            experts.is_transposed = True
+        y_TD = experts(x_TD, top_k_index, top_k_weights)
+        grads = torch.autograd.grad(y_TD.square().sum(), [experts.gate_up_proj, experts.down_proj])
+        runs.append((y_TD.detach(), [g.transpose(1, 2) if transposed else g for g in grads]))
+    (want, want_grads), (got, got_grads) = runs
+    assert_close(got, want, "output")
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert_close(g, w, "weight grad")
 
 
 def test_non_swiglu_experts_are_refused():

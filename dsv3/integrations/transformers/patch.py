@@ -28,6 +28,9 @@ def patch_moe(model: nn.Module) -> int:
     replaces nothing the second time and returns 0."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
+    if architecture_of(model) is not None:  # in place needs a parent to put the new block in
+        raise TypeError(f"patch_moe: model is itself a {type(model).__name__}; convert a lone "
+                        f"block with from_module(block)")
     count = _replace(model, lambda m: architecture_of(m) is not None, from_module)
     if count == 0 and not any(isinstance(m, TransformersMoE) for m in model.modules()):
         raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
