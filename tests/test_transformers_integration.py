@@ -68,7 +68,7 @@ def test_same_logits_and_grads(arch, route, device):
     with _DsvOpLog() as log:
         loss, logits, grads = _loss_logits_grads(model, ids)
     # Routing is fused only by patch_moe; the experts run on dsv3 in both routes.
-    assert {"gather_grouped_mm", "grouped_mm", "swiglu", "unpermute"} <= log.ops
+    assert {"grouped_mm_gather", "grouped_mm", "swiglu", "unpermute"} <= log.ops
     assert ("route" in log.ops) == (route == "patch_moe")
     assert_close(logits, want_logits, "logits")
     assert_close(loss, want_loss, "loss")
