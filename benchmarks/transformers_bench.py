@@ -1,0 +1,182 @@
+"""A small transformers MoE model on CPU, with each way to run its experts side by side.
+
+    python -m benchmarks.transformers_bench [--models mixtral qwen3_moe] [--dtypes fp32 bf16]
+                                            [--repeats 7] [--write-results]
+
+Providers: transformers' own experts implementations (``eager``: a Python loop over
+the hit experts; ``grouped_mm``: torch's grouped GEMM; ``batched_mm``: one bmm over a
+per-row gathered copy of the expert weights) against dsv3's two routes
+(``dsv3``: experts_implementation="dsv3", the model's router; ``patch_moe``: whole
+blocks replaced, routing fused too). Three cases per model and dtype: a training step
+(forward + backward of the LM loss, gradients dropped before each), a prefill
+(forward under no_grad, eval mode), and one MoE block's forward + backward alone,
+since at this size attention, norms and the LM head take most of a model step and
+dilute the difference the experts make. Every provider gets its own copy of the same
+seeded model; calls are interleaved (a rotating provider order per repeat) so a
+burst of load from the other users of the machine hits all of them alike; the table
+reports medians and the ratio of each peer to dsv3 (> 1: dsv3 is faster).
+"""
+import argparse
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+import transformers
+
+import dsv3.integrations.transformers as dt
+from benchmarks import contention
+from benchmarks.run import CONTENDED_CORES, RESULTS_MD, git_commit, machine
+
+PEERS = ("eager", "grouped_mm", "batched_mm")
+OURS = ("dsv3", "patch_moe")
+PROVIDERS = PEERS + OURS
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("train", "prefill", "block")
+BATCH, SEQ = 1, 256  # 256 tokens: batched_mm copies one expert weight per routed row (~0.4 GiB)
+
+_COMMON = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=SEQ)
+MODELS = {
+    # few large experts
+    "mixtral": lambda: transformers.MixtralConfig(intermediate_size=512, num_local_experts=8,
+                                                  num_experts_per_tok=2, **_COMMON),
+    # many small experts, wider top-k
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        intermediate_size=512, moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4,
+        head_dim=64, **_COMMON),
+}
+
+
+def build(model_name: str, dtype: torch.dtype, provider: str):
+    torch.manual_seed(0)  # the same weights for every provider
+    impl = "eager" if provider == "patch_moe" else provider
+    model = transformers.AutoModelForCausalLM.from_config(MODELS[model_name](),
+                                                          experts_implementation=impl)
+    model = model.to(dtype)
+    if provider == "patch_moe":
+        dt.patch_moe(model)
+    return model
+
+
+def make_call(model, mode: str, ids: torch.Tensor):
+    if mode == "block":  # layer 0's MoE block alone: what the providers actually change
+        model.train()
+        block = model.model.layers[0].mlp
+        gen = torch.Generator().manual_seed(2)
+        dtype = model.lm_head.weight.dtype
+        x = torch.randn(*ids.shape, _COMMON["hidden_size"], generator=gen).to(dtype).requires_grad_()
+        grad = torch.randn(x.shape, generator=gen).to(dtype)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            block(x).backward(grad)
+        return step
+    if mode == "train":
+        model.train()
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+    else:
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(ids)
+    return step
+
+
+def time_case(model_name, dtype, mode, repeats, warmup=2) -> dict[str, float]:
+    """Median seconds per provider, calls interleaved across providers."""
+    ids = torch.randint(0, _COMMON["vocab_size"], (BATCH, SEQ),
+                        generator=torch.Generator().manual_seed(1))
+    calls = {p: make_call(build(model_name, dtype, p), mode, ids) for p in PROVIDERS}
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {p: [] for p in PROVIDERS}
+    for r in range(repeats):
+        order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]
+        for p in order:
+            start = time.perf_counter()
+            calls[p]()
+            times[p].append(time.perf_counter() - start)
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def markdown_table(rows) -> str:
+    lines = ["| model | dtype | case | " + " | ".join(f"{p} ms" for p in PROVIDERS)
+             + " | " + " | ".join(f"{p}/dsv3" for p in PEERS)
+             + " | patch_moe/dsv3 | dsv3 fastest |",
+             "|---|---|---|" + "--:|" * (len(PROVIDERS) + len(PEERS) + 2)]
+    for row in rows:
+        s = row["median_s"]
+        ours_best = min(s[p] for p in OURS)
+        both = all(s[o] < min(s[p] for p in PEERS) for o in OURS)
+        verdict = "✓ both routes" if both else ("✓ one route" if ours_best < min(
+            s[p] for p in PEERS) else "✗")
+        lines.append(f"| {row['model']} | {row['dtype']} | {row['mode']} | "
+                     + " | ".join(f"{s[p] * 1e3:.1f}" for p in PROVIDERS) + " | "
+                     + " | ".join(f"{s[p] / s['dsv3']:.2f}" for p in PEERS)
+                     + f" | {s['patch_moe'] / s['dsv3']:.2f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def report(rows, info) -> str:
+    m, foreign = info["machine"], info["foreign_cores"]
+    return "\n".join([
+        f"## transformers integration, CPU · {info['date']} · commit {info['commit']}", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads, "
+        f"{m['cpu_capability']}), torch {m['torch']}, transformers {transformers.__version__}. "
+        f"`python -m benchmarks.transformers_bench`, wall time {info['wall_s'] / 60:.1f} min.", "",
+        f"Models: 2 decoder layers, D=256, vocab 1024, {BATCH}x{SEQ} tokens; mixtral: E=8 "
+        f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4. train = forward + backward "
+        f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
+        f"MoE block alone (router, experts), the part the providers change.", "",
+        markdown_table(rows), "",
+        f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls; "
+        "ratios > 1 mean dsv3 (experts_implementation=\"dsv3\") is faster.",
+        f"- Other processes used {foreign:.2f} cores on average during the timings"
+        + (": **measured while the machine was shared**, so absolute times are noisy; "
+           "interleaving keeps the ratios comparable." if foreign > CONTENDED_CORES
+           else " (quiet)."), ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice, one per core)")
+    parser.add_argument("--write-results", action="store_true",
+                        help="append the section to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    started, before = time.monotonic(), contention.snapshot()
+    rows = []
+    for model_name in args.models:
+        for dtype_name in args.dtypes:
+            for mode in args.modes:
+                median_s = time_case(model_name, DTYPES[dtype_name], mode, args.repeats)
+                rows.append({"model": model_name, "dtype": dtype_name, "mode": mode,
+                             "median_s": median_s})
+                print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit(), "machine": machine(), "repeats": args.repeats,
+            "wall_s": time.monotonic() - started,
+            "foreign_cores": contention.foreign_cores(before, contention.snapshot())}
+    section = report(rows, info)
+    print("\n" + section)
+    if args.write_results:
+        with RESULTS_MD.open("a") as results:
+            results.write("\n" + section)
+        print(f"appended to {RESULTS_MD.relative_to(RESULTS_MD.parent.parent)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""dsv3 under transformers (v5) models. Importing this package registers
+``experts_implementation="dsv3"`` with transformers, so
+
+    import dsv3.integrations.transformers
+    model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="dsv3")
+    model.set_experts_implementation("dsv3")  # or switch a loaded model
+
+runs the experts of any model whose experts module transformers dispatches (plain
+SwiGLU experts) on dsv3's kernels, with the model's own router. To fuse the router
+too, replace whole blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3):
+
+    n = dsv3.integrations.transformers.patch_moe(model)
+
+``from_module``/``to_module`` convert one block each way, sharing the Parameters.
+"""
+from dsv3.integrations.transformers import experts
+from dsv3.integrations.transformers.architectures import ARCHITECTURES
+from dsv3.integrations.transformers.block import TransformersMoE
+from dsv3.integrations.transformers.converters import from_module, to_module
+from dsv3.integrations.transformers.patch import patch_moe, unpatch_moe
+
+experts.register()
+
+__all__ = ["ARCHITECTURES", "TransformersMoE", "from_module", "patch_moe", "to_module",
+           "unpatch_moe"]

@@ -1,0 +1,129 @@
+"""``from_module`` / ``to_module``: a transformers sparse MoE block <-> a dsv3.MoE,
+handing the same Parameter objects across (no copy, ``data_ptr()`` unchanged).
+
+The expert layouts already agree (see architectures.py), so moving weights is
+assignment. The one copy: a plain dsv3.MoE's shared experts are one fused SwiGLU
+MLP, while DeepSeek-V3's HF shared experts keep gate and up as separate Linears;
+``to_module`` splits the fused weight into two new Parameters (a copy, and the new
+ones no longer alias the dsv3 module's). A TransformersMoE made by ``from_module``
+holds the HF shared-expert modules themselves, so its round trip copies nothing.
+"""
+import torch
+from torch import nn
+
+from dsv3.integrations.transformers.architectures import (architecture_for, architecture_of,
+                                                          supported)
+from dsv3.integrations.transformers.block import TransformersMoE
+from dsv3.integrations.transformers.experts import unsupported_reason
+from dsv3.moe import MoE, MoEConfig, SwiGLUMLP
+
+# MoEConfig fields that must agree between a dsv3.MoE and the HF block it becomes.
+_LAYER_FIELDS = ("dim", "ffn_dim", "n_experts", "top_k", "n_shared_experts", "score", "n_groups",
+                 "topk_groups", "route_scale", "normalize_weights")
+
+
+def _moe_config(arch, block: nn.Module) -> MoEConfig:
+    experts, router = block.experts, block.gate
+    reason = unsupported_reason(experts)
+    if reason is None and experts.is_transposed:
+        reason = "its expert weights are stored transposed"
+    if reason is not None:
+        raise ValueError(f"block: this {type(block).__name__} cannot become a dsv3.MoE: {reason}")
+    n_shared = 0
+    if "shared_experts" in arch.shared:  # plain shared experts of n * ffn_dim, as dsv3.MoE's
+        n_shared = block.shared_experts.intermediate_size // experts.intermediate_dim
+    return MoEConfig(dim=experts.hidden_dim, ffn_dim=experts.intermediate_dim,
+                     n_experts=experts.num_experts, top_k=router.top_k,
+                     n_shared_experts=n_shared, aux_loss_coef=0.0, **arch.routing(router))
+
+
+def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
+    """Forward hooks already on the replaced router (transformers installs its
+    router_logits recorder once, on first use) keep firing on its replacement."""
+    for hook in list(src._forward_hooks.values()):
+        dst.register_forward_hook(hook)
+
+
+def from_module(block: nn.Module) -> TransformersMoE:
+    """A dsv3.MoE (TransformersMoE) computing what ``block`` computes, with its Parameters."""
+    arch = architecture_of(block)
+    if arch is None:
+        raise TypeError(f"block: {type(block).__name__} is not a supported sparse MoE block; "
+                        f"supported architectures: {supported()}")
+    experts, router = block.experts, block.gate
+    _, router_cls = arch.classes()
+    moe = TransformersMoE(_moe_config(arch, block), architecture=arch, hf_config=experts.config,
+                          router_cls=router_cls, dtype=experts.gate_up_proj.dtype,
+                          jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
+    moe.router.weight = router.weight
+    moe.gate_up_proj, moe.down_proj = experts.gate_up_proj, experts.down_proj
+    if arch.routing(router)["score"] == "sigmoid":
+        moe.set_routing_bias(router.e_score_correction_bias)
+    if arch.gated_shared:
+        moe.shared_expert, moe.shared_expert_gate = block.shared_expert, block.shared_expert_gate
+    elif arch.shared:
+        moe.shared_experts = block.shared_experts
+    _move_hooks(router, moe.logits_tap)
+    return moe.train(block.training)
+
+
+def _split_fused_shared(shared: SwiGLUMLP, hf_mlp: nn.Module) -> None:
+    """Copy a fused [gate; up] shared MLP into an HF MLP with separate projections."""
+    gate_FD, up_FD = shared.gate_up_proj.weight.detach().chunk(2, dim=0)
+    hf_mlp.gate_proj.weight = nn.Parameter(gate_FD.clone())
+    hf_mlp.up_proj.weight = nn.Parameter(up_FD.clone())
+    hf_mlp.down_proj.weight = shared.down_proj.weight
+
+
+def to_module(moe: MoE, hf_config=None) -> nn.Module:
+    """The transformers block computing what ``moe`` computes, with its Parameters.
+
+    A TransformersMoE rebuilds the block it came from (``hf_config`` defaults to the
+    one it kept). A plain dsv3.MoE needs ``hf_config`` (e.g. a MixtralConfig): its
+    model_type picks the block, whose sizes and routing must match ``moe.config``.
+    """
+    if not isinstance(moe, MoE):
+        raise TypeError(f"moe: expected a dsv3.MoE, got {type(moe).__name__}")
+    if hf_config is None:
+        if not isinstance(moe, TransformersMoE):
+            raise ValueError("hf_config: required to convert a plain dsv3.MoE (it picks the "
+                             "transformers architecture)")
+        hf_config = moe.hf_config
+    arch = architecture_for(getattr(hf_config, "model_type", None))
+    block_cls, _ = arch.classes()
+    with torch.device("meta"):  # every tensor is replaced below; allocate none
+        block = block_cls(hf_config)
+    want = _moe_config(arch, block)
+    diffs = [f"{f}={getattr(moe.config, f)!r} vs {getattr(want, f)!r}" for f in _LAYER_FIELDS
+             if getattr(moe.config, f) != getattr(want, f)]
+    if diffs:
+        raise ValueError(f"hf_config: its {arch.name} block does not match moe.config "
+                         f"(moe vs hf_config): {', '.join(diffs)}")
+
+    block.gate.weight = moe.router.weight
+    block.experts.gate_up_proj, block.experts.down_proj = moe.gate_up_proj, moe.down_proj
+    if want.score == "sigmoid":
+        bias_E = moe.expert_bias
+        if bias_E is None:  # a dsv3.MoE without a bias routes like a zero correction bias
+            bias_E = torch.zeros(want.n_experts, device=moe.gate_up_proj.device)
+        block.gate.e_score_correction_bias = bias_E
+    if arch.gated_shared:
+        if getattr(moe, "shared_expert", None) is None:
+            raise ValueError(f"moe: {arch.name} needs a gated shared expert, which only a "
+                             f"dsv3.MoE made by from_module carries")
+        block.shared_expert, block.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
+    elif arch.shared:
+        if isinstance(moe.shared_experts, SwiGLUMLP):
+            _split_fused_shared(moe.shared_experts, block.shared_experts)
+        elif moe.shared_experts is not None:
+            block.shared_experts = moe.shared_experts
+        else:
+            raise ValueError(f"moe: {arch.name} needs shared experts, moe has none")
+    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"moe: nothing to fill the {arch.name} block's {', '.join(left)} from")
+    if isinstance(moe, TransformersMoE):
+        _move_hooks(moe.logits_tap, block.gate)
+        if hasattr(block, "jitter_noise"):
+            block.jitter_noise = moe.jitter_noise
+    return block.train(moe.training)

@@ -1,0 +1,68 @@
+"""``experts_implementation="dsv3"``: transformers' experts modules on dsv3's kernels.
+
+transformers (v5) routes every experts module decorated with
+``@use_experts_implementation`` through ``ExpertsInterface``, a registry of forward
+functions keyed by name. Registering ours there swaps only the expert computation
+(expert index, grouped GEMMs with the permute fused into the first, SwiGLU,
+weighted unpermute); the model's own router still
+picks the experts, so this path works for any such model whose experts are plain
+SwiGLU, at the cost of leaving routing unfused (``patch_moe`` fuses it too).
+"""
+import torch
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations import moe as hf_moe
+
+from dsv3 import ops
+
+NAME = "dsv3"
+
+
+def unsupported_reason(experts: nn.Module) -> str | None:
+    """Why ``experts`` cannot run on dsv3's kernels, or None if it can."""
+    if not getattr(experts, "has_gate", False):
+        return "its experts have no gate (dsv3 runs SwiGLU experts only)"
+    if getattr(experts, "has_bias", False):
+        return "its expert projections have biases"
+    if not getattr(experts, "is_concatenated", True):
+        return "its gate and up rows are interleaved, not concatenated [gate; up]"
+    if getattr(experts, "has_post_expert_norm", False):
+        return "it normalizes each expert's output"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "it is sharded for expert parallelism"
+    if type(experts)._apply_gate is not hf_moe._default_apply_gate:
+        return "it overrides the gating function (_apply_gate)"
+    if not isinstance(getattr(experts, "act_fn", None), (nn.SiLU, SiLUActivation)):
+        return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
+    return None
+
+
+def dsv3_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Drop-in for an experts module's forward: y_TD = sum_k w_TK * expert_k(x_TD)."""
+    reason = unsupported_reason(self)
+    if reason is not None:
+        raise NotImplementedError(
+            f'experts_implementation="{NAME}" cannot run {type(self).__name__}: {reason}; '
+            f'use experts_implementation="grouped_mm" for this model')
+    # Weights as [in, out] per expert: views of either stored layout, never copies.
+    if self.is_transposed:  # stored [E, D, 2F] / [E, F, D]
+        gate_up_ED2F, down_EFD = self.gate_up_proj, self.down_proj
+    else:  # nn.Linear's [out, in]: [E, 2F, D] / [E, D, F]
+        gate_up_ED2F, down_EFD = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
+    # The routers hand out int64 ids; our ops take int32. Weights may be fp32 or the
+    # model dtype (Qwen casts them down); unpermute accumulates in fp32 either way.
+    # This is dsv3.MoE.forward's dropless chain after its routing (permute fused into the
+    # first GEMM); it is not factored into a shared helper of dsv3/moe.py while the
+    # router work there is in flight.
+    offsets_E, row_map_TK = ops.expert_index(top_k_index.to(torch.int32), self.num_experts)
+    h_S2F = ops.gather_grouped_mm(hidden_states, gate_up_ED2F, offsets_E, row_map_TK)
+    y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down_EFD, offsets_E)
+    return ops.unpermute(y_SD, row_map_TK, top_k_weights)
+
+
+def register() -> None:
+    """Add "dsv3" to transformers' class-wide experts registry. Both
+    ``from_pretrained(..., experts_implementation="dsv3")`` and
+    ``model.set_experts_implementation("dsv3")`` validate names against it."""
+    hf_moe.ExpertsInterface.register(NAME, dsv3_experts_forward)

@@ -1,0 +1,46 @@
+"""``patch_moe`` / ``unpatch_moe``: swap every supported sparse MoE block of a model
+for a dsv3.MoE on the same Parameters, and back.
+
+A patched model's state_dict names the expert weights the dsv3 way
+(``mlp.gate_up_proj``, ``mlp.router.weight``, ...), not transformers' way
+(``mlp.experts.gate_up_proj``, ``mlp.gate.weight``): ``unpatch_moe`` before
+``save_pretrained`` to write a checkpoint transformers can load.
+"""
+from torch import nn
+
+from dsv3.integrations.transformers.architectures import architecture_of, supported
+from dsv3.integrations.transformers.block import TransformersMoE
+from dsv3.integrations.transformers.converters import from_module, to_module
+
+
+def _replace(model: nn.Module, select, convert) -> int:
+    targets = [(parent, name, child) for parent in model.modules()
+               for name, child in parent.named_children() if select(child)]
+    for parent, name, child in targets:
+        setattr(parent, name, convert(child))
+    return len(targets)
+
+
+def patch_moe(model: nn.Module) -> int:
+    """Replace each supported sparse MoE block in ``model`` (in place) by a dsv3.MoE that
+    fuses its routing and experts; returns how many were replaced. Dense MLPs (e.g.
+    DeepSeek-V3's first_k_dense_replace layers) stay as they are. Patching a model twice
+    replaces nothing the second time and returns 0."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
+    if architecture_of(model) is not None:  # in place needs a parent to put the new block in
+        raise TypeError(f"patch_moe: model is itself a {type(model).__name__}; convert a lone "
+                        f"block with from_module(block)")
+    count = _replace(model, lambda m: architecture_of(m) is not None, from_module)
+    if count == 0 and not any(isinstance(m, TransformersMoE) for m in model.modules()):
+        raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
+                        f"dsv3 supports; supported architectures: {supported()}")
+    return count
+
+
+def unpatch_moe(model: nn.Module) -> int:
+    """Undo patch_moe (in place): each TransformersMoE goes back to the transformers block
+    it replaced, on the same Parameters. Returns how many were restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
+    return _replace(model, lambda m: isinstance(m, TransformersMoE), to_module)
