@@ -75,10 +75,14 @@ class OracleModel(UniformModel):
                 self.next_token[tuple(seq[:t])] = seq[t]
 
     def __call__(self, tokens_BS, kv_cache=None):
+        new = tokens_BS.shape[1]
+        if kv_cache is not None:  # decoding: the prefix lives in the cache, keep it there
+            seen = getattr(kv_cache, "oracle_seen", tokens_BS[:, :0])
+            kv_cache.oracle_seen = tokens_BS = torch.cat([seen, tokens_BS], 1)
         logits_BSV = super().__call__(tokens_BS, kv_cache)
         for b, row in enumerate(tokens_BS.tolist()):
             for t in range(len(row)):
                 token = self.next_token.get(tuple(row[:t + 1]))
                 if token is not None:
                     logits_BSV[b, t, token] = 20.0
-        return logits_BSV
+        return logits_BSV[:, -new:]
