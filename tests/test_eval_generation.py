@@ -34,8 +34,8 @@ def test_generation_loop_scores_what_the_model_emits(tmp_path):
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     text_codec = codec()
     eos = text_codec.eos_id
-    correct = [[eos] + text_codec.encode(p["source"]) + text_codec.encode(" " + p["reference"]) + [eos]
-               for p in pairs]
+    correct = [[eos] + text_codec.encode(p["source"]) + text_codec.encode(" " + p["reference"])
+               + [eos] for p in pairs]
     oracle = OracleModel(text_codec.vocab_size, correct, max_seq_len=64)
     result = evaluate_generation(oracle, text_codec, read_pairs(str(path)), max_new_tokens=20)
     assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)

@@ -34,7 +34,8 @@ def _stand_in_modules() -> dict:
         @abc.abstractmethod
         def generate_until(self, requests): ...
 
-    root, api, model = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.api", "lm_eval.api.model"))
+    names = ("lm_eval", "lm_eval.api", "lm_eval.api.model")
+    root, api, model = (types.ModuleType(n) for n in names)
     model.LM, root.api, api.model = LM, api, model
     return {"lm_eval": root, "lm_eval.api": api, "lm_eval.api.model": model}
 

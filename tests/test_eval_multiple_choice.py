@@ -22,7 +22,8 @@ DEV = [MCItem(f"Dev question {i}?", ("yes", "no"), i % 2) for i in range(5)]
 
 
 def oracle_for(text_codec, items, prompts):
-    correct = [[text_codec.eos_id] + text_codec.encode(p) + text_codec.encode(" " + it.choices[it.answer])
+    eos = text_codec.eos_id
+    correct = [[eos] + text_codec.encode(p) + text_codec.encode(" " + it.choices[it.answer])
                for it, p in zip(items, prompts)]
     return OracleModel(text_codec.vocab_size, correct, max_seq_len=128)
 
@@ -89,7 +90,8 @@ def test_task_file_answers_levels_and_dev_split(tmp_path):
     ({"question": "q", "choices": ["a"], "answer": 0}, "choices must be a list of at least 2"),
     ({"question": "q", "choices": ["a", "b"], "answer": 2}, "outside the 2 choices"),
     ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "answer must be an index"),
-    ({"question": "q", "choices": ["a", "b"], "answer": 0, "level": "hard"}, "level must be an int"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 0, "level": "hard"},
+     "level must be an int"),
 ])
 def test_bad_items_name_the_field(row, message):
     with pytest.raises(ValueError, match=message):

@@ -66,7 +66,8 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu"
     from tokenizers import Tokenizer
 
     if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"load_checkpoint: directory must be a path, got {type(directory).__name__}")
+        raise TypeError(f"load_checkpoint: directory must be a path, got "
+                        f"{type(directory).__name__}")
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"load_checkpoint: directory {directory!r} does not exist")

@@ -130,10 +130,10 @@ def accuracy_of(items: list[MCItem], per_item: list[dict]) -> dict:
               "chance": sum(1 / len(it.choices) for it in items) / n if n else float("nan")}
     levels = sorted({it.level for it in items if it.level is not None})
     if levels:
-        result["by_level"] = {
-            str(level): rate_summary(sum(c for c, it in zip(normalized, items) if it.level == level),
-                                     sum(it.level == level for it in items))
-            for level in levels}
+        result["by_level"] = {}
+        for level in levels:
+            credits = [c for c, it in zip(normalized, items) if it.level == level]
+            result["by_level"][str(level)] = rate_summary(sum(credits), len(credits))
     return result
 
 
