@@ -103,3 +103,15 @@ def test_bad_harness_arguments():
         build_prompts(ITEMS[:1], DEV[:2], k_shot=3)
     with pytest.raises(ValueError, match="template must contain"):
         build_prompts(ITEMS, template="no placeholder")
+
+
+def test_a_prompt_longer_than_the_context_keeps_its_end():
+    from dsv3.eval.scoring import score_continuations
+    from test_eval_support import tiny_model
+    model = tiny_model(max_seq_len=8)
+    context, choice = list(range(1, 21)), [30, 31, 32]
+    (cut,) = score_continuations(model, [(context, choice)])
+    (explicit,) = score_continuations(model, [(context[-6:], choice)])  # 6 + 3 - 1 = 8 inputs
+    assert cut.logprobs.tolist() == explicit.logprobs.tolist()
+    with pytest.raises(ValueError, match=r"requests\[0\]: the continuation has 9 tokens"):
+        score_continuations(model, [(context, list(range(9)))])

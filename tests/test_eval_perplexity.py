@@ -101,5 +101,7 @@ def test_bad_input_names_the_argument():
         window_plan(10, 4, 5)
     with pytest.raises(TypeError, match="documents must be a list of"):
         domain_perplexity(tiny_model(), codec(), ["just text"])
+    with pytest.raises(ValueError, match="'all' is reserved"):
+        domain_perplexity(tiny_model(), codec(), [("all", "text")])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         nll_by_domain(tiny_model(), [("d", [1, 2, 3])], batch_size=0)

@@ -81,3 +81,40 @@ def test_missing_judges_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(ValueError, match="holds no entries"):
         LexiconScorer(str(tmp_path / "empty.txt"))
+
+
+def test_local_classifier_scores_its_toxic_label(tmp_path):
+    """A tiny BERT whose classifier ignores the text (zero weights) and has bias
+    (clean 0, toxic 5): every text is toxic with probability e^5 / (1 + e^5)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    from test_eval_support import train_tokenizer
+    config = BertConfig(vocab_size=300, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=64,
+                        id2label={0: "clean", 1: "toxic"}, label2id={"clean": 0, "toxic": 1})
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 5.0]))
+    model.save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(),
+                            pad_token="<|endoftext|>").save_pretrained(tmp_path)
+    scorer = ClassifierScorer(str(tmp_path))
+    want = math.exp(5) / (1 + math.exp(5))
+    assert scorer(["a dog ran", "the cat"]) == pytest.approx([want, want], abs=1e-5)
+    assert toxicity_rate(["a dog ran", "the cat"], scorer, threshold=0.99)["rate"] == 1.0
+    with pytest.raises(ValueError, match=r"toxic_labels: none of \['hateful'\]"):
+        ClassifierScorer(str(tmp_path), toxic_labels=("hateful",))
+
+
+def test_bias_gap_with_a_scorer_judges_generated_continuations(lexicon):
+    text_codec = codec()
+    eos = text_codec.eos_id
+    # After "The cat said" the oracle says a listed word; after "The dog said", clean text.
+    says = [[eos] + text_codec.encode("The cat said") + text_codec.encode(" zorblax") + [eos],
+            [eos] + text_codec.encode("The dog said") + text_codec.encode(" hello") + [eos]]
+    result = bias_gap(OracleModel(text_codec.vocab_size, says), text_codec, ["The {term} said"],
+                      ["cat", "dog"], scorer=LexiconScorer(lexicon), temperature=0.0,
+                      max_new_tokens=12)
+    assert result["per_term"] == {"cat": 1.0, "dog": 0.0} and result["gap"] == 1.0

@@ -80,12 +80,16 @@ def domain_perplexity(model, codec, documents: list[tuple[str, str]], stride: in
     if not isinstance(documents, list) or not all(
             isinstance(d, tuple) and len(d) == 2 for d in documents):
         raise TypeError("documents must be a list of (domain, text) tuples")
+    if any(domain == "all" for domain, _ in documents):
+        raise ValueError("documents: 'all' is reserved for the total over domains; rename it")
     prefix = [codec.eos_id] if codec.eos_id is not None else []
     token_documents = [(domain, prefix + codec.encode(text)) for domain, text in documents]
     totals = nll_by_domain(model, token_documents, stride, batch_size, progress=progress)
     n_bytes: dict[str, int] = {}
-    for domain, text in documents:
-        n_bytes[domain] = n_bytes.get(domain, 0) + len(text.encode("utf-8"))
+    for (domain, text), (_, ids) in zip(documents, token_documents):
+        if len(ids) >= 2:  # only documents with a predicted token count toward bits/byte
+            n_bytes[domain] = n_bytes.get(domain, 0) + len(text.encode("utf-8"))
+    n_bytes = {domain: n_bytes.get(domain, 0) for domain in totals}
     out = {d: {**_summary(t["nll"], t["tokens"], n_bytes[d]), "documents": t["documents"],
                "skipped": t["skipped"]} for d, t in sorted(totals.items())}
     out["all"] = {**_summary(sum(t["nll"] for t in totals.values()),
