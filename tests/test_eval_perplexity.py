@@ -105,3 +105,16 @@ def test_bad_input_names_the_argument():
         domain_perplexity(tiny_model(), codec(), [("all", "text")])
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         nll_by_domain(tiny_model(), [("d", [1, 2, 3])], batch_size=0)
+
+
+def test_a_training_model_is_scored_in_eval_mode_and_handed_back_training():
+    from dsv3.moe import MoEConfig
+    moe = MoEConfig(dim=32, ffn_dim=32, n_experts=4, top_k=2, bias_update_rate=1e-3)
+    model = tiny_model(moe=moe)
+    docs = [("d", list(range(1, 30)))]
+    want = nll_by_domain(model, docs)["d"]["nll"]
+    model.train()
+    assert nll_by_domain(model, docs)["d"]["nll"] == pytest.approx(want, rel=1e-9)
+    assert model.training
+    # In train mode the MoE layers would have counted the routing for their bias update.
+    assert all(layer.pending_counts.sum() == 0 for layer in model.moe_layers())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv3.eval.scoring import context_limit, model_device
+from dsv3.eval.scoring import context_limit, evaluating, model_device
 from dsv3.model import KVCache
 
 
@@ -54,7 +54,6 @@ def filter_logits(logits_V: torch.Tensor, top_k: int | None, top_p: float | None
     return logits_V
 
 
-@torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, use_cache: bool = True) -> Generation:
@@ -63,6 +62,14 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
     _check(max_new_tokens, temperature, top_k, top_p)
     if not prompt:
         raise ValueError("prompt must hold at least one token id (e.g. the eos id)")
+    with evaluating(model):
+        return _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                       use_cache)
+
+
+@torch.no_grad()
+def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+            use_cache) -> Generation:
     limit = context_limit(model)
     if limit is not None:
         prompt = list(prompt)[-limit:]

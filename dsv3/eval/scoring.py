@@ -12,6 +12,7 @@ how the sequences were grouped into batches beyond fp32 rounding of the logits.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,20 @@ def model_device(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode for the duration (a trainer may hand over a model mid-training: in
+    train mode the MoE layers would count routing for the balance update), then back."""
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
 @dataclass
 class Scored:
     """Per-target log-probs (fp64) of one sequence and whether each target was the argmax."""
@@ -43,7 +58,6 @@ def check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-@torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], first_targets: list[int],
                     batch_size: int = 8, progress: bool = False,
                     desc: str = "scoring") -> list[Scored]:
@@ -68,21 +82,27 @@ def score_sequences(model, sequences: list[list[int]], first_targets: list[int],
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     results: list[Scored | None] = [None] * len(sequences)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        batch = order[start:start + batch_size]
-        width = len(sequences[batch[0]]) - 1
-        tokens_BS = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
-        for row, i in enumerate(batch):
-            tokens_BS[row, :len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1])
-        logprobs_BSV = model(tokens_BS.to(device)).float().log_softmax(-1).cpu()
-        for row, i in enumerate(batch):
-            seq = torch.tensor(sequences[i])
-            positions = torch.arange(first_targets[i] - 1, len(seq) - 1)
-            targets = seq[first_targets[i]:]
-            rows_TV = logprobs_BSV[row, positions]
-            results[i] = Scored(rows_TV.gather(1, targets[:, None]).squeeze(1).double(),
-                                rows_TV.argmax(-1) == targets)
+    with evaluating(model):
+        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+            _score_batch(model, sequences, first_targets, order[start:start + batch_size],
+                         device, results)
     return results
+
+
+@torch.no_grad()
+def _score_batch(model, sequences, first_targets, batch, device, results) -> None:
+    width = len(sequences[batch[0]]) - 1  # the batch is sorted longest first
+    tokens_BS = torch.full((len(batch), width), PAD_ID, dtype=torch.long)
+    for row, i in enumerate(batch):
+        tokens_BS[row, :len(sequences[i]) - 1] = torch.tensor(sequences[i][:-1])
+    logprobs_BSV = model(tokens_BS.to(device)).float().log_softmax(-1).cpu()
+    for row, i in enumerate(batch):
+        seq = torch.tensor(sequences[i])
+        positions = torch.arange(first_targets[i] - 1, len(seq) - 1)
+        targets = seq[first_targets[i]:]
+        rows_TV = logprobs_BSV[row, positions]
+        results[i] = Scored(rows_TV.gather(1, targets[:, None]).squeeze(1).double(),
+                            rows_TV.argmax(-1) == targets)
 
 
 def score_continuations(model, requests: list[tuple[list[int], list[int]]],
