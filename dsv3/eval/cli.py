@@ -1,0 +1,86 @@
+"""``dsv3 eval``: evaluate a checkpoint directory on a list of tasks and write
+``eval.json`` + ``eval.md`` into ``--out``.
+
+``register(subparsers)`` adds the subcommand to the ``dsv3`` command's parser;
+``python -m dsv3.eval`` runs the same arguments on their own (``main``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
+               "perplexity, cloze and multiple choice with dynamic difficulty, BLEU/chrF, "
+               "toxicity and bias; writes eval.json and eval.md.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--tasks", default="ppl,cloze",
+                        help="comma-separated: ppl, cloze, mc:PATH, gen:PATH, toxicity, bias, "
+                             "lm-eval:TASK (default: ppl,cloze)")
+    parser.add_argument("--out", required=True, help="directory for eval.json and eval.md")
+    parser.add_argument("--corpus", help="jsonl of {domain, text} held-out documents for ppl, "
+                                         "cloze and toxicity prompts (default: the embedded "
+                                         "corpus' held-out split)")
+    parser.add_argument("--difficulty-state", help="JSON file keeping the difficulty levels "
+                                                   "between runs (default: OUT/difficulty.json)")
+    parser.add_argument("--threshold", type=float, default=0.85,
+                        help="accuracy that promotes to the next level (default 0.85)")
+    parser.add_argument("--cloze-items", type=int, default=40)
+    parser.add_argument("--k-shot", type=int, default=0, help="few-shot exemplars for mc tasks")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--toxicity-lexicon", help="word/phrase list, one per line")
+    parser.add_argument("--toxicity-classifier", help="local HF text-classification model dir")
+    parser.add_argument("--toxicity-prompts", help="jsonl of {prompt} (default: document starts)")
+    parser.add_argument("--bias-spec", help='JSON {"templates": [...], "terms": [...]}')
+    parser.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint", description=DESCRIPTION)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.eval.corpus import read_documents
+    from dsv3.eval.loading import load_checkpoint
+    from dsv3.eval.report import write_results
+    from dsv3.eval.runner import EvalOptions, parse_tasks, run_evaluation
+
+    tasks = parse_tasks(args.tasks)
+    model, codec = load_checkpoint(args.checkpoint, args.device)
+    options = EvalOptions(
+        documents=read_documents(args.corpus) if args.corpus else None,
+        batch_size=args.batch_size, seed=args.seed, k_shot=args.k_shot,
+        cloze_items=args.cloze_items, threshold=args.threshold,
+        difficulty_state=args.difficulty_state or os.path.join(args.out, "difficulty.json"),
+        max_new_tokens=args.max_new_tokens, toxicity_lexicon=args.toxicity_lexicon,
+        toxicity_classifier=args.toxicity_classifier, toxicity_prompts=args.toxicity_prompts,
+        bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit,
+        progress=not args.no_progress)
+    results = run_evaluation(model, codec, tasks, options)
+    results["checkpoint"] = os.path.abspath(args.checkpoint)
+    json_path, md_path = write_results(args.out, results)
+    with open(md_path, encoding="utf-8") as f:
+        print(f.read(), end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv3.eval", description=DESCRIPTION)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"dsv3 eval: error: {e}", file=sys.stderr)
+        return 2

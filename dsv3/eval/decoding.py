@@ -1,0 +1,100 @@
+"""Greedy and sampled decoding with ``dsv3.model.KVCache``.
+
+One sequence at a time: prompts of different lengths would need a per-row position
+offset and attention mask that the model's cache does not keep, and evaluation sets
+are small. The prompt is run once to fill the cache; each new token then costs one
+forward of one position. ``use_cache=False`` recomputes the whole sequence per token:
+slow, kept because it is the check that the cached path is right.
+
+Sampling: logits / temperature, then top-k, then top-p (the smallest set of most
+likely tokens whose probability reaches p; always at least one), drawn from a
+``torch.Generator`` seeded per call, so a seed reproduces a sample exactly.
+``temperature=0`` is greedy (argmax; ties go to the lowest id, as ``argmax`` does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.eval.scoring import context_limit, evaluating, model_device
+from dsv3.model import KVCache
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids, the eos id not included
+    finish_reason: str  # "eos", "max_new_tokens" or "context" (the model's max_seq_len reached)
+
+
+def _check(max_new_tokens, temperature, top_k, top_p) -> None:
+    if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def filter_logits(logits_V: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Logits with everything outside top-k / the top-p nucleus set to -inf."""
+    logits_V = logits_V.clone()
+    if top_k is not None and top_k < logits_V.numel():
+        kth = logits_V.topk(top_k).values[-1]
+        logits_V[logits_V < kth] = float("-inf")
+    if top_p is not None and top_p < 1:
+        sorted_V, order_V = logits_V.sort(descending=True)
+        cumulative_V = sorted_V.softmax(-1).cumsum(-1)
+        # Drop a token when the ones before it already reach p (the first always stays).
+        drop_V = cumulative_V - sorted_V.softmax(-1) >= top_p
+        logits_V[order_V[drop_V]] = float("-inf")
+    return logits_V
+
+
+def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, use_cache: bool = True) -> Generation:
+    """Continue ``prompt`` (token ids) until ``eos_id``, ``max_new_tokens`` or the model's
+    context is full. A prompt longer than the context keeps its last tokens."""
+    _check(max_new_tokens, temperature, top_k, top_p)
+    if not prompt:
+        raise ValueError("prompt must hold at least one token id (e.g. the eos id)")
+    with evaluating(model):
+        return _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+                       use_cache)
+
+
+@torch.no_grad()
+def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
+            use_cache) -> Generation:
+    limit = context_limit(model)
+    if limit is not None:
+        prompt = list(prompt)[-limit:]
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    sequence, generated = list(prompt), []
+    cache = KVCache() if use_cache else None
+    logits_V = model(torch.tensor([sequence], device=device), kv_cache=cache)[0, -1] \
+        if use_cache else None
+    while True:
+        if len(generated) == max_new_tokens:
+            return Generation(generated, "max_new_tokens")
+        if not use_cache:
+            logits_V = model(torch.tensor([sequence], device=device))[0, -1]
+        logits_V = logits_V.float().cpu()
+        if temperature == 0:
+            token = int(logits_V.argmax())
+        else:
+            probs_V = filter_logits(logits_V / temperature, top_k, top_p).softmax(-1)
+            token = int(torch.multinomial(probs_V, 1, generator=generator))
+        if token == eos_id:
+            return Generation(generated, "eos")
+        generated.append(token)
+        sequence.append(token)
+        if limit is not None and len(sequence) >= limit:
+            return Generation(generated, "context")
+        if use_cache:
+            logits_V = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]

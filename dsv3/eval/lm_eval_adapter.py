@@ -1,0 +1,129 @@
+"""Run any lm-evaluation-harness (``lm-eval``) task on a dsv3 model.
+
+``Dsv3LM`` implements lm-eval's ``LM`` interface (``loglikelihood``,
+``loglikelihood_rolling``, ``generate_until``) on this package's scoring and decoding,
+and registers itself as lm-eval model ``"dsv3"``, so both work:
+
+    lm = Dsv3LM(checkpoint="runs/tiny")                  # or Dsv3LM(model=m, codec=c)
+    results = run_lm_eval(lm, ["hellaswag"], num_fewshot=0, limit=100)
+    # lm_eval --model dsv3 --model_args checkpoint=runs/tiny --tasks hellaswag
+
+lm-eval is optional and is imported only when the adapter is first used; without it
+the import fails with the install command. Tasks fetch their data from the HF hub, so
+this needs network (or a populated HF cache); dsv3's own tasks do not.
+
+Where it differs from lm-eval's HF model: the context and continuation are tokenized
+separately (trailing spaces of the context move to the continuation, as lm-eval's
+own models do) and rolling log-likelihoods use ``perplexity``'s strided windows.
+"""
+from __future__ import annotations
+
+from dsv3.eval.decoding import generate
+from dsv3.eval.perplexity import window_plan
+from dsv3.eval.scoring import context_limit, score_continuations, score_sequences
+
+INSTALL_HINT = ("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval "
+                "(its tasks also need network access to the HF hub, or a populated cache)")
+
+
+class _Dsv3LMMethods:
+    """The lm-eval LM methods; mixed into lm-eval's LM base by ``lm_eval_class``."""
+
+    def __init__(self, model=None, codec=None, checkpoint: str | None = None,
+                 batch_size: int | str = 8, max_gen_toks: int = 256, device: str = "cpu"):
+        super().__init__()
+        if checkpoint is not None:
+            from dsv3.eval.loading import load_checkpoint
+            model, codec = load_checkpoint(checkpoint, device)
+        if model is None or codec is None:
+            raise ValueError("Dsv3LM: pass model= and codec=, or checkpoint=")
+        self.model, self.codec = model, codec
+        self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
+
+    def _prefix(self) -> list[int]:
+        return [self.codec.eos_id] if self.codec.eos_id is not None else []
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            context, continuation = request.args
+            stripped = context.rstrip(" ")
+            continuation = context[len(stripped):] + continuation
+            pairs.append((self._prefix() + self.codec.encode(stripped),
+                          self.codec.encode(continuation)))
+        scored = score_continuations(self.model, pairs, self.batch_size)
+        return [(r.logprobs.sum().item(), bool(r.greedy.all())) for r in scored]
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        window = context_limit(self.model) or 2048
+        sequences, firsts, owners = [], [], []
+        for k, request in enumerate(requests):
+            ids = self._prefix() + self.codec.encode(request.args[0])
+            for begin, first, end in window_plan(len(ids), window, max(1, window // 2)):
+                sequences.append(ids[begin:end + 1])
+                firsts.append(first - begin)
+                owners.append(k)
+        totals = [0.0] * len(requests)
+        for k, r in zip(owners, score_sequences(self.model, sequences, firsts, self.batch_size)):
+            totals[k] += r.logprobs.sum().item()
+        return totals
+
+    def generate_until(self, requests) -> list[str]:
+        outputs = []
+        for request in requests:
+            context, kwargs = request.args
+            kwargs = dict(kwargs or {})
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            do_sample = kwargs.get("do_sample", False)
+            temperature = float(kwargs.get("temperature", 0.0)) if do_sample else 0.0
+            out = generate(self.model, self._prefix() + self.codec.encode(context),
+                           int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature,
+                           top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
+                           seed=int(kwargs.get("seed", 0)), eos_id=self.codec.eos_id)
+            text = self.codec.decode(out.tokens)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+_CLASS = None
+
+
+def lm_eval_class():
+    """``Dsv3LM``, built on lm-eval's LM base the first time it is asked for."""
+    global _CLASS
+    if _CLASS is None:
+        try:
+            from lm_eval.api.model import LM
+        except ImportError as e:
+            raise ImportError(INSTALL_HINT) from e
+        _CLASS = type("Dsv3LM", (_Dsv3LMMethods, LM), {"__module__": __name__,
+                                                        "__doc__": _Dsv3LMMethods.__doc__})
+        try:  # lets lm-eval's own CLI find it as --model dsv3
+            from lm_eval.api.registry import register_model
+            register_model("dsv3")(_CLASS)
+        except (ImportError, ValueError, AssertionError):
+            pass  # an older/newer registry, or already registered: the class still works
+    return _CLASS
+
+
+def __getattr__(name):
+    if name == "Dsv3LM":
+        return lm_eval_class()
+    raise AttributeError(name)
+
+
+def run_lm_eval(lm, tasks: list[str], num_fewshot: int | None = None,
+                limit: int | float | None = None) -> dict:
+    """lm-eval's ``simple_evaluate`` on a Dsv3LM; returns its "results" section."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise ValueError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
+    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot,
+                                   limit=limit)["results"]

@@ -1,0 +1,92 @@
+"""Load what the trainer writes: a checkpoint directory holding ``config.json`` (the
+``ModelConfig`` as ``dataclasses.asdict``), ``model.pt`` (the ``Transformer``
+state_dict) and ``tokenizer.json`` (a Hugging Face ``tokenizers`` file).
+
+The evaluation suite only needs text in and token ids out, so the tokenizer is wrapped
+in ``TextCodec`` (encode, decode, eos id): the metrics never see the ``tokenizers`` API
+and tests can hand them any object with the same three members.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from dsv3.model import ModelConfig, Transformer
+
+CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
+# Tried in order for the end-of-text id: GPT-2 style first, then common alternatives.
+EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
+
+
+class TextCodec:
+    """Text <-> token ids over a ``tokenizers.Tokenizer``; ``eos_id`` is None when the
+    vocabulary has no end-of-text token (generation then stops at max tokens only)."""
+
+    def __init__(self, tokenizer, eos_id: int | None = None):
+        self.tokenizer = tokenizer
+        if eos_id is None:
+            eos_id = next((i for t in EOS_TOKENS if (i := tokenizer.token_to_id(t)) is not None),
+                          None)
+        self.eos_id = eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"TextCodec.encode: text must be a str, got {type(text).__name__}")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_config(path: str) -> ModelConfig:
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint: {path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"checkpoint: {path} must hold a JSON object, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"checkpoint: {path} has keys ModelConfig does not know: {unknown}")
+    return ModelConfig(**raw)  # ModelConfig validates values and turns a moe dict into MoEConfig
+
+
+def load_checkpoint(directory: str, device: str | torch.device = "cpu"
+                    ) -> tuple[Transformer, TextCodec]:
+    """(model in eval mode on ``device``, its TextCodec) from a checkpoint directory."""
+    from tokenizers import Tokenizer
+
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"load_checkpoint: directory must be a path, got "
+                        f"{type(directory).__name__}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load_checkpoint: directory {directory!r} does not exist")
+    missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+        raise FileNotFoundError(f"load_checkpoint: {directory!r} lacks {', '.join(missing)} "
+                                f"(a checkpoint holds {', '.join(CHECKPOINT_FILES)})")
+    config = load_config(os.path.join(directory, "config.json"))
+    model = Transformer(config)
+    state = torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"load_checkpoint: model.pt must hold a state_dict, got "
+                         f"{type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"load_checkpoint: model.pt does not fit config.json: {e}") from None
+    tokenizer = TextCodec(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"load_checkpoint: tokenizer.json has {tokenizer.vocab_size} tokens but "
+                         f"config.json's vocab_size is {config.vocab_size}")
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,147 @@
+"""Multiple-choice harness for MMLU/BBH-format jsonl tasks: rows of
+``{"question", "choices": [...], "answer": index | letter | choice text}`` with an
+optional ``"level"`` (for dynamic difficulty) and ``"split": "dev"`` (few-shot pool).
+
+Each choice is scored by log p(choice tokens | prompt); the prediction is the choice
+with the highest **length-normalized** score (sum / number of choice tokens), so long
+answers are not punished for being long; the unnormalized sum is reported too.
+Ties are broken fairly and deterministically: an item whose correct choice ties with
+t - 1 others for the best score earns 1/t (the expectation of a uniform random
+tie-break), so a model with all-equal logits scores chance exactly, not the accuracy
+of "always pick the first choice". Scores within ``TIE_TOLERANCE`` count as tied
+(fp64 sums of identical fp32 log-probs, summed in different orders).
+
+Few-shot: k exemplars drawn from the dev rows with ``random.Random(seed)``, never the
+item itself, written before the question with their correct answer.
+Accuracy comes with a 95% Wilson interval (``stats``).
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+from dsv3.eval.jsonl import read_jsonl
+from dsv3.eval.scoring import score_continuations
+from dsv3.eval.stats import rate_summary
+
+TIE_TOLERANCE = 1e-9
+DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    level: int | None = None
+
+
+def _answer_index(answer, choices, where: str) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer
+    elif isinstance(answer, str) and len(answer) == 1 and answer in string.ascii_uppercase:
+        index = string.ascii_uppercase.index(answer)
+    elif isinstance(answer, str) and answer in choices:
+        index = choices.index(answer)
+    else:
+        raise ValueError(f"{where}: answer must be an index, a letter or one of the choices, "
+                         f"got {answer!r}")
+    if not 0 <= index < len(choices):
+        raise ValueError(f"{where}: answer {answer!r} is outside the {len(choices)} choices")
+    return index
+
+
+def make_item(row: dict, where: str = "item") -> MCItem:
+    choices = row.get("choices")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(
+            isinstance(c, str) and c for c in choices):
+        raise ValueError(f"{where}: choices must be a list of at least 2 non-empty strings, "
+                         f"got {choices!r}")
+    level = row.get("level")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        raise ValueError(f"{where}: level must be an int, got {level!r}")
+    return MCItem(str(row["question"]), tuple(choices),
+                  _answer_index(row["answer"], list(choices), where), level)
+
+
+def read_mc_file(path: str) -> tuple[list[MCItem], list[MCItem]]:
+    """(test items, dev items) of a task file; rows with "split": "dev" are the dev pool."""
+    rows = read_jsonl(path, ("question", "choices", "answer"), what="multiple-choice file")
+    test, dev = [], []
+    for number, row in enumerate(rows, 1):
+        (dev if row.get("split") == "dev" else test).append(make_item(row, f"{path} row {number}"))
+    return test, dev
+
+
+def build_prompts(items: list[MCItem], dev: list[MCItem] = (), k_shot: int = 0, seed: int = 0,
+                  template: str = DEFAULT_TEMPLATE) -> list[str]:
+    """The prompt text per item: k solved dev exemplars, then the question."""
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or k_shot < 0:
+        raise ValueError(f"k_shot must be an int >= 0, got {k_shot!r}")
+    if "{question}" not in template:
+        raise ValueError(f"template must contain '{{question}}', got {template!r}")
+    rng = random.Random(seed)
+    prompts = []
+    for item in items:
+        pool = [d for d in dev if d != item]
+        if k_shot > len(pool):
+            raise ValueError(f"k_shot={k_shot} exceeds the {len(pool)} dev exemplars available")
+        shots = rng.sample(pool, k_shot)
+        prefix = "".join(template.format(question=s.question) + " " + s.choices[s.answer] + "\n\n"
+                         for s in shots)
+        prompts.append(prefix + template.format(question=item.question))
+    return prompts
+
+
+def item_credit(scores: list[float], answer: int) -> float:
+    """1/t when the answer is among the t choices tied for the best score, else 0."""
+    best = max(scores)
+    tied = [i for i, s in enumerate(scores) if s >= best - TIE_TOLERANCE * max(1.0, abs(best))]
+    return 1.0 / len(tied) if answer in tied else 0.0
+
+
+def score_items(model, codec, items: list[MCItem], prompts: list[str], batch_size: int = 8,
+                progress: bool = False) -> list[dict]:
+    """Per item: the summed log-prob and token count of every choice (" " + choice)."""
+    prefix = [codec.eos_id] if codec.eos_id is not None else []
+    requests, owners = [], []
+    for i, (item, prompt) in enumerate(zip(items, prompts, strict=True)):
+        context = prefix + codec.encode(prompt)
+        for choice in item.choices:
+            requests.append((context, codec.encode(" " + choice)))
+            owners.append(i)
+    scored = score_continuations(model, requests, batch_size, progress, desc="multiple choice")
+    per_item = [{"sums": [], "lengths": []} for _ in items]
+    for i, result in zip(owners, scored):
+        per_item[i]["sums"].append(result.logprobs.sum().item())
+        per_item[i]["lengths"].append(result.logprobs.numel())
+    return per_item
+
+
+def accuracy_of(items: list[MCItem], per_item: list[dict]) -> dict:
+    """Normalized and unnormalized accuracy with 95% intervals, chance level, per level."""
+    normalized = [item_credit([s / n for s, n in zip(p["sums"], p["lengths"])], it.answer)
+                  for it, p in zip(items, per_item)]
+    unnormalized = [item_credit(p["sums"], it.answer) for it, p in zip(items, per_item)]
+    n = len(items)
+    result = {"accuracy": rate_summary(sum(normalized), n),
+              "accuracy_unnormalized": rate_summary(sum(unnormalized), n),
+              "chance": sum(1 / len(it.choices) for it in items) / n if n else float("nan")}
+    levels = sorted({it.level for it in items if it.level is not None})
+    if levels:
+        result["by_level"] = {}
+        for level in levels:
+            credits = [c for c, it in zip(normalized, items) if it.level == level]
+            result["by_level"][str(level)] = rate_summary(sum(credits), len(credits))
+    return result
+
+
+def evaluate_multiple_choice(model, codec, items: list[MCItem], dev: list[MCItem] = (),
+                             k_shot: int = 0, seed: int = 0, template: str = DEFAULT_TEMPLATE,
+                             batch_size: int = 8, progress: bool = False) -> dict:
+    if not items:
+        raise ValueError("items must not be empty")
+    prompts = build_prompts(items, list(dev), k_shot, seed, template)
+    per_item = score_items(model, codec, items, prompts, batch_size, progress)
+    return {**accuracy_of(items, per_item), "k_shot": k_shot}

@@ -1,0 +1,124 @@
+"""dsv3.eval end to end: ``python -m dsv3.eval`` on a tiny checkpoint with every local
+task writes eval.json / eval.md / the difficulty state, twice (the history grows);
+``register`` plugs into a parent parser; a model that knows a leveled task's answers
+climbs a level per evaluation; the HTML fragment; errors reach the user as one line."""
+import argparse
+import json
+
+import pytest
+
+from dsv3.eval.cli import register, run
+from dsv3.eval.cli import main as eval_main
+from dsv3.eval.multiple_choice import build_prompts, read_mc_file
+from dsv3.eval.report import html_fragment, markdown_table
+from dsv3.eval.runner import EvalOptions, parse_tasks, run_evaluation
+from test_eval_support import OracleModel, codec, save_checkpoint, tiny_model, train_tokenizer
+
+CORPUS = [{"domain": "prose",
+           "text": "the cat sat on the mat and then the dog ran in the park " * 6},
+          {"domain": "prose", "text": "once upon a time a quick brown fox jumped over a dog " * 6},
+          {"domain": "code", "text": "def add(a, b): return a + b  # adds two numbers " * 6}]
+MC_ROWS = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)],
+            "answer": 0, "level": level} for level, (a, b) in
+           [(1, (1, 2)), (1, (2, 2)), (2, (3, 4)), (2, (5, 1)), (3, (6, 7))]]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", tiny_model(), train_tokenizer())
+    files = {"corpus": write_jsonl(tmp_path / "corpus.jsonl", CORPUS),
+             "mc": write_jsonl(tmp_path / "arith.jsonl", MC_ROWS),
+             "gen": write_jsonl(tmp_path / "gen.jsonl", [{"source": "a dog", "reference": "ran"}]),
+             "bias": str(tmp_path / "bias.json"), "lexicon": str(tmp_path / "lexicon.txt")}
+    (tmp_path / "bias.json").write_text(json.dumps({"templates": ["The {term} ran in the park"],
+                                                    "terms": ["cat", "dog"]}))
+    (tmp_path / "lexicon.txt").write_text("zorblax\n")
+    return tmp_path, files
+
+
+def test_module_entry_point_writes_results_and_keeps_history(setup, capsys):
+    tmp_path, files = setup
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--corpus", files["corpus"],
+            "--tasks", f"ppl,cloze,mc:{files['mc']},gen:{files['gen']},toxicity,bias",
+            "--cloze-items", "4", "--max-new-tokens", "3", "--toxicity-lexicon", files["lexicon"],
+            "--bias-spec", files["bias"], "--no-progress"]
+    assert eval_main(argv) == 0
+    assert eval_main(argv) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results["tasks"]) == {"ppl", "cloze", f"mc:{files['mc']}", f"gen:{files['gen']}",
+                                     "toxicity", "bias"}
+    assert set(results["tasks"]["ppl"]) == {"prose", "code", "all"}
+    assert results["tasks"]["cloze"]["accuracy"]["n"] == 4
+    state = json.loads((out / "difficulty.json").read_text())
+    assert [h["evaluation"] for h in state["cloze"]["history"]] == [0, 1]
+    assert results["difficulty"]["mc:arith.jsonl"]["history"][-1]["evaluation"] == 1
+    table = (out / "eval.md").read_text()
+    for metric in ("perplexity [all]", "accuracy (level", "bleu", "toxic rate", "gap (",
+                   "Difficulty history of cloze"):
+        assert metric in table
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_register_adds_eval_to_a_parent_parser(setup):
+    tmp_path, _ = setup
+    parser = argparse.ArgumentParser(prog="dsv3")
+    register(parser.add_subparsers(dest="group", required=True))
+    args = parser.parse_args(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                              str(tmp_path / "o"), "--tasks", "ppl", "--corpus",
+                              str(tmp_path / "corpus.jsonl"), "--no-progress"])
+    assert args.func is run
+    assert args.func(args) == 0
+    assert (tmp_path / "o" / "eval.json").exists()
+
+
+def test_a_model_that_knows_the_answers_climbs_one_level_per_evaluation(setup):
+    tmp_path, files = setup
+    text_codec = codec()
+    items, _ = read_mc_file(files["mc"])
+    prompts = build_prompts(items)
+    eos = text_codec.eos_id
+    correct = [[eos] + text_codec.encode(p) + text_codec.encode(" " + it.choices[it.answer])
+               for it, p in zip(items, prompts)]
+    model = OracleModel(text_codec.vocab_size, correct)
+    options = EvalOptions(documents=[], difficulty_state=str(tmp_path / "state.json"),
+                          progress=False)
+    levels = []
+    for _ in range(4):
+        result = run_evaluation(model, text_codec, [f"mc:{files['mc']}"], options)
+        levels.append(result["tasks"][f"mc:{files['mc']}"]["level"])
+    assert levels == [1, 2, 3, 3]
+    history = result["difficulty"]["mc:arith.jsonl"]["history"]
+    assert [(h["level"], h["accuracy"], h["promoted"]) for h in history] == [
+        (1, 1.0, True), (2, 1.0, True), (3, 1.0, False), (3, 1.0, False)]
+    fragment = html_fragment(result)
+    assert fragment.startswith('<section class="dsv3-eval">')
+    assert fragment.count("<td>yes</td>") == 2 and "mc:arith.jsonl" in fragment
+    assert "| 2 | 3 | 1.000 | no |" in markdown_table(result)
+
+
+def test_errors_reach_the_user_as_one_line(setup, capsys):
+    tmp_path, _ = setup
+    base = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert eval_main(base + ["--tasks", "ppl,nonsense"]) == 2
+    assert "unknown task 'nonsense'" in capsys.readouterr().err
+    assert eval_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    corpus = ["--corpus", str(tmp_path / "corpus.jsonl")]
+    assert eval_main(base + ["--tasks", "toxicity"] + corpus) == 2
+    assert "--toxicity-lexicon PATH or --toxicity-classifier DIR" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="names a task twice"):
+        parse_tasks("ppl,ppl")
+
+
+def test_html_escapes_what_it_shows():
+    results = {"tasks": {"bias": {"per_term": {"<b>": -1.0, "x": -2.0}, "gap": 1.0,
+                                  "max_term": "<b>", "min_term": "x", "templates": 1}},
+               "difficulty": {}}
+    fragment = html_fragment(results)
+    assert "&lt;b&gt;" in fragment and "<b>" not in fragment

@@ -1,0 +1,68 @@
+"""dsv3.eval decoding: greedy and sampled decoding with the KV cache equal to
+recomputing the whole sequence, seeds reproduce, top-k/top-p filters on a hand case,
+stops at eos and at the context limit, bad arguments."""
+import math
+
+import pytest
+import torch
+
+from dsv3.eval.decoding import filter_logits, generate
+from test_eval_support import tiny_model
+
+PROMPT = [5, 17, 42, 7, 99]
+
+
+def test_greedy_with_cache_equals_recomputing():
+    model = tiny_model()
+    cached = generate(model, PROMPT, max_new_tokens=12)
+    full = generate(model, PROMPT, max_new_tokens=12, use_cache=False)
+    assert len(cached.tokens) == 12 and cached.finish_reason == "max_new_tokens"
+    assert cached.tokens == full.tokens
+
+
+def test_sampling_is_seeded_and_cache_independent():
+    model = tiny_model()
+    kwargs = dict(max_new_tokens=10, temperature=1.5, top_p=0.95)
+    first = generate(model, PROMPT, seed=3, **kwargs)
+    assert generate(model, PROMPT, seed=3, **kwargs).tokens == first.tokens
+    assert generate(model, PROMPT, seed=3, use_cache=False, **kwargs).tokens == first.tokens
+    assert generate(model, PROMPT, seed=4, **kwargs).tokens != first.tokens
+
+
+def test_top_k_one_is_greedy():
+    model = tiny_model()
+    greedy = generate(model, PROMPT, max_new_tokens=8)
+    sampled = generate(model, PROMPT, max_new_tokens=8, temperature=2.0, top_k=1)
+    assert sampled.tokens == greedy.tokens
+
+
+def test_filters_on_a_hand_computed_case():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    probs = [math.exp(x) / sum(math.exp(y) for y in (3, 2, 1, 0)) for x in (3, 2, 1, 0)]
+    assert probs[0] == pytest.approx(0.6439, abs=1e-4)  # so p=0.5 keeps only the first
+    kept = lambda out: torch.isfinite(out).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, None, 0.5)) == [True, False, False, False]
+    assert probs[0] + probs[1] == pytest.approx(0.8808, abs=1e-4)  # p=0.8 needs two
+    assert kept(filter_logits(logits, None, 0.8)) == [True, True, False, False]
+    assert kept(filter_logits(logits, 3, None)) == [True, True, True, False]
+    assert kept(filter_logits(logits, 3, 0.8)) == [True, True, False, False]
+
+
+def test_stops_at_eos_and_at_the_context():
+    model = tiny_model(max_seq_len=32)
+    first = generate(model, PROMPT, max_new_tokens=5).tokens
+    assert generate(model, PROMPT, max_new_tokens=5, eos_id=first[1]).tokens == first[:1]
+    stopped = generate(model, PROMPT * 6, max_new_tokens=10)  # 30 prompt tokens, 32 positions
+    assert stopped.finish_reason == "context" and len(stopped.tokens) == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=0), "top_k must be a positive int"),
+    (dict(top_p=1.5), "top_p must be in"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int"),
+])
+def test_bad_arguments_name_themselves(kwargs, message):
+    args = dict(max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_model(), PROMPT, **args)

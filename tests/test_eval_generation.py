@@ -1,0 +1,52 @@
+"""dsv3.eval generation metrics: BLEU and chrF against hand-computed values, and the
+decode-then-score loop on a model that emits the references (100) and one that emits
+nothing (0)."""
+import json
+
+import pytest
+
+from dsv3.eval.generation import corpus_scores, evaluate_generation, read_pairs
+from test_eval_support import OracleModel, UniformModel, codec
+
+
+def test_bleu_and_chrf_hand_computed():
+    # BLEU: clipped n-gram precisions 5/6, 3/5, 2/4, 1/3; equal lengths so no brevity penalty.
+    scores = corpus_scores(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert scores["bleu"] == pytest.approx(100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+    # chrF (char 6-grams, beta 2, spaces ignored): "abc" vs "abd": 1-grams 2/3, 2-grams 1/2,
+    # 3-grams 0; precision = recall = mean over those 3 orders = 7/18, so F = 7/18.
+    assert corpus_scores(["abc"], ["abd"])["chrf"] == pytest.approx(100 * 7 / 18, abs=1e-6)
+    same = corpus_scores(["a dog ran in the park"], ["a dog ran in the park"])
+    assert same == pytest.approx({"bleu": 100.0, "chrf": 100.0})
+
+
+def test_metric_input_errors():
+    with pytest.raises(ValueError, match="references: 1 given for 2 hypotheses"):
+        corpus_scores(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="hypotheses must be a list of str"):
+        corpus_scores("a", ["a"])
+
+
+def test_generation_loop_scores_what_the_model_emits(tmp_path):
+    pairs = [{"source": "The quick brown", "reference": "fox jumps over the lazy dog."},
+             {"source": "import os\n", "reference": "print(os.getcwd())"}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    text_codec = codec()
+    eos = text_codec.eos_id
+    correct = [[eos] + text_codec.encode(p["source"]) + text_codec.encode(" " + p["reference"])
+               + [eos] for p in pairs]
+    oracle = OracleModel(text_codec.vocab_size, correct, max_seq_len=64)
+    result = evaluate_generation(oracle, text_codec, read_pairs(str(path)), max_new_tokens=20)
+    assert result["bleu"] == pytest.approx(100.0) and result["chrf"] == pytest.approx(100.0)
+    assert result["examples"][1]["hypothesis"] == "print(os.getcwd())"
+    # All-equal logits: greedy takes the lowest id, the tokenizer's <|endoftext|>: nothing said.
+    silent = evaluate_generation(UniformModel(text_codec.vocab_size), text_codec, pairs)
+    assert silent["bleu"] == 0.0 and silent["examples"][0]["hypothesis"] == ""
+
+
+def test_pairs_file_must_have_both_fields(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"source": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 lacks the field\(s\) \['reference'\]"):
+        read_pairs(str(path))

@@ -1,0 +1,43 @@
+"""dsv3.eval loading: the trainer's checkpoint layout round-trips (same logits, eos
+found), and a missing file, an unknown config key or weights that do not fit the
+config fail with the culprit named."""
+import json
+import os
+
+import pytest
+import torch
+
+from dsv3.eval.loading import load_checkpoint
+from test_eval_support import save_checkpoint, tiny_model, train_tokenizer
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, tokenizer = tiny_model(), train_tokenizer()
+    save_checkpoint(tmp_path, model, tokenizer)
+    loaded, text_codec = load_checkpoint(str(tmp_path))
+    tokens = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), model(tokens), rtol=0, atol=0)
+    assert not loaded.training
+    assert text_codec.eos_id == tokenizer.token_to_id("<|endoftext|>")
+    assert text_codec.decode(text_codec.encode("def add(a, b)")) == "def add(a, b)"
+
+
+def test_missing_file_is_named(tmp_path):
+    save_checkpoint(tmp_path, tiny_model(), train_tokenizer())
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(FileNotFoundError, match="lacks tokenizer.json"):
+        load_checkpoint(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_bad_config_and_mismatched_weights(tmp_path):
+    save_checkpoint(tmp_path, tiny_model(), train_tokenizer())
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_experts": 3}))
+    with pytest.raises(ValueError, match=r"keys ModelConfig does not know: \['n_experts'\]"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dim": 64, "moe": None}))
+    with pytest.raises(ValueError, match="model.pt does not fit config.json"):
+        load_checkpoint(str(tmp_path))
