@@ -5,6 +5,10 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 DEPS := $(VENV)/.deps-installed
+# Beyond torch: the transformers integration, the data pipeline (+ Spark scale-out),
+# the trainer's monitoring and report, and the evaluation's BLEU/chrF.
+EXTRA_DEPS := 'transformers>=5.24,<6' 'datasets>=3' 'tokenizers>=0.20' tqdm 'datasketch>=1.6' \
+	pyarrow xxhash 'pyspark>=3.5' tensorboard matplotlib sacrebleu pyyaml
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
 .PHONY: all build test bench demo clean
@@ -15,6 +19,7 @@ $(DEPS): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja
 	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton numpy 'pytest>=8' 'pytest-benchmark>=4'
+	$(PYTHON) -m pip install -q $(EXTRA_DEPS)
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -37,8 +42,17 @@ test: build
 bench: build
 	$(PYTHON) -m benchmarks.run
 
-# The main job. Until the trainer lands it is the benchmark table.
-demo: bench
+# The main job: prepare the embedded corpus, train the tiny MoE LM through its three
+# stages, evaluate it on the held-out documents, and write out/demo/report.html.
+DATA_DIR ?= out/data
+RUN_DIR ?= out/demo
+demo: build
+	$(PYTHON) -m dsv3.cli data prepare --config demo --out $(DATA_DIR) --no-progress
+	$(PYTHON) -m dsv3.cli train --config dsv3/train/configs/demo.toml --data $(DATA_DIR) \
+		--out $(RUN_DIR) --no-resume
+	$(PYTHON) -m dsv3.cli eval --checkpoint $(RUN_DIR)/final --tasks ppl,cloze \
+		--corpus $(RUN_DIR)/final/heldout.jsonl --out $(RUN_DIR)/eval
+	$(PYTHON) -m dsv3.cli report --run $(RUN_DIR)
 
 clean:
 	rm -rf build dsv3/_C*.so dsv3/.built

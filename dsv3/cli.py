@@ -3,9 +3,9 @@
 Each command group is one module in :mod:`dsv3.commands` with a
 ``register(subparsers)`` function that adds its parser and sets ``func`` on it;
 ``main`` discovers the modules, so adding ``dsv3 train`` or ``dsv3 eval`` is adding one
-file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``
-or missing file it raises is printed as one ``dsv3: error:`` line (the messages name
-the argument at fault), not a traceback.
+file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``,
+missing file or missing optional package it raises is printed as one ``dsv3: error:``
+line (the messages name the argument at fault), not a traceback.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"dsv3: error: {e}", file=sys.stderr)
         return 2
 

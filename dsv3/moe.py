@@ -95,6 +95,18 @@ class MoEStats:
     router_entropy: torch.Tensor | None = None
 
 
+def routed_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
+                   gate_up_ED2F: torch.Tensor, down_EFD: torch.Tensor) -> torch.Tensor:
+    """The dropless expert computation after routing: sum_k weights_TK[t, k] *
+    SwiGLU-expert_{experts_TK[t, k]}(x_TD[t]), weights given as [in, out] per expert
+    (views of either stored layout). The permute is fused into the first GEMM's loads:
+    no expert-ordered copy of x is written or kept for the backward."""
+    offsets_E, row_map_TK = ops.expert_index(experts_TK, gate_up_ED2F.shape[0])
+    h_S2F = ops.gather_grouped_mm(x_TD, gate_up_ED2F, offsets_E, row_map_TK)
+    y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down_EFD, offsets_E)
+    return ops.unpermute(y_SD, row_map_TK, weights_TK)
+
+
 class SwiGLUMLP(nn.Module):
     """A dense SwiGLU MLP (the shared experts), gate and up fused in one matmul."""
 
@@ -193,12 +205,8 @@ class MoE(nn.Module):
             y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, gate_up, down,
                                        c.n_experts, self.ep_group)
         else:
-            # The permute is fused into the first GEMM's loads: no expert-ordered copy
-            # of x is written or kept for the backward.
-            offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
-            h_S2F = ops.gather_grouped_mm(x_TD, gate_up.transpose(1, 2), offsets_E, row_map_TK)
-            y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down.transpose(1, 2), offsets_E)
-            y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
+            y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
+                                  down.transpose(1, 2))
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 

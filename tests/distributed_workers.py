@@ -261,3 +261,24 @@ def check_expert_parallel_under_ddp(rank, world):
     gathered = [torch.empty_like(expert_grad) for _ in range(world)]
     dist.all_gather(gathered, expert_grad)
     assert not torch.equal(gathered[0], gathered[1])
+
+
+def check_trainer_ddp(rank, world, out_dir, compress):
+    """The trainer under DDP (gloo), with or without the int8 hook: it trains, the
+    replicas stay identical, and the hook's traffic is counted."""
+    from dsv3.train.config import OptimConfig, StageConfig
+    from dsv3.train.trainer import Trainer
+    from train_support import synthetic_data, three_stage_config
+    config = three_stage_config(f"{out_dir}/{rank}", steps=12, compress_grads=compress,
+                                compress_start_iter=3, optim=OptimConfig(warmup_steps=2),
+                                stages=[StageConfig("base", "lm", 1.0, seq_len=24)])
+    trainer = Trainer(config, synthetic_data())
+    history = trainer.train(progress=False)
+    assert trainer.ddp is not None and history[-1]["loss"] < history[0]["loss"]
+    checksum = torch.stack([p.detach().double().sum() for p in trainer.model.parameters()])
+    gathered = [torch.empty_like(checksum) for _ in range(world)]
+    dist.all_gather(gathered, checksum)
+    assert torch.equal(gathered[0], gathered[1]), "DDP replicas diverged"
+    if compress:
+        assert trainer.compression.iteration == 12
+        assert 0 < trainer.compression.stats.compression_ratio < 1

@@ -50,3 +50,8 @@ def test_expert_parallel_rank_with_no_tokens():
 
 def test_expert_parallel_layer_under_ddp():
     run_ranks(2, workers.check_expert_parallel_under_ddp)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["fp32", "int8"])
+def test_trainer_under_ddp(tmp_path, compress):
+    run_ranks(2, workers.check_trainer_ddp, str(tmp_path), compress)

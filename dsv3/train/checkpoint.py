@@ -5,7 +5,8 @@ the same loss curve: model (expert biases included), optimizer, grad scaler, ste
 RNG states, the DPO reference model, the compression residuals and the running
 counters. Written to a temporary file and renamed, so a crash mid-save leaves the
 previous checkpoint intact. ``OUT_DIR/final/`` is what ``dsv3 eval`` loads:
-config.json, model.pt and the tokenizer."""
+config.json, model.pt and the tokenizer, plus ``heldout.jsonl``, the documents the
+run held out (decoded back to text), so the evaluation measures unseen text."""
 import json
 import os
 import shutil
@@ -56,3 +57,22 @@ def export_model(out_dir: Path, model, tokenizer_path: Path | None) -> Path:
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, final / "tokenizer.json")
     return final
+
+
+def export_heldout(path: Path, val: dict, tokenizer_path: Path, eos_id: int) -> int:
+    """Held-out token streams back to documents ({domain, text} per line); returns
+    how many. Byte-level BPE decodes to exactly the text that was encoded."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    count = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for domain, tokens in sorted(val.items()):
+            ids = tokens.tolist()
+            start = 0
+            for end in [i for i, t in enumerate(ids) if t == eos_id] + [len(ids)]:
+                if end > start:
+                    out.write(json.dumps({"domain": domain,
+                                          "text": tokenizer.decode(ids[start:end])}) + "\n")
+                    count += 1
+                start = end + 1
+    return count

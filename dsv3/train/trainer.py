@@ -270,7 +270,10 @@ class Trainer:
         self.save()
         self.logger.close()
         if self.rank == 0:
-            ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
+            final = ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
+            if self.data.tokenizer_path is not None:
+                ckpt.export_heldout(final / "heldout.jsonl", self.data.val,
+                                    self.data.tokenizer_path, self.data.train.eos_id)
             losses = [r["loss"] for r in self.logger.history if "loss" in r]
             write_report(self.out_dir, self.load_counts, summary={
                 "steps": self.step, "stages": ", ".join(s.name for s in c.stages),

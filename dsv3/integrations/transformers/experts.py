@@ -13,7 +13,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations import moe as hf_moe
 
-from dsv3 import ops
+from dsv3.moe import routed_experts
 
 NAME = "dsv3"
 
@@ -52,13 +52,8 @@ def dsv3_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         gate_up_ED2F, down_EFD = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
     # The routers hand out int64 ids; our ops take int32. Weights may be fp32 or the
     # model dtype (Qwen casts them down); unpermute accumulates in fp32 either way.
-    # This is dsv3.MoE.forward's dropless chain after its routing (permute fused into the
-    # first GEMM); it is not factored into a shared helper of dsv3/moe.py while the
-    # router work there is in flight.
-    offsets_E, row_map_TK = ops.expert_index(top_k_index.to(torch.int32), self.num_experts)
-    h_S2F = ops.gather_grouped_mm(hidden_states, gate_up_ED2F, offsets_E, row_map_TK)
-    y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down_EFD, offsets_E)
-    return ops.unpermute(y_SD, row_map_TK, top_k_weights)
+    return routed_experts(hidden_states, top_k_index.to(torch.int32), top_k_weights,
+                          gate_up_ED2F, down_EFD)
 
 
 def register() -> None:
