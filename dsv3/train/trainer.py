@@ -261,8 +261,8 @@ class Trainer:
             record = self.train_step(measure=measure)
             if measure:
                 self._log(record)
-                bar.set_postfix(stage=c.stages[record["stage"]].name,
-                                loss=f"{record.get('loss', float('nan')):.3f}")
+                loss = record.get("loss", record.get("dpo/loss", float("nan")))
+                bar.set_postfix(stage=c.stages[record["stage"]].name, loss=f"{loss:.3f}")
             if c.save_every and self.step % c.save_every == 0:
                 self.save()
             bar.update(1)
