@@ -12,6 +12,7 @@ backward; ``"selective"`` keeps the matmul outputs and the router's decisions an
 recomputes only the cheap elementwise work.
 """
 import contextlib
+import inspect
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -160,6 +161,12 @@ _SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default,
 _SAVED_DSV3_OPS = ("route", "grouped_mm", "grouped_mm_gather")
 
 
+# What selective checkpointing keeps goes through saved-tensor hooks like any saved
+# tensor (so the trainer's activation-memory count sees it), where torch offers it.
+_SAC_HOOKS = ({"respect_saved_tensors_hooks": True}
+              if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
+
+
 def _selective_policy(ctx, op, *args, **kwargs):
     saved = op in _SAVED_OPS or (getattr(op, "namespace", None) == "dsv3"
                                  and op._opname in _SAVED_DSV3_OPS)
@@ -222,7 +229,8 @@ class Transformer(nn.Module):
         for block in self.blocks:
             if self.checkpointing != "none" and self.training and kv_cache is None:
                 x_BSD = checkpoint(block, x_BSD, cos_SH, sin_SH, use_reentrant=False,
-                                   context_fn=lambda: _checkpoint_contexts(self.checkpointing))
+                                   context_fn=lambda: _checkpoint_contexts(self.checkpointing),
+                                   **_SAC_HOOKS)
             else:
                 x_BSD = block(x_BSD, cos_SH, sin_SH, kv_cache)
         if kv_cache is not None:

@@ -83,10 +83,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 @contextmanager
-def saved_activation_bytes(counter: list):
+def saved_activation_bytes(counter: list, model=None):
     """Adds to counter[0] the bytes autograd saves for the backward inside the block
-    (each storage once). Checkpointed regions save only their inputs here."""
-    seen = set()
+    (each storage once), leaving out ``model``'s parameters (saved by reference, not
+    activations). Checkpointed regions save only their inputs here."""
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None \
+        else set()
 
     def pack(tensor):
         if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":

@@ -161,7 +161,7 @@ class Trainer:
         for micro in range(c.grad_accum):
             last = micro == c.grad_accum - 1
             sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _nullcontext()
-            counting = saved_activation_bytes(activation) if (measure and micro == 0) \
+            counting = saved_activation_bytes(activation, self.model) if (measure and micro == 0) \
                 else _nullcontext()
             with sync, counting:
                 loss, n_tokens = self._micro_loss(stage, progress, micro, record)

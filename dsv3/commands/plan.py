@@ -1,0 +1,54 @@
+"""``dsv3 plan``: memory and communication of a training config, and how many GPUs
+of a given memory it needs (see dsv3.train.planner)."""
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def _gigabytes(text: str) -> float:
+    match = re.fullmatch(r"\s*([\d.]+)\s*(GB|G|GiB)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"--gpu-mem must look like 80GB, got {text!r}")
+    value = float(match.group(1))
+    return value * 1.073741824 if (match.group(2) or "").lower() == "gib" else value
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from dsv3.train.config import load_config
+    from dsv3.train.planner import gpus_needed, plan
+
+    config = load_config(args.config, args.set or [])
+    model = config.model_config()
+    if args.vocab_size:
+        model = replace(model, vocab_size=args.vocab_size)
+    seq_len = max(stage.seq_len for stage in config.stages)
+    settings = dict(micro_batch=config.micro_batch, seq_len=seq_len, grad_accum=config.grad_accum,
+                    precision=config.precision, checkpointing=config.checkpointing,
+                    strategy=args.strategy, compress_grads=config.compress_grads, zero=args.zero)
+    gpu_mem = _gigabytes(args.gpu_mem)
+    result = plan(model, gpus=args.gpus, gpu_mem_gb=gpu_mem, **settings)
+    print(result.table())
+    verdict = "fits" if result.fits else "does not fit"
+    print(f"{'on ' + str(args.gpus) + ' x ' + args.gpu_mem:32s} {verdict} "
+          f"(90% of memory usable, checkpointing={config.checkpointing})")
+    needed = gpus_needed(model, gpu_mem, **settings)
+    print(f"{'GPUs needed':32s} {needed if needed else 'more than 4096'} x {args.gpu_mem} "
+          f"({args.strategy}, ZeRO-{args.zero})")
+    return 0
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    parser = groups.add_parser("plan", help="estimate memory, communication and GPUs for a config")
+    parser.add_argument("--config", help="training config (TOML/YAML; default: built-in defaults)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--gpus", type=int, default=8)
+    parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB")
+    parser.add_argument("--strategy", choices=("ep", "ddp"), default="ep",
+                        help="ep: experts sharded over the GPUs; ddp: full replicas")
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                        help="ZeRO stage for the replicated parameters (default 0)")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's)")
+    parser.set_defaults(func=_plan)

@@ -1,0 +1,165 @@
+"""``dsv3 plan``: how much memory and communication a training configuration
+needs, and how many GPUs of a given size it takes, computed from the model
+configuration alone (a DeepSeek-V3-sized model is never instantiated).
+
+Per GPU, with AdamW and mixed precision over fp32 master weights:
+  parameters 4 B, gradients 4 B, optimizer state 8 B (two moments) per parameter
+  held, for the parameters a GPU holds: everything under plain data parallelism
+  ("ddp"); the dense part plus 1/N of the experts with the experts sharded over
+  the N GPUs ("ep"). ZeRO stages 1-3 also shard the replicated part's optimizer
+  state, gradients and weights over the GPUs.
+Activations per micro-batch (bytes in the compute dtype, what autograd saves):
+  per token and layer, attention saves its norm input, the q/k/v projections, the
+  attention output and its log-sum-exp, and the output projection's input;
+  the FFN saves its norm input and, for an MoE layer, the routed copies' hidden
+  states (2F and F per copy), the copies' outputs, and the routing; plus the
+  log-softmax (vocab per token, fp32) of the loss. "full" checkpointing keeps only
+  each block's input and recomputes one block at a time; "selective" keeps the
+  matmul outputs and recomputes the elementwise work (a share measured on the
+  small presets). The formulas are checked against the bytes autograd actually
+  saves on the small presets (tests/test_planner.py).
+Communication per optimizer step and GPU: the gradient all-reduce of the
+replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
+~25.4% of fp32), and under "ep" the token all-to-alls (dispatch and combine,
+forward and backward).
+"""
+import math
+from dataclasses import dataclass
+
+from dsv3.model import ModelConfig
+
+GB = 1e9
+SELECTIVE_SHARE = 0.6  # of a block's activations that selective checkpointing keeps (measured)
+
+
+def parameter_counts(config: ModelConfig) -> dict:
+    """{"total", "experts", "active"}: exact counts of ``Transformer(config)``."""
+    d, heads = config.dim, config.n_heads
+    kv_heads = config.n_kv_heads or heads
+    head_dim = d // heads
+    per_layer_attn = 2 * d + d * (heads + 2 * kv_heads) * head_dim + d * d
+    dense_ffn = 3 * d * config.dense_ffn_dim
+    total = config.vocab_size * d * (1 if config.tie_embeddings else 2) + d
+    experts = active_experts = 0
+    for layer in range(config.n_layers):
+        total += per_layer_attn
+        if config.moe is None or layer < config.n_dense_layers:
+            total += dense_ffn
+            continue
+        m = config.moe
+        per_expert = 3 * m.ffn_dim * d
+        shared = 3 * m.n_shared_experts * m.ffn_dim * d
+        total += m.n_experts * d + m.n_experts * per_expert + shared
+        experts += m.n_experts * per_expert
+        active_experts += m.top_k * per_expert
+    return {"total": total, "experts": experts, "active": total - experts + active_experts}
+
+
+def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing: str,
+                               dtype_bytes: int, recompute_peak: bool = True) -> float:
+    """Bytes autograd keeps per token of a micro-batch (see the module docstring);
+    ``recompute_peak`` adds the one block that full checkpointing recomputes at a time."""
+    d, heads = config.dim, config.n_heads
+    norm = 2 * d + 1  # input and inverse RMS
+    # q/k/v and their rotated copies, attention output and log-sum-exp, projection inputs
+    kv = (config.n_kv_heads or heads) * (d // heads)
+    attention = 5 * d + 3 * kv + 2 * heads
+    blocks, biggest_block = [], 0.0
+    for layer in range(config.n_layers):
+        if config.moe is None or layer < config.n_dense_layers:
+            ffn = d + 3 * config.dense_ffn_dim  # input, gate|up output, SwiGLU output
+        else:
+            m = config.moe
+            # input; per routed copy the gate|up and SwiGLU outputs and the expert output;
+            # the shared experts' hidden states; router logits and routing (ids, weights)
+            ffn = (d + m.top_k * (3 * m.ffn_dim + d) + 3 * m.n_shared_experts * m.ffn_dim
+                   + m.n_experts + 4 * m.top_k)
+        block = dtype_bytes * (2 * norm + attention + ffn)
+        biggest_block = max(biggest_block, block)
+        blocks.append(block)
+    if checkpointing == "full":
+        kept = dtype_bytes * d * config.n_layers + (biggest_block if recompute_peak else 0)
+    elif checkpointing == "selective":
+        # The matmul outputs and routing stay, the elementwise work goes: measured at
+        # 0.59-0.61 of the blocks' activations on the tiny and small presets.
+        kept = sum(blocks) * SELECTIVE_SHARE
+    else:
+        kept = sum(blocks)
+    # final norm and head input in the compute dtype; the loss keeps the fp32 log-softmax
+    return kept + dtype_bytes * (norm + d) + 4 * config.vocab_size + 8
+
+
+@dataclass
+class Plan:
+    parameters: dict
+    strategy: str
+    gpus: int
+    weights_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    activations_gb: dict  # checkpointing mode -> GB per GPU
+    allreduce_gb: float  # per step and GPU
+    alltoall_gb: float
+    fits: bool
+
+    def table(self) -> str:
+        rows = [("parameters (total / active)",
+                 f"{self.parameters['total'] / 1e9:.3f}B / {self.parameters['active'] / 1e9:.3f}B"),
+                ("strategy, GPUs", f"{self.strategy}, {self.gpus}"),
+                ("weights per GPU", f"{self.weights_gb:.2f} GB"),
+                ("gradients per GPU", f"{self.gradients_gb:.2f} GB"),
+                ("optimizer state per GPU", f"{self.optimizer_gb:.2f} GB")]
+        rows += [(f"activations per GPU ({mode})", f"{gb:.2f} GB")
+                 for mode, gb in self.activations_gb.items()]
+        rows += [("gradient all-reduce per step", f"{self.allreduce_gb:.2f} GB"),
+                 ("expert all-to-all per step", f"{self.alltoall_gb:.2f} GB")]
+        return "\n".join(f"{name:32s} {value}" for name, value in rows)
+
+
+def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int, seq_len: int,
+         grad_accum: int = 1, precision: str = "bf16", checkpointing: str = "none",
+         strategy: str = "ep", compress_grads: bool = False, zero: int = 0) -> Plan:
+    """``zero``: ZeRO stage for the replicated part (1: optimizer state sharded over
+    the GPUs, 2: also gradients, 3: also weights)."""
+    if strategy not in ("ddp", "ep"):
+        raise ValueError(f"strategy must be 'ddp' or 'ep', got {strategy!r}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    counts = parameter_counts(config)
+    held = counts["total"] if strategy == "ddp" else (
+        counts["total"] - counts["experts"] + counts["experts"] / gpus)
+    replicated = counts["total"] if strategy == "ddp" else counts["total"] - counts["experts"]
+    dtype_bytes = 4 if precision == "fp32" else 2
+    tokens = micro_batch * seq_len
+    activations = {mode: activation_bytes_per_token(config, seq_len, mode, dtype_bytes)
+                   * tokens / GB for mode in ("none", "selective", "full")}
+    ring = 2 * (gpus - 1) / gpus
+    allreduce = ring * replicated * 4 * (0.254 if compress_grads else 1.0) / GB
+    moe_layers = 0 if config.moe is None else config.n_layers - config.n_dense_layers
+    alltoall = 0.0
+    if strategy == "ep" and gpus > 1 and moe_layers:
+        copies = tokens * config.moe.top_k * grad_accum
+        # dispatch + combine, forward + backward, the share bound for other GPUs
+        alltoall = 4 * moe_layers * copies * config.dim * dtype_bytes * (gpus - 1) / gpus / GB
+    sharded = held - replicated  # the experts a GPU owns under "ep"
+
+    def per_gpu(bytes_per_param: int, zero_stage: int) -> float:
+        share = replicated / gpus if zero >= zero_stage else replicated
+        return (share + sharded) * bytes_per_param / GB
+
+    weights, gradients, optimizer = per_gpu(4, 3), per_gpu(4, 2), per_gpu(8, 1)
+    fits = weights + gradients + optimizer + activations[checkpointing] <= 0.9 * gpu_mem_gb
+    return Plan(counts, strategy, gpus, weights, gradients, optimizer, activations, allreduce,
+                alltoall, fits)
+
+
+def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:
+    """Fewest GPUs (powers of two) on which the plan fits, or None up to max_gpus."""
+    gpus = 1
+    while gpus <= max_gpus:
+        if plan(config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, **kwargs).fits:
+            return gpus
+        gpus *= 2
+    return None
