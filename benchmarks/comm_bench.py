@@ -16,9 +16,7 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -29,11 +27,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsv3
+from benchmarks.results import append_section
 from dsv3.distributed import CompressionState, int8_compress_hook
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench-out"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 VOCAB, DIM, SEQ, BATCH, WARMUP = 256, 64, 32, 8, 10
 METHODS = ("fp32", "bf16", "powersgd", "dsv3_int8")
 _SENT = [0]
@@ -163,15 +161,9 @@ def main() -> None:
     (OUT_DIR / "comm.md").write_text(table)
     print(table)
     if args.write_results:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-        now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), "unknown CPU")
-        with RESULTS_MD.open("a") as results_md:
-            results_md.write(f"\n## Gradient compression (CPU, gloo), {now} · commit {commit}\n\n"
-                             f"`python -m benchmarks.comm_bench --steps {args.steps} --world "
-                             f"{args.world}` on {cpu}, {os.cpu_count()} cores.\n\n{table}")
+        append_section("Gradient compression (CPU, gloo)",
+                       f"python -m benchmarks.comm_bench --steps {args.steps} --world {args.world}",
+                       table)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,17 @@
+"""Appending a measured table to benchmarks/RESULTS.md with what makes it readable
+later: title, UTC date, commit (``-dirty`` when the tree differs), the command and
+the machine."""
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def append_section(title: str, command: str, body: str) -> None:
+    from benchmarks.run import git_commit, machine
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    m = machine()
+    with RESULTS_MD.open("a") as results:
+        results.write(f"\n## {title}, {now} · commit {git_commit()}\n\n`{command}` on {m['cpu']}, "
+                      f"{m['cores']} cores, torch {m['torch']}.\n\n{body}")
+    print(f"appended to {RESULTS_MD}")
