@@ -1,4 +1,4 @@
-"""Per-rank bodies of the distributed tests (run by tests/multiprocess.run_ranks in
+"""Per-rank bodies of the distributed tests (run by tests/rank_runner.run_ranks in
 spawned processes, so they live in an importable module). Every rank can rebuild
 every other rank's inputs from seeds, so each one checks the collective result
 against the exact answer itself."""

@@ -3,7 +3,7 @@
 import pytest
 
 import distributed_workers as workers
-from multiprocess import run_ranks
+from rank_runner import run_ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
