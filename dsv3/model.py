@@ -12,6 +12,7 @@ backward; ``"selective"`` keeps the matmul outputs and the router's decisions an
 recomputes only the cheap elementwise work.
 """
 import contextlib
+import functools
 import inspect
 from dataclasses import asdict, dataclass, replace
 
@@ -167,18 +168,26 @@ _SAC_HOOKS = ({"respect_saved_tensors_hooks": True}
               if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
 
 
-def _selective_policy(ctx, op, *args, **kwargs):
-    saved = op in _SAVED_OPS or (getattr(op, "namespace", None) == "dsv3"
-                                 and op._opname in _SAVED_DSV3_OPS)
+def _selective_policy(residual_weights, ctx, op, *args, **kwargs):
+    """Keep matmul and routing outputs, except the projections whose output only
+    feeds a residual add (nothing in the backward reads it: keeping it is waste)."""
+    if op in _SAVED_OPS:
+        reads_residual_weight = any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr()
+                                    in residual_weights for a in args)
+        saved = not reads_residual_weight
+    else:
+        saved = getattr(op, "namespace", None) == "dsv3" and op._opname in _SAVED_DSV3_OPS
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _checkpoint_contexts(mode: str):
+def _checkpoint_contexts(mode: str, residual_weights: set):
     """(forward context, recompute context); the recompute one also tells the MoE
     layers that this forward is a replay (their balance counts must not double)."""
-    forward_ctx, recompute_ctx = ((contextlib.nullcontext(), contextlib.nullcontext())
-                                  if mode == "full"
-                                  else create_selective_checkpoint_contexts(_selective_policy))
+    if mode == "full":
+        forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
+    else:
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(
+            functools.partial(_selective_policy, residual_weights))
     return forward_ctx, _replay(recompute_ctx)
 
 
@@ -229,13 +238,26 @@ class Transformer(nn.Module):
         for block in self.blocks:
             if self.checkpointing != "none" and self.training and kv_cache is None:
                 x_BSD = checkpoint(block, x_BSD, cos_SH, sin_SH, use_reentrant=False,
-                                   context_fn=lambda: _checkpoint_contexts(self.checkpointing),
+                                   context_fn=lambda: _checkpoint_contexts(
+                                       self.checkpointing, self._residual_weights()),
                                    **_SAC_HOOKS)
             else:
                 x_BSD = block(x_BSD, cos_SH, sin_SH, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         return self.head(self.norm(x_BSD))
+
+    def _residual_weights(self) -> set:
+        """Storages of the projections that write into the residual stream."""
+        weights = []
+        for block in self.blocks:
+            weights.append(block.attn.out.weight)
+            ffn = block.ffn
+            if isinstance(ffn, SwiGLUMLP):
+                weights.append(ffn.down_proj.weight)
+            elif ffn.shared_experts is not None:
+                weights.append(ffn.shared_experts.down_proj.weight)
+        return {w.untyped_storage().data_ptr() for w in weights}
 
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]

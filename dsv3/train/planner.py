@@ -15,8 +15,7 @@ Activations per micro-batch (bytes in the compute dtype, what autograd saves):
   states (2F and F per copy), the copies' outputs, and the routing; plus the
   log-softmax (vocab per token, fp32) of the loss. "full" checkpointing keeps only
   each block's input and recomputes one block at a time; "selective" keeps the
-  matmul outputs and recomputes the elementwise work (a share measured on the
-  small presets). The formulas are checked against the bytes autograd actually
+  matmul outputs the backward reads and recomputes the elementwise work. The formulas are checked against the bytes autograd actually
   saves on the small presets (tests/test_planner.py).
 Communication per optimizer step and GPU: the gradient all-reduce of the
 replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from dsv3.model import ModelConfig
 
 GB = 1e9
-SELECTIVE_SHARE = 0.6  # of a block's activations that selective checkpointing keeps (measured)
 
 
 def parameter_counts(config: ModelConfig) -> dict:
@@ -64,25 +62,33 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing:
     # q/k/v and their rotated copies, attention output and log-sum-exp, projection inputs
     kv = (config.n_kv_heads or heads) * (d // heads)
     attention = 5 * d + 3 * kv + 2 * heads
-    blocks, biggest_block = [], 0.0
+    # Selective checkpointing keeps each block's input and the matmul outputs that the
+    # backward reads: q|k|v, the attention output and log-sum-exp, the gate|up outputs,
+    # the experts' outputs, the router logits and routing (not the projections into the
+    # residual stream: see dsv3.model).
+    selective_attention = d + (d + 2 * kv) + d + heads
+    blocks, kept_selective, biggest_block = [], 0.0, 0.0
     for layer in range(config.n_layers):
         if config.moe is None or layer < config.n_dense_layers:
             ffn = d + 3 * config.dense_ffn_dim  # input, gate|up output, SwiGLU output
+            selective_ffn = 2 * config.dense_ffn_dim
         else:
             m = config.moe
             # input; per routed copy the gate|up and SwiGLU outputs and the expert output;
             # the shared experts' hidden states; router logits and routing (ids, weights)
+            routing = m.n_experts + 4 * m.top_k
             ffn = (d + m.top_k * (3 * m.ffn_dim + d) + 3 * m.n_shared_experts * m.ffn_dim
-                   + m.n_experts + 4 * m.top_k)
+                   + routing)
+            selective_ffn = (m.top_k * (2 * m.ffn_dim + d) + 2 * m.n_shared_experts * m.ffn_dim
+                             + m.n_experts + 2 * m.top_k)
         block = dtype_bytes * (2 * norm + attention + ffn)
         biggest_block = max(biggest_block, block)
         blocks.append(block)
+        kept_selective += dtype_bytes * (selective_attention + selective_ffn)
     if checkpointing == "full":
         kept = dtype_bytes * d * config.n_layers + (biggest_block if recompute_peak else 0)
     elif checkpointing == "selective":
-        # The matmul outputs and routing stay, the elementwise work goes: measured at
-        # 0.59-0.61 of the blocks' activations on the tiny and small presets.
-        kept = sum(blocks) * SELECTIVE_SHARE
+        kept = kept_selective
     else:
         kept = sum(blocks)
     # final norm and head input in the compute dtype; the loss keeps the fp32 log-softmax
