@@ -351,15 +351,16 @@ def test_moe_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
-def test_autocast_runs_experts_in_low_precision_from_fp32_weights():
-    """Under bf16 autocast the experts compute in bf16 from the fp32 master weights
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_autocast_runs_experts_in_low_precision_from_fp32_weights(dtype):
+    """Under autocast the experts compute in its dtype from the fp32 master weights
     (gradients land in fp32), the router stays fp32, and the result tracks fp32."""
     moe = make_moe(n_shared_experts=1)
     x_TD = torch.randn(40, 32)
     want = moe(x_TD)
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", dtype):
         got = moe(x_TD)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
     got.float().sum().backward()
     assert moe.gate_up_proj.grad.dtype == torch.float32

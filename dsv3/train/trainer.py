@@ -256,6 +256,7 @@ class Trainer:
             self.load_state_dict(state)
         bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
+        loop_start = time.perf_counter()
         while self.step < c.steps:
             measure = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
             record = self.train_step(measure=measure)
@@ -267,6 +268,7 @@ class Trainer:
                 self.save()
             bar.update(1)
         bar.close()
+        self.loop_seconds = time.perf_counter() - loop_start  # steps, logging, data: no saving
         self.save()
         self.logger.close()
         if self.rank == 0:
