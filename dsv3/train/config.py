@@ -32,7 +32,7 @@ class StageConfig:
     mixture_start: dict = field(default_factory=dict)
     mixture_end: dict = field(default_factory=dict)
     dpo_beta: float = 0.1
-    lr_scale: float = 1.0  # DPO usually wants a smaller learning rate
+    lr_scale: float = 1.0  # DPO usually wants a smaller learning rate (its schedule restarts)
 
     def __post_init__(self):
         if self.kind not in STAGE_KINDS:

@@ -52,6 +52,7 @@ def curves_png(records: list[dict]) -> str:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
+    figure.tight_layout()
     return _png(figure)
 
 

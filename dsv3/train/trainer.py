@@ -86,6 +86,19 @@ class Trainer:
         length = stage.seq_len_start + progress * (stage.seq_len - stage.seq_len_start)
         return max(stage.seq_len_start, min(stage.seq_len, int(length) // 8 * 8))
 
+    def _lr_factor(self, index: int, stage) -> float:
+        """The run's schedule for the language-modelling stages; a DPO stage restarts
+        it over its own steps (its own warm-up and decay): preference tuning starts
+        from a trained model, not from the tail of pre-training's decay."""
+        o = self.config.optim
+        if stage.kind != "dpo":
+            return lr_factor(self.step, self.config.steps, o.warmup_steps, o.schedule,
+                             o.min_lr_ratio, o.decay_fraction)
+        start = self._stage_ends[index - 1] if index else 0
+        length = self._stage_ends[index] - start
+        return lr_factor(self.step - start, length, min(o.warmup_steps, max(1, length // 10)),
+                         o.schedule, o.min_lr_ratio, o.decay_fraction)
+
     def _frozen_copy(self, state: dict | None = None) -> Transformer:
         """The DPO reference: the model as it is now (or ``state``), frozen."""
         reference = Transformer(self.model.config).to(self.device)
@@ -147,9 +160,7 @@ class Trainer:
             self.reference = self._frozen_copy()
         if stage.kind != "dpo" and self._loader_stage != index:
             self._open_loader(index)
-        lr = c.optim.lr * stage.lr_scale * lr_factor(
-            self.step, c.steps, c.optim.warmup_steps, c.optim.schedule, c.optim.min_lr_ratio,
-            c.optim.decay_fraction)
+        lr = c.optim.lr * stage.lr_scale * self._lr_factor(index, stage)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for layer in self.model.moe_layers():
