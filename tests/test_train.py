@@ -100,6 +100,16 @@ def test_resume_continues_the_same_run(tmp_path):
     assert resumed_history[-1]["dpo/reward_margin"] == straight_history[-1]["dpo/reward_margin"]
 
 
+def test_a_fresh_run_replaces_a_stale_runs_metrics(tmp_path):
+    config = three_stage_config(tmp_path, steps=10, stages=[StageConfig("base", "lm", 1.0,
+                                                                        seq_len=24)])
+    for _ in range(2):
+        Trainer(config, synthetic_data()).train(resume=False, progress=False)
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10]
+
+
 def test_curriculum_sequence_length_warms_up():
     stage = StageConfig("c", "curriculum", 1.0, seq_len=128, seq_len_start=32)
     lengths = [Trainer.seq_len_at(stage, p / 10) for p in range(10)]

@@ -9,6 +9,7 @@ the run's precision: "how much of what this machine's matmuls can do".
 """
 import json
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,23 +18,31 @@ import torch
 
 
 class MetricsLogger:
+    """Opened by ``start``: a fresh run starts the files anew (a stale run's records
+    must not mix into its report), a resumed one appends."""
+
     def __init__(self, out_dir: Path, enabled: bool = True):
-        self.enabled = enabled
+        self.out_dir, self.enabled = out_dir, enabled
         self.history: list[dict] = []
         self._jsonl = self._tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = (out_dir / "metrics.jsonl").open("a")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:  # tensorboard is optional: the JSONL file has everything
-                self._tb = None
+
+    def start(self, fresh: bool) -> None:
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = (self.out_dir / "metrics.jsonl").open("w" if fresh else "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            if fresh:
+                shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+        except ImportError:  # tensorboard is optional: the JSONL file has everything
+            self._tb = None
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
         self.history.append(record)
-        if not self.enabled:
+        if self._jsonl is None:  # not started (or not the main rank): history only
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()

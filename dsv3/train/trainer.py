@@ -263,8 +263,10 @@ class Trainer:
 
     def train(self, resume: bool = True, progress: bool = True) -> list[dict]:
         c = self.config
-        if resume and (state := ckpt.load_state(self.out_dir)) is not None:
+        state = ckpt.load_state(self.out_dir) if resume else None
+        if state is not None:
             self.load_state_dict(state)
+        self.logger.start(fresh=state is None)
         bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         loop_start = time.perf_counter()
