@@ -7,11 +7,16 @@ from pathlib import Path
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def append_text(section: str) -> None:
+    """Append a section that already carries its heading, date, commit and machine."""
+    with RESULTS_MD.open("a") as results:
+        results.write("\n" + section)
+    print(f"appended to {RESULTS_MD}")
+
+
 def append_section(title: str, command: str, body: str) -> None:
     from benchmarks.run import git_commit, machine
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     m = machine()
-    with RESULTS_MD.open("a") as results:
-        results.write(f"\n## {title}, {now} · commit {git_commit()}\n\n`{command}` on {m['cpu']}, "
-                      f"{m['cores']} cores, torch {m['torch']}.\n\n{body}")
-    print(f"appended to {RESULTS_MD}")
+    append_text(f"## {title}, {now} · commit {git_commit()}\n\n`{command}` on {m['cpu']}, "
+                f"{m['cores']} cores, torch {m['torch']}.\n\n{body}")

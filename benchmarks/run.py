@@ -23,6 +23,7 @@ import torch
 
 from benchmarks import contention, memory
 from benchmarks.providers import DTYPES, PROVIDERS, SHAPES, Shape, unavailable_reason
+from benchmarks.results import append_text
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "bench-out"
@@ -184,9 +185,7 @@ def main() -> None:
     (OUT_DIR / "layer.md").write_text(section)
     (OUT_DIR / "layer.json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
     if args.write_results:
-        with RESULTS_MD.open("a") as results:
-            results.write("\n" + section)
-        print(f"appended to {RESULTS_MD.relative_to(ROOT)}")
+        append_text(section)
 
 
 if __name__ == "__main__":

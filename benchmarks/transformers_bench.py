@@ -26,7 +26,8 @@ import transformers
 
 import dsv3.integrations.transformers as dt
 from benchmarks import contention
-from benchmarks.run import CONTENDED_CORES, RESULTS_MD, git_commit, machine
+from benchmarks.results import append_text
+from benchmarks.run import CONTENDED_CORES, git_commit, machine
 
 PEERS = ("eager", "grouped_mm", "batched_mm")
 OURS = ("dsv3", "patch_moe")
@@ -173,9 +174,7 @@ def main() -> None:
     section = report(rows, info)
     print("\n" + section)
     if args.write_results:
-        with RESULTS_MD.open("a") as results:
-            results.write("\n" + section)
-        print(f"appended to {RESULTS_MD.relative_to(RESULTS_MD.parent.parent)}")
+        append_text(section)
 
 
 if __name__ == "__main__":
