@@ -7,7 +7,9 @@ only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
 step, and nudge the MoE selection biases. Every ``log_every`` steps a metrics
 record; at the end a checkpoint, the exported model and the HTML report.
 """
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -171,9 +173,9 @@ class Trainer:
         self._data_time = 0.0
         for micro in range(c.grad_accum):
             last = micro == c.grad_accum - 1
-            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else _nullcontext()
+            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else nullcontext()
             counting = saved_activation_bytes(activation, self.model) if (measure and micro == 0) \
-                else _nullcontext()
+                else nullcontext()
             with sync, counting:
                 loss, n_tokens = self._micro_loss(stage, progress, micro, record)
                 self.scaler.scale(loss / c.grad_accum).backward()
@@ -197,7 +199,7 @@ class Trainer:
                       data_time_share=self._data_time / step_time)
         if "lm_loss_sum" in record:
             record["loss"] = record.pop("lm_loss_sum") / c.grad_accum
-            record["perplexity"] = float(torch.tensor(record["loss"]).exp())
+            record["perplexity"] = math.exp(record["loss"])
         if stage.kind == "lm" or stage.kind == "curriculum":
             flops = training_flops_per_token(self.model, record["seq_len"]) * tokens
             record["mfu"] = flops / step_time / self.peak_flops
@@ -298,11 +300,3 @@ class Trainer:
                 "first / last logged LM loss": (f"{losses[0]:.4f} / {losses[-1]:.4f}"
                                                 if losses else "n/a")})
         return self.logger.history
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
