@@ -22,7 +22,6 @@ replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
 ~25.4% of fp32), and under "ep" the token all-to-alls (dispatch and combine,
 forward and backward).
 """
-import math
 from dataclasses import dataclass
 
 from dsv3.model import ModelConfig
