@@ -68,7 +68,9 @@ class Trainer:
         self.domain_tokens: dict[str, int] = {}  # realized mixture since the last log, in tokens
         self._loader = self._batches = None  # the current stage's PackedLoader and iterator
         self._loader_stage = -1
-        self.load_counts = [torch.zeros(m.config.n_experts) for m in self.model.moe_layers()]
+        # Routed copies per expert over the run, kept on the device (no per-step sync).
+        self.load_counts = [torch.zeros(m.config.n_experts, device=self.device)
+                            for m in self.model.moe_layers()]
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
         self.peak_flops = measure_matmul_flops(self.device, self.autocast_dtype or torch.float32)
         self._stage_ends = torch.tensor(config.stage_steps()).cumsum(0).tolist()
@@ -132,9 +134,9 @@ class Trainer:
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
                                                   rejected, stage.dpo_beta)
-            record["dpo/loss"] = loss.item()
-            record["dpo/reward_margin"] = margin.mean().item()
-            record["dpo/reward_accuracy"] = accuracy.item()
+            record["dpo/loss"] = loss.detach()
+            record["dpo/reward_margin"] = margin.mean()
+            record["dpo/reward_accuracy"] = accuracy
             return loss, c.micro_batch * stage.seq_len * 2
         seq_len = self.seq_len_at(stage, progress)
         data_start = time.perf_counter()
@@ -151,11 +153,12 @@ class Trainer:
             logits = forward(tokens[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         record["seq_len"] = seq_len
-        record.setdefault("lm_loss_sum", 0.0)
-        record["lm_loss_sum"] += loss.item()
+        record["lm_loss_sum"] = record.get("lm_loss_sum", 0.0) + loss.detach()
         return loss + moe_aux_loss(self.model), c.micro_batch * seq_len
 
     def train_step(self, measure: bool = False) -> dict:
+        """One optimizer step. Its record holds plain numbers when ``measure`` (a logged
+        step); otherwise losses and norms stay device tensors, read by nobody."""
         c = self.config
         index, stage, progress = self.stage_at(self.step)
         if stage.kind == "dpo" and self.reference is None:
@@ -191,19 +194,21 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         moe_update_bias(self.model)
         for counts, layer in zip(self.load_counts, self.model.moe_layers()):
-            counts += layer.last_stats.tokens_per_expert.float().cpu()
+            counts += layer.last_stats.tokens_per_expert
         step_time = time.perf_counter() - start
         self.step += 1
-        record.update(grad_norm=grad_norm.item(), step_time_ms=1e3 * step_time,
+        record.update(grad_norm=grad_norm, step_time_ms=1e3 * step_time,
                       tokens_per_s=tokens * self.world / step_time, skipped=bool(skipped),
                       data_time_share=self._data_time / step_time)
         if "lm_loss_sum" in record:
             record["loss"] = record.pop("lm_loss_sum") / c.grad_accum
-            record["perplexity"] = math.exp(record["loss"])
         if stage.kind == "lm" or stage.kind == "curriculum":
             flops = training_flops_per_token(self.model, record["seq_len"]) * tokens
             record["mfu"] = flops / step_time / self.peak_flops
-        if measure:
+        if measure:  # device values are read (a device sync) on logged steps only
+            record = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
+            if "loss" in record:
+                record["perplexity"] = math.exp(record["loss"])
             record["activation_mb"] = activation[0] / 2**20
         return record
 
@@ -255,7 +260,7 @@ class Trainer:
         if self.compression is not None and state["compression"] is not None:
             self.compression.load_state_dict(state["compression"], self.device)
         self.domain_tokens = dict(state["domain_tokens"])
-        self.load_counts = state["load_counts"]
+        self.load_counts = [counts.to(self.device) for counts in state["load_counts"]]
         if state["loader"] is not None:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
