@@ -9,12 +9,15 @@ one process, as ratios.
   dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
   reference loop.
-Timing: ``triton.testing.do_bench`` (CUDA events, median). Writes JSON and a
-markdown table to --out.
+Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
+row also carries dsv3's relative error against the peer's output, so a fast wrong
+kernel shows. JSON and a markdown table are rewritten in --out after every case,
+so a run cut short by its time limit still leaves what it measured.
 """
 import argparse
 import json
 import platform
+import time
 import traceback
 from pathlib import Path
 
@@ -33,29 +36,52 @@ GEMM_SHAPES = [
     ("fine E512 F256", 4096, 2048, 256, 512, 8),
 ]
 LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 4096, 2048, 768, 128, 8)]
+MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "grad_log2": 28, "q_log2": 25}
+COPY_BYTES = 1 << 30
+# --smoke: every case on small CPU tensors, to check this script before spending GPU time.
+DEVICE = "cuda"
+
+
+def use_smoke_sizes() -> None:
+    global DEVICE, GEMM_SHAPES, LAYER_SHAPES, COPY_BYTES
+    DEVICE, COPY_BYTES = "cpu", 1 << 20
+    GEMM_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in GEMM_SHAPES]
+    LAYER_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in LAYER_SHAPES]
+    MEMORY_SHAPE.update(T=64, D=64, E=64, grad_log2=12, q_log2=10)
 
 
 def bench_ms(fn) -> float:
+    if DEVICE == "cpu":  # smoke run: one timed call is enough to exercise the case
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 def copy_bandwidth() -> float:
     """Bytes/s of a large device-to-device copy (read + write): the HBM bound."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
+def relative_error(ours: torch.Tensor, peer: torch.Tensor) -> float:
+    """||ours - peer|| / ||peer|| in fp32 (bf16 operands, fp32 accumulation: ~1e-3)."""
+    diff = (ours.float() - peer.float()).norm()
+    return (diff / peer.float().norm().clamp_min(1e-30)).item()
+
+
 def balanced_offsets(n_rows: int, n_experts: int) -> torch.Tensor:
     counts = torch.distributions.Multinomial(n_rows, torch.ones(n_experts)).sample().int()
-    return counts.cumsum(0).to(torch.int32).cuda()
+    return counts.cumsum(0).to(torch.int32).to(DEVICE)
 
 
 def gemm_rows(name, T, D, F, E, K):
     S = T * K
-    x_SD = torch.randn(S, D, device="cuda", dtype=torch.bfloat16)
-    w_E2FD = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
-    dy_S2F = torch.randn(S, 2 * F, device="cuda", dtype=torch.bfloat16)
+    x_SD = torch.randn(S, D, device=DEVICE, dtype=torch.bfloat16)
+    w_E2FD = torch.randn(E, 2 * F, D, device=DEVICE, dtype=torch.bfloat16) * D ** -0.5
+    dy_S2F = torch.randn(S, 2 * F, device=DEVICE, dtype=torch.bfloat16)
     offsets_E = balanced_offsets(S, E)
     dense_D2F = w_E2FD[0].t()
     flops = 2 * S * D * 2 * F
@@ -72,39 +98,46 @@ def gemm_rows(name, T, D, F, E, K):
     }
     rows = []
     for kind, (ours, peer, dense) in cases.items():
+        error = relative_error(ours(), peer())
         t_ours, t_peer, t_dense = bench_ms(ours), bench_ms(peer), bench_ms(dense)
         rows.append({"bench": f"grouped_mm {kind}", "shape": name, "dsv3_ms": t_ours,
                      "peer_ms": t_peer, "bound_ms": t_dense,
                      "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
-                     "peer_over_dsv3": t_peer / t_ours})
+                     "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
     return rows
 
 
 def gather_rows(name, T, D, F, E, K):
     """The permute fused into the first GEMM vs permute_rows then grouped_mm: does
     skipping the write and re-read of x_SD win at this shape?"""
-    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    w_E2FD = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) * D ** -0.5
-    experts_TK = torch.rand(T, E, device="cuda").argsort(1)[:, :K].to(torch.int32)
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+    w_E2FD = torch.randn(E, 2 * F, D, device=DEVICE, dtype=torch.bfloat16) * D ** -0.5
+    experts_TK = torch.rand(T, E, device=DEVICE).argsort(1)[:, :K].to(torch.int32)
     offsets_E, row_map_TK = dsv3.ops.expert_index(experts_TK, E)
     w_ED2F = w_E2FD.transpose(1, 2)
+    error = relative_error(
+        dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK),
+        torch._grouped_mm(torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F, offs=offsets_E))
     fused = bench_ms(lambda: dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK))
     unfused = bench_ms(lambda: torch.ops.dsv3.grouped_mm(
         torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F, offsets_E))
     return [{"bench": "gather+grouped_mm fwd (peer: permute then GEMM)", "shape": name,
-             "dsv3_ms": fused, "peer_ms": unfused, "peer_over_dsv3": unfused / fused}]
+             "dsv3_ms": fused, "peer_ms": unfused, "peer_over_dsv3": unfused / fused,
+             "rel_err": error}]
 
 
-def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
-    logits_TE = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
-    bias_E = torch.randn(E, device="cuda") * 0.01
-    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+def memory_rows(bandwidth):
+    T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
+    logits_TE = torch.randn(T, E, device=DEVICE, dtype=torch.bfloat16)
+    bias_E = torch.randn(E, device=DEVICE) * 0.01
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
     _, experts_TK, _ = dsv3.ops.route(logits_TE.float(), K, "sigmoid", bias_E, 8, 4, True, 2.5)
-    weights_TK = torch.rand(T, K, device="cuda")
-    grad_N = torch.randn(1 << 28, device="cuda")  # 1 GiB of fp32 gradients
+    weights_TK = torch.rand(T, K, device=DEVICE)
+    grad_N = torch.randn(1 << MEMORY_SHAPE["grad_log2"], device=DEVICE)  # 1 GiB of fp32 gradients on the GPU
     residual_N = torch.randn_like(grad_N) * 1e-3
-    q_8N = torch.randint(-127, 128, (8, 1 << 25), device="cuda", dtype=torch.int8)
-    scales_8B = torch.rand(8, (1 << 25) // 256, device="cuda")
+    q_8N = torch.randint(-127, 128, (8, 1 << MEMORY_SHAPE["q_log2"]), device=DEVICE,
+                         dtype=torch.int8)
+    scales_8B = torch.rand(8, q_8N.shape[1] // 256, device=DEVICE)
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
     cases = [
         ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
@@ -130,8 +163,8 @@ def memory_rows(bandwidth, T=16384, D=7168, E=256, K=8):
 
 def layer_rows(name, T, D, F, E, K):
     moe = dsv3.MoE(dsv3.MoEConfig(dim=D, ffn_dim=F, n_experts=E, top_k=K, aux_loss_coef=0.0),
-                   device="cuda", dtype=torch.bfloat16)
-    x_TD = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                   device=DEVICE, dtype=torch.bfloat16)
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     grad_TD = torch.randn_like(x_TD)
     weights = [moe.router.weight, moe.gate_up_proj, moe.down_proj]
 
@@ -142,16 +175,19 @@ def layer_rows(name, T, D, F, E, K):
             forward().backward(grad_TD)
         return run
 
+    with torch.no_grad():
+        error = relative_error(moe(x_TD), grouped_mm_layer(x_TD, *weights, K))
     t_ours = bench_ms(step(lambda: moe(x_TD)))
     t_peer = bench_ms(step(lambda: grouped_mm_layer(x_TD, *weights, K)))
     t_loop = bench_ms(step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]))
     return [{"bench": "layer fwd+bwd", "shape": name, "dsv3_ms": t_ours, "peer_ms": t_peer,
-             "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours}]
+             "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours,
+             "rel_err": error}]
 
 
 def markdown(rows, header) -> str:
     cols = ["bench", "shape", "dsv3_ms", "peer_ms", "bound_ms", "loop_ms", "dsv3_tflops",
-            "dsv3_vs_bound", "peer_over_dsv3", "loop_over_dsv3", "error"]
+            "dsv3_vs_bound", "peer_over_dsv3", "loop_over_dsv3", "rel_err", "error"]
     used = [c for c in cols if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in rows:
@@ -160,29 +196,44 @@ def markdown(rows, header) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no new case after this many seconds")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU: checks the script, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        use_smoke_sizes()
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
+    header = (f"GPU benchmarks on {device_name} · torch {torch.__version__} · "
+              f"triton {triton.__version__} · copy bandwidth {bandwidth / 1e12:.2f} TB/s · "
+              f"{platform.node()}")
     rows = []
     jobs = ([(gemm_rows, s) for s in GEMM_SHAPES] + [(lambda: memory_rows(bandwidth), None)]
             + [(gather_rows, s) for s in LAYER_SHAPES] + [(layer_rows, s) for s in LAYER_SHAPES])
     for job, shape in jobs:
+        if time.perf_counter() - start > args.budget_s:
+            rows.append({"bench": getattr(job, "__name__", "memory"), "shape": str(shape and shape[0]),
+                         "error": f"not run: over the {args.budget_s:.0f} s budget"})
+            continue
         try:
             rows += job(*shape) if shape else job()
         except Exception as error:  # one failing case must not hide the others' figures
             rows.append({"bench": getattr(job, "__name__", "memory"), "shape": str(shape and shape[0]),
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
             traceback.print_exc()
-        print(rows[-1], flush=True)
-    header = (f"GPU benchmarks on {torch.cuda.get_device_name()} · torch {torch.__version__} · "
-              f"triton {triton.__version__} · copy bandwidth {bandwidth / 1e12:.2f} TB/s · "
-              f"{platform.node()}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    (args.out / "gpu_bench.md").write_text(markdown(rows, header))
+        print(f"[{time.perf_counter() - start:.0f} s] {rows[-1]}", flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+        (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                            indent=1))
+        (args.out / "gpu_bench.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
 
 

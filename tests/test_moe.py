@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import dsv3
-from conftest import DTYPES, assert_close, check_op
+from conftest import DEVICES, DTYPES, assert_close, check_op
 from dsv3 import MoE, MoEConfig, reference
 
 
@@ -64,7 +64,7 @@ def reference_experts(moe: MoE, x_TD) -> torch.Tensor:
 def make_input(moe: MoE, shape, dtype, hot_expert=None):
     """Random tokens; with ``hot_expert``, the router is set so that every token's
     first choice is that expert (a constant feature it alone weighs heavily)."""
-    x = torch.randn(*shape, moe.config.dim)
+    x = torch.randn(*shape, moe.config.dim, device=moe.router.weight.device)
     if hot_expert is not None:
         x[..., 0] = 5.0
         with torch.no_grad():
@@ -110,10 +110,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, overrides, hot_expert", CASES)
-def test_moe_matches_reference(shape, overrides, hot_expert, dtype):
-    moe = make_moe(dtype, **overrides)
+def test_moe_matches_reference(shape, overrides, hot_expert, dtype, device):
+    moe = make_moe(dtype, **overrides).to(device)
     if moe.expert_bias is not None:
         moe.expert_bias.copy_(0.05 * torch.randn_like(moe.expert_bias))
     x = make_input(moe, shape, dtype, hot_expert)
@@ -336,10 +337,12 @@ def test_leading_dims(shape):
     assert_close(y.reshape(-1, 32), moe(x.reshape(-1, 32)))
 
 
-def test_moe_is_bitwise_deterministic():
-    moe = make_moe(n_shared_experts=1, dtype=torch.bfloat16)
-    x = torch.randn(100, 32, dtype=torch.bfloat16)
-    grad = torch.randn(100, 32, dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_is_bitwise_deterministic(device):
+    """No float atomics anywhere in the layer: two runs give the same bits (GPU too)."""
+    moe = make_moe(n_shared_experts=1, dtype=torch.bfloat16).to(device)
+    x = torch.randn(100, 32, dtype=torch.bfloat16, device=device)
+    grad = torch.randn(100, 32, dtype=torch.bfloat16, device=device)
 
     def run():
         moe.zero_grad()

@@ -275,18 +275,19 @@ def _block_step(block, x, params):
     x = x.detach().clone().requires_grad_()
     out = block(x)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2),
-                           dtype=torch.float64).to(out.dtype)
+                           dtype=torch.float64).to(out)
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad_out)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_bf16_block_error_within_plain_pytorch(arch, route):
+def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     """bf16 (DESIGN.md section 4), one MoE block: the error of the dsv3 block against
     the same block in fp64 is at most 2x the stock bf16 block's, plus a small floor;
     output and every gradient. (Whole bf16 models are not compared: one near-tie
     routed differently in layer 1 changes the logits far more than any kernel error.)"""
-    hf_bf16 = tiny_model(arch).bfloat16().model.layers[1].mlp
+    hf_bf16 = tiny_model(arch).bfloat16().model.layers[1].mlp.to(device)
     hf_fp64 = copy.deepcopy(hf_bf16).double()  # the same bf16-rounded weights, upcast
     ours = copy.deepcopy(hf_bf16)
     runs = {}
@@ -298,6 +299,7 @@ def test_bf16_block_error_within_plain_pytorch(arch, route):
             block.experts.config = copy.copy(block.experts.config)
             block.experts.config._experts_implementation = "dsv3"
         x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        x = x.to(device)
         with _DsvOpLog() as log:
             runs[name] = _block_step(block, x.to(params[0].dtype), params)
         assert ("grouped_mm" in log.ops) == (name == "dsv3")

@@ -1,7 +1,8 @@
 """Launch settings shared by the Triton kernels: autotune configs (one small,
 sane set on GPUs; a single config under the interpreter, where every program
-runs at Python speed), the size of persistent launches and the tl.dot precision
-per dtype."""
+runs at Python speed, and with ``DSV3_AUTOTUNE=0``, which the GPU test run sets
+so that its many shapes do not each compile and time four configs), the size of
+persistent launches and the tl.dot precision per dtype."""
 import functools
 import os
 
@@ -9,13 +10,18 @@ import torch
 import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = os.environ.get("DSV3_AUTOTUNE", "1") != "0"
 
 
 def matmul_configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
+    default = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8,
+                            num_stages=3)
+    if not AUTOTUNE:
+        return [default]
     return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        default,
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
