@@ -30,6 +30,9 @@ CASES = [
     pytest.param(30, 8, 2, 16, 32, "dropped", id="dropped_tail"),
     # Medium: 600 rows over 2 experts takes the large-segment (multithreaded BLAS) path.
     pytest.param(300, 2, 2, 64, 96, "random", id="medium_large_segments"),
+    # Over 8 row tiles per expert and over 8 x tiles at the interpreter's 32-wide blocks:
+    # the Triton kernels' grouped tile order (GROUP_M = 8) ends in a partial group.
+    pytest.param(300, 2, 2, 272, 40, "random", id="partial_tile_groups"),
 ]
 LAYOUTS = [
     "EXY",  # contiguous [E, X, Y]

@@ -4,7 +4,11 @@ compressed all-reduce (dsv3.distributed). Both are memory-bound single passes:
 one program per block of values, the scale computed from the block in registers.
 
 Rounding is half away from zero, done exactly (as C's round()), so the GPU, the
-C++ kernel and the reference agree on every level.
+C++ kernel and the reference agree on every level. To agree to the bit on scales,
+residuals and sums too, the GPU must round as the CPU does: divisions are IEEE
+(``div_rn``; a plain ``/`` compiles to an approximate one) and multiply-adds are not
+fused into FMAs (``enable_fp_fusion=False``), since the reference rounds the product
+before the sum. Both were seen failing the bitwise tests on an H200.
 """
 import torch
 import triton
@@ -23,7 +27,7 @@ def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, bloc
     amax = tl.max(tl.abs(v), 0)
     # Counted apart: a max reduction may skip NaN.
     finite = tl.sum(tl.where((v != v) | (tl.abs(v) == float("inf")), 1, 0), 0) == 0
-    scale = tl.where(finite, amax / 127.0, float("nan"))
+    scale = tl.where(finite, tl.math.div_rn(amax, 127.0), float("nan"))
     # IEEE division (a plain / may be approximate on GPUs): levels must match the CPU's.
     usable = finite & (scale > 0)
     ratio = tl.math.div_rn(tl.where(usable, v, 0.0), tl.where(usable, scale, 1.0))
@@ -58,7 +62,8 @@ def quantize_int8(x_N: torch.Tensor, block_size: int, error_N: torch.Tensor | No
     new_error_N = torch.empty(n, device=x_N.device, dtype=torch.float32)
     _quantize_kernel[(n_blocks,)](
         x_N, error_N.contiguous() if error_N is not None else x_N, q_N, scales_B, new_error_N,
-        n, block_size, HAS_ERROR=error_N is not None, BLOCK=triton.next_power_of_2(block_size))
+        n, block_size, HAS_ERROR=error_N is not None, BLOCK=triton.next_power_of_2(block_size),
+        enable_fp_fusion=False)
     return q_N, scales_B, new_error_N
 
 
@@ -69,5 +74,6 @@ def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int
     n_blocks = scales_RB.shape[1]
     sum_N = torch.empty(n, device=q_RN.device, dtype=torch.float32)
     _dequantize_kernel[(n_blocks,)](q_RN, scales_RB, sum_N, n_rows, n, n_blocks, block_size,
-                                    BLOCK=triton.next_power_of_2(block_size))
+                                    BLOCK=triton.next_power_of_2(block_size),
+                                    enable_fp_fusion=False)
     return sum_N
