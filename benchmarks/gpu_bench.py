@@ -36,10 +36,14 @@ GEMM_SHAPES = [
     ("fine E512 F256", 4096, 2048, 256, 512, 8),
 ]
 LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 4096, 2048, 768, 128, 8)]
-MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "grad_log2": 28, "q_log2": 25}
+# The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
+# at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
+MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
+                "q_log2": 25}
 COPY_BYTES = 1 << 30
 # --smoke: every case on small CPU tensors, to check this script before spending GPU time.
 DEVICE = "cuda"
+BANDWIDTH = float("nan")  # bytes/s of a device copy, measured first by main()
 
 
 def use_smoke_sizes() -> None:
@@ -47,7 +51,7 @@ def use_smoke_sizes() -> None:
     DEVICE, COPY_BYTES = "cpu", 1 << 20
     GEMM_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in GEMM_SHAPES]
     LAYER_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in LAYER_SHAPES]
-    MEMORY_SHAPE.update(T=64, D=64, E=64, grad_log2=12, q_log2=10)
+    MEMORY_SHAPE.update(T=64, D=64, E=64, route_T=128, grad_log2=12, q_log2=10)
 
 
 def bench_ms(fn) -> float:
@@ -57,6 +61,24 @@ def bench_ms(fn) -> float:
         fn()
         return (time.perf_counter() - start) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """Device time of ``fn`` alone: captured once in a CUDA graph and timed by its
+    replays, so the Python and launch overhead of a few-microsecond kernel does not
+    count as its time (METHOD: many small launches are timed through a graph)."""
+    if DEVICE == "cpu":
+        return bench_ms(fn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
 
 
 def copy_bandwidth() -> float:
@@ -85,6 +107,11 @@ def gemm_rows(name, T, D, F, E, K):
     offsets_E = balanced_offsets(S, E)
     dense_D2F = w_E2FD[0].t()
     flops = 2 * S * D * 2 * F
+    # Fewest bytes each GEMM must move: its two inputs and its output, once. Every
+    # expert's weights are read (fwd, dgrad) or written (wgrad) whole, which the dense
+    # GEMM at the same FLOPs does not do: where weights dominate, the floor is HBM's.
+    weight_bytes = E * 2 * F * D * 2
+    min_bytes = weight_bytes + S * (D + 2 * F) * 2
     cases = {
         "fwd": (lambda: torch.ops.dsv3.grouped_mm(x_SD, w_E2FD.transpose(1, 2), offsets_E),
                 lambda: torch._grouped_mm(x_SD, w_E2FD.transpose(1, 2), offs=offsets_E),
@@ -100,8 +127,10 @@ def gemm_rows(name, T, D, F, E, K):
     for kind, (ours, peer, dense) in cases.items():
         error = relative_error(ours(), peer())
         t_ours, t_peer, t_dense = bench_ms(ours), bench_ms(peer), bench_ms(dense)
+        floor_ms = max(t_dense, min_bytes / BANDWIDTH * 1e3)
         rows.append({"bench": f"grouped_mm {kind}", "shape": name, "dsv3_ms": t_ours,
-                     "peer_ms": t_peer, "bound_ms": t_dense,
+                     "peer_ms": t_peer, "bound_ms": t_dense, "floor_ms": floor_ms,
+                     "dsv3_vs_floor": floor_ms / t_ours,
                      "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
                      "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
     return rows
@@ -128,10 +157,12 @@ def gather_rows(name, T, D, F, E, K):
 
 def memory_rows(bandwidth):
     T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
-    logits_TE = torch.randn(T, E, device=DEVICE, dtype=torch.bfloat16)
+    route_T = MEMORY_SHAPE["route_T"]
+    logits_TE = torch.randn(route_T, E, device=DEVICE, dtype=torch.bfloat16)
     bias_E = torch.randn(E, device=DEVICE) * 0.01
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
-    _, experts_TK, _ = dsv3.ops.route(logits_TE.float(), K, "sigmoid", bias_E, 8, 4, True, 2.5)
+    _, experts_TK, _ = dsv3.ops.route(logits_TE[:T].float(), K, "sigmoid", bias_E, 8, 4, True,
+                                      2.5)
     weights_TK = torch.rand(T, K, device=DEVICE)
     grad_N = torch.randn(1 << MEMORY_SHAPE["grad_log2"], device=DEVICE)  # 1 GiB of fp32 gradients on the GPU
     residual_N = torch.randn_like(grad_N) * 1e-3
@@ -139,11 +170,13 @@ def memory_rows(bandwidth):
                          dtype=torch.int8)
     scales_8B = torch.rand(8, q_8N.shape[1] // 256, device=DEVICE)
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
+    shape = f"T{T} D{D} E{E} K{K}"
+    route_bytes = route_T * E * 2 + route_T * K * 8  # bf16 logits in; fp32 weights, int32 ids out
     cases = [
         ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
-         T * E * 2 + T * K * 8),
+         route_bytes),
         ("route + loss sums", lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4),
-         T * E * 2 + T * K * 8),
+         route_bytes),
         ("permute", lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
         ("unpermute", lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK), T * D * 2 * (K + 1)),
         # Gradient compression: read fp32 values + residual, write int8 + new residual.
@@ -155,8 +188,10 @@ def memory_rows(bandwidth):
     ]
     rows = []
     for name, fn, n_bytes in cases:
-        ms = bench_ms(fn)
-        rows.append({"bench": name, "shape": f"T{T} D{D} E{E} K{K}", "dsv3_ms": ms,
+        ms = graph_ms(fn)
+        rows.append({"bench": name, "shape": shape.replace(f"T{T}", f"T{route_T}")
+                     if name.startswith("route") else shape,
+                     "dsv3_ms": ms, "eager_ms": bench_ms(fn),
                      "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bandwidth})
     return rows
 
@@ -186,8 +221,8 @@ def layer_rows(name, T, D, F, E, K):
 
 
 def markdown(rows, header) -> str:
-    cols = ["bench", "shape", "dsv3_ms", "peer_ms", "bound_ms", "loop_ms", "dsv3_tflops",
-            "dsv3_vs_bound", "peer_over_dsv3", "loop_over_dsv3", "rel_err", "error"]
+    cols = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms", "loop_ms",
+            "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3", "loop_over_dsv3", "rel_err", "error"]
     used = [c for c in cols if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in rows:
@@ -209,7 +244,8 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    global BANDWIDTH
+    bandwidth = BANDWIDTH = copy_bandwidth()
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
     header = (f"GPU benchmarks on {device_name} · torch {torch.__version__} · "
               f"triton {triton.__version__} · copy bandwidth {bandwidth / 1e12:.2f} TB/s · "

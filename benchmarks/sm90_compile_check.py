@@ -22,9 +22,7 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-# Per-block shared memory an sm_90 kernel may opt into (227 KB; CUDA programming guide,
-# compute capability 9.0 table).
-SM90_MAX_SHARED = 232448
+from dsv3.kernels.config import SM90_SHARED_BYTES
 
 
 class _Sm90Driver:
@@ -59,8 +57,9 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
 
 
 def _all_configs(self, *args, **kwargs):
-    """Compile every config instead of timing them."""
-    for config in self.configs:
+    """Compile every config the autotuner would time, instead of timing them."""
+    self.nargs = dict(zip(self.arg_names, args))
+    for config in self.prune_configs(kwargs):
         self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
@@ -137,8 +136,8 @@ def main(argv=None) -> int:
             print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}")
     for entry in COMPILED:
         problems = []
-        if entry["shared"] > SM90_MAX_SHARED:
-            problems.append(f"shared {entry['shared']} > {SM90_MAX_SHARED}")
+        if entry["shared"] > SM90_SHARED_BYTES:
+            problems.append(f"shared {entry['shared']} > {SM90_SHARED_BYTES}")
         print(("TOO BIG " if problems else "ok      ")
               + f"{entry['kernel']:32s} {','.join(entry['dtypes']):18s} shared={entry['shared']:6d} "
               f"wgmma={entry['wgmma']} {entry['config']}")

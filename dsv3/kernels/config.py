@@ -23,9 +23,25 @@ def matmul_configs() -> list[triton.Config]:
     return [
         default,
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     ]
+
+
+# Shared memory one program may use on sm_90 (227 KB; CUDA guide, compute capability 9.0).
+SM90_SHARED_BYTES = 232448
+
+
+def prune_oversized(configs, named_args, **kwargs):
+    """Autotune pre-filter: drop configs whose pipelined tiles (stages x (A tile + B
+    tile)) cannot fit in shared memory for this dtype; fp32's 4-stage 128x256 tiles
+    need 288 KB. Launching them would only fail."""
+    element = named_args["x_ptr"].element_size()
+    fitting = [c for c in configs if c.num_stages * element * c.kwargs["BLOCK_K"]
+               * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) <= SM90_SHARED_BYTES]
+    return fitting or configs[:1]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -40,11 +56,14 @@ def dot_precision(dtype: torch.dtype) -> str:
 INTERPRETER_PROGRAMS = 3
 
 
-def persistent_programs(device: torch.device) -> int:
-    """Programs of a persistent launch: one per SM (the big matmul tiles fill an SM)."""
+def persistent_programs(device: torch.device, tile_elements: int) -> int:
+    """Programs of a persistent launch: per SM, as many as fit for the tile size (a
+    128x256 tile fills an SM; smaller tiles leave room for 2-4 programs, which hide
+    each other's memory latency)."""
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per_sm = min(max(32768 // tile_elements, 1), 4)
+    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels.config import dot_precision, matmul_configs, persistent_programs
+from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
+                                 prune_oversized)
 
 
 @triton.jit
@@ -144,8 +145,10 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, DIM_
 # Row tiles per group of the tile order (the usual choice for Hopper-sized L2s).
 GROUP_M = 8
 
-_grouped_mm_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM_Y"])(_grouped_mm_kernel)
-_wgrad_tuned = triton.autotune(configs=matmul_configs(), key=["DIM_X", "DIM_Y"])(_grouped_mm_wgrad_kernel)
+_TUNING = {"configs": matmul_configs(), "key": ["DIM_X", "DIM_Y"],
+           "prune_configs_by": {"early_config_prune": prune_oversized}}
+_grouped_mm_tuned = triton.autotune(**_TUNING)(_grouped_mm_kernel)
+_wgrad_tuned = triton.autotune(**_TUNING)(_grouped_mm_wgrad_kernel)
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
@@ -161,7 +164,8 @@ def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
         # Upper bound of tiles: every segment adds at most one partial row tile.
         max_tiles = ((triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1)
                      * triton.cdiv(dim_y, meta["BLOCK_N"]))
-        return (min(max_tiles, persistent_programs(x_SX.device)),)
+        tile = meta["BLOCK_M"] * meta["BLOCK_N"]
+        return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
 
     _grouped_mm_tuned[grid](
         x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, n_rows,
