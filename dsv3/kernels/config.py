@@ -30,14 +30,6 @@ def matmul_configs() -> list[triton.Config]:
     ]
 
 
-def wgrad_configs() -> list[triton.Config]:
-    """The weight gradient reduces over one expert's rows only (often ~1k): a deeper
-    K step halves its loop's per-iteration overhead, so it gets one more candidate."""
-    extra = [] if INTERPRET or not AUTOTUNE else [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3)]
-    return matmul_configs() + extra
-
-
 # Shared memory one program may use on sm_90 (227 KB; CUDA guide, compute capability 9.0).
 SM90_SHARED_BYTES = 232448
 

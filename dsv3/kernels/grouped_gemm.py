@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
-                                 prune_oversized, wgrad_configs)
+                                 prune_oversized)
 
 
 @triton.jit
@@ -145,9 +145,10 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, DIM_
 # Row tiles per group of the tile order (the usual choice for Hopper-sized L2s).
 GROUP_M = 8
 
-_TUNING = {"key": ["DIM_X", "DIM_Y"], "prune_configs_by": {"early_config_prune": prune_oversized}}
-_grouped_mm_tuned = triton.autotune(configs=matmul_configs(), **_TUNING)(_grouped_mm_kernel)
-_wgrad_tuned = triton.autotune(configs=wgrad_configs(), **_TUNING)(_grouped_mm_wgrad_kernel)
+_TUNING = {"configs": matmul_configs(), "key": ["DIM_X", "DIM_Y"],
+           "prune_configs_by": {"early_config_prune": prune_oversized}}
+_grouped_mm_tuned = triton.autotune(**_TUNING)(_grouped_mm_kernel)
+_wgrad_tuned = triton.autotune(**_TUNING)(_grouped_mm_wgrad_kernel)
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,

@@ -49,7 +49,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                   partial_ptr, n_tokens, n_experts, stride_t, top_k, n_groups, topk_groups,
                   scale, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, GROUPS_FILL_BLOCK: tl.constexpr):
+                  BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     token_mask = tokens < n_tokens
@@ -73,25 +73,15 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         group_size = n_experts // n_groups
         group_of_col = cols // group_size
         group_ids = tl.arange(0, BLOCK_G)
-        if GROUPS_FILL_BLOCK:
-            # E and the group count are the block sizes (E=256 in 8 groups): every
-            # group's top two in one pass over a [T, G, E/G] view, not one per group.
-            grouped = tl.reshape(choice, (BLOCK_T, BLOCK_G, BLOCK_E // BLOCK_G))
-            member = tl.arange(0, BLOCK_E // BLOCK_G)[None, None, :]
-            best = tl.argmax(grouped, 2, tie_break_left=True)
-            first = tl.max(grouped, 2)
-            second = tl.max(tl.where(member == best[:, :, None], float("-inf"), grouped), 2)
-            group_scores = first + second if BLOCK_E // BLOCK_G > 1 else first
-        else:
-            group_scores = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
-            for g in range(n_groups):
-                in_group = (group_of_col == g)[None, :]
-                masked = tl.where(in_group, choice, float("-inf"))
-                best = tl.argmax(masked, 1, tie_break_left=True)
-                first = tl.max(masked, 1)
-                second = tl.max(tl.where(cols[None, :] == best[:, None], float("-inf"), masked), 1)
-                score = tl.where(group_size > 1, first + second, first)
-                group_scores = tl.where(group_ids[None, :] == g, score[:, None], group_scores)
+        group_scores = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+        for g in range(n_groups):
+            in_group = (group_of_col == g)[None, :]
+            masked = tl.where(in_group, choice, float("-inf"))
+            best = tl.argmax(masked, 1, tie_break_left=True)
+            first = tl.max(masked, 1)
+            second = tl.max(tl.where(cols[None, :] == best[:, None], float("-inf"), masked), 1)
+            score = tl.where(group_size > 1, first + second, first)
+            group_scores = tl.where(group_ids[None, :] == g, score[:, None], group_scores)
         keep = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
         for _ in range(topk_groups):
             g_best = tl.argmax(group_scores, 1, tie_break_left=True)
@@ -201,9 +191,7 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK, counts_E,
         nan_flag, partial_PX, n_tokens, n_experts, logits_TE.stride(0), top_k, n_groups,
         topk_groups, float(scale), SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None,
-        NORMALIZE=normalize, STATS=stats,
-        GROUPS_FILL_BLOCK=n_experts == blocks["BLOCK_E"] and n_groups == blocks["BLOCK_G"],
-        **blocks)
+        NORMALIZE=normalize, STATS=stats, **blocks)
     _raise_on_nan(nan_flag)
     if not stats:
         empty = weights_TK.new_empty(0)
