@@ -135,10 +135,9 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}")
     for entry in COMPILED:
-        problems = []
-        if entry["shared"] > SM90_SHARED_BYTES:
-            problems.append(f"shared {entry['shared']} > {SM90_SHARED_BYTES}")
-        print(("TOO BIG " if problems else "ok      ")
+        too_big = entry["shared"] > SM90_SHARED_BYTES
+        failures += too_big
+        print(("TOO BIG " if too_big else "ok      ")
               + f"{entry['kernel']:32s} {','.join(entry['dtypes']):18s} shared={entry['shared']:6d} "
               f"wgmma={entry['wgmma']} {entry['config']}")
     print(f"{len(COMPILED)} compilations, {failures} failures, "
