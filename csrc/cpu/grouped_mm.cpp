@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "alloc.h"
@@ -35,21 +36,46 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets_E, int64_t n_experts
   return starts;
 }
 
-// Runs body(e) for every non-empty segment, either serially (each call using
-// multithreaded BLAS) or one expert per thread.
+// Runs body(e) for every expert segment. Large segments run one after another,
+// each with multithreaded BLAS. When the segments are small on average, an expert
+// holding more than one thread's share of the rows still runs alone on all threads,
+// and the others are dealt to the threads by rows (largest first, each to the least
+// loaded thread), one single-threaded BLAS call at a time. A static split of the
+// expert range instead left one thread with most of the rows whenever routing was
+// skewed, as it is in trained models (seen: 237 of 512 rows on one of 8 experts).
 template <typename Body>
 void for_each_expert(const std::vector<int64_t>& starts, const Body& body) {
   const int64_t n_experts = static_cast<int64_t>(starts.size()) - 1;
-  const bool small = starts.back() < kSmallSegmentRows * n_experts;
-  if (small && at::get_num_threads() > 1) {
-    at::parallel_for(0, n_experts, 1, [&](int64_t begin, int64_t end) {
-      // Dispatch guards are thread-local and OpenMP workers do not inherit them.
-      at::AutoDispatchBelowADInplaceOrView no_autograd;
-      for (int64_t e = begin; e < end; ++e) body(e);
-    });
-  } else {
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t total_rows = starts.back();
+  const auto rows_of = [&](int64_t e) { return starts[e + 1] - starts[e]; };
+  if (total_rows >= kSmallSegmentRows * n_experts || n_threads == 1) {
     for (int64_t e = 0; e < n_experts; ++e) body(e);
+    return;
   }
+  const int64_t share = (total_rows + n_threads - 1) / n_threads;
+  std::vector<int64_t> dealt;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    if (rows_of(e) > share)
+      body(e);
+    else
+      dealt.push_back(e);
+  }
+  std::stable_sort(dealt.begin(), dealt.end(),
+                   [&](int64_t a, int64_t b) { return rows_of(a) > rows_of(b); });
+  std::vector<std::vector<int64_t>> per_thread(n_threads);
+  std::vector<int64_t> load(n_threads, 0);
+  for (const int64_t e : dealt) {
+    const auto least = std::min_element(load.begin(), load.end()) - load.begin();
+    per_thread[least].push_back(e);
+    load[least] += rows_of(e) + 1;  // + 1: an empty expert still costs a call
+  }
+  at::parallel_for(0, n_threads, 1, [&](int64_t begin, int64_t end) {
+    // Dispatch guards are thread-local and OpenMP workers do not inherit them.
+    at::AutoDispatchBelowADInplaceOrView no_autograd;
+    for (int64_t t = begin; t < end; ++t)
+      for (const int64_t e : per_thread[t]) body(e);
+  });
 }
 
 // Rows [begin, begin + count) of the GEMM input: a slice of x, or with token_S the
