@@ -148,7 +148,8 @@ def report(rows, info) -> str:
         f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
         f"MoE block alone (router, experts), the part the providers change.", "",
         markdown_table(rows), "",
-        f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls; "
+        f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls "
+        "(batched_mm's after the others: its weight copies leave the next call cold caches); "
         "ratios > 1 mean dsv3 (experts_implementation=\"dsv3\") is faster.",
         f"- Other processes used {foreign:.2f} cores on average during the timings"
         + (": **measured while the machine was shared**, so absolute times are noisy; "
