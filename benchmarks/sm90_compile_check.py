@@ -11,12 +11,10 @@ Nothing is launched, so outputs are garbage: only compilation is checked.
     python -m benchmarks.sm90_compile_check
 """
 import argparse
-import itertools
 import sys
 import time
 
 import torch
-import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
@@ -51,7 +49,6 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
                           if isinstance(a, torch.Tensor) and a.is_floating_point()}),
         "shared": kernel.metadata.shared,
         "wgmma": "wgmma.mma_async" in ptx,
-        "mma": "mma.sync" in ptx,
     })
     return kernel
 
