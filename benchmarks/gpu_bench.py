@@ -170,28 +170,27 @@ def memory_rows(bandwidth):
                          dtype=torch.int8)
     scales_8B = torch.rand(8, q_8N.shape[1] // 256, device=DEVICE)
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
-    shape = f"T{T} D{D} E{E} K{K}"
     route_bytes = route_T * E * 2 + route_T * K * 8  # bf16 logits in; fp32 weights, int32 ids out
-    cases = [
-        ("route (sigmoid, 8 groups)", lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
-         route_bytes),
-        ("route + loss sums", lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4),
-         route_bytes),
-        ("permute", lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
-        ("unpermute", lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK), T * D * 2 * (K + 1)),
+    route_shape, rows_shape = f"T{route_T} E{E} K{K}", f"T{T} D{D} E{E} K{K}"
+    cases = [  # (name, shape, call, fewest bytes it must move)
+        ("route (sigmoid, 8 groups)", route_shape,
+         lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
+        ("route + loss sums", route_shape,
+         lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
+        ("permute", rows_shape, lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
+        ("unpermute", rows_shape, lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK),
+         T * D * 2 * (K + 1)),
         # Gradient compression: read fp32 values + residual, write int8 + new residual.
-        ("quantize_int8 (error feedback)", lambda: dsv3.ops.quantize_int8(grad_N, 256, residual_N),
-         grad_N.numel() * (4 + 4 + 1 + 4)),
+        ("quantize_int8 (error feedback)", f"N {grad_N.numel()}",
+         lambda: dsv3.ops.quantize_int8(grad_N, 256, residual_N), grad_N.numel() * (4 + 4 + 1 + 4)),
         # Reduce step: W=8 int8 chunks in, one fp32 sum out.
-        ("dequantize_int8 (8 chunks summed)",
+        ("dequantize_int8 (8 chunks summed)", f"8 x N {q_8N.shape[1]}",
          lambda: dsv3.ops.dequantize_int8(q_8N, scales_8B, 256), q_8N.numel() + q_8N.shape[1] * 4),
     ]
     rows = []
-    for name, fn, n_bytes in cases:
+    for name, shape, fn, n_bytes in cases:
         ms = graph_ms(fn)
-        rows.append({"bench": name, "shape": shape.replace(f"T{T}", f"T{route_T}")
-                     if name.startswith("route") else shape,
-                     "dsv3_ms": ms, "eager_ms": bench_ms(fn),
+        rows.append({"bench": name, "shape": shape, "dsv3_ms": ms, "eager_ms": bench_ms(fn),
                      "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bandwidth})
     return rows
 
