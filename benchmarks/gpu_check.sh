@@ -2,10 +2,13 @@
 # One call on a bare GPU machine (python3 with torch and triton, no registry):
 # build dsv3._C in place for Hopper, run the GPU tests, run the GPU benchmarks,
 # and leave logs, JSON and a markdown table in $OUT (at most 8 files come back).
-#   run(command="bash benchmarks/gpu_check.sh", timeout_s=560)
+#   run(command="TOTAL_S=420 bash benchmarks/gpu_check.sh", timeout_s=470)
 # The whole script keeps inside TOTAL_S (default 500 s): each phase has its own
 # limit and the benchmarks stop starting new cases when their time is up, so a slow
-# phase costs figures, not the run.
+# phase costs figures, not the run. On an H200 (2026-11-28) it took 205-227 s:
+# build ~50 s, 429 GPU tests ~80 s, benchmarks ~90 s. Before spending device time,
+# `python -m benchmarks.sm90_compile_check` and `python -m benchmarks.gpu_bench --smoke`
+# check the Triton kernels and every benchmark case here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/gpu}
