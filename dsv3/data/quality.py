@@ -26,6 +26,7 @@ import torch
 import xxhash
 
 from dsv3.data.document import Document
+from dsv3.data.readers import _records
 from dsv3.data.step import Step
 from dsv3.data.textview import TextView
 
@@ -174,22 +175,17 @@ def make_featurizer(backend: str, encoder: str | None = None, **kwargs):
 def read_labeled(path: str, text_field: str = "text", label_field: str = "label"):
     """(texts, labels) from jsonl; labels 1/true = good, 0/false = bad."""
     texts, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
-            text, label = rec.get(text_field), rec.get(label_field)
-            if not isinstance(text, str):
-                raise ValueError(f"{path}, line {n}: field {text_field!r} must be a string")
-            if label not in (0, 1, True, False):
-                raise ValueError(f"{path}, line {n}: field {label_field!r} must be 0/1 or "
-                                 f"true/false, got {label!r}")
-            texts.append(text)
-            labels.append(int(label))
+    for n, rec, error in _records(path, "jsonl"):
+        if error is not None:
+            raise ValueError(f"{path}, line {n}: {error}")
+        text, label = rec.get(text_field), rec.get(label_field)
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {n}: field {text_field!r} must be a string")
+        if label not in (0, 1, True, False):
+            raise ValueError(f"{path}, line {n}: field {label_field!r} must be 0/1 or "
+                             f"true/false, got {label!r}")
+        texts.append(text)
+        labels.append(int(label))
     return texts, labels
 
 
