@@ -70,5 +70,6 @@ def main() -> None:
                        f"python -m benchmarks.checkpointing --preset {args.preset} --batch "
                        f"{args.batch} --seq {args.seq}", table)
 
+
 if __name__ == "__main__":
     main()
