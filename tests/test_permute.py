@@ -39,10 +39,15 @@ def _segments(offsets_E):
     return list(zip([0] + ends[:-1], ends))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T, E, K, pattern",
-                         [pytest.param(*c.values[:3], c.values[4], id=c.id) for c in CASES])
-def test_expert_index_matches_reference(T, E, K, pattern):
-    experts_TK = make_experts(T, E, K, pattern)
+                         [pytest.param(*c.values[:3], c.values[4], id=c.id) for c in CASES] + [
+    # DeepSeek-V3-like routing: 32768 copies over 256 experts, 128 blocks of the CUDA
+    # counting sort, so the device-wide scan crosses many (block, expert) counts.
+    pytest.param(4096, 256, 8, "random", id="E256_K8_many_blocks"),
+    pytest.param(4096, 256, 8, "dropped", id="E256_K8_dropped")])
+def test_expert_index_matches_reference(T, E, K, pattern, device):
+    experts_TK = make_experts(T, E, K, pattern, device)
     offsets_E, row_map_TK = ops.expert_index(experts_TK, E)
     want_offsets_E, want_row_map_TK = reference.expert_index(experts_TK, E)
     assert_close(offsets_E, want_offsets_E, "offsets_E")

@@ -1,5 +1,5 @@
 // Token permutation on CUDA: the stable counting sort of routed copies by expert
-// (per-block histograms, one scan, per-block stable placement: integer work only,
+// (per-block histograms, one device-wide scan, per-block stable placement: integer work only,
 // so the result is exact and deterministic, and nothing is read back to the host),
 // the scatter of token rows with 16-byte accesses, and the deterministic combine
 // (one program per token, summed over k in order in fp32: no atomics).
@@ -11,7 +11,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cub/device/device_scan.cuh>
+
 #include <cstdint>
+#include <limits>
 
 namespace dsv3 {
 namespace {
@@ -28,6 +31,9 @@ __device__ __forceinline__ int bin_of(int32_t expert, int n_experts, int* bad) {
   return expert < 0 ? n_experts : expert;
 }
 
+// hist is bin-major, hist[bin * n_blocks + block]: then the first row of (block, bin)
+// is the exclusive prefix sum of hist in memory order (all copies of smaller bins,
+// then this bin's copies in earlier blocks), so one flat device-wide scan does it.
 __global__ void block_histogram_kernel(const int32_t* experts, int64_t n_copies, int n_experts,
                                        int* hist, int* bad) {
   extern __shared__ int counts[];
@@ -38,52 +44,29 @@ __global__ void block_histogram_kernel(const int32_t* experts, int64_t n_copies,
   if (i < n_copies) atomicAdd(&counts[bin_of(experts[i], n_experts, bad)], 1);
   __syncthreads();
   for (int b = threadIdx.x; b < n_bins; b += blockDim.x)
-    hist[static_cast<int64_t>(blockIdx.x) * n_bins + b] = counts[b];
-}
-
-// One block: turns hist[block][bin] into the first row of (block, bin) and writes
-// offsets_E (cumulative ends). Bins are scanned in order by thread 0 over the
-// per-bin totals; the per-bin scans over blocks run in parallel.
-__global__ void scan_kernel(int* hist, int n_blocks, int n_experts, int32_t* offsets) {
-  extern __shared__ int totals[];
-  const int n_bins = n_experts + 1;
-  for (int b = threadIdx.x; b < n_bins; b += blockDim.x) {
-    int running = 0;
-    for (int blk = 0; blk < n_blocks; ++blk) {
-      const int count = hist[static_cast<int64_t>(blk) * n_bins + b];
-      hist[static_cast<int64_t>(blk) * n_bins + b] = running;
-      running += count;
-    }
-    totals[b] = running;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int start = 0;
-    for (int b = 0; b < n_bins; ++b) {
-      const int total = totals[b];
-      totals[b] = start;
-      start += total;
-      if (b < n_experts) offsets[b] = start;
-    }
-  }
-  __syncthreads();
-  for (int b = threadIdx.x; b < n_bins; b += blockDim.x)
-    for (int blk = 0; blk < n_blocks; ++blk) hist[static_cast<int64_t>(blk) * n_bins + b] += totals[b];
+    hist[static_cast<int64_t>(b) * gridDim.x + blockIdx.x] = counts[b];
 }
 
 // Stable placement: a copy's row is its (block, bin) start plus the number of
-// copies before it in the block with the same bin.
+// copies before it in the block with the same bin. Block 0 also writes offsets_E,
+// the cumulative ends: expert e ends where bin e + 1 starts.
 __global__ void place_kernel(const int32_t* experts, int64_t n_copies, int n_experts,
-                             const int* hist, int32_t* row_map, int* bad) {
+                             const int* starts, int32_t* row_map, int32_t* offsets) {
   __shared__ int bins[kBlock];
+  const int n_blocks = gridDim.x;
+  if (blockIdx.x == 0)
+    for (int e = threadIdx.x; e < n_experts; e += blockDim.x)
+      offsets[e] = starts[static_cast<int64_t>(e + 1) * n_blocks];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int bin = i < n_copies ? bin_of(experts[i], n_experts, bad) : -1;
+  // Out-of-range ids were flagged by the histogram; here they only need the same bin.
+  const int32_t expert = i < n_copies ? experts[i] : -1;
+  const int bin = i >= n_copies ? -1 : (expert < 0 || expert >= n_experts ? n_experts : expert);
   bins[threadIdx.x] = bin;
   __syncthreads();
   if (i >= n_copies) return;
   int rank = 0;
   for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += bins[j] == bin;
-  row_map[i] = hist[static_cast<int64_t>(blockIdx.x) * (n_experts + 1) + bin] + rank;
+  row_map[i] = starts[static_cast<int64_t>(bin) * n_blocks + blockIdx.x] + rank;
 }
 
 std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_TK_in,
@@ -94,27 +77,37 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_T
   const c10::cuda::CUDAGuard guard(experts_TK_in.device());
   const at::Tensor experts_TK = experts_TK_in.contiguous();
   const int64_t n_copies = experts_TK.numel();
-  const int n_blocks = static_cast<int>((n_copies + kBlock - 1) / kBlock);
+  TORCH_CHECK_VALUE(n_copies < std::numeric_limits<int32_t>::max(),
+                    "expert_index: experts_TK has too many entries for int32 rows: ", n_copies);
   const auto int_options = experts_TK.options();
-  at::Tensor offsets_E = at::empty({n_experts}, int_options);
   at::Tensor row_map_TK = at::empty_like(experts_TK);
+  if (n_copies == 0) return {at::zeros({n_experts}, int_options), row_map_TK};
+  const int n_blocks = static_cast<int>((n_copies + kBlock - 1) / kBlock);
+  const int64_t n_counts = static_cast<int64_t>(n_blocks) * (n_experts + 1);
+  TORCH_CHECK_VALUE(n_counts < std::numeric_limits<int32_t>::max(),
+                    "expert_index: too many (block, expert) counts for one scan: ", n_counts);
+  at::Tensor offsets_E = at::empty({n_experts}, int_options);
   // hist and the out-of-range flag live in one buffer: a single allocation.
-  at::Tensor scratch = at::zeros({static_cast<int64_t>(n_blocks) * (n_experts + 1) + 1}, int_options);
+  at::Tensor scratch = at::empty({n_counts + 1}, int_options);
   int* hist = scratch.mutable_data_ptr<int>();
-  int* bad = hist + static_cast<int64_t>(n_blocks) * (n_experts + 1);
-  const size_t bins_bytes = (n_experts + 1) * sizeof(int);
+  int* bad = hist + n_counts;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (n_blocks > 0) {
-    block_histogram_kernel<<<n_blocks, kBlock, bins_bytes, stream>>>(
-        experts_TK.const_data_ptr<int32_t>(), n_copies, n_experts, hist, bad);
-  }
-  scan_kernel<<<1, 1024, bins_bytes, stream>>>(hist, n_blocks, n_experts,
-                                                offsets_E.mutable_data_ptr<int32_t>());
-  if (n_blocks > 0) {
-    place_kernel<<<n_blocks, kBlock, 0, stream>>>(experts_TK.const_data_ptr<int32_t>(), n_copies,
-                                                 n_experts, hist,
-                                                 row_map_TK.mutable_data_ptr<int32_t>(), bad);
-  }
+  C10_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), stream));
+  block_histogram_kernel<<<n_blocks, kBlock, (n_experts + 1) * sizeof(int), stream>>>(
+      experts_TK.const_data_ptr<int32_t>(), n_copies, n_experts, hist, bad);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // In place, device-wide; the temporary storage comes from the caching allocator, so
+  // nothing syncs and the whole op stays capturable in a CUDA graph.
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, hist, hist,
+                                               static_cast<int>(n_counts), stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, int_options.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.mutable_data_ptr(), temp_bytes, hist, hist,
+                                               static_cast<int>(n_counts), stream));
+  place_kernel<<<n_blocks, kBlock, 0, stream>>>(experts_TK.const_data_ptr<int32_t>(), n_copies,
+                                               n_experts, hist,
+                                               row_map_TK.mutable_data_ptr<int32_t>(),
+                                               offsets_E.mutable_data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // An out-of-range id is reported without a host sync: a device-side assert.
   at::_assert_async(scratch[-1] == 0, "expert_index: experts_TK values must be in [-1, n_experts)");
