@@ -8,13 +8,25 @@ Triton's launcher is replaced by a compile-only one (``warmup``) under a stand-i
 driver that reports an sm_90 target; autotuned kernels compile every config.
 Nothing is launched, so outputs are garbage: only compilation is checked.
 
-    python -m benchmarks.sm90_compile_check
+``--sass`` adds each kernel's static SASS statistics (registers, spills, instruction
+counts by class), disassembled from the sm_90 cubin with the nvdisasm that ships with
+Triton, so that kernel variants can be compared by their instruction mix without a GPU.
+
+    python -m benchmarks.sm90_compile_check [--sass] [--dtypes bfloat16]
 """
 import argparse
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
@@ -49,6 +61,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
                           if isinstance(a, torch.Tensor) and a.is_floating_point()}),
         "shared": kernel.metadata.shared,
         "wgmma": "wgmma.mma_async" in ptx,
+        "cubin": kernel.asm["cubin"],
     })
     return kernel
 
@@ -67,6 +80,62 @@ def install() -> None:
     driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
     Autotuner.run = _all_configs
+
+
+# SASS opcodes (the mnemonic before its first '.') counted together in the report.
+SASS_CLASSES = {
+    "stl": ("STL",),  # stores to local memory: register spills (or a stack array)
+    "ldl": ("LDL",),
+    "shfl": ("SHFL",),
+    "mufu": ("MUFU",),  # exp2, rcp, rsqrt...: the slow special-function unit
+    "atom": ("ATOM", "ATOMG", "RED", "REDG"),  # global atomics; shared-memory ATOMS is not one
+    # global loads, with the asynchronous copies into shared memory (cp.async, TMA)
+    "ldg": ("LDG", "LDGSTS", "UTMALDG"),
+    "stg": ("STG", "UTMASTG"),
+    "lds/sts": ("LDS", "STS", "LDSM", "STSM"),
+    "bar": ("BAR",),
+    "gmma": ("HGMMA", "IGMMA", "QGMMA", "BGMMA"),  # Hopper's wgmma
+    "hmma": ("HMMA", "IMMA"),  # mma.sync: the pre-Hopper tensor-core path
+    "bra": ("BRA",),
+}
+# "/*0120*/   @!P0 LDC R146, c[0x0][0x238] ;" -> LDC; data lines ("/*0000*/ .byte ...") don't match.
+_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*)",
+                          re.MULTILINE)
+
+
+def _nvidia_tool(name: str) -> str:
+    """The CUDA binary that ships with Triton (the version its ptxas belongs to), else PATH's."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    path = str(bundled) if bundled.is_file() else shutil.which(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is neither in {bundled.parent} nor on PATH")
+    return path
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Static statistics of a cubin's SASS: registers per thread ("regs"), instructions
+    ("sass"), the counts of each of SASS_CLASSES, and every opcode's count ("opcodes")."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        # -c: code sections only (its stderr warns of the ELF's format: not an error)
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", file.name], check=True,
+                              capture_output=True, text=True).stdout
+        # Triton's metadata has no register count (it reads it from the driver at load)
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", file.name], check=True,
+                               capture_output=True, text=True).stdout
+    opcodes = Counter(_INSTRUCTION.findall(sass))
+    # one "REG:n" per function in the cubin; Triton's has the kernel alone
+    stats = {"regs": max(map(int, re.findall(r"\bREG:(\d+)", usage)), default=0),
+             "sass": sum(opcodes.values())}
+    stats.update({name: sum(opcodes[op] for op in ops) for name, ops in SASS_CLASSES.items()})
+    stats["opcodes"] = dict(opcodes)
+    return stats
+
+
+def _sass_columns(stats: dict) -> str:
+    return " ".join(f"{name}={stats[name]:<{5 if name == 'sass' else 3}}"
+                    for name in ("regs", "sass", *SASS_CLASSES))
 
 
 def _cases(dtypes):
@@ -120,6 +189,8 @@ def _cases(dtypes):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--sass", action="store_true",
+                        help="add registers and SASS instruction counts per kernel")
     args = parser.parse_args(argv)
     install()
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
@@ -131,12 +202,16 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failure, not just the first
             failures += 1
             print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}")
-    for entry in COMPILED:
+    if args.sass:  # nvdisasm takes ~0.3 s a kernel: run them side by side
+        with ThreadPoolExecutor() as pool:
+            stats = list(pool.map(sass_stats, [entry["cubin"] for entry in COMPILED]))
+    for i, entry in enumerate(COMPILED):
         too_big = entry["shared"] > SM90_SHARED_BYTES
         failures += too_big
+        wgmma = f"{entry['wgmma']!s:5} {_sass_columns(stats[i])}" if args.sass else entry["wgmma"]
         print(("TOO BIG " if too_big else "ok      ")
               + f"{entry['kernel']:32s} {','.join(entry['dtypes']):18s} shared={entry['shared']:6d} "
-              f"wgmma={entry['wgmma']} {entry['config']}")
+              f"wgmma={wgmma} {entry['config']}")
     print(f"{len(COMPILED)} compilations, {failures} failures, "
           f"{time.perf_counter() - start:.0f} s")
     return 1 if failures else 0

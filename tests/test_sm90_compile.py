@@ -2,19 +2,20 @@
 kernel that only the interpreter has run can still fail Triton's GPU compiler or
 ask for more shared memory than the chip has. The grouped GEMM must also reach
 Hopper's wgmma tensor-core instructions, or it runs on a much slower path."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSV3_BACKEND")}
 
 
 def test_triton_kernels_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSV3_BACKEND")}
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.sm90_compile_check", "--dtypes", "bfloat16"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     gemm_lines = [line for line in result.stdout.splitlines() if "_grouped_mm" in line]
@@ -23,3 +24,41 @@ def test_triton_kernels_compile_for_sm90():
     kernels = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok")}
     assert {"_route_kernel", "_route_backward_kernel", "_permute_rows_kernel", "_unpermute_kernel",
             "_swiglu_kernel", "_quantize_kernel", "_dequantize_kernel"} <= kernels, report
+
+
+# In a subprocess: install() swaps Triton's driver and launcher for the whole process.
+_SASS_SCRIPT = """
+import json, torch
+from benchmarks import sm90_compile_check as check
+check.install()
+from dsv3.kernels import grouped_gemm, swiglu
+grouped_gemm.grouped_mm(torch.randn(64, 32, dtype=torch.bfloat16),
+                        torch.randn(4, 32, 48, dtype=torch.bfloat16),
+                        torch.tensor([0, 16, 40, 64], dtype=torch.int32))
+swiglu.swiglu(torch.randn(64, 96, dtype=torch.bfloat16))
+first = {}
+for entry in check.COMPILED:  # the autotuner compiled every config: one of each kernel
+    first.setdefault(entry["kernel"], entry["cubin"])
+print(json.dumps({kernel: check.sass_stats(cubin) for kernel, cubin in first.items()}))
+"""
+
+
+def test_sass_stats_of_sm90_cubins():
+    """nvdisasm ships with Triton, so a missing one fails here rather than skipping."""
+    result = subprocess.run([sys.executable, "-c", _SASS_SCRIPT], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads(result.stdout.splitlines()[-1])
+    gemm, swiglu = stats["_grouped_mm_kernel"], stats["_swiglu_kernel"]
+    for kernel in (gemm, swiglu):
+        assert 0 < kernel["regs"] <= 255
+        assert kernel["sass"] == sum(kernel["opcodes"].values()) > 0
+        assert kernel["opcodes"]["EXIT"] >= 1
+        # the classes share no opcode, so together they are part of the total
+        classes = {name: n for name, n in kernel.items() if name not in ("regs", "sass", "opcodes")}
+        assert len(classes) >= 12 and sum(classes.values()) <= kernel["sass"]
+        assert kernel["ldg"] > 0 and kernel["stg"] > 0
+    # bf16 tiles reach Hopper's wgmma, not the older mma.sync
+    assert gemm["gmma"] > 0 and gemm["hmma"] == 0
+    # SwiGLU's sigmoid needs exp2 and a reciprocal: the special-function unit, no MMA
+    assert swiglu["mufu"] > 0 and swiglu["gmma"] == swiglu["hmma"] == 0
