@@ -41,6 +41,14 @@ CASES = [
     pytest.param(40, 8, 3, "sigmoid", False, 4, 2, True, 1.0, "integer", id="ties_groups"),
     # Medium, DeepSeek-V3-like: 64 experts in 8 groups, top-8 from 4 groups, > 1 parallel chunk.
     pytest.param(700, 64, 8, "sigmoid", True, 8, 4, True, 2.5, "random", id="medium_deepseek"),
+    # DeepSeek-V3's own router: 256 experts in 8 groups of 32, top-8 from 4 groups.
+    pytest.param(150, 256, 8, "sigmoid", True, 8, 4, True, 2.5, "random", id="deepseek_v3_E256"),
+    # Integer logits over 256 experts: ties inside and across the kept groups.
+    pytest.param(60, 256, 8, "sigmoid", False, 8, 4, True, 2.5, "integer", id="ties_E256_groups"),
+    # 256 experts without groups: the GPU kernel takes a token's experts in several slabs.
+    pytest.param(90, 256, 8, "softmax", False, 1, 1, True, 1.0, "random", id="E256_ungrouped"),
+    # 160 experts, top-6 (DeepSeek-V2's sizes): the last slab is partly past the end.
+    pytest.param(90, 160, 6, "softmax", True, 1, 1, False, 1.0, "random", id="E160_K6"),
 ]
 
 

@@ -1,14 +1,15 @@
-"""Triton fused router: one pass over a block of tokens' logits computes the
+"""Triton fused router: one kernel over a block of tokens' logits computes the
 scores (softmax or sigmoid, fp32), the group-limited top-k selection with the
 selection-only bias, the normalized and scaled weights, the per-expert counts
 (integer atomics: exact and order-independent), a NaN flag and, when asked, each
 program's partial sums for the balance losses (normalized scores per expert and
-logsumexp^2, added up afterwards in program order: deterministic), so the logits
-are read once. The backward recomputes the scores from the logits instead of saving
-the [T, E] probabilities.
+logsumexp^2, added up afterwards in program order: deterministic). HBM sees the
+logits once: the kernel's later passes over a token's row (group scores, then the
+top-k over the kept groups only) hit the L1/L2 copy. The backward recomputes the
+scores from the logits instead of saving the [T, E] probabilities.
 
-Ties go to the lower expert index (``tl.argmax(..., tie_break_left=True)``), as in
-the CPU kernel and the reference.
+Ties go to the lower expert index, as in the CPU kernel and the reference (a stable
+descending sort).
 """
 import torch
 import triton
@@ -16,7 +17,8 @@ import triton.language as tl
 
 from dsv3.kernels.config import INTERPRET
 
-_BLOCK_T = 16 if INTERPRET else 32
+# Backward: tokens per program ([tokens, experts] tiles, a warp's lanes along experts).
+_BACKWARD_TOKENS = 16 if INTERPRET else 32
 
 
 @triton.jit
@@ -44,69 +46,242 @@ def _logsumexp(logits):
     return tl.where(total > 0, safe_max + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
 
 
+# Forward layout: one thread per token. Its logits are read as [chunks, BLOCK_T, CW]
+# tiles, CW = one 16-byte vector; Triton lays such a tile out with the token axis
+# across the lanes and the chunk and vector axes inside each thread, so every
+# reduction over experts is in-register: no shuffles. (With a [BLOCK_T, E] tile the 32
+# lanes of a warp split one token's row, and each argmax of the top-k costs a
+# shuffle tree: the first version of this kernel spent ~6 ns a token on that, 0.02 of
+# HBM bandwidth on an H200.) Tiles made here keep the token axis last for the same
+# reason ([rows, BLOCK_T]: lanes along tokens).
+
+
+@triton.jit
+def _load_slab(logits_ptr, tokens, n_tokens, stride_t, col0, FIRST: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, CHUNKS: tl.constexpr, CW: tl.constexpr):
+    """Logits (fp32, -inf where invalid), their expert ids and validity, for experts
+    col0 + [FIRST, FIRST + CHUNKS * CW) of each token's group; col0 may differ per token."""
+    offsets = FIRST + tl.arange(0, CHUNKS)[:, None, None] * CW + tl.arange(0, CW)[None, None, :]
+    valid = (offsets < GROUP_SIZE) & (tokens < n_tokens)[None, :, None]
+    cols = col0[None, :, None] + offsets
+    logits = tl.load(logits_ptr + tokens[None, :, None].to(tl.int64) * stride_t + cols,
+                     mask=valid, other=float("-inf")).to(tl.float32)
+    return logits, cols, valid
+
+
+# On a GPU, exp and 1/x are the bare approximate instructions (ex2.approx.ftz,
+# rcp.approx.ftz: ~1-2 ulp, denormals flushed): Triton's own add range fix-ups to
+# each, and the scores of 256 experts a token made those fix-ups a third of the
+# kernel's instructions. The interpreter has no PTX: plain tl.exp and division there.
+_FAST_MATH: tl.constexpr = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def _exp(x):
+    if _FAST_MATH:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
+                                         [x * 1.4426950408889634], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp(x)
+
+
+@triton.jit
+def _reciprocal(x):
+    if _FAST_MATH:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    return 1.0 / x
+
+
+@triton.jit
+def _probs(logits, valid, row_max, row_scale, SIGMOID: tl.constexpr):
+    """Scores of a slab, 0 where invalid; softmax takes its row's max and 1/exp-sum ([T])."""
+    if SIGMOID:
+        return tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
+    return tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0) * row_scale[None, :, None]
+
+
+@triton.jit
+def _choice(probs, cols, valid, bias_ptr, HAS_BIAS: tl.constexpr):
+    """Selection scores: the scores plus the bias, -inf where invalid."""
+    if HAS_BIAS:
+        probs += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(valid, probs, float("-inf"))
+
+
+@triton.jit
+def _max3(x):
+    return tl.max(tl.max(x, 2), 0)
+
+
+@triton.jit
+def _sum3(x):
+    return tl.sum(tl.sum(x, 2), 0)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _top2_combine(first_a, second_a, first_b, second_b):
+    return (tl.maximum(first_a, first_b),
+            tl.maximum(tl.minimum(first_a, first_b), tl.maximum(second_a, second_b)))
+
+
+@triton.jit
+def _top2(x):
+    """A slab's best and second-best values per token (equal when the best is there twice)."""
+    first, second = tl.reduce((x, tl.full(x.shape, float("-inf"), tl.float32)), 2, _top2_combine)
+    return tl.reduce((first, second), 0, _top2_combine)
+
+
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, nan_ptr,
-                  partial_ptr, n_tokens, n_experts, stride_t, top_k, n_groups, topk_groups,
-                  scale, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
-                  STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                  partial_ptr, n_tokens, stride_t, scale, N_EXPERTS: tl.constexpr,
+                  TOP_K: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                  STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
+                  SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+    GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
+    SLAB: tl.constexpr = SLAB_CHUNKS * CW
+    SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
     token_mask = tokens < n_tokens
-    logits, probs = _scores(logits_ptr, stride_t, tokens, cols, n_tokens, n_experts, SIGMOID)
-    has_nan = tl.sum(tl.where((logits != logits) | (logits == float("inf")), 1, 0), 1)
-    tl.atomic_max(nan_ptr, tl.max(has_nan, 0))
+    no_token = tl.zeros((BLOCK_T,), tl.int32)  # a per-token zero: the first group's col0
+    minus_inf = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    # The row's largest logit, NaN if it has one: the NaN/+inf check, softmax's shift
+    # and the stats' logsumexp all start from it.
+    row_high = minus_inf
+    row_max = tl.zeros((BLOCK_T,), tl.float32)
+    row_scale = tl.full((BLOCK_T,), 1.0, tl.float32)  # softmax: 1 / the row's exp-sum
+    if not SIGMOID:  # softmax: the row's max, then its exp-sum, before any score
+        for g in tl.static_range(N_GROUPS):
+            for s in tl.static_range(SLABS):
+                logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                          no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                          SLAB_CHUNKS, CW)
+                row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
+                                                        _nan_max))
+        row_max = tl.where(row_high == float("-inf"), 0.0, row_high)  # an all -inf row: zeros
+        row_total = tl.zeros((BLOCK_T,), tl.float32)
+        for g in tl.static_range(N_GROUPS):
+            for s in tl.static_range(SLABS):
+                logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                              no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                              SLAB_CHUNKS, CW)
+                row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
+        row_scale = _reciprocal(tl.where(row_total > 0, row_total, 1.0))
+
+    # Pass 1, every expert (softmax: only with groups): the group scores, the sum of
+    # each group's two best selection scores (DeepSeek-V3).
+    group_ids = tl.arange(0, BLOCK_G)
+    group_scores = tl.full((BLOCK_G, BLOCK_T), float("-inf"), tl.float32)
+    if SIGMOID or N_GROUPS > 1:
+        for g in tl.static_range(N_GROUPS):
+            first = minus_inf
+            second = minus_inf
+            for s in tl.static_range(SLABS):
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 SLAB_CHUNKS, CW)
+                if SIGMOID:
+                    row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
+                                                            _nan_max))
+                if N_GROUPS > 1:
+                    choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols,
+                                     valid, bias_ptr, HAS_BIAS)
+                    first, second = _top2_combine(first, second, *_top2(choice))
+            if N_GROUPS > 1:
+                score = first + second if GROUP_SIZE > 1 else first
+                group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
+    has_nan = (row_high != row_high) | (row_high == float("inf"))
+    tl.atomic_max(nan_ptr, tl.max(has_nan.to(tl.int32), 0))
+
     if STATS:
-        # This program's row of partial sums: normalized scores per expert, then lse^2.
-        row_total = tl.sum(probs, 1)
-        normalized = probs / tl.where(row_total > 0, row_total, 1.0)[:, None]
-        partial_row = partial_ptr + tl.program_id(0).to(tl.int64) * (n_experts + 1)
-        tl.store(partial_row + cols, tl.sum(normalized, 0), mask=cols < n_experts)
-        lse = _logsumexp(logits)
-        tl.store(partial_row + n_experts, tl.sum(tl.where(token_mask, lse * lse, 0.0), 0))
+        # This program's row of partial sums: row-normalized scores per expert, then lse^2.
+        partial_row = partial_ptr + tl.program_id(0).to(tl.int64) * (N_EXPERTS + 1)
+        lse_shift = tl.where(row_high == float("-inf"), 0.0, row_high)
+        score_total = tl.zeros((BLOCK_T,), tl.float32)
+        exp_total = tl.zeros((BLOCK_T,), tl.float32)
+        for g in tl.static_range(N_GROUPS):
+            for s in tl.static_range(SLABS):
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 SLAB_CHUNKS, CW)
+                score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
+                exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
+        score_scale = _reciprocal(tl.where(score_total > 0, score_total, 1.0))
+        for g in tl.static_range(N_GROUPS):
+            for s in tl.static_range(SLABS):
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 SLAB_CHUNKS, CW)
+                normalized = (_probs(logits, valid, row_max, row_scale, SIGMOID)
+                              * score_scale[None, :, None])
+                offsets = (g * GROUP_SIZE + s * SLAB + tl.arange(0, SLAB_CHUNKS)[:, None] * CW
+                           + tl.arange(0, CW)[None, :])
+                tl.store(partial_row + offsets, tl.sum(normalized, 1),
+                         mask=offsets < g * GROUP_SIZE + GROUP_SIZE)
+        lse = tl.where(exp_total > 0,
+                       lse_shift + tl.log(tl.where(exp_total > 0, exp_total, 1.0)), float("-inf"))
+        tl.store(partial_row + N_EXPERTS, tl.sum(tl.where(token_mask, lse * lse, 0.0), 0))
 
-    choice = tl.where(cols[None, :] < n_experts, probs, float("-inf"))
-    if HAS_BIAS:
-        choice += tl.load(bias_ptr + cols, mask=cols < n_experts, other=0.0).to(tl.float32)[None, :]
-    if n_groups > 1:
-        # Group score: the sum of the group's two best choice scores (DeepSeek-V3).
-        group_size = n_experts // n_groups
-        group_of_col = cols // group_size
-        group_ids = tl.arange(0, BLOCK_G)
-        group_scores = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
-        for g in range(n_groups):
-            in_group = (group_of_col == g)[None, :]
-            masked = tl.where(in_group, choice, float("-inf"))
-            best = tl.argmax(masked, 1, tie_break_left=True)
-            first = tl.max(masked, 1)
-            second = tl.max(tl.where(cols[None, :] == best[:, None], float("-inf"), masked), 1)
-            score = tl.where(group_size > 1, first + second, first)
-            group_scores = tl.where(group_ids[None, :] == g, score[:, None], group_scores)
-        keep = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.int1)
-        for _ in range(topk_groups):
-            g_best = tl.argmax(group_scores, 1, tie_break_left=True)
-            keep = keep | (group_of_col[None, :] == g_best[:, None])
-            group_scores = tl.where(group_ids[None, :] == g_best[:, None], float("-inf"), group_scores)
-        choice = tl.where(keep, choice, float("-inf"))
-
+    # Pass 2, the kept groups only, best group first: the top-k, kept as a sorted list
+    # ([BLOCK_K, T] scores and ids) and merged with each slab in TOP_K rounds. A round
+    # takes the best score and, among equal ones, the lowest expert id (the reference's
+    # stable sort), so the result does not depend on the order slabs come in.
     slots = tl.arange(0, BLOCK_K)
-    chosen = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
-    weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    for k in range(top_k):
-        expert = tl.argmax(choice, 1, tie_break_left=True)
-        is_expert = cols[None, :] == expert[:, None]
-        weight = tl.sum(tl.where(is_expert, probs, 0.0), 1)
-        chosen = tl.where(slots[None, :] == k, expert[:, None], chosen)
-        weights = tl.where(slots[None, :] == k, weight[:, None], weights)
-        choice = tl.where(is_expert, float("-inf"), choice)
-        tl.atomic_add(counts_ptr + expert, 1, mask=token_mask)
+    top_scores = tl.full((BLOCK_K, BLOCK_T), float("-inf"), tl.float32)
+    top_ids = tl.full((BLOCK_K, BLOCK_T), N_EXPERTS, tl.int32)
+    for r in tl.static_range(TOPK_GROUPS):
+        group = no_token
+        if N_GROUPS > 1:
+            group = tl.argmax(group_scores, 0, tie_break_left=True).to(tl.int32)
+            group_scores = tl.where(group_ids[:, None] == group[None, :], float("-inf"),
+                                    group_scores)
+        for s in tl.static_range(SLABS):
+            logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                                             group * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                             SLAB_CHUNKS, CW)
+            choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols, valid,
+                             bias_ptr, HAS_BIAS)
+            merged_scores = top_scores
+            merged_ids = top_ids
+            for k in tl.static_range(TOP_K):
+                best = _max3(choice)
+                if r + s > 0:  # the first slab has no list to merge with yet
+                    best = tl.maximum(best, tl.max(top_scores, 0))
+                best_id = tl.min(tl.min(tl.where(choice == best[None, :, None], cols, N_EXPERTS),
+                                        2), 0)
+                if r + s > 0:
+                    best_id = tl.minimum(best_id, tl.min(
+                        tl.where(top_scores == best[None, :], top_ids, N_EXPERTS), 0))
+                    top_scores = tl.where(top_ids == best_id[None, :], float("-inf"), top_scores)
+                choice = tl.where(cols == best_id[None, :, None], float("-inf"), choice)
+                merged_scores = tl.where(slots[:, None] == k, best[None, :], merged_scores)
+                merged_ids = tl.where(slots[:, None] == k, best_id[None, :], merged_ids)
+            top_scores = merged_scores
+            top_ids = merged_ids
+
+    out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
+    weights = top_scores
+    if HAS_BIAS:  # the weights are the scores without the bias: recompute the chosen ones
+        chosen = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * stride_t + top_ids,
+                         mask=out_mask, other=float("-inf")).to(tl.float32)
+        if SIGMOID:
+            weights = _reciprocal(1.0 + _exp(-chosen))
+        else:
+            weights = _exp(chosen - row_max[None, :]) * row_scale[None, :]
+    weights = tl.where(out_mask, weights, 0.0)
     if NORMALIZE:
-        weights = weights / (tl.sum(weights, 1)[:, None] + 1e-20)
+        weights = weights / (tl.sum(weights, 0)[None, :] + 1e-20)
     weights = weights * scale
-    out_mask = token_mask[:, None] & (slots[None, :] < top_k)
-    out_offsets = tokens[:, None].to(tl.int64) * top_k + slots[None, :]
+    out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
-    tl.store(experts_ptr + out_offsets, chosen, mask=out_mask)
+    tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
+    tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
 
 
 @triton.jit
@@ -169,9 +344,25 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
              grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(n_experts: int, top_k: int, n_groups: int = 1) -> dict:
-    return {"BLOCK_T": _BLOCK_T, "BLOCK_E": triton.next_power_of_2(n_experts),
-            "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups)}
+def _backward_blocks(n_experts: int, top_k: int) -> dict:
+    return {"BLOCK_T": _BACKWARD_TOKENS, "BLOCK_E": triton.next_power_of_2(n_experts),
+            "BLOCK_K": triton.next_power_of_2(top_k)}
+
+
+# Forward: tokens per program, one per thread (4 warps); experts per slab, at most
+# (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
+_FORWARD_TOKENS = 16 if INTERPRET else 128
+_SLAB_EXPERTS = 64
+
+
+def _forward_blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int) -> dict:
+    group_size = logits_TE.shape[1] // n_groups
+    vector = max(16 // logits_TE.element_size(), 1)  # experts per 16-byte load
+    chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
+    return {"BLOCK_T": _FORWARD_TOKENS, "CW": vector,
+            "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
+            "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
+            "num_warps": max(_FORWARD_TOKENS // 32, 1)}
 
 
 def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
@@ -183,16 +374,19 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
     experts_TK = torch.empty(n_tokens, top_k, device=device, dtype=torch.int32)
     counts_E = torch.zeros(n_experts, device=device, dtype=torch.int32)
     nan_flag = torch.zeros(1, device=device, dtype=torch.int32)
-    blocks = _blocks(n_experts, top_k, n_groups)
+    blocks = _forward_blocks(logits_TE, top_k, n_groups)
     n_programs = triton.cdiv(n_tokens, blocks["BLOCK_T"])
     partial_PX = torch.empty(n_programs if stats else 0, n_experts + 1, device=device,
                              dtype=torch.float32)
     _route_kernel[(n_programs,)](
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK, counts_E,
-        nan_flag, partial_PX, n_tokens, n_experts, logits_TE.stride(0), top_k, n_groups,
-        topk_groups, float(scale), SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None,
-        NORMALIZE=normalize, STATS=stats, **blocks)
+        nan_flag, partial_PX, n_tokens, logits_TE.stride(0), float(scale), N_EXPERTS=n_experts,
+        TOP_K=top_k, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups if n_groups > 1 else 1,
+        SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None, NORMALIZE=normalize,
+        STATS=stats, **blocks)
     _raise_on_nan(nan_flag)
+    if bias_E is not None:
+        _raise_on_bad_bias(bias_E)
     if not stats:
         empty = weights_TK.new_empty(0)
         return weights_TK, experts_TK, counts_E, empty, empty.clone()
@@ -210,14 +404,23 @@ def _raise_on_nan(nan_flag: torch.Tensor) -> None:
         torch._assert_async(nan_flag[0] == 0, "route: logits_TE contains NaN or +inf")
 
 
+def _raise_on_bad_bias(bias_E: torch.Tensor) -> None:
+    """The C++ kernel's check that bias_E is finite, without a host sync on a GPU."""
+    finite = torch.isfinite(bias_E).all()
+    if bias_E.device.type == "cpu":
+        if not finite:
+            raise ValueError("route: bias_E must be finite")
+    else:
+        torch._assert_async(finite, "route: bias_E must be finite")
+
+
 def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE, experts_TK,
                    score, normalize, scale):
     logits_TE = logits_TE.contiguous()
     n_tokens, n_experts = logits_TE.shape
     top_k = experts_TK.shape[1]
     grad_logits_TE = torch.empty_like(logits_TE)
-    blocks = _blocks(n_experts, top_k)
-    blocks.pop("BLOCK_G")
+    blocks = _backward_blocks(n_experts, top_k)
 
     def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
         return grad.contiguous() if grad is not None else logits_TE
