@@ -57,11 +57,11 @@ def _logsumexp(logits):
 
 
 @triton.jit
-def _load_slab(logits_ptr, tokens, n_tokens, stride_t, col0, FIRST: tl.constexpr,
-               GROUP_SIZE: tl.constexpr, CHUNKS: tl.constexpr, CW: tl.constexpr):
+def _load_slab(logits_ptr, tokens, n_tokens, stride_t, col0, first, GROUP_SIZE: tl.constexpr,
+               CHUNKS: tl.constexpr, CW: tl.constexpr):
     """Logits (fp32, -inf where invalid), their expert ids and validity, for experts
-    col0 + [FIRST, FIRST + CHUNKS * CW) of each token's group; col0 may differ per token."""
-    offsets = FIRST + tl.arange(0, CHUNKS)[:, None, None] * CW + tl.arange(0, CW)[None, None, :]
+    col0 + [first, first + CHUNKS * CW) of each token's group; col0 may differ per token."""
+    offsets = first + tl.arange(0, CHUNKS)[:, None, None] * CW + tl.arange(0, CW)[None, None, :]
     valid = (offsets < GROUP_SIZE) & (tokens < n_tokens)[None, :, None]
     cols = col0[None, :, None] + offsets
     logits = tl.load(logits_ptr + tokens[None, :, None].to(tl.int64) * stride_t + cols,
@@ -157,19 +157,19 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     row_max = tl.zeros((BLOCK_T,), tl.float32)
     row_scale = tl.full((BLOCK_T,), 1.0, tl.float32)  # softmax: 1 / the row's exp-sum
     if not SIGMOID:  # softmax: the row's max, then its exp-sum, before any score
-        for g in tl.static_range(N_GROUPS):
-            for s in tl.static_range(SLABS):
+        for g in range(N_GROUPS):
+            for first in range(0, GROUP_SIZE, SLAB):
                 logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
-                                          no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                          no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                           SLAB_CHUNKS, CW)
                 row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
                                                         _nan_max))
         row_max = tl.where(row_high == float("-inf"), 0.0, row_high)  # an all -inf row: zeros
         row_total = tl.zeros((BLOCK_T,), tl.float32)
-        for g in tl.static_range(N_GROUPS):
-            for s in tl.static_range(SLABS):
+        for g in range(N_GROUPS):
+            for first in range(0, GROUP_SIZE, SLAB):
                 logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
-                                              no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                              no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                               SLAB_CHUNKS, CW)
                 row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
         row_scale = _reciprocal(tl.where(row_total > 0, row_total, 1.0))
@@ -179,12 +179,12 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     group_ids = tl.arange(0, BLOCK_G)
     group_scores = tl.full((BLOCK_G, BLOCK_T), float("-inf"), tl.float32)
     if SIGMOID or N_GROUPS > 1:
-        for g in tl.static_range(N_GROUPS):
+        for g in range(N_GROUPS):
             first = minus_inf
             second = minus_inf
-            for s in tl.static_range(SLABS):
+            for first in range(0, GROUP_SIZE, SLAB):
                 logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
-                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 if SIGMOID:
                     row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
@@ -201,26 +201,28 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
 
     if STATS:
         # This program's row of partial sums: row-normalized scores per expert, then lse^2.
+        # The sums over the block's tokens are shuffle trees across the lanes (about a
+        # fifth of this path's instructions): the price of one thread per token.
         partial_row = partial_ptr + tl.program_id(0).to(tl.int64) * (N_EXPERTS + 1)
         lse_shift = tl.where(row_high == float("-inf"), 0.0, row_high)
         score_total = tl.zeros((BLOCK_T,), tl.float32)
         exp_total = tl.zeros((BLOCK_T,), tl.float32)
-        for g in tl.static_range(N_GROUPS):
-            for s in tl.static_range(SLABS):
+        for g in range(N_GROUPS):
+            for first in range(0, GROUP_SIZE, SLAB):
                 logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
-                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
                 exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
         score_scale = _reciprocal(tl.where(score_total > 0, score_total, 1.0))
-        for g in tl.static_range(N_GROUPS):
-            for s in tl.static_range(SLABS):
+        for g in range(N_GROUPS):
+            for first in range(0, GROUP_SIZE, SLAB):
                 logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
-                                                 no_token + g * GROUP_SIZE, s * SLAB, GROUP_SIZE,
+                                                 no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 normalized = (_probs(logits, valid, row_max, row_scale, SIGMOID)
                               * score_scale[None, :, None])
-                offsets = (g * GROUP_SIZE + s * SLAB + tl.arange(0, SLAB_CHUNKS)[:, None] * CW
+                offsets = (g * GROUP_SIZE + first + tl.arange(0, SLAB_CHUNKS)[:, None] * CW
                            + tl.arange(0, CW)[None, :])
                 tl.store(partial_row + offsets, tl.sum(normalized, 1),
                          mask=offsets < g * GROUP_SIZE + GROUP_SIZE)
