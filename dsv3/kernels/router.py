@@ -17,34 +17,6 @@ import triton.language as tl
 
 from dsv3.kernels.config import INTERPRET
 
-# Backward: tokens per program ([tokens, experts] tiles, a warp's lanes along experts).
-_BACKWARD_TOKENS = 16 if INTERPRET else 32
-
-
-@triton.jit
-def _scores(logits_ptr, stride_t, tokens, cols, n_tokens, n_experts, SIGMOID: tl.constexpr):
-    mask = (tokens[:, None] < n_tokens) & (cols[None, :] < n_experts)
-    logits = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * stride_t + cols[None, :],
-                     mask=mask, other=float("-inf")).to(tl.float32)
-    if SIGMOID:
-        probs = tl.where(mask, 1.0 / (1.0 + tl.exp(-logits)), 0.0)
-    else:
-        row_max = tl.max(logits, 1)
-        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-        exps = tl.where(mask, tl.exp(logits - row_max[:, None]), 0.0)
-        total = tl.sum(exps, 1)
-        probs = exps / tl.where(total > 0, total, 1.0)[:, None]  # rows past the end: all zero
-    return logits, probs
-
-
-@triton.jit
-def _logsumexp(logits):
-    """Row-wise log(sum(exp)) of a [BLOCK_T, BLOCK_E] tile padded with -inf."""
-    row_max = tl.max(logits, 1)
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.sum(tl.exp(logits - safe_max[:, None]), 1)
-    return tl.where(total > 0, safe_max + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-
 
 # Forward layout: one thread per token. Its logits are read as [chunks, BLOCK_T, CW]
 # tiles, CW = one 16-byte vector; Triton lays such a tile out with the token axis
@@ -287,77 +259,139 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
 
 
 @triton.jit
-def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, experts_ptr,
-                           grad_logits_ptr, n_tokens, n_experts, stride_t, top_k, scale,
-                           SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-                           HAS_GRAD_W: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
-                           HAS_GRAD_Z: tl.constexpr, BLOCK_T: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    # With p the scores, s the sum of the chosen ones and g = dL/dw: normalized
-    # weights give dL/dp_k = scale / s * (g_k - sum_j g_j p_j / s), else scale * g_k.
-    # Score sums (q = p / sum(p), h = dL/d(score_sum_E)): dL/dp_e += (h_e - h.q) / sum(p).
-    # Softmax: dL/dl_e = p_e (dL/dp_e - sum_j dL/dp_j p_j); sigmoid: dL/dp_e p_e (1 - p_e).
-    # z: d(lse^2)/dl_e = 2 lse softmax(l)_e.
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    slots = tl.arange(0, BLOCK_K)
-    logits, probs = _scores(logits_ptr, stride_t, tokens, cols, n_tokens, n_experts, SIGMOID)
-    grad_p_full = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    if HAS_GRAD_W:
-        slot_mask = (tokens[:, None] < n_tokens) & (slots[None, :] < top_k)
-        slot_offsets = tokens[:, None].to(tl.int64) * top_k + slots[None, :]
-        chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=-1)
-        grad_w = tl.load(grad_w_ptr + slot_offsets, mask=slot_mask, other=0.0).to(tl.float32)
-        chosen_p = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        for k in range(top_k):
-            expert_k = tl.sum(tl.where(slots[None, :] == k, chosen, 0), 1)
-            p_k = tl.sum(tl.where(cols[None, :] == expert_k[:, None], probs, 0.0), 1)
-            chosen_p = tl.where(slots[None, :] == k, p_k[:, None], chosen_p)
-        if NORMALIZE:
-            total = tl.sum(chosen_p, 1) + 1e-20
-            g_dot_p = tl.sum(grad_w * chosen_p, 1)
-            grad_p = scale / total[:, None] * (grad_w - (g_dot_p / total)[:, None])
-        else:
-            grad_p = scale * grad_w
-        for k in range(top_k):
-            expert_k = tl.sum(tl.where(slots[None, :] == k, chosen, 0), 1)
-            grad_k = tl.sum(tl.where(slots[None, :] == k, grad_p, 0.0), 1)
-            grad_p_full = tl.where(cols[None, :] == expert_k[:, None], grad_k[:, None], grad_p_full)
-    if HAS_GRAD_SUM:
-        grad_sum = tl.load(grad_sum_ptr + cols, mask=cols < n_experts, other=0.0).to(tl.float32)
-        if SIGMOID:
-            row_total = tl.sum(probs, 1)
-            row_total = tl.where(row_total > 0, row_total, 1.0)
-        else:
-            row_total = tl.full((BLOCK_T,), 1.0, tl.float32)
-        h_dot_p = tl.sum(grad_sum[None, :] * probs, 1)
-        grad_p_full += (grad_sum[None, :] - (h_dot_p / row_total)[:, None]) / row_total[:, None]
+def _score_grad(grad_p, probs, g_dot_p, SIGMOID: tl.constexpr):
+    """dL/dlogit from dL/dp: sigmoid p (1 - p) dL/dp; softmax p (dL/dp - sum_j dL/dp_j p_j)."""
     if SIGMOID:
-        grad_logits = grad_p_full * probs * (1.0 - probs)
-    else:
-        grad_logits = probs * (grad_p_full - tl.sum(grad_p_full * probs, 1)[:, None])
-    mask = (tokens[:, None] < n_tokens) & (cols[None, :] < n_experts)
+        return grad_p * probs * (1.0 - probs)
+    return probs * (grad_p - g_dot_p)
+
+
+@triton.jit
+def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, experts_ptr,
+                           grad_logits_ptr, n_tokens, stride_t, scale, N_EXPERTS: tl.constexpr,
+                           TOP_K: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
+                           HAS_GRAD_W: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
+                           HAS_GRAD_Z: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
+                           SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One thread per token, as in the forward. With p the scores, s the sum of the
+    # chosen ones and g = dL/dw: normalized weights give dL/dp_k = scale / s * (g_k -
+    # sum_j g_j p_j / s), else scale * g_k. Score sums (q = p / sum(p), h =
+    # dL/d(score_sum_E)): dL/dp_e += (h_e - h.q) / sum(p), dense over e. Softmax:
+    # dL/dl_e = p_e (dL/dp_e - sum_j dL/dp_j p_j); sigmoid: dL/dp_e p_e (1 - p_e).
+    # z: d(lse^2)/dl_e = 2 lse softmax(l)_e. The row is written dense (every term but
+    # the top-k's), then the k chosen entries are rewritten with their g term added.
+    SLAB: tl.constexpr = SLAB_CHUNKS * CW
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < n_tokens
+    no_col = tl.zeros((BLOCK_T,), tl.int32)
+    zeros = tl.zeros((BLOCK_T,), tl.float32)
+    # Row statistics: the max and exp-sum of the logits (softmax scores, logsumexp),
+    # the sum of the scores and sum_e h_e p_e (score sums).
+    row_high = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+    for first in range(0, N_EXPERTS, SLAB):
+        logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+                                  N_EXPERTS, SLAB_CHUNKS, CW)
+        row_high = tl.maximum(row_high, _max3(logits))
+    row_max = tl.where(row_high == float("-inf"), 0.0, row_high)
+    exp_total = zeros
+    score_total = zeros
+    h_dot_p = zeros
+    for first in range(0, N_EXPERTS, SLAB):
+        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+                                         N_EXPERTS, SLAB_CHUNKS, CW)
+        if HAS_GRAD_Z or not SIGMOID:  # sigmoid needs the exp-sum for the z term only
+            exps = tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0)
+            exp_total += _sum3(exps)
+        if SIGMOID:
+            probs = tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
+        else:
+            probs = exps  # scaled by 1 / exp_total below
+        score_total += _sum3(probs)
+        if HAS_GRAD_SUM:
+            h = tl.load(grad_sum_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            h_dot_p += _sum3(h * probs)
+    exp_scale = _reciprocal(tl.where(exp_total > 0, exp_total, 1.0))
+    if not SIGMOID:  # the sums were of exps: make them sums of scores
+        score_total = score_total * exp_scale
+        h_dot_p = h_dot_p * exp_scale
+    lse = tl.where(exp_total > 0, row_max + tl.log(tl.where(exp_total > 0, exp_total, 1.0)),
+                   float("-inf"))
+    lse = tl.where(token_mask, lse, 0.0)
+    # The dense part of dL/dp: (h_e - h.p / t) / t, t = the score sum (1 for softmax, as
+    # the reference leaves it).
+    sum_total = score_total if SIGMOID else tl.full((BLOCK_T,), 1.0, tl.float32)
+    sum_total = tl.where(sum_total > 0, sum_total, 1.0)
+    sum_scale = _reciprocal(sum_total)
+    h_shift = h_dot_p * sum_scale
+    z_scale = zeros
     if HAS_GRAD_Z:
-        grad_z = tl.load(grad_z_ptr).to(tl.float32)
-        lse = tl.where(tokens < n_tokens, _logsumexp(logits), 0.0)  # rows past the end: -inf
-        softmax = tl.where(mask, tl.exp(logits - lse[:, None]), 0.0)
-        grad_logits += grad_z * 2.0 * lse[:, None] * softmax
-    tl.store(grad_logits_ptr + tokens[:, None].to(tl.int64) * n_experts + cols[None, :],
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        z_scale = 2.0 * tl.load(grad_z_ptr).to(tl.float32) * lse
+
+    # The top-k's dL/dp, from the chosen scores (gathered).
+    slots = tl.arange(0, BLOCK_K)
+    slot_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
+    slot_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
+    chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
+    chosen_logits = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * stride_t + chosen,
+                            mask=slot_mask, other=0.0).to(tl.float32)
+    if SIGMOID:
+        chosen_p = _reciprocal(1.0 + _exp(-chosen_logits))
+    else:
+        chosen_p = _exp(chosen_logits - row_max[None, :]) * exp_scale[None, :]
+    chosen_p = tl.where(slot_mask, chosen_p, 0.0)
+    grad_chosen = tl.zeros((BLOCK_K, BLOCK_T), tl.float32)
+    if HAS_GRAD_W:
+        grad_w = tl.load(grad_w_ptr + slot_offsets, mask=slot_mask, other=0.0).to(tl.float32)
+        if NORMALIZE:
+            total = tl.sum(chosen_p, 0) + 1e-20
+            g_dot_p = tl.sum(grad_w * chosen_p, 0)
+            grad_chosen = scale / total[None, :] * (grad_w - (g_dot_p / total)[None, :])
+        else:
+            grad_chosen = scale * grad_w
+    chosen_dense = tl.zeros((BLOCK_K, BLOCK_T), tl.float32)
+    if HAS_GRAD_SUM:
+        h_chosen = tl.load(grad_sum_ptr + chosen, mask=slot_mask, other=0.0).to(tl.float32)
+        chosen_dense = (h_chosen - h_shift[None, :]) * sum_scale[None, :]
+    # Softmax's sum_j dL/dp_j p_j: the top-k's g terms plus the dense part's
+    # sum_e (h_e - h_shift) / t p_e = (h.p - h_shift * sum p) / t.
+    g_dot_p_all = tl.sum(grad_chosen * chosen_p, 0)
+    if HAS_GRAD_SUM:
+        g_dot_p_all += (h_dot_p - h_shift * score_total) * sum_scale
+
+    out_row = grad_logits_ptr + tokens.to(tl.int64) * N_EXPERTS
+    for first in range(0, N_EXPERTS, SLAB):
+        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+                                         N_EXPERTS, SLAB_CHUNKS, CW)
+        if SIGMOID:
+            probs = tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
+        else:
+            probs = tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0) \
+                * exp_scale[None, :, None]
+        grad_p = tl.zeros(logits.shape, tl.float32)
+        if HAS_GRAD_SUM:
+            h = tl.load(grad_sum_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            grad_p = (h - h_shift[None, :, None]) * sum_scale[None, :, None]
+        grad = _score_grad(grad_p, probs, g_dot_p_all[None, :, None], SIGMOID)
+        if HAS_GRAD_Z:
+            softmax = tl.where(valid, _exp(logits - lse[None, :, None]), 0.0)
+            grad += z_scale[None, :, None] * softmax
+        tl.store(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
+                 mask=valid)
+    if HAS_GRAD_W:  # the chosen entries again, now with their g term (same thread: in order)
+        grad = _score_grad(chosen_dense + grad_chosen, chosen_p, g_dot_p_all[None, :], SIGMOID)
+        if HAS_GRAD_Z:
+            grad += z_scale[None, :] * _exp(chosen_logits - lse[None, :])
+        tl.store(out_row[None, :] + chosen, grad.to(grad_logits_ptr.dtype.element_ty),
+                 mask=slot_mask)
 
 
-def _backward_blocks(n_experts: int, top_k: int) -> dict:
-    return {"BLOCK_T": _BACKWARD_TOKENS, "BLOCK_E": triton.next_power_of_2(n_experts),
-            "BLOCK_K": triton.next_power_of_2(top_k)}
-
-
-# Forward: tokens per program, one per thread (4 warps); experts per slab, at most
+# Tokens per program, one per thread (4 warps); experts per slab, at most
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _FORWARD_TOKENS = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
 
 
-def _forward_blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int) -> dict:
+def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     group_size = logits_TE.shape[1] // n_groups
     vector = max(16 // logits_TE.element_size(), 1)  # experts per 16-byte load
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
@@ -376,7 +410,7 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
     experts_TK = torch.empty(n_tokens, top_k, device=device, dtype=torch.int32)
     counts_E = torch.zeros(n_experts, device=device, dtype=torch.int32)
     nan_flag = torch.zeros(1, device=device, dtype=torch.int32)
-    blocks = _forward_blocks(logits_TE, top_k, n_groups)
+    blocks = _blocks(logits_TE, top_k, n_groups)
     n_programs = triton.cdiv(n_tokens, blocks["BLOCK_T"])
     partial_PX = torch.empty(n_programs if stats else 0, n_experts + 1, device=device,
                              dtype=torch.float32)
@@ -422,15 +456,16 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
     n_tokens, n_experts = logits_TE.shape
     top_k = experts_TK.shape[1]
     grad_logits_TE = torch.empty_like(logits_TE)
-    blocks = _backward_blocks(n_experts, top_k)
+    blocks = _blocks(logits_TE, top_k)
+    blocks.pop("BLOCK_G")
 
     def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
         return grad.contiguous() if grad is not None else logits_TE
 
     _route_backward_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_T"]),)](
         pointer(grad_weights_TK), pointer(grad_score_sum_E), pointer(grad_lse_sq_sum), logits_TE,
-        experts_TK.contiguous(), grad_logits_TE, n_tokens, n_experts, logits_TE.stride(0), top_k,
-        float(scale), SIGMOID=score == "sigmoid", NORMALIZE=normalize,
+        experts_TK.contiguous(), grad_logits_TE, n_tokens, logits_TE.stride(0), float(scale),
+        N_EXPERTS=n_experts, TOP_K=top_k, SIGMOID=score == "sigmoid", NORMALIZE=normalize,
         HAS_GRAD_W=grad_weights_TK is not None, HAS_GRAD_SUM=grad_score_sum_E is not None,
         HAS_GRAD_Z=grad_lse_sq_sum is not None, **blocks)
     return grad_logits_TE
