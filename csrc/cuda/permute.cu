@@ -232,34 +232,53 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
   return y_TD;
 }
 
+// Sum of one value per thread over the block, in a fixed order (shuffle tree in each
+// warp, then the warps' sums in order): deterministic. Every thread gets the sum.
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t value, acc_t* warp_sums) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffff, value, offset);
+  const int warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) warp_sums[warp] = value;
+  __syncthreads();
+  acc_t total = 0;
+  for (int w = 0; w < n_warps; ++w) total += warp_sums[w];
+  __syncthreads();  // warp_sums is reused by the next call
+  return total;
+}
+
 // One block per token. grad_y_SD[row_map[t, k]] = w[t, k] * grad[t]; grad_w[t, k] is the
-// dot of grad[t] and y_SD[row_map[t, k]], reduced in a fixed tree order (deterministic).
-template <typename scalar_t>
+// dot of grad[t] and y_SD[row_map[t, k]], reduced in a fixed order (deterministic).
+// kVec elements per access: 16 bytes when rows are 16-byte aligned, else 1.
+template <typename scalar_t, int kVec>
 __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* y,
                                           const int32_t* row_map,
                                           const at::opmath_type<scalar_t>* weights,
                                           scalar_t* grad_rows, at::opmath_type<scalar_t>* grad_weights,
                                           int64_t dim, int top_k) {
   using acc_t = at::opmath_type<scalar_t>;
-  __shared__ acc_t partial[256];
+  struct alignas(sizeof(scalar_t) * kVec) Piece { scalar_t v[kVec]; };
+  __shared__ acc_t warp_sums[32];
   const int64_t token = blockIdx.x;
+  const Piece* grad_row = reinterpret_cast<const Piece*>(grad + token * dim);
   for (int k = 0; k < top_k; ++k) {
     const int64_t row = row_map[token * top_k + k];
     const acc_t w = weights[token * top_k + k];
+    const Piece* y_row = reinterpret_cast<const Piece*>(y + row * dim);
+    Piece* out_row = reinterpret_cast<Piece*>(grad_rows + row * dim);
     acc_t dot = 0;
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
-      const acc_t g = static_cast<acc_t>(grad[token * dim + d]);
-      grad_rows[row * dim + d] = static_cast<scalar_t>(w * g);
-      dot += g * static_cast<acc_t>(y[row * dim + d]);
+    for (int64_t p = threadIdx.x; p < dim / kVec; p += blockDim.x) {
+      const Piece g = grad_row[p], y_piece = y_row[p];
+      Piece out;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const acc_t g_i = static_cast<acc_t>(g.v[i]);
+        out.v[i] = static_cast<scalar_t>(w * g_i);
+        dot += g_i * static_cast<acc_t>(y_piece.v[i]);
+      }
+      out_row[p] = out;
     }
-    partial[threadIdx.x] = dot;
-    __syncthreads();
-    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
-      if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-      __syncthreads();
-    }
-    if (threadIdx.x == 0) grad_weights[token * top_k + k] = partial[0];
-    __syncthreads();
+    dot = block_sum(dot, warp_sums);
+    if (threadIdx.x == 0) grad_weights[token * top_k + k] = dot;
   }
 }
 
@@ -281,11 +300,23 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
         weights_TK_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     grad_weights_TK = at::empty({n_tokens, top_k}, weights_TK.options());
     if (n_tokens > 0) {
-      unpermute_backward_kernel<scalar_t><<<n_tokens, 256, 0, stream>>>(
-          grad_y_TD.const_data_ptr<scalar_t>(), y_SD.const_data_ptr<scalar_t>(),
-          row_map_TK.const_data_ptr<int32_t>(), weights_TK.const_data_ptr<acc_t>(),
-          grad_y_SD.mutable_data_ptr<scalar_t>(), grad_weights_TK.mutable_data_ptr<acc_t>(), dim,
-          top_k);
+      constexpr int vec = 16 / sizeof(scalar_t);
+      const bool aligned = (dim * sizeof(scalar_t)) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(grad_y_TD.const_data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(y_SD.const_data_ptr()) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(grad_y_SD.const_data_ptr()) % 16 == 0;
+      const auto launch = [&](auto kernel, int threads) {
+        kernel<<<n_tokens, threads, 0, stream>>>(
+            grad_y_TD.const_data_ptr<scalar_t>(), y_SD.const_data_ptr<scalar_t>(),
+            row_map_TK.const_data_ptr<int32_t>(), weights_TK.const_data_ptr<acc_t>(),
+            grad_y_SD.mutable_data_ptr<scalar_t>(), grad_weights_TK.mutable_data_ptr<acc_t>(),
+            dim, top_k);
+      };
+      if (aligned) {
+        launch(unpermute_backward_kernel<scalar_t, vec>, 128);
+      } else {
+        launch(unpermute_backward_kernel<scalar_t, 1>, 256);
+      }
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
