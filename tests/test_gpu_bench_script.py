@@ -18,3 +18,21 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
         # bf16 against the peer's bf16: rounding only (the layer may route a near-tie apart).
         assert row.get("rel_err", 0.0) < 2e-2, row
     assert (tmp_path / "gpu_bench.md").read_text().count("\n|") == len(rows) + 2  # + header and rule
+
+
+def test_wgrad_choice_names_the_variant_and_its_margin():
+    """The wgrad rows say which launch the autotuner picked: read from the tuner only on
+    the GPU, so checked here on a stand-in with the Autotuner's fields."""
+    from types import SimpleNamespace
+
+    import triton
+    grid, persistent = (triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
+                                       "PERSISTENT": p}, num_warps=8, num_stages=3)
+                        for p in (False, True))
+    tuner = SimpleNamespace(configs=[grid, persistent], cache={("key",): persistent},
+                            best_config=persistent,
+                            configs_timings={grid: [2.0, 1.9, 2.1], persistent: [1.5, 1.4, 1.6]})
+    assert gpu_bench.wgrad_choice(tuner, tuned_before=0) == {
+        "config": "persistent 128x128x64 w8 s3", "persistent_over_grid": 0.75}
+    assert gpu_bench.wgrad_choice(tuner, tuned_before=1) == {
+        "config": "persistent 128x128x64 w8 s3 (reused)"}

@@ -5,7 +5,8 @@ the loads) against the reference permute followed by the reference grouped_mm.""
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, assert_close, check_op, make_experts
+from conftest import (DEVICES, DTYPES, assert_close, assert_close_to_reference, check_op,
+                      make_experts)
 from dsv3 import ops, reference
 
 # (T, E, K, X, Y, expert pattern); S = T·K rows grouped by expert as permute makes them.
@@ -132,3 +133,59 @@ def test_grouped_mm_non_contiguous_rows():
     offsets_E = torch.tensor([8, 16, 24], dtype=torch.int32)
     assert_close(ops.grouped_mm(x_SX, w_EXY, offsets_E),
                  reference.grouped_mm(x_SX, w_EXY, offsets_E))
+
+
+# Rows per expert for the wgrad variants: empty experts (first and in the middle), a
+# single-row expert, one of over two BLOCK_K steps (32 in the interpreter) ending in a
+# partial one; the WGRAD_DROPPED rows after the last expert are dropped copies.
+WGRAD_COUNTS_E = [0, 1, 37, 0, 70, 5]
+WGRAD_DROPPED = 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["EXY", "EYX"])
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_wgrad_launch_variants_match_reference(persistent, transposed, gather, dtype, device):
+    """Both wgrad launches, whatever configs the autotuner holds (the interpreter and
+    DSV3_AUTOTUNE=0 keep the grid one only), against a per-expert loop."""
+    grouped_gemm = pytest.importorskip("dsv3.kernels.grouped_gemm")  # triton is optional
+    from dsv3.kernels import config
+    if device == "cpu" and not config.INTERPRET:
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 tl.dot is wrong (DESIGN.md §4)")
+    # X = 40, Y = 72: several tiles per expert at the interpreter's 32 x 32, so each of
+    # its 3 persistent programs walks several. A GPU launches a program or more per SM
+    # (264 on an H200 at 128 x 128) and takes each expert in one tile: 600 experts there.
+    X, Y, T = 40, 72, 50
+    counts_E = torch.tensor(WGRAD_COUNTS_E * (1 if device == "cpu" else 100))
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    n_rows = offsets_E[-1].item() + WGRAD_DROPPED
+    x_TX = torch.randn(T if gather else n_rows, X).to(dtype)
+    token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32) if gather else None
+    dy_SY = torch.randn(n_rows, Y).to(dtype)
+    dy_SY[-WGRAD_DROPPED:] = float("nan")  # dropped copies: never read
+    args = [t.to(device) if t is not None else None for t in (x_TX, dy_SY, offsets_E, token_S)]
+    # Leave NaN in the memory the output will likely reuse (CUDA's caching allocator),
+    # so that a tile the kernel does not write, an empty expert's included, fails.
+    torch.full((len(counts_E), X, Y), float("nan"), dtype=dtype, device=device)
+    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent)
+    grad_w = grouped_gemm.grouped_mm_wgrad_with(launch, *args[:3], transposed, args[3]).cpu()
+    assert grad_w.is_contiguous()
+    grad_w_EXY = grad_w.transpose(1, 2) if transposed else grad_w
+    assert (grad_w_EXY[counts_E == 0] == 0).all()
+
+    x_SX = (x_TX[token_S.long()] if gather else x_TX)[:-WGRAD_DROPPED]
+    dy_SY = dy_SY[:-WGRAD_DROPPED]
+
+    def wgrad_loop(x, dy):
+        starts = [0, *offsets_E[:-1].tolist()]
+        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
+
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
+                                  wgrad_loop(x_SX, dy_SY))
+    else:
+        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))

@@ -30,6 +30,31 @@ def matmul_configs() -> list[triton.Config]:
     ]
 
 
+# Tile shapes (BLOCK_M, BLOCK_N, num_stages) the wgrad also tries persistent: one
+# program per SM (128x256), two (128x128) and four (64x128).
+PERSISTENT_WGRAD_TILES = {(128, 256, 3), (128, 128, 3), (64, 128, 4)}
+
+
+def wgrad_configs() -> list[triton.Config]:
+    """matmul_configs() as the grid launch (a program per expert and tile), plus
+    persistent versions of a few of them (a fixed number of programs walking all the
+    tiles). Which wins depends on the GPU and on the rows per expert, so the autotuner
+    decides; the single config of the interpreter and of ``DSV3_AUTOTUNE=0`` stays the
+    grid launch, and the tests run the persistent one explicitly."""
+    configs = [config_with(config, PERSISTENT=False) for config in matmul_configs()]
+    if INTERPRET or not AUTOTUNE:
+        return configs
+    return configs + [config_with(config, PERSISTENT=True) for config in configs
+                      if (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages)
+                      in PERSISTENT_WGRAD_TILES]
+
+
+def config_with(config: triton.Config, **kwargs) -> triton.Config:
+    """``config`` with its meta-parameters updated by ``kwargs``."""
+    return triton.Config({**config.kwargs, **kwargs}, num_warps=config.num_warps,
+                         num_stages=config.num_stages)
+
+
 # Shared memory one program may use on sm_90 (227 KB; CUDA guide, compute capability 9.0).
 SM90_SHARED_BYTES = 232448
 

@@ -7,7 +7,7 @@ not folded into the second GEMM's epilogue: unpermute already applies it in its 
 read of y_SD, and fusing the scatter-add too would need atomics, whose summation
 order (and so the result) changes from run to run.
 
-Scheduling without host syncs, persistent: a fixed number of programs (one per
+The forward is persistent, without host syncs: a fixed number of programs (one per
 SM on a GPU) walks the (row tile, column tile) space with a stride, each expert's
 tiles in grouped order (GROUP_M row tiles at a time) for L2 reuse. Each program
 first reads the offsets once and builds the tile table on the device: tiles per
@@ -16,13 +16,18 @@ form one more segment whose tiles store zeros, so no separate memset is needed).
 The walk stops at the real number of tiles, so tiny and huge experts share one
 launch, the launch size does not depend on the routing, and no program idles
 on a tile past the end.
+
+The wgrad has two launches, a constexpr apart, and the autotuner picks: a grid of
+one program per (tile, expert), and a persistent walk over all (expert, tile)
+pairs like the forward's. Every expert has the same tiles there (its rows are the
+reduction), so neither needs a tile table.
 """
 import torch
 import triton
 import triton.language as tl
 
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
-                                 prune_oversized)
+                                 prune_oversized, wgrad_configs)
 
 
 @triton.jit
@@ -111,20 +116,17 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, n_rows, n_ex
 
 
 @triton.jit
-def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, DIM_X, DIM_Y,
-                             stride_xs, stride_xx, stride_ds, stride_dy,
-                             stride_we, stride_wx, stride_wy,
-                             PRECISION: tl.constexpr, GATHER: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr):
-    # Program (tile, e) reduces over expert e's rows: dw[e] = x_e^T @ dy_e. Axis 0 (the
-    # fastest-launched) walks one expert's (x-tile, y-tile) grid in grouped order, so
-    # programs in flight read the same expert's rows of x and dy from L2.
-    expert = tl.program_id(1)
+def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, expert, tile, DIM_X, DIM_Y,
+                stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy,
+                PRECISION: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """The ``tile``-th output tile of dw[expert] = x_e^T @ dy_e, reduced over the expert's
+    rows (tiles in grouped order). An empty expert's loop runs zero times and stores the
+    zeros it started from: every dw[e] is written, no memset needed."""
     start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offsets_ptr + expert)
-    x_tile, y_tile = _grouped_order(tl.program_id(0), tl.cdiv(DIM_X, BLOCK_M),
-                                    tl.cdiv(DIM_Y, BLOCK_N), GROUP_M)
+    x_tile, y_tile = _grouped_order(tile, tl.cdiv(DIM_X, BLOCK_M), tl.cdiv(DIM_Y, BLOCK_N),
+                                    GROUP_M)
     xs = x_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     ys = y_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     inner = tl.arange(0, BLOCK_K)
@@ -142,13 +144,40 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, DIM_
              mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
 
 
+@triton.jit
+def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, n_experts, DIM_X,
+                             DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
+                             stride_we, stride_wx, stride_wy,
+                             PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        # A fixed number of programs walks every (expert, tile) with a stride, expert
+        # outermost: one launch and pipeline fill per program rather than per tile, which
+        # may pay where an expert's reduction is only a few BLOCK_K steps (to be measured;
+        # the autotuner weighs both variants). Every expert has the same tiles, so the
+        # walk needs no table and its length no host sync.
+        tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
+        for flat_tile in range(tl.program_id(0), n_experts * tiles, tl.num_programs(0)):
+            _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, flat_tile // tiles,
+                        flat_tile % tiles, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds,
+                        stride_dy, stride_we, stride_wx, stride_wy, PRECISION, GATHER, BLOCK_M,
+                        BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        # Program (tile, e). Axis 0 (the fastest-launched) walks one expert's tiles, so
+        # programs in flight read the same expert's rows of x and dy from L2.
+        _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, tl.program_id(1),
+                    tl.program_id(0), DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
+                    stride_we, stride_wx, stride_wy, PRECISION, GATHER, BLOCK_M, BLOCK_N,
+                    BLOCK_K, GROUP_M)
+
+
 # Row tiles per group of the tile order (the usual choice for Hopper-sized L2s).
 GROUP_M = 8
 
-_TUNING = {"configs": matmul_configs(), "key": ["DIM_X", "DIM_Y"],
-           "prune_configs_by": {"early_config_prune": prune_oversized}}
-_grouped_mm_tuned = triton.autotune(**_TUNING)(_grouped_mm_kernel)
-_wgrad_tuned = triton.autotune(**_TUNING)(_grouped_mm_wgrad_kernel)
+_TUNING = {"key": ["DIM_X", "DIM_Y"], "prune_configs_by": {"early_config_prune": prune_oversized}}
+_grouped_mm_tuned = triton.autotune(configs=matmul_configs(), **_TUNING)(_grouped_mm_kernel)
+_wgrad_tuned = triton.autotune(configs=wgrad_configs(), **_TUNING)(_grouped_mm_wgrad_kernel)
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
@@ -182,6 +211,19 @@ def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
 
 def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
                      transposed: bool, token_S: torch.Tensor | None = None) -> torch.Tensor:
+    return _wgrad(_wgrad_tuned, {}, x_SX, grad_y_SY, offsets_E, transposed, token_S)
+
+
+def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: torch.Tensor,
+                          offsets_E: torch.Tensor, transposed: bool,
+                          token_S: torch.Tensor | None = None) -> torch.Tensor:
+    """grouped_mm_wgrad launched with ``config`` instead of the autotuner's pick: the
+    tests run each variant (``PERSISTENT``) this way, whatever configs the tuner holds."""
+    return _wgrad(_grouped_mm_wgrad_kernel, config.all_kwargs(), x_SX, grad_y_SY, offsets_E,
+                  transposed, token_S)
+
+
+def _wgrad(kernel, config, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)
@@ -191,12 +233,17 @@ def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: tor
                                         dtype=x_SX.dtype)
 
     def grid(meta):
-        return (triton.cdiv(dim_x, meta["BLOCK_M"]) * triton.cdiv(dim_y, meta["BLOCK_N"]), n_experts)
+        tiles = triton.cdiv(dim_x, meta["BLOCK_M"]) * triton.cdiv(dim_y, meta["BLOCK_N"])
+        if meta["PERSISTENT"]:
+            return (min(n_experts * tiles,
+                        persistent_programs(x_SX.device, meta["BLOCK_M"] * meta["BLOCK_N"])),)
+        return (tiles, n_experts)
 
-    _wgrad_tuned[grid](
+    kernel[grid](
         x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E,
-        dim_x, dim_y, *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
-        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, GROUP_M=GROUP_M)
+        n_experts, dim_x, dim_y, *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
+        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, GROUP_M=GROUP_M,
+        **config)
     return grad_w
 
 
