@@ -197,12 +197,23 @@ def memory_rows(bandwidth):
     scales_8B = torch.rand(8, q_8N.shape[1] // 256, device=DEVICE)
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
     route_bytes = route_T * E * 2 + route_T * K * 8  # bf16 logits in; fp32 weights, int32 ids out
+    _, route_experts_TK, _ = dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4)
+    grad_weights_TK = torch.randn(route_T, K, device=DEVICE)
+    grad_score_sum_E = torch.randn(E, device=DEVICE)
+    grad_lse_sq = torch.randn((), device=DEVICE)
+    # bf16 logits in, bf16 d(logits) out (the top-k inputs are small)
+    route_backward_bytes = 2 * route_T * E * 2 + route_T * K * 8
     route_shape, rows_shape = f"T{route_T} E{E} K{K}", f"T{T} D{D} E{E} K{K}"
     cases = [  # (name, shape, call, fewest bytes it must move)
         ("route (sigmoid, 8 groups)", route_shape,
          lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route + loss sums", route_shape,
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
+        # The router's backward with all three gradients (weights, score sums, z loss).
+        ("route backward (sigmoid, all gradients)", route_shape,
+         lambda: torch.ops.dsv3.route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq,
+                                               logits_TE, route_experts_TK, "sigmoid", True, 2.5),
+         route_backward_bytes),
         ("permute", rows_shape, lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
         ("unpermute", rows_shape, lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK),
          T * D * 2 * (K + 1)),
