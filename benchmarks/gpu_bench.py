@@ -143,8 +143,8 @@ def gemm_rows(name, T, D, F, E, K):
 def wgrad_choice(tuner, tuned_before: int) -> dict:
     """The config the wgrad autotuner ran (read after the timed calls), and whether the
     persistent launch won: the best persistent over the best grid time when this shape
-    tuned it. The key is (DIM_X, DIM_Y, dtypes), not the rows, so a shape may reuse an
-    earlier shape's pick ("reused")."""
+    tuned it. The key is (DIM_X, DIM_Y, log2 of the rows per expert, dtypes), so a shape
+    may still reuse an earlier shape's pick ("reused")."""
     config = tuner.best_config
     choice = {"config": ("persistent " if config.kwargs["PERSISTENT"] else "grid ")
               + f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"

@@ -81,7 +81,7 @@ def _input_rows(token_ptr, rows, end_row, GATHER: tl.constexpr):
 
 @triton.jit
 def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, n_rows, n_experts, DIM_X,
-                       DIM_Y, stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys,
+                       DIM_Y, rows_per_expert_log2, stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys,
                        stride_yy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
@@ -146,7 +146,7 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, expert, tile, DIM
 
 @triton.jit
 def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, n_experts, DIM_X,
-                             DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
+                             DIM_Y, rows_per_expert_log2, stride_xs, stride_xx, stride_ds, stride_dy,
                              stride_we, stride_wx, stride_wy,
                              PRECISION: tl.constexpr, GATHER: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -175,7 +175,15 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, n_ex
 # Row tiles per group of the tile order (the usual choice for Hopper-sized L2s).
 GROUP_M = 8
 
-_TUNING = {"key": ["DIM_X", "DIM_Y"], "prune_configs_by": {"early_config_prune": prune_oversized}}
+# Tuned per (DIM_X, DIM_Y) and the power of two of the rows per expert (only a key:
+# the kernels ignore it): the best tile and launch depend on how long each expert's
+# row range is, which stays put for a given model and batch but not across them.
+_TUNING = {"key": ["DIM_X", "DIM_Y", "rows_per_expert_log2"],
+           "prune_configs_by": {"early_config_prune": prune_oversized}}
+
+
+def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:
+    return (n_rows // max(n_experts, 1)).bit_length()
 _grouped_mm_tuned = triton.autotune(configs=matmul_configs(), **_TUNING)(_grouped_mm_kernel)
 _wgrad_tuned = triton.autotune(configs=wgrad_configs(), **_TUNING)(_grouped_mm_wgrad_kernel)
 
@@ -198,7 +206,8 @@ def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
 
     _grouped_mm_tuned[grid](
         x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, n_rows,
-        n_experts, dim_x, dim_y, *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
+        n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts), *x_SX.stride(),
+        *w_EXY.stride(), *y_SY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, BLOCK_E=block_e,
         GROUP_M=GROUP_M)
     return y_SY
@@ -241,7 +250,8 @@ def _wgrad(kernel, config, x_SX, grad_y_SY, offsets_E, transposed, token_S):
 
     kernel[grid](
         x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E,
-        n_experts, dim_x, dim_y, *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
+        n_experts, dim_x, dim_y, _rows_per_expert_log2(grad_y_SY.shape[0], n_experts),
+        *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, GROUP_M=GROUP_M,
         **config)
     return grad_w
