@@ -40,7 +40,7 @@ LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 40
 # The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
 # at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
 MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
-                "q_log2": 25}
+                "q_log2": 25, "mixtral_route_T": 1 << 23}  # 128 MB of 8-expert logits
 COPY_BYTES = 1 << 30
 # --smoke: every case on small CPU tensors, to check this script before spending GPU time.
 DEVICE = "cuda"
@@ -52,7 +52,8 @@ def use_smoke_sizes() -> None:
     DEVICE, COPY_BYTES = "cpu", 1 << 20
     GEMM_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in GEMM_SHAPES]
     LAYER_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in LAYER_SHAPES]
-    MEMORY_SHAPE.update(T=64, D=64, E=64, route_T=128, grad_log2=12, q_log2=10)
+    MEMORY_SHAPE.update(T=64, D=64, E=64, route_T=128, grad_log2=12, q_log2=10,
+                        mixtral_route_T=256)
 
 
 def bench_ms(fn) -> float:
@@ -203,12 +204,17 @@ def memory_rows(bandwidth):
     grad_lse_sq = torch.randn((), device=DEVICE)
     # bf16 logits in, bf16 d(logits) out (the top-k inputs are small)
     route_backward_bytes = 2 * route_T * E * 2 + route_T * K * 8
+    # Mixtral's router (softmax top-2 of 8): little compute a token, so bandwidth-bound.
+    mixtral_T = MEMORY_SHAPE["mixtral_route_T"]
+    mixtral_logits_TE = torch.randn(mixtral_T, 8, device=DEVICE, dtype=torch.bfloat16)
     route_shape, rows_shape = f"T{route_T} E{E} K{K}", f"T{T} D{D} E{E} K{K}"
     cases = [  # (name, shape, call, fewest bytes it must move)
         ("route (sigmoid, 8 groups)", route_shape,
          lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route + loss sums", route_shape,
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
+        ("route (softmax, Mixtral-like)", f"T{mixtral_T} E8 K2",
+         lambda: dsv3.ops.route(mixtral_logits_TE, 2), mixtral_T * (8 * 2 + 2 * 8)),
         # The router's backward with all three gradients (weights, score sums, z loss).
         ("route backward (sigmoid, all gradients)", route_shape,
          lambda: torch.ops.dsv3.route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq,
