@@ -29,14 +29,14 @@ from dsv3.kernels.config import INTERPRET
 
 
 @triton.jit
-def _load_slab(logits_ptr, tokens, n_tokens, stride_t, col0, first, GROUP_SIZE: tl.constexpr,
+def _load_slab(logits_ptr, tokens, n_tokens, row_stride, col0, first, GROUP_SIZE: tl.constexpr,
                CHUNKS: tl.constexpr, CW: tl.constexpr):
     """Logits (fp32, -inf where invalid), their expert ids and validity, for experts
     col0 + [first, first + CHUNKS * CW) of each token's group; col0 may differ per token."""
     offsets = first + tl.arange(0, CHUNKS)[:, None, None] * CW + tl.arange(0, CW)[None, None, :]
     valid = (offsets < GROUP_SIZE) & (tokens < n_tokens)[None, :, None]
     cols = col0[None, :, None] + offsets
-    logits = tl.load(logits_ptr + tokens[None, :, None].to(tl.int64) * stride_t + cols,
+    logits = tl.load(logits_ptr + tokens[None, :, None].to(tl.int64) * row_stride + cols,
                      mask=valid, other=float("-inf")).to(tl.float32)
     return logits, cols, valid
 
@@ -111,7 +111,7 @@ def _top2(x):
 
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, nan_ptr,
-                  partial_ptr, n_tokens, stride_t, scale, N_EXPERTS: tl.constexpr,
+                  partial_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
                   TOP_K: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
@@ -131,7 +131,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     if not SIGMOID:  # softmax: the row's max, then its exp-sum, before any score
         for g in range(N_GROUPS):
             for first in range(0, GROUP_SIZE, SLAB):
-                logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                           no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                           SLAB_CHUNKS, CW)
                 row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
@@ -140,7 +140,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         row_total = tl.zeros((BLOCK_T,), tl.float32)
         for g in range(N_GROUPS):
             for first in range(0, GROUP_SIZE, SLAB):
-                logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                               no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                               SLAB_CHUNKS, CW)
                 row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
@@ -155,7 +155,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             first = minus_inf
             second = minus_inf
             for first in range(0, GROUP_SIZE, SLAB):
-                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                                  no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 if SIGMOID:
@@ -181,7 +181,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         exp_total = tl.zeros((BLOCK_T,), tl.float32)
         for g in range(N_GROUPS):
             for first in range(0, GROUP_SIZE, SLAB):
-                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                                  no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
@@ -189,7 +189,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         score_scale = _reciprocal(tl.where(score_total > 0, score_total, 1.0))
         for g in range(N_GROUPS):
             for first in range(0, GROUP_SIZE, SLAB):
-                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                                  no_token + g * GROUP_SIZE, first, GROUP_SIZE,
                                                  SLAB_CHUNKS, CW)
                 normalized = (_probs(logits, valid, row_max, row_scale, SIGMOID)
@@ -216,7 +216,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             group_scores = tl.where(group_ids[:, None] == group[None, :], float("-inf"),
                                     group_scores)
         for s in tl.static_range(SLABS):
-            logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t,
+            logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                              group * GROUP_SIZE, s * SLAB, GROUP_SIZE,
                                              SLAB_CHUNKS, CW)
             choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols, valid,
@@ -242,7 +242,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     weights = top_scores
     if HAS_BIAS:  # the weights are the scores without the bias: recompute the chosen ones
-        chosen = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * stride_t + top_ids,
+        chosen = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + top_ids,
                          mask=out_mask, other=float("-inf")).to(tl.float32)
         if SIGMOID:
             weights = _reciprocal(1.0 + _exp(-chosen))
@@ -268,7 +268,7 @@ def _score_grad(grad_p, probs, g_dot_p, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, experts_ptr,
-                           grad_logits_ptr, n_tokens, stride_t, scale, N_EXPERTS: tl.constexpr,
+                           grad_logits_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
                            TOP_K: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
                            HAS_GRAD_W: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
                            HAS_GRAD_Z: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
@@ -289,7 +289,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     # the sum of the scores and sum_e h_e p_e (score sums).
     row_high = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     for first in range(0, N_EXPERTS, SLAB):
-        logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+        logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
                                   N_EXPERTS, SLAB_CHUNKS, CW)
         row_high = tl.maximum(row_high, _max3(logits))
     row_max = tl.where(row_high == float("-inf"), 0.0, row_high)
@@ -297,7 +297,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     score_total = zeros
     h_dot_p = zeros
     for first in range(0, N_EXPERTS, SLAB):
-        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
                                          N_EXPERTS, SLAB_CHUNKS, CW)
         if HAS_GRAD_Z or not SIGMOID:  # sigmoid needs the exp-sum for the z term only
             exps = tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0)
@@ -332,7 +332,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     slot_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     slot_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
-    chosen_logits = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * stride_t + chosen,
+    chosen_logits = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
                             mask=slot_mask, other=0.0).to(tl.float32)
     if SIGMOID:
         chosen_p = _reciprocal(1.0 + _exp(-chosen_logits))
@@ -360,7 +360,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 
     out_row = grad_logits_ptr + tokens.to(tl.int64) * N_EXPERTS
     for first in range(0, N_EXPERTS, SLAB):
-        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, stride_t, no_col, first,
+        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
                                          N_EXPERTS, SLAB_CHUNKS, CW)
         if SIGMOID:
             probs = tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
@@ -393,7 +393,13 @@ _SLAB_EXPERTS = 64
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     group_size = logits_TE.shape[1] // n_groups
-    vector = max(16 // logits_TE.element_size(), 1)  # experts per 16-byte load
+    # Experts per load: 16 bytes, or fewer where E is not a multiple (rows must start
+    # on a whole vector). The row stride is E, a compile-time constant, so the
+    # compiler sees this alignment and gives each thread its token's vectors; unproven,
+    # it would spread a row over the lanes and reduce across them with shuffles.
+    vector = max(16 // logits_TE.element_size(), 1)
+    while logits_TE.shape[1] % vector:
+        vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
     return {"BLOCK_T": _FORWARD_TOKENS, "CW": vector,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
@@ -416,7 +422,7 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
                              dtype=torch.float32)
     _route_kernel[(n_programs,)](
         logits_TE, bias_E if bias_E is not None else logits_TE, weights_TK, experts_TK, counts_E,
-        nan_flag, partial_PX, n_tokens, logits_TE.stride(0), float(scale), N_EXPERTS=n_experts,
+        nan_flag, partial_PX, n_tokens, float(scale), N_EXPERTS=n_experts,
         TOP_K=top_k, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups if n_groups > 1 else 1,
         SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None, NORMALIZE=normalize,
         STATS=stats, **blocks)
@@ -464,7 +470,7 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
 
     _route_backward_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_T"]),)](
         pointer(grad_weights_TK), pointer(grad_score_sum_E), pointer(grad_lse_sq_sum), logits_TE,
-        experts_TK.contiguous(), grad_logits_TE, n_tokens, logits_TE.stride(0), float(scale),
+        experts_TK.contiguous(), grad_logits_TE, n_tokens, float(scale),
         N_EXPERTS=n_experts, TOP_K=top_k, SIGMOID=score == "sigmoid", NORMALIZE=normalize,
         HAS_GRAD_W=grad_weights_TK is not None, HAS_GRAD_SUM=grad_score_sum_E is not None,
         HAS_GRAD_Z=grad_lse_sq_sum is not None, **blocks)
