@@ -126,8 +126,9 @@ def gemm_rows(name, T, D, F, E, K):
                   lambda: dy_S2F.t() @ x_SD),
     }
     rows = []
-    tuned_before = len(grouped_gemm._wgrad_tuned.cache)
     for kind, (ours, peer, dense) in cases.items():
+        tuner = grouped_gemm._wgrad_tuned if kind == "wgrad" else grouped_gemm._grouped_mm_tuned
+        tuned_before = len(tuner.cache)
         error = relative_error(ours(), peer())
         t_ours, t_peer, t_dense = bench_ms(ours), bench_ms(peer), bench_ms(dense)
         floor_ms = max(t_dense, min_bytes / BANDWIDTH * 1e3)
@@ -136,19 +137,26 @@ def gemm_rows(name, T, D, F, E, K):
                      "dsv3_vs_floor": floor_ms / t_ours,
                      "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
                      "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
-        if kind == "wgrad" and DEVICE == "cuda":  # the CPU smoke run takes the C++ kernel
-            rows[-1].update(wgrad_choice(grouped_gemm._wgrad_tuned, tuned_before))
+        if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels
+            rows[-1].update(tuned_choice(tuner, tuned_before,
+                                         "PERSISTENT" if kind == "wgrad" else "USE_TMA"))
     return rows
 
 
-def wgrad_choice(tuner, tuned_before: int) -> dict:
-    """The config the wgrad autotuner ran (read after the timed calls), and whether the
-    persistent launch won: the best persistent over the best grid time when this shape
-    tuned it. The key is (DIM_X, DIM_Y, log2 of the rows per expert, dtypes), so a shape
-    may still reuse an earlier shape's pick ("reused")."""
+# The flag of each kernel's variant: names of its launch with the flag set and unset.
+VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer")}
+
+
+def tuned_choice(tuner, tuned_before: int, flag: str) -> dict:
+    """The config the autotuner ran (read after the timed calls), and whether the
+    variant won: its best time over the best without it ("tma_over_pointer",
+    "persistent_over_grid") when this shape tuned it. The key is (DIM_X, DIM_Y, log2 of
+    the rows per expert, dtypes), so a shape may still reuse an earlier shape's pick
+    ("reused")."""
     config = tuner.best_config
-    choice = {"config": ("persistent " if config.kwargs["PERSISTENT"] else "grid ")
-              + f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
+    on, off = VARIANTS[flag]
+    choice = {"config": f"{on if config.kwargs[flag] else off} "
+              f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
               f" w{config.num_warps} s{config.num_stages}"}
     if len(tuner.configs) > 1 and len(tuner.cache) == tuned_before:
         choice["config"] += " (reused)"
@@ -157,9 +165,9 @@ def wgrad_choice(tuner, tuned_before: int) -> dict:
     best = {}
     for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
         ms = t[0] if isinstance(t, (list, tuple)) else t
-        best[c.kwargs["PERSISTENT"]] = min(ms, best.get(c.kwargs["PERSISTENT"], float("inf")))
+        best[c.kwargs[flag]] = min(ms, best.get(c.kwargs[flag], float("inf")))
     if len(best) == 2:
-        choice["persistent_over_grid"] = best[True] / best[False]
+        choice[f"{on}_over_{off}"] = best[True] / best[False]
     return choice
 
 
@@ -265,7 +273,7 @@ def layer_rows(name, T, D, F, E, K):
 def markdown(rows, header) -> str:
     cols = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms", "loop_ms",
             "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3", "loop_over_dsv3",
-            "rel_err", "config", "persistent_over_grid", "error"]
+            "rel_err", "config", "tma_over_pointer", "persistent_over_grid", "error"]
     used = [c for c in cols if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in rows:

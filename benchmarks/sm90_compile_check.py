@@ -70,6 +70,8 @@ def _all_configs(self, *args, **kwargs):
     """Compile every config the autotuner would time, instead of timing them."""
     self.nargs = dict(zip(self.arg_names, args))
     for config in self.prune_configs(kwargs):
+        if config.pre_hook:  # as Autotuner.run: e.g. the TMA descriptors' block shapes
+            config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
         self.fn.run(*args, **kwargs, **config.all_kwargs())
 
 
@@ -150,6 +152,9 @@ def _cases(dtypes):
             x_rows = torch.randn(n_rows, dim, dtype=dtype)
             token_S = torch.arange(n_rows, dtype=torch.int32) // top_k
             yield "grouped_mm", lambda: grouped_gemm.grouped_mm(x_rows, w, offsets)
+            # nn.Linear's [E, Y, X] weights, as the layer's forward passes them (K-major TMA)
+            w_T = torch.randn(n_experts, ffn, dim, dtype=dtype).transpose(1, 2)
+            yield "grouped_mm EYX", lambda: grouped_gemm.grouped_mm(x_rows, w_T, offsets)
             yield "grouped_mm_gather", lambda: grouped_gemm.grouped_mm_gather(
                 x, w, offsets, token_S, row_map)
             for transposed in (False, True):

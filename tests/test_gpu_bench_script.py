@@ -20,19 +20,24 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
     assert (tmp_path / "gpu_bench.md").read_text().count("\n|") == len(rows) + 2  # + header and rule
 
 
-def test_wgrad_choice_names_the_variant_and_its_margin():
-    """The wgrad rows say which launch the autotuner picked: read from the tuner only on
+def test_tuned_choice_names_the_variant_and_its_margin():
+    """The GEMM rows say which variant the autotuner picked: read from the tuner only on
     the GPU, so checked here on a stand-in with the Autotuner's fields."""
     from types import SimpleNamespace
 
     import triton
-    grid, persistent = (triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
-                                       "PERSISTENT": p}, num_warps=8, num_stages=3)
-                        for p in (False, True))
-    tuner = SimpleNamespace(configs=[grid, persistent], cache={("key",): persistent},
-                            best_config=persistent,
-                            configs_timings={grid: [2.0, 1.9, 2.1], persistent: [1.5, 1.4, 1.6]})
-    assert gpu_bench.wgrad_choice(tuner, tuned_before=0) == {
+
+    def tuner(flag):
+        plain, variant = (triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
+                                         flag: v}, num_warps=8, num_stages=3)
+                          for v in (False, True))
+        return SimpleNamespace(configs=[plain, variant], cache={("key",): variant},
+                               best_config=variant,
+                               configs_timings={plain: [2.0, 1.9, 2.1], variant: [1.5, 1.4, 1.6]})
+
+    assert gpu_bench.tuned_choice(tuner("PERSISTENT"), 0, "PERSISTENT") == {
         "config": "persistent 128x128x64 w8 s3", "persistent_over_grid": 0.75}
-    assert gpu_bench.wgrad_choice(tuner, tuned_before=1) == {
+    assert gpu_bench.tuned_choice(tuner("PERSISTENT"), 1, "PERSISTENT") == {
         "config": "persistent 128x128x64 w8 s3 (reused)"}
+    assert gpu_bench.tuned_choice(tuner("USE_TMA"), 0, "USE_TMA") == {
+        "config": "tma 128x128x64 w8 s3", "tma_over_pointer": 0.75}

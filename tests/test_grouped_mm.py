@@ -135,11 +135,96 @@ def test_grouped_mm_non_contiguous_rows():
                  reference.grouped_mm(x_SX, w_EXY, offsets_E))
 
 
-# Rows per expert for the wgrad variants: empty experts (first and in the middle), a
-# single-row expert, one of over two BLOCK_K steps (32 in the interpreter) ending in a
-# partial one; the WGRAD_DROPPED rows after the last expert are dropped copies.
-WGRAD_COUNTS_E = [0, 1, 37, 0, 70, 5]
-WGRAD_DROPPED = 3
+# Rows per expert for the launch-variant tests: empty experts (first and in the middle),
+# a single-row expert, one of over two 32-row steps (the interpreter's BLOCK_M and
+# BLOCK_K: the forward's row tiles, the wgrad's reduction) ending in a partial one; the
+# VARIANT_DROPPED rows after the last expert are dropped copies.
+VARIANT_COUNTS_E = [0, 1, 37, 0, 70, 5]
+VARIANT_DROPPED = 3
+
+
+def triton_grouped_gemm(device, dtype):
+    """The Triton kernels and their config module, or a skip where they cannot run."""
+    grouped_gemm = pytest.importorskip("dsv3.kernels.grouped_gemm")  # triton is optional
+    from dsv3.kernels import config
+    if device == "cpu" and not config.INTERPRET:
+        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's bf16 tl.dot is wrong (DESIGN.md §4)")
+    return grouped_gemm, config
+
+
+def variant_offsets(device):
+    """offsets_E of VARIANT_COUNTS_E; 100 times over on a GPU, whose persistent launch
+    has a program or more per SM (264 on an H200 at 128 x 128), so that each walks
+    several tiles as the interpreter's 3 programs do."""
+    counts_E = torch.tensor(VARIANT_COUNTS_E * (1 if device == "cpu" else 100))
+    return counts_E, counts_E.cumsum(0).to(torch.int32)
+
+
+# Views of w_EXY's values in other layouts (made on the device: a copy there would
+# make a non-dense view contiguous).
+W_LAYOUTS = {
+    "EXY": lambda w_EXY: w_EXY,
+    # nn.Linear's [E, Y, X], transposed: TMA reads it K-major
+    "EYX_T": lambda w_EXY: w_EXY.transpose(1, 2).contiguous().transpose(1, 2),
+    # no contiguous dim: TMA cannot read it, the pointer loads take over
+    "strided": lambda w_EXY: w_EXY.repeat_interleave(2, dim=2)[:, :, ::2],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(W_LAYOUTS))
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_forward_launch_variants_match_reference(tma, gather, layout, dtype, device):
+    """Both forward loads (pointers, TMA descriptors), whatever configs the autotuner
+    holds (the interpreter and DSV3_AUTOTUNE=0 keep the pointer one only), against a
+    per-expert loop. Gathered rows, fp32 and the strided w take the pointer loads."""
+    grouped_gemm, config = triton_grouped_gemm(device, dtype)
+    # X = 40, Y = 72: multiples of 8 (16-byte rows in 16-bit dtypes, as TMA needs), not
+    # of any block, so the last k step and column tile run past the ends.
+    X, Y = 40, 72
+    counts_E, offsets_E = variant_offsets(device)
+    n_rows = offsets_E[-1].item() + VARIANT_DROPPED
+    x_SX = torch.randn(n_rows, X).to(dtype)
+    # Dropped copies: TMA loads them into the last expert's tile, and only the masked
+    # store keeps their NaN out of the output, which must be zero there.
+    x_SX[-VARIANT_DROPPED:] = float("nan")
+    token_S = torch.randperm(n_rows) if gather else None
+    if gather:  # row s reads x_TX[token_S[s]], which holds x_SX[s]
+        x_TX = torch.empty_like(x_SX)
+        x_TX[token_S] = x_SX
+    w_EXY = (torch.randn(len(counts_E), X, Y) / X**0.5).to(dtype)
+    x, w, offsets = (t.to(device) for t in (x_TX if gather else x_SX, w_EXY, offsets_E))
+    w = W_LAYOUTS[layout](w)
+    tokens = token_S.to(device, torch.int32) if gather else None
+    # TMA reads these inputs (gathered or not: the gather keeps to the pointer loads)
+    tma_readable = dtype != torch.float32 and layout != "strided"
+    assert ((grouped_gemm.tma_descriptors(x, w) is not None)
+            == (tma_readable and grouped_gemm.has_tma(x.device)))
+    # NaN where the output will likely be allocated (CUDA's caching allocator): an
+    # unwritten row fails.
+    torch.full((n_rows, Y), float("nan"), dtype=dtype, device=device)
+    # BLOCK_K = BLOCK_N / 2, as on a GPU (64 of 128), not the interpreter's square 32s:
+    # a w tile read in the wrong shape fails here too.
+    tiles = config.matmul_configs()[0]
+    launch = config.config_with(tiles, USE_TMA=tma, BLOCK_K=tiles.kwargs["BLOCK_N"] // 2)
+    y_SY = grouped_gemm.grouped_mm_with(launch, x, w, offsets, tokens).cpu()
+    assert (y_SY[-VARIANT_DROPPED:] == 0).all()
+
+    def forward_loop(x, w):
+        bounds = zip([0, *offsets_E[:-1].tolist()], offsets_E.tolist())
+        return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(bounds)])
+
+    x_SX = x_SX[:-VARIANT_DROPPED]
+    if dtype in (torch.float16, torch.bfloat16):
+        assert_close_to_reference(y_SY[:-VARIANT_DROPPED],
+                                  forward_loop(x_SX.double(), w_EXY.double()),
+                                  forward_loop(x_SX, w_EXY))
+    else:
+        assert_close(y_SY[:-VARIANT_DROPPED], forward_loop(x_SX, w_EXY))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -150,23 +235,14 @@ WGRAD_DROPPED = 3
 def test_wgrad_launch_variants_match_reference(persistent, transposed, gather, dtype, device):
     """Both wgrad launches, whatever configs the autotuner holds (the interpreter and
     DSV3_AUTOTUNE=0 keep the grid one only), against a per-expert loop."""
-    grouped_gemm = pytest.importorskip("dsv3.kernels.grouped_gemm")  # triton is optional
-    from dsv3.kernels import config
-    if device == "cpu" and not config.INTERPRET:
-        pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
-    if device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the interpreter's bf16 tl.dot is wrong (DESIGN.md §4)")
-    # X = 40, Y = 72: several tiles per expert at the interpreter's 32 x 32, so each of
-    # its 3 persistent programs walks several. A GPU launches a program or more per SM
-    # (264 on an H200 at 128 x 128) and takes each expert in one tile: 600 experts there.
-    X, Y, T = 40, 72, 50
-    counts_E = torch.tensor(WGRAD_COUNTS_E * (1 if device == "cpu" else 100))
-    offsets_E = counts_E.cumsum(0).to(torch.int32)
-    n_rows = offsets_E[-1].item() + WGRAD_DROPPED
+    grouped_gemm, config = triton_grouped_gemm(device, dtype)
+    X, Y, T = 40, 72, 50  # several tiles per expert at the interpreter's 32 x 32
+    counts_E, offsets_E = variant_offsets(device)
+    n_rows = offsets_E[-1].item() + VARIANT_DROPPED
     x_TX = torch.randn(T if gather else n_rows, X).to(dtype)
     token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32) if gather else None
     dy_SY = torch.randn(n_rows, Y).to(dtype)
-    dy_SY[-WGRAD_DROPPED:] = float("nan")  # dropped copies: never read
+    dy_SY[-VARIANT_DROPPED:] = float("nan")  # dropped copies: never read
     args = [t.to(device) if t is not None else None for t in (x_TX, dy_SY, offsets_E, token_S)]
     # Leave NaN in the memory the output will likely reuse (CUDA's caching allocator),
     # so that a tile the kernel does not write, an empty expert's included, fails.
@@ -177,8 +253,8 @@ def test_wgrad_launch_variants_match_reference(persistent, transposed, gather, d
     grad_w_EXY = grad_w.transpose(1, 2) if transposed else grad_w
     assert (grad_w_EXY[counts_E == 0] == 0).all()
 
-    x_SX = (x_TX[token_S.long()] if gather else x_TX)[:-WGRAD_DROPPED]
-    dy_SY = dy_SY[:-WGRAD_DROPPED]
+    x_SX = (x_TX[token_S.long()] if gather else x_TX)[:-VARIANT_DROPPED]
+    dy_SY = dy_SY[:-VARIANT_DROPPED]
 
     def wgrad_loop(x, dy):
         starts = [0, *offsets_E[:-1].tolist()]

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSV3_BACKEND")}
+# Every autotune config, the variants' included: DSV3_AUTOTUNE=0 would keep one.
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("TRITON_INTERPRET", "DSV3_BACKEND", "DSV3_AUTOTUNE")}
 
 
 def test_triton_kernels_compile_for_sm90():
@@ -39,6 +41,8 @@ swiglu.swiglu(torch.randn(64, 96, dtype=torch.bfloat16))
 first = {}
 for entry in check.COMPILED:  # the autotuner compiled every config: one of each kernel
     first.setdefault(entry["kernel"], entry["cubin"])
+    if entry["config"].get("USE_TMA"):  # and the forward's TMA variant
+        first.setdefault("tma", entry["cubin"])
 print(json.dumps({kernel: check.sass_stats(cubin) for kernel, cubin in first.items()}))
 """
 
@@ -60,5 +64,11 @@ def test_sass_stats_of_sm90_cubins():
         assert kernel["ldg"] > 0 and kernel["stg"] > 0
     # bf16 tiles reach Hopper's wgmma, not the older mma.sync
     assert gemm["gmma"] > 0 and gemm["hmma"] == 0
+    # The pointer loads copy to shared memory with cp.async (LDGSTS), the TMA variant's
+    # with the tensor memory accelerator (UTMALDG) alone, feeding wgmma all the same.
+    tma = stats["tma"]
+    assert gemm["opcodes"].get("LDGSTS", 0) > 0 and gemm["opcodes"].get("UTMALDG", 0) == 0
+    assert tma["opcodes"].get("UTMALDG", 0) > 0 and tma["opcodes"].get("LDGSTS", 0) == 0
+    assert tma["gmma"] > 0 and tma["hmma"] == 0
     # SwiGLU's sigmoid needs exp2 and a reciprocal: the special-function unit, no MMA
     assert swiglu["mufu"] > 0 and swiglu["gmma"] == swiglu["hmma"] == 0

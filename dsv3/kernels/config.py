@@ -13,7 +13,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DSV3_AUTOTUNE", "1") != "0"
 
 
-def matmul_configs() -> list[triton.Config]:
+def _tiles() -> list[triton.Config]:
+    """The matmul tiles and launches, before any variant's flag."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32})]
     default = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8,
@@ -30,29 +31,62 @@ def matmul_configs() -> list[triton.Config]:
     ]
 
 
-# Tile shapes (BLOCK_M, BLOCK_N, num_stages) the wgrad also tries persistent: one
-# program per SM (128x256), two (128x128) and four (64x128).
-PERSISTENT_WGRAD_TILES = {(128, 256, 3), (128, 128, 3), (64, 128, 4)}
+# Tile shapes (BLOCK_M, BLOCK_N, num_stages) that the autotuner also tries in a variant
+# (the persistent wgrad, the forward's TMA loads): one program per SM (128x256), two
+# (128x128) and four (64x128).
+VARIANT_TILES = {(128, 256, 3), (128, 128, 3), (64, 128, 4)}
+
+
+def _has_variant(config: triton.Config) -> bool:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages) in VARIANT_TILES
+
+
+def matmul_configs() -> list[triton.Config]:
+    """Forward/dgrad: the tiles with pointer loads, plus versions of a few of them whose
+    loads go through Hopper's tensor memory accelerator (TMA: fewer registers and no
+    address math, but whole boxes, so some rows are read only to be masked). Neither
+    was timed against the other yet, so the autotuner decides; the single config of the
+    interpreter and of ``DSV3_AUTOTUNE=0`` stays the pointer one, and the tests run the
+    TMA one explicitly."""
+    configs = [config_with(config, tma_block_shapes, USE_TMA=False) for config in _tiles()]
+    if INTERPRET or not AUTOTUNE:
+        return configs
+    return configs + [config_with(config, USE_TMA=True) for config in configs
+                      if _has_variant(config)]
+
+
+def tma_block_shapes(nargs: dict) -> None:
+    """Pre-launch hook of the forward's configs: a TMA descriptor's block shape is part
+    of it, and the tiles are known only once a config is chosen, so the wrapper builds
+    the descriptors with a dummy one (or none: grouped_gemm.tma_descriptors). The
+    pointer configs run it too: the descriptors are arguments of every launch, and
+    their block shapes part of the compiled kernel's signature."""
+    if nargs["x_desc"] is None:
+        return
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    w_block = ([nargs["BLOCK_N"], nargs["BLOCK_K"]] if nargs["W_KMAJOR"]
+               else [nargs["BLOCK_K"], nargs["BLOCK_N"]])
+    nargs["w_desc"].block_shape = [1, *w_block]
 
 
 def wgrad_configs() -> list[triton.Config]:
-    """matmul_configs() as the grid launch (a program per expert and tile), plus
-    persistent versions of a few of them (a fixed number of programs walking all the
-    tiles). Which wins depends on the GPU and on the rows per expert, so the autotuner
+    """The tiles as the grid launch (a program per expert and tile), plus persistent
+    versions of a few of them (a fixed number of programs walking all the tiles).
+    Which wins depends on the GPU and on the rows per expert, so the autotuner
     decides; the single config of the interpreter and of ``DSV3_AUTOTUNE=0`` stays the
     grid launch, and the tests run the persistent one explicitly."""
-    configs = [config_with(config, PERSISTENT=False) for config in matmul_configs()]
+    configs = [config_with(config, PERSISTENT=False) for config in _tiles()]
     if INTERPRET or not AUTOTUNE:
         return configs
     return configs + [config_with(config, PERSISTENT=True) for config in configs
-                      if (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages)
-                      in PERSISTENT_WGRAD_TILES]
+                      if _has_variant(config)]
 
 
-def config_with(config: triton.Config, **kwargs) -> triton.Config:
-    """``config`` with its meta-parameters updated by ``kwargs``."""
+def config_with(config: triton.Config, pre_hook=None, **kwargs) -> triton.Config:
+    """``config`` with its meta-parameters updated by ``kwargs``, and its pre-launch
+    hook replaced by ``pre_hook`` if given."""
     return triton.Config({**config.kwargs, **kwargs}, num_warps=config.num_warps,
-                         num_stages=config.num_stages)
+                         num_stages=config.num_stages, pre_hook=pre_hook or config.pre_hook)
 
 
 # Shared memory one program may use on sm_90 (227 KB; CUDA guide, compute capability 9.0).
@@ -67,6 +101,14 @@ def prune_oversized(configs, named_args, **kwargs):
     fitting = [c for c in configs if c.num_stages * element * c.kwargs["BLOCK_K"]
                * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) <= SM90_SHARED_BYTES]
     return fitting or configs[:1]
+
+
+def prune_matmul(configs, named_args, **kwargs):
+    """prune_oversized, and without the TMA configs where the wrapper built no
+    descriptors (grouped_gemm.tma_descriptors): they would time the pointer loads again."""
+    if named_args["x_desc"] is None:
+        configs = [c for c in configs if not c.kwargs["USE_TMA"]]
+    return prune_oversized(configs, named_args, **kwargs)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -17,6 +17,10 @@ The walk stops at the real number of tiles, so tiny and huge experts share one
 launch, the launch size does not depend on the routing, and no program idles
 on a tile past the end.
 
+Where the inputs allow (not gathered; see tma_descriptors), the forward may load its
+tiles through Hopper's TMA instead of pointers: a constexpr apart, one more variant
+for the autotuner to weigh, untimed as yet.
+
 The wgrad has two launches, a constexpr apart, and the autotuner picks: a grid of
 one program per (tile, expert), and a persistent walk over all (expert, tile)
 pairs like the forward's. Every expert has the same tiles there (its rows are the
@@ -25,9 +29,10 @@ reduction), so neither needs a tile table.
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
-                                 prune_oversized, wgrad_configs)
+                                 prune_matmul, prune_oversized, wgrad_configs)
 
 
 @triton.jit
@@ -80,9 +85,10 @@ def _input_rows(token_ptr, rows, end_row, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, n_rows, n_experts, DIM_X,
-                       DIM_Y, rows_per_expert_log2, stride_xs, stride_xx, stride_we, stride_wx, stride_wy, stride_ys,
-                       stride_yy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, x_desc, w_desc, n_rows,
+                       n_experts, DIM_X, DIM_Y, rows_per_expert_log2, stride_xs, stride_xx,
+                       stride_we, stride_wx, stride_wy, stride_ys, stride_yy, PRECISION: tl.constexpr,
+                       GATHER: tl.constexpr, W_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
     starts, ends, tiles, tiles_end = _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M,
@@ -104,11 +110,25 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, n_rows, n_ex
             w_base = w_ptr + segment.to(tl.int64) * stride_we
             x_rows = _input_rows(token_ptr, rows, end_row, GATHER)
             for k0 in range(0, DIM_X, BLOCK_K):
-                ks = k0 + inner
-                x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
-                                 mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X), other=0.0)
-                w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
-                                 mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y), other=0.0)
+                if USE_TMA and x_desc is not None:
+                    # TMA copies whole boxes, zero past the tensors' ends: the rows past
+                    # this expert's are the next segment's, loaded and then masked at
+                    # the store like the rest of the tile.
+                    x_tile = x_desc.load([first_row + tile * BLOCK_M, k0])
+                    if W_KMAJOR:
+                        w_tile = w_desc.load([segment, col_tile * BLOCK_N, k0])
+                        w_tile = w_tile.reshape(BLOCK_N, BLOCK_K).trans()
+                    else:
+                        w_tile = w_desc.load([segment, k0, col_tile * BLOCK_N])
+                        w_tile = w_tile.reshape(BLOCK_K, BLOCK_N)
+                else:
+                    ks = k0 + inner
+                    x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
+                                     mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X),
+                                     other=0.0)
+                    w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
+                                     mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y),
+                                     other=0.0)
                 acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
         out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
         tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty),
@@ -178,24 +198,79 @@ GROUP_M = 8
 # Tuned per (DIM_X, DIM_Y) and the power of two of the rows per expert (only a key:
 # the kernels ignore it): the best tile and launch depend on how long each expert's
 # row range is, which stays put for a given model and batch but not across them.
-_TUNING = {"key": ["DIM_X", "DIM_Y", "rows_per_expert_log2"],
-           "prune_configs_by": {"early_config_prune": prune_oversized}}
+_KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2"]
 
 
 def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:
     return (n_rows // max(n_experts, 1)).bit_length()
-_grouped_mm_tuned = triton.autotune(configs=matmul_configs(), **_TUNING)(_grouped_mm_kernel)
-_wgrad_tuned = triton.autotune(configs=wgrad_configs(), **_TUNING)(_grouped_mm_wgrad_kernel)
+
+
+def _forward_tuner(configs: list[triton.Config]):
+    return triton.autotune(
+        configs=configs, key=_KEY,
+        prune_configs_by={"early_config_prune": prune_matmul})(_grouped_mm_kernel)
+
+
+_grouped_mm_tuned = _forward_tuner(matmul_configs())
+_wgrad_tuned = triton.autotune(
+    configs=wgrad_configs(), key=_KEY,
+    prune_configs_by={"early_config_prune": prune_oversized})(_grouped_mm_wgrad_kernel)
+
+
+def _tma_readable(t: torch.Tensor) -> bool:
+    """What a TMA descriptor asks of its tensor: non-empty, the last dim contiguous,
+    the base and the other strides multiples of 16 bytes."""
+    return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def has_tma(device: torch.device) -> bool:
+    """Hopper (sm_90) on: before it Triton rewrites descriptor loads to pointer loads,
+    which the pointer configs already time. The interpreter runs them on CPU tensors."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor):
+    """(x, w, whether w is K-major) TMA descriptors for the forward's loads; None (the
+    kernel loads through pointers) without TMA, where it cannot read the inputs, and for
+    fp32, whose (non-TF32) FMA dot on TMA-filled tiles compiles to thousands of register
+    spills on sm_90 (benchmarks/sm90_compile_check --sass). w is read as stored:
+    [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
+    layout, which the MoE layer's forward passes), whose [N, K] tiles the kernel
+    transposes in shared memory, as wgmma reads either. Block shapes are set per
+    config (config.tma_block_shapes)."""
+    w_kmajor = w_EXY.stride(2) != 1
+    w_stored = w_EXY.transpose(1, 2) if w_kmajor else w_EXY
+    if not (has_tma(x_SX.device) and x_SX.element_size() == 2 and _tma_readable(x_SX)
+            and _tma_readable(w_stored)):
+        return None
+    return (TensorDescriptor.from_tensor(x_SX, [1, 1]),
+            TensorDescriptor.from_tensor(w_stored, [1, 1, 1]), w_kmajor)
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
                token_S: torch.Tensor | None = None) -> torch.Tensor:
     """With ``token_S``, x_SX is x_TX and row s reads x_TX[token_S[s]]."""
+    return _forward(_grouped_mm_tuned, x_SX, w_EXY, offsets_E, token_S)
+
+
+def grouped_mm_with(config: triton.Config, x_SX: torch.Tensor, w_EXY: torch.Tensor,
+                    offsets_E: torch.Tensor, token_S: torch.Tensor | None = None) -> torch.Tensor:
+    """grouped_mm launched with ``config`` instead of the autotuner's pick: the tests run
+    each variant (``USE_TMA``) this way, whatever configs the tuner holds. A one-config
+    tuner, so that the config's pre-launch hook runs as in the tuned launch."""
+    return _forward(_forward_tuner([config]), x_SX, w_EXY, offsets_E, token_S)
+
+
+def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
     block_e = triton.next_power_of_2(n_experts + 1)
+    # Gathered rows are scattered: no TMA box holds them.
+    descriptors = tma_descriptors(x_SX, w_EXY) if token_S is None else None
+    x_desc, w_desc, w_kmajor = descriptors or (None, None, False)
 
     def grid(meta):
         # Upper bound of tiles: every segment adds at most one partial row tile.
@@ -204,12 +279,12 @@ def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
         tile = meta["BLOCK_M"] * meta["BLOCK_N"]
         return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
 
-    _grouped_mm_tuned[grid](
-        x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, n_rows,
-        n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts), *x_SX.stride(),
-        *w_EXY.stride(), *y_SY.stride(),
-        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, BLOCK_E=block_e,
-        GROUP_M=GROUP_M)
+    kernel[grid](
+        x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, x_desc,
+        w_desc, n_rows, n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
+        *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
+        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, W_KMAJOR=w_kmajor,
+        BLOCK_E=block_e, GROUP_M=GROUP_M)
     return y_SY
 
 
