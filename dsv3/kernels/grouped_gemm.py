@@ -268,8 +268,11 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
     block_e = triton.next_power_of_2(n_experts + 1)
-    # Gathered rows are scattered: no TMA box holds them.
-    descriptors = tma_descriptors(x_SX, w_EXY) if token_S is None else None
+    # Gathered rows are scattered: no TMA box holds them. Descriptors only where a config
+    # can use them (not with DSV3_AUTOTUNE=0's single pointer config): building them
+    # costs host time on every call.
+    wants_tma = token_S is None and any(c.kwargs.get("USE_TMA") for c in kernel.configs)
+    descriptors = tma_descriptors(x_SX, w_EXY) if wants_tma else None
     x_desc, w_desc, w_kmajor = descriptors or (None, None, False)
 
     def grid(meta):
