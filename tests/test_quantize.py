@@ -27,6 +27,8 @@ CASES = [
     pytest.param(256, 256, "halves", id="halves"),
     # Huge dynamic range within a block: small values quantize to 0 and go to the residual.
     pytest.param(256, 64, "range", id="dynamic_range"),
+    # Many blocks: several GPU programs (each takes several blocks), the last one partial.
+    pytest.param(20000, 128, "random", id="many_programs"),
 ]
 
 
@@ -65,9 +67,10 @@ def test_quantize_matches_reference(n, block_size, pattern, with_error, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_rows", [1, 2, 5])
-def test_dequantize_sums_rows_in_order(n_rows, device):
+@pytest.mark.parametrize("n", [1000, 20000])  # one GPU program; several, the last partial
+def test_dequantize_sums_rows_in_order(n_rows, n, device):
     """Several ranks' chunks dequantized and summed in rank order, as the reference."""
-    block_size, n = 128, 1000
+    block_size = 128
     parts = [ops.quantize_int8(torch.randn(n, device=device), block_size) for _ in range(n_rows)]
     q_RN = torch.stack([p.q_N for p in parts])
     scales_RB = torch.stack([p.scales_B for p in parts])

@@ -1,8 +1,7 @@
 """Triton block-wise int8 quantization with error feedback, and the fused
 dequantize + ordered reduce of several ranks' chunks: the GPU compute of the
-compressed all-reduce (dsv3.distributed). Both are memory-bound single passes:
-the quantize takes one block of values a program, its scale computed in registers;
-the dequantize several blocks a program.
+compressed all-reduce (dsv3.distributed). Both are memory-bound single passes
+over several blocks a program, each block's scale computed in registers.
 
 Rounding is half away from zero, done exactly (as C's round()), so the GPU, the
 C++ kernel and the reference agree on every level. To agree to the bit on scales,
@@ -17,28 +16,33 @@ import triton.language as tl
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, block_size,
-                     HAS_ERROR: tl.constexpr, BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    idx = block.to(tl.int64) * block_size + tl.arange(0, BLOCK)
-    mask = (tl.arange(0, BLOCK) < block_size) & (idx < n)
+def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, n_blocks,
+                     block_size, HAS_ERROR: tl.constexpr, BLOCK: tl.constexpr,
+                     BLOCKS: tl.constexpr):
+    # BLOCKS quantization blocks a program ([BLOCKS, BLOCK] tile, one block a row), for
+    # 16-byte accesses; each block's scale comes from its own row.
+    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    inner = tl.arange(0, BLOCK)
+    idx = blocks[:, None].to(tl.int64) * block_size + inner[None, :]
+    mask = (inner[None, :] < block_size) & (idx < n) & (blocks[:, None] < n_blocks)
     v = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_ERROR:
         v += tl.load(error_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(v), 0)
+    amax = tl.max(tl.abs(v), 1)
     # Counted apart: a max reduction may skip NaN.
-    finite = tl.sum(tl.where((v != v) | (tl.abs(v) == float("inf")), 1, 0), 0) == 0
+    finite = tl.sum(tl.where((v != v) | (tl.abs(v) == float("inf")), 1, 0), 1) == 0
     scale = tl.where(finite, tl.math.div_rn(amax, 127.0), float("nan"))
     # IEEE division (a plain / may be approximate on GPUs): levels must match the CPU's.
-    usable = finite & (scale > 0)
-    ratio = tl.math.div_rn(tl.where(usable, v, 0.0), tl.where(usable, scale, 1.0))
+    usable = (finite & (scale > 0))[:, None]
+    ratio = tl.math.div_rn(tl.where(usable, v, 0.0), tl.where(usable, scale[:, None], 1.0))
     whole = tl.where(ratio < 0, -tl.floor(-ratio), tl.floor(ratio))  # trunc
     half_up = tl.where(tl.abs(ratio - whole) >= 0.5, 1.0, 0.0)
     level = tl.where(usable, whole + tl.where(ratio < 0, -half_up, half_up), 0.0)
-    tl.store(scales_ptr + block, scale)
+    tl.store(scales_ptr + blocks, scale, mask=blocks < n_blocks)
     tl.store(q_ptr + idx, level.to(tl.int8), mask=mask)
     # inf/NaN block: NaN scale (AMP's scaler sees it), clean residual.
-    tl.store(new_error_ptr + idx, tl.where(finite, v - level * scale, 0.0), mask=mask)
+    tl.store(new_error_ptr + idx, tl.where(finite[:, None], v - level * scale[:, None], 0.0),
+             mask=mask)
 
 
 @triton.jit
@@ -57,7 +61,8 @@ def _dequantize_kernel(q_ptr, scales_ptr, out_ptr, n_rows, n, n_blocks, block_si
     tl.store(out_ptr + idx, total, mask=mask)
 
 
-# Values a dequantize program covers (several blocks, so that each thread moves 16-byte pieces).
+# Values a program covers (several blocks, so that each thread moves 16-byte pieces).
+_QUANTIZE_VALUES = 2048
 _DEQUANTIZE_VALUES = 4096
 
 
@@ -68,9 +73,11 @@ def quantize_int8(x_N: torch.Tensor, block_size: int, error_N: torch.Tensor | No
     q_N = torch.empty(n, device=x_N.device, dtype=torch.int8)
     scales_B = torch.empty(n_blocks, device=x_N.device, dtype=torch.float32)
     new_error_N = torch.empty(n, device=x_N.device, dtype=torch.float32)
-    _quantize_kernel[(n_blocks,)](
+    block = triton.next_power_of_2(block_size)
+    blocks = max(_QUANTIZE_VALUES // block, 1)
+    _quantize_kernel[(triton.cdiv(n_blocks, blocks),)](
         x_N, error_N.contiguous() if error_N is not None else x_N, q_N, scales_B, new_error_N,
-        n, block_size, HAS_ERROR=error_N is not None, BLOCK=triton.next_power_of_2(block_size),
+        n, n_blocks, block_size, HAS_ERROR=error_N is not None, BLOCK=block, BLOCKS=blocks,
         enable_fp_fusion=False)
     return q_N, scales_B, new_error_N
 
