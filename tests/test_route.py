@@ -47,9 +47,18 @@ CASES = [
     pytest.param(60, 256, 8, "sigmoid", False, 8, 4, True, 2.5, "integer", id="ties_E256_groups"),
     # 256 experts without groups: the GPU kernel takes a token's experts in several slabs.
     pytest.param(90, 256, 8, "softmax", False, 1, 1, True, 1.0, "random", id="E256_ungrouped"),
+    # Groups of 128 experts, more than one slab each: a group's two best merge across slabs.
+    pytest.param(60, 256, 8, "sigmoid", True, 2, 1, True, 1.0, "random", id="groups_of_128"),
+    # A bias of scale 3: many selection scores negative, whole groups below zero.
+    pytest.param(60, 64, 6, "sigmoid", 3.0, 8, 3, True, 2.5, "random", id="negative_choices"),
     # 160 experts, top-6 (DeepSeek-V2's sizes): the last slab is partly past the end.
     pytest.param(90, 160, 6, "softmax", True, 1, 1, False, 1.0, "random", id="E160_K6"),
 ]
+
+
+def _bias_scale(with_bias) -> float:
+    """with_bias: True for a small bias (0.1 randn), or the bias's scale itself."""
+    return 0.1 if with_bias is True else float(with_bias)
 
 
 def make_logits(n_tokens, n_experts, pattern, dtype, device):
@@ -71,7 +80,7 @@ def make_logits(n_tokens, n_experts, pattern, dtype, device):
 def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_groups, normalize,
                                  scale, pattern, dtype, device):
     logits_TE = make_logits(T, E, pattern, dtype, device)
-    bias_E = 0.1 * torch.randn(E, device=device) if with_bias else None
+    bias_E = _bias_scale(with_bias) * torch.randn(E, device=device) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale)
     (weights_TK, experts_TK, counts_E), _ = check_op(
@@ -103,7 +112,7 @@ def test_route_with_stats_matches_reference(T, E, K, score, with_bias, n_groups,
     """The balance-loss sums come from the routing pass itself: they, the weights and
     d(logits) from all three differentiable outputs together match the reference."""
     logits_TE = make_logits(T, E, pattern, dtype, device)
-    bias_E = 0.1 * torch.randn(E, device=device) if with_bias else None
+    bias_E = _bias_scale(with_bias) * torch.randn(E, device=device) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale)
 

@@ -152,8 +152,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     group_scores = tl.full((BLOCK_G, BLOCK_T), float("-inf"), tl.float32)
     if SIGMOID or N_GROUPS > 1:
         for g in range(N_GROUPS):
-            first = minus_inf
-            second = minus_inf
+            best = minus_inf
+            runner_up = minus_inf
             for first in range(0, GROUP_SIZE, SLAB):
                 logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                                  no_token + g * GROUP_SIZE, first, GROUP_SIZE,
@@ -164,9 +164,9 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 if N_GROUPS > 1:
                     choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols,
                                      valid, bias_ptr, HAS_BIAS)
-                    first, second = _top2_combine(first, second, *_top2(choice))
+                    best, runner_up = _top2_combine(best, runner_up, *_top2(choice))
             if N_GROUPS > 1:
-                score = first + second if GROUP_SIZE > 1 else first
+                score = best + runner_up if GROUP_SIZE > 1 else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
     tl.atomic_max(nan_ptr, tl.max(has_nan.to(tl.int32), 0))
