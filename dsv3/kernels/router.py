@@ -387,7 +387,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 
 # Tokens per program, one per thread (4 warps); experts per slab, at most
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
-_FORWARD_TOKENS = 16 if INTERPRET else 128
+_TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
 
 
@@ -401,10 +401,10 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     while logits_TE.shape[1] % vector:
         vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
-    return {"BLOCK_T": _FORWARD_TOKENS, "CW": vector,
+    return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
             "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
-            "num_warps": max(_FORWARD_TOKENS // 32, 1)}
+            "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
 def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
