@@ -128,22 +128,19 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     row_high = minus_inf
     row_max = tl.zeros((BLOCK_T,), tl.float32)
     row_scale = tl.full((BLOCK_T,), 1.0, tl.float32)  # softmax: 1 / the row's exp-sum
+    # The passes over the whole row (softmax's, the stats') ignore the groups: slabs of
+    # the row in order.
     if not SIGMOID:  # softmax: the row's max, then its exp-sum, before any score
-        for g in range(N_GROUPS):
-            for first in range(0, GROUP_SIZE, SLAB):
-                logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
-                                          no_token + g * GROUP_SIZE, first, GROUP_SIZE,
-                                          SLAB_CHUNKS, CW)
-                row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0,
-                                                        _nan_max))
+        for first in range(0, N_EXPERTS, SLAB):
+            logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token, first,
+                                      N_EXPERTS, SLAB_CHUNKS, CW)
+            row_high = _nan_max(row_high, tl.reduce(tl.reduce(logits, 2, _nan_max), 0, _nan_max))
         row_max = tl.where(row_high == float("-inf"), 0.0, row_high)  # an all -inf row: zeros
         row_total = tl.zeros((BLOCK_T,), tl.float32)
-        for g in range(N_GROUPS):
-            for first in range(0, GROUP_SIZE, SLAB):
-                logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
-                                              no_token + g * GROUP_SIZE, first, GROUP_SIZE,
-                                              SLAB_CHUNKS, CW)
-                row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
+        for first in range(0, N_EXPERTS, SLAB):
+            logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
+                                          first, N_EXPERTS, SLAB_CHUNKS, CW)
+            row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
         row_scale = _reciprocal(tl.where(row_total > 0, row_total, 1.0))
 
     # Pass 1, every expert (softmax: only with groups): the group scores, the sum of
@@ -179,25 +176,19 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         lse_shift = tl.where(row_high == float("-inf"), 0.0, row_high)
         score_total = tl.zeros((BLOCK_T,), tl.float32)
         exp_total = tl.zeros((BLOCK_T,), tl.float32)
-        for g in range(N_GROUPS):
-            for first in range(0, GROUP_SIZE, SLAB):
-                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
-                                                 no_token + g * GROUP_SIZE, first, GROUP_SIZE,
-                                                 SLAB_CHUNKS, CW)
-                score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
-                exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
+        for first in range(0, N_EXPERTS, SLAB):
+            logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
+                                          first, N_EXPERTS, SLAB_CHUNKS, CW)
+            score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
+            exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
         score_scale = _reciprocal(tl.where(score_total > 0, score_total, 1.0))
-        for g in range(N_GROUPS):
-            for first in range(0, GROUP_SIZE, SLAB):
-                logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
-                                                 no_token + g * GROUP_SIZE, first, GROUP_SIZE,
-                                                 SLAB_CHUNKS, CW)
-                normalized = (_probs(logits, valid, row_max, row_scale, SIGMOID)
-                              * score_scale[None, :, None])
-                offsets = (g * GROUP_SIZE + first + tl.arange(0, SLAB_CHUNKS)[:, None] * CW
-                           + tl.arange(0, CW)[None, :])
-                tl.store(partial_row + offsets, tl.sum(normalized, 1),
-                         mask=offsets < g * GROUP_SIZE + GROUP_SIZE)
+        for first in range(0, N_EXPERTS, SLAB):
+            logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
+                                          first, N_EXPERTS, SLAB_CHUNKS, CW)
+            normalized = (_probs(logits, valid, row_max, row_scale, SIGMOID)
+                          * score_scale[None, :, None])
+            offsets = first + tl.arange(0, SLAB_CHUNKS)[:, None] * CW + tl.arange(0, CW)[None, :]
+            tl.store(partial_row + offsets, tl.sum(normalized, 1), mask=offsets < N_EXPERTS)
         lse = tl.where(exp_total > 0,
                        lse_shift + tl.log(tl.where(exp_total > 0, exp_total, 1.0)), float("-inf"))
         tl.store(partial_row + N_EXPERTS, tl.sum(tl.where(token_mask, lse * lse, 0.0), 0))
