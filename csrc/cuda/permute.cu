@@ -22,13 +22,15 @@ namespace {
 constexpr int kBlock = 256;
 
 // Bin of a copy: its expert, or n_experts for a dropped copy (id -1) and for an
-// out-of-range id, which is also flagged so the host-side op can report it.
+// out-of-range id.
+__device__ __forceinline__ int bin_index(int32_t expert, int n_experts) {
+  return expert < 0 || expert >= n_experts ? n_experts : expert;
+}
+
+// The same, flagging an out-of-range id so that the host-side op can report it.
 __device__ __forceinline__ int bin_of(int32_t expert, int n_experts, int* bad) {
-  if (expert < -1 || expert >= n_experts) {
-    atomicExch(bad, 1);
-    return n_experts;
-  }
-  return expert < 0 ? n_experts : expert;
+  if (expert < -1 || expert >= n_experts) atomicExch(bad, 1);
+  return bin_index(expert, n_experts);
 }
 
 // hist is bin-major, hist[bin * n_blocks + block]: then the first row of (block, bin)
@@ -59,8 +61,7 @@ __global__ void place_kernel(const int32_t* experts, int64_t n_copies, int n_exp
       offsets[e] = starts[static_cast<int64_t>(e + 1) * n_blocks];
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Out-of-range ids were flagged by the histogram; here they only need the same bin.
-  const int32_t expert = i < n_copies ? experts[i] : -1;
-  const int bin = i >= n_copies ? -1 : (expert < 0 || expert >= n_experts ? n_experts : expert);
+  const int bin = i < n_copies ? bin_index(experts[i], n_experts) : -1;
   bins[threadIdx.x] = bin;
   __syncthreads();
   if (i >= n_copies) return;
