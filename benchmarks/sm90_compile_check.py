@@ -32,6 +32,7 @@ from triton.runtime import driver
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
+from dsv3.kernels import device_checks
 from dsv3.kernels.config import SM90_SHARED_BYTES
 
 
@@ -82,6 +83,8 @@ def install() -> None:
     driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
     Autotuner.run = _all_configs
+    # Nothing runs, so the kernels' "input was good" flags hold garbage: not checked.
+    device_checks.raise_unless = lambda ok, message: None
 
 
 # SASS opcodes (the mnemonic before its first '.') counted together in the report.

@@ -1,6 +1,9 @@
 """Bad input is part of the contract (DESIGN.md §4): every public function given a
 wrong shape, dtype, device or value raises ValueError/TypeError naming the
 argument, before any kernel runs. Nothing is silently clamped or dropped."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -161,6 +164,29 @@ GROUPED_MM = [
                  id="offsets_wrong_device"),
 ]
 
+# The kernels the autograd formulas call (the backward's dgrad, wgrad and combine) read
+# offsets_E / row_map_TK values too: every backend rejects bad ones, never reading or
+# writing out of bounds first.
+KERNEL_VALUES = [
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(6, 4), torch.randn(6, 5),
+                                                         offsets(4, 2), False),
+                 ValueError, "offsets_E", id="wgrad_offsets_decreasing"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(6, 4), torch.randn(6, 5),
+                                                         offsets(3, 9), True),
+                 ValueError, "offsets_E", id="wgrad_offsets_past_S"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(6, 4), torch.randn(6, 5),
+                                                         offsets(-2, 6), False),
+                 ValueError, "offsets_E", id="wgrad_offsets_negative"),
+    pytest.param(lambda: ops.gather_grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5),
+                                               offsets(5, 2), row_map(3, 2)),
+                 ValueError, "offsets_E", id="gather_offsets_decreasing"),
+    pytest.param(lambda: torch.ops.dsv3.permute_rows(torch.randn(4, 3), row_map() + 1),
+                 ValueError, "row_map_TK", id="permute_rows_row_map_out_of_range"),
+    pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8, 3),
+                                                           row_map() - 1, torch.rand(4, 2)),
+                 ValueError, "row_map_TK", id="unpermute_backward_row_map_negative"),
+]
+
 SWIGLU = [
     pytest.param(lambda: ops.swiglu(torch.randn(4, 7)), ValueError, "h_S2F", id="odd_last_dim"),
     pytest.param(lambda: ops.swiglu(torch.randn(8)), ValueError, "h_S2F", id="h_1d"),
@@ -188,7 +214,8 @@ CONFIG = [
 ]
 
 
-@pytest.mark.parametrize("call, error, pattern", ROUTE + PERMUTE + GROUPED_MM + SWIGLU)
+@pytest.mark.parametrize("call, error, pattern",
+                         ROUTE + PERMUTE + GROUPED_MM + KERNEL_VALUES + SWIGLU)
 def test_op_rejects_bad_input(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
@@ -252,3 +279,25 @@ def test_mixed_devices_rejected_on_gpu():
         ops.permute(x_TD, experts(), 8)
     with pytest.raises(ValueError, match="w_EXY"):
         ops.grouped_mm(torch.randn(6, 4, device="cuda"), torch.randn(2, 4, 5), offsets(3, 6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("call", [
+    pytest.param("ops.grouped_mm(torch.randn(6, 4, device='cuda'), "
+                 "torch.randn(2, 4, 5, device='cuda'), offsets_E.cuda())", id="grouped_mm"),
+    pytest.param("ops.unpermute(torch.randn(4, 3, device='cuda'), "
+                 "torch.tensor([[0, 1], [2, 9]], dtype=torch.int32, device='cuda'))",
+                 id="unpermute"),
+])
+def test_bad_index_values_assert_on_gpu(call):
+    """On a GPU a bad offsets_E / row_map_TK is reported without a host sync, by a
+    device-side assert (as PyTorch's indexing does), and nothing is accessed out of
+    bounds first (that would read "illegal memory access" instead). The assert leaves
+    the CUDA context unusable, so each case runs in a process of its own."""
+    code = ("import torch\nfrom dsv3 import ops\n"
+            "offsets_E = torch.tensor([3, 2], dtype=torch.int32)\n"
+            f"{call}\ntorch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0, result.stdout
+    assert "device-side assert" in result.stderr, result.stderr[-2000:]

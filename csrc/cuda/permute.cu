@@ -122,9 +122,28 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_T
 // under half its bandwidth).
 constexpr int kUnroll = 4;
 
+// row_map_TK comes from the caller: an entry outside [0, n_rows) clears the "row map
+// was good" flag and its row is neither read nor written (the host raises through a
+// device-side assert, no sync). Every thread of a block reads the same entry, so
+// the skip is uniform across the block.
+__device__ __forceinline__ bool row_in_range(int64_t row, int64_t n_rows, int32_t* ok) {
+  if (row >= 0 && row < n_rows) return true;
+  if (threadIdx.x == 0) *ok = 0;
+  return false;
+}
+
+// The flag the kernels clear, and the check of it once they have run.
+at::Tensor good_flag(const at::Tensor& like) {
+  return at::ones({1}, like.options().dtype(at::kInt));
+}
+
+void assert_row_map_good(const at::Tensor& ok, const char* message) {
+  at::_assert_async(ok, message);
+}
+
 template <typename vec_t>
 __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_t* out,
-                                    int64_t row_vecs, int top_k) {
+                                    int32_t* ok, int64_t n_rows, int64_t row_vecs, int top_k) {
   const int64_t token = blockIdx.x;
   const vec_t* src = x + token * row_vecs;
   for (int64_t base = threadIdx.x; base < row_vecs; base += kUnroll * blockDim.x) {
@@ -135,7 +154,9 @@ __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_
       if (v < row_vecs) piece[j] = src[v];
     }
     for (int k = 0; k < top_k; ++k) {
-      vec_t* dst = out + static_cast<int64_t>(row_map[token * top_k + k]) * row_vecs;
+      const int64_t row = row_map[token * top_k + k];
+      if (!row_in_range(row, n_rows, ok)) continue;
+      vec_t* dst = out + row * row_vecs;
 #pragma unroll
       for (int j = 0; j < kUnroll; ++j) {
         const int64_t v = base + j * blockDim.x;
@@ -157,18 +178,22 @@ at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_ma
   const bool aligned = row_bytes % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(x_TD.const_data_ptr()) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(x_SD.const_data_ptr()) % 16 == 0;
+  const at::Tensor ok = good_flag(row_map_TK);
+  const int64_t n_rows = x_SD.size(0);
   if (aligned) {
     permute_rows_kernel<uint4><<<n_tokens, 128, 0, stream>>>(
         static_cast<const uint4*>(x_TD.const_data_ptr()), rows,
-        static_cast<uint4*>(x_SD.mutable_data_ptr()), row_bytes / 16, top_k);
+        static_cast<uint4*>(x_SD.mutable_data_ptr()), ok.mutable_data_ptr<int32_t>(), n_rows,
+        row_bytes / 16, top_k);
   } else {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_TD.scalar_type(), "permute_rows", [&] {
       permute_rows_kernel<scalar_t><<<n_tokens, 128, 0, stream>>>(
-          x_TD.const_data_ptr<scalar_t>(), rows, x_SD.mutable_data_ptr<scalar_t>(), x_TD.size(1),
-          top_k);
+          x_TD.const_data_ptr<scalar_t>(), rows, x_SD.mutable_data_ptr<scalar_t>(),
+          ok.mutable_data_ptr<int32_t>(), n_rows, x_TD.size(1), top_k);
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  assert_row_map_good(ok, "permute_rows: row_map_TK values must be in [0, S)");
   return x_SD;
 }
 
@@ -178,7 +203,8 @@ at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_ma
 // loads are in flight before the first multiply-add needs one.
 template <typename scalar_t, typename weight_t, int kVec>
 __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, const weight_t* weights,
-                                 scalar_t* out, int64_t dim, int top_k) {
+                                 scalar_t* out, int32_t* ok, int64_t n_rows, int64_t dim,
+                                 int top_k) {
   using acc_t = at::opmath_type<scalar_t>;
   struct alignas(sizeof(scalar_t) * kVec) Piece { scalar_t v[kVec]; };
   const int64_t token = blockIdx.x;
@@ -190,6 +216,7 @@ __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, cons
     for (int k = 0; k < top_k; ++k) {
       const acc_t w = weights ? static_cast<acc_t>(weights[token * top_k + k]) : acc_t(1);
       const int64_t row = row_map[token * top_k + k];
+      if (!row_in_range(row, n_rows, ok)) continue;
       const Piece piece = reinterpret_cast<const Piece*>(y + row * dim)[p];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] += w * static_cast<acc_t>(piece.v[i]);
@@ -209,6 +236,9 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
   at::Tensor y_TD = at::empty({n_tokens, dim}, y_SD.options());
   if (n_tokens == 0) return y_TD;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor ok = good_flag(row_map_TK);
+  int32_t* ok_ptr = ok.mutable_data_ptr<int32_t>();
+  const int64_t n_rows = y_SD.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(), "unpermute", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor weights_TK;
@@ -222,14 +252,15 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
     if (aligned) {
       unpermute_kernel<scalar_t, acc_t, vec><<<n_tokens, 128, 0, stream>>>(
           y_SD.const_data_ptr<scalar_t>(), row_map_TK.const_data_ptr<int32_t>(), weights,
-          y_TD.mutable_data_ptr<scalar_t>(), dim, top_k);
+          y_TD.mutable_data_ptr<scalar_t>(), ok_ptr, n_rows, dim, top_k);
     } else {
       unpermute_kernel<scalar_t, acc_t, 1><<<n_tokens, 256, 0, stream>>>(
           y_SD.const_data_ptr<scalar_t>(), row_map_TK.const_data_ptr<int32_t>(), weights,
-          y_TD.mutable_data_ptr<scalar_t>(), dim, top_k);
+          y_TD.mutable_data_ptr<scalar_t>(), ok_ptr, n_rows, dim, top_k);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  assert_row_map_good(ok, "unpermute: row_map_TK values must be in [0, S)");
   return y_TD;
 }
 
@@ -255,7 +286,7 @@ __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* 
                                           const int32_t* row_map,
                                           const at::opmath_type<scalar_t>* weights,
                                           scalar_t* grad_rows, at::opmath_type<scalar_t>* grad_weights,
-                                          int64_t dim, int top_k) {
+                                          int32_t* ok, int64_t n_rows, int64_t dim, int top_k) {
   using acc_t = at::opmath_type<scalar_t>;
   struct alignas(sizeof(scalar_t) * kVec) Piece { scalar_t v[kVec]; };
   __shared__ acc_t warp_sums[32];
@@ -263,6 +294,7 @@ __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* 
   const Piece* grad_row = reinterpret_cast<const Piece*>(grad + token * dim);
   for (int k = 0; k < top_k; ++k) {
     const int64_t row = row_map[token * top_k + k];
+    if (!row_in_range(row, n_rows, ok)) continue;  // uniform: before block_sum's barriers
     const acc_t w = weights[token * top_k + k];
     const Piece* y_row = reinterpret_cast<const Piece*>(y + row * dim);
     Piece* out_row = reinterpret_cast<Piece*>(grad_rows + row * dim);
@@ -294,6 +326,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   at::Tensor grad_y_SD = at::empty_like(y_SD);
   at::Tensor grad_weights_TK;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor ok = good_flag(row_map_TK);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_SD.scalar_type(),
                                   "unpermute_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -311,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
             grad_y_TD.const_data_ptr<scalar_t>(), y_SD.const_data_ptr<scalar_t>(),
             row_map_TK.const_data_ptr<int32_t>(), weights_TK.const_data_ptr<acc_t>(),
             grad_y_SD.mutable_data_ptr<scalar_t>(), grad_weights_TK.mutable_data_ptr<acc_t>(),
-            dim, top_k);
+            ok.mutable_data_ptr<int32_t>(), y_SD.size(0), dim, top_k);
       };
       if (aligned) {
         launch(unpermute_backward_kernel<scalar_t, vec>, 128);
@@ -321,6 +354,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  assert_row_map_good(ok, "unpermute_backward: row_map_TK values must be in [0, S)");
   return {grad_y_SD, grad_weights_TK.to(weights_TK_in.scalar_type())};
 }
 

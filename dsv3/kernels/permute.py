@@ -10,32 +10,45 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import device_checks
 from dsv3.kernels.config import INTERPRET
 
 _BLOCK_D = 64 if INTERPRET else 512
 
 
 @triton.jit
-def _permute_rows_kernel(x_ptr, row_map_ptr, out_ptr, dim, top_k, BLOCK_D: tl.constexpr):
+def _mapped_row(row_map_ptr, ok_ptr, index, n_rows):
+    """(row, whether it is in [0, n_rows)) of row_map entry ``index``. An entry out of
+    range clears the "row map was good" flag (the launcher raises on it) and its row is
+    then neither read nor written."""
+    row = tl.load(row_map_ptr + index)
+    in_range = (row >= 0) & (row < n_rows)
+    tl.store(ok_ptr, 0, mask=~in_range)
+    return row.to(tl.int64), in_range
+
+
+@triton.jit
+def _permute_rows_kernel(x_ptr, row_map_ptr, out_ptr, ok_ptr, n_rows, dim, top_k,
+                         BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < dim
     row = tl.load(x_ptr + token.to(tl.int64) * dim + cols, mask=mask)
     for k in range(top_k):
-        dest = tl.load(row_map_ptr + token * top_k + k).to(tl.int64)
-        tl.store(out_ptr + dest * dim + cols, row, mask=mask)
+        dest, in_range = _mapped_row(row_map_ptr, ok_ptr, token * top_k + k, n_rows)
+        tl.store(out_ptr + dest * dim + cols, row, mask=mask & in_range)
 
 
 @triton.jit
-def _unpermute_kernel(y_ptr, row_map_ptr, weights_ptr, out_ptr, dim, top_k,
+def _unpermute_kernel(y_ptr, row_map_ptr, weights_ptr, out_ptr, ok_ptr, n_rows, dim, top_k,
                       HAS_WEIGHTS: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = cols < dim
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for k in range(top_k):
-        src = tl.load(row_map_ptr + token * top_k + k).to(tl.int64)
-        row = tl.load(y_ptr + src * dim + cols, mask=mask, other=0.0).to(tl.float32)
+        src, in_range = _mapped_row(row_map_ptr, ok_ptr, token * top_k + k, n_rows)
+        row = tl.load(y_ptr + src * dim + cols, mask=mask & in_range, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             row = row * tl.load(weights_ptr + token * top_k + k).to(tl.float32)
         acc += row
@@ -44,16 +57,17 @@ def _unpermute_kernel(y_ptr, row_map_ptr, weights_ptr, out_ptr, dim, top_k,
 
 @triton.jit
 def _unpermute_backward_kernel(grad_ptr, y_ptr, row_map_ptr, weights_ptr, grad_rows_ptr,
-                               grad_weights_ptr, dim, top_k, BLOCK_D: tl.constexpr):
+                               grad_weights_ptr, ok_ptr, n_rows, dim, top_k,
+                               BLOCK_D: tl.constexpr):
     # grad_rows[row_map[t, k]] = w[t, k] * grad[t]; grad_w[t, k] = <grad[t], y[row_map[t, k]]>.
     token = tl.program_id(0)
     for k in range(top_k):
-        row = tl.load(row_map_ptr + token * top_k + k).to(tl.int64)
+        row, in_range = _mapped_row(row_map_ptr, ok_ptr, token * top_k + k, n_rows)
         weight = tl.load(weights_ptr + token * top_k + k).to(tl.float32)
         dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            mask = cols < dim
+            mask = (cols < dim) & in_range
             grad = tl.load(grad_ptr + token.to(tl.int64) * dim + cols, mask=mask, other=0.0)
             grad = grad.to(tl.float32)
             y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
@@ -67,9 +81,21 @@ def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
     x_TD, row_map_TK = x_TD.contiguous(), row_map_TK.contiguous()
     n_tokens, dim = x_TD.shape
     x_SD = x_TD.new_empty(row_map_TK.numel(), dim)
+    ok = _good_flag(x_TD.device)
     _permute_rows_kernel[(n_tokens, triton.cdiv(dim, _BLOCK_D))](
-        x_TD, row_map_TK, x_SD, dim, row_map_TK.shape[1], BLOCK_D=_BLOCK_D)
+        x_TD, row_map_TK, x_SD, ok, x_SD.shape[0], dim, row_map_TK.shape[1], BLOCK_D=_BLOCK_D)
+    _raise_on_bad_row_map(ok, "permute_rows", x_SD.shape[0])
     return x_SD
+
+
+def _good_flag(device: torch.device) -> torch.Tensor:
+    """The kernels' "row map was good" flag: set here, cleared by any bad entry."""
+    return torch.ones(1, device=device, dtype=torch.int32)
+
+
+def _raise_on_bad_row_map(ok: torch.Tensor, op: str, n_rows: int) -> None:
+    """The C++ kernel's row_map_TK check, from the flag the kernel cleared."""
+    device_checks.raise_unless(ok, f"{op}: row_map_TK values must be in [0, {n_rows})")
 
 
 def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Tensor | None):
@@ -78,9 +104,11 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
     dim = y_SD.shape[1]
     y_TD = y_SD.new_empty(n_tokens, dim)
     weights = weights_TK.contiguous() if weights_TK is not None else y_SD
+    ok = _good_flag(y_SD.device)
     _unpermute_kernel[(n_tokens, triton.cdiv(dim, _BLOCK_D))](
-        y_SD, row_map_TK, weights, y_TD, dim, top_k, HAS_WEIGHTS=weights_TK is not None,
-        BLOCK_D=_BLOCK_D)
+        y_SD, row_map_TK, weights, y_TD, ok, y_SD.shape[0], dim, top_k,
+        HAS_WEIGHTS=weights_TK is not None, BLOCK_D=_BLOCK_D)
+    _raise_on_bad_row_map(ok, "unpermute", y_SD.shape[0])
     return y_TD
 
 
@@ -89,7 +117,9 @@ def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
     n_tokens, top_k = row_map_TK.shape
     grad_y_SD = torch.empty_like(y_SD)
     grad_weights_TK = torch.empty(n_tokens, top_k, device=y_SD.device, dtype=torch.float32)
+    ok = _good_flag(y_SD.device)
     _unpermute_backward_kernel[(n_tokens,)](
         grad_y_TD.contiguous().to(y_SD.dtype), y_SD, row_map_TK, weights_TK.contiguous(),
-        grad_y_SD, grad_weights_TK, y_SD.shape[1], top_k, BLOCK_D=_BLOCK_D)
+        grad_y_SD, grad_weights_TK, ok, y_SD.shape[0], y_SD.shape[1], top_k, BLOCK_D=_BLOCK_D)
+    _raise_on_bad_row_map(ok, "unpermute_backward", y_SD.shape[0])
     return grad_y_SD, grad_weights_TK.to(weights_TK.dtype)

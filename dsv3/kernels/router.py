@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.kernels import device_checks
 from dsv3.kernels.config import INTERPRET
 
 
@@ -428,23 +429,12 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
 
 
 def _raise_on_nan(nan_flag: torch.Tensor) -> None:
-    """On the CPU (interpreter) the flag is free to read: raise the same ValueError as
-    the C++ kernel. On a GPU, reading it would sync: assert on the device instead."""
-    if nan_flag.device.type == "cpu":
-        if nan_flag.item():
-            raise ValueError("route: logits_TE contains NaN or +inf")
-    else:
-        torch._assert_async(nan_flag[0] == 0, "route: logits_TE contains NaN or +inf")
+    device_checks.raise_unless(nan_flag == 0, "route: logits_TE contains NaN or +inf")
 
 
 def _raise_on_bad_bias(bias_E: torch.Tensor) -> None:
-    """The C++ kernel's check that bias_E is finite, without a host sync on a GPU."""
-    finite = torch.isfinite(bias_E).all()
-    if bias_E.device.type == "cpu":
-        if not finite:
-            raise ValueError("route: bias_E must be finite")
-    else:
-        torch._assert_async(finite, "route: bias_E must be finite")
+    """The C++ kernel's check that bias_E is finite."""
+    device_checks.raise_unless(torch.isfinite(bias_E).all(), "route: bias_E must be finite")
 
 
 def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE, experts_TK,

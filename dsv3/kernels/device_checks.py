@@ -1,0 +1,17 @@
+"""Raising on input values that only a kernel reads (routing offsets, row maps, NaN
+logits) without a host sync. The kernels write a one-element "input was good" flag
+as they go; on the CPU (the interpreter) reading it is free, so the launcher raises
+the same ValueError as the C++ kernel, and on a GPU a device-side assert (like
+PyTorch's own indexing) reports it at the next sync, so the launch stays async and
+capturable in a CUDA graph. The kernels also keep every access in bounds whatever
+the values, so a bad input can never read or write outside its tensors first."""
+import torch
+
+
+def raise_unless(ok: torch.Tensor, message: str) -> None:
+    """``ok``: one-element tensor, nonzero when the input was good."""
+    if ok.device.type == "cpu":
+        if not bool(ok.reshape(-1)[0]):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok.reshape(()), message)
