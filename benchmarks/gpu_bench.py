@@ -138,36 +138,39 @@ def gemm_rows(name, T, D, F, E, K):
                      "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
                      "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
         if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels
-            rows[-1].update(tuned_choice(tuner, tuned_before,
-                                         "PERSISTENT" if kind == "wgrad" else "USE_TMA"))
+            rows[-1].update(tuned_choice(tuner, tuned_before, WGRAD_FLAGS if kind == "wgrad"
+                                         else ("USE_TMA",)))
     return rows
 
 
-# The flag of each kernel's variant: names of its launch with the flag set and unset.
+# The flags of the kernels' variants: names of a launch with the flag set and unset.
 VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer")}
+WGRAD_FLAGS = ("PERSISTENT", "USE_TMA")
 
 
-def tuned_choice(tuner, tuned_before: int, flag: str) -> dict:
-    """The config the autotuner ran (read after the timed calls), and whether the
-    variant won: its best time over the best without it ("tma_over_pointer",
-    "persistent_over_grid") when this shape tuned it. The key is (DIM_X, DIM_Y, log2 of
-    the rows per expert, dtypes), so a shape may still reuse an earlier shape's pick
-    ("reused")."""
+def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
+    """The config the autotuner ran (read after the timed calls), and for each variant
+    flag whether it won: the best time with it over the best without it
+    ("tma_over_pointer", "persistent_over_grid") when this shape tuned it. The key is
+    (DIM_X, DIM_Y, log2 of the rows per expert, dtypes), so a shape may still reuse an
+    earlier shape's pick ("reused")."""
     config = tuner.best_config
-    on, off = VARIANTS[flag]
-    choice = {"config": f"{on if config.kwargs[flag] else off} "
+    names = " ".join(VARIANTS[flag][0 if config.kwargs[flag] else 1] for flag in flags)
+    choice = {"config": f"{names} "
               f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
               f" w{config.num_warps} s{config.num_stages}"}
     if len(tuner.configs) > 1 and len(tuner.cache) == tuned_before:
         choice["config"] += " (reused)"
         return choice
     timings = getattr(tuner, "configs_timings", None) or {}  # absent with a single config
-    best = {}
-    for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
-        ms = t[0] if isinstance(t, (list, tuple)) else t
-        best[c.kwargs[flag]] = min(ms, best.get(c.kwargs[flag], float("inf")))
-    if len(best) == 2:
-        choice[f"{on}_over_{off}"] = best[True] / best[False]
+    for flag in flags:
+        on, off = VARIANTS[flag]
+        best = {}
+        for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
+            ms = t[0] if isinstance(t, (list, tuple)) else t
+            best[c.kwargs[flag]] = min(ms, best.get(c.kwargs[flag], float("inf")))
+        if len(best) == 2:
+            choice[f"{on}_over_{off}"] = best[True] / best[False]
     return choice
 
 

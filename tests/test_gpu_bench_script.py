@@ -27,17 +27,23 @@ def test_tuned_choice_names_the_variant_and_its_margin():
 
     import triton
 
-    def tuner(flag):
-        plain, variant = (triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64,
-                                         flag: v}, num_warps=8, num_stages=3)
-                          for v in (False, True))
-        return SimpleNamespace(configs=[plain, variant], cache={("key",): variant},
-                               best_config=variant,
-                               configs_timings={plain: [2.0, 1.9, 2.1], variant: [1.5, 1.4, 1.6]})
+    def config(**flags):
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, **flags},
+                             num_warps=8, num_stages=3)
 
-    assert gpu_bench.tuned_choice(tuner("PERSISTENT"), 0, "PERSISTENT") == {
-        "config": "persistent 128x128x64 w8 s3", "persistent_over_grid": 0.75}
-    assert gpu_bench.tuned_choice(tuner("PERSISTENT"), 1, "PERSISTENT") == {
-        "config": "persistent 128x128x64 w8 s3 (reused)"}
-    assert gpu_bench.tuned_choice(tuner("USE_TMA"), 0, "USE_TMA") == {
+    plain, tma = config(USE_TMA=False), config(USE_TMA=True)
+    forward = SimpleNamespace(configs=[plain, tma], cache={("key",): tma}, best_config=tma,
+                              configs_timings={plain: [2.0, 1.9, 2.1], tma: [1.5, 1.4, 1.6]})
+    assert gpu_bench.tuned_choice(forward, 0, ("USE_TMA",)) == {
         "config": "tma 128x128x64 w8 s3", "tma_over_pointer": 0.75}
+    assert gpu_bench.tuned_choice(forward, 1, ("USE_TMA",)) == {
+        "config": "tma 128x128x64 w8 s3 (reused)"}
+    # The wgrad's two flags, each weighed over the configs with and without it.
+    launches = {(p, t): config(PERSISTENT=p, USE_TMA=t) for p in (False, True) for t in (False, True)}
+    times = {(False, False): 4.0, (True, False): 3.0, (False, True): 2.5, (True, True): 2.0}
+    wgrad = SimpleNamespace(configs=list(launches.values()), cache={("key",): None},
+                            best_config=launches[True, True],
+                            configs_timings={launches[k]: [t] for k, t in times.items()})
+    assert gpu_bench.tuned_choice(wgrad, 0, gpu_bench.WGRAD_FLAGS) == {
+        "config": "persistent tma 128x128x64 w8 s3",
+        "persistent_over_grid": 2.0 / 2.5, "tma_over_pointer": 2.0 / 3.0}

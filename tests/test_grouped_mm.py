@@ -200,10 +200,11 @@ def test_forward_launch_variants_match_reference(tma, gather, layout, dtype, dev
     x, w, offsets = (t.to(device) for t in (x_TX if gather else x_SX, w_EXY, offsets_E))
     w = W_LAYOUTS[layout](w)
     tokens = token_S.to(device, torch.int32) if gather else None
-    # TMA reads these inputs (gathered or not: the gather keeps to the pointer loads)
+    # TMA reads these inputs: w, and x unless gathered (its rows keep to pointer loads)
     tma_readable = dtype != torch.float32 and layout != "strided"
-    assert ((grouped_gemm.tma_descriptors(x, w) is not None)
-            == (tma_readable and grouped_gemm.has_tma(x.device)))
+    descriptors = grouped_gemm.tma_descriptors(x, w, gathered=gather)
+    assert (descriptors is not None) == (tma_readable and grouped_gemm.has_tma(x.device))
+    assert descriptors is None or (descriptors[0] is None) == gather
     # NaN where the output will likely be allocated (CUDA's caching allocator): an
     # unwritten row fails.
     torch.full((n_rows, Y), float("nan"), dtype=dtype, device=device)
@@ -232,9 +233,14 @@ def test_forward_launch_variants_match_reference(tma, gather, layout, dtype, dev
 @pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["EXY", "EYX"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
-def test_wgrad_launch_variants_match_reference(persistent, transposed, gather, dtype, device):
-    """Both wgrad launches, whatever configs the autotuner holds (the interpreter and
-    DSV3_AUTOTUNE=0 keep the grid one only), against a per-expert loop."""
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_wgrad_launch_variants_match_reference(tma, persistent, transposed, gather, dtype,
+                                               device):
+    """Both wgrad launches, each with pointer and TMA loads, whatever configs the
+    autotuner holds (the interpreter and DSV3_AUTOTUNE=0 keep the pointer grid one
+    only), against a per-expert loop. TMA takes whole BLOCK_K steps of an expert's
+    rows; the counts leave a partial last step (pointers), and the NaN rows past the
+    last expert check that no step reads beyond its expert."""
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     X, Y, T = 40, 72, 50  # several tiles per expert at the interpreter's 32 x 32
     counts_E, offsets_E = variant_offsets(device)
@@ -247,7 +253,10 @@ def test_wgrad_launch_variants_match_reference(persistent, transposed, gather, d
     # Leave NaN in the memory the output will likely reuse (CUDA's caching allocator),
     # so that a tile the kernel does not write, an empty expert's included, fails.
     torch.full((len(counts_E), X, Y), float("nan"), dtype=dtype, device=device)
-    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent)
+    if tma:  # TMA reads dy here, and x unless gathered
+        assert ((grouped_gemm.wgrad_descriptors(args[0], args[1], gather) is not None)
+                == (dtype != torch.float32 and grouped_gemm.has_tma(args[0].device)))
+    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent, USE_TMA=tma)
     grad_w = grouped_gemm.grouped_mm_wgrad_with(launch, *args[:3], transposed, args[3]).cpu()
     assert grad_w.is_contiguous()
     grad_w_EXY = grad_w.transpose(1, 2) if transposed else grad_w

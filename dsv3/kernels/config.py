@@ -61,25 +61,38 @@ def tma_block_shapes(nargs: dict) -> None:
     the descriptors with a dummy one (or none: grouped_gemm.tma_descriptors). The
     pointer configs run it too: the descriptors are arguments of every launch, and
     their block shapes part of the compiled kernel's signature."""
-    if nargs["x_desc"] is None:
-        return
-    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    w_block = ([nargs["BLOCK_N"], nargs["BLOCK_K"]] if nargs["W_KMAJOR"]
-               else [nargs["BLOCK_K"], nargs["BLOCK_N"]])
-    nargs["w_desc"].block_shape = [1, *w_block]
+    if nargs["x_desc"] is not None:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if nargs["w_desc"] is not None:
+        w_block = ([nargs["BLOCK_N"], nargs["BLOCK_K"]] if nargs["W_KMAJOR"]
+                   else [nargs["BLOCK_K"], nargs["BLOCK_N"]])
+        nargs["w_desc"].block_shape = [1, *w_block]
+
+
+def wgrad_tma_block_shapes(nargs: dict) -> None:
+    """tma_block_shapes for the wgrad: x is read as [BLOCK_K rows, BLOCK_M] boxes (then
+    transposed in shared memory), dy as [BLOCK_K rows, BLOCK_N]."""
+    if nargs["x_desc"] is not None:
+        nargs["x_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_M"]]
+    if nargs["dy_desc"] is not None:
+        nargs["dy_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
 def wgrad_configs() -> list[triton.Config]:
-    """The tiles as the grid launch (a program per expert and tile), plus persistent
-    versions of a few of them (a fixed number of programs walking all the tiles).
-    Which wins depends on the GPU and on the rows per expert, so the autotuner
-    decides; the single config of the interpreter and of ``DSV3_AUTOTUNE=0`` stays the
-    grid launch, and the tests run the persistent one explicitly."""
-    configs = [config_with(config, PERSISTENT=False) for config in _tiles()]
+    """The tiles as the grid launch (a program per expert and tile) with pointer loads,
+    plus versions of a few of them as a persistent launch (a fixed number of programs
+    walking all the tiles) and with TMA loads, each launch. Which wins depends on the
+    GPU and on the rows per expert, so the autotuner decides; the single config of the
+    interpreter and of ``DSV3_AUTOTUNE=0`` stays the pointer grid launch, and the tests
+    run the others explicitly."""
+    configs = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
+               for config in _tiles()]
     if INTERPRET or not AUTOTUNE:
         return configs
-    return configs + [config_with(config, PERSISTENT=True) for config in configs
-                      if _has_variant(config)]
+    variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
+                for config in configs if _has_variant(config)
+                for persistent, tma in ((True, False), (False, True), (True, True))]
+    return configs + variants
 
 
 def config_with(config: triton.Config, pre_hook=None, **kwargs) -> triton.Config:
@@ -106,7 +119,16 @@ def prune_oversized(configs, named_args, **kwargs):
 def prune_matmul(configs, named_args, **kwargs):
     """prune_oversized, and without the TMA configs where the wrapper built no
     descriptors (grouped_gemm.tma_descriptors): they would time the pointer loads again."""
-    if named_args["x_desc"] is None:
+    return _prune_tma(configs, named_args["w_desc"] is None, named_args, **kwargs)
+
+
+def prune_wgrad(configs, named_args, **kwargs):
+    """prune_matmul for the wgrad (grouped_gemm.wgrad_descriptors)."""
+    return _prune_tma(configs, named_args["dy_desc"] is None, named_args, **kwargs)
+
+
+def _prune_tma(configs, no_descriptors: bool, named_args, **kwargs):
+    if no_descriptors:
         configs = [c for c in configs if not c.kwargs["USE_TMA"]]
     return prune_oversized(configs, named_args, **kwargs)
 

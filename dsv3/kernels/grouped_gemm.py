@@ -17,33 +17,59 @@ The walk stops at the real number of tiles, so tiny and huge experts share one
 launch, the launch size does not depend on the routing, and no program idles
 on a tile past the end.
 
-Where the inputs allow (not gathered; see tma_descriptors), the forward may load its
-tiles through Hopper's TMA instead of pointers: a constexpr apart, one more variant
-for the autotuner to weigh, untimed as yet.
+Where the inputs allow (16-bit, TMA-aligned; see tma_descriptors), both GEMMs may
+load their tiles through Hopper's TMA instead of pointers: a constexpr apart, one
+more variant for the autotuner to weigh, untimed as yet. Gathered rows of x are
+scattered, so they keep to pointer loads while the other operand takes TMA.
 
 The wgrad has two launches, a constexpr apart, and the autotuner picks: a grid of
 one program per (tile, expert), and a persistent walk over all (expert, tile)
 pairs like the forward's. Every expert has the same tiles there (its rows are the
 reduction), so neither needs a tile table.
+
+offsets_E comes from the caller: the kernels clamp every row range into the tensors
+and report invalid offsets through a flag (device_checks), as the C++ kernel raises.
 """
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dsv3.kernels import device_checks
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
-                                 prune_matmul, prune_oversized, wgrad_configs)
+                                 prune_matmul, prune_wgrad, wgrad_configs)
 
 
 @triton.jit
-def _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Per segment (experts, then the dropped-copies tail): first row, end row, row
-    tiles and their inclusive cumulative sum."""
+def _segments(offsets_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
+    """Per segment (experts, then the dropped-copies tail): first and end row, and
+    whether offsets_E is valid (non-decreasing, within [0, n_rows]). Bad offsets are
+    the caller's error, raised after the launch (device_checks): until then the rows
+    are clamped into [0, n_rows] and every size to >= 0, so no access leaves x or y."""
     seg = tl.arange(0, BLOCK_E)
     ends = tl.load(offsets_ptr + seg, mask=seg < n_experts, other=0)
     ends = tl.where(seg == n_experts, n_rows, ends)
     starts = tl.load(offsets_ptr + seg - 1, mask=(seg > 0) & (seg < n_experts + 1), other=0)
-    sizes = tl.where(seg <= n_experts, ends - starts, 0)
+    bad = (seg <= n_experts) & ((ends < starts) | (ends > n_rows))
+    valid = tl.sum(bad.to(tl.int32), 0) == 0
+    starts = tl.minimum(tl.maximum(starts, 0), n_rows)
+    ends = tl.maximum(tl.minimum(ends, n_rows), starts)
+    return starts, ends, valid
+
+
+@triton.jit
+def _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
+    """The first program writes whether offsets_E was valid (the launcher raises on it)."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        _, _, valid = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
+        tl.store(ok_ptr, valid.to(tl.int32))
+
+
+@triton.jit
+def _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per segment: first row, end row, row tiles and their inclusive cumulative sum."""
+    starts, ends, _ = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
+    sizes = tl.where(tl.arange(0, BLOCK_E) <= n_experts, ends - starts, 0)
     tiles = (sizes + BLOCK_M - 1) // BLOCK_M
     return starts, ends, tiles, tl.cumsum(tiles, 0)
 
@@ -85,12 +111,13 @@ def _input_rows(token_ptr, rows, end_row, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, x_desc, w_desc, n_rows,
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, w_desc, n_rows,
                        n_experts, DIM_X, DIM_Y, rows_per_expert_log2, stride_xs, stride_xx,
                        stride_we, stride_wx, stride_wy, stride_ys, stride_yy, PRECISION: tl.constexpr,
                        GATHER: tl.constexpr, W_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E)
     starts, ends, tiles, tiles_end = _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M,
                                                     BLOCK_E)
     n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
@@ -110,11 +137,17 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, x_desc, w_de
             w_base = w_ptr + segment.to(tl.int64) * stride_we
             x_rows = _input_rows(token_ptr, rows, end_row, GATHER)
             for k0 in range(0, DIM_X, BLOCK_K):
+                ks = k0 + inner
                 if USE_TMA and x_desc is not None:
                     # TMA copies whole boxes, zero past the tensors' ends: the rows past
                     # this expert's are the next segment's, loaded and then masked at
                     # the store like the rest of the tile.
                     x_tile = x_desc.load([first_row + tile * BLOCK_M, k0])
+                else:  # pointers: gathered rows are scattered, no TMA box holds them
+                    x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
+                                     mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X),
+                                     other=0.0)
+                if USE_TMA and w_desc is not None:
                     if W_KMAJOR:
                         w_tile = w_desc.load([segment, col_tile * BLOCK_N, k0])
                         w_tile = w_tile.reshape(BLOCK_N, BLOCK_K).trans()
@@ -122,10 +155,6 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, x_desc, w_de
                         w_tile = w_desc.load([segment, k0, col_tile * BLOCK_N])
                         w_tile = w_tile.reshape(BLOCK_K, BLOCK_N)
                 else:
-                    ks = k0 + inner
-                    x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
-                                     mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X),
-                                     other=0.0)
                     w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
                                      mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y),
                                      other=0.0)
@@ -136,41 +165,76 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, x_desc, w_de
 
 
 @triton.jit
-def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, expert, tile, DIM_X, DIM_Y,
-                stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy,
-                PRECISION: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, r0, end, xs, ys, DIM_X, DIM_Y, stride_xs,
+                stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    """acc plus one BLOCK_K step of the reduction over rows [r0, min(r0 + BLOCK_K, end)),
+    through pointers, masked at the expert's end."""
+    rows = r0 + tl.arange(0, BLOCK_K)
+    x_rows = _input_rows(token_ptr, rows, end, GATHER)
+    x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
+                       mask=(rows[None, :] < end) & (xs[:, None] < DIM_X), other=0.0)
+    dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
+                      mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
+    return tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc, expert, tile,
+                n_rows, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, stride_we,
+                stride_wx, stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The ``tile``-th output tile of dw[expert] = x_e^T @ dy_e, reduced over the expert's
     rows (tiles in grouped order). An empty expert's loop runs zero times and stores the
     zeros it started from: every dw[e] is written, no memset needed."""
     start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
     end = tl.load(offsets_ptr + expert)
+    start = tl.minimum(tl.maximum(start, 0), n_rows)  # in bounds whatever offsets_E holds
+    end = tl.maximum(tl.minimum(end, n_rows), start)
     x_tile, y_tile = _grouped_order(tile, tl.cdiv(DIM_X, BLOCK_M), tl.cdiv(DIM_Y, BLOCK_N),
                                     GROUP_M)
     xs = x_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     ys = y_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    inner = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
-        rows = r0 + inner
-        x_rows = _input_rows(token_ptr, rows, end, GATHER)
-        x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
-                           mask=(rows[None, :] < end) & (xs[:, None] < DIM_X), other=0.0)
-        dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
-                          mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
-        acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+    if USE_TMA and dy_desc is not None:
+        # The whole BLOCK_K steps through TMA, unmasked (all their rows are this
+        # expert's); then the partial last one, if any, through masked pointers: a TMA
+        # box past `end` would add the next expert's rows into the sum. Gathered rows
+        # of x are scattered, so they keep to pointer loads while dy takes TMA.
+        tail = start + (end - start) // BLOCK_K * BLOCK_K
+        for r0 in range(start, tail, BLOCK_K):
+            if x_desc is not None:
+                x_tile_T = x_desc.load([r0, x_tile * BLOCK_M]).trans()
+            else:
+                x_rows = tl.load(token_ptr + r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
+                                   mask=xs[:, None] < DIM_X, other=0.0)
+            dy_tile = dy_desc.load([r0, y_tile * BLOCK_N])
+            acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+        if tail < end:
+            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, tail, end, xs, ys, DIM_X, DIM_Y,
+                              stride_xs, stride_xx, stride_ds, stride_dy, PRECISION, GATHER,
+                              BLOCK_K)
+    else:
+        for r0 in range(start, end, BLOCK_K):
+            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, r0, end, xs, ys, DIM_X, DIM_Y,
+                              stride_xs, stride_xx, stride_ds, stride_dy, PRECISION, GATHER,
+                              BLOCK_K)
     out_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx + ys[None, :] * stride_wy
     tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty),
              mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
 
 
 @triton.jit
-def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, n_experts, DIM_X,
-                             DIM_Y, rows_per_expert_log2, stride_xs, stride_xx, stride_ds, stride_dy,
-                             stride_we, stride_wx, stride_wy,
-                             PRECISION: tl.constexpr, GATHER: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc,
+                             dy_desc, n_rows, n_experts, DIM_X, DIM_Y, rows_per_expert_log2,
+                             stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx,
+                             stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+                             USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+                             PERSISTENT: tl.constexpr):
+    _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E)
     if PERSISTENT:
         # A fixed number of programs walks every (expert, tile) with a stride, expert
         # outermost: one launch and pipeline fill per program rather than per tile, which
@@ -179,17 +243,17 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, n_ex
         # walk needs no table and its length no host sync.
         tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
         for flat_tile in range(tl.program_id(0), n_experts * tiles, tl.num_programs(0)):
-            _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, flat_tile // tiles,
-                        flat_tile % tiles, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds,
-                        stride_dy, stride_we, stride_wx, stride_wy, PRECISION, GATHER, BLOCK_M,
-                        BLOCK_N, BLOCK_K, GROUP_M)
+            _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc,
+                        flat_tile // tiles, flat_tile % tiles, n_rows, DIM_X, DIM_Y, stride_xs,
+                        stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy,
+                        PRECISION, GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         # Program (tile, e). Axis 0 (the fastest-launched) walks one expert's tiles, so
         # programs in flight read the same expert's rows of x and dy from L2.
-        _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, tl.program_id(1),
-                    tl.program_id(0), DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
-                    stride_we, stride_wx, stride_wy, PRECISION, GATHER, BLOCK_M, BLOCK_N,
-                    BLOCK_K, GROUP_M)
+        _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc,
+                    tl.program_id(1), tl.program_id(0), n_rows, DIM_X, DIM_Y, stride_xs,
+                    stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy, PRECISION,
+                    GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # Row tiles per group of the tile order (the usual choice for Hopper-sized L2s).
@@ -212,9 +276,13 @@ def _forward_tuner(configs: list[triton.Config]):
 
 
 _grouped_mm_tuned = _forward_tuner(matmul_configs())
-_wgrad_tuned = triton.autotune(
-    configs=wgrad_configs(), key=_KEY,
-    prune_configs_by={"early_config_prune": prune_oversized})(_grouped_mm_wgrad_kernel)
+def _wgrad_tuner(configs: list[triton.Config]):
+    return triton.autotune(
+        configs=configs, key=_KEY,
+        prune_configs_by={"early_config_prune": prune_wgrad})(_grouped_mm_wgrad_kernel)
+
+
+_wgrad_tuned = _wgrad_tuner(wgrad_configs())
 
 
 def _tma_readable(t: torch.Tensor) -> bool:
@@ -230,10 +298,11 @@ def has_tma(device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor):
-    """(x, w, whether w is K-major) TMA descriptors for the forward's loads; None (the
-    kernel loads through pointers) without TMA, where it cannot read the inputs, and for
-    fp32, whose (non-TF32) FMA dot on TMA-filled tiles compiles to thousands of register
+def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor, gathered: bool = False):
+    """(x, w, whether w is K-major) TMA descriptors for the forward's loads. x's is None
+    where its rows are gathered (scattered: no TMA box holds them) or TMA cannot read
+    it, and x then keeps to pointer loads. None for both (all loads through pointers)
+    without TMA, where it cannot read w, and for fp32, whose (non-TF32) FMA dot on TMA-filled tiles compiles to thousands of register
     spills on sm_90 (benchmarks/sm90_compile_check --sass). w is read as stored:
     [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
     layout, which the MoE layer's forward passes), whose [N, K] tiles the kernel
@@ -241,11 +310,28 @@ def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor):
     config (config.tma_block_shapes)."""
     w_kmajor = w_EXY.stride(2) != 1
     w_stored = w_EXY.transpose(1, 2) if w_kmajor else w_EXY
-    if not (has_tma(x_SX.device) and x_SX.element_size() == 2 and _tma_readable(x_SX)
-            and _tma_readable(w_stored)):
+    if not _tma_usable(w_stored):
         return None
-    return (TensorDescriptor.from_tensor(x_SX, [1, 1]),
-            TensorDescriptor.from_tensor(w_stored, [1, 1, 1]), w_kmajor)
+    return (_descriptor(x_SX, gathered), TensorDescriptor.from_tensor(w_stored, [1, 1, 1]),
+            w_kmajor)
+
+
+def wgrad_descriptors(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, gathered: bool):
+    """(x, dy) TMA descriptors for the wgrad's loads, on the terms of tma_descriptors
+    (x's None where gathered), or None without one for dy. Block shapes are set per
+    config (config.wgrad_tma_block_shapes)."""
+    if not _tma_usable(grad_y_SY):
+        return None
+    return _descriptor(x_SX, gathered), TensorDescriptor.from_tensor(grad_y_SY, [1, 1])
+
+
+def _tma_usable(t: torch.Tensor) -> bool:
+    return has_tma(t.device) and t.element_size() == 2 and _tma_readable(t)
+
+
+def _descriptor(x: torch.Tensor, gathered: bool):
+    """x's 2-D descriptor (a dummy block shape), or None where x is read through pointers."""
+    return None if gathered or not _tma_usable(x) else TensorDescriptor.from_tensor(x, [1, 1])
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
@@ -268,11 +354,10 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
     block_e = triton.next_power_of_2(n_experts + 1)
-    # Gathered rows are scattered: no TMA box holds them. Descriptors only where a config
-    # can use them (not with DSV3_AUTOTUNE=0's single pointer config): building them
-    # costs host time on every call.
-    wants_tma = token_S is None and any(c.kwargs.get("USE_TMA") for c in kernel.configs)
-    descriptors = tma_descriptors(x_SX, w_EXY) if wants_tma else None
+    # Descriptors only where a config can use them (not with DSV3_AUTOTUNE=0's single
+    # pointer config): building them costs host time on every call.
+    descriptors = (tma_descriptors(x_SX, w_EXY, gathered=token_S is not None)
+                   if _wants_tma(kernel) else None)
     x_desc, w_desc, w_kmajor = descriptors or (None, None, False)
 
     def grid(meta):
@@ -282,13 +367,25 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
         tile = meta["BLOCK_M"] * meta["BLOCK_N"]
         return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
 
+    ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
     kernel[grid](
-        x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, x_desc,
+        x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, ok, x_desc,
         w_desc, n_rows, n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
         *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, W_KMAJOR=w_kmajor,
         BLOCK_E=block_e, GROUP_M=GROUP_M)
+    _raise_on_bad_offsets(ok, "grouped_mm_gather" if token_S is not None else "grouped_mm",
+                          n_rows)
     return y_SY
+
+
+def _raise_on_bad_offsets(ok: torch.Tensor, op: str, n_rows: int) -> None:
+    """The C++ kernel's offsets_E check, from the flag the kernel wrote."""
+    device_checks.raise_unless(ok, f"{op}: offsets_E must be non-decreasing and <= S={n_rows}")
+
+
+def _wants_tma(tuner) -> bool:
+    return any(config.kwargs.get("USE_TMA") for config in tuner.configs)
 
 
 def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor,
@@ -298,19 +395,19 @@ def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
 
 def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
                      transposed: bool, token_S: torch.Tensor | None = None) -> torch.Tensor:
-    return _wgrad(_wgrad_tuned, {}, x_SX, grad_y_SY, offsets_E, transposed, token_S)
+    return _wgrad(_wgrad_tuned, x_SX, grad_y_SY, offsets_E, transposed, token_S)
 
 
 def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: torch.Tensor,
                           offsets_E: torch.Tensor, transposed: bool,
                           token_S: torch.Tensor | None = None) -> torch.Tensor:
     """grouped_mm_wgrad launched with ``config`` instead of the autotuner's pick: the
-    tests run each variant (``PERSISTENT``) this way, whatever configs the tuner holds."""
-    return _wgrad(_grouped_mm_wgrad_kernel, config.all_kwargs(), x_SX, grad_y_SY, offsets_E,
-                  transposed, token_S)
+    tests run each variant (``PERSISTENT``, ``USE_TMA``) this way, whatever configs the
+    tuner holds. A one-config tuner, so that the config's pre-launch hook runs."""
+    return _wgrad(_wgrad_tuner([config]), x_SX, grad_y_SY, offsets_E, transposed, token_S)
 
 
-def _wgrad(kernel, config, x_SX, grad_y_SY, offsets_E, transposed, token_S):
+def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)
@@ -326,12 +423,18 @@ def _wgrad(kernel, config, x_SX, grad_y_SY, offsets_E, transposed, token_S):
                         persistent_programs(x_SX.device, meta["BLOCK_M"] * meta["BLOCK_N"])),)
         return (tiles, n_experts)
 
+    n_rows = grad_y_SY.shape[0]
+    ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
+    descriptors = (wgrad_descriptors(x_SX, grad_y_SY, gathered=token_S is not None)
+                   if _wants_tma(kernel) else None)
+    x_desc, dy_desc = descriptors or (None, None)
     kernel[grid](
-        x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E,
-        n_experts, dim_x, dim_y, _rows_per_expert_log2(grad_y_SY.shape[0], n_experts),
+        x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E, ok,
+        x_desc, dy_desc, n_rows, n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
         *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
-        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, GROUP_M=GROUP_M,
-        **config)
+        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None,
+        BLOCK_E=triton.next_power_of_2(n_experts + 1), GROUP_M=GROUP_M)
+    _raise_on_bad_offsets(ok, "grouped_mm_wgrad", n_rows)
     return grad_w
 
 
