@@ -177,6 +177,12 @@ KERNEL_VALUES = [
     pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(6, 4), torch.randn(6, 5),
                                                          offsets(-2, 6), False),
                  ValueError, "offsets_E", id="wgrad_offsets_negative"),
+    # no output columns / no weight rows: nothing to compute, the offsets still checked
+    pytest.param(lambda: ops.grouped_mm(torch.randn(6, 4), torch.randn(2, 4, 0), offsets(4, 2)),
+                 ValueError, "offsets_E", id="offsets_decreasing_no_columns"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(6, 0), torch.randn(6, 5),
+                                                         offsets(3, 9), False),
+                 ValueError, "offsets_E", id="wgrad_offsets_past_S_empty_output"),
     pytest.param(lambda: ops.gather_grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5),
                                                offsets(5, 2), row_map(3, 2)),
                  ValueError, "offsets_E", id="gather_offsets_decreasing"),

@@ -365,7 +365,8 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
         max_tiles = ((triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1)
                      * triton.cdiv(dim_y, meta["BLOCK_N"]))
         tile = meta["BLOCK_M"] * meta["BLOCK_N"]
-        return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
+        # At least one program, even with no tiles (Y = 0): it reports on offsets_E.
+        return (max(min(max_tiles, persistent_programs(x_SX.device, tile)), 1),)
 
     ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
     kernel[grid](
@@ -382,6 +383,13 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
 def _raise_on_bad_offsets(ok: torch.Tensor, op: str, n_rows: int) -> None:
     """The C++ kernel's offsets_E check, from the flag the kernel wrote."""
     device_checks.raise_unless(ok, f"{op}: offsets_E must be non-decreasing and <= S={n_rows}")
+
+
+def _offsets_valid(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The kernels' offsets_E check in torch ops, for launches with no program."""
+    ends = offsets_E.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    return ((ends >= starts) & (ends <= n_rows)).all()
 
 
 def _wants_tma(tuner) -> bool:
@@ -424,6 +432,9 @@ def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
         return (tiles, n_experts)
 
     n_rows = grad_y_SY.shape[0]
+    if grad_w.numel() == 0:  # no tile, so no program to report on offsets_E: checked here
+        _raise_on_bad_offsets(_offsets_valid(offsets_E, n_rows), "grouped_mm_wgrad", n_rows)
+        return grad_w
     ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
     descriptors = (wgrad_descriptors(x_SX, grad_y_SY, gathered=token_S is not None)
                    if _wants_tma(kernel) else None)

@@ -82,10 +82,15 @@ def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
     n_tokens, dim = x_TD.shape
     x_SD = x_TD.new_empty(row_map_TK.numel(), dim)
     ok = _good_flag(x_TD.device)
-    _permute_rows_kernel[(n_tokens, triton.cdiv(dim, _BLOCK_D))](
+    _permute_rows_kernel[(n_tokens, _column_blocks(dim))](
         x_TD, row_map_TK, x_SD, ok, x_SD.shape[0], dim, row_map_TK.shape[1], BLOCK_D=_BLOCK_D)
     _raise_on_bad_row_map(ok, "permute_rows", x_SD.shape[0])
     return x_SD
+
+
+def _column_blocks(dim: int) -> int:
+    """Programs per token: at least one, so that even rows of zero width check row_map_TK."""
+    return max(triton.cdiv(dim, _BLOCK_D), 1)
 
 
 def _good_flag(device: torch.device) -> torch.Tensor:
@@ -105,7 +110,7 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
     y_TD = y_SD.new_empty(n_tokens, dim)
     weights = weights_TK.contiguous() if weights_TK is not None else y_SD
     ok = _good_flag(y_SD.device)
-    _unpermute_kernel[(n_tokens, triton.cdiv(dim, _BLOCK_D))](
+    _unpermute_kernel[(n_tokens, _column_blocks(dim))](
         y_SD, row_map_TK, weights, y_TD, ok, y_SD.shape[0], dim, top_k,
         HAS_WEIGHTS=weights_TK is not None, BLOCK_D=_BLOCK_D)
     _raise_on_bad_row_map(ok, "unpermute", y_SD.shape[0])
