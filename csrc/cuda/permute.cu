@@ -123,13 +123,19 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_T
 constexpr int kUnroll = 4;
 
 // row_map_TK comes from the caller: an entry outside [0, n_rows) clears the "row map
-// was good" flag and its row is neither read nor written (the host raises through a
-// device-side assert, no sync). Every thread of a block reads the same entry, so
-// the skip is uniform across the block.
-__device__ __forceinline__ bool row_in_range(int64_t row, int64_t n_rows, int32_t* ok) {
-  if (row >= 0 && row < n_rows) return true;
-  if (threadIdx.x == 0) *ok = 0;
-  return false;
+// was good" flag (the host raises through a device-side assert, no sync) and its row
+// is neither read nor written. Every thread of a block reads the same entries, so the
+// skips are uniform across the block. Thread 0 checks the token's entries up front,
+// so that rows of any width (zero included) are checked.
+__device__ __forceinline__ bool row_in_range(int64_t row, int64_t n_rows) {
+  return row >= 0 && row < n_rows;
+}
+
+__device__ __forceinline__ void check_token_rows(const int32_t* row_map, int64_t token, int top_k,
+                                                 int64_t n_rows, int32_t* ok) {
+  if (threadIdx.x != 0) return;
+  for (int k = 0; k < top_k; ++k)
+    if (!row_in_range(row_map[token * top_k + k], n_rows)) *ok = 0;
 }
 
 // The flag the kernels clear, and the check of it once they have run.
@@ -145,6 +151,7 @@ template <typename vec_t>
 __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_t* out,
                                     int32_t* ok, int64_t n_rows, int64_t row_vecs, int top_k) {
   const int64_t token = blockIdx.x;
+  check_token_rows(row_map, token, top_k, n_rows, ok);
   const vec_t* src = x + token * row_vecs;
   for (int64_t base = threadIdx.x; base < row_vecs; base += kUnroll * blockDim.x) {
     vec_t piece[kUnroll];
@@ -155,7 +162,7 @@ __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_
     }
     for (int k = 0; k < top_k; ++k) {
       const int64_t row = row_map[token * top_k + k];
-      if (!row_in_range(row, n_rows, ok)) continue;
+      if (!row_in_range(row, n_rows)) continue;
       vec_t* dst = out + row * row_vecs;
 #pragma unroll
       for (int j = 0; j < kUnroll; ++j) {
@@ -208,6 +215,7 @@ __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, cons
   using acc_t = at::opmath_type<scalar_t>;
   struct alignas(sizeof(scalar_t) * kVec) Piece { scalar_t v[kVec]; };
   const int64_t token = blockIdx.x;
+  check_token_rows(row_map, token, top_k, n_rows, ok);
   for (int64_t p = threadIdx.x; p < dim / kVec; p += blockDim.x) {
     acc_t acc[kVec];
 #pragma unroll
@@ -216,7 +224,7 @@ __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, cons
     for (int k = 0; k < top_k; ++k) {
       const acc_t w = weights ? static_cast<acc_t>(weights[token * top_k + k]) : acc_t(1);
       const int64_t row = row_map[token * top_k + k];
-      if (!row_in_range(row, n_rows, ok)) continue;
+      if (!row_in_range(row, n_rows)) continue;
       const Piece piece = reinterpret_cast<const Piece*>(y + row * dim)[p];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) acc[i] += w * static_cast<acc_t>(piece.v[i]);
@@ -292,9 +300,10 @@ __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* 
   __shared__ acc_t warp_sums[32];
   const int64_t token = blockIdx.x;
   const Piece* grad_row = reinterpret_cast<const Piece*>(grad + token * dim);
+  check_token_rows(row_map, token, top_k, n_rows, ok);
   for (int k = 0; k < top_k; ++k) {
     const int64_t row = row_map[token * top_k + k];
-    if (!row_in_range(row, n_rows, ok)) continue;  // uniform: before block_sum's barriers
+    if (!row_in_range(row, n_rows)) continue;  // uniform: before block_sum's barriers
     const acc_t w = weights[token * top_k + k];
     const Piece* y_row = reinterpret_cast<const Piece*>(y + row * dim);
     Piece* out_row = reinterpret_cast<Piece*>(grad_rows + row * dim);
