@@ -29,6 +29,10 @@ def offsets(*ends):
     return torch.tensor(ends, dtype=I32)
 
 
+def tokens(*rows):
+    return torch.tensor(rows, dtype=I32)
+
+
 def nan_logits():
     logits_TE = logits(70, 8)  # past the 64-token grain: the NaN is in the second chunk
     logits_TE[65, 3] = float("nan")
@@ -186,6 +190,21 @@ KERNEL_VALUES = [
     pytest.param(lambda: ops.gather_grouped_mm(torch.randn(3, 4), torch.randn(2, 4, 5),
                                                offsets(5, 2), row_map(3, 2)),
                  ValueError, "offsets_E", id="gather_offsets_decreasing"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_gather(torch.randn(5, 4), torch.randn(2, 4, 3),
+                                                          offsets(2, 5), tokens(0, 1, 2, 3, 9),
+                                                          row_map(5, 1)),
+                 ValueError, "token_S", id="gather_token_past_x"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(5, 4), torch.randn(5, 3),
+                                                         offsets(2, 5), False,
+                                                         tokens(0, -1, 2, 3, 4)),
+                 ValueError, "token_S", id="wgrad_token_negative"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(4, 4), torch.randn(9, 3),
+                                                         offsets(2, 9), False),
+                 ValueError, "grad_y_SY", id="wgrad_x_rows_ne_grad_rows"),
+    # a row map sending two copies to one row leaves a row of the GEMM unmapped
+    pytest.param(lambda: ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3),
+                                               offsets(2, 4), tokens(0, 1, 1, 3).view(2, 2)),
+                 ValueError, "token_S", id="gather_row_map_repeats"),
     pytest.param(lambda: torch.ops.dsv3.permute_rows(torch.randn(4, 3), row_map() + 1),
                  ValueError, "row_map_TK", id="permute_rows_row_map_out_of_range"),
     pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8, 3),

@@ -241,8 +241,21 @@ def test_wgrad_launch_variants_match_reference(tma, persistent, transposed, gath
     only), against a per-expert loop. TMA takes whole BLOCK_K steps of an expert's
     rows; the counts leave a partial last step (pointers), and the NaN rows past the
     last expert check that no step reads beyond its expert."""
+    check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x=40)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_wgrad_tma_with_x_unreadable_by_tma(persistent, dtype, device):
+    """X = 36: x's 72-byte rows are no multiple of 16 bytes, so TMA reads dy alone and
+    x's own rows go through pointers (not through a token index: none is given)."""
+    check_wgrad_variant(True, persistent, False, False, dtype, device, dim_x=36)
+
+
+def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x):
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
-    X, Y, T = 40, 72, 50  # several tiles per expert at the interpreter's 32 x 32
+    X, Y, T = dim_x, 72, 50  # several tiles per expert at the interpreter's 32 x 32
     counts_E, offsets_E = variant_offsets(device)
     n_rows = offsets_E[-1].item() + VARIANT_DROPPED
     x_TX = torch.randn(T if gather else n_rows, X).to(dtype)
@@ -253,10 +266,18 @@ def test_wgrad_launch_variants_match_reference(tma, persistent, transposed, gath
     # Leave NaN in the memory the output will likely reuse (CUDA's caching allocator),
     # so that a tile the kernel does not write, an empty expert's included, fails.
     torch.full((len(counts_E), X, Y), float("nan"), dtype=dtype, device=device)
-    if tma:  # TMA reads dy here, and x unless gathered
-        assert ((grouped_gemm.wgrad_descriptors(args[0], args[1], gather) is not None)
+    if tma:  # TMA reads dy here, and x unless gathered or unaligned
+        descriptors = grouped_gemm.wgrad_descriptors(args[0], args[1], gather)
+        assert ((descriptors is not None)
                 == (dtype != torch.float32 and grouped_gemm.has_tma(args[0].device)))
+        assert descriptors is None or (descriptors[0] is None) == (gather or X % 8 != 0)
     launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent, USE_TMA=tma)
+    if device == "cpu":
+        # Non-square blocks, as on a GPU (128 x 128 x 64), not the interpreter's 32s: a
+        # descriptor box or a tile read in the wrong shape fails here. BLOCK_K = 16 also
+        # gives the experts of 37 and 70 rows two and four whole TMA steps.
+        block_m = launch.kwargs["BLOCK_M"]
+        launch = config.config_with(launch, BLOCK_N=2 * block_m, BLOCK_K=block_m // 2)
     grad_w = grouped_gemm.grouped_mm_wgrad_with(launch, *args[:3], transposed, args[3]).cpu()
     assert grad_w.is_contiguous()
     grad_w_EXY = grad_w.transpose(1, 2) if transposed else grad_w

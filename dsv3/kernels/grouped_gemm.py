@@ -27,8 +27,9 @@ one program per (tile, expert), and a persistent walk over all (expert, tile)
 pairs like the forward's. Every expert has the same tiles there (its rows are the
 reduction), so neither needs a tile table.
 
-offsets_E comes from the caller: the kernels clamp every row range into the tensors
-and report invalid offsets through a flag (device_checks), as the C++ kernel raises.
+offsets_E and token_S come from the caller: the kernels keep every access inside the
+tensors whatever they hold, and report bad values through flags (device_checks) where
+the C++ kernel raises.
 """
 import torch
 import triton
@@ -59,10 +60,11 @@ def _segments(offsets_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
-    """The first program writes whether offsets_E was valid (the launcher raises on it)."""
+    """The first program clears the flag ok[OFFSETS_OK] if offsets_E is invalid (the
+    launcher raises on it)."""
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         _, _, valid = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
-        tl.store(ok_ptr, valid.to(tl.int32))
+        tl.store(ok_ptr, 0, mask=~valid)
 
 
 @triton.jit
@@ -103,15 +105,22 @@ def _grouped_order(tile, n_row_tiles, n_col_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _input_rows(token_ptr, rows, end_row, GATHER: tl.constexpr):
-    """Rows of x a tile reads: its own rows, or (permute fused in) the tokens they copy."""
+def _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER: tl.constexpr):
+    """(rows of x a tile reads, which of them to read): its own rows below end_row, or
+    (permute fused in) the tokens they copy. token_S comes from the caller: a token that
+    is not a row of x is not read, and clears the flag ok[TOKENS_OK]."""
+    live = rows < end_row
     if GATHER:
-        return tl.load(token_ptr + rows, mask=rows < end_row, other=0).to(tl.int64)
-    return rows.to(tl.int64)
+        tokens = tl.load(token_ptr + rows, mask=live, other=0)
+        in_x = (tokens >= 0) & (tokens < n_tokens)
+        tl.store(ok_ptr + 1 + tl.zeros_like(rows), 0, mask=live & ~in_x)
+        return tokens.to(tl.int64), live & in_x
+    return rows.to(tl.int64), live
 
 
 @triton.jit
-def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, w_desc, n_rows,
+def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, w_desc,
+                       n_rows, n_tokens,
                        n_experts, DIM_X, DIM_Y, rows_per_expert_log2, stride_xs, stride_xx,
                        stride_we, stride_wx, stride_wy, stride_ys, stride_yy, PRECISION: tl.constexpr,
                        GATHER: tl.constexpr, W_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr,
@@ -135,7 +144,7 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if segment < n_experts:  # the tail segment stores the zeros it was initialised with
             w_base = w_ptr + segment.to(tl.int64) * stride_we
-            x_rows = _input_rows(token_ptr, rows, end_row, GATHER)
+            x_rows, x_live = _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER)
             for k0 in range(0, DIM_X, BLOCK_K):
                 ks = k0 + inner
                 if USE_TMA and x_desc is not None:
@@ -145,8 +154,7 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
                     x_tile = x_desc.load([first_row + tile * BLOCK_M, k0])
                 else:  # pointers: gathered rows are scattered, no TMA box holds them
                     x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
-                                     mask=(rows[:, None] < end_row) & (ks[None, :] < DIM_X),
-                                     other=0.0)
+                                     mask=x_live[:, None] & (ks[None, :] < DIM_X), other=0.0)
                 if USE_TMA and w_desc is not None:
                     if W_KMAJOR:
                         w_tile = w_desc.load([segment, col_tile * BLOCK_N, k0])
@@ -165,24 +173,24 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
 
 
 @triton.jit
-def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, r0, end, xs, ys, DIM_X, DIM_Y, stride_xs,
-                stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, r0, end, n_tokens, xs, ys, DIM_X, DIM_Y,
+                stride_xs, stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr,
+                GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc plus one BLOCK_K step of the reduction over rows [r0, min(r0 + BLOCK_K, end)),
     through pointers, masked at the expert's end."""
     rows = r0 + tl.arange(0, BLOCK_K)
-    x_rows = _input_rows(token_ptr, rows, end, GATHER)
+    x_rows, x_live = _input_rows(token_ptr, ok_ptr, rows, end, n_tokens, GATHER)
     x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
-                       mask=(rows[None, :] < end) & (xs[:, None] < DIM_X), other=0.0)
+                       mask=x_live[None, :] & (xs[:, None] < DIM_X), other=0.0)
     dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
                       mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
     return tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc, expert, tile,
-                n_rows, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, stride_we,
-                stride_wx, stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
+def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc, expert,
+                tile, n_rows, n_tokens, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
+                stride_we, stride_wx, stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
                 USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """The ``tile``-th output tile of dw[expert] = x_e^T @ dy_e, reduced over the expert's
@@ -200,27 +208,29 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc, 
     if USE_TMA and dy_desc is not None:
         # The whole BLOCK_K steps through TMA, unmasked (all their rows are this
         # expert's); then the partial last one, if any, through masked pointers: a TMA
-        # box past `end` would add the next expert's rows into the sum. Gathered rows
-        # of x are scattered, so they keep to pointer loads while dy takes TMA.
+        # box past `end` would add the next expert's rows into the sum. Where x has no
+        # descriptor (gathered rows are scattered; or TMA cannot read x) it keeps to
+        # pointer loads while dy takes TMA.
         tail = start + (end - start) // BLOCK_K * BLOCK_K
         for r0 in range(start, tail, BLOCK_K):
             if x_desc is not None:
                 x_tile_T = x_desc.load([r0, x_tile * BLOCK_M]).trans()
             else:
-                x_rows = tl.load(token_ptr + r0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+                x_rows, x_live = _input_rows(token_ptr, ok_ptr, r0 + tl.arange(0, BLOCK_K), end,
+                                             n_tokens, GATHER)
                 x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
-                                   mask=xs[:, None] < DIM_X, other=0.0)
+                                   mask=x_live[None, :] & (xs[:, None] < DIM_X), other=0.0)
             dy_tile = dy_desc.load([r0, y_tile * BLOCK_N])
             acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
         if tail < end:
-            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, tail, end, xs, ys, DIM_X, DIM_Y,
-                              stride_xs, stride_xx, stride_ds, stride_dy, PRECISION, GATHER,
-                              BLOCK_K)
+            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, tail, end, n_tokens, xs, ys,
+                              DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION,
+                              GATHER, BLOCK_K)
     else:
         for r0 in range(start, end, BLOCK_K):
-            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, r0, end, xs, ys, DIM_X, DIM_Y,
-                              stride_xs, stride_xx, stride_ds, stride_dy, PRECISION, GATHER,
-                              BLOCK_K)
+            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, r0, end, n_tokens, xs, ys,
+                              DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION,
+                              GATHER, BLOCK_K)
     out_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx + ys[None, :] * stride_wy
     tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty),
              mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
@@ -228,7 +238,7 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc, 
 
 @triton.jit
 def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc,
-                             dy_desc, n_rows, n_experts, DIM_X, DIM_Y, rows_per_expert_log2,
+                             dy_desc, n_rows, n_tokens, n_experts, DIM_X, DIM_Y, rows_per_expert_log2,
                              stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx,
                              stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
                              USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -243,15 +253,15 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_p
         # walk needs no table and its length no host sync.
         tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
         for flat_tile in range(tl.program_id(0), n_experts * tiles, tl.num_programs(0)):
-            _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc,
-                        flat_tile // tiles, flat_tile % tiles, n_rows, DIM_X, DIM_Y, stride_xs,
+            _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc,
+                        flat_tile // tiles, flat_tile % tiles, n_rows, n_tokens, DIM_X, DIM_Y, stride_xs,
                         stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy,
                         PRECISION, GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         # Program (tile, e). Axis 0 (the fastest-launched) walks one expert's tiles, so
         # programs in flight read the same expert's rows of x and dy from L2.
-        _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, x_desc, dy_desc,
-                    tl.program_id(1), tl.program_id(0), n_rows, DIM_X, DIM_Y, stride_xs,
+        _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc,
+                    tl.program_id(1), tl.program_id(0), n_rows, n_tokens, DIM_X, DIM_Y, stride_xs,
                     stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy, PRECISION,
                     GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
@@ -353,6 +363,10 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
+    op = "grouped_mm_gather" if token_S is not None else "grouped_mm"
+    if y_SY.numel() == 0:  # nothing to compute, so no program to check the inputs
+        _check_without_kernel(op, offsets_E, n_rows, token_S, x_SX.shape[0])
+        return y_SY
     block_e = triton.next_power_of_2(n_experts + 1)
     # Descriptors only where a config can use them (not with DSV3_AUTOTUNE=0's single
     # pointer config): building them costs host time on every call.
@@ -365,31 +379,42 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
         max_tiles = ((triton.cdiv(n_rows, meta["BLOCK_M"]) + n_experts + 1)
                      * triton.cdiv(dim_y, meta["BLOCK_N"]))
         tile = meta["BLOCK_M"] * meta["BLOCK_N"]
-        # At least one program, even with no tiles (Y = 0): it reports on offsets_E.
-        return (max(min(max_tiles, persistent_programs(x_SX.device, tile)), 1),)
+        return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
 
-    ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
+    ok = _good_flags(x_SX.device)
     kernel[grid](
         x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, ok, x_desc,
-        w_desc, n_rows, n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
+        w_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
         *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, W_KMAJOR=w_kmajor,
         BLOCK_E=block_e, GROUP_M=GROUP_M)
-    _raise_on_bad_offsets(ok, "grouped_mm_gather" if token_S is not None else "grouped_mm",
-                          n_rows)
+    _raise_on_bad_input(ok, op, n_rows, token_S, x_SX.shape[0])
     return y_SY
 
 
-def _raise_on_bad_offsets(ok: torch.Tensor, op: str, n_rows: int) -> None:
-    """The C++ kernel's offsets_E check, from the flag the kernel wrote."""
-    device_checks.raise_unless(ok, f"{op}: offsets_E must be non-decreasing and <= S={n_rows}")
+def _good_flags(device: torch.device) -> torch.Tensor:
+    """The kernels' "input was good" flags, which they clear on bad input: offsets_E's
+    (the first program checks it), then token_S's (each tile checks the tokens it reads)."""
+    return torch.ones(2, device=device, dtype=torch.int32)
 
 
-def _offsets_valid(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """The kernels' offsets_E check in torch ops, for launches with no program."""
+def _raise_on_bad_input(ok: torch.Tensor, op: str, n_rows: int, token_S, n_tokens: int) -> None:
+    """The C++ kernel's checks of offsets_E and token_S, from the flags the kernel cleared."""
+    device_checks.raise_unless(ok[0], f"{op}: offsets_E must be non-decreasing and <= S={n_rows}")
+    if token_S is not None:
+        device_checks.raise_unless(ok[1], f"{op}: token_S values must be rows of x "
+                                          f"({n_tokens} rows)")
+
+
+def _check_without_kernel(op: str, offsets_E: torch.Tensor, n_rows: int, token_S,
+                          n_tokens: int) -> None:
+    """The kernels' checks in torch ops, for calls with nothing to compute."""
     ends = offsets_E.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    return ((ends >= starts) & (ends <= n_rows)).all()
+    ok = torch.stack([((ends >= starts) & (ends <= n_rows)).all(),
+                      ((token_S >= 0) & (token_S < n_tokens)).all() if token_S is not None
+                      else torch.ones((), dtype=torch.bool, device=offsets_E.device)])
+    _raise_on_bad_input(ok, op, n_rows, token_S, n_tokens)
 
 
 def _wants_tma(tuner) -> bool:
@@ -431,21 +456,25 @@ def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
                         persistent_programs(x_SX.device, meta["BLOCK_M"] * meta["BLOCK_N"])),)
         return (tiles, n_experts)
 
-    n_rows = grad_y_SY.shape[0]
-    if grad_w.numel() == 0:  # no tile, so no program to report on offsets_E: checked here
-        _raise_on_bad_offsets(_offsets_valid(offsets_E, n_rows), "grouped_mm_wgrad", n_rows)
+    op, n_rows = "grouped_mm_wgrad", grad_y_SY.shape[0]
+    if (token_S.shape[0] if token_S is not None else x_SX.shape[0]) != n_rows:
+        raise ValueError(f"{op}: expected x [S, X] (or x_TX with token_S [S]) and grad_y_SY "
+                         f"[S, Y], got {tuple(x_SX.shape)} and {tuple(grad_y_SY.shape)}")
+    if grad_w.numel() == 0:  # no tile, so no program to check the inputs
+        _check_without_kernel(op, offsets_E, n_rows, token_S, x_SX.shape[0])
         return grad_w
-    ok = torch.empty(1, device=x_SX.device, dtype=torch.int32)
+    ok = _good_flags(x_SX.device)
     descriptors = (wgrad_descriptors(x_SX, grad_y_SY, gathered=token_S is not None)
                    if _wants_tma(kernel) else None)
     x_desc, dy_desc = descriptors or (None, None)
     kernel[grid](
         x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E, ok,
-        x_desc, dy_desc, n_rows, n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
+        x_desc, dy_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y,
+        _rows_per_expert_log2(n_rows, n_experts),
         *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None,
         BLOCK_E=triton.next_power_of_2(n_experts + 1), GROUP_M=GROUP_M)
-    _raise_on_bad_offsets(ok, "grouped_mm_wgrad", n_rows)
+    _raise_on_bad_input(ok, op, n_rows, token_S, x_SX.shape[0])
     return grad_w
 
 

@@ -111,9 +111,10 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     if n_tokens != x_TX.shape[0]:
         raise ValueError(f"{op}: row_map_TK must have one row per token of x_TX "
                          f"({x_TX.shape[0]}), got {n_tokens}")
-    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device.
+    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device. A
+    # row no entry maps to (row_map_TK with repeats) keeps -1, which the kernels reject.
     token_T = torch.arange(n_tokens, device=x_TX.device, dtype=torch.int32)
-    token_S = torch.empty(n_tokens * top_k, device=x_TX.device, dtype=torch.int32)
+    token_S = torch.full((n_tokens * top_k,), -1, device=x_TX.device, dtype=torch.int32)
     token_S[row_map_TK.flatten().long()] = token_T.repeat_interleave(top_k)
     if use_reference(x_TX):
         return reference.grouped_mm(x_TX[token_S.long()], w_EXY, offsets_E)
