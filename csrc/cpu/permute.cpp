@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "../row_shapes.h"
 #include "vec_math.h"
 
 namespace dsv3 {
@@ -94,6 +95,7 @@ void check_row_map(const at::Tensor& row_map_TK, int64_t n_rows, const char* op)
 }
 
 at::Tensor permute_rows_cpu(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {
+  check_rows_per_token(x_TD_in, row_map_TK_in, "permute_rows", "x_TD");
   check_row_map(row_map_TK_in, row_map_TK_in.numel(), "permute_rows");
   const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
@@ -185,6 +187,7 @@ void unpermute_backward_tokens(const double* grad_y, const double* y_rows, const
 at::Tensor unpermute_cpu(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
                          const c10::optional<at::Tensor>& weights_TK_in) {
   check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute");
+  check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute");
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
   at::Tensor y_TD = empty_output({n_tokens, dim}, y_SD.options());
@@ -209,6 +212,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& row_map_TK_in,
                                                           const at::Tensor& weights_TK_in) {
   check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute_backward");
+  check_rows_per_token(grad_y_TD_in, row_map_TK_in, "unpermute_backward", "grad_y_TD",
+                       y_SD_in.size(1));
+  check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute_backward");
   const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD_in.scalar_type());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);

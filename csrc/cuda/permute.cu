@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "../row_shapes.h"
+
 namespace dsv3 {
 namespace {
 
@@ -174,6 +176,7 @@ __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_
 }
 
 at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {
+  check_rows_per_token(x_TD_in, row_map_TK_in, "permute_rows", "x_TD");
   const c10::cuda::CUDAGuard guard(x_TD_in.device());
   const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
@@ -238,6 +241,10 @@ __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, cons
 
 at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
                           const c10::optional<at::Tensor>& weights_TK_in) {
+  TORCH_CHECK_VALUE(row_map_TK_in.dim() == 2 && y_SD_in.dim() == 2, "unpermute: expected y_SD "
+                    "[S, D] and row_map_TK [T, K], got ", y_SD_in.sizes(), " and ",
+                    row_map_TK_in.sizes());
+  check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute");
   const c10::cuda::CUDAGuard guard(y_SD_in.device());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
@@ -328,6 +335,9 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& y_SD_in,
                                                            const at::Tensor& row_map_TK_in,
                                                            const at::Tensor& weights_TK_in) {
+  check_rows_per_token(grad_y_TD_in, row_map_TK_in, "unpermute_backward", "grad_y_TD",
+                       y_SD_in.size(1));
+  check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute_backward");
   const c10::cuda::CUDAGuard guard(y_SD_in.device());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD.scalar_type());

@@ -77,7 +77,24 @@ def _unpermute_backward_kernel(grad_ptr, y_ptr, row_map_ptr, weights_ptr, grad_r
         tl.store(grad_weights_ptr + token * top_k + k, tl.sum(dot, 0))
 
 
+def _check_shapes(op: str, row_map_TK: torch.Tensor, rows_TD: torch.Tensor | None = None,
+                  name: str = "", dim: int | None = None, weights_TK=None) -> None:
+    """The shape checks of csrc/row_shapes.h: direct torch.ops calls reach the kernels
+    without the Python wrappers' checks, and a tensor too small would be read past its end."""
+    if row_map_TK.dim() != 2:
+        raise ValueError(f"{op}: row_map_TK must be 2-D [T, K], got {tuple(row_map_TK.shape)}")
+    n_tokens = row_map_TK.shape[0]
+    if rows_TD is not None and (rows_TD.dim() != 2 or rows_TD.shape[0] != n_tokens
+                                or (dim is not None and rows_TD.shape[1] != dim)):
+        raise ValueError(f"{op}: {name} must be [T={n_tokens}, {'D' if dim is None else dim}] "
+                         f"(one row per token of row_map_TK), got {tuple(rows_TD.shape)}")
+    if weights_TK is not None and weights_TK.shape != row_map_TK.shape:
+        raise ValueError(f"{op}: weights_TK must have row_map_TK's shape "
+                         f"{tuple(row_map_TK.shape)}, got {tuple(weights_TK.shape)}")
+
+
 def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
+    _check_shapes("permute_rows", row_map_TK, x_TD, "x_TD")
     x_TD, row_map_TK = x_TD.contiguous(), row_map_TK.contiguous()
     n_tokens, dim = x_TD.shape
     x_SD = x_TD.new_empty(row_map_TK.numel(), dim)
@@ -104,6 +121,7 @@ def _raise_on_bad_row_map(ok: torch.Tensor, op: str, n_rows: int) -> None:
 
 
 def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Tensor | None):
+    _check_shapes("unpermute", row_map_TK, weights_TK=weights_TK)
     y_SD, row_map_TK = y_SD.contiguous(), row_map_TK.contiguous()
     n_tokens, top_k = row_map_TK.shape
     dim = y_SD.shape[1]
@@ -118,6 +136,8 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
 
 
 def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
+    _check_shapes("unpermute_backward", row_map_TK, grad_y_TD, "grad_y_TD", y_SD.shape[1],
+                  weights_TK)
     y_SD, row_map_TK = y_SD.contiguous(), row_map_TK.contiguous()
     n_tokens, top_k = row_map_TK.shape
     grad_y_SD = torch.empty_like(y_SD)

@@ -1,0 +1,32 @@
+// Shape checks that every backend of the row-movement ops repeats. The kernels (C++,
+// CUDA and Triton) index x and grad rows by token and the weights by (token, k), and a
+// direct torch.ops call reaches them without the Python wrappers' checks: a tensor
+// with too few rows would be read past its end.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace dsv3 {
+
+// `rows_TD` has one row per token of row_map_TK [T, K] and, if dim >= 0, dim columns.
+inline void check_rows_per_token(const at::Tensor& rows_TD, const at::Tensor& row_map_TK,
+                                 const char* op, const char* name, int64_t dim = -1) {
+  TORCH_CHECK_VALUE(row_map_TK.dim() == 2, op, ": row_map_TK must be 2-D [T, K], got ",
+                    row_map_TK.sizes());
+  TORCH_CHECK_VALUE(rows_TD.dim() == 2 && rows_TD.size(0) == row_map_TK.size(0) &&
+                        (dim < 0 || rows_TD.size(1) == dim),
+                    op, ": ", name, " must be [T=", row_map_TK.size(0), ", ",
+                    dim < 0 ? "D" : std::to_string(dim), "] (one row per token of row_map_TK), got ",
+                    rows_TD.sizes());
+}
+
+// weights_TK, when given, has row_map_TK's shape [T, K].
+inline void check_weights_like_row_map(const c10::optional<at::Tensor>& weights_TK,
+                                       const at::Tensor& row_map_TK, const char* op) {
+  TORCH_CHECK_VALUE(!weights_TK.has_value() || weights_TK->sizes() == row_map_TK.sizes(), op,
+                    ": weights_TK must have row_map_TK's shape ", row_map_TK.sizes(), ", got ",
+                    weights_TK->sizes());
+}
+
+}  // namespace dsv3
