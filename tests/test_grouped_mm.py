@@ -295,3 +295,27 @@ def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_
                                   wgrad_loop(x_SX, dy_SY))
     else:
         assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
+
+
+def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
+    """The two-stage wgrad tiles are for experts of few rows (DeepSeek-V3 at 4096 tokens:
+    128); from SHORT_REDUCTION_ROWS rows on, the autotuner does not spend time on them."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import config, grouped_gemm
+    monkeypatch.setattr(config, "INTERPRET", False)  # the GPU's configs, whatever runs here
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    configs = config.wgrad_configs()
+
+    def kept(rows_per_expert):
+        named_args = {"rows_per_expert_log2": grouped_gemm._rows_per_expert_log2(
+            rows_per_expert * 32, 32), "dy_desc": None, "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
+        return config.prune_wgrad(configs, named_args)
+
+    short = [c for c in configs if c.num_stages == 2]
+    assert len(short) == len(config.SHORT_REDUCTION_TILES) > 0
+    assert all(c in kept(128) for c in short)
+    assert all(c in kept(config.SHORT_REDUCTION_ROWS - 1) for c in short)
+    assert not any(c in kept(config.SHORT_REDUCTION_ROWS) for c in short)
+    # no descriptors, no TMA configs; the long-reduction tiles stay either way
+    assert not any(c.kwargs["USE_TMA"] for c in kept(128))
+    assert len(kept(4096)) == len([c for c in configs if not c.kwargs["USE_TMA"]]) - len(short)

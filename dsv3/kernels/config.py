@@ -92,7 +92,23 @@ def wgrad_configs() -> list[triton.Config]:
     variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
                 for config in configs if _has_variant(config)
                 for persistent, tma in ((True, False), (False, True), (True, True))]
-    return configs + variants
+    short = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
+             for config in SHORT_REDUCTION_TILES]
+    return configs + variants + short
+
+
+# Wgrad tiles for experts of few rows (DeepSeek-V3 at 4096 tokens: 128 rows an expert,
+# two BLOCK_K steps a tile). Their reduction is too short for deep pipelines to pay;
+# the time goes to each tile's start and its store, which only more programs per SM
+# hide. Two stages take half the shared memory of four: 4 programs of 64x128 fit an
+# SM's 227 KB and 7 of 64x64, against 2 and 3 with four stages (registers allow it:
+# 96 and 64 a thread, 128 threads; benchmarks/sm90_compile_check --sass). Tried only
+# below SHORT_REDUCTION_ROWS rows per expert (prune_wgrad).
+SHORT_REDUCTION_TILES = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+]
+SHORT_REDUCTION_ROWS = 512
 
 
 def config_with(config: triton.Config, pre_hook=None, **kwargs) -> triton.Config:
@@ -123,8 +139,17 @@ def prune_matmul(configs, named_args, **kwargs):
 
 
 def prune_wgrad(configs, named_args, **kwargs):
-    """prune_matmul for the wgrad (grouped_gemm.wgrad_descriptors)."""
+    """prune_matmul for the wgrad (grouped_gemm.wgrad_descriptors), and without the
+    short-reduction tiles where experts have SHORT_REDUCTION_ROWS rows or more."""
+    if named_args["rows_per_expert_log2"] > SHORT_REDUCTION_ROWS.bit_length() - 1:
+        configs = [c for c in configs if not _is_short_reduction(c)]
     return _prune_tma(configs, named_args["dy_desc"] is None, named_args, **kwargs)
+
+
+def _is_short_reduction(config: triton.Config) -> bool:
+    return any(config.kwargs["BLOCK_M"] == short.kwargs["BLOCK_M"]
+               and config.kwargs["BLOCK_N"] == short.kwargs["BLOCK_N"]
+               and config.num_stages == short.num_stages for short in SHORT_REDUCTION_TILES)
 
 
 def _prune_tma(configs, no_descriptors: bool, named_args, **kwargs):
