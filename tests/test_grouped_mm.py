@@ -307,8 +307,9 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
     configs = config.wgrad_configs()
 
     def kept(rows_per_expert):
-        named_args = {"rows_per_expert_log2": grouped_gemm._rows_per_expert_log2(
-            rows_per_expert * 32, 32), "dy_desc": None, "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
+        log2 = grouped_gemm._rows_per_expert_log2(rows_per_expert * 32, 32)
+        named_args = {"rows_per_expert_log2": log2, "dy_desc": None,
+                      "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
         return config.prune_wgrad(configs, named_args)
 
     short = [c for c in configs if c.num_stages == 2]

@@ -238,7 +238,8 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
 
 @triton.jit
 def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc,
-                             dy_desc, n_rows, n_tokens, n_experts, DIM_X, DIM_Y, rows_per_expert_log2,
+                             dy_desc, n_rows, n_tokens, n_experts, DIM_X, DIM_Y,
+                             rows_per_expert_log2,
                              stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx,
                              stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
                              USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -254,9 +255,9 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_p
         tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
         for flat_tile in range(tl.program_id(0), n_experts * tiles, tl.num_programs(0)):
             _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc,
-                        flat_tile // tiles, flat_tile % tiles, n_rows, n_tokens, DIM_X, DIM_Y, stride_xs,
-                        stride_xx, stride_ds, stride_dy, stride_we, stride_wx, stride_wy,
-                        PRECISION, GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                        flat_tile // tiles, flat_tile % tiles, n_rows, n_tokens, DIM_X, DIM_Y,
+                        stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx,
+                        stride_wy, PRECISION, GATHER, USE_TMA, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         # Program (tile, e). Axis 0 (the fastest-launched) walks one expert's tiles, so
         # programs in flight read the same expert's rows of x and dy from L2.
@@ -312,8 +313,8 @@ def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor, gathered: bool = Fa
     """(x, w, whether w is K-major) TMA descriptors for the forward's loads. x's is None
     where its rows are gathered (scattered: no TMA box holds them) or TMA cannot read
     it, and x then keeps to pointer loads. None for both (all loads through pointers)
-    without TMA, where it cannot read w, and for fp32, whose (non-TF32) FMA dot on TMA-filled tiles compiles to thousands of register
-    spills on sm_90 (benchmarks/sm90_compile_check --sass). w is read as stored:
+    without TMA, where it cannot read w, and for fp32, whose (non-TF32) FMA dot on
+    TMA-filled tiles compiles to thousands of register spills on sm_90 (benchmarks/sm90_compile_check --sass). w is read as stored:
     [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
     layout, which the MoE layer's forward passes), whose [N, K] tiles the kernel
     transposes in shared memory, as wgmma reads either. Block shapes are set per
@@ -384,7 +385,8 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     ok = _good_flags(x_SX.device)
     kernel[grid](
         x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, ok, x_desc,
-        w_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y, _rows_per_expert_log2(n_rows, n_experts),
+        w_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y,
+        _rows_per_expert_log2(n_rows, n_experts),
         *x_SX.stride(), *w_EXY.stride(), *y_SY.stride(),
         PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None, W_KMAJOR=w_kmajor,
         BLOCK_E=block_e, GROUP_M=GROUP_M)
