@@ -60,11 +60,11 @@ def _segments(offsets_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E: tl.constexpr):
-    """The first program clears the flag ok[OFFSETS_OK] if offsets_E is invalid (the
-    launcher raises on it)."""
+    """The first program writes whether offsets_E is valid to ok[0] (the launcher raises
+    on it). No other program writes there, so it needs no initial value."""
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         _, _, valid = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
-        tl.store(ok_ptr, 0, mask=~valid)
+        tl.store(ok_ptr, valid.to(tl.int32))
 
 
 @triton.jit
@@ -108,7 +108,7 @@ def _grouped_order(tile, n_row_tiles, n_col_tiles, GROUP_M: tl.constexpr):
 def _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER: tl.constexpr):
     """(rows of x a tile reads, which of them to read): its own rows below end_row, or
     (permute fused in) the tokens they copy. token_S comes from the caller: a token that
-    is not a row of x is not read, and clears the flag ok[TOKENS_OK]."""
+    is not a row of x is not read, and clears the flag ok[1]."""
     live = rows < end_row
     if GATHER:
         tokens = tl.load(token_ptr + rows, mask=live, other=0)
@@ -382,7 +382,7 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
         tile = meta["BLOCK_M"] * meta["BLOCK_N"]
         return (min(max_tiles, persistent_programs(x_SX.device, tile)),)
 
-    ok = _good_flags(x_SX.device)
+    ok = _good_flags(x_SX.device, token_S)
     kernel[grid](
         x_SX, w_EXY, y_SY, offsets_E, token_S if token_S is not None else offsets_E, ok, x_desc,
         w_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y,
@@ -394,9 +394,13 @@ def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     return y_SY
 
 
-def _good_flags(device: torch.device) -> torch.Tensor:
-    """The kernels' "input was good" flags, which they clear on bad input: offsets_E's
-    (the first program checks it), then token_S's (each tile checks the tokens it reads)."""
+def _good_flags(device: torch.device, token_S) -> torch.Tensor:
+    """The kernels' "input was good" flags: offsets_E's, which the first program writes,
+    then, where rows are gathered, token_S's, set here and cleared by any tile that
+    reads a bad token. Without a gather no launch is needed to set one (on a GPU, a
+    fill per GEMM call saved)."""
+    if token_S is None:
+        return torch.empty(1, device=device, dtype=torch.int32)
     return torch.ones(2, device=device, dtype=torch.int32)
 
 
@@ -465,7 +469,7 @@ def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     if grad_w.numel() == 0:  # no tile, so no program to check the inputs
         _check_without_kernel(op, offsets_E, n_rows, token_S, x_SX.shape[0])
         return grad_w
-    ok = _good_flags(x_SX.device)
+    ok = _good_flags(x_SX.device, token_S)
     descriptors = (wgrad_descriptors(x_SX, grad_y_SY, gathered=token_S is not None)
                    if _wants_tma(kernel) else None)
     x_desc, dy_desc = descriptors or (None, None)
