@@ -21,6 +21,11 @@ inline void check_rows_per_token(const at::Tensor& rows_TD, const at::Tensor& ro
                     rows_TD.sizes());
 }
 
+// y_SD, the rows the permuted copies live in, is 2-D [S, D].
+inline void check_copy_rows(const at::Tensor& y_SD, const char* op) {
+  TORCH_CHECK_VALUE(y_SD.dim() == 2, op, ": y_SD must be 2-D [S, D], got ", y_SD.sizes());
+}
+
 // weights_TK, when given, has row_map_TK's shape [T, K].
 inline void check_weights_like_row_map(const c10::optional<at::Tensor>& weights_TK,
                                        const at::Tensor& row_map_TK, const char* op) {

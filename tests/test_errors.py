@@ -204,7 +204,20 @@ KERNEL_VALUES = [
     # a row map sending two copies to one row leaves a row of the GEMM unmapped
     pytest.param(lambda: ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3),
                                                offsets(2, 4), tokens(0, 1, 1, 3).view(2, 2)),
-                 ValueError, "token_S", id="gather_row_map_repeats"),
+                 ValueError, "token_S|row_map_TK", id="gather_row_map_repeats"),
+    pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8),
+                                                           row_map(), torch.rand(4, 2)),
+                 ValueError, "y_SD", id="unpermute_backward_y_1d"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm(torch.randn(5, 4), torch.randn(2, 2, 3),
+                                                   offsets(2, 5)),
+                 ValueError, "w_EXY", id="raw_grouped_mm_w_too_short"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm(torch.randn(5, 4), torch.randn(3, 4, 3),
+                                                   offsets(2, 5)),
+                 ValueError, "offsets_E", id="raw_grouped_mm_offsets_fewer_than_E"),
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_gather(torch.randn(5, 4), torch.randn(2, 4, 3),
+                                                          offsets(2, 4), tokens(0, 1, 2, 3).view(2, 2),
+                                                          row_map(2, 2)),
+                 ValueError, "token_S", id="raw_gather_token_2d"),
     pytest.param(lambda: torch.ops.dsv3.permute_rows(torch.randn(2, 3), row_map()),
                  ValueError, "x_TD", id="permute_rows_fewer_tokens_than_row_map"),
     pytest.param(lambda: torch.ops.dsv3.unpermute(torch.randn(8, 3), row_map(), torch.rand(2, 2)),
@@ -336,3 +349,12 @@ def test_bad_index_values_assert_on_gpu(call):
                             timeout=300)
     assert result.returncode != 0, result.stdout
     assert "device-side assert" in result.stderr, result.stderr[-2000:]
+
+
+def test_reference_gather_rejects_a_row_map_with_repeats(monkeypatch):
+    """The reference path indexes x_TX with token_S, where a -1 would wrap around to the
+    last token: it rejects the row map as the kernels do."""
+    monkeypatch.setenv("DSV3_BACKEND", "reference")
+    with pytest.raises(ValueError, match="row_map_TK"):
+        ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3), offsets(2, 4),
+                              tokens(0, 1, 1, 3).view(2, 2))

@@ -335,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& y_SD_in,
                                                            const at::Tensor& row_map_TK_in,
                                                            const at::Tensor& weights_TK_in) {
+  check_copy_rows(y_SD_in, "unpermute_backward");
   check_rows_per_token(grad_y_TD_in, row_map_TK_in, "unpermute_backward", "grad_y_TD",
                        y_SD_in.size(1));
   check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute_backward");

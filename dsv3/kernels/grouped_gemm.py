@@ -359,7 +359,26 @@ def grouped_mm_with(config: triton.Config, x_SX: torch.Tensor, w_EXY: torch.Tens
     return _forward(_forward_tuner([config]), x_SX, w_EXY, offsets_E, token_S)
 
 
+def _check_shapes(op: str, x, offsets_E, token_S, w_EXY=None, grad_y_SY=None) -> None:
+    """The C++ kernel's shape checks: direct torch.ops calls reach the launchers without
+    the Python wrappers' checks, and a tensor too small would be read past its end."""
+    if x.dim() != 2 or (w_EXY is not None and (w_EXY.dim() != 3 or w_EXY.shape[1] != x.shape[1])):
+        raise ValueError(f"{op}: expected x [rows, X] and w_EXY [E, X, Y], got "
+                         f"{tuple(x.shape)} and {tuple(w_EXY.shape)}")
+    if grad_y_SY is not None and grad_y_SY.dim() != 2:
+        raise ValueError(f"{op}: grad_y_SY must be 2-D [S, Y], got {tuple(grad_y_SY.shape)}")
+    n_experts = w_EXY.shape[0] if w_EXY is not None else offsets_E.numel()
+    if offsets_E.dtype != torch.int32 or tuple(offsets_E.shape) != (n_experts,):
+        raise ValueError(f"{op}: offsets_E must be int32 of shape [E={n_experts}], got "
+                         f"{offsets_E.dtype} {tuple(offsets_E.shape)}")
+    if token_S is not None and (token_S.dtype != torch.int32 or token_S.dim() != 1):
+        raise ValueError(f"{op}: token_S must be 1-D int32, got {token_S.dtype} "
+                         f"{tuple(token_S.shape)}")
+
+
 def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
+    _check_shapes("grouped_mm_gather" if token_S is not None else "grouped_mm", x_SX, offsets_E,
+                  token_S, w_EXY=w_EXY)
     n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
@@ -447,6 +466,7 @@ def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: 
 
 
 def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
+    _check_shapes("grouped_mm_wgrad", x_SX, offsets_E, token_S, grad_y_SY=grad_y_SY)
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)

@@ -136,6 +136,8 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
 
 
 def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
+    if y_SD.dim() != 2:
+        raise ValueError(f"unpermute_backward: y_SD must be 2-D [S, D], got {tuple(y_SD.shape)}")
     _check_shapes("unpermute_backward", row_map_TK, grad_y_TD, "grad_y_TD", y_SD.shape[1],
                   weights_TK)
     y_SD, row_map_TK = y_SD.contiguous(), row_map_TK.contiguous()

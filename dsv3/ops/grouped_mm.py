@@ -11,6 +11,7 @@ layout, so the parameter's gradient needs no extra copy.
 import torch
 
 from dsv3 import reference
+from dsv3.kernels import device_checks
 from dsv3.ops.backend import use_reference
 from dsv3.ops.checks import FLOAT_DTYPES, check_tensor
 
@@ -117,5 +118,8 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     token_S = torch.full((n_tokens * top_k,), -1, device=x_TX.device, dtype=torch.int32)
     token_S[row_map_TK.flatten().long()] = token_T.repeat_interleave(top_k)
     if use_reference(x_TX):
+        # Indexing would wrap the -1 around to the last token: rejected as the kernels do.
+        device_checks.raise_unless((token_S >= 0).all(), f"{op}: row_map_TK must map every "
+                                                          "copy to a row of its own")
         return reference.grouped_mm(x_TX[token_S.long()], w_EXY, offsets_E)
     return torch.ops.dsv3.grouped_mm_gather(x_TX, w_EXY, offsets_E, token_S, row_map_TK)
