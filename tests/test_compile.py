@@ -34,3 +34,15 @@ def test_compiled_layer_matches_eager(overrides):
             torch.testing.assert_close(got, want)
         x_TD.grad = None
         moe.zero_grad(set_to_none=True)
+
+
+def test_compiled_gather_still_rejects_a_row_map_with_repeats():
+    """The ops' input checks on values are graph ops under torch.compile (an assert,
+    not a Python branch), so a compiled call still rejects bad values, without a break."""
+    gather = torch.compile(dsv3.ops.gather_grouped_mm, fullgraph=True)
+    x_TX, w_EXY = torch.randn(2, 4), torch.randn(2, 4, 3)
+    offsets_E = torch.tensor([1, 3], dtype=torch.int32)
+    good = gather(x_TX, w_EXY, offsets_E, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    assert good.shape == (4, 3)
+    with pytest.raises(RuntimeError, match="row_map_TK"):
+        gather(x_TX, w_EXY, offsets_E, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32))

@@ -201,10 +201,14 @@ KERNEL_VALUES = [
     pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(4, 4), torch.randn(9, 3),
                                                          offsets(2, 9), False),
                  ValueError, "grad_y_SY", id="wgrad_x_rows_ne_grad_rows"),
-    # a row map sending two copies to one row leaves a row of the GEMM unmapped
+    # a row map sending two copies to one row leaves a row of the GEMM unmapped: owned
+    # by an expert, or a dropped copy's (past offsets_E[-1]), which no kernel reads
     pytest.param(lambda: ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3),
                                                offsets(2, 4), tokens(0, 1, 1, 3).view(2, 2)),
-                 ValueError, "token_S|row_map_TK", id="gather_row_map_repeats"),
+                 ValueError, "row_map_TK", id="gather_row_map_repeats"),
+    pytest.param(lambda: ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3),
+                                               offsets(1, 3), tokens(0, 1, 1, 2).view(2, 2)),
+                 ValueError, "row_map_TK", id="gather_row_map_repeats_orphan_dropped"),
     pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8),
                                                            row_map(), torch.rand(4, 2)),
                  ValueError, "y_SD", id="unpermute_backward_y_1d"),
@@ -351,10 +355,11 @@ def test_bad_index_values_assert_on_gpu(call):
     assert "device-side assert" in result.stderr, result.stderr[-2000:]
 
 
-def test_reference_gather_rejects_a_row_map_with_repeats(monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_gather_rejects_a_row_map_with_repeats_on_every_backend(backend, monkeypatch):
     """The reference path indexes x_TX with token_S, where a -1 would wrap around to the
-    last token: it rejects the row map as the kernels do."""
-    monkeypatch.setenv("DSV3_BACKEND", "reference")
+    last token; the kernels would silently lose the repeated copy's token."""
+    monkeypatch.setenv("DSV3_BACKEND", backend)
     with pytest.raises(ValueError, match="row_map_TK"):
-        ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3), offsets(2, 4),
-                              tokens(0, 1, 1, 3).view(2, 2))
+        ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3), offsets(1, 3),
+                              tokens(0, 1, 1, 2).view(2, 2))

@@ -9,9 +9,10 @@ import torch
 
 
 def raise_unless(ok: torch.Tensor, message: str) -> None:
-    """``ok``: one-element tensor, nonzero when the input was good."""
-    if ok.device.type == "cpu":
-        if not bool(ok.reshape(-1)[0]):
-            raise ValueError(message)
-    else:
+    """``ok``: one-element tensor, nonzero when the input was good. Under torch.compile
+    (the ops' Python wrappers are traced) it is an assert op in the graph on every
+    device: branching on a tensor's value would break the graph."""
+    if torch.compiler.is_compiling() or ok.device.type != "cpu":
         torch._assert_async(ok.reshape(()), message)
+    elif not bool(ok.reshape(-1)[0]):
+        raise ValueError(message)

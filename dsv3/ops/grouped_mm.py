@@ -112,14 +112,16 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     if n_tokens != x_TX.shape[0]:
         raise ValueError(f"{op}: row_map_TK must have one row per token of x_TX "
                          f"({x_TX.shape[0]}), got {n_tokens}")
-    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device. A
-    # row no entry maps to (row_map_TK with repeats) keeps -1, which the kernels reject.
+    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device
+    # (indexing rejects values out of range). T*K copies fill the T*K rows only if no two
+    # share a row: a row left at -1 means row_map_TK has repeats, and one copy's token
+    # would be lost. Checked on every backend (a device assert on a GPU, no sync); the
+    # kernels reject a -1 too, but not in the dropped copies' rows, which they never read.
     token_T = torch.arange(n_tokens, device=x_TX.device, dtype=torch.int32)
     token_S = torch.full((n_tokens * top_k,), -1, device=x_TX.device, dtype=torch.int32)
     token_S[row_map_TK.flatten().long()] = token_T.repeat_interleave(top_k)
+    device_checks.raise_unless((token_S >= 0).all(),
+                               f"{op}: row_map_TK must map every copy to a row of its own")
     if use_reference(x_TX):
-        # Indexing would wrap the -1 around to the last token: rejected as the kernels do.
-        device_checks.raise_unless((token_S >= 0).all(), f"{op}: row_map_TK must map every "
-                                                          "copy to a row of its own")
         return reference.grouped_mm(x_TX[token_S.long()], w_EXY, offsets_E)
     return torch.ops.dsv3.grouped_mm_gather(x_TX, w_EXY, offsets_E, token_S, row_map_TK)
