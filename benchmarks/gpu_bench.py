@@ -155,10 +155,7 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
     (DIM_X, DIM_Y, log2 of the rows per expert, dtypes), so a shape may still reuse an
     earlier shape's pick ("reused")."""
     config = tuner.best_config
-    names = " ".join(VARIANTS[flag][0 if config.kwargs[flag] else 1] for flag in flags)
-    choice = {"config": f"{names} "
-              f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x{config.kwargs['BLOCK_K']}"
-              f" w{config.num_warps} s{config.num_stages}"}
+    choice = {"config": tuned_label(config, flags)}
     if len(tuner.configs) > 1 and len(tuner.cache) == tuned_before:
         choice["config"] += " (reused)"
         return choice
@@ -172,6 +169,27 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
         if len(best) == 2:
             choice[f"{on}_over_{off}"] = best[True] / best[False]
     return choice
+
+
+def autotune_picks() -> list[dict]:
+    """Every config the GEMM autotuners settled on in this run, one row per key, the
+    layers' own GEMMs included (the gathered first GEMM and its wgrad have no row of
+    their own): which variants are ever picked, and so which are worth keeping."""
+    picks = []
+    for gemm, tuner, flags in (("forward/dgrad", grouped_gemm._grouped_mm_tuned, ("USE_TMA",)),
+                               ("wgrad", grouped_gemm._wgrad_tuned, WGRAD_FLAGS)):
+        names = [name for name in tuner.keys if name in tuner.arg_names]
+        for key, config in tuner.cache.items():
+            shape = " ".join(f"{name}={value}" for name, value in zip(names, key))
+            picks.append({"bench": f"autotune pick, {gemm}", "shape": shape,
+                          "config": tuned_label(config, flags)})
+    return picks
+
+
+def tuned_label(config, flags: tuple[str, ...]) -> str:
+    names = " ".join(VARIANTS[flag][0 if config.kwargs[flag] else 1] for flag in flags)
+    return (f"{names} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x"
+            f"{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}")
 
 
 def gather_rows(name, T, D, F, E, K):
@@ -326,6 +344,11 @@ def main(argv=None):
         print(f"[{time.perf_counter() - start:.0f} s] {rows[-1]}", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                            indent=1))
+        (args.out / "gpu_bench.md").write_text(markdown(rows, header))
+    if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels: no tuner ran
+        rows += autotune_picks()
         (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows},
                                                             indent=1))
         (args.out / "gpu_bench.md").write_text(markdown(rows, header))

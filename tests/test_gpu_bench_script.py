@@ -47,3 +47,30 @@ def test_tuned_choice_names_the_variant_and_its_margin():
     assert gpu_bench.tuned_choice(wgrad, 0, gpu_bench.WGRAD_FLAGS) == {
         "config": "persistent tma 128x128x64 w8 s3",
         "persistent_over_grid": 2.0 / 2.5, "tma_over_pointer": 2.0 / 3.0}
+
+
+def test_autotune_picks_list_every_tuned_key(monkeypatch):
+    """After the cases, gpu_bench lists each key the GEMM tuners settled (the layers'
+    own included): read from the tuners only on the GPU, so checked on stand-ins."""
+    from types import SimpleNamespace
+
+    import triton
+
+    def config(**flags):
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, **flags},
+                             num_warps=4, num_stages=2)
+
+    keys = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR"]
+    forward = SimpleNamespace(keys=keys, arg_names=keys, cache={
+        (4096, 28672, 12, True, True, "torch.bfloat16"): config(USE_TMA=True)})
+    wgrad = SimpleNamespace(keys=keys, arg_names=keys[:4], cache={
+        (7168, 4096, 8, False, "torch.bfloat16"): config(PERSISTENT=False, USE_TMA=False)})
+    monkeypatch.setattr(gpu_bench.grouped_gemm, "_grouped_mm_tuned", forward)
+    monkeypatch.setattr(gpu_bench.grouped_gemm, "_wgrad_tuned", wgrad)
+    assert gpu_bench.autotune_picks() == [
+        {"bench": "autotune pick, forward/dgrad",
+         "shape": "DIM_X=4096 DIM_Y=28672 rows_per_expert_log2=12 GATHER=True W_KMAJOR=True",
+         "config": "tma 64x128x64 w4 s2"},
+        {"bench": "autotune pick, wgrad",
+         "shape": "DIM_X=7168 DIM_Y=4096 rows_per_expert_log2=8 GATHER=False",
+         "config": "grid pointer 64x128x64 w4 s2"}]

@@ -272,8 +272,10 @@ GROUP_M = 8
 
 # Tuned per (DIM_X, DIM_Y) and the power of two of the rows per expert (only a key:
 # the kernels ignore it): the best tile and launch depend on how long each expert's
-# row range is, which stays put for a given model and batch but not across them.
-_KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2"]
+# row range is, which stays put for a given model and batch but not across them. And
+# per load pattern: gathered rows (no TMA for x) and w's layout (the forward only; a
+# key a kernel lacks is skipped), which would otherwise share the first call's pick.
+_KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR"]
 
 
 def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:
