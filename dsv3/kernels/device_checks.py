@@ -8,6 +8,12 @@ the values, so a bad input can never read or write outside its tensors first."""
 import torch
 
 
+def good_flags(device: torch.device, count: int = 1) -> torch.Tensor:
+    """``count`` "input was good" flags, set: for kernels whose programs clear them on
+    bad input (a flag with a single writer needs no initial value, nor this launch)."""
+    return torch.ones(count, device=device, dtype=torch.int32)
+
+
 def raise_unless(ok: torch.Tensor, message: str) -> None:
     """``ok``: one-element tensor, nonzero when the input was good. Under torch.compile
     (the ops' Python wrappers are traced) it is an assert op in the graph on every

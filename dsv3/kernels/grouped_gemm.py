@@ -289,6 +289,8 @@ def _forward_tuner(configs: list[triton.Config]):
 
 
 _grouped_mm_tuned = _forward_tuner(matmul_configs())
+
+
 def _wgrad_tuner(configs: list[triton.Config]):
     return triton.autotune(
         configs=configs, key=_KEY,
@@ -316,8 +318,8 @@ def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor, gathered: bool = Fa
     where its rows are gathered (scattered: no TMA box holds them) or TMA cannot read
     it, and x then keeps to pointer loads. None for both (all loads through pointers)
     without TMA, where it cannot read w, and for fp32, whose (non-TF32) FMA dot on
-    TMA-filled tiles compiles to thousands of register spills on sm_90 (benchmarks/sm90_compile_check --sass). w is read as stored:
-    [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
+    TMA-filled tiles compiles to thousands of register spills on sm_90
+    (benchmarks/sm90_compile_check --sass). w is read as stored: [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
     layout, which the MoE layer's forward passes), whose [N, K] tiles the kernel
     transposes in shared memory, as wgmma reads either. Block shapes are set per
     config (config.tma_block_shapes)."""
@@ -364,7 +366,9 @@ def grouped_mm_with(config: triton.Config, x_SX: torch.Tensor, w_EXY: torch.Tens
 def _check_shapes(op: str, x, offsets_E, token_S, w_EXY=None, grad_y_SY=None) -> None:
     """The C++ kernel's shape checks: direct torch.ops calls reach the launchers without
     the Python wrappers' checks, and a tensor too small would be read past its end."""
-    if x.dim() != 2 or (w_EXY is not None and (w_EXY.dim() != 3 or w_EXY.shape[1] != x.shape[1])):
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D [rows, X], got {tuple(x.shape)}")
+    if w_EXY is not None and (w_EXY.dim() != 3 or w_EXY.shape[1] != x.shape[1]):
         raise ValueError(f"{op}: expected x [rows, X] and w_EXY [E, X, Y], got "
                          f"{tuple(x.shape)} and {tuple(w_EXY.shape)}")
     if grad_y_SY is not None and grad_y_SY.dim() != 2:
@@ -379,13 +383,12 @@ def _check_shapes(op: str, x, offsets_E, token_S, w_EXY=None, grad_y_SY=None) ->
 
 
 def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
-    _check_shapes("grouped_mm_gather" if token_S is not None else "grouped_mm", x_SX, offsets_E,
-                  token_S, w_EXY=w_EXY)
+    op = "grouped_mm_gather" if token_S is not None else "grouped_mm"
+    _check_shapes(op, x_SX, offsets_E, token_S, w_EXY=w_EXY)
     n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
     y_SY = torch.empty(n_rows, dim_y, device=x_SX.device, dtype=x_SX.dtype)
-    op = "grouped_mm_gather" if token_S is not None else "grouped_mm"
     if y_SY.numel() == 0:  # nothing to compute, so no program to check the inputs
         _check_without_kernel(op, offsets_E, n_rows, token_S, x_SX.shape[0])
         return y_SY
@@ -422,7 +425,7 @@ def _good_flags(device: torch.device, token_S) -> torch.Tensor:
     fill per GEMM call saved)."""
     if token_S is None:
         return torch.empty(1, device=device, dtype=torch.int32)
-    return torch.ones(2, device=device, dtype=torch.int32)
+    return device_checks.good_flags(device, 2)
 
 
 def _raise_on_bad_input(ok: torch.Tensor, op: str, n_rows: int, token_S, n_tokens: int) -> None:

@@ -98,7 +98,7 @@ def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
     x_TD, row_map_TK = x_TD.contiguous(), row_map_TK.contiguous()
     n_tokens, dim = x_TD.shape
     x_SD = x_TD.new_empty(row_map_TK.numel(), dim)
-    ok = _good_flag(x_TD.device)
+    ok = device_checks.good_flags(x_TD.device)
     _permute_rows_kernel[(n_tokens, _column_blocks(dim))](
         x_TD, row_map_TK, x_SD, ok, x_SD.shape[0], dim, row_map_TK.shape[1], BLOCK_D=_BLOCK_D)
     _raise_on_bad_row_map(ok, "permute_rows", x_SD.shape[0])
@@ -108,11 +108,6 @@ def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:
 def _column_blocks(dim: int) -> int:
     """Programs per token: at least one, so that even rows of zero width check row_map_TK."""
     return max(triton.cdiv(dim, _BLOCK_D), 1)
-
-
-def _good_flag(device: torch.device) -> torch.Tensor:
-    """The kernels' "row map was good" flag: set here, cleared by any bad entry."""
-    return torch.ones(1, device=device, dtype=torch.int32)
 
 
 def _raise_on_bad_row_map(ok: torch.Tensor, op: str, n_rows: int) -> None:
@@ -127,7 +122,7 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
     dim = y_SD.shape[1]
     y_TD = y_SD.new_empty(n_tokens, dim)
     weights = weights_TK.contiguous() if weights_TK is not None else y_SD
-    ok = _good_flag(y_SD.device)
+    ok = device_checks.good_flags(y_SD.device)
     _unpermute_kernel[(n_tokens, _column_blocks(dim))](
         y_SD, row_map_TK, weights, y_TD, ok, y_SD.shape[0], dim, top_k,
         HAS_WEIGHTS=weights_TK is not None, BLOCK_D=_BLOCK_D)
@@ -144,7 +139,7 @@ def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
     n_tokens, top_k = row_map_TK.shape
     grad_y_SD = torch.empty_like(y_SD)
     grad_weights_TK = torch.empty(n_tokens, top_k, device=y_SD.device, dtype=torch.float32)
-    ok = _good_flag(y_SD.device)
+    ok = device_checks.good_flags(y_SD.device)
     _unpermute_backward_kernel[(n_tokens,)](
         grad_y_TD.contiguous().to(y_SD.dtype), y_SD, row_map_TK, weights_TK.contiguous(),
         grad_y_SD, grad_weights_TK, ok, y_SD.shape[0], y_SD.shape[1], top_k, BLOCK_D=_BLOCK_D)
