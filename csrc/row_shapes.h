@@ -9,11 +9,15 @@
 
 namespace dsv3 {
 
+inline void check_row_map_shape(const at::Tensor& row_map_TK, const char* op) {
+  TORCH_CHECK_VALUE(row_map_TK.dim() == 2, op, ": row_map_TK must be 2-D [T, K], got ",
+                    row_map_TK.sizes());
+}
+
 // `rows_TD` has one row per token of row_map_TK [T, K] and, if dim >= 0, dim columns.
 inline void check_rows_per_token(const at::Tensor& rows_TD, const at::Tensor& row_map_TK,
                                  const char* op, const char* name, int64_t dim = -1) {
-  TORCH_CHECK_VALUE(row_map_TK.dim() == 2, op, ": row_map_TK must be 2-D [T, K], got ",
-                    row_map_TK.sizes());
+  check_row_map_shape(row_map_TK, op);
   TORCH_CHECK_VALUE(rows_TD.dim() == 2 && rows_TD.size(0) == row_map_TK.size(0) &&
                         (dim < 0 || rows_TD.size(1) == dim),
                     op, ": ", name, " must be [T=", row_map_TK.size(0), ", ",

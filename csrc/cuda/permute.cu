@@ -140,13 +140,9 @@ __device__ __forceinline__ void check_token_rows(const int32_t* row_map, int64_t
     if (!row_in_range(row_map[token * top_k + k], n_rows)) *ok = 0;
 }
 
-// The flag the kernels clear, and the check of it once they have run.
+// The flag the kernels clear; the host checks it with at::_assert_async once they ran.
 at::Tensor good_flag(const at::Tensor& like) {
   return at::ones({1}, like.options().dtype(at::kInt));
-}
-
-void assert_row_map_good(const at::Tensor& ok, const char* message) {
-  at::_assert_async(ok, message);
 }
 
 template <typename vec_t>
@@ -203,7 +199,7 @@ at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_ma
     });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  assert_row_map_good(ok, "permute_rows: row_map_TK values must be in [0, S)");
+  at::_assert_async(ok, "permute_rows: row_map_TK values must be in [0, S)");
   return x_SD;
 }
 
@@ -241,9 +237,8 @@ __global__ void unpermute_kernel(const scalar_t* y, const int32_t* row_map, cons
 
 at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
                           const c10::optional<at::Tensor>& weights_TK_in) {
-  TORCH_CHECK_VALUE(row_map_TK_in.dim() == 2 && y_SD_in.dim() == 2, "unpermute: expected y_SD "
-                    "[S, D] and row_map_TK [T, K], got ", y_SD_in.sizes(), " and ",
-                    row_map_TK_in.sizes());
+  check_copy_rows(y_SD_in, "unpermute");
+  check_row_map_shape(row_map_TK_in, "unpermute");
   check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute");
   const c10::cuda::CUDAGuard guard(y_SD_in.device());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
@@ -275,7 +270,7 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  assert_row_map_good(ok, "unpermute: row_map_TK values must be in [0, S)");
+  at::_assert_async(ok, "unpermute: row_map_TK values must be in [0, S)");
   return y_TD;
 }
 
@@ -374,7 +369,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  assert_row_map_good(ok, "unpermute_backward: row_map_TK values must be in [0, S)");
+  at::_assert_async(ok, "unpermute_backward: row_map_TK values must be in [0, S)");
   return {grad_y_SD, grad_weights_TK.to(weights_TK_in.scalar_type())};
 }
 
