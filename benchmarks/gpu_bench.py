@@ -17,6 +17,7 @@ so a run cut short by its time limit still leaves what it measured.
 import argparse
 import json
 import platform
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +27,7 @@ import triton
 
 import dsv3
 from benchmarks.providers import grouped_mm_layer
+from dsv3.kernels import config as kernel_config
 from dsv3.kernels import grouped_gemm
 
 # (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts.
@@ -211,7 +213,7 @@ def gather_rows(name, T, D, F, E, K):
              "rel_err": error}]
 
 
-def memory_rows(bandwidth):
+def memory_rows():
     T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
     route_T = MEMORY_SHAPE["route_T"]
     logits_TE = torch.randn(route_T, E, device=DEVICE, dtype=torch.bfloat16)
@@ -263,7 +265,7 @@ def memory_rows(bandwidth):
     for name, shape, fn, n_bytes in cases:
         ms = graph_ms(fn)
         rows.append({"bench": name, "shape": shape, "dsv3_ms": ms, "eager_ms": bench_ms(fn),
-                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bandwidth})
+                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / BANDWIDTH})
     return rows
 
 
@@ -294,13 +296,44 @@ def layer_rows(name, T, D, F, E, K):
 def markdown(rows, header) -> str:
     cols = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms", "loop_ms",
             "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3", "loop_over_dsv3",
-            "rel_err", "config", "tma_over_pointer", "persistent_over_grid", "error"]
+            "rel_err", "config", "tma_over_pointer", "persistent_over_grid", "variants", "error"]
     used = [c for c in cols if any(c in r for r in rows)]
     lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in rows:
         cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Exit status after a case lost the CUDA context (an illegal address or a device-side
+# assert is sticky: every later CUDA call fails). gpu_check.sh then runs the cases
+# left in a fresh process with DSV3_GEMM_VARIANTS=0 and --resume.
+CUDA_LOST = 3
+
+
+def cuda_lost() -> bool:
+    """Whether the CUDA context is unusable, after a case raised."""
+    if DEVICE != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device=DEVICE).add_(1).item()
+        return False
+    except Exception:  # whatever the torch version's CUDA error class
+        return True
+
+
+def jobs():
+    """(job id, job, shape), cheapest and most asked-for first, so a run cut short
+    loses the least: the bandwidth-bound kernels, the GEMM shapes but the largest, the
+    layers, the rest."""
+    small, large = ([s for s in GEMM_SHAPES if s[1] <= 4096],
+                    [s for s in GEMM_SHAPES if s[1] > 4096])
+    listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in small]
+              + [(layer_rows, s) for s in LAYER_SHAPES] + [(gather_rows, s) for s in LAYER_SHAPES]
+              + [(gemm_rows, s) for s in large])
+    return [(f"{job.__name__} {shape[0]}" if shape else job.__name__, job, shape)
+            for job, shape in listed]
 
 
 def main(argv=None):
@@ -310,6 +343,9 @@ def main(argv=None):
                         help="start no new case after this many seconds")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU: checks the script, measures nothing")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep --out's rows and run only the cases it has not done, "
+                             "skipping any that lost the CUDA context with these variants")
     args = parser.parse_args(argv)
     if args.smoke:
         use_smoke_sizes()
@@ -317,42 +353,50 @@ def main(argv=None):
     start = time.perf_counter()
     torch.manual_seed(0)
     global BANDWIDTH
-    bandwidth = BANDWIDTH = copy_bandwidth()
+    BANDWIDTH = copy_bandwidth()
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
     header = (f"GPU benchmarks on {device_name} · torch {torch.__version__} · "
-              f"triton {triton.__version__} · copy bandwidth {bandwidth / 1e12:.2f} TB/s · "
+              f"triton {triton.__version__} · copy bandwidth {BANDWIDTH / 1e12:.2f} TB/s · "
               f"{platform.node()}")
-    rows = []
-    # Cheapest and most asked-for first, so a run cut short loses the least: the
-    # bandwidth-bound kernels, the GEMM shapes but the largest, the layers, the rest.
-    small, large = ([s for s in GEMM_SHAPES if s[1] <= 4096],
-                    [s for s in GEMM_SHAPES if s[1] > 4096])
-    jobs = ([(lambda: memory_rows(bandwidth), None)] + [(gemm_rows, s) for s in small]
-            + [(layer_rows, s) for s in LAYER_SHAPES] + [(gather_rows, s) for s in LAYER_SHAPES]
-            + [(gemm_rows, s) for s in large])
-    for job, shape in jobs:
+    state = {"header": header, "rows": [], "done": [], "lost": []}
+    if args.resume and (args.out / "gpu_bench.json").is_file():
+        state = {**state, **json.loads((args.out / "gpu_bench.json").read_text())}
+    rows = state["rows"]
+    # Rows of a run without the GEMMs' TMA and persistent variants say so.
+    variants = {} if kernel_config.VARIANTS else {"variants": "off"}
+    lost_key = "off" if variants else "on"
+
+    def save():
+        (args.out / "gpu_bench.json").write_text(json.dumps(state, indent=1))
+        (args.out / "gpu_bench.md").write_text(markdown(rows, state["header"]))
+
+    for job_id, job, shape in jobs():
+        if job_id in state["done"] or f"{job_id} ({lost_key})" in state["lost"]:
+            continue
         if time.perf_counter() - start > args.budget_s:
-            rows.append({"bench": getattr(job, "__name__", "memory"), "shape": str(shape and shape[0]),
-                         "error": f"not run: over the {args.budget_s:.0f} s budget"})
+            rows.append({"bench": job_id, "error": f"not run: over the {args.budget_s:.0f} s budget"})
             continue
         try:
-            rows += job(*shape) if shape else job()
+            rows += [{**row, **variants} for row in (job(*shape) if shape else job())]
+            state["done"].append(job_id)
         except Exception as error:  # one failing case must not hide the others' figures
-            rows.append({"bench": getattr(job, "__name__", "memory"), "shape": str(shape and shape[0]),
+            rows.append({"bench": job_id, **variants,
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
             traceback.print_exc()
+            if cuda_lost():
+                state["lost"].append(f"{job_id} ({lost_key})")
+                save()
+                print(f"[{time.perf_counter() - start:.0f} s] CUDA context lost in {job_id}",
+                      flush=True)
+                sys.exit(CUDA_LOST)
         print(f"[{time.perf_counter() - start:.0f} s] {rows[-1]}", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
-        (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows},
-                                                            indent=1))
-        (args.out / "gpu_bench.md").write_text(markdown(rows, header))
+        save()
     if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels: no tuner ran
-        rows += autotune_picks()
-        (args.out / "gpu_bench.json").write_text(json.dumps({"header": header, "rows": rows},
-                                                            indent=1))
-        (args.out / "gpu_bench.md").write_text(markdown(rows, header))
-    print(markdown(rows, header))
+        rows += [{**row, **variants} for row in autotune_picks()]
+        save()
+    print(markdown(rows, state["header"]))
 
 
 if __name__ == "__main__":

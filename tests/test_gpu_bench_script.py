@@ -74,3 +74,82 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
         {"bench": "autotune pick, wgrad",
          "shape": "DIM_X=7168 DIM_Y=4096 rows_per_expert_log2=8 GATHER=False",
          "config": "grid pointer 64x128x64 w4 s2"}]
+
+
+def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_path, monkeypatch):
+    """A case that loses the CUDA context ends the run with status CUDA_LOST, its rows
+    saved; gpu_check.sh then resumes without the GEMM variants. The resumed run keeps
+    the rows, skips the cases done, tries the lost case once more (under the other
+    variants) and, were it lost again, a third run would skip it."""
+    import pytest
+
+    from dsv3.kernels import config
+
+    calls = []
+
+    def case(name, crash=False):
+        def run(shape):
+            calls.append(name)
+            if crash:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return [{"bench": name, "shape": shape, "dsv3_ms": 1.0}]
+        run.__name__ = name
+        return run
+
+    crashing = case("crashes", crash=True)
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [
+        ("first", case("first"), ("s",)), ("crashes", crashing, ("s",)),
+        ("last", case("last"), ("s",))])
+    monkeypatch.setattr(gpu_bench, "cuda_lost", lambda: True)
+    out = ["--smoke", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        gpu_bench.main(out)
+    assert stop.value.code == gpu_bench.CUDA_LOST
+    assert calls == ["first", "crashes"]
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert saved["done"] == ["first"] and saved["lost"] == ["crashes (on)"]
+    assert "illegal memory access" in saved["rows"][-1]["error"]
+
+    monkeypatch.setattr(config, "VARIANTS", False)
+    with pytest.raises(SystemExit):  # lost again, now without the variants
+        gpu_bench.main(out + ["--resume"])
+    assert calls == ["first", "crashes", "crashes"]
+    calls.clear()
+    gpu_bench.main(out + ["--resume"])
+    assert calls == ["last"]
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert [(row["bench"], row.get("variants")) for row in rows] == [
+        ("first", None), ("crashes", None), ("crashes", "off"), ("last", "off")]
+    assert "| variants |" in (tmp_path / "gpu_bench.md").read_text()
+
+
+def test_gpu_check_resumes_the_benchmarks_once_the_cuda_context_is_lost(tmp_path):
+    """gpu_check.sh's own steps, with a stand-in python3 that logs each call: the
+    benchmark run that exits CUDA_LOST is followed by a --resume run without the GEMM
+    variants, and the script still fails, so the lost case is not missed."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$* variants=${{DSV3_GEMM_VARIANTS:-on}}" >> {log}
+case "$*" in
+  *benchmarks.gpu_bench*--resume*) echo "| table |" > "$OUT/gpu_bench.md"; exit 0 ;;
+  *benchmarks.gpu_bench*) exit {gpu_bench.CUDA_LOST} ;;
+esac
+""")
+    fake.chmod(0o755)
+    script = Path(gpu_bench.__file__).with_name("gpu_check.sh")
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "CUDA_HOME": str(tmp_path), "TOTAL_S": "500"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    bench_calls = [line for line in log.read_text().splitlines() if "gpu_bench" in line]
+    assert len(bench_calls) == 2, done.stdout
+    assert "--resume" not in bench_calls[0] and bench_calls[0].endswith("variants=on")
+    assert "--resume" in bench_calls[1] and bench_calls[1].endswith("variants=0")
+    assert "| table |" in done.stdout
+    assert done.returncode == 1 and "status 1" in done.stdout

@@ -320,3 +320,21 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
     # no descriptors, no TMA configs; the long-reduction tiles stay either way
     assert not any(c.kwargs["USE_TMA"] for c in kept(128))
     assert len(kept(4096)) == len([c for c in configs if not c.kwargs["USE_TMA"]]) - len(short)
+
+
+def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
+    """DSV3_GEMM_VARIANTS=0 (config.VARIANTS): the GPU's configs without the TMA and
+    persistent launches, every tile kept; gpu_check.sh falls back to it after a
+    benchmark loses the CUDA context."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import config
+    monkeypatch.setattr(config, "INTERPRET", False)
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    all_forward, all_wgrad = config.matmul_configs(), config.wgrad_configs()
+    assert any(c.kwargs["USE_TMA"] for c in all_forward)
+    assert any(c.kwargs["PERSISTENT"] for c in all_wgrad)
+    monkeypatch.setattr(config, "VARIANTS", False)
+    forward, wgrad = config.matmul_configs(), config.wgrad_configs()
+    assert forward == [c for c in all_forward if not c.kwargs["USE_TMA"]]
+    assert wgrad == [c for c in all_wgrad if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"])]
+    assert len(wgrad) == len(config._tiles()) + len(config.SHORT_REDUCTION_TILES)

@@ -2,7 +2,12 @@
 sane set on GPUs; a single config under the interpreter, where every program
 runs at Python speed, and with ``DSV3_AUTOTUNE=0``, which the GPU test run sets
 so that its many shapes do not each compile and time four configs), the size of
-persistent launches and the tl.dot precision per dtype."""
+persistent launches and the tl.dot precision per dtype.
+
+``DSV3_GEMM_VARIANTS=0`` keeps the GEMMs to their pointer-load grid launches: no
+TMA loads, no persistent wgrad. A way round a Triton or driver that mishandles
+them, and what benchmarks/gpu_check.sh falls back to if a benchmark loses the
+CUDA context."""
 import functools
 import os
 
@@ -11,6 +16,7 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DSV3_AUTOTUNE", "1") != "0"
+VARIANTS = os.environ.get("DSV3_GEMM_VARIANTS", "1") != "0"
 
 
 def _tiles() -> list[triton.Config]:
@@ -49,7 +55,7 @@ def matmul_configs() -> list[triton.Config]:
     interpreter and of ``DSV3_AUTOTUNE=0`` stays the pointer one, and the tests run the
     TMA one explicitly."""
     configs = [config_with(config, tma_block_shapes, USE_TMA=False) for config in _tiles()]
-    if INTERPRET or not AUTOTUNE:
+    if INTERPRET or not AUTOTUNE or not VARIANTS:
         return configs
     return configs + [config_with(config, USE_TMA=True) for config in configs
                       if _has_variant(config)]
@@ -87,13 +93,15 @@ def wgrad_configs() -> list[triton.Config]:
     run the others explicitly."""
     configs = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
                for config in _tiles()]
+    short = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
+             for config in SHORT_REDUCTION_TILES]
     if INTERPRET or not AUTOTUNE:
         return configs
+    if not VARIANTS:
+        return configs + short
     variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
                 for config in configs if _has_variant(config)
                 for persistent, tma in ((True, False), (False, True), (True, True))]
-    short = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
-             for config in SHORT_REDUCTION_TILES]
     return configs + variants + short
 
 
