@@ -8,8 +8,10 @@
 # phase costs figures, not the run. On an H200 (2026-11-28) it took 205-227 s:
 # build ~50 s, 429 GPU tests ~80 s, benchmarks ~90 s. Since then the GPU tests grew
 # (TMA and persistent GEMM variants, 256-expert routing: ~150 more, many compiles)
-# and the GEMM autotuner weighs 9 forward and 15-17 wgrad configs instead of 6: expect
-# ~300-400 s. Before spending device time,
+# and the GEMM autotuner weighs 9 forward and 15-17 wgrad configs instead of 6, though
+# it now compiles them in threads (dsv3/kernels/tuning.py): expect ~300-400 s. If a
+# benchmark loses the CUDA context, the cases left run again without the GEMMs' TMA
+# and persistent variants (below). Before spending device time,
 # `python -m benchmarks.sm90_compile_check` and `python -m benchmarks.gpu_bench --smoke`
 # check the Triton kernels and every benchmark case here.
 set -uo pipefail

@@ -338,3 +338,33 @@ def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     assert forward == [c for c in all_forward if not c.kwargs["USE_TMA"]]
     assert wgrad == [c for c in all_wgrad if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"])]
     assert len(wgrad) == len(config._tiles()) + len(config.SHORT_REDUCTION_TILES)
+
+
+@pytest.mark.gpu
+def test_autotuner_compiling_side_by_side_on_the_gpu(monkeypatch):
+    """dsv3/kernels/tuning.py on a real device: a new key's configs compile in threads
+    (each told the device), the autotuner then times those kernels without compiling
+    again, and its pick computes the right thing."""
+    import threading
+
+    from triton.runtime.jit import JITFunction
+    grouped_gemm, config = triton_grouped_gemm("cuda", torch.bfloat16)
+    on_main_thread = []
+    compile = JITFunction._do_compile
+
+    def counted(self, *args, **kwargs):
+        on_main_thread.append(threading.current_thread() is threading.main_thread())
+        return compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(JITFunction, "_do_compile", counted)
+    tiles = [config.config_with(config.matmul_configs()[0], BLOCK_M=m, BLOCK_N=n, USE_TMA=tma)
+             for m, n, tma in [(128, 128, False), (64, 128, False), (128, 128, True)]]
+    tuner = grouped_gemm._forward_tuner(tiles)
+    counts_E, offsets_E = variant_offsets("cpu")
+    x_SX = torch.randn(int(offsets_E[-1]), 64, dtype=torch.bfloat16)
+    w_EXY = torch.randn(len(counts_E), 64, 96, dtype=torch.bfloat16) / 8
+    y_SY = grouped_gemm._forward(tuner, x_SX.cuda(), w_EXY.cuda(), offsets_E.cuda(), None)
+    assert on_main_thread.count(True) == 1 and len(on_main_thread) == len(tiles)
+    assert len(tuner.cache) == 1
+    expected = reference.grouped_mm(x_SX.double(), w_EXY.double(), offsets_E)
+    assert_close_to_reference(y_SY.cpu(), expected, reference.grouped_mm(x_SX, w_EXY, offsets_E))

@@ -72,3 +72,40 @@ def test_sass_stats_of_sm90_cubins():
     assert tma["gmma"] > 0 and tma["hmma"] == 0
     # SwiGLU's sigmoid needs exp2 and a reciprocal: the special-function unit, no MMA
     assert swiglu["mufu"] > 0 and swiglu["gmma"] == swiglu["hmma"] == 0
+
+
+_SIDE_BY_SIDE_SCRIPT = """
+import json, threading, torch
+from triton.runtime.jit import JITFunction
+from benchmarks import sm90_compile_check as check
+check.install()
+from dsv3.kernels import grouped_gemm, tuning
+tuning.COMPILE_THREADS = 4
+on_main_thread = []  # one entry per compilation
+compile = JITFunction._do_compile
+def counted(self, *args, **kwargs):
+    on_main_thread.append(threading.current_thread() is threading.main_thread())
+    return compile(self, *args, **kwargs)
+JITFunction._do_compile = counted
+x = torch.randn(64, 32, dtype=torch.bfloat16)
+offsets = torch.tensor([16, 40, 64], dtype=torch.int32)
+# nn.Linear's layout, which the TMA configs read K-major, then the wgrad: two keys
+grouped_gemm.grouped_mm(x, torch.randn(3, 48, 32, dtype=torch.bfloat16).transpose(1, 2), offsets)
+grouped_gemm.grouped_mm_wgrad(x, torch.randn(64, 48, dtype=torch.bfloat16), offsets, False)
+print(json.dumps({"on_main_thread": on_main_thread, "kernels": len(check.COMPILED),
+                  "tma": sum(bool(e["config"].get("USE_TMA")) for e in check.COMPILED)}))
+"""
+
+
+def test_autotuner_compiles_configs_side_by_side_and_times_those_kernels():
+    """dsv3/kernels/tuning.py compiles a new key's configs in threads; the autotuner's
+    own runs must then find each one compiled (same specialization, the TMA
+    descriptors' block shapes included), or every config is compiled twice."""
+    result = subprocess.run([sys.executable, "-c", _SIDE_BY_SIDE_SCRIPT], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    on_main_thread = report["on_main_thread"]
+    assert report["tma"] > 0
+    assert len(on_main_thread) == report["kernels"] >= 2 * 6  # each compiled once
+    assert on_main_thread.count(True) == 2  # a key's first config; the others in threads

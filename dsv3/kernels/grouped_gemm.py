@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dsv3.kernels import device_checks
+from dsv3.kernels import device_checks, tuning
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
                                  prune_matmul, prune_wgrad, wgrad_configs)
 
@@ -283,18 +283,14 @@ def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:
 
 
 def _forward_tuner(configs: list[triton.Config]):
-    return triton.autotune(
-        configs=configs, key=_KEY,
-        prune_configs_by={"early_config_prune": prune_matmul})(_grouped_mm_kernel)
+    return tuning.autotune(_grouped_mm_kernel, configs, _KEY, prune_matmul)
 
 
 _grouped_mm_tuned = _forward_tuner(matmul_configs())
 
 
 def _wgrad_tuner(configs: list[triton.Config]):
-    return triton.autotune(
-        configs=configs, key=_KEY,
-        prune_configs_by={"early_config_prune": prune_wgrad})(_grouped_mm_wgrad_kernel)
+    return tuning.autotune(_grouped_mm_wgrad_kernel, configs, _KEY, prune_wgrad)
 
 
 _wgrad_tuned = _wgrad_tuner(wgrad_configs())
