@@ -8,7 +8,7 @@ one process, as ratios.
 - router (with and without the loss sums), permute, unpermute, int8 quantize and
   dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
-  reference loop.
+  reference loop, and both layers' device time kernel by kernel (torch.profiler).
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
 row also carries dsv3's relative error against the peer's output, so a fast wrong
 kernel shows. JSON and a markdown table are rewritten in --out after every case,
@@ -269,7 +269,9 @@ def memory_rows():
     return rows
 
 
-def layer_rows(name, T, D, F, E, K):
+def layer_steps(T, D, F, E, K):
+    """One forward+backward step of dsv3.MoE, of the ``torch._grouped_mm`` layer and of
+    the reference loop on the same weights, and the relative error of the forwards."""
     moe = dsv3.MoE(dsv3.MoEConfig(dim=D, ffn_dim=F, n_experts=E, top_k=K, aux_loss_coef=0.0),
                    device=DEVICE, dtype=torch.bfloat16)
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -285,20 +287,83 @@ def layer_rows(name, T, D, F, E, K):
 
     with torch.no_grad():
         error = relative_error(moe(x_TD), grouped_mm_layer(x_TD, *weights, K))
-    t_ours = bench_ms(step(lambda: moe(x_TD)))
-    t_peer = bench_ms(step(lambda: grouped_mm_layer(x_TD, *weights, K)))
-    t_loop = bench_ms(step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]))
+    return (step(lambda: moe(x_TD)), step(lambda: grouped_mm_layer(x_TD, *weights, K)),
+            step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]), error)
+
+
+def layer_rows(name, T, D, F, E, K):
+    ours, peer, loop, error = layer_steps(T, D, F, E, K)
+    t_ours, t_peer, t_loop = bench_ms(ours), bench_ms(peer), bench_ms(loop)
     return [{"bench": "layer fwd+bwd", "shape": name, "dsv3_ms": t_ours, "peer_ms": t_peer,
              "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours,
              "rel_err": error}]
 
 
+# Kernels listed per profiled step, the longest first; the rest are summed in one row.
+PROFILE_TOP = 12
+
+
+def profile_rows(name, T, D, F, E, K):
+    """Where a layer step's device time goes, kernel by kernel, for dsv3.MoE and the
+    ``torch._grouped_mm`` layer: which of dsv3's kernels a slower layer loses on."""
+    ours, peer, _, _ = layer_steps(T, D, F, E, K)
+    return (kernel_times("kernel time, dsv3 layer fwd+bwd", name, ours)
+            + kernel_times("kernel time, _grouped_mm layer fwd+bwd", name, peer))
+
+
+def kernel_times(bench: str, shape: str, step, steps: int = 3) -> list[dict]:
+    """Rows of ``step``'s time per kernel (device time on a GPU, CPU time in the smoke
+    run), averaged over ``steps`` profiled steps after a warm-up one."""
+    step()
+    on_gpu = DEVICE == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as profile:
+        for _ in range(steps):
+            step()
+        if on_gpu:
+            torch.cuda.synchronize()
+    times = {}
+    for event in profile.key_averages():
+        us = (getattr(event, "self_device_time_total", 0) if on_gpu
+              else event.self_cpu_time_total)
+        if us > 0:
+            ms, calls = times.get(event.key, (0.0, 0))
+            times[event.key] = (ms + us / 1e3 / steps, calls + event.count // steps)
+    ranked = sorted(times.items(), key=lambda item: -item[1][0])
+    total = sum(ms for _, (ms, _) in ranked)
+    if total == 0:
+        raise RuntimeError(f"the profiler recorded no {'kernel' if on_gpu else 'op'} time")
+    rows = [{"bench": bench, "shape": shape, "kernel": kernel[:90], "ms_per_step": ms,
+             "calls": calls, "share": ms / total} for kernel, (ms, calls) in ranked[:PROFILE_TOP]]
+    rest = ranked[PROFILE_TOP:]
+    if rest:
+        ms = sum(ms for _, (ms, _) in rest)
+        rows.append({"bench": bench, "shape": shape, "kernel": f"({len(rest)} others)",
+                     "ms_per_step": ms, "calls": sum(c for _, (_, c) in rest), "share": ms / total})
+    rows.append({"bench": bench, "shape": shape, "kernel": "(total)", "ms_per_step": total,
+                 "calls": sum(c for _, (_, c) in ranked), "share": 1.0})
+    return rows
+
+
+MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms",
+                "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
+                "loop_over_dsv3", "rel_err", "config", "tma_over_pointer", "persistent_over_grid",
+                "variants", "error"]
+PROFILE_COLUMNS = ["bench", "shape", "kernel", "ms_per_step", "calls", "share", "variants"]
+
+
 def markdown(rows, header) -> str:
-    cols = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms", "loop_ms",
-            "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3", "loop_over_dsv3",
-            "rel_err", "config", "tma_over_pointer", "persistent_over_grid", "variants", "error"]
-    used = [c for c in cols if any(c in r for r in rows)]
-    lines = [header, "", "| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
+    """The figures as a table, and the kernel profiles (profile_rows) as a second one."""
+    profiles = [r for r in rows if "kernel" in r]
+    text = header + "\n\n" + _table([r for r in rows if "kernel" not in r], MAIN_COLUMNS)
+    if profiles:
+        text += "\nWhere a layer step's device time goes:\n\n" + _table(profiles, PROFILE_COLUMNS)
+    return text
+
+
+def _table(rows, columns) -> str:
+    used = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(used) + " |", "|" + "---|" * len(used)]
     for r in rows:
         cells = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in used]
         lines.append("| " + " | ".join(cells) + " |")
@@ -326,12 +391,12 @@ def cuda_lost() -> bool:
 def jobs():
     """(job id, job, shape), cheapest and most asked-for first, so a run cut short
     loses the least: the bandwidth-bound kernels, the GEMM shapes but the largest, the
-    layers, the rest."""
+    layers, their kernel profiles, the rest."""
     small, large = ([s for s in GEMM_SHAPES if s[1] <= 4096],
                     [s for s in GEMM_SHAPES if s[1] > 4096])
     listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in small]
               + [(layer_rows, s) for s in LAYER_SHAPES] + [(gather_rows, s) for s in LAYER_SHAPES]
-              + [(gemm_rows, s) for s in large])
+              + [(profile_rows, s) for s in LAYER_SHAPES] + [(gemm_rows, s) for s in large])
     return [(f"{job.__name__} {shape[0]}" if shape else job.__name__, job, shape)
             for job, shape in listed]
 

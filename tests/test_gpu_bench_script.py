@@ -3,6 +3,8 @@
 found in CI and not on the GPU's clock."""
 import json
 
+import pytest
+
 from benchmarks import gpu_bench
 
 
@@ -13,11 +15,24 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
     assert {"grouped_mm fwd", "grouped_mm dgrad", "grouped_mm wgrad", "permute", "unpermute",
             "layer fwd+bwd", "quantize_int8 (error feedback)"} <= benches
     assert [row for row in rows if "error" in row] == []
-    for row in rows:
+    figures = [row for row in rows if "kernel" not in row]
+    for row in figures:
         assert row["dsv3_ms"] > 0
         # bf16 against the peer's bf16: rounding only (the layer may route a near-tie apart).
         assert row.get("rel_err", 0.0) < 2e-2, row
-    assert (tmp_path / "gpu_bench.md").read_text().count("\n|") == len(rows) + 2  # + header and rule
+    # Each profiled step: its longest ops, the rest in one row, and a total that adds up.
+    profiles = [row for row in rows if "kernel" in row]
+    assert {row["bench"] for row in profiles} == {"kernel time, dsv3 layer fwd+bwd",
+                                                  "kernel time, _grouped_mm layer fwd+bwd"}
+    totals = [row for row in profiles if row["kernel"] == "(total)"]
+    assert len(totals) == 2 * len(gpu_bench.LAYER_SHAPES)
+    for total in totals:
+        parts = [row for row in profiles if (row["bench"], row["shape"]) ==
+                 (total["bench"], total["shape"]) and row is not total]
+        assert 0 < len(parts) <= gpu_bench.PROFILE_TOP + 1
+        assert sum(row["ms_per_step"] for row in parts) == pytest.approx(total["ms_per_step"])
+    # two tables, each with a header and a rule
+    assert (tmp_path / "gpu_bench.md").read_text().count("\n|") == len(rows) + 4
 
 
 def test_tuned_choice_names_the_variant_and_its_margin():
@@ -81,8 +96,6 @@ def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_pa
     saved; gpu_check.sh then resumes without the GEMM variants. The resumed run keeps
     the rows, skips the cases done, tries the lost case once more (under the other
     variants) and, were it lost again, a third run would skip it."""
-    import pytest
-
     from dsv3.kernels import config
 
     calls = []
