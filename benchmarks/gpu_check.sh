@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a bare GPU machine (python3 with torch and triton, no registry):
 # build dsv3._C in place for Hopper, run the GPU tests, run the GPU benchmarks,
-# and leave logs, JSON and a markdown table in $OUT (at most 8 files come back).
+# profile the wgrad under Nsight Compute, and leave logs, JSON and a markdown table in
+# $OUT (at most 8 files come back: these are 8).
 #   run(command="TOTAL_S=500 bash benchmarks/gpu_check.sh", timeout_s=560)
 # The whole script keeps inside TOTAL_S (default 500 s): each phase has its own
 # limit and the benchmarks stop starting new cases when their time is up, so a slow
@@ -61,7 +62,11 @@ tail -3 "$OUT/pytest_gpu.log"
 echo "   tests done at $SECONDS s"
 
 echo "== benchmarks"
-bench_s=$(( $(left) - 10 ))
+# Nsight Compute last, on a few launches of the wgrad (benchmarks/ncu_case.py): its
+# time is kept aside where ncu is installed.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -1)
+ncu_reserve=$([ -n "$NCU" ] && echo 80 || echo 0)
+bench_s=$(( $(left) - 10 - ncu_reserve ))
 timeout "$bench_s" python3 -m benchmarks.gpu_bench --out "$OUT" --budget-s $((bench_s - 70)) \
   > "$OUT/bench.log" 2>&1
 bench_status=$?
@@ -79,6 +84,19 @@ for _ in 1 2; do
   bench_status=$?
 done
 [ "$bench_status" -eq 0 ] || status=1
+
+# Why the wgrad trails the forward: throughput, occupancy and warp stalls of each of
+# its launches (--clock-control none: the card's clocks as found). A profile, not a
+# check: a failure here does not fail the run.
+if [ -n "$NCU" ] && [ "$(left)" -gt 40 ]; then
+  echo "== ncu: $NCU"
+  timeout $(( $(left) - 5 )) "$NCU" --clock-control none -k regex:_grouped_mm \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    python3 -m benchmarks.ncu_case > "$OUT/ncu.txt" 2>&1 || echo "   ncu did not finish (ncu.txt)"
+  grep -E "^ +(Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread) " \
+    "$OUT/ncu.txt" | head -24
+fi
 [ -f "$OUT/gpu_bench.md" ] && cat "$OUT/gpu_bench.md" || tail -30 "$OUT/bench.log"
 echo "== done at $SECONDS s, status $status"
 exit $status

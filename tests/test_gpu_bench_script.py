@@ -155,6 +155,11 @@ case "$*" in
 esac
 """)
     fake.chmod(0o755)
+    ncu = fake.with_name("ncu")  # Nsight Compute: the last phase profiles under it
+    ncu.write_text(f"""#!/usr/bin/env bash
+echo "ncu $*" >> {log}
+""")
+    ncu.chmod(0o755)
     script = Path(gpu_bench.__file__).with_name("gpu_check.sh")
     env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "CUDA_HOME": str(tmp_path), "TOTAL_S": "500"}
@@ -166,3 +171,26 @@ esac
     assert "--resume" in bench_calls[1] and bench_calls[1].endswith("variants=0")
     assert "| table |" in done.stdout
     assert done.returncode == 1 and "status 1" in done.stdout
+    ncu_calls = [line for line in log.read_text().splitlines() if line.startswith("ncu ")]
+    assert len(ncu_calls) == 1 and "--clock-control none" in ncu_calls[0]
+    assert ncu_calls[0].endswith("python3 -m benchmarks.ncu_case")
+
+
+def test_ncu_case_runs_every_launch(tmp_path):
+    """benchmarks/ncu_case.py, which gpu_check.sh runs under Nsight Compute, on tiny CPU
+    tensors through Triton's interpreter (its --smoke mode)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    from benchmarks import ncu_case
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.ncu_case", "--smoke"], env=env,
+                          cwd=Path(gpu_bench.__file__).parents[1], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = [line for line in done.stdout.splitlines() if line.startswith("ran ")]
+    assert [line.split(":")[0].removeprefix("ran ") for line in ran] == list(ncu_case.launches())
+    assert all(line.endswith("finite True") for line in ran)
