@@ -16,6 +16,7 @@ so a run cut short by its time limit still leaves what it measured.
 """
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -388,6 +389,14 @@ def cuda_lost() -> bool:
         return True
 
 
+def stop_for_lost_context() -> None:
+    """Exit with CUDA_LOST now. Not sys.exit: tearing down a broken CUDA context at
+    interpreter exit may abort, and gpu_check.sh resumes on this status alone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(CUDA_LOST)
+
+
 def jobs():
     """(job id, job, shape), cheapest and most asked-for first, so a run cut short
     loses the least: the bandwidth-bound kernels, the GEMM shapes but the largest, the
@@ -423,7 +432,7 @@ def main(argv=None):
     header = (f"GPU benchmarks on {device_name} · torch {torch.__version__} · "
               f"triton {triton.__version__} · copy bandwidth {BANDWIDTH / 1e12:.2f} TB/s · "
               f"{platform.node()}")
-    state = {"header": header, "rows": [], "done": [], "lost": []}
+    state = {"header": header, "rows": [], "done": [], "failed": [], "lost": []}
     if args.resume and (args.out / "gpu_bench.json").is_file():
         state = {**state, **json.loads((args.out / "gpu_bench.json").read_text())}
     rows = state["rows"]
@@ -435,11 +444,18 @@ def main(argv=None):
         (args.out / "gpu_bench.json").write_text(json.dumps(state, indent=1))
         (args.out / "gpu_bench.md").write_text(markdown(rows, state["header"]))
 
+    def add_autotune_picks():
+        if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels: no tuner ran
+            rows.extend({**row, **variants} for row in autotune_picks())
+
     for job_id, job, shape in jobs():
-        if job_id in state["done"] or f"{job_id} ({lost_key})" in state["lost"]:
+        # A resumed run (other variants) tries again what failed or lost the context.
+        tried = f"{job_id} ({lost_key})"
+        if job_id in state["done"] or tried in state["failed"] or tried in state["lost"]:
             continue
         if time.perf_counter() - start > args.budget_s:
-            rows.append({"bench": job_id, "error": f"not run: over the {args.budget_s:.0f} s budget"})
+            rows.append({"bench": job_id, **variants,
+                         "error": f"not run: over the {args.budget_s:.0f} s budget"})
             continue
         try:
             rows += [{**row, **variants} for row in (job(*shape) if shape else job())]
@@ -449,18 +465,18 @@ def main(argv=None):
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
             traceback.print_exc()
             if cuda_lost():
-                state["lost"].append(f"{job_id} ({lost_key})")
+                state["lost"].append(tried)
+                add_autotune_picks()  # the tuners' caches: host memory, no CUDA call
                 save()
-                print(f"[{time.perf_counter() - start:.0f} s] CUDA context lost in {job_id}",
-                      flush=True)
-                sys.exit(CUDA_LOST)
+                print(f"[{time.perf_counter() - start:.0f} s] CUDA context lost in {job_id}")
+                stop_for_lost_context()
+            state["failed"].append(tried)
         print(f"[{time.perf_counter() - start:.0f} s] {rows[-1]}", flush=True)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
         save()
-    if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels: no tuner ran
-        rows += [{**row, **variants} for row in autotune_picks()]
-        save()
+    add_autotune_picks()
+    save()
     print(markdown(rows, state["header"]))
 
 

@@ -219,6 +219,9 @@ def main(argv=None) -> int:
         except Exception as error:  # report every failure, not just the first
             failures += 1
             print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}")
+    # The autotuner's threads finish in any order: the report in a fixed one.
+    COMPILED.sort(key=lambda entry: (entry["kernel"], entry["dtypes"], sorted(
+        (name, str(value)) for name, value in entry["config"].items())))
     if args.sass:  # nvdisasm takes ~0.3 s a kernel: run them side by side
         with ThreadPoolExecutor() as pool:
             stats = list(pool.map(sass_stats, [entry["cubin"] for entry in COMPILED]))

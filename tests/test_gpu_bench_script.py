@@ -94,45 +94,52 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
 def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_path, monkeypatch):
     """A case that loses the CUDA context ends the run with status CUDA_LOST, its rows
     saved; gpu_check.sh then resumes without the GEMM variants. The resumed run keeps
-    the rows, skips the cases done, tries the lost case once more (under the other
-    variants) and, were it lost again, a third run would skip it."""
+    the rows, skips the cases done, tries the lost case and the failed one once more
+    (under the other variants) and, were it lost again, a third run would skip it."""
     from dsv3.kernels import config
 
     calls = []
 
-    def case(name, crash=False):
+    def case(name, error=None):
         def run(shape):
             calls.append(name)
-            if crash:
-                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            if error:
+                raise RuntimeError(error)
             return [{"bench": name, "shape": shape, "dsv3_ms": 1.0}]
-        run.__name__ = name
         return run
 
-    crashing = case("crashes", crash=True)
+    def stop():  # os._exit in the real run
+        raise SystemExit(gpu_bench.CUDA_LOST)
+
+    lost = {"crashes"}
     monkeypatch.setattr(gpu_bench, "jobs", lambda: [
-        ("first", case("first"), ("s",)), ("crashes", crashing, ("s",)),
-        ("last", case("last"), ("s",))])
-    monkeypatch.setattr(gpu_bench, "cuda_lost", lambda: True)
+        (name, case(name, error), ("s",)) for name, error in [
+            ("first", None), ("fails", "a shape the peer rejects"),
+            ("crashes", "CUDA error: an illegal memory access was encountered"), ("last", None)]])
+    monkeypatch.setattr(gpu_bench, "cuda_lost", lambda: calls[-1] in lost)
+    monkeypatch.setattr(gpu_bench, "stop_for_lost_context", stop)
     out = ["--smoke", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit) as stopped:
         gpu_bench.main(out)
-    assert stop.value.code == gpu_bench.CUDA_LOST
-    assert calls == ["first", "crashes"]
+    assert stopped.value.code == gpu_bench.CUDA_LOST
+    assert calls == ["first", "fails", "crashes"]
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert saved["done"] == ["first"] and saved["lost"] == ["crashes (on)"]
+    assert saved["done"] == ["first"]
+    assert saved["failed"] == ["fails (on)"] and saved["lost"] == ["crashes (on)"]
     assert "illegal memory access" in saved["rows"][-1]["error"]
 
     monkeypatch.setattr(config, "VARIANTS", False)
+    calls.clear()
     with pytest.raises(SystemExit):  # lost again, now without the variants
         gpu_bench.main(out + ["--resume"])
-    assert calls == ["first", "crashes", "crashes"]
+    assert calls == ["fails", "crashes"]
     calls.clear()
     gpu_bench.main(out + ["--resume"])
     assert calls == ["last"]
     rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
-    assert [(row["bench"], row.get("variants")) for row in rows] == [
-        ("first", None), ("crashes", None), ("crashes", "off"), ("last", "off")]
+    assert [(row["bench"], row.get("variants"), "error" in row) for row in rows] == [
+        ("first", None, False), ("fails", None, True), ("crashes", None, True),
+        ("fails", "off", True), ("crashes", "off", True), ("last", "off", False)]
     assert "| variants |" in (tmp_path / "gpu_bench.md").read_text()
 
 

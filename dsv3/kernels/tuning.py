@@ -16,8 +16,22 @@ import torch
 from triton.runtime.autotuner import Autotuner
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+
+def _compile_threads() -> int:
+    """DSV3_COMPILE_THREADS, else this process's share of the CPU cores: the ranks of
+    a node (LOCAL_WORLD_SIZE, set by torchrun) tune at the same time."""
+    setting = os.environ.get("DSV3_COMPILE_THREADS", "")
+    if setting.strip():
+        if not setting.strip().isdigit() or int(setting) < 1:
+            raise ValueError(f"DSV3_COMPILE_THREADS must be a whole number >= 1, got {setting!r}")
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    return max(1, (cores or 1) // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1))
+
+
 # Threads for the compilations; 1 compiles lazily, as Triton's own autotuner does.
-COMPILE_THREADS = int(os.environ.get("DSV3_COMPILE_THREADS", len(os.sched_getaffinity(0))))
+COMPILE_THREADS = _compile_threads()
 
 
 class SideBySideAutotuner(Autotuner):
@@ -45,8 +59,11 @@ def compile_configs(jit_function, named_args: dict, kwargs: dict, configs) -> No
     descriptor's block shape), so each config gets its own copies of the descriptors.
     A config that fails to compile is left to the timed call, which compiles it again
     and handles the error as Triton's autotuner does (e.g. out of shared memory)."""
-    device = next((a.device for a in named_args.values()
-                   if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+    # Triton compiles for, and keys its cache by, the calling thread's current device,
+    # which a new thread must be told.
+    on_cuda = any(isinstance(a, torch.Tensor) and a.device.type == "cuda"
+                  for a in named_args.values())
+    device = torch.cuda.current_device() if on_cuda else None
 
     def compile_one(config):
         args = {name: copy.copy(a) if isinstance(a, TensorDescriptor) else a
@@ -55,7 +72,6 @@ def compile_configs(jit_function, named_args: dict, kwargs: dict, configs) -> No
         meta = {**kwargs, **config.all_kwargs(), "warmup": True}
         if config.pre_hook:
             config.pre_hook({**args, **meta})
-        # Triton compiles for the thread's current device, which a new thread must be told.
         with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
             try:
                 jit_function.run(*args.values(), **meta)
