@@ -43,8 +43,9 @@ if ! DSV3_BUILD_CUDA=1 timeout 200 python3 setup.py -q build_ext --inplace >> "$
 fi
 echo "   built at $SECONDS s"
 
-# The op, layer and integration files with gpu-marked tests, in 12 workers on the 16 cores (Triton
-# compiles dominate), one matmul config each (DSV3_AUTOTUNE=0: the benchmarks autotune).
+# The op, layer and integration files with gpu-marked tests, in 12 workers on the 16
+# cores (Triton compiles dominate, one at a time in each), one matmul config each
+# (DSV3_AUTOTUNE=0: the benchmarks autotune).
 echo "== pytest -m gpu"
 tests=(tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py tests/test_swiglu.py
        tests/test_quantize.py tests/test_moe.py tests/test_cuda_graph.py tests/test_errors.py
