@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/gpu}
 TOTAL_S=${TOTAL_S:-500}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 DSV3_CUDA_ARCHS=${DSV3_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16}
+# DSV3_AUTOTUNE_CACHE=0: every run (a resumed one too) times the configs afresh.
+export PYTHONUNBUFFERED=1 DSV3_CUDA_ARCHS=${DSV3_CUDA_ARCHS:-90} MAX_JOBS=${MAX_JOBS:-16} \
+  DSV3_AUTOTUNE_CACHE=0
 # setup.py defaults CUDA_HOME to /usr/local/cuda; where that has no toolkit, take the
 # one torch's own search finds (CUDA_PATH, then the nvcc on PATH).
 if [ -z "${CUDA_HOME:-}" ] && [ ! -f /usr/local/cuda/include/cuda_runtime.h ]; then

@@ -119,3 +119,50 @@ def test_autotuner_compiles_configs_side_by_side_and_times_those_kernels():
     assert len(on_main_thread) == report["kernels"] == forward_timed + wgrad_timed  # once each
     assert forward_timed >= 6 and wgrad_timed >= 6
     assert on_main_thread.count(True) == 2  # a key's first config; the others in threads
+
+
+_KEPT_PICKS_SCRIPT = """
+import json, torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+from benchmarks import sm90_compile_check as check
+tuners_run = Autotuner.run
+check.install()
+Autotuner.run = tuners_run  # Triton's own autotuner, its timing stubbed (nothing launches)
+from dsv3.kernels import autotune_cache, grouped_gemm
+autotune_cache.device_name = lambda named_args: "stand-in sm_90"  # picks are kept for GPUs
+timed = []
+for tuner in (grouped_gemm._grouped_mm_tuned, grouped_gemm._wgrad_tuned):
+    # each config timed faster than the one before: the pick is not simply the first
+    tuner._do_bench = lambda kernel_call, quantiles: (timed.append(1), kernel_call(),
+                                                      [1.0 / len(timed)] * 3)[2]
+    tuner.__dict__.pop("do_bench", None)
+x = torch.randn(64, 32, dtype=torch.bfloat16)
+offsets = torch.tensor([16, 40, 64], dtype=torch.int32)
+grouped_gemm.grouped_mm(x, torch.randn(3, 32, 48, dtype=torch.bfloat16), offsets)
+grouped_gemm.grouped_mm_wgrad(x, torch.randn(64, 48, dtype=torch.bfloat16), offsets, False)
+picks = [{str(key): str(sorted(config.all_kwargs().items())) for key, config in t.cache.items()}
+         for t in (grouped_gemm._grouped_mm_tuned, grouped_gemm._wgrad_tuned)]
+print(json.dumps({"timed": len(timed), "compiled": len(check.COMPILED), "picks": picks}))
+"""
+
+
+def test_autotune_picks_kept_for_the_next_process(tmp_path):
+    """A second process on the same (stand-in) GPU takes the first one's picks from
+    disk (dsv3/kernels/autotune_cache.py): it times nothing and compiles only the
+    picked configs; with DSV3_AUTOTUNE_CACHE=0 it tunes again."""
+    env = {**ENV, "DSV3_AUTOTUNE_CACHE_DIR": str(tmp_path)}
+
+    def run(**extra):
+        result = subprocess.run([sys.executable, "-c", _KEPT_PICKS_SCRIPT], cwd=ROOT,
+                                env={**env, **extra}, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout.splitlines()[-1])
+
+    first = run()
+    assert first["timed"] >= 12 and len(list(tmp_path.glob("*.json"))) == 2
+    second = run()
+    assert second["timed"] == 0 and second["compiled"] == 2  # the forward's and wgrad's picks
+    assert second["picks"] == first["picks"]
+    assert run(DSV3_AUTOTUNE_CACHE="0")["timed"] == first["timed"]

@@ -28,3 +28,60 @@ def test_bad_compile_threads_setting_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("DSV3_COMPILE_THREADS", value)
     with pytest.raises(ValueError, match="DSV3_COMPILE_THREADS"):
         tuning._compile_threads()
+
+
+def stand_in_tuner(configs):
+    """What autotune_cache reads of an Autotuner: its kernel, key, configs and cache."""
+    from types import SimpleNamespace
+    kernel = SimpleNamespace(cache_key="source-hash", __name__="_kernel")
+    return SimpleNamespace(fn=kernel, keys=["DIM_X", "GATHER"], configs=configs, cache={})
+
+
+def configs(*blocks):
+    import triton
+    return [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=3) for m in blocks]
+
+
+def test_autotune_picks_survive_the_process(tmp_path, monkeypatch):
+    """Saved picks load back as the same key tuples and configs (bools and dtype
+    strings in the key included); a pick whose config is gone is dropped."""
+    from dsv3.kernels import autotune_cache
+    monkeypatch.setenv("DSV3_AUTOTUNE_CACHE_DIR", str(tmp_path / "picks"))
+    tuner = stand_in_tuner(configs(64, 128, 256))
+    tuner.cache = {(4096, True, "torch.bfloat16"): tuner.configs[2],
+                   (2048, False, "torch.float16"): tuner.configs[0]}
+    path = autotune_cache.store_path(tuner, "H200 sm_90")
+    assert path.parent == tmp_path / "picks"
+    autotune_cache.save(tuner, path)
+    fresh = stand_in_tuner(configs(64, 128, 256))
+    assert autotune_cache.load(fresh, path) == {(4096, True, "torch.bfloat16"): fresh.configs[2],
+                                                (2048, False, "torch.float16"): fresh.configs[0]}
+    assert autotune_cache.load(stand_in_tuner(configs(64)), path) == {
+        (2048, False, "torch.float16"): configs(64)[0]}
+    assert autotune_cache.load(fresh, tmp_path / "absent.json") == {}
+
+
+def test_autotune_picks_file_is_named_by_all_a_pick_depends_on():
+    from dsv3.kernels import autotune_cache
+    tuner = stand_in_tuner(configs(64, 128))
+    path = autotune_cache.store_path(tuner, "H200 sm_90")
+    assert path == autotune_cache.store_path(stand_in_tuner(configs(64, 128)), "H200 sm_90")
+    assert path != autotune_cache.store_path(tuner, "H100 sm_90")
+    assert path != autotune_cache.store_path(stand_in_tuner(configs(64, 256)), "H200 sm_90")
+    other_source = stand_in_tuner(configs(64, 128))
+    other_source.fn.cache_key = "edited-source-hash"
+    assert path != autotune_cache.store_path(other_source, "H200 sm_90")
+
+
+def test_unreadable_or_unwritable_picks_cost_a_retune_not_a_crash(tmp_path):
+    from dsv3.kernels import autotune_cache
+    tuner = stand_in_tuner(configs(64, 128))
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the autotune picks"):
+        assert autotune_cache.load(tuner, corrupt) == {}
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    tuner.cache = {(1,): tuner.configs[0]}
+    with pytest.warns(UserWarning, match="could not keep the autotune picks"):
+        autotune_cache.save(tuner, blocked / "picks.json")  # its folder is a file

@@ -5,7 +5,8 @@ GEMMs weigh up to 17 configs (dsv3/kernels/config.py) for every new key, so a mo
 first step waits on some hundred compilations. Most of a compilation runs outside
 the GIL (the MLIR passes, ptxas), so threads overlap them: on this project's 2-core
 machine, 17 wgrad configs for sm_90 took 3.0 s in 2 threads against 5.7 s one by one.
-Timing stays serial, as before: only the compiled kernels are shared.
+Timing stays serial, as before: only the compiled kernels are shared. The picks are
+kept on disk for the next process (autotune_cache).
 """
 import contextlib
 import copy
@@ -15,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from triton.runtime.autotuner import Autotuner
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from dsv3.kernels import autotune_cache
 
 
 def _compile_threads() -> int:
@@ -36,7 +39,23 @@ COMPILE_THREADS = _compile_threads()
 
 class SideBySideAutotuner(Autotuner):
     """An Autotuner whose configs are compiled in threads once pruned for a new key
-    (prune_configs runs only then), so that the timing finds each one compiled."""
+    (prune_configs runs only then), so that the timing finds each one compiled; and
+    whose picks on a GPU are kept on disk (dsv3/kernels/autotune_cache.py)."""
+
+    store = None  # the picks' file once a launch showed the device; False: none kept
+
+    def run(self, *args, **kwargs):
+        if self.store is None and len(self.configs) > 1:
+            device = (autotune_cache.device_name(dict(zip(self.arg_names, args)))
+                      if autotune_cache.ENABLED else None)
+            self.store = autotune_cache.store_path(self, device) if device else False
+            if self.store:
+                self.cache.update(autotune_cache.load(self, self.store))
+        tuned = len(self.cache)
+        result = super().run(*args, **kwargs)
+        if self.store and len(self.cache) > tuned:
+            autotune_cache.save(self, self.store)
+        return result
 
     def prune_configs(self, kwargs):
         configs = super().prune_configs(kwargs)

@@ -1,0 +1,81 @@
+"""Autotune picks kept on disk: a new process on the same GPU model, with the same
+Triton, kernel source and configs, starts from the configs its predecessors timed.
+
+Why: Triton times every config of a new key in every process (its own on-disk
+record of picks, ``cache_results``, passes over kernels whose configs have
+pre-launch hooks, as the GEMMs' TMA configs do). That costs each training start
+~2 s a key (17 wgrad configs at ~0.13 s), and since two configs may round the fp32
+sums differently, a restarted run could pick another one and no longer reproduce
+the first bit for bit.
+
+``DSV3_AUTOTUNE_CACHE=0`` turns it off; ``DSV3_AUTOTUNE_CACHE_DIR`` moves it (default
+``~/.cache/dsv3/autotune``). A file per kernel and fingerprint, written whole
+through a rename, so a reader never sees half of one; two processes tuning at once
+each write their own picks and the last one wins, costing the other's a retune.
+"""
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+
+ENABLED = os.environ.get("DSV3_AUTOTUNE_CACHE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSV3_AUTOTUNE_CACHE_DIR")
+                or Path.home() / ".cache" / "dsv3" / "autotune")
+
+
+def device_name(named_args: dict) -> str | None:
+    """The GPU model the launch runs on (Triton launches on the current device), or
+    None where no argument is on a GPU: picks are kept for GPUs only."""
+    if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in named_args.values()):
+        return None
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
+
+
+def store_path(tuner, device: str) -> Path:
+    """The file of ``tuner``'s picks on ``device``: named by everything a pick depends
+    on, so that a change to any of them starts afresh."""
+    fingerprint = json.dumps({
+        "kernel": tuner.fn.cache_key,  # the source of the kernel and what it calls
+        "triton": triton.__version__,
+        "device": device,
+        "key": list(tuner.keys),
+        "configs": [sorted(config.all_kwargs().items()) for config in tuner.configs],
+    }, default=str)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:20]
+    return cache_dir() / f"{tuner.fn.__name__}-{digest}.json"
+
+
+def load(tuner, path: Path) -> dict:
+    """The picks stored at ``path``, as ``tuner.cache`` entries (key tuple -> config)."""
+    try:
+        entries = json.loads(path.read_text())
+        return {tuple(key): tuner.configs[index] for key, index in entries
+                if 0 <= index < len(tuner.configs)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError) as error:  # unreadable: tune again, and say so
+        warnings.warn(f"dsv3: ignoring the autotune picks in {path}: {error}", stacklevel=2)
+        return {}
+
+
+def save(tuner, path: Path) -> None:
+    """Write ``tuner.cache`` to ``path``. A failure (read-only home, full disk) costs
+    only the next process's tuning, so it is a warning."""
+    entries = [[list(key), index] for key, config in tuner.cache.items()
+               for index, candidate in enumerate(tuner.configs) if candidate is config]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(entries))
+        os.replace(temporary, path)
+    except OSError as error:
+        warnings.warn(f"dsv3: could not keep the autotune picks in {path}: {error}", stacklevel=2)
