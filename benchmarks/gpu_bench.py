@@ -28,8 +28,8 @@ import triton
 
 import dsv3
 from benchmarks.providers import grouped_mm_layer
+from dsv3.kernels import autotune_cache, grouped_gemm
 from dsv3.kernels import config as kernel_config
-from dsv3.kernels import grouped_gemm
 
 # (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts.
 GEMM_SHAPES = [
@@ -155,8 +155,8 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
     """The config the autotuner ran (read after the timed calls), and for each variant
     flag whether it won: the best time with it over the best without it
     ("tma_over_pointer", "persistent_over_grid") when this shape tuned it. The key is
-    (DIM_X, DIM_Y, log2 of the rows per expert, dtypes), so a shape may still reuse an
-    earlier shape's pick ("reused")."""
+    grouped_gemm._KEY's values and the dtypes, so a shape may still reuse an earlier
+    shape's pick ("reused")."""
     config = tuner.best_config
     choice = {"config": tuned_label(config, flags)}
     if len(tuner.configs) > 1 and len(tuner.cache) == tuned_before:
@@ -421,6 +421,9 @@ def main(argv=None):
                         help="keep --out's rows and run only the cases it has not done, "
                              "skipping any that lost the CUDA context with these variants")
     args = parser.parse_args(argv)
+    # Every config timed afresh, none taken from an earlier process's picks: the rows
+    # report this run's tuning.
+    autotune_cache.ENABLED = False
     if args.smoke:
         use_smoke_sizes()
     args.out.mkdir(parents=True, exist_ok=True)

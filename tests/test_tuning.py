@@ -85,3 +85,43 @@ def test_unreadable_or_unwritable_picks_cost_a_retune_not_a_crash(tmp_path):
     tuner.cache = {(1,): tuner.configs[0]}
     with pytest.warns(UserWarning, match="could not keep the autotune picks"):
         autotune_cache.save(tuner, blocked / "picks.json")  # its folder is a file
+
+
+def test_processes_saving_picks_keep_each_others(tmp_path, monkeypatch):
+    """Ranks tune different keys (expert parallelism: different rows per expert) and
+    save to one file: each save merges, so a restart finds all of them."""
+    from dsv3.kernels import autotune_cache
+    monkeypatch.setenv("DSV3_AUTOTUNE_CACHE_DIR", str(tmp_path))
+    rank_a, rank_b = stand_in_tuner(configs(64, 128)), stand_in_tuner(configs(64, 128))
+    path = autotune_cache.store_path(rank_a, "H200 sm_90")
+    rank_a.cache = {(1024,): rank_a.configs[0]}
+    rank_b.cache = {(2048,): rank_b.configs[1]}
+    autotune_cache.save(rank_a, path)
+    autotune_cache.save(rank_b, path)
+    restarted = stand_in_tuner(configs(64, 128))
+    assert autotune_cache.load(restarted, path) == {(1024,): restarted.configs[0],
+                                                    (2048,): restarted.configs[1]}
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [path.name]
+
+
+def test_picks_not_kept_off_the_gpu_when_off_or_without_a_home(monkeypatch):
+    import torch
+
+    from dsv3.kernels import autotune_cache
+    tuner = stand_in_tuner(configs(64, 128))
+    on_gpu = {"x_ptr": torch.empty(0)}
+    monkeypatch.setattr(autotune_cache, "device_name", lambda named_args: "H200 sm_90")
+    monkeypatch.delenv("DSV3_AUTOTUNE_CACHE_DIR", raising=False)
+    monkeypatch.setattr(autotune_cache, "ENABLED", False)
+    assert autotune_cache.store_for(tuner, on_gpu) is None
+    monkeypatch.setattr(autotune_cache, "ENABLED", True)
+    assert autotune_cache.store_for(tuner, on_gpu) is not None
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(autotune_cache.Path, "home", staticmethod(no_home))
+    with pytest.warns(UserWarning, match="DSV3_AUTOTUNE_CACHE_DIR"):
+        assert autotune_cache.store_for(tuner, on_gpu) is None
+    monkeypatch.undo()
+    assert autotune_cache.device_name({"x_ptr": torch.empty(0)}) is None  # CPU tensors

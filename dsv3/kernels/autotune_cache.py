@@ -4,20 +4,29 @@ Triton, kernel source and configs, starts from the configs its predecessors time
 Why: Triton times every config of a new key in every process (its own on-disk
 record of picks, ``cache_results``, passes over kernels whose configs have
 pre-launch hooks, as the GEMMs' TMA configs do). That costs each training start
-~2 s a key (17 wgrad configs at ~0.13 s), and since two configs may round the fp32
+~2 s a key (17 wgrad configs, each run for ~0.13 s by Triton's default warm-up and
+repetitions), and since two configs may round the fp32
 sums differently, a restarted run could pick another one and no longer reproduce
 the first bit for bit.
 
 ``DSV3_AUTOTUNE_CACHE=0`` turns it off; ``DSV3_AUTOTUNE_CACHE_DIR`` moves it (default
-``~/.cache/dsv3/autotune``). A file per kernel and fingerprint, written whole
-through a rename, so a reader never sees half of one; two processes tuning at once
-each write their own picks and the last one wins, costing the other's a retune.
+``~/.cache/dsv3/autotune``). A file per kernel and fingerprint. A save merges the
+process's picks into the file under a lock and writes it whole through a rename, so
+ranks tuning different keys at once keep each other's, and a reader never sees half
+of a file.
 """
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: saves there go unlocked
+    fcntl = None
 
 import torch
 import triton
@@ -28,6 +37,22 @@ ENABLED = os.environ.get("DSV3_AUTOTUNE_CACHE", "1") != "0"
 def cache_dir() -> Path:
     return Path(os.environ.get("DSV3_AUTOTUNE_CACHE_DIR")
                 or Path.home() / ".cache" / "dsv3" / "autotune")
+
+
+def store_for(tuner, named_args: dict) -> Path | None:
+    """The file of ``tuner``'s picks for a launch with these arguments, or None where
+    none are kept: turned off, no argument on a GPU, or no folder to keep them in."""
+    if not ENABLED:
+        return None
+    device = device_name(named_args)
+    if device is None:
+        return None
+    try:
+        return store_path(tuner, device)
+    except RuntimeError as error:  # Path.home() without HOME or a passwd entry
+        warnings.warn(f"dsv3: autotune picks not kept ({error}); set DSV3_AUTOTUNE_CACHE_DIR",
+                      stacklevel=3)
+        return None
 
 
 def device_name(named_args: dict) -> str | None:
@@ -68,14 +93,32 @@ def load(tuner, path: Path) -> dict:
 
 
 def save(tuner, path: Path) -> None:
-    """Write ``tuner.cache`` to ``path``. A failure (read-only home, full disk) costs
-    only the next process's tuning, so it is a warning."""
-    entries = [[list(key), index] for key, config in tuner.cache.items()
-               for index, candidate in enumerate(tuner.configs) if candidate is config]
+    """Merge ``tuner.cache`` into the picks at ``path``. A failure (read-only home,
+    full disk) costs only the next process's tuning, so it is a warning."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}")
-        temporary.write_text(json.dumps(entries))
-        os.replace(temporary, path)
+        with _locked(path):
+            picks = {**load(tuner, path), **tuner.cache}
+            entries = [[list(key), index] for key, config in picks.items()
+                       for index, candidate in enumerate(tuner.configs) if candidate is config]
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(handle, "w") as file:
+                    json.dump(entries, file)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
     except OSError as error:
         warnings.warn(f"dsv3: could not keep the autotune picks in {path}: {error}", stacklevel=2)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``'s lock file, for one read-merge-write."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

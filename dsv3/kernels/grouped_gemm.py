@@ -275,7 +275,8 @@ GROUP_M = 8
 # row range is, which stays put for a given model and batch but not across them. And
 # per load pattern: gathered rows (no TMA for x) and w's layout (the forward only; a
 # key a kernel lacks is skipped), which would otherwise share the first call's pick.
-_KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR"]
+# And per fp32 precision (TF32 or not), whose tiles run at different speeds.
+_KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR", "PRECISION"]
 
 
 def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:

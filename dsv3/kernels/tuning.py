@@ -46,9 +46,7 @@ class SideBySideAutotuner(Autotuner):
 
     def run(self, *args, **kwargs):
         if self.store is None and len(self.configs) > 1:
-            device = (autotune_cache.device_name(dict(zip(self.arg_names, args)))
-                      if autotune_cache.ENABLED else None)
-            self.store = autotune_cache.store_path(self, device) if device else False
+            self.store = autotune_cache.store_for(self, dict(zip(self.arg_names, args))) or False
             if self.store:
                 self.cache.update(autotune_cache.load(self, self.store))
         tuned = len(self.cache)
@@ -65,7 +63,8 @@ class SideBySideAutotuner(Autotuner):
 
 
 def autotune(kernel, configs, key, early_config_prune):
-    """``triton.autotune(configs, key, prune_configs_by=...)(kernel)``, compiling side by side."""
+    """``triton.autotune(configs, key, prune_configs_by=...)(kernel)``, compiling side by
+    side and keeping its picks."""
     return SideBySideAutotuner(kernel, kernel.arg_names, configs, key, reset_to_zero=None,
                                restore_value=None,
                                prune_configs_by={"early_config_prune": early_config_prune})
