@@ -186,6 +186,12 @@ def autotune_picks() -> list[dict]:
             shape = " ".join(f"{name}={value}" for name, value in zip(names, key))
             picks.append({"bench": f"autotune pick, {gemm}", "shape": shape,
                           "config": tuned_label(config, flags)})
+            # Every config's median, fastest first (the JSON only): which are ever close.
+            timed = getattr(tuner, "timings", {}).get(key, {})
+            medians = {tuned_label(c, flags): t[0] if isinstance(t, (list, tuple)) else t
+                       for c, t in timed.items()}
+            if medians:
+                picks[-1]["timings_ms"] = dict(sorted(medians.items(), key=lambda item: item[1]))
     return picks
 
 

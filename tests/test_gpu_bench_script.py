@@ -76,8 +76,10 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
                              num_warps=4, num_stages=2)
 
     keys = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR"]
-    forward = SimpleNamespace(keys=keys, arg_names=keys, cache={
-        (4096, 28672, 12, True, True, "torch.bfloat16"): config(USE_TMA=True)})
+    tma, pointer = config(USE_TMA=True), config(USE_TMA=False)
+    forward_key = (4096, 28672, 12, True, True, "torch.bfloat16")
+    forward = SimpleNamespace(keys=keys, arg_names=keys, cache={forward_key: tma}, timings={
+        forward_key: {pointer: [0.9, 0.8, 1.0], tma: [0.7, 0.6, 0.8]}})
     wgrad = SimpleNamespace(keys=keys, arg_names=keys[:4], cache={
         (7168, 4096, 8, False, "torch.bfloat16"): config(PERSISTENT=False, USE_TMA=False)})
     monkeypatch.setattr(gpu_bench.grouped_gemm, "_grouped_mm_tuned", forward)
@@ -85,7 +87,8 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
     assert gpu_bench.autotune_picks() == [
         {"bench": "autotune pick, forward/dgrad",
          "shape": "DIM_X=4096 DIM_Y=28672 rows_per_expert_log2=12 GATHER=True W_KMAJOR=True",
-         "config": "tma 64x128x64 w4 s2"},
+         "config": "tma 64x128x64 w4 s2",
+         "timings_ms": {"tma 64x128x64 w4 s2": 0.7, "pointer 64x128x64 w4 s2": 0.9}},
         {"bench": "autotune pick, wgrad",
          "shape": "DIM_X=7168 DIM_Y=4096 rows_per_expert_log2=8 GATHER=False",
          "config": "grid pointer 64x128x64 w4 s2"}]

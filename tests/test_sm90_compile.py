@@ -103,7 +103,9 @@ grouped_gemm.grouped_mm_wgrad(x, torch.randn(64, 48, dtype=torch.bfloat16), offs
 print(json.dumps({"on_main_thread": on_main_thread, "kernels": len(check.COMPILED),
                   "tma": sum(bool(e["config"].get("USE_TMA")) for e in check.COMPILED),
                   "timed": [len(grouped_gemm._grouped_mm_tuned.configs_timings),
-                            len(grouped_gemm._wgrad_tuned.configs_timings)]}))
+                            len(grouped_gemm._wgrad_tuned.configs_timings)],
+                  "kept": [[len(timed) for timed in tuner.timings.values()]
+                           for tuner in (grouped_gemm._grouped_mm_tuned, grouped_gemm._wgrad_tuned)]}))
 """
 
 
@@ -120,6 +122,7 @@ def test_autotuner_compiles_configs_side_by_side_and_times_those_kernels():
     forward_timed, wgrad_timed = report["timed"]
     assert len(on_main_thread) == report["kernels"] == forward_timed + wgrad_timed  # once each
     assert forward_timed >= 6 and wgrad_timed >= 6
+    assert report["kept"] == [[forward_timed], [wgrad_timed]]  # each key's timings kept
     assert on_main_thread.count(True) == 2  # a key's first config; the others in threads
 
 

@@ -44,15 +44,25 @@ class SideBySideAutotuner(Autotuner):
 
     store = None  # the picks' file once a launch showed the device; False: none kept
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Each key's timings in this process, config -> ms (Triton keeps the last key's
+        # only, in configs_timings): what benchmarks/gpu_bench.py reports per pick.
+        self.timings = {}
+
     def run(self, *args, **kwargs):
         if self.store is None and len(self.configs) > 1:
             self.store = autotune_cache.store_for(self, dict(zip(self.arg_names, args))) or False
             if self.store:
                 self.cache.update(autotune_cache.load(self, self.store))
-        tuned = len(self.cache)
+        keys_before = set(self.cache)
         result = super().run(*args, **kwargs)
-        if self.store and len(self.cache) > tuned:
-            autotune_cache.save(self, self.store)
+        tuned = set(self.cache) - keys_before
+        if tuned:
+            timed = getattr(self, "configs_timings", None) or {}  # none with one config left
+            self.timings.update({key: dict(timed) for key in tuned})
+            if self.store:
+                autotune_cache.save(self, self.store)
         return result
 
     def prune_configs(self, kwargs):
