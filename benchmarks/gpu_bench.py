@@ -323,7 +323,8 @@ def kernel_times(bench: str, shape: str, step, steps: int = 3) -> list[dict]:
     run), averaged over ``steps`` profiled steps after a warm-up one."""
     step()
     on_gpu = DEVICE == "cuda"
-    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    activities = torch.profiler.ProfilerActivity
+    activity = activities.CUDA if on_gpu else activities.CPU
     with torch.profiler.profile(activities=[activity]) as profile:
         for _ in range(steps):
             step()

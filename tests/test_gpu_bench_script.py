@@ -171,8 +171,8 @@ echo "ncu $*" >> {log}
 """)
     ncu.chmod(0o755)
     script = Path(gpu_bench.__file__).with_name("gpu_check.sh")
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
-           "CUDA_HOME": str(tmp_path), "TOTAL_S": "500"}
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+           "OUT": str(tmp_path / "out"), "CUDA_HOME": str(tmp_path), "TOTAL_S": "500"}
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
                           timeout=60)
     bench_calls = [line for line in log.read_text().splitlines() if "gpu_bench" in line]

@@ -105,7 +105,8 @@ print(json.dumps({"on_main_thread": on_main_thread, "kernels": len(check.COMPILE
                   "timed": [len(grouped_gemm._grouped_mm_tuned.configs_timings),
                             len(grouped_gemm._wgrad_tuned.configs_timings)],
                   "kept": [[len(timed) for timed in tuner.timings.values()]
-                           for tuner in (grouped_gemm._grouped_mm_tuned, grouped_gemm._wgrad_tuned)]}))
+                           for tuner in (grouped_gemm._grouped_mm_tuned,
+                                         grouped_gemm._wgrad_tuned)]}))
 """
 
 

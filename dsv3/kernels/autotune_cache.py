@@ -58,7 +58,8 @@ def store_for(tuner, named_args: dict) -> Path | None:
 def device_name(named_args: dict) -> str | None:
     """The GPU model the launch runs on (Triton launches on the current device), or
     None where no argument is on a GPU: picks are kept for GPUs only."""
-    if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in named_args.values()):
+    if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda"
+               for a in named_args.values()):
         return None
     index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
