@@ -8,7 +8,7 @@ one process, as ratios.
 - router (with and without the loss sums), permute, unpermute, int8 quantize and
   dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
-  reference loop, and both layers' device time kernel by kernel (torch.profiler).
+  reference loop, and both layers' device time op by op (torch.profiler).
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
 row also carries dsv3's relative error against the peer's output, so a fast wrong
 kernel shows. JSON and a markdown table are rewritten in --out after every case,
@@ -31,8 +31,11 @@ from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
 from dsv3.kernels import config as kernel_config
 
-# (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts.
+# (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts. The
+# GEMM is x_SD @ w[e] of D -> 2F, so "mixtral-like" is the layer's first GEMM and
+# "mixtral-like down" (D = Mixtral's F, 2F = its D) its second, 14336 -> 4096.
 GEMM_SHAPES = [
+    ("mixtral-like down", 4096, 14336, 2048, 8, 2),
     ("dsv3-like T4096", 4096, 7168, 2048, 32, 1),   # 256 experts / 8 ranks, K=8: ~T rows locally
     ("dsv3-like T16384", 16384, 7168, 2048, 32, 1),
     ("mixtral-like", 4096, 4096, 14336, 8, 2),
@@ -306,49 +309,53 @@ def layer_rows(name, T, D, F, E, K):
              "rel_err": error}]
 
 
-# Kernels listed per profiled step, the longest first; the rest are summed in one row.
-PROFILE_TOP = 12
+# Ops listed per profiled step, the longest first; the rest are summed in one row.
+PROFILE_TOP = 16
 
 
 def profile_rows(name, T, D, F, E, K):
-    """Where a layer step's device time goes, kernel by kernel, for dsv3.MoE and the
+    """Where a layer step's device time goes, op by op, for dsv3.MoE and the
     ``torch._grouped_mm`` layer: which of dsv3's kernels a slower layer loses on."""
     ours, peer, _, _ = layer_steps(T, D, F, E, K)
-    return (kernel_times("kernel time, dsv3 layer fwd+bwd", name, ours)
-            + kernel_times("kernel time, _grouped_mm layer fwd+bwd", name, peer))
+    return (op_times("device time by op, dsv3 layer fwd+bwd", name, ours)
+            + op_times("device time by op, _grouped_mm layer fwd+bwd", name, peer))
 
 
-def kernel_times(bench: str, shape: str, step, steps: int = 3) -> list[dict]:
-    """Rows of ``step``'s time per kernel (device time on a GPU, CPU time in the smoke
-    run), averaged over ``steps`` profiled steps after a warm-up one."""
+def op_times(bench: str, shape: str, step, steps: int = 3) -> list[dict]:
+    """Rows of ``step``'s device time (CPU time in the smoke run) per op and input
+    shapes, averaged over ``steps`` profiled steps after a warm-up one. Each op counts
+    the kernels it launched itself: Triton names all of a kernel's launches alike, and
+    the op's input shapes tell the layer's two GEMMs, and their passes, apart."""
     step()
     on_gpu = DEVICE == "cuda"
-    activities = torch.profiler.ProfilerActivity
-    activity = activities.CUDA if on_gpu else activities.CPU
-    with torch.profiler.profile(activities=[activity]) as profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
         for _ in range(steps):
             step()
         if on_gpu:
             torch.cuda.synchronize()
     times = {}
-    for event in profile.key_averages():
+    for event in profile.key_averages(group_by_input_shape=True):
         us = (getattr(event, "self_device_time_total", 0) if on_gpu
               else event.self_cpu_time_total)
         if us > 0:
-            ms, calls = times.get(event.key, (0.0, 0))
-            times[event.key] = (ms + us / 1e3 / steps, calls + event.count // steps)
+            op = f"{event.key} {event.input_shapes}"[:120]
+            ms, calls = times.get(op, (0.0, 0))
+            times[op] = (ms + us / 1e3 / steps, calls + event.count // steps)
     ranked = sorted(times.items(), key=lambda item: -item[1][0])
     total = sum(ms for _, (ms, _) in ranked)
     if total == 0:
-        raise RuntimeError(f"the profiler recorded no {'kernel' if on_gpu else 'op'} time")
-    rows = [{"bench": bench, "shape": shape, "kernel": kernel[:90], "ms_per_step": ms,
-             "calls": calls, "share": ms / total} for kernel, (ms, calls) in ranked[:PROFILE_TOP]]
+        raise RuntimeError(f"the profiler recorded no {'device' if on_gpu else 'CPU'} time")
+    rows = [{"bench": bench, "shape": shape, "op": op, "ms_per_step": ms,
+             "calls": calls, "share": ms / total} for op, (ms, calls) in ranked[:PROFILE_TOP]]
     rest = ranked[PROFILE_TOP:]
     if rest:
         ms = sum(ms for _, (ms, _) in rest)
-        rows.append({"bench": bench, "shape": shape, "kernel": f"({len(rest)} others)",
+        rows.append({"bench": bench, "shape": shape, "op": f"({len(rest)} others)",
                      "ms_per_step": ms, "calls": sum(c for _, (_, c) in rest), "share": ms / total})
-    rows.append({"bench": bench, "shape": shape, "kernel": "(total)", "ms_per_step": total,
+    rows.append({"bench": bench, "shape": shape, "op": "(total)", "ms_per_step": total,
                  "calls": sum(c for _, (_, c) in ranked), "share": 1.0})
     return rows
 
@@ -357,13 +364,13 @@ MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", 
                 "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
                 "loop_over_dsv3", "rel_err", "config", "tma_over_pointer", "persistent_over_grid",
                 "variants", "error"]
-PROFILE_COLUMNS = ["bench", "shape", "kernel", "ms_per_step", "calls", "share", "variants"]
+PROFILE_COLUMNS = ["bench", "shape", "op", "ms_per_step", "calls", "share", "variants"]
 
 
 def markdown(rows, header) -> str:
-    """The figures as a table, and the kernel profiles (profile_rows) as a second one."""
-    profiles = [r for r in rows if "kernel" in r]
-    text = header + "\n\n" + _table([r for r in rows if "kernel" not in r], MAIN_COLUMNS)
+    """The figures as a table, and the op profiles (profile_rows) as a second one."""
+    profiles = [r for r in rows if "op" in r]
+    text = header + "\n\n" + _table([r for r in rows if "op" not in r], MAIN_COLUMNS)
     if profiles:
         text += "\nWhere a layer step's device time goes:\n\n" + _table(profiles, PROFILE_COLUMNS)
     return text
@@ -407,7 +414,7 @@ def stop_for_lost_context() -> None:
 def jobs():
     """(job id, job, shape), cheapest and most asked-for first, so a run cut short
     loses the least: the bandwidth-bound kernels, the GEMM shapes but the largest, the
-    layers, their kernel profiles, the rest."""
+    layers, their op profiles, the rest."""
     small, large = ([s for s in GEMM_SHAPES if s[1] <= 4096],
                     [s for s in GEMM_SHAPES if s[1] > 4096])
     listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in small]

@@ -15,16 +15,16 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
     assert {"grouped_mm fwd", "grouped_mm dgrad", "grouped_mm wgrad", "permute", "unpermute",
             "layer fwd+bwd", "quantize_int8 (error feedback)"} <= benches
     assert [row for row in rows if "error" in row] == []
-    figures = [row for row in rows if "kernel" not in row]
+    figures = [row for row in rows if "op" not in row]
     for row in figures:
         assert row["dsv3_ms"] > 0
         # bf16 against the peer's bf16: rounding only (the layer may route a near-tie apart).
         assert row.get("rel_err", 0.0) < 2e-2, row
     # Each profiled step: its longest ops, the rest in one row, and a total that adds up.
-    profiles = [row for row in rows if "kernel" in row]
-    assert {row["bench"] for row in profiles} == {"kernel time, dsv3 layer fwd+bwd",
-                                                  "kernel time, _grouped_mm layer fwd+bwd"}
-    totals = [row for row in profiles if row["kernel"] == "(total)"]
+    profiles = [row for row in rows if "op" in row]
+    assert {row["bench"] for row in profiles} == {"device time by op, dsv3 layer fwd+bwd",
+                                                  "device time by op, _grouped_mm layer fwd+bwd"}
+    totals = [row for row in profiles if row["op"] == "(total)"]
     assert len(totals) == 2 * len(gpu_bench.LAYER_SHAPES)
     for total in totals:
         parts = [row for row in profiles if (row["bench"], row["shape"]) ==
