@@ -35,14 +35,16 @@ from dsv3.kernels import config as kernel_config
 # GEMM is x_SD @ w[e] of D -> 2F, so "mixtral-like" is the layer's first GEMM and
 # "mixtral-like down" (D = Mixtral's F, 2F = its D) its second, 14336 -> 4096.
 GEMM_SHAPES = [
-    ("mixtral-like down", 4096, 14336, 2048, 8, 2),
     ("dsv3-like T4096", 4096, 7168, 2048, 32, 1),   # 256 experts / 8 ranks, K=8: ~T rows locally
     ("dsv3-like T16384", 16384, 7168, 2048, 32, 1),
     ("mixtral-like", 4096, 4096, 14336, 8, 2),
+    ("mixtral-like down", 4096, 14336, 2048, 8, 2),
     ("fine E128 F768", 4096, 2048, 768, 128, 8),
     ("fine E512 F256", 4096, 2048, 256, 512, 8),
 ]
 LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 4096, 2048, 768, 128, 8)]
+# GEMM shapes run after the layers: the largest, and none of the layers' own.
+LATE_GEMM_SHAPES = ("dsv3-like",)
 # The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
 # at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
 MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
@@ -413,13 +415,13 @@ def stop_for_lost_context() -> None:
 
 def jobs():
     """(job id, job, shape), cheapest and most asked-for first, so a run cut short
-    loses the least: the bandwidth-bound kernels, the GEMM shapes but the largest, the
-    layers, their op profiles, the rest."""
-    small, large = ([s for s in GEMM_SHAPES if s[1] <= 4096],
-                    [s for s in GEMM_SHAPES if s[1] > 4096])
-    listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in small]
+    loses the least: the bandwidth-bound kernels, the GEMMs of the layers' shapes and
+    the fine-grained ones, the layers, their op profiles, then the DeepSeek-V3 GEMMs."""
+    early = [s for s in GEMM_SHAPES if not s[0].startswith(LATE_GEMM_SHAPES)]
+    late = [s for s in GEMM_SHAPES if s[0].startswith(LATE_GEMM_SHAPES)]
+    listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in early]
               + [(layer_rows, s) for s in LAYER_SHAPES] + [(gather_rows, s) for s in LAYER_SHAPES]
-              + [(profile_rows, s) for s in LAYER_SHAPES] + [(gemm_rows, s) for s in large])
+              + [(profile_rows, s) for s in LAYER_SHAPES] + [(gemm_rows, s) for s in late])
     return [(f"{job.__name__} {shape[0]}" if shape else job.__name__, job, shape)
             for job, shape in listed]
 
