@@ -5,8 +5,9 @@ one process, as ratios.
 - grouped GEMM fwd / dgrad / wgrad: dsv3 (Triton) vs ``torch._grouped_mm`` vs
   dense cuBLAS at the same FLOPs (``torch.mm`` of the stacked rows);
 - the permute fused into the first GEMM vs permute then GEMM;
-- router (with and without the loss sums), permute, unpermute, int8 quantize and
-  dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
+- router (with and without the loss sums), permute, unpermute (and its backward),
+  SwiGLU (and its backward), int8 quantize and dequantize-sum: achieved bytes/s vs
+  the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
   reference loop, and both layers' device time op by op (torch.profiler).
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
@@ -48,7 +49,8 @@ LATE_GEMM_SHAPES = ("dsv3-like",)
 # The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
 # at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
 MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
-                "q_log2": 25, "mixtral_route_T": 1 << 23}  # 128 MB of 8-expert logits
+                "q_log2": 25, "mixtral_route_T": 1 << 23,  # 128 MB of 8-expert logits
+                "swiglu_S": 8192, "swiglu_F": 14336}  # the Mixtral-like layer's h_S2F
 COPY_BYTES = 1 << 30
 # --smoke: every case on small CPU tensors, to check this script before spending GPU time.
 DEVICE = "cuda"
@@ -61,7 +63,7 @@ def use_smoke_sizes() -> None:
     GEMM_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in GEMM_SHAPES]
     LAYER_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in LAYER_SHAPES]
     MEMORY_SHAPE.update(T=64, D=64, E=64, route_T=128, grad_log2=12, q_log2=10,
-                        mixtral_route_T=256)
+                        mixtral_route_T=256, swiglu_S=64, swiglu_F=32)
 
 
 def bench_ms(fn) -> float:
@@ -251,6 +253,11 @@ def memory_rows():
     mixtral_T = MEMORY_SHAPE["mixtral_route_T"]
     mixtral_logits_TE = torch.randn(mixtral_T, 8, device=DEVICE, dtype=torch.bfloat16)
     route_shape, rows_shape = f"T{route_T} E{E} K{K}", f"T{T} D{D} E{E} K{K}"
+    grad_y_TD = torch.randn_like(x_TD)
+    swiglu_S, swiglu_F = MEMORY_SHAPE["swiglu_S"], MEMORY_SHAPE["swiglu_F"]
+    h_S2F = torch.randn(swiglu_S, 2 * swiglu_F, device=DEVICE, dtype=torch.bfloat16)
+    grad_a_SF = torch.randn(swiglu_S, swiglu_F, device=DEVICE, dtype=torch.bfloat16)
+    swiglu_shape = f"S{swiglu_S} F{swiglu_F}"
     cases = [  # (name, shape, call, fewest bytes it must move)
         ("route (sigmoid, 8 groups)", route_shape,
          lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
@@ -266,6 +273,16 @@ def memory_rows():
         ("permute", rows_shape, lambda: dsv3.ops.permute(x_TD, experts_TK, E), T * D * 2 * (1 + K)),
         ("unpermute", rows_shape, lambda: dsv3.ops.unpermute(x_SD, row_map_TK, weights_TK),
          T * D * 2 * (K + 1)),
+        # Its backward: each copy's gradient (grad_y_TD read, grad_y_SD written) and the
+        # routing weights' (y_SD read).
+        ("unpermute backward", rows_shape,
+         lambda: torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK),
+         T * D * 2 * (1 + 2 * K)),
+        # The layer's elementwise step between its GEMMs, at the Mixtral-like layer's size:
+        # h read, a written; backward: grad_a and h read, grad_h written.
+        ("swiglu", swiglu_shape, lambda: dsv3.ops.swiglu(h_S2F), h_S2F.numel() * 3),
+        ("swiglu backward", swiglu_shape,
+         lambda: torch.ops.dsv3.swiglu_backward(grad_a_SF, h_S2F), h_S2F.numel() * 5),
         # Gradient compression: read fp32 values + residual, write int8 + new residual.
         ("quantize_int8 (error feedback)", f"N {grad_N.numel()}",
          lambda: dsv3.ops.quantize_int8(grad_N, 256, residual_N), grad_N.numel() * (4 + 4 + 1 + 4)),
