@@ -28,6 +28,7 @@ import torch
 import triton
 
 import dsv3
+from benchmarks.op_profile import op_times
 from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
 from dsv3.kernels import config as kernel_config
@@ -328,55 +329,13 @@ def layer_rows(name, T, D, F, E, K):
              "rel_err": error}]
 
 
-# Ops listed per profiled step, the longest first; the rest are summed in one row.
-PROFILE_TOP = 16
-
-
 def profile_rows(name, T, D, F, E, K):
     """Where a layer step's device time goes, op by op, for dsv3.MoE and the
     ``torch._grouped_mm`` layer: which of dsv3's kernels a slower layer loses on."""
     ours, peer, _, _ = layer_steps(T, D, F, E, K)
-    return (op_times("device time by op, dsv3 layer fwd+bwd", name, ours)
-            + op_times("device time by op, _grouped_mm layer fwd+bwd", name, peer))
-
-
-def op_times(bench: str, shape: str, step, steps: int = 3) -> list[dict]:
-    """Rows of ``step``'s device time (CPU time in the smoke run) per op and input
-    shapes, averaged over ``steps`` profiled steps after a warm-up one. Each op counts
-    the kernels it launched itself: Triton names all of a kernel's launches alike, and
-    the op's input shapes tell the layer's two GEMMs, and their passes, apart."""
-    step()
     on_gpu = DEVICE == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if on_gpu:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities, record_shapes=True) as profile:
-        for _ in range(steps):
-            step()
-        if on_gpu:
-            torch.cuda.synchronize()
-    times = {}
-    for event in profile.key_averages(group_by_input_shape=True):
-        us = (getattr(event, "self_device_time_total", 0) if on_gpu
-              else event.self_cpu_time_total)
-        if us > 0:
-            op = f"{event.key} {event.input_shapes}"[:120]
-            ms, calls = times.get(op, (0.0, 0))
-            times[op] = (ms + us / 1e3 / steps, calls + event.count // steps)
-    ranked = sorted(times.items(), key=lambda item: -item[1][0])
-    total = sum(ms for _, (ms, _) in ranked)
-    if total == 0:
-        raise RuntimeError(f"the profiler recorded no {'device' if on_gpu else 'CPU'} time")
-    rows = [{"bench": bench, "shape": shape, "op": op, "ms_per_step": ms,
-             "calls": calls, "share": ms / total} for op, (ms, calls) in ranked[:PROFILE_TOP]]
-    rest = ranked[PROFILE_TOP:]
-    if rest:
-        ms = sum(ms for _, (ms, _) in rest)
-        rows.append({"bench": bench, "shape": shape, "op": f"({len(rest)} others)",
-                     "ms_per_step": ms, "calls": sum(c for _, (_, c) in rest), "share": ms / total})
-    rows.append({"bench": bench, "shape": shape, "op": "(total)", "ms_per_step": total,
-                 "calls": sum(c for _, (_, c) in ranked), "share": 1.0})
-    return rows
+    return (op_times("device time by op, dsv3 layer fwd+bwd", name, ours, on_gpu)
+            + op_times("device time by op, _grouped_mm layer fwd+bwd", name, peer, on_gpu))
 
 
 MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "peer_ms", "bound_ms", "floor_ms",
