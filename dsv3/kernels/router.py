@@ -116,7 +116,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                   TOP_K: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
-                  SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr):
+                  SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+                  COUNT_BINS: tl.constexpr):
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
     SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
@@ -247,7 +248,16 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
-    tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
+    if COUNT_BINS > 0:
+        # Few experts: one atomic per expert and program, not per copy. Every copy's
+        # atomic would land on the same few counters (Mixtral: 8, a 32-byte sector),
+        # and same-address atomics are serialised in L2: millions a batch.
+        copies = tl.reshape(tl.where(out_mask, top_ids, N_EXPERTS), (BLOCK_K * BLOCK_T,))
+        per_expert = tl.histogram(copies, COUNT_BINS)  # the last bin holds the unused slots
+        bins = tl.arange(0, COUNT_BINS)
+        tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0))
+    else:
+        tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
 
 
 @triton.jit
@@ -381,6 +391,9 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
+# Up to this many experts the counts are summed per program before their atomics
+# (_route_kernel): with more, the copies' atomics spread over enough counters.
+_HISTOGRAM_EXPERTS = 64
 
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
@@ -393,9 +406,12 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     while logits_TE.shape[1] % vector:
         vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
+    n_experts = logits_TE.shape[1]
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
             "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
+            "COUNT_BINS": (triton.next_power_of_2(n_experts + 1)
+                           if n_experts <= _HISTOGRAM_EXPERTS else 0),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
@@ -445,6 +461,7 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
     grad_logits_TE = torch.empty_like(logits_TE)
     blocks = _blocks(logits_TE, top_k)
     blocks.pop("BLOCK_G")
+    blocks.pop("COUNT_BINS")
 
     def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
         return grad.contiguous() if grad is not None else logits_TE
