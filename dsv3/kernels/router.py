@@ -168,7 +168,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 score = best + runner_up if GROUP_SIZE > 1 else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
-    tl.atomic_max(nan_ptr, tl.max(has_nan.to(tl.int32), 0))
+    # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
+    # from every program would put all of them on one address (65k at 8M tokens).
+    any_nan = tl.max(has_nan.to(tl.int32), 0)
+    tl.atomic_max(nan_ptr, any_nan, mask=any_nan > 0)
 
     if STATS:
         # This program's row of partial sums: row-normalized scores per expert, then lse^2.
