@@ -53,6 +53,8 @@ CASES = [
     pytest.param(60, 64, 6, "sigmoid", 3.0, 8, 3, True, 2.5, "random", id="negative_choices"),
     # 160 experts, top-6 (DeepSeek-V2's sizes): the last slab is partly past the end.
     pytest.param(90, 160, 6, "softmax", True, 1, 1, False, 1.0, "random", id="E160_K6"),
+    # 384 experts, more than the GPU kernel sums per program: each copy counts itself.
+    pytest.param(50, 384, 4, "softmax", False, 1, 1, True, 1.0, "random", id="E384_K4"),
 ]
 
 

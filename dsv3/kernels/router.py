@@ -252,11 +252,13 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
     if COUNT_BINS > 0:
-        # Few experts: one atomic per expert and program, not per copy. Every copy's
-        # atomic would land on the same few counters (Mixtral: 8, a 32-byte sector),
-        # and same-address atomics are serialised in L2: millions a batch.
-        copies = tl.reshape(tl.where(out_mask, top_ids, N_EXPERTS), (BLOCK_K * BLOCK_T,))
-        per_expert = tl.histogram(copies, COUNT_BINS)  # the last bin holds the unused slots
+        # One atomic per expert and program, not per copy: the copies' atomics land on
+        # a few counters (Mixtral: 8, in one 32-byte sector; DeepSeek-V3: 256), and L2
+        # serialises atomics to one address: millions a batch. The histogram is summed
+        # in shared memory, for about the instructions the per-copy atomics took.
+        copies = tl.reshape(tl.where(out_mask, top_ids, 0), (BLOCK_K * BLOCK_T,))
+        per_expert = tl.histogram(copies, COUNT_BINS,
+                                  mask=tl.reshape(out_mask, (BLOCK_K * BLOCK_T,)))
         bins = tl.arange(0, COUNT_BINS)
         tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0))
     else:
@@ -394,9 +396,10 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
-# Up to this many experts the counts are summed per program before their atomics
-# (_route_kernel): with more, the copies' atomics spread over enough counters.
-_HISTOGRAM_EXPERTS = 64
+# Up to this many experts (DeepSeek-V3's 256) the counts are summed per program
+# before their atomics (_route_kernel); past it, each copy counts itself, its atomics
+# spread over more counters while the histogram's bins grow.
+_HISTOGRAM_EXPERTS = 256
 
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
@@ -413,7 +416,7 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
             "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
-            "COUNT_BINS": (triton.next_power_of_2(n_experts + 1)
+            "COUNT_BINS": (triton.next_power_of_2(n_experts)
                            if n_experts <= _HISTOGRAM_EXPERTS else 0),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
