@@ -433,7 +433,7 @@ def main(argv=None):
     rows = state["rows"]
     # Rows of a run without the GEMMs' TMA and persistent variants say so.
     variants = {} if kernel_config.VARIANTS else {"variants": "off"}
-    lost_key = "off" if variants else "on"
+    variants_label = "off" if variants else "on"
 
     def save():
         (args.out / "gpu_bench.json").write_text(json.dumps(state, indent=1))
@@ -445,7 +445,7 @@ def main(argv=None):
 
     for job_id, job, shape in jobs():
         # A resumed run (other variants) tries again what failed or lost the context.
-        tried = f"{job_id} ({lost_key})"
+        tried = f"{job_id} ({variants_label})"
         if job_id in state["done"] or tried in state["failed"] or tried in state["lost"]:
             continue
         if time.perf_counter() - start > args.budget_s:

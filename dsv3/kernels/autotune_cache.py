@@ -5,9 +5,8 @@ Why: Triton times every config of a new key in every process (its own on-disk
 record of picks, ``cache_results``, passes over kernels whose configs have
 pre-launch hooks, as the GEMMs' TMA configs do). That costs each training start
 ~2 s a key (17 wgrad configs, each run for ~0.13 s by Triton's default warm-up and
-repetitions), and since two configs may round the fp32
-sums differently, a restarted run could pick another one and no longer reproduce
-the first bit for bit.
+repetitions), and since two configs may round the fp32 sums differently, a
+restarted run could pick another one and no longer reproduce the first bit for bit.
 
 ``DSV3_AUTOTUNE_CACHE=0`` turns it off; ``DSV3_AUTOTUNE_CACHE_DIR`` moves it (default
 ``~/.cache/dsv3/autotune``). A file per kernel and fingerprint. A save merges the
@@ -55,13 +54,21 @@ def store_for(tuner, named_args: dict) -> Path | None:
         return None
 
 
-def device_name(named_args: dict) -> str | None:
-    """The GPU model the launch runs on (Triton launches on the current device), or
-    None where no argument is on a GPU: picks are kept for GPUs only."""
+def launch_device(named_args: dict) -> int | None:
+    """The CUDA device a launch with these arguments runs on (Triton launches on the
+    calling thread's current one), or None where no argument is on a GPU."""
     if not any(isinstance(a, torch.Tensor) and a.device.type == "cuda"
                for a in named_args.values()):
         return None
-    index = torch.cuda.current_device()
+    return torch.cuda.current_device()
+
+
+def device_name(named_args: dict) -> str | None:
+    """The GPU model the launch runs on, or None off the GPU: picks are kept for GPUs
+    only."""
+    index = launch_device(named_args)
+    if index is None:
+        return None
     major, minor = torch.cuda.get_device_capability(index)
     return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
 

@@ -316,7 +316,8 @@ def tma_descriptors(x_SX: torch.Tensor, w_EXY: torch.Tensor, gathered: bool = Fa
     it, and x then keeps to pointer loads. None for both (all loads through pointers)
     without TMA, where it cannot read w, and for fp32, whose (non-TF32) FMA dot on
     TMA-filled tiles compiles to thousands of register spills on sm_90
-    (benchmarks/sm90_compile_check --sass). w is read as stored: [E, X, Y], or K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
+    (benchmarks/sm90_compile_check --sass). w is read as stored: [E, X, Y], or
+    K-major, the transposed view of an [E, Y, X] tensor (nn.Linear's
     layout, which the MoE layer's forward passes), whose [N, K] tiles the kernel
     transposes in shared memory, as wgmma reads either. Block shapes are set per
     config (config.tma_block_shapes)."""
