@@ -163,7 +163,7 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
     """The config the autotuner ran (read after the timed calls), and for each variant
     flag whether it won: the best time with it over the best without it
     ("tma_over_pointer", "persistent_over_grid") when this shape tuned it. The key is
-    grouped_gemm._KEY's values and the dtypes, so a shape may still reuse an earlier
+    the tuner's key values and the dtypes, so a shape may still reuse an earlier
     shape's pick ("reused")."""
     config = tuner.best_config
     choice = {"config": tuned_label(config, flags)}

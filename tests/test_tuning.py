@@ -125,3 +125,12 @@ def test_picks_not_kept_off_the_gpu_when_off_or_without_a_home(monkeypatch):
         assert autotune_cache.store_for(tuner, on_gpu) is None
     monkeypatch.undo()
     assert autotune_cache.device_name({"x_ptr": torch.empty(0)}) is None  # CPU tensors
+
+
+def test_every_tuner_keys_only_its_kernels_arguments():
+    """Triton 3.9's Autotuner rejects a key name that is not an argument of its kernel
+    (3.6-3.8 skip it), so a shared key list would fail at import there."""
+    from dsv3.kernels import grouped_gemm
+    for tuner in (grouped_gemm._grouped_mm_tuned, grouped_gemm._wgrad_tuned):
+        assert set(tuner.keys) <= set(tuner.fn.arg_names), tuner.fn.__name__
+    assert "W_KMAJOR" in grouped_gemm._grouped_mm_tuned.keys  # the forward still keys on it

@@ -273,10 +273,12 @@ GROUP_M = 8
 # Tuned per (DIM_X, DIM_Y) and the power of two of the rows per expert (only a key:
 # the kernels ignore it): the best tile and launch depend on how long each expert's
 # row range is, which stays put for a given model and batch but not across them. And
-# per load pattern: gathered rows (no TMA for x) and w's layout (the forward only; a
-# key a kernel lacks is skipped), which would otherwise share the first call's pick.
-# And per fp32 precision (TF32 or not), whose tiles run at different speeds.
+# per load pattern: gathered rows (no TMA for x) and w's layout (the forward only),
+# which would otherwise share the first call's pick. And per fp32 precision (TF32 or
+# not), whose tiles run at different speeds. Each key names only its kernel's
+# arguments: triton 3.9 rejects any other name.
 _KEY = ["DIM_X", "DIM_Y", "rows_per_expert_log2", "GATHER", "W_KMAJOR", "PRECISION"]
+_WGRAD_KEY = [name for name in _KEY if name != "W_KMAJOR"]
 
 
 def _rows_per_expert_log2(n_rows: int, n_experts: int) -> int:
@@ -291,7 +293,7 @@ _grouped_mm_tuned = _forward_tuner(matmul_configs())
 
 
 def _wgrad_tuner(configs: list[triton.Config]):
-    return tuning.autotune(_grouped_mm_wgrad_kernel, configs, _KEY, prune_wgrad)
+    return tuning.autotune(_grouped_mm_wgrad_kernel, configs, _WGRAD_KEY, prune_wgrad)
 
 
 _wgrad_tuned = _wgrad_tuner(wgrad_configs())
