@@ -55,9 +55,14 @@ def _dequantize_kernel(q_ptr, scales_ptr, out_ptr, n_rows, n, n_blocks, block_si
     idx = blocks[:, None].to(tl.int64) * block_size + inner[None, :]
     mask = (inner[None, :] < block_size) & (idx < n) & (blocks[:, None] < n_blocks)
     total = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)
+    # Each row's start by stepping the pointers, in 64 bits: r * n in int32 overflows, at
+    # a world of 8, from a 307M-value chunk (a DeepSeek-V3-sized gate_up_proj holds 3.8G).
+    q_row, scales_row = q_ptr, scales_ptr
     for r in range(n_rows):  # in order: every rank reduces to the same bits
-        scale = tl.load(scales_ptr + r * n_blocks + blocks, mask=blocks < n_blocks, other=0.0)
-        total += tl.load(q_ptr + r * n + idx, mask=mask, other=0).to(tl.float32) * scale[:, None]
+        scale = tl.load(scales_row + blocks, mask=blocks < n_blocks, other=0.0)
+        total += tl.load(q_row + idx, mask=mask, other=0).to(tl.float32) * scale[:, None]
+        q_row += n
+        scales_row += n_blocks
     tl.store(out_ptr + idx, total, mask=mask)
 
 

@@ -234,6 +234,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 merged_ids = tl.where(slots[:, None] == k, best_id[None, :], merged_ids)
             top_scores = merged_scores
             top_ids = merged_ids
+    # A NaN or +inf row (flagged above: the op raises, on a GPU asynchronously) equals no
+    # score, so its ids stay N_EXPERTS; kept below it, its loads, stores and counts stay
+    # inside their tensors until the error is seen.
+    top_ids = tl.minimum(top_ids, N_EXPERTS - 1)
 
     out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     weights = top_scores
