@@ -80,6 +80,39 @@ def test_triton_backend_replaces_the_cpu_kernels():
     assert set(status.values()) == {"True"}, status
 
 
+def test_triton_kernels_launch_on_their_tensors_gpu(monkeypatch):
+    """Triton launches on the current CUDA device: the registered CUDA kernels switch
+    to their tensors' device first, and only when it is another one. (A stand-in for
+    a cuda:1 tensor: this machine may have no GPU, and the GPU check has one.)"""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from dsv3.ops import triton_backend
+    entered = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("left")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    kernel = triton_backend.on_tensors_device(lambda *args, **kwargs: (entered.copy(), kwargs))
+    on = {index: SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+          for index in (0, 1)}
+    assert kernel(3, on[1], scale=2.0) == ([torch.device("cuda", 1)], {"scale": 2.0})
+    assert entered == [torch.device("cuda", 1), "left"]
+    entered.clear()
+    assert kernel(on[0], on[1]) == ([], {})  # already current: no switch
+    assert kernel(torch.zeros(2), None) == ([], {})  # no CUDA tensor (the interpreter)
+    assert entered == []
+
+
 def test_public_names():
     for name in dsv3.__all__:
         assert hasattr(dsv3, name), name

@@ -6,6 +6,7 @@ impls are shared with the C++ path: only the kernels change.
 
 Imported by dsv3.ops only when triton is installed.
 """
+import functools
 import warnings
 
 import torch
@@ -32,11 +33,26 @@ TRITON_KERNELS = {
 CUDA_ONLY_KERNELS = {"dsv3::expert_index": reference.expert_index}
 
 
+def on_tensors_device(kernel):
+    """``kernel`` launched on its tensors' GPU. Triton launches on the current device,
+    not the tensors' (csrc/cuda's kernels take a CUDAGuard): a layer on cuda:1 while
+    cuda:0 is current (transformers' device_map="auto", several GPUs in one process)
+    would otherwise launch against the wrong device."""
+    @functools.wraps(kernel)
+    def launch(*args, **kwargs):
+        device = next((a.device for a in args if getattr(a, "is_cuda", False)), None)
+        if device is None or device.index == torch.cuda.current_device():
+            return kernel(*args, **kwargs)
+        with torch.cuda.device(device):
+            return kernel(*args, **kwargs)
+    return launch
+
+
 def register() -> None:
     for name, kernel in {**TRITON_KERNELS, **CUDA_ONLY_KERNELS}.items():
         # Ops with a compiled CUDA kernel (csrc/cuda, when built with CUDA) keep it.
         if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
-            torch.library.register_kernel(name, "cuda", kernel)
+            torch.library.register_kernel(name, "cuda", on_tensors_device(kernel))
     if selected_backend() == "triton":
         with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
             warnings.simplefilter("ignore")
