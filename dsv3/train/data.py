@@ -96,26 +96,33 @@ class TrainData:
                             batch_size, seed=self.seed + 7919 * rank)
 
 
-def preference_batch(val: dict, batch: int, prompt_len: int, response_len: int, *,
+def preference_batch(streams: dict, batch: int, prompt_len: int, response_len: int, *,
                      seed: int, step: int, micro: int = 0, rank: int = 0):
-    """DPO pairs from held-out text: (prompt_BP, chosen_BR, rejected_BR). The chosen
+    """DPO pairs from token streams (domain -> 1-D tokens; the trainer passes the
+    training split's: the held-out documents are what the evaluation scores, so no
+    stage may train on them). Returns (prompt_BP, chosen_BR, rejected_BR). The chosen
     response is the text's real continuation; the rejected one is the same length
-    taken from elsewhere in the held-out text (fluent, but not what follows). Drawn
-    from a generator seeded by (seed, step, micro, rank): a resumed run redraws them."""
+    taken from elsewhere in the stream (fluent, but not what follows). Drawn from a
+    generator seeded by (seed, step, micro, rank): a resumed run redraws them."""
     gen = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 257 + rank)
     need = prompt_len + 2 * response_len
-    streams = [s for _, s in sorted(val.items()) if s.numel() > need]
-    if not streams:
-        raise ValueError(f"no held-out domain has more than {need} tokens for preference pairs")
+    usable = [s for _, s in sorted(streams.items()) if len(s) > need]
+    if not usable:
+        raise ValueError(f"no domain has more than {need} tokens for preference pairs")
+
+    def window(stream, start: int, length: int) -> torch.Tensor:
+        # Only the window becomes int64: a domain's stream may be a large memory map.
+        return torch.as_tensor(np.asarray(stream[start:start + length], dtype=np.int64))
+
     prompts, chosen, rejected = [], [], []
     for _ in range(batch):
-        stream = streams[int(torch.randint(len(streams), (1,), generator=gen))]
-        start = int(torch.randint(stream.numel() - prompt_len - response_len, (1,), generator=gen))
-        prompts.append(stream[start:start + prompt_len])
-        chosen.append(stream[start + prompt_len:start + prompt_len + response_len])
+        stream = usable[int(torch.randint(len(usable), (1,), generator=gen))]
+        start = int(torch.randint(len(stream) - prompt_len - response_len, (1,), generator=gen))
+        prompts.append(window(stream, start, prompt_len))
+        chosen.append(window(stream, start + prompt_len, response_len))
         while True:  # a window that does not overlap the real continuation
-            other = int(torch.randint(stream.numel() - response_len, (1,), generator=gen))
+            other = int(torch.randint(len(stream) - response_len, (1,), generator=gen))
             if abs(other - (start + prompt_len)) >= response_len:
                 break
-        rejected.append(stream[other:other + response_len])
+        rejected.append(window(stream, other, response_len))
     return torch.stack(prompts), torch.stack(chosen), torch.stack(rejected)

@@ -129,7 +129,7 @@ class Trainer:
         if stage.kind == "dpo":
             prompt_len = stage.seq_len // 2
             prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
-                self.data.val, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
+                self.data.train.tokens, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
                 step=self.step, micro=micro, rank=self.rank))
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
