@@ -70,9 +70,20 @@ class MoEConfig:
         if self.top_k > reachable:
             raise ValueError(f"MoEConfig: top_k={self.top_k} must be <= the experts reachable in "
                              f"topk_groups groups ({reachable})")
+        for name in ("route_scale", "aux_loss_coef", "z_loss_coef", "bias_update_rate",
+                     "capacity_factor"):
+            value = getattr(self, name)
+            if name == "capacity_factor" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"MoEConfig: {name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"MoEConfig: {name} must be finite, got {value}")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoEConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if not self.route_scale > 0:
+            raise ValueError(f"MoEConfig: route_scale must be > 0, got {self.route_scale}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"MoEConfig: capacity_factor must be > 0 or None, "
                              f"got {self.capacity_factor}")
@@ -196,6 +207,10 @@ class MoE(nn.Module):
             logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
             c.normalize_weights, c.route_scale)
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
+        # The balance loss and the bias see what the router chose, before capacity: on
+        # the counts left after it, the more lopsided the routing, the weaker the loss
+        # (GShard and Switch take the load fraction before the capacity cut too).
+        routed_E = counts_E
         if c.capacity_factor is not None:
             weights_TK, experts_TK, counts_E, dropped = self._apply_capacity(
                 weights_TK, experts_TK, counts_E, n_tokens)
@@ -210,7 +225,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self._record(loss_sums, counts_E, dropped, n_tokens)
+        self._record(loss_sums, routed_E, counts_E, dropped, n_tokens)
         if self.collect_router_entropy:
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
@@ -225,7 +240,9 @@ class MoE(nn.Module):
         """Drop the copies past each expert's capacity (later tokens first): they get
         expert id -1 (permuted after every expert, never computed) and weight 0."""
         c = self.config
-        capacity = math.ceil(c.capacity_factor * n_tokens * c.top_k / c.n_experts)
+        # No expert can take more than every copy: a larger capacity changes nothing.
+        capacity = min(math.ceil(c.capacity_factor * n_tokens * c.top_k / c.n_experts),
+                       n_tokens * c.top_k)
         offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
         starts_E = offsets_E - counts_E
         rank_TK = row_map_TK - starts_E[experts_TK.long()]  # position within its expert
@@ -234,28 +251,30 @@ class MoE(nn.Module):
         weights_TK = weights_TK.masked_fill(dropped_TK, 0.0)
         return weights_TK, experts_TK, counts_E.clamp(max=capacity), dropped_TK.sum()
 
-    def _record(self, loss_sums, counts_E, dropped, n_tokens) -> None:
+    def _record(self, loss_sums, routed_E, computed_E, dropped, n_tokens) -> None:
         """Balance losses from the router's own sums (``loss_sums``: score_sum_E and
-        lse_sq_sum, present when training with a loss on), counts and stats."""
+        lse_sq_sum, present when training with a loss on) and the copies routed to each
+        expert (``routed_E``); the stats count the copies computed (``computed_E``:
+        routed_E less those past capacity)."""
         c = self.config
-        aux = z = counts_E.new_zeros((), dtype=torch.float32)
+        aux = z = routed_E.new_zeros((), dtype=torch.float32)
         if loss_sums:
             score_sum_E, lse_sq_sum = loss_sums
             if c.aux_loss_coef > 0:
                 # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
-                fraction_E = counts_E.float() / (n_tokens * c.top_k)
+                fraction_E = routed_E.float() / (n_tokens * c.top_k)
                 aux = c.aux_loss_coef * c.n_experts * (fraction_E * score_sum_E).sum() / n_tokens
             if c.z_loss_coef > 0:
                 z = c.z_loss_coef * lse_sq_sum / n_tokens
         if self.training and self.expert_bias is not None and not getattr(_replaying, "active",
                                                                           False):
-            self.pending_counts += counts_E
+            self.pending_counts += routed_E
         self.aux_loss = aux + z
         # The stats' losses live in one new stacked tensor, never a detached alias or a
         # clone of aux_loss: under torch.compile an output aliasing another output that
         # requires grad breaks the compiled backward (torch 2.14).
         losses = torch.stack([aux, z]).detach()
-        self.last_stats = MoEStats(counts_E.detach(), dropped.detach(), losses[0], losses[1])
+        self.last_stats = MoEStats(computed_E.detach(), dropped.detach(), losses[0], losses[1])
 
     @torch.no_grad()
     def update_bias(self) -> None:

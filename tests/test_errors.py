@@ -263,6 +263,19 @@ CONFIG = [
     pytest.param({"bias_update_rate": -1.0}, "bias_update_rate", id="bias_rate_negative"),
     pytest.param({"n_shared_experts": -1}, "n_shared_experts", id="shared_negative"),
     pytest.param({"activation": "gelu"}, "activation", id="bad_activation"),
+    # NaN weights every output NaN; a NaN coefficient turns its loss off unseen
+    pytest.param({"route_scale": float("nan")}, "route_scale must be finite", id="nan_scale"),
+    pytest.param({"route_scale": -2.5}, "route_scale must be > 0", id="negative_scale"),
+    pytest.param({"aux_loss_coef": float("nan")}, "aux_loss_coef must be finite", id="nan_aux"),
+    pytest.param({"z_loss_coef": float("inf")}, "z_loss_coef must be finite", id="inf_z"),
+    pytest.param({"capacity_factor": float("inf")}, "capacity_factor must be finite",
+                 id="inf_capacity"),
+]
+
+# Settings of the wrong type: a string from a config file, a flag for a number.
+CONFIG_TYPES = [
+    pytest.param({"capacity_factor": "1.25"}, "capacity_factor must be a number", id="str"),
+    pytest.param({"route_scale": True}, "route_scale must be a number", id="bool"),
 ]
 
 
@@ -292,6 +305,19 @@ def test_nan_logits_rejected_on_every_backend(backend, monkeypatch):
 def test_config_rejects_bad_values(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         MoEConfig(**{"dim": 8, "ffn_dim": 16, "n_experts": 8, "top_k": 2, **overrides})
+
+
+@pytest.mark.parametrize("overrides, pattern", CONFIG_TYPES)
+def test_config_rejects_values_of_the_wrong_type(overrides, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        MoEConfig(**{"dim": 8, "ffn_dim": 16, "n_experts": 8, "top_k": 2, **overrides})
+
+
+def test_capacity_past_every_copy_drops_nothing():
+    """A capacity factor of 1e300 means "never drop"; it must not overflow."""
+    moe = MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2, capacity_factor=1e300))
+    moe(torch.randn(6, 8))
+    assert moe.last_stats.dropped_tokens.item() == 0
 
 
 def small_moe():

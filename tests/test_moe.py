@@ -228,6 +228,26 @@ def test_stats_and_aux_losses():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("capacity_factor", [0.25, 1.0])
+def test_balance_loss_and_bias_see_the_routing_before_capacity(capacity_factor):
+    """The load fraction of the Switch loss and the bias's counts are the router's
+    choices, not what capacity left: with every token on one expert, the clamped
+    counts would shrink the loss (and its gradient) the harder the routing tilts."""
+    dropless, capped = (make_moe(top_k=1, aux_loss_coef=0.1, bias_update_rate=1e-3,
+                                 capacity_factor=capacity, score="sigmoid")
+                        for capacity in (None, capacity_factor))
+    x = make_input(dropless, (48,), torch.float32, hot_expert=3)
+    capped.load_state_dict(dropless.state_dict())  # the same weights, hot router included
+    for layer in (dropless, capped):
+        layer.train()
+        layer(x)
+    assert (dropless.last_stats.tokens_per_expert[3] == 48).item()  # all on one expert
+    assert capped.last_stats.dropped_tokens.item() > 0  # capacity did cut
+    assert_close(capped.aux_loss.detach(), dropless.aux_loss.detach(), "aux_loss")
+    assert torch.equal(capped.pending_counts, dropless.pending_counts)
+    assert capped.last_stats.tokens_per_expert.sum() < dropless.last_stats.tokens_per_expert.sum()
+
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_aux_loss_gradient_matches_formula(score):
     """The router's fused loss sums give the same router-weight gradient as the
