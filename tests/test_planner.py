@@ -1,7 +1,7 @@
 """dsv3.train.planner against what the model really has and saves: exact parameter
 counts, and activation estimates within 5% of the bytes autograd saves (measured
 with the trainer's counter) on the small presets, for every checkpointing mode;
-the GPU count, ZeRO sharding and the command's output."""
+the GPU count, ZeRO sharding and the command's output; its options are checked."""
 import dataclasses
 
 import pytest
@@ -58,11 +58,44 @@ def test_gpu_count_and_sharding():
     assert plan(config, gpus=needed, gpu_mem_gb=80, zero=3, **settings).fits
     with pytest.raises(ValueError, match="strategy must be"):
         plan(config, gpus=8, gpu_mem_gb=80, strategy="tp", **settings)
+    for memory in (0, -80, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gpu_mem_gb must be positive and finite"):
+            plan(config, gpus=8, gpu_mem_gb=memory, **settings)
 
 
 def test_plan_command(capsys):
     assert main(["plan", "--set", "model=small", "--gpus", "2", "--gpu-mem", "16GB"]) == 0
     out = capsys.readouterr().out
     assert "parameters (total / active)" in out and "GPUs needed" in out
-    assert main(["plan", "--gpu-mem", "lots"]) == 2
-    assert "--gpu-mem must look like 80GB" in capsys.readouterr().err
+    assert main(["plan", "--set", "model=small", "--gpu-mem", "16GiB"]) == 0
+    assert "x 16GiB" in capsys.readouterr().out  # the size as the user wrote it
+
+
+def test_plan_vocab_size_is_applied(capsys):
+    totals = []
+    for vocab in ("1000", "1000000"):  # 64 x 2 x 999000 parameters apart: shows at 0.001B
+        assert main(["plan", "--set", "model=tiny", "--vocab-size", vocab]) == 0
+        totals.append(capsys.readouterr().out.splitlines()[0])
+    assert totals[0] != totals[1]
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--gpu-mem", "lots", "expected a size like 80GB"),
+    ("--gpu-mem", "..GB", "expected a size like 80GB"),
+    ("--gpu-mem", "1.2.3GB", "expected a size like 80GB"),
+    ("--gpu-mem", "0GB", "expected a positive, finite size"),
+    ("--gpu-mem", "0.0", "expected a positive, finite size"),
+    ("--gpu-mem", "9" * 400 + "GB", "expected a positive, finite size"),  # overflows to inf
+    ("--gpus", "0", "expected a whole number >= 1"),
+    ("--gpus", "-2", "expected a whole number >= 1"),
+    ("--gpus", "two", "expected a whole number >= 1"),
+    ("--vocab-size", "0", "expected a whole number >= 1"),  # was taken as "not given"
+    ("--vocab-size", "-5", "expected a whole number >= 1"),
+    ("--zero", "4", "invalid choice"),
+])
+def test_plan_rejects_bad_options(capsys, option, value, expected):
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {expected}" in err and value[:40] in err

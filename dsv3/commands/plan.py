@@ -3,15 +3,40 @@ of a given memory it needs (see dsv3.train.planner)."""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 
+# Option checks run at parse time (argparse ``type=``), so a bad value stops with the
+# usage line and "argument --OPTION: ..." before any config is loaded.
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0  # not a whole number: refused with the same message as 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _gigabytes(text: str) -> float:
-    match = re.fullmatch(r"\s*([\d.]+)\s*(GB|G|GiB)?\s*", text, re.IGNORECASE)
+    """``80GB``/``80G``/``80`` (10^9 bytes) or ``80GiB`` (2^30 bytes), as GB."""
+    # one number, so that ".." or "1.2.3" is refused here rather than by float()
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(GB|G|GiB)?\s*", text, re.IGNORECASE)
     if not match:
-        raise ValueError(f"--gpu-mem must look like 80GB, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size like 80GB or 80GiB, got {text!r}")
     value = float(match.group(1))
+    # 0 would plan for "more than 4096 x 0GB"; a long digit string overflows to inf
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite size like 80GB, "
+                                         f"got {text!r}")
     return value * 1.073741824 if (match.group(2) or "").lower() == "gib" else value
+
+
+def _gpu_mem(text: str) -> str:
+    """Checks the size but keeps the user's spelling: the output repeats it."""
+    _gigabytes(text)
+    return text
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -22,7 +47,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or [])
     model = config.model_config()
-    if args.vocab_size:
+    if args.vocab_size is not None:  # not truthiness: 0 is refused by the parser, not ignored
         model = replace(model, vocab_size=args.vocab_size)
     seq_len = max(stage.seq_len for stage in config.stages)
     settings = dict(micro_batch=config.micro_batch, seq_len=seq_len, grad_accum=config.grad_accum,
@@ -44,11 +69,14 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("plan", help="estimate memory, communication and GPUs for a config")
     parser.add_argument("--config", help="training config (TOML/YAML; default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 80GB")
+    parser.add_argument("--gpus", type=_positive_int, default=8,
+                        help="GPUs to plan for (default 8)")
+    parser.add_argument("--gpu-mem", type=_gpu_mem, default="80GB",
+                        help="memory per GPU, e.g. 80GB or 80GiB (default 80GB)")
     parser.add_argument("--strategy", choices=("ep", "ddp"), default="ep",
                         help="ep: experts sharded over the GPUs; ddp: full replicas")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage for the replicated parameters (default 0)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's)")
+    parser.add_argument("--vocab-size", type=_positive_int,
+                        help="vocabulary (default: the preset's)")
     parser.set_defaults(func=_plan)

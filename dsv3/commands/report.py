@@ -7,6 +7,35 @@ import json
 from pathlib import Path
 
 
+def _eval_json(run: Path, given: str | None) -> Path | None:
+    """The evaluation to add: RUN/eval/eval.json when the run has one (a run need not
+    have been evaluated), or the file --eval names, which must exist: a typo there
+    would otherwise give, silently, a report without its evaluation."""
+    path = Path(given) if given is not None else run / "eval"
+    if path.is_dir():
+        path = path / "eval.json"
+    if path.is_file():
+        return path
+    if given is not None:
+        raise FileNotFoundError(f"--eval: expected an eval.json or a directory holding one, "
+                                f"but {str(path)!r} does not exist")
+    return None
+
+
+def _eval_section(path: Path, option: str) -> str:
+    """The evaluation's HTML; ``option`` (--eval or --run) is named if the file is bad."""
+    from dsv3.eval.report import html_fragment
+
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as e:  # name the file, not just "Expecting value: line 1 ..."
+        raise ValueError(f"{option}: {str(path)!r} is not JSON ({e})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("tasks"), dict)):
+        raise ValueError(f"{option}: {str(path)!r} is not a dsv3 eval.json "
+                         f"(expected an object with a 'tasks' object)")
+    return html_fragment(results)  # brings its own <h2>Evaluation</h2>
+
+
 def _report(args: argparse.Namespace) -> int:
     from dsv3.train.checkpoint import load_state
     from dsv3.train.report import write_report
@@ -14,14 +43,10 @@ def _report(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not (run / "metrics.jsonl").is_file():
         raise FileNotFoundError(f"--run: no metrics.jsonl in {str(run)!r} (not a training run?)")
+    eval_json = _eval_json(run, args.eval)  # before loading the checkpoint: fail fast
+    option = "--eval" if args.eval is not None else "--run"
+    sections = [_eval_section(eval_json, option)] if eval_json else []
     state = load_state(run)
-    sections = []
-    eval_json = Path(args.eval) if args.eval else run / "eval" / "eval.json"
-    if eval_json.is_dir():
-        eval_json = eval_json / "eval.json"
-    if eval_json.is_file():
-        from dsv3.eval.report import html_fragment
-        sections.append("<h2>Evaluation</h2>" + html_fragment(json.loads(eval_json.read_text())))
     summary = {"steps": state["step"]} if state else None
     path = write_report(run, state["load_counts"] if state else None, summary, sections)
     print(path)
@@ -32,5 +57,6 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("report", help="rebuild a training run's HTML report, with its "
                                               "evaluation")
     parser.add_argument("--run", required=True, help="the training run's out_dir")
-    parser.add_argument("--eval", help="eval.json or its directory (default: RUN/eval)")
+    parser.add_argument("--eval", help="eval.json or its directory (default: RUN/eval, if "
+                                       "the run has one)")
     parser.set_defaults(func=_report)

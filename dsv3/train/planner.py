@@ -22,6 +22,7 @@ replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
 ~25.4% of fp32), and under "ep" the token all-to-alls (dispatch and combine,
 forward and backward).
 """
+import math
 from dataclasses import dataclass
 
 from dsv3.model import ModelConfig
@@ -132,6 +133,9 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    # 0 or NaN memory would make nothing fit and gpus_needed search all the way up
+    if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
+        raise ValueError(f"gpu_mem_gb must be positive and finite, got {gpu_mem_gb}")
     counts = parameter_counts(config)
     held = counts["total"] if strategy == "ddp" else (
         counts["total"] - counts["experts"] + counts["experts"] / gpus)

@@ -1,0 +1,62 @@
+"""``dsv3 report``: the run's own evaluation is optional, but an --eval that names
+a missing or malformed file is an error naming --eval and the path (exit 2), not a
+report silently without its evaluation."""
+import json
+
+import pytest
+
+from dsv3.cli import main
+
+EVAL = {"tasks": {"ppl": {"all": {"perplexity": 12.5, "bits_per_byte": 1.25, "tokens": 100,
+                                  "bytes": 400}}}}
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A training run as far as the report needs one: metrics, no checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")  # no records: no plots, keeps the test fast
+    return out
+
+
+def _report(run, *extra):
+    return main(["report", "--run", str(run), *extra])
+
+
+def test_the_runs_own_evaluation_is_optional(run, capsys):
+    assert _report(run) == 0
+    assert "Evaluation" not in (run / "report.html").read_text()
+    (run / "eval").mkdir()
+    (run / "eval" / "eval.json").write_text(json.dumps(EVAL))
+    assert _report(run) == 0
+    page = (run / "report.html").read_text()
+    assert page.count("<h2>Evaluation</h2>") == 1 and "perplexity [all]" in page
+
+
+@pytest.mark.parametrize("as_dir", [False, True])
+def test_explicit_eval_file_or_directory(run, tmp_path, as_dir):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_text(json.dumps(EVAL))
+    given = tmp_path / "ev" if as_dir else tmp_path / "ev" / "eval.json"
+    assert _report(run, "--eval", str(given)) == 0
+    assert "perplexity [all]" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("given", ["nope.json", "empty_dir"])
+def test_missing_explicit_eval_is_an_error(run, tmp_path, capsys, given):
+    (tmp_path / "empty_dir").mkdir()
+    assert _report(run, "--eval", str(tmp_path / given)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3: error: --eval:") and given in err and err.count("\n") == 1
+    assert not (run / "report.html").exists()
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "is not JSON"),
+                                         ("[1, 2]", "is not a dsv3 eval.json")])
+def test_malformed_eval_names_the_option_and_file(run, tmp_path, capsys, text, match):
+    bad = tmp_path / "bad.json"
+    bad.write_text(text)
+    assert _report(run, "--eval", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert "--eval" in err and "bad.json" in err and match in err
