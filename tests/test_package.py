@@ -80,6 +80,18 @@ def test_triton_backend_replaces_the_cpu_kernels():
     assert set(status.values()) == {"True"}, status
 
 
+def test_triton_backend_on_cpu_without_the_interpreter_says_what_to_set():
+    result = run_python("""
+        import os
+        os.environ["DSV3_BACKEND"] = "triton"
+        os.environ.pop("TRITON_INTERPRET", None)
+        import torch, dsv3
+        dsv3.ops.route(torch.randn(4, 8), 2)
+    """)
+    assert result.returncode != 0
+    assert "set TRITON_INTERPRET=1" in result.stderr and "DSV3_BACKEND=auto" in result.stderr
+
+
 def test_triton_kernels_launch_on_their_tensors_gpu(monkeypatch):
     """Triton launches on the current CUDA device: the registered CUDA kernels switch
     to their tensors' device first, and only when it is another one. (A stand-in for

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from dsv3 import reference
-from dsv3.kernels import grouped_gemm, permute, quantize, router, swiglu
+from dsv3.kernels import config, grouped_gemm, permute, quantize, router, swiglu
 from dsv3.ops.backend import selected_backend
 
 TRITON_KERNELS = {
@@ -57,4 +57,17 @@ def register() -> None:
         with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
             warnings.simplefilter("ignore")
             for name, kernel in TRITON_KERNELS.items():
-                torch.library.register_kernel(name, "cpu", kernel)
+                torch.library.register_kernel(name, "cpu", on_cpu_interpreted(kernel))
+
+
+def on_cpu_interpreted(kernel):
+    """``kernel`` for CPU tensors, which only Triton's interpreter can run: without it
+    Triton fails deep inside with "0 active drivers", which names neither setting."""
+    @functools.wraps(kernel)
+    def launch(*args, **kwargs):
+        if not config.INTERPRET:
+            raise RuntimeError("DSV3_BACKEND=triton runs the Triton kernels on CPU tensors only "
+                               "under Triton's interpreter: set TRITON_INTERPRET=1 too, or use "
+                               "DSV3_BACKEND=auto for the C++ CPU kernels")
+        return kernel(*args, **kwargs)
+    return launch
