@@ -125,3 +125,54 @@ def test_cli_lists_command_groups(capsys):
     with pytest.raises(SystemExit):
         main(["data"])  # a group without its subcommand is a usage error
     assert "SUBCOMMAND" in capsys.readouterr().err
+
+
+def test_rerun_with_fewer_domains_and_steps_leaves_only_its_own_outputs(tmp_path, capsys):
+    """A second run into the same --out used to leave the first run's kept/ and tokens/
+    files of a domain it no longer has (encoded with the old tokenizer) and the side
+    file of a step it no longer runs."""
+    def run(domains, order):
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"""
+[[sources]]
+kind = "embedded"
+domains = {json.dumps(domains)}
+max_docs_per_domain = 4
+[steps]
+order = {json.dumps(order)}
+[tokenizer]
+vocab_size = 300
+""")
+        assert main(["data", "prepare", "--config", str(cfg), "--out", str(out),
+                     "--no-progress"]) == 0
+        capsys.readouterr()
+
+    out = tmp_path / "out"
+    run(["reference", "docstrings"], ["pii", "exact_dedup"])
+    assert (out / "kept" / "docstrings.jsonl").is_file()
+    assert (out / "dropped" / "pii.jsonl").is_file()
+    mine = [out / "NOTES.md", out / "kept" / "notes.txt", out / "tokens" / "extra.bin",
+            out / "dropped" / "by hand.jsonl"]
+    for path in mine:
+        path.write_text("not prepare's")
+    run(["reference"], ["exact_dedup"])
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(["dropped/exact_dedup.jsonl", "kept/reference.jsonl",
+                            "mixture.json", "review/index.html", "review/sample.jsonl",
+                            "review/strata.json", "stats.json", "tokenizer.json",
+                            "tokens/manifest.json", "tokens/reference.offsets.npy",
+                            "tokens/reference.tokens.npy"]
+                           + [str(p.relative_to(out)) for p in mine]), files
+
+
+def test_prepare_option_errors_name_the_option(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    for args, message in [(["--num-proc", "0"], "--num-proc must be >= 1, got 0"),
+                          (["--backend", "datasets", "--num-proc", "-2"],
+                           "--num-proc must be >= 1, got -2"),
+                          (["--out", str(cfg)], "--out: "),
+                          ]:
+        assert main(["data", "prepare", "--config", str(cfg), "--no-progress", *args]) == 2
+        err = capsys.readouterr().err
+        assert ": error: " + message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # checked before any work

@@ -142,3 +142,37 @@ vocab_size = 300
         make_featurizer("hf")
     with pytest.raises(ValueError, match="backend must be one of"):
         make_featurizer("svm")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
+    (["--threshold", "3"], "--threshold must be in [0, 1] (a probability), got 3.0"),
+    (["--threshold", "-0.1"], "--threshold must be in [0, 1]"),
+    (["--holdout", "1"], "--holdout must be in (0, 1) (the held-out fraction), got 1.0"),
+    (["--data", "nope.jsonl"], "--data: no such file 'nope.jsonl'"),
+    (["--backend", "hf"], "--encoder: --backend hf needs a local model directory"),
+])
+def test_cli_train_quality_rejects_bad_options_before_training(tmp_path, capsys, args, message):
+    """Zero epochs used to save the untrained head and exit 0; a threshold of 3 gave
+    precision and recall 0; a missing file gave a bare "[Errno 2]"."""
+    data = tmp_path / "labeled.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in
+                              zip(*labeled(n_good=10))))
+    argv = ["data", "train-quality", "--data", str(data), "--out", str(tmp_path / "m")]
+    assert main(argv + args) == 2
+    err = capsys.readouterr().err
+    assert ": error: " + message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()  # nothing trained, nothing saved
+
+
+def test_train_quality_rejects_bad_numbers(tmp_path):
+    texts, labels = labeled(n_good=10)
+    featurizer = make_featurizer("hashed")
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        train_quality(texts, labels, featurizer, str(tmp_path / "m"), epochs=0)
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\].*got 3"):
+        train_quality(texts, labels, featurizer, str(tmp_path / "m"), threshold=3)
+    with pytest.raises(ValueError, match="epochs must be >= 1, got -1"):
+        QualityClassifier(featurizer).fit(texts, labels, epochs=-1)
+    assert not (tmp_path / "m").exists()

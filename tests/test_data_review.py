@@ -115,3 +115,62 @@ def test_changed_documents_are_shown_before_and_after(tmp_path):
     sampler.write(str(tmp_path))
     page = (tmp_path / "index.html").read_text()
     assert page.count("before this step:") == 1 and "a.b@example.com" in page
+
+
+def _sample(tmp_path, n=3):
+    """A hand-made review/ directory: n dropped decisions of one stratum."""
+    review = tmp_path / "review"
+    review.mkdir()
+    items = [{"review_id": f"s/a/dropped/{i}", "step": "s", "domain": "a",
+              "decision": "dropped", "reason": "r", "id": str(i), "text": f"t{i}",
+              "text_before": None, "verdict": None} for i in range(n)]
+    (review / "sample.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
+    (review / "strata.json").write_text(json.dumps({"strata": [
+        {"step": "s", "domain": "a", "decision": "dropped", "population": 10, "sampled": n}]}))
+    return review / "sample.jsonl", items
+
+
+def test_review_errors_name_the_file_line_and_option(tmp_path, capsys):
+    sample, items = _sample(tmp_path)
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text(json.dumps({"review_id": items[0]["review_id"], "verdict": "correct"}))
+    labels = tmp_path / "new" / "labels.jsonl"  # its directory is made
+    assert main(["data", "review", "--sample", str(sample), "--verdicts", str(verdicts),
+                 "--labels-out", str(labels)]) == 0
+    assert json.loads(capsys.readouterr().out)["judged"] == 1 and labels.is_file()
+    # json.loads of the one bad line said "Expecting value: line 1 column 1", no file
+    verdicts.write_text(json.dumps({"review_id": items[0]["review_id"], "verdict": "correct"})
+                        + "\n{oops\n")
+    assert main(["data", "review", "--sample", str(sample), "--verdicts", str(verdicts)]) == 2
+    err = capsys.readouterr().err
+    assert f": error: {verdicts}, line 2: invalid JSON" in err and err.count("\n") == 1, err
+    verdicts.write_text("\n" + json.dumps({"review_id": items[1]["review_id"],
+                                           "verdict": "maybe"}) + "\n")
+    with pytest.raises(ValueError, match=r"verdicts.jsonl, line 2: verdict must be one of"):
+        read_verdicts(str(sample), str(verdicts))
+    verdicts.write_text(json.dumps([items[0]["review_id"], "correct"]) + "\n")
+    with pytest.raises(ValueError, match=r"verdicts.jsonl, line 1: expected a JSON object"):
+        read_verdicts(str(sample), str(verdicts))
+    sample.write_text(sample.read_text() + json.dumps({"id": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"sample.jsonl, line 4: missing field\(s\) "
+                                         r"\['review_id'"):
+        read_verdicts(str(sample))
+    for argv, message in [(["--sample", "nope.jsonl"], "--sample: no such file 'nope.jsonl'"),
+                          (["--sample", str(sample), "--verdicts", str(tmp_path / "no.jsonl")],
+                           "--verdicts: no such file"),
+                          (["--sample", str(tmp_path)], "--sample: "),
+                          ]:
+        assert main(["data", "review", *argv]) == 2
+        err = capsys.readouterr().err
+        assert ": error: " + message in err and "Errno" not in err, err
+
+
+def test_review_strata_file_errors_name_the_file(tmp_path, capsys):
+    sample, items = _sample(tmp_path, n=2)
+    strata = tmp_path / "review" / "strata.json"
+    strata.write_text('{"strata": [\n  {"step": "s",\n}')
+    assert main(["data", "review", "--sample", str(sample)]) == 2
+    assert f"{strata}: invalid JSON" in capsys.readouterr().err
+    strata.write_text('{"seed": 0}')
+    assert main(["data", "review", "--sample", str(sample)]) == 2
+    assert "expected an object with a 'strata' list" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def test_bad_backend_arguments(tmp_path):
         validate_config({"scale": {"backend": "dask"}})
 
 
-def test_prepare_with_datasets_backend_writes_the_same_outputs(tmp_path, capsys):
+def test_prepare_with_datasets_backend_writes_the_same_outputs(tmp_path, capfd):
     cfg = tmp_path / "c.toml"
     cfg.write_text("""
 [[sources]]
@@ -99,5 +99,31 @@ vocab_size = 300
         outs[backend] = (stats["steps"], stats["tokens"],
                          {p.name: p.read_text() for p in (out / "kept").iterdir()},
                          (out / "review" / "sample.jsonl").read_text())
-    capsys.readouterr()
+    # --no-progress covers datasets' bars ("Generating train split", the map's) too;
+    # capfd, not capsys: the map's workers are other processes
+    err = capfd.readouterr().err
+    assert "Generating" not in err and "per-document steps" not in err and "%|" not in err, err
     assert outs["serial"] == outs["datasets"]
+
+
+def test_datasets_progress_bars_follow_progress_and_restore_the_global_switch(tmp_path, capfd):
+    import datasets
+    config = validate_config({"steps": STEPS})
+    docs = _docs()[:10]
+
+    def run(progress):
+        steps = build_steps(config, None)
+        list(run_scaled(docs, steps, config["steps"], "datasets", 2, spill_dir=str(tmp_path),
+                        progress=progress))
+        return capfd.readouterr().err
+
+    assert not datasets.are_progress_bars_disabled()
+    assert "per-document steps" not in run(False)
+    assert not datasets.are_progress_bars_disabled()  # a library user keeps their bars
+    assert "per-document steps" in run(True)  # the check above can see a bar
+    datasets.disable_progress_bars()  # the user's choice stands when progress is on
+    try:
+        assert "per-document steps" not in run(True)
+        assert datasets.are_progress_bars_disabled()
+    finally:
+        datasets.enable_progress_bars()

@@ -3,17 +3,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+# Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
+# prints them as one "error:" line and exits with status 2, as argparse does. They are
+# checked before any work starts, so a typo costs nothing and leaves no half-made output.
+
+
+def _check(option: str, value: object, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{option} must be {expected}, got {value}")
+
+
+def _input_file(option: str, path: str) -> None:
+    """A bare "[Errno 2] ..." names neither the option nor what was expected."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: {path!r} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{option}: no such file {path!r}")
+
+
+def _output_dir(option: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option}: {path!r} exists and is not a directory")
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from dsv3.data.config import load_config
     from dsv3.data.prepare import prepare
+    if args.num_proc is not None:
+        _check("--num-proc", args.num_proc, args.num_proc >= 1, ">= 1")
     config = load_config(args.config)
     if args.out:
         config["output"]["dir"] = args.out
+    _output_dir("--out" if args.out else "[output] dir", config["output"]["dir"])
     if args.backend:
         config["scale"]["backend"] = args.backend
-    if args.num_proc:
+    if args.num_proc is not None:
         config["scale"]["num_proc"] = args.num_proc
     stats = prepare(config, progress=not args.no_progress, skip_malformed=args.skip_malformed)
     summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
@@ -26,6 +52,17 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _train_quality(args: argparse.Namespace) -> int:
     from dsv3.data.quality import make_featurizer, read_labeled, train_quality
+    _check("--epochs", args.epochs, args.epochs >= 1, ">= 1")
+    _check("--threshold", args.threshold, 0.0 <= args.threshold <= 1.0,
+           "in [0, 1] (a probability)")
+    _check("--holdout", args.holdout, 0.0 < args.holdout < 1.0,
+           "in (0, 1) (the held-out fraction)")
+    _input_file("--data", args.data)
+    _output_dir("--out", args.out)
+    if args.backend == "hf" and not args.encoder:
+        raise ValueError("--encoder: --backend hf needs a local model directory")
+    if args.encoder and not os.path.isdir(args.encoder):
+        raise FileNotFoundError(f"--encoder: no such directory {args.encoder!r}")
     texts, labels = read_labeled(args.data, args.text_field, args.label_field)
     featurizer = make_featurizer(args.backend, args.encoder)
     metrics = train_quality(texts, labels, featurizer, args.out, holdout=args.holdout,
@@ -35,18 +72,22 @@ def _train_quality(args: argparse.Namespace) -> int:
 
 
 def _review(args: argparse.Namespace) -> int:
-    import os
-    from dsv3.data.review import estimate_precision, read_verdicts, verdicts_to_labels
-    items = read_verdicts(args.sample, args.verdicts)
+    from dsv3.data.review import estimate_precision, read_strata, read_verdicts, verdicts_to_labels
+    _input_file("--sample", args.sample)
+    if args.verdicts:
+        _input_file("--verdicts", args.verdicts)
+    if args.labels_out and os.path.isdir(args.labels_out):
+        raise ValueError(f"--labels-out: {args.labels_out!r} is a directory, not a file")
     strata_path = os.path.join(os.path.dirname(args.sample), "strata.json")
     if not os.path.exists(strata_path):
         raise FileNotFoundError(f"--sample: no strata.json next to {args.sample!r}")
-    with open(strata_path) as f:
-        strata = json.load(f)["strata"]
+    items = read_verdicts(args.sample, args.verdicts)
+    strata = read_strata(strata_path)
     report = {"judged": sum(it["verdict"] is not None for it in items), "of": len(items),
               "steps": estimate_precision(items, strata)}
     if args.labels_out:
         rows = verdicts_to_labels(items)
+        os.makedirs(os.path.dirname(args.labels_out) or ".", exist_ok=True)
         with open(args.labels_out, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -61,13 +102,18 @@ def register(groups: argparse._SubParsersAction) -> None:
     p = commands.add_parser("prepare", help="run the pipeline from a TOML config")
     p.add_argument("--config", required=True, help="TOML file (see dsv3/data/config.py) or a "
                    "shipped config's name: demo, deepseek_v3_recipe")
-    p.add_argument("--out", help="output directory (overrides [output] dir)")
+    p.add_argument("--out", help="output directory (overrides [output] dir). A re-run into "
+                   "the same directory replaces the earlier run: once it succeeds, the "
+                   "kept/<domain>.jsonl, tokens/<domain>.*.npy and dropped/<step>.jsonl "
+                   "files this run did not write are removed; other files are left alone")
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed input records instead of stopping")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (datasets' own included)")
     p.add_argument("--backend", choices=["serial", "datasets", "spark"],
                    help="where per-document steps run (overrides [scale] backend)")
-    p.add_argument("--num-proc", type=int, help="processes / Spark cores (overrides [scale])")
+    p.add_argument("--num-proc", type=int, help="processes / Spark cores, >= 1 "
+                   "(overrides [scale] num_proc)")
     p.set_defaults(func=_prepare)
 
     q = commands.add_parser("train-quality", help="train the quality classifier on labeled jsonl "
@@ -78,9 +124,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     q.add_argument("--encoder", help="local HF encoder directory (backend hf)")
     q.add_argument("--text-field", default="text")
     q.add_argument("--label-field", default="label")
-    q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
-    q.add_argument("--threshold", type=float, default=0.5, help="keep when P(good) >= this")
-    q.add_argument("--epochs", type=int, default=20)
+    q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction, in (0, 1)")
+    q.add_argument("--threshold", type=float, default=0.5,
+                   help="keep when P(good) >= this, in [0, 1]")
+    q.add_argument("--epochs", type=int, default=20, help="full-batch training passes, >= 1")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_train_quality)
 

@@ -12,6 +12,11 @@ training); the datasets and Spark backends spill the input to parquet shards fir
     tokens/               per-domain token arrays + offsets (TokenizedCorpus)
     mixture.json          the schedule the trainer's loader will follow
     review/               the spot-check sample: sample.jsonl, strata.json, index.html
+
+A re-run into the same directory replaces these: a run that ends well removes the
+``kept/<domain>.jsonl``, ``tokens/<domain>.{tokens,offsets}.npy`` and
+``dropped/<step>.jsonl`` files an earlier run left (a domain or step it no longer
+has), so the directory holds one run; no other file there is touched.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pipeline import Pipeline
 from dsv3.data.readers import ReaderStats, read_documents, read_hf_dataset
 from dsv3.data.review import ReviewSampler
-from dsv3.data.scale import run_scaled
+from dsv3.data.scale import datasets_progress, run_scaled
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -138,8 +143,35 @@ def _resolve_learned_lexicon(config: dict, skip_malformed: bool, max_docs: int =
         config["steps"]["augment"] = {**augment, "lexicon": Lexicon.learn(texts).synonyms}
 
 
+def _stale_outputs(out: str, domains: set[str], steps: set[str]) -> list[str]:
+    """Files in ``out`` that prepare writes (by name pattern) but this run did not: an
+    earlier run's domains and steps. Anything not matching a pattern is not ours."""
+    owned = [("kept", ".jsonl", domains), ("tokens", ".tokens.npy", domains),
+             ("tokens", ".offsets.npy", domains), ("dropped", ".jsonl", steps)]
+    stale = []
+    for sub, suffix, current in owned:
+        directory = os.path.join(out, sub)
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(suffix):
+                continue
+            stem, path = name[:-len(suffix)], os.path.join(directory, name)
+            if _DOMAIN_NAME_RE.match(stem) and stem not in current and os.path.isfile(path):
+                stale.append(path)
+    return stale
+
+
 def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
-    """Run the whole preparation; returns what it wrote to ``stats.json``."""
+    """Run the whole preparation; returns what it wrote to ``stats.json``. Outputs an
+    earlier run left in the same directory and this run did not rewrite are removed
+    at the end (see :func:`_stale_outputs`). ``progress=False`` also silences the
+    progress bars of ``datasets`` (its readers and the datasets backend)."""
+    with datasets_progress(progress):
+        return _prepare(config, progress, skip_malformed)
+
+
+def _prepare(config: dict, progress: bool, skip_malformed: bool) -> dict:
     _resolve_learned_lexicon(config, skip_malformed)
     out = config["output"]["dir"]
     os.makedirs(out, exist_ok=True)
@@ -157,7 +189,8 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
             docs = pipeline.run(sources, progress=progress)
         else:
             docs = run_scaled(sources, pipeline.steps, config["steps"], scale["backend"],
-                              scale["num_proc"], spill_dir=scale.get("spill_dir"))
+                              scale["num_proc"], spill_dir=scale.get("spill_dir"),
+                              progress=progress)
             docs = _bar(docs, desc="documents kept") if progress else docs
         kept = _write_kept(docs, os.path.join(out, "kept"))
     finally:
@@ -185,6 +218,10 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
     mixture = _mixture(config, manifest)
     with open(os.path.join(out, "mixture.json"), "w") as f:
         json.dump(mixture, f, indent=2)
+    # only once this run's outputs are all written: a run that fails part way removes nothing
+    side_files = {s.name for s in pipeline.steps if s.dropped_writer is not None}
+    for path in _stale_outputs(out, set(manifest["domains"]), side_files):
+        os.remove(path)
     return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
         "readers": reader_stats, "kept_by_domain": kept, "review": review,
         "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}

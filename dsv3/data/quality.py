@@ -115,6 +115,8 @@ class QualityClassifier:
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"texts and labels must be non-empty and of equal length, got "
                              f"{len(texts)} and {len(labels)}")
+        if epochs < 1:  # zero epochs would leave the zero-initialized head: P(good) = 0.5
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
         torch.manual_seed(seed)
         features = self.featurizer(texts)
         if not isinstance(features, tuple):
@@ -202,8 +204,13 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_d
                   holdout: float = 0.2, threshold: float = 0.5, seed: int = 0,
                   epochs: int = 20) -> dict:
     """Train on a seeded (1 - holdout) split, report on the rest, save model + metrics."""
+    # checked before any training, so a bad value costs nothing and saves no model
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (a probability), got {threshold}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     cut = int(round(len(order) * (1 - holdout)))

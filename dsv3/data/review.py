@@ -23,8 +23,10 @@ import json
 import math
 import os
 from collections import Counter, defaultdict
+from typing import Iterator
 
 from dsv3.data.document import Document
+from dsv3.data.readers import _records
 
 VERDICTS = ("correct", "wrong")
 
@@ -115,27 +117,66 @@ def render_html(items: list[dict], max_chars: int = 4000) -> str:
     return _PAGE.format(items="\n".join(parts))
 
 
+_SAMPLE_FIELDS = ("review_id", "step", "domain", "decision", "text")
+
+
+def _jsonl_objects(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) per non-blank line; a line that is not a JSON object
+    stops with the file and its line named (json's own message counts lines within
+    the one line it was given, so always says "line 1")."""
+    for n, rec, error in _records(path, "jsonl"):
+        if error is None and not isinstance(rec, dict):
+            error = f"expected a JSON object, got a {type(rec).__name__}"
+        if error is not None:
+            raise ValueError(f"{path}, line {n}: {error}")
+        yield n, rec
+
+
+def _verdict(value: object, path: str, n: int) -> str | None:
+    if value not in (None, *VERDICTS):
+        raise ValueError(f"{path}, line {n}: verdict must be one of {list(VERDICTS)} or "
+                         f"null, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def read_verdicts(sample_path: str, verdicts_path: str | None = None) -> list[dict]:
     """Sample items with their verdicts: from the sample file itself, overridden by a
     separate verdicts file (``{"review_id", "verdict"}`` per line) when given."""
-    with open(sample_path, encoding="utf-8") as f:
-        items = [json.loads(line) for line in f if line.strip()]
-    by_id = {it["review_id"]: it for it in items}
+    items, by_id = [], {}
+    for n, item in _jsonl_objects(sample_path):
+        missing = [k for k in _SAMPLE_FIELDS if k not in item]
+        if missing:
+            raise ValueError(f"{sample_path}, line {n}: missing field(s) {missing} (expected "
+                             f"the review/sample.jsonl that `dsv3 data prepare` writes)")
+        item["verdict"] = _verdict(item.get("verdict"), sample_path, n)
+        items.append(item)
+        by_id[item["review_id"]] = item
     if verdicts_path:
-        with open(verdicts_path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if rec.get("review_id") not in by_id:
-                    raise ValueError(f"{verdicts_path}, line {n}: review_id "
-                                     f"{rec.get('review_id')!r} is not in {sample_path}")
-                by_id[rec["review_id"]]["verdict"] = rec.get("verdict")
-    for it in items:
-        if it["verdict"] not in (None, *VERDICTS):
-            raise ValueError(f"verdict for {it['review_id']!r} must be one of "
-                             f"{list(VERDICTS)} or null, got {it['verdict']!r}")
+        for n, rec in _jsonl_objects(verdicts_path):
+            review_id = rec.get("review_id")
+            if not isinstance(review_id, str) or review_id not in by_id:
+                raise ValueError(f"{verdicts_path}, line {n}: review_id {review_id!r} is not "
+                                 f"in {sample_path}")
+            by_id[review_id]["verdict"] = _verdict(rec.get("verdict"), verdicts_path, n)
     return items
+
+
+def read_strata(path: str) -> list[dict]:
+    """The strata (with their populations) from the strata.json the sampler wrote."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            strata = json.load(f)["strata"]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, "
+                         f"column {e.colno})") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: expected an object with a 'strata' list, as "
+                         f"`dsv3 data prepare` writes") from None
+    fields = ("step", "domain", "decision", "population")
+    if not isinstance(strata, list) or not all(
+            isinstance(s, dict) and all(k in s for k in fields) for s in strata):
+        raise ValueError(f"{path}: 'strata' must be a list of objects with {list(fields)}")
+    return strata
 
 
 def wilson(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:

@@ -22,6 +22,7 @@ worker (local disk in local mode, a shared filesystem on a cluster).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -122,15 +123,33 @@ def _map_batch(batch: dict, steps_config: dict) -> dict:
     return {k: [r[k] for r in out] for k in out[0]} if out else {}
 
 
+@contextlib.contextmanager
+def datasets_progress(enabled: bool) -> Iterator[None]:
+    """datasets' own bars ("Generating train split", the map's) off while this runs when
+    ``enabled`` is false; the global switch is put back after, so a library user who
+    wants them elsewhere keeps them. Enabled leaves the user's setting alone."""
+    import datasets
+    switch = not enabled and not datasets.are_progress_bars_disabled()
+    if switch:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            datasets.enable_progress_bars()
+
+
 def _on_datasets(paths: list[str], steps_config: dict, num_proc: int,
-                 cache_dir: str) -> Iterator[dict]:
+                 cache_dir: str, progress: bool = True) -> Iterator[dict]:
     import datasets
     # memory-mapped from the shards; the cache lives in this run's spill directory, so
-    # nothing from an earlier run can be picked up
-    ds = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir)
-    mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
-                    fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
-                    remove_columns=ds.column_names, load_from_cache_file=False)
+    # nothing from an earlier run can be picked up. Both calls do their work (and draw
+    # their bars) here; iterating the mapped dataset below draws none.
+    with datasets_progress(progress):
+        ds = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir)
+        mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
+                        fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
+                        remove_columns=ds.column_names, load_from_cache_file=False)
     yield from mapped
 
 
@@ -159,10 +178,11 @@ def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[d
 
 def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
                backend: str, num_proc: int, spill_dir: str | None = None,
-               rows_per_shard: int = 10_000) -> Iterator[Document]:
+               rows_per_shard: int = 10_000, progress: bool = True) -> Iterator[Document]:
     """Like chaining ``steps`` over ``docs``, with the leading per-document steps run
     on ``backend``. ``spill_dir``: where the input shards go (a directory every worker
-    can read; a fresh temporary directory under it is used and removed)."""
+    can read; a fresh temporary directory under it is used and removed). ``progress``:
+    false silences the backend's own progress bars (datasets'; Spark's are always off)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if num_proc < 1:
@@ -171,7 +191,8 @@ def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
     with tempfile.TemporaryDirectory(prefix="dsv3-scale-", dir=spill_dir) as tmp:
         paths = _spill(docs, tmp, rows_per_shard)
         if backend == "datasets":
-            results = _on_datasets(paths, steps_config, num_proc, os.path.join(tmp, "cache"))
+            results = _on_datasets(paths, steps_config, num_proc, os.path.join(tmp, "cache"),
+                                   progress)
         elif backend == "spark":
             results = _on_spark(paths, steps_config, num_proc)
         else:
