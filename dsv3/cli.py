@@ -4,8 +4,10 @@ Each command group is one module in :mod:`dsv3.commands` with a
 ``register(subparsers)`` function that adds its parser and sets ``func`` on it;
 ``main`` discovers the modules, so adding ``dsv3 train`` or ``dsv3 eval`` is adding one
 file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``,
-missing file or missing optional package it raises is printed as one ``dsv3: error:``
-line (the messages name the argument at fault), not a traceback.
+missing file or missing optional package it raises is printed as one
+``dsv3 COMMAND: error:`` line (the messages name the argument at fault) with exit
+status 2, as argparse does for a bad option; any other exception is a bug and keeps
+its traceback.
 """
 from __future__ import annotations
 
@@ -34,8 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        print(f"dsv3: error: {e}", file=sys.stderr)
+        print(f"{parser.prog} {args.group}: error: {e}", file=sys.stderr)
         return 2
+
+
+def usable_devices() -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["cpu"]
+    return ["cpu", "cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def check_device(name: str | None) -> None:
+    """``--device``: one this machine has, checked before any work rather than met as
+    torch's error mid-run; ``None`` (not given) is left to the command's default."""
+    if name is None:
+        return
+    import torch
+
+    available = usable_devices()
+    try:
+        known = str(torch.device(name)) in available
+    except RuntimeError:  # not a device string torch parses ("tpu")
+        known = False
+    if not known:
+        raise ValueError(f"--device {name!r} is not available on this machine; "
+                         f"available: {', '.join(available)}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """dsv3.eval end to end: ``python -m dsv3.eval`` on a tiny checkpoint with every local
 task writes eval.json / eval.md / the difficulty state, twice (the history grows);
 ``register`` plugs into a parent parser; a model that knows a leveled task's answers
-climbs a level per evaluation; the HTML fragment; errors reach the user as one line."""
+climbs a level per evaluation; the HTML fragment; errors reach the user as one line
+(`dsv3 eval --device` that this machine lacks: before the checkpoint is loaded)."""
 import argparse
 import json
 
@@ -122,3 +123,16 @@ def test_html_escapes_what_it_shows():
                "difficulty": {}}
     fragment = html_fragment(results)
     assert "&lt;b&gt;" in fragment and "<b>" not in fragment
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_dsv3_eval_names_an_unusable_device_before_loading(tmp_path, capsys, monkeypatch, device):
+    import torch
+
+    from dsv3.cli import main as dsv3_main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["eval", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
+            "--device", device]
+    assert dsv3_main(argv) == 2
+    assert capsys.readouterr().err == (f"dsv3 eval: error: --device {device!r} is not available "
+                                       f"on this machine; available: cpu\n")

@@ -48,7 +48,7 @@ def test_missing_explicit_eval_is_an_error(run, tmp_path, capsys, given):
     (tmp_path / "empty_dir").mkdir()
     assert _report(run, "--eval", str(tmp_path / given)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("dsv3: error: --eval:") and given in err and err.count("\n") == 1
+    assert err.startswith("dsv3 report: error: --eval:") and given in err and err.count("\n") == 1
     assert not (run / "report.html").exists()
 
 

@@ -1,6 +1,7 @@
 """dsv3.train: every stage runs and logs the monitoring panel; bf16 and fp16;
 gradient accumulation equals one big batch; a resumed run continues the same
-curve bit for bit; the report and the evaluation export; bad configs."""
+curve bit for bit; the report and the evaluation export; bad configs and command
+input refused up front, naming the setting; the command's summary."""
 import dataclasses
 import json
 
@@ -8,10 +9,11 @@ import pytest
 import torch
 
 from conftest import assert_close
-from dsv3.train.config import StageConfig, TrainConfig, load_config
+from dsv3.cli import main
+from dsv3.train.config import StageConfig, TrainConfig, apply_overrides, load_config
 from dsv3.train.schedule import lr_factor
 from dsv3.train.trainer import Trainer
-from train_support import synthetic_data, three_stage_config
+from train_support import synthetic_corpus, synthetic_data, three_stage_config
 
 
 def test_three_stages_log_the_panel_and_write_the_report(tmp_path):
@@ -164,3 +166,120 @@ def test_unknown_keys_and_domains(tmp_path):
         StageConfig("base", "lm", 1.0, seq_len=24, mixture_start={"gamma": 1.0})])
     with pytest.raises(ValueError, match=r"unknown domains \['gamma'\]"):
         Trainer(config, synthetic_data()).train(progress=False)
+
+
+# --- the `dsv3 train` / `dsv3 plan` command: bad input is refused up front, in one line ----
+
+DEMO = "dsv3/train/configs/demo.toml"
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.min_lr_ratio=-5", r"optim.min_lr_ratio must be in \[0, 1\], got -5"),
+    ("optim.min_lr_ratio=3", r"optim.min_lr_ratio must be in \[0, 1\], got 3"),
+    ("optim.decay_fraction=-1", r"optim.decay_fraction must be in \[0, 1\], got -1"),
+    ("optim.weight_decay=-1", "optim.weight_decay must be >= 0, got -1"),
+    ("optim.lr=NaN", "optim.lr must be a finite number, got nan"),
+    ("optim.lr=abc", "optim.lr must be a number, got 'abc'"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("optim.warmup_steps=2.5", "optim.warmup_steps must be a whole number, got 2.5"),
+    ("optim.grad_clip=Infinity", "optim.grad_clip must be a finite number, got inf"),
+    ("optim.betas=[0.9, 1]", r"optim.betas\[1\] must be in \[0, 1\), got 1"),
+    ("stages.0.lr_scale=-1", "stage 'base': lr_scale must be > 0, got -1"),
+    ("stages.2.dpo_beta=0", "stage 'preference': dpo_beta must be > 0, got 0"),
+    ('stages.1.mixture_end={"code": 0}', "stage 'domain': mixture_end needs a weight > 0"),
+    ("stages.0.seq_len=64.5", "stage 'base': seq_len must be a whole number, got 64.5"),
+    ("stages.0.fraction=0.6.1", "stage 'base': fraction must be a number, got '0.6.1'"),
+])
+def test_nonsense_settings_are_refused_naming_the_setting(override, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_config(DEMO, ["optim.schedule=wsd", override])
+
+
+def test_a_stage_longer_than_the_model_is_refused_before_any_training(tmp_path, capsys):
+    too_long = ["--set", "stages.1.seq_len=300", "--set", "stages.1.seq_len_start=290"]
+    message = ("stage 'domain' (stages.1): seq_len=300 exceeds the model's max_seq_len=256")
+    assert main(["plan", "--config", DEMO, *too_long]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["train", "--config", DEMO, "--out", str(tmp_path / "run"), *too_long]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"stage 'base' \(stages.0\): fraction=0.6 of steps=1"):
+        load_config(DEMO, ["steps=1"])  # a stage left without a step
+
+
+def test_set_overrides_edit_the_defaults_or_name_the_bad_override(capsys):
+    config = load_config(None, ["stages.0.seq_len=32"])  # no --config: the default stage
+    assert [(s.name, s.seq_len) for s in config.stages] == [("base", 32)]
+    assert main(["plan", "--config", DEMO, "--set", "stages.9.seq_len=64"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("dsv3 plan: error: --set 'stages.9.seq_len=64': '9' is not an index of "
+                   "stages (a list of length 3; valid indices: 0 to 2)\n")
+    for override, match in [("steps.x=1", "steps is 600, not a table or list"),
+                            ("optim..lr=1", "--set expects key=value"),
+                            ("stages.0.seqlen=64", r"stages.0: unknown keys \['seqlen'\]"),
+                            ("model_overrides.dims=8", r"model_overrides: unknown keys \['dims'\]"),
+                            ("optim=3", "optim must be a dict, got 3")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            load_config(DEMO, [override])
+
+
+def test_internal_errors_keep_their_traceback(monkeypatch):
+    import dsv3.commands.train as train_command
+
+    def broken(args):
+        raise KeyError("a bug, not bad input")
+
+    monkeypatch.setattr(train_command, "_train", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["train"])
+
+
+@pytest.mark.parametrize("device, cuda", [("tpu", False), ("cuda", False), ("cuda:1", True)])
+def test_an_unusable_device_is_named(tmp_path, capsys, monkeypatch, device, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(cuda))
+    assert main(["train", "--out", str(tmp_path / "run"), "--device", device]) == 2
+    available = "cpu, cuda, cuda:0" if cuda else "cpu"
+    assert capsys.readouterr().err == (f"dsv3 train: error: --device {device!r} is not available "
+                                       f"on this machine; available: {available}\n")
+
+
+def _command_run(tmp_path, **overrides) -> list[str]:
+    """`dsv3 train` arguments for the tiny three-stage run on the synthetic corpus."""
+    data = tmp_path / "data"
+    synthetic_corpus().save(data / "tokens")
+    (data / "mixture.json").write_text(json.dumps({"weights": {"alpha": 0.5, "beta": 0.5}}))
+    config = tmp_path / "run.yaml"  # JSON is YAML
+    config.write_text(json.dumps(three_stage_config(tmp_path / "out", **overrides).to_dict()))
+    return ["train", "--config", str(config), "--data", str(data), "--no-progress"]
+
+
+def test_the_summary_reports_the_last_stages_own_loss(tmp_path, capsys):
+    assert main(_command_run(tmp_path)) == 0
+    summary = json.loads(capsys.readouterr().out)
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
+    assert summary["first_logged_loss"] == {"stage": "base", "step": 5, "loss": records[0]["loss"]}
+    assert summary["last_stage_loss"] == {"stage": "preference", "step": 20,
+                                          "dpo/loss": records[-1]["dpo/loss"]}
+
+
+def test_resuming_under_other_settings_says_which_and_what_to_do(tmp_path, capsys):
+    trainer = Trainer(three_stage_config(tmp_path / "out"), synthetic_data())
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()
+    command = _command_run(tmp_path)
+    assert main(command + ["--set", "steps=30", "--set", "stages.0.seq_len=32"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of a run with other settings (steps: 20 -> 30; " \
+           "stages.0.seq_len: 24 -> 32)" in err
+    assert "--no-resume" in err and "--out NEW_DIR" in err
+    # a later stage the run has not reached yet may still change
+    assert check_resume_conflicts(tmp_path / "out", "stages.1.seq_len=40") == []
+
+
+def check_resume_conflicts(out_dir, override):
+    from dsv3.train.checkpoint import resume_conflicts, saved_run
+    config = three_stage_config(out_dir)
+    changed = apply_overrides(config.to_dict(), [override])
+    return resume_conflicts(saved_run(out_dir), changed)

@@ -12,6 +12,8 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from dsv3.cli import check_device
+    from dsv3.train.checkpoint import check_resume
     from dsv3.train.config import load_config
     from dsv3.train.data import TrainData
     from dsv3.train.trainer import Trainer
@@ -22,6 +24,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.data:
         overrides.append(f"data_dir={args.data}")
     config = load_config(args.config, overrides)
+    check_device(args.device)
+    if not args.no_resume:
+        check_resume(config.out_dir, config.to_dict())
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -34,12 +39,25 @@ def _train(args: argparse.Namespace) -> int:
         if distributed:
             dist.destroy_process_group()
     if trainer.rank == 0:
-        losses = [r["loss"] for r in history if "loss" in r]
+        last = len(config.stages) - 1
         print(json.dumps({"out_dir": config.out_dir, "steps": trainer.step,
-                          "first_logged_loss": losses[0] if losses else None,
-                          "last_logged_loss": losses[-1] if losses else None,
+                          "first_logged_loss": _logged_loss(history[:1], config),
+                          "last_stage_loss": _logged_loss(
+                              [r for r in history if r["stage"] == last][-1:], config),
                           "report": os.path.join(config.out_dir, "report.html")}, indent=2))
     return 0
+
+
+def _logged_loss(records: list[dict], config) -> dict | None:
+    """The loss of ``records``' one record (none: None) under its metrics name: ``loss``,
+    or ``dpo/loss`` for a DPO stage (another quantity, on another scale), with its
+    stage and step."""
+    if not records:
+        return None
+    (record,) = records
+    stage = config.stages[record["stage"]]
+    name = "dpo/loss" if stage.kind == "dpo" else "loss"
+    return {"stage": stage.name, "step": record["step"], name: record.get(name)}
 
 
 def register(groups: argparse._SubParsersAction) -> None:
@@ -50,7 +68,7 @@ def register(groups: argparse._SubParsersAction) -> None:
                              "(repeatable; values parse as JSON when they can)")
     parser.add_argument("--data", help="prepared data directory (overrides data_dir)")
     parser.add_argument("--out", help="output directory (overrides out_dir)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--no-resume", action="store_true",
                         help="start over even if out_dir holds a checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -35,6 +35,47 @@ def load_state(out_dir: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def saved_run(out_dir: Path) -> dict | None:
+    """The checkpoint's config and loader position, its tensors memory-mapped rather
+    than read: enough to check a resume before building the model."""
+    path = checkpoint_path(out_dir)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return {"config": state["config"], "loader": state["loader"]}
+
+
+def resume_conflicts(saved: dict, config: dict) -> list[str]:
+    """``"setting: saved -> now"`` for each setting that shapes the data stream a resumed
+    run continues (the step split and batch shape of the stage it stopped in): with
+    one changed, the saved stream position means nothing to the new run."""
+    old, new = saved["config"], config
+    if len(old["stages"]) != len(new["stages"]):
+        return [f"stages: {len(old['stages'])} -> {len(new['stages'])} stages"]
+    stopped_in = saved["loader"]["stage"] if saved["loader"] else 0
+    names = ["steps", "micro_batch", "grad_accum"]
+    names += [f"stages.{i}.fraction" for i in range(len(new["stages"]))]
+    names += [f"stages.{i}.seq_len" for i in range(stopped_in + 1)]
+    return [f"{name}: {_lookup(old, name)!r} -> {_lookup(new, name)!r}" for name in names
+            if _lookup(old, name) != _lookup(new, name)]
+
+
+def _lookup(config: dict, name: str):
+    node = config
+    for part in name.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def check_resume(out_dir: Path, config: dict) -> None:
+    saved = saved_run(out_dir)
+    conflicts = resume_conflicts(saved, config) if saved is not None else []
+    if conflicts:
+        raise ValueError(f"{out_dir} holds a checkpoint of a run with other settings "
+                         f"({'; '.join(conflicts)}), so it cannot be resumed under this config: "
+                         f"pass --no-resume to start over there, or --out NEW_DIR to keep it")
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():

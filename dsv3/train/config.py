@@ -9,6 +9,7 @@ frozen copy of the model as it entered the stage), its own domain-mixture
 schedule and sequence length."""
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,52 @@ from dsv3.train.schedule import SCHEDULES
 
 STAGE_KINDS = ("lm", "curriculum", "dpo")
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _check_int(field: str, value, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{field} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{field} must be >= {minimum}, got {value}")
+
+
+def _check_number(field: str, value, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """A finite int or float between ``low`` and ``high`` (excluded when ``*_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if high is None:
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{field} must be {expected}, got {value!r}")
+
+
+def _check_type(field: str, value, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{field} must be a {kind.__name__}, got {value!r}")
+
+
+def _from_dict(cls, field: str, raw):
+    """``cls(**raw)`` with unknown or missing keys named by ``field`` (not by ``__init__``)."""
+    if isinstance(raw, cls):
+        return raw
+    _check_type(field, raw, dict)
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{field}: unknown keys {unknown}; known: {sorted(known)}")
+    missing = [f.name for f in fields if f.name not in raw and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{field}: missing {missing}")
+    return cls(**raw)
 
 
 @dataclass
@@ -35,21 +82,31 @@ class StageConfig:
     lr_scale: float = 1.0  # DPO usually wants a smaller learning rate (its schedule restarts)
 
     def __post_init__(self):
+        _check_type("stage name", self.name, str)
+        where = f"stage {self.name!r}:"
         if self.kind not in STAGE_KINDS:
-            raise ValueError(f"stage {self.name!r}: kind must be one of {STAGE_KINDS}, "
-                             f"got {self.kind!r}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"stage {self.name!r}: fraction must be in (0, 1], got {self.fraction}")
-        if self.seq_len < 2:
-            raise ValueError(f"stage {self.name!r}: seq_len must be >= 2, got {self.seq_len}")
-        if self.seq_len_start is not None and not 2 <= self.seq_len_start <= self.seq_len:
-            raise ValueError(f"stage {self.name!r}: seq_len_start must be in [2, seq_len="
-                             f"{self.seq_len}], got {self.seq_len_start}")
+            raise ValueError(f"{where} kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        _check_number(f"{where} fraction", self.fraction, 0, 1, low_open=True)
+        _check_int(f"{where} seq_len", self.seq_len, 2)
+        if self.seq_len_start is not None:
+            _check_int(f"{where} seq_len_start", self.seq_len_start)
+            if not 2 <= self.seq_len_start <= self.seq_len:
+                raise ValueError(f"{where} seq_len_start must be in [2, seq_len={self.seq_len}], "
+                                 f"got {self.seq_len_start}")
         for name in ("mixture_start", "mixture_end"):
-            weights = getattr(self, name)
-            if any((not isinstance(w, (int, float))) or w < 0 for w in weights.values()):
-                raise ValueError(f"stage {self.name!r}: {name} weights must be numbers >= 0, "
-                                 f"got {weights}")
+            self._check_mixture(name, getattr(self, name))
+        _check_number(f"{where} dpo_beta", self.dpo_beta, 0, low_open=True)
+        # 0 would train nothing, a negative scale would climb the loss
+        _check_number(f"{where} lr_scale", self.lr_scale, 0, low_open=True)
+
+    def _check_mixture(self, name: str, weights) -> None:
+        _check_type(f"stage {self.name!r}: {name}", weights, dict)
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+               or w < 0 for w in weights.values()):
+            raise ValueError(f"stage {self.name!r}: {name} weights must be finite numbers >= 0, "
+                             f"got {weights}")
+        if weights and not sum(weights.values()) > 0:  # normalized by their sum
+            raise ValueError(f"stage {self.name!r}: {name} needs a weight > 0, got {weights}")
 
 
 @dataclass
@@ -64,13 +121,21 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
     def __post_init__(self):
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise TypeError(f"optim.betas must be a pair like [0.9, 0.95], got {self.betas!r}")
         self.betas = tuple(self.betas)
+        for i, beta in enumerate(self.betas):  # Adam's moving averages need beta < 1
+            _check_number(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not self.lr > 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("optim.warmup_steps and optim.grad_clip must be >= 0")
+        _check_number("optim.lr", self.lr, 0, low_open=True)
+        _check_number("optim.weight_decay", self.weight_decay, 0)
+        _check_int("optim.warmup_steps", self.warmup_steps, 0)
+        # the floor of the decay as a share of lr: below 0 the lr turns negative (gradient
+        # ascent), above 1 it rises
+        _check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
+        _check_number("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
@@ -93,9 +158,9 @@ class TrainConfig:
     stages: list = field(default_factory=lambda: [StageConfig("base")])
 
     def __post_init__(self):
-        if isinstance(self.optim, dict):
-            self.optim = OptimConfig(**self.optim)
-        self.stages = [StageConfig(**s) if isinstance(s, dict) else s for s in self.stages]
+        self.optim = _from_dict(OptimConfig, "optim", self.optim)
+        _check_type("stages", self.stages, list)
+        self.stages = [_from_dict(StageConfig, f"stages.{i}", s) for i, s in enumerate(self.stages)]
         if not self.stages:
             raise ValueError("stages must list at least one stage")
         total = sum(s.fraction for s in self.stages)
@@ -111,10 +176,35 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("save_every", "compress_start_iter"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("seed", self.seed)
+        for name in ("out_dir", "data_dir", "model"):
+            _check_type(name, getattr(self, name), str)
+        _check_type("model_overrides", self.model_overrides, dict)
+        _check_type("compress_grads", self.compress_grads, bool)
         if self.stages[0].kind == "dpo":
             raise ValueError("the first stage cannot be dpo: it needs a trained reference model")
+        self._check_stages_fit(self.model_config())
+
+    def _check_stages_fit(self, model: ModelConfig) -> None:
+        """Each stage against the model and the step count, here rather than when the
+        stage starts, after the earlier stages trained."""
+        for i, (stage, steps) in enumerate(zip(self.stages, self.stage_steps())):
+            where = f"stage {stage.name!r} (stages.{i})"
+            if stage.seq_len > model.max_seq_len:
+                raise ValueError(f"{where}: seq_len={stage.seq_len} exceeds the model's "
+                                 f"max_seq_len={model.max_seq_len} (model {self.model!r}); lower "
+                                 f"the seq_len or raise model_overrides.max_seq_len")
+            if steps < 1:
+                raise ValueError(f"{where}: fraction={stage.fraction:g} of steps={self.steps} is "
+                                 f"{steps} optimizer steps; raise steps or the fraction")
 
     def model_config(self) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"model_overrides: unknown keys {unknown}; known: {sorted(known)}")
         return preset(self.model, **self.model_overrides)
 
     def stage_steps(self) -> list[int]:
@@ -135,23 +225,34 @@ def _parse_value(text: str):
         return text
 
 
+def _key_in(node, part: str, where: str, item: str):
+    """``part`` as a key of ``node`` (the table or list at ``where``) for ``--set item``."""
+    if isinstance(node, dict):
+        return part
+    if not isinstance(node, list):
+        raise ValueError(f"--set {item!r}: {where} is {node!r}, not a table or list")
+    if not part.isdigit() or int(part) >= len(node):
+        valid = f"0 to {len(node) - 1}" if node else "none"
+        raise ValueError(f"--set {item!r}: {part!r} is not an index of {where} (a list of "
+                         f"length {len(node)}; valid indices: {valid})")
+    return int(part)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``["optim.lr=1e-3", "stages.0.seq_len=64"]`` applied to the raw config dict."""
+    """``["optim.lr=1e-3", "stages.0.seq_len=64"]`` applied to the raw config dict; a
+    missing table is created (``optim.lr`` without an ``[optim]`` table)."""
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"--set expects key=value (key like optim.lr or stages.0.seq_len), "
+                             f"got {item!r}")
+        *path, last = parts
         node = raw
-        for part in path:
-            if isinstance(node, list):
-                node = node[int(part)]
-            else:
-                node = node.setdefault(part, {})
-        if isinstance(node, list):
-            node[int(last)] = _parse_value(value)
-        else:
-            node[last] = _parse_value(value)
+        for i, part in enumerate(path):
+            k = _key_in(node, part, ".".join(path[:i]) or "the config", item)
+            node = node.setdefault(k, {}) if isinstance(node, dict) else node[k]
+        node[_key_in(node, last, ".".join(path) or "the config", item)] = _parse_value(value)
     return raw
 
 
@@ -167,6 +268,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raw = yaml.safe_load(path.read_text()) or {}
         else:
             raw = tomllib.loads(path.read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path}: expected a table of settings, got {raw!r}")
+    if "stages" not in raw:  # ``--set stages.0.seq_len=..`` edits the default stages
+        raw["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
     raw = apply_overrides(raw, list(overrides))
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
