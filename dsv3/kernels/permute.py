@@ -28,6 +28,13 @@ def _mapped_row(row_map_ptr, ok_ptr, index, n_rows):
 
 
 @triton.jit
+def _where(flag, block_mask):
+    """block_mask where the scalar flag holds. (Not ``block_mask & flag``: triton 3.9's
+    interpreter gives that an int32 type, which a load or store mask cannot have.)"""
+    return tl.where(flag, block_mask, False)
+
+
+@triton.jit
 def _permute_rows_kernel(x_ptr, row_map_ptr, out_ptr, ok_ptr, n_rows, dim, top_k,
                          BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
@@ -36,7 +43,7 @@ def _permute_rows_kernel(x_ptr, row_map_ptr, out_ptr, ok_ptr, n_rows, dim, top_k
     row = tl.load(x_ptr + token.to(tl.int64) * dim + cols, mask=mask)
     for k in range(top_k):
         dest, in_range = _mapped_row(row_map_ptr, ok_ptr, token * top_k + k, n_rows)
-        tl.store(out_ptr + dest * dim + cols, row, mask=mask & in_range)
+        tl.store(out_ptr + dest * dim + cols, row, mask=_where(in_range, mask))
 
 
 @triton.jit
@@ -48,7 +55,8 @@ def _unpermute_kernel(y_ptr, row_map_ptr, weights_ptr, out_ptr, ok_ptr, n_rows, 
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for k in range(top_k):
         src, in_range = _mapped_row(row_map_ptr, ok_ptr, token * top_k + k, n_rows)
-        row = tl.load(y_ptr + src * dim + cols, mask=mask & in_range, other=0.0).to(tl.float32)
+        row = tl.load(y_ptr + src * dim + cols, mask=_where(in_range, mask), other=0.0)
+        row = row.to(tl.float32)
         if HAS_WEIGHTS:
             row = row * tl.load(weights_ptr + token * top_k + k).to(tl.float32)
         acc += row
@@ -67,7 +75,7 @@ def _unpermute_backward_kernel(grad_ptr, y_ptr, row_map_ptr, weights_ptr, grad_r
         dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
         for d0 in range(0, dim, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
-            mask = (cols < dim) & in_range
+            mask = _where(in_range, cols < dim)
             grad = tl.load(grad_ptr + token.to(tl.int64) * dim + cols, mask=mask, other=0.0)
             grad = grad.to(tl.float32)
             y = tl.load(y_ptr + row * dim + cols, mask=mask, other=0.0).to(tl.float32)
