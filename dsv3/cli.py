@@ -4,7 +4,7 @@ Each command group is one module in :mod:`dsv3.commands` with a
 ``register(subparsers)`` function that adds its parser and sets ``func`` on it;
 ``main`` discovers the modules, so adding ``dsv3 train`` or ``dsv3 eval`` is adding one
 file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``,
-missing file or missing optional package it raises is printed as one
+unusable path (missing, a directory, not writable) or missing optional package it raises is printed as one
 ``dsv3 COMMAND: error:`` line (the messages name the argument at fault) with exit
 status 2, as argparse does for a bad option; any other exception is a bug and keeps
 its traceback.
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    # OSError: a path the user gave that is missing, a directory, or not writable.
+    except (ValueError, TypeError, OSError, ImportError) as e:
         print(f"{parser.prog} {args.group}: error: {e}", file=sys.stderr)
         return 2
 
