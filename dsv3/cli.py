@@ -3,11 +3,11 @@
 Each command group is one module in :mod:`dsv3.commands` with a
 ``register(subparsers)`` function that adds its parser and sets ``func`` on it;
 ``main`` discovers the modules, so adding ``dsv3 train`` or ``dsv3 eval`` is adding one
-file, with no edit here. A handler returns an exit code; a ``ValueError``/``TypeError``,
-unusable path (missing, a directory, not writable) or missing optional package it raises is printed as one
-``dsv3 COMMAND: error:`` line (the messages name the argument at fault) with exit
-status 2, as argparse does for a bad option; any other exception is a bug and keeps
-its traceback.
+file, with no edit here. A handler returns an exit code; bad input it raises
+(dsv3.user_errors: a ValueError/TypeError naming the setting at fault, a path that
+is missing, a directory or not writable, a missing optional package) is printed as
+one ``dsv3 COMMAND: error:`` line with exit status 2, as argparse does for a bad
+option; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pkgutil
 import sys
 
 import dsv3.commands
+from dsv3.user_errors import is_bad_input
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    # OSError: a path the user gave that is missing, a directory, or not writable.
-    except (ValueError, TypeError, OSError, ImportError) as e:
+    except Exception as e:
+        if not is_bad_input(e):
+            raise
         print(f"{parser.prog} {args.group}: error: {e}", file=sys.stderr)
         return 2
 

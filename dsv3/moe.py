@@ -240,9 +240,10 @@ class MoE(nn.Module):
         """Drop the copies past each expert's capacity (later tokens first): they get
         expert id -1 (permuted after every expert, never computed) and weight 0."""
         c = self.config
-        # No expert can take more than every copy: a larger capacity changes nothing.
-        capacity = min(math.ceil(c.capacity_factor * n_tokens * c.top_k / c.n_experts),
-                       n_tokens * c.top_k)
+        # An expert takes at most one copy per token: a factor past E/K changes nothing,
+        # and capping it first keeps factor * T * K finite (1e308 overflowed).
+        factor = min(c.capacity_factor, c.n_experts / c.top_k)
+        capacity = math.ceil(factor * n_tokens * c.top_k / c.n_experts)
         offsets_E, row_map_TK = ops.expert_index(experts_TK, c.n_experts)
         starts_E = offsets_E - counts_E
         rank_TK = row_map_TK - starts_E[experts_TK.long()]  # position within its expert

@@ -165,6 +165,38 @@ vocab_size = 300
                            + [str(p.relative_to(out)) for p in mine]), files
 
 
+def test_rerun_removes_only_what_the_last_run_listed_never_a_source(tmp_path, capsys):
+    """Stale outputs are the files the previous run's stats.json lists, not whatever
+    matches their names: a user's input that sits in kept/ and looks like a domain's
+    output (here the source of the run itself) survives every re-run."""
+    out = tmp_path / "out"
+    source = out / "kept" / "raw_2023.jsonl"
+    source.parent.mkdir(parents=True)
+    source.write_text("".join(json.dumps({"text": f"Document {i} about the topic at hand, "
+                                                  f"long enough to keep. " * 3, "id": str(i)})
+                              + "\n" for i in range(12)))
+    other = out / "tokens" / "old.tokens.npy"  # named like an output; no run wrote it
+    other.parent.mkdir()
+    other.write_text("mine")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[[sources]]
+kind = "jsonl"
+paths = ["{source}"]
+default_domain = "web"
+[steps]
+order = []
+[tokenizer]
+vocab_size = 300
+""")
+    for _ in range(2):
+        assert main(["data", "prepare", "--config", str(cfg), "--out", str(out),
+                     "--no-progress"]) == 0, capsys.readouterr().err
+    assert source.is_file() and other.read_text() == "mine"
+    stats = json.loads((out / "stats.json").read_text())
+    assert "kept/web.jsonl" in stats["outputs"] and (out / "kept" / "web.jsonl").is_file()
+
+
 def test_prepare_option_errors_name_the_option(tmp_path, capsys):
     cfg = _config(tmp_path)
     for args, message in [(["--num-proc", "0"], "--num-proc must be >= 1, got 0"),

@@ -314,10 +314,11 @@ def test_config_rejects_values_of_the_wrong_type(overrides, pattern):
 
 
 def test_capacity_past_every_copy_drops_nothing():
-    """A capacity factor of 1e300 means "never drop"; it must not overflow."""
-    moe = MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2, capacity_factor=1e300))
-    moe(torch.randn(6, 8))
-    assert moe.last_stats.dropped_tokens.item() == 0
+    """A capacity factor of 1e308 means "never drop"; it must not overflow."""
+    for factor in (1e308, 2.0):  # 2.0 = E / K exactly: each expert can take every token
+        moe = MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2, capacity_factor=factor))
+        moe(torch.randn(6, 8))
+        assert moe.last_stats.dropped_tokens.item() == 0
 
 
 def small_moe():

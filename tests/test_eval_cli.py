@@ -137,19 +137,3 @@ def test_dsv3_eval_names_an_unusable_device_before_loading(tmp_path, capsys, mon
     assert capsys.readouterr().err == (f"dsv3 eval: error: --device {device!r} is not available "
                                        f"on this machine; available: cpu\n")
 
-
-
-def test_an_unwritable_path_is_one_error_line(tmp_path, capsys, monkeypatch):
-    """An OSError (a path the user gave that cannot be written or read) is bad input:
-    one error line and status 2, like a missing file; not a traceback."""
-    import dsv3.commands.report as report_command
-    from dsv3.cli import main
-
-    def unwritable(args):
-        raise PermissionError(13, "Permission denied", str(tmp_path / "report.html"))
-
-    monkeypatch.setattr(report_command, "_report", unwritable)
-    status = main(["report", "--run", str(tmp_path)])
-    err = capsys.readouterr().err.strip()
-    assert status == 2 and err.startswith("dsv3 report: error:"), err
-    assert "Permission denied" in err and "report.html" in err and err.count("\n") == 0

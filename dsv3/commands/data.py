@@ -19,7 +19,7 @@ def _input_file(option: str, path: str) -> None:
     """A bare "[Errno 2] ..." names neither the option nor what was expected."""
     if os.path.isdir(path):
         raise ValueError(f"{option}: {path!r} is a directory, not a file")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # not isfile: a pipe (--data <(zcat x.gz)) is readable too
         raise FileNotFoundError(f"{option}: no such file {path!r}")
 
 
@@ -104,8 +104,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                    "shipped config's name: demo, deepseek_v3_recipe")
     p.add_argument("--out", help="output directory (overrides [output] dir). A re-run into "
                    "the same directory replaces the earlier run: once it succeeds, the "
-                   "kept/<domain>.jsonl, tokens/<domain>.*.npy and dropped/<step>.jsonl "
-                   "files this run did not write are removed; other files are left alone")
+                   "kept/, tokens/ and dropped/ files that the earlier run's stats.json "
+                   "lists and this run did not write are removed; no other file, and no "
+                   "source, is touched")
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed input records instead of stopping")
     p.add_argument("--no-progress", action="store_true",

@@ -14,12 +14,13 @@ training); the datasets and Spark backends spill the input to parquet shards fir
     review/               the spot-check sample: sample.jsonl, strata.json, index.html
 
 A re-run into the same directory replaces these: a run that ends well removes the
-``kept/<domain>.jsonl``, ``tokens/<domain>.{tokens,offsets}.npy`` and
-``dropped/<step>.jsonl`` files an earlier run left (a domain or step it no longer
-has), so the directory holds one run; no other file there is touched.
+``kept/``, ``tokens/`` and ``dropped/`` files that the previous run listed as its
+outputs in stats.json and this run did not write (a domain or step it no longer
+has), so the directory holds one run. No other file is touched, nor any source.
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
@@ -143,29 +144,50 @@ def _resolve_learned_lexicon(config: dict, skip_malformed: bool, max_docs: int =
         config["steps"]["augment"] = {**augment, "lexicon": Lexicon.learn(texts).synonyms}
 
 
-def _stale_outputs(out: str, domains: set[str], steps: set[str]) -> list[str]:
-    """Files in ``out`` that prepare writes (by name pattern) but this run did not: an
-    earlier run's domains and steps. Anything not matching a pattern is not ours."""
-    owned = [("kept", ".jsonl", domains), ("tokens", ".tokens.npy", domains),
-             ("tokens", ".offsets.npy", domains), ("dropped", ".jsonl", steps)]
-    stale = []
-    for sub, suffix, current in owned:
-        directory = os.path.join(out, sub)
-        if not os.path.isdir(directory):
-            continue
-        for name in sorted(os.listdir(directory)):
-            if not name.endswith(suffix):
-                continue
-            stem, path = name[:-len(suffix)], os.path.join(directory, name)
-            if _DOMAIN_NAME_RE.match(stem) and stem not in current and os.path.isfile(path):
-                stale.append(path)
-    return stale
+def _outputs(domains, steps) -> list[str]:
+    """The files a run writes per domain and per side-file step, relative to --out."""
+    return sorted([f"kept/{d}.jsonl" for d in domains] + [f"dropped/{s}.jsonl" for s in steps]
+                  + [f"tokens/{d}.{part}.npy" for d in domains for part in ("tokens", "offsets")])
+
+
+_OUTPUT_RE = re.compile(r"^(kept|dropped)/[A-Za-z0-9_.-]+\.jsonl$"
+                        r"|^tokens/[A-Za-z0-9_.-]+\.(tokens|offsets)\.npy$")
+
+
+def _previous_outputs(out: str) -> set[str]:
+    """What the last run into ``out`` listed as written in its stats.json: only those
+    may be removed as stale (a run from before the list was kept removes nothing; a
+    file of the user's that merely looks like an output is never touched)."""
+    try:
+        with open(os.path.join(out, "stats.json"), encoding="utf-8") as f:
+            listed = json.load(f).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {p for p in listed if isinstance(p, str) and _OUTPUT_RE.match(p)}
+
+
+def _source_files(config: dict) -> set[str]:
+    """Every file the sources read: never removed, whatever a stats.json lists."""
+    files = set()
+    for src in config.get("sources", []):
+        paths = src.get("paths", [])
+        for pattern in [paths] if isinstance(paths, str) else paths:
+            files.update(os.path.realpath(p) for p in glob.glob(os.fspath(pattern)))
+    return files
+
+
+def _remove_stale(out: str, previous: set[str], current: list[str], config: dict) -> None:
+    keep = _source_files(config)
+    for relative in sorted(previous - set(current)):
+        path = os.path.join(out, relative)
+        if os.path.isfile(path) and os.path.realpath(path) not in keep:
+            os.remove(path)
 
 
 def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
     """Run the whole preparation; returns what it wrote to ``stats.json``. Outputs an
     earlier run left in the same directory and this run did not rewrite are removed
-    at the end (see :func:`_stale_outputs`). ``progress=False`` also silences the
+    at the end (see :func:`_previous_outputs`). ``progress=False`` also silences the
     progress bars of ``datasets`` (its readers and the datasets backend)."""
     with datasets_progress(progress):
         return _prepare(config, progress, skip_malformed)
@@ -175,6 +197,7 @@ def _prepare(config: dict, progress: bool, skip_malformed: bool) -> dict:
     _resolve_learned_lexicon(config, skip_malformed)
     out = config["output"]["dir"]
     os.makedirs(out, exist_ok=True)
+    previous = _previous_outputs(out)
     t0 = time.perf_counter()
     reader_stats: list[dict] = []
     review_cfg = dict(config["review"])
@@ -220,9 +243,10 @@ def _prepare(config: dict, progress: bool, skip_malformed: bool) -> dict:
         json.dump(mixture, f, indent=2)
     # only once this run's outputs are all written: a run that fails part way removes nothing
     side_files = {s.name for s in pipeline.steps if s.dropped_writer is not None}
-    for path in _stale_outputs(out, set(manifest["domains"]), side_files):
-        os.remove(path)
+    outputs = _outputs(manifest["domains"], side_files)
+    _remove_stale(out, previous, outputs, config)
     return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
+        "outputs": outputs,
         "readers": reader_stats, "kept_by_domain": kept, "review": review,
         "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}
                          for s in pipeline.steps if isinstance(s, Augmenter)}, "tokens": manifest,

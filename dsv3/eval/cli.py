@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from dsv3.user_errors import is_bad_input
+
 DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
                "perplexity, cloze and multiple choice with dynamic difficulty, BLEU/chrF, "
                "toxicity and bias; writes eval.json and eval.md.")
@@ -81,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+    except Exception as e:
+        if not is_bad_input(e):
+            raise
         print(f"dsv3 eval: error: {e}", file=sys.stderr)
         return 2
