@@ -146,7 +146,9 @@ class MoE(nn.Module):
         if ep_group is not None:
             # Imported here: the distributed layer sits above the modules, and only
             # an expert-parallel layer needs it.
+            from dsv3.distributed.compress import check_group
             from dsv3.distributed.expert_parallel import local_expert_range
+            check_group("MoE: ep_group", ep_group)
             if c.capacity_factor is not None:
                 raise ValueError("MoE: ep_group needs a dropless config (capacity_factor=None), "
                                  f"got capacity_factor={c.capacity_factor}")
@@ -169,6 +171,16 @@ class MoE(nn.Module):
         self.last_stats: MoEStats | None = None
         self.collect_router_entropy = False  # monitoring: see MoEStats.router_entropy
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) would cast the selection bias too, and its steps
+        # (bias_update_rate, 1e-3) vanish below bf16's resolution near 0.5: the bias
+        # stays fp32, following the device only, as MoE(..., dtype=...) keeps it.
+        bias = self.expert_bias
+        module = super()._apply(fn, recurse)
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(self.expert_bias.device)
+        return module
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, applied per expert (fan-in of one expert)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsv3 import MoE, MoEConfig, ops
+from dsv3.distributed.compress import CompressionState
 
 I32 = torch.int32
 META = "meta"  # a device no CPU tensor is on: stands in for "the wrong device"
@@ -390,3 +391,15 @@ def test_gather_rejects_a_row_map_with_repeats_on_every_backend(backend, monkeyp
     with pytest.raises(ValueError, match="row_map_TK"):
         ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3), offsets(1, 3),
                               tokens(0, 1, 1, 2).view(2, 2))
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2), ep_group="world"),
+     "MoE: ep_group"),
+    (lambda: CompressionState(process_group="world"), "CompressionState: process_group"),
+])
+def test_a_process_group_argument_that_is_not_one_is_named(make, name):
+    """A string where a ProcessGroup goes failed deep in torch ("'str' object has no
+    attribute 'size'"), naming neither the argument nor what it should be."""
+    with pytest.raises(TypeError, match=f"{name} must be a torch.distributed ProcessGroup"):
+        make()

@@ -228,6 +228,23 @@ def test_stats_and_aux_losses():
     assert moe.router.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("cast", ["to", "half"])
+def test_the_selection_bias_stays_fp32_when_the_layer_is_cast(cast):
+    """Steps of 1e-3 vanish in a bf16/fp16 bias near 0.5: model.to(bf16) must leave it
+    fp32, as building the layer in that dtype does, and its updates must still land."""
+    moe = make_moe(score="sigmoid", aux_loss_coef=0.0, bias_update_rate=1e-3)
+    moe = moe.to(torch.bfloat16) if cast == "to" else moe.half()
+    low = moe.gate_up_proj.dtype
+    assert moe.expert_bias.dtype == torch.float32 and moe.gate_up_proj.dtype != torch.float32
+    moe.train()
+    moe.expert_bias.fill_(0.5)
+    x = make_input(moe, (64,), low, hot_expert=1)
+    for _ in range(5):
+        moe(x)
+        moe.update_bias()
+    assert_close(moe.expert_bias[0], torch.tensor(0.505), "an under-loaded expert's bias")
+
+
 @pytest.mark.parametrize("capacity_factor", [0.25, 1.0])
 def test_balance_loss_and_bias_see_the_routing_before_capacity(capacity_factor):
     """The load fraction of the Switch loss and the bias's counts are the router's

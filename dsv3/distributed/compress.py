@@ -88,6 +88,7 @@ class CompressionState:
                 or self.start_iter < 0:
             raise ValueError(f"CompressionState: start_iter must be an int >= 0, "
                              f"got {self.start_iter!r}")
+        check_group("CompressionState: process_group", self.process_group)
 
     @property
     def compressing(self) -> bool:
@@ -131,6 +132,14 @@ def _residual(state: CompressionState, key, numel: int, device) -> torch.Tensor:
     return residual
 
 
+def check_group(name: str, group) -> None:
+    """None (the world) or a process group: anything else fails later in torch with
+    "'str' object has no attribute 'size'", which names neither."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, "
+                        f"got {type(group).__name__}")
+
+
 def compressed_all_reduce(tensor: torch.Tensor, state: CompressionState, group=None, *,
                           average: bool = False, key="default") -> torch.Tensor:
     """All-reduce (sum, or mean with ``average``) ``tensor`` in place across ``group``
@@ -147,6 +156,7 @@ def compressed_all_reduce(tensor: torch.Tensor, state: CompressionState, group=N
     if not dist.is_initialized():
         raise RuntimeError("compressed_all_reduce: torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
+    check_group("compressed_all_reduce: group", group)
     group = group if group is not None else state.process_group
     try:
         return _compressed_all_reduce(tensor, state, group, average, key)
