@@ -81,6 +81,7 @@ def test_triton_backend_replaces_the_cpu_kernels():
 
 
 def test_triton_backend_on_cpu_without_the_interpreter_says_what_to_set():
+    pytest.importorskip("triton")
     result = run_python("""
         import os
         os.environ["DSV3_BACKEND"] = "triton"
@@ -123,6 +124,14 @@ def test_triton_kernels_launch_on_their_tensors_gpu(monkeypatch):
     assert kernel(on[0], on[1]) == ([], {})  # already current: no switch
     assert kernel(torch.zeros(2), None) == ([], {})  # no CUDA tensor (the interpreter)
     assert entered == []
+    # And register() installs every Triton kernel for CUDA through it.
+    registered = {}
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: False)
+    monkeypatch.setattr(torch.library, "register_kernel",
+                        lambda name, device, fn: registered.setdefault((name, device), fn))
+    triton_backend.register()
+    for name, kernel in triton_backend.TRITON_KERNELS.items():
+        assert registered[(name, "cuda")].__wrapped__ is kernel, name
 
 
 def test_public_names():
