@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
+from dsv3.validate import number, whole_number
 
 ACTIVATIONS = ("swiglu",)
 _replaying = threading.local()
@@ -53,11 +54,8 @@ class MoEConfig:
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "n_experts", "top_k", "n_groups", "topk_groups"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoEConfig: {name} must be a positive int, got {value!r}")
-        if self.n_shared_experts < 0:
-            raise ValueError(f"MoEConfig: n_shared_experts must be >= 0, got {self.n_shared_experts}")
+            whole_number(f"MoEConfig: {name}", getattr(self, name), 1)
+        whole_number("MoEConfig: n_shared_experts", self.n_shared_experts, 0)
         if self.score not in ops.SCORES:
             raise ValueError(f"MoEConfig: score must be one of {ops.SCORES}, got {self.score!r}")
         if self.n_experts % self.n_groups:
@@ -70,23 +68,11 @@ class MoEConfig:
         if self.top_k > reachable:
             raise ValueError(f"MoEConfig: top_k={self.top_k} must be <= the experts reachable in "
                              f"topk_groups groups ({reachable})")
-        for name in ("route_scale", "aux_loss_coef", "z_loss_coef", "bias_update_rate",
-                     "capacity_factor"):
-            value = getattr(self, name)
-            if name == "capacity_factor" and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"MoEConfig: {name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"MoEConfig: {name} must be finite, got {value}")
+        number("MoEConfig: route_scale", self.route_scale, 0, low_open=True)
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MoEConfig: {name} must be >= 0, got {getattr(self, name)}")
-        if not self.route_scale > 0:
-            raise ValueError(f"MoEConfig: route_scale must be > 0, got {self.route_scale}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(f"MoEConfig: capacity_factor must be > 0 or None, "
-                             f"got {self.capacity_factor}")
+            number(f"MoEConfig: {name}", getattr(self, name), 0)
+        if self.capacity_factor is not None:  # None: dropless
+            number("MoEConfig: capacity_factor", self.capacity_factor, 0, low_open=True)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig: activation must be one of {ACTIVATIONS}, "
                              f"got {self.activation!r}")

@@ -147,11 +147,11 @@ vocab_size = 300
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
-    (["--threshold", "3"], "--threshold must be in [0, 1] (a probability), got 3.0"),
+    (["--threshold", "3"], "--threshold must be in [0, 1], got 3.0"),
     (["--threshold", "-0.1"], "--threshold must be in [0, 1]"),
-    (["--holdout", "1"], "--holdout must be in (0, 1) (the held-out fraction), got 1.0"),
+    (["--holdout", "1"], "--holdout must be in (0, 1), got 1.0"),
     (["--data", "nope.jsonl"], "--data: no such file 'nope.jsonl'"),
-    (["--backend", "hf"], "--encoder: --backend hf needs a local model directory"),
+    (["--backend", "hf"], "--encoder: the 'hf' backend needs a local model directory"),
 ])
 def test_cli_train_quality_rejects_bad_options_before_training(tmp_path, capsys, args, message):
     """Zero epochs used to save the untrained head and exit 0; a threshold of 3 gave

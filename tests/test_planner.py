@@ -83,14 +83,14 @@ def test_plan_vocab_size_is_applied(capsys):
     ("--gpu-mem", "lots", "expected a size like 80GB"),
     ("--gpu-mem", "..GB", "expected a size like 80GB"),
     ("--gpu-mem", "1.2.3GB", "expected a size like 80GB"),
-    ("--gpu-mem", "0GB", "expected a positive, finite size"),
-    ("--gpu-mem", "0.0", "expected a positive, finite size"),
-    ("--gpu-mem", "9" * 400 + "GB", "expected a positive, finite size"),  # overflows to inf
-    ("--gpus", "0", "expected a whole number >= 1"),
-    ("--gpus", "-2", "expected a whole number >= 1"),
-    ("--gpus", "two", "expected a whole number >= 1"),
-    ("--vocab-size", "0", "expected a whole number >= 1"),  # was taken as "not given"
-    ("--vocab-size", "-5", "expected a whole number >= 1"),
+    ("--gpu-mem", "0GB", "size '0GB' must be > 0"),
+    ("--gpu-mem", "0.0", "size '0.0' must be > 0"),
+    ("--gpu-mem", "9" * 400 + "GB", "size '" + "9" * 400 + "GB' must be finite"),  # inf
+    ("--gpus", "0", "value must be >= 1, got 0"),
+    ("--gpus", "-2", "value must be >= 1, got -2"),
+    ("--gpus", "two", "value must be a whole number, got 'two'"),
+    ("--vocab-size", "0", "value must be >= 1, got 0"),  # was taken as "not given"
+    ("--vocab-size", "-5", "value must be >= 1, got -5"),
     ("--zero", "4", "invalid choice"),
 ])
 def test_plan_rejects_bad_options(capsys, option, value, expected):

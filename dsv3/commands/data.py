@@ -5,14 +5,11 @@ import argparse
 import json
 import os
 
+from dsv3.validate import whole_number
+
 # Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
 # prints them as one "error:" line and exits with status 2, as argparse does. They are
 # checked before any work starts, so a typo costs nothing and leaves no half-made output.
-
-
-def _check(option: str, value: object, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{option} must be {expected}, got {value}")
 
 
 def _input_file(option: str, path: str) -> None:
@@ -32,7 +29,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from dsv3.data.config import load_config
     from dsv3.data.prepare import prepare
     if args.num_proc is not None:
-        _check("--num-proc", args.num_proc, args.num_proc >= 1, ">= 1")
+        whole_number("--num-proc", args.num_proc, 1)
     config = load_config(args.config)
     if args.out:
         config["output"]["dir"] = args.out
@@ -51,18 +48,15 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train_quality(args: argparse.Namespace) -> int:
-    from dsv3.data.quality import make_featurizer, read_labeled, train_quality
-    _check("--epochs", args.epochs, args.epochs >= 1, ">= 1")
-    _check("--threshold", args.threshold, 0.0 <= args.threshold <= 1.0,
-           "in [0, 1] (a probability)")
-    _check("--holdout", args.holdout, 0.0 < args.holdout < 1.0,
-           "in (0, 1) (the held-out fraction)")
+    from dsv3.data.quality import (check_encoder, check_epochs, check_holdout, check_threshold,
+                                   make_featurizer, read_labeled, train_quality)
+    # the library's own checks, run before it reads the data or loads an encoder
+    check_epochs(args.epochs, "--epochs")
+    check_threshold(args.threshold, "--threshold")
+    check_holdout(args.holdout, "--holdout")
     _input_file("--data", args.data)
     _output_dir("--out", args.out)
-    if args.backend == "hf" and not args.encoder:
-        raise ValueError("--encoder: --backend hf needs a local model directory")
-    if args.encoder and not os.path.isdir(args.encoder):
-        raise FileNotFoundError(f"--encoder: no such directory {args.encoder!r}")
+    check_encoder(args.encoder, args.backend, "--encoder")
     texts, labels = read_labeled(args.data, args.text_field, args.label_field)
     featurizer = make_featurizer(args.backend, args.encoder)
     metrics = train_quality(texts, labels, featurizer, args.out, holdout=args.holdout,

@@ -3,19 +3,20 @@ of a given memory it needs (see dsv3.train.planner)."""
 from __future__ import annotations
 
 import argparse
-import math
 import re
 
+from dsv3.validate import number, option, whole_number
 
-# Option checks run at parse time (argparse ``type=``), so a bad value stops with the
-# usage line and "argument --OPTION: ..." before any config is loaded.
-def _positive_int(text: str) -> int:
+
+# Option checks run at parse time (argparse ``type=`` through dsv3.validate.option), so a
+# bad value stops with the usage line and "argument --OPTION: ..." before any config is loaded.
+@option
+def _count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0  # not a whole number: refused with the same message as 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        value = text  # not a whole number: refused as the user wrote it
+    whole_number("value", value, 1)
     return value
 
 
@@ -24,15 +25,14 @@ def _gigabytes(text: str) -> float:
     # one number, so that ".." or "1.2.3" is refused here rather than by float()
     match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*(GB|G|GiB)?\s*", text, re.IGNORECASE)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected a size like 80GB or 80GiB, got {text!r}")
+        raise ValueError(f"expected a size like 80GB or 80GiB, got {text!r}")
     value = float(match.group(1))
     # 0 would plan for "more than 4096 x 0GB"; a long digit string overflows to inf
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive, finite size like 80GB, "
-                                         f"got {text!r}")
+    number(f"size {text!r}", value, 0, low_open=True)
     return value * 1.073741824 if (match.group(2) or "").lower() == "gib" else value
 
 
+@option
 def _gpu_mem(text: str) -> str:
     """Checks the size but keeps the user's spelling: the output repeats it."""
     _gigabytes(text)
@@ -69,7 +69,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("plan", help="estimate memory, communication and GPUs for a config")
     parser.add_argument("--config", help="training config (TOML/YAML; default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--gpus", type=_positive_int, default=8,
+    parser.add_argument("--gpus", type=_count, default=8,
                         help="GPUs to plan for (default 8)")
     parser.add_argument("--gpu-mem", type=_gpu_mem, default="80GB",
                         help="memory per GPU, e.g. 80GB or 80GiB (default 80GB)")
@@ -77,6 +77,6 @@ def register(groups: argparse._SubParsersAction) -> None:
                         help="ep: experts sharded over the GPUs; ddp: full replicas")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage for the replicated parameters (default 0)")
-    parser.add_argument("--vocab-size", type=_positive_int,
+    parser.add_argument("--vocab-size", type=_count,
                         help="vocabulary (default: the preset's)")
     parser.set_defaults(func=_plan)

@@ -29,8 +29,31 @@ from dsv3.data.document import Document
 from dsv3.data.readers import _records
 from dsv3.data.step import Step
 from dsv3.data.textview import TextView
+from dsv3.validate import number, whole_number
 
 BACKENDS = ("hashed", "hf")
+
+
+# The rules for train_quality's settings. `dsv3 data train-quality` applies them too,
+# labelled with its options' names, before it reads the data or loads an encoder.
+def check_epochs(epochs: int, label: str = "epochs") -> None:
+    whole_number(label, epochs, 1)  # 0 would leave the zero-initialized head: P(good) = 0.5
+
+
+def check_threshold(threshold: float, label: str = "threshold") -> None:
+    number(label, threshold, 0, 1)  # a probability
+
+
+def check_holdout(holdout: float, label: str = "holdout") -> None:
+    number(label, holdout, 0, 1, low_open=True, high_open=True)  # the held-out fraction
+
+
+def check_encoder(path: str | None, backend: str = "hf", label: str = "encoder") -> None:
+    """The hf backend needs an encoder, and one given must be a local model directory."""
+    if backend == "hf" and not path:
+        raise ValueError(f"{label}: the 'hf' backend needs a local model directory")
+    if path and not os.path.isdir(path):
+        raise FileNotFoundError(f"{label}: {path!r} is not a local model directory")
 
 
 class HashedNgrams:
@@ -68,8 +91,7 @@ class HFEncoder:
     """A frozen HF encoder from a local directory; mean of the last hidden states."""
 
     def __init__(self, path: str, max_length: int = 256, batch_size: int = 16) -> None:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"encoder: {path!r} is not a local model directory")
+        check_encoder(path)
         from transformers import AutoModel, AutoTokenizer
         self.path, self.max_length, self.batch_size = path, max_length, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -115,8 +137,7 @@ class QualityClassifier:
         if len(texts) != len(labels) or not texts:
             raise ValueError(f"texts and labels must be non-empty and of equal length, got "
                              f"{len(texts)} and {len(labels)}")
-        if epochs < 1:  # zero epochs would leave the zero-initialized head: P(good) = 0.5
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        check_epochs(epochs)
         torch.manual_seed(seed)
         features = self.featurizer(texts)
         if not isinstance(features, tuple):
@@ -168,8 +189,6 @@ def make_featurizer(backend: str, encoder: str | None = None, **kwargs):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if backend == "hf":
-        if not encoder:
-            raise ValueError("encoder: the 'hf' backend needs a local model directory")
         return HFEncoder(encoder, **kwargs)
     return HashedNgrams(**kwargs)
 
@@ -205,12 +224,9 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_d
                   epochs: int = 20) -> dict:
     """Train on a seeded (1 - holdout) split, report on the rest, save model + metrics."""
     # checked before any training, so a bad value costs nothing and saves no model
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1] (a probability), got {threshold}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    # (epochs: by fit, before it featurizes anything)
+    check_holdout(holdout)
+    check_threshold(threshold)
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     cut = int(round(len(order) * (1 - holdout)))
@@ -240,10 +256,8 @@ class QualityFilter(Step):
     def __init__(self, model: str | QualityClassifier, threshold: float = 0.5,
                  batch_size: int = 32, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_threshold(threshold)
+        whole_number("batch_size", batch_size, 1)
         self.model = QualityClassifier.load(model) if isinstance(model, str) else model
         self.threshold, self.batch_size = threshold, batch_size
 

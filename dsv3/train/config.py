@@ -9,52 +9,23 @@ frozen copy of the model as it entered the stage), its own domain-mixture
 schedule and sequence length."""
 import dataclasses
 import json
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsv3.model import CHECKPOINTING, ModelConfig, preset
 from dsv3.train.schedule import SCHEDULES
+from dsv3.validate import number, of_type, whole_number
 
 STAGE_KINDS = ("lm", "curriculum", "dpo")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _check_int(field: str, value, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field} must be a whole number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{field} must be >= {minimum}, got {value}")
-
-
-def _check_number(field: str, value, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False) -> None:
-    """A finite int or float between ``low`` and ``high`` (excluded when ``*_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{field} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        if high is None:
-            expected = f"{'>' if low_open else '>='} {low:g}"
-        else:
-            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{field} must be {expected}, got {value!r}")
-
-
-def _check_type(field: str, value, kind: type) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"{field} must be a {kind.__name__}, got {value!r}")
 
 
 def _from_dict(cls, field: str, raw):
     """``cls(**raw)`` with unknown or missing keys named by ``field`` (not by ``__init__``)."""
     if isinstance(raw, cls):
         return raw
-    _check_type(field, raw, dict)
+    of_type(field, raw, dict)
     fields = dataclasses.fields(cls)
     known = {f.name for f in fields}
     unknown = sorted(set(raw) - known)
@@ -82,31 +53,30 @@ class StageConfig:
     lr_scale: float = 1.0  # DPO usually wants a smaller learning rate (its schedule restarts)
 
     def __post_init__(self):
-        _check_type("stage name", self.name, str)
+        of_type("stage name", self.name, str)
         where = f"stage {self.name!r}:"
         if self.kind not in STAGE_KINDS:
             raise ValueError(f"{where} kind must be one of {STAGE_KINDS}, got {self.kind!r}")
-        _check_number(f"{where} fraction", self.fraction, 0, 1, low_open=True)
-        _check_int(f"{where} seq_len", self.seq_len, 2)
+        number(f"{where} fraction", self.fraction, 0, 1, low_open=True)
+        whole_number(f"{where} seq_len", self.seq_len, 2)
         if self.seq_len_start is not None:
-            _check_int(f"{where} seq_len_start", self.seq_len_start)
+            whole_number(f"{where} seq_len_start", self.seq_len_start)
             if not 2 <= self.seq_len_start <= self.seq_len:
                 raise ValueError(f"{where} seq_len_start must be in [2, seq_len={self.seq_len}], "
                                  f"got {self.seq_len_start}")
         for name in ("mixture_start", "mixture_end"):
             self._check_mixture(name, getattr(self, name))
-        _check_number(f"{where} dpo_beta", self.dpo_beta, 0, low_open=True)
+        number(f"{where} dpo_beta", self.dpo_beta, 0, low_open=True)
         # 0 would train nothing, a negative scale would climb the loss
-        _check_number(f"{where} lr_scale", self.lr_scale, 0, low_open=True)
+        number(f"{where} lr_scale", self.lr_scale, 0, low_open=True)
 
     def _check_mixture(self, name: str, weights) -> None:
-        _check_type(f"stage {self.name!r}: {name}", weights, dict)
-        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
-               or w < 0 for w in weights.values()):
-            raise ValueError(f"stage {self.name!r}: {name} weights must be finite numbers >= 0, "
-                             f"got {weights}")
+        where = f"stage {self.name!r}: {name}"
+        of_type(where, weights, dict)
+        for domain, weight in weights.items():
+            number(f"{where}[{domain!r}]", weight, 0)
         if weights and not sum(weights.values()) > 0:  # normalized by their sum
-            raise ValueError(f"stage {self.name!r}: {name} needs a weight > 0, got {weights}")
+            raise ValueError(f"{where} needs a weight > 0, got {weights}")
 
 
 @dataclass
@@ -125,17 +95,17 @@ class OptimConfig:
             raise TypeError(f"optim.betas must be a pair like [0.9, 0.95], got {self.betas!r}")
         self.betas = tuple(self.betas)
         for i, beta in enumerate(self.betas):  # Adam's moving averages need beta < 1
-            _check_number(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
+            number(f"optim.betas[{i}]", beta, 0, 1, high_open=True)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        _check_number("optim.lr", self.lr, 0, low_open=True)
-        _check_number("optim.weight_decay", self.weight_decay, 0)
-        _check_int("optim.warmup_steps", self.warmup_steps, 0)
+        number("optim.lr", self.lr, 0, low_open=True)
+        number("optim.weight_decay", self.weight_decay, 0)
+        whole_number("optim.warmup_steps", self.warmup_steps, 0)
         # the floor of the decay as a share of lr: below 0 the lr turns negative (gradient
         # ascent), above 1 it rises
-        _check_number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
-        _check_number("optim.decay_fraction", self.decay_fraction, 0, 1)
-        _check_number("optim.grad_clip", self.grad_clip, 0)
+        number("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        number("optim.decay_fraction", self.decay_fraction, 0, 1)
+        number("optim.grad_clip", self.grad_clip, 0)
 
 
 @dataclass
@@ -159,7 +129,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.optim = _from_dict(OptimConfig, "optim", self.optim)
-        _check_type("stages", self.stages, list)
+        of_type("stages", self.stages, list)
         self.stages = [_from_dict(StageConfig, f"stages.{i}", s) for i, s in enumerate(self.stages)]
         if not self.stages:
             raise ValueError("stages must list at least one stage")
@@ -173,16 +143,14 @@ class TrainConfig:
             raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, "
                              f"got {self.checkpointing!r}")
         for name in ("steps", "micro_batch", "grad_accum", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            whole_number(name, getattr(self, name), 1)
         for name in ("save_every", "compress_start_iter"):
-            _check_int(name, getattr(self, name), 0)
-        _check_int("seed", self.seed)
+            whole_number(name, getattr(self, name), 0)
+        whole_number("seed", self.seed)
         for name in ("out_dir", "data_dir", "model"):
-            _check_type(name, getattr(self, name), str)
-        _check_type("model_overrides", self.model_overrides, dict)
-        _check_type("compress_grads", self.compress_grads, bool)
+            of_type(name, getattr(self, name), str)
+        of_type("model_overrides", self.model_overrides, dict)
+        of_type("compress_grads", self.compress_grads, bool)
         if self.stages[0].kind == "dpo":
             raise ValueError("the first stage cannot be dpo: it needs a trained reference model")
         self._check_stages_fit(self.model_config())

@@ -1,0 +1,59 @@
+"""Checks of settings and options, shared so that every config and command refuses a bad
+value the same way: the exception type, and a message that names the setting (``label``),
+what was expected and what came ("optim.lr must be > 0, got 0"). Each used to carry its
+own copy of these checks, with small differences in what they let through."""
+import argparse
+import functools
+import math
+
+
+class WrongType(TypeError, ValueError):
+    """A value of the wrong type. A TypeError, and a ValueError too: some settings
+    (MoEConfig's sizes, TrainConfig's step counts) refused a wrong type with ValueError
+    before the checks were shared here, and code that catches that still works."""
+
+
+def of_type(label: str, value, kind: type) -> None:
+    if not isinstance(value, kind):
+        raise WrongType(f"{label} must be a {kind.__name__}, got {value!r}")
+
+
+def whole_number(label: str, value, minimum: int | None = None) -> None:
+    """An int (not a bool), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WrongType(f"{label} must be a whole number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{label} must be >= {minimum}, got {value}")
+
+
+def number(label: str, value, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> None:
+    """A finite int or float (not a bool) between ``low`` and ``high`` (each excluded
+    when its ``*_open`` is set)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise WrongType(f"{label} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{label} must be finite, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        if high is None:
+            expected = f"{'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            expected = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{label} must be {expected}, got {value!r}")
+
+
+def option(parse):
+    """``parse(text)`` as an argparse ``type=``: the TypeError/ValueError it raises is
+    printed as "argument --OPTION: MESSAGE" under the usage line (exit status 2), not as
+    argparse's bare "invalid ... value"."""
+    @functools.wraps(parse)
+    def parse_option(text: str):
+        try:
+            return parse(text)
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_option
