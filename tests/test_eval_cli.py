@@ -58,7 +58,7 @@ def test_module_entry_point_writes_results_and_keeps_history(setup, capsys):
     assert results["tasks"]["cloze"]["accuracy"]["n"] == 4
     state = json.loads((out / "difficulty.json").read_text())
     assert [h["evaluation"] for h in state["cloze"]["history"]] == [0, 1]
-    assert results["difficulty"]["mc:arith.jsonl"]["history"][-1]["evaluation"] == 1
+    assert results["difficulty"][f"mc:{files['mc']}"]["history"][-1]["evaluation"] == 1
     table = (out / "eval.md").read_text()
     for metric in ("perplexity [all]", "accuracy (level", "bleu", "toxic rate", "gap (",
                    "Difficulty history of cloze"):
@@ -94,12 +94,12 @@ def test_a_model_that_knows_the_answers_climbs_one_level_per_evaluation(setup):
         result = run_evaluation(model, text_codec, [f"mc:{files['mc']}"], options)
         levels.append(result["tasks"][f"mc:{files['mc']}"]["level"])
     assert levels == [1, 2, 3, 3]
-    history = result["difficulty"]["mc:arith.jsonl"]["history"]
+    history = result["difficulty"][f"mc:{files['mc']}"]["history"]
     assert [(h["level"], h["accuracy"], h["promoted"]) for h in history] == [
         (1, 1.0, True), (2, 1.0, True), (3, 1.0, False), (3, 1.0, False)]
     fragment = html_fragment(result)
     assert fragment.startswith('<section class="dsv3-eval">')
-    assert fragment.count("<td>yes</td>") == 2 and "mc:arith.jsonl" in fragment
+    assert fragment.count("<td>yes</td>") == 2 and f"mc:{files['mc']}" in fragment
     assert "| 2 | 3 | 1.000 | no |" in markdown_table(result)
 
 

@@ -50,3 +50,15 @@ def test_pairs_file_must_have_both_fields(tmp_path):
     path.write_text(json.dumps({"source": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1 lacks the field\(s\) \['reference'\]"):
         read_pairs(str(path))
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"source": "x", "reference": 5}, "'reference' must be a string, got int 5"),
+    ({"source": "x", "reference": ["a", 1]}, "'reference' must be a string, got list"),
+    ({"source": None, "reference": "y"}, "'source' must be a string, got NoneType"),
+])
+def test_pairs_file_rows_are_checked_when_read_naming_the_line(tmp_path, row, field):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"source": "ok", "reference": "ok"}) + "\n\n" + json.dumps(row))
+    with pytest.raises(ValueError, match=rf"generation file: .*bad.jsonl:3: field {field}"):
+        read_pairs(str(path))

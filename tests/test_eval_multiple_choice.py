@@ -77,12 +77,12 @@ def test_few_shot_exemplars_are_seeded_and_never_the_item():
 
 def test_task_file_answers_levels_and_dev_split(tmp_path):
     rows = [{"question": "q1", "choices": ["a", "b"], "answer": "B", "level": 2},
-            {"question": "q2", "choices": ["x", "y", "z"], "answer": "z"},
+            {"question": "q2", "choices": ["x", "y", "z"], "answer": "z", "level": 1},
             {"question": "q3", "choices": ["u", "v"], "answer": 0, "split": "dev"}]
     path = tmp_path / "task.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     test, dev = read_mc_file(str(path))
-    assert [(it.answer, it.level) for it in test] == [(1, 2), (2, None)]
+    assert [(it.answer, it.level) for it in test] == [(1, 2), (2, 1)]
     assert [it.question for it in dev] == ["q3"]
 
 
@@ -115,3 +115,29 @@ def test_a_prompt_longer_than_the_context_keeps_its_end():
     assert cut.logprobs.tolist() == explicit.logprobs.tolist()
     with pytest.raises(ValueError, match=r"requests\[0\]: the continuation has 9 tokens"):
         score_continuations(model, [(context, list(range(9)))])
+
+
+def test_task_file_rows_are_named_by_their_line(tmp_path):
+    path = tmp_path / "task.jsonl"
+    good = {"question": "q", "choices": ["a", "b"], "answer": 0}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "choices": ["a", "a"]}))
+    with pytest.raises(ValueError, match=r"task.jsonl:3: choices must differ, got 'a' more than "
+                                         r"once in \['a', 'a'\]"):
+        read_mc_file(str(path))
+    path.write_text(json.dumps({**good, "question": 7}))
+    with pytest.raises(ValueError, match=r"task.jsonl:1: field 'question' must be a string"):
+        read_mc_file(str(path))
+
+
+def test_task_file_mixing_rows_with_and_without_a_level_is_refused(tmp_path):
+    rows = [{"question": "q1", "choices": ["a", "b"], "answer": 0, "level": 1},
+            {"question": "q2", "choices": ["a", "b"], "answer": 0},
+            {"question": "q3", "choices": ["a", "b"], "answer": 0, "split": "dev"}]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"multiple-choice file: .*task.jsonl:2 has no 'level' "
+                                         r"but .*task.jsonl:1 has one"):
+        read_mc_file(str(path))
+    path.write_text("\n".join(json.dumps(r) for r in [rows[0], rows[2]]) + "\n")
+    test, dev = read_mc_file(str(path))  # a dev row needs no level
+    assert [it.level for it in test] == [1] and [it.level for it in dev] == [None]

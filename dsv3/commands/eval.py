@@ -1,5 +1,6 @@
-"""``dsv3 eval``: the evaluation suite's command (defined in dsv3.eval.cli), with
-``--device`` checked before the checkpoint is loaded."""
+"""``dsv3 eval``: the evaluation suite's command, defined in dsv3.eval.cli. Its ``run``
+checks ``--device`` (and every other input) before the checkpoint is loaded, the same
+for ``dsv3 eval`` and ``python -m dsv3.eval``."""
 from __future__ import annotations
 
 import argparse
@@ -8,16 +9,7 @@ from dsv3.eval import cli
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    parser = cli.register(subparsers)
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def _run(args: argparse.Namespace) -> int:
-    from dsv3.cli import check_device
-
-    check_device(args.device)
-    return cli.run(args)
+    return cli.register(subparsers)
 
 
 __all__ = ["register"]

@@ -17,11 +17,13 @@ from dsv3.eval.loading import TextCodec, load_checkpoint
 from dsv3.eval.multiple_choice import MCItem, evaluate_multiple_choice, read_mc_file
 from dsv3.eval.perplexity import domain_perplexity
 from dsv3.eval.report import html_fragment, markdown_table, write_results
-from dsv3.eval.runner import EvalOptions, parse_tasks, run_evaluation
+from dsv3.eval.runner import (EvalOptions, parse_tasks, prepare_evaluation, run_evaluation,
+                              run_prepared)
 from dsv3.eval.safety import ClassifierScorer, LexiconScorer, bias_gap, evaluate_toxicity
 
 __all__ = ["ClassifierScorer", "DifficultySchedule", "EvalOptions", "Generation",
            "LexiconScorer", "MCItem", "TextCodec", "bias_gap", "corpus_scores",
            "domain_perplexity", "evaluate_generation", "evaluate_multiple_choice",
            "evaluate_toxicity", "generate", "html_fragment", "load_checkpoint", "markdown_table",
-           "parse_tasks", "read_mc_file", "run_evaluation", "write_results"]
+           "parse_tasks", "prepare_evaluation", "read_mc_file", "run_evaluation", "run_prepared",
+           "write_results"]

@@ -52,13 +52,22 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every input is checked before the checkpoint is loaded (``dsv3 eval`` and
+    ``python -m dsv3.eval`` both come here), then the tasks run and the results are
+    written."""
+    # --device by the rule dsv3 train uses: a device this machine lacks is one error
+    # line now, not torch's "no NVIDIA driver" traceback from inside the load.
+    from dsv3.devices import check_device
     from dsv3.eval.corpus import read_documents
     from dsv3.eval.loading import load_checkpoint
     from dsv3.eval.report import write_results
-    from dsv3.eval.runner import EvalOptions, parse_tasks, run_evaluation
+    from dsv3.eval.runner import EvalOptions, check_output_path, parse_tasks, prepare_evaluation
+    from dsv3.eval.runner import run_prepared
 
     tasks = parse_tasks(args.tasks)
-    model, codec = load_checkpoint(args.checkpoint, args.device)
+    check_device(args.device)
+    # eval.json is written last: a bad --out must not cost the whole evaluation.
+    check_output_path(args.out, "--out", directory=True)
     options = EvalOptions(
         documents=read_documents(args.corpus) if args.corpus else None,
         batch_size=args.batch_size, seed=args.seed, k_shot=args.k_shot,
@@ -68,7 +77,11 @@ def run(args: argparse.Namespace) -> int:
         toxicity_classifier=args.toxicity_classifier, toxicity_prompts=args.toxicity_prompts,
         bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit,
         progress=not args.no_progress)
-    results = run_evaluation(model, codec, tasks, options)
+    # Every task's options and files before the model: a missing --bias-spec must not
+    # surface only after ppl ran, its results lost.
+    prepared = prepare_evaluation(tasks, options)
+    model, codec = load_checkpoint(args.checkpoint, args.device)
+    results = run_prepared(model, codec, prepared)
     results["checkpoint"] = os.path.abspath(args.checkpoint)
     json_path, md_path = write_results(args.out, results)
     with open(md_path, encoding="utf-8") as f:

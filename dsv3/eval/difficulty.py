@@ -54,10 +54,19 @@ def load_schedules(path: str) -> dict[str, DifficultySchedule]:
     if not os.path.exists(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"difficulty state: {path} is not JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"difficulty state: {path} must hold a JSON object of task -> schedule")
-    return {task: DifficultySchedule(**state) for task, state in raw.items()}
+    schedules = {}
+    for task, state in raw.items():
+        try:
+            schedules[task] = DifficultySchedule(**state)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"difficulty state: {path}: {task!r}: {e}") from None
+    return schedules
 
 
 def save_schedules(path: str, schedules: dict[str, DifficultySchedule]) -> None:
@@ -70,7 +79,10 @@ def save_schedules(path: str, schedules: dict[str, DifficultySchedule]) -> None:
 def schedule_for(schedules: dict[str, DifficultySchedule], task: str, levels: list[int],
                  threshold: float) -> DifficultySchedule:
     """The task's saved schedule, or a new one at the lowest level. Levels and threshold
-    follow the current task definition, the position and history are kept."""
+    follow the current task definition, the position and history are kept. So a saved
+    levels list that lacks levels of the task (cloze states saved while its schedule was
+    rebuilt from the current level alone held ``[1]``) gets the full list back and can
+    promote again."""
     saved = schedules.get(task)
     current = saved.current if saved is not None and saved.current in levels else None
     schedules[task] = DifficultySchedule(sorted(set(levels)), threshold, current,

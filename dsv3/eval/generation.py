@@ -12,7 +12,7 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from dsv3.eval.decoding import generate
-from dsv3.eval.jsonl import read_jsonl
+from dsv3.eval.jsonl import read_jsonl_rows, require_str
 
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
@@ -33,7 +33,14 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, flo
 
 
 def read_pairs(path: str) -> list[dict]:
-    return read_jsonl(path, ("source", "reference"), what="generation file")
+    """The rows of a generation file, each with a str source and one str reference
+    (what ``corpus_scores`` takes), checked here so a bad row is named by its line
+    before any decoding."""
+    rows = read_jsonl_rows(path, ("source", "reference"), what="generation file")
+    for where, row in rows:
+        for field in ("source", "reference"):
+            require_str(row, field, where)
+    return [row for _, row in rows]
 
 
 def evaluate_generation(model, codec, pairs: list[dict], max_new_tokens: int = 32,

@@ -1,6 +1,10 @@
 """Multiple-choice harness for MMLU/BBH-format jsonl tasks: rows of
 ``{"question", "choices": [...], "answer": index | letter | choice text}`` with an
 optional ``"level"`` (for dynamic difficulty) and ``"split": "dev"`` (few-shot pool).
+Choices must differ (two equal choices would split the credit of one answer). Levels
+go on every test row or on none: a file mixing both is refused, since a row without
+a level belongs to no level and would never be evaluated (dev rows may omit it: the
+few-shot pool is not split by level).
 
 Each choice is scored by log p(choice tokens | prompt); the prediction is the choice
 with the highest **length-normalized** score (sum / number of choice tokens), so long
@@ -21,7 +25,7 @@ import random
 import string
 from dataclasses import dataclass
 
-from dsv3.eval.jsonl import read_jsonl
+from dsv3.eval.jsonl import read_jsonl_rows, require_str
 from dsv3.eval.scoring import score_continuations
 from dsv3.eval.stats import rate_summary
 
@@ -58,20 +62,37 @@ def make_item(row: dict, where: str = "item") -> MCItem:
             isinstance(c, str) and c for c in choices):
         raise ValueError(f"{where}: choices must be a list of at least 2 non-empty strings, "
                          f"got {choices!r}")
+    repeated = next((c for i, c in enumerate(choices) if c in choices[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"{where}: choices must differ, got {repeated!r} more than once "
+                         f"in {list(choices)!r}")
     level = row.get("level")
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         raise ValueError(f"{where}: level must be an int, got {level!r}")
-    return MCItem(str(row["question"]), tuple(choices),
+    return MCItem(require_str(row, "question", where), tuple(choices),
                   _answer_index(row["answer"], list(choices), where), level)
+
+
+def _check_levels(test: list[tuple[str, MCItem]]) -> None:
+    """Levels on every test row or on none (see the module docstring)."""
+    with_level = [where for where, it in test if it.level is not None]
+    without = [where for where, it in test if it.level is None]
+    if with_level and without:
+        raise ValueError(f"{without[0]} has no 'level' but {with_level[0].rpartition(': ')[2]} "
+                         f"has one; give every test row a level, or none")
 
 
 def read_mc_file(path: str) -> tuple[list[MCItem], list[MCItem]]:
     """(test items, dev items) of a task file; rows with "split": "dev" are the dev pool."""
-    rows = read_jsonl(path, ("question", "choices", "answer"), what="multiple-choice file")
+    rows = read_jsonl_rows(path, ("question", "choices", "answer"), what="multiple-choice file")
     test, dev = [], []
-    for number, row in enumerate(rows, 1):
-        (dev if row.get("split") == "dev" else test).append(make_item(row, f"{path} row {number}"))
-    return test, dev
+    for where, row in rows:
+        (dev if row.get("split") == "dev" else test).append((where, make_item(row, where)))
+    if not test:
+        raise ValueError(f"multiple-choice file: {path} holds only dev rows (\"split\": "
+                         f"\"dev\"); nothing to evaluate")
+    _check_levels(test)
+    return [it for _, it in test], [it for _, it in dev]
 
 
 def build_prompts(items: list[MCItem], dev: list[MCItem] = (), k_shot: int = 0, seed: int = 0,

@@ -73,15 +73,20 @@ def _summary(nll: float, tokens: int, n_bytes: int) -> dict:
             "tokens": tokens, "bytes": n_bytes}
 
 
-def domain_perplexity(model, codec, documents: list[tuple[str, str]], stride: int | None = None,
-                      batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
-    """Perplexity per domain of (domain, text) documents, plus "all" (every token of
-    every domain, token-weighted)."""
+def check_documents(documents: list[tuple[str, str]]) -> None:
+    """What ``domain_perplexity`` needs of its documents, checkable before a model exists."""
     if not isinstance(documents, list) or not all(
             isinstance(d, tuple) and len(d) == 2 for d in documents):
         raise TypeError("documents must be a list of (domain, text) tuples")
     if any(domain == "all" for domain, _ in documents):
         raise ValueError("documents: 'all' is reserved for the total over domains; rename it")
+
+
+def domain_perplexity(model, codec, documents: list[tuple[str, str]], stride: int | None = None,
+                      batch_size: int = 8, progress: bool = False) -> dict[str, dict]:
+    """Perplexity per domain of (domain, text) documents, plus "all" (every token of
+    every domain, token-weighted)."""
+    check_documents(documents)
     prefix = [codec.eos_id] if codec.eos_id is not None else []
     token_documents = [(domain, prefix + codec.encode(text)) for domain, text in documents]
     totals = nll_by_domain(model, token_documents, stride, batch_size, progress=progress)

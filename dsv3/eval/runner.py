@@ -7,6 +7,18 @@ rows carry levels), ``gen:PATH`` (BLEU/chrF on source/reference jsonl), ``toxici
 (needs a lexicon or classifier), ``bias`` (needs a template/term spec), ``lm-eval:TASK``
 (through the lm-eval adapter; needs lm-eval and network). Leveled tasks move through
 their difficulty schedule, saved in ``difficulty_state`` between runs.
+
+Two phases: ``prepare_evaluation`` reads and checks every task's options and input
+files (no model needed), then ``run_prepared`` runs them. A missing ``--bias-spec``
+or a bad row in the last task's file thus fails before the model is loaded, not
+after the earlier tasks ran and their results were lost.
+
+Schedules are keyed by the task name: ``cloze``, and ``mc:PATH`` with PATH as given,
+so two task files of the same name in different directories keep separate histories
+(the same file given by two different paths gets two). State files written while mc
+schedules were keyed ``mc:`` + the file's base name are carried over: such an entry
+passes to the run's one mc task with that base name; with several none takes it, as
+whose history it is cannot be told.
 """
 from __future__ import annotations
 
@@ -14,10 +26,13 @@ import os
 from dataclasses import dataclass
 
 from dsv3.eval import cloze, corpus, difficulty, generation, multiple_choice, perplexity, safety
+from dsv3.eval.difficulty import DifficultySchedule
+from dsv3.eval.multiple_choice import MCItem
 
 SIMPLE_TASKS = ("ppl", "cloze", "toxicity", "bias")
 PATH_TASKS = ("mc", "gen", "lm-eval")
 TOXICITY_PROMPT_WORDS = 8
+DOCUMENTS = "the documents (--corpus, default the embedded corpus' held-out split)"
 
 
 @dataclass
@@ -38,68 +53,215 @@ class EvalOptions:
     progress: bool = True
 
 
+@dataclass
+class LeveledTask:
+    """A multiple-choice task ready to score: the items at the schedule's current level
+    (all of them for a task without levels; then ``schedule`` is None)."""
+    items: list[MCItem]
+    dev: list[MCItem]
+    k_shot: int
+    template: str
+    schedule: DifficultySchedule | None
+
+
+@dataclass
+class PreparedEvaluation:
+    """Every task's inputs, read and checked, and the schedules placed at this run's
+    levels. Single use: running it moves the schedules on."""
+    tasks: list[str]
+    options: EvalOptions
+    schedules: dict[str, DifficultySchedule]
+    inputs: dict[str, object]
+
+
 def parse_tasks(spec: str) -> list[str]:
     """'ppl,cloze,mc:path.jsonl' -> ['ppl', 'cloze', 'mc:path.jsonl'], each checked."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"tasks must be a comma-separated list, got {spec!r}")
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
     for task in tasks:
-        kind, _, arg = task.partition(":")
-        if not (task in SIMPLE_TASKS or (kind in PATH_TASKS and arg)):
-            raise ValueError(f"tasks: unknown task {task!r}; use {', '.join(SIMPLE_TASKS)} or "
-                             f"{', '.join(k + ':...' for k in PATH_TASKS)}")
+        _check_task_name(task)
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks: {spec!r} names a task twice")
     return tasks
 
 
-def _leveled_mc(model, codec, name, items, dev, schedules, options, template) -> dict:
-    """Evaluate at the schedule's current level, then let the schedule promote."""
-    levels = sorted({it.level for it in items if it.level is not None})
-    if not levels:
-        return multiple_choice.evaluate_multiple_choice(
-            model, codec, items, dev, options.k_shot, options.seed, template, options.batch_size,
-            options.progress)
-    schedule = difficulty.schedule_for(schedules, name, levels, options.threshold)
+def _check_task_name(task: str) -> None:
+    kind, _, arg = task.partition(":")
+    if not (task in SIMPLE_TASKS or (kind in PATH_TASKS and arg)):
+        raise ValueError(f"tasks: unknown task {task!r}; use {', '.join(SIMPLE_TASKS)} or "
+                         f"{', '.join(k + ':...' for k in PATH_TASKS)}")
+
+
+def check_output_path(path: str, what: str, directory: bool = False) -> None:
+    """Fail now, not after the evaluation ran, when ``path`` cannot be written: a file
+    where a directory is wanted (or the other way round), a file on the way to it, or a
+    directory this user may not write to."""
+    path = os.path.abspath(path)
+    kind = "directory" if directory else "file"
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        raise ValueError(f"{what}: {path} exists and is not a {kind}; a {kind} path is expected")
+    target = path if directory and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(target):  # the nearest part that exists is where it is created
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        raise ValueError(f"{what}: cannot create {path}: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{what}: cannot write {path}: {target} is not writable")
+
+
+def _check_int(value, option: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{option} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_options(options: EvalOptions) -> None:
+    """The numeric settings, named as the command spells them."""
+    for value, option, minimum in ((options.batch_size, "--batch-size", 1),
+                                   (options.cloze_items, "--cloze-items", 1),
+                                   (options.k_shot, "--k-shot", 0),
+                                   (options.max_new_tokens, "--max-new-tokens", 1)):
+        _check_int(value, option, minimum)
+    if not 0 < options.threshold <= 1:
+        raise ValueError(f"--threshold must be in (0, 1], got {options.threshold!r}")
+
+
+def _adopt_basename_keys(tasks: list[str], schedules: dict[str, DifficultySchedule]) -> None:
+    """Carry an "mc:BASENAME" entry of an older state file over to the one mc task of
+    this run with that base name (see the module docstring)."""
+    owners: dict[str, list[str]] = {}
+    for task in tasks:
+        kind, _, arg = task.partition(":")
+        if kind == "mc":
+            owners.setdefault("mc:" + os.path.basename(arg), []).append(task)
+    for old, named in owners.items():
+        if len(named) == 1 and named[0] != old and old in schedules and named[0] not in schedules:
+            schedules[named[0]] = schedules.pop(old)
+
+
+def _needs_documents(task: str, options: EvalOptions) -> bool:
+    return task in ("ppl", "cloze") or (task == "toxicity" and not options.toxicity_prompts)
+
+
+def _prepare_ppl(documents: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if not documents:
+        raise ValueError(f"ppl: {DOCUMENTS} hold no documents")
+    perplexity.check_documents(documents)
+    return documents
+
+
+def _prepare_cloze(documents, schedules, options) -> LeveledTask:
+    # The schedule spans every cloze level, not just the levels of this run's items
+    # (only the current one): built from those it had no level to move up to, and the
+    # saved state kept that one level. schedule_for gives such a state the full list.
+    schedule = difficulty.schedule_for(schedules, "cloze", sorted(cloze.LEVELS),
+                                       options.threshold)
     level = schedule.current
-    at_level = [it for it in items if it.level == level]
-    result = multiple_choice.evaluate_multiple_choice(
-        model, codec, at_level, dev, options.k_shot, options.seed, template, options.batch_size,
-        options.progress)
-    promoted = schedule.record(result["accuracy"]["rate"])
-    return {**result, "level": level, "promoted": promoted, "next_level": schedule.current}
+    try:
+        items = cloze.cloze_items(documents, level, options.cloze_items, options.seed)
+    except ValueError as e:
+        raise ValueError(f"cloze: {e}; {DOCUMENTS} hold {len(documents)}") from None
+    if not items:
+        raise ValueError(f"cloze: no level-{level} item could be cut from {DOCUMENTS} "
+                         f"({len(documents)} documents); give more or longer ones")
+    # The passage is the whole prompt: dev exemplars (--k-shot) are for mc files.
+    return LeveledTask(items, [], 0, cloze.CLOZE_TEMPLATE, schedule)
 
 
-def _cloze(model, codec, documents, schedules, options) -> dict:
-    schedule = difficulty.schedule_for(schedules, "cloze", sorted(cloze.LEVELS), options.threshold)
-    items = cloze.cloze_items(documents, schedule.current, options.cloze_items, options.seed)
-    return _leveled_mc(model, codec, "cloze", items, [], schedules, options,
-                       cloze.CLOZE_TEMPLATE)
+def _prepare_mc(task: str, path: str, schedules, options) -> LeveledTask:
+    items, dev = multiple_choice.read_mc_file(path)
+    levels = sorted({it.level for it in items if it.level is not None})
+    schedule = None
+    if levels:
+        schedule = difficulty.schedule_for(schedules, task, levels, options.threshold)
+        items = [it for it in items if it.level == schedule.current]
+    try:  # the few-shot draw needs enough dev rows; the prompts themselves are cheap
+        multiple_choice.build_prompts(items, dev, options.k_shot, options.seed)
+    except ValueError as e:
+        raise ValueError(f"{task}: --k-shot {options.k_shot}: {e} (dev rows of {path} are "
+                         f"those with \"split\": \"dev\")") from None
+    return LeveledTask(items, dev, options.k_shot, multiple_choice.DEFAULT_TEMPLATE, schedule)
 
 
-def _toxicity(model, codec, documents, options) -> dict:
+def _toxicity_prompts(documents, options) -> list[str]:
+    if options.toxicity_prompts:
+        from dsv3.eval.jsonl import read_jsonl_rows, require_str
+        return [require_str(row, "prompt", where) for where, row in
+                read_jsonl_rows(options.toxicity_prompts, ("prompt",), what="toxicity prompts")]
+    if not documents:
+        raise ValueError(f"toxicity: no prompts; give --toxicity-prompts PATH or {DOCUMENTS}")
+    return [" ".join(text.split()[:TOXICITY_PROMPT_WORDS]) for _, text in documents]
+
+
+def _prepare_toxicity(documents, options) -> tuple[object, list[str]]:
     if bool(options.toxicity_lexicon) == bool(options.toxicity_classifier):
         raise ValueError("toxicity: give exactly one of --toxicity-lexicon PATH or "
                          "--toxicity-classifier DIR (dsv3 ships no word list)")
     scorer = (safety.LexiconScorer(options.toxicity_lexicon) if options.toxicity_lexicon
               else safety.ClassifierScorer(options.toxicity_classifier))
-    if options.toxicity_prompts:
-        from dsv3.eval.jsonl import read_jsonl
-        prompts = [str(r["prompt"]) for r in read_jsonl(options.toxicity_prompts, ("prompt",),
-                                                        what="toxicity prompts")]
-    else:
-        prompts = [" ".join(text.split()[:TOXICITY_PROMPT_WORDS]) for _, text in documents]
-    return safety.evaluate_toxicity(model, codec, prompts, scorer, progress=options.progress,
-                                    max_new_tokens=options.max_new_tokens, seed=options.seed)
+    return scorer, _toxicity_prompts(documents, options)
 
 
-def _bias(model, codec, options) -> dict:
+def _prepare_bias(options) -> tuple[list[str], list[str]]:
     if not options.bias_spec:
         raise ValueError("bias: give --bias-spec PATH, a JSON {\"templates\": [...], "
                          "\"terms\": [...]} (each template holds {term} once)")
-    templates, terms = safety.read_bias_spec(options.bias_spec)
-    return safety.bias_gap(model, codec, templates, terms, batch_size=options.batch_size,
-                           progress=options.progress)
+    return safety.read_bias_spec(options.bias_spec)
+
+
+def _prepare_lm_eval(task_name: str) -> str:
+    from dsv3.eval.lm_eval_adapter import lm_eval_class
+    lm_eval_class()  # lm-eval missing: its install hint now, not after the other tasks
+    return task_name
+
+
+def _prepare_task(task: str, documents, schedules, options) -> object:
+    kind, _, arg = task.partition(":")
+    if task == "ppl":
+        return _prepare_ppl(documents)
+    if task == "cloze":
+        return _prepare_cloze(documents, schedules, options)
+    if kind == "mc":
+        return _prepare_mc(task, arg, schedules, options)
+    if kind == "gen":
+        return generation.read_pairs(arg)
+    if task == "toxicity":
+        return _prepare_toxicity(documents, options)
+    if task == "bias":
+        return _prepare_bias(options)
+    return _prepare_lm_eval(arg)
+
+
+def prepare_evaluation(tasks: list[str], options: EvalOptions | None = None
+                       ) -> PreparedEvaluation:
+    """Read and check what every task needs, and place the schedules, without a model."""
+    options = options or EvalOptions()
+    for task in tasks:
+        _check_task_name(task)
+    _check_options(options)
+    state = options.difficulty_state
+    if state:
+        check_output_path(state, "--difficulty-state")
+    schedules = difficulty.load_schedules(state) if state else {}
+    _adopt_basename_keys(tasks, schedules)
+    documents = []
+    if any(_needs_documents(task, options) for task in tasks):
+        documents = options.documents if options.documents is not None \
+            else corpus.held_out_documents()
+    inputs = {task: _prepare_task(task, documents, schedules, options) for task in tasks}
+    return PreparedEvaluation(list(tasks), options, schedules, inputs)
+
+
+def _run_leveled(model, codec, task: LeveledTask, options: EvalOptions) -> dict:
+    """Evaluate at the schedule's current level, then let the schedule promote."""
+    result = multiple_choice.evaluate_multiple_choice(
+        model, codec, task.items, task.dev, task.k_shot, options.seed, task.template,
+        options.batch_size, options.progress)
+    if task.schedule is None:
+        return result
+    level = task.schedule.current
+    promoted = task.schedule.record(result["accuracy"]["rate"])
+    return {**result, "level": level, "promoted": promoted, "next_level": task.schedule.current}
 
 
 def _lm_eval(model, codec, task, options) -> dict:
@@ -108,41 +270,40 @@ def _lm_eval(model, codec, task, options) -> dict:
     return run_lm_eval(lm, [task], num_fewshot=options.k_shot, limit=options.lm_eval_limit)
 
 
-def run_evaluation(model, codec, tasks: list[str], options: EvalOptions | None = None) -> dict:
-    """{"tasks": {name: result}, "difficulty": {task: schedule}} for the given tasks."""
-    options = options or EvalOptions()
-    documents = options.documents if options.documents is not None \
-        else corpus.held_out_documents()
+def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
+    kind = task.partition(":")[0]
+    if task == "ppl":
+        return perplexity.domain_perplexity(model, codec, inputs, batch_size=options.batch_size,
+                                            progress=options.progress)
+    if task == "cloze" or kind == "mc":
+        return _run_leveled(model, codec, inputs, options)
+    if kind == "gen":
+        return generation.evaluate_generation(model, codec, inputs, options.max_new_tokens,
+                                              seed=options.seed, progress=options.progress)
+    if task == "toxicity":
+        scorer, prompts = inputs
+        return safety.evaluate_toxicity(model, codec, prompts, scorer,
+                                        progress=options.progress,
+                                        max_new_tokens=options.max_new_tokens, seed=options.seed)
+    if task == "bias":
+        templates, terms = inputs
+        return safety.bias_gap(model, codec, templates, terms, batch_size=options.batch_size,
+                               progress=options.progress)
+    return _lm_eval(model, codec, inputs, options)
+
+
+def run_prepared(model, codec, prepared: PreparedEvaluation) -> dict:
+    """{"tasks": {name: result}, "difficulty": {task: schedule}}; saves the schedules."""
+    options, schedules = prepared.options, prepared.schedules
+    results = {task: _run_task(model, codec, task, prepared.inputs[task], options)
+               for task in prepared.tasks}
     state = options.difficulty_state
-    schedules = difficulty.load_schedules(state) if state else {}
-    results = {}
-    for task in tasks:
-        kind, _, arg = task.partition(":")
-        if task == "ppl":
-            results[task] = perplexity.domain_perplexity(model, codec, documents,
-                                                         batch_size=options.batch_size,
-                                                         progress=options.progress)
-        elif task == "cloze":
-            results[task] = _cloze(model, codec, documents, schedules, options)
-        elif kind == "mc":
-            items, dev = multiple_choice.read_mc_file(arg)
-            name = "mc:" + os.path.basename(arg)
-            results[task] = _leveled_mc(model, codec, name, items, dev, schedules, options,
-                                        multiple_choice.DEFAULT_TEMPLATE)
-        elif kind == "gen":
-            results[task] = generation.evaluate_generation(
-                model, codec, generation.read_pairs(arg), options.max_new_tokens,
-                seed=options.seed, progress=options.progress)
-        elif task == "toxicity":
-            results[task] = _toxicity(model, codec, documents, options)
-        elif task == "bias":
-            results[task] = _bias(model, codec, options)
-        elif kind == "lm-eval":
-            results[task] = _lm_eval(model, codec, arg, options)
-        else:
-            raise ValueError(f"tasks: unknown task {task!r}")
     if state:
-        save_dir = os.path.dirname(os.path.abspath(state))
-        os.makedirs(save_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(state)), exist_ok=True)
         difficulty.save_schedules(state, schedules)
     return {"tasks": results, "difficulty": {t: s.to_dict() for t, s in schedules.items()}}
+
+
+def run_evaluation(model, codec, tasks: list[str], options: EvalOptions | None = None) -> dict:
+    """{"tasks": {name: result}, "difficulty": {task: schedule}} for the given tasks."""
+    return run_prepared(model, codec, prepare_evaluation(tasks, options))

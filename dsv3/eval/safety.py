@@ -105,14 +105,23 @@ def evaluate_toxicity(model, codec, prompts: list[str], scorer, threshold: float
     return toxicity_rate(texts, scorer, threshold)
 
 
-def read_bias_spec(path: str) -> tuple[list[str], list[str]]:
-    """(templates, terms) from a JSON file {"templates": [...], "terms": [...]}."""
+def read_bias_spec(path: str, scorer_given: bool = False) -> tuple[list[str], list[str]]:
+    """(templates, terms) from a JSON file {"templates": [...], "terms": [...]}, checked
+    as ``bias_gap`` will check them (``scorer_given``: judged by a scorer, so a template
+    may end at its term), so a bad spec fails naming its file before any scoring."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"bias spec: no file {path!r}")
     with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
+        try:
+            spec = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"bias spec: {path} is not JSON ({e})") from None
     if not isinstance(spec, dict) or not {"templates", "terms"} <= set(spec):
         raise ValueError(f"bias spec: {path} must be an object with 'templates' and 'terms'")
+    try:
+        bias_parts(spec["templates"], spec["terms"], scorer_given)
+    except ValueError as e:
+        raise ValueError(f"bias spec: {path}: {e}") from None
     return spec["templates"], spec["terms"]
 
 
@@ -124,21 +133,29 @@ def _split_template(template, i: int) -> tuple[str, str]:
     return before, after
 
 
-def bias_gap(model, codec, templates: list[str], terms: list[str], scorer=None,
-             batch_size: int = 8, progress: bool = False, **decoding) -> dict:
-    """Per-term mean score and the gap (max - min). Without ``scorer`` the score is the
-    mean log-prob per token of the text after ``{term}``; with one it is the scorer's
-    value of a generated continuation of the filled template."""
+def bias_parts(templates: list[str], terms: list[str],
+               scorer_given: bool = False) -> list[tuple[str, str]]:
+    """(text before, text after) ``{term}`` per template, once templates and terms are
+    checked; without a scorer the text after the term is what gets scored."""
     if not isinstance(terms, list) or len(terms) < 2 or not all(isinstance(t, str) for t in terms):
         raise ValueError(f"terms must be a list of at least 2 strings, got {terms!r}")
     if not isinstance(templates, list) or not templates:
         raise ValueError("templates must be a non-empty list of strings")
     parts = [_split_template(t, i) for i, t in enumerate(templates)]
+    for i, (_, after) in enumerate(parts):
+        if not scorer_given and not after.strip():
+            raise ValueError(f"templates[{i}] needs text after '{{term}}' to score "
+                             f"(or pass a scorer)")
+    return parts
+
+
+def bias_gap(model, codec, templates: list[str], terms: list[str], scorer=None,
+             batch_size: int = 8, progress: bool = False, **decoding) -> dict:
+    """Per-term mean score and the gap (max - min). Without ``scorer`` the score is the
+    mean log-prob per token of the text after ``{term}``; with one it is the scorer's
+    value of a generated continuation of the filled template."""
+    parts = bias_parts(templates, terms, scorer_given=scorer is not None)
     if scorer is None:
-        for i, (_, after) in enumerate(parts):
-            if not after.strip():
-                raise ValueError(f"templates[{i}] needs text after '{{term}}' to score "
-                                 f"(or pass a scorer)")
         prefix = [codec.eos_id] if codec.eos_id is not None else []
         requests = [(prefix + codec.encode(before + term), codec.encode(after))
                     for term in terms for before, after in parts]

@@ -1,0 +1,171 @@
+"""dsv3.eval's task matrix around the model: cloze climbs past level 1 (and a state
+saved with only level 1 is repaired), two mc files of one name keep separate schedules
+(an old state keyed by the base name is carried over when unambiguous), and every
+input (--device, --out, each task's options and files) is checked before the
+checkpoint is loaded, by ``python -m dsv3.eval`` and ``dsv3 eval`` alike."""
+import json
+
+import pytest
+
+from dsv3.eval.cli import main as eval_main
+from dsv3.eval.runner import EvalOptions, run_evaluation
+from test_eval_support import UniformModel, codec, save_checkpoint, tiny_model, train_tokenizer
+
+CORPUS = [{"domain": "prose",
+           "text": "the cat sat on the mat and then the dog ran in the park " * 6},
+          {"domain": "prose", "text": "once upon a time a quick brown fox jumped over a dog " * 6},
+          {"domain": "code", "text": "def add(a, b): return a + b  # adds two numbers " * 6}]
+DOCS = [(row["domain"], row["text"]) for row in CORPUS]
+MC_ROWS = [{"question": f"q{i}", "choices": ["yes", "no"], "answer": 0, "level": level}
+           for i, level in enumerate([1, 1, 2, 2])]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def uniform():
+    """All-equal logits: every item ties, so accuracy is chance (> 0) at every level."""
+    text_codec = codec()
+    return UniformModel(text_codec.vocab_size), text_codec
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", tiny_model(), train_tokenizer())
+    return str(tmp_path / "ckpt")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading the checkpoint is a failure: the error must come before it."""
+    import dsv3.eval.loading
+
+    def load(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the inputs were checked")
+    monkeypatch.setattr(dsv3.eval.loading, "load_checkpoint", load)
+
+
+def test_cloze_climbs_past_level_1_from_the_command(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    argv = ["--checkpoint", checkpoint, "--out", str(out), "--corpus",
+            write_jsonl(tmp_path / "corpus.jsonl", CORPUS), "--tasks", "cloze",
+            "--cloze-items", "4", "--threshold", "0.01", "--no-progress"]
+    assert eval_main(argv) == 0 and eval_main(argv) == 0
+    state = json.loads((out / "difficulty.json").read_text())["cloze"]
+    assert state["levels"] == [1, 2, 3]
+    assert [(h["level"], h["promoted"]) for h in state["history"]] == [(1, True), (2, True)]
+    assert state["current"] == 3
+
+
+def test_cloze_state_saved_with_only_level_1_is_repaired(tmp_path, uniform):
+    state = tmp_path / "difficulty.json"
+    history = [{"evaluation": 0, "level": 1, "accuracy": 0.9, "promoted": False}]
+    state.write_text(json.dumps({"cloze": {"levels": [1], "threshold": 0.25, "current": 1,
+                                           "history": history}}))
+    options = EvalOptions(documents=DOCS, cloze_items=4, threshold=0.25,
+                          difficulty_state=str(state), progress=False)
+    levels = [run_evaluation(*uniform, ["cloze"], options)["tasks"]["cloze"]["level"]
+              for _ in range(3)]
+    assert levels == [1, 2, 3]  # chance is 1/2, then 1/4: each reaches the threshold
+    saved = json.loads(state.read_text())["cloze"]
+    assert saved["levels"] == [1, 2, 3] and len(saved["history"]) == 4
+
+
+def test_two_mc_files_of_one_name_keep_their_own_schedules(tmp_path, uniform):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = write_jsonl(tmp_path / "a" / "t.jsonl", MC_ROWS)
+    second = write_jsonl(tmp_path / "b" / "t.jsonl", MC_ROWS[:2])  # level 1 only
+    options = EvalOptions(documents=[], threshold=0.5, difficulty_state=str(tmp_path / "s.json"),
+                          progress=False)
+    result = run_evaluation(*uniform, [f"mc:{first}", f"mc:{second}"], options)
+    schedules = result["difficulty"]
+    assert set(schedules) == {f"mc:{first}", f"mc:{second}"}
+    assert schedules[f"mc:{first}"]["levels"] == [1, 2]
+    assert schedules[f"mc:{second}"]["levels"] == [1]
+    assert [len(s["history"]) for s in schedules.values()] == [1, 1]
+
+
+def test_a_state_keyed_by_base_name_passes_to_the_one_file_of_that_name(tmp_path, uniform):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first = write_jsonl(tmp_path / "a" / "t.jsonl", MC_ROWS)
+    second = write_jsonl(tmp_path / "b" / "t.jsonl", MC_ROWS)
+    old = {"levels": [1, 2], "threshold": 0.5, "current": 2,
+           "history": [{"evaluation": 0, "level": 1, "accuracy": 1.0, "promoted": True}]}
+    state = tmp_path / "s.json"
+    options = EvalOptions(documents=[], threshold=0.5, difficulty_state=str(state),
+                          progress=False)
+    state.write_text(json.dumps({"mc:t.jsonl": old}))
+    result = run_evaluation(*uniform, [f"mc:{first}"], options)
+    assert result["tasks"][f"mc:{first}"]["level"] == 2  # carried over
+    assert "mc:t.jsonl" not in json.loads(state.read_text())
+    # Two files of that name: whose history it is cannot be told, so neither takes it.
+    state.write_text(json.dumps({"mc:t.jsonl": old}))
+    result = run_evaluation(*uniform, [f"mc:{first}", f"mc:{second}"], options)
+    assert [result["tasks"][f"mc:{p}"]["level"] for p in (first, second)] == [1, 1]
+    assert json.loads(state.read_text())["mc:t.jsonl"] == old
+
+
+def test_python_m_dsv3_eval_checks_the_device(tmp_path, capsys, monkeypatch, checkpoint,
+                                              no_loading):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--device", "cuda"]
+    assert eval_main(argv) == 2
+    assert capsys.readouterr().err == ("dsv3 eval: error: --device 'cuda' is not available on "
+                                       "this machine; available: cpu\n")
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda tmp: tmp.joinpath("file").write_text("x") and tmp / "file",
+     "--out: {out} exists and is not a directory"),
+    (lambda tmp: tmp.joinpath("file").write_text("x") and tmp / "file" / "sub",
+     "--out: cannot create {out}: {tmp}/file is a file"),
+])
+def test_an_unusable_out_fails_before_loading(tmp_path, capsys, checkpoint, no_loading,
+                                              make_out, message):
+    out = make_out(tmp_path)
+    argv = ["--checkpoint", checkpoint, "--out", str(out), "--tasks", "ppl", "--no-progress"]
+    assert eval_main(argv) == 2
+    assert message.format(out=out, tmp=tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tasks, extra, message", [
+    ("ppl,bias", [], "bias: give --bias-spec PATH"),
+    ("ppl,bias", ["--bias-spec", "{bias}"], "bias spec: {bias}: templates[0] needs text after"),
+    ("ppl,toxicity", [], "--toxicity-lexicon PATH or --toxicity-classifier DIR"),
+    ("ppl,toxicity", ["--toxicity-lexicon", "{tmp}/none.txt"], "lexicon: no file"),
+    ("ppl,cloze", ["--corpus", "{one_doc}"], "cloze: documents: level 1 needs"),
+    ("ppl,mc:{tmp}/none.jsonl", [], "multiple-choice file: no file '{tmp}/none.jsonl'"),
+    ("ppl,gen:{gen}", [], "generation file: {gen}:1: field 'reference' must be a string"),
+    ("ppl,mc:{mc}", ["--k-shot", "2"], "mc:{mc}: --k-shot 2: k_shot=2 exceeds the 0 dev"),
+])
+def test_every_task_is_checked_before_the_model_loads(tmp_path, capsys, checkpoint, no_loading,
+                                                      tasks, extra, message):
+    names = {"tmp": tmp_path, "one_doc": write_jsonl(tmp_path / "one.jsonl", CORPUS[:1]),
+             "bias": tmp_path / "bias.json", "mc": write_jsonl(tmp_path / "mc.jsonl", MC_ROWS),
+             "gen": write_jsonl(tmp_path / "gen.jsonl", [{"source": "a", "reference": 5}])}
+    (tmp_path / "bias.json").write_text(json.dumps({"templates": ["Ends with {term}"],
+                                                    "terms": ["a", "b"]}))
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--no-progress",
+            "--tasks", tasks.format(**names)] + [a.format(**names) for a in extra]
+    if "--corpus" not in extra:
+        argv += ["--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS)]
+    assert eval_main(argv) == 2
+    assert message.format(**names) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dsv3_eval_runs_the_same_checks(tmp_path, capsys, checkpoint, no_loading):
+    from dsv3.cli import main as dsv3_main
+    argv = ["eval", "--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks",
+            "ppl,bias", "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS)]
+    assert dsv3_main(argv) == 2
+    assert "dsv3 eval: error: bias: give --bias-spec PATH" in capsys.readouterr().err
+
+
+def test_cloze_takes_no_dev_exemplars_from_k_shot(uniform):
+    options = EvalOptions(documents=DOCS, cloze_items=2, k_shot=1, progress=False)
+    assert run_evaluation(*uniform, ["cloze"], options)["tasks"]["cloze"]["k_shot"] == 0
