@@ -43,30 +43,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def usable_devices() -> list[str]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return ["cpu"]
-    return ["cpu", "cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-
-def check_device(name: str | None) -> None:
-    """``--device``: one this machine has, checked before any work rather than met as
-    torch's error mid-run; ``None`` (not given) is left to the command's default."""
-    if name is None:
-        return
-    import torch
-
-    available = usable_devices()
-    try:
-        known = str(torch.device(name)) in available
-    except RuntimeError:  # not a device string torch parses ("tpu")
-        known = False
-    if not known:
-        raise ValueError(f"--device {name!r} is not available on this machine; "
-                         f"available: {', '.join(available)}")
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from dsv3.cli import check_device
+    from dsv3.devices import check_device
     from dsv3.train.checkpoint import check_resume
     from dsv3.train.config import load_config
     from dsv3.train.data import TrainData
