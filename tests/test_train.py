@@ -24,7 +24,8 @@ def test_three_stages_log_the_panel_and_write_the_report(tmp_path):
     assert lm[-1]["loss"] < lm[0]["loss"], "the loss must fall"
     dpo = history[-1]
     assert "dpo/reward_margin" in dpo and 0 <= dpo["dpo/reward_accuracy"] <= 1
-    # Step 10 is 1/6 into the curriculum stage: 16 + 16/6 tokens, rounded down to 8s.
+    # Step 10 is the curriculum stage's second of 6 steps, 1/5 of the way from its
+    # first to its last: 16 + 16/5 tokens, rounded down to 8s.
     assert history[1]["seq_len"] == 16
     panel = {k for r in history for k in r}
     for key in ("loss", "perplexity", "lr", "grad_norm", "param_norm", "loss_scale",
@@ -53,6 +54,22 @@ def test_mixed_precision(tmp_path, precision):
     # fp32 master weights; fp16 keeps a dynamic loss scale, bf16 needs none.
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert (history[-1]["loss_scale"] > 1) == (precision == "fp16")
+
+
+@pytest.mark.parametrize("saved, resumed", [("fp32", "fp16"), ("fp16", "fp32")])
+def test_resume_under_another_precision(tmp_path, saved, resumed):
+    """A run saved without a loss scale resumes under fp16 with a fresh one (and back)."""
+    stages = [StageConfig("base", "lm", 1.0, seq_len=24)]
+    first = Trainer(three_stage_config(tmp_path, precision=saved, steps=6, stages=stages),
+                    synthetic_data())
+    for _ in range(3):
+        first.train_step()
+    first.save()
+    trainer = Trainer(three_stage_config(tmp_path, precision=resumed, steps=6, stages=stages),
+                      synthetic_data())
+    history = trainer.train(progress=False)
+    assert trainer.step == 6 and torch.isfinite(torch.tensor(history[-1]["loss"]))
+    assert (history[-1]["loss_scale"] > 1) == (resumed == "fp16")
 
 
 def _first_step_grads(trainer):
@@ -114,8 +131,8 @@ def test_a_fresh_run_replaces_a_stale_runs_metrics(tmp_path):
 
 def test_curriculum_sequence_length_warms_up():
     stage = StageConfig("c", "curriculum", 1.0, seq_len=128, seq_len_start=32)
-    lengths = [Trainer.seq_len_at(stage, p / 10) for p in range(10)]
-    assert lengths[0] == 32 and lengths[-1] == 112 and lengths == sorted(lengths)
+    lengths = [Trainer.seq_len_at(stage, p / 9) for p in range(10)]  # progress 1: the last step
+    assert lengths[0] == 32 and lengths[-1] == 128 and lengths == sorted(lengths)
     assert all(length % 8 == 0 for length in lengths)
     assert Trainer.seq_len_at(StageConfig("b", "lm", 1.0, seq_len=64), 0.5) == 64
 
@@ -123,9 +140,22 @@ def test_curriculum_sequence_length_warms_up():
 def test_schedules():
     assert lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
-    assert lr_factor(99, 100, 10, "cosine", min_ratio=0.1) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(99, 100, 10, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 6, 1, "cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(50, 100, 10, "wsd", decay_fraction=0.2) == 1.0
-    assert lr_factor(90, 100, 10, "wsd", min_ratio=0.0, decay_fraction=0.2) == pytest.approx(0.5)
+    # WSD decays over steps 80-99, each step lower, the last on the floor
+    assert lr_factor(79, 100, 10, "wsd", min_ratio=0.0, decay_fraction=0.2) == 1.0
+    assert lr_factor(89, 100, 10, "wsd", min_ratio=0.0, decay_fraction=0.2) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0, "wsd", 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 0, "wsd", 0.1, 0.2) == pytest.approx(0.1)
+    assert lr_factor(99, 100, 10, "wsd", min_ratio=0.0, decay_fraction=0.0) == 1.0  # no decay
+
+
+def test_wsd_decays_only_after_the_warm_up():
+    factors = [lr_factor(step, 100, 10, "wsd", 0.1, decay_fraction=1.0) for step in range(100)]
+    assert factors[9] == 1.0 and factors[10] == pytest.approx(1 - 0.9 / 90)
+    assert factors[10:] == sorted(factors[10:], reverse=True)
+    assert factors[-1] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule must be one of"):
         lr_factor(0, 10, 1, "linear")
 

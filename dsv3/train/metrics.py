@@ -3,9 +3,10 @@ record to ``metrics.jsonl`` and TensorBoard (``tensorboard --logdir OUT_DIR/tb``
 
 MFU uses the PaLM-paper count of training FLOPs per token,
 ``6 * N_active + 12 * n_layers * seq_len * dim`` (N_active: parameters one token
-uses, embeddings excluded; the second term is attention's score and value
-products), against the dense-matmul rate measured on this device at start-up in
-the run's precision: "how much of what this machine's matmuls can do".
+uses, the embedding excluded (a lookup) unless tied to the output head (a matmul);
+the second term is attention's score and value products), against the dense-matmul
+rate measured on this device at start-up in the run's precision: "how much of what
+this machine's matmuls can do".
 """
 import json
 import math
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from dsv3.moe import MoEStats
 
 
 class MetricsLogger:
@@ -76,7 +79,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
 
 def training_flops_per_token(model, seq_len: int) -> float:
     config = model.config
-    active = model.num_parameters(active=True) - model.embed.weight.numel()
+    # The embedding is a lookup, not a matmul. Tied, its weight is also the output
+    # head's (counted once by num_parameters), a matmul: then it stays in.
+    lookup = 0 if config.tie_embeddings else model.embed.weight.numel()
+    active = model.num_parameters(active=True) - lookup
     return 6 * active + 12 * config.n_layers * seq_len * config.dim
 
 
@@ -112,16 +118,29 @@ def saved_activation_bytes(counter: list, model=None):
         yield
 
 
-def moe_metrics(model) -> dict:
-    """Per-layer expert load (max/mean, coefficient of variation), router entropy,
-    dropped copies, aux/z losses and expert-bias norm from the MoE layers' last stats."""
+def step_moe_stats(micro_stats) -> MoEStats:
+    """One MoE layer's stats over an optimizer step's micro-batches: expert loads and
+    dropped copies summed (the step's tokens), aux/z losses and router entropy
+    averaged (the loss the step trained on is the micro-batches' mean)."""
+    if len(micro_stats) == 1:  # no accumulation: the step's own, no device ops per step
+        return micro_stats[0]
+    entropies = [s.router_entropy for s in micro_stats if s.router_entropy is not None]
+    return MoEStats(sum(s.tokens_per_expert for s in micro_stats),
+                    sum(s.dropped_tokens for s in micro_stats),
+                    sum(s.aux_loss for s in micro_stats) / len(micro_stats),
+                    sum(s.z_loss for s in micro_stats) / len(micro_stats),
+                    sum(entropies) / len(entropies) if entropies else None)
+
+
+def moe_metrics(model, step_stats: list[MoEStats]) -> tuple[dict, list]:
+    """The panel's moe/* metrics of one optimizer step, from ``step_stats`` (per MoE
+    layer of ``model``, see step_moe_stats: every micro-batch, not the last one):
+    per-layer expert load (max/mean, coefficient of variation), router entropy,
+    dropped copies, aux/z losses, and the expert-bias norm after the step."""
     out, loads = {}, []
     aux = z = dropped = 0.0
     entropies, bias_sq = [], 0.0
-    for index, layer in enumerate(model.moe_layers()):
-        stats = layer.last_stats
-        if stats is None:
-            continue
+    for index, (layer, stats) in enumerate(zip(model.moe_layers(), step_stats)):
         counts = stats.tokens_per_expert.float()
         mean = counts.mean().item()
         loads.append(counts.cpu())

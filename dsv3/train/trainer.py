@@ -4,8 +4,9 @@ Per optimizer step: pick the stage and its learning rate, draw ``grad_accum``
 micro-batches (stateless sampling, see data.py), forward under autocast (bf16, or
 fp16 with a dynamic loss scale; weights stay fp32), backward (DDP all-reduces
 only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
-step, and nudge the MoE selection biases. Every ``log_every`` steps a metrics
-record; at the end a checkpoint, the exported model and the HTML report.
+step, and nudge the MoE selection biases (not on a step fp16 skipped). Every
+``log_every`` steps a metrics record; at the end a checkpoint, the exported model
+and the HTML report.
 """
 import math
 import time
@@ -26,7 +27,7 @@ from dsv3.train.config import TrainConfig
 from dsv3.train.data import TrainData, preference_batch
 from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
-                                peak_memory_bytes, saved_activation_bytes,
+                                peak_memory_bytes, saved_activation_bytes, step_moe_stats,
                                 training_flops_per_token)
 from dsv3.train.report import write_report
 from dsv3.train.schedule import lr_factor
@@ -65,42 +66,61 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.reference = None  # the frozen model a DPO stage compares against
+        self.reference_stage = -1  # the DPO stage it was frozen for (as it entered it)
         self.domain_tokens: dict[str, int] = {}  # realized mixture since the last log, in tokens
         self._loader = self._batches = None  # the current stage's PackedLoader and iterator
         self._loader_stage = -1
         # Routed copies per expert over the run, kept on the device (no per-step sync).
         self.load_counts = [torch.zeros(m.config.n_experts, device=self.device)
                             for m in self.model.moe_layers()]
+        self.moe_stats = []  # per MoE layer, the last step's stats (step_moe_stats)
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
         self.peak_flops = measure_matmul_flops(self.device, self.autocast_dtype or torch.float32)
         self._stage_ends = torch.tensor(config.stage_steps()).cumsum(0).tolist()
 
     # --- stages ------------------------------------------------------------------------------
+    def _stage_start(self, index: int) -> int:
+        return self._stage_ends[index - 1] if index else 0
+
     def stage_at(self, step: int):
-        """(index, stage, progress in [0, 1) through it) of optimizer step ``step``."""
+        """(index, stage, progress through it) of optimizer step ``step``; progress runs
+        from 0 at the stage's first step to 1 at its last (1 for a one-step stage)."""
         index = next(i for i, end in enumerate(self._stage_ends) if step < end)
-        start = self._stage_ends[index - 1] if index else 0
-        return index, self.config.stages[index], (step - start) / (self._stage_ends[index] - start)
+        start = self._stage_start(index)
+        last = self._stage_ends[index] - 1 - start
+        return index, self.config.stages[index], (step - start) / last if last else 1.0
 
     @staticmethod
     def seq_len_at(stage, progress: float) -> int:
-        """Curriculum stages warm the sequence length up linearly (multiples of 8)."""
+        """Curriculum stages warm the sequence length up linearly (multiples of 8 on
+        the way), reaching the stage's own seq_len at its last step (progress 1)."""
         if stage.kind != "curriculum" or stage.seq_len_start is None:
             return stage.seq_len
         length = stage.seq_len_start + progress * (stage.seq_len - stage.seq_len_start)
-        return max(stage.seq_len_start, min(stage.seq_len, int(length) // 8 * 8))
+        if length >= stage.seq_len:  # seq_len itself need not be a multiple of 8
+            return stage.seq_len
+        return max(stage.seq_len_start, int(length) // 8 * 8)
 
-    def _lr_factor(self, index: int, stage) -> float:
-        """The run's schedule for the language-modelling stages; a DPO stage restarts
-        it over its own steps (its own warm-up and decay): preference tuning starts
-        from a trained model, not from the tail of pre-training's decay."""
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step``."""
+        index, stage, _ = self.stage_at(step)
+        return self.config.optim.lr * stage.lr_scale * self._lr_factor(step, index, stage)
+
+    def _lr_factor(self, step: int, index: int, stage) -> float:
+        """One schedule for the language-modelling stages, over their steps alone (a
+        DPO stage between them pauses it, so their decay ends with the last of them);
+        each DPO stage restarts it over its own steps (its own warm-up and decay):
+        preference tuning starts from a trained model, not from the tail of
+        pre-training's decay."""
         o = self.config.optim
+        start = self._stage_start(index)
         if stage.kind != "dpo":
-            return lr_factor(self.step, self.config.steps, o.warmup_steps, o.schedule,
-                             o.min_lr_ratio, o.decay_fraction)
-        start = self._stage_ends[index - 1] if index else 0
+            lm_steps = [n if s.kind != "dpo" else 0
+                        for s, n in zip(self.config.stages, self.config.stage_steps())]
+            return lr_factor(sum(lm_steps[:index]) + step - start, sum(lm_steps),
+                             o.warmup_steps, o.schedule, o.min_lr_ratio, o.decay_fraction)
         length = self._stage_ends[index] - start
-        return lr_factor(self.step - start, length, min(o.warmup_steps, max(1, length // 10)),
+        return lr_factor(step - start, length, min(o.warmup_steps, max(1, length // 10)),
                          o.schedule, o.min_lr_ratio, o.decay_fraction)
 
     def _frozen_copy(self, state: dict | None = None) -> Transformer:
@@ -129,8 +149,8 @@ class Trainer:
         if stage.kind == "dpo":
             prompt_len = stage.seq_len // 2
             prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
-                self.data.train.tokens, c.micro_batch, prompt_len, stage.seq_len - prompt_len, seed=c.seed,
-                step=self.step, micro=micro, rank=self.rank))
+                self.data.train.tokens, c.micro_batch, prompt_len, stage.seq_len - prompt_len,
+                seed=c.seed, step=self.step, micro=micro, rank=self.rank))
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
                                                   rejected, stage.dpo_beta)
@@ -161,11 +181,11 @@ class Trainer:
         step); otherwise losses and norms stay device tensors, read by nobody."""
         c = self.config
         index, stage, progress = self.stage_at(self.step)
-        if stage.kind == "dpo" and self.reference is None:
-            self.reference = self._frozen_copy()
+        if stage.kind == "dpo" and self.reference_stage != index:  # each DPO stage its own
+            self.reference, self.reference_stage = self._frozen_copy(), index
         if stage.kind != "dpo" and self._loader_stage != index:
             self._open_loader(index)
-        lr = c.optim.lr * stage.lr_scale * self._lr_factor(index, stage)
+        lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         for layer in self.model.moe_layers():
@@ -173,6 +193,7 @@ class Trainer:
         record = {"stage": index, "lr": lr}
         start = time.perf_counter()
         tokens, activation = 0, [0]
+        micro_stats = []  # per micro-batch, each MoE layer's stats
         self._data_time = 0.0
         for micro in range(c.grad_accum):
             last = micro == c.grad_accum - 1
@@ -182,6 +203,7 @@ class Trainer:
             with sync, counting:
                 loss, n_tokens = self._micro_loss(stage, progress, micro, record)
                 self.scaler.scale(loss / c.grad_accum).backward()
+            micro_stats.append([layer.last_stats for layer in self.model.moe_layers()])
             tokens += n_tokens
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -192,9 +214,10 @@ class Trainer:
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         self.skipped_steps += int(skipped)
         self.optimizer.zero_grad(set_to_none=True)
-        moe_update_bias(self.model)
-        for counts, layer in zip(self.load_counts, self.model.moe_layers()):
-            counts += layer.last_stats.tokens_per_expert
+        self._update_expert_bias(skipped)
+        self.moe_stats = [step_moe_stats(stats) for stats in zip(*micro_stats)]
+        for counts, stats in zip(self.load_counts, self.moe_stats):
+            counts += stats.tokens_per_expert
         step_time = time.perf_counter() - start
         self.step += 1
         record.update(grad_norm=grad_norm, step_time_ms=1e3 * step_time,
@@ -212,13 +235,24 @@ class Trainer:
             record["activation_mb"] = activation[0] / 2**20
         return record
 
+    def _update_expert_bias(self, skipped: bool) -> None:
+        """The aux-loss-free balancing step, on the routing counts of this step; a step
+        fp16 skipped (inf/NaN gradients) drops its counts instead, as it dropped its
+        update: they would bias the next step's."""
+        if not skipped:
+            moe_update_bias(self.model)
+            return
+        for layer in self.model.moe_layers():
+            if layer.expert_bias is not None:
+                layer.pending_counts.zero_()
+
     # --- the run -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         metrics = {k: v for k, v in record.items() if k != "skipped"}
         metrics.update(param_norm=param_norm(self.model), skipped_steps=self.skipped_steps,
                        loss_scale=self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
                        peak_memory_mb=peak_memory_bytes(self.device) / 2**20)
-        moe, _ = moe_metrics(self.model)
+        moe, _ = moe_metrics(self.model, self.moe_stats)  # this step's, every micro-batch
         metrics.update(moe)
         total = sum(self.domain_tokens.values())
         for domain, count in self.domain_tokens.items():
@@ -236,6 +270,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
                 "reference": self.reference.state_dict() if self.reference is not None else None,
+                "reference_stage": self.reference_stage,
                 "compression": self.compression.state_dict() if self.compression else None,
                 "domain_tokens": dict(self.domain_tokens), "load_counts": self.load_counts,
                 "loader": ({"stage": self._loader_stage, "state": self._loader.state_dict()}
@@ -252,11 +287,17 @@ class Trainer:
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without a loss scale (fp32, bf16): a fresh one
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.skipped_steps = state["skipped_steps"]
-        if state["reference"] is not None:
+        if state["reference"] is not None:  # a later DPO stage freezes its own
             self.reference = self._frozen_copy(state["reference"])
+        # A checkpoint from before references were kept per stage holds at most one,
+        # frozen for the stage it stopped in (a DPO stage, or it would hold none).
+        last_step = min(self.step, self.config.steps - 1)
+        self.reference_stage = state.get(
+            "reference_stage", -1 if state["reference"] is None else self.stage_at(last_step)[0])
         if self.compression is not None and state["compression"] is not None:
             self.compression.load_state_dict(state["compression"], self.device)
         self.domain_tokens = dict(state["domain_tokens"])
