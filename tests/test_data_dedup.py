@@ -46,6 +46,26 @@ def test_minhash_on_chinese_uses_characters():
     assert [d.id for d in MinHashDedup(threshold=0.7)(docs)] == ["a", "c"]
 
 
+def test_minhash_texts_without_words_are_compared_by_characters():
+    texts = ["😀😀😀 🎉", "∑∫∂ ≤ ≥ ≠ → ⇒", "-----", "!!!", "???", "", "  \n",
+             "😀😀😀🎉", "----- "]
+    step = MinHashDedup()
+    kept = [d.text for d in step(Document(str(i), t) for i, t in enumerate(texts))]
+    # distinct symbol texts all stay; only the respaced copies are near-duplicates, and
+    # blank texts are not matched on an empty signature (counted instead)
+    assert kept == texts[:7]
+    assert step.stats.dropped == {"near_duplicate": 2}
+    assert step.stats.counts == {"blank_not_compared": 2}
+
+
+def test_minhash_matches_decomposed_and_composed_copies():
+    import unicodedata
+    text = ("Le café était très animé ce matin-là, les élèves répétaient leur leçon préférée "
+            "près de la fenêtre, et le garçon à côté rêvait déjà des vacances d'été.")
+    docs = [Document("nfc", text), Document("nfd", unicodedata.normalize("NFD", text))]
+    assert [d.id for d in MinHashDedup()(docs)] == ["nfc"]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"threshold": 1.0}, r"threshold must be in \(0, 1\), got 1.0"),
     ({"ngram": 0}, "ngram must be >= 1, got 0"),

@@ -80,6 +80,33 @@ def test_chinese_rules_use_chinese_words():
     assert check(TextView(_ZH[:20]), HeuristicRules()) == "gopher_too_few_words"
 
 
+_FR = ("Le matin, les élèves traversent la vallée où les paysans récoltent le blé mûr.\n"
+       "Après l'école, ils jouent près de la rivière qui descend des montagnes enneigées.\n"
+       "Leur grand-mère prépare une soupe épaisse aux légumes du jardin familial.\n"
+       "Pendant l'été, toute la famille se réunit sous le vieux chêne du village.\n"
+       "Le soir venu, on écoute les histoires étranges que raconte le voisin âgé.\n"
+       "Chaque dimanche, le marché animé attire des gens venus de très loin.")
+_HI = ("भारत एक विशाल देश है जहाँ अनेक भाषाएँ बोली जाती हैं। यहाँ की संस्कृति बहुत पुरानी और "
+       "समृद्ध है। गाँवों में किसान खेतों में मेहनत करते हैं और शहरों में लोग कारखानों और दफ्तरों में "
+       "काम करते हैं। बच्चे सुबह स्कूल जाते हैं और शाम को मैदान में खेलते हैं। नदियों के किनारे बसे "
+       "नगरों का इतिहास हजारों वर्ष पुराना है। त्योहारों के समय पूरा परिवार एक साथ मिलकर खुशियाँ "
+       "मनाता है।")
+
+
+def test_words_keep_combining_marks_and_ignore_normalization_form():
+    import unicodedata
+    assert TextView("नमस्ते दुनिया").words == ["नमस्ते", "दुनिया"]
+    nfd = unicodedata.normalize("NFD", _FR)
+    assert TextView(nfd).words == TextView(_FR).words
+    assert "élèves" in TextView(nfd).words
+    # stop words are English and Chinese ones: only the word-based rules are in question
+    rules = HeuristicRules(min_stop_words=None)
+    assert check(TextView(_FR), rules) is None and check(TextView(nfd), rules) is None
+    # Hindi ends sentences with "।", which the punctuation rule does not list
+    rules = HeuristicRules(min_stop_words=None, min_line_punct_fraction=None)
+    assert check(TextView(_HI), rules) is None
+
+
 def test_rules_from_dict_and_errors():
     r = HeuristicRules.from_dict({"min_words": 5, "max_dup_ngram_char_fraction": {"5": 0.5}})
     assert r.min_words == 5 and r.max_dup_ngram_char_fraction == {5: 0.5}

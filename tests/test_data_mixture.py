@@ -97,6 +97,33 @@ def test_schedule_interpolates_and_validates():
         MixtureSampler(MixtureSchedule({"a": 0.5, "b": 0.5}, 10), {"a": np.array([0, 3])})
 
 
+@pytest.mark.parametrize("weights, message", [
+    ({"a": float("nan"), "b": 1.0}, r"weights\['a'\]: progress points and weights must be finite"),
+    ({"a": [0.5, float("inf")], "b": 0.5}, r"weights\['a'\]: .* must be finite"),
+    ({"a": [[0, 0.5], [float("nan"), 0.5], [1, 0.5]], "b": 0.5}, r"weights\['a'\]: .* finite"),
+    ({"a": [], "b": 1.0}, r"weights\['a'\]: expected a number, \[start, end\] or"),
+    ({"a": 0.5, "b": 0.4999991}, r"at progress 0 they sum to 0.9999991"),
+])
+def test_schedule_rejects_non_finite_empty_and_inexact_weights(weights, message):
+    with pytest.raises(ValueError, match=message):
+        MixtureSchedule(weights, 1000)
+
+
+@pytest.mark.parametrize("weights", [
+    {"a": 0.1, "b": 0.2, "c": 0.7, "z": 0.0},   # sums to 1 only up to rounding
+    {"a": [[0, 0.6], [0.5, 1.0], [1, 1.0]], "z": [[0, 0.4], [0.5, 0.0], [1, 0.0]]},
+])
+def test_a_domain_at_share_zero_is_never_drawn(weights):
+    schedule = MixtureSchedule(weights, total_tokens=20_000)
+    sampler = MixtureSampler(schedule, {d: np.arange(0, 101) * 7 for d in weights},
+                             max_chunk_tokens=7)
+    z = schedule.domains.index("z")
+    for _ in range(20_000 // 7):
+        share = schedule.weights_at(sampler.tokens / schedule.total_tokens)[z]
+        if next(sampler).domain == z:
+            assert share > 0, f"drawn at share 0 after {sampler.tokens} tokens"
+
+
 def test_sampler_resumes_from_saved_state_at_any_step():
     schedule = MixtureSchedule(RECIPE, total_tokens=2_000_000)
     offsets = synthetic_offsets(np.random.default_rng(1), RECIPE, docs=50)

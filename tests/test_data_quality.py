@@ -79,6 +79,12 @@ def test_hashed_ids_are_stable_across_processes():
     assert other.stdout.strip() == str(HashedNgrams(12).ids("Stable hashing, 稳定").tolist())
 
 
+def test_predict_proba_scores_one_per_text_and_none_for_no_texts():
+    model = QualityClassifier(HashedNgrams(10))
+    assert model.predict_proba([]).shape == (0,)
+    assert model.predict_proba(["a b", "", "c"]).shape == (3,)
+
+
 def _tiny_bert(path, texts):
     """A tiny random BERT with a character vocabulary built from ``texts`` (each
     character also as a "##" continuation, so WordPiece splits any word into them)."""

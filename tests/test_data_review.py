@@ -117,6 +117,28 @@ def test_changed_documents_are_shown_before_and_after(tmp_path):
     assert page.count("before this step:") == 1 and "a.b@example.com" in page
 
 
+def test_documents_sharing_an_id_get_separate_review_ids_and_verdicts(tmp_path):
+    # two sources that both number their records from 1, all dropped into one stratum
+    docs = [Document("1", "text one"), Document("1", "text two"), Document("3", "text three")]
+    sampler = ReviewSampler(per_stratum=5)
+    list(Pipeline([DropOdd()], reviewer=sampler).run(docs, progress=False))
+    items = [i for i in sampler.items() if i["decision"] == "dropped"]
+    ids = [i["review_id"] for i in items]
+    assert len(ids) == 3 and len(set(ids)) == 3 and "drop_odd/default/dropped/1#2" in ids
+    sampler.write(str(tmp_path))
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text("".join(json.dumps({"review_id": i["review_id"], "verdict": v}) + "\n"
+                                for i, v in zip(items, ["correct", "wrong", "correct"])))
+    judged = read_verdicts(str(tmp_path / "sample.jsonl"), str(verdicts))
+    assert sorted((i["text"], i["verdict"]) for i in judged if i["decision"] == "dropped") == \
+        sorted((i["text"], v) for i, v in zip(items, ["correct", "wrong", "correct"]))
+    # a sample file whose review ids repeat cannot take verdicts: an error, not a guess
+    sample = tmp_path / "sample.jsonl"
+    sample.write_text(sample.read_text() + sample.read_text().splitlines()[0] + "\n")
+    with pytest.raises(ValueError, match=r"sample.jsonl, line \d+: review_id .* repeats"):
+        read_verdicts(str(sample))
+
+
 def _sample(tmp_path, n=3):
     """A hand-made review/ directory: n dropped decisions of one stratum."""
     review = tmp_path / "review"

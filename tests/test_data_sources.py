@@ -63,6 +63,19 @@ def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
                                              "name enclosed in double quotes at column 2)")
 
 
+def test_repeated_record_ids_become_unique_and_keep_their_location(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _write_jsonl(a, [json.dumps(r) for r in [{"id": "7", "text": "one"}, {"id": "7", "text": "two"},
+                                              {"text": "no id"}, {"id": 8, "text": "three"}]])
+    _write_jsonl(b, [json.dumps(r) for r in [{"id": "7", "text": "four"},
+                                              {"id": "8", "text": "five"}]])
+    docs = list(read_documents(str(tmp_path / "*.jsonl")))
+    assert [d.id for d in docs] == ["7", f"7@{a}:2", f"{a}:3", "8", f"7@{b}:1", f"8@{b}:2"]
+    assert docs[1].metadata["id"] == "7"  # the source's own id stays in the metadata
+    again = [d.id for d in read_documents(str(tmp_path / "*.jsonl"))]
+    assert again == [d.id for d in docs]  # the same ids on every read
+
+
 def test_parquet_and_text_readers(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -42,6 +42,18 @@ def test_tokenized_corpus_appends_eos_and_round_trips_on_disk(tokenizer, tmp_pat
         tokenizer.encode("second").ids
 
 
+def test_special_token_text_in_a_document_stays_text(tokenizer):
+    texts = [f"a doc that quotes {EOS} in prose", EOS, f"{EOS}{EOS}x", "plain"]
+    corpus = TokenizedCorpus.encode({"a": texts}, tokenizer)
+    eos = tokenizer.token_to_id(EOS)
+    tokens, offsets = corpus.tokens["a"], corpus.offsets["a"]
+    assert (tokens == eos).sum() == len(texts)  # one per document, at its end only
+    for text, start, end in zip(texts, offsets[:-1], offsets[1:]):
+        assert tokens[end - 1] == eos
+        assert tokenizer.decode(tokens[start:end - 1].tolist(), skip_special_tokens=False) == text
+    assert tokenizer.encode_special_tokens is False  # the caller's setting is back
+
+
 def test_errors(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="vocab_size must be > 256"):
         train_tokenizer(["x"], vocab_size=100)

@@ -4,7 +4,8 @@ Exact: a 128-bit BLAKE2b digest of the text after NFKC, lowercasing and collapsi
 whitespace, so copies that differ only in spacing or case go too.
 
 Near: MinHash signatures over word n-gram shingles (CJK ideographs count as words,
-from the shared :mod:`~dsv3.data.textview` tokenization) and an LSH index, both from
+from the shared :mod:`~dsv3.data.textview` tokenization; a text without words is
+shingled by characters, a blank one is not compared) and an LSH index, both from
 ``datasketch``. A document whose estimated Jaccard similarity to an already-kept
 document reaches ``threshold`` is dropped. LSH makes each lookup sublinear; what it
 costs is a small, tunable chance of missing a pair near the threshold (bands/rows are
@@ -72,21 +73,32 @@ class MinHashDedup(Step):
         self._template = MinHash(num_perm=num_perm, seed=seed)
 
     def shingles(self, doc: Document) -> set[bytes]:
-        words = [w.lower() for w in text_view(doc).words]
-        n = self.ngram
-        if len(words) < n:
-            return {" ".join(words).encode("utf-8")}
-        return {" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)}
+        """Word n-grams (the whole text as one when it is shorter). A text without words
+        (emoji, math symbols, a rule of dashes) uses n-grams of its non-space characters
+        instead: an empty word list would give all such texts one signature. Empty for a
+        blank text."""
+        units, sep = [w.lower() for w in text_view(doc).words], " "
+        if not units:
+            units, sep = [c for c in doc.text.lower() if not c.isspace()], ""
+        if not units:
+            return set()
+        n = min(self.ngram, len(units))
+        return {sep.join(units[i:i + n]).encode("utf-8") for i in range(len(units) - n + 1)}
 
-    def signature(self, doc: Document):
+    def signature(self, shingles: set[bytes]):
         m = self._minhash_cls(num_perm=self.num_perm, seed=self.seed,
                               permutations=self._template.permutations,
                               scheme=self._template.scheme)
-        m.update_batch(sorted(self.shingles(doc)))
+        m.update_batch(sorted(shingles))
         return m
 
     def apply(self, doc: Document) -> Document | str:
-        sig = self.signature(doc)
+        shingles = self.shingles(doc)
+        if not shingles:
+            # nothing to compare a blank text by (identical blanks are ExactDedup's)
+            self.stats.counts["blank_not_compared"] += 1
+            return doc
+        sig = self.signature(shingles)
         if self._lsh.query(sig):
             return "near_duplicate"
         # LSH keys must be unique; prefixing the position keeps them so if ids repeat

@@ -21,12 +21,14 @@ about a microsecond per unit) unless it is given a saved :meth:`state_dict`.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 
 WeightSpec = float | Sequence[float] | Sequence[Sequence[float]]
+SUM_TOLERANCE = 1e-9
 
 
 def _points(name: str, spec: WeightSpec) -> list[tuple[float, float]]:
@@ -36,11 +38,16 @@ def _points(name: str, spec: WeightSpec) -> list[tuple[float, float]]:
         pts = [(0.0, float(spec)), (1.0, float(spec))]
     elif len(spec) == 2 and all(isinstance(x, (int, float)) for x in spec):
         pts = [(0.0, float(spec[0])), (1.0, float(spec[1]))]
-    elif all(isinstance(x, (list, tuple)) and len(x) == 2 for x in spec):
+    elif len(spec) > 0 and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in spec):
         pts = [(float(p), float(w)) for p, w in spec]
     else:
         raise ValueError(f"weights[{name!r}]: expected a number, [start, end] or "
                          f"[[progress, weight], ...], got {spec!r}")
+    # NaN compares False with everything, so it would pass every check below and then
+    # poison the whole row of shares
+    if not all(math.isfinite(x) for pt in pts for x in pt):
+        raise ValueError(f"weights[{name!r}]: progress points and weights must be finite, "
+                         f"got {pts}")
     progress = [p for p, _ in pts]
     if progress[0] != 0.0 or progress[-1] != 1.0 or progress != sorted(set(progress)):
         raise ValueError(f"weights[{name!r}]: progress points must rise strictly from 0 to 1, "
@@ -67,9 +74,11 @@ class MixtureSchedule:
         self.table = np.array([[np.interp(b, [p for p, _ in pts], [w for _, w in pts])
                                 for pts in per_domain] for b in self.breakpoints])
         for b, row in zip(self.breakpoints, self.table):
-            if abs(row.sum() - 1.0) > 1e-6:
+            # a dozen decimal shares sum to 1 within ~1e-15, so a sum further off (say
+            # 0.9999991) is a mistyped config, not rounding
+            if abs(row.sum() - 1.0) > SUM_TOLERANCE:
                 raise ValueError(f"weights: shares must sum to 1 at every progress point; at "
-                                 f"progress {b:g} they sum to {row.sum():.6g}")
+                                 f"progress {b:g} they sum to {row.sum():.12g}")
         self._rows = self.table.tolist()
 
     def weights_at(self, progress: float) -> list[float]:
@@ -171,9 +180,10 @@ class MixtureSampler:
     def __next__(self) -> Unit:
         weights = self.schedule.weights_at(self.tokens / self.schedule.total_tokens)
         target, actual = self.target, self.actual
-        # the domain furthest behind its target; on a tie (the very first unit) one that
-        # is currently wanted, then the earlier one
-        d = max(range(len(target)), key=lambda i: (target[i] - actual[i], weights[i] > 0, -i))
+        # the wanted domain furthest behind its target, the earlier one on a tie; a domain
+        # at share 0 is never drawn, even when rounding leaves every wanted one ahead
+        wanted = [i for i, w in enumerate(weights) if w > 0]
+        d = max(wanted, key=lambda i: (target[i] - actual[i], -i))
         unit = self._next_unit_of(d)
         n = unit.length
         for i, w in enumerate(weights):

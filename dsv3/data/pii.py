@@ -46,7 +46,10 @@ _NFKC_CACHE: dict[str, str] = {}
 
 def _normalize(text: str) -> tuple[str, list[int] | None]:
     """NFKC per character, and for each normalized character the index of the original
-    character it came from (None when nothing changed: the common ASCII case)."""
+    character it came from (None when nothing changed: the common ASCII case). A
+    combining mark is composed into the character before it where one exists
+    (decomposed "u" + U+0308 is "ü", a letter of the word around it); the composed
+    character keeps the base's index, and the mark has none of its own."""
     if text.isascii() or unicodedata.is_normalized("NFKC", text):
         return text, None
     pieces, origin = [], []
@@ -56,6 +59,11 @@ def _normalize(text: str) -> tuple[str, list[int] | None]:
             pieces.append(ch)
             origin.append(i)
             continue
+        if pieces and unicodedata.combining(ch):
+            composed = unicodedata.normalize("NFC", pieces[-1][-1] + ch)
+            if len(composed) == 1:
+                pieces[-1] = pieces[-1][:-1] + composed
+                continue
         norm = cache.get(ch)
         if norm is None:
             norm = unicodedata.normalize("NFKC", ch)
@@ -141,12 +149,28 @@ def _valid_ip(s: str) -> bool:
 
 
 def _valid_ipv4(s: str) -> bool:
-    """A parsable address that is not a version or section number: those run
+    """A parsable host address that is not a version or section number: those run
     "2.7.2.2", "8.2.4.44" (three single-digit parts first), which the stdlib's own
-    text is full of; the public resolvers 1.1.1.1 / 8.8.8.8 are the cost, and they
-    are no one's personal information."""
+    text is full of, or end in ".0" ("3.12.1.0", a browser's "Chrome/120.0.0.0"),
+    which as an address names a network, not anyone's host. Versions named as such
+    ("version 10.2.3.4") are claimed before this runs (the "version" pattern). The
+    public resolvers 1.1.1.1 / 8.8.8.8 are the cost, and they are no one's personal
+    information."""
     parts = s.split(".")
-    return _valid_ip(s) and not all(len(p) == 1 for p in parts[:3])
+    return _valid_ip(s) and not all(len(p) == 1 for p in parts[:3]) and parts[3] != "0"
+
+
+def _valid_ipv6(s: str) -> bool:
+    """A parsable address (zone included: fe80::1%eth0) shaped like the ones people
+    write: a group of 3-4 hex digits (fe80::1, 2001:db8::1), and at least three groups
+    when all are decimal (2001:4860:4860::8888). Python slices (x[::2], a[1::2],
+    buf[1024::4]), "1:2:3:4:5:6:7:8" and "ab:cd::" are not; nor is the loopback ::1,
+    which is no one's address (and is x[::1])."""
+    address = s.split("%")[0]
+    groups = [g for g in address.split(":") if g]
+    return (("::" in address or address.count(":") == 7) and _valid_ip(s)
+            and max(map(len, groups), default=0) >= 3
+            and (len(groups) >= 3 or not all(g.isdigit() for g in groups)))
 
 
 def _entropy_bits_per_char(s: str) -> float:
@@ -167,60 +191,101 @@ def _looks_random(s: str) -> bool:
 
 
 def _phone_ok(s: str) -> bool:
+    """An international number has 9 to 15 digits with its country code (E.164 allows
+    15; below 9 it is a year range or an amount, "+2024 2025", "+10 000 000", more
+    often than one of the few territories with numbers that short), and a +1 number
+    is North American: 10 digits after the 1, the area code starting with 2-9."""
     digits = re.sub(r"\D", "", s)
-    return 8 <= len(digits) <= 15
+    if digits[0] == "1":  # +1 is the only country code that starts with 1
+        return len(digits) == 11 and digits[1] not in "01"
+    return 9 <= len(digits) <= 15
 
 
 # --- patterns: (kind, regex, group holding the value, validator) -------------------------------
 # Compiled with re.ASCII: \w and \b then mean ASCII word characters, so a number or an
-# address glued to Chinese text ("手机13812345678") is still found.
+# address glued to Chinese text ("手机13812345678") is still found. Email is the
+# exception (below).
 _ND = r"(?<![\w.+])"      # not glued to a preceding word, number or sign
 _NT = r"(?![\w@]|[.-]\d)"  # not continued by a word character or by more digits
+# Email takes Unicode word characters (jörg.müller@münchen.de: RFC 6531 local parts,
+# IDN domains) but not CJK ones: Chinese text runs into an address without a space
+# ("请通过li.si@example.com联系我们"), and the ideographs there are the sentence.
+_CJK_CHARS = r"\u2e80-\u9fff\ua000-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+_EA = rf"[^\W_{_CJK_CHARS}]"         # a letter or digit of an address
+_EW = rf"(?:[^\W{_CJK_CHARS}]|[%+-])"  # ... or "_", "%", "+", "-"
+_UNICODE_KINDS = frozenset({"email"})
 _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     ("url_credentials", (
         r"\b[a-zA-Z][a-zA-Z0-9+.-]*://([^\s/:@]+:[^\s/@]+)@[^\s/?#]+"), 1, lambda s: True),
+    # the body cannot hold "-----", so a BEGIN without its END costs one scan to the
+    # next marker, not one to the end of the text (quadratic over many BEGINs)
     ("secret", (
-        r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----[\s\S]+?-----END (?:[A-Z]+ )?PRIVATE KEY-----"),
+        r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----(?:[^-]|-(?!----))+"
+        r"-----END (?:[A-Z]+ )?PRIVATE KEY-----"),
      0, lambda s: True),
     ("secret", (
         r"\b(AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36}|xox[baprs]-[A-Za-z0-9-]{10,}"
         r"|sk-(?:proj-)?[A-Za-z0-9_-]{20,}|sk_live_[0-9A-Za-z]{24,}|AIza[0-9A-Za-z_-]{35})\b"),
      1, lambda s: True),
+    # a keyword anywhere in a snake/kebab-case name (aws_secret_access_key, DB_PASSWORD):
+    # after a non-alphanumeric, with at most three more parts before the ":" or "="
     ("secret", (
-        r"(?i)\b(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|password"
-        r"|passwd|client[_-]?secret)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9_\-/+=.]{16,})"),
+        r"(?i)(?<![A-Za-z0-9])(?:api[_-]?key|secret(?:[_-]?key)?|access[_-]?(?:token|key)"
+        r"|auth[_-]?token|password|passwd|client[_-]?secret)(?:[_-][A-Za-z0-9]{1,16}){0,3}"
+        r"[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9_\-/+=.]{16,})"),
      1, _looks_random),
     ("email", (
-        r"(?<![\w.+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?"
-        r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b"),
+        rf"(?<![.+-]|{_EW})(?:{_EA}(?:(?:{_EW}|\.){{0,62}}{_EW})?)"
+        rf"@(?:{_EA}(?:(?:{_EA}|-){{0,61}}{_EA})?\.)+"
+        rf"(?:[^\W\d_{_CJK_CHARS}]{{2,24}}|xn--[a-z0-9-]{{2,59}})(?!{_EW})"),
      0, lambda s: ".." not in s),
     ("cn_id", (_ND + r"([1-8]\d{16}[\dXx])" + _NT), 1, valid_cn_id),
-    ("bank_card", (_ND + r"(\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}|\d{13,19})" + _NT),
+    # 4-4-4-4(+), and 4-6-5 / 4-6-4 as Amex and Diners print them
+    ("bank_card", (
+        _ND + r"(\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}|\d{4}[ -]?\d{6}[ -]?\d{4,5}|\d{13,19})" + _NT),
      1, valid_bank_card),
     # Chinese mobiles: 1[3-9]x, optionally +86 / 0086 / 86, optionally split 3-4-4
     ("phone", (
         _ND + r"((?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2})" + _NT), 1, lambda s: True),
-    # international: a + and country code, then groups of digits (E.164: 8 to 15 digits)
+    # international: a + and country code, "(+44)" too, then groups of digits
     ("phone", (
-        _ND + r"(\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4})" + _NT),
+        _ND + r"((?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
+        r"(?:[ .-]?\d{2,4}){1,4})" + _NT),
      1, _phone_ok),
     # North American style without a country code: (555) 123-4567, 555-123-4567
     ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4})" + _NT),
      1, lambda s: True),
+    # a number named as a version ("Python 3.12.1.0", "version: 10.2.3.4", a pin such
+    # as "pkg==1.2.3.4") claims its span before the ip rules see it; not reported. The
+    # leading set of first letters lets the engine skip other positions fast.
+    ("version", (
+        r"(?=[VvRrBbPpFfKkUuSsDd=<>~!版])(?:(?<![A-Za-z])(?i:versions?|ver|release|build|python"
+        r"|firmware|kernel|revision|rev|update|patch|sdk|driver)|版本号?|[=<>~!]=)"
+        r"\.?\s{0,3}[:=]?\s{0,3}v?(\d+(?:\.\d+){2,})"), 1, lambda s: True),
     ("ip", (r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3})(?![\w]|\.\d)"), 1, _valid_ipv4),
     ("ip", (
         # not inside a longer address, but a colon after a word ("ip:" or a full-width
         # "：" after Chinese, both ":" after NFKC) may precede one
-        r"(?<![\w.])(?<![0-9A-Fa-f]:)("
+        r"(?<![\w.])(?<![0-9A-Fa-f]:)((?:"
         r"(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}|(?:[0-9A-Fa-f]{1,4}:){1,7}:"
         r"|::(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}"
-        r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6})(?![\w:]|\.\d)"), 1,
-     lambda s: ("::" in s or s.count(":") == 7) and _valid_ip(s)),
+        r"|(?:[0-9A-Fa-f]{1,4}:){1,6}(?::[0-9A-Fa-f]{1,4}){1,6})"
+        r"(?:%[0-9A-Za-z_-]{1,16}(?:\.\d{1,4})?)?)"  # a zone: %eth0, %eth0.100 (a VLAN)
+        r"(?![\w:%]|\.\d)"), 1, _valid_ipv6),
 ]
-_PATTERNS = [(kind, re.compile(p, re.ASCII), group, ok) for kind, p, group, ok in _RAW_PATTERNS]
+_PATTERNS = [(kind, re.compile(p, 0 if kind in _UNICODE_KINDS else re.ASCII), group, ok)
+             for kind, p, group, ok in _RAW_PATTERNS]
+_NOT_REPORTED = frozenset({"version"})
 # Cheap gates: a family whose trigger cannot occur in the text is not run at all.
 _NEEDS_AT = frozenset({"email", "url_credentials"})
-_NEEDS_DIGIT = frozenset({"cn_id", "bank_card", "phone", "ip"})
+_NEEDS_DIGIT = frozenset({"cn_id", "bank_card", "phone", "ip", "version"})
+
+
+def _origin_end(origin: list[int], end: int, n: int) -> int:
+    """Where a match ending before normalized character ``end`` ends in the original:
+    past its last character's source, and past any marks composed into it (they run
+    up to the next character's source)."""
+    return max(origin[end - 1] + 1, origin[end] if end < len(origin) else n)
 
 
 def find_pii(text: str) -> list[PiiSpan]:
@@ -231,19 +296,22 @@ def find_pii(text: str) -> list[PiiSpan]:
     norm, origin = _normalize(text)
     has_at = "@" in norm
     has_digit = re.search(r"\d", norm) is not None
-    taken: list[tuple[int, int]] = []
+    # which characters a kind has claimed: checking a candidate costs its length, where
+    # a list of claimed spans made a text with many hits quadratic
+    taken = bytearray(len(norm))
     found: list[PiiSpan] = []
     for kind, pattern, group, ok in _PATTERNS:
         if (kind in _NEEDS_AT and not has_at) or (kind in _NEEDS_DIGIT and not has_digit):
             continue
         for m in pattern.finditer(norm):
             start, end = m.span(group)
-            value = m.group(group)
-            if any(s < end and start < e for s, e in taken) or not ok(value):
+            if 1 in taken[start:end] or not ok(m.group(group)):
                 continue
-            taken.append((start, end))
+            taken[start:end] = b"\x01" * (end - start)
+            if kind in _NOT_REPORTED:
+                continue
             if origin is not None:
-                start, end = origin[start], origin[end - 1] + 1
+                start, end = origin[start], _origin_end(origin, end, len(text))
             found.append(PiiSpan(kind, start, end))
     found.sort(key=lambda s: s.start)
     return found

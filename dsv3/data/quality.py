@@ -78,7 +78,8 @@ class HashedNgrams:
     def __call__(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         per_doc = [self.ids(t) for t in texts]
         lengths = [len(x) for x in per_doc]
-        offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), dtype=torch.int64)
+        # one offset per text (each bag starts where the previous ends): no texts, no bags
+        offsets = torch.tensor(np.cumsum([0] + lengths)[:-1], dtype=torch.int64)
         flat = (torch.from_numpy(np.concatenate(per_doc)) if per_doc
                 else torch.empty(0, dtype=torch.int64))
         return flat, offsets

@@ -31,6 +31,18 @@ from dsv3.data.readers import _records
 VERDICTS = ("correct", "wrong")
 
 
+def _unique(review_id: str, taken: set[str]) -> str:
+    """``review_id``, numbered ("#2", "#3"…) when already taken: verdicts are matched by
+    review id, and two documents sharing an id (two sources that both number their
+    records from 1) must not share a verdict."""
+    unique, k = review_id, 1
+    while unique in taken:
+        k += 1
+        unique = f"{review_id}#{k}"
+    taken.add(unique)
+    return unique
+
+
 class ReviewSampler:
     def __init__(self, per_stratum: int = 5, seed: int = 0) -> None:
         if per_stratum < 1:
@@ -57,10 +69,11 @@ class ReviewSampler:
             heapq.heapreplace(heap, item)
 
     def items(self) -> list[dict]:
-        out = []
+        out, taken = [], set()
         for (step, domain, decision), heap in sorted(self._heaps.items()):
             for _, doc_id, reason, text, before in sorted(heap, reverse=True):
-                out.append({"review_id": f"{step}/{domain}/{decision}/{doc_id}", "step": step,
+                review_id = _unique(f"{step}/{domain}/{decision}/{doc_id}", taken)
+                out.append({"review_id": review_id, "step": step,
                             "domain": domain, "decision": decision, "reason": reason,
                             "id": doc_id, "text": text, "text_before": before,
                             "verdict": None})
@@ -148,6 +161,9 @@ def read_verdicts(sample_path: str, verdicts_path: str | None = None) -> list[di
         if missing:
             raise ValueError(f"{sample_path}, line {n}: missing field(s) {missing} (expected "
                              f"the review/sample.jsonl that `dsv3 data prepare` writes)")
+        if item["review_id"] in by_id:  # its verdicts could not be told apart
+            raise ValueError(f"{sample_path}, line {n}: review_id {item['review_id']!r} "
+                             f"repeats an earlier line's")
         item["verdict"] = _verdict(item.get("verdict"), sample_path, n)
         items.append(item)
         by_id[item["review_id"]] = item

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -38,6 +39,19 @@ def load_tokenizer(path: str | os.PathLike):
     return Tokenizer.from_file(os.fspath(path))
 
 
+@contextmanager
+def specials_as_text(tokenizer):
+    """Encode special-token strings found in text as the plain text they are: a document
+    that quotes "<|endoftext|>" must not gain an end of text where it does not end.
+    The caller's tokenizer gets its own setting back afterwards."""
+    saved = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.encode_special_tokens = saved
+
+
 class TokenizedCorpus:
     """Per-domain ``tokens`` (uint32) and ``offsets`` (int64, n_docs + 1) arrays."""
 
@@ -60,25 +74,26 @@ class TokenizedCorpus:
         if eos_id is None:
             raise ValueError(f"tokenizer: has no {EOS!r} token (train it with train_tokenizer)")
         tokens, offsets = {}, {}
-        for domain, texts in docs_by_domain.items():
-            pieces, lengths, batch = [], [], []
+        with specials_as_text(tokenizer):
+            for domain, texts in docs_by_domain.items():
+                pieces, lengths, batch = [], [], []
 
-            def flush():
-                for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
-                    ids = enc.ids + [eos_id]
-                    pieces.append(np.asarray(ids, dtype=np.uint32))
-                    lengths.append(len(ids))
-                batch.clear()
+                def flush():
+                    for enc in tokenizer.encode_batch(batch, add_special_tokens=False):
+                        ids = enc.ids + [eos_id]  # the only EOS a document gets
+                        pieces.append(np.asarray(ids, dtype=np.uint32))
+                        lengths.append(len(ids))
+                    batch.clear()
 
-            for text in texts:
-                batch.append(text)
-                if len(batch) == batch_size:
-                    flush()
-            flush()
-            if not pieces:
-                raise ValueError(f"docs_by_domain[{domain!r}]: no documents")
-            tokens[domain] = np.concatenate(pieces)
-            offsets[domain] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                for text in texts:
+                    batch.append(text)
+                    if len(batch) == batch_size:
+                        flush()
+                flush()
+                if not pieces:
+                    raise ValueError(f"docs_by_domain[{domain!r}]: no documents")
+                tokens[domain] = np.concatenate(pieces)
+                offsets[domain] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         return cls(tokens, offsets, eos_id, tokenizer.get_vocab_size())
 
     def save(self, directory: str | os.PathLike) -> dict:
