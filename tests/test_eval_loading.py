@@ -41,3 +41,16 @@ def test_bad_config_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "dim": 64, "moe": None}))
     with pytest.raises(ValueError, match="model.pt does not fit config.json"):
         load_checkpoint(str(tmp_path))
+
+
+def test_codec_encodes_a_quoted_end_of_text_as_text():
+    """Training encoded documents with special-token strings as plain text: the
+    evaluation must encode a quoted "<|endoftext|>" the same way, not as the end."""
+    from dsv3.eval.loading import TextCodec
+    tokenizer = train_tokenizer()
+    eos_id = tokenizer.token_to_id("<|endoftext|>")
+    codec = TextCodec(tokenizer)
+    ids = codec.encode("a quoted <|endoftext|> marker")
+    assert eos_id not in ids
+    assert codec.decode(ids) == "a quoted <|endoftext|> marker"
+    assert tokenizer.encode_special_tokens is False  # the caller's setting is back

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from dsv3.data.tokenizer import specials_as_text
 from dsv3.model import ModelConfig, Transformer
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
@@ -39,7 +40,9 @@ class TextCodec:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"TextCodec.encode: text must be a str, got {type(text).__name__}")
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # As the training data was encoded: a quoted "<|endoftext|>" is text, not an end.
+        with specials_as_text(self.tokenizer) as tokenizer:
+            return tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
