@@ -10,14 +10,13 @@ def usable_devices() -> list[str]:
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
     return devices
 
 
 def check_device(name: str | None) -> None:
-    """``--device``: one this machine has (cpu, cpu:0, cuda, cuda:N, mps); ``None``
-    (not given) is left to the command's default."""
+    """``--device``: one this machine has (cpu, cpu:0, cuda, cuda:N: the trainer's
+    timing and memory readings know no other); ``None`` (not given) is left to the
+    command's default."""
     if name is None:
         return
     import torch
@@ -38,6 +37,4 @@ def _usable(device) -> bool:
         return True
     if device.type == "cuda":
         return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
     return False

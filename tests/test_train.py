@@ -149,6 +149,8 @@ def test_schedules():
     assert lr_factor(99, 100, 0, "wsd", 0.1, 0.2) == pytest.approx(0.1)
     assert lr_factor(9, 10, 0, "wsd", 0.1, 0.2) == pytest.approx(0.1)
     assert lr_factor(99, 100, 10, "wsd", min_ratio=0.0, decay_fraction=0.0) == 1.0  # no decay
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor(0, 10, 1, "linear")
 
 
 def test_wsd_decays_only_after_the_warm_up():
@@ -156,8 +158,6 @@ def test_wsd_decays_only_after_the_warm_up():
     assert factors[9] == 1.0 and factors[10] == pytest.approx(1 - 0.9 / 90)
     assert factors[10:] == sorted(factors[10:], reverse=True)
     assert factors[-1] == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="schedule must be one of"):
-        lr_factor(0, 10, 1, "linear")
 
 
 def test_config_file_and_overrides(tmp_path):

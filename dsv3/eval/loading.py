@@ -14,7 +14,6 @@ import os
 
 import torch
 
-from dsv3.data.tokenizer import specials_as_text
 from dsv3.model import ModelConfig, Transformer
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
@@ -24,9 +23,13 @@ EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 
 class TextCodec:
     """Text <-> token ids over a ``tokenizers.Tokenizer``; ``eos_id`` is None when the
-    vocabulary has no end-of-text token (generation then stops at max tokens only)."""
+    vocabulary has no end-of-text token (generation then stops at max tokens only).
+    Special-token strings in text encode as the text they are, as the training data
+    was encoded (a quoted "<|endoftext|>" is not an end): the codec sets that on the
+    tokenizer it is given, once, rather than flipping it around every call."""
 
     def __init__(self, tokenizer, eos_id: int | None = None):
+        tokenizer.encode_special_tokens = True
         self.tokenizer = tokenizer
         if eos_id is None:
             eos_id = next((i for t in EOS_TOKENS if (i := tokenizer.token_to_id(t)) is not None),
@@ -40,9 +43,7 @@ class TextCodec:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"TextCodec.encode: text must be a str, got {type(text).__name__}")
-        # As the training data was encoded: a quoted "<|endoftext|>" is text, not an end.
-        with specials_as_text(self.tokenizer) as tokenizer:
-            return tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)

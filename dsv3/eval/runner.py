@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from dsv3 import validate
 from dsv3.eval import cloze, corpus, difficulty, generation, multiple_choice, perplexity, safety
 from dsv3.eval.difficulty import DifficultySchedule
 from dsv3.eval.multiple_choice import MCItem
@@ -110,20 +111,14 @@ def check_output_path(path: str, what: str, directory: bool = False) -> None:
         raise ValueError(f"{what}: cannot write {path}: {target} is not writable")
 
 
-def _check_int(value, option: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{option} must be an int >= {minimum}, got {value!r}")
-
-
 def _check_options(options: EvalOptions) -> None:
     """The numeric settings, named as the command spells them."""
     for value, option, minimum in ((options.batch_size, "--batch-size", 1),
                                    (options.cloze_items, "--cloze-items", 1),
                                    (options.k_shot, "--k-shot", 0),
                                    (options.max_new_tokens, "--max-new-tokens", 1)):
-        _check_int(value, option, minimum)
-    if not 0 < options.threshold <= 1:
-        raise ValueError(f"--threshold must be in (0, 1], got {options.threshold!r}")
+        validate.whole_number(option, value, minimum)
+    validate.number("--threshold", options.threshold, 0, 1, low_open=True)
 
 
 def _adopt_basename_keys(tasks: list[str], schedules: dict[str, DifficultySchedule]) -> None:

@@ -2,8 +2,9 @@
 (warm-up, stable, decay: a constant plateau and a short linear decay at the end,
 which lets a run be extended or branched from the plateau without a restart).
 
-Both decays run from the peak to ``min_ratio`` over the steps after the warm-up,
-the last step on the floor. The trainer applies one schedule to the language-
+Both decays end on ``min_ratio`` at the last step: cosine decays over every step
+after the warm-up, WSD over its last ``decay_fraction`` of the steps (never into
+the warm-up). The trainer applies one schedule to the language-
 modelling stages together, counted in their own steps (a DPO stage between them
 pauses it), and restarts it over each DPO stage's steps."""
 import math
