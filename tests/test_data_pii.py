@@ -273,12 +273,31 @@ def test_code_domain_slices_survive_scrubbing():
 
 
 @pytest.mark.parametrize("text", [
-    "Python 3.12.1.0", "version 10.2.3.4", "Version: v10.2.3.4", "numpy==3.12.1.0",
-    "build 10.2.3.4-rc", "版本号：10.2.3.4", "released 3.12.1.0 today", "Chrome/120.0.0.0 Safari",
+    "Python 3.12.1.0", "Version: v10.2.3.4", "numpy==3.12.1.0", "build 3.12.1.0-rc",
+    "版本号：3.12.1.0", "released 3.12.1.0 today", "Chrome/120.0.0.0 Safari",
+    "numpy==10.2.3.4", "pip install pkg[extra]~=10.2.3.4", "torch===10.2.3.4; python_version",
     "about +10 000 000 people", "seasons +2024 2025", "+10 555 123 4567",
 ])
 def test_versions_and_amounts_are_not_ips_or_phones(text):
     assert _kinds(text) == []
+
+
+@pytest.mark.parametrize("text, address", [
+    ("if ip == 192.168.1.23: block()", "192.168.1.23"),
+    ("host != 10.20.30.40", "10.20.30.40"),
+    ("update 192.168.1.15 with the patch", "192.168.1.15"),
+    ("release: 172.16.5.4", "172.16.5.4"),
+    ("if ip>=10.20.30.40 or ip<=10.20.30.99", "10.20.30.40"),
+    ("host_ip==10.20.30.40", "10.20.30.40"),  # a name that says address: no pin
+    ("pkg == 10.2.3.4", "10.2.3.4"),  # a pin has no spaces: this is a comparison
+    ("version 10.2.3.4", "10.2.3.4"), ("build 10.2.3.4-rc", "10.2.3.4"),
+    ("版本号：10.2.3.4", "10.2.3.4"), ("kernel 10.2.3.4", "10.2.3.4"),
+    ("driver 10.2.3.4", "10.2.3.4"), ("patch: 10.2.3.4", "10.2.3.4"),
+])
+def test_an_address_is_found_whatever_precedes_it_but_a_pin(text, address):
+    """Privacy over false positives: a number that parses as a host address is one,
+    after a comparison or a word such as "update"; only "pkg==10.2.3.4" is a version."""
+    assert (_kinds(text) or [None])[0] == ("ip", address)
 
 
 @pytest.mark.parametrize("text, kind, value", [
@@ -291,6 +310,10 @@ def test_versions_and_amounts_are_not_ips_or_phones(text):
     ("write to user@münchen.de", "email", "user@münchen.de"),
     ("почта иван@пример.рф", "email", "иван@пример.рф"),
     ("请通过li.si@example.com联系我们。", "email", "li.si@example.com"),
+    ("ติดต่อjohn@example.comครับ", "email", "john@example.com"),  # Thai
+    ("ຕິດຕໍ່john@example.comເດີ", "email", "john@example.com"),  # Lao
+    ("ទាក់ទងjohn@example.comបាទ", "email", "john@example.com"),  # Khmer
+    ("ဆက်သွယ်john@example.comပါ", "email", "john@example.com"),  # Myanmar
     ("Amex 3782 822463 10005", "bank_card", "3782 822463 10005"),
     ("Diners 3056 930902 5904", "bank_card", "3056 930902 5904"),
     ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "secret",
@@ -307,18 +330,37 @@ def test_nfd_email_is_scrubbed_whole():
     assert scrub(text)[0] == "mail <EMAIL> now"
 
 
-_ADVERSARIAL = ["1::", "fe80::1%", "-----BEGIN PRIVATE KEY-----", "(+44) ", "3782 ", "1-", "a%",
-                "a.", "ü@", "a@a.", "secret_", "aws_secret_access_key_", "password=", "1.1.",
-                "version 1.", "http://a:", "::", "+1 0"]
+def _repeat(unit, prefix="", size=200_000):
+    return (prefix + unit * (size // len(unit) + 1))[:size]
 
 
-@pytest.mark.parametrize("unit", _ADVERSARIAL)
-def test_adversarial_200kb_inputs_stay_fast(unit):
-    """Measured about 0.05 s each on one core; a quadratic case (a list of claimed
-    spans scanned per hit, a private-key body scanned to the end of the text per
-    BEGIN) took 7-9 s. The bound leaves room for a loaded machine."""
+_ADVERSARIAL = [_repeat(u) for u in [
+    "1::", "fe80::1%", "-----BEGIN PRIVATE KEY-----", "(+44) ", "3782 ", "1-", "a%", "a.", "ü@",
+    "a@a.", "secret_", "aws_secret_access_key_", "password=", "1.1.", "version 1.", "http://a:",
+    "::", "+1 0", "a==1.1.", "a[a,", "ติดต่อa@"]] + [
+    _repeat("a.", prefix="x@"),  # url_credentials' scheme ran to the end of the a.a.a. run
+]
+# text with a hit of each common kind, at the speed of ordinary text
+_BASELINE = _repeat("Mail bob@example.com or call 555-123-4567; host 10.2.3.4 runs pkg==1.2.3. ")
+
+
+def _seconds(text):
     import time
-    text = (unit * (200_000 // len(unit) + 1))[:200_000]
     start = time.perf_counter()
     find_pii(text)
-    assert time.perf_counter() - start < 0.5
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("text", _ADVERSARIAL, ids=lambda t: repr(t[:12]))
+def test_adversarial_200kb_inputs_stay_fast(text):
+    """As fast as ordinary text of the same size, timed just before on the same
+    machine: both take about 0.05 s on one core, where a quadratic case (a list of
+    claimed spans scanned per hit, a private-key body or a URL scheme scanned to the
+    end of the text at each start) took 7-12 s. The limit, 20x the baseline and at
+    least 2 s, holds on a loaded machine; a slow run is retried once before failing."""
+    for _ in range(2):
+        limit = max(2.0, 20 * _seconds(_BASELINE))
+        took = _seconds(text)
+        if took < limit:
+            return
+    pytest.fail(f"took {took:.2f} s, limit {limit:.2f} s (20x ordinary text of the same size)")

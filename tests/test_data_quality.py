@@ -8,8 +8,10 @@ import pytest
 from dsv3.cli import main
 from dsv3.data.corpus import embedded_corpus
 from dsv3.data.document import Document
-from dsv3.data.quality import (HashedNgrams, QualityClassifier, QualityFilter, make_featurizer,
-                               read_labeled, train_quality)
+from dsv3.data.quality import (HashedNgrams, QualityClassifier, QualityFilter,
+                               TokenizationChangedWarning, make_featurizer, read_labeled,
+                               train_quality)
+from dsv3.data.textview import WORDS_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,42 @@ def test_hashed_ids_are_stable_across_processes():
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}, check=True)
     assert other.stdout.strip() == str(HashedNgrams(12).ids("Stable hashing, 稳定").tolist())
+
+
+def _saved_model(directory, drop_version=False):
+    """A small hashed model saved to ``directory``; ``drop_version`` makes its
+    featurizer.json look like one saved before the tokenisation version was recorded."""
+    texts, labels = labeled(n_good=20, kinds=("spam",))
+    QualityClassifier(HashedNgrams(10)).fit(texts, labels, epochs=2).save(str(directory))
+    path = directory / "featurizer.json"
+    cfg = json.loads(path.read_text())
+    assert cfg["words_version"] == WORDS_VERSION  # recorded with every new model
+    if drop_version:
+        del cfg["words_version"]
+        path.write_text(json.dumps(cfg))
+
+
+def test_model_saved_before_the_tokenisation_change_warns_on_load(tmp_path):
+    """TextView.words changed (marks kept, NFC): a model saved without a words_version
+    learned version-1 words, so its scores on such text shift. Loading says so."""
+    import unicodedata
+    from dsv3.data.textview import TextView
+    assert TextView(unicodedata.normalize("NFD", "café हिन्दी")).words == ["café", "हिन्दी"]
+    _saved_model(tmp_path / "old", drop_version=True)
+    with pytest.warns(TokenizationChangedWarning, match=r"tokenisation version 1, this code "
+                                                        r"tokenises with version 2.*Retrain"):
+        old = QualityClassifier.load(str(tmp_path / "old"))
+    assert old.predict_proba(["still scores"]).shape == (1,)  # a warning, not a refusal
+    old.save(str(tmp_path / "resaved"))  # re-saving keeps what the head was trained on
+    assert json.loads((tmp_path / "resaved" / "featurizer.json").read_text())["words_version"] == 1
+
+
+def test_model_saved_with_the_current_tokenisation_loads_quietly(tmp_path):
+    import warnings
+    _saved_model(tmp_path / "new")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        QualityClassifier.load(str(tmp_path / "new"))
 
 
 def test_predict_proba_scores_one_per_text_and_none_for_no_texts():

@@ -63,17 +63,40 @@ def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
                                              "name enclosed in double quotes at column 2)")
 
 
-def test_repeated_record_ids_become_unique_and_keep_their_location(tmp_path):
+def test_record_ids_carry_their_location_so_repeats_are_unique(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     _write_jsonl(a, [json.dumps(r) for r in [{"id": "7", "text": "one"}, {"id": "7", "text": "two"},
                                               {"text": "no id"}, {"id": 8, "text": "three"}]])
     _write_jsonl(b, [json.dumps(r) for r in [{"id": "7", "text": "four"},
                                               {"id": "8", "text": "five"}]])
     docs = list(read_documents(str(tmp_path / "*.jsonl")))
-    assert [d.id for d in docs] == ["7", f"7@{a}:2", f"{a}:3", "8", f"7@{b}:1", f"8@{b}:2"]
+    assert [d.id for d in docs] == [f"7@{a}:1", f"7@{a}:2", f"{a}:3", f"8@{a}:4", f"7@{b}:1",
+                                    f"8@{b}:2"]
     assert docs[1].metadata["id"] == "7"  # the source's own id stays in the metadata
     again = [d.id for d in read_documents(str(tmp_path / "*.jsonl"))]
     assert again == [d.id for d in docs]  # the same ids on every read
+
+
+def test_reader_remembers_nothing_per_record(tmp_path):
+    """Ids come from locations, not from a set of the ids read so far: memory stays
+    flat however many records stream through (a set held one entry per record)."""
+    import gc
+    import tracemalloc
+    path = tmp_path / "many.jsonl"
+    _write_jsonl(path, [json.dumps({"id": f"record-{i:06d}", "text": "x"}) for i in range(40_000)])
+    docs = read_documents(str(path))
+    next(docs)
+    gc.collect()
+    tracemalloc.start()
+    for _ in range(5_000):  # warm up: buffers and caches reach their size
+        next(docs)
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    n = 5_001 + sum(1 for _ in docs)
+    grown = tracemalloc.get_traced_memory()[1] - before  # the peak: a set dies with the reader
+    tracemalloc.stop()
+    assert n == 40_000
+    assert grown < 200_000, f"{grown} bytes kept over 35k records"
 
 
 def test_parquet_and_text_readers(tmp_path):

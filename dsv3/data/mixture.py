@@ -28,7 +28,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 WeightSpec = float | Sequence[float] | Sequence[Sequence[float]]
-SUM_TOLERANCE = 1e-9
+# How far from 1 a row of shares may sum. Configs and prepared mixture.json files
+# were written against 1e-6 (three shares of 0.3333333 sum to 0.9999999), so this is
+# the contract; rows are then divided by their sum, so the sampler draws from exact
+# shares whatever the rounding.
+SUM_TOLERANCE = 1e-6
 
 
 def _points(name: str, spec: WeightSpec) -> list[tuple[float, float]]:
@@ -57,6 +61,15 @@ def _points(name: str, spec: WeightSpec) -> list[tuple[float, float]]:
     return pts
 
 
+def _check_sums(breakpoints: list[float], table: np.ndarray) -> None:
+    """Each row of shares sums to 1 within SUM_TOLERANCE: 0.3333333 x 3 is rounding,
+    0.5 + 0.4 is a mistyped config."""
+    for b, row in zip(breakpoints, table):
+        if abs(row.sum() - 1.0) > SUM_TOLERANCE:
+            raise ValueError(f"weights: shares must sum to 1 at every progress point; at "
+                             f"progress {b:g} they sum to {row.sum():.12g}")
+
+
 class MixtureSchedule:
     """Per-domain token shares over progress; ``domains`` keeps the config's order."""
 
@@ -73,12 +86,10 @@ class MixtureSchedule:
         self.breakpoints = sorted({p for pts in per_domain for p, _ in pts})
         self.table = np.array([[np.interp(b, [p for p, _ in pts], [w for _, w in pts])
                                 for pts in per_domain] for b in self.breakpoints])
-        for b, row in zip(self.breakpoints, self.table):
-            # a dozen decimal shares sum to 1 within ~1e-15, so a sum further off (say
-            # 0.9999991) is a mistyped config, not rounding
-            if abs(row.sum() - 1.0) > SUM_TOLERANCE:
-                raise ValueError(f"weights: shares must sum to 1 at every progress point; at "
-                                 f"progress {b:g} they sum to {row.sum():.12g}")
+        _check_sums(self.breakpoints, self.table)
+        # exact shares: a row of 0.3333333s would otherwise leave every domain's target
+        # 1e-7 per token short of what it is given (a zero share stays exactly zero)
+        self.table = self.table / self.table.sum(axis=1, keepdims=True)
         self._rows = self.table.tolist()
 
     def weights_at(self, progress: float) -> list[float]:

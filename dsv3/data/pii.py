@@ -152,10 +152,11 @@ def _valid_ipv4(s: str) -> bool:
     """A parsable host address that is not a version or section number: those run
     "2.7.2.2", "8.2.4.44" (three single-digit parts first), which the stdlib's own
     text is full of, or end in ".0" ("3.12.1.0", a browser's "Chrome/120.0.0.0"),
-    which as an address names a network, not anyone's host. Versions named as such
-    ("version 10.2.3.4") are claimed before this runs (the "version" pattern). The
-    public resolvers 1.1.1.1 / 8.8.8.8 are the cost, and they are no one's personal
-    information."""
+    which as an address names a network, not anyone's host. Any other dotted number
+    that parses is an address whatever words precede it ("version 10.2.3.4" too:
+    privacy over false positives); only a pin, "pkg==10.2.3.4", is claimed before this
+    runs (the "version" pattern). The public resolvers 1.1.1.1 / 8.8.8.8 are the cost,
+    and they are no one's personal information."""
     parts = s.split(".")
     return _valid_ip(s) and not all(len(p) == 1 for p in parts[:3]) and parts[3] != "0"
 
@@ -190,6 +191,17 @@ def _looks_random(s: str) -> bool:
             and "." not in s and "_" not in s)
 
 
+_ADDRESS_WORDS = frozenset({"ip", "ipv4", "host", "hostname", "addr", "address", "server",
+                            "peer", "gateway", "gw", "dns", "src", "dst", "remote", "proxy"})
+
+
+def _is_version_pin(s: str) -> bool:
+    """"name==1.2.3.4" where no part of the name (split at "_", "-", ".") names an
+    address: "host_ip==10.2.3.4" is code comparing an address, "pkg==10.2.3.4" a pin."""
+    name = re.split(r"[\[=~]", s, maxsplit=1)[0].lower()
+    return _ADDRESS_WORDS.isdisjoint(re.split(r"[_.-]", name))
+
+
 def _phone_ok(s: str) -> bool:
     """An international number has 9 to 15 digits with its country code (E.164 allows
     15; below 9 it is a year range or an amount, "+2024 2025", "+10 000 000", more
@@ -208,15 +220,20 @@ def _phone_ok(s: str) -> bool:
 _ND = r"(?<![\w.+])"      # not glued to a preceding word, number or sign
 _NT = r"(?![\w@]|[.-]\d)"  # not continued by a word character or by more digits
 # Email takes Unicode word characters (jörg.müller@münchen.de: RFC 6531 local parts,
-# IDN domains) but not CJK ones: Chinese text runs into an address without a space
-# ("请通过li.si@example.com联系我们"), and the ideographs there are the sentence.
-_CJK_CHARS = r"\u2e80-\u9fff\ua000-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
-_EA = rf"[^\W_{_CJK_CHARS}]"         # a letter or digit of an address
-_EW = rf"(?:[^\W{_CJK_CHARS}]|[%+-])"  # ... or "_", "%", "+", "-"
+# IDN domains) but not those of scripts written without spaces between words: CJK,
+# and Thai, Lao, Tibetan, Myanmar (U+0E00-U+109F) and Khmer. Such text runs into an
+# address ("请通过li.si@example.com联系我们", "ติดต่อjohn@example.comครับ"), and its
+# letters there are the sentence.
+_NO_SPACE_CHARS = (r"\u0e00-\u109f\u1780-\u17ff\u19e0-\u19ff"
+                   r"\u2e80-\u9fff\ua000-\ua4cf\uac00-\ud7af\uf900-\ufaff\uff00-\uffef")
+_EA = rf"[^\W_{_NO_SPACE_CHARS}]"         # a letter or digit of an address
+_EW = rf"(?:[^\W{_NO_SPACE_CHARS}]|[%+-])"  # ... or "_", "%", "+", "-"
 _UNICODE_KINDS = frozenset({"email"})
 _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
+    # a scheme of at most 32 characters: unbounded, every word start in a long run of
+    # scheme characters ("a.a.a.a...") scanned to the end of the run (quadratic)
     ("url_credentials", (
-        r"\b[a-zA-Z][a-zA-Z0-9+.-]*://([^\s/:@]+:[^\s/@]+)@[^\s/?#]+"), 1, lambda s: True),
+        r"\b[a-zA-Z][a-zA-Z0-9+.-]{0,31}://([^\s/:@]+:[^\s/@]+)@[^\s/?#]+"), 1, lambda s: True),
     # the body cannot hold "-----", so a BEGIN without its END costs one scan to the
     # next marker, not one to the end of the text (quadratic over many BEGINs)
     ("secret", (
@@ -237,7 +254,7 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     ("email", (
         rf"(?<![.+-]|{_EW})(?:{_EA}(?:(?:{_EW}|\.){{0,62}}{_EW})?)"
         rf"@(?:{_EA}(?:(?:{_EA}|-){{0,61}}{_EA})?\.)+"
-        rf"(?:[^\W\d_{_CJK_CHARS}]{{2,24}}|xn--[a-z0-9-]{{2,59}})(?!{_EW})"),
+        rf"(?:[^\W\d_{_NO_SPACE_CHARS}]{{2,24}}|xn--[a-z0-9-]{{2,59}})(?!{_EW})"),
      0, lambda s: ".." not in s),
     ("cn_id", (_ND + r"([1-8]\d{16}[\dXx])" + _NT), 1, valid_cn_id),
     # 4-4-4-4(+), and 4-6-5 / 4-6-4 as Amex and Diners print them
@@ -255,13 +272,14 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     # North American style without a country code: (555) 123-4567, 555-123-4567
     ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4})" + _NT),
      1, lambda s: True),
-    # a number named as a version ("Python 3.12.1.0", "version: 10.2.3.4", a pin such
-    # as "pkg==1.2.3.4") claims its span before the ip rules see it; not reported. The
-    # leading set of first letters lets the engine skip other positions fast.
+    # a version pin ("pkg==10.2.3.4", "pkg[extra]~=10.2.3.4", a requirements line)
+    # claims its span before the ip rules see it; not reported. It is the only context
+    # that hides a number that parses as an address: "if ip == 10.2.3.4", "!=", ">=",
+    # "update 10.2.3.4" or "release: 10.2.3.4" may as well be an address, and privacy
+    # wins over a false positive. The name must start a word and not name an address.
     ("version", (
-        r"(?=[VvRrBbPpFfKkUuSsDd=<>~!版])(?:(?<![A-Za-z])(?i:versions?|ver|release|build|python"
-        r"|firmware|kernel|revision|rev|update|patch|sdk|driver)|版本号?|[=<>~!]=)"
-        r"\.?\s{0,3}[:=]?\s{0,3}v?(\d+(?:\.\d+){2,})"), 1, lambda s: True),
+        r"(?<![\w.-])[A-Za-z][\w.-]{0,99}(?:\[[\w,.-]{0,99}\])?(?:===?|~=)\d+(?:\.\d+){2,}"),
+     0, _is_version_pin),
     ("ip", (r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3})(?![\w]|\.\d)"), 1, _valid_ipv4),
     ("ip", (
         # not inside a longer address, but a colon after a word ("ip:" or a full-width

@@ -118,7 +118,8 @@ def _mixture(config: dict, manifest: dict) -> dict:
     if weights is None:
         total = sum(tokens.values())
         weights = {d: n / total for d, n in tokens.items()}
-        # shares must sum to exactly 1 within 1e-6: give the rounding to the largest
+        # shares must sum to 1 within mixture.SUM_TOLERANCE (1e-6): give the rounding
+        # to the largest
         biggest = max(weights, key=weights.get)
         weights[biggest] += 1.0 - sum(weights.values())
     missing = sorted(d for d in weights if d not in tokens)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ import xxhash
 from dsv3.data.document import Document
 from dsv3.data.readers import _records
 from dsv3.data.step import Step
-from dsv3.data.textview import TextView
+from dsv3.data.textview import WORDS_VERSION, TextView
 from dsv3.validate import number, whole_number
 
 BACKENDS = ("hashed", "hf")
@@ -56,13 +57,23 @@ def check_encoder(path: str | None, backend: str = "hf", label: str = "encoder")
         raise FileNotFoundError(f"{label}: {path!r} is not a local model directory")
 
 
-class HashedNgrams:
-    """Texts -> (flat bucket ids, offsets) for ``nn.EmbeddingBag``."""
+class TokenizationChangedWarning(UserWarning):
+    """A hashed model was trained on words of another ``TextView`` version."""
 
-    def __init__(self, dim_bits: int = 18, max_chars: int = 20_000) -> None:
+
+class HashedNgrams:
+    """Texts -> (flat bucket ids, offsets) for ``nn.EmbeddingBag``.
+
+    Features always come from the current ``TextView.words``; ``words_version`` records
+    which version a model's head was trained on (saved in featurizer.json), so a model
+    from before a tokenisation change is recognised when loaded."""
+
+    def __init__(self, dim_bits: int = 18, max_chars: int = 20_000,
+                 words_version: int = WORDS_VERSION) -> None:
         if not 8 <= dim_bits <= 24:
             raise ValueError(f"dim_bits must be in [8, 24], got {dim_bits}")
         self.dim_bits, self.max_chars = dim_bits, max_chars
+        self.words_version = words_version
         self.size = 1 << dim_bits
 
     def ids(self, text: str) -> np.ndarray:
@@ -85,7 +96,8 @@ class HashedNgrams:
         return flat, offsets
 
     def config(self) -> dict:
-        return {"backend": "hashed", "dim_bits": self.dim_bits, "max_chars": self.max_chars}
+        return {"backend": "hashed", "dim_bits": self.dim_bits, "max_chars": self.max_chars,
+                "words_version": self.words_version}
 
 
 class HFEncoder:
@@ -141,6 +153,8 @@ class QualityClassifier:
         check_epochs(epochs)
         torch.manual_seed(seed)
         features = self.featurizer(texts)
+        if isinstance(self.featurizer, HashedNgrams):  # the head now learns today's words
+            self.featurizer.words_version = WORDS_VERSION
         if not isinstance(features, tuple):
             self.mean, self.std = features.mean(0), features.std(0).clamp(min=1e-6)
         y = torch.tensor(labels, dtype=torch.float32)
@@ -170,13 +184,20 @@ class QualityClassifier:
 
     @classmethod
     def load(cls, directory: str) -> "QualityClassifier":
+        """The saved model. A hashed model saved with another word tokenisation than
+        this code's (those saved without ``words_version`` in featurizer.json predate
+        version 2) loads with a :class:`TokenizationChangedWarning`, not an error: its
+        features are unchanged on ASCII, precomposed and CJK text, so it still scores
+        most corpora as trained, but text with combining marks (Hindi, Hebrew, Arabic
+        points, decomposed accents) gets different buckets and shifted scores; retrain
+        it with `dsv3 data train-quality`."""
         path = os.path.join(directory, "featurizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"model: no featurizer.json in {directory!r} "
                                     f"(train one with `dsv3 data train-quality`)")
         with open(path) as f:
             cfg = json.load(f)
-        featurizer = (HashedNgrams(cfg["dim_bits"], cfg["max_chars"]) if cfg["backend"] == "hashed"
+        featurizer = (_hashed_from_config(cfg, directory) if cfg["backend"] == "hashed"
                       else HFEncoder(cfg["path"], cfg["max_length"]))
         model = cls(featurizer)
         state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
@@ -184,6 +205,20 @@ class QualityClassifier:
         model.bias.data.copy_(state["bias"])
         model.mean, model.std = state["mean"], state["std"]
         return model
+
+
+def _hashed_from_config(cfg: dict, directory: str) -> HashedNgrams:
+    """The saved hashed featurizer; warns when its model learned other words than
+    ``TextView`` now gives (1: saved before the version was recorded)."""
+    version = cfg.get("words_version", 1)
+    if version != WORDS_VERSION:
+        warnings.warn(
+            f"quality model {directory!r} was trained on word tokenisation version "
+            f"{version}, this code tokenises with version {WORDS_VERSION}: text with "
+            f"combining marks (Hindi, Hebrew, Arabic, decomposed accents) gets other "
+            f"features than in training, and its scores shift. Retrain the model with "
+            f"`dsv3 data train-quality`.", TokenizationChangedWarning, stacklevel=3)
+    return HashedNgrams(cfg["dim_bits"], cfg["max_chars"], words_version=version)
 
 
 def make_featurizer(backend: str, encoder: str | None = None, **kwargs):

@@ -3,9 +3,11 @@ dataset (a hub name where a network exists, or a builder over local files).
 
 Every record becomes a :class:`Document` whose id names its file and line (or row),
 so any later drop, PII hit or review verdict can be traced back to the source. A
-record with an ``id`` field keeps it as the document id; a repeat of an id already
-read (dumps and concatenated shards repeat them) gets its location appended
-(``"7@data.jsonl:12"``), so ids stay unique within a read and still trace back.
+record with an ``id`` field gets that id with its location appended
+(``"7@data.jsonl:12"``; the bare id stays in ``metadata["id"]``): dumps and
+concatenated shards repeat ids, and a location is unique, so ids are unique within a
+run without remembering the ids already read (a set of them grew by one entry per
+record: gigabytes at 100M records, where a reader streams in constant memory).
 
 Malformed records (a line that is not JSON, a missing or non-string text field) stop
 the run with an error naming file and line, unless ``on_error="skip"``: then they are
@@ -63,20 +65,15 @@ def _expand(paths: str | Sequence[str]) -> list[str]:
     return files
 
 
-def _unique_id(record_id: str, where: str, seen: set[str]) -> str:
-    """``record_id``, or for a repeat that id with the record's location appended.
-
-    Only records' own ids are remembered (one set entry each): the location-based ids
-    are unique by construction."""
-    doc_id = record_id
-    while doc_id in seen:
-        doc_id = f"{doc_id}@{where}"
-    seen.add(doc_id)
-    return doc_id
+def _doc_id(record: dict, where: str) -> str:
+    """The record's location, after its own id when it has one: unique within a run
+    because the location is (so a repeated id needs no memory of earlier ones), and
+    still naming the id the source gave it."""
+    return f"{record['id']}@{where}" if "id" in record else where
 
 
 def _record_to_doc(record: object, where: str, text_field: str, domain_field: str | None,
-                   default_domain: str, seen_ids: set[str]) -> Document | str:
+                   default_domain: str) -> Document | str:
     """The document, or why the record is malformed."""
     if not isinstance(record, dict):
         return f"record is a {type(record).__name__}, not an object"
@@ -91,8 +88,8 @@ def _record_to_doc(record: object, where: str, text_field: str, domain_field: st
     meta = {k: v for k, v in record.items() if k not in (text_field, domain_field)
             and isinstance(v, (str, int, float, bool))}
     meta["source"] = where
-    doc_id = _unique_id(str(record["id"]), where, seen_ids) if "id" in record else where
-    return Document(id=doc_id, text=text, domain=domain or default_domain, metadata=meta)
+    return Document(id=_doc_id(record, where), text=text, domain=domain or default_domain,
+                    metadata=meta)
 
 
 def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
@@ -109,7 +106,6 @@ def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     stats = stats if stats is not None else ReaderStats()
     what = "line" if format == "jsonl" else "row"
-    # one stream over all the files, so an id repeated in another file is a repeat too
     located = ((f"{path}:{n}" if format != "text" else path, f"{path}, {what} {n}", record,
                 error) for path in _expand(paths) for n, record, error in _records(path, format))
     yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
@@ -138,10 +134,9 @@ def _documents(located, text_field: str, domain_field: str | None, default_domai
                on_error: str, stats: ReaderStats) -> Iterator[Document]:
     """(id/location, location for messages, record, parse error) -> documents, with
     malformed records raised or skipped and counted."""
-    seen_ids: set[str] = set()
     for where, message_where, record, error in located:
         result = error if error is not None else _record_to_doc(
-            record, where, text_field, domain_field, default_domain, seen_ids)
+            record, where, text_field, domain_field, default_domain)
         if isinstance(result, str):
             if on_error == "raise":
                 raise MalformedRecordError(

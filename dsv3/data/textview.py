@@ -24,6 +24,11 @@ import numpy as np
 from dsv3.data.document import Document
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+# The version of what ``TextView.words`` returns. Hashed quality models are trained on
+# these words and save the version with them (dsv3.data.quality), so bump it whenever
+# any text's words change. 1: a combining mark ended a word, text taken as given;
+# 2: marks stay inside words, and words come from the NFC form.
+WORDS_VERSION = 2
 
 
 def _mark_class() -> str:
