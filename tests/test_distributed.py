@@ -1,6 +1,7 @@
 """dsv3.distributed on real process groups: gloo over 127.0.0.1, 2 and 4 ranks
 (tests/distributed_workers.py holds what each rank runs and checks)."""
 import pytest
+import torch
 
 import distributed_workers as workers
 from rank_runner import run_ranks
@@ -55,3 +56,20 @@ def test_expert_parallel_layer_under_ddp():
 @pytest.mark.parametrize("compress", [False, True], ids=["fp32", "int8"])
 def test_trainer_under_ddp(tmp_path, compress):
     run_ranks(2, workers.check_trainer_ddp, str(tmp_path), compress)
+
+
+def test_a_bucket_residual_returns_only_to_a_bucket_of_the_same_parameters():
+    """DDP rebuilds its buckets once and a restart begins with the first layout: a
+    saved residual must not land on another bucket that happens to share its index
+    and size but holds other parameters."""
+    from types import SimpleNamespace
+
+    from dsv3.distributed.ddp_hook import _bucket_key
+
+    def bucket(index, *shapes):
+        params = [torch.zeros(shape) for shape in shapes]
+        return SimpleNamespace(index=lambda: index, parameters=lambda: params)
+
+    same_size_other_params = (bucket(0, (4, 8), (32,)), bucket(0, (8, 8)))
+    assert _bucket_key(same_size_other_params[0]) != _bucket_key(same_size_other_params[1])
+    assert _bucket_key(bucket(1, (8, 8))) == _bucket_key(bucket(1, (8, 8)))

@@ -22,9 +22,18 @@ def int8_compress_hook(state: CompressionState,
     already complete: simple, but the backward waits for them (no overlap of this
     bucket's communication with later buckets' gradients)."""
     tensor = bucket.buffer()
-    compressed_all_reduce(tensor, state, average=True, key=bucket.index())
+    compressed_all_reduce(tensor, state, average=True, key=_bucket_key(bucket))
     if bucket.is_last():
         state.step()
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(tensor)
     return future
+
+
+def _bucket_key(bucket: dist.GradBucket) -> tuple:
+    """The bucket's index and its parameters' shapes. DDP rebuilds its buckets after the
+    first step, and a restarted run begins with the first layout again: keyed by the
+    index alone, a saved residual could land on another bucket of the same size, on
+    other parameters' gradients. With the shapes it returns only to its own
+    parameters, or is started afresh."""
+    return (bucket.index(), tuple(tuple(p.shape) for p in bucket.parameters()))
