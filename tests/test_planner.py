@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from dsv3.cli import main
 from dsv3.model import Transformer, preset
 from dsv3.train.metrics import saved_activation_bytes
-from dsv3.train.planner import activation_bytes_per_token, gpus_needed, parameter_counts, plan
+from dsv3.train.planner import (activation_bytes_per_token, expert_parallel_size, gpus_needed,
+                                parameter_counts, plan)
 
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
@@ -51,7 +52,8 @@ def test_gpu_count_and_sharding():
     zero3 = plan(config, gpus=64, gpu_mem_gb=80, zero=3, **settings)
     assert zero3.weights_gb < dense.weights_gb and zero3.optimizer_gb < dense.optimizer_gb
     ddp = plan(config, gpus=64, gpu_mem_gb=80, strategy="ddp", **settings)
-    assert ddp.weights_gb == pytest.approx(parameter_counts(config)["total"] * 4 / 1e9)
+    # bf16: the fp32 master and autocast's bf16 copy, 6 B per parameter
+    assert ddp.weights_gb == pytest.approx(parameter_counts(config)["total"] * 6 / 1e9)
     needed = gpus_needed(config, 80, zero=3, **settings)
     assert needed is not None and not plan(config, gpus=needed // 2, gpu_mem_gb=80, zero=3,
                                            **settings).fits
@@ -61,6 +63,60 @@ def test_gpu_count_and_sharding():
     for memory in (0, -80, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="gpu_mem_gb must be positive and finite"):
             plan(config, gpus=8, gpu_mem_gb=memory, **settings)
+
+
+def test_expert_parallel_prices_whole_experts():
+    config = preset("small")  # 16 experts, 5 MoE layers
+    counts = parameter_counts(config)
+    per_expert = 3 * config.moe.ffn_dim * config.dim
+    moe_layers = config.n_layers - config.n_dense_layers
+    dense = counts["total"] - counts["experts"]
+    settings = dict(micro_batch=1, seq_len=64, precision="fp32")
+    # 32 GPUs: a 16-way expert group (not 32 half-experts) x 2 replicas, one expert a layer each
+    wide = plan(config, gpus=32, gpu_mem_gb=80, **settings)
+    assert wide.expert_parallel == 16 and wide.layout() == "16-way expert x 2-way data"
+    assert wide.weights_gb == pytest.approx((dense + moe_layers * per_expert) * 4 / 1e9)
+    # 3 GPUs: the largest divisor of 16 that is <= 3, a 2-way group, 8 experts each
+    odd = plan(config, gpus=3, gpu_mem_gb=80, **settings)
+    assert expert_parallel_size(config, 3) == 2 and odd.expert_parallel == 2
+    assert odd.weights_gb == pytest.approx((dense + counts["experts"] / 2) * 4 / 1e9)
+    assert not odd.buildable  # 3 GPUs are no whole number of 2-way groups
+    six = dataclasses.replace(config, moe=dataclasses.replace(config.moe, n_experts=6))
+    assert not plan(six, gpus=4, gpu_mem_gb=80, **settings).buildable  # a 3-way group on 4
+    assert gpus_needed(six, 1e-3, max_gpus=4, **settings) is None
+
+
+def test_deepseek_v3_experts_shard_at_most_256_ways(capsys):
+    # the command's defaults (fp32, micro-batch 8 x 128, no checkpointing), ZeRO-3: 256 experts
+    # shard at most 256 ways, so 1024 GPUs still hold one expert a layer each and do not fit
+    config = preset("deepseek-v3")
+    settings = dict(micro_batch=8, seq_len=128, precision="fp32", checkpointing="none", zero=3)
+    wide = plan(config, gpus=1024, gpu_mem_gb=80, **settings)
+    assert wide.layout() == "256-way expert x 4-way data"
+    total = wide.weights_gb + wide.gradients_gb + wide.optimizer_gb + wide.activations_gb["none"]
+    assert total == pytest.approx(92.6, abs=0.1) and not wide.fits
+    assert gpus_needed(config, 80, **settings) is None
+    assert not plan(config, gpus=4096, gpu_mem_gb=80, **settings).fits
+    assert main(["plan", "--set", "model=deepseek-v3", "--gpus", "256", "--zero", "3"]) == 0
+    assert "more than 4096 x 80GB (ep: experts split at most 256 ways, ZeRO-3)" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("strategy, zero", [("ep", 0), ("ep", 3), ("ddp", 0)])
+def test_mixed_precision_counts_the_autocast_weight_copy(strategy, zero):
+    config = preset("small")
+    settings = dict(gpus=4, gpu_mem_gb=80, micro_batch=2, seq_len=64, strategy=strategy, zero=zero)
+    fp32 = plan(config, precision="fp32", **settings)
+    for precision in ("bf16", "fp16"):
+        mixed = plan(config, precision=precision, **settings)
+        # fp32 master (4 B) + the low-precision copy (2 B) per parameter held: 1.5x fp32's
+        assert mixed.weights_gb == pytest.approx(fp32.weights_gb * 6 / 4)
+        assert (mixed.gradients_gb, mixed.optimizer_gb) == (fp32.gradients_gb, fp32.optimizer_gb)
+    counts = parameter_counts(config)
+    held = counts["total"] if strategy == "ddp" else (
+        counts["total"] - counts["experts"] + counts["experts"] / 4)
+    if zero == 0:  # fp32 unchanged: 4 B per parameter held
+        assert fp32.weights_gb == pytest.approx(held * 4 / 1e9)
 
 
 def test_plan_command(capsys):

@@ -60,3 +60,13 @@ def test_malformed_eval_names_the_option_and_file(run, tmp_path, capsys, text, m
     assert _report(run, "--eval", str(bad)) == 2
     err = capsys.readouterr().err
     assert "--eval" in err and "bad.json" in err and match in err
+
+
+def test_rebuilding_the_report_keeps_the_trainers_summary(run, capsys):
+    """`make demo` ends with `dsv3 report`, which rebuilds report.html to add the
+    evaluation: the trainer's summary (stages, parameters, losses) must survive it."""
+    from dsv3.train.report import write_report
+    write_report(run, summary={"stages": "base, domain", "parameters": 645_000})
+    assert _report(run) == 0
+    page = (run / "report.html").read_text()
+    assert "<th>stages</th><td>base, domain</td>" in page and "645000" in page

@@ -60,8 +60,14 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"{'on ' + str(args.gpus) + ' x ' + args.gpu_mem:32s} {verdict} "
           f"(90% of memory usable, checkpointing={config.checkpointing})")
     needed = gpus_needed(model, gpu_mem, **settings)
-    print(f"{'GPUs needed':32s} {needed if needed else 'more than 4096'} x {args.gpu_mem} "
-          f"({args.strategy}, ZeRO-{args.zero})")
+    if needed:
+        layout = plan(model, gpus=needed, gpu_mem_gb=gpu_mem, **settings).layout()
+        print(f"{'GPUs needed':32s} {needed} x {args.gpu_mem} "
+              f"({args.strategy}: {layout}, ZeRO-{args.zero})")
+    else:  # under "ep" the experts shard at most n_experts ways: more GPUs may never fit
+        widest = plan(model, gpus=4096, gpu_mem_gb=gpu_mem, **settings).expert_parallel
+        print(f"{'GPUs needed':32s} more than 4096 x {args.gpu_mem} ({args.strategy}: experts "
+              f"split at most {widest} ways, ZeRO-{args.zero})")
     return 0
 
 

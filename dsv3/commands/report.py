@@ -47,7 +47,9 @@ def _report(args: argparse.Namespace) -> int:
     option = "--eval" if args.eval is not None else "--run"
     sections = [_eval_section(eval_json, option)] if eval_json else []
     state = load_state(run)
-    summary = {"steps": state["step"]} if state else None
+    # The trainer's own summary (summary.json) when it wrote one; else what the checkpoint says.
+    summary = None if (run / "summary.json").is_file() else (
+        {"steps": state["step"]} if state else None)
     path = write_report(run, state["load_counts"] if state else None, summary, sections)
     print(path)
     return 0

@@ -2,12 +2,17 @@
 needs, and how many GPUs of a given size it takes, computed from the model
 configuration alone (a DeepSeek-V3-sized model is never instantiated).
 
-Per GPU, with AdamW and mixed precision over fp32 master weights:
-  parameters 4 B, gradients 4 B, optimizer state 8 B (two moments) per parameter
-  held, for the parameters a GPU holds: everything under plain data parallelism
-  ("ddp"); the dense part plus 1/N of the experts with the experts sharded over
-  the N GPUs ("ep"). ZeRO stages 1-3 also shard the replicated part's optimizer
-  state, gradients and weights over the GPUs.
+Per GPU, with AdamW over fp32 master weights:
+  parameters 4 B (6 B under bf16/fp16 mixed precision: the fp32 master plus the
+  low-precision copy autocast keeps until the backward), gradients 4 B, optimizer
+  state 8 B (two moments) per parameter held, for the parameters a GPU holds:
+  everything under plain data parallelism ("ddp"); under "ep" the dense part plus
+  n_experts/E whole experts, where the expert-parallel group size E is the largest
+  divisor of n_experts that is <= N (``dsv3.MoE(config, ep_group=...)`` needs E to
+  divide n_experts) and the remaining N/E factor replicates the expert shards
+  (data parallel; a layout is buildable when E divides N). ZeRO stages 1-3 also
+  shard the replicated (non-expert) part's optimizer state, gradients and weights
+  over the N GPUs.
 Activations per micro-batch (bytes in the compute dtype, what autograd saves):
   per token and layer, attention saves its norm input, the q/k/v projections, the
   attention output and its log-sum-exp, and the output projection's input;
@@ -19,8 +24,8 @@ Activations per micro-batch (bytes in the compute dtype, what autograd saves):
   saves on the small presets (tests/test_planner.py).
 Communication per optimizer step and GPU: the gradient all-reduce of the
 replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
-~25.4% of fp32), and under "ep" the token all-to-alls (dispatch and combine,
-forward and backward).
+~25.4% of fp32) plus, under "ep", the experts' over their N/E replicas, and the
+token all-to-alls within the E-way group (dispatch and combine, forward and backward).
 """
 import math
 from dataclasses import dataclass
@@ -51,6 +56,15 @@ def parameter_counts(config: ModelConfig) -> dict:
         experts += m.n_experts * per_expert
         active_experts += m.top_k * per_expert
     return {"total": total, "experts": experts, "active": total - experts + active_experts}
+
+
+def expert_parallel_size(config: ModelConfig, gpus: int) -> int:
+    """The expert-parallel group size on ``gpus`` GPUs: the largest divisor of
+    n_experts that is <= gpus (1 for a dense model)."""
+    if config.moe is None:
+        return 1
+    n = config.moe.n_experts
+    return max(e for e in range(1, min(n, gpus) + 1) if n % e == 0)
 
 
 def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing: str,
@@ -107,11 +121,23 @@ class Plan:
     allreduce_gb: float  # per step and GPU
     alltoall_gb: float
     fits: bool
+    expert_parallel: int = 1  # E: GPUs the experts are sharded over; gpus / E replicas
+
+    @property
+    def buildable(self) -> bool:
+        """Whether the GPUs split into whole E-way expert-parallel groups."""
+        return self.gpus % self.expert_parallel == 0
+
+    def layout(self) -> str:
+        """How the GPUs are split between expert and data parallelism."""
+        text = f"{self.expert_parallel}-way expert x {self.gpus // self.expert_parallel}-way data"
+        return text if self.buildable else text + f" (+{self.gpus % self.expert_parallel} GPUs left over)"
 
     def table(self) -> str:
         rows = [("parameters (total / active)",
                  f"{self.parameters['total'] / 1e9:.3f}B / {self.parameters['active'] / 1e9:.3f}B"),
                 ("strategy, GPUs", f"{self.strategy}, {self.gpus}"),
+                ("parallel layout", self.layout()),
                 ("weights per GPU", f"{self.weights_gb:.2f} GB"),
                 ("gradients per GPU", f"{self.gradients_gb:.2f} GB"),
                 ("optimizer state per GPU", f"{self.optimizer_gb:.2f} GB")]
@@ -137,38 +163,45 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
         raise ValueError(f"gpu_mem_gb must be positive and finite, got {gpu_mem_gb}")
     counts = parameter_counts(config)
-    held = counts["total"] if strategy == "ddp" else (
-        counts["total"] - counts["experts"] + counts["experts"] / gpus)
+    ep = 1 if strategy == "ddp" else expert_parallel_size(config, gpus)
+    held = counts["total"] - counts["experts"] + counts["experts"] / ep
     replicated = counts["total"] if strategy == "ddp" else counts["total"] - counts["experts"]
     dtype_bytes = 4 if precision == "fp32" else 2
     tokens = micro_batch * seq_len
     activations = {mode: activation_bytes_per_token(config, seq_len, mode, dtype_bytes)
                    * tokens / GB for mode in ("none", "selective", "full")}
     ring = 2 * (gpus - 1) / gpus
-    allreduce = ring * replicated * 4 * (0.254 if compress_grads else 1.0) / GB
+    replicas = gpus // ep  # of each expert shard (data parallel)
+    expert_ring = 2 * (replicas - 1) / replicas if strategy == "ep" else 0.0
+    allreduce = ((ring * replicated + expert_ring * (held - replicated)) * 4
+                 * (0.254 if compress_grads else 1.0) / GB)
     moe_layers = 0 if config.moe is None else config.n_layers - config.n_dense_layers
     alltoall = 0.0
-    if strategy == "ep" and gpus > 1 and moe_layers:
+    if strategy == "ep" and ep > 1 and moe_layers:
         copies = tokens * config.moe.top_k * grad_accum
         # dispatch + combine, forward + backward, the share bound for other GPUs
-        alltoall = 4 * moe_layers * copies * config.dim * dtype_bytes * (gpus - 1) / gpus / GB
+        alltoall = 4 * moe_layers * copies * config.dim * dtype_bytes * (ep - 1) / ep / GB
     sharded = held - replicated  # the experts a GPU owns under "ep"
 
     def per_gpu(bytes_per_param: int, zero_stage: int) -> float:
         share = replicated / gpus if zero >= zero_stage else replicated
         return (share + sharded) * bytes_per_param / GB
 
-    weights, gradients, optimizer = per_gpu(4, 3), per_gpu(4, 2), per_gpu(8, 1)
+    # mixed precision: fp32 master + the autocast copy (2 B) kept until the backward
+    weights = per_gpu(4 if precision == "fp32" else 6, 3)
+    gradients, optimizer = per_gpu(4, 2), per_gpu(8, 1)
     fits = weights + gradients + optimizer + activations[checkpointing] <= 0.9 * gpu_mem_gb
     return Plan(counts, strategy, gpus, weights, gradients, optimizer, activations, allreduce,
-                alltoall, fits)
+                alltoall, fits, ep)
 
 
 def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:
-    """Fewest GPUs (powers of two) on which the plan fits, or None up to max_gpus."""
+    """Fewest GPUs (powers of two) on which the plan fits with a buildable layout
+    (whole expert-parallel groups, see ``Plan.layout``), or None up to max_gpus."""
     gpus = 1
     while gpus <= max_gpus:
-        if plan(config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, **kwargs).fits:
+        result = plan(config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, **kwargs)
+        if result.fits and result.buildable:
             return gpus
         gpus *= 2
     return None

@@ -63,6 +63,7 @@ def heatmap_png(load_counts) -> str:
     image = ax.imshow(rows, aspect="auto", cmap="viridis")
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
+    ax.set_yticks(range(len(rows)))  # whole layers, not matplotlib's -0.5, 0.0, 0.5 ...
     ax.set_title("expert utilization (share of routed tokens)")
     figure.colorbar(image, ax=ax)
     return _png(figure)
@@ -71,8 +72,16 @@ def heatmap_png(load_counts) -> str:
 def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
                  sections: list[str] = ()) -> Path:
     """``out_dir/report.html`` from ``out_dir/metrics.jsonl``; ``sections`` are extra
-    HTML fragments (e.g. the evaluation table)."""
+    HTML fragments (e.g. the evaluation table). The ``summary`` is kept beside it in
+    summary.json, so that `dsv3 report` rebuilding the page (to add the evaluation)
+    shows the trainer's summary, not only what a checkpoint holds; without one given,
+    that file's is used."""
     out_dir = Path(out_dir)
+    summary_path = out_dir / "summary.json"
+    if summary is not None:
+        summary_path.write_text(json.dumps(summary, indent=2))
+    elif summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
     records = read_metrics(out_dir / "metrics.jsonl")
     parts = ["<!doctype html><meta charset='utf-8'><title>dsv3 training report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
