@@ -3,7 +3,8 @@
 excluded; what selective checkpointing caches included) and fwd+bwd step time of
 the same model and batch with ``none``, ``selective`` and ``full``.
 
-    python -m benchmarks.checkpointing [--preset small] [--batch 8] [--seq 256] [--write-results]
+    python -m benchmarks.checkpointing [--preset small] [--batch 8] [--seq 256] [--rounds 7]
+                                        [--write-results]
 """
 import argparse
 import statistics
@@ -12,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.results import append_section
+from benchmarks.results import append_section, command_line
 from dsv3.model import Transformer, preset
 from dsv3.train.metrics import saved_activation_bytes
 
@@ -24,14 +25,16 @@ def step(model, tokens):
     F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small", help="model preset (default: small)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
+    parser.add_argument("--rounds", type=int, default=7,
+                        help="timed interleaved rounds (default: 7)")
+    parser.add_argument("--write-results", action="store_true",
+                        help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = Transformer(preset(args.preset)).train()
     tokens = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1))
@@ -67,8 +70,7 @@ def main() -> None:
     print(table)
     if args.write_results:
         append_section("Activation checkpointing (CPU)",
-                       f"python -m benchmarks.checkpointing --preset {args.preset} --batch "
-                       f"{args.batch} --seq {args.seq}", table)
+                       command_line("benchmarks.checkpointing", argv), table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dsv3
-from benchmarks.results import append_section
+from benchmarks.results import append_section, command_line
 from dsv3.distributed import CompressionState, int8_compress_hook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,12 +142,12 @@ def markdown(results: dict, world: int, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--write-results", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps <= 2 * WARMUP + 20:
         parser.error(f"--steps must be > {2 * WARMUP + 20} (warm-up plus a measured window)")
     OUT_DIR.mkdir(exist_ok=True)
@@ -162,8 +162,7 @@ def main() -> None:
     print(table)
     if args.write_results:
         append_section("Gradient compression (CPU, gloo)",
-                       f"python -m benchmarks.comm_bench --steps {args.steps} --world {args.world}",
-                       table)
+                       command_line("benchmarks.comm_bench", argv), table)
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """Throughput of dsv3.data's heuristic + PII chain against datatrove's equivalent steps.
 
-    python -m benchmarks.data_pipeline [--code-docs N] [--json PATH]
+    python -m benchmarks.data_pipeline [--code-docs N] [--json PATH] [--extra-path DIR]
+                                       [--write-results]
 
 Both chains run in this one process over the same documents (the embedded corpus:
 the Python reference topics, stdlib docstrings and some stdlib source files), one core
@@ -18,9 +19,12 @@ directory (a ``pip install --target`` of spacy) to ``sys.path`` if it is not ins
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
+
+from benchmarks.results import append_section, command_line
 
 
 def _corpus(code_docs: int):
@@ -76,11 +80,26 @@ def run_datatrove(corpus, alpha_rule: bool = True):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--code-docs", type=int, default=150)
+    parser.add_argument("--code-docs", type=int, default=150,
+                        help="stdlib source files added to the corpus (default: 150)")
     parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--extra-path", action="append", default=[])
+    parser.add_argument("--extra-path", action="append", default=[], metavar="DIR",
+                        help="append DIR to sys.path (e.g. a `pip install --target DIR spacy`); "
+                             "repeatable")
+    parser.add_argument("--write-results", action="store_true",
+                        help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     sys.path.extend(args.extra_path)
+    importlib.invalidate_caches()
+    # datatrove's English word tokenizer needs spaCy: say so before any work is done,
+    # instead of datatrove's traceback from the middle of the run.
+    for module, hint in [("datatrove", "pip install datatrove"),
+                         ("spacy", "pip install spacy, or `pip install --target DIR spacy` and "
+                                   "pass --extra-path DIR")]:
+        if importlib.util.find_spec(module) is None:
+            print(f"data_pipeline: {module} is not importable (needed by datatrove's chain); "
+                  f"{hint}", file=sys.stderr)
+            return 2
     corpus = _corpus(args.code_docs)
     n, mb = len(corpus), sum(len(t.encode()) for _, t in corpus) / 1e6
     ours, ours_wall, ours_cpu = run_dsv3(corpus)
@@ -103,18 +122,22 @@ def main(argv=None) -> int:
         "kept_by_dsv3_only": sum(i in ours and i not in theirs for i in ids),
         "kept_by_datatrove_only": sum(i in theirs and i not in ours for i in ids),
     }
-    print(f"| chain | docs/CPU-s | CPU s | kept |\n|---|--:|--:|--:|\n"
-          f"| dsv3 heuristics + PII | {result['dsv3']['docs_per_cpu_s']} | {ours_cpu:.2f} | "
-          f"{len(ours)} |\n"
-          f"| datatrove Gopher+C4+FineWeb + PII | {result['datatrove']['docs_per_cpu_s']} | "
-          f"{dt_cpu:.2f} | {len(theirs)} |\n\n"
-          f"{n} documents, {mb:.1f} MB; speed-up {result['speedup']}x (target >= 4x); "
-          f"keep/drop agreement {agree:.1%} ({result['kept_by_dsv3_only']} kept by dsv3 only, "
-          f"{result['kept_by_datatrove_only']} by datatrove only); {agree_no_alpha:.1%} with "
-          f"datatrove's alpha-word rule off (its spaCy words count punctuation)")
+    table = (f"| chain | docs/CPU-s | CPU s | kept |\n|---|--:|--:|--:|\n"
+            f"| dsv3 heuristics + PII | {result['dsv3']['docs_per_cpu_s']} | {ours_cpu:.2f} | "
+            f"{len(ours)} |\n"
+            f"| datatrove Gopher+C4+FineWeb + PII | {result['datatrove']['docs_per_cpu_s']} | "
+            f"{dt_cpu:.2f} | {len(theirs)} |\n\n"
+            f"{n} documents, {mb:.1f} MB; speed-up {result['speedup']}x (target >= 4x); "
+            f"keep/drop agreement {agree:.1%} ({result['kept_by_dsv3_only']} kept by dsv3 only, "
+            f"{result['kept_by_datatrove_only']} by datatrove only); {agree_no_alpha:.1%} with "
+            f"datatrove's alpha-word rule off (its spaCy words count punctuation)\n")
+    print(table)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+    if args.write_results:
+        append_section("Data pipeline: heuristics + PII vs datatrove (CPU)",
+                       command_line("benchmarks.data_pipeline", argv), table)
     return 0
 
 

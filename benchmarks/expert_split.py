@@ -2,12 +2,14 @@
 experts are split among threads decides the time (csrc/cpu/grouped_mm.cpp,
 for_each_expert).
 
-Prints the median microseconds of ``ops.grouped_mm`` for three row distributions:
+Prints the median time (µs) of ``ops.grouped_mm`` for three row distributions:
 512 rows, 8 experts, D=256 -> 1024, 2 threads. To compare two builds, run it
 alternately from each checkout; the figures in RESULTS.md were taken that way.
 
-    python -m benchmarks.expert_split
+    python -m benchmarks.expert_split [--distributions balanced skewed hot]
+                                      [--dtypes bf16 fp32] [--threads 2] [--calls 300]
 """
+import argparse
 import time
 
 import torch
@@ -32,17 +34,34 @@ def median_us(fn, calls: int = 300) -> float:
     return sorted(times)[calls // 2] * 1e6
 
 
-def main() -> None:
-    torch.set_num_threads(2)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--distributions", nargs="+", default=list(ROWS_PER_EXPERT),
+                        choices=list(ROWS_PER_EXPERT),
+                        help="row distributions over the 8 experts (default: all)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                        help="dtypes to time (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    parser.add_argument("--calls", type=int, default=300,
+                        help="timed calls per cell, after 20 warm-up calls (default: 300)")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or args.threads < 1:
+        parser.error("--calls and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
     cells = []
-    for name, counts in ROWS_PER_EXPERT.items():
-        for dtype in (torch.bfloat16, torch.float32):
+    for name in args.distributions:
+        counts = ROWS_PER_EXPERT[name]
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
             x_SX = torch.randn(sum(counts), 256, dtype=dtype)
             w_EXY = torch.randn(len(counts), 256, 1024, dtype=dtype)
             offsets_E = torch.tensor(counts).cumsum(0).to(torch.int32)
-            us = median_us(lambda: ops.grouped_mm(x_SX, w_EXY, offsets_E))
-            cells.append(f"{name}-{str(dtype).removeprefix('torch.')}={us:.0f}")
-    print(" ".join(cells))
+            us = median_us(lambda: ops.grouped_mm(x_SX, w_EXY, offsets_E), args.calls)
+            cells.append(f"{name}-{str(dtype).removeprefix('torch.')}={us:.0f} µs")
+    print(f"median µs per ops.grouped_mm call ({args.threads} threads): " + ", ".join(cells))
 
 
 if __name__ == "__main__":

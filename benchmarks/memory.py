@@ -69,9 +69,21 @@ def _child(args) -> dict:
     return {"peak_extra_mib": peak_extra_bytes(step, drop) / MIB}
 
 
+class ChildFailed(RuntimeError):
+    """The measuring process failed; the message ends with the last lines of its stderr."""
+
+
+STDERR_TAIL_LINES = 15
+
+
 def _run_child(*child_args: str) -> float:
-    result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--child", *child_args],
-                            env={**os.environ, **_ENV}, capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", "benchmarks.memory", "--child", *child_args]
+    result = subprocess.run(command, env={**os.environ, **_ENV}, capture_output=True, text=True)
+    if result.returncode != 0 or not result.stdout.strip():
+        tail = "\n".join(result.stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
+        raise ChildFailed(f"measuring process `python -m benchmarks.memory --child "
+                          f"{' '.join(child_args)}` exited with status {result.returncode}; "
+                          f"its stderr ends:\n{tail or '(empty)'}")
     return json.loads(result.stdout.splitlines()[-1])["peak_extra_mib"]
 
 
@@ -86,23 +98,41 @@ def calibration_mib() -> float:
     return _run_child("--calibrate")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _shape_name(name: str) -> str:
+    from benchmarks.providers import Shape
+    try:
+        Shape.parse(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
+def main(argv=None) -> None:
+    from benchmarks.providers import DTYPES, PROVIDERS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog="e.g. python -m benchmarks.memory --shape "
+                                            "T4096-D512-F1024-E8-K2 --dtype fp32 --provider dsv3")
     parser.add_argument("--child", action="store_true", help="measure in this process (internal)")
-    parser.add_argument("--calibrate", action="store_true")
-    parser.add_argument("--shape")
-    parser.add_argument("--dtype")
-    parser.add_argument("--provider")
-    args = parser.parse_args()
+    parser.add_argument("--calibrate", action="store_true",
+                        help=f"measure a known {CALIBRATION_MIB} MiB allocation instead")
+    parser.add_argument("--shape", type=_shape_name,
+                        help="layer shape, T<tokens>-D<dim>-F<ffn>-E<experts>-K<top-k>")
+    parser.add_argument("--dtype", choices=list(DTYPES))
+    parser.add_argument("--provider", choices=list(PROVIDERS))
+    args = parser.parse_args(argv)
     if not args.calibrate and None in (args.shape, args.dtype, args.provider):
         parser.error("give --calibrate, or --shape, --dtype and --provider")
     if args.child:
         print(json.dumps(_child(args)))
-    elif args.calibrate:
-        print(f"a {CALIBRATION_MIB} MiB tensor reads as {calibration_mib():.1f} MiB")
-    else:
-        print(f"{args.shape} {args.dtype} {args.provider}: "
-              f"{peak_extra_mib(args.shape, args.dtype, args.provider):.1f} MiB")
+        return
+    try:
+        if args.calibrate:
+            print(f"a {CALIBRATION_MIB} MiB tensor reads as {calibration_mib():.1f} MiB")
+        else:
+            print(f"{args.shape} {args.dtype} {args.provider}: "
+                  f"{peak_extra_mib(args.shape, args.dtype, args.provider):.1f} MiB")
+    except ChildFailed as error:
+        sys.exit(f"memory: {error}")
 
 
 if __name__ == "__main__":

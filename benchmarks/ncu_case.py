@@ -10,8 +10,11 @@ profile); ncu measures the kernel alone, so its compilation before the launch do
 not count.
 
     python -m benchmarks.ncu_case [--smoke]
+    TRITON_INTERPRET=1 python -m benchmarks.ncu_case --smoke   # on a machine without a GPU
 """
 import argparse
+import os
+import sys
 
 import torch
 
@@ -38,6 +41,13 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under TRITON_INTERPRET=1: checks the script")
     args = parser.parse_args(argv)
+    # Triton reads TRITON_INTERPRET when it is imported (already done above), so it
+    # cannot be set from here: say what to do instead of Triton's "0 active drivers".
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("ncu_case: no CUDA GPU here; " + (
+            "run the smoke test as TRITON_INTERPRET=1 python -m benchmarks.ncu_case --smoke"
+            if args.smoke else "run it on a GPU, or check the script with "
+            "TRITON_INTERPRET=1 python -m benchmarks.ncu_case --smoke"))
     device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
     T, D, F, E, K = (64, 32, 48, 4, 2) if args.smoke else SHAPE
     rows = T * K

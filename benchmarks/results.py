@@ -1,10 +1,19 @@
 """Appending a measured table to benchmarks/RESULTS.md with what makes it readable
 later: title, UTC date, commit (``-dirty`` when the tree differs), the command and
 the machine."""
+import shlex
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command that ran ``module`` with the options actually given: ``argv`` as
+    passed to its main(), else this process's own arguments."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "-m", module, *args])
 
 
 def append_text(section: str) -> None:

@@ -6,7 +6,7 @@
 Timings come from the pytest-benchmark suite (benchmarks/test_layer.py, run as a
 subprocess with --benchmark-json), peak memory from benchmarks/memory.py (a fresh
 process per case). The table reports ratios within this one run, since the
-machines are shared and absolute times drift between runs (DESIGN.md section 5).
+machines are shared and absolute times drift between runs.
 It goes to stdout, bench-out/layer.md and bench-out/layer.json; --write-results
 also appends it, with machine, date and commit, to benchmarks/RESULTS.md.
 """
@@ -158,7 +158,7 @@ def report(rows, info, dtype_names) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=[s.name for s in SHAPES],
                         help="shape names like T4096-D512-F1024-E8-K2 (default: the issue's three)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

@@ -12,7 +12,10 @@ Nothing is launched, so outputs are garbage: only compilation is checked.
 counts by class), disassembled from the sm_90 cubin with the nvdisasm that ships with
 Triton, so that kernel variants can be compared by their instruction mix without a GPU.
 
-    python -m benchmarks.sm90_compile_check [--sass] [--dtypes bfloat16]
+    python -m benchmarks.sm90_compile_check [--sass] [--dtypes bf16]
+
+Progress (each case as it finishes, with the running count of compiled kernels)
+goes to stderr; the report to stdout.
 """
 import argparse
 import re
@@ -203,22 +206,45 @@ def _cases(dtypes):
     yield "dequantize_int8", lambda: quantize.dequantize_int8(q.expand(3, -1), scales.expand(3, -1), 128)
 
 
+# The short names the other benchmark scripts use, and torch's own.
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+               "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtypes(names: str) -> list[torch.dtype]:
+    """"fp32,bf16" (or torch's names, "float32,bfloat16") -> the dtypes, in order."""
+    dtypes = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name not in DTYPE_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown dtype {name!r}: give a comma-separated list of "
+                f"{', '.join(DTYPE_NAMES)}")
+        if DTYPE_NAMES[name] not in dtypes:
+            dtypes.append(DTYPE_NAMES[name])
+    if not dtypes:
+        raise argparse.ArgumentTypeError("no dtype given")
+    return dtypes
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--dtypes", type=parse_dtypes, default="fp32,bf16,fp16",
+                        help="comma-separated dtypes to compile for: fp32, bf16, fp16 (or "
+                             "float32, bfloat16, float16); default: all three")
     parser.add_argument("--sass", action="store_true",
                         help="add registers and SASS instruction counts per kernel")
     args = parser.parse_args(argv)
     install()
-    dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     failures = 0
     start = time.perf_counter()
-    for name, call in _cases(dtypes):
+    for case, (name, call) in enumerate(_cases(args.dtypes), 1):
         try:
             call()
         except Exception as error:  # report every failure, not just the first
             failures += 1
-            print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}")
+            print(f"FAIL {name}: {type(error).__name__}: {str(error)[:400]}", flush=True)
+        print(f"compiling: case {case} ({name}) done, {len(COMPILED)} kernels compiled, "
+              f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     # The autotuner's threads finish in any order: the report in a fixed one.
     COMPILED.sort(key=lambda entry: (entry["kernel"], entry["dtypes"], sorted(
         (name, str(value)) for name, value in entry["config"].items())))

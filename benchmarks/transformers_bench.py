@@ -1,7 +1,7 @@
 """A small transformers MoE model on CPU, with each way to run its experts side by side.
 
     python -m benchmarks.transformers_bench [--models mixtral qwen3_moe] [--dtypes fp32 bf16]
-                                            [--repeats 7] [--write-results]
+                                            [--repeats 11] [--write-results]
 
 Providers: transformers' own experts implementations (``eager``: a Python loop over
 the hit experts; ``grouped_mm``: torch's grouped GEMM; ``batched_mm``: one bmm over a
@@ -27,7 +27,7 @@ import transformers
 
 import dsv3.integrations.transformers as dt
 from benchmarks import contention
-from benchmarks.results import append_text
+from benchmarks.results import append_text, command_line
 from benchmarks.run import CONTENDED_CORES, git_commit, machine
 
 PEERS = ("eager", "grouped_mm", "batched_mm")
@@ -142,7 +142,7 @@ def report(rows, info) -> str:
         f"## transformers integration, CPU · {info['date']} · commit {info['commit']}", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads, "
         f"{m['cpu_capability']}), torch {m['torch']}, transformers {transformers.__version__}. "
-        f"`python -m benchmarks.transformers_bench`, wall time {info['wall_s'] / 60:.1f} min.", "",
+        f"`{info['command']}`, wall time {info['wall_s'] / 60:.1f} min.", "",
         f"Models: 2 decoder layers, D=256, vocab 1024, {BATCH}x{SEQ} tokens; mixtral: E=8 "
         f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4. train = forward + backward "
         f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
@@ -157,17 +157,19 @@ def report(rows, info) -> str:
            else " (quiet)."), ""])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--repeats", type=int, default=11,
+                        help="timed calls per provider and case, after 2 warm-up calls "
+                             "(default: 11)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice, one per core)")
     parser.add_argument("--write-results", action="store_true",
                         help="append the section to benchmarks/RESULTS.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     started, before = time.monotonic(), contention.snapshot()
@@ -181,6 +183,7 @@ def main() -> None:
                 print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)
     info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "commit": git_commit(), "machine": machine(), "repeats": args.repeats,
+            "command": command_line("benchmarks.transformers_bench", argv),
             "wall_s": time.monotonic() - started,
             "foreign_cores": contention.foreign_cores(before, contention.snapshot())}
     section = report(rows, info)

@@ -1,0 +1,77 @@
+"""The benchmark scripts' command lines: ``--help`` describes and does no work, bad
+arguments get a readable message, and the command recorded with a result is the one
+that ran. Cheap checks only; the benchmarks themselves are not run here."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["checkpointing", "comm_bench", "data_pipeline", "expert_split", "gpu_bench",
+           "memory", "ncu_case", "run", "sm90_compile_check", "trainer_overhead",
+           "transformers_bench"]
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_describes_the_script_and_starts_no_work(script):
+    result = _run(f"benchmarks.{script}", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:"), result.stdout
+    description = result.stdout.split("\n\n")[1]
+    # a whole sentence, not the docstring's first line cut mid-sentence
+    assert description.rstrip().endswith((".", ")")), description
+    assert "options:" in result.stdout
+
+
+@pytest.mark.parametrize("bad, message", [(["--dtype", "fp16"], "invalid choice: 'fp16'"),
+                                          (["--provider", "foo"], "invalid choice: 'foo'"),
+                                          (["--shape", "bad"], "shape must look like")])
+def test_memory_rejects_bad_arguments_with_a_message(bad, message):
+    good = {"--shape": "T64-D32-F48-E4-K2", "--dtype": "fp32", "--provider": "dsv3"}
+    good[bad[0]] = bad[1]
+    result = _run("benchmarks.memory", *[x for kv in good.items() for x in kv], timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_memory_surfaces_the_measuring_process_stderr():
+    from benchmarks import memory
+    with pytest.raises(memory.ChildFailed, match="argument --provider: invalid choice"):
+        memory._run_child("--shape", "T64-D32-F48-E4-K2", "--dtype", "fp32", "--provider", "x")
+
+
+def test_sm90_compile_check_takes_short_and_torch_dtype_names():
+    from benchmarks import sm90_compile_check as check
+    assert check.parse_dtypes("fp32,bf16,fp16") == [torch.float32, torch.bfloat16,
+                                                    torch.float16]
+    assert check.parse_dtypes("float32,bfloat16") == [torch.float32, torch.bfloat16]
+    assert check.parse_dtypes("bf16,bfloat16") == [torch.bfloat16]
+    with pytest.raises(Exception, match="unknown dtype 'fp64'"):
+        check.parse_dtypes("fp64")
+
+
+def test_recorded_command_has_the_options_used(monkeypatch):
+    from benchmarks.results import command_line
+    assert (command_line("benchmarks.checkpointing", ["--preset", "tiny", "--rounds", "2"])
+            == "python -m benchmarks.checkpointing --preset tiny --rounds 2")
+    monkeypatch.setattr(sys, "argv", ["/x/trainer_overhead.py", "--steps", "10"])
+    assert command_line("benchmarks.trainer_overhead") == (
+        "python -m benchmarks.trainer_overhead --steps 10")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_ncu_case_without_gpu_or_interpreter_says_to_set_triton_interpret():
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "benchmarks.ncu_case", "--smoke"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0
+    assert "TRITON_INTERPRET=1" in result.stderr
