@@ -30,9 +30,10 @@ def summary_rows(results: dict) -> list[dict]:
         kind = task.partition(":")[0]
         if task == "ppl":
             for domain, r in result.items():
-                rows.append({"task": task, "metric": f"perplexity [{domain}]",
+                # n counts what the metric averages over: tokens, then bytes
+                rows.append({"task": task, "metric": f"perplexity [{domain}] (n: tokens)",
                              "value": r["perplexity"], "ci95": None, "n": r["tokens"]})
-                rows.append({"task": task, "metric": f"bits/byte [{domain}]",
+                rows.append({"task": task, "metric": f"bits/byte [{domain}] (n: bytes)",
                              "value": r["bits_per_byte"], "ci95": None, "n": r["bytes"]})
         elif task == "cloze" or kind == "mc":
             label = f" (level {result['level']})" if "level" in result else ""

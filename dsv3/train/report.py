@@ -14,7 +14,9 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 CURVES = [  # (title, metric keys)
-    ("loss", ["loss", "dpo/loss"]),
+    # The DPO loss (~ln 2) lives on another scale than the LM loss: its own panel.
+    ("LM loss", ["loss"]),
+    ("DPO loss", ["dpo/loss"]),
     ("learning rate", ["lr"]),
     ("gradient norm", ["grad_norm"]),
     ("tokens/s", ["tokens_per_s"]),
