@@ -6,8 +6,15 @@ import transformers
 
 COMMON = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2)
+# For configs whose default token ids lie past the tiny vocabulary.
+NO_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
-ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe", "flex_olmo",
+         "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
+         "exaone_moe", "minimax_m2", "afmoe")
+# Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
+_BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
+           "afmoe")
 
 
 def tiny_config(arch: str, **overrides):
@@ -36,11 +43,71 @@ def _config(arch: str):
             routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16,
             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
             **{**COMMON, "num_key_value_heads": 4})
+    if arch == "minimax":  # Mixtral's router under lightning attention; jitter (training only)
+        return transformers.MiniMaxConfig(intermediate_size=48, num_local_experts=4,
+                                          num_experts_per_tok=2, head_dim=8, block_size=4,
+                                          layer_types=["linear_attention", "full_attention"],
+                                          **COMMON)
+    if arch == "olmoe":  # no renormalization
+        return transformers.OlmoeConfig(intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                                        norm_topk_prob=False, **NO_TOKENS, **COMMON)
+    if arch == "flex_olmo":  # renormalized top-3 of 5
+        return transformers.FlexOlmoConfig(intermediate_size=24, num_experts=5,
+                                           num_experts_per_tok=3, norm_topk_prob=True, **NO_TOKENS,
+                                           **COMMON)
+    if arch in ("qwen3_next", "qwen3_5_moe_text"):  # gated shared expert; renormalized
+        linear = dict(head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8,
+                      linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "full_attention"])
+        if arch == "qwen3_next":  # without renormalization, which Qwen3.5 always does
+            return transformers.Qwen3NextConfig(
+                intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                num_experts=6, num_experts_per_tok=2, norm_topk_prob=False, **linear, **COMMON)
+        return transformers.Qwen3_5MoeTextConfig(
+            moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6,
+            num_experts_per_tok=2, **linear, **COMMON)
+    if arch == "hunyuan_v1_moe":  # router weight in gate.wg; plain shared MLP of the expert width
+        return transformers.HunYuanMoEV1Config(intermediate_size=24, num_experts=6, moe_topk=2,
+                                               head_dim=8, **COMMON)
+    if arch == "glm4_moe":  # sigmoid, 1 of 2 groups, scale 1.5, no renormalization, 2 shared
+        return transformers.Glm4MoeConfig(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_group=2,
+            topk_group=1, num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=0,
+            routed_scaling_factor=1.5, norm_topk_prob=False, head_dim=8, **COMMON)
+    if arch == "glm4_moe_lite":  # layer 0 dense; as DeepSeek-V3 (MLA attention)
+        return transformers.Glm4MoeLiteConfig(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_group=4,
+            topk_group=2, num_experts_per_tok=3, n_shared_experts=1,
+            mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=16, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            **{**COMMON, "num_key_value_heads": 4})
+    if arch == "dots1":  # sigmoid, no groups, scale 2, no renormalization
+        return transformers.Dots1Config(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=6, n_group=1,
+            topk_group=1, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+            routed_scaling_factor=2.0, norm_topk_prob=False, head_dim=8,
+            layer_types=["full_attention", "full_attention"], **COMMON)
+    if arch == "exaone_moe":  # layer 0 dense; sigmoid, 2 of 4 groups, renormalized, scale 2.5
+        return transformers.ExaoneMoeConfig(
+            intermediate_size=64, moe_intermediate_size=24, num_experts=8, n_group=4, topk_group=2,
+            num_experts_per_tok=3, num_shared_experts=1, first_k_dense_replace=1,
+            mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5, norm_topk_prob=True,
+            head_dim=8, layer_types=["sliding_attention", "full_attention"], **COMMON)
+    if arch == "minimax_m2":  # sigmoid + the block's bias, renormalized
+        return transformers.MiniMaxM2Config(intermediate_size=24, num_local_experts=6,
+                                            num_experts_per_tok=2, head_dim=8, **NO_TOKENS,
+                                            **COMMON)
+    if arch == "afmoe":  # sigmoid + the block's bias, renormalized, scale 2; router at .router
+        return transformers.AfmoeConfig(
+            intermediate_size=64, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+            num_shared_experts=2, route_scale=2.0, num_dense_layers=0, head_dim=8,
+            layer_types=["sliding_attention", "full_attention"], **COMMON)
     raise ValueError(f"arch: unknown {arch!r}")
 
 
 # Sparse MoE blocks in each tiny model (DeepSeek-V3's first layer stays dense).
-N_SPARSE = {"mixtral": 2, "qwen2_moe": 2, "qwen3_moe": 2, "deepseek_v3": 1}
+N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
@@ -49,13 +116,13 @@ def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
         tiny_config(arch, **overrides), experts_implementation=experts_implementation)
-    if arch == "deepseek_v3":
-        # A non-zero correction bias, so that selecting with it (and weighting without
+    if arch in _BIASED:
+        # A non-zero selection bias, so that selecting with it (and weighting without
         # it) is exercised; big enough to change some choices.
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.copy_(0.1 * torch.randn_like(
-                    module.e_score_correction_bias))
+        for name, bias in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):
+                with torch.no_grad():
+                    bias.copy_(0.1 * torch.randn_like(bias))
     return model.train()
 
 

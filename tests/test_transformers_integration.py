@@ -16,13 +16,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
-from conftest import DEVICES, assert_close, assert_close_to_reference
+from conftest import assert_close, assert_close_to_reference
 from hf_models import ARCHS, N_SPARSE, input_ids, tiny_config, tiny_model, transformers
 
 import dsv3
 import dsv3.integrations.transformers as dt
 
 ROUTES = ("experts_implementation", "patch_moe")
+# Every family runs on the CPU. On a GPU, whose minutes are few, one family of each
+# kind of router and shared expert (the ops they call are the same): softmax, gated
+# shared expert, sigmoid + groups + plain shared experts, the block's own bias.
+GPU_ARCHS = ("mixtral", "qwen2_moe", "deepseek_v3", "afmoe")
+ARCH_DEVICES = [(arch, "cpu") for arch in ARCHS] + [
+    pytest.param(arch, "cuda", marks=pytest.mark.gpu) for arch in GPU_ARCHS]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,9 +63,8 @@ def _loss_logits_grads(model, ids):
     return out.loss.detach(), out.logits.detach(), grads
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "device"), ARCH_DEVICES)
 def test_same_logits_and_grads(arch, route, device):
     model = tiny_model(arch).to(device)
     ids = input_ids().to(device)
@@ -91,7 +96,9 @@ def test_generate_matches(arch, route):
 
 @pytest.mark.parametrize("hooks_before_patch", [False, True],
                          ids=["hooks_after", "hooks_moved"])  # router_logits asked first?
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])  # the ones with an aux loss
+# The ones whose models compute an aux loss (its router_logits are what the loss reads).
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo",
+                                  "qwen3_next", "qwen3_5_moe_text", "minimax_m2"])
 def test_router_logits_and_aux_loss(arch, hooks_before_patch):
     model = tiny_model(arch)
     model.config.router_aux_loss_coef = 0.5  # large, so a missing aux loss shows in the loss
@@ -113,6 +120,14 @@ def _hf_tensors(block):
     return {**dict(block.named_parameters()), **dict(block.named_buffers())}
 
 
+# Where the HF blocks keep their router weight and selection bias, where not in
+# block.gate.weight / nowhere (written out here, not read from dsv3's own tables).
+ROUTER_WEIGHT = {"hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
+SELECTION_BIAS = {arch: "gate.e_score_correction_bias" for arch in
+                  ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe")}
+SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias"}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_converters_share_parameters(arch):
     model = tiny_model(arch)
@@ -122,11 +137,13 @@ def test_converters_share_parameters(arch):
     assert isinstance(moe, dsv3.MoE)
     assert moe.gate_up_proj is block.experts.gate_up_proj
     assert moe.down_proj.data_ptr() == block.experts.down_proj.data_ptr()
-    assert moe.router.weight.data_ptr() == block.gate.weight.data_ptr()
+    assert moe.router.weight is before[ROUTER_WEIGHT.get(arch, "gate.weight")]
     dsv3_ptrs = {t.data_ptr() for t in [*moe.parameters(), *moe.buffers()]}
     assert {t.data_ptr() for t in before.values()} <= dsv3_ptrs, "some HF tensor was copied"
-    if arch == "deepseek_v3":
-        assert moe.expert_bias is block.gate.e_score_correction_bias
+    if arch in SELECTION_BIAS:
+        assert moe.expert_bias is before[SELECTION_BIAS[arch]]
+    else:
+        assert moe.expert_bias is None
 
     back = dt.to_module(moe)
     assert type(back) is type(block)
@@ -153,27 +170,63 @@ def test_unpatch_restores_the_model():
     assert_close(model(ids).logits, want, "logits after unpatch")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+# bias_update_rate gives a dsv3.MoE its expert_bias buffer.
+PLAIN_CONFIGS = {
+    "mixtral": dict(ffn_dim=48, n_experts=4, top_k=2),
+    "deepseek_v3": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
+                        n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3),
+    "hunyuan_v1_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=1),
+    "afmoe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid",
+                  route_scale=2.0, bias_update_rate=1e-3),
+}
+
+
+@pytest.mark.parametrize("arch", PLAIN_CONFIGS)
 def test_plain_moe_to_module(arch):
-    """A dsv3.MoE trained on its own becomes an HF block (DeepSeek-V3: the fused shared
-    expert is split, a copy; everything else is the same Parameters)."""
-    hf_config = tiny_config(arch)
-    if arch == "mixtral":
-        config = dsv3.MoEConfig(dim=32, ffn_dim=48, n_experts=4, top_k=2)
-    else:
-        config = dsv3.MoEConfig(dim=32, ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1,
-                                score="sigmoid", n_groups=4, topk_groups=2, route_scale=2.5,
-                                bias_update_rate=1e-3)  # which gives it an expert_bias buffer
-    moe = dsv3.MoE(config)
-    if arch == "deepseek_v3":
-        moe.expert_bias.copy_(0.1 * torch.randn(8))  # as if trained: it changes some choices
-    block = dt.to_module(moe, hf_config)
+    """A dsv3.MoE trained on its own becomes an HF block (shared experts: the fused
+    expert is split, a copy; everything else is the same Parameters). HunYuan and AFMoE
+    keep their router weight, bias and shared MLP under other names."""
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS[arch]))
+    if moe.expert_bias is not None:  # as if trained: it changes some choices
+        moe.expert_bias.copy_(0.1 * torch.randn(moe.config.n_experts))
+    block = dt.to_module(moe, tiny_config(arch))
+    tensors = _hf_tensors(block)
     assert block.experts.gate_up_proj is moe.gate_up_proj
-    assert block.gate.weight is moe.router.weight
-    if arch == "deepseek_v3":
-        assert block.gate.e_score_correction_bias is moe.expert_bias
+    assert tensors[ROUTER_WEIGHT.get(arch, "gate.weight")] is moe.router.weight
+    if arch in SELECTION_BIAS:
+        bias = tensors[SELECTION_BIAS[arch]]
+        assert bias.data_ptr() == moe.expert_bias.data_ptr()
+        assert not bias.requires_grad
     x = torch.randn(2, 7, 32)
     assert_close(block(x), moe(x), "HF block output")
+
+
+@pytest.mark.skipif(not hasattr(transformers, "SarvamMoEConfig"),
+                    reason=f"transformers {transformers.__version__} has no Sarvam-MoE")
+def test_patched_model_of_another_model_type_round_trips():
+    """Sarvam-MoE's models are GLM-4-MoE's classes under their own model_type: patched
+    and unpatched like GLM-4-MoE, and its config picks GLM-4-MoE's block in to_module."""
+    glm = tiny_config("glm4_moe")
+    config = transformers.SarvamMoEConfig(**{k: getattr(glm, k) for k in (
+        "intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_group", "topk_group",
+        "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace",
+        "routed_scaling_factor", "norm_topk_prob", "head_dim", "vocab_size", "hidden_size",
+        "num_hidden_layers", "num_attention_heads", "num_key_value_heads")})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    ids = input_ids()
+    want_loss, want_logits, want_grads = _loss_logits_grads(model, ids)
+    assert dt.patch_moe(model) == 2
+    loss, logits, grads = _loss_logits_grads(model, ids)
+    assert_close(logits, want_logits, "logits")
+    for param, want in want_grads.items():
+        assert_close(grads[param], want, f"grad of a {tuple(param.shape)} parameter")
+    assert dt.unpatch_moe(model) == 2
+    assert_close(model(ids).logits, want_logits, "logits after unpatch")
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=2,
+                                  score="sigmoid", n_groups=2, route_scale=1.5,
+                                  normalize_weights=False))
+    assert type(dt.to_module(moe, config)).__name__ == "Glm4MoeMoE"
 
 
 def test_plain_moe_to_module_checks_the_config():
@@ -279,9 +332,8 @@ def _block_step(block, x, params):
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad_out)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("arch", "device"), ARCH_DEVICES)
 def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     """bf16 (DESIGN.md section 4), one MoE block: the error of the dsv3 block against
     the same block in fp64 is at most 2x the stock bf16 block's, plus a small floor;
@@ -292,7 +344,8 @@ def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     ours = copy.deepcopy(hf_bf16)
     runs = {}
     for name, block in (("fp64", hf_fp64), ("plain", hf_bf16), ("dsv3", ours)):
-        params = list(block.parameters())  # the HF order; from_module keeps these objects
+        # The HF order; from_module keeps these objects. (AFMoE's bias is a frozen Parameter.)
+        params = [p for p in block.parameters() if p.requires_grad]
         if name == "dsv3" and route == "patch_moe":
             block = dt.from_module(block)
         elif name == "dsv3":
@@ -303,7 +356,8 @@ def test_bf16_block_error_within_plain_pytorch(arch, route, device):
         with _DsvOpLog() as log:
             runs[name] = _block_step(block, x.to(params[0].dtype), params)
         assert ("grouped_mm" in log.ops) == (name == "dsv3")
-    what = ["output", "grad of x"] + [f"grad of {n}" for n, _ in hf_bf16.named_parameters()]
+    what = ["output", "grad of x"] + [f"grad of {n}" for n, p in hf_bf16.named_parameters()
+                                      if p.requires_grad]
     for got, plain, ref, name in zip(runs["dsv3"], runs["plain"], runs["fp64"], what, strict=True):
         assert_close_to_reference(got, ref, plain, name)
 

@@ -7,7 +7,9 @@
 
 runs the experts of any model whose experts module transformers dispatches (plain
 SwiGLU experts) on dsv3's kernels, with the model's own router. To fuse the router
-too, replace whole blocks (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3):
+too, replace whole blocks (Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
+Qwen3.5-MoE, OLMoE, FlexOlmo, HunYuan-MoE-V1, DeepSeek-V3, GLM-4-MoE and Sarvam-MoE,
+GLM-4-MoE-Lite, dots.llm1, EXAONE-MoE, MiniMax-M2, AFMoE; see architectures.py):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 

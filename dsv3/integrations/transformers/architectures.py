@@ -1,16 +1,33 @@
 """What dsv3 needs to know about each transformers sparse MoE block it can replace.
 
-All four keep their experts as transformers' fused 3D parameters, ``gate_up_proj``
+All of them keep their experts as transformers' fused 3D parameters, ``gate_up_proj``
 [E, 2F, D] (gate rows first) and ``down_proj`` [E, D, F]: exactly dsv3.MoE's layout,
 so the converters hand the very same Parameters over, no copy. What differs between
-architectures is the router (read into MoEConfig here) and the shared expert:
+architectures is the router (read into MoEConfig here), where the block keeps it and
+its selection bias, and the shared expert. Only blocks that compute exactly what
+dsv3.MoE computes are listed; others can still run their experts on dsv3 through
+``experts_implementation="dsv3"``.
 
-| architecture | router                                                    | shared expert            |
-|--------------|-----------------------------------------------------------|--------------------------|
-| Mixtral      | softmax, top-k, renormalized                              | none                     |
-| Qwen2-MoE    | softmax, top-k, renormalized iff norm_topk_prob           | one, behind sigmoid gate |
-| Qwen3-MoE    | softmax, top-k, renormalized iff norm_topk_prob           | none                     |
-| DeepSeek-V3  | sigmoid + correction bias, group-limited, scaled, norm opt | n_shared_experts, plain |
+| architecture               | router                                               | shared expert   |
+|----------------------------|------------------------------------------------------|-----------------|
+| Mixtral, MiniMax           | softmax, top-k, renormalized                         | none            |
+| Qwen3-MoE, OLMoE, FlexOlmo | softmax, top-k, renormalized iff norm_topk_prob      | none            |
+| Qwen2-MoE, Qwen3-Next      | softmax, top-k, renormalized iff norm_topk_prob      | sigmoid-gated   |
+| Qwen3.5-MoE                | softmax, top-k, renormalized                         | sigmoid-gated   |
+| HunYuan-MoE-V1             | softmax, top-k, renormalized; weight in gate.wg      | plain (one)     |
+| DeepSeek-V3, GLM-4-MoE,    | sigmoid + correction bias, group-limited top-k,      | plain (n)       |
+| GLM-4-MoE-Lite, dots.llm1, | scaled, renormalized iff norm_topk_prob              |                 |
+| EXAONE-MoE                 |                                                      |                 |
+| MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
+| AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
+|                            | scaled; router in block.router                       |                 |
+
+Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
+DeepSeek-V3's), so they are patched too. Near misses, left to
+``experts_implementation="dsv3"``: DeepSeek-V2 (its group-limited mode scores a group
+by its best expert), LFM2-MoE (renormalizes with +1e-6), ERNIE-4.5-MoE (renormalizes
+with a clamp at moe_norm_min), Cohere2-MoE (top-k on the logits, and an "average"
+shared-expert mode), LongCat-Flash (identity experts, no renormalization).
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.
@@ -32,6 +49,12 @@ class Architecture:
     routing: Callable[[nn.Module], dict]  # MoEConfig routing fields, read from the router
     shared: tuple[str, ...] = ()  # HF submodules the patched block keeps as they are
     gated_shared: bool = False  # shared expert scaled by sigmoid(shared_expert_gate(x))
+    gate: str = "gate"  # the block's router submodule
+    gate_weight: str = "weight"  # the router's [E, D] weight, a path inside the router
+    bias: str | None = None  # the selection-only bias [E], a path inside the block
+    # Other model_types whose models are built from these very classes (to_module's
+    # hf_config may be theirs).
+    aliases: tuple[str, ...] = ()
 
     def classes(self) -> tuple[type, type]:
         """(block class, router class), importing the modeling module."""
@@ -44,7 +67,8 @@ class Architecture:
 
 
 def _softmax_routing(router: nn.Module) -> dict:
-    # Mixtral's router has no norm_topk_prob: it always renormalizes.
+    # Routers without norm_topk_prob (Mixtral, MiniMax, HunYuan, Qwen3-VL-MoE, Qwen3.5-MoE)
+    # always renormalize.
     return {"score": "softmax", "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
 
 
@@ -54,17 +78,62 @@ def _deepseek_routing(router: nn.Module) -> dict:
             "normalize_weights": bool(router.norm_topk_prob)}
 
 
+def _minimax_m2_routing(router: nn.Module) -> dict:
+    return {"score": "sigmoid", "normalize_weights": True}  # no groups, no scale
+
+
+def _afmoe_routing(router: nn.Module) -> dict:
+    return {"score": "sigmoid", "route_scale": float(router.route_scale), "normalize_weights": True}
+
+
+def _hf(model: str) -> str:
+    return f"transformers.models.{model}.modeling_{model}"
+
+
+# DeepSeek-V3's router and block, copied by name into these models (transformers' modular
+# files): same forward, same attribute names.
+_DEEPSEEK_V3_LIKE = dict(routing=_deepseek_routing, shared=("shared_experts",),
+                         bias="gate.e_score_correction_bias")
+
 ARCHITECTURES = (
-    Architecture("Mixtral", "mixtral", "transformers.models.mixtral.modeling_mixtral",
-                 "MixtralSparseMoeBlock", "MixtralTopKRouter", _softmax_routing),
-    Architecture("Qwen2-MoE", "qwen2_moe", "transformers.models.qwen2_moe.modeling_qwen2_moe",
-                 "Qwen2MoeSparseMoeBlock", "Qwen2MoeTopKRouter", _softmax_routing,
+    Architecture("Mixtral", "mixtral", _hf("mixtral"), "MixtralSparseMoeBlock", "MixtralTopKRouter",
+                 _softmax_routing),
+    Architecture("Qwen2-MoE", "qwen2_moe", _hf("qwen2_moe"), "Qwen2MoeSparseMoeBlock",
+                 "Qwen2MoeTopKRouter", _softmax_routing,
                  shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
-    Architecture("Qwen3-MoE", "qwen3_moe", "transformers.models.qwen3_moe.modeling_qwen3_moe",
-                 "Qwen3MoeSparseMoeBlock", "Qwen3MoeTopKRouter", _softmax_routing),
-    Architecture("DeepSeek-V3", "deepseek_v3", "transformers.models.deepseek_v3.modeling_deepseek_v3",
-                 "DeepseekV3MoE", "DeepseekV3TopkRouter", _deepseek_routing,
-                 shared=("shared_experts",)),
+    Architecture("Qwen3-MoE", "qwen3_moe", _hf("qwen3_moe"), "Qwen3MoeSparseMoeBlock",
+                 "Qwen3MoeTopKRouter", _softmax_routing),
+    Architecture("DeepSeek-V3", "deepseek_v3", _hf("deepseek_v3"), "DeepseekV3MoE",
+                 "DeepseekV3TopkRouter", **_DEEPSEEK_V3_LIKE, aliases=("sarvam_mla",)),
+    # The four above first: error messages list them first.
+    Architecture("MiniMax", "minimax", _hf("minimax"), "MiniMaxSparseMoeBlock", "MiniMaxTopKRouter",
+                 _softmax_routing),
+    Architecture("Qwen3-Next", "qwen3_next", _hf("qwen3_next"), "Qwen3NextSparseMoeBlock",
+                 "Qwen3NextTopKRouter", _softmax_routing,
+                 shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
+    Architecture("Qwen3.5-MoE", "qwen3_5_moe_text", _hf("qwen3_5_moe"), "Qwen3_5MoeSparseMoeBlock",
+                 "Qwen3_5MoeTopKRouter", _softmax_routing,
+                 shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
+    Architecture("OLMoE", "olmoe", _hf("olmoe"), "OlmoeSparseMoeBlock", "OlmoeTopKRouter",
+                 _softmax_routing),
+    Architecture("FlexOlmo", "flex_olmo", _hf("flex_olmo"), "FlexOlmoSparseMoeBlock",
+                 "FlexOlmoTopKRouter", _softmax_routing),
+    Architecture("HunYuan-MoE-V1", "hunyuan_v1_moe", _hf("hunyuan_v1_moe"), "HunYuanMoEV1Moe",
+                 "HunYuanMoEV1Gate", _softmax_routing, shared=("shared_mlp",),
+                 gate_weight="wg.weight"),
+    Architecture("GLM-4-MoE", "glm4_moe", _hf("glm4_moe"), "Glm4MoeMoE", "Glm4MoeTopkRouter",
+                 **_DEEPSEEK_V3_LIKE, aliases=("sarvam_moe",)),
+    Architecture("GLM-4-MoE-Lite", "glm4_moe_lite", _hf("glm4_moe_lite"), "Glm4MoeLiteMoE",
+                 "Glm4MoeLiteTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("dots.llm1", "dots1", _hf("dots1"), "Dots1MoE", "Dots1TopkRouter",
+                 **_DEEPSEEK_V3_LIKE),
+    Architecture("EXAONE-MoE", "exaone_moe", _hf("exaone_moe"), "ExaoneMoeSparseMoEBlock",
+                 "ExaoneMoeTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("MiniMax-M2", "minimax_m2", _hf("minimax_m2"), "MiniMaxM2SparseMoeBlock",
+                 "MiniMaxM2TopKRouter", _minimax_m2_routing, bias="e_score_correction_bias"),
+    Architecture("AFMoE", "afmoe", _hf("afmoe"), "AfmoeSparseMoeBlock", "AfmoeTokenChoiceRouter",
+                 _afmoe_routing, shared=("shared_experts",), gate="router",
+                 gate_weight="gate.weight", bias="expert_bias"),
 )
 
 
@@ -79,7 +148,7 @@ def architecture_of(block: nn.Module) -> Architecture | None:
 
 def architecture_for(model_type: str) -> Architecture:
     for arch in ARCHITECTURES:
-        if arch.model_type == model_type:
+        if model_type == arch.model_type or model_type in arch.aliases:
             return arch
     raise ValueError(f"hf_config: model_type {model_type!r} is not supported; supported "
                      f"architectures: {supported()}")

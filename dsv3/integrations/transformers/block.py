@@ -4,20 +4,24 @@ MoE block was.
 It is a dsv3.MoE (fused routing and experts on dsv3's ops, same Parameters as the
 block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
 
-- Qwen2-MoE's gated shared expert, ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``,
-  kept as the HF modules and added after the routed experts. DeepSeek-V3's plain shared
-  experts go through dsv3.MoE's own shared-expert slot, again as the HF module: its
-  gate and up projections are separate Linears, and fusing them would need a copy.
+- Qwen2-MoE's (and Qwen3-Next's, Qwen3.5-MoE's) gated shared expert,
+  ``sigmoid(shared_expert_gate(x)) * shared_expert(x)``, kept as the HF modules and added
+  after the routed experts. Plain shared experts (DeepSeek-V3's and alike) go through
+  dsv3.MoE's own shared-expert slot, again as the HF module: its gate and up projections
+  are separate Linears, and fusing them would need a copy.
 - router_logits for ``output_router_logits`` (the models' load-balancing aux loss).
   transformers records them with forward hooks on modules of the router class, so
-  the block owns a ``logits_tap``: an instance of a subclass of that router class
-  whose forward is the identity on logits. Only when a hook sits on it (i.e. the
+  the block owns a tap: an instance of a subclass of that router class whose forward
+  is the identity on logits. It is the submodule ``gate``, the name most HF blocks give
+  their router, because some recorders also filter by module name (MiniMax's records
+  only modules under "mlp.gate"). Only when a hook sits on it (i.e. the
   model was asked for router_logits) does the block compute the logits for it, once
   more, outside dsv3.MoE's fused router: a [T, D] x [D, E] matmul, small next to the
   experts. The logits are fp32 (dsv3 routes in fp32), where Mixtral and Qwen record
   them in the model dtype; in fp32 models they are the same.
-- Mixtral's router jitter (training only, off by default): the same draws as HF's from
-  the same RNG state, applied out of place (HF scales the block's input in place).
+- Mixtral's (and MiniMax's) router jitter (training only, off by default): the same
+  draws as HF's from the same RNG state, applied out of place (HF scales the block's
+  input in place).
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
@@ -58,7 +62,7 @@ class TransformersMoE(MoE):
         self.architecture = architecture
         self.hf_config = hf_config  # to rebuild the HF block in to_module
         self.jitter_noise = jitter_noise
-        self.logits_tap = logits_tap_class(router_cls)()
+        self.gate = logits_tap_class(router_cls)()  # named for the recorders: see above
         self.shared_expert = self.shared_expert_gate = None
 
     def set_routing_bias(self, bias_E: torch.Tensor) -> None:
@@ -76,9 +80,9 @@ class TransformersMoE(MoE):
         x = hidden_states
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        if self.logits_tap._forward_hooks:  # transformers is recording router_logits
+        if self.gate._forward_hooks:  # transformers is recording router_logits
             x_TD = x.reshape(-1, self.config.dim)
-            self.logits_tap(F.linear(x_TD.float(), self.router.weight.float()))
+            self.gate(F.linear(x_TD.float(), self.router.weight.float()))
         y = super().forward(x)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

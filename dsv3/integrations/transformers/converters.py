@@ -3,10 +3,11 @@ handing the same Parameter objects across (no copy, ``data_ptr()`` unchanged).
 
 The expert layouts already agree (see architectures.py), so moving weights is
 assignment. The one copy: a plain dsv3.MoE's shared experts are one fused SwiGLU
-MLP, while DeepSeek-V3's HF shared experts keep gate and up as separate Linears;
-``to_module`` splits the fused weight into two new Parameters (a copy, and the new
-ones no longer alias the dsv3 module's). A TransformersMoE made by ``from_module``
-holds the HF shared-expert modules themselves, so its round trip copies nothing.
+MLP, while the HF plain shared experts (DeepSeek-V3's and alike) keep gate and up as
+separate Linears; ``to_module`` splits the fused weight into two new Parameters (a
+copy, and the new ones no longer alias the dsv3 module's). A TransformersMoE made by
+``from_module`` holds the HF shared-expert modules themselves, so its round trip
+copies nothing.
 """
 import torch
 from torch import nn
@@ -22,16 +23,30 @@ _LAYER_FIELDS = ("dim", "ffn_dim", "n_experts", "top_k", "n_shared_experts", "sc
                  "topk_groups", "route_scale", "normalize_weights")
 
 
+def _get(module: nn.Module, path: str):
+    return module.get_submodule(path) if path else module  # "" is the module itself
+
+
+def _get_attr(module: nn.Module, path: str):
+    parent, _, name = path.rpartition(".")
+    return getattr(_get(module, parent), name)
+
+
+def _set_attr(module: nn.Module, path: str, value) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(module, parent), name, value)
+
+
 def _moe_config(arch, block: nn.Module) -> MoEConfig:
-    experts, router = block.experts, block.gate
+    experts, router = block.experts, getattr(block, arch.gate)
     reason = unsupported_reason(experts)
     if reason is None and experts.is_transposed:
         reason = "its expert weights are stored transposed"
     if reason is not None:
         raise ValueError(f"block: this {type(block).__name__} cannot become a dsv3.MoE: {reason}")
     n_shared = 0
-    if "shared_experts" in arch.shared:  # plain shared experts of n * ffn_dim, as dsv3.MoE's
-        n_shared = block.shared_experts.intermediate_size // experts.intermediate_dim
+    if arch.shared and not arch.gated_shared:  # plain ones of n * ffn_dim, as dsv3.MoE's
+        n_shared = getattr(block, arch.shared[0]).intermediate_size // experts.intermediate_dim
     return MoEConfig(dim=experts.hidden_dim, ffn_dim=experts.intermediate_dim,
                      n_experts=experts.num_experts, top_k=router.top_k,
                      n_shared_experts=n_shared, aux_loss_coef=0.0, **arch.routing(router))
@@ -50,20 +65,20 @@ def from_module(block: nn.Module) -> TransformersMoE:
     if arch is None:
         raise TypeError(f"block: {type(block).__name__} is not a supported sparse MoE block; "
                         f"supported architectures: {supported()}")
-    experts, router = block.experts, block.gate
+    experts, router = block.experts, getattr(block, arch.gate)
     _, router_cls = arch.classes()
     moe = TransformersMoE(_moe_config(arch, block), architecture=arch, hf_config=experts.config,
                           router_cls=router_cls, dtype=experts.gate_up_proj.dtype,
                           jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
-    moe.router.weight = router.weight
+    moe.router.weight = _get_attr(router, arch.gate_weight)
     moe.gate_up_proj, moe.down_proj = experts.gate_up_proj, experts.down_proj
-    if arch.routing(router)["score"] == "sigmoid":
-        moe.set_routing_bias(router.e_score_correction_bias)
+    if arch.bias is not None:
+        moe.set_routing_bias(_get_attr(block, arch.bias))
     if arch.gated_shared:
         moe.shared_expert, moe.shared_expert_gate = block.shared_expert, block.shared_expert_gate
     elif arch.shared:
-        moe.shared_experts = block.shared_experts
-    _move_hooks(router, moe.logits_tap)
+        moe.shared_experts = getattr(block, arch.shared[0])
+    _move_hooks(router, moe.gate)
     return moe.train(block.training)
 
 
@@ -88,8 +103,11 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
         if not isinstance(moe, TransformersMoE):
             raise ValueError("hf_config: required to convert a plain dsv3.MoE (it picks the "
                              "transformers architecture)")
-        hf_config = moe.hf_config
-    arch = architecture_for(getattr(hf_config, "model_type", None))
+        # The block it came from, whatever model_type its config carries (a model may
+        # be built from another architecture's classes, e.g. Sarvam-MoE from GLM-4-MoE's).
+        hf_config, arch = moe.hf_config, moe.architecture
+    else:
+        arch = architecture_for(getattr(hf_config, "model_type", None))
     block_cls, _ = arch.classes()
     with torch.device("meta"):  # every tensor is replaced below; allocate none
         block = block_cls(hf_config)
@@ -100,13 +118,16 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
         raise ValueError(f"hf_config: its {arch.name} block does not match moe.config "
                          f"(moe vs hf_config): {', '.join(diffs)}")
 
-    block.gate.weight = moe.router.weight
+    _set_attr(getattr(block, arch.gate), arch.gate_weight, moe.router.weight)
     block.experts.gate_up_proj, block.experts.down_proj = moe.gate_up_proj, moe.down_proj
-    if want.score == "sigmoid":
+    if arch.bias is not None:
         bias_E = moe.expert_bias
         if bias_E is None:  # a dsv3.MoE without a bias routes like a zero correction bias
             bias_E = torch.zeros(want.n_experts, device=moe.gate_up_proj.device)
-        block.gate.e_score_correction_bias = bias_E
+        if isinstance(_get_attr(block, arch.bias), nn.Parameter) and not isinstance(
+                bias_E, nn.Parameter):  # AFMoE keeps it as a frozen Parameter
+            bias_E = nn.Parameter(bias_E, requires_grad=False)
+        _set_attr(block, arch.bias, bias_E)
     if arch.gated_shared:
         if getattr(moe, "shared_expert", None) is None:
             raise ValueError(f"moe: {arch.name} needs a gated shared expert, which only a "
@@ -114,16 +135,16 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
         block.shared_expert, block.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
     elif arch.shared:
         if isinstance(moe.shared_experts, SwiGLUMLP):
-            _split_fused_shared(moe.shared_experts, block.shared_experts)
+            _split_fused_shared(moe.shared_experts, getattr(block, arch.shared[0]))
         elif moe.shared_experts is not None:
-            block.shared_experts = moe.shared_experts
+            setattr(block, arch.shared[0], moe.shared_experts)
         else:
             raise ValueError(f"moe: {arch.name} needs shared experts, moe has none")
     left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"moe: nothing to fill the {arch.name} block's {', '.join(left)} from")
     if isinstance(moe, TransformersMoE):
-        _move_hooks(moe.logits_tap, block.gate)
+        _move_hooks(moe.gate, getattr(block, arch.gate))
         if hasattr(block, "jitter_noise"):
             block.jitter_noise = moe.jitter_noise
     return block.train(moe.training)
