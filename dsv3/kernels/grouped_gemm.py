@@ -382,9 +382,16 @@ def _check_shapes(op: str, x, offsets_E, token_S, w_EXY=None, grad_y_SY=None) ->
                          f"{tuple(token_S.shape)}")
 
 
+def _dense(offsets_E, token_S):
+    """offsets_E and token_S as the kernels index them (element i at ptr + i): a
+    strided view (offsets[::2]) would be read as other values."""
+    return offsets_E.contiguous(), token_S.contiguous() if token_S is not None else None
+
+
 def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     op = "grouped_mm_gather" if token_S is not None else "grouped_mm"
     _check_shapes(op, x_SX, offsets_E, token_S, w_EXY=w_EXY)
+    offsets_E, token_S = _dense(offsets_E, token_S)
     n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
@@ -472,6 +479,7 @@ def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: 
 
 def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     _check_shapes("grouped_mm_wgrad", x_SX, offsets_E, token_S, grad_y_SY=grad_y_SY)
+    offsets_E, token_S = _dense(offsets_E, token_S)
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)

@@ -16,12 +16,29 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_ids(BLOCKS: tl.constexpr, WIDE_IDS: tl.constexpr):
+    """The program's BLOCKS block ids. In int64 where the last id may pass 2^31 (block_size
+    1 on a 2^31-value tensor; a DeepSeek-V3 gate_up_proj holds 3.8G values): in int32 the
+    ids wrap negative and the scales are read and written outside their tensor. Only
+    then: 64-bit ids nearly double the dequantize kernel's registers (128 -> 245 on sm_90)."""
+    first = tl.program_id(0)
+    if WIDE_IDS:
+        first = first.to(tl.int64)
+    return first * BLOCKS + tl.arange(0, BLOCKS)
+
+
+def _wide_ids(n_blocks: int, blocks: int) -> bool:
+    """Whether block ids up to the last program's reach 2^31 (see _block_ids)."""
+    return triton.cdiv(n_blocks, blocks) * blocks >= 2**31
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, n_blocks,
                      block_size, HAS_ERROR: tl.constexpr, BLOCK: tl.constexpr,
-                     BLOCKS: tl.constexpr):
+                     BLOCKS: tl.constexpr, WIDE_IDS: tl.constexpr):
     # BLOCKS quantization blocks a program ([BLOCKS, BLOCK] tile, one block a row), for
     # 16-byte accesses; each block's scale comes from its own row.
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    blocks = _block_ids(BLOCKS, WIDE_IDS)
     inner = tl.arange(0, BLOCK)
     idx = blocks[:, None].to(tl.int64) * block_size + inner[None, :]
     mask = (inner[None, :] < block_size) & (idx < n) & (blocks[:, None] < n_blocks)
@@ -47,10 +64,10 @@ def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, n_bl
 
 @triton.jit
 def _dequantize_kernel(q_ptr, scales_ptr, out_ptr, n_rows, n, n_blocks, block_size,
-                       BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+                       BLOCK: tl.constexpr, BLOCKS: tl.constexpr, WIDE_IDS: tl.constexpr):
     # BLOCKS quantization blocks a program ([BLOCKS, BLOCK] tile): with one 128-value
     # block a program, each thread moved one int8 (0.66 of HBM bandwidth on an H200).
-    blocks = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    blocks = _block_ids(BLOCKS, WIDE_IDS)
     inner = tl.arange(0, BLOCK)
     idx = blocks[:, None].to(tl.int64) * block_size + inner[None, :]
     mask = (inner[None, :] < block_size) & (idx < n) & (blocks[:, None] < n_blocks)
@@ -83,13 +100,14 @@ def quantize_int8(x_N: torch.Tensor, block_size: int, error_N: torch.Tensor | No
     _quantize_kernel[(triton.cdiv(n_blocks, blocks),)](
         x_N, error_N.contiguous() if error_N is not None else x_N, q_N, scales_B, new_error_N,
         n, n_blocks, block_size, HAS_ERROR=error_N is not None, BLOCK=block, BLOCKS=blocks,
-        enable_fp_fusion=False)
+        WIDE_IDS=_wide_ids(n_blocks, blocks), enable_fp_fusion=False)
     return q_N, scales_B, new_error_N
 
 
 def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int) -> torch.Tensor:
-    q_RN = q_RN.reshape(1, -1) if q_RN.dim() == 1 else q_RN.contiguous()
-    scales_RB = scales_RB.reshape(1, -1) if scales_RB.dim() == 1 else scales_RB.contiguous()
+    # Contiguous after the reshape too: a strided 1-D view reshapes to a strided view.
+    q_RN = (q_RN.reshape(1, -1) if q_RN.dim() == 1 else q_RN).contiguous()
+    scales_RB = (scales_RB.reshape(1, -1) if scales_RB.dim() == 1 else scales_RB).contiguous()
     n_rows, n = q_RN.shape
     n_blocks = scales_RB.shape[1]
     sum_N = torch.empty(n, device=q_RN.device, dtype=torch.float32)
@@ -97,5 +115,5 @@ def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int
     blocks = max(_DEQUANTIZE_VALUES // block, 1)
     _dequantize_kernel[(triton.cdiv(n_blocks, blocks),)](
         q_RN, scales_RB, sum_N, n_rows, n, n_blocks, block_size, BLOCK=block, BLOCKS=blocks,
-        enable_fp_fusion=False)
+        WIDE_IDS=_wide_ids(n_blocks, blocks), enable_fp_fusion=False)
     return sum_N

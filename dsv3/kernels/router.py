@@ -388,7 +388,13 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             grad += z_scale[None, :, None] * softmax
         tl.store(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
                  mask=valid)
-    if HAS_GRAD_W:  # the chosen entries again, now with their g term (same thread: in order)
+    if HAS_GRAD_W:  # the chosen entries again, now with their g term
+        # These stores overwrite ones of the dense loop above, and nothing orders two
+        # threads' stores to one address. Today's layouts put a token's dense tile and its
+        # [BLOCK_K] slots in the same thread (program order then suffices), but that is the
+        # compiler's choice, not a promise: were a slot's entry another thread's, the
+        # dense value could land last. The barrier orders them (one per program).
+        tl.debug_barrier()
         grad = _score_grad(chosen_dense + grad_chosen, chosen_p, g_dot_p_all[None, :], SIGMOID)
         if HAS_GRAD_Z:
             grad += z_scale[None, :] * _exp(chosen_logits - lse[None, :])
@@ -427,6 +433,9 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
 
 def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
     logits_TE = logits_TE.contiguous()
+    # The kernel reads bias_E[e] at bias_ptr + e: a strided view (bias[::2]) would
+    # have it pick experts by other experts' biases.
+    bias_E = bias_E.contiguous() if bias_E is not None else None
     n_tokens, n_experts = logits_TE.shape
     device = logits_TE.device
     acc_dtype = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
