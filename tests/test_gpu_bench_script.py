@@ -204,3 +204,18 @@ def test_ncu_case_runs_every_launch(tmp_path):
     ran = [line for line in done.stdout.splitlines() if line.startswith("ran ")]
     assert [line.split(":")[0].removeprefix("ran ") for line in ran] == list(ncu_case.launches())
     assert all(line.endswith("finite True") for line in ran)
+
+
+def test_gpu_check_runs_every_test_file_with_gpu_cases():
+    """gpu_check.sh names its test files; one with CUDA cases that it leaves out would
+    never run on a GPU (CI skips them), and nothing would say so."""
+    import re
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    with_gpu_cases = {path.name for path in tests.glob("test_*.py")
+                      if re.search(r"mark\.gpu|\bDEVICES\b", path.read_text())}
+    script = (tests.parent / "benchmarks" / "gpu_check.sh").read_text()
+    listed = set(re.findall(r"tests/(test_\w+\.py)", script.split("tests=(", 1)[1].split(")")[0]))
+    assert with_gpu_cases, "the pattern no longer finds the GPU-marked test files"
+    assert with_gpu_cases <= listed, f"not run by gpu_check.sh: {sorted(with_gpu_cases - listed)}"
