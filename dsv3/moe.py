@@ -168,12 +168,39 @@ class MoE(nn.Module):
             self.expert_bias = bias.to(self.expert_bias.device)
         return module
 
+    def __getstate__(self):
+        # aux_loss is the last training forward's graph output (a non-leaf tensor), which
+        # copy.deepcopy refuses: deepcopy(model) mid-training (an EMA or teacher copy)
+        # failed. A copy keeps its value, without the graph.
+        state = super().__getstate__()
+        if state.get("aux_loss") is not None:
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # load_state_dict(assign=True) (meta-device init) takes the saved tensor itself,
+        # in whatever dtype it was stored: the bias stays fp32 here too (see _apply); and
+        # the counts, never saved, would stay on the meta device: zeros beside the bias.
+        if self.expert_bias is None:
+            return
+        if self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        if self.pending_counts.device != self.expert_bias.device:
+            self.pending_counts = torch.zeros_like(self.pending_counts,
+                                                  device=self.expert_bias.device)
+
     def reset_parameters(self) -> None:
-        """nn.Linear's default init, applied per expert (fan-in of one expert)."""
+        """nn.Linear's default init, applied per expert (fan-in of one expert); the
+        balancing state back to zero (after ``to_empty()`` it is uninitialized memory)."""
         for weight in (self.gate_up_proj, self.down_proj):
             bound = 1.0 / math.sqrt(weight.shape[-1])
             nn.init.uniform_(weight, -bound, bound)
         self.router.reset_parameters()
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
+                self.pending_counts.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config

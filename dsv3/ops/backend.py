@@ -7,7 +7,8 @@
   ``TRITON_INTERPRET=1``); ops without a Triton kernel keep their CPU kernel;
 - ``reference``: the plain-PyTorch reference path everywhere, to debug a kernel
   against the truth without changing any call site.
-Devices without kernels (or CUDA without triton) take the reference path.
+Devices without kernels (or CUDA without triton) take the reference path, and so
+does float64 wherever the Triton kernels would run.
 """
 import functools
 import importlib.util
@@ -30,9 +31,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+# Set when the Triton kernels replaced the C++ ones for CPU tensors (DSV3_BACKEND=triton
+# at import: the dispatcher's registrations last for the process).
+triton_on_cpu = False
+
+
 def use_reference(tensor: torch.Tensor) -> bool:
     """True when calls on ``tensor`` must take the reference path."""
     if selected_backend() == "reference":
+        return True
+    # The Triton kernels accumulate in fp32: fp64 (gradcheck, numerics work) would
+    # silently get fp32 precision from them, so it takes the exact fp64 torch path.
+    if tensor.dtype == torch.float64 and (tensor.device.type == "cuda" or triton_on_cpu):
         return True
     if tensor.device.type == "cuda":
         return not triton_available()

@@ -1,7 +1,10 @@
 """Input checks shared by the public ops: a wrong shape, dtype, device or value
 gets a ValueError/TypeError naming the op, the argument, what was expected and
 what came, before any kernel runs."""
+import math
+
 import torch
+from torch.autograd import forward_ad
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,3 +33,47 @@ def check_int(op: str, name: str, value, *, low: int, high: int | None = None) -
 def check_tokens(op: str, name: str, value: torch.Tensor) -> None:
     if value.shape[0] == 0:
         raise ValueError(f"{op}: {name} must hold at least one token, got shape {tuple(value.shape)}")
+
+
+def check_number(op: str, name: str, value) -> None:
+    """A finite Python int or float (not a bool, a string or a tensor); under
+    torch.compile a symbolic one passes unchecked."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+    if value != value or abs(value) == math.inf:  # math.isfinite breaks torch.compile's graph
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+
+
+def check_bool(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_no_forward_ad(op: str, *tensors) -> None:
+    """The ops have reverse-mode formulas only, and torch.library drops a forward-mode
+    tangent (forward_ad dual tensors, torch.func.jvp/jacfwd) without a word: the
+    op's output would carry a zero tangent. Refuse instead. Free outside a
+    forward-AD level (the level check is one int comparison)."""
+    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and forward_ad.unpack_dual(tensor).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, jacfwd, forward_ad dual tensors) is "
+                f"not supported: the dsv3 ops have reverse-mode gradients only")
+
+
+def refuse_double_backward(backward_op: str, forward_op: str) -> None:
+    """Register an autograd formula for ``backward_op`` (a kernel of ``forward_op``'s
+    backward) that raises. Without one, torch's fallback lets create_graph=True build
+    a graph through it whose second derivative is silently wrong (only a deprecation
+    warning). The second derivatives are not implemented, so a clear error it is."""
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{forward_op}: double backward (differentiating its gradient: create_graph=True "
+            f"then backward, torch.autograd.functional.hessian, gradient penalties) is not "
+            f"supported; {backward_op} has no gradient formula")
+
+    torch.library.register_autograd(backward_op, backward)

@@ -13,7 +13,8 @@ import torch
 from dsv3 import reference
 from dsv3.kernels import device_checks
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import FLOAT_DTYPES, check_tensor
+from dsv3.ops.checks import (FLOAT_DTYPES, check_no_forward_ad, check_tensor,
+                              refuse_double_backward)
 
 
 @torch.library.register_fake("dsv3::grouped_mm")
@@ -75,6 +76,7 @@ def _grouped_mm_gather_backward(ctx, grad_y_SY):
 
 torch.library.register_autograd("dsv3::grouped_mm_gather", _grouped_mm_gather_backward,
                                 setup_context=_grouped_mm_setup)
+refuse_double_backward("dsv3::grouped_mm_wgrad", "grouped_mm/gather_grouped_mm")
 
 
 def _check_grouped_mm(op: str, x_name: str, x, w_EXY, offsets_E) -> None:
@@ -87,6 +89,7 @@ def _check_grouped_mm(op: str, x_name: str, x, w_EXY, offsets_E) -> None:
     if offsets_E.shape[0] != w_EXY.shape[0]:
         raise ValueError(f"{op}: offsets_E must have E={w_EXY.shape[0]} entries, "
                          f"got {offsets_E.shape[0]}")
+    check_no_forward_ad(op, x, w_EXY)
 
 
 def grouped_mm(x_SX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -112,13 +115,17 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     if n_tokens != x_TX.shape[0]:
         raise ValueError(f"{op}: row_map_TK must have one row per token of x_TX "
                          f"({x_TX.shape[0]}), got {n_tokens}")
-    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device
-    # (indexing rejects values out of range). T*K copies fill the T*K rows only if no two
-    # share a row: a row left at -1 means row_map_TK has repeats, and one copy's token
-    # would be lost. Checked on every backend (a device assert on a GPU, no sync); the
-    # kernels reject a -1 too, but not in the dropped copies' rows, which they never read.
+    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device (its
+    # values checked first: indexing would wrap a negative one). T*K copies fill the T*K
+    # rows only if no two share a row: a row left at -1 means row_map_TK has repeats, and
+    # one copy's token would be lost. Checked on every backend (a device assert on a GPU,
+    # no sync); the kernels reject a -1 too, but not in the dropped copies' rows, which
+    # they never read.
     token_T = torch.arange(n_tokens, device=x_TX.device, dtype=torch.int32)
-    token_S = torch.full((n_tokens * top_k,), -1, device=x_TX.device, dtype=torch.int32)
+    n_rows = n_tokens * top_k
+    device_checks.raise_unless(((row_map_TK >= 0) & (row_map_TK < n_rows)).all(),
+                               f"{op}: row_map_TK values must be in [0, T*K={n_rows})")
+    token_S = torch.full((n_rows,), -1, device=x_TX.device, dtype=torch.int32)
     token_S[row_map_TK.flatten().long()] = token_T.repeat_interleave(top_k)
     device_checks.raise_unless((token_S >= 0).all(),
                                f"{op}: row_map_TK must map every copy to a row of its own")

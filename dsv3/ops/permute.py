@@ -12,7 +12,8 @@ import torch
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import FLOAT_DTYPES, check_int, check_tensor, check_tokens
+from dsv3.ops.checks import (FLOAT_DTYPES, check_int, check_no_forward_ad, check_tensor,
+                              check_tokens, refuse_double_backward)
 
 
 class PermuteOutput(NamedTuple):
@@ -70,6 +71,7 @@ def _unpermute_backward(ctx, grad_y_TD):
 
 torch.library.register_autograd("dsv3::unpermute", _unpermute_backward,
                                 setup_context=_unpermute_setup)
+refuse_double_backward("dsv3::unpermute_backward", "unpermute")
 
 
 def _check_experts(op: str, experts_TK, n_experts) -> None:
@@ -99,6 +101,7 @@ def permute(x_TD: torch.Tensor, experts_TK: torch.Tensor, n_experts: int) -> Per
     if experts_TK.shape[0] != x_TD.shape[0]:
         raise ValueError(f"{op}: experts_TK must have one row per token of x_TD "
                          f"({x_TD.shape[0]}), got {experts_TK.shape[0]}")
+    check_no_forward_ad(op, x_TD)
     if use_reference(x_TD):
         return PermuteOutput(*reference.permute(x_TD, experts_TK, n_experts))
     offsets_E, row_map_TK = torch.ops.dsv3.expert_index(experts_TK, n_experts)
@@ -119,6 +122,7 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
         if weights_TK.shape != row_map_TK.shape:
             raise ValueError(f"{op}: weights_TK must have shape {tuple(row_map_TK.shape)}, "
                              f"got {tuple(weights_TK.shape)}")
+    check_no_forward_ad(op, y_SD, weights_TK)
     if use_reference(y_SD):
         return reference.unpermute(y_SD, row_map_TK, weights_TK)
     return torch.ops.dsv3.unpermute(y_SD, row_map_TK, weights_TK)

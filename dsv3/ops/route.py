@@ -10,7 +10,8 @@ import torch
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import FLOAT_DTYPES, check_int, check_tensor, check_tokens
+from dsv3.ops.checks import (FLOAT_DTYPES, check_bool, check_int, check_no_forward_ad, check_number,
+                              check_tensor, check_tokens, refuse_double_backward)
 
 SCORES = ("softmax", "sigmoid")
 
@@ -66,6 +67,7 @@ def _route_backward(ctx, grad_weights_TK, _grad_experts, _grad_counts, grad_scor
 
 
 torch.library.register_autograd("dsv3::route", _route_backward, setup_context=_route_setup)
+refuse_double_backward("dsv3::route_backward", "route")
 
 
 def route(logits_TE: torch.Tensor, top_k: int = 2, score: str = "softmax",
@@ -106,6 +108,9 @@ def _route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sc
         raise ValueError(f"{op}: n_groups={n_groups} must divide the number of experts {n_experts}")
     check_int(op, "topk_groups", topk_groups, low=1, high=n_groups)
     check_int(op, "top_k", top_k, low=1, high=topk_groups * (n_experts // n_groups))
+    check_bool(op, "normalize", normalize)
+    check_number(op, "scale", scale)
+    check_no_forward_ad(op, logits_TE)
     if bias_E is not None:
         check_tensor(op, "bias_E", bias_E, dim=1, dtypes=FLOAT_DTYPES, like=logits_TE)
         if bias_E.shape[0] != n_experts:

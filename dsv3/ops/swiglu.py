@@ -6,7 +6,8 @@ import torch
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import FLOAT_DTYPES, check_tensor
+from dsv3.ops.checks import (FLOAT_DTYPES, check_no_forward_ad, check_tensor,
+                              refuse_double_backward)
 
 
 @torch.library.register_fake("dsv3::swiglu")
@@ -29,6 +30,7 @@ def _swiglu_backward(ctx, grad_a_SF):
 
 
 torch.library.register_autograd("dsv3::swiglu", _swiglu_backward, setup_context=_swiglu_setup)
+refuse_double_backward("dsv3::swiglu_backward", "swiglu")
 
 
 def swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
@@ -37,6 +39,7 @@ def swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
     if h_S2F.shape[1] % 2:
         raise ValueError(f"swiglu: h_S2F's last dim must be even (gate and up), "
                          f"got shape {tuple(h_S2F.shape)}")
+    check_no_forward_ad("swiglu", h_S2F)
     if use_reference(h_S2F):
         return reference.swiglu(h_S2F)
     return torch.ops.dsv3.swiglu(h_S2F)

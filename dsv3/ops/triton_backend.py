@@ -13,6 +13,7 @@ import torch
 
 from dsv3 import reference
 from dsv3.kernels import config, grouped_gemm, permute, quantize, router, swiglu
+from dsv3.ops import backend
 from dsv3.ops.backend import selected_backend
 
 TRITON_KERNELS = {
@@ -54,6 +55,7 @@ def register() -> None:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"):
             torch.library.register_kernel(name, "cuda", on_tensors_device(kernel))
     if selected_backend() == "triton":
+        backend.triton_on_cpu = True
         with warnings.catch_warnings():  # replacing the C++ CPU kernels is the point here
             warnings.simplefilter("ignore")
             for name, kernel in TRITON_KERNELS.items():
