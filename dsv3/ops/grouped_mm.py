@@ -123,8 +123,12 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     # they never read.
     token_T = torch.arange(n_tokens, device=x_TX.device, dtype=torch.int32)
     n_rows = n_tokens * top_k
-    device_checks.raise_unless(((row_map_TK >= 0) & (row_map_TK < n_rows)).all(),
-                               f"{op}: row_map_TK values must be in [0, T*K={n_rows})")
+    in_range = row_map_TK >= 0  # indexing would wrap a negative value
+    if not torch.compiler.is_compiling():
+        # Past the end, indexing fails too, naming no argument. Not under torch.compile:
+        # comparing with the symbolic T*K specializes the graph to the token count.
+        in_range &= row_map_TK < n_rows
+    device_checks.raise_unless(in_range.all(), f"{op}: row_map_TK values must be in [0, T*K)")
     token_S = torch.full((n_rows,), -1, device=x_TX.device, dtype=torch.int32)
     token_S[row_map_TK.flatten().long()] = token_T.repeat_interleave(top_k)
     device_checks.raise_unless((token_S >= 0).all(),
