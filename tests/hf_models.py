@@ -1,6 +1,9 @@
 """Tiny random transformers MoE models for the integration tests: built from configs,
 never downloaded. Two decoder layers, D=32, vocab 100, fp32; per architecture the
-routing features worth covering are switched on (see the comments)."""
+routing features worth covering are switched on (see the comments). The
+vision-language models (Qwen3-VL-MoE, GLM-4V-MoE) are whole conditional-generation
+models with a one-block vision tower, run on text only: their blocks live in the
+language model (``decoder_layers``)."""
 import torch
 import transformers
 
@@ -11,10 +14,32 @@ NO_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe", "flex_olmo",
          "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
-         "exaone_moe", "minimax_m2", "afmoe")
+         "exaone_moe", "minimax_m2", "afmoe", "qwen3_vl_moe", "solar_open", "deepseek_v32",
+         "glm_moe_dsa", "glm4v_moe")
 # Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
 _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
-           "afmoe")
+           "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe")
+# Vision-language models: built as image-text-to-text models (no causal-LM class).
+VLMS = ("qwen3_vl_moe", "glm4v_moe")
+# Config classes of the families a transformers release may lack (added after 5.17, or
+# to come); the tests of a family whose class is missing skip (see missing()).
+_CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenConfig",
+                 "deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig",
+                 "glm4v_moe": "Glm4vMoeConfig"}
+
+
+def missing(arch: str) -> str | None:
+    """Why this transformers cannot build ``arch``'s tiny model (a skip reason), or None."""
+    name = _CONFIG_CLASS.get(arch)
+    if name is None or hasattr(transformers, name):
+        return None
+    return f"transformers {transformers.__version__} has no {name}"
+
+
+def decoder_layers(model):
+    """The decoder layers (of the language model, in a vision-language model)."""
+    inner = model.model
+    return getattr(inner, "language_model", inner).layers
 
 
 def tiny_config(arch: str, **overrides):
@@ -103,19 +128,58 @@ def _config(arch: str):
             intermediate_size=64, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
             num_shared_experts=2, route_scale=2.0, num_dense_layers=0, head_dim=8,
             layer_types=["sliding_attention", "full_attention"], **COMMON)
+    if arch == "solar_open":  # sigmoid, 1 of 2 groups, scale 1.5, no renormalization, 2 shared
+        return transformers.SolarOpenConfig(
+            moe_intermediate_size=24, n_routed_experts=8, n_group=2, topk_group=1,
+            num_experts_per_tok=3, n_shared_experts=2, routed_scaling_factor=1.5,
+            norm_topk_prob=False, head_dim=8, **COMMON)
+    if arch in ("deepseek_v32", "glm_moe_dsa"):  # layer 0 dense; as DeepSeek-V3, plus the
+        # indexer's sparse attention (it keeps 4 of the 9 keys)
+        cls = (transformers.DeepseekV32Config if arch == "deepseek_v32"
+               else transformers.GlmMoeDsaConfig)
+        return cls(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_group=4,
+                   topk_group=2, num_experts_per_tok=3, n_shared_experts=1,
+                   mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5,
+                   norm_topk_prob=True, index_topk=4, index_head_dim=8, index_n_heads=2,
+                   q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                   v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})
+    # Vision towers: one block, out to D=32.
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
+                  patch_size=4)
+    if arch == "qwen3_vl_moe":  # softmax top-2 of 6, always renormalized; M-RoPE over head_dim 8
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                    mrope_interleaved=True)
+        return transformers.Qwen3VLMoeConfig(
+            text_config=dict(intermediate_size=64, moe_intermediate_size=24, num_experts=6,
+                             num_experts_per_tok=2, head_dim=8, rope_parameters=rope, **COMMON),
+            vision_config=dict(num_position_embeddings=16, deepstack_visual_indexes=[0],
+                               **vision))
+    if arch == "glm4v_moe":  # layer 0 dense; as DeepSeek-V3; M-RoPE over half of head_dim 16
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                    partial_rotary_factor=0.5)
+        return transformers.Glm4vMoeConfig(
+            text_config=dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                             n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=1,
+                             first_k_dense_replace=1, routed_scaling_factor=2.5,
+                             norm_topk_prob=True, rope_parameters=rope,
+                             **{**COMMON, "num_attention_heads": 2, "num_key_value_heads": 1}),
+            vision_config=dict(image_size=16, **vision))
     raise ValueError(f"arch: unknown {arch!r}")
 
 
 # Sparse MoE blocks in each tiny model (DeepSeek-V3's first layer stays dense).
-N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1}
+N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1,
+                                          "deepseek_v32": 1, "glm_moe_dsa": 1, "glm4v_moe": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
     """A fresh tiny model in train mode (dropout is 0 in these configs); ``overrides``
     set config fields."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        tiny_config(arch, **overrides), experts_implementation=experts_implementation)
+    auto = (transformers.AutoModelForImageTextToText if arch in VLMS
+            else transformers.AutoModelForCausalLM)
+    model = auto.from_config(tiny_config(arch, **overrides),
+                             experts_implementation=experts_implementation)
     if arch in _BIASED:
         # A non-zero selection bias, so that selecting with it (and weighting without
         # it) is exercised; big enough to change some choices.

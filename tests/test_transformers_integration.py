@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close, assert_close_to_reference
-from hf_models import ARCHS, N_SPARSE, input_ids, tiny_config, tiny_model, transformers
+from hf_models import (ARCHS, N_SPARSE, decoder_layers, input_ids, missing, tiny_config,
+                       tiny_model, transformers)
 
 import dsv3
 import dsv3.integrations.transformers as dt
@@ -27,8 +28,18 @@ ROUTES = ("experts_implementation", "patch_moe")
 # kind of router and shared expert (the ops they call are the same): softmax, gated
 # shared expert, sigmoid + groups + plain shared experts, the block's own bias.
 GPU_ARCHS = ("mixtral", "qwen2_moe", "deepseek_v3", "afmoe")
-ARCH_DEVICES = [(arch, "cpu") for arch in ARCHS] + [
-    pytest.param(arch, "cuda", marks=pytest.mark.gpu) for arch in GPU_ARCHS]
+
+
+def _arch(arch: str, *values, marks=()):
+    """One arch's parameter set; skipped where this transformers lacks the family."""
+    reason = missing(arch)
+    skip = [pytest.mark.skip(reason=reason)] if reason else []
+    return pytest.param(arch, *values, marks=[*marks, *skip])
+
+
+ARCH_PARAMS = [_arch(arch) for arch in ARCHS]
+ARCH_DEVICES = [_arch(arch, "cpu") for arch in ARCHS] + [
+    _arch(arch, "cuda", marks=[pytest.mark.gpu]) for arch in GPU_ARCHS]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -83,7 +94,7 @@ def test_same_logits_and_grads(arch, route, device):
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_generate_matches(arch, route):
     model = tiny_model(arch).eval()
     prompt = input_ids(batch=2, seq=5)
@@ -94,18 +105,28 @@ def test_generate_matches(arch, route):
     assert torch.equal(got, want)
 
 
+def _large_aux_loss(model):
+    """Aux loss coefficient 0.5, so that a missing aux loss shows in the loss. Causal LMs
+    copy it from the config when built; the vision-language models read their text
+    config's at each forward."""
+    model.config.get_text_config().router_aux_loss_coef = 0.5
+    if hasattr(model, "router_aux_loss_coef"):
+        model.router_aux_loss_coef = 0.5
+    return model
+
+
 @pytest.mark.parametrize("hooks_before_patch", [False, True],
                          ids=["hooks_after", "hooks_moved"])  # router_logits asked first?
 # The ones whose models compute an aux loss (its router_logits are what the loss reads).
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo",
-                                  "qwen3_next", "qwen3_5_moe_text", "minimax_m2"])
+@pytest.mark.parametrize("arch", [_arch(a) for a in (
+    "mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo", "qwen3_next", "qwen3_5_moe_text",
+    "minimax_m2", "qwen3_vl_moe", "glm4v_moe")])
 def test_router_logits_and_aux_loss(arch, hooks_before_patch):
-    model = tiny_model(arch)
-    model.config.router_aux_loss_coef = 0.5  # large, so a missing aux loss shows in the loss
+    model = _large_aux_loss(tiny_model(arch))
     ids = input_ids()
     want = model(ids, labels=ids, output_router_logits=True)
     if not hooks_before_patch:  # a fresh model: transformers installs its hooks lazily
-        model = tiny_model(arch)
+        model = _large_aux_loss(tiny_model(arch))
     dt.patch_moe(model)
     got = model(ids, labels=ids, output_router_logits=True)
     assert len(got.router_logits) == len(want.router_logits) == N_SPARSE[arch]
@@ -124,14 +145,15 @@ def _hf_tensors(block):
 # block.gate.weight / nowhere (written out here, not read from dsv3's own tables).
 ROUTER_WEIGHT = {"hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
 SELECTION_BIAS = {arch: "gate.e_score_correction_bias" for arch in
-                  ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe")}
+                  ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
+                   "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe")}
 SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias"}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_converters_share_parameters(arch):
     model = tiny_model(arch)
-    block = model.model.layers[1].mlp
+    block = decoder_layers(model)[1].mlp
     before = _hf_tensors(block)
     moe = dt.from_module(block)
     assert isinstance(moe, dsv3.MoE)
@@ -178,10 +200,14 @@ PLAIN_CONFIGS = {
     "hunyuan_v1_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=1),
     "afmoe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid",
                   route_scale=2.0, bias_update_rate=1e-3),
+    # Vision-language models: their whole config (its text_config picks the block).
+    "qwen3_vl_moe": dict(ffn_dim=24, n_experts=6, top_k=2),
+    "glm4v_moe": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
+                      n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3),
 }
 
 
-@pytest.mark.parametrize("arch", PLAIN_CONFIGS)
+@pytest.mark.parametrize("arch", [_arch(a) for a in PLAIN_CONFIGS])
 def test_plain_moe_to_module(arch):
     """A dsv3.MoE trained on its own becomes an HF block (shared experts: the fused
     expert is split, a copy; everything else is the same Parameters). HunYuan and AFMoE
@@ -339,7 +365,7 @@ def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     the same block in fp64 is at most 2x the stock bf16 block's, plus a small floor;
     output and every gradient. (Whole bf16 models are not compared: one near-tie
     routed differently in layer 1 changes the logits far more than any kernel error.)"""
-    hf_bf16 = tiny_model(arch).bfloat16().model.layers[1].mlp.to(device)
+    hf_bf16 = decoder_layers(tiny_model(arch).bfloat16())[1].mlp.to(device)
     hf_fp64 = copy.deepcopy(hf_bf16).double()  # the same bf16-rounded weights, upcast
     ours = copy.deepcopy(hf_bf16)
     runs = {}

@@ -8,8 +8,10 @@
 runs the experts of any model whose experts module transformers dispatches (plain
 SwiGLU experts) on dsv3's kernels, with the model's own router. To fuse the router
 too, replace whole blocks (Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
-Qwen3.5-MoE, OLMoE, FlexOlmo, HunYuan-MoE-V1, DeepSeek-V3, GLM-4-MoE and Sarvam-MoE,
-GLM-4-MoE-Lite, dots.llm1, EXAONE-MoE, MiniMax-M2, AFMoE; see architectures.py):
+Qwen3.5-MoE, Qwen3-VL-MoE's language model, OLMoE, FlexOlmo, HunYuan-MoE-V1,
+DeepSeek-V3, DeepSeek-V3.2, GLM-4-MoE and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA,
+GLM-4V-MoE's language model, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE;
+see architectures.py):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 

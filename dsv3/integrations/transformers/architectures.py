@@ -14,16 +14,23 @@ dsv3.MoE computes are listed; others can still run their experts on dsv3 through
 | Qwen3-MoE, OLMoE, FlexOlmo | softmax, top-k, renormalized iff norm_topk_prob      | none            |
 | Qwen2-MoE, Qwen3-Next      | softmax, top-k, renormalized iff norm_topk_prob      | sigmoid-gated   |
 | Qwen3.5-MoE                | softmax, top-k, renormalized                         | sigmoid-gated   |
+| Qwen3-VL-MoE (text)        | softmax, top-k, renormalized                         | none            |
 | HunYuan-MoE-V1             | softmax, top-k, renormalized; weight in gate.wg      | plain (one)     |
-| DeepSeek-V3, GLM-4-MoE,    | sigmoid + correction bias, group-limited top-k,      | plain (n)       |
-| GLM-4-MoE-Lite, dots.llm1, | scaled, renormalized iff norm_topk_prob              |                 |
-| EXAONE-MoE                 |                                                      |                 |
+| DeepSeek-V3 and -V3.2,     | sigmoid + correction bias, group-limited top-k,      | plain (n)       |
+| GLM-4-MoE, GLM-4-MoE-Lite, | scaled, renormalized iff norm_topk_prob              |                 |
+| GLM-MoE-DSA, GLM-4V-MoE    |                                                      |                 |
+| (text), dots.llm1,         |                                                      |                 |
+| EXAONE-MoE, Solar-Open     |                                                      |                 |
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
 | AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled; router in block.router                       |                 |
 
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
-DeepSeek-V3's), so they are patched too. Near misses, left to
+DeepSeek-V3's), so they are patched too. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
+(sparse attention) is in the attention, not in the MoE block: their routers, experts
+and blocks are DeepSeek-V3's, line for line. The vision-language models (Qwen3-VL-MoE,
+GLM-4V-MoE) have their blocks in the language model, whose config (text_config) is
+the block's; ``to_module`` takes the whole model's config too. Near misses, left to
 ``experts_implementation="dsv3"``: DeepSeek-V2 (its group-limited mode scores a group
 by its best expert), LFM2-MoE (renormalizes with +1e-6), ERNIE-4.5-MoE (renormalizes
 with a clamp at moe_norm_min), Cohere2-MoE (top-k on the logits, and an "average"
@@ -134,6 +141,17 @@ ARCHITECTURES = (
     Architecture("AFMoE", "afmoe", _hf("afmoe"), "AfmoeSparseMoeBlock", "AfmoeTokenChoiceRouter",
                  _afmoe_routing, shared=("shared_experts",), gate="router",
                  gate_weight="gate.weight", bias="expert_bias"),
+    # No norm_topk_prob: always renormalized (Qwen3-MoE's router with it fixed to True).
+    Architecture("Qwen3-VL-MoE", "qwen3_vl_moe_text", _hf("qwen3_vl_moe"),
+                 "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextTopKRouter", _softmax_routing),
+    Architecture("Solar-Open", "solar_open", _hf("solar_open"), "SolarOpenMoE",
+                 "SolarOpenTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("DeepSeek-V3.2", "deepseek_v32", _hf("deepseek_v32"), "DeepseekV32MoE",
+                 "DeepseekV32TopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("GLM-MoE-DSA", "glm_moe_dsa", _hf("glm_moe_dsa"), "GlmMoeDsaMoE",
+                 "GlmMoeDsaTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("GLM-4V-MoE", "glm4v_moe_text", _hf("glm4v_moe"), "Glm4vMoeTextMoE",
+                 "Glm4vMoeTextTopkRouter", **_DEEPSEEK_V3_LIKE),
 )
 
 

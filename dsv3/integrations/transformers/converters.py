@@ -94,8 +94,9 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
     """The transformers block computing what ``moe`` computes, with its Parameters.
 
     A TransformersMoE rebuilds the block it came from (``hf_config`` defaults to the
-    one it kept). A plain dsv3.MoE needs ``hf_config`` (e.g. a MixtralConfig): its
-    model_type picks the block, whose sizes and routing must match ``moe.config``.
+    one it kept). A plain dsv3.MoE needs ``hf_config`` (e.g. a MixtralConfig, or a
+    vision-language model's config, whose text_config is used): its model_type picks
+    the block, whose sizes and routing must match ``moe.config``.
     """
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a dsv3.MoE, got {type(moe).__name__}")
@@ -107,6 +108,10 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
         # be built from another architecture's classes, e.g. Sarvam-MoE from GLM-4-MoE's).
         hf_config, arch = moe.hf_config, moe.architecture
     else:
+        # A vision-language model's config (Qwen3-VL-MoE's, GLM-4V-MoE's) holds the
+        # block's config as its text_config; other configs are their own text config.
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config()
         arch = architecture_for(getattr(hf_config, "model_type", None))
     block_cls, _ = arch.classes()
     with torch.device("meta"):  # every tensor is replaced below; allocate none
