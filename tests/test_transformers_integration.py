@@ -5,6 +5,7 @@ output_router_logits and the aux loss working, share the original Parameters, an
 reject what they do not support with a message that says what is supported."""
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,9 @@ PLAIN_CONFIGS = {
     "qwen3_vl_moe": dict(ffn_dim=24, n_experts=6, top_k=2),
     "glm4v_moe": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
                       n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3),
+    "deepseek_v2": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=2, route_scale=1.5,
+                        normalize_weights=False),
+    "cohere2_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2),
 }
 
 
@@ -253,6 +257,28 @@ def test_patched_model_of_another_model_type_round_trips():
                                   score="sigmoid", n_groups=2, route_scale=1.5,
                                   normalize_weights=False))
     assert type(dt.to_module(moe, config)).__name__ == "Glm4MoeMoE"
+
+
+@pytest.mark.skipif(not hasattr(transformers, "GlmgaConfig"),
+                    reason=f"transformers {transformers.__version__} has no GLM-GA")
+def test_glmga_with_a_moe_language_model():
+    """GLM-GA's models are GLM-4.6V's, whose language model is whatever its text config
+    builds: with GLM-4V-MoE's text config, GLM-4V-MoE's blocks, patched as such."""
+    glm4v_moe = tiny_config("glm4v_moe")
+    config = transformers.GlmgaConfig(text_config=glm4v_moe.text_config.to_dict(),
+                                      vision_config=glm4v_moe.vision_config.to_dict())
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config).train()
+    ids = input_ids()
+    want_loss, want_logits, want_grads = _loss_logits_grads(model, ids)
+    assert dt.patch_moe(model) == N_SPARSE["glm4v_moe"]
+    loss, logits, grads = _loss_logits_grads(model, ids)
+    assert_close(logits, want_logits, "logits")
+    assert_close(loss, want_loss, "loss")
+    for param, want in want_grads.items():
+        assert_close(grads[param], want, f"grad of a {tuple(param.shape)} parameter")
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["glm4v_moe"]))
+    assert type(dt.to_module(moe, config)).__name__ == "Glm4vMoeTextMoE"
 
 
 def test_plain_moe_to_module_checks_the_config():
@@ -310,6 +336,61 @@ def test_patch_moe_rejects_unsupported_models():
     block = tiny_model("mixtral").model.layers[0].mlp
     with pytest.raises(TypeError, match=r"model is itself a MixtralSparseMoeBlock; .*from_module"):
         dt.patch_moe(block)
+
+
+# Modes of a listed architecture that dsv3.MoE does not compute: (config overrides, the
+# refused setting and the start of the reason, as the message says them).
+REFUSED_MODES = [
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy"),
+          "DeepSeek-V2 with topk_method='group_limited_greedy' (n_group=4, topk_group=2)",
+          "it scores a group by its best expert, dsv3.MoE by the sum of its two best"),
+    _arch("cohere2_moe", dict(expert_selection_fn="sigmoid"),
+          "Cohere2-MoE with expert_selection_fn='sigmoid'",
+          "it picks the top-k logits, dsv3.MoE the top-k scores"),
+    _arch("cohere2_moe", dict(shared_expert_combination_strategy="average"),
+          "Cohere2-MoE with shared_expert_combination_strategy='average'",
+          r"it returns \(routed \+ shared\) / 2, dsv3.MoE routed \+ shared"),
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides", "setting", "why"), REFUSED_MODES)
+def test_refused_modes_say_why(arch, overrides, setting, why):
+    """patch_moe raises the reason and replaces nothing (not even a block it could take);
+    from_module and to_module refuse the same way."""
+    model = tiny_model(arch, **overrides)
+    ids = input_ids()
+    want = model(ids).logits
+    message = rf"{re.escape(setting)} cannot become a dsv3.MoE: {why}"
+    with pytest.raises(ValueError, match=rf"^block: {message}"):
+        dt.patch_moe(model)
+    assert not any(isinstance(m, dt.TransformersMoE) for m in model.modules())
+    assert_close(model(ids).logits, want, "logits after the refusal")
+    with pytest.raises(ValueError, match=rf"^block: {message}"):
+        dt.from_module(decoder_layers(model)[1].mlp)
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS[arch]))
+    with pytest.raises(ValueError, match=rf"^hf_config: {message}"):
+        dt.to_module(moe, tiny_config(arch, **overrides))
+
+
+# Settings next to a refused mode that still compute dsv3.MoE's function.
+ACCEPTED_MODES = [
+    # Every group kept: greedy.
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=2)),
+    # No shared experts: nothing to average.
+    _arch("cohere2_moe", dict(shared_expert_combination_strategy="average",
+                              num_shared_experts=0)),
+    # norm_topk_prob is read for sigmoid only.
+    _arch("cohere2_moe", dict(norm_topk_prob=False)),
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ACCEPTED_MODES)
+def test_accepted_modes_next_to_refused_ones(arch, overrides):
+    block = decoder_layers(tiny_model(arch, **overrides))[1].mlp
+    moe = dt.from_module(block)
+    x = torch.randn(3, 5, 32)
+    assert_close(moe(x), block(x), "from_module output")
+    assert_close(dt.to_module(moe)(x), block(x), "to_module output")
 
 
 def test_experts_implementation_transposed_layout():

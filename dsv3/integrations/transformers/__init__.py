@@ -10,8 +10,9 @@ SwiGLU experts) on dsv3's kernels, with the model's own router. To fuse the rout
 too, replace whole blocks (Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
 Qwen3.5-MoE, Qwen3-VL-MoE's language model, OLMoE, FlexOlmo, HunYuan-MoE-V1,
 DeepSeek-V3, DeepSeek-V3.2, GLM-4-MoE and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA,
-GLM-4V-MoE's language model, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE;
-see architectures.py):
+GLM-4V-MoE's language model, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE,
+DeepSeek-V2 with topk_method="greedy", Cohere2-MoE with softmax selection; other modes
+of the last two are refused with the reason; see architectures.py):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 

@@ -5,8 +5,8 @@ All of them keep their experts as transformers' fused 3D parameters, ``gate_up_p
 so the converters hand the very same Parameters over, no copy. What differs between
 architectures is the router (read into MoEConfig here), where the block keeps it and
 its selection bias, and the shared expert. Only blocks that compute exactly what
-dsv3.MoE computes are listed; others can still run their experts on dsv3 through
-``experts_implementation="dsv3"``.
+dsv3.MoE computes are listed (some in some modes only, see below); others can still
+run their experts on dsv3 through ``experts_implementation="dsv3"``.
 
 | architecture               | router                                               | shared expert   |
 |----------------------------|------------------------------------------------------|-----------------|
@@ -24,17 +24,46 @@ dsv3.MoE computes are listed; others can still run their experts on dsv3 through
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
 | AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled; router in block.router                       |                 |
+| DeepSeek-V2 (greedy)       | softmax, top-k, scaled, never renormalized           | plain (n)       |
+| Cohere2-MoE (softmax)      | top-k logits, softmax over them (= renormalized)     | none, or "sum"  |
 
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
 DeepSeek-V3's), so they are patched too. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
 (sparse attention) is in the attention, not in the MoE block: their routers, experts
 and blocks are DeepSeek-V3's, line for line. The vision-language models (Qwen3-VL-MoE,
 GLM-4V-MoE) have their blocks in the language model, whose config (text_config) is
-the block's; ``to_module`` takes the whole model's config too. Near misses, left to
-``experts_implementation="dsv3"``: DeepSeek-V2 (its group-limited mode scores a group
-by its best expert), LFM2-MoE (renormalizes with +1e-6), ERNIE-4.5-MoE (renormalizes
-with a clamp at moe_norm_min), Cohere2-MoE (top-k on the logits, and an "average"
-shared-expert mode), LongCat-Flash (identity experts, no renormalization).
+the block's; ``to_module`` takes the whole model's config too. GLM-GA's models are
+GLM-4.6V's, whose language model is built from the text config: GLM-4V's dense one by
+default (nothing to patch), GLM-4V-MoE's for a glm4v_moe_text config (patched as such).
+
+Some architectures compute dsv3.MoE's function in some modes only: their ``refuse``
+names the setting of a block it cannot compute and why, and from_module (so
+patch_moe, before it replaces anything) and to_module raise a ValueError saying so.
+Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``.
+
+- DeepSeek-V2: ``topk_method="greedy"`` is softmax, top-k, times routed_scaling_factor,
+  never renormalized (transformers' code ignores the config's norm_topk_prob), logits
+  and weights in fp32: dsv3.MoE's softmax routing with normalize_weights=False.
+  ``"group_limited_greedy"`` is refused (it scores a group by its best expert, dsv3 by
+  the sum of its two best) unless topk_group == n_group, where every group is kept and
+  it is greedy.
+- Cohere2-MoE: ``expert_selection_fn="softmax"`` takes the top-k logits and the softmax
+  over those k, which is the renormalized top-k of the softmax over all: the same
+  weights, and the same experts but where distinct logits round to the same fp32
+  probability (equal to the ulp, or both underflowed to a weight of 0, which adds
+  nothing). The shared experts (if any) must be combined by "sum". Refused:
+  ``"sigmoid"`` (fp32 sigmoid is 1.0 for every logit above ~16.6 and flat well before,
+  so dsv3, choosing on sigmoid(logits), breaks ties by index where the logits differ
+  plainly) and ``"average"`` ((routed + shared) / 2; dsv3.MoE adds shared experts
+  unscaled).
+
+Near misses, left to ``experts_implementation="dsv3"``: LFM2-MoE (renormalizes with
++1e-6), ERNIE-4.5-MoE (renormalizes with a clamp at moe_norm_min), LongCat-Flash
+(identity experts, no renormalization). Not listed at all, and refused by
+``experts_implementation="dsv3"`` too (their experts override _apply_gate): DeepSeek-V4
+and GLM-5-Next, whose experts and shared experts clamp the SwiGLU (gate <= swiglu_limit,
+|up| <= swiglu_limit); DeepSeek-V4 also scores with sqrt(softplus) and routes its first
+layers by a token-id table (hash_moe).
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.
@@ -62,6 +91,9 @@ class Architecture:
     # Other model_types whose models are built from these very classes (to_module's
     # hf_config may be theirs).
     aliases: tuple[str, ...] = ()
+    # For blocks whose config may select a mode dsv3.MoE does not compute: given the
+    # block, (the setting, why dsv3.MoE cannot compute it), or None to accept it.
+    refuse: Callable[[nn.Module], tuple[str, str] | None] | None = None
 
     def classes(self) -> tuple[type, type]:
         """(block class, router class), importing the modeling module."""
@@ -79,6 +111,10 @@ def _softmax_routing(router: nn.Module) -> dict:
     return {"score": "softmax", "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
 
 
+def _softmax_routing_always_normalized(router: nn.Module) -> dict:
+    return {"score": "softmax", "normalize_weights": True}
+
+
 def _deepseek_routing(router: nn.Module) -> dict:
     return {"score": "sigmoid", "n_groups": router.num_group, "topk_groups": router.topk_group,
             "route_scale": float(router.routed_scaling_factor),
@@ -91,6 +127,41 @@ def _minimax_m2_routing(router: nn.Module) -> dict:
 
 def _afmoe_routing(router: nn.Module) -> dict:
     return {"score": "sigmoid", "route_scale": float(router.route_scale), "normalize_weights": True}
+
+
+def _deepseek_v2_routing(router: nn.Module) -> dict:
+    # Never renormalized: transformers' DeepseekV2TopkRouter ignores norm_topk_prob.
+    return {"score": "softmax", "route_scale": float(router.routed_scaling_factor),
+            "normalize_weights": False}
+
+
+def _deepseek_v2_refuse(block: nn.Module) -> tuple[str, str] | None:
+    router = block.gate
+    method = router.topk_method
+    if method == "greedy":
+        return None
+    if method == "group_limited_greedy":
+        if router.num_group is not None and router.topk_group == router.num_group:
+            return None  # every group kept: greedy
+        return (f"topk_method={method!r} (n_group={router.num_group}, "
+                f"topk_group={router.topk_group})",
+                "it scores a group by its best expert, dsv3.MoE by the sum of its two best")
+    return (f"topk_method={method!r}",
+            "transformers computes only 'greedy' and 'group_limited_greedy'")
+
+
+def _cohere2_moe_refuse(block: nn.Module) -> tuple[str, str] | None:
+    selection = block.gate.expert_selection_fn
+    if selection != "softmax":
+        return (f"expert_selection_fn={selection!r}",
+                "it picks the top-k logits, dsv3.MoE the top-k scores, and fp32 sigmoid maps "
+                "plainly different large logits to the same score (1.0 above ~16.6), where "
+                "dsv3.MoE picks the lower expert index")
+    combination = block.shared_expert_combination_strategy
+    if block.num_shared_experts > 0 and combination != "sum":
+        return (f"shared_expert_combination_strategy={combination!r}",
+                "it returns (routed + shared) / 2, dsv3.MoE routed + shared")
+    return None
 
 
 def _hf(model: str) -> str:
@@ -152,6 +223,14 @@ ARCHITECTURES = (
                  "GlmMoeDsaTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("GLM-4V-MoE", "glm4v_moe_text", _hf("glm4v_moe"), "Glm4vMoeTextMoE",
                  "Glm4vMoeTextTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("DeepSeek-V2", "deepseek_v2", _hf("deepseek_v2"), "DeepseekV2Moe",
+                 "DeepseekV2TopkRouter", _deepseek_v2_routing, shared=("shared_experts",),
+                 refuse=_deepseek_v2_refuse),
+    # Softmax over the top-k logits: the renormalized top-k softmax (norm_topk_prob is
+    # read for sigmoid only). Shared experts only where num_shared_experts > 0.
+    Architecture("Cohere2-MoE", "cohere2_moe", _hf("cohere2_moe"), "Cohere2MoeSparseMoeBlock",
+                 "Cohere2MoeTopKRouter", _softmax_routing_always_normalized,
+                 shared=("shared_experts",), refuse=_cohere2_moe_refuse),
 )
 
 

@@ -37,19 +37,32 @@ def _set_attr(module: nn.Module, path: str, value) -> None:
     setattr(_get(module, parent), name, value)
 
 
-def _moe_config(arch, block: nn.Module) -> MoEConfig:
+def _moe_config(arch, block: nn.Module, arg: str = "block") -> MoEConfig:
+    """The MoEConfig of ``block``; a ValueError naming ``arg`` (the argument ``block``
+    came from) if dsv3.MoE cannot compute it."""
     experts, router = block.experts, getattr(block, arch.gate)
+    refused = arch.refuse(block) if arch.refuse is not None else None
+    if refused is not None:
+        setting, why = refused
+        raise ValueError(f"{arg}: {arch.name} with {setting} cannot become a dsv3.MoE: {why}")
     reason = unsupported_reason(experts)
     if reason is None and experts.is_transposed:
         reason = "its expert weights are stored transposed"
     if reason is not None:
-        raise ValueError(f"block: this {type(block).__name__} cannot become a dsv3.MoE: {reason}")
+        raise ValueError(f"{arg}: this {type(block).__name__} cannot become a dsv3.MoE: {reason}")
     n_shared = 0
-    if arch.shared and not arch.gated_shared:  # plain ones of n * ffn_dim, as dsv3.MoE's
-        n_shared = getattr(block, arch.shared[0]).intermediate_size // experts.intermediate_dim
+    shared = _shared_module(arch, block)
+    if shared is not None and not arch.gated_shared:  # plain ones of n * ffn_dim, as dsv3.MoE's
+        n_shared = shared.intermediate_size // experts.intermediate_dim
     return MoEConfig(dim=experts.hidden_dim, ffn_dim=experts.intermediate_dim,
                      n_experts=experts.num_experts, top_k=router.top_k,
                      n_shared_experts=n_shared, aux_loss_coef=0.0, **arch.routing(router))
+
+
+def _shared_module(arch, block: nn.Module) -> nn.Module | None:
+    """The block's plain shared-expert module; None where its config has none (Cohere2-MoE
+    builds one only for num_shared_experts > 0)."""
+    return getattr(block, arch.shared[0], None) if arch.shared else None
 
 
 def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -77,7 +90,7 @@ def from_module(block: nn.Module) -> TransformersMoE:
     if arch.gated_shared:
         moe.shared_expert, moe.shared_expert_gate = block.shared_expert, block.shared_expert_gate
     elif arch.shared:
-        moe.shared_experts = getattr(block, arch.shared[0])
+        moe.shared_experts = _shared_module(arch, block)
     _move_hooks(router, moe.gate)
     return moe.train(block.training)
 
@@ -116,7 +129,7 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
     block_cls, _ = arch.classes()
     with torch.device("meta"):  # every tensor is replaced below; allocate none
         block = block_cls(hf_config)
-    want = _moe_config(arch, block)
+    want = _moe_config(arch, block, "hf_config")
     diffs = [f"{f}={getattr(moe.config, f)!r} vs {getattr(want, f)!r}" for f in _LAYER_FIELDS
              if getattr(moe.config, f) != getattr(want, f)]
     if diffs:
@@ -138,7 +151,7 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
             raise ValueError(f"moe: {arch.name} needs a gated shared expert, which only a "
                              f"dsv3.MoE made by from_module carries")
         block.shared_expert, block.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
-    elif arch.shared:
+    elif _shared_module(arch, block) is not None:  # none: want.n_shared_experts == 0
         if isinstance(moe.shared_experts, SwiGLUMLP):
             _split_fused_shared(moe.shared_experts, getattr(block, arch.shared[0]))
         elif moe.shared_experts is not None:

@@ -14,10 +14,13 @@ from dsv3.integrations.transformers.converters import from_module, to_module
 
 
 def _replace(model: nn.Module, select, convert) -> int:
+    """All or nothing: every selected child is converted before any is replaced, so a
+    refused block (convert raises) leaves the model as it was."""
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if select(child)]
-    for parent, name, child in targets:
-        setattr(parent, name, convert(child))
+    converted = [convert(child) for _, _, child in targets]
+    for (parent, name, _), new in zip(targets, converted, strict=True):
+        setattr(parent, name, new)
     return len(targets)
 
 
@@ -25,7 +28,13 @@ def patch_moe(model: nn.Module) -> int:
     """Replace each supported sparse MoE block in ``model`` (in place) by a dsv3.MoE that
     fuses its routing and experts; returns how many were replaced. Dense MLPs (e.g.
     DeepSeek-V3's first_k_dense_replace layers) stay as they are. Patching a model twice
-    replaces nothing the second time and returns 0."""
+    replaces nothing the second time and returns 0.
+
+    A block of a supported architecture that dsv3.MoE cannot compute (a refused mode,
+    e.g. DeepSeek-V2's topk_method="group_limited_greedy", or experts other than plain
+    SwiGLU) is a ValueError saying why, and nothing is replaced: the model stays whole
+    rather than silently half (or not) patched. A model with no block of a supported
+    architecture at all is a TypeError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
     if architecture_of(model) is not None:  # in place needs a parent to put the new block in
