@@ -68,6 +68,9 @@ class MoEConfig:
         if self.top_k > reachable:
             raise ValueError(f"MoEConfig: top_k={self.top_k} must be <= the experts reachable in "
                              f"topk_groups groups ({reachable})")
+        if not isinstance(self.normalize_weights, bool):
+            raise TypeError(f"MoEConfig: normalize_weights must be True or False, got "
+                            f"{self.normalize_weights!r}")
         number("MoEConfig: route_scale", self.route_scale, 0, low_open=True)
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             number(f"MoEConfig: {name}", getattr(self, name), 0)
@@ -180,13 +183,18 @@ class MoE(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # load_state_dict(assign=True) (meta-device init) takes the saved tensor itself,
-        # in whatever dtype it was stored: the bias stays fp32 here too (see _apply); and
-        # the counts, never saved, would stay on the meta device: zeros beside the bias.
+        # in whatever dtype it was stored: the bias stays fp32 here too (see _apply). The
+        # counts are never saved: zeros beside the bias.
         if self.expert_bias is None:
             return
         if self.expert_bias.dtype != torch.float32:
             self.expert_bias = self.expert_bias.float()
-        if self.pending_counts.device != self.expert_bias.device:
+        # Always fresh: counted since the last bias update of the run that saved the
+        # state, they belong to no step of this one, and after to_empty() they are
+        # uninitialized memory.
+        if self.pending_counts.device == self.expert_bias.device:
+            self.pending_counts.zero_()  # in place: a captured CUDA graph holds this tensor
+        else:  # assign=True from the meta device
             self.pending_counts = torch.zeros_like(self.pending_counts,
                                                   device=self.expert_bias.device)
 

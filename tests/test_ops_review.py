@@ -112,7 +112,7 @@ def test_moe_under_jvp_is_a_clear_error():
     ({"scale": float("nan")}, ValueError, "route: scale must be finite"),
     ({"scale": torch.tensor(2.0)}, TypeError, "route: scale must be a number, got Tensor"),
     # Before: on the reference backend any truthy value normalized.
-    ({"normalize": "no"}, TypeError, "route: normalize must be a bool, got str"),
+    ({"normalize": "no"}, TypeError, "route: normalize must be True or False, got 'no'"),
 ])
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_route_rejects_bad_scale_and_normalize(kwargs, error, pattern, backend, monkeypatch):
@@ -185,6 +185,25 @@ def test_reset_parameters_after_to_empty_zeroes_the_balancing_state():
     moe.expert_bias.fill_(7.0)
     moe.reset_parameters()
     assert not moe.pending_counts.any() and not moe.expert_bias.any()
+
+
+def test_to_empty_then_load_state_dict_starts_the_counts_at_zero():
+    # Before: the counts (never saved) kept to_empty()'s uninitialized memory through an
+    # ordinary load, and the first update_bias() moved the bias by them.
+    state = MoE(_bias_config()).state_dict()
+    with torch.device("meta"):
+        moe = MoE(_bias_config())
+    moe.to_empty(device="cpu")
+    moe.pending_counts.fill_(123)  # what uninitialized memory may hold
+    moe.load_state_dict(state)
+    assert not moe.pending_counts.any()
+
+
+def test_config_rejects_a_normalize_weights_that_is_not_a_bool():
+    # Before: accepted, and route's own check failed at the first forward.
+    with pytest.raises(TypeError, match="MoEConfig: normalize_weights must be True or False, "
+                                        "got 1"):
+        MoEConfig(dim=8, ffn_dim=6, n_experts=4, top_k=2, normalize_weights=1)
 
 
 # --- strided inputs and upstream gradients -------------------------------------------------------

@@ -48,7 +48,7 @@ def check_number(op: str, name: str, value) -> None:
 
 def check_bool(op: str, name: str, value) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
 
 
 def check_no_forward_ad(op: str, *tensors) -> None:
