@@ -372,6 +372,34 @@ def test_refused_modes_say_why(arch, overrides, setting, why):
         dt.to_module(moe, tiny_config(arch, **overrides))
 
 
+def test_patched_model_saves_whole_with_torch_save(tmp_path):
+    """torch.save(model) pickles the router-logits tap, a class made at run time (before:
+    PicklingError); the loaded model computes the same logits and router_logits."""
+    model = tiny_model("mixtral")
+    dt.patch_moe(model)
+    ids = input_ids()
+    # Saved before any output_router_logits call: transformers' recording hooks are
+    # closures, which pickle refuses in any model (patched or not).
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    want = model(ids, output_router_logits=True)
+    got = loaded(ids, output_router_logits=True)
+    assert_close(got.logits, want.logits, "logits after torch.load")
+    for g, w in zip(got.router_logits, want.router_logits, strict=True):
+        assert_close(g, w, "router_logits after torch.load")
+
+
+def test_a_refused_block_leaves_every_other_block_unpatched():
+    """All or nothing: with a block it can take before the refused one, patch_moe
+    replaces neither (before: the first was patched, the model left half converted)."""
+    both = nn.ModuleDict({"ok": tiny_model("deepseek_v2"),
+                          "refused": tiny_model("deepseek_v2", topk_method="group_limited_greedy")})
+    with pytest.raises(ValueError, match="group_limited_greedy"):
+        dt.patch_moe(both)
+    assert not any(isinstance(m, dt.TransformersMoE) for m in both.modules())
+    assert dt.patch_moe(both["ok"]) == N_SPARSE["deepseek_v2"]  # it could take the first
+
+
 # Settings next to a refused mode that still compute dsv3.MoE's function.
 ACCEPTED_MODES = [
     # Every group kept: greedy.

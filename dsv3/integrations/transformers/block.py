@@ -46,10 +46,22 @@ def logits_tap_class(router_cls: type) -> type:
     def forward(self, logits_TE):
         return logits_TE
 
+    def __reduce_ex__(self, protocol):
+        # Pickle finds classes by module and name, and this one is made here, not
+        # defined there: rebuild it from the router class instead (torch.save(model)).
+        return _new_tap, (router_cls,), self.__getstate__()
+
     return type(f"{router_cls.__name__}LogitsTap", (router_cls,),
-                {"__init__": __init__, "forward": forward, "__module__": __name__,
+                {"__init__": __init__, "forward": forward, "__reduce_ex__": __reduce_ex__,
+                 "__module__": __name__,
                  "__doc__": f"Where transformers' router_logits hooks observe a "
                             f"dsv3 block that replaced a {router_cls.__name__}."})
+
+
+def _new_tap(router_cls: type) -> nn.Module:
+    """An empty tap for unpickling, which then restores its state."""
+    tap_class = logits_tap_class(router_cls)
+    return tap_class.__new__(tap_class)
 
 
 class TransformersMoE(MoE):
