@@ -109,13 +109,13 @@ def test_picks_not_kept_off_the_gpu_when_off_or_without_a_home(monkeypatch):
 
     from dsv3.kernels import autotune_cache
     tuner = stand_in_tuner(configs(64, 128))
-    on_gpu = {"x_ptr": torch.empty(0)}
-    monkeypatch.setattr(autotune_cache, "device_name", lambda named_args: "H200 sm_90")
+    on_gpu = "H200 sm_90"
     monkeypatch.delenv("DSV3_AUTOTUNE_CACHE_DIR", raising=False)
     monkeypatch.setattr(autotune_cache, "ENABLED", False)
     assert autotune_cache.store_for(tuner, on_gpu) is None
     monkeypatch.setattr(autotune_cache, "ENABLED", True)
     assert autotune_cache.store_for(tuner, on_gpu) is not None
+    assert autotune_cache.store_for(tuner, None) is None  # off the GPU
 
     def no_home():
         raise RuntimeError("Could not determine home directory.")
@@ -156,3 +156,32 @@ def test_a_config_that_fails_unexpectedly_is_timed_out_not_raised(monkeypatch):
     assert tuner._bench(config=good) == [1.0, 0.9, 1.1]
     with pytest.warns(RuntimeWarning, match="BLOCK_M: 128.*cuTensorMapEncodeTiled"):
         assert tuner._bench(config=bad) == [float("inf")] * 3
+
+
+def test_picks_are_kept_per_gpu_model(tmp_path, monkeypatch):
+    """Triton's key holds no device: in a process driving two GPU models, one's pick
+    (e.g. a config using an H200's 196 KB of shared memory) was reused on the other.
+    Each model now has its own picks, loaded from its own file on its first launch."""
+    import triton
+
+    from dsv3.kernels import autotune_cache, grouped_gemm
+    monkeypatch.setenv("DSV3_AUTOTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(autotune_cache, "ENABLED", True)
+    small, big = (triton.Config({"BLOCK_M": m}) for m in (64, 256))
+    stored = grouped_gemm._wgrad_tuner([small, big])
+    stored.cache = {(4096,): big}
+    autotune_cache.save(stored, autotune_cache.store_path(stored, "H200 sm_90"))
+
+    tuner = grouped_gemm._wgrad_tuner([small, big])
+    tuner.use_picks_of("H200 sm_90")
+    assert tuner.cache == {(4096,): big}  # loaded from the H200's file
+    tuner.use_picks_of("A100 sm_80")
+    assert tuner.cache == {}  # the H200's pick is not the A100's
+    tuner.cache[(4096,)] = small  # what Triton's run records after timing
+    tuner.use_picks_of("H200 sm_90")
+    assert tuner.cache == {(4096,): big}
+    tuner.use_picks_of("A100 sm_80")
+    assert tuner.cache == {(4096,): small}
+    assert tuner.store == autotune_cache.store_path(tuner, "A100 sm_80")
+    tuner.use_picks_of(None)  # CPU tensors (the interpreter): nothing stored
+    assert tuner.cache == {} and tuner.store is None

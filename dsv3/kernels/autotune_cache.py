@@ -15,6 +15,7 @@ ranks tuning different keys at once keep each other's, and a reader never sees h
 of a file.
 """
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -38,13 +39,10 @@ def cache_dir() -> Path:
                 or Path.home() / ".cache" / "dsv3" / "autotune")
 
 
-def store_for(tuner, named_args: dict) -> Path | None:
-    """The file of ``tuner``'s picks for a launch with these arguments, or None where
-    none are kept: turned off, no argument on a GPU, or no folder to keep them in."""
-    if not ENABLED:
-        return None
-    device = device_name(named_args)
-    if device is None:
+def store_for(tuner, device: str | None) -> Path | None:
+    """The file of ``tuner``'s picks on ``device`` (a device_name), or None where none
+    are kept: turned off, off the GPU (None), or no folder to keep them in."""
+    if not ENABLED or device is None:
         return None
     try:
         return store_path(tuner, device)
@@ -67,8 +65,12 @@ def device_name(named_args: dict) -> str | None:
     """The GPU model the launch runs on, or None off the GPU: picks are kept for GPUs
     only."""
     index = launch_device(named_args)
-    if index is None:
-        return None
+    return None if index is None else _name_of(index)
+
+
+@functools.cache
+def _name_of(index: int) -> str:
+    # Once per device: the tuners ask at every launch.
     major, minor = torch.cuda.get_device_capability(index)
     return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
 

@@ -43,19 +43,23 @@ class SideBySideAutotuner(Autotuner):
     (prune_configs runs only then), so that the timing finds each one compiled; and
     whose picks on a GPU are kept on disk (dsv3/kernels/autotune_cache.py)."""
 
-    store = None  # the picks' file once a launch showed the device; False: none kept
+    store = None  # the picks' file of the launch's device; None or False: none kept
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # Each key's timings in this process, config -> ms (Triton keeps the last key's
         # only, in configs_timings): what benchmarks/gpu_bench.py reports per pick.
         self.timings = {}
+        # Picks per GPU model (None: off the GPU). Triton's key holds no device, and a
+        # pick timed on one model may not even launch on another (an H200's 196 KB of
+        # shared memory against an A100's 163 KB) in a process that drives both.
+        self.device = self.store = None
+        self.picks = {None: self.cache}
+        self.stores = {}
 
     def run(self, *args, **kwargs):
-        if self.store is None and len(self.configs) > 1:
-            self.store = autotune_cache.store_for(self, dict(zip(self.arg_names, args))) or False
-            if self.store:
-                self.cache.update(autotune_cache.load(self, self.store))
+        if len(self.configs) > 1:
+            self.use_picks_of(autotune_cache.device_name(dict(zip(self.arg_names, args))))
         keys_before = set(self.cache)
         result = super().run(*args, **kwargs)
         tuned = set(self.cache) - keys_before
@@ -65,6 +69,19 @@ class SideBySideAutotuner(Autotuner):
             if self.store:
                 autotune_cache.save(self, self.store)
         return result
+
+    def use_picks_of(self, device: str | None) -> None:
+        """Switch ``cache`` (Triton's key -> pick) and ``store`` to ``device``'s, loading
+        the stored picks on its first launch."""
+        self.picks[self.device] = self.cache  # whatever it holds now, even if replaced
+        if device == self.device:
+            return
+        if device not in self.picks:
+            self.picks[device] = {}
+            self.stores[device] = autotune_cache.store_for(self, device) or False
+            if self.stores[device]:
+                self.picks[device].update(autotune_cache.load(self, self.stores[device]))
+        self.device, self.cache, self.store = device, self.picks[device], self.stores.get(device)
 
     def _bench(self, *args, config, **meta):
         """Triton's timing of one config; a config that fails otherwise than Triton
