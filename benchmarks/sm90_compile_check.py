@@ -200,6 +200,12 @@ def _cases(dtypes):
             yield "swiglu", lambda: swiglu.swiglu(h)
             yield "swiglu_backward", lambda: swiglu.swiglu_backward(
                 torch.randn(n_rows, ffn, dtype=dtype), h)
+            # The clamped variant (HAS_LIMIT), its backward in both conventions at the
+            # bounds (GRAD_AT_LIMIT: torch 2.12 and before pass the gradient there).
+            yield "swiglu clamped", lambda: swiglu.swiglu(h, 10.0)
+            for grad_at_limit in (False, True):
+                yield "swiglu_backward clamped", lambda: swiglu.swiglu_backward(
+                    torch.randn(n_rows, ffn, dtype=dtype), h, 10.0, grad_at_limit)
     flat = torch.randn(5000)
     yield "quantize_int8", lambda: quantize.quantize_int8(flat, 128, torch.zeros(5000))
     q, scales, _ = quantize.quantize_int8(flat, 128, None)

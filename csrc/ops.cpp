@@ -58,9 +58,14 @@ TORCH_LIBRARY(dsv3, m) {
   // sum_N = sum over r (in order) of q_RN[r] * scales_RB[r] per block: R quantized
   // chunks dequantized and reduced in one pass (R = 1: plain dequantization).
   m.def("dequantize_int8(Tensor q_RN, Tensor scales_RB, int block_size) -> Tensor");
-  // a_SF = silu(h[:, :F]) * h[:, F:]
-  m.def("swiglu(Tensor h_S2F) -> Tensor");
-  m.def("swiglu_backward(Tensor grad_a_SF, Tensor h_S2F) -> Tensor");
+  // a_SF = silu(gate) * up with gate = h[:, :F], up = h[:, F:]. With a limit L > 0
+  // (GLM-5-Next, DeepSeek-V4), first gate = min(gate, L) and up = clamp(up, -L, L) as
+  // torch's clamp does (L rounded to h's dtype): the gradient of a clamped input is
+  // zero, and of an input equal to +-L too unless grad_at_limit (as torch <= 2.12).
+  m.def("swiglu(Tensor h_S2F, float? limit=None) -> Tensor");
+  m.def(
+      "swiglu_backward(Tensor grad_a_SF, Tensor h_S2F, float? limit=None, "
+      "bool grad_at_limit=False) -> Tensor");
 }
 
 namespace {

@@ -1,8 +1,9 @@
 """``dsv3.MoE``: a drop-in Mixture-of-Experts feed-forward layer on the dsv3 ops.
 
 route -> grouped GEMM reading the tokens through the routing map (permute fused
-in; gate and up fused) -> SwiGLU -> grouped GEMM -> weighted unpermute (+ shared
-experts). The module is thin: the work and the gradients live in the ops. Expert weights are kept in nn.Linear's [out, in]
+in; gate and up fused) -> SwiGLU (clamped by ``swiglu_limit`` if set) -> grouped GEMM
+-> weighted unpermute (+ shared experts). The module is thin: the work and the
+gradients live in the ops. Expert weights are kept in nn.Linear's [out, in]
 layout (``gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]), the layout
 transformers uses, so weights move between the two without reshuffling.
 """
@@ -51,6 +52,10 @@ class MoEConfig:
     bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing; 0 disables the bias
     capacity_factor: float | None = None  # None: dropless; else copies past capacity are dropped
     activation: str = "swiglu"
+    # GLM-5-Next's and DeepSeek-V4's clamped SwiGLU: gate.clamp(max=L), up.clamp(-L, L)
+    # before silu(gate) * up, in the routed and the shared experts alike (both models
+    # clamp both); None: no clamp.
+    swiglu_limit: float | None = None
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "n_experts", "top_k", "n_groups", "topk_groups"):
@@ -79,6 +84,8 @@ class MoEConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"MoEConfig: activation must be one of {ACTIVATIONS}, "
                              f"got {self.activation!r}")
+        if self.swiglu_limit is not None:
+            number("MoEConfig: swiglu_limit", self.swiglu_limit, 0, low_open=True)
 
 
 @dataclass
@@ -96,28 +103,32 @@ class MoEStats:
 
 
 def routed_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
-                   gate_up_ED2F: torch.Tensor, down_EFD: torch.Tensor) -> torch.Tensor:
+                   gate_up_ED2F: torch.Tensor, down_EFD: torch.Tensor,
+                   swiglu_limit: float | None = None) -> torch.Tensor:
     """The dropless expert computation after routing: sum_k weights_TK[t, k] *
     SwiGLU-expert_{experts_TK[t, k]}(x_TD[t]), weights given as [in, out] per expert
-    (views of either stored layout). The permute is fused into the first GEMM's loads:
-    no expert-ordered copy of x is written or kept for the backward."""
+    (views of either stored layout); ``swiglu_limit`` clamps the SwiGLU (ops.swiglu's
+    ``limit``). The permute is fused into the first GEMM's loads: no expert-ordered copy
+    of x is written or kept for the backward."""
     offsets_E, row_map_TK = ops.expert_index(experts_TK, gate_up_ED2F.shape[0])
     h_S2F = ops.gather_grouped_mm(x_TD, gate_up_ED2F, offsets_E, row_map_TK)
-    y_SD = ops.grouped_mm(ops.swiglu(h_S2F), down_EFD, offsets_E)
+    y_SD = ops.grouped_mm(ops.swiglu(h_S2F, swiglu_limit), down_EFD, offsets_E)
     return ops.unpermute(y_SD, row_map_TK, weights_TK)
 
 
 class SwiGLUMLP(nn.Module):
-    """A dense SwiGLU MLP (the shared experts), gate and up fused in one matmul."""
+    """A dense SwiGLU MLP (the shared experts), gate and up fused in one matmul;
+    ``swiglu_limit`` clamps its SwiGLU as the routed experts' (ops.swiglu's ``limit``)."""
 
-    def __init__(self, dim: int, hidden_dim: int, **factory):
+    def __init__(self, dim: int, hidden_dim: int, swiglu_limit: float | None = None, **factory):
         super().__init__()
         self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False, **factory)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False, **factory)
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_T2F = self.gate_up_proj(x).flatten(0, -2)  # the fused op takes rows
-        return self.down_proj(ops.swiglu(h_T2F)).view(*x.shape[:-1], -1)
+        return self.down_proj(ops.swiglu(h_T2F, self.swiglu_limit)).view(*x.shape[:-1], -1)
 
 
 class MoE(nn.Module):
@@ -141,13 +152,16 @@ class MoE(nn.Module):
             if c.capacity_factor is not None:
                 raise ValueError("MoE: ep_group needs a dropless config (capacity_factor=None), "
                                  f"got capacity_factor={c.capacity_factor}")
+            if c.swiglu_limit is not None:  # expert_parallel_ffn does not clamp
+                raise ValueError("MoE: ep_group needs swiglu_limit=None (the expert-parallel "
+                                 f"FFN has no clamp), got swiglu_limit={c.swiglu_limit}")
             self.expert_range = local_expert_range(c.n_experts, ep_group)
         n_local = len(self.expert_range)
         self.router = nn.Linear(c.dim, c.n_experts, bias=False, **factory)
         self.gate_up_proj = nn.Parameter(torch.empty(n_local, 2 * c.ffn_dim, c.dim, **factory))
         self.down_proj = nn.Parameter(torch.empty(n_local, c.dim, c.ffn_dim, **factory))
-        self.shared_experts = (SwiGLUMLP(c.dim, c.n_shared_experts * c.ffn_dim, **factory)
-                               if c.n_shared_experts else None)
+        self.shared_experts = (SwiGLUMLP(c.dim, c.n_shared_experts * c.ffn_dim, c.swiglu_limit,
+                                         **factory) if c.n_shared_experts else None)
         if c.bias_update_rate > 0:
             # Selection-only bias, moved by update_bias(), never by gradients.
             self.register_buffer("expert_bias", torch.zeros(c.n_experts, device=device))
@@ -254,7 +268,7 @@ class MoE(nn.Module):
                                        c.n_experts, self.ep_group)
         else:
             y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
-                                  down.transpose(1, 2))
+                                  down.transpose(1, 2), c.swiglu_limit)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 

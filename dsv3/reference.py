@@ -99,22 +99,28 @@ def grouped_mm(x_SX, w_EXY, offsets_E):
     return y_SY
 
 
-def swiglu(h_S2F):
+def swiglu(h_S2F, limit=None):
+    """silu(gate) * up; with ``limit`` L, on gate.clamp(max=L) and up.clamp(-L, L)
+    (GLM-5-Next, DeepSeek-V4), torch's clamp and its gradient."""
     gate_SF, up_SF = h_S2F.chunk(2, dim=-1)
+    if limit is not None:
+        gate_SF, up_SF = gate_SF.clamp(max=limit), up_SF.clamp(-limit, limit)
     return F.silu(gate_SF) * up_SF
 
 
-def expert_ffn(x_D, gate_up_2FD, down_DF):
+def expert_ffn(x_D, gate_up_2FD, down_DF, limit=None):
     """One SwiGLU expert with weights in nn.Linear's [out, in] layout."""
-    return F.linear(swiglu(F.linear(x_D, gate_up_2FD)), down_DF)
+    return F.linear(swiglu(F.linear(x_D, gate_up_2FD), limit), down_DF)
 
 
 def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias_E=None,
-        n_groups=1, topk_groups=1, normalize=True, scale=1.0, capacity=None, shared=None):
+        n_groups=1, topk_groups=1, normalize=True, scale=1.0, capacity=None, shared=None,
+        swiglu_limit=None):
     """A whole MoE layer as a loop over experts. Returns (y_TD, logits_TE, experts_TK).
 
     ``capacity`` caps the copies an expert takes (earlier tokens first; the rest are
-    dropped); ``shared`` is an optional module applied to every token and added.
+    dropped); ``shared`` is an optional module applied to every token and added;
+    ``swiglu_limit`` clamps the routed experts' SwiGLU (see ``swiglu``).
     """
     logits_TE = F.linear(x_TD.float(), router_ED.float())
     weights_TK, experts_TK, _ = route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
@@ -126,7 +132,7 @@ def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias
             tokens, slots = tokens[:capacity], slots[:capacity]
         if tokens.numel() == 0:
             continue
-        out_ND = expert_ffn(x_TD[tokens], gate_up_E2FD[e], down_EDF[e])
+        out_ND = expert_ffn(x_TD[tokens], gate_up_E2FD[e], down_EDF[e], swiglu_limit)
         y_TD = y_TD.index_add(0, tokens, out_ND * weights_TK[tokens, slots, None].to(out_ND.dtype))
     if shared is not None:
         y_TD = y_TD + shared(x_TD)

@@ -42,13 +42,13 @@ def run_reference(moe: MoE, x, *params):
     if moe.shared_experts is not None:
         def shared(x_TD):  # the shared experts are one dense SwiGLU MLP
             return reference.expert_ffn(x_TD, p["shared_experts.gate_up_proj.weight"],
-                                        p["shared_experts.down_proj.weight"])
+                                        p["shared_experts.down_proj.weight"], c.swiglu_limit)
     x_TD = x.reshape(-1, c.dim)
     y_TD, _, _ = reference.moe(
         x_TD, p["router.weight"], p["gate_up_proj"], p["down_proj"], top_k=c.top_k,
         score=c.score, bias_E=moe.expert_bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
         normalize=c.normalize_weights, scale=c.route_scale,
-        capacity=capacity_of(moe, x_TD.shape[0]), shared=shared)
+        capacity=capacity_of(moe, x_TD.shape[0]), shared=shared, swiglu_limit=c.swiglu_limit)
     return y_TD.view(x.shape)
 
 
@@ -104,6 +104,11 @@ CASES = [
     pytest.param((24,), {"capacity_factor": 1.0}, 5, id="capacity_one_expert"),
     # [B, S, D] input: y has x's shape.
     pytest.param((3, 7), {}, None, id="BSD_input"),
+    # Clamped SwiGLU (GLM-5-Next, DeepSeek-V4) in the routed and the shared experts: with
+    # these weights |gate|, |up| ~ 0.58 (std), so a limit of 0.5 clamps about 40% of them.
+    pytest.param((40,), {"n_experts": 16, "top_k": 4, "score": "sigmoid", "n_groups": 4,
+                         "topk_groups": 2, "route_scale": 2.5, "n_shared_experts": 2,
+                         "swiglu_limit": 0.5}, None, id="clamped_swiglu"),
     # Medium: 512 tokens, 16 experts, top-4.
     pytest.param((512,), {"dim": 64, "ffn_dim": 96, "n_experts": 16, "top_k": 4}, None,
                  id="medium"),
@@ -415,3 +420,27 @@ def test_router_entropy_is_collected_on_request():
     moe(torch.randn(10, 32))
     entropy = moe.last_stats.router_entropy.item()
     assert 0 < entropy <= math.log(8) + 1e-6
+
+
+def test_swiglu_limit_clamps_routed_and_shared_experts():
+    """The clamp of the test case above is active: the same weights without it compute
+    another function, in the routed experts and in the shared ones alike."""
+    clamped = make_moe(n_shared_experts=1, swiglu_limit=0.5)
+    plain = make_moe(n_shared_experts=1)
+    plain.load_state_dict(clamped.state_dict())
+    assert clamped.shared_experts.swiglu_limit == 0.5
+    x = torch.randn(40, 32)
+    h_T2F = clamped.shared_experts.gate_up_proj(x)
+    assert (h_T2F.abs() > 0.5).float().mean() > 0.2, "the limit clamps too little to be tested"
+    assert not torch.allclose(clamped(x), plain(x))
+    assert not torch.allclose(clamped.shared_experts(x), plain.shared_experts(x))
+    assert_close(clamped(x), run_reference(clamped, x, *[p.detach() for p in clamped.parameters()]))
+
+
+@pytest.mark.parametrize("limit, error, message", [
+    (0.0, ValueError, "must be > 0"), (-1.0, ValueError, "must be > 0"),
+    (math.inf, ValueError, "must be finite"), (math.nan, ValueError, "must be finite"),
+    ("10", TypeError, "must be a number"), (True, TypeError, "must be a number")])
+def test_swiglu_limit_is_validated(limit, error, message):
+    with pytest.raises(error, match=f"MoEConfig: swiglu_limit {message}"):
+        make_moe(swiglu_limit=limit)

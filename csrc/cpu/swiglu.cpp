@@ -2,12 +2,22 @@
 // [S, 2F] output and writes silu(gate) * up. The backward recomputes the sigmoid
 // instead of saving silu(gate), so the layer keeps one [S, 2F] activation for
 // backward rather than an extra [S, F]. Math in float on row chunks (vec_math.h).
+//
+// With a limit L (GLM-5-Next's and DeepSeek-V4's clamped SwiGLU) the inputs are first
+// clamped as torch's clamp on a tensor of their dtype does: with Lr = L rounded to that
+// dtype, gate = min(gate, Lr), up = clamp(up, -Lr, Lr) (NaN stays NaN); each gradient is
+// zero where its input lies outside the bounds. On the bounds themselves torch changed
+// its mind (the gradient passes in torch 2.12 and before; 2.14 takes the minimum-norm
+// subgradient, 0): the caller says which (grad_at_limit; dsv3/ops/swiglu.py asks the
+// running torch).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <type_traits>
 
 #include "alloc.h"
@@ -35,6 +45,41 @@ DSV3_MULTIVERSION void swiglu_backward_chunk(const float* dy, const float* gate,
   }
 }
 
+// The limit as the float kernels use it: ``value``, L rounded to the tensor's dtype
+// (exact in float); ``at_limit``, whether an input equal to +-value gets a gradient.
+struct Clamp {
+  float value;
+  bool at_limit;
+};
+
+// The clamped variants are separate functions (not a flag in the loops above), so the
+// unclamped ones stay exactly as they were.
+DSV3_MULTIVERSION void swiglu_clamped_chunk(const float* gate, const float* up, float* out,
+                                            int64_t n, Clamp lim) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i] > lim.value ? lim.value : gate[i];
+    const float u = up[i] > lim.value ? lim.value : (up[i] < -lim.value ? -lim.value : up[i]);
+    out[i] = g * u * fast_sigmoid(g);
+  }
+}
+
+// The formulas above on the clamped g, u; each gradient zero where its input was
+// clamped (beyond L for gate, beyond +-L for up) and, unless lim.at_limit, at +-L.
+DSV3_MULTIVERSION void swiglu_clamped_backward_chunk(const float* dy, const float* gate,
+                                                     const float* up, float* grad_gate,
+                                                     float* grad_up, int64_t n, Clamp lim) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = lim.value, au = std::fabs(up[i]);
+    const bool gate_in = gate[i] < v || (lim.at_limit && gate[i] == v);
+    const bool up_in = au < v || (lim.at_limit && au == v);
+    const float g = gate[i] > v ? v : gate[i];
+    const float u = up[i] > v ? v : (up[i] < -v ? -v : up[i]);
+    const float sig = fast_sigmoid(g);
+    grad_up[i] = up_in ? dy[i] * g * sig : 0.0f;
+    grad_gate[i] = gate_in ? dy[i] * u * sig * (1.0f + g * (1.0f - sig)) : 0.0f;
+  }
+}
+
 void check_hidden(const at::Tensor& h_S2F, const char* op) {
   TORCH_CHECK_VALUE(h_S2F.dim() == 2 && h_S2F.size(1) % 2 == 0, op,
                     ": h_S2F must be 2-D [S, 2F] with an even last dim, got ", h_S2F.sizes());
@@ -42,13 +87,19 @@ void check_hidden(const at::Tensor& h_S2F, const char* op) {
 
 // float32 runs on the tensors' memory directly; bf16/fp16 are widened per chunk.
 template <typename scalar_t>
-void swiglu_rows(const scalar_t* h, scalar_t* a, int64_t begin, int64_t end, int64_t ffn) {
+void swiglu_rows(const scalar_t* h, scalar_t* a, int64_t begin, int64_t end, int64_t ffn,
+                 const std::optional<Clamp>& lim) {
   float gate[kChunk], up[kChunk], out[kChunk];
   for (int64_t s = begin; s < end; ++s) {
     for (int64_t c = 0; c < ffn; c += kChunk) {
       const int64_t n = std::min(kChunk, ffn - c);
       const scalar_t* gate_in = h + s * 2 * ffn + c;
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if (lim) {
+        vec::to_float(gate_in, gate, n);
+        vec::to_float(gate_in + ffn, up, n);
+        swiglu_clamped_chunk(gate, up, out, n, *lim);
+        vec::from_float(out, a + s * ffn + c, n);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
         swiglu_chunk(gate_in, gate_in + ffn, a + s * ffn + c, n);
       } else {
         vec::to_float(gate_in, gate, n);
@@ -62,14 +113,21 @@ void swiglu_rows(const scalar_t* h, scalar_t* a, int64_t begin, int64_t end, int
 
 template <typename scalar_t>
 void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* grad_h, int64_t begin,
-                          int64_t end, int64_t ffn) {
+                          int64_t end, int64_t ffn, const std::optional<Clamp>& lim) {
   float dy[kChunk], gate[kChunk], up[kChunk], grad_gate[kChunk], grad_up[kChunk];
   for (int64_t s = begin; s < end; ++s) {
     for (int64_t c = 0; c < ffn; c += kChunk) {
       const int64_t n = std::min(kChunk, ffn - c);
       const scalar_t* gate_in = h + s * 2 * ffn + c;
       scalar_t* grad_gate_out = grad_h + s * 2 * ffn + c;
-      if constexpr (std::is_same_v<scalar_t, float>) {
+      if (lim) {
+        vec::to_float(grad + s * ffn + c, dy, n);
+        vec::to_float(gate_in, gate, n);
+        vec::to_float(gate_in + ffn, up, n);
+        swiglu_clamped_backward_chunk(dy, gate, up, grad_gate, grad_up, n, *lim);
+        vec::from_float(grad_gate, grad_gate_out, n);
+        vec::from_float(grad_up, grad_gate_out + ffn, n);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
         swiglu_backward_chunk(grad + s * ffn + c, gate_in, gate_in + ffn, grad_gate_out,
                               grad_gate_out + ffn, n);
       } else {
@@ -84,28 +142,73 @@ void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* gra
   }
 }
 
-// float64 is for gradcheck, where exactness matters more than speed.
-void swiglu_rows(const double* h, double* a, int64_t begin, int64_t end, int64_t ffn) {
+// float64 is for gradcheck, where exactness matters more than speed. The limit is a
+// double already (an infinite one clamps nothing).
+double clamp_gate(double g, double limit) { return g > limit ? limit : g; }
+double clamp_up(double u, double limit) { return u > limit ? limit : (u < -limit ? -limit : u); }
+bool passes(double x, double limit, bool at_limit) {  // within (-limit, limit), or on it
+  return std::fabs(x) < limit || (at_limit && std::fabs(x) == limit);
+}
+
+void swiglu_rows(const double* h, double* a, int64_t begin, int64_t end, int64_t ffn,
+                 double limit) {
   for (int64_t s = begin; s < end; ++s)
     for (int64_t f = 0; f < ffn; ++f) {
-      const double g = h[s * 2 * ffn + f], u = h[s * 2 * ffn + ffn + f];
+      const double g = clamp_gate(h[s * 2 * ffn + f], limit);
+      const double u = clamp_up(h[s * 2 * ffn + ffn + f], limit);
       a[s * ffn + f] = g * u / (1.0 + std::exp(-g));
     }
 }
 
 void swiglu_backward_rows(const double* grad, const double* h, double* grad_h, int64_t begin,
-                          int64_t end, int64_t ffn) {
+                          int64_t end, int64_t ffn, double limit, bool at_limit) {
   for (int64_t s = begin; s < end; ++s)
     for (int64_t f = 0; f < ffn; ++f) {
-      const double g = h[s * 2 * ffn + f], u = h[s * 2 * ffn + ffn + f], dy = grad[s * ffn + f];
+      const double g_in = h[s * 2 * ffn + f], u_in = h[s * 2 * ffn + ffn + f];
+      const double g = clamp_gate(g_in, limit), u = clamp_up(u_in, limit), dy = grad[s * ffn + f];
       const double sig = 1.0 / (1.0 + std::exp(-g));
-      grad_h[s * 2 * ffn + f] = dy * u * sig * (1.0 + g * (1.0 - sig));
-      grad_h[s * 2 * ffn + ffn + f] = dy * g * sig;
+      const bool gate_in = g_in < limit || (at_limit && g_in == limit);  // no lower bound
+      grad_h[s * 2 * ffn + f] = gate_in ? dy * u * sig * (1.0 + g * (1.0 - sig)) : 0.0;
+      grad_h[s * 2 * ffn + ffn + f] = passes(u_in, limit, at_limit) ? dy * g * sig : 0.0;
     }
 }
 
-at::Tensor swiglu_cpu(const at::Tensor& h_S2F_in) {
+// The float kernels' clamp for a tensor of dtype ``scalar_t``.
+template <typename scalar_t>
+std::optional<Clamp> float_clamp(const std::optional<double>& limit, bool at_limit) {
+  if (!limit) return std::nullopt;
+  return Clamp{static_cast<float>(static_cast<scalar_t>(*limit)), at_limit};
+}
+
+void check_limit(const std::optional<double>& limit, const char* op) {
+  TORCH_CHECK_VALUE(!limit || (*limit > 0 && std::isfinite(*limit)), op,
+                    ": limit must be a finite number > 0 (or None), got ", *limit);
+}
+
+template <typename scalar_t>
+void swiglu_dispatch(const scalar_t* h, scalar_t* a, int64_t begin, int64_t end, int64_t ffn,
+                     const std::optional<double>& limit) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    swiglu_rows(h, a, begin, end, ffn, limit.value_or(INFINITY));
+  } else {
+    swiglu_rows(h, a, begin, end, ffn, float_clamp<scalar_t>(limit, false));
+  }
+}
+
+template <typename scalar_t>
+void swiglu_backward_dispatch(const scalar_t* grad, const scalar_t* h, scalar_t* grad_h,
+                              int64_t begin, int64_t end, int64_t ffn,
+                              const std::optional<double>& limit, bool at_limit) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    swiglu_backward_rows(grad, h, grad_h, begin, end, ffn, limit.value_or(INFINITY), at_limit);
+  } else {
+    swiglu_backward_rows(grad, h, grad_h, begin, end, ffn, float_clamp<scalar_t>(limit, at_limit));
+  }
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& h_S2F_in, std::optional<double> limit) {
   check_hidden(h_S2F_in, "swiglu");
+  check_limit(limit, "swiglu");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
   at::Tensor a_SF = empty_output({n_rows, ffn}, h_S2F.options());
@@ -113,14 +216,16 @@ at::Tensor swiglu_cpu(const at::Tensor& h_S2F_in) {
     const scalar_t* h = h_S2F.const_data_ptr<scalar_t>();
     scalar_t* a = a_SF.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      swiglu_rows(h, a, begin, end, ffn);
+      swiglu_dispatch(h, a, begin, end, ffn, limit);
     });
   });
   return a_SF;
 }
 
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Tensor& h_S2F_in) {
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Tensor& h_S2F_in,
+                               std::optional<double> limit, bool grad_at_limit) {
   check_hidden(h_S2F_in, "swiglu_backward");
+  check_limit(limit, "swiglu_backward");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
   const at::Tensor grad_a_SF = grad_a_SF_in.to(h_S2F.scalar_type()).contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
@@ -131,7 +236,7 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Tensor&
     const scalar_t* h = h_S2F.const_data_ptr<scalar_t>();
     scalar_t* grad_h = grad_h_S2F.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
-      swiglu_backward_rows(grad, h, grad_h, begin, end, ffn);
+      swiglu_backward_dispatch(grad, h, grad_h, begin, end, ffn, limit, grad_at_limit);
     });
   });
   return grad_h_S2F;

@@ -1,5 +1,13 @@
 """Triton SwiGLU over the first grouped GEMM's [S, 2F] output: silu(gate) * up in
-fp32, and a backward that recomputes the sigmoid rather than saving silu(gate)."""
+fp32, and a backward that recomputes the sigmoid rather than saving silu(gate).
+
+With a limit (GLM-5-Next's and DeepSeek-V4's clamped SwiGLU) the inputs are first
+clamped as torch's clamp on a tensor of their dtype does: with LIMIT = the limit
+rounded to that dtype (exact in fp32), gate = min(gate, LIMIT) and
+up = clamp(up, -LIMIT, LIMIT). Each gradient is zero where its input was clamped, and
+on the bounds themselves unless GRAD_AT_LIMIT (torch 2.12 and before pass it there;
+2.14 takes the minimum-norm subgradient, 0). The clamp is a constexpr branch
+(HAS_LIMIT): without a limit the kernels compile to the code they were before it existed."""
 import torch
 import triton
 import triton.language as tl
@@ -10,45 +18,80 @@ _BLOCK = 256 if INTERPRET else 1024
 
 
 @triton.jit
-def _swiglu_kernel(h_ptr, a_ptr, n, ffn, BLOCK: tl.constexpr):
+def _clamp(gate, up, LIMIT):
+    # gate = min(gate, LIMIT); up = clamp(up, -LIMIT, LIMIT). NaN stays NaN (its
+    # comparisons are false).
+    gate = tl.where(gate > LIMIT, LIMIT, gate)
+    up = tl.where(up > LIMIT, LIMIT, tl.where(up < -LIMIT, -LIMIT, up))
+    return gate, up
+
+
+@triton.jit
+def _swiglu_kernel(h_ptr, a_ptr, n, ffn, LIMIT, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     row, col = idx // ffn, idx % ffn
     gate = tl.load(h_ptr + row * 2 * ffn + col, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * ffn + ffn + col, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LIMIT:
+        gate, up = _clamp(gate, up, LIMIT)
     out = gate * up / (1.0 + tl.exp(-gate))
     tl.store(a_ptr + idx, out.to(a_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, BLOCK: tl.constexpr):
-    # With sig = sigmoid(g): d(up) = dy g sig; d(gate) = dy up sig (1 + g (1 - sig)).
+def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMIT: tl.constexpr,
+                            GRAD_AT_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+    # With sig = sigmoid(g): d(up) = dy g sig; d(gate) = dy up sig (1 + g (1 - sig)),
+    # on the clamped g and up; each zero where its input was clamped.
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     row, col = idx // ffn, idx % ffn
     dy = tl.load(grad_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(h_ptr + row * 2 * ffn + col, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * ffn + ffn + col, mask=mask, other=0.0).to(tl.float32)
+    if HAS_LIMIT:
+        if GRAD_AT_LIMIT:
+            gate_in = gate <= LIMIT
+            up_in = tl.abs(up) <= LIMIT
+        else:
+            gate_in = gate < LIMIT
+            up_in = tl.abs(up) < LIMIT
+        gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-gate))
+    grad_gate = dy * up * sig * (1.0 + gate * (1.0 - sig))
+    grad_up = dy * gate * sig
+    if HAS_LIMIT:
+        grad_gate = tl.where(gate_in, grad_gate, 0.0)
+        grad_up = tl.where(up_in, grad_up, 0.0)
     out_ty = grad_h_ptr.dtype.element_ty
-    tl.store(grad_h_ptr + row * 2 * ffn + col, (dy * up * sig * (1.0 + gate * (1.0 - sig))).to(out_ty),
-             mask=mask)
-    tl.store(grad_h_ptr + row * 2 * ffn + ffn + col, (dy * gate * sig).to(out_ty), mask=mask)
+    tl.store(grad_h_ptr + row * 2 * ffn + col, grad_gate.to(out_ty), mask=mask)
+    tl.store(grad_h_ptr + row * 2 * ffn + ffn + col, grad_up.to(out_ty), mask=mask)
 
 
-def swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
+def _limit_in(limit: float | None, dtype: torch.dtype) -> float:
+    """``limit`` rounded to ``dtype``, what torch's clamp compares and clamps with
+    (0.0, unused, without a limit)."""
+    return 0.0 if limit is None else torch.tensor(limit, dtype=dtype).item()
+
+
+def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     h_S2F = h_S2F.contiguous()
     n_rows, ffn = h_S2F.shape[0], h_S2F.shape[1] // 2
     a_SF = h_S2F.new_empty(n_rows, ffn)
-    _swiglu_kernel[(triton.cdiv(n_rows * ffn, _BLOCK),)](h_S2F, a_SF, n_rows * ffn, ffn, BLOCK=_BLOCK)
+    _swiglu_kernel[(triton.cdiv(n_rows * ffn, _BLOCK),)](
+        h_S2F, a_SF, n_rows * ffn, ffn, _limit_in(limit, h_S2F.dtype), HAS_LIMIT=limit is not None,
+        BLOCK=_BLOCK)
     return a_SF
 
 
-def swiglu_backward(grad_a_SF: torch.Tensor, h_S2F: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(grad_a_SF: torch.Tensor, h_S2F: torch.Tensor, limit: float | None = None,
+                    grad_at_limit: bool = False) -> torch.Tensor:
     h_S2F = h_S2F.contiguous()
     grad_h_S2F = torch.empty_like(h_S2F)
     n = grad_a_SF.numel()
     _swiglu_backward_kernel[(triton.cdiv(n, _BLOCK),)](
         grad_a_SF.contiguous().to(h_S2F.dtype), h_S2F, grad_h_S2F, n, h_S2F.shape[1] // 2,
-        BLOCK=_BLOCK)
+        _limit_in(limit, h_S2F.dtype), HAS_LIMIT=limit is not None,
+        GRAD_AT_LIMIT=limit is not None and grad_at_limit, BLOCK=_BLOCK)
     return grad_h_S2F
