@@ -1,9 +1,9 @@
 """Tiny random transformers MoE models for the integration tests: built from configs,
 never downloaded. Two decoder layers, D=32, vocab 100, fp32; per architecture the
 routing features worth covering are switched on (see the comments). The
-vision-language models (Qwen3-VL-MoE, GLM-4V-MoE) are whole conditional-generation
-models with a one-block vision tower, run on text only: their blocks live in the
-language model (``decoder_layers``)."""
+vision-language models (Qwen3-VL-MoE, GLM-4V-MoE, GLM-5-Next) are whole
+conditional-generation models with a one-block vision tower, run on text only: their
+blocks live in the language model (``decoder_layers``)."""
 import torch
 import transformers
 
@@ -15,18 +15,22 @@ NO_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe", "flex_olmo",
          "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
          "exaone_moe", "minimax_m2", "afmoe", "qwen3_vl_moe", "solar_open", "deepseek_v32",
-         "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "cohere2_moe")
+         "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "cohere2_moe", "glm5_next")
 # Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
 _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
-           "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe")
+           "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")
 # Vision-language models: built as image-text-to-text models (no causal-LM class).
-VLMS = ("qwen3_vl_moe", "glm4v_moe")
+VLMS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next")
 # Config classes of the families a transformers release may lack (added after 5.17, or
 # to come); the tests of a family whose class is missing skip (see missing()).
 _CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenConfig",
                  "deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig",
                  "glm4v_moe": "Glm4vMoeConfig", "deepseek_v2": "DeepseekV2Config",
-                 "cohere2_moe": "Cohere2MoeConfig"}
+                 "cohere2_moe": "Cohere2MoeConfig", "glm5_next": "Glm5NextConfig",
+                 "deepseek_v4": "DeepseekV4Config"}
+# GLM-5-Next's SwiGLU clamp limit in its tiny model: its gate and up values (about 1.1
+# std) pass it often, so the clamp is active in the tests (test_clamp_is_active checks).
+GLM5_NEXT_SWIGLU_LIMIT = 1.0
 
 
 def missing(arch: str) -> str | None:
@@ -180,13 +184,28 @@ def _config(arch: str):
                              norm_topk_prob=True, rope_parameters=rope,
                              **{**COMMON, "num_attention_heads": 2, "num_key_value_heads": 1}),
             vision_config=dict(image_size=16, **vision))
+    if arch == "glm5_next":  # layer 0 dense; as DeepSeek-V3 but the clamped SwiGLU (limit
+        # 1, in the experts and the shared expert); KDA linear attention then the indexer's
+        # sparse attention (keeps 4 keys in pools of 2), two hyper-connection streams
+        text = dict(intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
+                    n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=1,
+                    mlp_layer_types=["dense", "sparse"], routed_scaling_factor=2.5,
+                    norm_topk_prob=True, swiglu_limit=GLM5_NEXT_SWIGLU_LIMIT, q_lora_rank=16,
+                    kv_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8, v_head_dim=8,
+                    index_topk=4, index_kpool=2, index_head_dim=8, index_n_heads=2,
+                    linear_head_dim=8, linear_num_heads=4, hc_mult=2,
+                    layer_types=["linear_attention", "full_attention"], pad_token_id=None,
+                    **{**COMMON, "num_key_value_heads": 4})
+        return transformers.Glm5NextConfig(
+            text_config=text, vision_config=dict(image_size=16, projection_intermediate_size=16,
+                                                 **vision))
     raise ValueError(f"arch: unknown {arch!r}")
 
 
 # Sparse MoE blocks in each tiny model (DeepSeek-V3's first layer stays dense).
 N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1,
                                           "deepseek_v32": 1, "glm_moe_dsa": 1, "glm4v_moe": 1,
-                                          "deepseek_v2": 1, "cohere2_moe": 1}
+                                          "deepseek_v2": 1, "cohere2_moe": 1, "glm5_next": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):

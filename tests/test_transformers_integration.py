@@ -4,6 +4,7 @@ table in conftest, DESIGN.md section 4), generate the same tokens, keep
 output_router_logits and the aux loss working, share the original Parameters, and
 reject what they do not support with a message that says what is supported."""
 import copy
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close, assert_close_to_reference
-from hf_models import (ARCHS, N_SPARSE, decoder_layers, input_ids, missing, tiny_config,
-                       tiny_model, transformers)
+from hf_models import (ARCHS, GLM5_NEXT_SWIGLU_LIMIT, N_SPARSE, decoder_layers, input_ids,
+                       missing, tiny_config, tiny_model, transformers)
 
 import dsv3
 import dsv3.integrations.transformers as dt
@@ -121,7 +122,7 @@ def _large_aux_loss(model):
 # The ones whose models compute an aux loss (its router_logits are what the loss reads).
 @pytest.mark.parametrize("arch", [_arch(a) for a in (
     "mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo", "qwen3_next", "qwen3_5_moe_text",
-    "minimax_m2", "qwen3_vl_moe", "glm4v_moe")])
+    "minimax_m2", "qwen3_vl_moe", "glm4v_moe", "glm5_next")])
 def test_router_logits_and_aux_loss(arch, hooks_before_patch):
     model = _large_aux_loss(tiny_model(arch))
     ids = input_ids()
@@ -147,7 +148,7 @@ def _hf_tensors(block):
 ROUTER_WEIGHT = {"hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
 SELECTION_BIAS = {arch: "gate.e_score_correction_bias" for arch in
                   ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
-                   "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe")}
+                   "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")}
 SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias"}
 
 
@@ -208,6 +209,10 @@ PLAIN_CONFIGS = {
     "deepseek_v2": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=2, route_scale=1.5,
                         normalize_weights=False),
     "cohere2_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2),
+    # The clamped SwiGLU, in the routed and the (split) shared experts alike.
+    "glm5_next": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
+                      n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3,
+                      swiglu_limit=GLM5_NEXT_SWIGLU_LIMIT),
 }
 
 
@@ -509,3 +514,102 @@ def test_mixtral_router_jitter_matches():
     got = moe(x)
     assert_close(got, want, "output with jitter")
     assert not torch.equal(got, moe.eval()(x)), "jitter had no effect"
+
+
+# --- the clamped SwiGLU (GLM-5-Next, DeepSeek-V4) -------------------------------------------
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_glm5_next_clamp_is_active():
+    """In the tiny GLM-5-Next the clamp changes what the block computes, so the tests
+    comparing it with transformers would fail without it: many gate/up values pass the
+    limit, and a patched model whose routed experts forget the clamp has other logits."""
+    model = tiny_model("glm5_next")
+    block = decoder_layers(model)[1].mlp
+    assert block.experts.swiglu_limit == GLM5_NEXT_SWIGLU_LIMIT
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    ids = input_ids()
+    want = model(ids).logits
+    h_TE2F = torch.einsum("td,efd->tef", seen[0].reshape(-1, 32), block.experts.gate_up_proj)
+    assert (h_TE2F.abs() > GLM5_NEXT_SWIGLU_LIMIT).float().mean() > 0.2
+    dt.patch_moe(model)
+    moe = decoder_layers(model)[1].mlp
+    assert moe.config.swiglu_limit == GLM5_NEXT_SWIGLU_LIMIT
+    assert_close(model(ids).logits, want, "logits")
+    moe.config = dataclasses.replace(moe.config, swiglu_limit=None)
+    assert not torch.allclose(model(ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+def _clamped_experts(arch: str, limit: float):
+    """A lone clamped-SwiGLU experts module (GLM-5-Next's or DeepSeek-V4's), random
+    weights of std 0.3: with x ~ N(0, 1), gate and up have std 1.7."""
+    if arch == "glm5_next":
+        from transformers.models.glm5_next import modeling_glm5_next as m
+        config = tiny_config("glm5_next").text_config
+        config.swiglu_limit = limit
+        experts = m.Glm5NextTextExperts(config)
+    else:
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+        config = transformers.DeepseekV4Config(hidden_size=32, moe_intermediate_size=24,
+                                               n_routed_experts=6, swiglu_limit=limit)
+        experts = m.DeepseekV4Experts(config)
+    with torch.no_grad():
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.normal_(0, 0.3)
+    return experts
+
+
+@pytest.mark.parametrize("arch", [_arch("glm5_next"), _arch("deepseek_v4")])
+def test_clamped_swiglu_experts_run_on_dsv3(arch):
+    """experts_implementation="dsv3" takes the known clamped-SwiGLU experts classes and
+    computes their _apply_gate (the limit read from the module): output and every
+    gradient as their own forward."""
+    experts = _clamped_experts(arch, 2.0)
+    x_TD = torch.randn(11, 32)
+    n_experts = experts.gate_up_proj.shape[0]
+    top_k_index = torch.rand(11, n_experts).argsort(1)[:, :3]
+    top_k_weights = torch.rand(11, 3)
+    runs = []
+    for implementation in ("eager", "dsv3"):
+        experts.config._experts_implementation = implementation
+        x = x_TD.clone().requires_grad_()
+        with _DsvOpLog() as log:
+            y_TD = experts(x, top_k_index, top_k_weights)
+        assert ("swiglu" in log.ops) == (implementation == "dsv3")
+        grad_y = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(2))
+        runs.append([y_TD.detach(), *torch.autograd.grad(
+            y_TD, [x, experts.gate_up_proj, experts.down_proj], grad_y)])
+    for got, want, what in zip(runs[1], runs[0], ["output", "grad of x", "grad of gate_up",
+                                                   "grad of down"], strict=True):
+        assert_close(got, want, what)
+    # The limit was in force: without it the function differs.
+    experts.config._experts_implementation = "eager"
+    h = torch.einsum("td,efd->tef", x_TD, experts.gate_up_proj.detach())
+    assert (h.abs() > 2.0).float().mean() > 0.2
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_unknown_or_broken_clamped_experts_are_refused():
+    """Only the listed classes are taken, by exact class: a subclass (which may gate
+    otherwise) is refused, and so is a limit that is not a finite number > 0."""
+    experts = _clamped_experts("glm5_next", 2.0)
+    sub = type("MyExperts", (type(experts),), {})
+    experts.__class__ = sub
+    reason = dt.experts.unsupported_reason(experts)
+    assert reason is not None and "_apply_gate" in reason
+    experts.__class__ = sub.__mro__[1]
+    assert dt.experts.unsupported_reason(experts) is None
+    experts.swiglu_limit = 0.0
+    assert dt.experts.unsupported_reason(experts) == (
+        "its SwiGLU clamp limit (swiglu_limit=0.0) is not a finite number > 0")
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_plain_moe_to_module_checks_the_swiglu_limit():
+    """A dsv3.MoE becomes a clamped block only with the block's limit, and a clamped
+    dsv3.MoE never becomes an unclamped block."""
+    unclamped = {**PLAIN_CONFIGS["glm5_next"], "swiglu_limit": None}
+    with pytest.raises(ValueError, match=r"hf_config: .*swiglu_limit=None vs 1.0"):
+        dt.to_module(dsv3.MoE(dsv3.MoEConfig(dim=32, **unclamped)), tiny_config("glm5_next"))
+    clamped = {**PLAIN_CONFIGS["deepseek_v3"], "swiglu_limit": 1.0}
+    with pytest.raises(ValueError, match=r"hf_config: .*swiglu_limit=1.0 vs None"):
+        dt.to_module(dsv3.MoE(dsv3.MoEConfig(dim=32, **clamped)), tiny_config("deepseek_v3"))

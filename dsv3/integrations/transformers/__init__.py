@@ -6,11 +6,12 @@
     model.set_experts_implementation("dsv3")  # or switch a loaded model
 
 runs the experts of any model whose experts module transformers dispatches (plain
-SwiGLU experts) on dsv3's kernels, with the model's own router. To fuse the router
-too, replace whole blocks (Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next,
-Qwen3.5-MoE, Qwen3-VL-MoE's language model, OLMoE, FlexOlmo, HunYuan-MoE-V1,
-DeepSeek-V3, DeepSeek-V3.2, GLM-4-MoE and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA,
-GLM-4V-MoE's language model, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE,
+SwiGLU experts, and the clamped SwiGLU experts of GLM-5-Next and DeepSeek-V4) on dsv3's
+kernels, with the model's own router. To fuse the router too, replace whole blocks
+(Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE's
+language model, OLMoE, FlexOlmo, HunYuan-MoE-V1, DeepSeek-V3, DeepSeek-V3.2, GLM-4-MoE
+and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA, GLM-4V-MoE's and GLM-5-Next's language
+models, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE,
 DeepSeek-V2 with topk_method="greedy", Cohere2-MoE with softmax selection; other modes
 of the last two are refused with the reason; see architectures.py):
 

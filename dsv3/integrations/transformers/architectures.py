@@ -20,7 +20,9 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 | GLM-4-MoE, GLM-4-MoE-Lite, | scaled, renormalized iff norm_topk_prob              |                 |
 | GLM-MoE-DSA, GLM-4V-MoE    |                                                      |                 |
 | (text), dots.llm1,         |                                                      |                 |
-| EXAONE-MoE, Solar-Open     |                                                      |                 |
+| EXAONE-MoE, Solar-Open,    |                                                      |                 |
+| GLM-5-Next (text; clamped  |                                                      |                 |
+| SwiGLU)                    |                                                      |                 |
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
 | AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled; router in block.router                       |                 |
@@ -30,9 +32,14 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
 DeepSeek-V3's), so they are patched too. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
 (sparse attention) is in the attention, not in the MoE block: their routers, experts
-and blocks are DeepSeek-V3's, line for line. The vision-language models (Qwen3-VL-MoE,
-GLM-4V-MoE) have their blocks in the language model, whose config (text_config) is
-the block's; ``to_module`` takes the whole model's config too. GLM-GA's models are
+and blocks are DeepSeek-V3's, line for line. So are GLM-5-Next's (its text MoE block,
+router and experts loop), but for the clamped SwiGLU of its experts and shared experts:
+gate = gate.clamp(max=swiglu_limit), up = up.clamp(-swiglu_limit, swiglu_limit), then
+silu(gate) * up, which dsv3.MoE computes with MoEConfig.swiglu_limit (read from the
+experts; the kept HF shared-expert module clamps itself, and a plain dsv3.MoE's fused
+shared experts clamp with the same limit). The vision-language models (Qwen3-VL-MoE,
+GLM-4V-MoE, GLM-5-Next) have their blocks in the language model, whose config
+(text_config) is the block's; ``to_module`` takes the whole model's config too. GLM-GA's models are
 GLM-4.6V's, whose language model is built from the text config: GLM-4V's dense one by
 default (nothing to patch), GLM-4V-MoE's for a glm4v_moe_text config (patched as such).
 
@@ -59,11 +66,10 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
 
 Near misses, left to ``experts_implementation="dsv3"``: LFM2-MoE (renormalizes with
 +1e-6), ERNIE-4.5-MoE (renormalizes with a clamp at moe_norm_min), LongCat-Flash
-(identity experts, no renormalization). Not listed at all, and refused by
-``experts_implementation="dsv3"`` too (their experts override _apply_gate): DeepSeek-V4
-and GLM-5-Next, whose experts and shared experts clamp the SwiGLU (gate <= swiglu_limit,
-|up| <= swiglu_limit); DeepSeek-V4 also scores with sqrt(softplus) and routes its first
-layers by a token-id table (hash_moe).
+(identity experts, no renormalization). Not listed: DeepSeek-V4, which scores with
+sqrt(softplus) and routes its first layers by a token-id table (hash_moe); its experts
+(the same clamped SwiGLU as GLM-5-Next's) run on dsv3 through
+``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS).
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.
@@ -223,6 +229,9 @@ ARCHITECTURES = (
                  "GlmMoeDsaTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("GLM-4V-MoE", "glm4v_moe_text", _hf("glm4v_moe"), "Glm4vMoeTextMoE",
                  "Glm4vMoeTextTopkRouter", **_DEEPSEEK_V3_LIKE),
+    # DeepSeek-V3's, with the clamped SwiGLU (MoEConfig.swiglu_limit, read from the experts).
+    Architecture("GLM-5-Next", "glm5_next_text", _hf("glm5_next"), "Glm5NextTextMoE",
+                 "Glm5NextTextTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("DeepSeek-V2", "deepseek_v2", _hf("deepseek_v2"), "DeepseekV2Moe",
                  "DeepseekV2TopkRouter", _deepseek_v2_routing, shared=("shared_experts",),
                  refuse=_deepseek_v2_refuse),

@@ -15,12 +15,12 @@ from torch import nn
 from dsv3.integrations.transformers.architectures import (architecture_for, architecture_of,
                                                           supported)
 from dsv3.integrations.transformers.block import TransformersMoE
-from dsv3.integrations.transformers.experts import unsupported_reason
+from dsv3.integrations.transformers.experts import swiglu_limit, unsupported_reason
 from dsv3.moe import MoE, MoEConfig, SwiGLUMLP
 
 # MoEConfig fields that must agree between a dsv3.MoE and the HF block it becomes.
 _LAYER_FIELDS = ("dim", "ffn_dim", "n_experts", "top_k", "n_shared_experts", "score", "n_groups",
-                 "topk_groups", "route_scale", "normalize_weights")
+                 "topk_groups", "route_scale", "normalize_weights", "swiglu_limit")
 
 
 def _get(module: nn.Module, path: str):
@@ -54,9 +54,14 @@ def _moe_config(arch, block: nn.Module, arg: str = "block") -> MoEConfig:
     shared = _shared_module(arch, block)
     if shared is not None and not arch.gated_shared:  # plain ones of n * ffn_dim, as dsv3.MoE's
         n_shared = shared.intermediate_size // experts.intermediate_dim
+    # A clamped SwiGLU (GLM-5-Next) clamps in the routed and the shared experts alike,
+    # with the one config's limit, as dsv3.MoE's shared experts do with swiglu_limit.
+    limit = swiglu_limit(experts)
     return MoEConfig(dim=experts.hidden_dim, ffn_dim=experts.intermediate_dim,
                      n_experts=experts.num_experts, top_k=router.top_k,
-                     n_shared_experts=n_shared, aux_loss_coef=0.0, **arch.routing(router))
+                     n_shared_experts=n_shared, aux_loss_coef=0.0,
+                     swiglu_limit=None if limit is None else float(limit),
+                     **arch.routing(router))
 
 
 def _shared_module(arch, block: nn.Module) -> nn.Module | None:

@@ -6,8 +6,11 @@ functions keyed by name. Registering ours there swaps only the expert computatio
 (expert index, grouped GEMMs with the permute fused into the first, SwiGLU,
 weighted unpermute); the model's own router still
 picks the experts, so this path works for any such model whose experts are plain
-SwiGLU, at the cost of leaving routing unfused (``patch_moe`` fuses it too).
+SwiGLU, or the clamped SwiGLU of the classes in ``CLAMPED_SWIGLU_EXPERTS``, at the cost
+of leaving routing unfused (``patch_moe`` fuses it too).
 """
+import math
+
 import torch
 from torch import nn
 from transformers.activations import SiLUActivation
@@ -16,6 +19,35 @@ from transformers.integrations import moe as hf_moe
 from dsv3.moe import routed_experts
 
 NAME = "dsv3"
+
+# Experts classes whose _apply_gate is the clamped SwiGLU that ops.swiglu computes with a
+# limit L: gate = gate.clamp(max=L); up = up.clamp(-L, L); silu(gate) * up, read line by
+# line. Matched by exact class (module and name), never by isinstance: a subclass may
+# gate otherwise. Per class: the attribute holding L, and whether silu is written into
+# _apply_gate (GLM-5-Next: F.silu) rather than taken from act_fn (DeepSeek-V4:
+# ACT2FN[hidden_act], checked to be SiLU as for the default gate).
+CLAMPED_SWIGLU_EXPERTS = {
+    ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextTextExperts"):
+        ("swiglu_limit", True),
+    ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4Experts"):
+        ("limit", False),
+}
+
+
+def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
+    cls = type(experts)
+    known = CLAMPED_SWIGLU_EXPERTS.get((cls.__module__, cls.__name__))
+    gate = cls._apply_gate
+    if known is None or (gate.__module__, gate.__qualname__) != (cls.__module__,
+                                                                 f"{cls.__name__}._apply_gate"):
+        return None  # unknown, or its _apply_gate replaced since the table was read
+    return known
+
+
+def swiglu_limit(experts: nn.Module) -> float | None:
+    """The clamp limit of ``experts``' SwiGLU (a known clamped class), else None."""
+    clamped = _clamped(experts)
+    return None if clamped is None else getattr(experts, clamped[0], None)
 
 
 def unsupported_reason(experts: nn.Module) -> str | None:
@@ -30,8 +62,17 @@ def unsupported_reason(experts: nn.Module) -> str | None:
         return "it normalizes each expert's output"
     if getattr(experts, "_is_expert_parallel", False):
         return "it is sharded for expert parallelism"
-    if type(experts)._apply_gate is not hf_moe._default_apply_gate:
-        return "it overrides the gating function (_apply_gate)"
+    clamped = _clamped(experts)
+    if clamped is not None:
+        attr, silu_written_in = clamped
+        limit = getattr(experts, attr, None)
+        if (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                or not math.isfinite(limit) or limit <= 0):
+            return f"its SwiGLU clamp limit ({attr}={limit!r}) is not a finite number > 0"
+        if silu_written_in:
+            return None
+    elif type(experts)._apply_gate is not hf_moe._default_apply_gate:
+        return "it overrides the gating function (_apply_gate) with one dsv3 does not know"
     if not isinstance(getattr(experts, "act_fn", None), (nn.SiLU, SiLUActivation)):
         return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
     return None
@@ -53,7 +94,7 @@ def dsv3_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     # The routers hand out int64 ids; our ops take int32. Weights may be fp32 or the
     # model dtype (Qwen casts them down); unpermute accumulates in fp32 either way.
     return routed_experts(hidden_states, top_k_index.to(torch.int32), top_k_weights,
-                          gate_up_ED2F, down_EFD)
+                          gate_up_ED2F, down_EFD, swiglu_limit(self))
 
 
 def register() -> None:
