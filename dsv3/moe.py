@@ -152,9 +152,6 @@ class MoE(nn.Module):
             if c.capacity_factor is not None:
                 raise ValueError("MoE: ep_group needs a dropless config (capacity_factor=None), "
                                  f"got capacity_factor={c.capacity_factor}")
-            if c.swiglu_limit is not None:  # expert_parallel_ffn does not clamp
-                raise ValueError("MoE: ep_group needs swiglu_limit=None (the expert-parallel "
-                                 f"FFN has no clamp), got swiglu_limit={c.swiglu_limit}")
             self.expert_range = local_expert_range(c.n_experts, ep_group)
         n_local = len(self.expert_range)
         self.router = nn.Linear(c.dim, c.n_experts, bias=False, **factory)
@@ -265,7 +262,7 @@ class MoE(nn.Module):
         if self.ep_group is not None:
             from dsv3.distributed.expert_parallel import expert_parallel_ffn
             y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, gate_up, down,
-                                       c.n_experts, self.ep_group)
+                                       c.n_experts, self.ep_group, c.swiglu_limit)
         else:
             y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
                                   down.transpose(1, 2), c.swiglu_limit)

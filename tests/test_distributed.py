@@ -35,6 +35,9 @@ EP_CONFIGS = {
     "deepseek": dict(dim=16, ffn_dim=24, n_experts=8, top_k=3, score="sigmoid", n_groups=4,
                      topk_groups=2, route_scale=2.5, n_shared_experts=1, aux_loss_coef=0.0,
                      bias_update_rate=1e-3),
+    # GLM-5-Next-style clamped SwiGLU, the limit low enough to clamp ~40% of the values.
+    "clamped": dict(dim=16, ffn_dim=24, n_experts=8, top_k=2, aux_loss_coef=0.0,
+                    n_shared_experts=1, swiglu_limit=0.5),
 }
 
 

@@ -53,10 +53,11 @@ def local_expert_range(n_experts: int, group) -> range:
 
 def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
                         gate_up_local_E2FD: torch.Tensor, down_local_EDF: torch.Tensor,
-                        n_experts: int, group) -> torch.Tensor:
+                        n_experts: int, group, swiglu_limit: float | None = None) -> torch.Tensor:
     """y_TD = sum_k weights_TK[t, k] * expert_{experts_TK[t, k]}(x_TD[t]) with the
     experts spread over ``group``; differentiable w.r.t. x_TD, weights_TK and the
-    local expert weights (the all-to-alls carry the gradients back)."""
+    local expert weights (the all-to-alls carry the gradients back). ``swiglu_limit``
+    clamps the experts' SwiGLU (ops.swiglu's ``limit``)."""
     world = dist.get_world_size(group)
     n_local = n_experts // world
     x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, n_experts)
@@ -82,7 +83,7 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
         x_local_RD, offsets_local_E, row_map_R1 = ops.permute(
             recv_RD, local_expert_R.to(torch.int32)[:, None], n_local)
         h_R2F = ops.grouped_mm(x_local_RD, gate_up_local_E2FD.transpose(1, 2), offsets_local_E)
-        y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F), down_local_EDF.transpose(1, 2),
+        y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F, swiglu_limit), down_local_EDF.transpose(1, 2),
                                     offsets_local_E)
         y_RD = ops.unpermute(y_local_RD, row_map_R1)
     y_SD = all_to_all_rows(y_RD, send_splits, recv_splits, group)
