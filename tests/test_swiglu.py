@@ -173,3 +173,33 @@ def test_an_int_limit_is_a_float_one():
 def test_bad_limit(limit, error, message):
     with pytest.raises(error, match=message):
         ops.swiglu(torch.randn(4, 8), limit)
+
+
+def test_a_limit_past_the_dtype_range_is_refused():
+    # Before: fp16 rounded 1e5 to inf, so nothing was clamped, where torch's clamp (the
+    # reference, transformers' _apply_gate) raises.
+    with pytest.raises(ValueError, match="swiglu: limit 100000.0 is past the range"):
+        ops.swiglu(torch.randn(4, 8, dtype=torch.float16), 1e5)
+
+
+def test_unclamped_float64_backward_keeps_infinite_inputs_gradients():
+    # Before: without a limit the fp64 kernel compared with an infinite limit, so an
+    # infinite gate or up lost its gradient (0 where torch gives a number or NaN).
+    inf = math.inf
+    h_S2F = torch.tensor([[1.0, 2.0, inf, -inf, inf, -inf, 3.0, 3.0]], dtype=torch.float64)
+    grad_a_SF = torch.ones(1, 4, dtype=torch.float64)
+    h_ref = h_S2F.clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference.swiglu(h_ref), h_ref, grad_a_SF)
+    got = torch.ops.dsv3.swiglu_backward(grad_a_SF, h_S2F)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_import_under_a_meta_default_device():
+    # Before: the import-time probe of torch's clamp gradient made its tensor on the
+    # default device and read it back: meta-device model loading failed at `import dsv3`.
+    import subprocess
+    import sys
+    code = "import torch; torch.set_default_device('meta'); import dsv3; print(dsv3.ops.swiglu)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -185,3 +185,54 @@ def test_picks_are_kept_per_gpu_model(tmp_path, monkeypatch):
     assert tuner.store == autotune_cache.store_path(tuner, "A100 sm_80")
     tuner.use_picks_of(None)  # CPU tensors (the interpreter): nothing stored
     assert tuner.cache == {} and tuner.store is None
+
+
+def test_threads_driving_two_gpu_models_launch_their_own_picks(monkeypatch):
+    """nn.DataParallel-like: two threads launch one tuned kernel, each for its own GPU
+    model. Triton's run reads the picks after the switch to the thread's model; without
+    a lock another thread could switch in between (~10% of launches used the other
+    model's pick)."""
+    import sys
+    import threading
+    import time
+
+    import triton
+
+    from dsv3.kernels import autotune_cache, grouped_gemm
+    monkeypatch.setattr(autotune_cache, "ENABLED", False)
+    small, big = (triton.Config({"BLOCK_M": m}) for m in (64, 256))
+    tuner = grouped_gemm._wgrad_tuner([small, big])
+    pick = {"H200": big, "A100": small}
+    local = threading.local()
+    monkeypatch.setattr(autotune_cache, "device_name", lambda named_args: local.device)
+    args = [0] * len(tuner.arg_names)
+    key = tuple(args[tuner.arg_names.index(name)] for name in tuner.keys)
+    for device, config in pick.items():  # both already tuned (e.g. loaded from their files)
+        tuner.use_picks_of(device)
+        tuner.cache[key] = config
+
+    class LaunchRecorder:  # stands in for the kernel: records the config it was given
+        def run(self, *args, **kwargs):
+            local.used = kwargs["BLOCK_M"]
+
+    monkeypatch.setattr(tuner, "fn", LaunchRecorder())
+    wrong = {device: 0 for device in pick}
+
+    def launch_for(device):
+        local.device = device
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            tuner.run(*args, grid=(1,), warmup=False)
+            wrong[device] += local.used != pick[device].kwargs["BLOCK_M"]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=launch_for, args=(d,)) for d in pick]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert wrong == {"H200": 0, "A100": 0}

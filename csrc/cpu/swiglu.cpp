@@ -143,7 +143,8 @@ void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* gra
 }
 
 // float64 is for gradcheck, where exactness matters more than speed. The limit is a
-// double already (an infinite one clamps nothing).
+// double already; an infinite one (no limit: check_limit refuses a given one) clamps
+// nothing and masks no gradient, not even of an infinite input.
 double clamp_gate(double g, double limit) { return g > limit ? limit : g; }
 double clamp_up(double u, double limit) { return u > limit ? limit : (u < -limit ? -limit : u); }
 bool passes(double x, double limit, bool at_limit) {  // within (-limit, limit), or on it
@@ -167,9 +168,11 @@ void swiglu_backward_rows(const double* grad, const double* h, double* grad_h, i
       const double g_in = h[s * 2 * ffn + f], u_in = h[s * 2 * ffn + ffn + f];
       const double g = clamp_gate(g_in, limit), u = clamp_up(u_in, limit), dy = grad[s * ffn + f];
       const double sig = 1.0 / (1.0 + std::exp(-g));
-      const bool gate_in = g_in < limit || (at_limit && g_in == limit);  // no lower bound
+      const bool unclamped = std::isinf(limit);
+      const bool gate_in = unclamped || g_in < limit || (at_limit && g_in == limit);  // no lower bound
+      const bool up_in = unclamped || passes(u_in, limit, at_limit);
       grad_h[s * 2 * ffn + f] = gate_in ? dy * u * sig * (1.0 + g * (1.0 - sig)) : 0.0;
-      grad_h[s * 2 * ffn + ffn + f] = passes(u_in, limit, at_limit) ? dy * g * sig : 0.0;
+      grad_h[s * 2 * ffn + ffn + f] = up_in ? dy * g * sig : 0.0;
     }
 }
 

@@ -8,6 +8,8 @@ up = clamp(up, -LIMIT, LIMIT). Each gradient is zero where its input was clamped
 on the bounds themselves unless GRAD_AT_LIMIT (torch 2.12 and before pass it there;
 2.14 takes the minimum-norm subgradient, 0). The clamp is a constexpr branch
 (HAS_LIMIT): without a limit the kernels compile to the code they were before it existed."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -69,6 +71,7 @@ def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMI
     tl.store(grad_h_ptr + row * 2 * ffn + ffn + col, grad_up.to(out_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=64)  # a tensor and .item() each launch: ~2 us
 def _limit_in(limit: float | None, dtype: torch.dtype) -> float:
     """``limit`` rounded to ``dtype``, what torch's clamp compares and clamps with
     (0.0, unused, without a limit)."""

@@ -11,6 +11,7 @@ kept on disk for the next process (autotune_cache).
 import contextlib
 import copy
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,19 +57,24 @@ class SideBySideAutotuner(Autotuner):
         self.device = self.store = None
         self.picks = {None: self.cache}
         self.stores = {}
+        # One launch at a time: the picks switch and Triton's run share this object's
+        # state (cache, nargs), and threads driving two GPU models (nn.DataParallel)
+        # would otherwise launch one model's pick on the other.
+        self.lock = threading.Lock()
 
     def run(self, *args, **kwargs):
-        if len(self.configs) > 1:
-            self.use_picks_of(autotune_cache.device_name(dict(zip(self.arg_names, args))))
-        keys_before = set(self.cache)
-        result = super().run(*args, **kwargs)
-        tuned = set(self.cache) - keys_before
-        if tuned:
-            timed = getattr(self, "configs_timings", None) or {}  # none with one config left
-            self.timings.update({key: dict(timed) for key in tuned})
-            if self.store:
-                autotune_cache.save(self, self.store)
-        return result
+        with self.lock:
+            if len(self.configs) > 1:
+                self.use_picks_of(autotune_cache.device_name(dict(zip(self.arg_names, args))))
+            keys_before = set(self.cache)
+            result = super().run(*args, **kwargs)
+            tuned = set(self.cache) - keys_before
+            if tuned:
+                timed = getattr(self, "configs_timings", None) or {}  # none with one left
+                self.timings.update({key: dict(timed) for key in tuned})
+                if self.store:
+                    autotune_cache.save(self, self.store)
+            return result
 
     def use_picks_of(self, device: str | None) -> None:
         """Switch ``cache`` (Triton's key -> pick) and ``store`` to ``device``'s, loading

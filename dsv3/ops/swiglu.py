@@ -4,6 +4,7 @@ GEMM, fused, optionally clamped first (GLM-5-Next's and DeepSeek-V4's
 input instead of saving silu(gate), which keeps the layer's activation memory at the
 reference's or below."""
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
@@ -25,11 +26,12 @@ def _clamp_passes_grad_at_limit() -> bool:
     """Whether this torch's clamp gives an input equal to a bound a gradient: it did up to
     torch 2.12 (subgradient 1), and takes the minimum-norm subgradient (0) in 2.14. dsv3
     follows the torch it runs on, so a clamped model has the same gradients on dsv3."""
-    # Even if dsv3 is imported under no_grad or inference_mode.
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.ones((), requires_grad=True)
+    # Even if dsv3 is imported under no_grad or inference_mode, a meta default device
+    # or a FakeTensorMode (model loading): a real CPU tensor, outside any mode.
+    with _disable_current_modes(), torch.inference_mode(False), torch.enable_grad():
+        x = torch.ones((), device="cpu", requires_grad=True)
         (grad,) = torch.autograd.grad(x.clamp(max=1.0), x)
-    return bool(grad)
+        return bool(grad)
 
 
 # Asked once, at import: the backward formula runs inside traced graphs too.
@@ -71,6 +73,10 @@ def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
             raise ValueError(f"swiglu: limit must be > 0 (or None for no clamp), got {limit}")
         if isinstance(limit, int):
             limit = float(limit)  # the schema's float
+        if not isinstance(limit, torch.SymFloat) and limit > torch.finfo(h_S2F.dtype).max:
+            # torch's clamp refuses it too; rounded to the dtype it would be inf (no clamp).
+            raise ValueError(f"swiglu: limit {limit} is past the range of h_S2F's "
+                             f"{h_S2F.dtype} (max {torch.finfo(h_S2F.dtype).max})")
     check_no_forward_ad("swiglu", h_S2F)
     if use_reference(h_S2F):
         return reference.swiglu(h_S2F, limit)
