@@ -196,6 +196,13 @@ def _cases(dtypes):
                 yield f"route_backward {score}", lambda: router.route_backward(
                     weights, torch.randn(n_experts), torch.randn(()), logits, experts, score,
                     True, 2.5)
+            # Groups scored by their best expert (GROUP_MAX, group_score="max"): softmax
+            # without a bias, as DeepSeek-V2 routes, and sigmoid with one. The backward
+            # does not depend on how experts were chosen: no new variant of it.
+            for score in ("softmax", "sigmoid"):
+                yield f"route {score} group max", lambda: router.route(
+                    logits, top_k, score, bias if score == "sigmoid" else None, 8, 4, True,
+                    2.5, False, "max")
             h = torch.randn(n_rows, 2 * ffn, dtype=dtype)
             yield "swiglu", lambda: swiglu.swiglu(h)
             yield "swiglu_backward", lambda: swiglu.swiglu_backward(

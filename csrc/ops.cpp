@@ -13,11 +13,14 @@ TORCH_LIBRARY(dsv3, m) {
   // unbiased scores (DeepSeek-V3's aux-loss-free balancing). With stats=True the
   // same pass also sums what the balance losses need: score_sum_E = sum over tokens
   // of the row-normalized scores, lse_sq_sum = sum over tokens of logsumexp(logits)^2
-  // (both in the weights' dtype); with stats=False both are empty.
+  // (both in the weights' dtype); with stats=False both are empty. With n_groups > 1,
+  // only the topk_groups best groups' experts can be chosen, a group scored by
+  // group_score: "top2_sum", the sum of its two best selection scores (DeepSeek-V3),
+  // or "max", its best one (DeepSeek-V2's group_limited_greedy); ties to the lower index.
   m.def(
       "route(Tensor logits_TE, int top_k, str score, Tensor? bias_E, int n_groups, "
-      "int topk_groups, bool normalize, float scale, bool stats) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int topk_groups, bool normalize, float scale, bool stats, "
+      "str group_score=\"top2_sum\") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // d(logits) from any of d(weights_TK), d(score_sum_E), d(lse_sq_sum) (absent = zero).
   m.def(
       "route_backward(Tensor? grad_weights_TK, Tensor? grad_score_sum_E, "

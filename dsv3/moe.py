@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
+from dsv3.ops.route import GROUP_SCORES
 from dsv3.validate import number, whole_number
 
 ACTIVATIONS = ("swiglu",)
@@ -56,6 +57,10 @@ class MoEConfig:
     # before silu(gate) * up, in the routed and the shared experts alike (both models
     # clamp both); None: no clamp.
     swiglu_limit: float | None = None
+    # What makes a group best (ops.route's group_score): "top2_sum", the sum of its two
+    # best selection scores (DeepSeek-V3), or "max", its best one (DeepSeek-V2's
+    # group_limited_greedy). Only read with n_groups > 1.
+    group_score: str = "top2_sum"
 
     def __post_init__(self):
         for name in ("dim", "ffn_dim", "n_experts", "top_k", "n_groups", "topk_groups"):
@@ -69,6 +74,12 @@ class MoEConfig:
         if self.topk_groups > self.n_groups:
             raise ValueError(f"MoEConfig: topk_groups={self.topk_groups} must be <= "
                              f"n_groups={self.n_groups}")
+        if not isinstance(self.group_score, str):
+            raise TypeError(f"MoEConfig: group_score must be a str, one of {GROUP_SCORES}, "
+                            f"got {type(self.group_score).__name__} {self.group_score!r}")
+        if self.group_score not in GROUP_SCORES:
+            raise ValueError(f"MoEConfig: group_score must be one of {GROUP_SCORES}, "
+                             f"got {self.group_score!r}")
         reachable = self.topk_groups * (self.n_experts // self.n_groups)
         if self.top_k > reachable:
             raise ValueError(f"MoEConfig: top_k={self.top_k} must be <= the experts reachable in "
@@ -119,6 +130,8 @@ def routed_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: tor
 class SwiGLUMLP(nn.Module):
     """A dense SwiGLU MLP (the shared experts), gate and up fused in one matmul;
     ``swiglu_limit`` clamps its SwiGLU as the routed experts' (ops.swiglu's ``limit``)."""
+
+    swiglu_limit: float | None = None  # also for instances pickled before it existed
 
     def __init__(self, dim: int, hidden_dim: int, swiglu_limit: float | None = None, **factory):
         super().__init__()
@@ -249,7 +262,7 @@ class MoE(nn.Module):
         route = ops.route_with_stats if want_losses else ops.route
         weights_TK, experts_TK, counts_E, *loss_sums = route(
             logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
-            c.normalize_weights, c.route_scale)
+            c.normalize_weights, c.route_scale, c.group_score)
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         # The balance loss and the bias see what the router chose, before capacity: on
         # the counts left after it, the more lopsided the routing, the weaker the loss

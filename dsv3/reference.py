@@ -16,10 +16,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_groups=1,
-          normalize=True, scale=1.0):
+          normalize=True, scale=1.0, group_score="top2_sum"):
     """Top-k routing: (weights_TK, experts_TK int32, counts_E int32).
 
-    Ties go to the lower expert index (a stable descending sort), as in the kernels.
+    With n_groups > 1 only the experts of the topk_groups best groups can be chosen, a
+    group scored by the sum of its two best choice scores (``group_score="top2_sum"``,
+    DeepSeek-V3) or by its best one (``"max"``, DeepSeek-V2). Ties, between groups as
+    between experts, go to the lower index (a stable descending sort), as in the kernels.
     """
     if (torch.isnan(logits_TE) | (logits_TE == math.inf)).any():
         raise ValueError("route: logits_TE contains NaN or +inf")
@@ -32,10 +35,12 @@ def route(logits_TE, top_k, score="softmax", bias_E=None, n_groups=1, topk_group
     if bias_E is not None:
         choice_TE = choice_TE + bias_E.to(choice_TE.dtype)
     if n_groups > 1:
-        # Group score: the sum of the group's two best choice scores (DeepSeek-V3).
+        # Group score: the sum of the group's two best choice scores (DeepSeek-V3), or
+        # its best one (DeepSeek-V2).
         choice_TGX = choice_TE.view(n_tokens, n_groups, -1)
         best_TGX = choice_TGX.sort(dim=-1, descending=True, stable=True).values
-        group_score_TG = best_TGX[..., : min(2, best_TGX.shape[-1])].sum(-1)
+        n_best = 1 if group_score == "max" else 2
+        group_score_TG = best_TGX[..., : min(n_best, best_TGX.shape[-1])].sum(-1)
         groups_TG = group_score_TG.sort(dim=-1, descending=True, stable=True).indices[:, :topk_groups]
         keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter(1, groups_TG, True)
         choice_TE = choice_TGX.masked_fill(~keep_TG[..., None], -math.inf).view(n_tokens, n_experts)
@@ -115,16 +120,17 @@ def expert_ffn(x_D, gate_up_2FD, down_DF, limit=None):
 
 def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias_E=None,
         n_groups=1, topk_groups=1, normalize=True, scale=1.0, capacity=None, shared=None,
-        swiglu_limit=None):
+        swiglu_limit=None, group_score="top2_sum"):
     """A whole MoE layer as a loop over experts. Returns (y_TD, logits_TE, experts_TK).
 
     ``capacity`` caps the copies an expert takes (earlier tokens first; the rest are
     dropped); ``shared`` is an optional module applied to every token and added;
-    ``swiglu_limit`` clamps the routed experts' SwiGLU (see ``swiglu``).
+    ``swiglu_limit`` clamps the routed experts' SwiGLU (see ``swiglu``); ``group_score``
+    scores the groups of group-limited routing (see ``route``).
     """
     logits_TE = F.linear(x_TD.float(), router_ED.float())
     weights_TK, experts_TK, _ = route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
-                                      normalize, scale)
+                                      normalize, scale, group_score)
     y_TD = torch.zeros_like(x_TD)
     for e in range(gate_up_E2FD.shape[0]):
         tokens, slots = (experts_TK == e).nonzero(as_tuple=True)  # in token order

@@ -15,30 +15,37 @@ def f64(*shape):
     return torch.randn(*shape, dtype=F64, requires_grad=True)
 
 
-@pytest.mark.parametrize("K, score, with_bias, n_groups, topk_groups, normalize, scale", [
-    (2, "softmax", False, 1, 1, True, 1.0),  # Mixtral: softmax, normalized
-    (3, "softmax", False, 1, 1, False, 0.5),  # softmax, raw weights, scale != 1
-    (8, "softmax", False, 1, 1, False, 1.0),  # K = E: gradient reaches every logit
-    (2, "sigmoid", False, 1, 1, True, 2.5),  # sigmoid, normalized, scale != 1
-    (3, "sigmoid", False, 1, 1, False, 1.0),  # sigmoid, raw weights
-    (4, "sigmoid", True, 4, 2, True, 2.5),  # DeepSeek-V3: bias + group-limited
-])
-def test_route_gradcheck(K, score, with_bias, n_groups, topk_groups, normalize, scale):
+@pytest.mark.parametrize(
+    "K, score, with_bias, n_groups, topk_groups, normalize, scale, group_score", [
+        (2, "softmax", False, 1, 1, True, 1.0, "top2_sum"),  # Mixtral: softmax, normalized
+        (3, "softmax", False, 1, 1, False, 0.5, "top2_sum"),  # raw weights, scale != 1
+        (8, "softmax", False, 1, 1, False, 1.0, "top2_sum"),  # K = E: every logit's gradient
+        (2, "sigmoid", False, 1, 1, True, 2.5, "top2_sum"),  # sigmoid, normalized, scale != 1
+        (3, "sigmoid", False, 1, 1, False, 1.0, "top2_sum"),  # sigmoid, raw weights
+        (4, "sigmoid", True, 4, 2, True, 2.5, "top2_sum"),  # DeepSeek-V3: bias + groups
+        # DeepSeek-V2's group_limited_greedy: groups by their best score, raw weights, scaled
+        (3, "softmax", False, 4, 2, False, 1.5, "max"),
+        (4, "sigmoid", True, 4, 2, True, 2.5, "max"),  # groups by their best, with a bias
+    ])
+def test_route_gradcheck(K, score, with_bias, n_groups, topk_groups, normalize, scale,
+                         group_score):
     bias_E = 0.1 * torch.randn(8, dtype=F64) if with_bias else None
     assert gradcheck(lambda logits: ops.route(logits, K, score, bias_E, n_groups, topk_groups,
-                                              normalize, scale).weights_TK, (2 * f64(6, 8),))
+                                              normalize, scale, group_score).weights_TK,
+                     (2 * f64(6, 8),))
 
 
-@pytest.mark.parametrize("score, with_bias, n_groups, topk_groups", [
-    ("softmax", False, 1, 1),  # Mixtral-style router
-    ("sigmoid", True, 4, 2),  # DeepSeek-V3-style router
+@pytest.mark.parametrize("score, with_bias, n_groups, topk_groups, group_score", [
+    ("softmax", False, 1, 1, "top2_sum"),  # Mixtral-style router
+    ("sigmoid", True, 4, 2, "top2_sum"),  # DeepSeek-V3-style router
+    ("softmax", False, 4, 2, "max"),  # DeepSeek-V2-style router (group_limited_greedy)
 ])
-def test_route_with_stats_gradcheck(score, with_bias, n_groups, topk_groups):
+def test_route_with_stats_gradcheck(score, with_bias, n_groups, topk_groups, group_score):
     """Weights and both balance-loss sums, differentiated together."""
     bias_E = 0.1 * torch.randn(8, dtype=F64) if with_bias else None
     assert gradcheck(lambda logits: tuple(ops.route_with_stats(
-        logits, 3, score, bias_E, n_groups, topk_groups, True, 2.5)[i] for i in (0, 3, 4)),
-        (2 * f64(6, 8),))
+        logits, 3, score, bias_E, n_groups, topk_groups, True, 2.5, group_score)[i]
+        for i in (0, 3, 4)), (2 * f64(6, 8),))
 
 
 @pytest.mark.parametrize("pattern", [

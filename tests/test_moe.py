@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 import dsv3
 from conftest import DEVICES, DTYPES, assert_close, check_op
-from dsv3 import MoE, MoEConfig, reference
+from dsv3 import MoE, MoEConfig, ops, reference
 
 
 def make_moe(dtype=torch.float32, **overrides) -> MoE:
@@ -48,7 +48,8 @@ def run_reference(moe: MoE, x, *params):
         x_TD, p["router.weight"], p["gate_up_proj"], p["down_proj"], top_k=c.top_k,
         score=c.score, bias_E=moe.expert_bias, n_groups=c.n_groups, topk_groups=c.topk_groups,
         normalize=c.normalize_weights, scale=c.route_scale,
-        capacity=capacity_of(moe, x_TD.shape[0]), shared=shared, swiglu_limit=c.swiglu_limit)
+        capacity=capacity_of(moe, x_TD.shape[0]), shared=shared, swiglu_limit=c.swiglu_limit,
+        group_score=c.group_score)
     return y_TD.view(x.shape)
 
 
@@ -57,7 +58,8 @@ def reference_experts(moe: MoE, x_TD) -> torch.Tensor:
     _, _, experts_TK = reference.moe(
         x_TD.float(), moe.router.weight.float(), moe.gate_up_proj.float(), moe.down_proj.float(),
         top_k=c.top_k, score=c.score, bias_E=moe.expert_bias, n_groups=c.n_groups,
-        topk_groups=c.topk_groups, normalize=c.normalize_weights, scale=c.route_scale)
+        topk_groups=c.topk_groups, normalize=c.normalize_weights, scale=c.route_scale,
+        group_score=c.group_score)
     return experts_TK
 
 
@@ -98,6 +100,15 @@ CASES = [
     pytest.param((40,), {"n_experts": 16, "top_k": 4, "score": "sigmoid", "n_groups": 4,
                          "topk_groups": 2, "route_scale": 2.5, "bias_update_rate": 1e-3,
                          "n_shared_experts": 1}, None, id="deepseek"),
+    # DeepSeek-V2's group_limited_greedy: softmax, groups scored by their best expert
+    # (group_score="max"), 2 of 4 kept, never renormalized, scale 1.5, 2 shared experts.
+    pytest.param((40,), {"n_experts": 16, "top_k": 3, "n_groups": 4, "topk_groups": 2,
+                         "group_score": "max", "normalize_weights": False, "route_scale": 1.5,
+                         "n_shared_experts": 2}, None, id="deepseek_v2_group_max"),
+    # Groups scored by their best expert with sigmoid and the selection bias.
+    pytest.param((40,), {"n_experts": 16, "top_k": 4, "score": "sigmoid", "n_groups": 4,
+                         "topk_groups": 2, "group_score": "max", "route_scale": 2.5,
+                         "bias_update_rate": 1e-3}, None, id="sigmoid_bias_group_max"),
     # Capacity 0.5: half of the copies are dropped (later tokens first).
     pytest.param((48,), {"capacity_factor": 0.5}, None, id="capacity_drops"),
     # Capacity with every token on one expert: most of the hot expert's copies drop.
@@ -444,3 +455,44 @@ def test_swiglu_limit_clamps_routed_and_shared_experts():
 def test_swiglu_limit_is_validated(limit, error, message):
     with pytest.raises(error, match=f"MoEConfig: swiglu_limit {message}"):
         make_moe(swiglu_limit=limit)
+
+
+@pytest.mark.parametrize("group_score, error", [
+    ("sum", ValueError), ("MAX", ValueError), (None, TypeError), (1, TypeError)])
+def test_group_score_is_validated(group_score, error):
+    with pytest.raises(error, match=r"MoEConfig: group_score must be .*\('top2_sum', "
+                                    r"'max'\), got"):
+        make_moe(n_experts=8, n_groups=4, topk_groups=2, group_score=group_score)
+
+
+def test_group_score_reaches_the_router():
+    """A layer with group_score="max" routes by it: the copies it counts per expert are
+    the reference's with "max", and not those of the same weights with "top2_sum"."""
+    overrides = dict(n_experts=16, top_k=2, n_groups=8, topk_groups=2)
+    top2, best = make_moe(**overrides), make_moe(**overrides, group_score="max")
+    best.load_state_dict(top2.state_dict())
+    x_TD = torch.randn(200, 32)
+    counts = {}
+    for moe in (top2, best):
+        want = reference_experts(moe, x_TD)
+        moe(x_TD)
+        counts[moe.config.group_score] = moe.last_stats.tokens_per_expert
+        assert torch.equal(counts[moe.config.group_score].long(),
+                           torch.bincount(want.flatten(), minlength=16))
+    assert not torch.equal(counts["top2_sum"], counts["max"])
+
+
+def test_shared_experts_pickled_before_swiglu_limit_still_run():
+    # A SwiGLUMLP saved whole (torch.save(model)) before swiglu_limit existed has no
+    # such attribute; before: AttributeError on its first forward.
+    import io
+
+    from dsv3.moe import SwiGLUMLP
+    mlp = SwiGLUMLP(8, 12)
+    del mlp.swiglu_limit  # what an old pickle restores
+    buffer = io.BytesIO()
+    torch.save(mlp, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(old(x), mlp.down_proj(ops.swiglu(mlp.gate_up_proj(x))))

@@ -1,5 +1,7 @@
 """dsv3.ops.route against reference.route: expert ids and counts exactly, weights
-and d(logits) within the dtype's tolerance, over the routing variants and edge cases."""
+and d(logits) within the dtype's tolerance, over the routing variants and edge cases,
+with groups scored both ways (group_score "top2_sum", DeepSeek-V3's, and "max",
+DeepSeek-V2's)."""
 import pytest
 import torch
 
@@ -56,6 +58,43 @@ CASES = [
     # 384 experts, more than the GPU kernel sums per program: each copy counts itself.
     pytest.param(50, 384, 4, "softmax", False, 1, 1, True, 1.0, "random", id="E384_K4"),
 ]
+# The same columns, routed with group_score="max": a group scored by its best selection
+# score alone (DeepSeek-V2's topk_method="group_limited_greedy").
+GROUP_MAX_CASES = [
+    # DeepSeek-V2's router: softmax, no bias, 2 of 4 groups, never normalized, scaled.
+    pytest.param(64, 16, 3, "softmax", False, 4, 2, False, 1.5, "random", id="max_deepseek_v2"),
+    # Softmax normalized, 1 of 2 groups.
+    pytest.param(40, 8, 2, "softmax", False, 2, 1, True, 1.0, "random", id="max_softmax_norm"),
+    # Sigmoid + bias (the group's best selection score includes its bias), scale 2.5.
+    pytest.param(50, 16, 4, "sigmoid", True, 4, 2, True, 2.5, "random", id="max_sigmoid_bias"),
+    # Softmax + bias, T = 1.
+    pytest.param(1, 16, 4, "softmax", True, 4, 2, True, 1.0, "random", id="max_softmax_bias_T1"),
+    # Groups of one expert: the best is the only one (the same as top2_sum).
+    pytest.param(30, 4, 2, "sigmoid", True, 4, 2, True, 1.0, "random", id="max_group_size_1"),
+    # K = all experts of the kept groups, prime T·K = 13·6 not a multiple of any block.
+    pytest.param(13, 12, 6, "softmax", False, 3, 2, True, 1.0, "random", id="max_K_full"),
+    # All-equal rows: every group ties, the lowest groups and experts win.
+    pytest.param(20, 8, 3, "softmax", False, 4, 2, True, 1.0, "equal", id="max_ties_equal_rows"),
+    # Integer logits: group maxima tie often, the lower group must win.
+    pytest.param(40, 8, 3, "sigmoid", False, 4, 2, True, 1.0, "integer", id="max_ties_groups"),
+    # Integer logits over 256 experts in 8 groups: ties inside and across kept groups.
+    pytest.param(60, 256, 8, "sigmoid", False, 8, 4, True, 2.5, "integer", id="max_ties_E256"),
+    # 64 experts in 8 groups, top-8 from 4, more than one parallel chunk.
+    pytest.param(700, 64, 8, "sigmoid", True, 8, 4, True, 2.5, "random", id="max_medium"),
+    # DeepSeek-V2's sizes: 160 experts in 8 groups of 20, top-6 from 3 (a slab partly
+    # past a group's end).
+    pytest.param(90, 160, 6, "softmax", False, 8, 3, False, 16.0, "random",
+                 id="max_deepseek_v2_E160"),
+    # Groups of 128 experts: a group's best merges across the GPU kernel's slabs.
+    pytest.param(60, 256, 8, "sigmoid", True, 2, 1, True, 1.0, "random", id="max_groups_of_128"),
+    # A bias of scale 3: whole groups below zero.
+    pytest.param(60, 64, 6, "sigmoid", 3.0, 8, 3, True, 2.5, "random", id="max_negative_choices"),
+]
+# Every case with its group_score (the last column).
+ALL_CASES = ([pytest.param(*case.values, "top2_sum", id=case.id) for case in CASES]
+             + [pytest.param(*case.values, "max", id=case.id) for case in GROUP_MAX_CASES])
+CASE_COLUMNS = ("T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, pattern, "
+                "group_score")
 
 
 def _bias_scale(with_bias) -> float:
@@ -77,14 +116,13 @@ def make_logits(n_tokens, n_experts, pattern, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, "
-                         "pattern", CASES)
+@pytest.mark.parametrize(CASE_COLUMNS, ALL_CASES)
 def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_groups, normalize,
-                                 scale, pattern, dtype, device):
+                                 scale, pattern, group_score, dtype, device):
     logits_TE = make_logits(T, E, pattern, dtype, device)
     bias_E = _bias_scale(with_bias) * torch.randn(E, device=device) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
-                  normalize=normalize, scale=scale)
+                  normalize=normalize, scale=scale, group_score=group_score)
     (weights_TK, experts_TK, counts_E), _ = check_op(
         lambda logits, bias: ops.route(logits, bias_E=bias, **kwargs),
         lambda logits, bias: reference.route(logits, bias_E=bias, **kwargs),
@@ -107,16 +145,16 @@ def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_group
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T, E, K, score, with_bias, n_groups, topk_groups, normalize, scale, "
-                         "pattern", CASES)
+@pytest.mark.parametrize(CASE_COLUMNS, ALL_CASES)
 def test_route_with_stats_matches_reference(T, E, K, score, with_bias, n_groups, topk_groups,
-                                            normalize, scale, pattern, dtype, device):
+                                            normalize, scale, pattern, group_score, dtype,
+                                            device):
     """The balance-loss sums come from the routing pass itself: they, the weights and
     d(logits) from all three differentiable outputs together match the reference."""
     logits_TE = make_logits(T, E, pattern, dtype, device)
     bias_E = _bias_scale(with_bias) * torch.randn(E, device=device) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
-                  normalize=normalize, scale=scale)
+                  normalize=normalize, scale=scale, group_score=group_score)
 
     def reference_with_stats(logits, bias):
         return (*reference.route(logits, bias_E=bias, **kwargs),
@@ -185,11 +223,94 @@ def test_bias_gets_no_gradient():
     assert bias_E.grad is None and logits_TE.grad is not None
 
 
-def test_group_limited_selection_stays_in_kept_groups():
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+def test_group_limited_selection_stays_in_kept_groups(group_score):
     T, E, G, kept = 64, 16, 4, 2
-    _, experts_TK, _ = ops.route(torch.randn(T, E), 4, "sigmoid", n_groups=G, topk_groups=kept)
+    _, experts_TK, _ = ops.route(torch.randn(T, E), 4, "sigmoid", n_groups=G, topk_groups=kept,
+                                 group_score=group_score)
     groups_per_token = [len(set(row)) for row in (experts_TK // (E // G)).tolist()]
     assert max(groups_per_token) <= kept
+
+
+# Logits of one token, 4 groups of 2 experts, and the experts each group_score keeps
+# with topk_groups=1 and top_k=2 (the kept group's two experts), for softmax and sigmoid
+# scores alike.
+GROUP_SCORE_ROWS = [
+    # Group 0's best expert beats every other, group 1's two together beat group 0's.
+    ([1.5, -5.0, 1.0, 1.0, -3.0, -3.0, -3.0, -3.0], {"top2_sum": [2, 3], "max": [0, 1]}),
+    # Groups 0 and 1 tie on their best (2.0): "max" keeps the lower one, group 0;
+    # "top2_sum" keeps group 1 (2 + 0 > 2 - 1).
+    ([-1.0, 2.0, 2.0, 0.0, -3.0, -3.0, -3.0, -3.0], {"top2_sum": [2, 3], "max": [1, 0]}),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score", ["top2_sum", "max"])
+@pytest.mark.parametrize("row, want", GROUP_SCORE_ROWS)
+def test_group_score_decides_the_kept_group(row, want, group_score, score, device):
+    """The kernels and the reference keep the group ``group_score`` says: rows where the
+    two ways disagree (so a kernel scoring groups the other way fails), and a tie of
+    group maxima, which goes to the lower group."""
+    logits_TE = torch.tensor([row], device=device)
+    for route in (ops.route, reference.route):
+        _, experts_TK, _ = route(logits_TE, 2, score, None, 4, 1, True, 1.0,
+                                 group_score=group_score)
+        assert experts_TK.tolist() == [want[group_score]], route.__module__
+
+
+def test_group_score_max_is_deepseek_v2_group_limited_greedy():
+    """group_score="max", softmax, no renormalization, times the scale: the experts and
+    weights of DeepSeek-V2's group_limited_greedy (transformers' DeepseekV2TopkRouter,
+    written out here), which zeroes the other groups' scores where dsv3 excludes them:
+    the same choice while the kept scores are > 0."""
+    T, E, G, kept, K, scale = 200, 16, 4, 2, 3, 1.5
+    logits_TE = 2 * torch.randn(T, E)
+    scores_TE = logits_TE.softmax(-1)
+    group_scores_TG = scores_TE.view(T, G, -1).max(-1).values
+    group_mask_TG = torch.zeros_like(group_scores_TG).scatter_(
+        1, group_scores_TG.topk(kept, -1).indices, 1)
+    score_mask_TE = group_mask_TG[..., None].expand(-1, -1, E // G).reshape(T, E)
+    want_w, want_e = scores_TE.masked_fill(~score_mask_TE.bool(), 0.0).topk(K, -1)
+    weights_TK, experts_TK, _ = ops.route(logits_TE, K, "softmax", None, G, kept, False, scale,
+                                          group_score="max")
+    assert torch.equal(experts_TK.long(), want_e)  # topk's order: best first, as dsv3's
+    assert_close(weights_TK, want_w * scale, "weights")
+
+
+@pytest.mark.parametrize("group_score, error", [
+    ("sum", ValueError),  # not one of the two
+    ("Max", ValueError),  # names are exact
+    (None, TypeError),
+    (2, TypeError),
+])
+@pytest.mark.parametrize("op", [ops.route, ops.route_with_stats])
+def test_bad_group_score_is_named(op, group_score, error):
+    with pytest.raises(error, match=r"route: group_score must be .*'top2_sum', 'max'.*got"):
+        op(torch.randn(4, 8), 2, n_groups=2, group_score=group_score)
+
+
+def test_bad_group_score_reaching_the_kernels_is_named():
+    """Below the Python checks, the op (C++) and the Triton launcher refuse it too."""
+    with pytest.raises(ValueError, match=r"route: group_score must be 'top2_sum' or 'max', "
+                                         r"got 'sum'"):
+        torch.ops.dsv3.route(torch.randn(4, 8), 2, "softmax", None, 2, 1, True, 1.0, False,
+                             "sum")
+    router = pytest.importorskip("dsv3.kernels.router")
+    with pytest.raises(ValueError, match=r"route: group_score must be 'top2_sum' or 'max'"):
+        router.route(torch.randn(4, 8), 2, "softmax", None, 2, 1, True, 1.0, False, "sum")
+
+
+def test_the_op_without_group_score_keeps_its_old_signature():
+    """Callers of dsv3::route from before group_score (nine arguments) get top2_sum,
+    gradient included."""
+    logits_TE = torch.randn(30, 8, requires_grad=True)
+    old = torch.ops.dsv3.route(logits_TE, 3, "sigmoid", None, 4, 2, True, 2.5, False)
+    new = torch.ops.dsv3.route(logits_TE, 3, "sigmoid", None, 4, 2, True, 2.5, False, "top2_sum")
+    assert torch.equal(old[1], new[1]) and torch.equal(old[0], new[0])
+    (grad,) = torch.autograd.grad(old[0].sum(), logits_TE)
+    (want,) = torch.autograd.grad(new[0].sum(), logits_TE)
+    assert torch.equal(grad, want)
 
 
 def test_non_contiguous_logits():
@@ -227,3 +348,14 @@ def test_triton_router_keeps_a_nan_rows_copies_in_bounds(E, score, with_bias, n_
     assert counts_E.sum().item() == T * K  # every copy counted, none past the end
     assert torch.equal(counts_E.cpu(), torch.bincount(experts_TK.flatten().long().cpu(),
                                                        minlength=E).to(torch.int32))
+
+
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("score, bias", [("softmax", False), ("sigmoid", True)])
+def test_group_max_op_registration(score, bias, stats):
+    """torch.library.opcheck of dsv3::route with group_score="max" (the other calls are in
+    test_opcheck.py): schema, fake impl, autograd registration and AOT dispatch."""
+    logits_TE = torch.randn(9, 8, requires_grad=True)
+    bias_E = torch.randn(8) if bias else None
+    torch.library.opcheck(torch.ops.dsv3.route.default,
+                          (logits_TE, 3, score, bias_E, 4, 2, False, 1.5, stats, "max"))

@@ -26,6 +26,17 @@ Score parse_score(c10::string_view score) {
   TORCH_CHECK_VALUE(false, "route: score must be 'softmax' or 'sigmoid', got '", score, "'");
 }
 
+// How a group is scored for group-limited selection: the sum of its two best selection
+// scores (DeepSeek-V3) or its best one (DeepSeek-V2's group_limited_greedy).
+enum class GroupScore { Top2Sum, Max };
+
+GroupScore parse_group_score(c10::string_view group_score) {
+  if (group_score == "top2_sum") return GroupScore::Top2Sum;
+  if (group_score == "max") return GroupScore::Max;
+  TORCH_CHECK_VALUE(false, "route: group_score must be 'top2_sum' or 'max', got '", group_score,
+                    "'");
+}
+
 // Fills prob_E with softmax or sigmoid of one token's logits; returns false on NaN
 // or +inf (which would turn the softmax into NaN); -inf is a legal "never" logit.
 template <typename scalar_t, typename acc_t>
@@ -89,8 +100,8 @@ constexpr int64_t kTokensPerChunk = 64;
 template <typename scalar_t>
 void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
                   const c10::optional<at::Tensor>& bias_E, int64_t n_groups, int64_t topk_groups,
-                  bool normalize, double scale, at::Tensor& weights_TK, at::Tensor& experts_TK,
-                  at::Tensor* partial_sums_CX) {
+                  GroupScore group_score_kind, bool normalize, double scale,
+                  at::Tensor& weights_TK, at::Tensor& experts_TK, at::Tensor* partial_sums_CX) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_tokens = logits_TE.size(0), n_experts = logits_TE.size(1);
   const int64_t group_size = n_experts / n_groups;
@@ -134,13 +145,15 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
         taken_E[e] = 0;
       }
       if (n_groups > 1) {
-        // A group's score is the sum of its two best choice scores (DeepSeek-V3);
-        // experts outside the best topk_groups groups are marked taken (excluded).
+        // A group's score is the sum of its two best choice scores (DeepSeek-V3) or its
+        // best one (GroupScore::Max, DeepSeek-V2); experts outside the best topk_groups
+        // groups are marked taken (excluded, never chosen: DeepSeek-V2 zeroes their
+        // scores instead, which picks the same experts while the kept scores are > 0).
         for (int64_t g = 0; g < n_groups; ++g) {
           const int64_t lo = g * group_size, hi = lo + group_size;
           int64_t first = argmax_untaken(choice_E.data(), taken_E, lo, hi);
           acc_t group_score = choice_E[first];
-          if (group_size > 1) {
+          if (group_score_kind == GroupScore::Top2Sum && group_size > 1) {
             taken_E[first] = 1;
             group_score += choice_E[argmax_untaken(choice_E.data(), taken_E, lo, hi)];
             taken_E[first] = 0;
@@ -172,8 +185,9 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu(
     const at::Tensor& logits_TE_in, int64_t top_k, c10::string_view score_name,
     const c10::optional<at::Tensor>& bias_E, int64_t n_groups, int64_t topk_groups, bool normalize,
-    double scale, bool stats) {
+    double scale, bool stats, c10::string_view group_score_name) {
   const Score score = parse_score(score_name);
+  const GroupScore group_score = parse_group_score(group_score_name);
   TORCH_CHECK_VALUE(logits_TE_in.dim() == 2, "route: logits_TE must be 2-D [T, E]");
   const at::Tensor logits_TE = logits_TE_in.contiguous();
   const int64_t n_tokens = logits_TE.size(0), n_experts = logits_TE.size(1);
@@ -190,8 +204,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   at::Tensor partial_sums_CX =
       stats ? at::zeros({n_chunks, n_experts + 1}, weights_TK.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_TE.scalar_type(), "route", [&] {
-    route_kernel<scalar_t>(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize,
-                           scale, weights_TK, experts_TK, stats ? &partial_sums_CX : nullptr);
+    route_kernel<scalar_t>(logits_TE, top_k, score, bias_E, n_groups, topk_groups, group_score,
+                           normalize, scale, weights_TK, experts_TK,
+                           stats ? &partial_sums_CX : nullptr);
   });
   at::Tensor score_sum_E = at::empty({0}, weights_TK.options());
   at::Tensor lse_sq_sum = at::empty({0}, weights_TK.options());

@@ -9,7 +9,9 @@ top-k over the kept groups only) hit the L1/L2 copy. The backward recomputes the
 scores from the logits instead of saving the [T, E] probabilities.
 
 Ties go to the lower expert index, as in the CPU kernel and the reference (a stable
-descending sort).
+descending sort). A group is scored by the sum of its two best selection scores
+(DeepSeek-V3) or, with ``group_score="max"`` (the GROUP_MAX constexpr), by its best one
+(DeepSeek-V2); the default variant compiles to the code it did before the option.
 """
 import torch
 import triton
@@ -117,7 +119,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
                   SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  COUNT_BINS: tl.constexpr):
+                  COUNT_BINS: tl.constexpr, GROUP_MAX: tl.constexpr = False):
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
     SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
@@ -146,7 +148,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         row_scale = _reciprocal(tl.where(row_total > 0, row_total, 1.0))
 
     # Pass 1, every expert (softmax: only with groups): the group scores, the sum of
-    # each group's two best selection scores (DeepSeek-V3).
+    # each group's two best selection scores (DeepSeek-V3), or with GROUP_MAX its best
+    # one (DeepSeek-V2).
     group_ids = tl.arange(0, BLOCK_G)
     group_scores = tl.full((BLOCK_G, BLOCK_T), float("-inf"), tl.float32)
     if SIGMOID or N_GROUPS > 1:
@@ -163,9 +166,12 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 if N_GROUPS > 1:
                     choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols,
                                      valid, bias_ptr, HAS_BIAS)
-                    best, runner_up = _top2_combine(best, runner_up, *_top2(choice))
+                    if GROUP_MAX:
+                        best = tl.maximum(best, _max3(choice))
+                    else:
+                        best, runner_up = _top2_combine(best, runner_up, *_top2(choice))
             if N_GROUPS > 1:
-                score = best + runner_up if GROUP_SIZE > 1 else best
+                score = best + runner_up if GROUP_SIZE > 1 and not GROUP_MAX else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
     # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
@@ -431,7 +437,8 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
-def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats):
+def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats,
+          group_score="top2_sum"):
     logits_TE = logits_TE.contiguous()
     # The kernel reads bias_E[e] at bias_ptr + e: a strided view (bias[::2]) would
     # have it pick experts by other experts' biases.
@@ -452,7 +459,7 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
         nan_flag, partial_PX, n_tokens, float(scale), N_EXPERTS=n_experts,
         TOP_K=top_k, N_GROUPS=n_groups, TOPK_GROUPS=topk_groups if n_groups > 1 else 1,
         SIGMOID=score == "sigmoid", HAS_BIAS=bias_E is not None, NORMALIZE=normalize,
-        STATS=stats, **blocks)
+        STATS=stats, **blocks, **_group_max(group_score, n_groups))
     _raise_on_nan(nan_flag)
     if bias_E is not None:
         _raise_on_bad_bias(bias_E)
@@ -461,6 +468,14 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
         return weights_TK, experts_TK, counts_E, empty, empty.clone()
     sums_X = partial_PX.sum(0).to(acc_dtype)
     return weights_TK, experts_TK, counts_E, sums_X[:n_experts].clone(), sums_X[n_experts].clone()
+
+
+def _group_max(group_score: str, n_groups: int) -> dict:
+    """GROUP_MAX for ``group_score``, passed only where it is set: the default variant
+    is launched exactly as before the option (one groupless variant either way)."""
+    if group_score not in ("top2_sum", "max"):  # the C++ kernel's check
+        raise ValueError(f"route: group_score must be 'top2_sum' or 'max', got {group_score!r}")
+    return {"GROUP_MAX": True} if group_score == "max" and n_groups > 1 else {}
 
 
 def _raise_on_nan(nan_flag: torch.Tensor) -> None:
