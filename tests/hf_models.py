@@ -15,7 +15,8 @@ NO_TOKENS = dict(pad_token_id=None, bos_token_id=None, eos_token_id=None)
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe", "flex_olmo",
          "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
          "exaone_moe", "minimax_m2", "afmoe", "qwen3_vl_moe", "solar_open", "deepseek_v32",
-         "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "cohere2_moe", "glm5_next")
+         "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "deepseek_v2_group_limited", "cohere2_moe",
+         "glm5_next")
 # Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
 _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
            "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")
@@ -26,6 +27,7 @@ VLMS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next")
 _CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenConfig",
                  "deepseek_v32": "DeepseekV32Config", "glm_moe_dsa": "GlmMoeDsaConfig",
                  "glm4v_moe": "Glm4vMoeConfig", "deepseek_v2": "DeepseekV2Config",
+                 "deepseek_v2_group_limited": "DeepseekV2Config",
                  "cohere2_moe": "Cohere2MoeConfig", "glm5_next": "Glm5NextConfig",
                  "deepseek_v4": "DeepseekV4Config"}
 # GLM-5-Next's SwiGLU clamp limit in its tiny model: its gate and up values (about 1.1
@@ -148,12 +150,15 @@ def _config(arch: str):
                    norm_topk_prob=True, index_topk=4, index_head_dim=8, index_n_heads=2,
                    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                    v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})
-    if arch == "deepseek_v2":  # layer 0 dense; softmax top-3 of 8 ("greedy": the groups and
-        # norm_topk_prob, which transformers ignores there, change nothing), scale 1.5, 2 shared
+    if arch in ("deepseek_v2", "deepseek_v2_group_limited"):
+        # Layer 0 dense; softmax top-3 of 8, scale 1.5, 2 shared. "greedy": the groups and
+        # norm_topk_prob (which transformers ignores there) change nothing;
+        # "group_limited_greedy": the top-3 of the 2 (of 4) groups with the best expert.
+        method = "greedy" if arch == "deepseek_v2" else "group_limited_greedy"
         return transformers.DeepseekV2Config(
             intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8,
             num_experts_per_tok=3, n_shared_experts=2, first_k_dense_replace=1,
-            routed_scaling_factor=1.5, topk_method="greedy", n_group=4, topk_group=2,
+            routed_scaling_factor=1.5, topk_method=method, n_group=4, topk_group=2,
             norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
             qk_nope_head_dim=8, v_head_dim=8, **{**COMMON, "num_key_value_heads": 4})
     if arch == "cohere2_moe":  # layer 0 dense; softmax over the top-2 of 6 logits, 2 shared
@@ -205,7 +210,8 @@ def _config(arch: str):
 # Sparse MoE blocks in each tiny model (DeepSeek-V3's first layer stays dense).
 N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1,
                                           "deepseek_v32": 1, "glm_moe_dsa": 1, "glm4v_moe": 1,
-                                          "deepseek_v2": 1, "cohere2_moe": 1, "glm5_next": 1}
+                                          "deepseek_v2": 1, "deepseek_v2_group_limited": 1,
+                                          "cohere2_moe": 1, "glm5_next": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):

@@ -208,6 +208,10 @@ PLAIN_CONFIGS = {
                       n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3),
     "deepseek_v2": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=2, route_scale=1.5,
                         normalize_weights=False),
+    # group_limited_greedy: groups scored by their best expert.
+    "deepseek_v2_group_limited": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=2,
+                                      route_scale=1.5, normalize_weights=False, n_groups=4,
+                                      topk_groups=2, group_score="max"),
     "cohere2_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2),
     # The clamped SwiGLU, in the routed and the (split) shared experts alike.
     "glm5_next": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
@@ -346,9 +350,10 @@ def test_patch_moe_rejects_unsupported_models():
 # Modes of a listed architecture that dsv3.MoE does not compute: (config overrides, the
 # refused setting and the start of the reason, as the message says them).
 REFUSED_MODES = [
-    _arch("deepseek_v2", dict(topk_method="group_limited_greedy"),
-          "DeepSeek-V2 with topk_method='group_limited_greedy' (n_group=4, topk_group=2)",
-          "it scores a group by its best expert, dsv3.MoE by the sum of its two best"),
+    # top_k=3 of the one kept group's 2 experts: transformers adds another group's.
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy", topk_group=1),
+          "DeepSeek-V2 with topk_method='group_limited_greedy' (n_group=4, topk_group=1) "
+          "with top_k=3", "top_k is above the kept groups' experts"),
     _arch("cohere2_moe", dict(expert_selection_fn="sigmoid"),
           "Cohere2-MoE with expert_selection_fn='sigmoid'",
           "it picks the top-k logits, dsv3.MoE the top-k scores"),
@@ -398,7 +403,8 @@ def test_a_refused_block_leaves_every_other_block_unpatched():
     """All or nothing: with a block it can take before the refused one, patch_moe
     replaces neither (before: the first was patched, the model left half converted)."""
     both = nn.ModuleDict({"ok": tiny_model("deepseek_v2"),
-                          "refused": tiny_model("deepseek_v2", topk_method="group_limited_greedy")})
+                          "refused": tiny_model("deepseek_v2", topk_method="group_limited_greedy",
+                                                topk_group=1)})
     with pytest.raises(ValueError, match="group_limited_greedy"):
         dt.patch_moe(both)
     assert not any(isinstance(m, dt.TransformersMoE) for m in both.modules())
@@ -409,6 +415,12 @@ def test_a_refused_block_leaves_every_other_block_unpatched():
 ACCEPTED_MODES = [
     # Every group kept: greedy.
     _arch("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=2)),
+    # Groups by their best expert (group_score="max"): 1 of 2 groups of 4; 3 of 8 groups
+    # of 1 (the best is the only one); 3 of 4 groups of 2, top_k = all the kept experts.
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=8, topk_group=3)),
+    _arch("deepseek_v2", dict(topk_method="group_limited_greedy", topk_group=3,
+                              num_experts_per_tok=6)),
     # No shared experts: nothing to average.
     _arch("cohere2_moe", dict(shared_expert_combination_strategy="average",
                               num_shared_experts=0)),
@@ -424,6 +436,20 @@ def test_accepted_modes_next_to_refused_ones(arch, overrides):
     x = torch.randn(3, 5, 32)
     assert_close(moe(x), block(x), "from_module output")
     assert_close(dt.to_module(moe)(x), block(x), "to_module output")
+
+
+@pytest.mark.skipif(missing("deepseek_v2") is not None, reason=str(missing("deepseek_v2")))
+def test_deepseek_v2_group_limited_greedy_scores_groups_by_their_best_expert():
+    """group_limited_greedy becomes group_score="max" (the other way, "top2_sum", gives
+    another output on the same tokens: the tiny model's tests see the difference)."""
+    block = decoder_layers(tiny_model("deepseek_v2_group_limited"))[1].mlp
+    moe = dt.from_module(block)
+    c = moe.config
+    assert (c.score, c.n_groups, c.topk_groups, c.group_score) == ("softmax", 4, 2, "max")
+    x = torch.randn(3, 5, 32)
+    assert_close(moe(x), block(x), "from_module output")
+    moe.config = dataclasses.replace(c, group_score="top2_sum")
+    assert not torch.allclose(moe(x), block(x), rtol=1e-3, atol=1e-3)
 
 
 def test_experts_implementation_transposed_layout():

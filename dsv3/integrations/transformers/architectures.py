@@ -26,7 +26,9 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
 | AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled; router in block.router                       |                 |
-| DeepSeek-V2 (greedy)       | softmax, top-k, scaled, never renormalized           | plain (n)       |
+| DeepSeek-V2                | softmax, top-k (greedy, or group-limited with groups | plain (n)       |
+|                            | scored by their best expert), scaled, never          |                 |
+|                            | renormalized                                         |                 |
 | Cohere2-MoE (softmax)      | top-k logits, softmax over them (= renormalized)     | none, or "sum"  |
 
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
@@ -51,9 +53,15 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
 - DeepSeek-V2: ``topk_method="greedy"`` is softmax, top-k, times routed_scaling_factor,
   never renormalized (transformers' code ignores the config's norm_topk_prob), logits
   and weights in fp32: dsv3.MoE's softmax routing with normalize_weights=False.
-  ``"group_limited_greedy"`` is refused (it scores a group by its best expert, dsv3 by
-  the sum of its two best) unless topk_group == n_group, where every group is kept and
-  it is greedy.
+  ``"group_limited_greedy"`` scores a group by its best softmax score, keeps the
+  topk_group best groups and takes the top-k of the scores with the other groups' set
+  to 0: dsv3.MoE's group_score="max" (n_groups=n_group, topk_groups=topk_group), which
+  excludes those experts instead. The two choose alike while every kept score is > 0
+  (a softmax score is, unless it underflows to 0, and then the copy it adds weighs 0
+  either way); topk_group == n_group keeps every group: greedy. Refused: a top_k above
+  the kept groups' experts (transformers then fills the top-k with other groups'
+  experts at weight 0; dsv3.MoE chooses in the kept groups only), and group settings
+  its router cannot split the experts by.
 - Cohere2-MoE: ``expert_selection_fn="softmax"`` takes the top-k logits and the softmax
   over those k, which is the renormalized top-k of the softmax over all: the same
   weights, and the same experts but where distinct logits round to the same fp32
@@ -135,25 +143,40 @@ def _afmoe_routing(router: nn.Module) -> dict:
     return {"score": "sigmoid", "route_scale": float(router.route_scale), "normalize_weights": True}
 
 
+def _deepseek_v2_limits_groups(router: nn.Module) -> bool:
+    """group_limited_greedy with some group left out (all kept: greedy)."""
+    return router.topk_method == "group_limited_greedy" and router.topk_group != router.num_group
+
+
 def _deepseek_v2_routing(router: nn.Module) -> dict:
     # Never renormalized: transformers' DeepseekV2TopkRouter ignores norm_topk_prob.
-    return {"score": "softmax", "route_scale": float(router.routed_scaling_factor),
-            "normalize_weights": False}
+    routing = {"score": "softmax", "route_scale": float(router.routed_scaling_factor),
+               "normalize_weights": False}
+    if _deepseek_v2_limits_groups(router):  # a group scored by its best expert
+        routing |= {"n_groups": router.num_group, "topk_groups": router.topk_group,
+                    "group_score": "max"}
+    return routing
 
 
 def _deepseek_v2_refuse(block: nn.Module) -> tuple[str, str] | None:
     router = block.gate
     method = router.topk_method
-    if method == "greedy":
+    if method not in ("greedy", "group_limited_greedy"):
+        return (f"topk_method={method!r}",
+                "transformers computes only 'greedy' and 'group_limited_greedy'")
+    if not _deepseek_v2_limits_groups(router):
         return None
-    if method == "group_limited_greedy":
-        if router.num_group is not None and router.topk_group == router.num_group:
-            return None  # every group kept: greedy
-        return (f"topk_method={method!r} (n_group={router.num_group}, "
-                f"topk_group={router.topk_group})",
-                "it scores a group by its best expert, dsv3.MoE by the sum of its two best")
-    return (f"topk_method={method!r}",
-            "transformers computes only 'greedy' and 'group_limited_greedy'")
+    n_group, topk_group, n_experts = router.num_group, router.topk_group, router.num_experts
+    setting = f"topk_method={method!r} (n_group={n_group}, topk_group={topk_group})"
+    if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group
+            < n_group and n_experts % n_group == 0):
+        return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
+                         f"its {n_experts} experts")
+    if router.top_k > topk_group * (n_experts // n_group):
+        return (setting + f" with top_k={router.top_k}",
+                "top_k is above the kept groups' experts, which transformers fills with other "
+                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
+    return None
 
 
 def _cohere2_moe_refuse(block: nn.Module) -> tuple[str, str] | None:

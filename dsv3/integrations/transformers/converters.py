@@ -20,7 +20,14 @@ from dsv3.moe import MoE, MoEConfig, SwiGLUMLP
 
 # MoEConfig fields that must agree between a dsv3.MoE and the HF block it becomes.
 _LAYER_FIELDS = ("dim", "ffn_dim", "n_experts", "top_k", "n_shared_experts", "score", "n_groups",
-                 "topk_groups", "route_scale", "normalize_weights", "swiglu_limit")
+                 "topk_groups", "group_score", "route_scale", "normalize_weights", "swiglu_limit")
+
+
+def _differs(field: str, have: MoEConfig, want: MoEConfig) -> bool:
+    # How groups are scored matters only where there are groups to score.
+    if field == "group_score" and have.n_groups == want.n_groups == 1:
+        return False
+    return getattr(have, field) != getattr(want, field)
 
 
 def _get(module: nn.Module, path: str):
@@ -136,7 +143,7 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
         block = block_cls(hf_config)
     want = _moe_config(arch, block, "hf_config")
     diffs = [f"{f}={getattr(moe.config, f)!r} vs {getattr(want, f)!r}" for f in _LAYER_FIELDS
-             if getattr(moe.config, f) != getattr(want, f)]
+             if _differs(f, moe.config, want)]
     if diffs:
         raise ValueError(f"hf_config: its {arch.name} block does not match moe.config "
                          f"(moe vs hf_config): {', '.join(diffs)}")

@@ -31,7 +31,7 @@ def patch_moe(model: nn.Module) -> int:
     replaces nothing the second time and returns 0.
 
     A block of a supported architecture that dsv3.MoE cannot compute (a refused mode,
-    e.g. DeepSeek-V2's topk_method="group_limited_greedy", or experts other than plain
+    e.g. Cohere2-MoE's expert_selection_fn="sigmoid", or experts other than plain
     SwiGLU) is a ValueError saying why, and nothing is replaced: the model stays whole
     rather than silently half (or not) patched. A model with no block of a supported
     architecture at all is a TypeError."""
