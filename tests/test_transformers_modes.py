@@ -1,0 +1,276 @@
+"""What dsv3 refuses or accepts, per transformers architecture and mode: models with no
+supported MoE block, the modes of a listed architecture that dsv3.MoE does not compute
+(refused with the reason, all or nothing, by patch_moe, from_module and to_module alike)
+and the settings next to them that it does compute, DeepSeek-V2's group-limited routing,
+experts stored transposed, non-SwiGLU experts, to_module's config checks, and the
+clamped SwiGLU of GLM-5-Next and DeepSeek-V4 (taken only from the known classes, with a
+valid limit). The numerical equivalence of the supported models is in
+test_transformers_integration.py."""
+import dataclasses
+import re
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")  # only where it is not installed; CI has it
+
+from conftest import assert_close
+from hf_models import (GLM5_NEXT_SWIGLU_LIMIT, N_SPARSE, decoder_layers, input_ids, missing,
+                       tiny_config, tiny_model, transformers)
+from transformers_support import PLAIN_CONFIGS, DsvOpLog, arch_param
+
+import dsv3
+import dsv3.integrations.transformers as dt
+
+# --- bad input --------------------------------------------------------------------------------
+def test_patch_moe_rejects_unsupported_models():
+    llama = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=4))
+    pattern = (r"patch_moe: model \(LlamaForCausalLM\) has no sparse MoE block dsv3 supports; "
+               r"supported architectures: Mixtral \(MixtralSparseMoeBlock\), Qwen2-MoE .*"
+               r"Qwen3-MoE .*DeepSeek-V3 \(DeepseekV3MoE\)")
+    with pytest.raises(TypeError, match=pattern):
+        dt.patch_moe(llama)
+    with pytest.raises(TypeError, match="patch_moe: model must be a torch.nn.Module, got str"):
+        dt.patch_moe("mixtral")
+    with pytest.raises(TypeError, match=r"block: Linear is not a supported sparse MoE block"):
+        dt.from_module(nn.Linear(2, 2))
+    block = tiny_model("mixtral").model.layers[0].mlp
+    with pytest.raises(TypeError, match=r"model is itself a MixtralSparseMoeBlock; .*from_module"):
+        dt.patch_moe(block)
+
+
+# Modes of a listed architecture that dsv3.MoE does not compute: (config overrides, the
+# refused setting and the start of the reason, as the message says them).
+REFUSED_MODES = [
+    # top_k=3 of the one kept group's 2 experts: transformers adds another group's.
+    arch_param("deepseek_v2", dict(topk_method="group_limited_greedy", topk_group=1),
+          "DeepSeek-V2 with topk_method='group_limited_greedy' (n_group=4, topk_group=1) "
+          "with top_k=3", "top_k is above the kept groups' experts"),
+    arch_param("cohere2_moe", dict(expert_selection_fn="sigmoid"),
+          "Cohere2-MoE with expert_selection_fn='sigmoid'",
+          "it picks the top-k logits, dsv3.MoE the top-k scores"),
+    arch_param("cohere2_moe", dict(shared_expert_combination_strategy="average"),
+          "Cohere2-MoE with shared_expert_combination_strategy='average'",
+          r"it returns \(routed \+ shared\) / 2, dsv3.MoE routed \+ shared"),
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides", "setting", "why"), REFUSED_MODES)
+def test_refused_modes_say_why(arch, overrides, setting, why):
+    """patch_moe raises the reason and replaces nothing (not even a block it could take);
+    from_module and to_module refuse the same way."""
+    model = tiny_model(arch, **overrides)
+    ids = input_ids()
+    want = model(ids).logits
+    message = rf"{re.escape(setting)} cannot become a dsv3.MoE: {why}"
+    with pytest.raises(ValueError, match=rf"^block: {message}"):
+        dt.patch_moe(model)
+    assert not any(isinstance(m, dt.TransformersMoE) for m in model.modules())
+    assert_close(model(ids).logits, want, "logits after the refusal")
+    with pytest.raises(ValueError, match=rf"^block: {message}"):
+        dt.from_module(decoder_layers(model)[1].mlp)
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS[arch]))
+    with pytest.raises(ValueError, match=rf"^hf_config: {message}"):
+        dt.to_module(moe, tiny_config(arch, **overrides))
+
+
+def test_a_refused_block_leaves_every_other_block_unpatched():
+    """All or nothing: with a block it can take before the refused one, patch_moe
+    replaces neither (before: the first was patched, the model left half converted)."""
+    both = nn.ModuleDict({"ok": tiny_model("deepseek_v2"),
+                          "refused": tiny_model("deepseek_v2", topk_method="group_limited_greedy",
+                                                topk_group=1)})
+    with pytest.raises(ValueError, match="group_limited_greedy"):
+        dt.patch_moe(both)
+    assert not any(isinstance(m, dt.TransformersMoE) for m in both.modules())
+    assert dt.patch_moe(both["ok"]) == N_SPARSE["deepseek_v2"]  # it could take the first
+
+
+# Settings next to a refused mode that still compute dsv3.MoE's function.
+ACCEPTED_MODES = [
+    # Every group kept: greedy.
+    arch_param("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=2)),
+    # Groups by their best expert (group_score="max"): 1 of 2 groups of 4; 3 of 8 groups
+    # of 1 (the best is the only one); 3 of 4 groups of 2, top_k = all the kept experts.
+    arch_param("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+    arch_param("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=8, topk_group=3)),
+    arch_param("deepseek_v2", dict(topk_method="group_limited_greedy", topk_group=3,
+                              num_experts_per_tok=6)),
+    # No shared experts: nothing to average.
+    arch_param("cohere2_moe", dict(shared_expert_combination_strategy="average",
+                              num_shared_experts=0)),
+    # norm_topk_prob is read for sigmoid only.
+    arch_param("cohere2_moe", dict(norm_topk_prob=False)),
+]
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ACCEPTED_MODES)
+def test_accepted_modes_next_to_refused_ones(arch, overrides):
+    block = decoder_layers(tiny_model(arch, **overrides))[1].mlp
+    moe = dt.from_module(block)
+    x = torch.randn(3, 5, 32)
+    assert_close(moe(x), block(x), "from_module output")
+    assert_close(dt.to_module(moe)(x), block(x), "to_module output")
+
+
+@pytest.mark.skipif(missing("deepseek_v2") is not None, reason=str(missing("deepseek_v2")))
+def test_deepseek_v2_group_limited_greedy_scores_groups_by_their_best_expert():
+    """group_limited_greedy becomes group_score="max" (the other way, "top2_sum", gives
+    another output on the same tokens: the tiny model's tests see the difference)."""
+    block = decoder_layers(tiny_model("deepseek_v2_group_limited"))[1].mlp
+    moe = dt.from_module(block)
+    c = moe.config
+    assert (c.score, c.n_groups, c.topk_groups, c.group_score) == ("softmax", 4, 2, "max")
+    x = torch.randn(3, 5, 32)
+    assert_close(moe(x), block(x), "from_module output")
+    moe.config = dataclasses.replace(c, group_score="top2_sum")
+    assert not torch.allclose(moe(x), block(x), rtol=1e-3, atol=1e-3)
+
+
+def test_experts_implementation_transposed_layout():
+    """Experts stored [E, in, out] (``is_transposed``, as some models do) run on the same
+    kernels as a view-free input: same output and grads as the [out, in] layout."""
+    experts = tiny_model("mixtral", experts_implementation="dsv3").model.layers[0].mlp.experts
+    x_TD = torch.randn(7, 32)
+    top_k_index = torch.rand(7, 4).argsort(1)[:, :2]
+    top_k_weights = torch.rand(7, 2)
+    runs = []
+    for transposed in (False, True):
+        if transposed:  # store the same weights transposed, as new contiguous Parameters
+            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().transpose(1, 2)
+                                                .contiguous())
+            experts.down_proj = nn.Parameter(experts.down_proj.detach().transpose(1, 2)
+                                             .contiguous())
+            experts.is_transposed = True
+        y_TD = experts(x_TD, top_k_index, top_k_weights)
+        grads = torch.autograd.grad(y_TD.square().sum(), [experts.gate_up_proj, experts.down_proj])
+        runs.append((y_TD.detach(), [g.transpose(1, 2) if transposed else g for g in grads]))
+    (want, want_grads), (got, got_grads) = runs
+    assert_close(got, want, "output")
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert_close(g, w, "weight grad")
+
+
+def test_non_swiglu_experts_are_refused():
+    config = tiny_config("mixtral")
+    config.hidden_act = "gelu"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match=r"block: .* cannot become a dsv3.MoE: its activation "
+                                         r"is GELUActivation, not SiLU"):
+        dt.patch_moe(model)
+    model.set_experts_implementation("dsv3")
+    with pytest.raises(NotImplementedError, match=r'experts_implementation="dsv3" cannot run '
+                                                  r"MixtralExperts: its activation is GELU"):
+        model(input_ids())
+
+
+def test_plain_moe_to_module_checks_the_config():
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, ffn_dim=48, n_experts=4, top_k=1))
+    with pytest.raises(ValueError, match=r"hf_config: .*top_k=1 vs 2"):
+        dt.to_module(moe, tiny_config("mixtral"))
+    with pytest.raises(ValueError, match="hf_config: required"):
+        dt.to_module(moe)
+    with pytest.raises(ValueError, match=r"model_type 'llama' is not supported.*Mixtral"):
+        dt.to_module(moe, transformers.LlamaConfig())
+
+
+# --- the clamped SwiGLU (GLM-5-Next, DeepSeek-V4) -------------------------------------------
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_glm5_next_clamp_is_active():
+    """In the tiny GLM-5-Next the clamp changes what the block computes, so the tests
+    comparing it with transformers would fail without it: many gate/up values pass the
+    limit, and a patched model whose routed experts forget the clamp has other logits."""
+    model = tiny_model("glm5_next")
+    block = decoder_layers(model)[1].mlp
+    assert block.experts.swiglu_limit == GLM5_NEXT_SWIGLU_LIMIT
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    ids = input_ids()
+    want = model(ids).logits
+    h_TE2F = torch.einsum("td,efd->tef", seen[0].reshape(-1, 32), block.experts.gate_up_proj)
+    assert (h_TE2F.abs() > GLM5_NEXT_SWIGLU_LIMIT).float().mean() > 0.2
+    dt.patch_moe(model)
+    moe = decoder_layers(model)[1].mlp
+    assert moe.config.swiglu_limit == GLM5_NEXT_SWIGLU_LIMIT
+    assert_close(model(ids).logits, want, "logits")
+    moe.config = dataclasses.replace(moe.config, swiglu_limit=None)
+    assert not torch.allclose(model(ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+def _clamped_experts(arch: str, limit: float):
+    """A lone clamped-SwiGLU experts module (GLM-5-Next's or DeepSeek-V4's), random
+    weights of std 0.3: with x ~ N(0, 1), gate and up have std 1.7."""
+    if arch == "glm5_next":
+        from transformers.models.glm5_next import modeling_glm5_next as m
+        config = tiny_config("glm5_next").text_config
+        config.swiglu_limit = limit
+        experts = m.Glm5NextTextExperts(config)
+    else:
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+        config = transformers.DeepseekV4Config(hidden_size=32, moe_intermediate_size=24,
+                                               n_routed_experts=6, swiglu_limit=limit)
+        experts = m.DeepseekV4Experts(config)
+    with torch.no_grad():
+        for weight in (experts.gate_up_proj, experts.down_proj):
+            weight.normal_(0, 0.3)
+    return experts
+
+
+@pytest.mark.parametrize("arch", [arch_param("glm5_next"), arch_param("deepseek_v4")])
+def test_clamped_swiglu_experts_run_on_dsv3(arch):
+    """experts_implementation="dsv3" takes the known clamped-SwiGLU experts classes and
+    computes their _apply_gate (the limit read from the module): output and every
+    gradient as their own forward."""
+    experts = _clamped_experts(arch, 2.0)
+    x_TD = torch.randn(11, 32)
+    n_experts = experts.gate_up_proj.shape[0]
+    top_k_index = torch.rand(11, n_experts).argsort(1)[:, :3]
+    top_k_weights = torch.rand(11, 3)
+    runs = []
+    for implementation in ("eager", "dsv3"):
+        experts.config._experts_implementation = implementation
+        x = x_TD.clone().requires_grad_()
+        with DsvOpLog() as log:
+            y_TD = experts(x, top_k_index, top_k_weights)
+        assert ("swiglu" in log.ops) == (implementation == "dsv3")
+        grad_y = torch.randn(y_TD.shape, generator=torch.Generator().manual_seed(2))
+        runs.append([y_TD.detach(), *torch.autograd.grad(
+            y_TD, [x, experts.gate_up_proj, experts.down_proj], grad_y)])
+    for got, want, what in zip(runs[1], runs[0], ["output", "grad of x", "grad of gate_up",
+                                                   "grad of down"], strict=True):
+        assert_close(got, want, what)
+    # The limit was in force: without it the function differs.
+    experts.config._experts_implementation = "eager"
+    h = torch.einsum("td,efd->tef", x_TD, experts.gate_up_proj.detach())
+    assert (h.abs() > 2.0).float().mean() > 0.2
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_unknown_or_broken_clamped_experts_are_refused():
+    """Only the listed classes are taken, by exact class: a subclass (which may gate
+    otherwise) is refused, and so is a limit that is not a finite number > 0."""
+    experts = _clamped_experts("glm5_next", 2.0)
+    sub = type("MyExperts", (type(experts),), {})
+    experts.__class__ = sub
+    reason = dt.experts.unsupported_reason(experts)
+    assert reason is not None and "_apply_gate" in reason
+    experts.__class__ = sub.__mro__[1]
+    assert dt.experts.unsupported_reason(experts) is None
+    experts.swiglu_limit = 0.0
+    assert dt.experts.unsupported_reason(experts) == (
+        "its SwiGLU clamp limit (swiglu_limit=0.0) is not a finite number > 0")
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_plain_moe_to_module_checks_the_swiglu_limit():
+    """A dsv3.MoE becomes a clamped block only with the block's limit, and a clamped
+    dsv3.MoE never becomes an unclamped block."""
+    unclamped = {**PLAIN_CONFIGS["glm5_next"], "swiglu_limit": None}
+    with pytest.raises(ValueError, match=r"hf_config: .*swiglu_limit=None vs 1.0"):
+        dt.to_module(dsv3.MoE(dsv3.MoEConfig(dim=32, **unclamped)), tiny_config("glm5_next"))
+    clamped = {**PLAIN_CONFIGS["deepseek_v3"], "swiglu_limit": 1.0}
+    with pytest.raises(ValueError, match=r"hf_config: .*swiglu_limit=1.0 vs None"):
+        dt.to_module(dsv3.MoE(dsv3.MoEConfig(dim=32, **clamped)), tiny_config("deepseek_v3"))
