@@ -148,7 +148,8 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
         // A group's score is the sum of its two best choice scores (DeepSeek-V3) or its
         // best one (GroupScore::Max, DeepSeek-V2); experts outside the best topk_groups
         // groups are marked taken (excluded, never chosen: DeepSeek-V2 zeroes their
-        // scores instead, which picks the same experts while the kept scores are > 0).
+        // scores instead, which picks the same experts while the kept scores are > 0 and
+        // nothing ties: its topk orders ties as it likes, ours goes to the lower index).
         for (int64_t g = 0; g < n_groups; ++g) {
           const int64_t lo = g * group_size, hi = lo + group_size;
           int64_t first = argmax_untaken(choice_E.data(), taken_E, lo, hi);
