@@ -16,10 +16,16 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe",
          "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
          "exaone_moe", "minimax_m2", "afmoe", "qwen3_vl_moe", "solar_open", "deepseek_v32",
          "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "deepseek_v2_group_limited", "cohere2_moe",
-         "glm5_next")
+         "glm5_next", "ernie4_5_moe", "ernie4_5_moe_no_shared")
 # Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
 _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
-           "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")
+           "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next",
+           "ernie4_5_moe", "ernie4_5_moe_no_shared")
+# ERNIE-4.5-MoE's: dsv3 takes its blocks only while moe_norm_min + the bias' range is at
+# most 1/(2E) (1/12 here, see architectures._ernie_refuse): a fixed bias of range 0.08,
+# which still changes some choices.
+ERNIE = ("ernie4_5_moe", "ernie4_5_moe_no_shared")
+ERNIE_BIAS = (0.04, -0.04, 0.024, -0.008, 0.008, -0.024)
 # Vision-language models: built as image-text-to-text models (no causal-LM class).
 VLMS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next")
 # Config classes of the families a transformers release may lack (added after 5.17, or
@@ -29,7 +35,8 @@ _CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenCon
                  "glm4v_moe": "Glm4vMoeConfig", "deepseek_v2": "DeepseekV2Config",
                  "deepseek_v2_group_limited": "DeepseekV2Config",
                  "cohere2_moe": "Cohere2MoeConfig", "glm5_next": "Glm5NextConfig",
-                 "deepseek_v4": "DeepseekV4Config"}
+                 "deepseek_v4": "DeepseekV4Config", "ernie4_5_moe": "Ernie4_5_MoeConfig",
+                 "ernie4_5_moe_no_shared": "Ernie4_5_MoeConfig"}
 # GLM-5-Next's SwiGLU clamp limit in its tiny model: its gate and up values (about 1.1
 # std) pass it often, so the clamp is active in the tests (test_clamp_is_active checks).
 GLM5_NEXT_SWIGLU_LIMIT = 1.0
@@ -168,6 +175,17 @@ def _config(arch: str):
             num_experts_per_tok=2, num_shared_experts=2, shared_expert_combination_strategy="sum",
             expert_selection_fn="softmax", mlp_layer_types=["dense", "sparse"], head_dim=8,
             **NO_TOKENS, **COMMON)
+    if arch in ERNIE:  # softmax top-2 of 6 chosen with the [1, E] bias, renormalized by
+        # max(sum, moe_norm_min); layer 0 dense. Shared experts (2, of 2x the expert width)
+        # or none; the sparse layer picked by the start index, or by the interval.
+        if arch == "ernie4_5_moe":
+            layers = dict(moe_num_shared_experts=2, moe_layer_start_index=1)
+        else:
+            layers = dict(moe_num_shared_experts=0, moe_layer_start_index=0,
+                          moe_layer_interval=2)
+        return transformers.Ernie4_5_MoeConfig(
+            intermediate_size=64, moe_intermediate_size=24, moe_num_experts=6, moe_k=2,
+            **layers, **COMMON)
     # Vision towers: one block, out to D=32.
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
                   patch_size=4)
@@ -211,7 +229,8 @@ def _config(arch: str):
 N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, "exaone_moe": 1,
                                           "deepseek_v32": 1, "glm_moe_dsa": 1, "glm4v_moe": 1,
                                           "deepseek_v2": 1, "deepseek_v2_group_limited": 1,
-                                          "cohere2_moe": 1, "glm5_next": 1}
+                                          "cohere2_moe": 1, "glm5_next": 1,
+                                          "ernie4_5_moe": 1, "ernie4_5_moe_no_shared": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
@@ -228,7 +247,15 @@ def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
         for name, bias in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "mlp.expert_bias")):
                 with torch.no_grad():
-                    bias.copy_(0.1 * torch.randn_like(bias))
+                    if arch in ERNIE:
+                        bias.copy_(torch.tensor(ERNIE_BIAS).view_as(bias))
+                    else:
+                        bias.copy_(0.1 * torch.randn_like(bias))
+    if arch in ERNIE:  # transformers 5.17 leaves ERNIE's router weight at its zeros
+        for layer in decoder_layers(model):
+            if hasattr(layer.mlp, "gate"):
+                with torch.no_grad():
+                    layer.mlp.gate.weight.normal_(0.0, COMMON["initializer_range"])
     return model.train()
 
 

@@ -19,8 +19,8 @@ import torch
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close, assert_close_to_reference
-from hf_models import (ARCHS, N_SPARSE, decoder_layers, input_ids, tiny_config, tiny_model,
-                       transformers)
+from hf_models import (ARCHS, ERNIE, ERNIE_BIAS, N_SPARSE, decoder_layers, input_ids,
+                       tiny_config, tiny_model, transformers)
 from transformers_support import PLAIN_CONFIGS, DsvOpLog, arch_param
 
 import dsv3
@@ -100,7 +100,7 @@ def _large_aux_loss(model):
 # The ones whose models compute an aux loss (its router_logits are what the loss reads).
 @pytest.mark.parametrize("arch", [arch_param(a) for a in (
     "mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo", "qwen3_next", "qwen3_5_moe_text",
-    "minimax_m2", "qwen3_vl_moe", "glm4v_moe", "glm5_next")])
+    "minimax_m2", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_moe")])
 def test_router_logits_and_aux_loss(arch, hooks_before_patch):
     model = _large_aux_loss(tiny_model(arch))
     ids = input_ids()
@@ -128,6 +128,8 @@ SELECTION_BIAS = {arch: "gate.e_score_correction_bias" for arch in
                   ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
                    "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")}
 SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias"}
+# ERNIE-4.5-MoE's is a [1, E] Parameter, which dsv3 routes on through an [E] view.
+SELECTION_BIAS |= {arch: "gate.moe_statics.e_score_correction_bias" for arch in ERNIE}
 
 
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
@@ -142,7 +144,10 @@ def test_converters_share_parameters(arch):
     assert moe.router.weight is before[ROUTER_WEIGHT.get(arch, "gate.weight")]
     dsv3_ptrs = {t.data_ptr() for t in [*moe.parameters(), *moe.buffers()]}
     assert {t.data_ptr() for t in before.values()} <= dsv3_ptrs, "some HF tensor was copied"
-    if arch in SELECTION_BIAS:
+    if arch in ERNIE:  # a view of the very Parameter
+        bias = before[SELECTION_BIAS[arch]]
+        assert moe.expert_bias._base is bias and moe.expert_bias.shape == (bias.numel(),)
+    elif arch in SELECTION_BIAS:
         assert moe.expert_bias is before[SELECTION_BIAS[arch]]
     else:
         assert moe.expert_bias is None
@@ -175,10 +180,13 @@ def test_unpatch_restores_the_model():
 @pytest.mark.parametrize("arch", [arch_param(a) for a in PLAIN_CONFIGS])
 def test_plain_moe_to_module(arch):
     """A dsv3.MoE trained on its own becomes an HF block (shared experts: the fused
-    expert is split, a copy; everything else is the same Parameters). HunYuan and AFMoE
-    keep their router weight, bias and shared MLP under other names."""
+    expert is split, a copy; everything else is the same Parameters). HunYuan, AFMoE and
+    ERNIE-4.5-MoE keep their router weight, bias and shared MLP under other names (ERNIE's
+    bias a [1, E] Parameter on the same storage)."""
     moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS[arch]))
-    if moe.expert_bias is not None:  # as if trained: it changes some choices
+    if arch in ERNIE:  # one whose range keeps the sum above moe_norm_min
+        moe.expert_bias.copy_(torch.tensor(ERNIE_BIAS))
+    elif moe.expert_bias is not None:  # as if trained: it changes some choices
         moe.expert_bias.copy_(0.1 * torch.randn(moe.config.n_experts))
     block = dt.to_module(moe, tiny_config(arch))
     tensors = _hf_tensors(block)

@@ -55,7 +55,21 @@ REFUSED_MODES = [
     arch_param("cohere2_moe", dict(shared_expert_combination_strategy="average"),
           "Cohere2-MoE with shared_expert_combination_strategy='average'",
           r"it returns \(routed \+ shared\) / 2, dsv3.MoE routed \+ shared"),
+    # A moe_norm_min the chosen weights' sum may fall below (the bound: 1/(2E) = 1/12).
+    arch_param("ernie4_5_moe", dict(moe_norm_min=0.5), "ERNIE-4.5-MoE with moe_norm_min=0.5",
+               "transformers divides the chosen weights by moe_norm_min where their sum is "
+               "smaller, dsv3.MoE by the sum"),
 ]
+
+
+@pytest.mark.skipif(missing("deepseek_v2") is not None, reason=str(missing("deepseek_v2")))
+def test_group_limited_deepseek_v2_without_groups_is_refused():
+    # Before: n_group = topk_group = None read as "every group kept" and ran as greedy,
+    # where transformers' own forward fails.
+    model = tiny_model("deepseek_v2", topk_method="group_limited_greedy", n_group=None,
+                       topk_group=None)
+    with pytest.raises(ValueError, match=r"n_group=None, topk_group=None\) cannot become"):
+        dt.patch_moe(model)
 
 
 @pytest.mark.parametrize(("arch", "overrides", "setting", "why"), REFUSED_MODES)
@@ -104,6 +118,9 @@ ACCEPTED_MODES = [
                               num_shared_experts=0)),
     # norm_topk_prob is read for sigmoid only.
     arch_param("cohere2_moe", dict(norm_topk_prob=False)),
+    # No clamp (a sum is > 0 here), and one just inside the bound with the bias' 0.08.
+    arch_param("ernie4_5_moe", dict(moe_norm_min=0.0)),
+    arch_param("ernie4_5_moe_no_shared", dict(moe_norm_min=0.003)),
 ]
 
 
@@ -128,6 +145,41 @@ def test_deepseek_v2_group_limited_greedy_scores_groups_by_their_best_expert():
     assert_close(moe(x), block(x), "from_module output")
     moe.config = dataclasses.replace(c, group_score="top2_sum")
     assert not torch.allclose(moe(x), block(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(missing("ernie4_5_moe") is not None, reason=str(missing("ernie4_5_moe")))
+def test_ernie_bias_that_lets_the_clamp_act_is_refused():
+    """ERNIE-4.5-MoE chooses on softmax + bias: a bias of wide range can choose experts
+    whose probabilities sum below moe_norm_min, where transformers divides by
+    moe_norm_min (a weight sum below 1) and dsv3.MoE by the sum. Such a bias is refused
+    at the default moe_norm_min too (the clamp acts on a block built to show it), and so
+    is a bias not loaded yet (meta): its values decide."""
+    model = tiny_model("ernie4_5_moe")
+    block = decoder_layers(model)[1].mlp
+    with torch.no_grad():  # expert 0 wins every token by far (p ~ 1), the bias picks 4, 5
+        block.gate.weight.zero_()
+        block.gate.weight[0] = 10.0
+        block.gate.moe_statics.e_score_correction_bias.copy_(
+            torch.tensor([[0.0, 0.0, 0.0, 0.0, 2.0, 2.0]]))
+    x = torch.randn(3, 5, 32).abs()  # logit of expert 0 >= 0; the others' 0
+    x[..., 0] += 5  # a logit gap of at least 50: the chosen p < 1e-12 = moe_norm_min
+    _, weights_TK, experts_TK = block.gate(x.view(-1, 32))
+    assert (experts_TK.sort(-1).values == torch.tensor([4, 5])).all()
+    assert (weights_TK.sum(-1) < 1e-3).all()  # the clamp acted: the weights do not sum to 1
+    message = (r"ERNIE-4.5-MoE with moe_norm_min=1e-12 cannot become a dsv3.MoE: transformers "
+               r"divides the chosen weights by moe_norm_min where their sum is smaller")
+    with pytest.raises(ValueError, match=rf"^block: {message}"):
+        dt.patch_moe(model)
+    assert not any(isinstance(m, dt.TransformersMoE) for m in model.modules())
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["ernie4_5_moe"]))
+    moe.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match=rf"^hf_config: {message}"):
+        dt.to_module(moe, tiny_config("ernie4_5_moe"))
+    with torch.device("meta"):
+        meta_block = type(block)(tiny_config("ernie4_5_moe"))
+    with pytest.raises(ValueError, match=r"^block: ERNIE-4.5-MoE with moe_norm_min=1e-12 and a "
+                                         r"selection bias on the meta device cannot become"):
+        dt.from_module(meta_block)
 
 
 def test_experts_implementation_transposed_layout():

@@ -53,4 +53,8 @@ PLAIN_CONFIGS = {
     "glm5_next": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
                       n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3,
                       swiglu_limit=GLM5_NEXT_SWIGLU_LIMIT),
+    # Softmax chosen with a bias, renormalized; 2 shared experts, or none.
+    "ernie4_5_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2,
+                         bias_update_rate=1e-3),
+    "ernie4_5_moe_no_shared": dict(ffn_dim=24, n_experts=6, top_k=2, bias_update_rate=1e-3),
 }

@@ -13,8 +13,8 @@ language model, OLMoE, FlexOlmo, HunYuan-MoE-V1, DeepSeek-V3, DeepSeek-V3.2, GLM
 and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA, GLM-4V-MoE's and GLM-5-Next's language
 models, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE,
 DeepSeek-V2 (topk_method "greedy" and "group_limited_greedy"), Cohere2-MoE with softmax
-selection; other modes of the last two are refused with the reason; see
-architectures.py):
+selection, ERNIE-4.5-MoE while its moe_norm_min clamp cannot act; other modes of the
+last three are refused with the reason; see architectures.py):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 

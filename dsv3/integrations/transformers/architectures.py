@@ -30,6 +30,9 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 |                            | scored by their best expert), scaled, never          |                 |
 |                            | renormalized                                         |                 |
 | Cohere2-MoE (softmax)      | top-k logits, softmax over them (= renormalized)     | none, or "sum"  |
+| ERNIE-4.5-MoE              | softmax + the [1, E] bias of gate.moe_statics,       | plain (n), or   |
+|                            | top-k, renormalized (by max(sum, moe_norm_min):      | none            |
+|                            | see below)                                           |                 |
 
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
 DeepSeek-V3's), so they are patched too. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
@@ -58,7 +61,9 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   to 0: dsv3.MoE's group_score="max" (n_groups=n_group, topk_groups=topk_group), which
   excludes those experts instead. The two choose alike while every kept score is > 0
   (a softmax score is, unless it underflows to 0, and then the copy it adds weighs 0
-  either way); topk_group == n_group keeps every group: greedy. Refused: a top_k above
+  either way) and no two scores or group maxima tie exactly (dsv3 gives a tie to the
+  lower index; transformers' topk orders ties as it likes, e.g. the higher indices on
+  CPU); topk_group == n_group keeps every group: greedy. Refused: a top_k above
   the kept groups' experts (transformers then fills the top-k with other groups'
   experts at weight 0; dsv3.MoE chooses in the kept groups only), and group settings
   its router cannot split the experts by.
@@ -71,11 +76,28 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   so dsv3, choosing on sigmoid(logits), breaks ties by index where the logits differ
   plainly) and ``"average"`` ((routed + shared) / 2; dsv3.MoE adds shared experts
   unscaled).
+- ERNIE-4.5-MoE: softmax (logits, scores and weights in fp32), the top-k of softmax +
+  bias (gate.moe_statics.e_score_correction_bias, a frozen fp32 Parameter [1, E]: dsv3
+  routes on an [E] view of it, the same storage, and to_module puts the Parameter back),
+  weights p / max(sum, moe_norm_min). dsv3.MoE computes p * (1 / (sum + 1e-20)) (C++;
+  the Triton kernel p / (sum + 1e-20)), where the 1e-20 is below the sum's ulp: the same
+  as Mixtral's p / sum, and DeepSeek-V3's p / (sum + 1e-20), while the clamp does not
+  act. Without a bias the sum is at least the top-1 probability, >= 1/E; with one the
+  chosen experts may all be improbable, so the bias counts too: accepted while
+  moe_norm_min + the bias' range (max - min) <= 1/(2E), which keeps every chosen
+  expert's probability within that range of the top one's, and the sum above 1/(2E)
+  and moe_norm_min (_ernie_refuse). Checked on the bias' values when converting: a bias
+  still on the meta device is refused, and one loaded into a patched model afterwards
+  is not checked again. Refused otherwise (ERNIE-4.5's own moe_norm_min, 1e-12, passes
+  unless the bias' range nears 1/(2E): 1/128 for 64 experts). Shared experts
+  (moe_intermediate_size * moe_num_shared_experts wide) only where
+  moe_num_shared_experts > 0.
 
 Near misses, left to ``experts_implementation="dsv3"``: LFM2-MoE (renormalizes with
-+1e-6), ERNIE-4.5-MoE (renormalizes with a clamp at moe_norm_min), LongCat-Flash
-(identity experts, no renormalization). Not listed: DeepSeek-V4, which scores with
-sqrt(softplus) and routes its first layers by a token-id table (hash_moe); its experts
++1e-6), LongCat-Flash (identity experts, no renormalization), ERNIE-4.5-VL-MoE (its
+block routes text and vision tokens, by moe_mm_token_type_ids, to two expert sets of
+different widths, and returns its router logits too). Not listed: DeepSeek-V4, which
+scores with sqrt(softplus) and routes its first layers by a token-id table (hash_moe); its experts
 (the same clamped SwiGLU as GLM-5-Next's) run on dsv3 through
 ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS).
 
@@ -102,6 +124,9 @@ class Architecture:
     gate: str = "gate"  # the block's router submodule
     gate_weight: str = "weight"  # the router's [E, D] weight, a path inside the router
     bias: str | None = None  # the selection-only bias [E], a path inside the block
+    # The bias is stored [1, E] (ERNIE-4.5-MoE's moe_statics): dsv3.MoE routes on an [E]
+    # view of it, and to_module puts back the [1, E] Parameter the view was taken of.
+    bias_rows: bool = False
     # Other model_types whose models are built from these very classes (to_module's
     # hf_config may be theirs).
     aliases: tuple[str, ...] = ()
@@ -145,7 +170,10 @@ def _afmoe_routing(router: nn.Module) -> dict:
 
 def _deepseek_v2_limits_groups(router: nn.Module) -> bool:
     """group_limited_greedy with some group left out (all kept: greedy)."""
-    return router.topk_method == "group_limited_greedy" and router.topk_group != router.num_group
+    # A missing n_group counts as limiting, so that the refusal below names it (None ==
+    # None would pass for "every group kept").
+    return router.topk_method == "group_limited_greedy" and (
+        router.num_group is None or router.topk_group != router.num_group)
 
 
 def _deepseek_v2_routing(router: nn.Module) -> dict:
@@ -190,6 +218,37 @@ def _cohere2_moe_refuse(block: nn.Module) -> tuple[str, str] | None:
     if block.num_shared_experts > 0 and combination != "sum":
         return (f"shared_expert_combination_strategy={combination!r}",
                 "it returns (routed + shared) / 2, dsv3.MoE routed + shared")
+    return None
+
+
+def _ernie_refuse(block: nn.Module) -> tuple[str, str] | None:
+    """ERNIE-4.5-MoE renormalizes by max(sum, moe_norm_min), dsv3.MoE by the sum (+1e-20,
+    below the sum's ulp): the same while the chosen weights' sum is >= moe_norm_min. The
+    experts are chosen on softmax + bias, so the sum has no floor of its own (a bias can
+    choose experts of tiny probability). With R the bias' range (max - min) and
+    moe_norm_min + R <= 1/(2E), every chosen expert is the most probable one (p >= 1/E)
+    or one that outranks it, so p >= 1/E - R >= 1/(2E) + moe_norm_min: the sum is above
+    both moe_norm_min and 1/(2E). R carries 2^-20 of the bias' magnitude on top, for
+    the rounding of p + bias; the factor 2 is room for the softmax's."""
+    router = block.gate
+    norm_min = router.norm_min
+    setting = f"moe_norm_min={norm_min!r}"
+    if isinstance(norm_min, bool) or not isinstance(norm_min, (int, float)):
+        return setting, "moe_norm_min is not a number"
+    bias = router.moe_statics.e_score_correction_bias
+    if bias.is_meta:
+        return (setting + " and a selection bias on the meta device",
+                "whether the clamp at moe_norm_min can act depends on the bias' values; "
+                "convert the block once they are loaded")
+    bias = bias.detach().float()
+    spread = (bias.max() - bias.min()).item() + 2.0 ** -20 * max(1.0, bias.abs().max().item())
+    bound = 1.0 / (2 * bias.numel())
+    if not norm_min + spread <= bound:  # also false for a NaN norm_min or bias
+        return (setting, f"transformers divides the chosen weights by moe_norm_min where their "
+                         f"sum is smaller, dsv3.MoE by the sum; accepted while moe_norm_min + "
+                         f"the selection bias' range is at most 1/(2 * num_experts) = "
+                         f"{bound:.4g} (here {norm_min + spread:.4g}), which keeps the sum "
+                         f"above moe_norm_min")
     return None
 
 
@@ -263,6 +322,12 @@ ARCHITECTURES = (
     Architecture("Cohere2-MoE", "cohere2_moe", _hf("cohere2_moe"), "Cohere2MoeSparseMoeBlock",
                  "Cohere2MoeTopKRouter", _softmax_routing_always_normalized,
                  shared=("shared_experts",), refuse=_cohere2_moe_refuse),
+    # Softmax, chosen with the [1, E] bias, renormalized by max(sum, moe_norm_min): see
+    # _ernie_refuse. Shared experts only where moe_num_shared_experts > 0.
+    Architecture("ERNIE-4.5-MoE", "ernie4_5_moe", _hf("ernie4_5_moe"), "Ernie4_5_MoeSparseMoeBlock",
+                 "Ernie4_5_MoeTopKRouter", _softmax_routing_always_normalized,
+                 shared=("shared_experts",), bias="gate.moe_statics.e_score_correction_bias",
+                 bias_rows=True, refuse=_ernie_refuse),
 )
 
 

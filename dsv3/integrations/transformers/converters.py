@@ -98,7 +98,8 @@ def from_module(block: nn.Module) -> TransformersMoE:
     moe.router.weight = _get_attr(router, arch.gate_weight)
     moe.gate_up_proj, moe.down_proj = experts.gate_up_proj, experts.down_proj
     if arch.bias is not None:
-        moe.set_routing_bias(_get_attr(block, arch.bias))
+        bias = _get_attr(block, arch.bias)
+        moe.set_routing_bias(bias.view(-1) if arch.bias_rows else bias)  # a view: no copy
     if arch.gated_shared:
         moe.shared_expert, moe.shared_expert_gate = block.shared_expert, block.shared_expert_gate
     elif arch.shared:
@@ -113,6 +114,23 @@ def _split_fused_shared(shared: SwiGLUMLP, hf_mlp: nn.Module) -> None:
     hf_mlp.gate_proj.weight = nn.Parameter(gate_FD.clone())
     hf_mlp.up_proj.weight = nn.Parameter(up_FD.clone())
     hf_mlp.down_proj.weight = shared.down_proj.weight
+
+
+def _hf_bias(arch, moe: MoE, hf_bias: torch.Tensor) -> torch.Tensor:
+    """The selection bias to put in the block in place of ``hf_bias`` (its meta stand-in):
+    ``moe``'s, in the block's form."""
+    bias_E = moe.expert_bias
+    if bias_E is None:  # a dsv3.MoE without a bias routes like a zero correction bias
+        bias_E = torch.zeros(hf_bias.shape[-1], device=moe.gate_up_proj.device)
+    if arch.bias_rows:  # stored [1, E]: the Parameter from_module took the [E] view of
+        base = bias_E._base
+        if (isinstance(base, nn.Parameter) and base.shape == (1, bias_E.numel())
+                and base.data_ptr() == bias_E.data_ptr()):
+            return base
+        bias_E = bias_E.view(1, -1)  # e.g. after model.to(device): same storage
+    if isinstance(hf_bias, nn.Parameter) and not isinstance(bias_E, nn.Parameter):
+        bias_E = nn.Parameter(bias_E, requires_grad=False)  # AFMoE's, ERNIE's: frozen
+    return bias_E
 
 
 def to_module(moe: MoE, hf_config=None) -> nn.Module:
@@ -141,6 +159,8 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
     block_cls, _ = arch.classes()
     with torch.device("meta"):  # every tensor is replaced below; allocate none
         block = block_cls(hf_config)
+    if arch.bias is not None:  # first: a refusal may read its values (ERNIE-4.5-MoE's)
+        _set_attr(block, arch.bias, _hf_bias(arch, moe, _get_attr(block, arch.bias)))
     want = _moe_config(arch, block, "hf_config")
     diffs = [f"{f}={getattr(moe.config, f)!r} vs {getattr(want, f)!r}" for f in _LAYER_FIELDS
              if _differs(f, moe.config, want)]
@@ -150,14 +170,6 @@ def to_module(moe: MoE, hf_config=None) -> nn.Module:
 
     _set_attr(getattr(block, arch.gate), arch.gate_weight, moe.router.weight)
     block.experts.gate_up_proj, block.experts.down_proj = moe.gate_up_proj, moe.down_proj
-    if arch.bias is not None:
-        bias_E = moe.expert_bias
-        if bias_E is None:  # a dsv3.MoE without a bias routes like a zero correction bias
-            bias_E = torch.zeros(want.n_experts, device=moe.gate_up_proj.device)
-        if isinstance(_get_attr(block, arch.bias), nn.Parameter) and not isinstance(
-                bias_E, nn.Parameter):  # AFMoE keeps it as a frozen Parameter
-            bias_E = nn.Parameter(bias_E, requires_grad=False)
-        _set_attr(block, arch.bias, bias_E)
     if arch.gated_shared:
         if getattr(moe, "shared_expert", None) is None:
             raise ValueError(f"moe: {arch.name} needs a gated shared expert, which only a "
