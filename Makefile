@@ -34,7 +34,8 @@ build: dsv3/.built
 # through the Triton kernels on CPU tensors under Triton's interpreter.
 TRITON_TESTS := tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py \
 	tests/test_swiglu.py tests/test_moe.py tests/test_quantize.py tests/test_errors.py \
-	tests/test_gpu_hazards.py tests/test_ops_review.py
+	tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_gpt_oss_glu.py \
+	tests/test_expert_bias.py
 
 test: build
 	$(PYTHON) -m pytest -q tests

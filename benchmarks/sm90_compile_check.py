@@ -156,7 +156,7 @@ def _sass_columns(stats: dict) -> str:
 
 
 def _cases(dtypes):
-    from dsv3.kernels import grouped_gemm, permute, quantize, router, swiglu
+    from dsv3.kernels import gpt_oss_glu, grouped_gemm, permute, quantize, router, swiglu
     for dtype in dtypes:
         for n_tokens, n_experts, top_k, dim, ffn in [(64, 8, 2, 64, 96), (37, 256, 8, 48, 40)]:
             n_rows = n_tokens * top_k
@@ -213,6 +213,14 @@ def _cases(dtypes):
             for grad_at_limit in (False, True):
                 yield "swiglu_backward clamped", lambda: swiglu.swiglu_backward(
                     torch.randn(n_rows, ffn, dtype=dtype), h, 10.0, grad_at_limit)
+            # GPT-OSS's interleaved gate/up (alpha 1.702, swiglu_limit 7): the same variants.
+            yield "gpt_oss_glu", lambda: gpt_oss_glu.gpt_oss_glu(h, 1.702)
+            yield "gpt_oss_glu_backward", lambda: gpt_oss_glu.gpt_oss_glu_backward(
+                torch.randn(n_rows, ffn, dtype=dtype), h, 1.702)
+            yield "gpt_oss_glu clamped", lambda: gpt_oss_glu.gpt_oss_glu(h, 1.702, 7.0)
+            for grad_at_limit in (False, True):
+                yield "gpt_oss_glu_backward clamped", lambda: gpt_oss_glu.gpt_oss_glu_backward(
+                    torch.randn(n_rows, ffn, dtype=dtype), h, 1.702, 7.0, grad_at_limit)
     flat = torch.randn(5000)
     yield "quantize_int8", lambda: quantize.quantize_int8(flat, 128, torch.zeros(5000))
     q, scales, _ = quantize.quantize_int8(flat, 128, None)

@@ -69,6 +69,14 @@ TORCH_LIBRARY(dsv3, m) {
   m.def(
       "swiglu_backward(Tensor grad_a_SF, Tensor h_S2F, float? limit=None, "
       "bool grad_at_limit=False) -> Tensor");
+  // GPT-OSS's gated activation: a_SF = gate * sigmoid(alpha * gate) * (up + 1) with gate
+  // and up INTERLEAVED, gate = h[:, 0::2], up = h[:, 1::2]. With a limit L > 0, first
+  // gate = min(gate, L) and up = clamp(up, -L, L) as torch's clamp does, with the
+  // gradients at and past the bounds as swiglu's. grad_h_S2F is interleaved like h.
+  m.def("gpt_oss_glu(Tensor h_S2F, float alpha, float? limit=None) -> Tensor");
+  m.def(
+      "gpt_oss_glu_backward(Tensor grad_a_SF, Tensor h_S2F, float alpha, float? limit=None, "
+      "bool grad_at_limit=False) -> Tensor");
 }
 
 namespace {

@@ -113,6 +113,16 @@ def swiglu(h_S2F, limit=None):
     return F.silu(gate_SF) * up_SF
 
 
+def gpt_oss_glu(h_S2F, alpha, limit=None):
+    """GPT-OSS's gated activation on interleaved rows (gate at even columns, up at odd):
+    gate.clamp(max=L) * sigmoid(alpha * gate) * (up.clamp(-L, L) + 1), torch's clamp and
+    its gradient; ``limit`` None clamps nothing."""
+    gate_SF, up_SF = h_S2F[:, 0::2], h_S2F[:, 1::2]
+    if limit is not None:
+        gate_SF, up_SF = gate_SF.clamp(max=limit), up_SF.clamp(-limit, limit)
+    return gate_SF * torch.sigmoid(gate_SF * alpha) * (up_SF + 1)
+
+
 def expert_ffn(x_D, gate_up_2FD, down_DF, limit=None):
     """One SwiGLU expert with weights in nn.Linear's [out, in] layout."""
     return F.linear(swiglu(F.linear(x_D, gate_up_2FD), limit), down_DF)

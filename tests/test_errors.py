@@ -247,6 +247,17 @@ SWIGLU = [
     pytest.param(lambda: ops.swiglu([1.0, 2.0]), TypeError, "h_S2F", id="h_not_tensor"),
 ]
 
+GPT_OSS_GLU = [
+    pytest.param(lambda: ops.gpt_oss_glu(torch.randn(4, 7)), ValueError, "h_S2F",
+                 id="gpt_oss_glu_odd_last_dim"),
+    pytest.param(lambda: ops.gpt_oss_glu(torch.ones(4, 8, dtype=I32)), TypeError, "h_S2F",
+                 id="gpt_oss_glu_h_int"),
+    pytest.param(lambda: ops.gpt_oss_glu(torch.randn(4, 8), True), TypeError, "alpha",
+                 id="gpt_oss_glu_alpha_bool"),
+    pytest.param(lambda: ops.gpt_oss_glu(torch.randn(4, 8), 1.702, 0.0), ValueError, "limit",
+                 id="gpt_oss_glu_limit_zero"),
+]
+
 CONFIG = [
     pytest.param({"top_k": 9}, "top_k", id="top_k_gt_n_experts"),
     pytest.param({"top_k": 0}, "top_k", id="top_k_zero"),
@@ -281,7 +292,7 @@ CONFIG_TYPES = [
 
 
 @pytest.mark.parametrize("call, error, pattern",
-                         ROUTE + PERMUTE + GROUPED_MM + KERNEL_VALUES + SWIGLU)
+                         ROUTE + PERMUTE + GROUPED_MM + KERNEL_VALUES + SWIGLU + GPT_OSS_GLU)
 def test_op_rejects_bad_input(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()

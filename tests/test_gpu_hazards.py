@@ -25,7 +25,8 @@ from dsv3 import reference
 
 triton = pytest.importorskip("triton")  # the Triton kernels are optional
 
-from dsv3.kernels import config, grouped_gemm, permute, quantize, router, swiglu  # noqa: E402
+from dsv3.kernels import (config, gpt_oss_glu, grouped_gemm, permute, quantize,  # noqa: E402
+                          router, swiglu)
 
 # The interpreter runs Triton on CPU tensors; on a GPU the same tests run natively.
 DEVICES = ([pytest.param("cpu", marks=pytest.mark.skipif(
@@ -176,6 +177,17 @@ def test_swiglu_and_quantize_write_every_element(device, int_poison):
                                     torch.randn(1000, device=device))
     run_poisoned(int_poison, quantize.dequantize_int8, torch.stack([q_N, q_N]),
                  torch.stack([scales_B, scales_B]), 128)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("limit", [None, 1.0])
+def test_gpt_oss_glu_writes_every_element(limit, device):
+    """S * F = 7 * 13 (a multiple of no block, pairs crossing rows): every output and
+    both interleaved gradients, clamped and not."""
+    h_S2F = torch.randn(7, 26, device=device)
+    a_SF, = run_poisoned(0, gpt_oss_glu.gpt_oss_glu, h_S2F, 1.702, limit)
+    run_poisoned(0, gpt_oss_glu.gpt_oss_glu_backward, torch.randn_like(a_SF), h_S2F, 1.702,
+                 limit)
 
 
 # Launchers that passed a 1-D tensor to a kernel indexing it as ptr + i read a strided

@@ -81,3 +81,8 @@ def test_grouped_mm_gradcheck(layout, ends):
 
 def test_swiglu_gradcheck():
     assert gradcheck(ops.swiglu, (3 * f64(9, 10),))
+
+
+@pytest.mark.parametrize("alpha, limit", [(1.702, None), (-0.7, 2.0)])
+def test_gpt_oss_glu_gradcheck(alpha, limit):
+    assert gradcheck(lambda h: ops.gpt_oss_glu(h, alpha, limit), (3 * f64(9, 10),))

@@ -59,6 +59,12 @@ def op_cases():
                       _token_index(row_map_TK), row_map_TK),
                      id="grouped_mm_gather"),
         pytest.param(d.swiglu.default, (torch.randn(18, 8, requires_grad=True),), id="swiglu"),
+        # GPT-OSS's interleaved gate/up, unclamped and with its swiglu_limit
+        pytest.param(d.gpt_oss_glu.default, (torch.randn(18, 8, requires_grad=True), 1.702),
+                     id="gpt_oss_glu"),
+        pytest.param(d.gpt_oss_glu.default,
+                     (3 * torch.randn(18, 8, requires_grad=True), 1.702, 2.0),
+                     id="gpt_oss_glu_clamped"),
     ]
 
 

@@ -34,6 +34,8 @@ def _op_calls(routing=None):
         "gather_grouped_mm": (lambda x, w: ops.gather_grouped_mm(x, w, offsets_E, row_map_TK),
                               [torch.randn(T, D, dtype=F64), torch.randn(E, D, F, dtype=F64)]),
         "swiglu": (ops.swiglu, [torch.randn(T, 2 * F, dtype=F64)]),
+        "gpt_oss_glu": (lambda h: ops.gpt_oss_glu(h, 1.702, 2.0),
+                        [torch.randn(T, 2 * F, dtype=F64)]),
         "unpermute": (lambda y, w: ops.unpermute(y, row_map_TK, w),
                       [torch.randn(T * K, D, dtype=F64), torch.rand(T, K, dtype=F64)]),
         "route": (lambda logits: ops.route(logits, K).weights_TK, [torch.randn(T, E, dtype=F64)]),
@@ -239,6 +241,7 @@ def test_ops_match_reference_on_strided_inputs_and_gradients(name, layout, grad_
         "gather_grouped_mm": lambda x, w: reference.grouped_mm(
             reference.permute(x, experts_TK, 4)[0], w, offsets_E),
         "swiglu": reference.swiglu,
+        "gpt_oss_glu": lambda h: reference.gpt_oss_glu(h, 1.702, 2.0),
         "unpermute": lambda y, w: reference.unpermute(y, row_map_TK, w),
         "route": lambda logits: reference.route(logits, 2)[0],
         "route_with_stats": lambda logits: reference.route_stats(logits, "sigmoid")[0],

@@ -141,7 +141,7 @@ def test_public_names():
         assert hasattr(ops, name), name
     for op in ("route", "route_backward", "expert_index", "permute_rows", "unpermute",
                "unpermute_backward", "grouped_mm", "grouped_mm_wgrad", "swiglu",
-               "swiglu_backward"):
+               "swiglu_backward", "gpt_oss_glu", "gpt_oss_glu_backward"):
         assert hasattr(torch.ops.dsv3, op), op
 
 

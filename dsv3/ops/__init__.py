@@ -9,6 +9,8 @@ import torch  # noqa: F401  (loads libc10/libtorch, which dsv3._C links against)
 
 import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
+from dsv3.ops.expert_bias import add_expert_bias
+from dsv3.ops.gpt_oss_glu import gpt_oss_glu
 from dsv3.ops.grouped_mm import gather_grouped_mm, grouped_mm
 from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
 from dsv3.ops.quantize import Quantized, dequantize_int8, quantize_int8
@@ -30,5 +32,5 @@ def release_cached_memory() -> int:
 
 __all__ = ["release_cached_memory", "route", "RouteOutput", "route_with_stats",
            "RouteStatsOutput", "SCORES", "expert_index", "permute", "PermuteOutput",
-           "unpermute", "grouped_mm", "gather_grouped_mm", "swiglu",
-           "quantize_int8", "dequantize_int8", "Quantized"]
+           "unpermute", "grouped_mm", "gather_grouped_mm", "add_expert_bias", "swiglu",
+           "gpt_oss_glu", "quantize_int8", "dequantize_int8", "Quantized"]

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from dsv3 import reference
-from dsv3.kernels import config, grouped_gemm, permute, quantize, router, swiglu
+from dsv3.kernels import config, gpt_oss_glu, grouped_gemm, permute, quantize, router, swiglu
 from dsv3.ops import backend
 from dsv3.ops.backend import selected_backend
 
@@ -29,6 +29,8 @@ TRITON_KERNELS = {
     "dsv3::dequantize_int8": quantize.dequantize_int8,
     "dsv3::swiglu": swiglu.swiglu,
     "dsv3::swiglu_backward": swiglu.swiglu_backward,
+    "dsv3::gpt_oss_glu": gpt_oss_glu.gpt_oss_glu,
+    "dsv3::gpt_oss_glu_backward": gpt_oss_glu.gpt_oss_glu_backward,
 }
 # Kernels in plain device-side torch ops, for CUDA builds without csrc/cuda.
 CUDA_ONLY_KERNELS = {"dsv3::expert_index": reference.expert_index}
