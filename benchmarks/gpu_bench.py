@@ -6,10 +6,12 @@ one process, as ratios.
   dense cuBLAS at the same FLOPs (``torch.mm`` of the stacked rows);
 - the permute fused into the first GEMM vs permute then GEMM;
 - router (with and without the loss sums), permute, unpermute (and its backward),
-  SwiGLU (and its backward), int8 quantize and dequantize-sum: achieved bytes/s vs
-  the measured copy bandwidth;
+  SwiGLU and GPT-OSS's gated activation (and their backwards), int8 quantize and
+  dequantize-sum: achieved bytes/s vs the measured copy bandwidth;
 - the whole layer fwd+bwd: ``dsv3.MoE`` vs a ``torch._grouped_mm`` layer and the
-  reference loop, and both layers' device time op by op (torch.profiler).
+  reference loop, and both layers' device time op by op (torch.profiler);
+- GPT-OSS's MoE block fwd+bwd: dsv3's (``patch_moe``'s GptOssMoE) vs transformers'
+  own, with its ``grouped_mm`` experts implementation and its ``eager`` loop.
 Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
 row also carries dsv3's relative error against the peer's output, so a fast wrong
 kernel shows. JSON and a markdown table are rewritten in --out after every case,
@@ -45,13 +47,17 @@ GEMM_SHAPES = [
     ("fine E512 F256", 4096, 2048, 256, 512, 8),
 ]
 LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 4096, 2048, 768, 128, 8)]
+# GPT-OSS-20B's block: D = F = 2880, 32 experts, top-4.
+GPT_OSS_SHAPES = [("gpt-oss-20b-like", 4096, 2880, 2880, 32, 4)]
 # GEMM shapes run after the layers: the largest, and none of the layers' own.
 LATE_GEMM_SHAPES = ("dsv3-like",)
 # The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
 # at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
 MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
                 "q_log2": 25, "mixtral_route_T": 1 << 23,  # 128 MB of 8-expert logits
-                "swiglu_S": 8192, "swiglu_F": 14336}  # the Mixtral-like layer's h_S2F
+                "swiglu_S": 8192, "swiglu_F": 14336,  # the Mixtral-like layer's h_S2F
+                # GPT-OSS-120B-like: 16384 routed rows (T 4096, top-4), its F = 2880
+                "gpt_oss_S": 16384, "gpt_oss_F": 2880}
 COPY_BYTES = 1 << 30
 # --smoke: every case on small CPU tensors, to check this script before spending GPU time.
 DEVICE = "cuda"
@@ -59,12 +65,14 @@ BANDWIDTH = float("nan")  # bytes/s of a device copy, measured first by main()
 
 
 def use_smoke_sizes() -> None:
-    global DEVICE, GEMM_SHAPES, LAYER_SHAPES, COPY_BYTES
+    global DEVICE, GEMM_SHAPES, LAYER_SHAPES, GPT_OSS_SHAPES, COPY_BYTES
     DEVICE, COPY_BYTES = "cpu", 1 << 20
     GEMM_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in GEMM_SHAPES]
     LAYER_SHAPES = [(name, 64, 64, 32, E // 4 or 2, K) for name, _, _, _, E, K in LAYER_SHAPES]
+    GPT_OSS_SHAPES = [(name, 64, 64, 32, 8, K) for name, _, _, _, _, K in GPT_OSS_SHAPES]
     MEMORY_SHAPE.update(T=64, D=64, E=64, route_T=128, grad_log2=12, q_log2=10,
-                        mixtral_route_T=256, swiglu_S=64, swiglu_F=32)
+                        mixtral_route_T=256, swiglu_S=64, swiglu_F=32, gpt_oss_S=64,
+                        gpt_oss_F=36)
 
 
 def bench_ms(fn) -> float:
@@ -259,6 +267,10 @@ def memory_rows():
     h_S2F = torch.randn(swiglu_S, 2 * swiglu_F, device=DEVICE, dtype=torch.bfloat16)
     grad_a_SF = torch.randn(swiglu_S, swiglu_F, device=DEVICE, dtype=torch.bfloat16)
     swiglu_shape = f"S{swiglu_S} F{swiglu_F}"
+    gpt_oss_S, gpt_oss_F = MEMORY_SHAPE["gpt_oss_S"], MEMORY_SHAPE["gpt_oss_F"]
+    gate_up_S2F = torch.randn(gpt_oss_S, 2 * gpt_oss_F, device=DEVICE, dtype=torch.bfloat16)
+    grad_glu_SF = torch.randn(gpt_oss_S, gpt_oss_F, device=DEVICE, dtype=torch.bfloat16)
+    gpt_oss_shape = f"S{gpt_oss_S} F{gpt_oss_F}"
     cases = [  # (name, shape, call, fewest bytes it must move)
         ("route (sigmoid, 8 groups)", route_shape,
          lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
@@ -284,6 +296,13 @@ def memory_rows():
         ("swiglu", swiglu_shape, lambda: dsv3.ops.swiglu(h_S2F), h_S2F.numel() * 3),
         ("swiglu backward", swiglu_shape,
          lambda: torch.ops.dsv3.swiglu_backward(grad_a_SF, h_S2F), h_S2F.numel() * 5),
+        # GPT-OSS's activation (interleaved gate/up, clamped at its swiglu_limit 7), the
+        # same bytes as SwiGLU's.
+        ("gpt_oss_glu", gpt_oss_shape, lambda: dsv3.ops.gpt_oss_glu(gate_up_S2F, 1.702, 7.0),
+         gate_up_S2F.numel() * 3),
+        ("gpt_oss_glu backward", gpt_oss_shape,
+         lambda: torch.ops.dsv3.gpt_oss_glu_backward(grad_glu_SF, gate_up_S2F, 1.702, 7.0),
+         gate_up_S2F.numel() * 5),
         # Gradient compression: read fp32 values + residual, write int8 + new residual.
         ("quantize_int8 (error feedback)", f"N {grad_N.numel()}",
          lambda: dsv3.ops.quantize_int8(grad_N, 256, residual_N), grad_N.numel() * (4 + 4 + 1 + 4)),
@@ -327,6 +346,48 @@ def layer_rows(name, T, D, F, E, K):
     return [{"bench": "layer fwd+bwd", "shape": name, "dsv3_ms": t_ours, "peer_ms": t_peer,
              "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours,
              "rel_err": error}]
+
+
+def gpt_oss_rows(name, T, D, F, E, K):
+    """GPT-OSS's block (biased experts, interleaved gate/up, its clamped activation)
+    fwd+bwd in bf16: dsv3's GptOssMoE against transformers' GptOssMLP on the same
+    modules, its experts run by transformers' ``grouped_mm`` (the peer) and ``eager``
+    (its loop over experts, the reference)."""
+    import transformers
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from dsv3.integrations.transformers.gpt_oss import GptOssMoE
+    config = transformers.GptOssConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
+                                       num_experts_per_tok=K)
+    hf_block = GptOssMLP(config).to(device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for param in hf_block.parameters():  # torch.empty until a model's init runs
+            param.normal_(0.0, 0.02)
+    ours = GptOssMoE.from_module(hf_block)
+    x_1TD = torch.randn(1, T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    grad_1TD = torch.randn_like(x_1TD)
+    leaves = [x_1TD, *hf_block.parameters()]
+
+    def hf(implementation):
+        def forward():
+            hf_block.experts.config._experts_implementation = implementation
+            return hf_block(x_1TD)[0]
+        return forward
+
+    def step(forward):
+        def run():
+            for leaf in leaves:
+                leaf.grad = None
+            forward().backward(grad_1TD)
+        return run
+
+    with torch.no_grad():
+        error = relative_error(ours(x_1TD)[0], hf("grouped_mm")())
+    t_ours = bench_ms(step(lambda: ours(x_1TD)[0]))
+    t_peer, t_loop = bench_ms(step(hf("grouped_mm"))), bench_ms(step(hf("eager")))
+    return [{"bench": "gpt-oss block fwd+bwd", "shape": name, "dsv3_ms": t_ours,
+             "peer_ms": t_peer, "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours,
+             "loop_over_dsv3": t_loop / t_ours, "rel_err": error}]
 
 
 def profile_rows(name, T, D, F, E, K):
@@ -396,7 +457,8 @@ def jobs():
     early = [s for s in GEMM_SHAPES if not s[0].startswith(LATE_GEMM_SHAPES)]
     late = [s for s in GEMM_SHAPES if s[0].startswith(LATE_GEMM_SHAPES)]
     listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in early]
-              + [(layer_rows, s) for s in LAYER_SHAPES] + [(gather_rows, s) for s in LAYER_SHAPES]
+              + [(layer_rows, s) for s in LAYER_SHAPES] + [(gpt_oss_rows, s) for s in GPT_OSS_SHAPES]
+              + [(gather_rows, s) for s in LAYER_SHAPES]
               + [(profile_rows, s) for s in LAYER_SHAPES] + [(gemm_rows, s) for s in late])
     return [(f"{job.__name__} {shape[0]}" if shape else job.__name__, job, shape)
             for job, shape in listed]

@@ -1,6 +1,7 @@
 """A small transformers MoE model on CPU, with each way to run its experts side by side.
 
-    python -m benchmarks.transformers_bench [--models mixtral qwen3_moe] [--dtypes fp32 bf16]
+    python -m benchmarks.transformers_bench [--models mixtral qwen3_moe gpt_oss]
+                                            [--dtypes fp32 bf16]
                                             [--repeats 11] [--write-results]
 
 Providers: transformers' own experts implementations (``eager``: a Python loop over
@@ -47,6 +48,11 @@ MODELS = {
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
         intermediate_size=512, moe_intermediate_size=128, num_experts=32, num_experts_per_tok=4,
         head_dim=64, **_COMMON),
+    # biased experts, interleaved gate/up, clamped sigmoid-GLU; a biased router
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        intermediate_size=256, num_local_experts=16, num_experts_per_tok=4, head_dim=64,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **_COMMON),
 }
 
 
@@ -73,7 +79,9 @@ def make_call(model, mode: str, ids: torch.Tensor):
         def step():
             model.zero_grad(set_to_none=True)
             x.grad = None
-            block(x).backward(grad)
+            out = block(x)
+            # GPT-OSS's block returns (hidden_states, routing weights).
+            (out[0] if isinstance(out, tuple) else out).backward(grad)
         return step
     if mode == "train":
         model.train()
@@ -144,7 +152,8 @@ def report(rows, info) -> str:
         f"{m['cpu_capability']}), torch {m['torch']}, transformers {transformers.__version__}. "
         f"`{info['command']}`, wall time {info['wall_s'] / 60:.1f} min.", "",
         f"Models: 2 decoder layers, D=256, vocab 1024, {BATCH}x{SEQ} tokens; mixtral: E=8 "
-        f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4. train = forward + backward "
+        f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4; gpt_oss: E=16 of F=256, "
+        f"top-4 (biased experts, clamped sigmoid-GLU). train = forward + backward "
         f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
         f"MoE block alone (router, experts), the part the providers change.", "",
         markdown_table(rows), "",

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close
-from hf_models import input_ids, tiny_model
+from hf_models import input_ids, missing, tiny_model
 
 import dsv3.integrations.transformers as dt
 
@@ -92,3 +92,22 @@ def test_compiled_patched_model_with_router_logits():
         assert len(got.router_logits) == 1
         for j, (g, w) in enumerate(zip(got_grads, want_grads, strict=True)):
             assert_close(g, w, f"grad {j} (seq {seq})")
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_compiled_clamped_swiglu_experts():
+    """GLM-5-Next's clamped-SwiGLU experts: recognising their class (which reads the
+    class's _apply_gate, whose __qualname__ dynamo does not trace faithfully) must not
+    refuse them under torch.compile."""
+    model = tiny_model("glm5_next", experts_implementation="dsv3")
+    experts = next(m for m in model.modules() if type(m).__name__ == "Glm5NextTextExperts")
+    n_experts = experts.gate_up_proj.shape[0]
+
+    def make_inputs(n_tokens):
+        gen = torch.Generator().manual_seed(n_tokens)
+        top_k_index = torch.rand(n_tokens, n_experts, generator=gen).argsort(1)[:, :2]
+        top_k_weights = torch.rand(n_tokens, 2, generator=gen).requires_grad_()
+        return torch.randn(n_tokens, 32, requires_grad=True), top_k_index, top_k_weights
+
+    _compare_compiled(experts, make_inputs,
+                      lambda inputs: [inputs[0], inputs[2], experts.gate_up_proj, experts.down_proj])

@@ -14,7 +14,8 @@ and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA, GLM-4V-MoE's and GLM-5-Next's langu
 models, dots.llm1, EXAONE-MoE, Solar-Open, MiniMax-M2, AFMoE,
 DeepSeek-V2 (topk_method "greedy" and "group_limited_greedy"), Cohere2-MoE with softmax
 selection, ERNIE-4.5-MoE while its moe_norm_min clamp cannot act; other modes of the
-last three are refused with the reason; see architectures.py):
+last three are refused with the reason; see architectures.py; and GPT-OSS, whose
+biased experts go into a block of their own, gpt_oss.GptOssMoE):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 
@@ -24,9 +25,10 @@ from dsv3.integrations.transformers import experts
 from dsv3.integrations.transformers.architectures import ARCHITECTURES
 from dsv3.integrations.transformers.block import TransformersMoE
 from dsv3.integrations.transformers.converters import from_module, to_module
+from dsv3.integrations.transformers.gpt_oss import GptOssMoE
 from dsv3.integrations.transformers.patch import patch_moe, unpatch_moe
 
 experts.register()
 
-__all__ = ["ARCHITECTURES", "TransformersMoE", "from_module", "patch_moe", "to_module",
-           "unpatch_moe"]
+__all__ = ["ARCHITECTURES", "GptOssMoE", "TransformersMoE", "from_module", "patch_moe",
+           "to_module", "unpatch_moe"]

@@ -332,8 +332,9 @@ ARCHITECTURES = (
 
 
 def supported() -> str:
-    """'Mixtral (MixtralSparseMoeBlock), ...' for error messages."""
-    return ", ".join(f"{a.name} ({a.block})" for a in ARCHITECTURES)
+    """'Mixtral (MixtralSparseMoeBlock), ...' for error messages. GPT-OSS's block is
+    patched too, though not into a dsv3.MoE (gpt_oss.py)."""
+    return ", ".join([f"{a.name} ({a.block})" for a in ARCHITECTURES] + ["GPT-OSS (GptOssMLP)"])
 
 
 def architecture_of(block: nn.Module) -> Architecture | None:

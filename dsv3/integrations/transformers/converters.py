@@ -12,6 +12,7 @@ copies nothing.
 import torch
 from torch import nn
 
+from dsv3.integrations.transformers import gpt_oss
 from dsv3.integrations.transformers.architectures import (architecture_for, architecture_of,
                                                           supported)
 from dsv3.integrations.transformers.block import TransformersMoE
@@ -84,8 +85,12 @@ def _move_hooks(src: nn.Module, dst: nn.Module) -> None:
         dst.register_forward_hook(hook)
 
 
-def from_module(block: nn.Module) -> TransformersMoE:
-    """A dsv3.MoE (TransformersMoE) computing what ``block`` computes, with its Parameters."""
+def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
+    """A dsv3.MoE (TransformersMoE) computing what ``block`` computes, with its Parameters;
+    for GPT-OSS's block (whose biased experts are no dsv3.MoE's), a gpt_oss.GptOssMoE
+    holding its router and experts modules."""
+    if gpt_oss.matches(block):
+        return gpt_oss.GptOssMoE.from_module(block)
     arch = architecture_of(block)
     if arch is None:
         raise TypeError(f"block: {type(block).__name__} is not a supported sparse MoE block; "
@@ -133,16 +138,24 @@ def _hf_bias(arch, moe: MoE, hf_bias: torch.Tensor) -> torch.Tensor:
     return bias_E
 
 
-def to_module(moe: MoE, hf_config=None) -> nn.Module:
+def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
     """The transformers block computing what ``moe`` computes, with its Parameters.
+
+    A gpt_oss.GptOssMoE gives back the GptOssMLP it came from (``hf_config``, if
+    given, must be a GPT-OSS config).
 
     A TransformersMoE rebuilds the block it came from (``hf_config`` defaults to the
     one it kept). A plain dsv3.MoE needs ``hf_config`` (e.g. a MixtralConfig, or a
     vision-language model's config, whose text_config is used): its model_type picks
     the block, whose sizes and routing must match ``moe.config``.
     """
+    if isinstance(moe, gpt_oss.GptOssMoE):
+        if hf_config is not None and getattr(hf_config, "model_type", None) != "gpt_oss":
+            raise ValueError(f"hf_config: a GptOssMoE becomes a GPT-OSS block; got model_type "
+                             f"{getattr(hf_config, 'model_type', None)!r}")
+        return moe.to_module()
     if not isinstance(moe, MoE):
-        raise TypeError(f"moe: expected a dsv3.MoE, got {type(moe).__name__}")
+        raise TypeError(f"moe: expected a dsv3.MoE or a GptOssMoE, got {type(moe).__name__}")
     if hf_config is None:
         if not isinstance(moe, TransformersMoE):
             raise ValueError("hf_config: required to convert a plain dsv3.MoE (it picks the "

@@ -6,7 +6,8 @@ functions keyed by name. Registering ours there swaps only the expert computatio
 (expert index, grouped GEMMs with the permute fused into the first, SwiGLU,
 weighted unpermute); the model's own router still
 picks the experts, so this path works for any such model whose experts are plain
-SwiGLU, or the clamped SwiGLU of the classes in ``CLAMPED_SWIGLU_EXPERTS``, at the cost
+SwiGLU, or the clamped SwiGLU of the classes in ``CLAMPED_SWIGLU_EXPERTS``, or
+GPT-OSS's (biased, interleaved, its own activation: gpt_oss.py), at the cost
 of leaving routing unfused (``patch_moe`` fuses it too).
 """
 import math
@@ -16,6 +17,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations import moe as hf_moe
 
+from dsv3.integrations.transformers import gpt_oss
 from dsv3.moe import routed_experts
 
 NAME = "dsv3"
@@ -44,14 +46,21 @@ def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
     return known
 
 
+# Under torch.compile the class checks below run once, at trace time, and their result is
+# a constant of the graph: dynamo does not trace a function's __qualname__ faithfully (it
+# compared unequal, so compiled models refused GLM-5-Next's and DeepSeek-V4's experts).
+@torch.compiler.assume_constant_result
 def swiglu_limit(experts: nn.Module) -> float | None:
     """The clamp limit of ``experts``' SwiGLU (a known clamped class), else None."""
     clamped = _clamped(experts)
     return None if clamped is None else getattr(experts, clamped[0], None)
 
 
+@torch.compiler.assume_constant_result
 def unsupported_reason(experts: nn.Module) -> str | None:
     """Why ``experts`` cannot run on dsv3's kernels, or None if it can."""
+    if gpt_oss.is_gpt_oss_experts(experts):
+        return gpt_oss.experts_unsupported_reason(experts)
     if not getattr(experts, "has_gate", False):
         return "its experts have no gate (dsv3 runs SwiGLU experts only)"
     if getattr(experts, "has_bias", False):
@@ -86,6 +95,9 @@ def dsv3_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         raise NotImplementedError(
             f'experts_implementation="{NAME}" cannot run {type(self).__name__}: {reason}; '
             f'use experts_implementation="grouped_mm" for this model')
+    if gpt_oss.is_gpt_oss_experts(self):
+        return gpt_oss.experts_forward(self, hidden_states, top_k_index.to(torch.int32),
+                                       top_k_weights)
     # Weights as [in, out] per expert: views of either stored layout, never copies.
     if self.is_transposed:  # stored [E, D, 2F] / [E, F, D]
         gate_up_ED2F, down_EFD = self.gate_up_proj, self.down_proj

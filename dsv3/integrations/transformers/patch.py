@@ -4,13 +4,22 @@ for a dsv3.MoE on the same Parameters, and back.
 A patched model's state_dict names the expert weights the dsv3 way
 (``mlp.gate_up_proj``, ``mlp.router.weight``, ...), not transformers' way
 (``mlp.experts.gate_up_proj``, ``mlp.gate.weight``): ``unpatch_moe`` before
-``save_pretrained`` to write a checkpoint transformers can load.
+``save_pretrained`` to write a checkpoint transformers can load. GPT-OSS's blocks are
+the exception: their replacement (gpt_oss.GptOssMoE) keeps the HF router and experts
+modules, so the state_dict keeps its keys.
 """
 from torch import nn
 
+from dsv3.integrations.transformers import gpt_oss
 from dsv3.integrations.transformers.architectures import architecture_of, supported
 from dsv3.integrations.transformers.block import TransformersMoE
 from dsv3.integrations.transformers.converters import from_module, to_module
+
+PATCHED = (TransformersMoE, gpt_oss.GptOssMoE)
+
+
+def _patchable(module: nn.Module) -> bool:
+    return architecture_of(module) is not None or gpt_oss.matches(module)
 
 
 def _replace(model: nn.Module, select, convert) -> int:
@@ -37,19 +46,19 @@ def patch_moe(model: nn.Module) -> int:
     architecture at all is a TypeError."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
-    if architecture_of(model) is not None:  # in place needs a parent to put the new block in
+    if _patchable(model):  # in place needs a parent to put the new block in
         raise TypeError(f"patch_moe: model is itself a {type(model).__name__}; convert a lone "
                         f"block with from_module(block)")
-    count = _replace(model, lambda m: architecture_of(m) is not None, from_module)
-    if count == 0 and not any(isinstance(m, TransformersMoE) for m in model.modules()):
+    count = _replace(model, _patchable, from_module)
+    if count == 0 and not any(isinstance(m, PATCHED) for m in model.modules()):
         raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
                         f"dsv3 supports; supported architectures: {supported()}")
     return count
 
 
 def unpatch_moe(model: nn.Module) -> int:
-    """Undo patch_moe (in place): each TransformersMoE goes back to the transformers block
+    """Undo patch_moe (in place): each TransformersMoE (or GptOssMoE) goes back to the transformers block
     it replaced, on the same Parameters. Returns how many were restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
-    return _replace(model, lambda m: isinstance(m, TransformersMoE), to_module)
+    return _replace(model, lambda m: isinstance(m, PATCHED), to_module)

@@ -1,0 +1,166 @@
+"""GPT-OSS's experts and MoE block (transformers' GptOssExperts, GptOssMLP) on dsv3's ops.
+
+GPT-OSS's experts are not dsv3.MoE's: their projections carry biases, gate and up
+columns are interleaved, the activation is gate.clamp(max=L) * sigmoid(alpha * gate) *
+(up.clamp(-L, L) + 1), and the weights are stored [in, out] ([E, D, 2F], [E, F, D]).
+Two ways in, as for the other families:
+
+- ``experts_implementation="dsv3"`` (experts.py) runs ``gpt_oss_experts`` in place of
+  transformers' experts forward, with the model's own router;
+- ``patch_moe`` replaces each GptOssMLP with a ``GptOssMoE``, which fuses the router
+  too. It keeps the HF ``router`` and ``experts`` modules themselves (its state_dict
+  is the HF block's, key for key: a patched model saves and loads as before):
+
+    logits (fp32) -> route (softmax, top-k, renormalized) -> grouped GEMM with the
+    permute fused in (+ gate_up bias) -> gpt_oss_glu -> grouped GEMM (+ down bias)
+    -> weighted unpermute
+
+The router: HF takes the softmax of the top-k logits, which is the renormalized
+top-k softmax dsv3 computes. dsv3 routes on fp32 logits where HF uses the model
+dtype (in bf16, near ties may choose differently). The block returns
+(hidden_states, routing weights [T, K]) as GptOssMLP does; the weights come in the
+model dtype. router_logits for ``output_router_logits`` are recorded by transformers'
+hooks on the router module: only when a hook sits on it does the block call the HF
+router once more, for them.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3 import ops
+
+MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
+BLOCK, ROUTER, EXPERTS = "GptOssMLP", "GptOssTopKRouter", "GptOssExperts"
+
+
+def _is(module: nn.Module, name: str) -> bool:
+    """Exact class match (module and name), never isinstance: a subclass may compute
+    something else."""
+    cls = type(module)
+    return cls.__module__ == MODULE and cls.__name__ == name
+
+
+def matches(block: nn.Module) -> bool:
+    return _is(block, BLOCK)
+
+
+def _own(module: nn.Module, method: str) -> bool:
+    """Whether ``module``'s ``method`` is its class's own, as read when this file was
+    written (not replaced on the instance or the class since)."""
+    if method in module.__dict__:  # set on the instance
+        return False
+    cls = type(module)
+    func = getattr(cls, method, None)
+    return (getattr(func, "__module__", None) == MODULE
+            and getattr(func, "__qualname__", None) == f"{cls.__name__}.{method}")
+
+
+def is_gpt_oss_experts(experts: nn.Module) -> bool:
+    return _is(experts, EXPERTS)
+
+
+# Under torch.compile these checks run once, at trace time (a constant of the graph):
+# dynamo does not trace a function's __qualname__ faithfully.
+@torch.compiler.assume_constant_result
+def experts_unsupported_reason(experts: nn.Module) -> str | None:
+    """Why ``experts`` (a GptOssExperts) cannot run on dsv3's ops, or None if it can."""
+    if not is_gpt_oss_experts(experts) or not _own(experts, "_apply_gate"):
+        return f"its experts are not transformers' {EXPERTS} with its own _apply_gate"
+    for name, value in (("swiglu_alpha", experts.alpha), ("swiglu_limit", experts.limit)):
+        if value is None and name == "swiglu_limit":
+            continue  # no clamp
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or abs(value) == float("inf"):
+            return f"its {name} ({value!r}) is not a finite number"
+    if experts.limit is not None and experts.limit <= 0:
+        return f"its swiglu_limit ({experts.limit!r}) is not > 0"
+    if getattr(experts, "_is_expert_parallel", False):
+        return "it is sharded for expert parallelism"
+    return None
+
+
+@torch.compiler.assume_constant_result
+def unsupported_reason(block: nn.Module) -> str | None:
+    """Why ``block`` (a GptOssMLP) cannot run on dsv3's ops, or None if it can."""
+    router, experts = getattr(block, "router", None), getattr(block, "experts", None)
+    if router is None or not _is(router, ROUTER) or not _own(router, "forward"):
+        return f"its router is not transformers' {ROUTER}"
+    if experts is None:
+        return "it has no experts module"
+    reason = experts_unsupported_reason(experts)
+    if reason is None and router.top_k > experts.num_experts:
+        reason = f"its top_k ({router.top_k}) is above its expert count ({experts.num_experts})"
+    return reason
+
+
+def experts_forward(experts: nn.Module, x_TD: torch.Tensor, experts_TK: torch.Tensor,
+                    weights_TK: torch.Tensor) -> torch.Tensor:
+    """GptOssExperts' function on dsv3's ops (its weights, biases, alpha and limit)."""
+    limit = experts.limit
+    return gpt_oss_experts(x_TD, experts_TK, weights_TK, experts.gate_up_proj,
+                           experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
+                           float(experts.alpha), None if limit is None else float(limit))
+
+
+def gpt_oss_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
+                    gate_up_ED2F: torch.Tensor, gate_up_bias_E2F: torch.Tensor,
+                    down_EFD: torch.Tensor, down_bias_ED: torch.Tensor, alpha: float,
+                    limit: float | None) -> torch.Tensor:
+    """sum_k weights_TK[t, k] * expert_{experts_TK[t, k]}(x_TD[t]) for GPT-OSS experts
+    (weights [in, out], biases, interleaved gate/up, ops.gpt_oss_glu)."""
+    offsets_E, row_map_TK = ops.expert_index(experts_TK, gate_up_ED2F.shape[0])
+    h_S2F = ops.add_expert_bias(ops.gather_grouped_mm(x_TD, gate_up_ED2F, offsets_E, row_map_TK),
+                                gate_up_bias_E2F, offsets_E)
+    y_SD = ops.add_expert_bias(ops.grouped_mm(ops.gpt_oss_glu(h_S2F, alpha, limit), down_EFD,
+                                              offsets_E), down_bias_ED, offsets_E)
+    return ops.unpermute(y_SD, row_map_TK, weights_TK)
+
+
+class GptOssMoE(nn.Module):
+    """Build with ``from_module(hf_block)``; ``to_module()`` gives the HF block back.
+    Both share the ``router`` and ``experts`` modules (no copy)."""
+
+    def __init__(self, router: nn.Module, experts: nn.Module):
+        super().__init__()
+        self.router, self.experts = router, experts
+
+    @classmethod
+    def from_module(cls, block: nn.Module, arg: str = "block") -> "GptOssMoE":
+        reason = unsupported_reason(block)
+        if reason is not None:
+            raise ValueError(f"{arg}: this {type(block).__name__} cannot run on dsv3: {reason}")
+        return cls(block.router, block.experts).train(block.training)
+
+    def to_module(self) -> nn.Module:
+        """The transformers GptOssMLP, holding this block's router and experts."""
+        import importlib
+        block_cls = getattr(importlib.import_module(MODULE), BLOCK)
+        block = block_cls.__new__(block_cls)
+        nn.Module.__init__(block)  # not GptOssMLP.__init__: it would allocate new weights
+        block.router, block.experts = self.router, self.experts
+        return block.train(self.training)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        router, experts = self.router, self.experts
+        dim = experts.hidden_size
+        x_TD = hidden_states.reshape(-1, dim)
+        if router._forward_hooks:  # transformers is recording router_logits
+            router(x_TD)
+        gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
+        down, down_bias = experts.down_proj, experts.down_proj_bias
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The custom ops get no autocast of their own: cast as autocast would cast
+            # the HF loop's matmuls (differentiable casts from the fp32 weights).
+            dtype = torch.get_autocast_dtype(device_type)
+            x_TD, gate_up, gate_up_bias, down, down_bias = (
+                t.to(dtype) for t in (x_TD, gate_up, gate_up_bias, down, down_bias))
+        # Routing on fp32 logits: in bf16 near-equal logits tie and flip expert choices.
+        with torch.autocast(device_type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), router.weight.float(), router.bias.float())
+        weights_TK, experts_TK, _ = ops.route(logits_TE, router.top_k, "softmax")
+        limit = experts.limit
+        y_TD = gpt_oss_experts(x_TD, experts_TK, weights_TK, gate_up, gate_up_bias, down,
+                               down_bias, float(experts.alpha),
+                               None if limit is None else float(limit))
+        return y_TD.view(hidden_states.shape), weights_TK.to(hidden_states.dtype)
