@@ -64,14 +64,19 @@ DSV3_MULTIVERSION void swiglu_clamped_chunk(const float* gate, const float* up, 
 }
 
 // The formulas above on the clamped g, u; each gradient zero where its input was
-// clamped (beyond L for gate, beyond +-L for up) and, unless lim.at_limit, at +-L.
+// clamped (beyond L for gate, beyond +-L for up) and, unless lim.at_limit, at +-L: an
+// input passes if below ``pass_below``, L itself or (at_limit) the float just above it.
+// One comparison each, so the loop vectorizes: with short-circuit ||, && GCC left it
+// scalar, 4x slower than the unclamped loop. A NaN input fails it (gradient 0, as
+// torch's clamp gives).
 DSV3_MULTIVERSION void swiglu_clamped_backward_chunk(const float* dy, const float* gate,
                                                      const float* up, float* grad_gate,
                                                      float* grad_up, int64_t n, Clamp lim) {
+  const float v = lim.value;
+  const float pass_below = lim.at_limit ? std::nextafter(v, INFINITY) : v;
   for (int64_t i = 0; i < n; ++i) {
-    const float v = lim.value, au = std::fabs(up[i]);
-    const bool gate_in = gate[i] < v || (lim.at_limit && gate[i] == v);
-    const bool up_in = au < v || (lim.at_limit && au == v);
+    const bool gate_in = gate[i] < pass_below;
+    const bool up_in = std::fabs(up[i]) < pass_below;
     const float g = gate[i] > v ? v : gate[i];
     const float u = up[i] > v ? v : (up[i] < -v ? -v : up[i]);
     const float sig = fast_sigmoid(g);
