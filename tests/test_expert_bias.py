@@ -5,7 +5,7 @@ the same sums; bad arguments are named."""
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, check_op, make_experts
+from conftest import DEVICES, DTYPES, assert_close_to_reference, check_op, make_experts
 
 from dsv3 import ops
 from dsv3.ops import expert_bias
@@ -67,6 +67,24 @@ def test_bias_grad_is_deterministic(device):
     runs = [torch.autograd.grad(ops.add_expert_bias(y_SN, bias_EN, offsets_E), bias_EN,
                                 grad_SN)[0] for _ in range(3)]
     assert all(torch.equal(run, runs[0]) for run in runs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("by_matmul", [False, True])
+def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_matmul, device):
+    """The bias gradient sums each expert's rows in fp32, as torch's own bf16 sum does:
+    over 16k rows an expert (a long GEMM reduction, where a bf16 GEMM may split K and
+    add the partial sums in bf16), its error against fp64 is at most 2x that of
+    torch's bf16 sum, plus the floor. The upstream gradient has a mean, so the sums
+    grow with the row count."""
+    n_experts, n_rows, width = 4, 65536, 64
+    gen = torch.Generator().manual_seed(4)
+    grad_SN = (torch.randn(n_rows, width, generator=gen) + 1.0).to(torch.bfloat16)
+    offsets_E = torch.arange(1, n_experts + 1, dtype=torch.int32) * (n_rows // n_experts)
+    expert_S = expert_bias._expert_of_row(offsets_E, n_rows)
+    got = expert_bias._bias_grad(grad_SN.to(device), expert_S.to(device), n_experts, by_matmul)
+    rows = grad_SN.view(n_experts, -1, width)
+    assert_close_to_reference(got, rows.double().sum(1), rows.sum(1), "bias grad")
 
 
 def test_fp64_gradcheck():

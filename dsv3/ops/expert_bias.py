@@ -27,10 +27,11 @@ class _AddExpertBias(torch.autograd.Function):
         ctx.save_for_backward(expert_S)
         ctx.n_experts = n_experts
         # Rows past offsets_E[-1] (copies dropped by a capacity limit) belong to no
-        # expert: they keep their value, as grouped_mm leaves them zero.
-        owned_S1 = (expert_S < n_experts).unsqueeze(1)
-        bias_SN = bias_EN.index_select(0, expert_S.clamp(max=n_experts - 1))
-        return torch.where(owned_S1, y_SN + bias_SN, y_SN)
+        # expert: they keep their value (as grouped_mm leaves them, zero), by a zero bias
+        # row E appended, rather than a where() over [S, N]: one gather and one add, the
+        # fewest passes over [S, N] eager torch can do.
+        bias_E1N = torch.cat([bias_EN, bias_EN.new_zeros(1, bias_EN.shape[1])])
+        return y_SN + bias_E1N.index_select(0, expert_S)
 
     @staticmethod
     def backward(ctx, grad_SN):
@@ -55,12 +56,15 @@ def _bias_grad(grad_SN: torch.Tensor, expert_S: torch.Tensor, n_experts: int,
         sums_EN.index_add_(0, expert_S, grad_SN.float())
         return sums_EN[:n_experts].to(grad_SN.dtype)
     # On a GPU index_add_ adds with float atomics, whose order varies from run to run.
-    # A matmul with the 0/1 map of which expert owns each row sums in a fixed order
-    # (fp32 accumulation inside the GEMM): 2*E*S*N FLOPs, a few percent of the
-    # expert GEMMs' 2*S*D*N per pass for D >> E.
+    # A matmul with the 0/1 map of which expert owns each row sums in a fixed order:
+    # 2*E*S*N FLOPs, a few percent of the expert GEMMs' 2*S*D*N per pass for D >> E.
+    # In fp32, inputs and all: a bf16/fp16 GEMM may add its split-K partial sums in
+    # bf16/fp16 (torch's allow_{bf16,fp16}_reduced_precision_reduction, on by default,
+    # and the S-long reduction invites split-K). Under allow_tf32 the fp32 GEMM rounds
+    # its inputs to TF32, which holds bf16 and fp16 values exactly (0/1 too).
     experts_E1 = torch.arange(n_experts, device=grad_SN.device).unsqueeze(1)
-    owner_ES = (expert_S.unsqueeze(0) == experts_E1).to(grad_SN.dtype)
-    return owner_ES @ grad_SN
+    owner_ES = (expert_S.unsqueeze(0) == experts_E1).float()
+    return (owner_ES @ grad_SN.float()).to(grad_SN.dtype)
 
 
 def add_expert_bias(y_SN: torch.Tensor, bias_EN: torch.Tensor,

@@ -18,10 +18,13 @@ Two ways in, as for the other families:
 The router: HF takes the softmax of the top-k logits, which is the renormalized
 top-k softmax dsv3 computes. dsv3 routes on fp32 logits where HF uses the model
 dtype (in bf16, near ties may choose differently). The block returns
-(hidden_states, routing weights [T, K]) as GptOssMLP does; the weights come in the
-model dtype. router_logits for ``output_router_logits`` are recorded by transformers'
-hooks on the router module: only when a hook sits on it does the block call the HF
-router once more, for them.
+(hidden_states, routing weights [T, K]) as GptOssMLP does, in its dtypes (under
+autocast: the input's and the autocast dtype), and zeros for no tokens.
+router_logits for ``output_router_logits`` are recorded by transformers' hooks on the
+router module: only when a forward hook sits on it does the block call the HF router
+once more, for them. Otherwise it calls neither module, reading their Parameters:
+other hooks on them (a forward pre-hook; FSDP2's fully_shard of the experts module
+alone) do not run.
 """
 import torch
 import torch.nn.functional as F
@@ -143,11 +146,12 @@ class GptOssMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         router, experts = self.router, self.experts
         dim = experts.hidden_size
+        gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
+        down, down_bias = experts.down_proj, experts.down_proj_bias
+        _check_hidden_states(hidden_states, dim, gate_up)
         x_TD = hidden_states.reshape(-1, dim)
         if router._forward_hooks:  # transformers is recording router_logits
             router(x_TD)
-        gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
-        down, down_bias = experts.down_proj, experts.down_proj_bias
         device_type = x_TD.device.type
         if torch.is_autocast_enabled(device_type):
             # The custom ops get no autocast of their own: cast as autocast would cast
@@ -155,6 +159,13 @@ class GptOssMoE(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
             x_TD, gate_up, gate_up_bias, down, down_bias = (
                 t.to(dtype) for t in (x_TD, gate_up, gate_up_bias, down, down_bias))
+        # GptOssMLP's dtypes: its output has the input's (its experts' loop accumulates
+        # into zeros_like(hidden_states)), its routing weights the router logits' (the
+        # autocast dtype under autocast).
+        out_dtype, weights_dtype = hidden_states.dtype, x_TD.dtype
+        if x_TD.shape[0] == 0:  # no tokens (ops.route refuses them); GptOssMLP gives zeros
+            weights_TK = x_TD.new_zeros(0, router.top_k, dtype=weights_dtype)
+            return hidden_states.new_zeros(hidden_states.shape), weights_TK
         # Routing on fp32 logits: in bf16 near-equal logits tie and flip expert choices.
         with torch.autocast(device_type, enabled=False):
             logits_TE = F.linear(x_TD.float(), router.weight.float(), router.bias.float())
@@ -163,4 +174,25 @@ class GptOssMoE(nn.Module):
         y_TD = gpt_oss_experts(x_TD, experts_TK, weights_TK, gate_up, gate_up_bias, down,
                                down_bias, float(experts.alpha),
                                None if limit is None else float(limit))
-        return y_TD.view(hidden_states.shape), weights_TK.to(hidden_states.dtype)
+        return y_TD.view(hidden_states.shape).to(out_dtype), weights_TK.to(weights_dtype)
+
+
+def _check_hidden_states(hidden_states, dim: int, gate_up: torch.Tensor) -> None:
+    """What GptOssMLP would refuse, refused naming ``hidden_states``: a last dim other
+    than hidden_size (reshape(-1, D) would split each row into several tokens when it is
+    a multiple of D, and compute garbage silently), another device, and outside autocast
+    a dtype other than the experts' weights' (the grouped GEMM's error would blame its
+    weights)."""
+    if not isinstance(hidden_states, torch.Tensor):
+        raise TypeError(f"GptOssMoE: hidden_states must be a torch.Tensor, got "
+                        f"{type(hidden_states).__name__}")
+    if hidden_states.dim() < 1 or hidden_states.shape[-1] != dim:
+        raise ValueError(f"GptOssMoE: hidden_states must have shape [..., hidden_size={dim}], "
+                         f"got {tuple(hidden_states.shape)}")
+    if hidden_states.device != gate_up.device:
+        raise ValueError(f"GptOssMoE: hidden_states must be on the experts' device "
+                         f"{gate_up.device}, got {hidden_states.device}")
+    if (hidden_states.dtype != gate_up.dtype
+            and not torch.is_autocast_enabled(hidden_states.device.type)):
+        raise TypeError(f"GptOssMoE: hidden_states must have the experts' dtype "
+                        f"{gate_up.dtype} (outside autocast), got {hidden_states.dtype}")
