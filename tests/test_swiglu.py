@@ -203,3 +203,15 @@ def test_import_under_a_meta_default_device():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_limit_rounding_stays_on_the_cpu():
+    """The Triton launchers round the limit to the tensor's dtype with a CPU tensor,
+    whatever the default device: on a GPU its .item() would sync (and break CUDA-graph
+    capture); on the meta device it cannot run at all."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import swiglu as swiglu_kernels
+    swiglu_kernels._limit_in.cache_clear()
+    with torch.device("meta"):
+        rounded = swiglu_kernels._limit_in(7.3, torch.bfloat16)
+    assert rounded == torch.tensor(7.3, dtype=torch.bfloat16).item() != 7.3

@@ -74,8 +74,9 @@ def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMI
 @functools.lru_cache(maxsize=64)  # a tensor and .item() each launch: ~2 us
 def _limit_in(limit: float | None, dtype: torch.dtype) -> float:
     """``limit`` rounded to ``dtype``, what torch's clamp compares and clamps with
-    (0.0, unused, without a limit)."""
-    return 0.0 if limit is None else torch.tensor(limit, dtype=dtype).item()
+    (0.0, unused, without a limit). On the CPU whatever the default device: on a GPU
+    the .item() would be a host sync (breaking CUDA-graph capture)."""
+    return 0.0 if limit is None else torch.tensor(limit, dtype=dtype, device="cpu").item()
 
 
 def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
