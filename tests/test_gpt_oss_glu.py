@@ -372,3 +372,21 @@ def test_matches_transformers_apply_gate(limit, device):
     want_SF.backward(grad_a_SF)
     assert_close(a_SF, want_SF)
     assert_close(ours.grad, theirs.grad, "grad of h_S2F")
+
+
+@pytest.mark.parametrize("limit", [None, 7.0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_gates_follow_torch(device, limit):
+    """Gates where exp(-alpha * gate) overflows float: torch's sigmoid is 0 there, so the
+    output is -0 for a finite gate and NaN for -inf. Before, the C++ sigmoid bottomed
+    out at 6e-39: a gate of -1e37 gave -0.06 (x (up + 1))."""
+    gate = torch.tensor([-3e38, -1e37, -1e30, -200.0, -60.0, -math.inf, 50.0, 3.0],
+                        device=device)
+    h_S2F = torch.stack([gate, torch.full_like(gate, 2.0)], dim=1).reshape(1, -1)
+    got_h, want_h = h_S2F.clone().requires_grad_(), h_S2F.clone().requires_grad_()
+    got = ops.gpt_oss_glu(got_h, 1.702, limit)
+    want = reference.gpt_oss_glu(want_h, 1.702, limit)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    (got_grad,) = torch.autograd.grad(got, got_h, torch.full_like(got, 10.0))
+    (want_grad,) = torch.autograd.grad(want, want_h, torch.full_like(want, 10.0))
+    torch.testing.assert_close(got_grad, want_grad, equal_nan=True)

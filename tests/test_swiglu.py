@@ -44,6 +44,26 @@ def test_swiglu_large_magnitude_gates_stay_finite():
     assert torch.isfinite(grad_h).all()
 
 
+# Gates where exp(-gate) overflows float: torch's sigmoid is 0 there, so silu(gate) is
+# -0 for a finite gate and NaN for -inf (-inf * 0); up to -1e38, not near 0.
+EXTREME_GATES = [-3e38, -1e37, -1e30, -200.0, -90.0, -math.inf, math.inf, 50.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extreme_gates_follow_torch(device):
+    """Before: the C++ sigmoid bottomed out at 6e-39, so a gate of -1e37 gave -0.06 and
+    one of -inf gave -inf where torch gives -0 and NaN."""
+    gate = torch.tensor(EXTREME_GATES, device=device)
+    h_S2F = torch.cat([gate, torch.full_like(gate, 2.0)]).reshape(1, -1)
+    got_h, want_h = h_S2F.clone().requires_grad_(), h_S2F.clone().requires_grad_()
+    got, want = ops.swiglu(got_h), reference.swiglu(want_h)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    grad_a_SF = torch.full_like(got, 10.0)  # dy * gate would overflow before the sigmoid
+    (got_grad,) = torch.autograd.grad(got, got_h, grad_a_SF)
+    (want_grad,) = torch.autograd.grad(want, want_h, grad_a_SF)
+    torch.testing.assert_close(got_grad, want_grad, equal_nan=True)
+
+
 def test_swiglu_non_contiguous_input():
     h_S2F = torch.randn(10, 24)[::2]
     torch.testing.assert_close(ops.swiglu(h_S2F), reference.swiglu(h_S2F))

@@ -51,7 +51,7 @@ DSV3_MULTIVERSION void glu_backward_chunk(const float* dy, const float* gate_up,
     const float g = gate_up[2 * i], u = gate_up[2 * i + 1];
     const float s = fast_sigmoid(alpha * g);
     grad_gate_up[2 * i] = dy[i] * (u + 1.0f) * s * (1.0f + alpha * g * (1.0f - s));
-    grad_gate_up[2 * i + 1] = dy[i] * g * s;
+    grad_gate_up[2 * i + 1] = dy[i] * (g * s);
   }
 }
 
@@ -92,7 +92,7 @@ DSV3_MULTIVERSION void glu_clamped_backward_chunk(const float* dy, const float* 
     const float s = fast_sigmoid(alpha * g);
     const float grad_gate = dy[i] * (u + 1.0f) * s * (1.0f + alpha * g * (1.0f - s));
     grad_gate_up[2 * i] = g_in < pass_below ? grad_gate : 0.0f;
-    grad_gate_up[2 * i + 1] = std::fabs(u_in) < pass_below ? dy[i] * g * s : 0.0f;
+    grad_gate_up[2 * i + 1] = std::fabs(u_in) < pass_below ? dy[i] * (g * s) : 0.0f;
   }
 }
 

@@ -31,8 +31,10 @@ constexpr int64_t kChunk = 512;  // floats per buffer: all buffers stay in L1
 
 using vec::fast_sigmoid;
 
+// silu(g) = g * sigmoid(g) is formed first, as torch does: g * up could overflow to inf
+// where sigmoid(g) is 0 (a gate near -1e38), and inf * 0 is NaN where torch gives -0.
 DSV3_MULTIVERSION void swiglu_chunk(const float* gate, const float* up, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] * up[i] * fast_sigmoid(gate[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] * fast_sigmoid(gate[i]) * up[i];
 }
 
 // With sig = sigmoid(g): d(up) = dy * g * sig; d(gate) = dy * up * sig * (1 + g * (1 - sig)).
@@ -40,7 +42,7 @@ DSV3_MULTIVERSION void swiglu_backward_chunk(const float* dy, const float* gate,
                                              float* grad_gate, float* grad_up, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float sig = fast_sigmoid(gate[i]);
-    grad_up[i] = dy[i] * gate[i] * sig;
+    grad_up[i] = dy[i] * (gate[i] * sig);
     grad_gate[i] = dy[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
   }
 }
@@ -59,7 +61,7 @@ DSV3_MULTIVERSION void swiglu_clamped_chunk(const float* gate, const float* up, 
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i] > lim.value ? lim.value : gate[i];
     const float u = up[i] > lim.value ? lim.value : (up[i] < -lim.value ? -lim.value : up[i]);
-    out[i] = g * u * fast_sigmoid(g);
+    out[i] = g * fast_sigmoid(g) * u;
   }
 }
 
@@ -80,7 +82,7 @@ DSV3_MULTIVERSION void swiglu_clamped_backward_chunk(const float* dy, const floa
     const float g = gate[i] > v ? v : gate[i];
     const float u = up[i] > v ? v : (up[i] < -v ? -v : up[i]);
     const float sig = fast_sigmoid(g);
-    grad_up[i] = up_in ? dy[i] * g * sig : 0.0f;
+    grad_up[i] = up_in ? dy[i] * (g * sig) : 0.0f;
     grad_gate[i] = gate_in ? dy[i] * u * sig * (1.0f + g * (1.0f - sig)) : 0.0f;
   }
 }

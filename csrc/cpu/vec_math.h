@@ -45,7 +45,14 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
-inline float fast_sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+// 0 below -88, where exp(-x) passes float's range, as torch's sigmoid gives (it has
+// denormals down to -103.9, below 1e-38): fast_exp's clamp alone left 6e-39 there, so
+// silu(-1e37) came out -0.06 and silu(-inf) -inf where torch gives -0 and NaN. A
+// select, so the loops still vectorize; NaN stays NaN.
+inline float fast_sigmoid(float x) {
+  const float s = 1.0f / (1.0f + fast_exp(-x));
+  return x < -88.0f ? 0.0f : s;
+}
 
 // Rows of reduced-precision values are widened to float chunks for the math.
 inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }

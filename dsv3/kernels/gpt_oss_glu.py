@@ -76,7 +76,7 @@ def _gpt_oss_glu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, n_h, alpha, LIM
         gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-alpha * gate))
     grad_gate = dy * (up + 1.0) * sig * (1.0 + alpha * gate * (1.0 - sig))
-    grad_up = dy * gate * sig
+    grad_up = dy * (gate * sig)  # not (dy * gate) * sig, which overflows to inf * 0
     if HAS_LIMIT:
         grad_gate = tl.where(gate_in, grad_gate, 0.0)
         grad_up = tl.where(up_in, grad_up, 0.0)

@@ -37,7 +37,8 @@ def _swiglu_kernel(h_ptr, a_ptr, n, ffn, LIMIT, HAS_LIMIT: tl.constexpr, BLOCK: 
     up = tl.load(h_ptr + row * 2 * ffn + ffn + col, mask=mask, other=0.0).to(tl.float32)
     if HAS_LIMIT:
         gate, up = _clamp(gate, up, LIMIT)
-    out = gate * up / (1.0 + tl.exp(-gate))
+    # silu(gate) first, as torch: gate * up could overflow to inf where the sigmoid is 0.
+    out = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(a_ptr + idx, out.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -62,7 +63,7 @@ def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMI
         gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-gate))
     grad_gate = dy * up * sig * (1.0 + gate * (1.0 - sig))
-    grad_up = dy * gate * sig
+    grad_up = dy * (gate * sig)  # not (dy * gate) * sig, which overflows to inf * 0
     if HAS_LIMIT:
         grad_gate = tl.where(gate_in, grad_gate, 0.0)
         grad_up = tl.where(up_in, grad_up, 0.0)
