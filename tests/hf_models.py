@@ -1,9 +1,12 @@
 """Tiny random transformers MoE models for the integration tests: built from configs,
 never downloaded. Two decoder layers, D=32, vocab 100, fp32; per architecture the
 routing features worth covering are switched on (see the comments). The
-vision-language models (Qwen3-VL-MoE, GLM-4V-MoE, GLM-5-Next) are whole
-conditional-generation models with a one-block vision tower, run on text only: their
-blocks live in the language model (``decoder_layers``)."""
+vision-language models (Qwen3-VL-MoE, GLM-4V-MoE, GLM-5-Next, and Qwen3-Omni-MoE's
+thinker, with a one-block audio tower too) are whole conditional-generation models with
+a one-block vision tower, run on text only: their blocks live in the language model
+(``decoder_layers``)."""
+import importlib
+
 import torch
 import transformers
 
@@ -16,18 +19,23 @@ ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "minimax", "olmoe",
          "qwen3_next", "qwen3_5_moe_text", "hunyuan_v1_moe", "glm4_moe", "glm4_moe_lite", "dots1",
          "exaone_moe", "minimax_m2", "afmoe", "qwen3_vl_moe", "solar_open", "deepseek_v32",
          "glm_moe_dsa", "glm4v_moe", "deepseek_v2", "deepseek_v2_group_limited", "cohere2_moe",
-         "glm5_next", "ernie4_5_moe", "ernie4_5_moe_no_shared")
+         "glm5_next", "ernie4_5_moe", "ernie4_5_moe_no_shared", "qwen3_omni_moe_thinker",
+         "jamba", "kimi_linear", "mimo_v2_flash", "hy_v3", "mistral4", "granitemoe",
+         "granitemoeshared", "granitemoehybrid", "granitemoe_swa", "laguna", "mellum",
+         "bailing_hybrid", "flint", "lara_mini", "axk2")
+GRANITE = ("granitemoe", "granitemoeshared", "granitemoehybrid", "granitemoe_swa")
 # Models whose blocks carry a selection-only bias, set non-zero in tiny_model.
 _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "minimax_m2",
            "afmoe", "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next",
-           "ernie4_5_moe", "ernie4_5_moe_no_shared")
+           "ernie4_5_moe", "ernie4_5_moe_no_shared", "kimi_linear", "mimo_v2_flash", "hy_v3",
+           "laguna", "bailing_hybrid", "axk2")
 # ERNIE-4.5-MoE's: dsv3 takes its blocks only while moe_norm_min + the bias' range is at
 # most 1/(2E) (1/12 here, see architectures._ernie_refuse): a fixed bias of range 0.08,
 # which still changes some choices.
 ERNIE = ("ernie4_5_moe", "ernie4_5_moe_no_shared")
 ERNIE_BIAS = (0.04, -0.04, 0.024, -0.008, 0.008, -0.024)
 # Vision-language models: built as image-text-to-text models (no causal-LM class).
-VLMS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next")
+VLMS = ("qwen3_vl_moe", "glm4v_moe", "glm5_next", "qwen3_omni_moe_thinker")
 # Config classes of the families a transformers release may lack (added after 5.17, or
 # to come); the tests of a family whose class is missing skip (see missing()).
 _CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenConfig",
@@ -36,24 +44,62 @@ _CONFIG_CLASS = {"qwen3_vl_moe": "Qwen3VLMoeConfig", "solar_open": "SolarOpenCon
                  "deepseek_v2_group_limited": "DeepseekV2Config",
                  "cohere2_moe": "Cohere2MoeConfig", "glm5_next": "Glm5NextConfig",
                  "deepseek_v4": "DeepseekV4Config", "ernie4_5_moe": "Ernie4_5_MoeConfig",
-                 "ernie4_5_moe_no_shared": "Ernie4_5_MoeConfig"}
+                 "ernie4_5_moe_no_shared": "Ernie4_5_MoeConfig",
+                 "bailing_hybrid": "BailingHybridConfig", "flint": "FlintConfig",
+                 "lara_mini": "LaraMiniConfig"}
 # GLM-5-Next's SwiGLU clamp limit in its tiny model: its gate and up values (about 1.1
 # std) pass it often, so the clamp is active in the tests (test_clamp_is_active checks).
 GLM5_NEXT_SWIGLU_LIMIT = 1.0
 
 
+# Families whose block, in an older release, routes otherwise and is not taken (matched
+# only with the router class they are listed with): (modeling module, that router class).
+_ROUTER_CLASS = {"jamba": ("jamba", "JambaTopKRouter")}
+
+
+# Families whose unpatched models' output_router_logits fails in older releases (5.17:
+# Qwen3-Omni-MoE's thinker returns no router_logits, GraniteMoE's aux loss raises): the
+# release their router-logits test needs.
+_ROUTER_LOGITS_SINCE = {"qwen3_omni_moe_thinker": "5.24"} | {arch: "5.24" for arch in GRANITE}
+
+
+def router_logits_missing(arch: str) -> str | None:
+    """Why this transformers' ``arch`` model cannot give its router_logits and aux loss
+    (a skip reason), or None."""
+    since = _ROUTER_LOGITS_SINCE.get(arch)
+    have = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if since is not None and have < tuple(int(part) for part in since.split(".")):
+        return (f"transformers {transformers.__version__}'s unpatched {arch} fails "
+                f"output_router_logits (fixed by {since})")
+    return missing(arch)
+
+
 def missing(arch: str) -> str | None:
     """Why this transformers cannot build ``arch``'s tiny model (a skip reason), or None."""
     name = _CONFIG_CLASS.get(arch)
-    if name is None or hasattr(transformers, name):
-        return None
-    return f"transformers {transformers.__version__} has no {name}"
+    if name is not None and not hasattr(transformers, name):
+        return f"transformers {transformers.__version__} has no {name}"
+    if arch in _ROUTER_CLASS:
+        model, router = _ROUTER_CLASS[arch]
+        modeling = importlib.import_module(f"transformers.models.{model}.modeling_{model}")
+        if not hasattr(modeling, router):
+            return f"transformers {transformers.__version__}'s {model} has no {router}"
+    return None
 
 
 def decoder_layers(model):
     """The decoder layers (of the language model, in a vision-language model)."""
     inner = model.model
     return getattr(inner, "language_model", inner).layers
+
+
+def sparse_block(model, layer: int = 1):
+    """The MoE block (or dense MLP) of decoder layer ``layer``; layer 1 is sparse in every
+    tiny model. Most layers keep it at .mlp; Granite's at .block_sparse_moe (beside a
+    shared_mlp), Jamba's at .feed_forward."""
+    layer = decoder_layers(model)[layer]
+    return next(getattr(layer, name) for name in ("block_sparse_moe", "feed_forward", "mlp")
+                if hasattr(layer, name))
 
 
 def tiny_config(arch: str, **overrides):
@@ -186,6 +232,93 @@ def _config(arch: str):
         return transformers.Ernie4_5_MoeConfig(
             intermediate_size=64, moe_intermediate_size=24, moe_num_experts=6, moe_k=2,
             **layers, **COMMON)
+    if arch == "jamba":  # softmax top-2 of 6, never renormalized; router at .router, the block
+        # at .feed_forward; Mamba (slow path) then attention
+        return transformers.JambaConfig(
+            intermediate_size=24, num_experts=6, num_experts_per_tok=2, expert_layer_period=1,
+            expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
+            use_mamba_kernels=False, mamba_d_state=4, mamba_dt_rank=4, **COMMON)
+    if arch in ("kimi_linear", "bailing_hybrid"):  # layer 0 dense; as DeepSeek-V3, under
+        # linear (KDA) attention then MLA
+        mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                   v_head_dim=8, linear_head_dim=8, linear_num_heads=4,
+                   layer_types=["linear_attention", "full_attention"],
+                   mlp_layer_types=["dense", "sparse"])
+        routing = dict(intermediate_size=64, moe_intermediate_size=24, num_local_experts=8,
+                       n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=1,
+                       routed_scaling_factor=2.5, norm_topk_prob=True)
+        if arch == "kimi_linear":
+            return transformers.KimiLinearConfig(**routing, **mla, **NO_TOKENS,
+                                                 **{**COMMON, "num_key_value_heads": 4})
+        return transformers.BailingHybridConfig(**routing, **mla, head_dim=8, **NO_TOKENS,
+                                                **{**COMMON, "num_key_value_heads": 4})
+    if arch == "mimo_v2_flash":  # DeepSeek-V3's router (2 of 4 groups, scale 2.5, no
+        # renormalization), no shared experts
+        return transformers.MiMoV2FlashConfig(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_group=4,
+            topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5, norm_topk_prob=False,
+            head_dim=8, v_head_dim=8, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            mlp_layer_types=["sparse", "sparse"], **COMMON)
+    if arch == "hy_v3":  # sigmoid + the block's bias, renormalized, scale 2.5, 2 shared
+        return transformers.HYV3Config(
+            intermediate_size=64, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+            num_shared_experts=2, router_scaling_factor=2.5, head_dim=8,
+            mlp_layer_types=["sparse", "sparse"], **COMMON)
+    if arch == "mistral4":  # layer 0 dense; softmax, 2 of 4 groups (by their top-2 sum),
+        # scale 1.5, no renormalization, 1 shared
+        return transformers.Mistral4Config(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, n_group=4,
+            topk_group=2, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+            routed_scaling_factor=1.5, norm_topk_prob=False, q_lora_rank=16, kv_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **NO_TOKENS,
+            **{**COMMON, "num_key_value_heads": 4})
+    if arch in GRANITE:  # softmax over the top-2 of 6 logits; the block at
+        # .block_sparse_moe, its router at .router (a shared MLP, where the model has one, is
+        # outside the block)
+        cls = {"granitemoe": transformers.GraniteMoeConfig,
+               "granitemoeshared": transformers.GraniteMoeSharedConfig,
+               "granitemoehybrid": transformers.GraniteMoeHybridConfig,
+               "granitemoe_swa": transformers.GraniteMoeSWAConfig}[arch]
+        extra = {"granitemoeshared": dict(shared_intermediate_size=40),
+                 "granitemoehybrid": dict(shared_intermediate_size=40, mamba_n_heads=8,
+                                          mamba_d_head=8, mamba_d_state=8, mamba_chunk_size=4,
+                                          layer_types=["mamba", "attention"]),
+                 "granitemoe_swa": dict(shared_intermediate_size=40, sliding_window=4)}
+        return cls(intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                   residual_multiplier=0.5, **extra.get(arch, {}), **NO_TOKENS, **COMMON)
+    if arch == "laguna":  # layer 0 dense; sigmoid + the router's bias, renormalized; shared
+        # expert of 2x the expert width
+        return transformers.LagunaConfig(
+            intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+            num_experts=6, num_experts_per_tok=2, head_dim=8, sliding_window=4,
+            mlp_layer_types=["dense", "sparse"], **COMMON)
+    if arch == "axk2":  # layer 0 dense; DeepSeek-V3's router without groups (A.X-K2-Light),
+        # scale 2.5, renormalized, 1 shared; MLA with the indexer's sparse attention
+        return transformers.AXK2Config(
+            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=6,
+            num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5,
+            norm_topk_prob=True, mlp_layer_types=["dense", "sparse"], q_lora_rank=16,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=16,
+            index_topk=4, index_head_dim=8, index_n_heads=2, gated_norm_rank=4, **NO_TOKENS,
+            **{**COMMON, "num_key_value_heads": 4})
+    if arch == "mellum":  # softmax top-2 of 6, no renormalization
+        return transformers.MellumConfig(
+            intermediate_size=64, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+            norm_topk_prob=False, head_dim=8, sliding_window=4,
+            mlp_layer_types=["sparse", "sparse"], **COMMON)
+    if arch in ("flint", "lara_mini"):  # a plain (ungated) shared expert, 2x the expert width
+        if arch == "flint":  # sigmoid top-2 of 6, renormalized
+            return transformers.FlintConfig(
+                intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+                num_experts=6, num_experts_per_tok=2, norm_topk_prob=True, head_dim=8,
+                sliding_window=4, mlp_only_layers=[], **COMMON)
+        # softmax top-2 of 6, no renormalization; Gated DeltaNet then attention
+        return transformers.LaraMiniConfig(
+            moe_intermediate_size=24, shared_expert_intermediate_size=48, num_experts=6,
+            num_experts_per_tok=2, norm_topk_prob=False, head_dim=8, linear_key_head_dim=8,
+            linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+            layer_types=["linear_attention", "full_attention"], **NO_TOKENS, **COMMON)
     # Vision towers: one block, out to D=32.
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32,
                   patch_size=4)
@@ -222,6 +355,23 @@ def _config(arch: str):
         return transformers.Glm5NextConfig(
             text_config=text, vision_config=dict(image_size=16, projection_intermediate_size=16,
                                                  **vision))
+    if arch == "qwen3_omni_moe_thinker":  # Qwen3-Omni-MoE's thinker: softmax top-2 of 6, no
+        # renormalization; M-RoPE over head_dim 8; one-block vision and audio towers
+        rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                    mrope_interleaved=True)
+        config = transformers.Qwen3OmniMoeThinkerConfig(
+            text_config=dict(intermediate_size=64, moe_intermediate_size=24, num_experts=6,
+                             num_experts_per_tok=2, norm_topk_prob=False, head_dim=8,
+                             rope_parameters=rope, **COMMON),
+            vision_config=dict(num_position_embeddings=16, deepstack_visual_indexes=[0],
+                               **vision),
+            audio_config=dict(num_mel_bins=8, encoder_layers=1, encoder_attention_heads=2,
+                              encoder_ffn_dim=16, d_model=16, output_dim=32,
+                              downsample_hidden_size=8))
+        # generate's position ids read it, which the config class does not define (the
+        # checkpoints' configs carry it): Qwen3-Omni's id, past the tiny vocabulary.
+        config.vision_start_token_id = 151652
+        return config
     raise ValueError(f"arch: unknown {arch!r}")
 
 
@@ -230,17 +380,22 @@ N_SPARSE = {arch: 2 for arch in ARCHS} | {"deepseek_v3": 1, "glm4_moe_lite": 1, 
                                           "deepseek_v32": 1, "glm_moe_dsa": 1, "glm4v_moe": 1,
                                           "deepseek_v2": 1, "deepseek_v2_group_limited": 1,
                                           "cohere2_moe": 1, "glm5_next": 1,
-                                          "ernie4_5_moe": 1, "ernie4_5_moe_no_shared": 1}
+                                          "ernie4_5_moe": 1, "ernie4_5_moe_no_shared": 1,
+                                          "kimi_linear": 1, "bailing_hybrid": 1,
+                                          "mistral4": 1, "laguna": 1, "axk2": 1}
 
 
 def tiny_model(arch: str, experts_implementation: str = "eager", **overrides):
     """A fresh tiny model in train mode (dropout is 0 in these configs); ``overrides``
     set config fields."""
     torch.manual_seed(0)
-    auto = (transformers.AutoModelForImageTextToText if arch in VLMS
-            else transformers.AutoModelForCausalLM)
-    model = auto.from_config(tiny_config(arch, **overrides),
-                             experts_implementation=experts_implementation)
+    if arch == "mistral4":  # a causal LM that transformers' auto classes do not list as one
+        auto = transformers.Mistral4ForCausalLM
+    else:
+        auto = (transformers.AutoModelForImageTextToText if arch in VLMS
+                else transformers.AutoModelForCausalLM)
+    build = auto._from_config if arch == "mistral4" else auto.from_config
+    model = build(tiny_config(arch, **overrides), experts_implementation=experts_implementation)
     if arch in _BIASED:
         # A non-zero selection bias, so that selecting with it (and weighting without
         # it) is exercised; big enough to change some choices.

@@ -19,8 +19,9 @@ import torch
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close, assert_close_to_reference
-from hf_models import (ARCHS, ERNIE, ERNIE_BIAS, N_SPARSE, decoder_layers, input_ids,
-                       tiny_config, tiny_model, transformers)
+from hf_models import (ARCHS, ERNIE, ERNIE_BIAS, GRANITE, N_SPARSE, input_ids,
+                       router_logits_missing, sparse_block, tiny_config, tiny_model,
+                       transformers)
 from transformers_support import PLAIN_CONFIGS, DsvOpLog, arch_param
 
 import dsv3
@@ -98,9 +99,10 @@ def _large_aux_loss(model):
 @pytest.mark.parametrize("hooks_before_patch", [False, True],
                          ids=["hooks_after", "hooks_moved"])  # router_logits asked first?
 # The ones whose models compute an aux loss (its router_logits are what the loss reads).
-@pytest.mark.parametrize("arch", [arch_param(a) for a in (
+@pytest.mark.parametrize("arch", [arch_param(a, why=router_logits_missing) for a in (
     "mixtral", "qwen2_moe", "minimax", "olmoe", "flex_olmo", "qwen3_next", "qwen3_5_moe_text",
-    "minimax_m2", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_moe")])
+    "minimax_m2", "qwen3_vl_moe", "glm4v_moe", "glm5_next", "ernie4_5_moe",
+    "qwen3_omni_moe_thinker", "jamba", *GRANITE, "laguna", "mellum", "flint", "lara_mini")])
 def test_router_logits_and_aux_loss(arch, hooks_before_patch):
     model = _large_aux_loss(tiny_model(arch))
     ids = input_ids()
@@ -123,11 +125,14 @@ def _hf_tensors(block):
 
 # Where the HF blocks keep their router weight and selection bias, where not in
 # block.gate.weight / nowhere (written out here, not read from dsv3's own tables).
-ROUTER_WEIGHT = {"hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight"}
+ROUTER_WEIGHT = {"hunyuan_v1_moe": "gate.wg.weight", "afmoe": "router.gate.weight",
+                 "jamba": "router.weight"} | {arch: "router.weight" for arch in GRANITE}
 SELECTION_BIAS = {arch: "gate.e_score_correction_bias" for arch in
                   ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
-                   "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next")}
-SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias"}
+                   "solar_open", "deepseek_v32", "glm_moe_dsa", "glm4v_moe", "glm5_next",
+                   "kimi_linear", "bailing_hybrid", "mimo_v2_flash", "laguna", "axk2")}
+SELECTION_BIAS |= {"minimax_m2": "e_score_correction_bias", "afmoe": "expert_bias",
+                   "hy_v3": "e_score_correction_bias"}
 # ERNIE-4.5-MoE's is a [1, E] Parameter, which dsv3 routes on through an [E] view.
 SELECTION_BIAS |= {arch: "gate.moe_statics.e_score_correction_bias" for arch in ERNIE}
 
@@ -135,7 +140,7 @@ SELECTION_BIAS |= {arch: "gate.moe_statics.e_score_correction_bias" for arch in 
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
 def test_converters_share_parameters(arch):
     model = tiny_model(arch)
-    block = decoder_layers(model)[1].mlp
+    block = sparse_block(model)
     before = _hf_tensors(block)
     moe = dt.from_module(block)
     assert isinstance(moe, dsv3.MoE)
@@ -311,7 +316,7 @@ def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     the same block in fp64 is at most 2x the stock bf16 block's, plus a small floor;
     output and every gradient. (Whole bf16 models are not compared: one near-tie
     routed differently in layer 1 changes the logits far more than any kernel error.)"""
-    hf_bf16 = decoder_layers(tiny_model(arch).bfloat16())[1].mlp.to(device)
+    hf_bf16 = sparse_block(tiny_model(arch).bfloat16()).to(device)
     hf_fp64 = copy.deepcopy(hf_bf16).double()  # the same bf16-rounded weights, upcast
     ours = copy.deepcopy(hf_bf16)
     runs = {}

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close
 from hf_models import (GLM5_NEXT_SWIGLU_LIMIT, N_SPARSE, decoder_layers, input_ids, missing,
-                       tiny_config, tiny_model, transformers)
+                       sparse_block, tiny_config, tiny_model, transformers)
 from transformers_support import PLAIN_CONFIGS, DsvOpLog, arch_param
 
 import dsv3
@@ -42,6 +42,18 @@ def test_patch_moe_rejects_unsupported_models():
         dt.patch_moe(block)
 
 
+def test_a_block_whose_router_class_is_missing_is_not_taken(monkeypatch):
+    """A listed block class in a release without the router class it is listed with routes
+    otherwise (transformers 5.17's JambaSparseMoeBlock: through an nn.Linear, with no
+    JambaTopKRouter): not taken."""
+    from transformers.models.jamba import modeling_jamba
+    model = tiny_model("jamba")
+    monkeypatch.delattr(modeling_jamba, "JambaTopKRouter", raising=False)
+    with pytest.raises(TypeError, match=r"\(JambaForCausalLM\) has no sparse MoE block dsv3 "
+                                        r"supports"):
+        dt.patch_moe(model)
+
+
 # Modes of a listed architecture that dsv3.MoE does not compute: (config overrides, the
 # refused setting and the start of the reason, as the message says them).
 REFUSED_MODES = [
@@ -59,6 +71,20 @@ REFUSED_MODES = [
     arch_param("ernie4_5_moe", dict(moe_norm_min=0.5), "ERNIE-4.5-MoE with moe_norm_min=0.5",
                "transformers divides the chosen weights by moe_norm_min where their sum is "
                "smaller, dsv3.MoE by the sum"),
+    # top_k=3 of the one kept group's 2 experts: transformers adds another group's, at 0.
+    arch_param("mistral4", dict(topk_group=1),
+               "Mistral-4 with n_group=4, topk_group=1 with top_k=3",
+               "top_k is above the kept groups' experts"),
+    # Groups zero the left-out experts' selection scores, which a kept one (with a
+    # negative bias) may fall below.
+    arch_param("axk2", dict(n_group=2, topk_group=1), "A.X-K2 with n_group=2, topk_group=1",
+               r"it sets the left-out groups' selection scores \(sigmoid \+ bias\) to 0"),
+    arch_param("laguna", dict(moe_router_logit_softcapping=30.0),
+               "Laguna with moe_router_logit_softcapping=30.0",
+               "it routes on tanh-softcapped logits"),
+    arch_param("laguna", dict(moe_routed_scaling_factor=2.0),
+               "Laguna with moe_routed_scaling_factor=2.0",
+               "the scale is the block's, not its router's"),
 ]
 
 
@@ -85,7 +111,7 @@ def test_refused_modes_say_why(arch, overrides, setting, why):
     assert not any(isinstance(m, dt.TransformersMoE) for m in model.modules())
     assert_close(model(ids).logits, want, "logits after the refusal")
     with pytest.raises(ValueError, match=rf"^block: {message}"):
-        dt.from_module(decoder_layers(model)[1].mlp)
+        dt.from_module(sparse_block(model))
     moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS[arch]))
     with pytest.raises(ValueError, match=rf"^hf_config: {message}"):
         dt.to_module(moe, tiny_config(arch, **overrides))
@@ -121,12 +147,18 @@ ACCEPTED_MODES = [
     # No clamp (a sum is > 0 here), and one just inside the bound with the bias' 0.08.
     arch_param("ernie4_5_moe", dict(moe_norm_min=0.0)),
     arch_param("ernie4_5_moe_no_shared", dict(moe_norm_min=0.003)),
+    # Every group kept: nothing zeroed.
+    arch_param("axk2", dict(n_group=3, topk_group=3)),
+    # No groups; every group kept; top_k = all the kept groups' experts (4 of 2 groups of 2).
+    arch_param("mistral4", dict(n_group=1, topk_group=1)),
+    arch_param("mistral4", dict(topk_group=4)),
+    arch_param("mistral4", dict(num_experts_per_tok=4, norm_topk_prob=True)),
 ]
 
 
 @pytest.mark.parametrize(("arch", "overrides"), ACCEPTED_MODES)
 def test_accepted_modes_next_to_refused_ones(arch, overrides):
-    block = decoder_layers(tiny_model(arch, **overrides))[1].mlp
+    block = sparse_block(tiny_model(arch, **overrides))
     moe = dt.from_module(block)
     x = torch.randn(3, 5, 32)
     assert_close(moe(x), block(x), "from_module output")

@@ -6,12 +6,13 @@ The tiny HF models themselves are in hf_models.py."""
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_models import GLM5_NEXT_SWIGLU_LIMIT, missing
+from hf_models import GLM5_NEXT_SWIGLU_LIMIT, GRANITE, missing
 
 
-def arch_param(arch: str, *values, marks=()):
-    """One arch's parameter set; skipped where this transformers lacks the family."""
-    reason = missing(arch)
+def arch_param(arch: str, *values, marks=(), why=missing):
+    """One arch's parameter set; skipped where this transformers lacks the family (or
+    where ``why``, given the arch, gives another reason)."""
+    reason = why(arch)
     skip = [pytest.mark.skip(reason=reason)] if reason else []
     return pytest.param(arch, *values, marks=[*marks, *skip])
 
@@ -31,6 +32,8 @@ class DsvOpLog(TorchDispatchMode):
 
 
 # bias_update_rate gives a dsv3.MoE its expert_bias buffer.
+DEEPSEEK_V3_LIKE = dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
+                        n_groups=4, topk_groups=2, route_scale=2.5, bias_update_rate=1e-3)
 PLAIN_CONFIGS = {
     "mixtral": dict(ffn_dim=48, n_experts=4, top_k=2),
     "deepseek_v3": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, score="sigmoid",
@@ -57,4 +60,26 @@ PLAIN_CONFIGS = {
     "ernie4_5_moe": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2,
                          bias_update_rate=1e-3),
     "ernie4_5_moe_no_shared": dict(ffn_dim=24, n_experts=6, top_k=2, bias_update_rate=1e-3),
+    # Qwen3-Omni-MoE: the thinker's config (its text_config picks the block).
+    "qwen3_omni_moe_thinker": dict(ffn_dim=24, n_experts=6, top_k=2, normalize_weights=False),
+    "jamba": dict(ffn_dim=24, n_experts=6, top_k=2, normalize_weights=False),
+    "kimi_linear": DEEPSEEK_V3_LIKE,
+    "bailing_hybrid": DEEPSEEK_V3_LIKE,
+    "mimo_v2_flash": dict(ffn_dim=24, n_experts=8, top_k=3, score="sigmoid", n_groups=4,
+                          topk_groups=2, route_scale=2.5, normalize_weights=False,
+                          bias_update_rate=1e-3),
+    "hy_v3": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid",
+                  route_scale=2.5, bias_update_rate=1e-3),
+    # Softmax, groups by their top-2 sum.
+    "mistral4": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, n_groups=4,
+                     topk_groups=2, route_scale=1.5, normalize_weights=False),
+    **{arch: dict(ffn_dim=24, n_experts=6, top_k=2) for arch in GRANITE},
+    "laguna": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid",
+                   bias_update_rate=1e-3),
+    "axk2": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=1, score="sigmoid",
+                 route_scale=2.5, bias_update_rate=1e-3),
+    "mellum": dict(ffn_dim=24, n_experts=6, top_k=2, normalize_weights=False),
+    "flint": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid"),
+    "lara_mini": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2,
+                      normalize_weights=False),
 }

@@ -11,21 +11,42 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 | architecture               | router                                               | shared expert   |
 |----------------------------|------------------------------------------------------|-----------------|
 | Mixtral, MiniMax           | softmax, top-k, renormalized                         | none            |
-| Qwen3-MoE, OLMoE, FlexOlmo | softmax, top-k, renormalized iff norm_topk_prob      | none            |
+| Qwen3-MoE, OLMoE,          | softmax, top-k, renormalized iff norm_topk_prob      | none            |
+| FlexOlmo, Mellum,          |                                                      |                 |
+| Qwen3-Omni-MoE (thinker)   |                                                      |                 |
+| Lara-Mini                  | softmax, top-k, renormalized iff norm_topk_prob      | plain (one, at  |
+|                            |                                                      | shared_expert)  |
+| Jamba                      | softmax, top-k, never renormalized; router in        | none            |
+|                            | block.router                                         |                 |
 | Qwen2-MoE, Qwen3-Next      | softmax, top-k, renormalized iff norm_topk_prob      | sigmoid-gated   |
 | Qwen3.5-MoE                | softmax, top-k, renormalized                         | sigmoid-gated   |
 | Qwen3-VL-MoE (text)        | softmax, top-k, renormalized                         | none            |
 | HunYuan-MoE-V1             | softmax, top-k, renormalized; weight in gate.wg      | plain (one)     |
+| GraniteMoE, -Shared,       | top-k logits, softmax over them (= renormalized);    | none (a shared  |
+| -Hybrid, -SWA              | router in block.router                               | MLP is outside  |
+|                            |                                                      | the block)      |
 | DeepSeek-V3 and -V3.2,     | sigmoid + correction bias, group-limited top-k,      | plain (n)       |
 | GLM-4-MoE, GLM-4-MoE-Lite, | scaled, renormalized iff norm_topk_prob              |                 |
 | GLM-MoE-DSA, GLM-4V-MoE    |                                                      |                 |
 | (text), dots.llm1,         |                                                      |                 |
 | EXAONE-MoE, Solar-Open,    |                                                      |                 |
-| GLM-5-Next (text; clamped  |                                                      |                 |
-| SwiGLU)                    |                                                      |                 |
+| Kimi-Linear,               |                                                      |                 |
+| Bailing-Hybrid, GLM-5-Next |                                                      |                 |
+| (text; clamped SwiGLU)     |                                                      |                 |
+| MiMo-V2-Flash              | DeepSeek-V3's                                        | none            |
+| A.X-K2                     | DeepSeek-V3's, without groups (see below)            | plain (n)       |
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
 | AFMoE                      | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled; router in block.router                       |                 |
+| HunYuan-V3                 | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
+|                            | scaled by the router's router_scaling_factor         |                 |
+| Laguna                     | sigmoid + the router's frozen bias Parameter, top-k, | plain (one, at  |
+|                            | renormalized (see below)                             | shared_experts) |
+| Flint                      | sigmoid, top-k, renormalized iff norm_topk_prob      | plain (one, at  |
+|                            |                                                      | shared_expert)  |
+| Mistral-4                  | softmax, group-limited top-k (groups by their top-2  | plain (n)       |
+|                            | sum), scaled, renormalized iff norm_topk_prob (see   |                 |
+|                            | below)                                               |                 |
 | DeepSeek-V2                | softmax, top-k (greedy, or group-limited with groups | plain (n)       |
 |                            | scored by their best expert), scaled, never          |                 |
 |                            | renormalized                                         |                 |
@@ -35,7 +56,20 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 |                            | see below)                                           |                 |
 
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
-DeepSeek-V3's), so they are patched too. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
+DeepSeek-V3's), so they are patched too. Kimi-Linear's and Bailing-Hybrid's MoE blocks,
+routers and experts are DeepSeek-V3's line for line (their linear attention is outside
+them), MiMo-V2-Flash's too but for the shared experts it has none of; Mellum's and
+Qwen3-Omni-MoE's thinker's are Qwen3-MoE's; the four GraniteMoE families share one
+block, whose router takes the top-k logits and the softmax over them, as Cohere2-MoE's
+softmax mode does (the same weights as the renormalized top-k of the full softmax, the
+same experts but where distinct logits round to the same fp32 probability); their
+shared MLP (GraniteMoE-Shared, -Hybrid, -SWA) is added by the decoder layer, outside the
+block. A "plain (one)" shared expert is one SwiGLU MLP of any width (HunYuan's, Flint's,
+Lara-Mini's, Laguna's), kept as the HF module; dsv3.MoE counts it as width // ffn_dim
+shared experts, so a plain dsv3.MoE converts into such a block only where the width is a
+multiple of the experts' (the checkpoints' are). HunYuan-V3's enable_moe_fp32_combine
+adds the routed and shared outputs in fp32 and rounds once, which is what adding them
+in bf16 does. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
 (sparse attention) is in the attention, not in the MoE block: their routers, experts
 and blocks are DeepSeek-V3's, line for line. So are GLM-5-Next's (its text MoE block,
 router and experts loop), but for the clamped SwiGLU of its experts and shared experts:
@@ -43,8 +77,9 @@ gate = gate.clamp(max=swiglu_limit), up = up.clamp(-swiglu_limit, swiglu_limit),
 silu(gate) * up, which dsv3.MoE computes with MoEConfig.swiglu_limit (read from the
 experts; the kept HF shared-expert module clamps itself, and a plain dsv3.MoE's fused
 shared experts clamp with the same limit). The vision-language models (Qwen3-VL-MoE,
-GLM-4V-MoE, GLM-5-Next) have their blocks in the language model, whose config
-(text_config) is the block's; ``to_module`` takes the whole model's config too. GLM-GA's models are
+GLM-4V-MoE, GLM-5-Next, Qwen3-Omni-MoE's thinker) have their blocks in the language
+model, whose config (text_config) is the block's; ``to_module`` takes the whole model's
+config too (Qwen3-Omni-MoE's, whose text config is its thinker's). GLM-GA's models are
 GLM-4.6V's, whose language model is built from the text config: GLM-4V's dense one by
 default (nothing to patch), GLM-4V-MoE's for a glm4v_moe_text config (patched as such).
 
@@ -93,18 +128,60 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   (moe_intermediate_size * moe_num_shared_experts wide) only where
   moe_num_shared_experts > 0.
 
+- Mistral-4: softmax (logits and scores in the model dtype: the same in fp32, and in
+  bf16 dsv3 routes in fp32 as it does for Mixtral's bf16 logits), groups scored by the
+  sum of their two best scores (group_score="top2_sum"), the other groups' scores set
+  to 0 (not -inf) before the top-k, weights renormalized (+1e-20) iff norm_topk_prob,
+  times routed_scaling_factor. A softmax score is > 0, so while top_k fits in the kept
+  groups a zeroed expert is never chosen (one whose score underflows to 0 weighs 0
+  either way): dsv3.MoE's group-limited routing. Ties as DeepSeek-V2's. Refused: top_k
+  above the kept groups' experts (transformers fills in other groups' at weight 0), and
+  groups its router cannot score (n_group not dividing the experts, or groups of one,
+  where transformers' top-2 fails).
+- Laguna: sigmoid of the (fp32) logits + the router's frozen bias Parameter, top-k,
+  renormalized (p / sum), weights in the model dtype; the block multiplies the routed
+  output by moe_routed_scaling_factor. Refused: moe_router_logit_softcapping > 0
+  (tanh-softcapped logits) and moe_routed_scaling_factor != 1 (linear, the same as
+  route_scale, but the block's and not the router's, and ``routing`` reads the router
+  only: taking it needs ``routing`` to see the block, a converters.py change).
+- A.X-K2: DeepSeek-V3's router, but with n_group set it zeroes (not -inf) the left-out
+  groups' selection scores, sigmoid + bias, which a kept expert's score + a negative bias
+  falls below, so transformers may choose a left-out expert. Accepted without groups
+  (n_group None, A.X-K2-Light) or with every group kept; refused otherwise.
+
 Near misses, left to ``experts_implementation="dsv3"``: LFM2-MoE (renormalizes with
 +1e-6), LongCat-Flash (identity experts, no renormalization), ERNIE-4.5-VL-MoE (its
 block routes text and vision tokens, by moe_mm_token_type_ids, to two expert sets of
-different widths, and returns its router logits too). Not listed: DeepSeek-V4, which
-scores with sqrt(softplus) and routes its first layers by a token-id table (hash_moe); its experts
-(the same clamped SwiGLU as GLM-5-Next's) run on dsv3 through
-``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS).
+different widths, and returns its router logits too), A.X-K1 (normalizes the block's
+output: a post_mlp_layernorm inside the block), Kolibri-1 (chooses on logits + bias and
+weighs by the sigmoid of the chosen logits; dsv3 chooses on sigmoid + bias), Inkling
+(the router weighs the shared experts with the routed ones, a softmax of logsigmoids
+over both, times a learned global scale), Inkling-2 (softcapped SwiGLU experts), MiniMax-M3-VL
+(experts compute (up + 1) * gate * sigmoid(alpha * gate), clamped), Zaya (an MLP router
+over carried router states, with a skip expert), Gemma-4 (no MoE block of its own: the
+decoder MLP runs the experts beside a dense MLP; its router RMS-normalizes and scales
+its input and weighs by per-expert scales), Aria (experts stored transposed, [E, in,
+out], refused by the converters), Beam (its experts compute the SwiGLU in fp32 through
+an _apply_gate of their own, which experts.py does not know; and the routed scale is the
+block's), HunYuan-V4 and HunYuan-V4-VL (DeepSeek-V3's router and block, but clamped
+SwiGLU routed experts that experts.CLAMPED_SWIGLU_EXPERTS does not list, beside
+unclamped shared experts, where a plain dsv3.MoE clamps both with swiglu_limit). Not
+listed: DeepSeek-V4, which scores with sqrt(softplus) and routes its first layers by a
+token-id table (hash_moe); its experts (the same clamped SwiGLU as GLM-5-Next's) run on
+dsv3 through ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS). Read
+as exact but not listed yet (untested): Qwen3-Omni-MoE's talker (Qwen2-MoE's block),
+Qwen4-Exp's language model (Qwen2-MoE's), Mistral-Large-4's language model (Mistral-4's
+router in fp32, always renormalized) and dots3-note's language model (DeepSeek-V3's,
+shared experts shared_experts_intermediate_size wide each).
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.
+The block's module must also define the router class it is listed with: transformers
+5.17's JambaSparseMoeBlock (same module, same name) routes through a plain nn.Linear
+and has no JambaTopKRouter, and is not taken.
 """
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,7 +218,12 @@ class Architecture:
 
     def matches(self, module: nn.Module) -> bool:
         cls = type(module)
-        return cls.__module__ == self.module and cls.__name__ == self.block
+        if cls.__module__ != self.module or cls.__name__ != self.block:
+            return False
+        # The same block class of a release that routes otherwise (transformers 5.17's
+        # JambaSparseMoeBlock routes through a plain nn.Linear, there is no JambaTopKRouter)
+        # is another block: not taken.
+        return hasattr(sys.modules[cls.__module__], self.router)
 
 
 def _softmax_routing(router: nn.Module) -> dict:
@@ -152,6 +234,27 @@ def _softmax_routing(router: nn.Module) -> dict:
 
 def _softmax_routing_always_normalized(router: nn.Module) -> dict:
     return {"score": "softmax", "normalize_weights": True}
+
+
+def _softmax_routing_never_normalized(router: nn.Module) -> dict:
+    return {"score": "softmax", "normalize_weights": False}
+
+
+def _sigmoid_routing(router: nn.Module) -> dict:
+    # Flint: renormalized iff norm_topk_prob; Laguna's router (no norm_topk_prob) always.
+    return {"score": "sigmoid", "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
+
+
+def _hy_v3_routing(router: nn.Module) -> dict:
+    return {"score": "sigmoid", "route_scale": float(router.router_scaling_factor),
+            "normalize_weights": True}
+
+
+def _mistral4_routing(router: nn.Module) -> dict:
+    # Mistral-Large-4's router has no norm_topk_prob: always renormalized.
+    return {"score": "softmax", "n_groups": router.num_group, "topk_groups": router.topk_group,
+            "group_score": "top2_sum", "route_scale": float(router.routed_scaling_factor),
+            "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
 
 
 def _deepseek_routing(router: nn.Module) -> dict:
@@ -252,6 +355,56 @@ def _ernie_refuse(block: nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def _axk2_routing(router: nn.Module) -> dict:
+    # Without n_group (A.X-K2-Light) DeepSeek-V3's router without groups; every group kept is
+    # the same (_axk2_refuse takes nothing else).
+    return {"score": "sigmoid", "route_scale": float(router.routed_scaling_factor),
+            "normalize_weights": bool(router.norm_topk_prob)}
+
+
+def _axk2_refuse(block: nn.Module) -> tuple[str, str] | None:
+    router = block.gate
+    if router.num_group is None or router.topk_group == router.num_group:
+        return None
+    return (f"n_group={router.num_group}, topk_group={router.topk_group}",
+            "it sets the left-out groups' selection scores (sigmoid + bias) to 0, which a "
+            "kept expert's score + a negative bias falls below; dsv3.MoE never chooses them")
+
+
+def _mistral4_refuse(block: nn.Module) -> tuple[str, str] | None:
+    """Mistral-4 scores a group by the sum of its two best softmax scores and sets the
+    other groups' scores to 0 (not -inf) before its top-k: dsv3.MoE's group-limited
+    softmax routing (group_score "top2_sum") while the top-k fits in the kept groups (a
+    softmax score is > 0, so a kept expert outranks every zeroed one)."""
+    router = block.gate
+    n_group, topk_group, n_experts = router.num_group, router.topk_group, router.num_experts
+    setting = f"n_group={n_group}, topk_group={topk_group}"
+    if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group
+            <= n_group and n_experts % n_group == 0 and n_experts // n_group >= 2):
+        return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
+                         f"its {n_experts} experts scored by their two best")
+    if router.top_k > topk_group * (n_experts // n_group):
+        return (setting + f" with top_k={router.top_k}",
+                "top_k is above the kept groups' experts, which transformers fills with other "
+                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
+    return None
+
+
+def _laguna_refuse(block: nn.Module) -> tuple[str, str] | None:
+    softcap = block.gate.router_logit_softcapping
+    if softcap != 0.0:
+        return (f"moe_router_logit_softcapping={softcap!r}",
+                "it routes on tanh-softcapped logits; dsv3.MoE on the logits")
+    scale = block.routed_scaling_factor
+    if scale != 1.0:
+        # The scale multiplies the routed output, the same as dsv3.MoE's route_scale, but
+        # it lives in the block, where Architecture.routing (given the router) cannot read it.
+        return (f"moe_routed_scaling_factor={scale!r}",
+                "the scale is the block's, not its router's, and dsv3 reads the routing from "
+                "the router only")
+    return None
+
+
 def _hf(model: str) -> str:
     return f"transformers.models.{model}.modeling_{model}"
 
@@ -328,6 +481,51 @@ ARCHITECTURES = (
                  "Ernie4_5_MoeTopKRouter", _softmax_routing_always_normalized,
                  shared=("shared_experts",), bias="gate.moe_statics.e_score_correction_bias",
                  bias_rows=True, refuse=_ernie_refuse),
+    # Qwen3-Omni-MoE's thinker (its language model): Qwen3-MoE's router and block. (Its
+    # talker's blocks, Qwen2-MoE's with the gated shared expert, are not listed.)
+    Architecture("Qwen3-Omni-MoE (thinker)", "qwen3_omni_moe_text", _hf("qwen3_omni_moe"),
+                 "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeThinkerTextTopKRouter",
+                 _softmax_routing),
+    # Never renormalized; the router at block.router.
+    Architecture("Jamba", "jamba", _hf("jamba"), "JambaSparseMoeBlock", "JambaTopKRouter",
+                 _softmax_routing_never_normalized, gate="router"),
+    Architecture("Kimi-Linear", "kimi_linear", _hf("kimi_linear"), "KimiLinearMoE",
+                 "KimiLinearTopkRouter", **_DEEPSEEK_V3_LIKE),
+    Architecture("Bailing-Hybrid", "bailing_hybrid", _hf("bailing_hybrid"), "BailingHybridMoE",
+                 "BailingHybridTopkRouter", **_DEEPSEEK_V3_LIKE),
+    # DeepSeek-V3's router, no shared experts.
+    Architecture("MiMo-V2-Flash", "mimo_v2_flash", _hf("mimo_v2_flash"), "MiMoV2FlashMoE",
+                 "MiMoV2FlashTopkRouter", _deepseek_routing, bias="gate.e_score_correction_bias"),
+    # MiniMax-M2's routing with the block's bias, scaled by the router's factor (AFMoE's).
+    Architecture("HunYuan-V3", "hy_v3", _hf("hy_v3"), "HYV3MoE", "HYV3TopKRouter",
+                 _hy_v3_routing, shared=("shared_experts",), bias="e_score_correction_bias"),
+    # Softmax, groups by their top-2 sum (the others zeroed): see _mistral4_refuse.
+    Architecture("Mistral-4", "mistral4", _hf("mistral4"), "Mistral4MoE", "Mistral4TopkRouter",
+                 _mistral4_routing, shared=("shared_experts",), refuse=_mistral4_refuse),
+    # Granite's four MoE families share one block: softmax over the top-k logits (Cohere2-MoE's
+    # selection), router at block.router; their shared MLP is outside the block.
+    *(Architecture(name, model_type, _hf(model_type), f"{prefix}MoE", f"{prefix}TopKRouter",
+                   _softmax_routing_always_normalized, gate="router")
+      for name, model_type, prefix in (
+          ("GraniteMoE", "granitemoe", "GraniteMoe"),
+          ("GraniteMoE-Shared", "granitemoeshared", "GraniteMoeShared"),
+          ("GraniteMoE-Hybrid", "granitemoehybrid", "GraniteMoeHybrid"),
+          ("GraniteMoE-SWA", "granitemoe_swa", "GraniteMoeSWA"))),
+    # Sigmoid + the router's frozen [E] bias Parameter, renormalized; see _laguna_refuse.
+    Architecture("Laguna", "laguna", _hf("laguna"), "LagunaSparseMoeBlock", "LagunaTopKRouter",
+                 _sigmoid_routing, shared=("shared_experts",),
+                 bias="gate.e_score_correction_bias", refuse=_laguna_refuse),
+    Architecture("Mellum", "mellum", _hf("mellum"), "MellumSparseMoeBlock", "MellumTopKRouter",
+                 _softmax_routing),
+    # DeepSeek-V3's block and router, but groups zero the others' scores: see _axk2_refuse.
+    Architecture("A.X-K2", "axk2", _hf("axk2"), "AXK2MoE", "AXK2TopkRouter", _axk2_routing,
+                 shared=("shared_experts",), bias="gate.e_score_correction_bias",
+                 refuse=_axk2_refuse),
+    # A plain (ungated) shared expert, at block.shared_expert.
+    Architecture("Flint", "flint", _hf("flint"), "FlintSparseMoeBlock", "FlintTopKRouter",
+                 _sigmoid_routing, shared=("shared_expert",)),
+    Architecture("Lara-Mini", "lara_mini", _hf("lara_mini"), "LaraMiniSparseMoeBlock",
+                 "LaraMiniTopKRouter", _softmax_routing, shared=("shared_expert",)),
 )
 
 
