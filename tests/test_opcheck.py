@@ -71,3 +71,34 @@ def op_cases():
 @pytest.mark.parametrize("op, args", op_cases())
 def test_opcheck(op, args):
     torch.library.opcheck(op, args)
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same values, strides (1, rows): what a transposed activation looks like."""
+    return t.t().contiguous().t()
+
+
+def strided_cases():
+    """Ops whose fakes built their output like an input (empty_like keeps its strides)
+    while every kernel returns a contiguous tensor: a compiled graph saw wrong strides
+    for a column-major input, and torch.compile's backward failed."""
+    torch.manual_seed(0)
+    experts_TK = make_experts(6, 4, 2)
+    _, row_map_TK = ops.expert_index(experts_TK, 4)
+    h_S2F, grad_a_SF = torch.randn(12, 8), torch.randn(12, 4)
+    d = torch.ops.dsv3
+    return [
+        pytest.param(d.expert_index.default, (_column_major(experts_TK), 4), id="expert_index"),
+        pytest.param(d.unpermute_backward.default,
+                     (torch.randn(6, 5), _column_major(torch.randn(12, 5)), row_map_TK,
+                      _column_major(torch.rand(6, 2))), id="unpermute_backward"),
+        pytest.param(d.swiglu_backward.default, (grad_a_SF, _column_major(h_S2F)),
+                     id="swiglu_backward"),
+        pytest.param(d.gpt_oss_glu_backward.default, (grad_a_SF, _column_major(h_S2F), 1.702),
+                     id="gpt_oss_glu_backward"),
+    ]
+
+
+@pytest.mark.parametrize("op, args", strided_cases())
+def test_fake_strides_match_the_kernels_for_strided_inputs(op, args):
+    torch.library.opcheck(op, args, test_utils=("test_faketensor",))

@@ -27,7 +27,7 @@ def _gpt_oss_glu_fake(h_S2F, alpha, limit=None):
 
 @torch.library.register_fake("dsv3::gpt_oss_glu_backward")
 def _gpt_oss_glu_backward_fake(grad_a_SF, h_S2F, alpha, limit=None, grad_at_limit=False):
-    return torch.empty_like(h_S2F)
+    return h_S2F.new_empty(h_S2F.shape)  # contiguous, as the kernels return it
 
 
 def _gpt_oss_glu_setup(ctx, inputs, output):

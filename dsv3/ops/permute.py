@@ -24,7 +24,8 @@ class PermuteOutput(NamedTuple):
 
 @torch.library.register_fake("dsv3::expert_index")
 def _expert_index_fake(experts_TK, n_experts):
-    return experts_TK.new_empty(n_experts), torch.empty_like(experts_TK)
+    # New tensors are contiguous whatever the inputs' strides, as every kernel returns them.
+    return experts_TK.new_empty(n_experts), experts_TK.new_empty(experts_TK.shape)
 
 
 @torch.library.register_fake("dsv3::permute_rows")
@@ -39,7 +40,7 @@ def _unpermute_fake(y_SD, row_map_TK, weights_TK):
 
 @torch.library.register_fake("dsv3::unpermute_backward")
 def _unpermute_backward_fake(grad_y_TD, y_SD, row_map_TK, weights_TK):
-    return torch.empty_like(y_SD), torch.empty_like(weights_TK)
+    return y_SD.new_empty(y_SD.shape), weights_TK.new_empty(weights_TK.shape)  # contiguous
 
 
 def _permute_rows_setup(ctx, inputs, output):

@@ -49,7 +49,7 @@ def _route_fake(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normaliz
 @torch.library.register_fake("dsv3::route_backward")
 def _route_backward_fake(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE,
                          experts_TK, score, normalize, scale):
-    return torch.empty_like(logits_TE)
+    return logits_TE.new_empty(logits_TE.shape)  # contiguous, as the kernels return it
 
 
 def _route_setup(ctx, inputs, output):

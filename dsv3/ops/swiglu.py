@@ -19,7 +19,7 @@ def _swiglu_fake(h_S2F, limit=None):
 
 @torch.library.register_fake("dsv3::swiglu_backward")
 def _swiglu_backward_fake(grad_a_SF, h_S2F, limit=None, grad_at_limit=False):
-    return torch.empty_like(h_S2F)
+    return h_S2F.new_empty(h_S2F.shape)  # contiguous, as the kernels return it
 
 
 def _clamp_passes_grad_at_limit() -> bool:
