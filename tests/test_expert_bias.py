@@ -5,7 +5,8 @@ the same sums; bad arguments are named."""
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, assert_close_to_reference, check_op, make_experts
+from conftest import (DEVICES, DTYPES, TRITON_INTERPRETED, assert_close_to_reference, check_op,
+                      make_experts)
 
 from dsv3 import ops
 from dsv3.ops import expert_bias
@@ -48,13 +49,13 @@ def test_matches_loop_over_experts(pattern, dtype, device):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_both_sums_agree(pattern):
-    """The GPU's matmul sum and the CPU's index_add_ sum, both run here."""
+    """The kernels' sum (the grouped wgrad with ones) and the reference path's index_add_."""
     y_SN, bias_EN, offsets_E = _inputs(pattern, torch.float32, "cpu", n_tokens=300)
     expert_S = expert_bias._expert_of_row(offsets_E, y_SN.shape[0])
     grad_SN = torch.randn_like(y_SN)
-    by_index = expert_bias._bias_grad(grad_SN, expert_S, 6, by_matmul=False)
-    by_matmul = expert_bias._bias_grad(grad_SN, expert_S, 6, by_matmul=True)
-    torch.testing.assert_close(by_matmul, by_index, rtol=1e-5, atol=1e-5)
+    by_index = expert_bias._bias_grad(grad_SN, offsets_E, expert_S, 6, by_gemm=False)
+    by_gemm = expert_bias._bias_grad(grad_SN, offsets_E, expert_S, 6, by_gemm=True)
+    torch.testing.assert_close(by_gemm, by_index, rtol=1e-5, atol=1e-5)
     want = torch.stack([grad_SN[expert_S == e].double().sum(0) for e in range(6)]).float()
     torch.testing.assert_close(by_index, want, rtol=1e-5, atol=1e-5)
 
@@ -70,19 +71,22 @@ def test_bias_grad_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("by_matmul", [False, True])
-def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_matmul, device):
+@pytest.mark.parametrize("by_gemm", [False, True])
+def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_gemm, device):
     """The bias gradient sums each expert's rows in fp32, as torch's own bf16 sum does:
     over 16k rows an expert (a long GEMM reduction, where a bf16 GEMM may split K and
     add the partial sums in bf16), its error against fp64 is at most 2x that of
     torch's bf16 sum, plus the floor. The upstream gradient has a mean, so the sums
     grow with the row count."""
+    if by_gemm and TRITON_INTERPRETED:
+        pytest.skip("Triton's interpreter computes bf16 dots wrongly (DESIGN.md section 4)")
     n_experts, n_rows, width = 4, 65536, 64
     gen = torch.Generator().manual_seed(4)
     grad_SN = (torch.randn(n_rows, width, generator=gen) + 1.0).to(torch.bfloat16)
     offsets_E = torch.arange(1, n_experts + 1, dtype=torch.int32) * (n_rows // n_experts)
     expert_S = expert_bias._expert_of_row(offsets_E, n_rows)
-    got = expert_bias._bias_grad(grad_SN.to(device), expert_S.to(device), n_experts, by_matmul)
+    got = expert_bias._bias_grad(grad_SN.to(device), offsets_E.to(device), expert_S.to(device),
+                                 n_experts, by_gemm)
     rows = grad_SN.view(n_experts, -1, width)
     assert_close_to_reference(got, rows.double().sum(1), rows.sum(1), "bias grad")
 

@@ -1,16 +1,23 @@
 """``add_expert_bias``: each expert's bias added to its rows of a grouped GEMM's output,
 for experts whose projections carry biases (GPT-OSS's).
 
-Composed of torch ops rather than a kernel of its own: the add is one elementwise
-pass, and the bias gradient, a sum over each expert's rows, is small next to the
-GEMMs around it. The gradient is computed without atomics (deterministic, as the
-rest of the layer) and without a host sync (CUDA-graph capturable): on a GPU as a
-matmul of the rows' one-hot expert map with the gradient, on the CPU as an fp32
-index_add_, both accumulating in fp32.
+Composed of existing ops rather than a kernel of its own. The forward is one gather and
+one add. The bias gradient, a sum over each expert's rows, is the grouped GEMM's weight
+gradient with ones for its input (ones_S^T @ grad_SN per expert): the layer's own wgrad
+kernels, accumulating in fp32 (on tensor cores in bf16/fp16), without atomics
+(deterministic) and without a host sync (CUDA-graph capturable), at 2*16*S*N FLOPs: the
+ones are 16 wide, the narrowest operand a GPU matmul tile takes. fp32 gradients get
+the layer's fp32 GEMM precision: TF32 inputs where torch.backends.cuda.matmul.allow_tf32
+is set.
 """
 import torch
 
+from dsv3.ops.backend import use_reference
 from dsv3.ops.checks import FLOAT_DTYPES, check_no_forward_ad, check_tensor
+
+# Width of the ones the bias gradient multiplies with: tl.dot's smallest dimension, and
+# 16-byte rows for TMA in every dtype.
+_ONES_WIDTH = 16
 
 
 def _expert_of_row(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -24,7 +31,7 @@ class _AddExpertBias(torch.autograd.Function):
     def forward(ctx, y_SN, bias_EN, offsets_E):
         n_experts = bias_EN.shape[0]
         expert_S = _expert_of_row(offsets_E, y_SN.shape[0])
-        ctx.save_for_backward(expert_S)
+        ctx.save_for_backward(expert_S, offsets_E)
         ctx.n_experts = n_experts
         # Rows past offsets_E[-1] (copies dropped by a capacity limit) belong to no
         # expert: they keep their value (as grouped_mm leaves them, zero), by a zero bias
@@ -35,36 +42,31 @@ class _AddExpertBias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_SN):
-        (expert_S,) = ctx.saved_tensors
+        expert_S, offsets_E = ctx.saved_tensors
         grad_y_SN = grad_bias_EN = None
         if ctx.needs_input_grad[0]:
             grad_y_SN = grad_SN
         if ctx.needs_input_grad[1]:
-            grad_bias_EN = _bias_grad(grad_SN, expert_S, ctx.n_experts)
+            grad_bias_EN = _bias_grad(grad_SN, offsets_E, expert_S, ctx.n_experts)
         return grad_y_SN, grad_bias_EN, None
 
 
-def _bias_grad(grad_SN: torch.Tensor, expert_S: torch.Tensor, n_experts: int,
-               by_matmul: bool | None = None) -> torch.Tensor:
-    """sum of grad_SN over each expert's rows, [E, N], accumulated in fp32: by a matmul
-    (``by_matmul``; by default off the CPU) or an index_add_."""
-    if by_matmul is None:
-        by_matmul = grad_SN.device.type != "cpu"
-    if not by_matmul:
-        # index_add_ on the CPU runs row after row: deterministic, O(S * N).
-        sums_EN = grad_SN.new_zeros(n_experts + 1, grad_SN.shape[1], dtype=torch.float32)
-        sums_EN.index_add_(0, expert_S, grad_SN.float())
-        return sums_EN[:n_experts].to(grad_SN.dtype)
-    # On a GPU index_add_ adds with float atomics, whose order varies from run to run.
-    # A matmul with the 0/1 map of which expert owns each row sums in a fixed order:
-    # 2*E*S*N FLOPs, a few percent of the expert GEMMs' 2*S*D*N per pass for D >> E.
-    # In fp32, inputs and all: a bf16/fp16 GEMM may add its split-K partial sums in
-    # bf16/fp16 (torch's allow_{bf16,fp16}_reduced_precision_reduction, on by default,
-    # and the S-long reduction invites split-K). Under allow_tf32 the fp32 GEMM rounds
-    # its inputs to TF32, which holds bf16 and fp16 values exactly (0/1 too).
-    experts_E1 = torch.arange(n_experts, device=grad_SN.device).unsqueeze(1)
-    owner_ES = (expert_S.unsqueeze(0) == experts_E1).float()
-    return (owner_ES @ grad_SN.float()).to(grad_SN.dtype)
+def _bias_grad(grad_SN: torch.Tensor, offsets_E: torch.Tensor, expert_S: torch.Tensor,
+               n_experts: int, by_gemm: bool | None = None) -> torch.Tensor:
+    """sum of grad_SN over each expert's rows, [E, N], accumulated in fp32 (fp64 for
+    fp64): by the grouped GEMM's wgrad (``by_gemm``; by default wherever the op would
+    run its kernels) or, on the reference path, an index_add_ over the rows' experts."""
+    if by_gemm is None:
+        by_gemm = not use_reference(grad_SN)
+    if by_gemm:
+        ones_SX = grad_SN.new_ones(grad_SN.shape[0], _ONES_WIDTH)
+        sums_EXN = torch.ops.dsv3.grouped_mm_wgrad(ones_SX, grad_SN.contiguous(), offsets_E,
+                                                   False)
+        return sums_EXN[:, 0].contiguous()  # every row of the ones gives the same sums
+    acc = torch.float64 if grad_SN.dtype == torch.float64 else torch.float32
+    sums_EN = grad_SN.new_zeros(n_experts + 1, grad_SN.shape[1], dtype=acc)
+    sums_EN.index_add_(0, expert_S, grad_SN.to(acc))  # row E: rows past offsets_E[-1]
+    return sums_EN[:n_experts].to(grad_SN.dtype)
 
 
 def add_expert_bias(y_SN: torch.Tensor, bias_EN: torch.Tensor,
