@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "alloc.h"
+#include "clamp.h"
 #include "vec_math.h"
 
 namespace dsv3 {
@@ -33,6 +34,11 @@ namespace {
 constexpr int64_t kRowGrain = 16;
 constexpr int64_t kChunk = 512;  // outputs per chunk: its float buffers (<= 10 KiB) stay in L1
 
+using clamp::Clamp;
+using clamp::check_hidden;
+using clamp::check_limit;
+using clamp::clamp_up;
+using clamp::float_clamp;
 using vec::fast_sigmoid;
 
 // gate_up holds n (gate, up) pairs; out[i] = g sigmoid(alpha g) (u + 1).
@@ -54,13 +60,6 @@ DSV3_MULTIVERSION void glu_backward_chunk(const float* dy, const float* gate_up,
     grad_gate_up[2 * i + 1] = dy[i] * (g * s);
   }
 }
-
-// The limit as the float kernels use it: ``value``, L rounded to the tensor's dtype
-// (exact in float); ``at_limit``, whether an input equal to +-value gets a gradient.
-struct Clamp {
-  float value;
-  bool at_limit;
-};
 
 // The clamped variants are separate functions (not a flag in the loops above), so the
 // unclamped ones carry no compare-and-select.
@@ -96,15 +95,9 @@ DSV3_MULTIVERSION void glu_clamped_backward_chunk(const float* dy, const float* 
   }
 }
 
-void check_hidden(const at::Tensor& h_S2F, const char* op) {
-  TORCH_CHECK_VALUE(h_S2F.dim() == 2 && h_S2F.size(1) % 2 == 0, op,
-                    ": h_S2F must be 2-D [S, 2F] with an even last dim, got ", h_S2F.sizes());
-}
-
 void check_numbers(double alpha, const std::optional<double>& limit, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
-  TORCH_CHECK_VALUE(!limit || (*limit > 0 && std::isfinite(*limit)), op,
-                    ": limit must be a finite number > 0 (or None), got ", *limit);
+  check_limit(limit, op);
 }
 
 // float32 is read (and, where a chunk's output is float, written) in place; bf16/fp16
@@ -154,7 +147,6 @@ void glu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* grad_h
 
 // float64 is for gradcheck, where exactness matters more than speed. Without a limit
 // nothing is clamped or masked, not even an infinite input's gradient.
-double clamp_up(double u, double limit) { return u > limit ? limit : (u < -limit ? -limit : u); }
 bool passes(double x, double limit, bool at_limit) {  // x < limit, or on it
   return x < limit || (at_limit && x == limit);
 }
@@ -183,15 +175,8 @@ void glu_backward_rows(const double* grad, const double* h, double* grad_h, int6
       const bool gate_in = !limit || passes(g_in, *limit, at_limit);  // no lower bound
       const bool up_in = !limit || passes(std::fabs(u_in), *limit, at_limit);
       grad_h[i] = gate_in ? dy * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)) : 0.0;
-      grad_h[i + 1] = up_in ? dy * g * sig : 0.0;
+      grad_h[i + 1] = up_in ? dy * (g * sig) : 0.0;
     }
-}
-
-// The float kernels' clamp for a tensor of dtype ``scalar_t``.
-template <typename scalar_t>
-std::optional<Clamp> float_clamp(const std::optional<double>& limit, bool at_limit) {
-  if (!limit) return std::nullopt;
-  return Clamp{static_cast<float>(static_cast<scalar_t>(*limit)), at_limit};
 }
 
 template <typename scalar_t>

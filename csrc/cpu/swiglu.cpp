@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "alloc.h"
+#include "clamp.h"
 #include "vec_math.h"
 
 namespace dsv3 {
@@ -29,6 +30,11 @@ namespace {
 constexpr int64_t kRowGrain = 16;
 constexpr int64_t kChunk = 512;  // floats per buffer: all buffers stay in L1
 
+using clamp::Clamp;
+using clamp::check_hidden;
+using clamp::check_limit;
+using clamp::clamp_up;
+using clamp::float_clamp;
 using vec::fast_sigmoid;
 
 // silu(g) = g * sigmoid(g) is formed first, as torch does: g * up could overflow to inf
@@ -46,13 +52,6 @@ DSV3_MULTIVERSION void swiglu_backward_chunk(const float* dy, const float* gate,
     grad_gate[i] = dy[i] * up[i] * sig * (1.0f + gate[i] * (1.0f - sig));
   }
 }
-
-// The limit as the float kernels use it: ``value``, L rounded to the tensor's dtype
-// (exact in float); ``at_limit``, whether an input equal to +-value gets a gradient.
-struct Clamp {
-  float value;
-  bool at_limit;
-};
 
 // The clamped variants are separate functions (not a flag in the loops above), so the
 // unclamped ones stay exactly as they were.
@@ -85,11 +84,6 @@ DSV3_MULTIVERSION void swiglu_clamped_backward_chunk(const float* dy, const floa
     grad_up[i] = up_in ? dy[i] * (g * sig) : 0.0f;
     grad_gate[i] = gate_in ? dy[i] * u * sig * (1.0f + g * (1.0f - sig)) : 0.0f;
   }
-}
-
-void check_hidden(const at::Tensor& h_S2F, const char* op) {
-  TORCH_CHECK_VALUE(h_S2F.dim() == 2 && h_S2F.size(1) % 2 == 0, op,
-                    ": h_S2F must be 2-D [S, 2F] with an even last dim, got ", h_S2F.sizes());
 }
 
 // float32 runs on the tensors' memory directly; bf16/fp16 are widened per chunk.
@@ -153,7 +147,6 @@ void swiglu_backward_rows(const scalar_t* grad, const scalar_t* h, scalar_t* gra
 // double already; an infinite one (no limit: check_limit refuses a given one) clamps
 // nothing and masks no gradient, not even of an infinite input.
 double clamp_gate(double g, double limit) { return g > limit ? limit : g; }
-double clamp_up(double u, double limit) { return u > limit ? limit : (u < -limit ? -limit : u); }
 bool passes(double x, double limit, bool at_limit) {  // within (-limit, limit), or on it
   return std::fabs(x) < limit || (at_limit && std::fabs(x) == limit);
 }
@@ -164,7 +157,7 @@ void swiglu_rows(const double* h, double* a, int64_t begin, int64_t end, int64_t
     for (int64_t f = 0; f < ffn; ++f) {
       const double g = clamp_gate(h[s * 2 * ffn + f], limit);
       const double u = clamp_up(h[s * 2 * ffn + ffn + f], limit);
-      a[s * ffn + f] = g * u / (1.0 + std::exp(-g));
+      a[s * ffn + f] = g / (1.0 + std::exp(-g)) * u;  // silu(g) first, as torch
     }
 }
 
@@ -179,20 +172,8 @@ void swiglu_backward_rows(const double* grad, const double* h, double* grad_h, i
       const bool gate_in = unclamped || g_in < limit || (at_limit && g_in == limit);  // no lower bound
       const bool up_in = unclamped || passes(u_in, limit, at_limit);
       grad_h[s * 2 * ffn + f] = gate_in ? dy * u * sig * (1.0 + g * (1.0 - sig)) : 0.0;
-      grad_h[s * 2 * ffn + ffn + f] = up_in ? dy * g * sig : 0.0;
+      grad_h[s * 2 * ffn + ffn + f] = up_in ? dy * (g * sig) : 0.0;
     }
-}
-
-// The float kernels' clamp for a tensor of dtype ``scalar_t``.
-template <typename scalar_t>
-std::optional<Clamp> float_clamp(const std::optional<double>& limit, bool at_limit) {
-  if (!limit) return std::nullopt;
-  return Clamp{static_cast<float>(static_cast<scalar_t>(*limit)), at_limit};
-}
-
-void check_limit(const std::optional<double>& limit, const char* op) {
-  TORCH_CHECK_VALUE(!limit || (*limit > 0 && std::isfinite(*limit)), op,
-                    ": limit must be a finite number > 0 (or None), got ", *limit);
 }
 
 template <typename scalar_t>

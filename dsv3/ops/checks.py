@@ -46,6 +46,23 @@ def check_number(op: str, name: str, value) -> None:
         raise ValueError(f"{op}: {name} must be finite, got {value}")
 
 
+def check_limit(op: str, limit, dtype: torch.dtype):
+    """A gated activation's clamp ``limit``, as the schema's float: None (no clamp) or a
+    finite number > 0 within ``dtype``'s range (rounded to the dtype, a larger one would be
+    inf: no clamp, where torch's clamp refuses it); a symbolic one passes unchecked."""
+    if limit is None:
+        return None
+    check_number(op, "limit", limit)
+    if not isinstance(limit, (torch.SymInt, torch.SymFloat)) and limit <= 0:
+        raise ValueError(f"{op}: limit must be > 0 (or None for no clamp), got {limit}")
+    if isinstance(limit, int):
+        limit = float(limit)
+    if not isinstance(limit, torch.SymFloat) and limit > torch.finfo(dtype).max:
+        raise ValueError(f"{op}: limit {limit} is past the range of h_S2F's {dtype} "
+                         f"(max {torch.finfo(dtype).max})")
+    return limit
+
+
 def check_bool(op: str, name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be True or False, got {value!r}")

@@ -12,8 +12,8 @@ import torch
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import (FLOAT_DTYPES, check_no_forward_ad, check_number, check_tensor,
-                              refuse_double_backward)
+from dsv3.ops.checks import (FLOAT_DTYPES, check_limit, check_no_forward_ad, check_number,
+                              check_tensor, refuse_double_backward)
 from dsv3.ops.swiglu import GRAD_AT_LIMIT
 
 # GPT-OSS's swiglu_alpha (transformers' GptOssConfig, the released checkpoints).
@@ -48,23 +48,6 @@ torch.library.register_autograd("dsv3::gpt_oss_glu", _gpt_oss_glu_backward,
 refuse_double_backward("dsv3::gpt_oss_glu_backward", "gpt_oss_glu")
 
 
-def _check_limit(limit, dtype: torch.dtype):
-    """``limit`` as the schema's float, refused (naming it) unless None or a finite
-    number > 0 within ``dtype``'s range; symbolic ones pass as swiglu's do."""
-    if limit is None:
-        return None
-    check_number("gpt_oss_glu", "limit", limit)
-    if not isinstance(limit, (torch.SymInt, torch.SymFloat)) and limit <= 0:
-        raise ValueError(f"gpt_oss_glu: limit must be > 0 (or None for no clamp), got {limit}")
-    if isinstance(limit, int):
-        limit = float(limit)
-    if not isinstance(limit, torch.SymFloat) and limit > torch.finfo(dtype).max:
-        # torch's clamp refuses it too; rounded to the dtype it would be inf (no clamp).
-        raise ValueError(f"gpt_oss_glu: limit {limit} is past the range of h_S2F's "
-                         f"{dtype} (max {torch.finfo(dtype).max})")
-    return limit
-
-
 def gpt_oss_glu(h_S2F: torch.Tensor, alpha: float = GPT_OSS_ALPHA,
                 limit: float | None = None) -> torch.Tensor:
     """a_SF = gate * sigmoid(alpha * gate) * (up + 1) with gate = h_S2F[:, 0::2] and
@@ -86,7 +69,7 @@ def gpt_oss_glu(h_S2F: torch.Tensor, alpha: float = GPT_OSS_ALPHA,
     check_number("gpt_oss_glu", "alpha", alpha)
     if isinstance(alpha, int):
         alpha = float(alpha)  # the schema's float
-    limit = _check_limit(limit, h_S2F.dtype)
+    limit = check_limit("gpt_oss_glu", limit, h_S2F.dtype)
     check_no_forward_ad("gpt_oss_glu", h_S2F)
     if use_reference(h_S2F):
         return reference.gpt_oss_glu(h_S2F, alpha, limit)

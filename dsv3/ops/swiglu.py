@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from dsv3 import reference
 from dsv3.ops.backend import use_reference
-from dsv3.ops.checks import (FLOAT_DTYPES, check_no_forward_ad, check_number, check_tensor,
+from dsv3.ops.checks import (FLOAT_DTYPES, check_limit, check_no_forward_ad, check_tensor,
                               refuse_double_backward)
 
 
@@ -67,16 +67,7 @@ def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     if h_S2F.shape[1] % 2:
         raise ValueError(f"swiglu: h_S2F's last dim must be even (gate and up), "
                          f"got shape {tuple(h_S2F.shape)}")
-    if limit is not None:
-        check_number("swiglu", "limit", limit)
-        if not isinstance(limit, (torch.SymInt, torch.SymFloat)) and limit <= 0:
-            raise ValueError(f"swiglu: limit must be > 0 (or None for no clamp), got {limit}")
-        if isinstance(limit, int):
-            limit = float(limit)  # the schema's float
-        if not isinstance(limit, torch.SymFloat) and limit > torch.finfo(h_S2F.dtype).max:
-            # torch's clamp refuses it too; rounded to the dtype it would be inf (no clamp).
-            raise ValueError(f"swiglu: limit {limit} is past the range of h_S2F's "
-                             f"{h_S2F.dtype} (max {torch.finfo(h_S2F.dtype).max})")
+    limit = check_limit("swiglu", limit, h_S2F.dtype)
     check_no_forward_ad("swiglu", h_S2F)
     if use_reference(h_S2F):
         return reference.swiglu(h_S2F, limit)
