@@ -2,10 +2,10 @@
 supported MoE block, the modes of a listed architecture that dsv3.MoE does not compute
 (refused with the reason, all or nothing, by patch_moe, from_module and to_module alike)
 and the settings next to them that it does compute, DeepSeek-V2's group-limited routing,
-experts stored transposed, non-SwiGLU experts, to_module's config checks, and the
-clamped SwiGLU of GLM-5-Next and DeepSeek-V4 (taken only from the known classes, with a
-valid limit). The numerical equivalence of the supported models is in
-test_transformers_integration.py."""
+Laguna's routed scale, experts stored transposed, non-SwiGLU experts, to_module's config
+checks, and the clamped SwiGLU of GLM-5-Next, HunYuan-V4 (routed experts only) and
+DeepSeek-V4 (taken only from the known classes, with a valid limit). The numerical
+equivalence of the supported models is in test_transformers_integration.py."""
 import dataclasses
 import re
 
@@ -16,8 +16,9 @@ from torch import nn
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close
-from hf_models import (GLM5_NEXT_SWIGLU_LIMIT, N_SPARSE, decoder_layers, input_ids, missing,
-                       sparse_block, tiny_config, tiny_model, transformers)
+from hf_models import (GLM5_NEXT_SWIGLU_LIMIT, HY_V4_SWIGLU_LIMIT, LAGUNA_ROUTED_SCALE, N_SPARSE,
+                       decoder_layers, input_ids, missing, sparse_block, tiny_config, tiny_model,
+                       transformers)
 from transformers_support import PLAIN_CONFIGS, DsvOpLog, arch_param
 
 import dsv3
@@ -82,9 +83,15 @@ REFUSED_MODES = [
     arch_param("laguna", dict(moe_router_logit_softcapping=30.0),
                "Laguna with moe_router_logit_softcapping=30.0",
                "it routes on tanh-softcapped logits"),
-    arch_param("laguna", dict(moe_routed_scaling_factor=2.0),
-               "Laguna with moe_routed_scaling_factor=2.0",
-               "the scale is the block's, not its router's"),
+    # dsv3.MoE's route_scale is > 0.
+    arch_param("laguna", dict(moe_routed_scaling_factor=0.0),
+               "Laguna with moe_routed_scaling_factor=0.0",
+               "it scales the routed output by it, dsv3.MoE by a route_scale that is a finite "
+               "number > 0"),
+    # Mistral-Large-4: Mistral-4's groups (its text config's).
+    arch_param("mistral_large4", dict(topk_group=1),
+               "Mistral-Large-4 with n_group=4, topk_group=1 with top_k=3",
+               "top_k is above the kept groups' experts"),
 ]
 
 
@@ -153,6 +160,9 @@ ACCEPTED_MODES = [
     arch_param("mistral4", dict(n_group=1, topk_group=1)),
     arch_param("mistral4", dict(topk_group=4)),
     arch_param("mistral4", dict(num_experts_per_tok=4, norm_topk_prob=True)),
+    arch_param("mistral_large4", dict(n_group=1, topk_group=1)),
+    # The block's routed scale, 1 (the tiny model's is 2.5).
+    arch_param("laguna", dict(moe_routed_scaling_factor=1.0)),
 ]
 
 
@@ -176,6 +186,20 @@ def test_deepseek_v2_group_limited_greedy_scores_groups_by_their_best_expert():
     x = torch.randn(3, 5, 32)
     assert_close(moe(x), block(x), "from_module output")
     moe.config = dataclasses.replace(c, group_score="top2_sum")
+    assert not torch.allclose(moe(x), block(x), rtol=1e-3, atol=1e-3)
+
+
+def test_laguna_routed_scale_is_the_blocks():
+    """Laguna scales its routed output in the block (moe_routed_scaling_factor, 2.5 in the
+    tiny model): dsv3.MoE's route_scale, read from the block, not its router (without it,
+    another output)."""
+    block = decoder_layers(tiny_model("laguna"))[1].mlp
+    assert block.routed_scaling_factor == LAGUNA_ROUTED_SCALE != 1.0
+    moe = dt.from_module(block)
+    assert moe.config.route_scale == LAGUNA_ROUTED_SCALE
+    x = torch.randn(3, 5, 32)
+    assert_close(moe(x), block(x), "from_module output")
+    moe.config = dataclasses.replace(moe.config, route_scale=1.0)
     assert not torch.allclose(moe(x), block(x), rtol=1e-3, atol=1e-3)
 
 
@@ -261,7 +285,7 @@ def test_plain_moe_to_module_checks_the_config():
         dt.to_module(moe, transformers.LlamaConfig())
 
 
-# --- the clamped SwiGLU (GLM-5-Next, DeepSeek-V4) -------------------------------------------
+# --- the clamped SwiGLU (GLM-5-Next, DeepSeek-V4, HunYuan-V4) -------------------------------
 @pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
 def test_glm5_next_clamp_is_active():
     """In the tiny GLM-5-Next the clamp changes what the block computes, so the tests
@@ -285,13 +309,21 @@ def test_glm5_next_clamp_is_active():
 
 
 def _clamped_experts(arch: str, limit: float):
-    """A lone clamped-SwiGLU experts module (GLM-5-Next's or DeepSeek-V4's), random
-    weights of std 0.3: with x ~ N(0, 1), gate and up have std 1.7."""
+    """A lone clamped-SwiGLU experts module (GLM-5-Next's, HunYuan-V4's, -VL's or
+    DeepSeek-V4's), random weights of std 0.3: with x ~ N(0, 1), gate and up have std 1.7."""
     if arch == "glm5_next":
         from transformers.models.glm5_next import modeling_glm5_next as m
         config = tiny_config("glm5_next").text_config
         config.swiglu_limit = limit
         experts = m.Glm5NextTextExperts(config)
+    elif arch in ("hy_v4", "hy_v4_vl"):
+        config = tiny_config(arch, swiglu_limit=limit).get_text_config()
+        if arch == "hy_v4":
+            from transformers.models.hy_v4 import modeling_hy_v4 as m
+            experts = m.HYV4Experts(config)
+        else:
+            from transformers.models.hy_v4_vl import modeling_hy_v4_vl as m
+            experts = m.HYV4VLExperts(config)
     else:
         from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
         config = transformers.DeepseekV4Config(hidden_size=32, moe_intermediate_size=24,
@@ -303,7 +335,8 @@ def _clamped_experts(arch: str, limit: float):
     return experts
 
 
-@pytest.mark.parametrize("arch", [arch_param("glm5_next"), arch_param("deepseek_v4")])
+@pytest.mark.parametrize("arch", [arch_param(a) for a in ("glm5_next", "deepseek_v4", "hy_v4",
+                                                          "hy_v4_vl")])
 def test_clamped_swiglu_experts_run_on_dsv3(arch):
     """experts_implementation="dsv3" takes the known clamped-SwiGLU experts classes and
     computes their _apply_gate (the limit read from the module): output and every
@@ -358,3 +391,71 @@ def test_plain_moe_to_module_checks_the_swiglu_limit():
     clamped = {**PLAIN_CONFIGS["deepseek_v3"], "swiglu_limit": 1.0}
     with pytest.raises(ValueError, match=r"hf_config: .*swiglu_limit=1.0 vs None"):
         dt.to_module(dsv3.MoE(dsv3.MoEConfig(dim=32, **clamped)), tiny_config("deepseek_v3"))
+    # GLM-5-Next's HF shared MLP clamps: fused shared experts without the clamp are refused.
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["glm5_next"]))
+    moe.shared_experts.swiglu_limit = None
+    with pytest.raises(ValueError, match=r"moe: its shared experts clamp their SwiGLU with "
+                                         r"swiglu_limit=None, the GLM-5-Next block's with 1.0"):
+        dt.to_module(moe, tiny_config("glm5_next"))
+
+
+@pytest.mark.parametrize("arch", [arch_param("hy_v4"), arch_param("hy_v4_vl")])
+def test_hy_v4_clamps_its_routed_experts_only(arch):
+    """HunYuan-V4 clamps the SwiGLU of its routed experts (swiglu_limit, active in the tiny
+    model), not its shared experts'. patch_moe keeps the HF shared MLP (unclamped) and
+    clamps the routed experts, as transformers; without the clamp, other logits."""
+    model = tiny_model(arch)
+    block = decoder_layers(model)[1].mlp
+    assert block.experts.swiglu_limit == HY_V4_SWIGLU_LIMIT
+    seen = []
+    block.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    ids = input_ids()
+    want = model(ids).logits
+    x_TD = seen[0].reshape(-1, 32)
+    h_TE2F = torch.einsum("td,efd->tef", x_TD, block.experts.gate_up_proj)
+    assert (h_TE2F.abs() > HY_V4_SWIGLU_LIMIT).float().mean() > 0.2
+    shared = block.shared_experts  # its gate and up pass the limit too: a clamp would show
+    assert (shared.gate_proj(x_TD).abs() > HY_V4_SWIGLU_LIMIT).float().mean() > 0.2
+    dt.patch_moe(model)
+    moe = decoder_layers(model)[1].mlp
+    assert moe.config.swiglu_limit == HY_V4_SWIGLU_LIMIT
+    assert moe.shared_experts is shared  # the HF module: no clamp
+    assert_close(model(ids).logits, want, "logits")
+    moe.config = dataclasses.replace(moe.config, swiglu_limit=None)
+    assert not torch.allclose(model(ids).logits, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", [arch_param("hy_v4"), arch_param("hy_v4_vl")])
+def test_plain_moe_with_clamped_shared_experts_is_refused_for_hy_v4(arch):
+    """A plain dsv3.MoE clamps its fused shared experts with swiglu_limit; HunYuan-V4's
+    shared MLP does not clamp, so to_module refuses it (a split would compute another
+    function), and converts it once its shared experts' clamp is lifted."""
+    config = dsv3.MoEConfig(dim=32, ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1,
+                            score="sigmoid", n_groups=4, topk_groups=2, route_scale=2.5,
+                            bias_update_rate=1e-3, swiglu_limit=HY_V4_SWIGLU_LIMIT)
+    moe = dsv3.MoE(config)
+    with torch.no_grad():
+        moe.expert_bias.copy_(0.1 * torch.randn(8))
+    name = "HunYuan-V4-VL" if arch == "hy_v4_vl" else "HunYuan-V4"
+    with pytest.raises(ValueError, match=rf"moe: its shared experts clamp their SwiGLU with "
+                                         rf"swiglu_limit=1.0, the {name} block's with None"):
+        dt.to_module(moe, tiny_config(arch))
+    x = 3 * torch.randn(2, 7, 32)  # gate and up of the shared experts pass the limit
+    clamped = moe(x)
+    moe.shared_experts.swiglu_limit = None
+    block = dt.to_module(moe, tiny_config(arch))
+    assert block.experts.gate_up_proj is moe.gate_up_proj
+    assert_close(block(x), moe(x), "HF block output")
+    assert not torch.allclose(block(x), clamped, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(missing("dots3_note") is not None, reason=str(missing("dots3_note")))
+def test_plain_moe_to_module_checks_the_shared_width():
+    """A shared MLP whose width is no multiple of the experts' (dots3-note's is
+    shared_experts_intermediate_size wide) counts as width // ffn_dim shared experts; a
+    plain dsv3.MoE's fused shared experts of another width are refused, not split into it."""
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **{**PLAIN_CONFIGS["dots3_note"],
+                                             "n_shared_experts": 1}))
+    with pytest.raises(ValueError, match=r"hf_config: its dots3-note block's shared MLP is 40 "
+                                         r"wide, moe's shared experts 24"):
+        dt.to_module(moe, tiny_config("dots3_note", shared_experts_intermediate_size=40))

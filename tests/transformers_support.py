@@ -6,7 +6,7 @@ The tiny HF models themselves are in hf_models.py."""
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hf_models import GLM5_NEXT_SWIGLU_LIMIT, GRANITE, missing
+from hf_models import GLM5_NEXT_SWIGLU_LIMIT, GRANITE, LAGUNA_ROUTED_SCALE, missing
 
 
 def arch_param(arch: str, *values, marks=(), why=missing):
@@ -74,12 +74,19 @@ PLAIN_CONFIGS = {
     "mistral4": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, n_groups=4,
                      topk_groups=2, route_scale=1.5, normalize_weights=False),
     **{arch: dict(ffn_dim=24, n_experts=6, top_k=2) for arch in GRANITE},
+    # The routed scale is the block's (moe_routed_scaling_factor).
     "laguna": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid",
-                   bias_update_rate=1e-3),
+                   route_scale=LAGUNA_ROUTED_SCALE, bias_update_rate=1e-3),
     "axk2": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=1, score="sigmoid",
                  route_scale=2.5, bias_update_rate=1e-3),
     "mellum": dict(ffn_dim=24, n_experts=6, top_k=2, normalize_weights=False),
     "flint": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2, score="sigmoid"),
     "lara_mini": dict(ffn_dim=24, n_experts=6, top_k=2, n_shared_experts=2,
                       normalize_weights=False),
+    # Mistral-Large-4: the whole model's config (its text_config picks the block); always
+    # renormalized.
+    "mistral_large4": dict(ffn_dim=24, n_experts=8, top_k=3, n_shared_experts=1, n_groups=4,
+                           topk_groups=2, route_scale=1.5),
+    # One shared MLP of 2x the experts' width: 2 shared experts.
+    "dots3_note": {**DEEPSEEK_V3_LIKE, "n_shared_experts": 2},
 }

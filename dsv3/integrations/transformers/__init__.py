@@ -6,20 +6,21 @@
     model.set_experts_implementation("dsv3")  # or switch a loaded model
 
 runs the experts of any model whose experts module transformers dispatches (plain
-SwiGLU experts, and the clamped SwiGLU experts of GLM-5-Next and DeepSeek-V4) on dsv3's
-kernels, with the model's own router. To fuse the router too, replace whole blocks
-(Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, Qwen3-VL-MoE's and
-Qwen3-Omni-MoE's thinker's language models, OLMoE, FlexOlmo, HunYuan-MoE-V1, Mellum,
-Lara-Mini, Flint, Jamba, GraniteMoE (plain, Shared, Hybrid and SWA), DeepSeek-V3,
-DeepSeek-V3.2, GLM-4-MoE and Sarvam-MoE, GLM-4-MoE-Lite, GLM-MoE-DSA, GLM-4V-MoE's and
-GLM-5-Next's language models, dots.llm1, EXAONE-MoE, Solar-Open, Kimi-Linear,
-Bailing-Hybrid, MiMo-V2-Flash, MiniMax-M2, AFMoE, HunYuan-V3,
+SwiGLU experts, and the clamped SwiGLU experts of GLM-5-Next, DeepSeek-V4, HunYuan-V4 and
+HunYuan-V4-VL) on dsv3's kernels, with the model's own router. To fuse the router too,
+replace whole blocks (Mixtral, MiniMax, Qwen2-MoE, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE,
+Qwen3-VL-MoE's, Qwen3-Omni-MoE's thinker's and talker's and Qwen4-Exp's language models,
+OLMoE, FlexOlmo, HunYuan-MoE-V1, Mellum, Lara-Mini, Flint, Jamba, GraniteMoE (plain,
+Shared, Hybrid and SWA), DeepSeek-V3, DeepSeek-V3.2, GLM-4-MoE and Sarvam-MoE,
+GLM-4-MoE-Lite, GLM-MoE-DSA, GLM-4V-MoE's and GLM-5-Next's language models, HunYuan-V4
+and HunYuan-V4-VL's language model, dots.llm1, dots3-note's language model, EXAONE-MoE,
+Solar-Open, Kimi-Linear, Bailing-Hybrid, MiMo-V2-Flash, MiniMax-M2, AFMoE, HunYuan-V3,
 DeepSeek-V2 (topk_method "greedy" and "group_limited_greedy"), Cohere2-MoE with softmax
-selection, ERNIE-4.5-MoE while its moe_norm_min clamp cannot act, Mistral-4 while its
-top-k fits in the kept groups, Laguna without router softcapping or routed scale, A.X-K2
-without expert groups; other modes of the last six are refused with the reason; see
-architectures.py; and GPT-OSS, whose biased experts go into a block of their own,
-gpt_oss.GptOssMoE):
+selection, ERNIE-4.5-MoE while its moe_norm_min clamp cannot act, Mistral-4 and
+Mistral-Large-4's language model while their top-k fits in the kept groups, Laguna
+without router softcapping (its block's routed scale taken), A.X-K2 without expert
+groups; other modes of the last seven are refused with the reason; see architectures.py;
+and GPT-OSS, whose biased experts go into a block of their own, gpt_oss.GptOssMoE):
 
     n = dsv3.integrations.transformers.patch_moe(model)
 

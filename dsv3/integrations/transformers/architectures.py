@@ -18,7 +18,9 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 |                            |                                                      | shared_expert)  |
 | Jamba                      | softmax, top-k, never renormalized; router in        | none            |
 |                            | block.router                                         |                 |
-| Qwen2-MoE, Qwen3-Next      | softmax, top-k, renormalized iff norm_topk_prob      | sigmoid-gated   |
+| Qwen2-MoE, Qwen3-Next,     | softmax, top-k, renormalized iff norm_topk_prob      | sigmoid-gated   |
+| Qwen3-Omni-MoE (talker),   |                                                      |                 |
+| Qwen4-Exp (text)           |                                                      |                 |
 | Qwen3.5-MoE                | softmax, top-k, renormalized                         | sigmoid-gated   |
 | Qwen3-VL-MoE (text)        | softmax, top-k, renormalized                         | none            |
 | HunYuan-MoE-V1             | softmax, top-k, renormalized; weight in gate.wg      | plain (one)     |
@@ -31,8 +33,11 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 | (text), dots.llm1,         |                                                      |                 |
 | EXAONE-MoE, Solar-Open,    |                                                      |                 |
 | Kimi-Linear,               |                                                      |                 |
-| Bailing-Hybrid, GLM-5-Next |                                                      |                 |
-| (text; clamped SwiGLU)     |                                                      |                 |
+| Bailing-Hybrid, dots3-note |                                                      |                 |
+| (text), GLM-5-Next (text;  |                                                      |                 |
+| clamped SwiGLU)            |                                                      |                 |
+| HunYuan-V4, -V4-VL (text)  | DeepSeek-V3's; routed experts' SwiGLU clamped        | plain (n), not  |
+|                            |                                                      | clamped         |
 | MiMo-V2-Flash              | DeepSeek-V3's                                        | none            |
 | A.X-K2                     | DeepSeek-V3's, without groups (see below)            | plain (n)       |
 | MiniMax-M2                 | sigmoid + the block's bias, top-k, renormalized      | none            |
@@ -41,12 +46,13 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 | HunYuan-V3                 | sigmoid + the block's bias, top-k, renormalized,     | plain (n)       |
 |                            | scaled by the router's router_scaling_factor         |                 |
 | Laguna                     | sigmoid + the router's frozen bias Parameter, top-k, | plain (one, at  |
-|                            | renormalized (see below)                             | shared_experts) |
+|                            | renormalized, scaled by the block (see below)        | shared_experts) |
 | Flint                      | sigmoid, top-k, renormalized iff norm_topk_prob      | plain (one, at  |
 |                            |                                                      | shared_expert)  |
 | Mistral-4                  | softmax, group-limited top-k (groups by their top-2  | plain (n)       |
 |                            | sum), scaled, renormalized iff norm_topk_prob (see   |                 |
 |                            | below)                                               |                 |
+| Mistral-Large-4 (text)     | Mistral-4's, logits in fp32, always renormalized     | plain (n)       |
 | DeepSeek-V2                | softmax, top-k (greedy, or group-limited with groups | plain (n)       |
 |                            | scored by their best expert), scaled, never          |                 |
 |                            | renormalized                                         |                 |
@@ -58,28 +64,43 @@ run their experts on dsv3 through ``experts_implementation="dsv3"``.
 Sarvam-MoE's models are built from GLM-4-MoE's classes (and Sarvam-MLA's from
 DeepSeek-V3's), so they are patched too. Kimi-Linear's and Bailing-Hybrid's MoE blocks,
 routers and experts are DeepSeek-V3's line for line (their linear attention is outside
-them), MiMo-V2-Flash's too but for the shared experts it has none of; Mellum's and
-Qwen3-Omni-MoE's thinker's are Qwen3-MoE's; the four GraniteMoE families share one
-block, whose router takes the top-k logits and the softmax over them, as Cohere2-MoE's
-softmax mode does (the same weights as the renormalized top-k of the full softmax, the
-same experts but where distinct logits round to the same fp32 probability); their
-shared MLP (GraniteMoE-Shared, -Hybrid, -SWA) is added by the decoder layer, outside the
-block. A "plain (one)" shared expert is one SwiGLU MLP of any width (HunYuan's, Flint's,
-Lara-Mini's, Laguna's), kept as the HF module; dsv3.MoE counts it as width // ffn_dim
-shared experts, so a plain dsv3.MoE converts into such a block only where the width is a
-multiple of the experts' (the checkpoints' are). HunYuan-V3's enable_moe_fp32_combine
-adds the routed and shared outputs in fp32 and rounds once, which is what adding them
-in bf16 does. DeepSeek-V3.2's and GLM-MoE-DSA's indexer
-(sparse attention) is in the attention, not in the MoE block: their routers, experts
-and blocks are DeepSeek-V3's, line for line. So are GLM-5-Next's (its text MoE block,
-router and experts loop), but for the clamped SwiGLU of its experts and shared experts:
-gate = gate.clamp(max=swiglu_limit), up = up.clamp(-swiglu_limit, swiglu_limit), then
-silu(gate) * up, which dsv3.MoE computes with MoEConfig.swiglu_limit (read from the
-experts; the kept HF shared-expert module clamps itself, and a plain dsv3.MoE's fused
-shared experts clamp with the same limit). The vision-language models (Qwen3-VL-MoE,
-GLM-4V-MoE, GLM-5-Next, Qwen3-Omni-MoE's thinker) have their blocks in the language
-model, whose config (text_config) is the block's; ``to_module`` takes the whole model's
-config too (Qwen3-Omni-MoE's, whose text config is its thinker's). GLM-GA's models are
+them), MiMo-V2-Flash's too but for the shared experts it has none of, and dots3-note's
+language model's (its attention's indexer and sliding windows are outside the block),
+whose shared MLP is n_shared_experts * shared_experts_intermediate_size wide; Mellum's
+and Qwen3-Omni-MoE's thinker's are Qwen3-MoE's; Qwen3-Omni-MoE's talker's and
+Qwen4-Exp's language model's are Qwen2-MoE's, gated shared expert and all (Qwen4-Exp's
+hyper-connections, linear attention and n-gram embeddings are outside the block);
+Mistral-Large-4's language model's router is Mistral-4's with the logits in fp32 (as
+dsv3 routes) and no norm_topk_prob (always renormalized); the four GraniteMoE families
+share one block, whose router takes the top-k logits and the softmax over them, as
+Cohere2-MoE's softmax mode does (the same weights as the renormalized top-k of the full
+softmax, the same experts but where distinct logits round to the same fp32 probability);
+their shared MLP (GraniteMoE-Shared, -Hybrid, -SWA) is added by the decoder layer,
+outside the block. A "plain (one)" shared expert is one SwiGLU MLP of any width
+(HunYuan's, Flint's, Lara-Mini's, Laguna's; dots3-note's too), kept as the HF module;
+dsv3.MoE counts it as width // ffn_dim shared experts, so a plain dsv3.MoE converts into
+such a block only where the width is a multiple of the experts' (the checkpoints' are;
+to_module checks the width). HunYuan-V3's enable_moe_fp32_combine adds the routed and
+shared outputs in fp32 and rounds once, which is what adding them in bf16 does.
+DeepSeek-V3.2's and GLM-MoE-DSA's indexer (sparse attention) is in the attention, not in
+the MoE block: their routers, experts and blocks are DeepSeek-V3's, line for line. So
+are GLM-5-Next's (its text MoE block, router and experts loop), but for the clamped
+SwiGLU of its experts and shared experts: gate = gate.clamp(max=swiglu_limit), up =
+up.clamp(-swiglu_limit, swiglu_limit), then silu(gate) * up, which dsv3.MoE computes
+with MoEConfig.swiglu_limit (read from the experts; the kept HF shared-expert module
+clamps itself, and a plain dsv3.MoE's fused shared experts clamp with the same limit).
+HunYuan-V4's and HunYuan-V4-VL's blocks, routers and experts are DeepSeek-V3's too
+(their hyper-connections and indexer are outside the block), with GLM-5-Next's clamp
+(swiglu_limit) in the routed experts only: their shared experts (an HYV4MLP of act_fn)
+do not clamp. A patched block runs them as that kept HF module, unclamped, and clamps
+the routed experts only, as transformers; to_module puts a plain dsv3.MoE's fused shared
+experts, which clamp with swiglu_limit, into such a block only once their clamp is
+lifted (moe.shared_experts.swiglu_limit = None; ``unclamped_shared``), and GLM-5-Next's
+only with it. The vision-language models (Qwen3-VL-MoE, GLM-4V-MoE, GLM-5-Next,
+Qwen3-Omni-MoE's thinker, Mistral-Large-4, HunYuan-V4-VL) have their blocks in the
+language model, whose config (text_config) is the block's; ``to_module`` takes the whole
+model's config too (Qwen3-Omni-MoE's, whose text config is its thinker's; the talker's
+config, Qwen3OmniMoeTalkerConfig, picks the talker's block). GLM-GA's models are
 GLM-4.6V's, whose language model is built from the text config: GLM-4V's dense one by
 default (nothing to patch), GLM-4V-MoE's for a glm4v_moe_text config (patched as such).
 
@@ -128,7 +149,8 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   (moe_intermediate_size * moe_num_shared_experts wide) only where
   moe_num_shared_experts > 0.
 
-- Mistral-4: softmax (logits and scores in the model dtype: the same in fp32, and in
+- Mistral-4 (and Mistral-Large-4, whose logits are fp32 and weights always
+  renormalized): softmax (logits and scores in the model dtype: the same in fp32, and in
   bf16 dsv3 routes in fp32 as it does for Mixtral's bf16 logits), groups scored by the
   sum of their two best scores (group_score="top2_sum"), the other groups' scores set
   to 0 (not -inf) before the top-k, weights renormalized (+1e-20) iff norm_topk_prob,
@@ -140,10 +162,10 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   where transformers' top-2 fails).
 - Laguna: sigmoid of the (fp32) logits + the router's frozen bias Parameter, top-k,
   renormalized (p / sum), weights in the model dtype; the block multiplies the routed
-  output by moe_routed_scaling_factor. Refused: moe_router_logit_softcapping > 0
-  (tanh-softcapped logits) and moe_routed_scaling_factor != 1 (linear, the same as
-  route_scale, but the block's and not the router's, and ``routing`` reads the router
-  only: taking it needs ``routing`` to see the block, a converters.py change).
+  output by moe_routed_scaling_factor: (sum_k w_k y_k) * s, dsv3.MoE's route_scale s
+  (sum_k (s w_k) y_k), which the entry's ``block_routing`` reads from the block (the
+  router does not hold it). Refused: moe_router_logit_softcapping > 0 (tanh-softcapped
+  logits), and a routed scale that is not a finite number > 0 (route_scale's range).
 - A.X-K2: DeepSeek-V3's router, but with n_group set it zeroes (not -inf) the left-out
   groups' selection scores, sigmoid + bias, which a kept expert's score + a negative bias
   falls below, so transformers may choose a left-out expert. Accepted without groups
@@ -161,18 +183,14 @@ over both, times a learned global scale), Inkling-2 (softcapped SwiGLU experts),
 over carried router states, with a skip expert), Gemma-4 (no MoE block of its own: the
 decoder MLP runs the experts beside a dense MLP; its router RMS-normalizes and scales
 its input and weighs by per-expert scales), Aria (experts stored transposed, [E, in,
-out], refused by the converters), Beam (its experts compute the SwiGLU in fp32 through
-an _apply_gate of their own, which experts.py does not know; and the routed scale is the
-block's), HunYuan-V4 and HunYuan-V4-VL (DeepSeek-V3's router and block, but clamped
-SwiGLU routed experts that experts.CLAMPED_SWIGLU_EXPERTS does not list, beside
-unclamped shared experts, where a plain dsv3.MoE clamps both with swiglu_limit). Not
-listed: DeepSeek-V4, which scores with sqrt(softplus) and routes its first layers by a
+out], refused by the converters), Beam (DeepSeek-V3's router without shared experts, and
+a routed scale of the block's that ``block_routing`` could read, but its experts compute
+the SwiGLU as (silu(gate.float()) * up.float()).to(dtype), one rounding, through an
+_apply_gate of their own that experts.py does not know; dsv3's SwiGLU, as the default
+gate, computes in the model dtype: the same in fp32 models only). Not listed:
+DeepSeek-V4, which scores with sqrt(softplus) and routes its first layers by a
 token-id table (hash_moe); its experts (the same clamped SwiGLU as GLM-5-Next's) run on
-dsv3 through ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS). Read
-as exact but not listed yet (untested): Qwen3-Omni-MoE's talker (Qwen2-MoE's block),
-Qwen4-Exp's language model (Qwen2-MoE's), Mistral-Large-4's language model (Mistral-4's
-router in fp32, always renormalized) and dots3-note's language model (DeepSeek-V3's,
-shared experts shared_experts_intermediate_size wide each).
+dsv3 through ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS).
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.
@@ -181,6 +199,7 @@ The block's module must also define the router class it is listed with: transfor
 and has no JambaTopKRouter, and is not taken.
 """
 import importlib
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,6 +229,12 @@ class Architecture:
     # For blocks whose config may select a mode dsv3.MoE does not compute: given the
     # block, (the setting, why dsv3.MoE cannot compute it), or None to accept it.
     refuse: Callable[[nn.Module], tuple[str, str] | None] | None = None
+    # MoEConfig routing fields the block holds outside its router (Laguna's routed
+    # scale): read from the (accepted) block, over those ``routing`` read.
+    block_routing: Callable[[nn.Module], dict] | None = None
+    # The shared experts do not clamp their SwiGLU though the routed ones do (HunYuan-V4):
+    # a plain dsv3.MoE's fused shared experts, which clamp with swiglu_limit, are refused.
+    unclamped_shared: bool = False
 
     def classes(self) -> tuple[type, type]:
         """(block class, router class), importing the modeling module."""
@@ -396,13 +421,18 @@ def _laguna_refuse(block: nn.Module) -> tuple[str, str] | None:
         return (f"moe_router_logit_softcapping={softcap!r}",
                 "it routes on tanh-softcapped logits; dsv3.MoE on the logits")
     scale = block.routed_scaling_factor
-    if scale != 1.0:
-        # The scale multiplies the routed output, the same as dsv3.MoE's route_scale, but
-        # it lives in the block, where Architecture.routing (given the router) cannot read it.
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+            or not math.isfinite(scale) or scale <= 0):
+        # The scale multiplies the routed output: dsv3.MoE's route_scale, which is > 0.
         return (f"moe_routed_scaling_factor={scale!r}",
-                "the scale is the block's, not its router's, and dsv3 reads the routing from "
-                "the router only")
+                "it scales the routed output by it, dsv3.MoE by a route_scale that is a "
+                "finite number > 0")
     return None
+
+
+def _laguna_block_routing(block: nn.Module) -> dict:
+    # (sum_k w_k expert_k(x)) * s, the block's: dsv3.MoE's route_scale s on the weights.
+    return {"route_scale": float(block.routed_scaling_factor)}
 
 
 def _hf(model: str) -> str:
@@ -482,7 +512,7 @@ ARCHITECTURES = (
                  shared=("shared_experts",), bias="gate.moe_statics.e_score_correction_bias",
                  bias_rows=True, refuse=_ernie_refuse),
     # Qwen3-Omni-MoE's thinker (its language model): Qwen3-MoE's router and block. (Its
-    # talker's blocks, Qwen2-MoE's with the gated shared expert, are not listed.)
+    # talker's, Qwen2-MoE's with the gated shared expert, are listed below.)
     Architecture("Qwen3-Omni-MoE (thinker)", "qwen3_omni_moe_text", _hf("qwen3_omni_moe"),
                  "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeThinkerTextTopKRouter",
                  _softmax_routing),
@@ -511,10 +541,12 @@ ARCHITECTURES = (
           ("GraniteMoE-Shared", "granitemoeshared", "GraniteMoeShared"),
           ("GraniteMoE-Hybrid", "granitemoehybrid", "GraniteMoeHybrid"),
           ("GraniteMoE-SWA", "granitemoe_swa", "GraniteMoeSWA"))),
-    # Sigmoid + the router's frozen [E] bias Parameter, renormalized; see _laguna_refuse.
+    # Sigmoid + the router's frozen [E] bias Parameter, renormalized, times the block's
+    # routed scale; see _laguna_refuse.
     Architecture("Laguna", "laguna", _hf("laguna"), "LagunaSparseMoeBlock", "LagunaTopKRouter",
                  _sigmoid_routing, shared=("shared_experts",),
-                 bias="gate.e_score_correction_bias", refuse=_laguna_refuse),
+                 bias="gate.e_score_correction_bias", refuse=_laguna_refuse,
+                 block_routing=_laguna_block_routing),
     Architecture("Mellum", "mellum", _hf("mellum"), "MellumSparseMoeBlock", "MellumTopKRouter",
                  _softmax_routing),
     # DeepSeek-V3's block and router, but groups zero the others' scores: see _axk2_refuse.
@@ -526,6 +558,31 @@ ARCHITECTURES = (
                  _sigmoid_routing, shared=("shared_expert",)),
     Architecture("Lara-Mini", "lara_mini", _hf("lara_mini"), "LaraMiniSparseMoeBlock",
                  "LaraMiniTopKRouter", _softmax_routing, shared=("shared_expert",)),
+    # Qwen3-Omni-MoE's talker: Qwen2-MoE's router and block, gated shared expert and all.
+    Architecture("Qwen3-Omni-MoE (talker)", "qwen3_omni_moe_talker_text", _hf("qwen3_omni_moe"),
+                 "Qwen3OmniMoeTalkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextTopKRouter",
+                 _softmax_routing, shared=("shared_expert", "shared_expert_gate"),
+                 gated_shared=True),
+    # Qwen4-Exp's language model: Qwen2-MoE's router and block (its hyper-connections,
+    # linear attention and n-gram embeddings are outside the block).
+    Architecture("Qwen4-Exp", "qwen4_exp_text", _hf("qwen4_exp"), "Qwen4ExpTextSparseMoeBlock",
+                 "Qwen4ExpTextTopKRouter", _softmax_routing,
+                 shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
+    # Mistral-Large-4's language model: Mistral-4's router with fp32 logits and no
+    # norm_topk_prob (always renormalized); see _mistral4_refuse.
+    Architecture("Mistral-Large-4", "mistral_large4_text", _hf("mistral_large4"),
+                 "MistralLarge4TextMoE", "MistralLarge4TextTopkRouter", _mistral4_routing,
+                 shared=("shared_experts",), refuse=_mistral4_refuse),
+    # dots3-note's language model: DeepSeek-V3's; its shared MLP is n_shared_experts *
+    # shared_experts_intermediate_size wide.
+    Architecture("dots3-note", "dots3_note_text", _hf("dots3_note"), "Dots3NoteTextMoE",
+                 "Dots3NoteTextTopkRouter", **_DEEPSEEK_V3_LIKE),
+    # DeepSeek-V3's, with the clamped SwiGLU in the routed experts only: the shared
+    # experts (kept as the HF module) do not clamp.
+    Architecture("HunYuan-V4", "hy_v4", _hf("hy_v4"), "HYV4MoE", "HYV4TopkRouter",
+                 **_DEEPSEEK_V3_LIKE, unclamped_shared=True),
+    Architecture("HunYuan-V4-VL", "hy_v4_vl_text", _hf("hy_v4_vl"), "HYV4VLMoE",
+                 "HYV4VLTopkRouter", **_DEEPSEEK_V3_LIKE, unclamped_shared=True),
 )
 
 

@@ -64,12 +64,15 @@ def _moe_config(arch, block: nn.Module, arg: str = "block") -> MoEConfig:
         n_shared = shared.intermediate_size // experts.intermediate_dim
     # A clamped SwiGLU (GLM-5-Next) clamps in the routed and the shared experts alike,
     # with the one config's limit, as dsv3.MoE's shared experts do with swiglu_limit.
+    # (HunYuan-V4's shared experts do not: arch.unclamped_shared, see to_module.)
     limit = swiglu_limit(experts)
+    routing = arch.routing(router)
+    if arch.block_routing is not None:  # what the block holds itself (Laguna's scale)
+        routing |= arch.block_routing(block)
     return MoEConfig(dim=experts.hidden_dim, ffn_dim=experts.intermediate_dim,
                      n_experts=experts.num_experts, top_k=router.top_k,
                      n_shared_experts=n_shared, aux_loss_coef=0.0,
-                     swiglu_limit=None if limit is None else float(limit),
-                     **arch.routing(router))
+                     swiglu_limit=None if limit is None else float(limit), **routing)
 
 
 def _shared_module(arch, block: nn.Module) -> nn.Module | None:
@@ -111,6 +114,23 @@ def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
         moe.shared_experts = _shared_module(arch, block)
     _move_hooks(router, moe.gate)
     return moe.train(block.training)
+
+
+def _check_fused_shared(arch, shared: SwiGLUMLP, hf_mlp: nn.Module, want: MoEConfig) -> None:
+    """A plain dsv3.MoE's fused shared experts go into the HF shared MLP only where that
+    MLP computes what they compute: the same width (a "plain (one)" MLP of a width that
+    is no multiple of the experts' counts as fewer shared experts), and the same clamp
+    (GLM-5-Next's HF MLP clamps with swiglu_limit, HunYuan-V4's does not clamp)."""
+    width, hf_width = shared.down_proj.weight.shape[1], hf_mlp.gate_proj.weight.shape[0]
+    if width != hf_width:
+        raise ValueError(f"hf_config: its {arch.name} block's shared MLP is {hf_width} wide, "
+                         f"moe's shared experts {width}")
+    hf_limit = None if arch.unclamped_shared else want.swiglu_limit
+    if shared.swiglu_limit != hf_limit:
+        raise ValueError(f"moe: its shared experts clamp their SwiGLU with swiglu_limit="
+                         f"{shared.swiglu_limit!r}, the {arch.name} block's with "
+                         f"{hf_limit!r} (None: no clamp); set moe.shared_experts.swiglu_limit "
+                         f"to convert it")
 
 
 def _split_fused_shared(shared: SwiGLUMLP, hf_mlp: nn.Module) -> None:
@@ -190,6 +210,7 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
         block.shared_expert, block.shared_expert_gate = moe.shared_expert, moe.shared_expert_gate
     elif _shared_module(arch, block) is not None:  # none: want.n_shared_experts == 0
         if isinstance(moe.shared_experts, SwiGLUMLP):
+            _check_fused_shared(arch, moe.shared_experts, getattr(block, arch.shared[0]), want)
             _split_fused_shared(moe.shared_experts, getattr(block, arch.shared[0]))
         elif moe.shared_experts is not None:
             setattr(block, arch.shared[0], moe.shared_experts)

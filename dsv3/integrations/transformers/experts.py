@@ -6,7 +6,8 @@ functions keyed by name. Registering ours there swaps only the expert computatio
 (expert index, grouped GEMMs with the permute fused into the first, SwiGLU,
 weighted unpermute); the model's own router still
 picks the experts, so this path works for any such model whose experts are plain
-SwiGLU, or the clamped SwiGLU of the classes in ``CLAMPED_SWIGLU_EXPERTS``, or
+SwiGLU, or the clamped SwiGLU of the classes in ``CLAMPED_SWIGLU_EXPERTS`` (GLM-5-Next's,
+DeepSeek-V4's, HunYuan-V4's and HunYuan-V4-VL's), or
 GPT-OSS's (biased, interleaved, its own activation: gpt_oss.py), at the cost
 of leaving routing unfused (``patch_moe`` fuses it too).
 """
@@ -26,13 +27,15 @@ NAME = "dsv3"
 # limit L: gate = gate.clamp(max=L); up = up.clamp(-L, L); silu(gate) * up, read line by
 # line. Matched by exact class (module and name), never by isinstance: a subclass may
 # gate otherwise. Per class: the attribute holding L, and whether silu is written into
-# _apply_gate (GLM-5-Next: F.silu) rather than taken from act_fn (DeepSeek-V4:
-# ACT2FN[hidden_act], checked to be SiLU as for the default gate).
+# _apply_gate (GLM-5-Next, HunYuan-V4 and -VL: F.silu) rather than taken from act_fn
+# (DeepSeek-V4: ACT2FN[hidden_act], checked to be SiLU as for the default gate).
 CLAMPED_SWIGLU_EXPERTS = {
     ("transformers.models.glm5_next.modeling_glm5_next", "Glm5NextTextExperts"):
         ("swiglu_limit", True),
     ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4Experts"):
         ("limit", False),
+    ("transformers.models.hy_v4.modeling_hy_v4", "HYV4Experts"): ("swiglu_limit", True),
+    ("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLExperts"): ("swiglu_limit", True),
 }
 
 
