@@ -111,3 +111,26 @@ def test_compiled_clamped_swiglu_experts():
 
     _compare_compiled(experts, make_inputs,
                       lambda inputs: [inputs[0], inputs[2], experts.gate_up_proj, experts.down_proj])
+
+
+@pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
+def test_compiled_clamped_experts_follow_a_changed_limit():
+    """Only the class check is a constant of the graph: the limit is read live, so a
+    limit changed after compiling recompiles rather than being ignored."""
+    torch._dynamo.reset()
+    model = tiny_model("glm5_next", experts_implementation="dsv3")
+    experts = next(m for m in model.modules() if type(m).__name__ == "Glm5NextTextExperts")
+    gen = torch.Generator().manual_seed(3)
+    top_k_index = torch.rand(12, experts.gate_up_proj.shape[0], generator=gen).argsort(1)[:, :2]
+    inputs = (3 * torch.randn(12, 32, generator=gen), top_k_index, torch.rand(12, 2, generator=gen))
+    compiled = torch.compile(experts, fullgraph=True)
+    compiled(*inputs)
+    experts.swiglu_limit = 0.25
+    assert_close(compiled(*inputs), experts(*inputs), "compiled output after the limit changed")
+
+
+def test_experts_with_an_instance_gate_are_refused():
+    experts = tiny_model("qwen3_moe", experts_implementation="dsv3").model.layers[0].mlp.experts
+    experts._apply_gate = lambda gate_up: gate_up[..., :gate_up.shape[-1] // 2]
+    with pytest.raises(NotImplementedError, match="replaced on the instance"):
+        experts(torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2))

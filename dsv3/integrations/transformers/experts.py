@@ -39,6 +39,12 @@ CLAMPED_SWIGLU_EXPERTS = {
 }
 
 
+# Under torch.compile this class check runs once, at trace time, and its result is a
+# constant of the graph: dynamo does not trace a function's __qualname__ faithfully (it
+# compared unequal, so compiled models refused GLM-5-Next's and DeepSeek-V4's experts).
+# Only the class check: the limit itself is read where it is used, so that dynamo
+# guards on it and a changed limit recompiles instead of being ignored.
+@torch.compiler.assume_constant_result
 def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
     cls = type(experts)
     known = CLAMPED_SWIGLU_EXPERTS.get((cls.__module__, cls.__name__))
@@ -49,21 +55,18 @@ def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
     return known
 
 
-# Under torch.compile the class checks below run once, at trace time, and their result is
-# a constant of the graph: dynamo does not trace a function's __qualname__ faithfully (it
-# compared unequal, so compiled models refused GLM-5-Next's and DeepSeek-V4's experts).
-@torch.compiler.assume_constant_result
 def swiglu_limit(experts: nn.Module) -> float | None:
     """The clamp limit of ``experts``' SwiGLU (a known clamped class), else None."""
     clamped = _clamped(experts)
     return None if clamped is None else getattr(experts, clamped[0], None)
 
 
-@torch.compiler.assume_constant_result
 def unsupported_reason(experts: nn.Module) -> str | None:
     """Why ``experts`` cannot run on dsv3's kernels, or None if it can."""
     if gpt_oss.is_gpt_oss_experts(experts):
         return gpt_oss.experts_unsupported_reason(experts)
+    if "_apply_gate" in experts.__dict__:  # the class checks below would not see it
+        return "its gating function (_apply_gate) is replaced on the instance"
     if not getattr(experts, "has_gate", False):
         return "its experts have no gate (dsv3 runs SwiGLU experts only)"
     if getattr(experts, "has_bias", False):
@@ -78,8 +81,9 @@ def unsupported_reason(experts: nn.Module) -> str | None:
     if clamped is not None:
         attr, silu_written_in = clamped
         limit = getattr(experts, attr, None)
+        # limit != limit (NaN) and abs(): math.isfinite breaks torch.compile's graph.
         if (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                or not math.isfinite(limit) or limit <= 0):
+                or limit != limit or abs(limit) == math.inf or limit <= 0):
             return f"its SwiGLU clamp limit ({attr}={limit!r}) is not a finite number > 0"
         if silu_written_in:
             return None
