@@ -109,8 +109,9 @@ def test_compiled_clamped_swiglu_experts():
         top_k_weights = torch.rand(n_tokens, 2, generator=gen).requires_grad_()
         return torch.randn(n_tokens, 32, requires_grad=True), top_k_index, top_k_weights
 
-    _compare_compiled(experts, make_inputs,
-                      lambda inputs: [inputs[0], inputs[2], experts.gate_up_proj, experts.down_proj])
+    _compare_compiled(experts, make_inputs, lambda inputs: [inputs[0], inputs[2],
+                                                            experts.gate_up_proj,
+                                                            experts.down_proj])
 
 
 @pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))

@@ -35,7 +35,8 @@ def _replace(model: nn.Module, select, convert) -> int:
 
 def patch_moe(model: nn.Module) -> int:
     """Replace each supported sparse MoE block in ``model`` (in place) by a dsv3.MoE that
-    fuses its routing and experts; returns how many were replaced. Dense MLPs (e.g.
+    fuses its routing and experts (GPT-OSS's by a gpt_oss.GptOssMoE, which does the same
+    for its biased experts); returns how many were replaced. Dense MLPs (e.g.
     DeepSeek-V3's first_k_dense_replace layers) stay as they are. Patching a model twice
     replaces nothing the second time and returns 0.
 
@@ -57,8 +58,8 @@ def patch_moe(model: nn.Module) -> int:
 
 
 def unpatch_moe(model: nn.Module) -> int:
-    """Undo patch_moe (in place): each TransformersMoE (or GptOssMoE) goes back to the transformers block
-    it replaced, on the same Parameters. Returns how many were restored."""
+    """Undo patch_moe (in place): each TransformersMoE (or GptOssMoE) goes back to the
+    transformers block it replaced, on the same Parameters. Returns how many were restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
     return _replace(model, lambda m: isinstance(m, PATCHED), to_module)
