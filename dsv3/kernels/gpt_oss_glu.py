@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from dsv3.kernels.config import INTERPRET
-from dsv3.kernels.swiglu import _clamp, _limit_in
+from dsv3.kernels.swiglu import _clamp, _limit_in, _passes_clamp
 
 _BLOCK = 256 if INTERPRET else 1024  # output elements (gate/up pairs) per program
 # 8 warps: 256 threads, each loading 8 fp16/bf16 h values (one 128-bit load) that
@@ -66,13 +66,7 @@ def _gpt_oss_glu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, n_h, alpha, LIM
     dy = tl.load(grad_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
     gate, up, offs_h, mask_h = _load_pairs(h_ptr, pid, n_h, BLOCK)
     if HAS_LIMIT:
-        # NaN fails both comparisons: its own gradient is 0, as torch's clamp gives.
-        if GRAD_AT_LIMIT:
-            gate_in = gate <= LIMIT
-            up_in = tl.abs(up) <= LIMIT
-        else:
-            gate_in = gate < LIMIT
-            up_in = tl.abs(up) < LIMIT
+        gate_in, up_in = _passes_clamp(gate, up, LIMIT, GRAD_AT_LIMIT)
         gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-alpha * gate))
     grad_gate = dy * (up + 1.0) * sig * (1.0 + alpha * gate * (1.0 - sig))

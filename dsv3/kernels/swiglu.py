@@ -29,6 +29,16 @@ def _clamp(gate, up, LIMIT):
 
 
 @triton.jit
+def _passes_clamp(gate, up, LIMIT, GRAD_AT_LIMIT: tl.constexpr):
+    # Where the clamp passes a gradient: below LIMIT (gate) or inside +-LIMIT (up), and on
+    # the bounds themselves only with GRAD_AT_LIMIT. NaN fails both comparisons: its own
+    # gradient is 0, as torch's clamp gives.
+    if GRAD_AT_LIMIT:
+        return gate <= LIMIT, tl.abs(up) <= LIMIT
+    return gate < LIMIT, tl.abs(up) < LIMIT
+
+
+@triton.jit
 def _swiglu_kernel(h_ptr, a_ptr, n, ffn, LIMIT, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -54,12 +64,7 @@ def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMI
     gate = tl.load(h_ptr + row * 2 * ffn + col, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_ptr + row * 2 * ffn + ffn + col, mask=mask, other=0.0).to(tl.float32)
     if HAS_LIMIT:
-        if GRAD_AT_LIMIT:
-            gate_in = gate <= LIMIT
-            up_in = tl.abs(up) <= LIMIT
-        else:
-            gate_in = gate < LIMIT
-            up_in = tl.abs(up) < LIMIT
+        gate_in, up_in = _passes_clamp(gate, up, LIMIT, GRAD_AT_LIMIT)
         gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-gate))
     grad_gate = dy * up * sig * (1.0 + gate * (1.0 - sig))
