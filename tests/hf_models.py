@@ -32,7 +32,7 @@ _BIASED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "m
            "ernie4_5_moe", "ernie4_5_moe_no_shared", "kimi_linear", "mimo_v2_flash", "hy_v3",
            "laguna", "bailing_hybrid", "axk2", "dots3_note", "hy_v4", "hy_v4_vl")
 # ERNIE-4.5-MoE's: dsv3 takes its blocks only while moe_norm_min + the bias' range is at
-# most 1/(2E) (1/12 here, see architectures._ernie_refuse): a fixed bias of range 0.08,
+# most 1/(2E) (1/12 here, see routing_rules.ernie_refuse): a fixed bias of range 0.08,
 # which still changes some choices.
 ERNIE = ("ernie4_5_moe", "ernie4_5_moe_no_shared")
 ERNIE_BIAS = (0.04, -0.04, 0.024, -0.008, 0.008, -0.024)

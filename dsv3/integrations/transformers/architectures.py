@@ -142,9 +142,9 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   chosen experts may all be improbable, so the bias counts too: accepted while
   moe_norm_min + the bias' range (max - min) <= 1/(2E), which keeps every chosen
   expert's probability within that range of the top one's, and the sum above 1/(2E)
-  and moe_norm_min (_ernie_refuse). Checked on the bias' values when converting: a bias
-  still on the meta device is refused, and one loaded into a patched model afterwards
-  is not checked again. Refused otherwise (ERNIE-4.5's own moe_norm_min, 1e-12, passes
+  and moe_norm_min (routing_rules.ernie_refuse). Checked on the bias' values when
+  converting: a bias still on the meta device is refused, and one loaded into a patched
+  model afterwards is not checked again. Refused otherwise (ERNIE-4.5's own moe_norm_min, 1e-12, passes
   unless the bias' range nears 1/(2E): 1/128 for 64 experts). Shared experts
   (moe_intermediate_size * moe_num_shared_experts wide) only where
   moe_num_shared_experts > 0.
@@ -199,12 +199,23 @@ The block's module must also define the router class it is listed with: transfor
 and has no JambaTopKRouter, and is not taken.
 """
 import importlib
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+from dsv3.integrations.transformers.routing_rules import (softmax_routing,
+                                                          softmax_routing_always_normalized,
+                                                          softmax_routing_never_normalized,
+                                                          sigmoid_routing, hy_v3_routing,
+                                                          mistral4_routing, deepseek_routing,
+                                                          minimax_m2_routing, afmoe_routing,
+                                                          deepseek_v2_routing, deepseek_v2_refuse,
+                                                          cohere2_moe_refuse, ernie_refuse,
+                                                          axk2_routing, axk2_refuse,
+                                                          mistral4_refuse, laguna_refuse,
+                                                          laguna_block_routing)
 
 
 @dataclass(frozen=True)
@@ -251,224 +262,40 @@ class Architecture:
         return hasattr(sys.modules[cls.__module__], self.router)
 
 
-def _softmax_routing(router: nn.Module) -> dict:
-    # Routers without norm_topk_prob (Mixtral, MiniMax, HunYuan, Qwen3-VL-MoE, Qwen3.5-MoE)
-    # always renormalize.
-    return {"score": "softmax", "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
-
-
-def _softmax_routing_always_normalized(router: nn.Module) -> dict:
-    return {"score": "softmax", "normalize_weights": True}
-
-
-def _softmax_routing_never_normalized(router: nn.Module) -> dict:
-    return {"score": "softmax", "normalize_weights": False}
-
-
-def _sigmoid_routing(router: nn.Module) -> dict:
-    # Flint: renormalized iff norm_topk_prob; Laguna's router (no norm_topk_prob) always.
-    return {"score": "sigmoid", "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
-
-
-def _hy_v3_routing(router: nn.Module) -> dict:
-    return {"score": "sigmoid", "route_scale": float(router.router_scaling_factor),
-            "normalize_weights": True}
-
-
-def _mistral4_routing(router: nn.Module) -> dict:
-    # Mistral-Large-4's router has no norm_topk_prob: always renormalized.
-    return {"score": "softmax", "n_groups": router.num_group, "topk_groups": router.topk_group,
-            "group_score": "top2_sum", "route_scale": float(router.routed_scaling_factor),
-            "normalize_weights": bool(getattr(router, "norm_topk_prob", True))}
-
-
-def _deepseek_routing(router: nn.Module) -> dict:
-    return {"score": "sigmoid", "n_groups": router.num_group, "topk_groups": router.topk_group,
-            "route_scale": float(router.routed_scaling_factor),
-            "normalize_weights": bool(router.norm_topk_prob)}
-
-
-def _minimax_m2_routing(router: nn.Module) -> dict:
-    return {"score": "sigmoid", "normalize_weights": True}  # no groups, no scale
-
-
-def _afmoe_routing(router: nn.Module) -> dict:
-    return {"score": "sigmoid", "route_scale": float(router.route_scale), "normalize_weights": True}
-
-
-def _deepseek_v2_limits_groups(router: nn.Module) -> bool:
-    """group_limited_greedy with some group left out (all kept: greedy)."""
-    # A missing n_group counts as limiting, so that the refusal below names it (None ==
-    # None would pass for "every group kept").
-    return router.topk_method == "group_limited_greedy" and (
-        router.num_group is None or router.topk_group != router.num_group)
-
-
-def _deepseek_v2_routing(router: nn.Module) -> dict:
-    # Never renormalized: transformers' DeepseekV2TopkRouter ignores norm_topk_prob.
-    routing = {"score": "softmax", "route_scale": float(router.routed_scaling_factor),
-               "normalize_weights": False}
-    if _deepseek_v2_limits_groups(router):  # a group scored by its best expert
-        routing |= {"n_groups": router.num_group, "topk_groups": router.topk_group,
-                    "group_score": "max"}
-    return routing
-
-
-def _deepseek_v2_refuse(block: nn.Module) -> tuple[str, str] | None:
-    router = block.gate
-    method = router.topk_method
-    if method not in ("greedy", "group_limited_greedy"):
-        return (f"topk_method={method!r}",
-                "transformers computes only 'greedy' and 'group_limited_greedy'")
-    if not _deepseek_v2_limits_groups(router):
-        return None
-    n_group, topk_group, n_experts = router.num_group, router.topk_group, router.num_experts
-    setting = f"topk_method={method!r} (n_group={n_group}, topk_group={topk_group})"
-    if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group
-            < n_group and n_experts % n_group == 0):
-        return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
-                         f"its {n_experts} experts")
-    if router.top_k > topk_group * (n_experts // n_group):
-        return (setting + f" with top_k={router.top_k}",
-                "top_k is above the kept groups' experts, which transformers fills with other "
-                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
-    return None
-
-
-def _cohere2_moe_refuse(block: nn.Module) -> tuple[str, str] | None:
-    selection = block.gate.expert_selection_fn
-    if selection != "softmax":
-        return (f"expert_selection_fn={selection!r}",
-                "it picks the top-k logits, dsv3.MoE the top-k scores, and fp32 sigmoid maps "
-                "plainly different large logits to the same score (1.0 above ~16.6), where "
-                "dsv3.MoE picks the lower expert index")
-    combination = block.shared_expert_combination_strategy
-    if block.num_shared_experts > 0 and combination != "sum":
-        return (f"shared_expert_combination_strategy={combination!r}",
-                "it returns (routed + shared) / 2, dsv3.MoE routed + shared")
-    return None
-
-
-def _ernie_refuse(block: nn.Module) -> tuple[str, str] | None:
-    """ERNIE-4.5-MoE renormalizes by max(sum, moe_norm_min), dsv3.MoE by the sum (+1e-20,
-    below the sum's ulp): the same while the chosen weights' sum is >= moe_norm_min. The
-    experts are chosen on softmax + bias, so the sum has no floor of its own (a bias can
-    choose experts of tiny probability). With R the bias' range (max - min) and
-    moe_norm_min + R <= 1/(2E), every chosen expert is the most probable one (p >= 1/E)
-    or one that outranks it, so p >= 1/E - R >= 1/(2E) + moe_norm_min: the sum is above
-    both moe_norm_min and 1/(2E). R carries 2^-20 of the bias' magnitude on top, for
-    the rounding of p + bias; the factor 2 is room for the softmax's."""
-    router = block.gate
-    norm_min = router.norm_min
-    setting = f"moe_norm_min={norm_min!r}"
-    if isinstance(norm_min, bool) or not isinstance(norm_min, (int, float)):
-        return setting, "moe_norm_min is not a number"
-    bias = router.moe_statics.e_score_correction_bias
-    if bias.is_meta:
-        return (setting + " and a selection bias on the meta device",
-                "whether the clamp at moe_norm_min can act depends on the bias' values; "
-                "convert the block once they are loaded")
-    bias = bias.detach().float()
-    spread = (bias.max() - bias.min()).item() + 2.0 ** -20 * max(1.0, bias.abs().max().item())
-    bound = 1.0 / (2 * bias.numel())
-    if not norm_min + spread <= bound:  # also false for a NaN norm_min or bias
-        return (setting, f"transformers divides the chosen weights by moe_norm_min where their "
-                         f"sum is smaller, dsv3.MoE by the sum; accepted while moe_norm_min + "
-                         f"the selection bias' range is at most 1/(2 * num_experts) = "
-                         f"{bound:.4g} (here {norm_min + spread:.4g}), which keeps the sum "
-                         f"above moe_norm_min")
-    return None
-
-
-def _axk2_routing(router: nn.Module) -> dict:
-    # Without n_group (A.X-K2-Light) DeepSeek-V3's router without groups; every group kept is
-    # the same (_axk2_refuse takes nothing else).
-    return {"score": "sigmoid", "route_scale": float(router.routed_scaling_factor),
-            "normalize_weights": bool(router.norm_topk_prob)}
-
-
-def _axk2_refuse(block: nn.Module) -> tuple[str, str] | None:
-    router = block.gate
-    if router.num_group is None or router.topk_group == router.num_group:
-        return None
-    return (f"n_group={router.num_group}, topk_group={router.topk_group}",
-            "it sets the left-out groups' selection scores (sigmoid + bias) to 0, which a "
-            "kept expert's score + a negative bias falls below; dsv3.MoE never chooses them")
-
-
-def _mistral4_refuse(block: nn.Module) -> tuple[str, str] | None:
-    """Mistral-4 scores a group by the sum of its two best softmax scores and sets the
-    other groups' scores to 0 (not -inf) before its top-k: dsv3.MoE's group-limited
-    softmax routing (group_score "top2_sum") while the top-k fits in the kept groups (a
-    softmax score is > 0, so a kept expert outranks every zeroed one)."""
-    router = block.gate
-    n_group, topk_group, n_experts = router.num_group, router.topk_group, router.num_experts
-    setting = f"n_group={n_group}, topk_group={topk_group}"
-    if not (isinstance(n_group, int) and isinstance(topk_group, int) and 1 <= topk_group
-            <= n_group and n_experts % n_group == 0 and n_experts // n_group >= 2):
-        return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
-                         f"its {n_experts} experts scored by their two best")
-    if router.top_k > topk_group * (n_experts // n_group):
-        return (setting + f" with top_k={router.top_k}",
-                "top_k is above the kept groups' experts, which transformers fills with other "
-                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
-    return None
-
-
-def _laguna_refuse(block: nn.Module) -> tuple[str, str] | None:
-    softcap = block.gate.router_logit_softcapping
-    if softcap != 0.0:
-        return (f"moe_router_logit_softcapping={softcap!r}",
-                "it routes on tanh-softcapped logits; dsv3.MoE on the logits")
-    scale = block.routed_scaling_factor
-    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
-            or not math.isfinite(scale) or scale <= 0):
-        # The scale multiplies the routed output: dsv3.MoE's route_scale, which is > 0.
-        return (f"moe_routed_scaling_factor={scale!r}",
-                "it scales the routed output by it, dsv3.MoE by a route_scale that is a "
-                "finite number > 0")
-    return None
-
-
-def _laguna_block_routing(block: nn.Module) -> dict:
-    # (sum_k w_k expert_k(x)) * s, the block's: dsv3.MoE's route_scale s on the weights.
-    return {"route_scale": float(block.routed_scaling_factor)}
-
-
 def _hf(model: str) -> str:
     return f"transformers.models.{model}.modeling_{model}"
 
 
 # DeepSeek-V3's router and block, copied by name into these models (transformers' modular
 # files): same forward, same attribute names.
-_DEEPSEEK_V3_LIKE = dict(routing=_deepseek_routing, shared=("shared_experts",),
+_DEEPSEEK_V3_LIKE = dict(routing=deepseek_routing, shared=("shared_experts",),
                          bias="gate.e_score_correction_bias")
 
 ARCHITECTURES = (
     Architecture("Mixtral", "mixtral", _hf("mixtral"), "MixtralSparseMoeBlock", "MixtralTopKRouter",
-                 _softmax_routing),
+                 softmax_routing),
     Architecture("Qwen2-MoE", "qwen2_moe", _hf("qwen2_moe"), "Qwen2MoeSparseMoeBlock",
-                 "Qwen2MoeTopKRouter", _softmax_routing,
+                 "Qwen2MoeTopKRouter", softmax_routing,
                  shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
     Architecture("Qwen3-MoE", "qwen3_moe", _hf("qwen3_moe"), "Qwen3MoeSparseMoeBlock",
-                 "Qwen3MoeTopKRouter", _softmax_routing),
+                 "Qwen3MoeTopKRouter", softmax_routing),
     Architecture("DeepSeek-V3", "deepseek_v3", _hf("deepseek_v3"), "DeepseekV3MoE",
                  "DeepseekV3TopkRouter", **_DEEPSEEK_V3_LIKE, aliases=("sarvam_mla",)),
     # The four above first: error messages list them first.
     Architecture("MiniMax", "minimax", _hf("minimax"), "MiniMaxSparseMoeBlock", "MiniMaxTopKRouter",
-                 _softmax_routing),
+                 softmax_routing),
     Architecture("Qwen3-Next", "qwen3_next", _hf("qwen3_next"), "Qwen3NextSparseMoeBlock",
-                 "Qwen3NextTopKRouter", _softmax_routing,
+                 "Qwen3NextTopKRouter", softmax_routing,
                  shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
     Architecture("Qwen3.5-MoE", "qwen3_5_moe_text", _hf("qwen3_5_moe"), "Qwen3_5MoeSparseMoeBlock",
-                 "Qwen3_5MoeTopKRouter", _softmax_routing,
+                 "Qwen3_5MoeTopKRouter", softmax_routing,
                  shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
     Architecture("OLMoE", "olmoe", _hf("olmoe"), "OlmoeSparseMoeBlock", "OlmoeTopKRouter",
-                 _softmax_routing),
+                 softmax_routing),
     Architecture("FlexOlmo", "flex_olmo", _hf("flex_olmo"), "FlexOlmoSparseMoeBlock",
-                 "FlexOlmoTopKRouter", _softmax_routing),
+                 "FlexOlmoTopKRouter", softmax_routing),
     Architecture("HunYuan-MoE-V1", "hunyuan_v1_moe", _hf("hunyuan_v1_moe"), "HunYuanMoEV1Moe",
-                 "HunYuanMoEV1Gate", _softmax_routing, shared=("shared_mlp",),
+                 "HunYuanMoEV1Gate", softmax_routing, shared=("shared_mlp",),
                  gate_weight="wg.weight"),
     Architecture("GLM-4-MoE", "glm4_moe", _hf("glm4_moe"), "Glm4MoeMoE", "Glm4MoeTopkRouter",
                  **_DEEPSEEK_V3_LIKE, aliases=("sarvam_moe",)),
@@ -479,13 +306,13 @@ ARCHITECTURES = (
     Architecture("EXAONE-MoE", "exaone_moe", _hf("exaone_moe"), "ExaoneMoeSparseMoEBlock",
                  "ExaoneMoeTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("MiniMax-M2", "minimax_m2", _hf("minimax_m2"), "MiniMaxM2SparseMoeBlock",
-                 "MiniMaxM2TopKRouter", _minimax_m2_routing, bias="e_score_correction_bias"),
+                 "MiniMaxM2TopKRouter", minimax_m2_routing, bias="e_score_correction_bias"),
     Architecture("AFMoE", "afmoe", _hf("afmoe"), "AfmoeSparseMoeBlock", "AfmoeTokenChoiceRouter",
-                 _afmoe_routing, shared=("shared_experts",), gate="router",
+                 afmoe_routing, shared=("shared_experts",), gate="router",
                  gate_weight="gate.weight", bias="expert_bias"),
     # No norm_topk_prob: always renormalized (Qwen3-MoE's router with it fixed to True).
     Architecture("Qwen3-VL-MoE", "qwen3_vl_moe_text", _hf("qwen3_vl_moe"),
-                 "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextTopKRouter", _softmax_routing),
+                 "Qwen3VLMoeTextSparseMoeBlock", "Qwen3VLMoeTextTopKRouter", softmax_routing),
     Architecture("Solar-Open", "solar_open", _hf("solar_open"), "SolarOpenMoE",
                  "SolarOpenTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("DeepSeek-V3.2", "deepseek_v32", _hf("deepseek_v32"), "DeepseekV32MoE",
@@ -498,81 +325,81 @@ ARCHITECTURES = (
     Architecture("GLM-5-Next", "glm5_next_text", _hf("glm5_next"), "Glm5NextTextMoE",
                  "Glm5NextTextTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("DeepSeek-V2", "deepseek_v2", _hf("deepseek_v2"), "DeepseekV2Moe",
-                 "DeepseekV2TopkRouter", _deepseek_v2_routing, shared=("shared_experts",),
-                 refuse=_deepseek_v2_refuse),
+                 "DeepseekV2TopkRouter", deepseek_v2_routing, shared=("shared_experts",),
+                 refuse=deepseek_v2_refuse),
     # Softmax over the top-k logits: the renormalized top-k softmax (norm_topk_prob is
     # read for sigmoid only). Shared experts only where num_shared_experts > 0.
     Architecture("Cohere2-MoE", "cohere2_moe", _hf("cohere2_moe"), "Cohere2MoeSparseMoeBlock",
-                 "Cohere2MoeTopKRouter", _softmax_routing_always_normalized,
-                 shared=("shared_experts",), refuse=_cohere2_moe_refuse),
+                 "Cohere2MoeTopKRouter", softmax_routing_always_normalized,
+                 shared=("shared_experts",), refuse=cohere2_moe_refuse),
     # Softmax, chosen with the [1, E] bias, renormalized by max(sum, moe_norm_min): see
-    # _ernie_refuse. Shared experts only where moe_num_shared_experts > 0.
+    # ernie_refuse. Shared experts only where moe_num_shared_experts > 0.
     Architecture("ERNIE-4.5-MoE", "ernie4_5_moe", _hf("ernie4_5_moe"), "Ernie4_5_MoeSparseMoeBlock",
-                 "Ernie4_5_MoeTopKRouter", _softmax_routing_always_normalized,
+                 "Ernie4_5_MoeTopKRouter", softmax_routing_always_normalized,
                  shared=("shared_experts",), bias="gate.moe_statics.e_score_correction_bias",
-                 bias_rows=True, refuse=_ernie_refuse),
+                 bias_rows=True, refuse=ernie_refuse),
     # Qwen3-Omni-MoE's thinker (its language model): Qwen3-MoE's router and block. (Its
     # talker's, Qwen2-MoE's with the gated shared expert, are listed below.)
     Architecture("Qwen3-Omni-MoE (thinker)", "qwen3_omni_moe_text", _hf("qwen3_omni_moe"),
                  "Qwen3OmniMoeThinkerTextSparseMoeBlock", "Qwen3OmniMoeThinkerTextTopKRouter",
-                 _softmax_routing),
+                 softmax_routing),
     # Never renormalized; the router at block.router.
     Architecture("Jamba", "jamba", _hf("jamba"), "JambaSparseMoeBlock", "JambaTopKRouter",
-                 _softmax_routing_never_normalized, gate="router"),
+                 softmax_routing_never_normalized, gate="router"),
     Architecture("Kimi-Linear", "kimi_linear", _hf("kimi_linear"), "KimiLinearMoE",
                  "KimiLinearTopkRouter", **_DEEPSEEK_V3_LIKE),
     Architecture("Bailing-Hybrid", "bailing_hybrid", _hf("bailing_hybrid"), "BailingHybridMoE",
                  "BailingHybridTopkRouter", **_DEEPSEEK_V3_LIKE),
     # DeepSeek-V3's router, no shared experts.
     Architecture("MiMo-V2-Flash", "mimo_v2_flash", _hf("mimo_v2_flash"), "MiMoV2FlashMoE",
-                 "MiMoV2FlashTopkRouter", _deepseek_routing, bias="gate.e_score_correction_bias"),
+                 "MiMoV2FlashTopkRouter", deepseek_routing, bias="gate.e_score_correction_bias"),
     # MiniMax-M2's routing with the block's bias, scaled by the router's factor (AFMoE's).
     Architecture("HunYuan-V3", "hy_v3", _hf("hy_v3"), "HYV3MoE", "HYV3TopKRouter",
-                 _hy_v3_routing, shared=("shared_experts",), bias="e_score_correction_bias"),
-    # Softmax, groups by their top-2 sum (the others zeroed): see _mistral4_refuse.
+                 hy_v3_routing, shared=("shared_experts",), bias="e_score_correction_bias"),
+    # Softmax, groups by their top-2 sum (the others zeroed): see mistral4_refuse.
     Architecture("Mistral-4", "mistral4", _hf("mistral4"), "Mistral4MoE", "Mistral4TopkRouter",
-                 _mistral4_routing, shared=("shared_experts",), refuse=_mistral4_refuse),
+                 mistral4_routing, shared=("shared_experts",), refuse=mistral4_refuse),
     # Granite's four MoE families share one block: softmax over the top-k logits (Cohere2-MoE's
     # selection), router at block.router; their shared MLP is outside the block.
     *(Architecture(name, model_type, _hf(model_type), f"{prefix}MoE", f"{prefix}TopKRouter",
-                   _softmax_routing_always_normalized, gate="router")
+                   softmax_routing_always_normalized, gate="router")
       for name, model_type, prefix in (
           ("GraniteMoE", "granitemoe", "GraniteMoe"),
           ("GraniteMoE-Shared", "granitemoeshared", "GraniteMoeShared"),
           ("GraniteMoE-Hybrid", "granitemoehybrid", "GraniteMoeHybrid"),
           ("GraniteMoE-SWA", "granitemoe_swa", "GraniteMoeSWA"))),
     # Sigmoid + the router's frozen [E] bias Parameter, renormalized, times the block's
-    # routed scale; see _laguna_refuse.
+    # routed scale; see laguna_refuse.
     Architecture("Laguna", "laguna", _hf("laguna"), "LagunaSparseMoeBlock", "LagunaTopKRouter",
-                 _sigmoid_routing, shared=("shared_experts",),
-                 bias="gate.e_score_correction_bias", refuse=_laguna_refuse,
-                 block_routing=_laguna_block_routing),
+                 sigmoid_routing, shared=("shared_experts",),
+                 bias="gate.e_score_correction_bias", refuse=laguna_refuse,
+                 block_routing=laguna_block_routing),
     Architecture("Mellum", "mellum", _hf("mellum"), "MellumSparseMoeBlock", "MellumTopKRouter",
-                 _softmax_routing),
-    # DeepSeek-V3's block and router, but groups zero the others' scores: see _axk2_refuse.
-    Architecture("A.X-K2", "axk2", _hf("axk2"), "AXK2MoE", "AXK2TopkRouter", _axk2_routing,
+                 softmax_routing),
+    # DeepSeek-V3's block and router, but groups zero the others' scores: see axk2_refuse.
+    Architecture("A.X-K2", "axk2", _hf("axk2"), "AXK2MoE", "AXK2TopkRouter", axk2_routing,
                  shared=("shared_experts",), bias="gate.e_score_correction_bias",
-                 refuse=_axk2_refuse),
+                 refuse=axk2_refuse),
     # A plain (ungated) shared expert, at block.shared_expert.
     Architecture("Flint", "flint", _hf("flint"), "FlintSparseMoeBlock", "FlintTopKRouter",
-                 _sigmoid_routing, shared=("shared_expert",)),
+                 sigmoid_routing, shared=("shared_expert",)),
     Architecture("Lara-Mini", "lara_mini", _hf("lara_mini"), "LaraMiniSparseMoeBlock",
-                 "LaraMiniTopKRouter", _softmax_routing, shared=("shared_expert",)),
+                 "LaraMiniTopKRouter", softmax_routing, shared=("shared_expert",)),
     # Qwen3-Omni-MoE's talker: Qwen2-MoE's router and block, gated shared expert and all.
     Architecture("Qwen3-Omni-MoE (talker)", "qwen3_omni_moe_talker_text", _hf("qwen3_omni_moe"),
                  "Qwen3OmniMoeTalkerTextSparseMoeBlock", "Qwen3OmniMoeTalkerTextTopKRouter",
-                 _softmax_routing, shared=("shared_expert", "shared_expert_gate"),
+                 softmax_routing, shared=("shared_expert", "shared_expert_gate"),
                  gated_shared=True),
     # Qwen4-Exp's language model: Qwen2-MoE's router and block (its hyper-connections,
     # linear attention and n-gram embeddings are outside the block).
     Architecture("Qwen4-Exp", "qwen4_exp_text", _hf("qwen4_exp"), "Qwen4ExpTextSparseMoeBlock",
-                 "Qwen4ExpTextTopKRouter", _softmax_routing,
+                 "Qwen4ExpTextTopKRouter", softmax_routing,
                  shared=("shared_expert", "shared_expert_gate"), gated_shared=True),
     # Mistral-Large-4's language model: Mistral-4's router with fp32 logits and no
-    # norm_topk_prob (always renormalized); see _mistral4_refuse.
+    # norm_topk_prob (always renormalized); see mistral4_refuse.
     Architecture("Mistral-Large-4", "mistral_large4_text", _hf("mistral_large4"),
-                 "MistralLarge4TextMoE", "MistralLarge4TextTopkRouter", _mistral4_routing,
-                 shared=("shared_experts",), refuse=_mistral4_refuse),
+                 "MistralLarge4TextMoE", "MistralLarge4TextTopkRouter", mistral4_routing,
+                 shared=("shared_experts",), refuse=mistral4_refuse),
     # dots3-note's language model: DeepSeek-V3's; its shared MLP is n_shared_experts *
     # shared_experts_intermediate_size wide.
     Architecture("dots3-note", "dots3_note_text", _hf("dots3_note"), "Dots3NoteTextMoE",
