@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
+from dsv3.ops.permute import unpermute_from_expert_index
 from dsv3.ops.route import GROUP_SCORES
 from dsv3.validate import number, whole_number
 
@@ -124,7 +125,7 @@ def routed_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: tor
     offsets_E, row_map_TK = ops.expert_index(experts_TK, gate_up_ED2F.shape[0])
     h_S2F = ops.gather_grouped_mm(x_TD, gate_up_ED2F, offsets_E, row_map_TK)
     y_SD = ops.grouped_mm(ops.swiglu(h_S2F, swiglu_limit), down_EFD, offsets_E)
-    return ops.unpermute(y_SD, row_map_TK, weights_TK)
+    return unpermute_from_expert_index(y_SD, row_map_TK, weights_TK)
 
 
 class SwiGLUMLP(nn.Module):

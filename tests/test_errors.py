@@ -9,6 +9,7 @@ import torch
 
 from dsv3 import MoE, MoEConfig, ops
 from dsv3.distributed.compress import CompressionState
+from dsv3.ops import backend
 
 I32 = torch.int32
 META = "meta"  # a device no CPU tensor is on: stands in for "the wrong device"
@@ -402,6 +403,31 @@ def test_gather_rejects_a_row_map_with_repeats_on_every_backend(backend, monkeyp
     with pytest.raises(ValueError, match="row_map_TK"):
         ops.gather_grouped_mm(torch.randn(2, 4), torch.randn(2, 4, 3), offsets(1, 3),
                               tokens(0, 1, 1, 2).view(2, 2))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_unpermute_rejects_a_row_map_with_repeats_on_every_backend(backend, monkeypatch):
+    """Row 0 named twice and row 3 never: the backward writes each row once, so it gave
+    row 0 one copy's gradient and left row 3 uninitialized memory."""
+    monkeypatch.setenv("DSV3_BACKEND", backend)
+    with pytest.raises(ValueError, match="row_map_TK must map every copy to a row of its own"):
+        ops.unpermute(torch.randn(4, 3), tokens(0, 0, 1, 2).view(2, 2), torch.rand(2, 2))
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda rm: torch.ops.dsv3.unpermute(torch.randn(4, 3), rm, None), id="unpermute"),
+    pytest.param(lambda rm: torch.ops.dsv3.permute_rows(torch.randn(2, 3), rm), id="permute_rows"),
+    pytest.param(lambda rm: torch.ops.dsv3.unpermute_backward(
+        torch.randn(2, 3), torch.randn(4, 3), rm, torch.rand(2, 2)), id="unpermute_backward"),
+])
+def test_raw_cpu_row_map_ops_reject_repeats(call):
+    """The C++ ops behind the autograd formulas scatter through the map too: each checks
+    it, in the pass it makes anyway. (The Triton and CUDA kernels check ranges only, as
+    a permutation check costs launches there; the public ops check the map for them.)"""
+    if backend.triton_on_cpu:
+        pytest.skip("DSV3_BACKEND=triton replaced the C++ kernels for this process")
+    with pytest.raises(ValueError, match="row_map_TK must map every copy to a row of its own"):
+        call(tokens(0, 2, 1, 2).view(2, 2))
 
 
 @pytest.mark.parametrize("make, name", [

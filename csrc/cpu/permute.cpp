@@ -81,7 +81,9 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cpu(const at::Tensor& experts_TK
 }
 
 // A row map indexes raw memory, so a bad one must be caught before any kernel
-// uses it; the scan is one pass over T*K ints.
+// uses it; the scan is one pass over T*K ints. It must be a permutation too: with a
+// row named twice, the scatters (permute_rows, unpermute_backward) write one of the
+// copies and leave another row unwritten, i.e. uninitialized memory in the output.
 void check_row_map(const at::Tensor& row_map_TK, int64_t n_rows, const char* op) {
   TORCH_CHECK_TYPE(row_map_TK.scalar_type() == at::kInt, op, ": row_map_TK must be int32");
   TORCH_CHECK_VALUE(row_map_TK.dim() == 2 && row_map_TK.numel() == n_rows, op,
@@ -89,9 +91,14 @@ void check_row_map(const at::Tensor& row_map_TK, int64_t n_rows, const char* op)
                     row_map_TK.sizes());
   const at::Tensor rows = row_map_TK.contiguous();
   const int32_t* data = rows.const_data_ptr<int32_t>();
-  for (int64_t i = 0; i < n_rows; ++i)
+  std::vector<bool> seen(n_rows, false);
+  for (int64_t i = 0; i < n_rows; ++i) {
     TORCH_CHECK_VALUE(data[i] >= 0 && data[i] < n_rows, op, ": row_map_TK values must be in [0, ",
                       n_rows, "), got ", data[i]);
+    TORCH_CHECK_VALUE(!seen[data[i]], op, ": row_map_TK must map every copy to a row of its own, "
+                      "got row ", data[i], " twice");
+    seen[data[i]] = true;
+  }
 }
 
 at::Tensor permute_rows_cpu(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {

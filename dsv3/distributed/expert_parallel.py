@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3 import ops
+from dsv3.ops.permute import unpermute_from_expert_index
 
 
 class _AllToAll(torch.autograd.Function):
@@ -85,9 +86,9 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
         h_R2F = ops.grouped_mm(x_local_RD, gate_up_local_E2FD.transpose(1, 2), offsets_local_E)
         y_local_RD = ops.grouped_mm(ops.swiglu(h_R2F, swiglu_limit), down_local_EDF.transpose(1, 2),
                                     offsets_local_E)
-        y_RD = ops.unpermute(y_local_RD, row_map_R1)
+        y_RD = unpermute_from_expert_index(y_local_RD, row_map_R1)
     y_SD = all_to_all_rows(y_RD, send_splits, recv_splits, group)
-    return ops.unpermute(y_SD, row_map_TK, weights_TK)
+    return unpermute_from_expert_index(y_SD, row_map_TK, weights_TK)
 
 
 def ddp_ignore_expert_parameters(model: torch.nn.Module) -> list[str]:

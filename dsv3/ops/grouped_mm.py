@@ -8,13 +8,11 @@ Weights may be passed as a transposed view (``w_EYX.transpose(1, 2)``, i.e.
 nn.Linear's [out, in] layout); wgrad then writes its result directly in that
 layout, so the parameter's gradient needs no extra copy.
 """
-import functools
-
 import torch
 
 from dsv3 import reference
-from dsv3.kernels import device_checks
 from dsv3.ops.backend import use_reference
+from dsv3.ops.permute import invert_row_map
 from dsv3.ops.checks import (FLOAT_DTYPES, check_no_forward_ad, check_tensor,
                               refuse_double_backward)
 
@@ -117,26 +115,10 @@ def gather_grouped_mm(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
     if n_tokens != x_TX.shape[0]:
         raise ValueError(f"{op}: row_map_TK must have one row per token of x_TX "
                          f"({x_TX.shape[0]}), got {n_tokens}")
-    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device.
-    # scatter_ rejects values out of [0, T*K) (indexing would wrap a negative one), with
-    # no extra launch: an error on the CPU, a device assert on a GPU. T*K copies fill the
-    # T*K rows only if no two share a row: a row left at -1 means row_map_TK has repeats,
-    # and one copy's token would be lost. Checked on every backend (a device assert on a
-    # GPU, no sync); the kernels reject a -1 too, but not in the dropped copies' rows,
-    # which they never read.
-    token_T = torch.arange(n_tokens, device=x_TX.device, dtype=torch.int32)
-    token_S = torch.full((n_tokens * top_k,), -1, device=x_TX.device, dtype=torch.int32)
-    scatter = functools.partial(token_S.scatter_, 0, row_map_TK.flatten().long(),
-                                token_T.repeat_interleave(top_k))
-    if torch.compiler.is_compiling() or x_TX.is_cuda:
-        scatter()
-    else:
-        try:
-            scatter()
-        except RuntimeError as error:  # name the argument
-            raise ValueError(f"{op}: row_map_TK values must be in [0, T*K)") from error
-    device_checks.raise_unless((token_S >= 0).all(),
-                               f"{op}: row_map_TK must map every copy to a row of its own")
+    # Row s of the GEMM copies token token_S[s]: row_map_TK inverted on the device,
+    # and checked on every backend: the kernels reject an unmapped row's -1, but not in
+    # the dropped copies' rows, which they never read.
+    token_S = invert_row_map(op, row_map_TK)
     if use_reference(x_TX):
         return reference.grouped_mm(x_TX[token_S.long()], w_EXY, offsets_E)
     return torch.ops.dsv3.grouped_mm_gather(x_TX, w_EXY, offsets_E, token_S, row_map_TK)

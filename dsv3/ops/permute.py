@@ -6,11 +6,14 @@ One map serves both directions: permuting is a scatter through it, unpermuting a
 gather through it summed over k in order, so neither direction needs atomics and
 both backward passes are the other direction.
 """
+import functools
 from typing import NamedTuple
 
 import torch
 
 from dsv3 import reference
+from dsv3.kernels import device_checks
+from dsv3.ops import backend
 from dsv3.ops.backend import use_reference
 from dsv3.ops.checks import (FLOAT_DTYPES, check_int, check_no_forward_ad, check_tensor,
                               check_tokens, refuse_double_backward)
@@ -109,11 +112,31 @@ def permute(x_TD: torch.Tensor, experts_TK: torch.Tensor, n_experts: int) -> Per
     return PermuteOutput(torch.ops.dsv3.permute_rows(x_TD, row_map_TK), offsets_E, row_map_TK)
 
 
-def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
-              weights_TK: torch.Tensor | None = None) -> torch.Tensor:
-    """y_TD[t] = sum_k weights_TK[t, k] * y_SD[row_map_TK[t, k]], summed in k order in
-    fp32 (bitwise identical on repeat). Differentiable w.r.t. y_SD and weights_TK."""
-    op = "unpermute"
+def invert_row_map(op: str, row_map_TK: torch.Tensor) -> torch.Tensor:
+    """token_S[row_map_TK[t, k]] = t: the token each routed row copies, checked on the
+    way that ``row_map_TK`` is a permutation of [0, T*K), with no host sync (an error on
+    the CPU, a device assert on a GPU)."""
+    n_tokens, top_k = row_map_TK.shape
+    token_T = torch.arange(n_tokens, device=row_map_TK.device, dtype=torch.int32)
+    token_S = torch.full((n_tokens * top_k,), -1, device=row_map_TK.device, dtype=torch.int32)
+    # scatter_ rejects values out of [0, T*K) (indexing would wrap a negative one), with
+    # no extra launch. T*K copies fill the T*K rows only if no two share a row: a row
+    # left at -1 means repeats.
+    scatter = functools.partial(token_S.scatter_, 0, row_map_TK.flatten().long(),
+                                token_T.repeat_interleave(top_k))
+    if torch.compiler.is_compiling() or row_map_TK.is_cuda:
+        scatter()
+    else:
+        try:
+            scatter()
+        except RuntimeError as error:  # name the argument
+            raise ValueError(f"{op}: row_map_TK values must be in [0, T*K)") from error
+    device_checks.raise_unless((token_S >= 0).all(),
+                               f"{op}: row_map_TK must map every copy to a row of its own")
+    return token_S
+
+
+def _check_unpermute(op, y_SD, row_map_TK, weights_TK) -> None:
     check_tensor(op, "y_SD", y_SD, dim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "row_map_TK", row_map_TK, dim=2, dtypes=(torch.int32,), like=y_SD)
     if row_map_TK.numel() != y_SD.shape[0]:
@@ -124,6 +147,33 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
             raise ValueError(f"{op}: weights_TK must have shape {tuple(row_map_TK.shape)}, "
                              f"got {tuple(weights_TK.shape)}")
     check_no_forward_ad(op, y_SD, weights_TK)
+
+
+def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
+              weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """y_TD[t] = sum_k weights_TK[t, k] * y_SD[row_map_TK[t, k]], summed in k order in
+    fp32 (bitwise identical on repeat). Differentiable w.r.t. y_SD and weights_TK.
+    ``row_map_TK`` must be a permutation of [0, T*K) (as ``expert_index`` makes): the
+    backward writes each row once, so a row named twice would get one copy's gradient
+    and another none."""
+    _check_unpermute("unpermute", y_SD, row_map_TK, weights_TK)
+    on_cpu_kernel = (y_SD.device.type == "cpu" and not backend.triton_on_cpu
+                     and not use_reference(y_SD))
+    if not on_cpu_kernel:  # the C++ kernel checks the map in the pass it makes anyway
+        invert_row_map("unpermute", row_map_TK)
+    return _unpermute(y_SD, row_map_TK, weights_TK)
+
+
+def unpermute_from_expert_index(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
+                                weights_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """``unpermute`` for a ``row_map_TK`` straight from ``expert_index``, a permutation
+    by construction: the layers' path, which skips the permutation check (on a GPU,
+    seven small launches per layer)."""
+    _check_unpermute("unpermute", y_SD, row_map_TK, weights_TK)
+    return _unpermute(y_SD, row_map_TK, weights_TK)
+
+
+def _unpermute(y_SD, row_map_TK, weights_TK):
     if use_reference(y_SD):
         return reference.unpermute(y_SD, row_map_TK, weights_TK)
     return torch.ops.dsv3.unpermute(y_SD, row_map_TK, weights_TK)

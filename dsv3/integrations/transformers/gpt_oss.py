@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
+from dsv3.ops.permute import unpermute_from_expert_index
 
 MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
 BLOCK, ROUTER, EXPERTS = "GptOssMLP", "GptOssTopKRouter", "GptOssExperts"
@@ -116,7 +117,7 @@ def gpt_oss_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: to
                                 gate_up_bias_E2F, offsets_E)
     y_SD = ops.add_expert_bias(ops.grouped_mm(ops.gpt_oss_glu(h_S2F, alpha, limit), down_EFD,
                                               offsets_E), down_bias_ED, offsets_E)
-    return ops.unpermute(y_SD, row_map_TK, weights_TK)
+    return unpermute_from_expert_index(y_SD, row_map_TK, weights_TK)
 
 
 class GptOssMoE(nn.Module):
