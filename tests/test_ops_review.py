@@ -93,6 +93,27 @@ def test_forward_mode_ad_is_a_clear_error(name):
         fn(*[fwAD.make_dual(t, dt) for t, dt in zip(inputs, tangents)])
 
 
+@pytest.mark.parametrize("name", list(_op_calls()))
+def test_torch_func_grad_fails_loudly(name):
+    """torch refuses its differentiating transforms for ops whose formula comes through
+    torch.library.register_autograd (pytorch/pytorch#168393), as the README says: an
+    error, never a silent wrong gradient. When torch lifts that, this test fails and
+    the README sentence goes."""
+    fn, inputs = _op_calls()[name]
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda *xs: fn(*xs).sum())(*inputs)
+
+
+@pytest.mark.parametrize("name", list(_op_calls()))
+def test_vmap_matches_a_loop(name):
+    """vmap without differentiation runs the op once per batch entry: the same values."""
+    fn, inputs = _op_calls()[name]
+    batched = [torch.stack([t, t.flip(0)]) for t in inputs]
+    got = torch.func.vmap(fn)(*batched)
+    want = torch.stack([fn(*[b[i] for b in batched]) for i in range(2)])
+    assert torch.equal(got, want)
+
+
 def test_forward_ad_level_without_dual_inputs_still_runs():
     # A forward-AD level open for another part of a model does not stop the ops.
     h_S2F = torch.randn(7, 6)
