@@ -155,3 +155,31 @@ def test_plan_rejects_bad_options(capsys, option, value, expected):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: {expected}" in err and value[:40] in err
+
+
+def test_a_dpo_stage_plans_its_doubled_rows_and_its_reference_model(tmp_path, capsys):
+    """Chosen and rejected rows (2 x micro_batch, seq_len - 1 input tokens) through the
+    policy, within 5% of what the trainer's DPO step saves, and the frozen reference's
+    fp32 weights (4 B per parameter; autocast caches no copy of frozen weights)."""
+    from dsv3.train.config import StageConfig
+    from dsv3.train.trainer import Trainer
+    from train_support import synthetic_data, three_stage_config
+    config = three_stage_config(tmp_path, steps=4, log_every=1, stages=[
+        StageConfig("base", "lm", 0.5, seq_len=32), StageConfig("pref", "dpo", 0.5, seq_len=32)])
+    model = config.model_config()
+    settings = dict(gpus=1, gpu_mem_gb=80, micro_batch=config.micro_batch, seq_len=32,
+                    precision="fp32", checkpointing="none", strategy="ddp")
+    lm, dpo = plan(model, **settings), plan(model, dpo_seq_len=32, **settings)
+    assert lm.reference_gb == 0
+    assert dpo.reference_gb == pytest.approx(parameter_counts(model)["total"] * 4 / 1e9)
+    trainer = Trainer(config, synthetic_data())
+    records = [trainer.train_step(measure=True) for _ in range(4)]
+    measured = records[-1]["activation_mb"] * 2**20 / 1e9  # a DPO step
+    assert abs(dpo.activations_gb["none"] / measured - 1) < 0.05, (dpo.activations_gb, measured)
+    assert dpo.activations_gb["none"] > 1.8 * lm.activations_gb["none"]
+    # the memory that decides whether it fits includes both
+    total = dpo.weights_gb + dpo.gradients_gb + dpo.optimizer_gb + dpo.activations_gb["none"]
+    assert not plan(model, dpo_seq_len=32, **dict(settings, gpu_mem_gb=total / 0.9)).fits
+    # the command reads the DPO stage from the config
+    assert main(["plan", "--config", "dsv3/train/configs/demo.toml"]) == 0
+    assert "DPO reference model per GPU" in capsys.readouterr().out

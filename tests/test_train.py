@@ -179,10 +179,29 @@ def test_config_file_and_overrides(tmp_path):
     (dict(optim=dict(schedule="step")), "optim.schedule must be one of"),
     (dict(stages=[dict(name="c", kind="curriculum", seq_len=32, seq_len_start=64)]),
      "seq_len_start must be in"),
+    # the default 20-step warm-up over a 10-step run never reaches the peak lr
+    (dict(steps=10), r"optim.warmup_steps=20 is not below the 10 language-modelling steps "
+                     r"of steps=10 \(DPO stages excluded\).*lower optim.warmup_steps"),
+    (dict(steps=30, stages=[dict(name="a", fraction=0.5),
+                            dict(name="p", kind="dpo", fraction=0.5)]),
+     "optim.warmup_steps=20 is not below the 15 language-modelling steps of steps=30"),
 ])
 def test_bad_configs_name_the_field(raw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**raw)
+
+
+@pytest.mark.parametrize("steps, fractions, expected", [
+    (100, [0.29, 0.71], [29, 71]),  # 0.29 * 100 is 28.999999999999996 in floats
+    (100, [0.57, 0.43], [57, 43]),
+    (200, [0.7, 0.2, 0.1], [140, 40, 20]),
+    (20, [0.4, 0.3, 0.3], [8, 6, 6]),
+    (10, [1 / 3, 1 / 3, 1 / 3], [3, 4, 3]),  # the boundaries round: 3.33 -> 3, 6.67 -> 7
+])
+def test_stage_steps_round_each_stages_end(steps, fractions, expected):
+    config = TrainConfig(steps=steps, optim=dict(warmup_steps=1), stages=[
+        dict(name=f"s{i}", fraction=fraction) for i, fraction in enumerate(fractions)])
+    assert config.stage_steps() == expected
 
 
 def test_unknown_keys_and_domains(tmp_path):
@@ -233,8 +252,10 @@ def test_a_stage_longer_than_the_model_is_refused_before_any_training(tmp_path, 
     assert main(["train", "--config", DEMO, "--out", str(tmp_path / "run"), *too_long]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    with pytest.raises(ValueError, match=r"stage 'base' \(stages.0\): fraction=0.6 of steps=1"):
-        load_config(DEMO, ["steps=1"])  # a stage left without a step
+    # a stage left without a step (0.6 of 1 step rounds to the first stage's 1)
+    with pytest.raises(ValueError, match=r"stage 'domain' \(stages.1\): fraction=0.3 of steps=1 "
+                                         r"is 0 optimizer steps"):
+        load_config(DEMO, ["steps=1"])
 
 
 def test_set_overrides_edit_the_defaults_or_name_the_bad_override(capsys):
@@ -272,6 +293,14 @@ def test_an_unusable_device_is_named(tmp_path, capsys, monkeypatch, device, cuda
     available = "cpu, cuda, cuda:0" if cuda else "cpu"
     assert capsys.readouterr().err == (f"dsv3 train: error: --device {device!r} is not available "
                                        f"on this machine; available: {available}\n")
+
+
+def test_out_and_data_are_paths_even_when_they_read_as_numbers(tmp_path, capsys, monkeypatch):
+    """--out/--data are taken as given, not through --set's JSON parsing."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--out", "2024", "--data", "7", "--no-progress"]) == 2
+    assert "data_dir: no mixture.json in '7'" in capsys.readouterr().err
+    assert load_config(None, ["steps=50"], {"out_dir": "1e3"}).out_dir == "1e3"
 
 
 def _command_run(tmp_path, **overrides) -> list[str]:

@@ -1,5 +1,6 @@
 """dsv3.train across stages: each DPO stage compares against the model as it entered
-that stage (resumed runs too); the LM stages share one learning-rate schedule over
+that stage (resumed runs too) and logs its step's metrics over every micro-batch;
+the LM stages share one learning-rate schedule over
 their own steps while each DPO stage restarts it; a curriculum stage ends at its
 full sequence length."""
 import dataclasses
@@ -28,6 +29,32 @@ def test_each_dpo_stage_freezes_the_model_it_starts_from(tmp_path):
             assert record["dpo/loss"] == pytest.approx(math.log(2), abs=1e-6), f"step {step}"
             for name, value in trainer.reference.state_dict().items():
                 assert torch.equal(value, entering[name]), f"step {step}: reference {name}"
+
+
+def test_dpo_metrics_are_the_mean_over_the_micro_batches(tmp_path, monkeypatch):
+    """As the LM loss: with grad_accum=2, not the last micro-batch's alone."""
+    import dsv3.train.trainer as trainer_module
+    seen = []
+
+    def dpo_loss(*args, **kwargs):
+        loss, margin, accuracy = out = trainer_module_dpo_loss(*args, **kwargs)
+        seen.append((loss.item(), margin.mean().item(), accuracy.item()))
+        return out
+
+    trainer_module_dpo_loss = trainer_module.dpo_loss
+    monkeypatch.setattr(trainer_module, "dpo_loss", dpo_loss)
+    config = three_stage_config(tmp_path, steps=6, grad_accum=2, stages=[
+        StageConfig("base", "lm", 0.5, seq_len=24), StageConfig("pref", "dpo", 0.5, seq_len=16)])
+    trainer = Trainer(config, synthetic_data())
+    for _ in range(4):  # the LM stage, then the DPO stage's first step (every loss ln 2)
+        trainer.train_step()
+    seen.clear()
+    record = trainer.train_step(measure=True)
+    assert seen[0][0] != seen[1][0], "the micro-batches must differ for this test to tell"
+    for i, name in enumerate(("dpo/loss", "dpo/reward_margin", "dpo/reward_accuracy")):
+        values = [micro[i] for micro in seen]
+        assert record[name] == pytest.approx(sum(values) / 2, rel=1e-6, abs=1e-9), \
+            f"{name} {record[name]} is not the mean of {values}"
 
 
 @pytest.mark.parametrize("stop", [14, 18])  # between the DPO stages; inside the second

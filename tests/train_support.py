@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 
 from dsv3.data.tokenizer import TokenizedCorpus
-from dsv3.train.config import StageConfig, TrainConfig
+from dsv3.train.config import OptimConfig, StageConfig, TrainConfig
 from dsv3.train.data import TrainData
 
 VOCAB = 64
@@ -35,6 +35,8 @@ def synthetic_data() -> TrainData:
 def three_stage_config(out_dir, **overrides) -> TrainConfig:
     config = TrainConfig(
         out_dir=str(out_dir), steps=20, micro_batch=4, log_every=5,
+        # a one-step warm-up: the default 20 would outlast these runs of a few steps
+        optim=OptimConfig(warmup_steps=1),
         model_overrides=dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
                              dense_ffn_dim=64,
                              moe=dict(dim=32, ffn_dim=32, n_experts=4, top_k=2,

@@ -49,10 +49,14 @@ def _plan(args: argparse.Namespace) -> int:
     model = config.model_config()
     if args.vocab_size is not None:  # not truthiness: 0 is refused by the parser, not ignored
         model = replace(model, vocab_size=args.vocab_size)
-    seq_len = max(stage.seq_len for stage in config.stages)
-    settings = dict(micro_batch=config.micro_batch, seq_len=seq_len, grad_accum=config.grad_accum,
-                    precision=config.precision, checkpointing=config.checkpointing,
-                    strategy=args.strategy, compress_grads=config.compress_grads, zero=args.zero)
+    # the first stage is never DPO; a DPO stage doubles its rows and holds a reference model
+    seq_len = max(stage.seq_len for stage in config.stages if stage.kind != "dpo")
+    dpo_seq_len = max((stage.seq_len for stage in config.stages if stage.kind == "dpo"),
+                      default=None)
+    settings = dict(micro_batch=config.micro_batch, seq_len=seq_len, dpo_seq_len=dpo_seq_len,
+                    grad_accum=config.grad_accum, precision=config.precision,
+                    checkpointing=config.checkpointing, strategy=args.strategy,
+                    compress_grads=config.compress_grads, zero=args.zero)
     gpu_mem = _gigabytes(args.gpu_mem)
     result = plan(model, gpus=args.gpus, gpu_mem_gb=gpu_mem, **settings)
     print(result.table())

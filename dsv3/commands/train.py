@@ -18,16 +18,14 @@ def _train(args: argparse.Namespace) -> int:
     from dsv3.train.data import TrainData
     from dsv3.train.trainer import Trainer
 
-    overrides = list(args.set or [])
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    if args.data:
-        overrides.append(f"data_dir={args.data}")
-    config = load_config(args.config, overrides)
+    # Paths as given, not through --set's JSON parsing (--out 2024 is a directory, not 2024).
+    paths = {"out_dir": args.out, "data_dir": args.data}
+    config = load_config(args.config, args.set or [], {k: v for k, v in paths.items() if v})
     check_device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if not args.no_resume:
-        check_resume(config.out_dir, config.to_dict())
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        check_resume(config.out_dir, config.to_dict(), world)
+    distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():

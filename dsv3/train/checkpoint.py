@@ -1,12 +1,23 @@
 """Saving and resuming a run, and exporting the trained model for evaluation.
 
-``OUT_DIR/checkpoint/state.pt`` holds everything a resumed run needs to continue
-the same loss curve: model (expert biases included), optimizer, grad scaler, step,
-RNG states, the DPO reference model, the compression residuals and the running
-counters. Written to a temporary file and renamed, so a crash mid-save leaves the
-previous checkpoint intact. ``OUT_DIR/final/`` is what ``dsv3 eval`` loads:
-config.json, model.pt and the tokenizer, plus ``heldout.jsonl``, the documents the
-run held out (decoded back to text), so the evaluation measures unseen text."""
+``OUT_DIR/checkpoint/state.pt`` holds what every rank shares: model (expert biases
+included), optimizer, grad scaler, step, the DPO reference model, the config and
+the number of processes (ranks) that wrote it. What differs between the ranks of a
+data-parallel run goes to one file per rank, ``rank{R}-step{S}.pt``: its loader
+position (each rank draws its own stream), RNG states, int8-compression residuals
+and running counters. Rank 0 cannot hold those for the others, and a rank resumed
+from another's refuses the stream (or silently takes its residuals).
+
+Every file is written to a temporary file, synced and renamed, so a crash mid-save
+leaves the previous checkpoint intact. The rank files carry their step in their
+name and are all written before rank 0 replaces ``state.pt``, which then names the
+step whose rank files to read; a rank deletes its older files only after that. So
+``state.pt`` and the rank files it points at always belong to the same step. The
+ranks must share OUT_DIR (one filesystem).
+
+``OUT_DIR/final/`` is what ``dsv3 eval`` loads: config.json, model.pt and the
+tokenizer, plus ``heldout.jsonl``, the documents the run held out (decoded back to
+text), so the evaluation measures unseen text."""
 import json
 import os
 import shutil
@@ -14,35 +25,106 @@ from pathlib import Path
 
 import torch
 
+# The trainer's state keys that are each rank's own (the rest is rank 0's to save).
+RANK_KEYS = ("rng", "compression", "loader", "domain_tokens", "load_counts")
+
 
 def checkpoint_path(out_dir: Path) -> Path:
     return Path(out_dir) / "checkpoint" / "state.pt"
 
 
-def save_state(out_dir: Path, state: dict) -> Path:
+def rank_path(out_dir: Path, rank: int, step: int) -> Path:
+    return checkpoint_path(out_dir).parent / f"rank{rank}-step{step}.pt"
+
+
+def _write(path: Path, obj) -> None:
+    """``torch.save`` to a temporary file, synced to disk before it replaces ``path``:
+    without the sync a power loss after the rename can leave an empty file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
+    """Called by every rank with its trainer's ``state_dict()`` (``state["world"]``
+    ranks in all); ``barrier`` (``dist.barrier`` under DDP) keeps the order that
+    makes the checkpoint consistent (see the module docstring)."""
+    barrier = barrier or (lambda: None)
     path = checkpoint_path(out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    step = state["step"]
+    own = rank_path(out_dir, rank, step)
+    _write(own, {"step": step, "world": state["world"], **{k: state[k] for k in RANK_KEYS}})
+    barrier()  # every rank's file is on disk before state.pt points at this step
+    if rank == 0:
+        loader = state["loader"]
+        _write(path, {**{k: v for k, v in state.items() if k not in RANK_KEYS},
+                      "loader_stage": loader["stage"] if loader is not None else None})
+    barrier()  # ... and state.pt points at it before anyone drops the older files
+    for old in path.parent.glob(f"rank{rank}-step*.pt"):
+        if old != own:
+            old.unlink(missing_ok=True)
     return path
 
 
-def load_state(out_dir: Path) -> dict | None:
+def remove_run(out_dir: Path) -> None:
+    """Deletes the checkpoint and the exported model, for a run that starts over:
+    left until the new run's first save, an interrupted new run would resume the old
+    one (and export the old model as its own)."""
+    shutil.rmtree(checkpoint_path(out_dir).parent, ignore_errors=True)
+    shutil.rmtree(Path(out_dir) / "final", ignore_errors=True)
+
+
+def _world_mismatch(out_dir: Path, saved: int | None, world: int) -> str:
+    saved_text = f"{saved} process(es)" if saved is not None else \
+        "one process, before checkpoints kept each rank's state"
+    return (f"the checkpoint in {out_dir} was written by {saved_text}, this run has {world}: "
+            f"each rank resumes its own data stream, so resume it on {saved or 1} "
+            f"(torchrun --nproc_per_node {saved or 1}), or pass --no-resume to start over "
+            f"there, or --out NEW_DIR to keep it")
+
+
+def load_state(out_dir: Path, rank: int = 0, world: int | None = None) -> dict | None:
+    """The trainer state of rank ``rank``: the shared state.pt with the rank's own file
+    merged in. ``world`` (the run's process count) must be the one that saved it."""
     path = checkpoint_path(out_dir)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    shared = torch.load(path, map_location="cpu", weights_only=False)
+    saved_world = shared.get("world")
+    if saved_world is None:  # written before rank files: state.pt is one process's whole state
+        if world not in (None, 1):
+            raise ValueError(_world_mismatch(out_dir, None, world))
+        return shared
+    if world is not None and saved_world != world:
+        raise ValueError(_world_mismatch(out_dir, saved_world, world))
+    own_path = rank_path(out_dir, rank, shared["step"])
+    if not own_path.is_file():
+        raise FileNotFoundError(f"{path} is at step {shared['step']}, but rank {rank}'s own "
+                                f"state {own_path} is missing: every rank must see the same "
+                                f"out_dir (a shared filesystem)")
+    own = torch.load(own_path, map_location="cpu", weights_only=False)
+    del shared["loader_stage"]
+    return {**shared, **{k: own[k] for k in RANK_KEYS}}
 
 
 def saved_run(out_dir: Path) -> dict | None:
-    """The checkpoint's config and loader position, its tensors memory-mapped rather
-    than read: enough to check a resume before building the model."""
+    """The checkpoint's config, the stage its loader stopped in and its process count,
+    its tensors memory-mapped rather than read: enough to check a resume before
+    building the model."""
     path = checkpoint_path(out_dir)
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return {"config": state["config"], "loader": state["loader"]}
+    if "world" not in state:  # written before rank files (one process)
+        loader = state["loader"]
+        return {"config": state["config"], "world": None,
+                "loader_stage": loader["stage"] if loader is not None else None}
+    return {"config": state["config"], "world": state["world"],
+            "loader_stage": state["loader_stage"]}
 
 
 def resume_conflicts(saved: dict, config: dict) -> list[str]:
@@ -52,7 +134,7 @@ def resume_conflicts(saved: dict, config: dict) -> list[str]:
     old, new = saved["config"], config
     if len(old["stages"]) != len(new["stages"]):
         return [f"stages: {len(old['stages'])} -> {len(new['stages'])} stages"]
-    stopped_in = saved["loader"]["stage"] if saved["loader"] else 0
+    stopped_in = saved["loader_stage"] if saved["loader_stage"] is not None else 0
     names = ["steps", "micro_batch", "grad_accum"]
     names += [f"stages.{i}.fraction" for i in range(len(new["stages"]))]
     names += [f"stages.{i}.seq_len" for i in range(stopped_in + 1)]
@@ -67,8 +149,12 @@ def _lookup(config: dict, name: str):
     return node
 
 
-def check_resume(out_dir: Path, config: dict) -> None:
+def check_resume(out_dir: Path, config: dict, world: int = 1) -> None:
+    """Refuses, before any training, a resume the saved run cannot continue: other
+    data-shaping settings (see resume_conflicts) or another number of processes."""
     saved = saved_run(out_dir)
+    if saved is not None and (saved["world"] or 1) != world:
+        raise ValueError(_world_mismatch(out_dir, saved["world"], world))
     conflicts = resume_conflicts(saved, config) if saved is not None else []
     if conflicts:
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other settings "
@@ -94,7 +180,7 @@ def export_model(out_dir: Path, model, tokenizer_path: Path | None) -> Path:
     final = Path(out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
     (final / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    torch.save(model.state_dict(), final / "model.pt")
+    _write(final / "model.pt", model.state_dict())  # never a half-written model.pt
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, final / "tokenizer.json")
     return final

@@ -8,6 +8,7 @@ documents ordered from easy to hard; ``dpo``: preference optimization against a
 frozen copy of the model as it entered the stage), its own domain-mixture
 schedule and sequence length."""
 import dataclasses
+import itertools
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -167,6 +168,14 @@ class TrainConfig:
             if steps < 1:
                 raise ValueError(f"{where}: fraction={stage.fraction:g} of steps={self.steps} is "
                                  f"{steps} optimizer steps; raise steps or the fraction")
+        # The LM stages share one schedule over their steps (DPO stages restart their own,
+        # with a warm-up capped to fit): a warm-up as long never reaches the peak lr.
+        lm_steps = sum(n for s, n in zip(self.stages, self.stage_steps()) if s.kind != "dpo")
+        if self.optim.warmup_steps >= lm_steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is not below the "
+                             f"{lm_steps} language-modelling steps of steps={self.steps} (DPO "
+                             f"stages excluded): the learning rate would never reach its peak; "
+                             f"lower optim.warmup_steps or raise steps")
 
     def model_config(self) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -176,10 +185,13 @@ class TrainConfig:
         return preset(self.model, **self.model_overrides)
 
     def stage_steps(self) -> list[int]:
-        """Optimizer steps per stage; rounding goes to the last stage."""
-        counts = [int(self.steps * s.fraction) for s in self.stages]
-        counts[-1] = self.steps - sum(counts[:-1])
-        return counts
+        """Optimizer steps per stage: each stage ends at its cumulative fraction of the
+        steps, rounded (not truncated: 0.29 * 100 is 28.999999999999996 in floats), the
+        last one at ``steps``."""
+        ends = [round(self.steps * end) for end in itertools.accumulate(
+            s.fraction for s in self.stages)]
+        ends[-1] = self.steps
+        return [end - start for start, end in zip([0] + ends[:-1], ends)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -224,8 +236,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML/YAML config (or start from the defaults), apply ``--set`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                values: dict | None = None) -> TrainConfig:
+    """Read a TOML/YAML config (or start from the defaults), apply ``--set`` overrides,
+    then ``values`` as they are (not parsed: ``dsv3 train --out 2024`` is a path)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -241,6 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     if "stages" not in raw:  # ``--set stages.0.seq_len=..`` edits the default stages
         raw["stages"] = [dataclasses.asdict(s) for s in TrainConfig().stages]
     raw = apply_overrides(raw, list(overrides))
+    raw.update(values or {})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:

@@ -22,23 +22,34 @@ from dsv3.moe import MoEStats
 
 class MetricsLogger:
     """Opened by ``start``: a fresh run starts the files anew (a stale run's records
-    must not mix into its report), a resumed one appends."""
+    must not mix into its report); a resumed one keeps the records up to its
+    checkpoint's step, in the file and in ``history`` (the summary's first loss is
+    the run's), and drops those logged after it: the resumed run logs those steps
+    again, and they would be there twice (TensorBoard: purged from ``step + 1``)."""
 
     def __init__(self, out_dir: Path, enabled: bool = True):
         self.out_dir, self.enabled = out_dir, enabled
         self.history: list[dict] = []
         self._jsonl = self._tb = None
 
-    def start(self, fresh: bool) -> None:
+    def start(self, fresh: bool, step: int = 0) -> None:
+        """``step``: the checkpoint's step a resumed run continues from."""
         if not self.enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (self.out_dir / "metrics.jsonl").open("w" if fresh else "a")
+        path = self.out_dir / "metrics.jsonl"
+        if not fresh:
+            self.history = [r for r in _read_records(path) if r["step"] <= step]
+            tmp = path.with_name(path.name + ".tmp")  # a crash here keeps the old file
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            tmp.replace(path)
+        self._jsonl = path.open("w" if fresh else "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
             if fresh:
                 shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
-            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            self._tb = SummaryWriter(str(self.out_dir / "tb"),
+                                     purge_step=None if fresh else step + 1)
         except ImportError:  # tensorboard is optional: the JSONL file has everything
             self._tb = None
 
@@ -59,6 +70,20 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a crash mid-write is left out
+    (it can only be the last one written before the crash, after the checkpoint)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:

@@ -22,6 +22,11 @@ Activations per micro-batch (bytes in the compute dtype, what autograd saves):
   each block's input and recomputes one block at a time; "selective" keeps the
   matmul outputs the backward reads and recomputes the elementwise work. The formulas are checked against the bytes autograd actually
   saves on the small presets (tests/test_planner.py).
+A DPO stage (``dpo_seq_len``) runs 2 x micro_batch rows (chosen and rejected) of its
+  seq_len - 1 input tokens through the model, and holds a frozen reference model:
+  4 B per parameter held, sharded as the weights are; no autocast copy (autocast
+  caches its casts of weights that require grad only), and its no-grad forward
+  saves no activations. Activations are the larger of the LM and the DPO stages'.
 Communication per optimizer step and GPU: the gradient all-reduce of the
 replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
 ~25.4% of fp32) plus, under "ep", the experts' over their N/E replicas, and the
@@ -122,6 +127,7 @@ class Plan:
     alltoall_gb: float
     fits: bool
     expert_parallel: int = 1  # E: GPUs the experts are sharded over; gpus / E replicas
+    reference_gb: float = 0.0  # a DPO stage's frozen reference model, per GPU
 
     @property
     def buildable(self) -> bool:
@@ -141,6 +147,8 @@ class Plan:
                 ("weights per GPU", f"{self.weights_gb:.2f} GB"),
                 ("gradients per GPU", f"{self.gradients_gb:.2f} GB"),
                 ("optimizer state per GPU", f"{self.optimizer_gb:.2f} GB")]
+        if self.reference_gb:
+            rows.append(("DPO reference model per GPU", f"{self.reference_gb:.2f} GB"))
         rows += [(f"activations per GPU ({mode})", f"{gb:.2f} GB")
                  for mode, gb in self.activations_gb.items()]
         rows += [("gradient all-reduce per step", f"{self.allreduce_gb:.2f} GB"),
@@ -150,9 +158,11 @@ class Plan:
 
 def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int, seq_len: int,
          grad_accum: int = 1, precision: str = "bf16", checkpointing: str = "none",
-         strategy: str = "ep", compress_grads: bool = False, zero: int = 0) -> Plan:
-    """``zero``: ZeRO stage for the replicated part (1: optimizer state sharded over
-    the GPUs, 2: also gradients, 3: also weights)."""
+         strategy: str = "ep", compress_grads: bool = False, zero: int = 0,
+         dpo_seq_len: int | None = None) -> Plan:
+    """``seq_len``: the longest LM stage's; ``dpo_seq_len``: the longest DPO stage's
+    (None: the config has none). ``zero``: ZeRO stage for the replicated part (1:
+    optimizer state sharded over the GPUs, 2: also gradients, 3: also weights)."""
     if strategy not in ("ddp", "ep"):
         raise ValueError(f"strategy must be 'ddp' or 'ep', got {strategy!r}")
     if zero not in (0, 1, 2, 3):
@@ -170,6 +180,13 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     tokens = micro_batch * seq_len
     activations = {mode: activation_bytes_per_token(config, seq_len, mode, dtype_bytes)
                    * tokens / GB for mode in ("none", "selective", "full")}
+    dpo_tokens = 0
+    if dpo_seq_len is not None:
+        # chosen and rejected rows; their inputs drop the last token (see dsv3.train.dpo)
+        dpo_tokens = 2 * micro_batch * (dpo_seq_len - 1)
+        activations = {mode: max(gb, activation_bytes_per_token(config, dpo_seq_len - 1, mode,
+                                                                dtype_bytes) * dpo_tokens / GB)
+                       for mode, gb in activations.items()}
     ring = 2 * (gpus - 1) / gpus
     replicas = gpus // ep  # of each expert shard (data parallel)
     expert_ring = 2 * (replicas - 1) / replicas if strategy == "ep" else 0.0
@@ -178,7 +195,8 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     moe_layers = 0 if config.moe is None else config.n_layers - config.n_dense_layers
     alltoall = 0.0
     if strategy == "ep" and ep > 1 and moe_layers:
-        copies = tokens * config.moe.top_k * grad_accum
+        # a DPO step also sends its rows through the reference (forward only: half as much)
+        copies = max(tokens, 1.5 * dpo_tokens) * config.moe.top_k * grad_accum
         # dispatch + combine, forward + backward, the share bound for other GPUs
         alltoall = 4 * moe_layers * copies * config.dim * dtype_bytes * (ep - 1) / ep / GB
     sharded = held - replicated  # the experts a GPU owns under "ep"
@@ -190,9 +208,11 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     # mixed precision: fp32 master + the autocast copy (2 B) kept until the backward
     weights = per_gpu(4 if precision == "fp32" else 6, 3)
     gradients, optimizer = per_gpu(4, 2), per_gpu(8, 1)
-    fits = weights + gradients + optimizer + activations[checkpointing] <= 0.9 * gpu_mem_gb
+    reference = per_gpu(4, 3) if dpo_seq_len is not None else 0.0  # fp32, frozen
+    fits = (weights + reference + gradients + optimizer + activations[checkpointing]
+            <= 0.9 * gpu_mem_gb)
     return Plan(counts, strategy, gpus, weights, gradients, optimizer, activations, allreduce,
-                alltoall, fits, ep)
+                alltoall, fits, ep, reference)
 
 
 def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:

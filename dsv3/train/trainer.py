@@ -4,9 +4,11 @@ Per optimizer step: pick the stage and its learning rate, draw ``grad_accum``
 micro-batches (stateless sampling, see data.py), forward under autocast (bf16, or
 fp16 with a dynamic loss scale; weights stay fp32), backward (DDP all-reduces
 only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
-step, and nudge the MoE selection biases (not on a step fp16 skipped). Every
-``log_every`` steps a metrics record; at the end a checkpoint, the exported model
-and the HTML report.
+step, and nudge the MoE selection biases (not on a step fp16 skipped; under DDP
+from every rank's routing counts). Every ``log_every`` steps a metrics record; at
+the end a checkpoint (each rank saves its own data position, see checkpoint.py),
+the exported model and the HTML report. A resumed run keeps the metrics up to its
+checkpoint's step and drops those logged after it (they are trained again).
 """
 import math
 import time
@@ -50,7 +52,13 @@ class Trainer:
         self.compression = None
         self.ddp = None
         if self.distributed:
-            self.ddp = DDP(self.model)
+            # With the int8 hook, DDP keeps its first bucket layout: find_unused_parameters
+            # stops the rebuild after the first step. The hook's residuals are keyed by
+            # layout, and a resumed run starts from the first layout again: rebuilt, the
+            # saved residuals would find no bucket of theirs (and the resumed run would
+            # part from the one that never stopped). The hook waits for each bucket
+            # anyway, so the rebuilt order would overlap nothing more.
+            self.ddp = DDP(self.model, find_unused_parameters=config.compress_grads)
             if config.compress_grads:
                 from dsv3.distributed import CompressionState, int8_compress_hook
                 self.compression = CompressionState(start_iter=config.compress_start_iter)
@@ -154,9 +162,10 @@ class Trainer:
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
                                                   rejected, stage.dpo_beta)
-            record["dpo/loss"] = loss.detach()
-            record["dpo/reward_margin"] = margin.mean()
-            record["dpo/reward_accuracy"] = accuracy
+            # the step's, as its LM loss: the micro-batches' mean, not the last one's
+            for name, value in (("dpo/loss", loss.detach()), ("dpo/reward_margin", margin.mean()),
+                                ("dpo/reward_accuracy", accuracy)):
+                record[name] = record.get(name, 0.0) + value / c.grad_accum
             return loss, c.micro_batch * stage.seq_len * 2
         seq_len = self.seq_len_at(stage, progress)
         data_start = time.perf_counter()
@@ -238,13 +247,29 @@ class Trainer:
     def _update_expert_bias(self, skipped: bool) -> None:
         """The aux-loss-free balancing step, on the routing counts of this step; a step
         fp16 skipped (inf/NaN gradients) drops its counts instead, as it dropped its
-        update: they would bias the next step's."""
-        if not skipped:
-            moe_update_bias(self.model)
-            return
-        for layer in self.model.moe_layers():
-            if layer.expert_bias is not None:
+        update: they would bias the next step's.
+
+        Under DDP each rank counted only its own tokens: the counts are summed over
+        the ranks first, so every rank takes the same step from the whole batch's
+        routing (DDP broadcasts rank 0's buffers before a step's first forward, which
+        would otherwise leave the balancing to rank 0's tokens alone; the counts are
+        zero everywhere then, so that broadcast loses nothing)."""
+        layers = [layer for layer in self.model.moe_layers() if layer.expert_bias is not None]
+        if skipped:  # the same on every rank: the gradients were all-reduced
+            for layer in layers:
                 layer.pending_counts.zero_()
+            return
+        if self.distributed and layers:
+            # A layer with an expert-parallel group sums its counts over that group
+            # itself (MoE.update_bias): summed here too, they would count twice.
+            if any(layer.ep_group is not None for layer in layers):
+                raise NotImplementedError("Trainer: MoE layers with an ep_group under DDP are "
+                                          "not supported (their counts would be summed twice)")
+            counts = torch.stack([layer.pending_counts for layer in layers])
+            dist.all_reduce(counts)  # one collective for all the layers
+            for layer, summed in zip(layers, counts):
+                layer.pending_counts.copy_(summed)
+        moe_update_bias(self.model)
 
     # --- the run -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -266,7 +291,8 @@ class Trainer:
         self.logger.log(self.step, metrics)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "model": self.model.state_dict(),
+        """This rank's whole state; save() keeps the parts in ckpt.RANK_KEYS per rank."""
+        return {"step": self.step, "world": self.world, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": ckpt.rng_state(), "skipped_steps": self.skipped_steps,
                 "reference": self.reference.state_dict() if self.reference is not None else None,
@@ -306,15 +332,24 @@ class Trainer:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
     def save(self) -> None:
-        if self.rank == 0:
-            ckpt.save_state(self.out_dir, self.state_dict())
+        """Every rank calls it (each saves its own part; see checkpoint.py)."""
+        ckpt.save_state(self.out_dir, self.state_dict(), self.rank,
+                        dist.barrier if self.distributed else None)
 
     def train(self, resume: bool = True, progress: bool = True) -> list[dict]:
+        """Runs the remaining steps; returns the run's metrics records (a resumed run's
+        from its start, those before the checkpoint included)."""
         c = self.config
-        state = ckpt.load_state(self.out_dir) if resume else None
+        if not resume:  # starting over: the old run must not be resumed if this one stops
+            if self.rank == 0:
+                ckpt.remove_run(self.out_dir)
+            if self.distributed:  # before any rank saves into the directory
+                dist.barrier()
+        state = ckpt.load_state(self.out_dir, self.rank, self.world) if resume else None
         if state is not None:
             self.load_state_dict(state)
-        self.logger.start(fresh=state is None)
+        self.logger.start(fresh=state is None, step=self.step)
+        first_step = self.step
         bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         loop_start = time.perf_counter()
@@ -337,6 +372,10 @@ class Trainer:
             if self.data.tokenizer_path is not None:
                 ckpt.export_heldout(final / "heldout.jsonl", self.data.val,
                                     self.data.tokenizer_path, self.data.train.eos_id)
+        # A finished run started again trains nothing: its report stands (it may hold
+        # an evaluation `dsv3 report` added), unless it never got one.
+        if self.rank == 0 and (self.step > first_step
+                               or not (self.out_dir / "summary.json").is_file()):
             losses = [r["loss"] for r in self.logger.history if "loss" in r]
             write_report(self.out_dir, self.load_counts, summary={
                 "steps": self.step, "stages": ", ".join(s.name for s in c.stages),

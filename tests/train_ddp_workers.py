@@ -1,0 +1,67 @@
+"""Per-rank bodies of the trainer's DDP tests (tests/test_train_ddp.py runs them
+through tests/rank_runner.run_ranks in spawned processes, so they live in an
+importable module). Each rank checks its own result; the ranks compare what must
+agree with a collective."""
+import torch
+import torch.distributed as dist
+
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.config import StageConfig
+from dsv3.train.trainer import Trainer
+from train_support import synthetic_data, three_stage_config
+
+ONE_STAGE = [StageConfig("base", "lm", 1.0, seq_len=24)]
+
+
+def check_ddp_resume(rank, world, out_dir, stop):
+    """Stopped after ``stop`` steps, saved and resumed, every rank continues its own
+    run (its data stream, compression residuals): the parameters equal, bit for bit,
+    those of the run that never stopped. A resume on another number of processes
+    is refused, naming both."""
+    data = synthetic_data()
+
+    def config(name):
+        return three_stage_config(f"{out_dir}/{name}", steps=6, grad_accum=2, log_every=2,
+                                  compress_grads=True, compress_start_iter=1, stages=ONE_STAGE)
+
+    straight = Trainer(config("straight"), data)
+    straight_history = straight.train(progress=False)
+    first = Trainer(config("resumed"), data)
+    for _ in range(stop):
+        first.train_step()
+    first.save()
+    resumed = Trainer(config("resumed"), data)
+    resumed_history = resumed.train(progress=False)
+    assert resumed.step == 6
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"rank {rank}: {name} differs after resuming at step {stop}"
+    straight_losses = {r["step"]: r["loss"] for r in straight_history}  # rank 0 logs
+    assert all(r["loss"] == straight_losses[r["step"]] for r in resumed_history)
+    dist.barrier()  # every rank done with the checkpoint before rank 0 reads it as one process
+    if rank == 0:
+        try:
+            ckpt.load_state(f"{out_dir}/resumed", 0, world=1)
+        except ValueError as e:
+            assert f"written by {world} process(es), this run has 1" in str(e), e
+        else:
+            raise AssertionError("a resume on 1 process of a 2-process checkpoint was accepted")
+
+
+def check_ddp_expert_bias(rank, world, out_dir):
+    """The aux-loss-free bias steps from the routing counts of all the ranks (not rank
+    0's alone): after each step every rank's bias is the previous one moved by the
+    sign of the global counts' imbalance."""
+    trainer = Trainer(three_stage_config(out_dir, steps=10, grad_accum=2, stages=ONE_STAGE),
+                      synthetic_data())
+    layers = trainer.model.moe_layers()
+    rate = layers[0].config.bias_update_rate
+    for step in range(4):
+        before = [layer.expert_bias.clone() for layer in layers]
+        trainer.train_step()
+        for index, (layer, bias, stats) in enumerate(zip(layers, before, trainer.moe_stats)):
+            counts = stats.tokens_per_expert.float().clone()  # this rank's, both micro-batches
+            dist.all_reduce(counts)
+            expected = bias + rate * torch.sign(counts.mean() - counts)
+            assert torch.equal(layer.expert_bias, expected), \
+                f"rank {rank}, step {step}, layer {index}: {layer.expert_bias} != {expected}"
