@@ -8,17 +8,20 @@ Providers: transformers' own experts implementations (``eager``: a Python loop o
 the hit experts; ``grouped_mm``: torch's grouped GEMM; ``batched_mm``: one bmm over a
 per-row gathered copy of the expert weights) against dsv3's two routes
 (``dsv3``: experts_implementation="dsv3", the model's router; ``patch_moe``: whole
-blocks replaced, routing fused too). Three cases per model and dtype: a training step
+blocks replaced, routing fused too). Four cases per model and dtype: a training step
 (forward + backward of the LM loss, gradients dropped before each), a prefill
-(forward under no_grad, eval mode), and one MoE block's forward + backward alone,
-since at this size attention, norms and the LM head take most of a model step and
-dilute the difference the experts make. Every provider gets its own copy of the same
+(forward under no_grad, eval mode), a decode step (one new token under no_grad
+against a KV cache of the prompt, as in generate: few rows per expert, so each op's
+fixed cost counts), and one MoE block's forward + backward alone, since at this size
+attention, norms and the LM head take most of a model step and dilute the difference
+the experts make. Every provider gets its own copy of the same
 seeded model; calls are interleaved (a rotating provider order per repeat) so a
 burst of load from the other users of the machine hits all of them alike, except
 batched_mm's, which disturb the caches of the next call and so run after the rest; the table
 reports medians and the ratio of each peer to dsv3 (> 1: dsv3 is faster).
 """
 import argparse
+import copy
 import statistics
 import time
 from datetime import datetime, timezone
@@ -35,7 +38,7 @@ PEERS = ("eager", "grouped_mm", "batched_mm")
 OURS = ("dsv3", "patch_moe")
 PROVIDERS = PEERS + OURS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MODES = ("train", "prefill", "block")
+MODES = ("train", "prefill", "decode", "block")
 BATCH, SEQ = 1, 256  # 256 tokens: batched_mm copies one expert weight per routed row (~0.4 GiB)
 
 _COMMON = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -67,7 +70,7 @@ def build(model_name: str, dtype: torch.dtype, provider: str):
     return model
 
 
-def make_call(model, mode: str, ids: torch.Tensor):
+def make_call(model, mode: str, ids: torch.Tensor, n_calls: int):
     if mode == "block":  # layer 0's MoE block alone: what the providers actually change
         model.train()
         block = model.model.layers[0].mlp
@@ -82,6 +85,19 @@ def make_call(model, mode: str, ids: torch.Tensor):
             out = block(x)
             # GPT-OSS's block returns (hidden_states, routing weights).
             (out[0] if isinstance(out, tuple) else out).backward(grad)
+        return step
+    if mode == "decode":
+        model.eval()
+        with torch.no_grad():
+            prompt_cache = model(ids[:, :-1], use_cache=True).past_key_values
+        # A fresh copy of the prompt's cache per call, made here, outside the timings:
+        # every call decodes the same position. (Cropping the token off again is not
+        # possible for GPT-OSS's sliding-window layers once the window is full.)
+        caches = [copy.deepcopy(prompt_cache) for _ in range(n_calls)]
+
+        def step():
+            with torch.no_grad():
+                model(ids[:, -1:], past_key_values=caches.pop(), use_cache=True)
         return step
     if mode == "train":
         model.train()
@@ -102,7 +118,8 @@ def time_case(model_name, dtype, mode, repeats, warmup=2) -> dict[str, float]:
     """Median seconds per provider, calls interleaved across providers."""
     ids = torch.randint(0, _COMMON["vocab_size"], (BATCH, SEQ),
                         generator=torch.Generator().manual_seed(1))
-    calls = {p: make_call(build(model_name, dtype, p), mode, ids) for p in PROVIDERS}
+    calls = {p: make_call(build(model_name, dtype, p), mode, ids, warmup + repeats)
+             for p in PROVIDERS}
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -154,7 +171,8 @@ def report(rows, info) -> str:
         f"Models: 2 decoder layers, D=256, vocab 1024, {BATCH}x{SEQ} tokens; mixtral: E=8 "
         f"experts of F=512, top-2; qwen3_moe: E=32 of F=128, top-4; gpt_oss: E=16 of F=256, "
         f"top-4 (biased experts, clamped sigmoid-GLU). train = forward + backward "
-        f"of the LM loss; prefill = forward under no_grad; block = forward + backward of one "
+        f"of the LM loss; prefill = forward under no_grad; decode = one token's forward "
+        f"under no_grad after the other {SEQ - 1} (KV cache); block = forward + backward of one "
         f"MoE block alone (router, experts), the part the providers change.", "",
         markdown_table(rows), "",
         f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls "
