@@ -142,7 +142,10 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h_T2F = self.gate_up_proj(x).flatten(0, -2)  # the fused op takes rows
-        return self.down_proj(ops.swiglu(h_T2F, self.swiglu_limit)).view(*x.shape[:-1], -1)
+        # The width named, not -1: an empty batch (an expert-parallel rank's) has no
+        # rows to infer it from.
+        y_TD = self.down_proj(ops.swiglu(h_T2F, self.swiglu_limit))
+        return y_TD.view(*x.shape[:-1], self.down_proj.out_features)
 
 
 class MoE(nn.Module):
@@ -241,7 +244,9 @@ class MoE(nn.Module):
             raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != c.dim:
             raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
-        if x.numel() == 0:
+        if x.numel() == 0 and self.ep_group is None:
+            # (Expert-parallel layers take an empty batch: the other ranks' tokens may
+            # need this rank's experts, see _route_nothing.)
             raise ValueError(f"MoE: x must hold at least one token, got shape {tuple(x.shape)}")
         gate_up, down = self.gate_up_proj, self.down_proj
         if x.device != gate_up.device:
@@ -259,11 +264,14 @@ class MoE(nn.Module):
         # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.
         with torch.autocast(device_type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.router.weight.float())
-        want_losses = self.training and (c.aux_loss_coef > 0 or c.z_loss_coef > 0)
-        route = ops.route_with_stats if want_losses else ops.route
-        weights_TK, experts_TK, counts_E, *loss_sums = route(
-            logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
-            c.normalize_weights, c.route_scale, c.group_score)
+        if n_tokens == 0:
+            weights_TK, experts_TK, counts_E, *loss_sums = self._route_nothing(logits_TE)
+        else:
+            want_losses = self.training and (c.aux_loss_coef > 0 or c.z_loss_coef > 0)
+            route = ops.route_with_stats if want_losses else ops.route
+            weights_TK, experts_TK, counts_E, *loss_sums = route(
+                logits_TE, c.top_k, c.score, self.expert_bias, c.n_groups, c.topk_groups,
+                c.normalize_weights, c.route_scale, c.group_score)
         dropped = torch.zeros((), dtype=torch.int64, device=x.device)
         # The balance loss and the bias see what the router chose, before capacity: on
         # the counts left after it, the more lopsided the routing, the weaker the loss
@@ -287,6 +295,16 @@ class MoE(nn.Module):
         if self.collect_router_entropy:
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
+
+    def _route_nothing(self, logits_TE: torch.Tensor) -> tuple:
+        """Routing of an empty batch on an expert-parallel rank (an uneven last batch):
+        ops.route wants at least one token, yet the other ranks wait for this one in
+        both all-to-alls and may send it tokens for its experts. Empty weights, still
+        computed from the router's logits so its weight gets a (zero) gradient and DDP
+        sees it used; no balance losses (no tokens to average over)."""
+        k, device = self.config.top_k, logits_TE.device
+        return (logits_TE[:, :k], torch.zeros(0, k, dtype=torch.int32, device=device),
+                torch.zeros(self.config.n_experts, dtype=torch.int32, device=device))
 
     def _router_entropy(self, logits_TE: torch.Tensor) -> torch.Tensor:
         scores_TE = (logits_TE.softmax(-1) if self.config.score == "softmax"

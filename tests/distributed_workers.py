@@ -119,6 +119,106 @@ def check_failures(rank, world):
         raise AssertionError("a missing rank was not detected")
 
 
+
+def check_local_errors_and_divergent_states(rank, world):
+    # A parameter passed instead of its gradient: a TypeError naming tensor, on each
+    # rank before any collective (it used to read "a collective failed (a rank may have
+    # died ...)").
+    for start_iter in (1, 0):  # warm-up and compressing
+        state = CompressionState(start_iter=start_iter)
+        try:
+            compressed_all_reduce(nn.Parameter(torch.randn(300)), state)
+        except TypeError as error:
+            assert "tensor must not require grad" in str(error), error
+        else:
+            raise AssertionError("a tensor that requires grad was accepted")
+    # A local failure inside keeps its own message: only the collectives are said to fail.
+    from dsv3 import ops
+    quantize = ops.quantize_int8
+    ops.quantize_int8 = lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    try:
+        compressed_all_reduce(torch.randn(300), CompressionState(start_iter=0))
+    except RuntimeError as error:
+        assert str(error) == "out of memory", error
+    else:
+        raise AssertionError("the local error was lost")
+    finally:
+        ops.quantize_int8 = quantize
+    # Ranks that disagree on compressing (states restored from different steps): a
+    # ValueError naming each rank's iteration, where they used to hang in mismatched
+    # collectives until the timeout.
+    state = CompressionState(start_iter=5, iteration=4 + rank)
+    try:
+        compressed_all_reduce(torch.ones(1024), state)
+    except ValueError as error:
+        assert "disagree on compressing: state.iteration [4, 5]" in str(error), error
+    else:
+        raise AssertionError("ranks disagreeing on compressing were not detected")
+    # An empty tensor is reduced (to itself) compressing as in the warm-up.
+    for start_iter in (1, 0):
+        empty = torch.empty(0)
+        assert compressed_all_reduce(empty, CompressionState(start_iter=start_iter)) is empty
+
+
+def save_compression_state(rank, world, path):
+    state = CompressionState(start_iter=0)
+    compressed_all_reduce(rank_tensor(1000, rank), state)
+    state.step()
+    torch.save(state.state_dict(), f"{path}/compression{rank}.pt")
+
+
+def check_resume_at_another_world_size(rank, world, path):
+    """A state saved at world size 4 resumed at 2 (an elastic restart): its residuals
+    belong to another split of the tensor, so they are dropped with a warning; an old
+    checkpoint without the world size is caught by the residuals' sizes. Both reduce
+    as a fresh state would (it used to fail inside quantize_int8 after phase 1's
+    collectives, with a message about error_N)."""
+    import warnings
+    saved = torch.load(f"{path}/compression{rank}.pt")
+    want_N = compressed_all_reduce(rank_tensor(1000, rank, salt=1), CompressionState(start_iter=0))
+    resumed = CompressionState(start_iter=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed.load_state_dict(saved)
+    assert any("saved at world size 4, this run has 2" in str(w.message) for w in caught), caught
+    assert resumed.residuals == {} and resumed.iteration == 1
+    assert torch.equal(compressed_all_reduce(rank_tensor(1000, rank, salt=1), resumed), want_N)
+    del saved["world_size"]  # as written before the world size was saved
+    resumed = CompressionState(start_iter=0)
+    resumed.load_state_dict(saved)
+    assert torch.equal(compressed_all_reduce(rank_tensor(1000, rank, salt=1), resumed), want_N)
+
+
+def check_restart_frees_stale_residuals(rank, world):
+    """DDP's first step after a restart runs its initial one-bucket layout, a key of
+    its own: that residual is freed once the rebuilt buckets return, where it used to
+    stay in the state (and every checkpoint) for good, one more per restart. The saved
+    buckets' residuals survive the first step."""
+    def ddp_model(state):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(600, 600, bias=False), nn.Linear(600, 600, bias=False))
+        model = DDP(net, bucket_cap_mb=1)  # two buckets once rebuilt, one at first
+        model.register_comm_hook(state, int8_compress_hook)
+        return model
+
+    def train_step(model, step):
+        model(torch.randn(4, 600, generator=torch.Generator().manual_seed(step))).sum().backward()
+
+    state = CompressionState(start_iter=2)
+    model = ddp_model(state)
+    for step in range(4):
+        train_step(model, step)
+    saved_keys = set(state.residuals)
+    assert len(saved_keys) == 2, saved_keys  # the two rebuilt buckets
+    resumed = CompressionState(start_iter=2)
+    resumed.load_state_dict(state.state_dict())
+    model = ddp_model(resumed)
+    train_step(model, 4)  # the initial layout: a new key, the saved ones spared
+    assert saved_keys < set(resumed.residuals) and len(resumed.residuals) == 3, resumed.residuals
+    train_step(model, 5)  # the rebuilt buckets: the initial layout's residual is freed
+    assert set(resumed.residuals) == saved_keys, resumed.residuals
+
+
 # --- DDP training with the hook ------------------------------------------------------------------
 VOCAB, DIM, SEQ, BATCH = 48, 32, 16, 8
 
@@ -197,9 +297,10 @@ def check_ddp_hook_accumulation_and_amp(rank, world):
 
 
 # --- expert parallelism ---------------------------------------------------------------------------
-def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False):
+def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False, empty_rank=None):
     """EP layer on each rank's own tokens == the single-process layer on all ranks'
-    tokens concatenated: outputs, d(x) and the expert gradients bit for bit (fp32)."""
+    tokens concatenated: outputs, d(x) and the expert gradients bit for bit (fp32).
+    ``empty_rank`` gets no tokens (an uneven last batch): it still serves the others'."""
     config = dsv3.MoEConfig(**config_kwargs)
     torch.manual_seed(0)
     full = dsv3.MoE(config)
@@ -216,8 +317,8 @@ def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False):
             bias[:config.n_experts - len(local)] = 100.0
             full.expert_bias.copy_(bias)
             ep.expert_bias.copy_(bias)
-    xs = [torch.randn(10 + 3 * r, config.dim, generator=torch.Generator().manual_seed(r))
-          for r in range(world)]
+    xs = [torch.randn(0 if r == empty_rank else 10 + 3 * r, config.dim,
+                      generator=torch.Generator().manual_seed(r)) for r in range(world)]
     grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(100 + r))
              for r, x in enumerate(xs)]
     x_full = torch.cat(xs).requires_grad_()
@@ -234,6 +335,8 @@ def check_expert_parallel(rank, world, config_kwargs, starve_last_rank=False):
     assert torch.equal(ep.down_proj.grad, full.down_proj.grad[local.start:local.stop])
     if starve_last_rank and rank == world - 1:
         assert (ep.gate_up_proj.grad == 0).all() and (ep.down_proj.grad == 0).all()
+    if rank == empty_rank:
+        assert y_mine.shape == (0, config.dim) and ep.gate_up_proj.grad.abs().sum() > 0
     # The router is replicated: its gradient summed over ranks is the full one (summed
     # in another order, so to rounding).
     router_grad = ep.router.weight.grad.clone()
@@ -261,6 +364,59 @@ def check_expert_parallel_under_ddp(rank, world):
     gathered = [torch.empty_like(expert_grad) for _ in range(world)]
     dist.all_gather(gathered, expert_grad)
     assert not torch.equal(gathered[0], gathered[1])
+    # A rank with an empty batch still uses every parameter (DDP would otherwise fail
+    # the next forward, or wait for the router's gradient), and the replicas agree.
+    for step in range(2):
+        x = torch.randn(0 if rank == 1 and step == 0 else 12, 16)
+        ddp(x).square().sum().backward()
+    router_grad = model[1].router.weight.grad
+    gathered = [torch.empty_like(router_grad) for _ in range(world)]
+    dist.all_gather(gathered, router_grad)
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def ep_groups(ep_size: int):
+    """The world split in expert-parallel groups of ``ep_size`` consecutive ranks (every
+    rank makes every group, as new_group requires); this rank's group."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups = [dist.new_group(list(range(start, start + ep_size))) if ep_size < world
+              else dist.group.WORLD for start in range(0, world, ep_size)]
+    return groups[rank // ep_size]
+
+
+def check_expert_parallel_grads_under_ddp(rank, world, ep_size):
+    """Under DDP, an EP model's gradients equal those of the same model without EP
+    (DDP averaging every parameter), with gradient accumulation, and with ep_groups
+    smaller than the world (the expert shards replicated world / ep_size times). The
+    expert gradients used to be the ep_group's sum, not the mean over the world, and
+    the replicas of a shard were never reduced: they diverged from the first step."""
+    from dsv3.distributed import ddp_ignore_expert_parameters
+    config = dsv3.MoEConfig(dim=16, ffn_dim=24, n_experts=4, top_k=2, n_shared_experts=1,
+                            aux_loss_coef=0.0)
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(16, 16), dsv3.MoE(config))
+    ep = nn.Sequential(nn.Linear(16, 16), dsv3.MoE(config, ep_group=ep_groups(ep_size)))
+    local = ep[1].expert_range
+    experts = ("1.gate_up_proj", "1.down_proj")
+    ep.load_state_dict({name: value[local.start:local.stop] if name in experts else value
+                        for name, value in full.state_dict().items()})
+    ep.register_buffer("unused", torch.zeros(1))
+    DDP._set_params_and_buffers_to_ignore_for_model(ep, ["unused"])
+    ddp_ignore_expert_parameters(ep)
+    assert ddp_ignore_expert_parameters(ep) == list(experts)  # again: no double scaling
+    assert ep._ddp_params_and_buffers_to_ignore == ["unused", *experts]  # extended
+    full_ddp, ep_ddp = DDP(full), DDP(ep)
+    for micro in range(2):  # gradient accumulation: the first micro-batch under no_sync
+        x = torch.randn(6 + rank, 16, generator=torch.Generator().manual_seed(10 * micro + rank))
+        for model in (full_ddp, ep_ddp):
+            with model.no_sync() if micro == 0 else torch.enable_grad():
+                model(x).square().mean().backward()
+    want = dict(full.named_parameters())
+    for name, param in ep.named_parameters():
+        want_grad = want[name].grad
+        if name in experts:
+            want_grad = want_grad[local.start:local.stop]
+        torch.testing.assert_close(param.grad, want_grad, msg=lambda m: f"{name}: {m}")
 
 
 def check_trainer_ddp(rank, world, out_dir, compress):

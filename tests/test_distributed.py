@@ -20,6 +20,19 @@ def test_size_mismatch_and_dead_rank_give_clear_errors():
     run_ranks(2, workers.check_failures, collective_timeout=10)
 
 
+def test_local_errors_and_divergent_states_are_named():
+    run_ranks(2, workers.check_local_errors_and_divergent_states, collective_timeout=10)
+
+
+def test_resume_at_another_world_size_drops_the_residuals(tmp_path):
+    run_ranks(4, workers.save_compression_state, str(tmp_path))
+    run_ranks(2, workers.check_resume_at_another_world_size, str(tmp_path))
+
+
+def test_restart_frees_the_initial_bucket_residual():
+    run_ranks(2, workers.check_restart_frees_stale_residuals)
+
+
 def test_ddp_hook_trains_like_fp32():
     run_ranks(2, workers.check_ddp_hook_training, timeout=300)
 
@@ -52,8 +65,20 @@ def test_expert_parallel_rank_with_no_tokens():
     run_ranks(2, workers.check_expert_parallel, config, True)
 
 
+def test_expert_parallel_rank_with_an_empty_batch():
+    """A rank with no tokens used to raise ValueError alone while the others waited in
+    the all-to-all until the collective timeout."""
+    run_ranks(2, workers.check_expert_parallel, EP_CONFIGS["deepseek"], False, 0,
+              collective_timeout=10)
+
+
 def test_expert_parallel_layer_under_ddp():
-    run_ranks(2, workers.check_expert_parallel_under_ddp)
+    run_ranks(2, workers.check_expert_parallel_under_ddp, collective_timeout=10)
+
+
+@pytest.mark.parametrize("world, ep_size", [(2, 2), (4, 2)], ids=["ep=world", "replicated"])
+def test_expert_parallel_grads_under_ddp_equal_plain_ddp(world, ep_size):
+    run_ranks(world, workers.check_expert_parallel_grads_under_ddp, ep_size)
 
 
 @pytest.mark.parametrize("compress", [False, True], ids=["fp32", "int8"])

@@ -18,6 +18,7 @@ next call's input makes the error of the sum over steps stay bounded instead of
 growing (error feedback, as in 1-bit SGD / EF-SGD).
 """
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -70,14 +71,19 @@ class CompressionState:
     ``start_iter``: steps all-reduced uncompressed first (as PowerSGD's
     ``start_powerSGD_iter``): early gradients are large and fast-changing and DDP
     rebuilds its buckets after the first step. ``step()`` advances the count (the
-    DDP hook does it itself). Save ``state_dict()`` with checkpoints: a resumed run
-    then carries on with the same residuals."""
+    DDP hook does it itself) and frees the residuals of keys the iteration did not
+    reduce. Save ``state_dict()`` with checkpoints: a resumed run then carries on
+    with the same residuals (at the same world size; at another one they are
+    dropped, with a warning)."""
     process_group: dist.ProcessGroup | None = None
     block_size: int = 256
     start_iter: int = 10
     iteration: int = 0
     residuals: dict = field(default_factory=dict)  # key -> (input residual, chunk residual)
     stats: CompressionStats = field(default_factory=CompressionStats)
+    # Keys reduced compressed since the last step(), and loaded keys spared by the next one.
+    _used_keys: set = field(default_factory=set, init=False, repr=False)
+    _spared_keys: set = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
@@ -95,41 +101,75 @@ class CompressionState:
         return self.iteration >= self.start_iter
 
     def step(self) -> None:
+        """Ends an iteration. A residual whose key this iteration did not reduce belongs
+        to a tensor that is gone (DDP's initial one-bucket layout, after DDP rebuilt its
+        buckets): kept, it would be memory and checkpoint bytes forever, and a restart
+        would add one more. Loaded residuals are spared once: after a restart DDP's
+        first iteration runs the initial layout again, and the saved buckets return in
+        the second."""
+        self.residuals = {key: value for key, value in self.residuals.items()
+                          if key in self._used_keys or key in self._spared_keys}
+        self._used_keys, self._spared_keys = set(), set()
         self.iteration += 1
 
     def state_dict(self) -> dict:
         return {"block_size": self.block_size, "start_iter": self.start_iter,
-                "iteration": self.iteration,
+                "iteration": self.iteration, "world_size": self._world_size(),
                 "residuals": {key: (first.cpu(), second.cpu())
                               for key, (first, second) in self.residuals.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restores a ``state_dict()``; the residuals go to ``device`` (by default they
+        stay on the CPU and move to each tensor's device on its first reduction)."""
         if state["block_size"] != self.block_size:
             raise ValueError(f"CompressionState.load_state_dict: block_size {state['block_size']} "
                              f"in the checkpoint, {self.block_size} here")
         self.start_iter, self.iteration = state["start_iter"], state["iteration"]
-        self.residuals = {key: (first.to(device), second.to(device))
-                          for key, (first, second) in state["residuals"].items()}
+        saved_world, world = state.get("world_size"), self._world_size()
+        if state["residuals"] and None not in (saved_world, world) and saved_world != world:
+            # Each residual belongs to one rank's share of a world-size split: at another
+            # world size it is another rank's error, on other positions.
+            warnings.warn(f"CompressionState.load_state_dict: the residuals were saved at world "
+                          f"size {saved_world}, this run has {world}: starting them afresh",
+                          stacklevel=2)
+            self.residuals = {}
+        else:
+            self.residuals = {key: (first.to(device), second.to(device))
+                              for key, (first, second) in state["residuals"].items()}
+        self._used_keys, self._spared_keys = set(), set(self.residuals)
+
+    def _world_size(self) -> int | None:
+        return dist.get_world_size(self.process_group) if dist.is_initialized() else None
 
 
-def _check_same_numel(numel: int, group, device) -> None:
-    """A tensor of another size on some rank would make the all-to-all below hang or
-    corrupt memory: compare sizes first (one tiny collective) and say which rank."""
-    mine = torch.tensor([numel], dtype=torch.int64, device=device)
-    sizes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, mine, group=group)
-    numels = [int(s.item()) for s in sizes]
+def _check_ranks_agree(numel: int, state: CompressionState, group, device) -> None:
+    """A tensor of another size on some rank, or a rank that compresses while another
+    does not (its iteration restored from another step's checkpoint), would make the
+    collectives below hang or corrupt memory: compare first (one tiny collective)
+    and say which rank."""
+    mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter],
+                        dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    _collective(dist.all_gather, gathered, mine, group=group)
+    numels, compressing, iterations, start_iters = zip(*torch.stack(gathered).tolist())
     if any(n != numel for n in numels):
         raise ValueError(f"compressed_all_reduce: tensor must have the same number of elements "
-                         f"on every rank, got {numels} (rank order)")
+                         f"on every rank, got {list(numels)} (rank order)")
+    if len(set(compressing)) > 1:
+        raise ValueError(f"compressed_all_reduce: the ranks disagree on compressing: "
+                         f"state.iteration {list(iterations)}, state.start_iter "
+                         f"{list(start_iters)} (rank order); restore every rank's state from "
+                         f"the same step")
 
 
-def _residual(state: CompressionState, key, numel: int, device) -> torch.Tensor:
+def _residual(state: CompressionState, key, numel: int, chunk: int, device) -> tuple:
     residual = state.residuals.get(key)
-    if residual is None or residual[0].numel() != numel or residual[0].device != device:
-        # A new or resized tensor (DDP rebuilds its buckets once): start clean.
-        residual = (torch.zeros(numel, device=device), None)
-    return residual
+    if residual is None or residual[0].numel() != numel or residual[1].numel() != chunk:
+        # A new or resized tensor (DDP rebuilds its buckets once), or another world size
+        # (the same numel splits into other chunks): start clean.
+        return torch.zeros(numel, device=device), torch.zeros(chunk, device=device)
+    # Loaded onto the CPU, used on the GPU: the residuals follow the tensor.
+    return residual[0].to(device), residual[1].to(device)
 
 
 def check_group(name: str, group) -> None:
@@ -156,10 +196,19 @@ def compressed_all_reduce(tensor: torch.Tensor, state: CompressionState, group=N
     if not dist.is_initialized():
         raise RuntimeError("compressed_all_reduce: torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
+    if tensor.requires_grad:
+        raise TypeError("compressed_all_reduce: tensor must not require grad (it is reduced in "
+                        "place): pass a gradient, e.g. param.grad, not the parameter")
     check_group("compressed_all_reduce: group", group)
     group = group if group is not None else state.process_group
+    return _compressed_all_reduce(tensor, state, group, average, key)
+
+
+def _collective(fn, *args, **kwargs):
+    """Runs one torch.distributed collective; a failure is said in this function's terms.
+    Only the collectives: a local error (out of memory, a bad input) keeps its own message."""
     try:
-        return _compressed_all_reduce(tensor, state, group, average, key)
+        return fn(*args, **kwargs)
     except (RuntimeError, dist.DistError) as error:
         # gloo/NCCL say "connection closed" or "timed out"; say what it means here.
         raise RuntimeError(f"compressed_all_reduce: a collective failed (a rank may have died, "
@@ -168,12 +217,14 @@ def compressed_all_reduce(tensor: torch.Tensor, state: CompressionState, group=N
 
 def _compressed_all_reduce(tensor, state, group, average, key):
     world = dist.get_world_size(group)
-    _check_same_numel(tensor.numel(), group, tensor.device)
+    _check_ranks_agree(tensor.numel(), state, group, tensor.device)
+    if tensor.numel() == 0:  # every rank agrees there is nothing to send
+        return tensor
     state.stats.calls += 1
     state.stats.bytes_fp32 += 2 * (world - 1) * tensor.numel() * 4 // world
     if not state.compressing or world == 1:
         reduced = tensor.float()
-        dist.all_reduce(reduced, group=group)
+        _collective(dist.all_reduce, reduced, group=group)
         state.stats.bytes_sent += 2 * (world - 1) * tensor.numel() * 4 // world
         tensor.copy_(reduced / world if average else reduced)
         return tensor
@@ -182,29 +233,29 @@ def _compressed_all_reduce(tensor, state, group, average, key):
     chunk = math.ceil(tensor.numel() / (world * block)) * block  # whole blocks per rank
     flat_N = torch.zeros(world * chunk, device=tensor.device, dtype=torch.float32)
     flat_N[:tensor.numel()] = tensor.flatten()
-    input_residual_N, chunk_residual_C = _residual(state, key, flat_N.numel(), tensor.device)
+    input_residual_N, chunk_residual_C = _residual(state, key, flat_N.numel(), chunk, tensor.device)
 
     # 1. Reduce-scatter as all-to-all of quantized chunks; dequantize + sum in fp32.
     q_N, scales_B, input_residual_N = ops.quantize_int8(flat_N, block, input_residual_N)
     state.stats._add_norms(input_residual_N, flat_N)
     q_recv_WC = torch.empty(world, chunk, dtype=torch.int8, device=tensor.device)
     scales_recv_WB = torch.empty(world, chunk // block, device=tensor.device)
-    dist.all_to_all_single(q_recv_WC, q_N.view(world, chunk), group=group)
-    dist.all_to_all_single(scales_recv_WB, scales_B.view(world, chunk // block), group=group)
+    _collective(dist.all_to_all_single, q_recv_WC, q_N.view(world, chunk), group=group)
+    _collective(dist.all_to_all_single, scales_recv_WB, scales_B.view(world, chunk // block),
+                group=group)
     sum_C = ops.dequantize_int8(q_recv_WC, scales_recv_WB, block)
     if average:
         sum_C /= world
 
     # 2. Requantize the summed chunk (its own error feedback) and all-gather.
-    if chunk_residual_C is None:
-        chunk_residual_C = torch.zeros(chunk, device=tensor.device)
     q_C, scales_b, chunk_residual_C = ops.quantize_int8(sum_C, block, chunk_residual_C)
     state.stats._add_norms(chunk_residual_C, sum_C)
     q_all = [torch.empty_like(q_C) for _ in range(world)]
     scales_all = [torch.empty_like(scales_b) for _ in range(world)]
-    dist.all_gather(q_all, q_C, group=group)
-    dist.all_gather(scales_all, scales_b, group=group)
+    _collective(dist.all_gather, q_all, q_C, group=group)
+    _collective(dist.all_gather, scales_all, scales_b, group=group)
     state.residuals[key] = (input_residual_N, chunk_residual_C)
+    state._used_keys.add(key)
 
     sent_per_collective = (world - 1) * (chunk + (chunk // block) * 4)
     state.stats.bytes_sent += 2 * sent_per_collective

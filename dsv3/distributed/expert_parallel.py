@@ -11,9 +11,14 @@ expert gradients are bit-for-bit those of the single-process layer. Dropless.
 
 The counts must be known on the host to size the exchange: one device sync per
 layer call, inherent to variable-split all-to-all.
+
+Under DDP the expert weights are not DDP's to average (each rank holds others):
+``ddp_ignore_expert_parameters`` takes them out of DDP and averages their gradients
+itself, over the replicas of each shard too.
 """
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv3 import ops
 from dsv3.ops.permute import unpermute_from_expert_index
@@ -58,13 +63,18 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
     """y_TD = sum_k weights_TK[t, k] * expert_{experts_TK[t, k]}(x_TD[t]) with the
     experts spread over ``group``; differentiable w.r.t. x_TD, weights_TK and the
     local expert weights (the all-to-alls carry the gradients back). ``swiglu_limit``
-    clamps the experts' SwiGLU (ops.swiglu's ``limit``)."""
+    clamps the experts' SwiGLU (ops.swiglu's ``limit``). T may be 0 (an uneven last
+    batch): the rank still serves the others' tokens in both exchanges."""
     world = dist.get_world_size(group)
     n_local = n_experts // world
-    x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, n_experts)
+    empty = x_TD.shape[0] == 0
+    if empty:  # the ops want at least one token; there is nothing to group
+        x_SD, counts_E = x_TD, torch.zeros(n_experts, dtype=torch.int64, device=x_TD.device)
+    else:
+        x_SD, offsets_E, row_map_TK = ops.permute(x_TD, experts_TK, n_experts)
+        counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).to(torch.int64)
 
     # Counts: send_WE[j, e] copies go to rank j's local expert e; recv_WE[i, e] come from rank i.
-    counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1)).to(torch.int64)
     send_WE = counts_E.view(world, n_local)
     recv_WE = torch.empty_like(send_WE)
     dist.all_to_all_single(recv_WE, send_WE, group=group)
@@ -75,8 +85,7 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
     if recv_RD.shape[0] == 0:  # no copies for this rank's experts in this batch
         # Still a node of the graph through the local weights, so they get (zero)
         # gradients like on every other rank and DDP sees every parameter used.
-        dead = (gate_up_local_E2FD.sum() + down_local_EDF.sum()) * 0
-        y_RD = recv_RD + dead.to(recv_RD.dtype)
+        y_RD = recv_RD + _dead(gate_up_local_E2FD, down_local_EDF).to(recv_RD.dtype)
     else:
         # Regroup by local expert; within an expert: source rank, then token.
         local_expert_R = torch.arange(n_local, device=x_TD.device).repeat(world).repeat_interleave(
@@ -88,21 +97,99 @@ def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK
                                     offsets_local_E)
         y_RD = unpermute_from_expert_index(y_local_RD, row_map_R1)
     y_SD = all_to_all_rows(y_RD, send_splits, recv_splits, group)
+    if empty:
+        # [0, D], through the exchange back (its backward carries the other ranks'
+        # gradients to the local experts) and the routing weights (the router's).
+        return y_SD + _dead(weights_TK).to(y_SD.dtype)
     return unpermute_from_expert_index(y_SD, row_map_TK, weights_TK)
+
+
+def _dead(*tensors: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on ``tensors``: it puts them in the graph at no cost."""
+    return sum(t.sum() for t in tensors) * 0
 
 
 def ddp_ignore_expert_parameters(model: torch.nn.Module) -> list[str]:
     """Tell DistributedDataParallel not to all-reduce the expert weights of the
-    expert-parallel MoE layers in ``model``: each rank holds different experts, so
-    averaging them across data-parallel ranks would mix experts. Call before
-    wrapping ``model`` in DDP; returns the ignored names. (The replicated router
-    and shared experts are still reduced as usual.)"""
+    expert-parallel MoE layers in ``model``, and reduce them here instead. Call it on
+    every rank (it may create process groups), before wrapping ``model`` in DDP over
+    the default (world) group; returns the ignored names (added to any already
+    ignored). The replicated router and shared experts are reduced by DDP as usual.
+
+    DDP cannot average the expert weights: each rank of an ``ep_group`` holds other
+    experts. Their gradients are already summed over the ep_group's tokens (the
+    backward all-to-all brings every rank's), so a hook on each expert weight sums
+    them over the replicas of its shard (the ranks of the other ep_groups holding
+    the same experts, when the ep_groups are smaller than the world) and divides by
+    the world size: the gradients are those of the same model without expert
+    parallelism under DDP, the mean over all ranks' batches. The hook acts on each
+    incoming gradient, before it is accumulated into ``.grad``, so gradient
+    accumulation stays right; the replica sum is then one collective per expert
+    weight per backward, under ``model.no_sync()`` too. Calling this again replaces
+    the hooks (no double scaling)."""
     from torch.nn.parallel import DistributedDataParallel
     from dsv3.moe import MoE
 
-    names = [f"{module_name}.{param_name}" if module_name else param_name
-             for module_name, module in model.named_modules()
-             if isinstance(module, MoE) and module.ep_group is not None
-             for param_name in ("gate_up_proj", "down_proj")]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, MoE) and module.ep_group is not None]
+    replica_groups = {}  # per ep_group, made in the same order on every rank
+    names = []
+    for module_name, module in layers:
+        if module.ep_group not in replica_groups:
+            replica_groups[module.ep_group] = _replica_group(module.ep_group)
+        for param_name in ("gate_up_proj", "down_proj"):
+            names.append(f"{module_name}.{param_name}" if module_name else param_name)
+            _hook_expert_grad(getattr(module, param_name), replica_groups[module.ep_group])
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    ignored += [name for name in names if name not in ignored]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return names
+
+
+# Expert weight -> its gradient hook's handle: a second registration replaces the first.
+# Kept here, not on the parameter, so copies and pickles of the model carry no handle.
+_expert_grad_hooks = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
+
+
+def _hook_expert_grad(param: torch.Tensor, replica_group) -> None:
+    world = dist.get_world_size()
+
+    def average(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad / world  # a new tensor: a hook must not change its argument
+        if replica_group is not None:
+            # In the backward's order of the expert weights: the same on every replica,
+            # which runs the same model (an idle shard's weights enter the graph where
+            # a busy one's do, see expert_parallel_ffn).
+            dist.all_reduce(grad, group=replica_group)
+        return grad
+
+    if param in _expert_grad_hooks:
+        _expert_grad_hooks[param].remove()
+    _expert_grad_hooks[param] = param.register_hook(average)
+
+
+def _replica_group(ep_group):
+    """The ranks that hold the same expert shard as this one (the same rank within
+    their own ep_group), or None when the ep_group is the whole world (no replicas).
+    Every rank makes every replica group, in the same order, as
+    torch.distributed.new_group requires."""
+    world, ep_world = dist.get_world_size(), dist.get_world_size(ep_group)
+    layout = [None] * world  # (rank in its ep_group, that group's size) per rank
+    dist.all_gather_object(layout, (dist.get_rank(ep_group), ep_world))
+    if any(size != ep_world for _, size in layout) or world % ep_world:
+        raise ValueError(f"ddp_ignore_expert_parameters: the ep_groups must all have one size "
+                         f"that divides the world size {world}, got sizes "
+                         f"{[size for _, size in layout]} (rank order)")
+    if ep_world == world:
+        return None
+    mine = None
+    for shard in range(ep_world):
+        members = [rank for rank, (ep_rank, _) in enumerate(layout) if ep_rank == shard]
+        if len(members) != world // ep_world:  # overlapping ep_groups
+            raise ValueError(f"ddp_ignore_expert_parameters: the ep_groups must partition the "
+                             f"world: rank {shard} of an ep_group is held by ranks {members}, "
+                             f"expected {world // ep_world} of them")
+        group = dist.new_group(members)
+        if shard == dist.get_rank(ep_group):
+            mine = group
+    return mine
