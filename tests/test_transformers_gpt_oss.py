@@ -387,3 +387,20 @@ def test_compiles_without_graph_breaks(route):
         return (torch.randn(1, n_tokens, DIM, requires_grad=True),)
 
     _compare_compiled(lambda x: block(x)[0], make_inputs, lambda inputs: [inputs[0], *params])
+
+
+@pytest.mark.parametrize("route", ["experts_implementation", "patch_moe"])
+def test_compiled_block_follows_a_changed_alpha_and_limit(route):
+    """Only the class checks are constants of the graph: alpha and the limit are read
+    live, so changing them after compiling recompiles rather than being ignored."""
+    torch._dynamo.reset()
+    block = blocks(tiny_gpt_oss())[0]
+    if route == "patch_moe":
+        block = gpt_oss.GptOssMoE.from_module(block)
+    else:
+        block.experts.config._experts_implementation = "dsv3"
+    x = 4 * torch.randn(1, 9, DIM)
+    compiled = torch.compile(lambda h: block(h)[0], fullgraph=True)
+    compiled(x)
+    block.experts.alpha, block.experts.limit = 0.9, 0.3
+    assert_close(compiled(x), block(x)[0], "compiled output after alpha and limit changed")

@@ -39,14 +39,19 @@ CLAMPED_SWIGLU_EXPERTS = {
 }
 
 
+def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
+    return _clamped_class(type(experts))
+
+
 # Under torch.compile this class check runs once, at trace time, and its result is a
 # constant of the graph: dynamo does not trace a function's __qualname__ faithfully (it
 # compared unequal, so compiled models refused GLM-5-Next's and DeepSeek-V4's experts).
 # Only the class check: the limit itself is read where it is used, so that dynamo
-# guards on it and a changed limit recompiles instead of being ignored.
+# guards on it and a changed limit recompiles instead of being ignored. It takes the
+# class, not the module: torch 2.11's dynamo cannot pass a module to such a function
+# ("UnspecializedNNModuleVariable is not a constant").
 @torch.compiler.assume_constant_result
-def _clamped(experts: nn.Module) -> tuple[str, bool] | None:
-    cls = type(experts)
+def _clamped_class(cls: type) -> tuple[str, bool] | None:
     known = CLAMPED_SWIGLU_EXPERTS.get((cls.__module__, cls.__name__))
     gate = cls._apply_gate
     if known is None or (gate.__module__, gate.__qualname__) != (cls.__module__,

@@ -40,7 +40,16 @@ BLOCK, ROUTER, EXPERTS = "GptOssMLP", "GptOssTopKRouter", "GptOssExperts"
 def _is(module: nn.Module, name: str) -> bool:
     """Exact class match (module and name), never isinstance: a subclass may compute
     something else."""
-    cls = type(module)
+    return _class_is(type(module), name)
+
+
+# Under torch.compile the class checks run once, at trace time (constants of the graph):
+# dynamo does not trace a function's __qualname__ faithfully. They take classes, not
+# modules: torch 2.11's dynamo cannot pass a module to such a function. What can change
+# on an instance (a method set on it, alpha, the limit) is read where it is used, so
+# dynamo guards on it and a change recompiles.
+@torch.compiler.assume_constant_result
+def _class_is(cls: type, name: str) -> bool:
     return cls.__module__ == MODULE and cls.__name__ == name
 
 
@@ -53,7 +62,11 @@ def _own(module: nn.Module, method: str) -> bool:
     written (not replaced on the instance or the class since)."""
     if method in module.__dict__:  # set on the instance
         return False
-    cls = type(module)
+    return _class_owns(type(module), method)
+
+
+@torch.compiler.assume_constant_result
+def _class_owns(cls: type, method: str) -> bool:
     func = getattr(cls, method, None)
     return (getattr(func, "__module__", None) == MODULE
             and getattr(func, "__qualname__", None) == f"{cls.__name__}.{method}")
@@ -63,9 +76,6 @@ def is_gpt_oss_experts(experts: nn.Module) -> bool:
     return _is(experts, EXPERTS)
 
 
-# Under torch.compile these checks run once, at trace time (a constant of the graph):
-# dynamo does not trace a function's __qualname__ faithfully.
-@torch.compiler.assume_constant_result
 def experts_unsupported_reason(experts: nn.Module) -> str | None:
     """Why ``experts`` (a GptOssExperts) cannot run on dsv3's ops, or None if it can."""
     if not is_gpt_oss_experts(experts) or not _own(experts, "_apply_gate"):
@@ -83,7 +93,6 @@ def experts_unsupported_reason(experts: nn.Module) -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result
 def unsupported_reason(block: nn.Module) -> str | None:
     """Why ``block`` (a GptOssMLP) cannot run on dsv3's ops, or None if it can."""
     router, experts = getattr(block, "router", None), getattr(block, "experts", None)
