@@ -5,6 +5,7 @@ own copy of these checks, with small differences in what they let through."""
 import argparse
 import functools
 import math
+import os
 
 
 class WrongType(TypeError, ValueError):
@@ -57,3 +58,20 @@ def option(parse):
         except (TypeError, ValueError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse_option
+
+
+def output_path(label: str, path, directory: bool = False) -> None:
+    """Fail now, not after the work ran, when ``path`` cannot be written: a file where
+    a directory is wanted (or the other way round), a file on the way to it, or a
+    directory this user may not write to."""
+    path = os.path.abspath(path)
+    kind = "directory" if directory else "file"
+    if os.path.exists(path) and os.path.isdir(path) != directory:
+        raise ValueError(f"{label}: {path} exists and is not a {kind}; a {kind} path is expected")
+    target = path if directory and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(target):  # the nearest part that exists is where it is created
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        raise ValueError(f"{label}: cannot create {path}: {target} is a file, not a directory")
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{label}: cannot write {path}: {target} is not writable")

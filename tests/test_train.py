@@ -342,3 +342,48 @@ def check_resume_conflicts(out_dir, override):
     config = three_stage_config(out_dir)
     changed = apply_overrides(config.to_dict(), [override])
     return resume_conflicts(saved_run(out_dir), changed)
+
+
+def test_a_resume_says_where_it_starts_and_what_changed(tmp_path, capsys):
+    """Before: a run resumed with another learning rate said nothing of it."""
+    trainer = Trainer(three_stage_config(tmp_path / "out"), synthetic_data())
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()
+    assert main(_command_run(tmp_path) + ["--set", "optim.lr=0.001"]) == 0
+    err = capsys.readouterr().err
+    assert "holds this run's checkpoint at step 3: resuming there, to step 20" in err
+    assert "settings changed since it was saved (from here on): " in err
+    assert "optim.lr: 0.003 -> 0.001" in err
+
+
+def test_a_finished_run_started_again_trains_and_rewrites_nothing(tmp_path, capsys):
+    """Before: `dsv3 train ... --set optim.lr=1e-3` after a finished run exited 0 having
+    trained nothing, and rewrote the checkpoint's config to lr 1e-3 (as if trained so)."""
+    command = _command_run(tmp_path)
+    assert main(command) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    saved = {p: p.read_bytes() for p in [out / "checkpoint" / "state.pt",
+                                         out / "final" / "model.pt"]}
+    assert main(command + ["--set", "optim.lr=0.001"]) == 0
+    err = capsys.readouterr().err
+    assert "at step 20, all of its 20 steps: nothing to train" in err
+    assert "(not applied): optim.lr: 0.003 -> 0.001" in err
+    assert all(path.read_bytes() == data for path, data in saved.items())
+
+
+def test_starting_over_removes_the_old_models_evaluation(tmp_path, capsys):
+    """Before: --no-resume kept OUT/eval, so the new run's report showed the old model's
+    scores and the cloze schedule started at the old model's level."""
+    command = _command_run(tmp_path)
+    (tmp_path / "out" / "eval").mkdir(parents=True)
+    (tmp_path / "out" / "eval" / "eval.json").write_text("{}")
+    assert main(command + ["--no-resume"]) == 0
+    assert not (tmp_path / "out" / "eval").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    assert main(["train", "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+    assert "out_dir: " in capsys.readouterr().err

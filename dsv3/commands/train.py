@@ -13,7 +13,8 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from dsv3.devices import check_device
-    from dsv3.train.checkpoint import check_resume
+    from dsv3.train.checkpoint import check_resume, resume_changes, saved_run
+    from dsv3.validate import output_path
     from dsv3.train.config import load_config
     from dsv3.train.data import TrainData
     from dsv3.train.trainer import Trainer
@@ -22,9 +23,16 @@ def _train(args: argparse.Namespace) -> int:
     paths = {"out_dir": args.out, "data_dir": args.data}
     config = load_config(args.config, args.set or [], {k: v for k, v in paths.items() if v})
     check_device(args.device)
+    output_path("out_dir", config.out_dir, directory=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
     if not args.no_resume:
         check_resume(config.out_dir, config.to_dict(), world)
+        saved = saved_run(config.out_dir)
+        if saved is not None and rank == 0:
+            _say_resuming(config, saved, resume_changes(saved, config.to_dict()))
+        if saved is not None and saved["step"] >= config.steps:
+            return 0  # a finished run: nothing to train, nothing rewritten
     distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -44,6 +52,24 @@ def _train(args: argparse.Namespace) -> int:
                               [r for r in history if r["stage"] == last][-1:], config),
                           "report": os.path.join(config.out_dir, "report.html")}, indent=2))
     return 0
+
+
+def _say_resuming(config, saved: dict, changes: list[str]) -> None:
+    """What a resume does, on stderr: a run started again with other settings would
+    otherwise continue (or, finished, do nothing) without a word."""
+    import sys
+
+    where = f"dsv3 train: {config.out_dir} holds this run's checkpoint at step {saved['step']}"
+    if saved["step"] >= config.steps:
+        print(f"{where}, all of its {config.steps} steps: nothing to train (raise steps to "
+              f"train on, or pass --no-resume to start over)", file=sys.stderr)
+    else:
+        print(f"{where}: resuming there, to step {config.steps} (--no-resume starts over)",
+              file=sys.stderr)
+    if changes:
+        verb = "not applied" if saved["step"] >= config.steps else "from here on"
+        print(f"dsv3 train: settings changed since it was saved ({verb}): "
+              + "; ".join(changes), file=sys.stderr)
 
 
 def _logged_loss(records: list[dict], config) -> dict | None:

@@ -71,11 +71,13 @@ def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
 
 
 def remove_run(out_dir: Path) -> None:
-    """Deletes the checkpoint and the exported model, for a run that starts over:
-    left until the new run's first save, an interrupted new run would resume the old
-    one (and export the old model as its own)."""
-    shutil.rmtree(checkpoint_path(out_dir).parent, ignore_errors=True)
-    shutil.rmtree(Path(out_dir) / "final", ignore_errors=True)
+    """Deletes the checkpoint, the exported model and the evaluation of the old model
+    (``OUT_DIR/eval``, where ``make demo`` writes it), for a run that starts over: left
+    until the new run's first save, an interrupted new run would resume the old one
+    (and export the old model as its own), and the new run's report would show the old
+    model's scores (and its cloze difficulty schedule would start at the old level)."""
+    for name in ("checkpoint", "final", "eval"):
+        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
 
 
 def _world_mismatch(out_dir: Path, saved: int | None, world: int) -> str:
@@ -121,10 +123,19 @@ def saved_run(out_dir: Path) -> dict | None:
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if "world" not in state:  # written before rank files (one process)
         loader = state["loader"]
-        return {"config": state["config"], "world": None,
+        return {"config": state["config"], "world": None, "step": state["step"],
                 "loader_stage": loader["stage"] if loader is not None else None}
-    return {"config": state["config"], "world": state["world"],
+    return {"config": state["config"], "world": state["world"], "step": state["step"],
             "loader_stage": state["loader_stage"]}
+
+
+def resume_changes(saved: dict, config: dict) -> list[str]:
+    """``"setting: saved -> now"`` for every setting that differs from the saved run's
+    (a resume takes the new values from its step on: a learning rate may change mid-run;
+    those that would break the data stream are refused by check_resume first)."""
+    old, new = _flatten(saved["config"]), _flatten(config)
+    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 
 
 def resume_conflicts(saved: dict, config: dict) -> list[str]:
@@ -140,6 +151,15 @@ def resume_conflicts(saved: dict, config: dict) -> list[str]:
     names += [f"stages.{i}.seq_len" for i in range(stopped_in + 1)]
     return [f"{name}: {_lookup(old, name)!r} -> {_lookup(new, name)!r}" for name in names
             if _lookup(old, name) != _lookup(new, name)]
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    """A nested config as {"optim.lr": 0.003, "stages.0.seq_len": 64, ...}."""
+    if isinstance(node, (dict, list)):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        return {name: value for key, child in items
+                for name, value in _flatten(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
 
 
 def _lookup(config: dict, name: str):

@@ -365,17 +365,20 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.loop_seconds = time.perf_counter() - loop_start  # steps, logging, data: no saving
-        self.save()
+        # A finished run started again trains nothing: its checkpoint (and the config it
+        # was trained with) and its exported model stand.
+        trained = self.step > first_step
+        if trained or state is None:
+            self.save()
         self.logger.close()
-        if self.rank == 0:
+        if self.rank == 0 and (trained or not (self.out_dir / "final" / "model.pt").is_file()):
             final = ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
             if self.data.tokenizer_path is not None:
                 ckpt.export_heldout(final / "heldout.jsonl", self.data.val,
                                     self.data.tokenizer_path, self.data.train.eos_id)
-        # A finished run started again trains nothing: its report stands (it may hold
-        # an evaluation `dsv3 report` added), unless it never got one.
-        if self.rank == 0 and (self.step > first_step
-                               or not (self.out_dir / "summary.json").is_file()):
+        # Its report stands too (it may hold an evaluation `dsv3 report` added), unless
+        # it never got one.
+        if self.rank == 0 and (trained or not (self.out_dir / "summary.json").is_file()):
             losses = [r["loss"] for r in self.logger.history if "loss" in r]
             write_report(self.out_dir, self.load_counts, summary={
                 "steps": self.step, "stages": ", ".join(s.name for s in c.stages),
