@@ -208,3 +208,48 @@ def test_prepare_option_errors_name_the_option(tmp_path, capsys):
         err = capsys.readouterr().err
         assert ": error: " + message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()  # checked before any work
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"output": {"dri": "x"}}, "output: unknown option(s) ['dri']"),
+    ({"sources": {"kind": "jsonl"}}, "sources: expected a list of tables ([[sources]])"),
+    ({"sources": [{"kind": "jsonl"}]}, "sources[0]: 'paths' is required for kind 'jsonl'"),
+    ({"sources": [{"kind": "jsonl", "path": "x"}]}, "sources[0]: unknown option(s) ['path']"),
+    ({"review": {"per_stratum": 0}}, "review.per_stratum must be >= 1, got 0"),
+    ({"tokenizer": {"min_frequency": -1}}, "tokenizer.min_frequency must be >= 0, got -1"),
+    ({"tokenizer": {"vocab_size": 8192.0}}, "tokenizer.vocab_size must be a whole number"),
+    ({"mixture": {"seed": -1}}, "mixture.seed must be >= 0, got -1"),
+    ({"mixture": {"max_chunk_tokens": 0}}, "mixture.max_chunk_tokens must be >= 1, got 0"),
+    ({"mixture": {"weights": {"web": "lots"}}}, "mixture.weights['web']: expected a number"),
+])
+def test_config_sections_are_checked_before_any_work(config, message):
+    """Each of these used to pass validate_config and fail (or not) at the end of a run."""
+    from dsv3.data.config import validate_config
+    with pytest.raises(ValueError) as error:
+        validate_config(config)
+    assert message in str(error.value)
+
+
+def test_errors_name_the_subcommand(tmp_path, capsys):
+    for args, prefix in [(["prepare", "--config", str(tmp_path / "none.toml")],
+                          "dsv3 data prepare: error: --config: no such file"),
+                         (["train-quality", "--data", str(tmp_path / "none.jsonl"), "--out",
+                           str(tmp_path / "q")], "dsv3 data train-quality: error: --data: "),
+                         (["review", "--sample", str(tmp_path / "none.jsonl")],
+                          "dsv3 data review: error: --sample: ")]:
+        assert main(["data", *args]) == 2
+        assert capsys.readouterr().err.startswith(prefix)
+
+
+def test_every_data_option_says_what_it_is_for():
+    import argparse
+
+    from dsv3.cli import build_parser
+
+    def subcommands(parser):
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices
+
+    for name, parser in subcommands(subcommands(build_parser())["data"]).items():
+        silent = [a.option_strings[0] for a in parser._actions if not a.help]
+        assert not silent, (name, silent)

@@ -1,10 +1,12 @@
 """Embedded corpus and local-file readers, including malformed-record handling."""
 import json
+import os
+import re
 
 import pytest
 
 from dsv3.data.corpus import DOMAINS, embedded_corpus, embedded_corpus_dataset
-from dsv3.data.readers import MalformedRecordError, ReaderStats, read_documents
+from dsv3.data.readers import MalformedRecordError, ReaderStats, expand_paths, read_documents
 
 
 def test_embedded_corpus_is_real_deterministic_and_split_in_domains():
@@ -141,3 +143,37 @@ def test_hf_dataset_reader_through_load_dataset(tmp_path):
     assert [(d.id, d.text, d.domain) for d in docs] == [("parquet[train]:1", "one", "web"),
                                                          ("parquet[train]:2", "two", "web")]
     assert stats.to_dict()["skipped"] == 1
+
+
+def test_bad_utf8_byte_names_its_own_line_and_skipping_loses_only_that_line(tmp_path):
+    """The file used to be decoded 8 KiB ahead: the error named an earlier line, and
+    --skip-malformed then ended the file there (992 of 2000 good lines kept, 1 counted)."""
+    f = tmp_path / "data.jsonl"
+    good = [json.dumps({"text": f"good document number {i} " * 8}).encode() for i in range(2000)]
+    f.write_bytes(b"\n".join(good[:1000] + [b'{"text": "bad \xff byte"}'] + good[1000:]) + b"\n")
+    with pytest.raises(MalformedRecordError, match=r"data\.jsonl, line 1001: not UTF-8"):
+        list(read_documents(str(f)))
+    stats = ReaderStats()
+    docs = list(read_documents(str(f), on_error="skip", stats=stats))
+    assert len(docs) == 2000 and docs[1000].text.startswith("good document number 1000 ")
+    assert docs[-1].id == f"{f}:2001"
+    assert stats.to_dict()["skipped_examples"] == [f"{f}:1001: not UTF-8 (invalid start byte)"]
+
+
+def test_jsonl_lines_end_at_cr_and_crlf_as_in_text_mode(tmp_path):
+    """Read as bytes, lines still end where universal newlines end them, so line numbers
+    (and ids) are what the text-mode reader gave."""
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b'{"text": "one"}\r\n{"text": "two"}\r{"text": "three"}\n\n{"text": "four"}')
+    assert [d.id for d in read_documents(str(f))] == [f"{f}:{n}" for n in (1, 2, 3, 5)]
+
+
+def test_missing_source_error_names_the_setting_and_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"sources[3].paths: nothing matches 'in/*.jsonl' (looked for "
+            f"'{os.getcwd()}/in/*.jsonl': a relative path is taken from the working directory)")):
+        expand_paths(["in/*.jsonl"], "sources[3].paths")
+    with pytest.raises(ValueError, match=r"sources\[0\]\.paths: expected a glob pattern or a "
+                       r"non-empty list of them, got \[\]"):
+        expand_paths([], "sources[0].paths")

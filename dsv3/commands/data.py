@@ -9,7 +9,8 @@ from dsv3.validate import whole_number
 
 # Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
 # prints them as one "error:" line and exits with status 2, as argparse does. They are
-# checked before any work starts, so a typo costs nothing and leaves no half-made output.
+# checked before any work starts, so a typo costs nothing and leaves no half-made output
+# (prepare also stages its outputs: a run that fails later leaves --out as it was).
 
 
 def _input_file(option: str, path: str) -> None:
@@ -95,12 +96,13 @@ def register(groups: argparse._SubParsersAction) -> None:
     commands = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     p = commands.add_parser("prepare", help="run the pipeline from a TOML config")
     p.add_argument("--config", required=True, help="TOML file (see dsv3/data/config.py) or a "
-                   "shipped config's name: demo, deepseek_v3_recipe")
+                   "shipped config's name: demo, deepseek_v3_recipe. Relative paths in it are "
+                   "taken from the working directory, not from the file's directory")
     p.add_argument("--out", help="output directory (overrides [output] dir). A re-run into "
                    "the same directory replaces the earlier run: once it succeeds, the "
                    "kept/, tokens/ and dropped/ files that the earlier run's stats.json "
                    "lists and this run did not write are removed; no other file, and no "
-                   "source, is touched")
+                   "source, is touched. A run that fails leaves the directory as it was")
     p.add_argument("--skip-malformed", action="store_true",
                    help="skip and count malformed input records instead of stopping")
     p.add_argument("--no-progress", action="store_true",
@@ -115,15 +117,19 @@ def register(groups: argparse._SubParsersAction) -> None:
                             "and report precision/recall on a held-out split")
     q.add_argument("--data", required=True, help="jsonl with a text and a 0/1 label per line")
     q.add_argument("--out", required=True, help="directory for the model and metrics.json")
-    q.add_argument("--backend", default="hashed", choices=["hashed", "hf"])
+    q.add_argument("--backend", default="hashed", choices=["hashed", "hf"],
+                   help="featurizer: hashed word and character n-grams (built in, no "
+                   "download) or a frozen local HF encoder (needs --encoder)")
     q.add_argument("--encoder", help="local HF encoder directory (backend hf)")
-    q.add_argument("--text-field", default="text")
-    q.add_argument("--label-field", default="label")
+    q.add_argument("--text-field", default="text", help="the field holding the text")
+    q.add_argument("--label-field", default="label",
+                   help="the field holding the label: 1 or true = good, 0 or false = bad")
     q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction, in (0, 1)")
     q.add_argument("--threshold", type=float, default=0.5,
                    help="keep when P(good) >= this, in [0, 1]")
     q.add_argument("--epochs", type=int, default=20, help="full-batch training passes, >= 1")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0,
+                   help="seeds the held-out split and the training")
     q.set_defaults(func=_train_quality)
 
     r = commands.add_parser("review", help="read spot-check verdicts, estimate each step's "
@@ -134,3 +140,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     r.add_argument("--labels-out", help="write judged documents as {text, label} jsonl "
                    "for train-quality")
     r.set_defaults(func=_review)
+
+    # dsv3.cli names the command in its "dsv3 COMMAND: error:" line by ``group``; a
+    # subcommand's defaults are applied after its group's, so the line names the
+    # subcommand too, as argparse's own usage errors do ("dsv3 data prepare: error:")
+    for name, sub in commands.choices.items():
+        sub.set_defaults(group=f"data {name}")

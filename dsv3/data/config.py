@@ -5,7 +5,8 @@ and so other entry points (the trainer, tests) can build the same steps from a d
 
     [output]            dir = "out/data"
     [[sources]]         kind = "embedded" | "jsonl" | "parquet" | "text" | "hf" (any
-                        datasets.load_dataset name), plus reader options
+                        datasets.load_dataset name), plus reader options; ``paths``
+                        (jsonl, parquet, text) is a glob pattern or a list of them
     [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
     [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
                         from ``dsv3 data train-quality``, and takes ``threshold``);
@@ -16,6 +17,16 @@ and so other entry points (the trainer, tests) can build the same steps from a d
     [tokenizer]         vocab_size, min_frequency
     [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
     [scale]             backend = "serial" | "datasets" | "spark", num_proc, spill_dir
+
+Relative paths (source ``paths``, ``[output] dir``, a lexicon TSV, a quality model) are
+taken from the working directory, not from the config file's directory, as in the
+trainer's config: the shipped configs, named rather than copied (``--config demo``),
+pair ``[output] dir = "out/data"`` with the trainer's ``data_dir = "out/data"``. A
+pattern that matches nothing is reported with the absolute path it was looked for at.
+
+Sections are checked here and step options by :func:`build_steps`, both before
+``prepare`` reads a document: a typo in ``[tokenizer]`` or ``[mixture]`` used to surface
+only after the steps had run.
 """
 from __future__ import annotations
 
@@ -26,14 +37,26 @@ from typing import Any, Callable
 from dsv3.data.augment import Augmenter, Lexicon
 from dsv3.data.dedup import ExactDedup, MinHashDedup
 from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
+from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pii import PiiFilter
 from dsv3.data.quality import QualityFilter
 from dsv3.data.step import DroppedWriter, Step
+from dsv3.validate import whole_number
 
 DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf")
 SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture", "scale")
 SCALE_BACKENDS = ("serial", "datasets", "spark")
+# the options each kind of source takes besides ``kind`` (its reader's keywords)
+_READER_OPTIONS = ("paths", "text_field", "domain_field", "default_domain", "on_error")
+SOURCE_OPTIONS = {"embedded": ("domains", "max_docs_per_domain"),
+                  "hf": ("name", "config", "split", "data_files", "streaming", "text_field",
+                         "domain_field", "default_domain", "on_error"),
+                  "jsonl": _READER_OPTIONS, "parquet": _READER_OPTIONS, "text": _READER_OPTIONS}
+# the options of the plain sections ([steps] and [scale] have their own checks)
+SECTION_OPTIONS = {"output": ("dir",), "review": ("per_stratum", "seed"),
+                   "tokenizer": ("vocab_size", "min_frequency"),
+                   "mixture": ("weights", "total_tokens", "seed", "max_chunk_tokens")}
 
 
 def _heuristics(opts: dict, common: dict) -> Step:
@@ -123,10 +146,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)}, num_proc and "
                          f"optionally spill_dir, got {config['scale']}")
     config["scale"] = scale
-    for i, src in enumerate(config["sources"]):
-        if src.get("kind") not in SOURCE_KINDS:
-            raise ValueError(f"sources[{i}].kind must be one of {list(SOURCE_KINDS)}, "
-                             f"got {src.get('kind')!r}")
+    _check_sources(config["sources"])
     order = config["steps"].get("order", DEFAULT_ORDER)
     for name in order:
         if name not in STEP_BUILDERS:
@@ -134,7 +154,59 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     stray = sorted(set(config["steps"]) - {"order"} - set(order))
     if stray:
         raise ValueError(f"steps: options given for step(s) {stray} that are not in steps.order")
+    _check_sections(config)
+    config["output"] = {"dir": "out/data", **config["output"]}
     return config
+
+
+def _check_sources(sources: Any) -> None:
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise ValueError(f"sources: expected a list of tables ([[sources]]), got {sources!r}")
+    for i, src in enumerate(sources):
+        kind = src.get("kind")
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"sources[{i}].kind must be one of {list(SOURCE_KINDS)}, "
+                             f"got {kind!r}")
+        allowed = SOURCE_OPTIONS[kind]
+        unknown = sorted(set(src) - {"kind", *allowed})
+        if unknown:
+            raise ValueError(f"sources[{i}]: unknown option(s) {unknown} for kind {kind!r}; "
+                             f"known: {sorted(allowed)}")
+        required = {"hf": "name", "embedded": None}.get(kind, "paths")
+        if required and required not in src:
+            raise ValueError(f"sources[{i}]: {required!r} is required for kind {kind!r}")
+
+
+def _check_sections(config: dict[str, Any]) -> None:
+    """[output], [review], [tokenizer] and [mixture]: names and values, so that a typo
+    fails before any work (the mixture's domains can only be matched to the kept ones at
+    the end)."""
+    for section, known in SECTION_OPTIONS.items():
+        if not isinstance(config[section], dict):
+            raise ValueError(f"{section}: expected a table, got {config[section]!r}")
+        unknown = sorted(set(config[section]) - set(known))
+        if unknown:
+            raise ValueError(f"{section}: unknown option(s) {unknown}; known: {list(known)}")
+    minimum = {"review.per_stratum": 1, "review.seed": None,
+               "tokenizer.vocab_size": 256 + 1,  # the byte alphabet, plus end-of-text
+               "tokenizer.min_frequency": 0, "mixture.total_tokens": 1,
+               "mixture.seed": 0,  # numpy's generators take no negative seed
+               "mixture.max_chunk_tokens": 1}
+    for label, low in minimum.items():
+        section, key = label.split(".")
+        if key in config[section]:
+            whole_number(label, config[section][key], low)
+    if not isinstance(config["output"].get("dir", ""), str):
+        raise ValueError(f"output.dir: expected a path, got {config['output']['dir']!r}")
+    mixture = config["mixture"]
+    if "weights" in mixture:
+        if not isinstance(mixture["weights"], dict):
+            raise ValueError(f"mixture.weights: expected a table of domain = shares, got "
+                             f"{mixture['weights']!r}")
+        try:  # shapes and sums; any positive total serves when none is given
+            MixtureSchedule(mixture["weights"], mixture.get("total_tokens", 1))
+        except ValueError as e:
+            raise ValueError(f"mixture.{e}") from None
 
 
 def build_steps(config: dict[str, Any], dropped_dir: str | None) -> list[Step]:

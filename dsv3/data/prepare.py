@@ -13,10 +13,22 @@ training); the datasets and Spark backends spill the input to parquet shards fir
     mixture.json          the schedule the trainer's loader will follow
     review/               the spot-check sample: sample.jsonl, strata.json, index.html
 
+A run writes into a staging directory inside ``dir`` (``.partial-*``: on the same file
+system even where ``dir`` is a mount point or a link to another disk, and hidden from
+the glob patterns of sources) and moves its files in once all are written, so a run
+that fails (a malformed record, a mixture domain with no kept documents) leaves the
+output directory as it was (but for the stage of a run that kept nothing, left there
+for a look at why); written in place, a failed re-run had already emptied
+the previous run's side files and rewritten its kept/. The cost: disk room for a
+second copy of the outputs while a run lasts. Every source pattern is matched, and
+the config checked, before any work starts.
+
 A re-run into the same directory replaces these: a run that ends well removes the
 ``kept/``, ``tokens/`` and ``dropped/`` files that the previous run listed as its
 outputs in stats.json and this run did not write (a domain or step it no longer
-has), so the directory holds one run. No other file is touched, nor any source.
+has), so the directory holds one run. No other file is touched, nor any source: a
+run whose output would replace one of its own source files stops before moving
+anything in.
 """
 from __future__ import annotations
 
@@ -25,18 +37,20 @@ import itertools
 import json
 import os
 import re
+import shutil
+import tempfile
 import time
 from typing import Any, Iterator
 
 from tqdm.auto import tqdm
 
 from dsv3.data.augment import Augmenter, Lexicon
-from dsv3.data.config import build_steps
+from dsv3.data.config import build_steps, validate_config
 from dsv3.data.corpus import DOMAINS, embedded_corpus
 from dsv3.data.document import Document
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pipeline import Pipeline
-from dsv3.data.readers import ReaderStats, read_documents, read_hf_dataset
+from dsv3.data.readers import ReaderStats, expand_paths, read_documents, read_hf_dataset
 from dsv3.data.review import ReviewSampler
 from dsv3.data.scale import datasets_progress, run_scaled
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
@@ -44,22 +58,12 @@ from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-_READER_OPTIONS = frozenset({"paths", "text_field", "domain_field", "default_domain", "on_error"})
-_EMBEDDED_OPTIONS = frozenset({"domains", "max_docs_per_domain"})
-_HF_OPTIONS = frozenset({"name", "config", "split", "data_files", "streaming", "text_field",
-                         "domain_field", "default_domain", "on_error"})
-
-
 def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Iterator[Document]:
-    """Documents of every configured source in order; reader counts go to ``stats``."""
+    """Documents of every configured source (checked by validate_config) in order;
+    reader counts go to ``stats``."""
     for i, src in enumerate(config["sources"]):
         src = dict(src)
         kind = src.pop("kind")
-        allowed = {"embedded": _EMBEDDED_OPTIONS, "hf": _HF_OPTIONS}.get(kind, _READER_OPTIONS)
-        unknown = sorted(set(src) - allowed)
-        if unknown:
-            raise ValueError(f"sources[{i}]: unknown option(s) {unknown} for kind {kind!r}; "
-                             f"known: {sorted(allowed)}")
         if kind == "embedded":
             yield from embedded_corpus(src.get("domains", DOMAINS), src.get("max_docs_per_domain"))
             continue
@@ -67,15 +71,17 @@ def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Itera
             src["on_error"] = "skip"
         reader_stats = ReaderStats()
         if kind == "hf":
-            if "name" not in src:
-                raise ValueError(f"sources[{i}]: 'name' is required for kind 'hf'")
             yield from read_hf_dataset(src.pop("name"), stats=reader_stats, **src)
-            stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
-            continue
-        if "paths" not in src:
-            raise ValueError(f"sources[{i}]: 'paths' is required for kind {kind!r}")
-        yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats, **src)
+        else:
+            yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats, **src)
         stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
+
+
+def _check_source_paths(config: dict) -> None:
+    """Every local source matches files, before anything is read or written."""
+    for i, src in enumerate(config["sources"]):
+        if "paths" in src:
+            expand_paths(src["paths"], f"sources[{i}].paths")
 
 
 def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
@@ -129,8 +135,6 @@ def _mixture(config: dict, manifest: dict) -> dict:
     out = {"weights": weights, "total_tokens": int(mix.pop("total_tokens", sum(tokens.values()))),
            "seed": int(mix.pop("seed", 0)),
            "max_chunk_tokens": int(mix.pop("max_chunk_tokens", 1024))}
-    if mix:
-        raise ValueError(f"mixture: unknown option(s) {sorted(mix)}")
     MixtureSchedule(out["weights"], out["total_tokens"])  # validate before saving
     return out
 
@@ -167,45 +171,94 @@ def _previous_outputs(out: str) -> set[str]:
     return {p for p in listed if isinstance(p, str) and _OUTPUT_RE.match(p)}
 
 
-def _source_files(config: dict) -> set[str]:
-    """Every file the sources read: never removed, whatever a stats.json lists."""
-    files = set()
-    for src in config.get("sources", []):
+def _source_files(config: dict) -> dict[str, int]:
+    """Every file the sources read (real path -> source index): never removed or
+    replaced, whatever a stats.json lists."""
+    files = {}
+    for i, src in enumerate(config.get("sources", [])):
         paths = src.get("paths", [])
         for pattern in [paths] if isinstance(paths, str) else paths:
-            files.update(os.path.realpath(p) for p in glob.glob(os.fspath(pattern)))
+            files.update((os.path.realpath(p), i) for p in glob.glob(os.fspath(pattern)))
     return files
 
 
-def _remove_stale(out: str, previous: set[str], current: list[str], config: dict) -> None:
-    keep = _source_files(config)
+def _remove_stale(out: str, previous: set[str], current: list[str], sources: dict) -> None:
     for relative in sorted(previous - set(current)):
         path = os.path.join(out, relative)
-        if os.path.isfile(path) and os.path.realpath(path) not in keep:
+        if os.path.isfile(path) and os.path.realpath(path) not in sources:
             os.remove(path)
+
+
+def _move_in(stage: str, out: str, previous: set[str], current: list[str], config: dict) -> None:
+    """The staged run's files into ``out``, each by one rename (the stage is on the same
+    file system); stale outputs go after the others are in, stats.json last, so an
+    interrupted move leaves the old stats.json, whose list covers the files to remove."""
+    staged = sorted(os.path.relpath(os.path.join(d, f), stage)
+                    for d, _, files in os.walk(stage) for f in files)
+    sources = _source_files(config)
+    for relative in staged:
+        source = sources.get(os.path.realpath(os.path.join(out, relative)))
+        if source is not None:
+            raise ValueError(f"sources[{source}]: {os.path.join(out, relative)!r} is a source "
+                             f"of this run and also one of its outputs; move it out of "
+                             f"{out!r} or write the run elsewhere (nothing was written)")
+    staged.remove("stats.json")
+    for relative in staged:
+        os.makedirs(os.path.dirname(os.path.join(out, relative)), exist_ok=True)
+        os.replace(os.path.join(stage, relative), os.path.join(out, relative))
+    _remove_stale(out, previous, current, sources)
+    os.replace(os.path.join(stage, "stats.json"), os.path.join(out, "stats.json"))
+
+
+class NothingKeptError(ValueError):
+    """Every document was dropped or skipped; the run's counts and side files are kept
+    in its staging directory, which the message names, for a look at why."""
 
 
 def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
     """Run the whole preparation; returns what it wrote to ``stats.json``. Outputs an
     earlier run left in the same directory and this run did not rewrite are removed
-    at the end (see :func:`_previous_outputs`). ``progress=False`` also silences the
-    progress bars of ``datasets`` (its readers and the datasets backend)."""
-    with datasets_progress(progress):
-        return _prepare(config, progress, skip_malformed)
-
-
-def _prepare(config: dict, progress: bool, skip_malformed: bool) -> dict:
-    _resolve_learned_lexicon(config, skip_malformed)
+    at the end (see :func:`_previous_outputs`); a run that fails changes nothing there.
+    ``progress=False`` also silences the progress bars of ``datasets`` (its readers and
+    the datasets backend)."""
+    config = validate_config(config)  # the CLI's config passes again unchanged
+    _check_source_paths(config)
     out = config["output"]["dir"]
+    # the directories this run creates (``out`` and those missing above it), innermost
+    # first: a run that fails removes them again
+    created, missing = [], os.path.abspath(out)
+    while not os.path.isdir(missing):
+        created.append(missing)
+        missing = os.path.dirname(missing)
     os.makedirs(out, exist_ok=True)
-    previous = _previous_outputs(out)
+    stage = tempfile.mkdtemp(prefix=".partial-", dir=out)
+    keep_stage = False
+    try:
+        with datasets_progress(progress):
+            stats = _prepare(config, stage, progress, skip_malformed)
+        _move_in(stage, out, _previous_outputs(out), stats["outputs"], config)
+        return stats
+    except NothingKeptError:
+        keep_stage = True  # for a look at why; the message names it
+        raise
+    finally:
+        if not keep_stage:
+            shutil.rmtree(stage, ignore_errors=True)
+            for directory in created:  # one that holds anything (``out``, once the run
+                try:                   # succeeded) stays, and so do those above it
+                    os.rmdir(directory)
+                except OSError:
+                    break
+
+
+def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> dict:
+    """The run itself, every file written under ``stage``."""
+    _resolve_learned_lexicon(config, skip_malformed)
     t0 = time.perf_counter()
     reader_stats: list[dict] = []
-    review_cfg = dict(config["review"])
-    reviewer = ReviewSampler(review_cfg.pop("per_stratum", 5), review_cfg.pop("seed", 0))
-    if review_cfg:
-        raise ValueError(f"review: unknown option(s) {sorted(review_cfg)}")
-    pipeline = Pipeline(build_steps(config, os.path.join(out, "dropped")), reviewer=reviewer)
+    review_cfg = config["review"]
+    reviewer = ReviewSampler(review_cfg.get("per_stratum", 5), review_cfg.get("seed", 0))
+    pipeline = Pipeline(build_steps(config, os.path.join(stage, "dropped")), reviewer=reviewer)
     try:
         sources = read_sources(config, skip_malformed, reader_stats)
         scale = config["scale"]
@@ -216,38 +269,37 @@ def _prepare(config: dict, progress: bool, skip_malformed: bool) -> dict:
                               scale["num_proc"], spill_dir=scale.get("spill_dir"),
                               progress=progress)
             docs = _bar(docs, desc="documents kept") if progress else docs
-        kept = _write_kept(docs, os.path.join(out, "kept"))
+        kept = _write_kept(docs, os.path.join(stage, "kept"))
     finally:
         pipeline.close()
-    review = reviewer.write(os.path.join(out, "review"))
+    review = reviewer.write(os.path.join(stage, "review"))
     if not kept:
-        raise ValueError("no documents were kept: see dropped/ and the step stats")
+        pipeline.write_stats(os.path.join(stage, "stats.json"),
+                             extra={"readers": reader_stats, "review": review})
+        raise NothingKeptError(f"no documents were kept: this run's stats.json and dropped/ "
+                               f"files are in {stage!r} (delete it when done; the earlier "
+                               f"outputs are unchanged)")
     t_steps = time.perf_counter()
 
-    kept_dir = os.path.join(out, "kept")
-    tok_cfg = dict(config["tokenizer"])
+    kept_dir = os.path.join(stage, "kept")
+    tok_cfg = config["tokenizer"]
     all_texts = itertools.chain.from_iterable(_kept_texts(kept_dir, d) for d in sorted(kept))
     if progress:
         all_texts = _bar(all_texts, desc="training tokenizer", total=sum(kept.values()))
-    tokenizer = train_tokenizer(all_texts, vocab_size=tok_cfg.pop("vocab_size", 8192),
-                                min_frequency=tok_cfg.pop("min_frequency", 2))
-    if tok_cfg:
-        raise ValueError(f"tokenizer: unknown option(s) {sorted(tok_cfg)}")
-    tokenizer.save(os.path.join(out, "tokenizer.json"))
+    tokenizer = train_tokenizer(all_texts, vocab_size=tok_cfg.get("vocab_size", 8192),
+                                min_frequency=tok_cfg.get("min_frequency", 2))
+    tokenizer.save(os.path.join(stage, "tokenizer.json"))
     by_domain = {d: (_bar(_kept_texts(kept_dir, d), desc=f"tokenizing {d}", total=kept[d])
                      if progress else _kept_texts(kept_dir, d)) for d in sorted(kept)}
-    manifest = TokenizedCorpus.encode(by_domain, tokenizer).save(os.path.join(out, "tokens"))
+    manifest = TokenizedCorpus.encode(by_domain, tokenizer).save(os.path.join(stage, "tokens"))
     t_tokens = time.perf_counter()
 
     mixture = _mixture(config, manifest)
-    with open(os.path.join(out, "mixture.json"), "w") as f:
+    with open(os.path.join(stage, "mixture.json"), "w") as f:
         json.dump(mixture, f, indent=2)
-    # only once this run's outputs are all written: a run that fails part way removes nothing
     side_files = {s.name for s in pipeline.steps if s.dropped_writer is not None}
-    outputs = _outputs(manifest["domains"], side_files)
-    _remove_stale(out, previous, outputs, config)
-    return pipeline.write_stats(os.path.join(out, "stats.json"), extra={
-        "outputs": outputs,
+    return pipeline.write_stats(os.path.join(stage, "stats.json"), extra={
+        "outputs": _outputs(manifest["domains"], side_files),
         "readers": reader_stats, "kept_by_domain": kept, "review": review,
         "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}
                          for s in pipeline.steps if isinstance(s, Augmenter)}, "tokens": manifest,

@@ -54,13 +54,25 @@ class ReaderStats:
                 "skipped_examples": list(self.examples)}
 
 
-def _expand(paths: str | Sequence[str]) -> list[str]:
-    patterns = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+def expand_paths(paths: str | Sequence[str], label: str = "paths") -> list[str]:
+    """The files that ``paths`` (a glob pattern or a list of them) name, in pattern then
+    name order; ``label`` names the setting in errors (``sources[2].paths``). A relative
+    pattern is taken from the working directory: the error shows where it looked, since
+    a config file elsewhere is the usual reason a pattern matches nothing."""
+    patterns = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    if (not isinstance(patterns, (list, tuple)) or not patterns
+            or not all(isinstance(p, (str, os.PathLike)) for p in patterns)):
+        raise ValueError(f"{label}: expected a glob pattern or a non-empty list of them, "
+                         f"got {paths!r}")
     files: list[str] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(os.fspath(pattern)))
+        pattern = os.fspath(pattern)
+        matched = sorted(glob.glob(pattern))
         if not matched:
-            raise FileNotFoundError(f"paths: nothing matches {os.fspath(pattern)!r}")
+            where = ("" if os.path.isabs(pattern)
+                     else ": a relative path is taken from the working directory")
+            raise FileNotFoundError(f"{label}: nothing matches {pattern!r} (looked for "
+                                    f"{os.path.abspath(pattern)!r}{where})")
         files.extend(matched)
     return files
 
@@ -107,7 +119,8 @@ def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
     stats = stats if stats is not None else ReaderStats()
     what = "line" if format == "jsonl" else "row"
     located = ((f"{path}:{n}" if format != "text" else path, f"{path}, {what} {n}", record,
-                error) for path in _expand(paths) for n, record, error in _records(path, format))
+                error) for path in expand_paths(paths)
+               for n, record, error in _records(path, format))
     yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
 
 
@@ -151,23 +164,26 @@ def _documents(located, text_field: str, domain_field: str | None, default_domai
 def _records(path: str, format: str) -> Iterator[tuple[int, object, str | None]]:
     """(line or row number from 1, record, parse error or None)."""
     if format == "jsonl":
-        with open(path, encoding="utf-8", errors="strict") as f:
+        # bytes, each line decoded on its own: a text-mode file decodes 8 KiB ahead, so a
+        # bad byte surfaced on an earlier line's number and left no place to resume from
+        with open(path, "rb") as f:
             line_no = 0
-            while True:
-                line_no += 1
-                try:
-                    line = f.readline()
-                except UnicodeDecodeError as e:
-                    yield line_no, None, f"not UTF-8 ({e.reason})"
-                    return  # the decoder lost its place: the rest of the file is unreadable
-                if not line:
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
+            for chunk in f:
+                # \r and \r\n end lines too, as in the text mode this replaced: line
+                # numbers (and so document ids) stay what they were
+                for raw in chunk.splitlines():
+                    line_no += 1
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        yield line_no, None, f"not UTF-8 ({e.reason})"
+                        continue
+                    if not line.strip():
+                        continue
+                    try:
+                        yield line_no, json.loads(line), None
+                    except json.JSONDecodeError as e:
+                        yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
         return
     import datasets
     if format == "parquet":
