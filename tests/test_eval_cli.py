@@ -2,7 +2,10 @@
 task writes eval.json / eval.md / the difficulty state, twice (the history grows);
 ``register`` plugs into a parent parser; a model that knows a leveled task's answers
 climbs a level per evaluation; the HTML fragment; errors reach the user as one line
-(`dsv3 eval --device` that this machine lacks: before the checkpoint is loaded)."""
+(`dsv3 eval --device` that this machine lacks: before the checkpoint is loaded); without
+--corpus the checkpoint's heldout.jsonl is scored (else the embedded split, with a
+warning); cut prompts are reported; every option has help; the reports show only the
+difficulty histories of the tasks run."""
 import argparse
 import json
 
@@ -137,3 +140,77 @@ def test_dsv3_eval_names_an_unusable_device_before_loading(tmp_path, capsys, mon
     assert capsys.readouterr().err == (f"dsv3 eval: error: --device {device!r} is not available "
                                        f"on this machine; available: cpu\n")
 
+
+
+def test_without_corpus_the_checkpoints_heldout_documents_are_scored(setup, capsys):
+    """The embedded corpus' split is not the trainer's held-out set: the default is
+    CHECKPOINT/heldout.jsonl, which the trainer exports."""
+    tmp_path, _ = setup
+    heldout = [{"domain": "held-out", "text": "the cat sat on the mat " * 4}]
+    write_jsonl(tmp_path / "ckpt" / "heldout.jsonl", heldout)
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
+                      "ppl", "--no-progress"]) == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results["tasks"]["ppl"]) == {"held-out", "all"}
+    assert results["corpus"] == str(tmp_path / "ckpt" / "heldout.jsonl")
+    assert results["moe"] == {"evaluated": "dropless", "trained_capacity_factor": None}
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_without_corpus_or_heldout_the_embedded_split_comes_with_a_warning(setup, capsys,
+                                                                           monkeypatch):
+    import dsv3.eval.loading
+    tmp_path, _ = setup
+
+    def load(*args, **kwargs):  # the warning comes before the model: no need to run it
+        raise KeyboardInterrupt
+    monkeypatch.setattr(dsv3.eval.loading, "load_checkpoint", load)
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
+                   "--tasks", "ppl"])
+    assert capsys.readouterr().err == (
+        f"dsv3 eval: warning: no --corpus and no {tmp_path / 'ckpt' / 'heldout.jsonl'}: using "
+        f"the embedded corpus' held-out split, which may overlap the model's training data "
+        f"(perplexity and cloze then flatter it)\n")
+
+
+def test_prompts_cut_to_fit_the_context_are_reported(setup, capsys):
+    tmp_path, _ = setup
+    dev = [{"question": "the cat sat on the mat " * 8, "choices": ["yes", "no"], "answer": 0,
+            "split": "dev"}]
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0}] * 2
+    mc = write_jsonl(tmp_path / "mc.jsonl", rows + dev)
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
+                      f"mc:{mc}", "--k-shot", "1", "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"][
+        "truncated_prompts"] == 2
+    message = (f"mc:{mc}: 2 of 2 prompts were longer than the model's context and lost their "
+               f"start")
+    assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
+    assert message in (out / "eval.md").read_text()
+
+
+def test_every_option_says_what_it_does():
+    from dsv3.eval.cli import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert [a.dest for a in parser._actions if not a.help] == []
+
+
+def test_the_report_shows_only_the_histories_of_tasks_run(tmp_path):
+    """The state file keeps every task's schedule; eval.md showed them all, as if run."""
+    from test_eval_support import UniformModel
+    text_codec = codec()
+    mc = write_jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    state = tmp_path / "state.json"
+    history = [{"evaluation": 0, "level": 1, "accuracy": 0.9, "promoted": True}]
+    state.write_text(json.dumps({"cloze": {"levels": [1, 2, 3], "threshold": 0.85,
+                                           "current": 2, "history": history}}))
+    options = EvalOptions(documents=[], difficulty_state=str(state), progress=False)
+    result = run_evaluation(UniformModel(text_codec.vocab_size), text_codec, [f"mc:{mc}"],
+                            options)
+    assert set(result["difficulty"]) == {"cloze", f"mc:{mc}"}  # eval.json keeps them all
+    for page in (markdown_table(result), html_fragment(result)):
+        assert f"mc:{mc}" in page and "cloze" not in page

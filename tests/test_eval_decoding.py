@@ -1,6 +1,6 @@
 """dsv3.eval decoding: greedy and sampled decoding with the KV cache equal to
 recomputing the whole sequence, seeds reproduce, top-k/top-p filters on a hand case,
-stops at eos and at the context limit, bad arguments."""
+stops at eos and at the context limit (using its last position), bad arguments."""
 import math
 
 import pytest
@@ -53,7 +53,24 @@ def test_stops_at_eos_and_at_the_context():
     first = generate(model, PROMPT, max_new_tokens=5).tokens
     assert generate(model, PROMPT, max_new_tokens=5, eos_id=first[1]).tokens == first[:1]
     stopped = generate(model, PROMPT * 6, max_new_tokens=10)  # 30 prompt tokens, 32 positions
-    assert stopped.finish_reason == "context" and len(stopped.tokens) == 2
+    assert stopped.finish_reason == "context" and len(stopped.tokens) == 3
+
+
+# With W positions, a prompt of P <= W tokens leaves room for W - P + 1 new tokens: the
+# last one is never fed back. (The stop used to come one token early.)
+@pytest.mark.parametrize("prompt_tokens, expected", [
+    (31, 2),  # W - 1: positions 0..31 all used
+    (32, 1),  # the context is full: one token, from the last position
+    (40, 1),  # longer than the context: its last 32 tokens, then one
+])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_context_stop_uses_every_position(prompt_tokens, expected, use_cache):
+    model = tiny_model(max_seq_len=32)
+    prompt = (PROMPT * 8)[:prompt_tokens]
+    out = generate(model, prompt, max_new_tokens=10, use_cache=use_cache)
+    assert (len(out.tokens), out.finish_reason) == (expected, "context")
+    exactly = generate(model, prompt, max_new_tokens=expected, use_cache=use_cache)
+    assert exactly.tokens == out.tokens and exactly.finish_reason == "max_new_tokens"
 
 
 @pytest.mark.parametrize("kwargs, message", [

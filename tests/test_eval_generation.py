@@ -1,6 +1,6 @@
 """dsv3.eval generation metrics: BLEU and chrF against hand-computed values, and the
 decode-then-score loop on a model that emits the references (100) and one that emits
-nothing (0)."""
+nothing (0); generations the context ended are counted."""
 import json
 
 import pytest
@@ -62,3 +62,15 @@ def test_pairs_file_rows_are_checked_when_read_naming_the_line(tmp_path, row, fi
     path.write_text(json.dumps({"source": "ok", "reference": "ok"}) + "\n\n" + json.dumps(row))
     with pytest.raises(ValueError, match=rf"generation file: .*bad.jsonl:3: field {field}"):
         read_pairs(str(path))
+
+
+def test_generations_the_context_cut_short_are_counted():
+    """A source that fills the context leaves room for one token: the result says how
+    many generations the context ended (it used to report BLEU with no sign of it)."""
+    from test_eval_support import tiny_model
+    text_codec = codec()
+    model = tiny_model(max_seq_len=32)
+    pairs = [{"source": "the cat sat on the mat " * 10, "reference": "and slept"},
+             {"source": "a dog", "reference": "ran"}]
+    result = evaluate_generation(model, text_codec, pairs, max_new_tokens=3)
+    assert result["stopped_at_context"] == 1 and result["n"] == 2

@@ -1,6 +1,7 @@
 """dsv3.eval loading: the trainer's checkpoint layout round-trips (same logits, eos
 found), and a missing file, an unknown config key or weights that do not fit the
-config fail with the culprit named."""
+config fail with the culprit named; a checkpoint trained with an expert capacity is
+evaluated dropless."""
 import json
 import os
 
@@ -53,3 +54,24 @@ def test_codec_encodes_a_quoted_end_of_text_as_text():
     ids = codec.encode("a quoted <|endoftext|> marker")
     assert eos_id not in ids
     assert codec.decode(ids) == "a quoted <|endoftext|> marker"
+
+
+def test_a_checkpoint_trained_with_a_capacity_is_evaluated_dropless(tmp_path):
+    """With capacity_factor set, the other sequences and the padding of a batch compete
+    for expert slots: perplexity depended on --batch-size. Loaded dropless, it does not."""
+    import dataclasses
+
+    from dsv3.eval.perplexity import domain_perplexity
+    from dsv3.model import Transformer
+    from test_eval_support import tiny_config
+    config = tiny_config()
+    config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=0.5))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path, Transformer(config).eval(), train_tokenizer())
+    model, text_codec = load_checkpoint(str(tmp_path))
+    assert model.config.moe.capacity_factor is None
+    documents = [("a", "the cat sat on the mat " * 3), ("b", "def add(a, b): return a + b"),
+                 ("a", "a dog ran in the park and the quick brown fox jumps " * 2)]
+    one, eight = (domain_perplexity(model, text_codec, documents, batch_size=b)["all"]
+                  for b in (1, 8))
+    assert one["perplexity"] == pytest.approx(eight["perplexity"], rel=1e-5)

@@ -1,7 +1,8 @@
 """dsv3.eval multiple choice: a model that knows the answers scores 100% (zero- and
 few-shot), all-equal logits score chance exactly (ties earn 1/t), length
 normalization and tie credit on hand-made scores, Wilson intervals against hand
-values, seeded few-shot exemplars, task-file parsing and bad input."""
+values, seeded few-shot exemplars, task-file parsing (answers given as text, letter or
+index; the two splits) and bad input, prompts cut to fit the context counted."""
 import json
 
 import pytest
@@ -141,3 +142,52 @@ def test_task_file_mixing_rows_with_and_without_a_level_is_refused(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in [rows[0], rows[2]]) + "\n")
     test, dev = read_mc_file(str(path))  # a dev row needs no level
     assert [it.level for it in test] == [1] and [it.level for it in dev] == [None]
+
+
+def _mc_file(tmp_path, rows):
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("choices, answer, index", [
+    (["x", "y", "E"], "E", 2),  # the text of a choice; as a letter it would be past the end
+    (["A", "B", "C"], "B", 1),  # text and letter agree
+    (["yes", "no"], "B", 1),    # a letter index, no choice of that text
+])
+def test_an_answer_that_is_a_choices_text_means_that_choice(tmp_path, choices, answer, index):
+    row = {"question": "q", "choices": choices, "answer": answer}
+    (item,), _ = read_mc_file(_mc_file(tmp_path, [row]))
+    assert item.answer == index
+
+
+def test_an_answer_both_a_choices_text_and_a_letter_of_another_is_refused(tmp_path):
+    """choices ["C", "A", "D"], answer "A" was read as letter A = "C", silently."""
+    good = {"question": "q0", "choices": ["a", "b"], "answer": 0}
+    row = {"question": "Which vitamin is retinol?", "choices": ["C", "A", "D"], "answer": "A"}
+    with pytest.raises(ValueError, match=r"task.jsonl:2: answer 'A' is ambiguous: it is the "
+                                         r"text of choice 1 but, as a letter, means choice 0 "
+                                         r"\('C'\); give the answer as an index"):
+        read_mc_file(_mc_file(tmp_path, [good, row]))
+
+
+@pytest.mark.parametrize("split", ["validation", "train", "DEV", None, 1])
+def test_a_split_other_than_test_or_dev_is_refused(tmp_path, split):
+    rows = [{"question": "q0", "choices": ["a", "b"], "answer": 0, "split": "test"},
+            {"question": "q1", "choices": ["a", "b"], "answer": 0, "split": split}]
+    with pytest.raises(ValueError, match=rf"task.jsonl:2: split must be one of \['test', 'dev'\] "
+                                         rf"\(or absent: test\), got {split!r}"):
+        read_mc_file(_mc_file(tmp_path, rows))
+
+
+def test_prompts_cut_to_fit_the_context_are_counted():
+    """k-shot prompts past max_seq_len lose their first exemplar, which used to go
+    unreported: the result counts the items whose prompt was cut."""
+    text_codec = codec()
+    long_dev = [MCItem("the cat sat on the mat " * 8, ("yes", "no"), 0),
+                MCItem("a dog ran in the park " * 8, ("yes", "no"), 1)]
+    model = UniformModel(text_codec.vocab_size, max_seq_len=48)
+    short = evaluate_multiple_choice(model, text_codec, ITEMS[:3], long_dev, k_shot=0)
+    assert short["truncated_prompts"] == 0
+    cut = evaluate_multiple_choice(model, text_codec, ITEMS[:3], long_dev, k_shot=1)
+    assert cut["truncated_prompts"] == 3 and cut["accuracy"]["n"] == 3

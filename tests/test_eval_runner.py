@@ -169,3 +169,80 @@ def test_dsv3_eval_runs_the_same_checks(tmp_path, capsys, checkpoint, no_loading
 def test_cloze_takes_no_dev_exemplars_from_k_shot(uniform):
     options = EvalOptions(documents=DOCS, cloze_items=2, k_shot=1, progress=False)
     assert run_evaluation(*uniform, ["cloze"], options)["tasks"]["cloze"]["k_shot"] == 0
+
+
+BAD_UTF8 = b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"x": "bad \xff"}\n'
+
+
+@pytest.mark.parametrize("option, what, content", [
+    ("--corpus", "corpus file", b'{"domain": "a", "text": "fine"}\n{"domain": "a", '
+                                b'"text": "bad \xff"}\n'),
+    ("mc", "multiple-choice file", BAD_UTF8),
+    ("--toxicity-lexicon", "lexicon", b"fine\nbad \xff\n"),
+    ("--bias-spec", "bias spec", b'{"templates": ["The {term} ran"],\n "terms": ["\xff", "b"]}'),
+])
+def test_invalid_utf8_is_named_by_file_and_line(tmp_path, capsys, checkpoint, no_loading,
+                                                 option, what, content):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(content)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    tasks = {"--corpus": "ppl", "mc": f"mc:{bad}", "--toxicity-lexicon": "toxicity",
+             "--bias-spec": "bias"}[option]
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", tasks,
+            "--corpus", str(bad) if option == "--corpus" else corpus]
+    if option.startswith("--") and option != "--corpus":
+        argv += [option, str(bad)]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {what}: {bad}:2: not valid UTF-8 (invalid start byte: byte 0xff" in err
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"domain": "a", "text": None}, "field 'text' must be a string, got NoneType None"),
+    ({"domain": "a", "text": 123}, "field 'text' must be a string, got int 123"),
+    ({"domain": None, "text": "some text"}, "field 'domain' must be a string, got NoneType"),
+])
+def test_corpus_rows_must_hold_strings(tmp_path, capsys, checkpoint, no_loading, row, message):
+    """A null text was scored as the word "None"."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", CORPUS[:1] + [row])
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
+            "--corpus", corpus]
+    assert eval_main(argv) == 2
+    assert f"corpus file: {corpus}:2: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, extra, message", [
+    ("mc:{mc}", [], "multiple-choice file: {mc}:2: choice 1 has {n} tokens, more than the "
+                    "checkpoint's max_seq_len=32: it cannot be scored"),
+    ("bias", ["--bias-spec", "{bias}"], "bias spec: {bias}: templates[0]: the text after {{term}} "
+                                        "has {n} tokens, more than the checkpoint's max_seq_len"),
+])
+def test_a_continuation_longer_than_the_context_fails_before_any_task(
+        tmp_path, capsys, checkpoint, no_loading, task, extra, message):
+    """It used to fail only after the model loaded and ppl ran (results lost), naming
+    neither file nor line."""
+    from dsv3.eval.loading import read_checkpoint
+    long = "the cat sat on the mat " * 10
+    _, text_codec = read_checkpoint(checkpoint)
+    names = {"mc": write_jsonl(tmp_path / "mc.jsonl", [
+                 {"question": "q", "choices": ["a", "b"], "answer": 0},
+                 {"question": "q2", "choices": ["a", long], "answer": 0}]),
+             "bias": tmp_path / "bias.json"}
+    (tmp_path / "bias.json").write_text(json.dumps({"templates": ["The {term}" + long],
+                                                    "terms": ["cat", "dog"]}))
+    n = len(text_codec.encode(" " + long)) if task.startswith("mc") else len(
+        text_codec.encode(long))
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--no-progress",
+            "--tasks", "ppl," + task.format(**names),
+            "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS)]
+    argv += [a.format(**names) for a in extra]
+    assert eval_main(argv) == 2
+    assert message.format(n=n, **names) in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_lm_eval_limit_must_be_positive(tmp_path, capsys, checkpoint, no_loading):
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
+            "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS), "--lm-eval-limit", "-1"]
+    assert eval_main(argv) == 2
+    assert "--lm-eval-limit must be >= 1, got -1" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``dsv3 report``: the run's own evaluation is optional, but an --eval that names
-a missing or malformed file is an error naming --eval and the path (exit 2), not a
-report silently without its evaluation."""
+a missing or malformed file (a hand-edited or partial one: the task and the field) is
+an error naming --eval and the path (exit 2), not a report silently without its
+evaluation, nor a traceback."""
 import json
 
 import pytest
@@ -52,14 +53,22 @@ def test_missing_explicit_eval_is_an_error(run, tmp_path, capsys, given):
     assert not (run / "report.html").exists()
 
 
-@pytest.mark.parametrize("text, match", [("{not json", "is not JSON"),
-                                         ("[1, 2]", "is not a dsv3 eval.json")])
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "is not a dsv3 eval.json"),
+    # cut short or hand-edited: this one was a KeyError traceback
+    ('{"tasks": {"ppl": {"all": {"perplexity": 3.0}}}}',
+     "is not a complete dsv3 eval.json: tasks['ppl'] lacks the field 'tokens'"),
+    ('{"tasks": {"cloze": {"accuracy": 0.5}}}', "tasks['cloze'] is malformed"),
+    ('{"tasks": {"cloze": {}}, "difficulty": {"cloze": {"threshold": 0.5}}}',
+     "difficulty['cloze'] lacks the field 'history'"),
+])
 def test_malformed_eval_names_the_option_and_file(run, tmp_path, capsys, text, match):
     bad = tmp_path / "bad.json"
     bad.write_text(text)
     assert _report(run, "--eval", str(bad)) == 2
     err = capsys.readouterr().err
-    assert "--eval" in err and "bad.json" in err and match in err
+    assert "--eval" in err and "bad.json" in err and match in err and err.count("\n") == 1
 
 
 def test_rebuilding_the_report_keeps_the_trainers_summary(run, capsys):

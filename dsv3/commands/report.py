@@ -33,7 +33,10 @@ def _eval_section(path: Path, option: str) -> str:
     if not (isinstance(results, dict) and isinstance(results.get("tasks"), dict)):
         raise ValueError(f"{option}: {str(path)!r} is not a dsv3 eval.json "
                          f"(expected an object with a 'tasks' object)")
-    return html_fragment(results)  # brings its own <h2>Evaluation</h2>
+    try:  # a hand-edited or cut-short file: name the file and the task's missing field
+        return html_fragment(results)  # brings its own <h2>Evaluation</h2>
+    except ValueError as e:
+        raise ValueError(f"{option}: {str(path)!r} is not a complete dsv3 eval.json: {e}") from None
 
 
 def _report(args: argparse.Namespace) -> int:

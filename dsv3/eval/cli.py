@@ -24,23 +24,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "lm-eval:TASK (default: ppl,cloze)")
     parser.add_argument("--out", required=True, help="directory for eval.json and eval.md")
     parser.add_argument("--corpus", help="jsonl of {domain, text} held-out documents for ppl, "
-                                         "cloze and toxicity prompts (default: the embedded "
-                                         "corpus' held-out split)")
+                                         "cloze and toxicity prompts (default: CHECKPOINT/"
+                                         "heldout.jsonl, the documents the training run held "
+                                         "out; without one, the embedded corpus' held-out "
+                                         "split, which may overlap the training data: a "
+                                         "warning says so)")
     parser.add_argument("--difficulty-state", help="JSON file keeping the difficulty levels "
                                                    "between runs (default: OUT/difficulty.json)")
     parser.add_argument("--threshold", type=float, default=0.85,
                         help="accuracy that promotes to the next level (default 0.85)")
-    parser.add_argument("--cloze-items", type=int, default=40)
-    parser.add_argument("--k-shot", type=int, default=0, help="few-shot exemplars for mc tasks")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cloze-items", type=int, default=40,
+                        help="cloze items drawn per evaluation (fewer when the documents run "
+                             "out; default 40)")
+    parser.add_argument("--k-shot", type=int, default=0,
+                        help="few-shot exemplars for mc tasks, from the file's \"split\": "
+                             "\"dev\" rows (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences per forward when scoring (speed and memory only: "
+                             "the model is evaluated dropless, so results do not depend on "
+                             "it; default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="most tokens generated per prompt for gen and toxicity "
+                             "(default 32)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the cloze items, few-shot exemplars and sampled "
+                             "generations (default 0)")
+    parser.add_argument("--device", default="cpu",
+                        help="device to evaluate on: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--toxicity-lexicon", help="word/phrase list, one per line")
     parser.add_argument("--toxicity-classifier", help="local HF text-classification model dir")
     parser.add_argument("--toxicity-prompts", help="jsonl of {prompt} (default: document starts)")
     parser.add_argument("--bias-spec", help='JSON {"templates": [...], "terms": [...]}')
-    parser.add_argument("--lm-eval-limit", type=int, help="examples per lm-eval task")
+    parser.add_argument("--lm-eval-limit", type=int,
+                        help="examples per lm-eval task, >= 1 (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -51,25 +67,41 @@ def register(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def warn(message: str) -> None:
+    print(f"dsv3 eval: warning: {message}", file=sys.stderr)
+
+
+def _corpus(args: argparse.Namespace) -> str | None:
+    """The documents file: --corpus, else the checkpoint's own held-out documents (the
+    trainer writes them; the embedded corpus' split is not held out from its training
+    text). None: the embedded split."""
+    if args.corpus:
+        return args.corpus
+    heldout = os.path.join(args.checkpoint, "heldout.jsonl")
+    return heldout if os.path.isfile(heldout) else None
+
+
 def run(args: argparse.Namespace) -> int:
-    """Every input is checked before the checkpoint is loaded (``dsv3 eval`` and
-    ``python -m dsv3.eval`` both come here), then the tasks run and the results are
-    written."""
+    """Every input is checked before the checkpoint's weights are loaded (``dsv3 eval``
+    and ``python -m dsv3.eval`` both come here): files and options first, then, with
+    the checkpoint's config, what must fit its context. Then the tasks run and the
+    results are written."""
     # --device by the rule dsv3 train uses: a device this machine lacks is one error
     # line now, not torch's "no NVIDIA driver" traceback from inside the load.
     from dsv3.devices import check_device
     from dsv3.eval.corpus import read_documents
-    from dsv3.eval.loading import load_checkpoint
-    from dsv3.eval.report import write_results
-    from dsv3.eval.runner import EvalOptions, check_output_path, parse_tasks, prepare_evaluation
-    from dsv3.eval.runner import run_prepared
+    from dsv3.eval.loading import load_checkpoint, read_checkpoint
+    from dsv3.eval.report import result_warnings, write_results
+    from dsv3.eval.runner import (EvalOptions, check_fits, check_output_path, needs_documents,
+                                  parse_tasks, prepare_evaluation, run_prepared)
 
     tasks = parse_tasks(args.tasks)
     check_device(args.device)
     # eval.json is written last: a bad --out must not cost the whole evaluation.
     check_output_path(args.out, "--out", directory=True)
+    corpus = _corpus(args)
     options = EvalOptions(
-        documents=read_documents(args.corpus) if args.corpus else None,
+        documents=read_documents(corpus) if corpus else None,
         batch_size=args.batch_size, seed=args.seed, k_shot=args.k_shot,
         cloze_items=args.cloze_items, threshold=args.threshold,
         difficulty_state=args.difficulty_state or os.path.join(args.out, "difficulty.json"),
@@ -80,9 +112,25 @@ def run(args: argparse.Namespace) -> int:
     # Every task's options and files before the model: a missing --bias-spec must not
     # surface only after ppl ran, its results lost.
     prepared = prepare_evaluation(tasks, options)
+    config, codec = read_checkpoint(args.checkpoint)
+    # A choice longer than the context fails here, not after ppl ran: results kept.
+    check_fits(prepared, codec, config.max_seq_len)
+    uses_documents = any(needs_documents(task, options) for task in tasks)
+    if uses_documents and corpus is None:
+        warn(f"no --corpus and no {os.path.join(args.checkpoint, 'heldout.jsonl')}: using the "
+             f"embedded corpus' held-out split, which may overlap the model's training data "
+             f"(perplexity and cloze then flatter it)")
     model, codec = load_checkpoint(args.checkpoint, args.device)
     results = run_prepared(model, codec, prepared)
     results["checkpoint"] = os.path.abspath(args.checkpoint)
+    if uses_documents:
+        results["corpus"] = (os.path.abspath(corpus) if corpus else
+                             "embedded held-out split (may overlap the training data)")
+    if config.moe is not None:  # see dsv3.eval.loading: evaluated without token dropping
+        results["moe"] = {"evaluated": "dropless",
+                          "trained_capacity_factor": config.moe.capacity_factor}
+    for message in result_warnings(results):
+        warn(message)
     json_path, md_path = write_results(args.out, results)
     with open(md_path, encoding="utf-8") as f:
         print(f.read(), end="")

@@ -4,10 +4,14 @@ reference as ``help()`` shows it) and the docstrings of a fixed list of stdlib
 modules, as (domain, text) documents in a stable order.
 
 The held-out split is chosen by a hash of each document's text (crc32 mod 10 == 0,
-about 10%), so it is the same on every run and machine with the same Python. The
-pipeline has its own split; any function returning ``list[(domain, text)]`` can be
-passed to the built-in tasks instead (``documents=``), e.g. the pipeline's held-out
-domains, or ``read_documents`` of a jsonl of {"domain", "text"} rows.
+about 10%), so it is the same on every run and machine with the same Python. It is
+**not** the trainer's held-out set: the data pipeline draws its own split from the same
+text, so a model trained on the demo corpus has seen most of these documents. A
+checkpoint's own ``heldout.jsonl`` (the documents its run held out, exported by the
+trainer) is what ``dsv3 eval`` reads by default; this split is the fallback for a
+checkpoint without one. Any ``list[(domain, text)]`` can be passed to the built-in
+tasks instead (``documents=``), e.g. ``read_documents`` of a jsonl of
+{"domain", "text"} rows.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import importlib
 import inspect
 import zlib
 
-from dsv3.eval.jsonl import read_jsonl
+from dsv3.eval.jsonl import read_jsonl_rows, require_str
 
 # Pure-Python modules with long docstrings, present on every CPython 3.10+.
 STDLIB_MODULES = ("argparse", "ast", "calendar", "collections", "csv", "dataclasses", "difflib",
@@ -62,6 +66,7 @@ def held_out_documents() -> list[tuple[str, str]]:
 
 
 def read_documents(path: str) -> list[tuple[str, str]]:
-    """(domain, text) documents from a jsonl of {"domain", "text"} rows."""
-    return [(str(row["domain"]), str(row["text"]))
-            for row in read_jsonl(path, ("domain", "text"), what="corpus file")]
+    """(domain, text) documents from a jsonl of {"domain", "text"} rows, both strings (a
+    null text would otherwise be scored as the word "None")."""
+    return [(require_str(row, "domain", where), require_str(row, "text", where))
+            for where, row in read_jsonl_rows(path, ("domain", "text"), what="corpus file")]

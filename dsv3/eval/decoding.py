@@ -58,7 +58,10 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, use_cache: bool = True) -> Generation:
     """Continue ``prompt`` (token ids) until ``eos_id``, ``max_new_tokens`` or the model's
-    context is full. A prompt longer than the context keeps its last tokens."""
+    context is full. A prompt longer than the context keeps its last tokens. With a
+    context of W positions, a prompt of P <= W tokens gets at most W - P + 1 new tokens
+    (the last one is never read back); ``finish_reason`` is "context" when that ended
+    it, which callers report: a prompt of W tokens yields one."""
     _check(max_new_tokens, temperature, top_k, top_p)
     if not prompt:
         raise ValueError("prompt must hold at least one token id (e.g. the eos id)")
@@ -70,6 +73,8 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
 @torch.no_grad()
 def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
             use_cache) -> Generation:
+    if max_new_tokens == 0:
+        return Generation([], "max_new_tokens")
     limit = context_limit(model)
     if limit is not None:
         prompt = list(prompt)[-limit:]
@@ -80,8 +85,6 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_
     logits_V = model(torch.tensor([sequence], device=device), kv_cache=cache)[0, -1] \
         if use_cache else None
     while True:
-        if len(generated) == max_new_tokens:
-            return Generation(generated, "max_new_tokens")
         if not use_cache:
             logits_V = model(torch.tensor([sequence], device=device))[0, -1]
         logits_V = logits_V.float().cpu()
@@ -94,7 +97,11 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_
             return Generation(generated, "eos")
         generated.append(token)
         sequence.append(token)
-        if limit is not None and len(sequence) >= limit:
+        if len(generated) == max_new_tokens:
+            return Generation(generated, "max_new_tokens")
+        # The next forward reads this token at position len(sequence) - 1, which the
+        # model has while len(sequence) <= max_seq_len (its rope table's size).
+        if limit is not None and len(sequence) > limit:
             return Generation(generated, "context")
         if use_cache:
             logits_V = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]

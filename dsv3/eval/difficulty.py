@@ -12,6 +12,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from dsv3.eval.jsonl import read_text
+
 
 @dataclass
 class DifficultySchedule:
@@ -53,11 +55,10 @@ def load_schedules(path: str) -> dict[str, DifficultySchedule]:
     """{task: schedule} from a JSON state file; {} when the file does not exist yet."""
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"difficulty state: {path} is not JSON ({e})") from None
+    try:
+        raw = json.loads(read_text(path, "difficulty state"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"difficulty state: {path} is not JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"difficulty state: {path} must hold a JSON object of task -> schedule")
     schedules = {}

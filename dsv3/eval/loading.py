@@ -5,6 +5,12 @@ state_dict) and ``tokenizer.json`` (a Hugging Face ``tokenizers`` file).
 The evaluation suite only needs text in and token ids out, so the tokenizer is wrapped
 in ``TextCodec`` (encode, decode, eos id): the metrics never see the ``tokenizers`` API
 and tests can hand them any object with the same three members.
+
+The model is built **dropless** (``moe.capacity_factor=None``) whatever the checkpoint
+was trained with: with a capacity, the padding of a batch and the other sequences in it
+compete for expert slots, so a score would depend on ``--batch-size``. Dropless, each
+sequence's logits are its own. The checkpoint's own config (``read_checkpoint``) still
+holds the trained factor, which ``dsv3 eval`` records in its results.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import os
 
 import torch
 
+from dsv3.eval.jsonl import read_text
 from dsv3.model import ModelConfig, Transformer
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
@@ -50,11 +57,10 @@ class TextCodec:
 
 
 def load_config(path: str) -> ModelConfig:
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"checkpoint: {path} is not valid JSON ({e})") from None
+    try:
+        raw = json.loads(read_text(path, "checkpoint"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint: {path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"checkpoint: {path} must hold a JSON object, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -64,9 +70,17 @@ def load_config(path: str) -> ModelConfig:
     return ModelConfig(**raw)  # ModelConfig validates values and turns a moe dict into MoEConfig
 
 
-def load_checkpoint(directory: str, device: str | torch.device = "cpu"
-                    ) -> tuple[Transformer, TextCodec]:
-    """(model in eval mode on ``device``, its TextCodec) from a checkpoint directory."""
+def dropless(config: ModelConfig) -> ModelConfig:
+    """``config`` with its MoE's token dropping off (see the module docstring)."""
+    if config.moe is None or config.moe.capacity_factor is None:
+        return config
+    return dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=None))
+
+
+def read_checkpoint(directory: str) -> tuple[ModelConfig, TextCodec]:
+    """(config as saved, TextCodec) of a checkpoint directory, without reading the
+    weights: enough to check an evaluation's inputs against ``max_seq_len`` before
+    model.pt is loaded."""
     from tokenizers import Tokenizer
 
     if not isinstance(directory, (str, os.PathLike)):
@@ -80,7 +94,20 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu"
         raise FileNotFoundError(f"load_checkpoint: {directory!r} lacks {', '.join(missing)} "
                                 f"(a checkpoint holds {', '.join(CHECKPOINT_FILES)})")
     config = load_config(os.path.join(directory, "config.json"))
-    model = Transformer(config)
+    codec = TextCodec(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")))
+    if codec.vocab_size > config.vocab_size:
+        raise ValueError(f"load_checkpoint: tokenizer.json has {codec.vocab_size} tokens but "
+                         f"config.json's vocab_size is {config.vocab_size}")
+    return config, codec
+
+
+def load_checkpoint(directory: str, device: str | torch.device = "cpu"
+                    ) -> tuple[Transformer, TextCodec]:
+    """(model in eval mode on ``device``, dropless, its TextCodec) from a checkpoint
+    directory."""
+    config, codec = read_checkpoint(directory)
+    directory = os.fspath(directory)
+    model = Transformer(dropless(config))
     state = torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"load_checkpoint: model.pt must hold a state_dict, got "
@@ -89,8 +116,4 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu"
         model.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"load_checkpoint: model.pt does not fit config.json: {e}") from None
-    tokenizer = TextCodec(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"load_checkpoint: tokenizer.json has {tokenizer.vocab_size} tokens but "
-                         f"config.json's vocab_size is {config.vocab_size}")
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), codec

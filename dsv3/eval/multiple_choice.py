@@ -1,6 +1,12 @@
 """Multiple-choice harness for MMLU/BBH-format jsonl tasks: rows of
 ``{"question", "choices": [...], "answer": index | letter | choice text}`` with an
-optional ``"level"`` (for dynamic difficulty) and ``"split": "dev"`` (few-shot pool).
+optional ``"level"`` (for dynamic difficulty) and ``"split"``: ``"test"`` (the default:
+scored) or ``"dev"`` (the few-shot pool, never scored). Any other split ("validation",
+"train", "DEV") is refused rather than guessed: MMLU's "validation" is not its few-shot
+pool, and a row scored or not by a typo changes the result; map yours to one of the two.
+An answer that is the exact text of a choice means that choice; a single capital letter
+that is no choice's text is a letter index (A = 0). A letter that is both (choices
+["C", "A", "D"], answer "A") is refused as ambiguous: give an index.
 Choices must differ (two equal choices would split the credit of one answer). Levels
 go on every test row or on none: a file mixing both is refused, since a row without
 a level belongs to no level and would never be evaluated (dev rows may omit it: the
@@ -16,21 +22,24 @@ of "always pick the first choice". Scores within ``TIE_TOLERANCE`` count as tied
 (fp64 sums of identical fp32 log-probs, summed in different orders).
 
 Few-shot: k exemplars drawn from the dev rows with ``random.Random(seed)``, never the
-item itself, written before the question with their correct answer.
+item itself, written before the question with their correct answer. A prompt longer
+than the model's context loses its start (the first exemplars, then the question's
+beginning: ``scoring``); the results count such items as ``truncated_prompts``.
 Accuracy comes with a 95% Wilson interval (``stats``).
 """
 from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dsv3.eval.jsonl import read_jsonl_rows, require_str
-from dsv3.eval.scoring import score_continuations
+from dsv3.eval.scoring import context_cut, context_limit, score_continuations
 from dsv3.eval.stats import rate_summary
 
 TIE_TOLERANCE = 1e-9
 DEFAULT_TEMPLATE = "Question: {question}\nAnswer:"
+SPLITS = ("test", "dev")  # a row without "split" is a test row
 
 
 @dataclass(frozen=True)
@@ -39,15 +48,23 @@ class MCItem:
     choices: tuple[str, ...]
     answer: int
     level: int | None = None
+    # "multiple-choice file: PATH:LINE" of a file's row, for messages; not part of the item
+    where: str | None = field(default=None, compare=False, repr=False)
 
 
 def _answer_index(answer, choices, where: str) -> int:
+    letter = (string.ascii_uppercase.index(answer) if isinstance(answer, str)
+              and len(answer) == 1 and answer in string.ascii_uppercase else None)
     if isinstance(answer, int) and not isinstance(answer, bool):
         index = answer
-    elif isinstance(answer, str) and len(answer) == 1 and answer in string.ascii_uppercase:
-        index = string.ascii_uppercase.index(answer)
     elif isinstance(answer, str) and answer in choices:
         index = choices.index(answer)
+        if letter is not None and letter != index and letter < len(choices):
+            raise ValueError(f"{where}: answer {answer!r} is ambiguous: it is the text of "
+                             f"choice {index} but, as a letter, means choice {letter} "
+                             f"({choices[letter]!r}); give the answer as an index")
+    elif letter is not None:
+        index = letter
     else:
         raise ValueError(f"{where}: answer must be an index, a letter or one of the choices, "
                          f"got {answer!r}")
@@ -70,7 +87,15 @@ def make_item(row: dict, where: str = "item") -> MCItem:
     if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
         raise ValueError(f"{where}: level must be an int, got {level!r}")
     return MCItem(require_str(row, "question", where), tuple(choices),
-                  _answer_index(row["answer"], list(choices), where), level)
+                  _answer_index(row["answer"], list(choices), where), level, where)
+
+
+def _split(row: dict, where: str) -> str:
+    split = row.get("split", "test")
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split must be one of {list(SPLITS)} (or absent: test), "
+                         f"got {split!r}")
+    return split
 
 
 def _check_levels(test: list[tuple[str, MCItem]]) -> None:
@@ -87,7 +112,7 @@ def read_mc_file(path: str) -> tuple[list[MCItem], list[MCItem]]:
     rows = read_jsonl_rows(path, ("question", "choices", "answer"), what="multiple-choice file")
     test, dev = [], []
     for where, row in rows:
-        (dev if row.get("split") == "dev" else test).append((where, make_item(row, where)))
+        (dev if _split(row, where) == "dev" else test).append((where, make_item(row, where)))
     if not test:
         raise ValueError(f"multiple-choice file: {path} holds only dev rows (\"split\": "
                          f"\"dev\"); nothing to evaluate")
@@ -124,16 +149,20 @@ def item_credit(scores: list[float], answer: int) -> float:
 
 def score_items(model, codec, items: list[MCItem], prompts: list[str], batch_size: int = 8,
                 progress: bool = False) -> list[dict]:
-    """Per item: the summed log-prob and token count of every choice (" " + choice)."""
+    """Per item: the summed log-prob and token count of every choice (" " + choice), and
+    whether the prompt was cut to fit the context for any of them."""
     prefix = [codec.eos_id] if codec.eos_id is not None else []
+    limit = context_limit(model)
     requests, owners = [], []
+    per_item = [{"sums": [], "lengths": [], "truncated": False} for _ in items]
     for i, (item, prompt) in enumerate(zip(items, prompts, strict=True)):
         context = prefix + codec.encode(prompt)
         for choice in item.choices:
             requests.append((context, codec.encode(" " + choice)))
             owners.append(i)
+            if context_cut(len(context), len(requests[-1][1]), limit):
+                per_item[i]["truncated"] = True
     scored = score_continuations(model, requests, batch_size, progress, desc="multiple choice")
-    per_item = [{"sums": [], "lengths": []} for _ in items]
     for i, result in zip(owners, scored):
         per_item[i]["sums"].append(result.logprobs.sum().item())
         per_item[i]["lengths"].append(result.logprobs.numel())
@@ -165,4 +194,5 @@ def evaluate_multiple_choice(model, codec, items: list[MCItem], dev: list[MCItem
         raise ValueError("items must not be empty")
     prompts = build_prompts(items, list(dev), k_shot, seed, template)
     per_item = score_items(model, codec, items, prompts, batch_size, progress)
-    return {**accuracy_of(items, per_item), "k_shot": k_shot}
+    return {**accuracy_of(items, per_item), "k_shot": k_shot,
+            "truncated_prompts": sum(p["truncated"] for p in per_item)}

@@ -1,10 +1,16 @@
 """Results as tables: one flat row list (task, metric, value, 95% interval, n) rendered
 as markdown (``eval.md``) and as an HTML fragment the trainer's report can embed (the
-table plus each leveled task's difficulty history). ``eval.json`` keeps everything,
-with NaN written as null so any JSON reader takes it.
+table, the warnings, and the difficulty history of each leveled task this evaluation
+ran; the state file may hold others, from earlier runs). ``eval.json`` keeps
+everything, with NaN written as null so any JSON reader takes it.
+
+Results may come back from a file (``dsv3 report --eval``), hand-edited or cut short:
+a missing or malformed field is a ValueError naming the task and the field, not a
+KeyError from deep inside the rendering.
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -24,40 +30,60 @@ def _rate_rows(task: str, result: dict, label: str = "") -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def _fields_of(label: str):
+    """A field missing or of the wrong kind under ``label`` is named as such."""
+    try:
+        yield
+    except KeyError as e:
+        raise ValueError(f"{label} lacks the field {e.args[0]!r}") from None
+    except (TypeError, AttributeError, IndexError, ValueError) as e:
+        raise ValueError(f"{label} is malformed ({e})") from None
+
+
 def summary_rows(results: dict) -> list[dict]:
+    """One row per metric, its value, interval and n already formatted as text."""
     rows = []
     for task, result in results["tasks"].items():
-        kind = task.partition(":")[0]
-        if task == "ppl":
-            for domain, r in result.items():
-                # n counts what the metric averages over: tokens, then bytes
-                rows.append({"task": task, "metric": f"perplexity [{domain}] (n: tokens)",
-                             "value": r["perplexity"], "ci95": None, "n": r["tokens"]})
-                rows.append({"task": task, "metric": f"bits/byte [{domain}] (n: bytes)",
-                             "value": r["bits_per_byte"], "ci95": None, "n": r["bytes"]})
-        elif task == "cloze" or kind == "mc":
-            label = f" (level {result['level']})" if "level" in result else ""
-            rows += _rate_rows(task, result, label)
-            if "level" in result:
-                rows.append({"task": task, "metric": "next level", "value": result["next_level"],
-                             "ci95": None, "n": None})
-        elif kind == "gen":
-            rows += [{"task": task, "metric": m, "value": result[m], "ci95": None,
-                      "n": result["n"]} for m in ("bleu", "chrf")]
-        elif task == "toxicity":
-            rows.append({"task": task, "metric": "toxic rate", "value": result["rate"],
-                         "ci95": result["ci95"], "n": result["n"]})
-        elif task == "bias":
-            rows.append({"task": task, "metric": f"gap ({result['max_term']} - "
-                         f"{result['min_term']})", "value": result["gap"], "ci95": None,
-                         "n": result["templates"]})
-            rows += [{"task": task, "metric": f"score [{term}]", "value": value, "ci95": None,
-                      "n": result["templates"]} for term, value in result["per_term"].items()]
-        elif kind == "lm-eval":
-            for sub, metrics in result.items():
-                rows += [{"task": f"{task} {sub}", "metric": m, "value": v, "ci95": None,
-                          "n": None} for m, v in metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        with _fields_of(f"tasks[{task!r}]"):
+            rows += [{**row, "value": _fmt(row["value"]), "ci95": _ci(row["ci95"]),
+                      "n": _fmt(row["n"])} for row in _task_rows(task, result)]
+    return rows
+
+
+def _task_rows(task: str, result: dict) -> list[dict]:
+    rows = []
+    kind = task.partition(":")[0]
+    if task == "ppl":
+        for domain, r in result.items():
+            # n counts what the metric averages over: tokens, then bytes
+            rows.append({"task": task, "metric": f"perplexity [{domain}] (n: tokens)",
+                         "value": r["perplexity"], "ci95": None, "n": r["tokens"]})
+            rows.append({"task": task, "metric": f"bits/byte [{domain}] (n: bytes)",
+                         "value": r["bits_per_byte"], "ci95": None, "n": r["bytes"]})
+    elif task == "cloze" or kind == "mc":
+        label = f" (level {result['level']})" if "level" in result else ""
+        rows += _rate_rows(task, result, label)
+        if "level" in result:
+            rows.append({"task": task, "metric": "next level", "value": result["next_level"],
+                         "ci95": None, "n": None})
+    elif kind == "gen":
+        rows += [{"task": task, "metric": m, "value": result[m], "ci95": None,
+                  "n": result["n"]} for m in ("bleu", "chrf")]
+    elif task == "toxicity":
+        rows.append({"task": task, "metric": "toxic rate", "value": result["rate"],
+                     "ci95": result["ci95"], "n": result["n"]})
+    elif task == "bias":
+        rows.append({"task": task, "metric": f"gap ({result['max_term']} - "
+                     f"{result['min_term']})", "value": result["gap"], "ci95": None,
+                     "n": result["templates"]})
+        rows += [{"task": task, "metric": f"score [{term}]", "value": value, "ci95": None,
+                  "n": result["templates"]} for term, value in result["per_term"].items()]
+    elif kind == "lm-eval":
+        for sub, metrics in result.items():
+            rows += [{"task": f"{task} {sub}", "metric": m, "value": v, "ci95": None,
+                      "n": None} for m, v in metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)]
     return rows
 
 
@@ -73,37 +99,91 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def result_warnings(results: dict) -> list[str]:
+    """What a task did that its numbers do not show: prompts cut to fit the context,
+    generations the context ended (``dsv3 eval`` prints these on stderr too)."""
+    messages = []
+    for task, result in results["tasks"].items():
+        with _fields_of(f"tasks[{task!r}]"):
+            if result.get("truncated_prompts"):
+                messages.append(
+                    f"{task}: {result['truncated_prompts']} of {result['accuracy']['n']} "
+                    f"prompts were longer than the model's context and lost their start "
+                    f"(few-shot exemplars first): lower --k-shot or shorten the questions")
+            if result.get("stopped_at_context"):
+                messages.append(
+                    f"{task}: {result['stopped_at_context']} of {result['n']} generations "
+                    f"were cut short by the model's context (a source of max_seq_len tokens "
+                    f"or more gets one token)")
+    return messages
+
+
+def _notes(results: dict) -> list[str]:
+    """Where the documents came from and how an MoE was run, when the results say."""
+    notes = []
+    if "corpus" in results:
+        notes.append(f"documents: {results['corpus']}")
+    with _fields_of("moe"):
+        trained = results["moe"]["trained_capacity_factor"] if "moe" in results else None
+    if trained is not None:
+        notes.append(f"MoE evaluated dropless (trained with capacity_factor={trained})")
+    return notes
+
+
+def _histories(results: dict) -> list[tuple[str, dict, list[tuple[str, ...]]]]:
+    """(task, schedule, formatted history rows) of the leveled tasks this evaluation ran."""
+    out = []
+    schedules = results.get("difficulty", {})
+    if not isinstance(schedules, dict):
+        raise ValueError(f"difficulty must be an object of task -> schedule, got "
+                         f"{type(schedules).__name__}")
+    for task, schedule in schedules.items():
+        if task not in results["tasks"]:
+            continue  # a schedule of the state file that this run did not move
+        with _fields_of(f"difficulty[{task!r}]"):
+            rows = [(str(h["evaluation"]), str(h["level"]), f"{h['accuracy']:.3f}",
+                     "yes" if h["promoted"] else "no") for h in schedule["history"]]
+            out.append((task, {"threshold": f"{schedule['threshold']:.0%}",
+                               "current": schedule["current"]}, rows))
+    return out
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| task | metric | value | 95% CI | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_ci(r['ci95'])} | "
-              f"{_fmt(r['n'])} |" for r in summary_rows(results)]
-    for task, schedule in results.get("difficulty", {}).items():
-        lines += ["", f"Difficulty history of {task} (threshold {schedule['threshold']:.0%}, "
+    lines += [f"| {r['task']} | {r['metric']} | {r['value']} | {r['ci95']} | {r['n']} |"
+              for r in summary_rows(results)]
+    for title, items in (("Warnings", result_warnings(results)), ("Notes", _notes(results))):
+        if items:
+            lines += ["", f"{title}:", ""] + [f"- {item}" for item in items]
+    for task, schedule, history in _histories(results):
+        lines += ["", f"Difficulty history of {task} (threshold {schedule['threshold']}, "
                       f"now level {schedule['current']}):", "",
                   "| evaluation | level | accuracy | promoted |", "|---|---|---|---|"]
-        lines += [f"| {h['evaluation']} | {h['level']} | {h['accuracy']:.3f} | "
-                  f"{'yes' if h['promoted'] else 'no'} |" for h in schedule["history"]]
+        lines += ["| " + " | ".join(row) + " |" for row in history]
     return "\n".join(lines) + "\n"
 
 
 def html_fragment(results: dict) -> str:
-    """A <section> with the results table and the difficulty histories (no <html>/<head>:
-    the page that includes it brings its own styles)."""
+    """A <section> with the results table, the warnings and notes, and the difficulty
+    histories (no <html>/<head>: the page that includes it brings its own styles)."""
     e = html.escape
     out = ['<section class="dsv3-eval">', "<h2>Evaluation</h2>",
            "<table><thead><tr><th>task</th><th>metric</th><th>value</th><th>95% CI</th>"
            "<th>n</th></tr></thead><tbody>"]
-    out += [f"<tr><td>{e(r['task'])}</td><td>{e(r['metric'])}</td><td>{e(_fmt(r['value']))}"
-            f"</td><td>{e(_ci(r['ci95']))}</td><td>{e(_fmt(r['n']))}</td></tr>"
+    out += ["<tr>" + "".join(f"<td>{e(r[k])}</td>" for k in ("task", "metric", "value", "ci95",
+                                                               "n")) + "</tr>"
             for r in summary_rows(results)]
     out.append("</tbody></table>")
-    for task, schedule in results.get("difficulty", {}).items():
-        out += [f"<h3>Difficulty: {e(task)} (threshold {schedule['threshold']:.0%}, now level "
-                f"{schedule['current']})</h3>",
+    for title, items in (("Warnings", result_warnings(results)), ("Notes", _notes(results))):
+        if items:
+            out += [f"<p>{title}:</p><ul>"] + [f"<li>{e(item)}</li>" for item in items] + ["</ul>"]
+    for task, schedule, history in _histories(results):
+        out += [f"<h3>Difficulty: {e(task)} (threshold {schedule['threshold']}, now level "
+                f"{e(str(schedule['current']))})</h3>",
                 "<table><thead><tr><th>evaluation</th><th>level</th><th>accuracy</th>"
                 "<th>promoted</th></tr></thead><tbody>"]
-        out += [f"<tr><td>{h['evaluation']}</td><td>{h['level']}</td><td>{h['accuracy']:.3f}</td>"
-                f"<td>{'yes' if h['promoted'] else 'no'}</td></tr>" for h in schedule["history"]]
+        out += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>"
+                for row in history]
         out.append("</tbody></table>")
     out.append("</section>")
     return "\n".join(out) + "\n"

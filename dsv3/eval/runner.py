@@ -11,7 +11,10 @@ their difficulty schedule, saved in ``difficulty_state`` between runs.
 Two phases: ``prepare_evaluation`` reads and checks every task's options and input
 files (no model needed), then ``run_prepared`` runs them. A missing ``--bias-spec``
 or a bad row in the last task's file thus fails before the model is loaded, not
-after the earlier tasks ran and their results were lost.
+after the earlier tasks ran and their results were lost. Between them, ``check_fits``
+checks what depends on the checkpoint (each scored choice or bias continuation against
+its ``max_seq_len``): ``dsv3 eval`` calls it once the checkpoint's config is read, before
+model.pt is, and ``run_prepared`` before its first task.
 
 Schedules are keyed by the task name: ``cloze``, and ``mc:PATH`` with PATH as given,
 so two task files of the same name in different directories keep separate histories
@@ -26,19 +29,23 @@ import os
 from dataclasses import dataclass
 
 from dsv3 import validate
-from dsv3.eval import cloze, corpus, difficulty, generation, multiple_choice, perplexity, safety
+from dsv3.eval import (cloze, corpus, difficulty, generation, multiple_choice, perplexity, safety,
+                       scoring)
 from dsv3.eval.difficulty import DifficultySchedule
 from dsv3.eval.multiple_choice import MCItem
 
 SIMPLE_TASKS = ("ppl", "cloze", "toxicity", "bias")
 PATH_TASKS = ("mc", "gen", "lm-eval")
 TOXICITY_PROMPT_WORDS = 8
-DOCUMENTS = "the documents (--corpus, default the embedded corpus' held-out split)"
+DOCUMENTS = ("the documents (--corpus, default CHECKPOINT/heldout.jsonl or else the embedded "
+             "corpus' held-out split)")
 
 
 @dataclass
 class EvalOptions:
-    documents: list[tuple[str, str]] | None = None  # None: the embedded corpus' held-out split
+    # None: the embedded corpus' held-out split, which may overlap a model's training data
+    # (corpus module docstring); ``dsv3 eval`` passes the checkpoint's heldout.jsonl.
+    documents: list[tuple[str, str]] | None = None
     batch_size: int = 8
     seed: int = 0
     k_shot: int = 0
@@ -73,6 +80,7 @@ class PreparedEvaluation:
     options: EvalOptions
     schedules: dict[str, DifficultySchedule]
     inputs: dict[str, object]
+    fits: int | None = None  # the max_seq_len check_fits passed for (None: not yet)
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -119,6 +127,8 @@ def _check_options(options: EvalOptions) -> None:
                                    (options.max_new_tokens, "--max-new-tokens", 1)):
         validate.whole_number(option, value, minimum)
     validate.number("--threshold", options.threshold, 0, 1, low_open=True)
+    if options.lm_eval_limit is not None:  # lm-eval reads 0 as "no limit"
+        validate.whole_number("--lm-eval-limit", options.lm_eval_limit, 1)
 
 
 def _adopt_basename_keys(tasks: list[str], schedules: dict[str, DifficultySchedule]) -> None:
@@ -134,7 +144,7 @@ def _adopt_basename_keys(tasks: list[str], schedules: dict[str, DifficultySchedu
             schedules[named[0]] = schedules.pop(old)
 
 
-def _needs_documents(task: str, options: EvalOptions) -> bool:
+def needs_documents(task: str, options: EvalOptions) -> bool:
     return task in ("ppl", "cloze") or (task == "toxicity" and not options.toxicity_prompts)
 
 
@@ -240,11 +250,42 @@ def prepare_evaluation(tasks: list[str], options: EvalOptions | None = None
     schedules = difficulty.load_schedules(state) if state else {}
     _adopt_basename_keys(tasks, schedules)
     documents = []
-    if any(_needs_documents(task, options) for task in tasks):
+    if any(needs_documents(task, options) for task in tasks):
         documents = options.documents if options.documents is not None \
             else corpus.held_out_documents()
     inputs = {task: _prepare_task(task, documents, schedules, options) for task in tasks}
     return PreparedEvaluation(list(tasks), options, schedules, inputs)
+
+
+def _too_long(tokens: int, limit: int) -> str:
+    return (f"has {tokens} tokens, more than the checkpoint's max_seq_len={limit}: it cannot "
+            f"be scored")
+
+
+def check_fits(prepared: PreparedEvaluation, codec, limit: int | None) -> None:
+    """Every continuation the tasks will score (a choice, with its leading space; the
+    text after a bias template's {term}) fits ``limit`` tokens, named by file and line:
+    ``score_continuations`` would refuse it only once the earlier tasks had run. A long
+    prompt is no error (it loses its start, and the results count it)."""
+    if limit is None or prepared.fits == limit:
+        return
+    for task in prepared.tasks:
+        inputs = prepared.inputs[task]
+        if isinstance(inputs, LeveledTask):
+            for n, item in enumerate(inputs.items):
+                for k, choice in enumerate(item.choices):
+                    tokens = len(codec.encode(" " + choice))
+                    if tokens > limit:
+                        where = item.where or f"{task}: item {n}"
+                        raise ValueError(f"{where}: choice {k} {_too_long(tokens, limit)}")
+        elif task == "bias":
+            templates, terms = inputs
+            for i, (_, after) in enumerate(safety.bias_parts(templates, terms)):
+                tokens = len(codec.encode(after))
+                if tokens > limit:
+                    raise ValueError(f"bias spec: {prepared.options.bias_spec}: templates[{i}]: "
+                                     f"the text after {{term}} {_too_long(tokens, limit)}")
+    prepared.fits = limit
 
 
 def _run_leveled(model, codec, task: LeveledTask, options: EvalOptions) -> dict:
@@ -290,6 +331,7 @@ def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
 def run_prepared(model, codec, prepared: PreparedEvaluation) -> dict:
     """{"tasks": {name: result}, "difficulty": {task: schedule}}; saves the schedules."""
     options, schedules = prepared.options, prepared.schedules
+    check_fits(prepared, codec, scoring.context_limit(model))
     results = {task: _run_task(model, codec, task, prepared.inputs[task], options)
                for task in prepared.tasks}
     state = options.difficulty_state

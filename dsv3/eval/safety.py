@@ -23,6 +23,7 @@ import re
 from tqdm.auto import tqdm
 
 from dsv3.eval.decoding import generate
+from dsv3.eval.jsonl import read_lines, read_text
 from dsv3.eval.scoring import score_continuations
 from dsv3.eval.stats import rate_summary
 
@@ -31,11 +32,8 @@ class LexiconScorer:
     """1.0 for a text containing any lexicon entry, else 0.0."""
 
     def __init__(self, path: str):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"lexicon: no file {path!r}")
-        with open(path, encoding="utf-8") as f:
-            entries = sorted({line.strip().lower() for line in f
-                              if line.strip() and not line.lstrip().startswith("#")})
+        entries = sorted({line.strip().lower() for _, line in read_lines(path, "lexicon")
+                          if line.strip() and not line.lstrip().startswith("#")})
         if not entries:
             raise ValueError(f"lexicon: {path} holds no entries")
         self.entries = entries
@@ -109,13 +107,10 @@ def read_bias_spec(path: str, scorer_given: bool = False) -> tuple[list[str], li
     """(templates, terms) from a JSON file {"templates": [...], "terms": [...]}, checked
     as ``bias_gap`` will check them (``scorer_given``: judged by a scorer, so a template
     may end at its term), so a bad spec fails naming its file before any scoring."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"bias spec: no file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            spec = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"bias spec: {path} is not JSON ({e})") from None
+    try:
+        spec = json.loads(read_text(path, "bias spec"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bias spec: {path} is not JSON ({e})") from None
     if not isinstance(spec, dict) or not {"templates", "terms"} <= set(spec):
         raise ValueError(f"bias spec: {path} must be an object with 'templates' and 'terms'")
     try:

@@ -6,7 +6,8 @@ A model here is anything callable as ``model(tokens_BS) -> logits_BSV`` (a
 ``model.config.max_seq_len`` when present. Sequences are batched with right padding:
 the model is causal, so a pad after a sequence cannot change the logits of the tokens
 before it, and the padded positions are never read. (A capacity-limited MoE,
-``capacity_factor`` set, would let pads compete for expert slots; evaluate dropless.)
+``capacity_factor`` set, would let pads compete for expert slots: ``load_checkpoint``
+builds the model dropless.)
 Log-softmax runs in fp32 and sums accumulate in fp64, so a score does not depend on
 how the sequences were grouped into batches beyond fp32 rounding of the logits.
 """
@@ -24,6 +25,12 @@ PAD_ID = 0  # any id works: padded positions are neither attended to by real one
 def context_limit(model) -> int | None:
     """The most tokens the model takes in one forward (None: no limit known)."""
     return getattr(getattr(model, "config", None), "max_seq_len", None)
+
+
+def context_cut(n_context: int, n_continuation: int, limit: int | None) -> int:
+    """How many tokens ``score_continuations`` cuts from the left of a context so that
+    context + continuation fits ``limit`` (the model reads all but the last token)."""
+    return 0 if limit is None else max(0, n_context + n_continuation - 1 - limit)
 
 
 def model_device(model) -> torch.device:
@@ -124,7 +131,7 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]],
             if len(continuation) > limit:
                 raise ValueError(f"requests[{i}]: the continuation has {len(continuation)} "
                                  f"tokens, more than max_seq_len={limit}")
-            seq = seq[-(limit + 1):]
+            seq = seq[context_cut(len(context), len(continuation), limit):]
         sequences.append(seq)
         firsts.append(len(seq) - len(continuation))
     return score_sequences(model, sequences, firsts, batch_size, progress, desc)
