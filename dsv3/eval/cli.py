@@ -92,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.eval.corpus import read_documents
     from dsv3.eval.loading import load_checkpoint, read_checkpoint
     from dsv3.eval.report import result_warnings, write_results
-    from dsv3.eval.runner import (EvalOptions, check_fits, check_output_path, needs_documents,
+    from dsv3.eval.runner import (EvalOptions, check_fits, needs_documents,
                                   parse_tasks, prepare_evaluation, run_prepared)
+    from dsv3.validate import output_path
 
     tasks = parse_tasks(args.tasks)
     check_device(args.device)
     # eval.json is written last: a bad --out must not cost the whole evaluation.
-    check_output_path(args.out, "--out", directory=True)
+    output_path("--out", args.out, directory=True)
     corpus = _corpus(args)
     options = EvalOptions(
         documents=read_documents(corpus) if corpus else None,

@@ -102,23 +102,6 @@ def _check_task_name(task: str) -> None:
                          f"{', '.join(k + ':...' for k in PATH_TASKS)}")
 
 
-def check_output_path(path: str, what: str, directory: bool = False) -> None:
-    """Fail now, not after the evaluation ran, when ``path`` cannot be written: a file
-    where a directory is wanted (or the other way round), a file on the way to it, or a
-    directory this user may not write to."""
-    path = os.path.abspath(path)
-    kind = "directory" if directory else "file"
-    if os.path.exists(path) and os.path.isdir(path) != directory:
-        raise ValueError(f"{what}: {path} exists and is not a {kind}; a {kind} path is expected")
-    target = path if directory and os.path.isdir(path) else os.path.dirname(path)
-    while not os.path.exists(target):  # the nearest part that exists is where it is created
-        target = os.path.dirname(target)
-    if not os.path.isdir(target):
-        raise ValueError(f"{what}: cannot create {path}: {target} is a file, not a directory")
-    if not os.access(target, os.W_OK):
-        raise ValueError(f"{what}: cannot write {path}: {target} is not writable")
-
-
 def _check_options(options: EvalOptions) -> None:
     """The numeric settings, named as the command spells them."""
     for value, option, minimum in ((options.batch_size, "--batch-size", 1),
@@ -246,7 +229,7 @@ def prepare_evaluation(tasks: list[str], options: EvalOptions | None = None
     _check_options(options)
     state = options.difficulty_state
     if state:
-        check_output_path(state, "--difficulty-state")
+        validate.output_path("--difficulty-state", state)
     schedules = difficulty.load_schedules(state) if state else {}
     _adopt_basename_keys(tasks, schedules)
     documents = []
