@@ -20,6 +20,13 @@ import dsv3.commands
 from dsv3.user_errors import is_bad_input
 
 
+# The optional packages the commands import, and the pyproject extra that brings each.
+OPTIONAL_PACKAGES = {"datasets": "data", "datasketch": "data", "pyarrow": "data",
+                     "xxhash": "data", "tokenizers": "train", "tensorboard": "train",
+                     "matplotlib": "train", "yaml": "train", "sacrebleu": "eval",
+                     "transformers": "transformers", "pyspark": "spark"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="dsv3: a Mixture-of-Experts engine for PyTorch; its data "
@@ -39,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_bad_input(e):
             raise
-        print(f"{parser.prog} {args.group}: error: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, ModuleNotFoundError) and e.name in OPTIONAL_PACKAGES:
+            hint = f" (an optional package: pip install 'dsv3[{OPTIONAL_PACKAGES[e.name]}]')"
+        print(f"{parser.prog} {args.group}: error: {e}{hint}", file=sys.stderr)
         return 2
 
 

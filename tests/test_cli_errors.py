@@ -27,3 +27,37 @@ def test_an_oserror_without_a_path_is_a_bug_with_its_traceback(tmp_path, monkeyp
     monkeypatch.setattr(report_command, "_report", times_out)
     with pytest.raises(TimeoutError):
         main(["report", "--run", str(tmp_path)])
+
+
+def test_a_missing_optional_package_names_the_extra_that_brings_it(tmp_path, capsys,
+                                                                   monkeypatch):
+    def needs_matplotlib(args):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(report_command, "_report", needs_matplotlib)
+    assert main(["report", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("dsv3 report: error: No module named 'matplotlib' (an optional package: "
+                   "pip install 'dsv3[train]')")
+
+
+def test_the_command_line_loads_on_the_core_dependencies_alone():
+    """`dsv3 --help` with none of the optional packages importable (a plain
+    `pip install dsv3`): every command's module loads them only when it runs."""
+    import subprocess
+    import sys
+
+    from dsv3.cli import OPTIONAL_PACKAGES
+    blocked = sorted(OPTIONAL_PACKAGES)
+    code = ("import sys\n"
+            f"class Block:\n"
+            f"    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {blocked!r}:\n"
+            f"            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from dsv3.cli import main\n"
+            "main(['--help'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "train" in done.stdout and "eval" in done.stdout
