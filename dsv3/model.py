@@ -9,11 +9,14 @@ layers dense: early layers gain little from experts). Presets go from ``tiny``
 
 Activation checkpointing per block: ``"full"`` recomputes the whole block in the
 backward; ``"selective"`` keeps the matmul outputs and the router's decisions and
-recomputes only the cheap elementwise work.
+recomputes only the cheap elementwise work. Under ``torch.compile`` only ``"full"`` runs
+(see ``Transformer.compile``).
 """
 import contextlib
+import copy
 import functools
 import inspect
+import threading
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -23,6 +26,7 @@ from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
 from dsv3.moe import MoE, MoEConfig, SwiGLUMLP, recomputing
+from dsv3.validate import WrongType, number, of_type, whole_number
 
 CHECKPOINTING = ("none", "full", "selective")
 
@@ -45,10 +49,17 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise WrongType(f"ModelConfig: moe must be a MoEConfig, a dict of its fields or None, "
+                            f"got {self.moe!r}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "dense_ffn_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig: {name} must be a positive int, got {value!r}")
+            whole_number(f"ModelConfig: {name}", getattr(self, name), 1)
+        if self.n_kv_heads is not None:  # None: as many as n_heads; 0 is no head at all
+            whole_number("ModelConfig: n_kv_heads", self.n_kv_heads, 1)
+        whole_number("ModelConfig: n_dense_layers", self.n_dense_layers, 0)
+        number("ModelConfig: rope_theta", self.rope_theta, 0, low_open=True)
+        number("ModelConfig: norm_eps", self.norm_eps, 0, low_open=True)
+        of_type("ModelConfig: tie_embeddings", self.tie_embeddings, bool)
         kv_heads = self.n_kv_heads or self.n_heads
         if self.dim % self.n_heads or self.n_heads % kv_heads:
             raise ValueError(f"ModelConfig: n_heads={self.n_heads} must divide dim={self.dim} and "
@@ -88,9 +99,11 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of ``PRESETS[name]`` with ``overrides``; deep, so that changing its ``moe``
+    leaves the preset (and every later ``preset(name)``) alone."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
@@ -150,6 +163,17 @@ class Block(nn.Module):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH, kv_cache)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
+    def residual_projections(self) -> list[nn.Module]:
+        """The projections that write into the residual stream: attention's ``out``, the
+        dense FFN's ``down_proj`` or the shared experts' one. Their output only feeds an
+        add, which nothing in the backward reads: selective checkpointing recomputes it."""
+        projections = [self.attn.out]
+        if isinstance(self.ffn, SwiGLUMLP):
+            projections.append(self.ffn.down_proj)
+        elif self.ffn.shared_experts is not None:
+            projections.append(self.ffn.shared_experts.down_proj)
+        return projections
+
 
 # What selective checkpointing keeps: matmuls (their recomputation is the cost) and
 # the router's decisions (recomputing them is cheap, but keeping them guarantees the
@@ -168,33 +192,87 @@ _SAC_HOOKS = ({"respect_saved_tensors_hooks": True}
               if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
 
 
-def _selective_policy(residual_weights, ctx, op, *args, **kwargs):
+# Set while a residual projection (Block.residual_projections) runs, for the policy.
+_in_residual_projection = threading.local()
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
     """Keep matmul and routing outputs, except the projections whose output only
     feeds a residual add (nothing in the backward reads it: keeping it is waste)."""
     if op in _SAVED_OPS:
-        reads_residual_weight = any(isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr()
-                                    in residual_weights for a in args)
-        saved = not reads_residual_weight
+        # Told by the module running, not by the weight's storage: under autocast the
+        # matmul reads autocast's bf16 copy of the weight, a storage of its own.
+        saved = not getattr(_in_residual_projection, "active", False)
     else:
         saved = getattr(op, "namespace", None) == "dsv3" and op._opname in _SAVED_DSV3_OPS
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _checkpoint_contexts(mode: str, residual_weights: set):
-    """(forward context, recompute context); the recompute one also tells the MoE
-    layers that this forward is a replay (their balance counts must not double)."""
-    if mode == "full":
-        forward_ctx, recompute_ctx = contextlib.nullcontext(), contextlib.nullcontext()
-    else:
-        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(
-            functools.partial(_selective_policy, residual_weights))
-    return forward_ctx, _replay(recompute_ctx)
+def _enter_residual_projection(module, args):
+    _in_residual_projection.active = True
+
+
+def _leave_residual_projection(module, args, output):
+    _in_residual_projection.active = False
 
 
 @contextlib.contextmanager
-def _replay(recompute_ctx):
-    with recomputing(), recompute_ctx:
+def _marking(projections: list[nn.Module]):
+    """Hooks on ``projections`` that flag their forward for _selective_policy, only
+    while the checkpointed forward or its replay runs (the same ops, so the policy
+    decides the same way both times). Around the checkpoint call for the forward: the
+    forward context must be checkpoint's own mode, which it configures by type."""
+    handles = []
+    try:
+        for module in projections:
+            handles.append(module.register_forward_pre_hook(_enter_residual_projection))
+            handles.append(module.register_forward_hook(_leave_residual_projection,
+                                                        always_call=True))
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _checkpoint_contexts(mode: str, residual_projections: list[nn.Module]):
+    """(forward context, recompute context); the recompute one also tells the MoE
+    layers that this forward is a replay (their balance counts must not double)."""
+    if mode == "full":
+        return contextlib.nullcontext(), _replay(contextlib.nullcontext())
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_selective_policy)
+    return forward_ctx, _replay(recompute_ctx, _marking(residual_projections))
+
+
+@contextlib.contextmanager
+def _replay(recompute_ctx, marking=None):
+    with recomputing(), marking or contextlib.nullcontext(), recompute_ctx:
+        yield
+
+
+def _refusal(message: str):
+    """A function raising ValueError(message) that torch.compile never traces: called in
+    a compiled forward it raises when run, or under fullgraph=True fails the compile with
+    ``message`` as the reason (an exception raised in traced code loses its message)."""
+    def refuse():
+        raise ValueError(message)
+    # (An older torch takes no reason: its fullgraph error then names only the function.)
+    takes_reason = "reason" in inspect.signature(torch.compiler.disable).parameters
+    return torch.compiler.disable(refuse, **({"reason": message} if takes_reason else {}))
+
+
+# Dynamo's setting that lets a checkpointed region's Python side effects (the MoE's
+# recorded losses and counts) happen once, in the forward, and not again in the recompute.
+_SKIP_REPLAY = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+_SKIP_REPLAY_FLAG = f"torch._dynamo.config.{_SKIP_REPLAY}"
+_refuse_selective_compiled = _refusal(
+    "Transformer: checkpointing='selective' does not run under torch.compile: its policy "
+    "tells the residual projections apart by the module running, which a compiled graph no "
+    "longer shows; use checkpointing='full' or 'none'")
+_refuse_full_compiled = _refusal(
+    f"Transformer: checkpointing='full' under torch.compile needs {_SKIP_REPLAY_FLAG} = True "
+    "(the MoE layers record their losses and balance counts in the forward; compiled "
+    "checkpointing can only replay that or skip it, and only skipping is right): set it, or "
+    "compile with model.compile(), which sets it for the model's own calls")
 
 
 class Transformer(nn.Module):
@@ -207,12 +285,55 @@ class Transformer(nn.Module):
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos_SH, sin_SH = rope_tables(config.dim // config.n_heads, config.max_seq_len,
-                                     config.rope_theta)
-        self.register_buffer("rope_cos", cos_SH, persistent=False)
-        self.register_buffer("rope_sin", sin_SH, persistent=False)
+        self.init_rope()
+        # load_state_dict(assign=True) on a meta-device model leaves the tables on meta.
+        self.register_load_state_dict_post_hook(_init_rope_after_load)
         self.checkpointing = "none"
         self.apply(self._init_weights)
+
+    def init_rope(self, device=None) -> None:
+        """(Re)compute the rotary tables ``rope_cos``/``rope_sin`` on ``device`` (default:
+        where they are), in their dtype. They are non-persistent buffers, in no state dict:
+        after ``to_empty()`` (a model built on the meta device) they would hold
+        uninitialized memory that no ``load_state_dict`` refills. ``to_empty()`` and the
+        other ``.to()`` moves, and ``load_state_dict``, call this themselves."""
+        c = self.config
+        old_cos = self._buffers.get("rope_cos")
+        if device is None and old_cos is not None:
+            device = old_cos.device
+        cos_SH, sin_SH = rope_tables(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, device)
+        for name, table_SH in (("rope_cos", cos_SH), ("rope_sin", sin_SH)):
+            buffer = self._buffers.get(name)
+            if buffer is not None and buffer.device == table_SH.device and (
+                    buffer.shape == table_SH.shape):
+                with torch.no_grad():
+                    buffer.copy_(table_SH)  # in place: shared memory, captured graphs keep it
+            else:
+                dtype = buffer.dtype if buffer is not None else table_SH.dtype
+                self.register_buffer(name, table_SH.to(dtype), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # to_empty() (and every .to()) goes through here: the tables are recomputed
+        # rather than kept as whatever fn made of them (uninitialized, for to_empty).
+        module = super()._apply(fn, recurse)
+        self.init_rope()
+        return module
+
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile``, whose compiled calls run with
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint set, for
+        them only: full checkpointing then compiles, the MoE layers' losses and balance
+        counts recorded once by the forward and not again by the recompute, as in eager.
+        ``torch.compile(model)`` with checkpointing needs that setting set by the caller."""
+        super().compile(*args, **kwargs)
+        if not hasattr(torch._dynamo.config, _SKIP_REPLAY):  # an older torch: forward refuses
+            return
+        compiled_call = self._compiled_call_impl
+
+        def call_skipping_replayed_side_effects(*call_args, **call_kwargs):
+            with torch._dynamo.config.patch(**{_SKIP_REPLAY: True}):
+                return compiled_call(*call_args, **call_kwargs)
+        self._compiled_call_impl = call_skipping_replayed_side_effects
 
     @staticmethod
     def _init_weights(module):
@@ -235,29 +356,31 @@ class Transformer(nn.Module):
                              f"{self.config.max_seq_len}")
         cos_SH, sin_SH = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
         x_BSD = self.embed(tokens_BS)
+        checkpointing = self.checkpointing != "none" and self.training and kv_cache is None
+        if checkpointing and torch.compiler.is_compiling():
+            # Dynamo takes no context_fn but a selective one (and no closure at all), and
+            # refuses the MoE's side effects in a checkpoint without the setting.
+            if self.checkpointing == "selective":
+                _refuse_selective_compiled()
+            elif not getattr(torch._dynamo.config, _SKIP_REPLAY, False):
+                _refuse_full_compiled()
         for block in self.blocks:
-            if self.checkpointing != "none" and self.training and kv_cache is None:
-                x_BSD = checkpoint(block, x_BSD, cos_SH, sin_SH, use_reentrant=False,
-                                   context_fn=lambda: _checkpoint_contexts(
-                                       self.checkpointing, self._residual_weights()),
-                                   **_SAC_HOOKS)
+            if checkpointing and torch.compiler.is_compiling():
+                x_BSD = checkpoint(block, x_BSD, cos_SH, sin_SH, use_reentrant=False)
+            elif checkpointing:
+                projections = block.residual_projections()
+                with (_marking(projections) if self.checkpointing == "selective"
+                      else contextlib.nullcontext()):
+                    x_BSD = checkpoint(block, x_BSD, cos_SH, sin_SH, use_reentrant=False,
+                                       context_fn=functools.partial(
+                                           _checkpoint_contexts, self.checkpointing,
+                                           projections),
+                                       **_SAC_HOOKS)
             else:
                 x_BSD = block(x_BSD, cos_SH, sin_SH, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(seq)
         return self.head(self.norm(x_BSD))
-
-    def _residual_weights(self) -> set:
-        """Storages of the projections that write into the residual stream."""
-        weights = []
-        for block in self.blocks:
-            weights.append(block.attn.out.weight)
-            ffn = block.ffn
-            if isinstance(ffn, SwiGLUMLP):
-                weights.append(ffn.down_proj.weight)
-            elif ffn.shared_experts is not None:
-                weights.append(ffn.shared_experts.down_proj.weight)
-        return {w.untyped_storage().data_ptr() for w in weights}
 
     def moe_layers(self) -> list[MoE]:
         return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
@@ -272,6 +395,12 @@ class Transformer(nn.Module):
             per_expert = (moe.gate_up_proj.numel() + moe.down_proj.numel()) // len(moe.expert_range)
             total -= per_expert * (len(moe.expert_range) - c.top_k)
         return total
+
+
+def _init_rope_after_load(model: Transformer, incompatible_keys) -> None:
+    # On the weights' device: after load_state_dict(assign=True) from the meta device
+    # they hold the loaded tensors while the tables are still on meta.
+    model.init_rope(model.embed.weight.device)
 
 
 class KVCache:

@@ -106,9 +106,10 @@ class MoEStats:
     caller's choice of when to sync."""
     tokens_per_expert: torch.Tensor  # int32 [E], copies each expert computed
     dropped_tokens: torch.Tensor  # int64 scalar, copies dropped by the capacity limit
-    aux_loss: torch.Tensor  # fp32 scalar, load-balance loss (already times its coef)
-    z_loss: torch.Tensor  # fp32 scalar, router z-loss (already times its coef)
-    # fp32 scalar, mean over tokens of the entropy of the normalized router scores;
+    # Scalars in the router's dtype (fp32; fp64 in a float64 layer), already times their coef:
+    aux_loss: torch.Tensor  # load-balance loss
+    z_loss: torch.Tensor  # router z-loss
+    # Scalar (router's dtype), mean over tokens of the entropy of the normalized router scores;
     # computed only while the layer's ``collect_router_entropy`` is set (an extra pass
     # over the logits), else None.
     router_entropy: torch.Tensor | None = None
@@ -153,6 +154,11 @@ class MoE(nn.Module):
     parallelism, dsv3.distributed.expert_parallel): this rank then holds only
     ``expert_range`` in ``gate_up_proj``/``down_proj``; routing stays replicated.
     Dropless only (``capacity_factor=None``)."""
+
+    # Also for instances pickled whole before these existed (forward reads them);
+    # expert_range, which depends on the config, is filled in by __setstate__.
+    ep_group = None
+    collect_router_entropy = False
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None, ep_group=None):
         super().__init__()
@@ -208,6 +214,11 @@ class MoE(nn.Module):
             state["aux_loss"] = state["aux_loss"].detach()
         return state
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "expert_range" not in self.__dict__:  # pickled before expert parallelism existed
+            self.expert_range = range(self.config.n_experts)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # load_state_dict(assign=True) (meta-device init) takes the saved tensor itself,
@@ -252,7 +263,9 @@ class MoE(nn.Module):
         if x.device != gate_up.device:
             raise ValueError(f"MoE: x must be on the layer's device {gate_up.device}, got {x.device}")
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        # Autocast's own rule: it casts floating tensors other than float64 (an fp64 layer
+        # stays fp64, as its shared experts' nn.Linear does under autocast).
+        if torch.is_autocast_enabled(device_type) and gate_up.dtype != torch.float64:
             # Mixed precision: the experts run in the autocast dtype from the fp32 master
             # weights (the casts are differentiable); custom ops get no autocast of their own.
             compute_dtype = torch.get_autocast_dtype(device_type)
@@ -261,9 +274,11 @@ class MoE(nn.Module):
             raise TypeError(f"MoE: x must have the layer's dtype {gate_up.dtype}, got {x.dtype}")
         x_TD = x.reshape(-1, c.dim)
         n_tokens = x_TD.shape[0]
-        # Router logits in fp32: in bf16, near-equal scores tie and flip expert choices.
+        # Router logits in fp32 (in bf16, near-equal scores tie and flip expert choices), in
+        # fp64 for an fp64 layer: it runs exactly, gradients and balance losses included.
+        router_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+            logits_TE = F.linear(x_TD.to(router_dtype), self.router.weight.to(router_dtype))
         if n_tokens == 0:
             weights_TK, experts_TK, counts_E, *loss_sums = self._route_nothing(logits_TE)
         else:
@@ -291,7 +306,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
 
-        self._record(loss_sums, routed_E, counts_E, dropped, n_tokens)
+        self._record(loss_sums, routed_E, counts_E, dropped, n_tokens, logits_TE.dtype)
         if self.collect_router_entropy:
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
@@ -328,18 +343,18 @@ class MoE(nn.Module):
         weights_TK = weights_TK.masked_fill(dropped_TK, 0.0)
         return weights_TK, experts_TK, counts_E.clamp(max=capacity), dropped_TK.sum()
 
-    def _record(self, loss_sums, routed_E, computed_E, dropped, n_tokens) -> None:
+    def _record(self, loss_sums, routed_E, computed_E, dropped, n_tokens, dtype) -> None:
         """Balance losses from the router's own sums (``loss_sums``: score_sum_E and
         lse_sq_sum, present when training with a loss on) and the copies routed to each
-        expert (``routed_E``); the stats count the copies computed (``computed_E``:
-        routed_E less those past capacity)."""
+        expert (``routed_E``), in the router's ``dtype``; the stats count the copies
+        computed (``computed_E``: routed_E less those past capacity)."""
         c = self.config
-        aux = z = routed_E.new_zeros((), dtype=torch.float32)
+        aux = z = routed_E.new_zeros((), dtype=dtype)
         if loss_sums:
             score_sum_E, lse_sq_sum = loss_sums
             if c.aux_loss_coef > 0:
                 # Switch load balance: E * sum_e (fraction of copies to e) * (mean score of e).
-                fraction_E = routed_E.float() / (n_tokens * c.top_k)
+                fraction_E = routed_E.to(dtype) / (n_tokens * c.top_k)
                 aux = c.aux_loss_coef * c.n_experts * (fraction_E * score_sum_E).sum() / n_tokens
             if c.z_loss_coef > 0:
                 z = c.z_loss_coef * lse_sq_sum / n_tokens

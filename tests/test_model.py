@@ -1,15 +1,19 @@
 """dsv3.model: the decoder LM around dsv3.MoE. Shapes and layer kinds, the three
 activation-checkpointing modes against none (same loss and gradients, balance
-counts not doubled by the replay), KV-cache decoding against the full forward,
-parameter counts and bad configs."""
+counts not doubled by the replay; selective's choices under autocast), KV-cache decoding
+against the full forward, parameter counts, bad configs, presets and meta-device init."""
+import collections
 import dataclasses
+import math
 
 import pytest
 import torch
+from torch.utils.checkpoint import CheckpointPolicy
 
+import dsv3.model as model_module
 from conftest import assert_close
 from dsv3 import MoE
-from dsv3.model import KVCache, ModelConfig, Transformer, preset
+from dsv3.model import PRESETS, KVCache, ModelConfig, Transformer, preset
 from dsv3.moe import MoEConfig, SwiGLUMLP
 
 
@@ -84,14 +88,116 @@ def test_presets_build_and_validate():
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(n_heads=5), "n_heads=5 must divide dim=32"),
-    (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads=3"),
+    (dict(n_heads=4, n_kv_heads=3), "n_heads=4 .* multiple of n_kv_heads=3"),
     (dict(n_dense_layers=4), "n_dense_layers must be in"),
-    (dict(dim=0), "dim must be a positive int"),
+    (dict(dim=0), "dim must be >= 1, got 0"),
+    (dict(vocab_size=True), "vocab_size must be a whole number, got True"),
     (dict(moe=MoEConfig(dim=16, ffn_dim=8, n_experts=2, top_k=1)), "moe.dim=16 must equal dim=32"),
+    # Each let through before: a model built (n_kv_heads=0: as many as n_heads; the
+    # others ran on garbage) or failed later in torch with a message naming no field.
+    (dict(n_kv_heads=0), "n_kv_heads must be >= 1, got 0"),
+    (dict(n_kv_heads=-1), "n_kv_heads must be >= 1, got -1"),
+    (dict(n_kv_heads=2.0), "n_kv_heads must be a whole number, got 2.0"),
+    (dict(rope_theta=0.0), "rope_theta must be > 0, got 0.0"),
+    (dict(rope_theta=-1.0), "rope_theta must be > 0"),
+    (dict(rope_theta=math.inf), "rope_theta must be finite"),
+    (dict(norm_eps=0.0), "norm_eps must be > 0"),
+    (dict(norm_eps=-1.0), "norm_eps must be > 0"),
+    (dict(norm_eps=math.nan), "norm_eps must be finite, got nan"),
+    (dict(n_dense_layers=1.5), "n_dense_layers must be a whole number, got 1.5"),
+    (dict(n_dense_layers=True), "n_dense_layers must be a whole number, got True"),
+    (dict(n_dense_layers=-1), "n_dense_layers must be >= 0, got -1"),
+    (dict(tie_embeddings="no"), "tie_embeddings must be a bool, got 'no'"),
+    (dict(moe="x"), "moe must be a MoEConfig, a dict of its fields or None, got 'x'"),
 ])
 def test_bad_config_names_the_field(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"ModelConfig: {match}"):
         tiny(**overrides)
+
+
+def test_config_defaults_and_dict_moe_still_build():
+    model = tiny(n_kv_heads=None, moe=dict(dim=32, ffn_dim=48, n_experts=4, top_k=2))
+    assert model.blocks[0].attn.n_kv_heads == 4 and isinstance(model.blocks[1].ffn, MoE)
+
+
+def test_preset_returns_a_copy_of_its_moe_config():
+    # preset() copied shallowly: the MoEConfig was PRESETS' own, and changing it changed
+    # every later preset("tiny").
+    config = preset("tiny")
+    config.moe.capacity_factor = 1.25
+    assert config.moe is not PRESETS["tiny"].moe
+    assert preset("tiny").moe.capacity_factor is None
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["to_empty", "assign"])
+def test_meta_device_build_then_load_matches_the_original(assign):
+    """Built on the meta device, then to_empty() + load_state_dict() (or
+    load_state_dict(assign=True)): the rotary tables, non-persistent buffers that no
+    state dict carries, are recomputed. Before: uninitialized memory (NaN routing)."""
+    original = tiny().eval()
+    with torch.device("meta"):
+        model = tiny()
+    if not assign:
+        model.to_empty(device="cpu")
+    model.load_state_dict(original.state_dict(), assign=assign)
+    model.eval()
+    assert model.rope_cos.device.type == "cpu"
+    assert torch.equal(model.rope_cos, original.rope_cos)
+    assert torch.equal(model.rope_sin, original.rope_sin)
+    tokens = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(tokens), original(tokens))
+
+
+def test_rope_tables_survive_to_empty_and_casts():
+    model = tiny()
+    want = model.rope_cos.clone()
+    model.to_empty(device="cpu")
+    assert torch.equal(model.rope_cos, want)
+    model.to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.bfloat16
+    assert torch.equal(model.rope_cos, want.to(torch.bfloat16))
+
+
+def test_selective_checkpointing_under_autocast_recomputes_the_residual_projections(monkeypatch):
+    """The policy keeps matmul outputs except those of the projections writing into the
+    residual stream. Before, it recognised them by the weight's storage, and under
+    autocast the matmul reads autocast's bf16 copy: every output was kept (the trainer
+    always runs under autocast, so selective checkpointing saved nothing there)."""
+    model = tiny(moe=MoEConfig(dim=32, ffn_dim=48, n_experts=4, top_k=2, n_shared_experts=1))
+    tokens = torch.randint(0, 97, (2, 12))
+    decisions = collections.Counter()
+    running = {}
+    make_contexts = model_module.create_selective_checkpoint_contexts
+
+    def counting_contexts(policy, *args, **kwargs):
+        def counting_policy(ctx, op, *op_args, **op_kwargs):
+            decision = policy(ctx, op, *op_args, **op_kwargs)
+            if op in model_module._SAVED_OPS and not ctx.is_recompute:
+                decisions[(running["autocast"], decision)] += 1
+            return decision
+        return make_contexts(counting_policy, *args, **kwargs)
+    monkeypatch.setattr(model_module, "create_selective_checkpoint_contexts", counting_contexts)
+
+    def loss_and_grads(mode, autocast):
+        running["autocast"] = autocast
+        model.set_checkpointing(mode)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens).float().logsumexp(-1).mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for autocast in (False, True):
+        want = loss_and_grads("none", autocast)
+        got = loss_and_grads("selective", autocast)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    projections = 6  # attention's out x3, the dense down_proj, the shared experts' x2
+    for autocast in (False, True):
+        assert decisions[(autocast, CheckpointPolicy.PREFER_RECOMPUTE)] == projections
+    assert decisions[(True, CheckpointPolicy.MUST_SAVE)] == decisions[
+        (False, CheckpointPolicy.MUST_SAVE)] > 0
 
 
 def test_bad_tokens_and_too_long_input():

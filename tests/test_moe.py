@@ -496,3 +496,55 @@ def test_shared_experts_pickled_before_swiglu_limit_still_run():
     old = torch.load(buffer, weights_only=False)
     x = torch.randn(3, 8)
     torch.testing.assert_close(old(x), mlp.down_proj(ops.swiglu(mlp.gate_up_proj(x))))
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_float64_layer_passes_gradcheck_with_its_balance_losses(score):
+    """A float64 layer routes in float64: before, the router's logits were fp32 and
+    gradcheck failed for x and the router weight. Output and losses, w.r.t. x and every
+    weight (routed, shared, router), training with both balance losses on."""
+    moe = make_moe(torch.float64, dim=4, ffn_dim=6, n_experts=4, top_k=2, score=score,
+                   n_shared_experts=1, aux_loss_coef=0.1, z_loss_coef=0.01).train()
+    x_TD = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in moe.parameters()]
+
+    def output_and_losses(x_TD, *params):
+        y_TD = run_moe(moe, x_TD, *params)
+        return y_TD, moe.aux_loss
+
+    assert torch.autograd.gradcheck(output_and_losses, (x_TD, *params))
+    assert moe.aux_loss.dtype == moe.last_stats.z_loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("n_shared_experts", [0, 1])
+def test_float64_layer_ignores_autocast(n_shared_experts):
+    """Autocast leaves float64 alone (only fp32 is eligible), and so does the layer: before,
+    it cast x and the routed experts to bf16 anyway (silently; with shared experts, whose
+    nn.Linear autocast leaves fp64, the add then failed on mixed dtypes)."""
+    moe = make_moe(torch.float64, n_shared_experts=n_shared_experts)
+    x_TD = torch.randn(20, 32, dtype=torch.float64)
+    want = moe(x_TD)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = moe(x_TD)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, want)
+
+
+def test_layer_pickled_before_expert_parallelism_and_entropy_still_runs():
+    # A MoE saved whole (torch.save(model)) before ep_group, expert_range and
+    # collect_router_entropy existed has none of them; before: AttributeError on its
+    # first forward.
+    import io
+
+    moe = make_moe()
+    for name in ("ep_group", "expert_range", "collect_router_entropy"):
+        del moe.__dict__[name]  # what an old pickle restores
+    x_TD = torch.randn(6, 32)
+    y_TD = moe(x_TD)
+    buffer = io.BytesIO()
+    torch.save(moe, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert old.expert_range == range(8) and old.ep_group is None
+    assert not old.collect_router_entropy
+    assert torch.equal(old(x_TD), y_TD)
