@@ -133,13 +133,17 @@ def time_case(model_name, dtype, mode, repeats, warmup=2) -> dict[str, float]:
     # batched_mm streams a per-row copy of the expert weights (~0.4 GiB) and frees
     # it: whichever provider ran next found cold caches and unmapped memory, which
     # cost it ~0.7 ms on the bf16 Mixtral prefill (measured: 6.0 ms interleaved vs
-    # 4.8 ms alone). It is timed after the others instead of between them.
-    interleaved = tuple(p for p in PROVIDERS if p != "batched_mm")
+    # 4.8 ms alone). It is timed after the others instead of between them, except
+    # when decoding: one token's copy is K experts' weights, and timed alone, back to
+    # back, it found its weights in cache where the interleaved providers did not.
+    alone = () if mode == "decode" else ("batched_mm",)
+    interleaved = tuple(p for p in PROVIDERS if p not in alone)
     for r in range(repeats):
         for p in interleaved[r % len(interleaved):] + interleaved[:r % len(interleaved)]:
             timed(p)
-    for _ in range(repeats):
-        timed("batched_mm")
+    for p in alone:
+        for _ in range(repeats):
+            timed(p)
     return {p: statistics.median(t) for p, t in times.items()}
 
 
@@ -176,7 +180,8 @@ def report(rows, info) -> str:
         f"MoE block alone (router, experts), the part the providers change.", "",
         markdown_table(rows), "",
         f"- Medians of {info['repeats']} interleaved calls per provider after 2 warm-up calls "
-        "(batched_mm's after the others: its weight copies leave the next call cold caches); "
+        "(batched_mm's after the others, except in decode: its weight copies leave the next "
+        "call cold caches); "
         "ratios > 1 mean dsv3 (experts_implementation=\"dsv3\") is faster.",
         f"- Other processes used {foreign:.2f} cores on average during the timings"
         + (": **measured while the machine was shared**, so absolute times are noisy; "

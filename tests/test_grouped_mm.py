@@ -135,6 +135,43 @@ def test_grouped_mm_non_contiguous_rows():
                  reference.grouped_mm(x_SX, w_EXY, offsets_E))
 
 
+# Segments of 1-4 rows (decoding) skip BLAS on the CPU (csrc/cpu/small_rows.h); 5 rows
+# and up take it. Every count from 0 to 6 per expert, in one call, each weight layout
+# (the strided one has neither dim contiguous: BLAS again), rows read in place from a
+# strided x or gathered through token_S.
+FEW_ROWS_COUNTS_E = [1, 0, 2, 3, 4, 5, 6, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["EXY", "EYX_T", "strided"])
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+def test_segments_of_a_few_rows_match_reference(gather, layout, dtype):
+    counts_E = torch.tensor(FEW_ROWS_COUNTS_E)
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    S, E, X, Y = int(counts_E.sum()), len(FEW_ROWS_COUNTS_E), 37, 29
+    w_EXY = W_LAYOUTS[layout](torch.randn(E, X, Y).to(dtype))
+    x_big = torch.randn(S + 3, 2 * X).to(dtype)
+    if gather:  # every token once, in a shuffled order (top-1)
+        x_TX = x_big[:S, :X].contiguous()
+        row_map_TK = torch.randperm(S).to(torch.int32)[:, None]
+        got = ops.gather_grouped_mm(x_TX, w_EXY, offsets_E, row_map_TK)
+        token_S = torch.empty(S, dtype=torch.long)
+        token_S[row_map_TK[:, 0].long()] = torch.arange(S)
+        x_SX = x_TX[token_S]
+    else:
+        x_SX = x_big[3:, ::2][:, :X]  # rows 2X apart, not contiguous
+        got = ops.grouped_mm(x_SX, w_EXY, offsets_E)
+    want = reference.grouped_mm(x_SX.double(), w_EXY.double(), offsets_E)
+    if dtype == torch.float32:
+        assert_close(got, want.float())
+    else:
+        assert_close_to_reference(got, want, reference.grouped_mm(x_SX, w_EXY, offsets_E))
+    # Deterministic: the same bits again.
+    again = (ops.gather_grouped_mm(x_TX, w_EXY, offsets_E, row_map_TK) if gather
+             else ops.grouped_mm(x_SX, w_EXY, offsets_E))
+    assert torch.equal(got, again)
+
+
 # Rows per expert for the launch-variant tests: empty experts (first and in the middle),
 # a single-row expert, one of over two 32-row steps (the interpreter's BLOCK_M and
 # BLOCK_K: the forward's row tiles, the wgrad's reduction) ending in a partial one; the

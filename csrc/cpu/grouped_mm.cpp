@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "small_rows.h"
 
 namespace dsv3 {
 namespace {
@@ -127,6 +128,20 @@ at::Tensor input_rows(const at::Tensor& x, const at::Tensor& token_S, int64_t be
   return x.index_select(0, token_S.narrow(0, begin, count));
 }
 
+// Segments of a few rows (decoding) skip BLAS's fixed cost: see small_rows.h. Their
+// rows are read in place, gathered or not (no index_select copy).
+bool small_segment_mm(const at::Tensor& x, const at::Tensor& token_S, int64_t begin,
+                      int64_t count, const at::Tensor& w_XY, at::Tensor& out) {
+  if (count > kSmallRowsMax || (x.stride(1) != 1 && x.size(1) > 1)) return false;
+  const char* base = static_cast<const char*>(x.const_data_ptr());
+  const int64_t row_bytes = x.stride(0) * x.element_size();
+  const int32_t* tokens = token_S.defined() ? token_S.const_data_ptr<int32_t>() : nullptr;
+  const void* rows[kSmallRowsMax];
+  for (int64_t r = 0; r < count; ++r)
+    rows[r] = base + (tokens ? tokens[begin + r] : begin + r) * row_bytes;
+  return small_rows_mm(rows, count, w_XY, out);
+}
+
 at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w_EXY, const at::Tensor& offsets_E,
                            const at::Tensor& token_S, const char* op) {
   TORCH_CHECK_VALUE(x.dim() == 2 && w_EXY.dim() == 3 && x.size(1) == w_EXY.size(1), op,
@@ -143,7 +158,9 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w_EXY, const a
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     if (count == 0) return;
     at::Tensor out = y_SY.narrow(0, begin, count);
-    at::mm_out(out, input_rows(x, token_S, begin, count), w_EXY[e]);
+    const at::Tensor w_XY = w_EXY[e];
+    if (small_segment_mm(x, token_S, begin, count, w_XY, out)) return;
+    at::mm_out(out, input_rows(x, token_S, begin, count), w_XY);
   });
   return y_SY;
 }
