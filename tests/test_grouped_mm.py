@@ -172,6 +172,14 @@ def test_segments_of_a_few_rows_match_reference(gather, layout, dtype):
     assert torch.equal(got, again)
 
 
+def test_a_few_rows_of_another_dtype_than_the_weights_are_refused():
+    """The raw op skips the Python checks: rows of another dtype must not be read as
+    the weights' dtype by the few-rows path (BLAS refuses them)."""
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.ops.dsv3.grouped_mm(torch.randn(2, 8), torch.randn(1, 8, 4).to(torch.bfloat16),
+                                  torch.tensor([2], dtype=torch.int32))
+
+
 # Rows per expert for the launch-variant tests: empty experts (first and in the middle),
 # a single-row expert, one of over two 32-row steps (the interpreter's BLOCK_M and
 # BLOCK_K: the forward's row tiles, the wgrad's reduction) ending in a partial one; the

@@ -132,7 +132,10 @@ at::Tensor input_rows(const at::Tensor& x, const at::Tensor& token_S, int64_t be
 // rows are read in place, gathered or not (no index_select copy).
 bool small_segment_mm(const at::Tensor& x, const at::Tensor& token_S, int64_t begin,
                       int64_t count, const at::Tensor& w_XY, at::Tensor& out) {
-  if (count > kSmallRowsMax || (x.stride(1) != 1 && x.size(1) > 1)) return false;
+  // (Mixed dtypes go to BLAS, which refuses them: the rows are read as w's dtype here.)
+  if (count > kSmallRowsMax || x.scalar_type() != w_XY.scalar_type() ||
+      (x.stride(1) != 1 && x.size(1) > 1))
+    return false;
   const char* base = static_cast<const char*>(x.const_data_ptr());
   const int64_t row_bytes = x.stride(0) * x.element_size();
   const int32_t* tokens = token_S.defined() ? token_S.const_data_ptr<int32_t>() : nullptr;
