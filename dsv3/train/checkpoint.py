@@ -70,14 +70,30 @@ def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
     return path
 
 
+# What each directory remove_run clears holds when dsv3 wrote it: only these go (a
+# user's own files there, e.g. an eval/ of their scripts with out_dir ".", stay).
+RUN_FILES = {"checkpoint": ("state.pt", "state.pt.tmp", "rank*-step*.pt", "rank*-step*.pt.tmp"),
+             "final": ("config.json", "model.pt", "model.pt.tmp", "tokenizer.json",
+                       "heldout.jsonl"),
+             "eval": ("eval.json", "eval.md", "difficulty.json")}
+
+
 def remove_run(out_dir: Path) -> None:
     """Deletes the checkpoint, the exported model and the evaluation of the old model
     (``OUT_DIR/eval``, where ``make demo`` writes it), for a run that starts over: left
     until the new run's first save, an interrupted new run would resume the old one
     (and export the old model as its own), and the new run's report would show the old
-    model's scores (and its cloze difficulty schedule would start at the old level)."""
-    for name in ("checkpoint", "final", "eval"):
-        shutil.rmtree(Path(out_dir) / name, ignore_errors=True)
+    model's scores (and its cloze difficulty schedule would start at the old level).
+    Only the files dsv3 writes there (RUN_FILES); a directory left empty goes too."""
+    for name, patterns in RUN_FILES.items():
+        directory = Path(out_dir) / name
+        if not directory.is_dir():
+            continue
+        for pattern in patterns:
+            for path in directory.glob(pattern):
+                path.unlink(missing_ok=True)
+        if not any(directory.iterdir()):
+            directory.rmdir()
 
 
 def _world_mismatch(out_dir: Path, saved: int | None, world: int) -> str:
