@@ -387,3 +387,17 @@ def test_an_out_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     assert main(["train", "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
     assert "out_dir: " in capsys.readouterr().err
+
+
+def test_a_finished_run_without_its_export_gets_it_back(tmp_path, capsys):
+    """Killed between the last save and the export (or final/ deleted): the same command
+    exports the model again, training nothing. Before, it returned at once."""
+    command = _command_run(tmp_path)
+    assert main(command) == 0
+    state = (tmp_path / "out" / "checkpoint" / "state.pt").read_bytes()
+    (tmp_path / "out" / "final" / "model.pt").unlink()
+    capsys.readouterr()
+    assert main(command) == 0
+    assert (tmp_path / "out" / "final" / "model.pt").is_file()
+    assert json.loads(capsys.readouterr().out)["steps"] == 20
+    assert (tmp_path / "out" / "checkpoint" / "state.pt").read_bytes() == state

@@ -6,6 +6,7 @@
 //   row of w read once for all the rows.
 #include "small_rows.h"
 
+#include <algorithm>
 #include <array>
 #include <vector>
 
@@ -55,11 +56,19 @@ void small_rows_kernel(const scalar_t* const* x_rows, int64_t n_rows, const scal
       vec::from_float(sums.data() + r * dim_y, out + r * dim_y, dim_y);
     return;
   }
-  // rows of w contiguous: scaled row sums, in x order
-  std::vector<float> row(dim_y), acc(n_rows * dim_y, 0.0f);
-  for (int64_t x = 0; x < dim_x; ++x) {
-    const float* w_row = vec::as_float(w + x * stride_wx, row.data(), dim_y);
-    for (int64_t r = 0; r < n_rows; ++r) vec::axpy(x_f[r][x], w_row, acc.data() + r * dim_y, dim_y);
+  // rows of w contiguous: scaled row sums, in x order, kRowBlock rows of w at a time
+  // into a partial sum that is then added to the total: one long running sum lost up to
+  // 9x BLAS's fp32 accuracy at X = 4096 (a blocked sum is what BLAS does).
+  constexpr int64_t kRowBlock = 64;
+  std::vector<float> row(dim_y), acc(n_rows * dim_y, 0.0f), partial(n_rows * dim_y);
+  for (int64_t x0 = 0; x0 < dim_x; x0 += kRowBlock) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    for (int64_t x = x0; x < std::min(dim_x, x0 + kRowBlock); ++x) {
+      const float* w_row = vec::as_float(w + x * stride_wx, row.data(), dim_y);
+      for (int64_t r = 0; r < n_rows; ++r)
+        vec::axpy(x_f[r][x], w_row, partial.data() + r * dim_y, dim_y);
+    }
+    vec::axpy(1.0f, partial.data(), acc.data(), n_rows * dim_y);
   }
   for (int64_t r = 0; r < n_rows; ++r)
     vec::from_float(acc.data() + r * dim_y, out + r * dim_y, dim_y);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -31,8 +32,12 @@ def _train(args: argparse.Namespace) -> int:
         saved = saved_run(config.out_dir)
         if saved is not None and rank == 0:
             _say_resuming(config, saved, resume_changes(saved, config.to_dict()))
-        if saved is not None and saved["step"] >= config.steps:
+        out = Path(config.out_dir)
+        if (saved is not None and saved["step"] >= config.steps
+                and (out / "final" / "model.pt").is_file() and (out / "summary.json").is_file()):
             return 0  # a finished run: nothing to train, nothing rewritten
+        # (Finished but its export or report missing, e.g. killed between the last save and
+        # the export: the trainer makes them and trains nothing.)
     distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -61,8 +66,8 @@ def _say_resuming(config, saved: dict, changes: list[str]) -> None:
 
     where = f"dsv3 train: {config.out_dir} holds this run's checkpoint at step {saved['step']}"
     if saved["step"] >= config.steps:
-        print(f"{where}, all of its {config.steps} steps: nothing to train (raise steps to "
-              f"train on, or pass --no-resume to start over)", file=sys.stderr)
+        print(f"{where}, all of its {config.steps} steps: nothing to train (pass --no-resume "
+              f"to start over there, or --out NEW_DIR to keep it)", file=sys.stderr)
     else:
         print(f"{where}: resuming there, to step {config.steps} (--no-resume starts over)",
               file=sys.stderr)
