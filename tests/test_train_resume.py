@@ -121,3 +121,16 @@ def test_starting_over_removes_only_the_files_dsv3_wrote(tmp_path):
     assert not (tmp_path / "checkpoint").exists()
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["my_script.py"]
+
+
+def test_resume_changes_ignore_path_spellings(tmp_path, monkeypatch):
+    """Only settings that changed: not out_dir (the checkpoint was found there), nor a
+    data_dir spelled relative where it was absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    saved = {"config": {"out_dir": str(tmp_path / "out"), "data_dir": str(tmp_path / "data"),
+                        "optim": {"lr": 0.003}}}
+    now = {"out_dir": "out", "data_dir": "data", "optim": {"lr": 0.001}}
+    assert ckpt.resume_changes(saved, now) == ["optim.lr: 0.003 -> 0.001"]
+    now["data_dir"] = "elsewhere"
+    assert ckpt.resume_changes(saved, now)[0].startswith("data_dir: ")

@@ -150,6 +150,11 @@ def resume_changes(saved: dict, config: dict) -> list[str]:
     (a resume takes the new values from its step on: a learning rate may change mid-run;
     those that would break the data stream are refused by check_resume first)."""
     old, new = _flatten(saved["config"]), _flatten(config)
+    # out_dir is where the checkpoint was found: the same run whatever its spelling. A
+    # data_dir is the same one when both spellings name one directory from here.
+    old.pop("out_dir", None), new.pop("out_dir", None)
+    if os.path.realpath(str(old.get("data_dir"))) == os.path.realpath(str(new.get("data_dir"))):
+        old.pop("data_dir", None), new.pop("data_dir", None)
     return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}"
             for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 
