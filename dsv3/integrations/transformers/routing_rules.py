@@ -84,11 +84,7 @@ def deepseek_v2_refuse(block: nn.Module) -> tuple[str, str] | None:
             < n_group and n_experts % n_group == 0):
         return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
                          f"its {n_experts} experts")
-    if router.top_k > topk_group * (n_experts // n_group):
-        return (setting + f" with top_k={router.top_k}",
-                "top_k is above the kept groups' experts, which transformers fills with other "
-                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
-    return None
+    return _top_k_past_kept_groups(router, setting)
 
 
 def cohere2_moe_refuse(block: nn.Module) -> tuple[str, str] | None:
@@ -164,11 +160,7 @@ def mistral4_refuse(block: nn.Module) -> tuple[str, str] | None:
             <= n_group and n_experts % n_group == 0 and n_experts // n_group >= 2):
         return (setting, f"transformers' router cannot keep topk_group of n_group groups of "
                          f"its {n_experts} experts scored by their two best")
-    if router.top_k > topk_group * (n_experts // n_group):
-        return (setting + f" with top_k={router.top_k}",
-                "top_k is above the kept groups' experts, which transformers fills with other "
-                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
-    return None
+    return _top_k_past_kept_groups(router, setting)
 
 
 def laguna_refuse(block: nn.Module) -> tuple[str, str] | None:
@@ -189,3 +181,13 @@ def laguna_refuse(block: nn.Module) -> tuple[str, str] | None:
 def laguna_block_routing(block: nn.Module) -> dict:
     # (sum_k w_k expert_k(x)) * s, the block's: dsv3.MoE's route_scale s on the weights.
     return {"route_scale": float(block.routed_scaling_factor)}
+
+
+def _top_k_past_kept_groups(router: nn.Module, setting: str) -> tuple[str, str] | None:
+    """A group-limited router whose top_k exceeds the kept groups' experts: refused."""
+    kept = router.topk_group * (router.num_experts // router.num_group)
+    if router.top_k > kept:
+        return (setting + f" with top_k={router.top_k}",
+                "top_k is above the kept groups' experts, which transformers fills with other "
+                "groups' experts at weight 0; dsv3.MoE chooses in the kept groups only")
+    return None
