@@ -28,7 +28,8 @@ _replaying = threading.local()
 @contextlib.contextmanager
 def recomputing():
     """Marks forwards run inside as activation-checkpointing replays: the MoE layers
-    then leave their balance counts alone (the first forward already counted)."""
+    then leave their balance counts, losses and stats alone (the first forward already
+    recorded them)."""
     previous = getattr(_replaying, "active", False)
     _replaying.active = True
     try:
@@ -307,7 +308,7 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD)
 
         self._record(loss_sums, routed_E, counts_E, dropped, n_tokens, logits_TE.dtype)
-        if self.collect_router_entropy:
+        if self.collect_router_entropy and not getattr(_replaying, "active", False):
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
 
@@ -358,8 +359,13 @@ class MoE(nn.Module):
                 aux = c.aux_loss_coef * c.n_experts * (fraction_E * score_sum_E).sum() / n_tokens
             if c.z_loss_coef > 0:
                 z = c.z_loss_coef * lse_sq_sum / n_tokens
-        if self.training and self.expert_bias is not None and not getattr(_replaying, "active",
-                                                                          False):
+        if getattr(_replaying, "active", False):
+            # A checkpoint replay (run through here when torch's early stop is off) must
+            # still compute the losses, whose saved tensors the recompute checks, but keep
+            # the forward's record: its counts are in, and its aux_loss is the one the
+            # loss was built from (the replay's would hold the recomputed graph alive).
+            return
+        if self.training and self.expert_bias is not None:
             self.pending_counts += routed_E
         self.aux_loss = aux + z
         # The stats' losses live in one new stacked tensor, never a detached alias or a

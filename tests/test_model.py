@@ -14,7 +14,7 @@ import dsv3.model as model_module
 from conftest import assert_close
 from dsv3 import MoE
 from dsv3.model import PRESETS, KVCache, ModelConfig, Transformer, preset
-from dsv3.moe import MoEConfig, SwiGLUMLP
+from dsv3.moe import MoEConfig, SwiGLUMLP, moe_aux_loss
 
 
 def tiny(**overrides) -> Transformer:
@@ -54,6 +54,26 @@ def test_checkpointing_matches_no_checkpointing(mode):
         assert_close(got_grads[name], want_grads[name], f"grad of {name}")
     # The replayed forward must not count the routing a second time.
     for moe in model.moe_layers():
+        assert moe.pending_counts.sum().item() == 3 * 16 * moe.config.top_k
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpoint_replay_keeps_the_forwards_losses_and_stats(mode):
+    """With torch's early stop off, the recompute runs the whole block, MoE records
+    included: the layers must keep the forward's aux_loss (the one the loss holds; the
+    replay's would keep the recomputed graph alive) and its stats."""
+    model = tiny()
+    model.set_checkpointing(mode)
+    for moe in model.moe_layers():
+        moe.collect_router_entropy = True
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        loss = model(torch.randint(0, 97, (3, 16))).float().logsumexp(-1).mean()
+    recorded = [(moe.aux_loss, moe.last_stats, moe.last_stats.router_entropy)
+                for moe in model.moe_layers()]
+    (loss + moe_aux_loss(model)).backward()
+    for moe, (aux_loss, stats, entropy) in zip(model.moe_layers(), recorded):
+        assert moe.aux_loss is aux_loss and moe.last_stats is stats
+        assert moe.last_stats.router_entropy is entropy
         assert moe.pending_counts.sum().item() == 3 * 16 * moe.config.top_k
 
 
