@@ -1,7 +1,7 @@
 """dsv3.train under DDP on real process groups (gloo over 127.0.0.1, 2 ranks;
 tests/train_ddp_workers.py holds what each rank runs and checks): a resumed run
-continues every rank's own run bit for bit; the expert-bias balancing counts every
-rank's tokens."""
+continues every rank's own run bit for bit, and ranks that would resume from
+different checkpoints all refuse; the expert-bias balancing counts every rank's tokens."""
 import pytest
 
 import train_ddp_workers as workers
@@ -11,6 +11,10 @@ from rank_runner import run_ranks
 @pytest.mark.parametrize("stop", [1, 3])  # before / after the int8 compression starts
 def test_ddp_resume_continues_every_ranks_run(tmp_path, stop):
     run_ranks(2, workers.check_ddp_resume, str(tmp_path), stop, timeout=300)
+
+
+def test_ddp_resume_refused_where_ranks_find_different_checkpoints(tmp_path):
+    run_ranks(2, workers.check_ddp_resume_needs_one_out_dir, str(tmp_path), timeout=300)
 
 
 def test_ddp_expert_bias_steps_from_every_ranks_counts(tmp_path):

@@ -65,3 +65,37 @@ def check_ddp_expert_bias(rank, world, out_dir):
             expected = bias + rate * torch.sign(counts.mean() - counts)
             assert torch.equal(layer.expert_bias, expected), \
                 f"rank {rank}, step {step}, layer {index}: {layer.expert_bias} != {expected}"
+
+
+def check_ddp_resume_needs_one_out_dir(rank, world, out_dir):
+    """Ranks whose out_dir is not shared (each its own directory, as one disk per node
+    gives) find different checkpoints: rank 0 the run's state, rank 1 only its own
+    file. Every rank refuses to resume, naming what each found, instead of rank 1
+    starting afresh beside a resumed rank 0; so does a rank whose own file is missing."""
+    data = synthetic_data()
+    config = three_stage_config(f"{out_dir}/rank{rank}", steps=4, stages=ONE_STAGE)
+    first = Trainer(config, data)
+    first.train_step()
+    first.save()
+    try:
+        Trainer(config, data).train(progress=False)
+    except ValueError as e:
+        message = str(e)
+        assert "rank 0: step 1; rank 1: no checkpoint" in message, message
+        assert "the same out_dir" in message, message
+    else:
+        raise AssertionError(f"rank {rank} resumed from an out_dir the other rank lacks")
+    shared = three_stage_config(f"{out_dir}/shared", steps=4, stages=ONE_STAGE)
+    first = Trainer(shared, data)
+    first.train_step()
+    first.save()
+    dist.barrier()
+    if rank == 1:
+        ckpt.rank_path(shared.out_dir, 1, 1).unlink()
+    dist.barrier()
+    try:
+        Trainer(shared, data).train(progress=False)
+    except ValueError as e:
+        assert "rank 0: step 1; rank 1: FileNotFoundError" in str(e), e
+    else:
+        raise AssertionError(f"rank {rank} resumed with rank 1's own state missing")

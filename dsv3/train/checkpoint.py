@@ -13,7 +13,8 @@ leaves the previous checkpoint intact. The rank files carry their step in their
 name and are all written before rank 0 replaces ``state.pt``, which then names the
 step whose rank files to read; a rank deletes its older files only after that. So
 ``state.pt`` and the rank files it points at always belong to the same step. The
-ranks must share OUT_DIR (one filesystem).
+ranks must share OUT_DIR (one filesystem); the trainer refuses a resume where they find
+different checkpoints.
 
 ``OUT_DIR/final/`` is what ``dsv3 eval`` loads: config.json, model.pt and the
 tokenizer, plus ``heldout.jsonl``, the documents the run held out (decoded back to

@@ -336,6 +336,31 @@ class Trainer:
         ckpt.save_state(self.out_dir, self.state_dict(), self.rank,
                         dist.barrier if self.distributed else None)
 
+    def _load_agreed_state(self) -> dict | None:
+        """This rank's checkpoint state, once every rank has found the same step. Ranks
+        that do not share out_dir (one disk per node) would otherwise resume apart:
+        one from its step, another from scratch, their replicas diverging until the
+        longer run waits forever in a collective. Each rank's finding (or its error) is
+        gathered, and all raise the same error where they differ."""
+        if not self.distributed:
+            return ckpt.load_state(self.out_dir, self.rank, self.world)
+        state, failure = None, None
+        try:
+            state = ckpt.load_state(self.out_dir, self.rank, self.world)
+            finding = f"step {state['step']}" if state is not None else "no checkpoint"
+        except (OSError, ValueError) as error:  # perhaps on this rank alone: tell the others
+            failure, finding = error, f"{type(error).__name__}: {error}"
+        findings = [None] * self.world
+        dist.all_gather_object(findings, finding)
+        if len(set(findings)) > 1:
+            seen = "; ".join(f"rank {r}: {f}" for r, f in enumerate(findings))
+            raise ValueError(f"the ranks cannot resume from {self.out_dir} together ({seen}): "
+                             "every rank must see the same out_dir (a shared filesystem), "
+                             "or pass --no-resume to start over") from failure
+        if failure is not None:  # every rank failed alike: its own error says it best
+            raise failure
+        return state
+
     def train(self, resume: bool = True, progress: bool = True) -> list[dict]:
         """Runs the remaining steps; returns the run's metrics records (a resumed run's
         from its start, those before the checkpoint included)."""
@@ -345,7 +370,7 @@ class Trainer:
                 ckpt.remove_run(self.out_dir)
             if self.distributed:  # before any rank saves into the directory
                 dist.barrier()
-        state = ckpt.load_state(self.out_dir, self.rank, self.world) if resume else None
+        state = self._load_agreed_state() if resume else None
         if state is not None:
             self.load_state_dict(state)
         self.logger.start(fresh=state is None, step=self.step)
