@@ -1,7 +1,8 @@
 """dsv3.train under DDP on real process groups (gloo over 127.0.0.1, 2 ranks;
 tests/train_ddp_workers.py holds what each rank runs and checks): a resumed run
 continues every rank's own run bit for bit, and ranks that would resume from
-different checkpoints all refuse; the expert-bias balancing counts every rank's tokens."""
+different checkpoints all refuse; the expert-bias balancing, the logged metrics and
+the report's heat map count every rank's tokens."""
 import pytest
 
 import train_ddp_workers as workers
@@ -19,3 +20,7 @@ def test_ddp_resume_refused_where_ranks_find_different_checkpoints(tmp_path):
 
 def test_ddp_expert_bias_steps_from_every_ranks_counts(tmp_path):
     run_ranks(2, workers.check_ddp_expert_bias, str(tmp_path), timeout=300)
+
+
+def test_ddp_logged_metrics_and_heat_map_cover_every_rank(tmp_path):
+    run_ranks(2, workers.check_ddp_metrics_cover_every_rank, str(tmp_path), timeout=300)

@@ -5,8 +5,11 @@ agree with a collective."""
 import torch
 import torch.distributed as dist
 
+import dsv3.train.trainer as trainer_module
+from dsv3.moe import MoEStats
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import StageConfig
+from dsv3.train.rank_metrics import reduce_logged_step
 from dsv3.train.trainer import Trainer
 from train_support import synthetic_data, three_stage_config
 
@@ -99,3 +102,34 @@ def check_ddp_resume_needs_one_out_dir(rank, world, out_dir):
         assert "rank 0: step 1; rank 1: FileNotFoundError" in str(e), e
     else:
         raise AssertionError(f"rank {rank} resumed with rank 1's own state missing")
+
+
+def check_ddp_metrics_cover_every_rank(rank, world, out_dir):
+    """Logged losses are the ranks' mean and expert loads their sum; the report's heat
+    map (at the end of training and rebuilt by `dsv3 report`) counts every rank's
+    tokens, not rank 0's alone."""
+    stats = [MoEStats(torch.tensor([rank, 1], dtype=torch.int32), torch.tensor(rank),
+                      torch.tensor(float(rank)), torch.tensor(2.0), torch.tensor(4.0 * rank))]
+    record = {"loss": torch.tensor(rank + 1.0), "dpo/reward_accuracy": 0.5 * rank, "lr": 0.1}
+    (combined,) = reduce_logged_step(record, stats, world, torch.device("cpu"))
+    assert record == {"loss": torch.tensor(1.5), "dpo/reward_accuracy": 0.25, "lr": 0.1}, record
+    assert combined.tokens_per_expert.tolist() == [1, 2]
+    assert combined.tokens_per_expert.dtype == torch.int32
+    assert combined.dropped_tokens.item() == 1 and combined.aux_loss.item() == 0.5
+    assert combined.z_loss.item() == 2.0 and combined.router_entropy.item() == 2.0
+
+    config = three_stage_config(out_dir, steps=2, log_every=1, stages=ONE_STAGE)
+    trainer = Trainer(config, synthetic_data())
+    reported = []  # the heat map's counts the trainer hands to its report
+    trainer_module.write_report = lambda out, counts, **kwargs: reported.append(counts)
+    trainer.train(progress=False)
+    own = torch.stack(trainer.load_counts)
+    every = [torch.empty_like(own) for _ in range(world)]
+    dist.all_gather(every, own)
+    assert not torch.equal(every[0], every[1])  # the ranks routed different tokens
+    if rank == 0:
+        heat = torch.stack(ckpt.run_load_counts(out_dir, ckpt.load_state(out_dir)))
+        assert torch.equal(heat, sum(every))
+        assert torch.equal(torch.stack(reported[0]), heat)
+        copies = 2 * config.micro_batch * 24 * 2 * world  # steps x rows x seq_len x top_k
+        assert heat.sum(1).tolist() == [copies] * heat.shape[0]

@@ -40,7 +40,7 @@ def _eval_section(path: Path, option: str) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dsv3.train.checkpoint import load_state
+    from dsv3.train.checkpoint import load_state, run_load_counts
     from dsv3.train.report import write_report
 
     run = Path(args.run)
@@ -53,7 +53,7 @@ def _report(args: argparse.Namespace) -> int:
     # The trainer's own summary (summary.json) when it wrote one; else what the checkpoint says.
     summary = None if (run / "summary.json").is_file() else (
         {"steps": state["step"]} if state else None)
-    path = write_report(run, state["load_counts"] if state else None, summary, sections)
+    path = write_report(run, run_load_counts(run, state) if state else None, summary, sections)
     print(path)
     return 0
 

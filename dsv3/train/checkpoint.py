@@ -130,6 +130,19 @@ def load_state(out_dir: Path, rank: int = 0, world: int | None = None) -> dict |
     return {**shared, **{k: own[k] for k in RANK_KEYS}}
 
 
+def run_load_counts(out_dir: Path, state: dict) -> list:
+    """The run's expert loads (per MoE layer) over every rank's tokens: ``state`` is
+    rank 0's (load_state), whose counts are its own; the other ranks' are in their
+    files of the same step."""
+    counts = [layer_counts.clone() for layer_counts in state["load_counts"]]
+    for rank in range(1, state.get("world") or 1):
+        own = torch.load(rank_path(out_dir, rank, state["step"]), map_location="cpu",
+                         weights_only=False)
+        for total, layer_counts in zip(counts, own["load_counts"]):
+            total += layer_counts.to(total.device)
+    return counts
+
+
 def saved_run(out_dir: Path) -> dict | None:
     """The checkpoint's config, the stage its loader stopped in and its process count,
     its tensors memory-mapped rather than read: enough to check a resume before

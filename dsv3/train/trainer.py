@@ -5,7 +5,8 @@ micro-batches (stateless sampling, see data.py), forward under autocast (bf16, o
 fp16 with a dynamic loss scale; weights stay fp32), backward (DDP all-reduces
 only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
 step, and nudge the MoE selection biases (not on a step fp16 skipped; under DDP
-from every rank's routing counts). Every ``log_every`` steps a metrics record; at
+from every rank's routing counts). Every ``log_every`` steps a metrics record (its
+losses and expert loads those of every rank's batch, see rank_metrics.py); at
 the end a checkpoint (each rank saves its own data position, see checkpoint.py),
 the exported model and the HTML report. A resumed run keeps the metrics up to its
 checkpoint's step and drops those logged after it (they are trained again).
@@ -31,6 +32,7 @@ from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
                                 training_flops_per_token)
+from dsv3.train.rank_metrics import reduce_logged_step, summed_over_ranks
 from dsv3.train.report import write_report
 from dsv3.train.schedule import lr_factor
 
@@ -237,6 +239,8 @@ class Trainer:
         if stage.kind == "lm" or stage.kind == "curriculum":
             flops = training_flops_per_token(self.model, record["seq_len"]) * tokens
             record["mfu"] = flops / step_time / self.peak_flops
+        if measure and self.distributed:  # the logged losses and loads: the whole batch's
+            self.moe_stats = reduce_logged_step(record, self.moe_stats, self.world, self.device)
         if measure:  # device values are read (a device sync) on logged steps only
             record = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
             if "loss" in record:
@@ -402,10 +406,11 @@ class Trainer:
                 ckpt.export_heldout(final / "heldout.jsonl", self.data.val,
                                     self.data.tokenizer_path, self.data.train.eos_id)
         # Its report stands too (it may hold an evaluation `dsv3 report` added), unless
-        # it never got one.
+        # it never got one. Its heat map counts every rank's tokens.
+        load_counts = summed_over_ranks(self.load_counts) if self.distributed else self.load_counts
         if self.rank == 0 and (trained or not (self.out_dir / "summary.json").is_file()):
             losses = [r["loss"] for r in self.logger.history if "loss" in r]
-            write_report(self.out_dir, self.load_counts, summary={
+            write_report(self.out_dir, load_counts, summary={
                 "steps": self.step, "stages": ", ".join(s.name for s in c.stages),
                 "parameters": self.model.num_parameters(),
                 "active parameters": self.model.num_parameters(active=True),
