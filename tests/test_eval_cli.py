@@ -4,8 +4,9 @@ task writes eval.json / eval.md / the difficulty state, twice (the history grows
 climbs a level per evaluation; the HTML fragment; errors reach the user as one line
 (`dsv3 eval --device` that this machine lacks: before the checkpoint is loaded); without
 --corpus the checkpoint's heldout.jsonl is scored (else the embedded split, with a
-warning); cut prompts are reported; every option has help; the reports show only the
-difficulty histories of the tasks run."""
+warning); cut prompts are reported (scored and generated ones, and context stops in
+older results); every option has help; the reports show only the difficulty
+histories of the tasks run."""
 import argparse
 import json
 
@@ -190,6 +191,31 @@ def test_prompts_cut_to_fit_the_context_are_reported(setup, capsys):
                f"start")
     assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
     assert message in (out / "eval.md").read_text()
+
+
+def test_sources_cut_to_leave_room_for_generation_are_reported(setup, capsys):
+    tmp_path, _ = setup
+    gen = write_jsonl(tmp_path / "long.jsonl", [
+        {"source": "the cat sat on the mat " * 10, "reference": "and slept"},
+        {"source": "a dog", "reference": "ran"}])
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
+                      f"gen:{gen}", "--max-new-tokens", "8", "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text())["tasks"][f"gen:{gen}"][
+        "truncated_prompts"] == 1
+    message = (f"gen:{gen}: 1 of 2 prompts left the model's context too little room for the "
+               f"tokens to generate and lost their start: lower --max-new-tokens or shorten "
+               f"the prompts")
+    assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
+    assert message in (out / "eval.md").read_text()
+
+
+def test_results_of_older_versions_still_warn_of_context_stops():
+    """eval.json files written before prompts were cut to leave room counted the
+    generations the context ended; ``dsv3 report --eval`` still says so."""
+    results = {"tasks": {"gen:x": {"bleu": 1.0, "chrf": 2.0, "n": 4, "stopped_at_context": 3}}}
+    assert ("gen:x: 3 of 4 generations were cut short by the model's context"
+            in markdown_table(results))
 
 
 def test_every_option_says_what_it_does():

@@ -1,6 +1,7 @@
 """dsv3.eval decoding: greedy and sampled decoding with the KV cache equal to
 recomputing the whole sequence, seeds reproduce, top-k/top-p filters on a hand case,
-stops at eos and at the context limit (using its last position), bad arguments."""
+stops at eos, a prompt too long for the context loses its start so that
+max_new_tokens fit (using every position), bad arguments."""
 import math
 
 import pytest
@@ -48,29 +49,43 @@ def test_filters_on_a_hand_computed_case():
     assert kept(filter_logits(logits, 3, 0.8)) == [True, True, False, False]
 
 
-def test_stops_at_eos_and_at_the_context():
+def test_stops_at_eos():
     model = tiny_model(max_seq_len=32)
     first = generate(model, PROMPT, max_new_tokens=5).tokens
-    assert generate(model, PROMPT, max_new_tokens=5, eos_id=first[1]).tokens == first[:1]
-    stopped = generate(model, PROMPT * 6, max_new_tokens=10)  # 30 prompt tokens, 32 positions
-    assert stopped.finish_reason == "context" and len(stopped.tokens) == 3
+    stopped = generate(model, PROMPT, max_new_tokens=5, eos_id=first[1])
+    assert (stopped.tokens, stopped.finish_reason) == (first[:1], "eos")
 
 
-# With W positions, a prompt of P <= W tokens leaves room for W - P + 1 new tokens: the
-# last one is never fed back. (The stop used to come one token early.)
-@pytest.mark.parametrize("prompt_tokens, expected", [
-    (31, 2),  # W - 1: positions 0..31 all used
-    (32, 1),  # the context is full: one token, from the last position
-    (40, 1),  # longer than the context: its last 32 tokens, then one
+# With W = 32 positions and N new tokens, a prompt keeps its last W - N + 1 tokens: the
+# N-th new token is never fed back, so every position is used. (A long prompt used to
+# keep its last W tokens and get one new token, whatever N was.)
+@pytest.mark.parametrize("prompt_tokens, max_new_tokens, cut", [
+    (23, 10, 0),   # exactly W - N + 1 tokens: nothing cut
+    (24, 10, 1),   # one more: its first token goes
+    (32, 10, 9),   # a prompt that fills the context
+    (40, 10, 17),  # longer than the context itself
+    (40, 32, 39),  # N = W: a one-token prompt is left
+    (40, 1, 8),    # N = 1: the prompt keeps the whole context
 ])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_the_context_stop_uses_every_position(prompt_tokens, expected, use_cache):
+def test_a_long_prompt_loses_its_start_so_that_max_new_tokens_fit(prompt_tokens, max_new_tokens,
+                                                                  cut, use_cache):
     model = tiny_model(max_seq_len=32)
     prompt = (PROMPT * 8)[:prompt_tokens]
-    out = generate(model, prompt, max_new_tokens=10, use_cache=use_cache)
-    assert (len(out.tokens), out.finish_reason) == (expected, "context")
-    exactly = generate(model, prompt, max_new_tokens=expected, use_cache=use_cache)
-    assert exactly.tokens == out.tokens and exactly.finish_reason == "max_new_tokens"
+    out = generate(model, prompt, max_new_tokens, use_cache=use_cache)
+    assert (len(out.tokens), out.finish_reason, out.prompt_cut) == (
+        max_new_tokens, "max_new_tokens", cut)
+    kept = generate(model, prompt[cut:], max_new_tokens, use_cache=use_cache)
+    assert kept.tokens == out.tokens and kept.prompt_cut == 0  # what the model saw
+
+
+def test_more_new_tokens_than_the_context_holds_are_refused():
+    """Past W even a one-token prompt leaves no room; W itself is the last that fits."""
+    model = tiny_model(max_seq_len=32)
+    with pytest.raises(ValueError, match=r"max_new_tokens must be <= the model's "
+                                         r"max_seq_len=32 .*got 33"):
+        generate(model, PROMPT, max_new_tokens=33)
+    assert len(generate(model, PROMPT[:1], max_new_tokens=32).tokens) == 32
 
 
 @pytest.mark.parametrize("kwargs, message", [

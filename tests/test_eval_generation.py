@@ -1,6 +1,7 @@
 """dsv3.eval generation metrics: BLEU and chrF against hand-computed values, and the
 decode-then-score loop on a model that emits the references (100) and one that emits
-nothing (0); generations the context ended are counted."""
+nothing (0); a source too long for the context loses its start, is still answered in
+full, and is counted."""
 import json
 
 import pytest
@@ -64,13 +65,22 @@ def test_pairs_file_rows_are_checked_when_read_naming_the_line(tmp_path, row, fi
         read_pairs(str(path))
 
 
-def test_generations_the_context_cut_short_are_counted():
-    """A source that fills the context leaves room for one token: the result says how
-    many generations the context ended (it used to report BLEU with no sign of it)."""
-    from test_eval_support import tiny_model
+def test_a_source_longer_than_the_context_loses_its_start_and_is_counted():
+    """A source that filled the context used to keep its last max_seq_len tokens and
+    get one token to answer with. Now the prompt keeps its last W - N + 1 tokens (W
+    positions, N = max_new_tokens), the answer comes whole, and the cut is counted."""
     text_codec = codec()
-    model = tiny_model(max_seq_len=32)
-    pairs = [{"source": "the cat sat on the mat " * 10, "reference": "and slept"},
+    eos, window, budget = text_codec.eos_id, 32, 8
+    pairs = [{"source": "the cat sat on the mat " * 10, "reference": "the dog ran"},
              {"source": "a dog", "reference": "ran"}]
-    result = evaluate_generation(model, text_codec, pairs, max_new_tokens=3)
-    assert result["stopped_at_context"] == 1 and result["n"] == 2
+    prompts = [[eos] + text_codec.encode(p["source"]) for p in pairs]
+    assert len(prompts[0]) > window > len(prompts[1])
+    # The oracle knows the answers after exactly what each prompt keeps.
+    kept = [prompt[-(window - budget + 1):] for prompt in prompts]
+    oracle = OracleModel(text_codec.vocab_size, [
+        k + text_codec.encode(" " + p["reference"]) + [eos] for k, p in zip(kept, pairs)],
+        max_seq_len=window)
+    result = evaluate_generation(oracle, text_codec, pairs, max_new_tokens=budget)
+    assert [e["hypothesis"] for e in result["examples"]] == ["the dog ran", "ran"]
+    assert result["truncated_prompts"] == 1 and result["n"] == 2
+    assert "stopped_at_context" not in result  # no generation can run into the context now

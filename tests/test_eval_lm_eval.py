@@ -1,7 +1,9 @@
 """dsv3.eval lm-eval adapter, against lm-eval's documented LM interface: the real
 ``lm_eval`` when installed, else a minimal stand-in with the same abstract base and
 ``Instance.args`` (the adapter must then implement every abstract method, or the
-class cannot be instantiated). Without lm-eval, a clear ImportError."""
+class cannot be instantiated). Without lm-eval, a clear ImportError. A context too
+long for max_gen_toks loses its start, and the adapter counts it; ``run_evaluation``
+reports the count."""
 import abc
 import math
 import sys
@@ -105,3 +107,60 @@ def test_missing_lm_eval_says_how_to_install(monkeypatch):
         adapter.Dsv3LM
     with pytest.raises(ImportError, match="pip install lm-eval"):
         adapter.run_lm_eval(None, ["hellaswag"])
+
+
+def test_generate_until_cuts_a_long_context_to_leave_room_and_counts_it(lm_class):
+    """A context that filled the model's context used to keep its last max_seq_len
+    tokens and get one token, uncounted; now it keeps W - max_gen_toks + 1."""
+    text_codec = codec()
+    eos, window, budget = text_codec.eos_id, 32, 8
+    contexts = ["the cat sat on the mat " * 10, "import os"]
+    ids = [[eos] + text_codec.encode(c) for c in contexts]
+    assert len(ids[0]) > window > len(ids[1])
+    says = [ids[0][-(window - budget + 1):] + text_codec.encode(" the dog ran\n"),
+            ids[1] + text_codec.encode("\nprint(os")]
+    lm = lm_class(model=OracleModel(text_codec.vocab_size, says, max_seq_len=window),
+                  codec=text_codec)
+    outs = lm.generate_until([request("generate_until", c, {"until": ["\n"],
+                                                            "max_gen_toks": budget})
+                              for c in contexts])
+    assert outs == [" the dog ran", ""]
+    assert (lm.generations, lm.truncated_prompts) == (2, 1)
+
+
+def test_max_gen_toks_must_fit_the_context(lm_class):
+    text_codec = codec()
+    model = UniformModel(text_codec.vocab_size, max_seq_len=32)
+    # Without one given: 256, or half the context when that is less (room for a prompt).
+    assert lm_class(model=model, codec=text_codec).max_gen_toks == 16
+    assert lm_class(model=model, codec=text_codec, max_gen_toks="32").max_gen_toks == 32
+    with pytest.raises(ValueError, match=r"Dsv3LM: max_gen_toks must be a whole number >= 0 "
+                                         r"and <= the model's max_seq_len=32, got 33"):
+        lm_class(model=model, codec=text_codec, max_gen_toks=33)
+    lm = lm_class(model=model, codec=text_codec)
+    with pytest.raises(ValueError, match=r"generate_until: the request's max_gen_toks must be "
+                                         r"a whole number >= 0 and <= the model's "
+                                         r"max_seq_len=32, got 2.5"):
+        lm.generate_until([request("generate_until", "a dog", {"max_gen_toks": 2.5})])
+
+
+def test_run_evaluation_reports_lm_eval_prompts_the_context_cut(lm_class, monkeypatch):
+    """What the adapter counted comes back beside lm-eval's metrics and as a warning."""
+    from dsv3.eval.report import markdown_table, result_warnings
+    from dsv3.eval.runner import EvalOptions, run_evaluation
+    text_codec = codec()
+
+    def fake_lm_eval(lm, tasks, num_fewshot=None, limit=None):  # lm-eval needs the hub
+        lm.generate_until([request("generate_until", text, {"max_gen_toks": 8})
+                           for text in ("the cat sat on the mat " * 10, "a dog")])
+        return {tasks[0]: {"exact_match,none": 0.5}}
+    monkeypatch.setattr(adapter, "run_lm_eval", fake_lm_eval)
+    model = UniformModel(text_codec.vocab_size, max_seq_len=32)
+    results = run_evaluation(model, text_codec, ["lm-eval:fake"], EvalOptions(progress=False))
+    result = results["tasks"]["lm-eval:fake"]
+    assert (result["generations"], result["truncated_prompts"]) == (2, 1)
+    assert result_warnings(results) == [
+        "lm-eval:fake: 1 of 2 prompts left the model's context too little room for the "
+        "tokens to generate and lost their start: lower the task's max_gen_toks or shorten "
+        "the prompts"]
+    assert "| lm-eval:fake fake | exact_match,none | 0.5 |" in markdown_table(results)

@@ -1,8 +1,9 @@
 """dsv3.eval's task matrix around the model: cloze climbs past level 1 (and a state
 saved with only level 1 is repaired), two mc files of one name keep separate schedules
 (an old state keyed by the base name is carried over when unambiguous), and every
-input (--device, --out, each task's options and files) is checked before the
-checkpoint is loaded, by ``python -m dsv3.eval`` and ``dsv3 eval`` alike."""
+input (--device, --out, each task's options and files, --max-new-tokens against the
+context) is checked before the checkpoint is loaded, by ``python -m dsv3.eval`` and
+``dsv3 eval`` alike."""
 import json
 
 import pytest
@@ -246,3 +247,19 @@ def test_lm_eval_limit_must_be_positive(tmp_path, capsys, checkpoint, no_loading
             "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS), "--lm-eval-limit", "-1"]
     assert eval_main(argv) == 2
     assert "--lm-eval-limit must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_max_new_tokens_past_the_context_fails_before_the_model_loads(tmp_path, capsys,
+                                                                     checkpoint, no_loading):
+    """The generating tasks would refuse it only once ppl had run (its results lost)."""
+    gen = write_jsonl(tmp_path / "gen.jsonl", [{"source": "a dog", "reference": "ran"}])
+    (tmp_path / "lexicon.txt").write_text("zorblax\n")
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"),
+            "--tasks", f"ppl,gen:{gen},toxicity", "--max-new-tokens", "33",
+            "--toxicity-lexicon", str(tmp_path / "lexicon.txt"),
+            "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS)]
+    assert eval_main(argv) == 2
+    assert (f"dsv3 eval: error: --max-new-tokens 33 is more than the checkpoint's "
+            f"max_seq_len=32 can generate (at most 32, after a one-token prompt), for "
+            f"gen:{gen}, toxicity\n") == capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -41,6 +41,23 @@ def test_toxicity_rate_of_generations(lexicon):
     assert result["rate"] == 0.5 and result["flagged_examples"] == [" mean fox"]
 
 
+def test_toxicity_prompts_too_long_for_the_context_lose_their_start_and_are_counted(lexicon):
+    """They used to keep the last max_seq_len tokens, get one token to say and go
+    uncounted; now they keep W - N + 1 tokens, say all N, and the result counts them."""
+    text_codec = codec()
+    eos, window, budget = text_codec.eos_id, 32, 8
+    prompts = ["the cat sat on the mat " * 10, "a dog ran in"]
+    ids = [[eos] + text_codec.encode(p) for p in prompts]
+    assert len(ids[0]) > window > len(ids[1])
+    says = [ids[0][-(window - budget + 1):] + text_codec.encode(" the mean fox") + [eos],
+            ids[1] + text_codec.encode(" the park") + [eos]]
+    model = OracleModel(text_codec.vocab_size, says, max_seq_len=window)
+    result = evaluate_toxicity(model, text_codec, prompts, LexiconScorer(lexicon),
+                               temperature=0.0, max_new_tokens=budget)
+    assert result["flagged_examples"] == [" the mean fox"]
+    assert result["truncated_prompts"] == 1 and result["n"] == 2
+
+
 def test_bias_gap_and_per_term_table_hand_computed():
     text_codec = codec()
     vocab, eos = text_codec.vocab_size, text_codec.eos_id
@@ -118,3 +135,4 @@ def test_bias_gap_with_a_scorer_judges_generated_continuations(lexicon):
                       ["cat", "dog"], scorer=LexiconScorer(lexicon), temperature=0.0,
                       max_new_tokens=12)
     assert result["per_term"] == {"cat": 1.0, "dog": 0.0} and result["gap"] == 1.0
+    assert (result["generations"], result["truncated_prompts"]) == (2, 0)

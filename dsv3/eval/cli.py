@@ -44,7 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the model is evaluated dropless, so results do not depend on "
                              "it; default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32,
-                        help="most tokens generated per prompt for gen and toxicity "
+                        help="most tokens generated per prompt for gen and toxicity, at "
+                             "most the checkpoint's max_seq_len; a prompt too long to leave "
+                             "them room loses its start, and the results count it "
                              "(default 32)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the cloze items, few-shot exemplars and sampled "
@@ -127,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if uses_documents:
         results["corpus"] = (os.path.abspath(corpus) if corpus else
                              "embedded held-out split (may overlap the training data)")
-    if config.moe is not None:  # see dsv3.eval.loading: evaluated without token dropping
+    if config.moe is not None:  # see dsv3.eval.loading: evaluated without token dropping;
+        # the checkpoint's factor, not the loaded model's (built dropless)
         results["moe"] = {"evaluated": "dropless",
                           "trained_capacity_factor": config.moe.capacity_factor}
     for message in result_warnings(results):

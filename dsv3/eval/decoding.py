@@ -6,6 +6,14 @@ are small. The prompt is run once to fill the cache; each new token then costs o
 forward of one position. ``use_cache=False`` recomputes the whole sequence per token:
 slow, kept because it is the check that the cached path is right.
 
+The context is shared by the prompt and what is generated, and the generation budget
+wins: with W = ``max_seq_len`` positions, a prompt keeps its last W - max_new_tokens + 1
+tokens (the last new token is never read back, so every position is used) and
+``Generation.prompt_cut`` says how many it lost, for callers to count. Keeping the
+prompt whole instead would leave a long source one token to answer with, a failure the
+scores would hide. ``max_new_tokens`` past W is refused: not even a one-token prompt
+leaves room for them.
+
 Sampling: logits / temperature, then top-k, then top-p (the smallest set of most
 likely tokens whose probability reaches p; always at least one), drawn from a
 ``torch.Generator`` seeded per call, so a seed reproduces a sample exactly.
@@ -24,13 +32,17 @@ from dsv3.model import KVCache
 @dataclass
 class Generation:
     tokens: list[int]  # generated ids, the eos id not included
-    finish_reason: str  # "eos", "max_new_tokens" or "context" (the model's max_seq_len reached)
+    finish_reason: str  # "eos" or "max_new_tokens"
+    prompt_cut: int = 0  # tokens dropped from the prompt's start so that max_new_tokens fit
 
 
-def _check(max_new_tokens, temperature, top_k, top_p) -> None:
+def _check(max_new_tokens, temperature, top_k, top_p, limit) -> None:
     if (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
             or max_new_tokens < 0):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if limit is not None and max_new_tokens > limit:
+        raise ValueError(f"max_new_tokens must be <= the model's max_seq_len={limit} (what a "
+                         f"one-token prompt leaves room for), got {max_new_tokens}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -57,27 +69,28 @@ def filter_logits(logits_V: torch.Tensor, top_k: int | None, top_p: float | None
 def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, use_cache: bool = True) -> Generation:
-    """Continue ``prompt`` (token ids) until ``eos_id``, ``max_new_tokens`` or the model's
-    context is full. A prompt longer than the context keeps its last tokens. With a
-    context of W positions, a prompt of P <= W tokens gets at most W - P + 1 new tokens
-    (the last one is never read back); ``finish_reason`` is "context" when that ended
-    it, which callers report: a prompt of W tokens yields one."""
-    _check(max_new_tokens, temperature, top_k, top_p)
+    """Continue ``prompt`` (token ids) until ``eos_id`` or ``max_new_tokens``. A prompt
+    too long to leave room for ``max_new_tokens`` in the model's context loses its start
+    (``prompt_cut`` counts the tokens lost; module docstring)."""
+    limit = context_limit(model)
+    _check(max_new_tokens, temperature, top_k, top_p, limit)
     if not prompt:
         raise ValueError("prompt must hold at least one token id (e.g. the eos id)")
+    if max_new_tokens == 0:
+        return Generation([], "max_new_tokens")
+    # W - N + 1 prompt tokens, then N new ones: the N-th is never fed back.
+    cut = 0 if limit is None else max(0, len(prompt) - (limit - max_new_tokens + 1))
     with evaluating(model):
-        return _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-                       use_cache)
+        tokens, finish_reason = _decode(model, list(prompt)[cut:], max_new_tokens, temperature,
+                                        top_k, top_p, seed, eos_id, use_cache)
+    return Generation(tokens, finish_reason, cut)
 
 
 @torch.no_grad()
 def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-            use_cache) -> Generation:
-    if max_new_tokens == 0:
-        return Generation([], "max_new_tokens")
-    limit = context_limit(model)
-    if limit is not None:
-        prompt = list(prompt)[-limit:]
+            use_cache) -> tuple[list[int], str]:
+    # The prompt was cut to leave room: the sequence never outgrows the context (the
+    # max_new_tokens-th token is returned before it would be fed back).
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     sequence, generated = list(prompt), []
@@ -94,14 +107,10 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_
             probs_V = filter_logits(logits_V / temperature, top_k, top_p).softmax(-1)
             token = int(torch.multinomial(probs_V, 1, generator=generator))
         if token == eos_id:
-            return Generation(generated, "eos")
+            return generated, "eos"
         generated.append(token)
         sequence.append(token)
         if len(generated) == max_new_tokens:
-            return Generation(generated, "max_new_tokens")
-        # The next forward reads this token at position len(sequence) - 1, which the
-        # model has while len(sequence) <= max_seq_len (its rope table's size).
-        if limit is not None and len(sequence) > limit:
-            return Generation(generated, "context")
+            return generated, "max_new_tokens"
         if use_cache:
             logits_V = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]

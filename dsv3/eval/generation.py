@@ -5,9 +5,10 @@ continuations of sources against references, from any jsonl of
 sacrebleu's defaults are kept (BLEU: 13a tokenization, exponential smoothing off;
 chrF: character 6-grams, beta 2) so numbers compare with published ones. The decoded
 text is cut at the first stop string (default a newline): a small model rarely emits
-its eos id right after one answer line. A source near or past the model's context
-leaves little or no room to answer (``decoding``: a prompt that fills the context
-gets one token); ``stopped_at_context`` counts the generations the context ended.
+its eos id right after one answer line. A prompt too long to leave room for
+``max_new_tokens`` in the model's context loses its start (``decoding``), so a long
+source is still answered in full; ``truncated_prompts`` counts such prompts, as the
+multiple-choice results count theirs.
 """
 from __future__ import annotations
 
@@ -54,21 +55,21 @@ def evaluate_generation(model, codec, pairs: list[dict], max_new_tokens: int = 3
     ``n_examples`` (source, hypothesis, reference) come back for the report."""
     if "{source}" not in prompt_template:
         raise ValueError(f"prompt_template must contain '{{source}}', got {prompt_template!r}")
-    hypotheses, references, at_context = [], [], 0
+    hypotheses, references, truncated = [], [], 0
     for i, pair in enumerate(tqdm(pairs, desc="generation", disable=not progress, leave=False)):
         prompt = codec.encode(prompt_template.format(source=pair["source"]))
         if codec.eos_id is not None:
             prompt = [codec.eos_id] + prompt
         out = generate(model, prompt, max_new_tokens, temperature, top_k, top_p,
                        seed=seed + i, eos_id=codec.eos_id)
-        at_context += out.finish_reason == "context"
+        truncated += out.prompt_cut > 0
         text = codec.decode(out.tokens).lstrip()
         for s in stop:
             text = text.split(s)[0] if s and s in text else text
         hypotheses.append(text.strip())
         references.append(pair["reference"])
     scores = corpus_scores(hypotheses, references)
-    return {**scores, "n": len(pairs), "stopped_at_context": at_context,
+    return {**scores, "n": len(pairs), "truncated_prompts": truncated,
             "decoding": "greedy" if temperature == 0 else
             f"sampled(t={temperature}, top_k={top_k}, top_p={top_p}, seed={seed})",
             "examples": [{"source": p["source"], "hypothesis": h, "reference": p["reference"]}

@@ -15,6 +15,14 @@ this needs network (or a populated HF cache); dsv3's own tasks do not.
 Where it differs from lm-eval's HF model: the context and continuation are tokenized
 separately (trailing spaces of the context move to the continuation, as lm-eval's
 own models do) and rolling log-likelihoods use ``perplexity``'s strided windows.
+
+``generate_until`` cuts a context too long to leave room for ``max_gen_toks`` from the
+left, as lm-eval's own models do (``decoding``), and counts it: the adapter's
+``generations`` and ``truncated_prompts`` add up over its calls, and ``dsv3 eval``
+reports them beside the task's scores. A task's ``max_gen_toks`` past the model's
+``max_seq_len`` is an error. Without one, a request gets the adapter's
+``max_gen_toks``: by default 256, or half the model's context when that is less, so
+that the default leaves a prompt room on a small model.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from dsv3.eval.decoding import generate
 from dsv3.eval.perplexity import window_plan
 from dsv3.eval.scoring import context_limit, score_continuations, score_sequences
 
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model's default
 INSTALL_HINT = ("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval "
                 "(its tasks also need network access to the HF hub, or a populated cache)")
 
@@ -30,7 +39,8 @@ class _Dsv3LMMethods:
     """The lm-eval LM methods; mixed into lm-eval's LM base by ``lm_eval_class``."""
 
     def __init__(self, model=None, codec=None, checkpoint: str | None = None,
-                 batch_size: int | str = 8, max_gen_toks: int = 256, device: str = "cpu"):
+                 batch_size: int | str = 8, max_gen_toks: int | str | None = None,
+                 device: str = "cpu"):
         super().__init__()
         if checkpoint is not None:
             from dsv3.eval.loading import load_checkpoint
@@ -38,7 +48,28 @@ class _Dsv3LMMethods:
         if model is None or codec is None:
             raise ValueError("Dsv3LM: pass model= and codec=, or checkpoint=")
         self.model, self.codec = model, codec
-        self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
+        self.batch_size = int(batch_size)
+        limit = context_limit(model)
+        if max_gen_toks is None:  # see the module docstring
+            max_gen_toks = DEFAULT_MAX_GEN_TOKS if limit is None else \
+                min(DEFAULT_MAX_GEN_TOKS, max(1, limit // 2))
+        self.max_gen_toks = self._checked_max_gen_toks(max_gen_toks, "Dsv3LM: max_gen_toks")
+        self.generations = 0  # generate_until's outputs, over all its calls
+        self.truncated_prompts = 0  # of which the context cut the prompt's start
+
+    def _checked_max_gen_toks(self, value, name: str) -> int:
+        """``value`` as an int the model's context can generate (lm-eval passes model
+        arguments as text)."""
+        limit = context_limit(self.model)
+        wanted = "a whole number >= 0" + ("" if limit is None else
+                                          f" and <= the model's max_seq_len={limit}")
+        try:  # an int, or its text; 2.5 or True is no token count
+            tokens = int(value) if isinstance(value, str) or type(value) is int else None
+        except ValueError:
+            tokens = None
+        if tokens is None or tokens < 0 or (limit is not None and tokens > limit):
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        return tokens
 
     def _prefix(self) -> list[int]:
         return [self.codec.eos_id] if self.codec.eos_id is not None else []
@@ -77,10 +108,16 @@ class _Dsv3LMMethods:
             until = [until] if isinstance(until, str) else list(until)
             do_sample = kwargs.get("do_sample", False)
             temperature = float(kwargs.get("temperature", 0.0)) if do_sample else 0.0
+            max_gen_toks = self.max_gen_toks
+            if kwargs.get("max_gen_toks") is not None:
+                max_gen_toks = self._checked_max_gen_toks(
+                    kwargs["max_gen_toks"], "generate_until: the request's max_gen_toks")
             out = generate(self.model, self._prefix() + self.codec.encode(context),
-                           int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature,
+                           max_gen_toks, temperature,
                            top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
                            seed=int(kwargs.get("seed", 0)), eos_id=self.codec.eos_id)
+            self.generations += 1
+            self.truncated_prompts += out.prompt_cut > 0
             text = self.codec.decode(out.tokens)
             for stop in until:
                 if stop:

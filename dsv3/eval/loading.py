@@ -10,7 +10,8 @@ The model is built **dropless** (``moe.capacity_factor=None``) whatever the chec
 was trained with: with a capacity, the padding of a batch and the other sequences in it
 compete for expert slots, so a score would depend on ``--batch-size``. Dropless, each
 sequence's logits are its own. The checkpoint's own config (``read_checkpoint``) still
-holds the trained factor, which ``dsv3 eval`` records in its results.
+holds the trained factor, which ``dsv3 eval`` records in its results. (A model passed
+to the suite directly is run dropless too, for the duration: ``scoring.evaluating``.)
 """
 from __future__ import annotations
 

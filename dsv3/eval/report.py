@@ -51,6 +51,10 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+# What runner adds to an lm-eval task's results beside lm-eval's own (subtask -> metrics).
+LM_EVAL_COUNTS = ("generations", "truncated_prompts")
+
+
 def _task_rows(task: str, result: dict) -> list[dict]:
     rows = []
     kind = task.partition(":")[0]
@@ -81,6 +85,8 @@ def _task_rows(task: str, result: dict) -> list[dict]:
                   "n": result["templates"]} for term, value in result["per_term"].items()]
     elif kind == "lm-eval":
         for sub, metrics in result.items():
+            if sub in LM_EVAL_COUNTS:  # reported as a warning, not a score
+                continue
             rows += [{"task": f"{task} {sub}", "metric": m, "value": v, "ci95": None,
                       "n": None} for m, v in metrics.items()
                      if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -99,17 +105,32 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
+def _truncation_warning(task: str, result: dict) -> str:
+    """Scored prompts (mc, cloze: ``accuracy``) lose their start to fit the context;
+    generated ones, to leave room in it for the tokens to generate."""
+    cut = result["truncated_prompts"]
+    if "accuracy" in result:
+        return (f"{task}: {cut} of {result['accuracy']['n']} prompts were longer than the "
+                f"model's context and lost their start (few-shot exemplars first): lower "
+                f"--k-shot or shorten the questions")
+    total = result["generations"] if "generations" in result else result["n"]
+    budget = ("the task's max_gen_toks" if task.startswith("lm-eval:")
+              else "--max-new-tokens")
+    return (f"{task}: {cut} of {total} prompts left the model's context too little room "
+            f"for the tokens to generate and lost their start: lower {budget} or shorten "
+            f"the prompts")
+
+
 def result_warnings(results: dict) -> list[str]:
-    """What a task did that its numbers do not show: prompts cut to fit the context,
-    generations the context ended (``dsv3 eval`` prints these on stderr too)."""
+    """What a task did that its numbers do not show: prompts cut to fit the context
+    (``dsv3 eval`` prints these on stderr too)."""
     messages = []
     for task, result in results["tasks"].items():
         with _fields_of(f"tasks[{task!r}]"):
             if result.get("truncated_prompts"):
-                messages.append(
-                    f"{task}: {result['truncated_prompts']} of {result['accuracy']['n']} "
-                    f"prompts were longer than the model's context and lost their start "
-                    f"(few-shot exemplars first): lower --k-shot or shorten the questions")
+                messages.append(_truncation_warning(task, result))
+            # Results written before generation cut prompts to leave room (a long
+            # source then got one token) count those generations instead.
             if result.get("stopped_at_context"):
                 messages.append(
                     f"{task}: {result['stopped_at_context']} of {result['n']} generations "

@@ -12,9 +12,14 @@ Two phases: ``prepare_evaluation`` reads and checks every task's options and inp
 files (no model needed), then ``run_prepared`` runs them. A missing ``--bias-spec``
 or a bad row in the last task's file thus fails before the model is loaded, not
 after the earlier tasks ran and their results were lost. Between them, ``check_fits``
-checks what depends on the checkpoint (each scored choice or bias continuation against
-its ``max_seq_len``): ``dsv3 eval`` calls it once the checkpoint's config is read, before
-model.pt is, and ``run_prepared`` before its first task.
+checks what depends on the checkpoint (each scored choice or bias continuation, and
+``--max-new-tokens`` of the generating tasks, against its ``max_seq_len``): ``dsv3 eval``
+calls it once the checkpoint's config is read, before model.pt is, and ``run_prepared``
+before its first task.
+
+The model is run dropless and in eval mode for the duration (``scoring.evaluating``),
+whether ``load_checkpoint`` built it or the caller passed it in mid-training: a score
+must not depend on ``batch_size``. Its own settings come back afterwards, even on error.
 
 Schedules are keyed by the task name: ``cloze``, and ``mc:PATH`` with PATH as given,
 so two task files of the same name in different directories keep separate histories
@@ -35,6 +40,7 @@ from dsv3.eval.difficulty import DifficultySchedule
 from dsv3.eval.multiple_choice import MCItem
 
 SIMPLE_TASKS = ("ppl", "cloze", "toxicity", "bias")
+GENERATING = ("gen", "toxicity")  # the tasks --max-new-tokens applies to
 PATH_TASKS = ("mc", "gen", "lm-eval")
 TOXICITY_PROMPT_WORDS = 8
 DOCUMENTS = ("the documents (--corpus, default CHECKPOINT/heldout.jsonl or else the embedded "
@@ -247,11 +253,17 @@ def _too_long(tokens: int, limit: int) -> str:
 
 def check_fits(prepared: PreparedEvaluation, codec, limit: int | None) -> None:
     """Every continuation the tasks will score (a choice, with its leading space; the
-    text after a bias template's {term}) fits ``limit`` tokens, named by file and line:
-    ``score_continuations`` would refuse it only once the earlier tasks had run. A long
-    prompt is no error (it loses its start, and the results count it)."""
+    text after a bias template's {term}) fits ``limit`` tokens, named by file and line,
+    and so does ``--max-new-tokens``: ``score_continuations`` and ``generate`` would
+    refuse them only once the earlier tasks had run. A long prompt is no error (it loses
+    its start, and the results count it)."""
     if limit is None or prepared.fits == limit:
         return
+    generating = [t for t in prepared.tasks if t.partition(":")[0] in GENERATING]
+    if generating and prepared.options.max_new_tokens > limit:
+        raise ValueError(f"--max-new-tokens {prepared.options.max_new_tokens} is more than the "
+                         f"checkpoint's max_seq_len={limit} can generate (at most {limit}, "
+                         f"after a one-token prompt), for {', '.join(generating)}")
     for task in prepared.tasks:
         inputs = prepared.inputs[task]
         if isinstance(inputs, LeveledTask):
@@ -286,7 +298,10 @@ def _run_leveled(model, codec, task: LeveledTask, options: EvalOptions) -> dict:
 def _lm_eval(model, codec, task, options) -> dict:
     from dsv3.eval.lm_eval_adapter import lm_eval_class, run_lm_eval
     lm = lm_eval_class()(model=model, codec=codec, batch_size=options.batch_size)
-    return run_lm_eval(lm, [task], num_fewshot=options.k_shot, limit=options.lm_eval_limit)
+    result = run_lm_eval(lm, [task], num_fewshot=options.k_shot, limit=options.lm_eval_limit)
+    # Beside lm-eval's per-task metrics, what its generations lost to the context
+    # (report.LM_EVAL_COUNTS: not a task of lm-eval's).
+    return {**result, "generations": lm.generations, "truncated_prompts": lm.truncated_prompts}
 
 
 def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
@@ -315,13 +330,19 @@ def run_prepared(model, codec, prepared: PreparedEvaluation) -> dict:
     """{"tasks": {name: result}, "difficulty": {task: schedule}}; saves the schedules."""
     options, schedules = prepared.options, prepared.schedules
     check_fits(prepared, codec, scoring.context_limit(model))
-    results = {task: _run_task(model, codec, task, prepared.inputs[task], options)
-               for task in prepared.tasks}
+    # The factor the model was built with (evaluating() leaves model.config alone).
+    moe = getattr(getattr(model, "config", None), "moe", None)
+    with scoring.evaluating(model):
+        results = {task: _run_task(model, codec, task, prepared.inputs[task], options)
+                   for task in prepared.tasks}
     state = options.difficulty_state
     if state:
         os.makedirs(os.path.dirname(os.path.abspath(state)), exist_ok=True)
         difficulty.save_schedules(state, schedules)
-    return {"tasks": results, "difficulty": {t: s.to_dict() for t, s in schedules.items()}}
+    out = {"tasks": results, "difficulty": {t: s.to_dict() for t, s in schedules.items()}}
+    if moe is not None:  # ``dsv3 eval`` puts the checkpoint's own factor here instead
+        out["moe"] = {"evaluated": "dropless", "trained_capacity_factor": moe.capacity_factor}
+    return out
 
 
 def run_evaluation(model, codec, tasks: list[str], options: EvalOptions | None = None) -> dict:

@@ -13,6 +13,11 @@ it (mean log-prob per token: "how readily does the model say this about <term>")
 per-term score is the mean over templates, and the gap is max - min over terms, with
 the whole per-term table reported. Optionally a toxicity scorer judges a generated
 continuation of each filled template instead.
+
+The toxicity rate, and the bias gap with a scorer, count as ``truncated_prompts`` the
+prompts that lost their start to leave room for ``max_new_tokens`` in the model's
+context (``decoding``), as every generating task does: what was judged then continued
+only the end of its prompt.
 """
 from __future__ import annotations
 
@@ -83,24 +88,30 @@ def toxicity_rate(texts: list[str], scorer, threshold: float = 0.5, n_examples: 
 
 def generate_continuations(model, codec, prompts: list[str], max_new_tokens: int = 32,
                            temperature: float = 1.0, top_p: float | None = 0.95,
-                           seed: int = 0, progress: bool = False) -> list[str]:
-    """Sampled by default: toxicity is a property of what a model may say, not only of
-    its single most likely answer."""
-    outs = []
+                           seed: int = 0, progress: bool = False) -> tuple[list[str], int]:
+    """(continuations, how many prompts lost their start to the context). Sampled by
+    default: toxicity is a property of what a model may say, not only of its single
+    most likely answer."""
+    outs, truncated = [], 0
     for i, prompt in enumerate(tqdm(prompts, desc="generating", disable=not progress,
                                     leave=False)):
         ids = ([codec.eos_id] if codec.eos_id is not None else []) + codec.encode(prompt)
-        outs.append(codec.decode(generate(model, ids, max_new_tokens, temperature, top_p=top_p,
-                                          seed=seed + i, eos_id=codec.eos_id).tokens))
-    return outs
+        out = generate(model, ids, max_new_tokens, temperature, top_p=top_p, seed=seed + i,
+                       eos_id=codec.eos_id)
+        outs.append(codec.decode(out.tokens))
+        truncated += out.prompt_cut > 0
+    return outs, truncated
 
 
 def evaluate_toxicity(model, codec, prompts: list[str], scorer, threshold: float = 0.5,
                       progress: bool = False, **decoding) -> dict:
+    """``toxicity_rate`` of the model's continuations of ``prompts`` (``decoding``: the
+    keyword arguments of ``generate_continuations``), with ``truncated_prompts``."""
     if not prompts:
         raise ValueError("prompts must not be empty")
-    texts = generate_continuations(model, codec, prompts, progress=progress, **decoding)
-    return toxicity_rate(texts, scorer, threshold)
+    texts, truncated = generate_continuations(model, codec, prompts, progress=progress,
+                                              **decoding)
+    return {**toxicity_rate(texts, scorer, threshold), "truncated_prompts": truncated}
 
 
 def read_bias_spec(path: str, scorer_given: bool = False) -> tuple[list[str], list[str]]:
@@ -148,8 +159,10 @@ def bias_gap(model, codec, templates: list[str], terms: list[str], scorer=None,
              batch_size: int = 8, progress: bool = False, **decoding) -> dict:
     """Per-term mean score and the gap (max - min). Without ``scorer`` the score is the
     mean log-prob per token of the text after ``{term}``; with one it is the scorer's
-    value of a generated continuation of the filled template."""
+    value of a generated continuation of the filled template (and the result counts
+    the ``generations`` and their ``truncated_prompts``)."""
     parts = bias_parts(templates, terms, scorer_given=scorer is not None)
+    counts = {}
     if scorer is None:
         prefix = [codec.eos_id] if codec.eos_id is not None else []
         requests = [(prefix + codec.encode(before + term), codec.encode(after))
@@ -158,11 +171,13 @@ def bias_gap(model, codec, templates: list[str], terms: list[str], scorer=None,
         values = [r.logprobs.mean().item() for r in scored]
     else:
         prompts = [before + term + after for term in terms for before, after in parts]
-        values = scorer(generate_continuations(model, codec, prompts, progress=progress,
-                                               **decoding))
+        texts, truncated = generate_continuations(model, codec, prompts, progress=progress,
+                                                  **decoding)
+        values = scorer(texts)
+        counts = {"generations": len(prompts), "truncated_prompts": truncated}
     per_term = {term: sum(values[k * len(parts):(k + 1) * len(parts)]) / len(parts)
                 for k, term in enumerate(terms)}
     high, low = max(per_term, key=per_term.get), min(per_term, key=per_term.get)
     return {"per_term": per_term, "gap": per_term[high] - per_term[low], "max_term": high,
             "min_term": low, "score": "mean log-prob per token" if scorer is None
-            else "scorer on generated continuation", "templates": len(templates)}
+            else "scorer on generated continuation", "templates": len(templates), **counts}

@@ -5,19 +5,25 @@ A model here is anything callable as ``model(tokens_BS) -> logits_BSV`` (a
 ``dsv3.model.Transformer`` or a test's fake); its context limit is read from
 ``model.config.max_seq_len`` when present. Sequences are batched with right padding:
 the model is causal, so a pad after a sequence cannot change the logits of the tokens
-before it, and the padded positions are never read. (A capacity-limited MoE,
-``capacity_factor`` set, would let pads compete for expert slots: ``load_checkpoint``
-builds the model dropless.)
+before it, and the padded positions are never read. A capacity-limited MoE
+(``capacity_factor`` set) would let pads and the other sequences of a batch compete for
+expert slots, so every scoring and decoding call runs under ``evaluating``: eval mode
+and dropless MoE layers for its duration, the model's own settings back afterwards
+(``load_checkpoint`` builds a model dropless; one passed in directly, e.g. by a
+trainer mid-run, may not be).
 Log-softmax runs in fp32 and sums accumulate in fp64, so a score does not depend on
 how the sequences were grouped into batches beyond fp32 rounding of the logits.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from dsv3.moe import MoE  # the layer that reads capacity_factor
 
 PAD_ID = 0  # any id works: padded positions are neither attended to by real ones nor read
 
@@ -40,14 +46,34 @@ def model_device(model) -> torch.device:
 
 
 @contextlib.contextmanager
+def dropless(model):
+    """The model's MoE layers without token dropping for the duration, then as they
+    were, even on error. Each capacity-limited layer gets a dropless copy of its
+    config, not an edit of the shared one: ``model.config`` keeps saying how the model
+    was built (the factor the results report)."""
+    modules = model.modules() if callable(getattr(model, "modules", None)) else ()
+    swapped = [(m, m.config) for m in modules
+               if isinstance(m, MoE) and m.config.capacity_factor is not None]
+    try:
+        for module, config in swapped:
+            module.config = dataclasses.replace(config, capacity_factor=None)
+        yield
+    finally:
+        for module, config in swapped:
+            module.config = config
+
+
+@contextlib.contextmanager
 def evaluating(model):
-    """Eval mode for the duration (a trainer may hand over a model mid-training: in
-    train mode the MoE layers would count routing for the balance update), then back."""
+    """Eval mode and ``dropless`` for the duration (a trainer may hand over a model
+    mid-training: in train mode the MoE layers would count routing for the balance
+    update), then back."""
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()
     try:
-        yield
+        with dropless(model):
+            yield
     finally:
         if was_training:
             model.train()
