@@ -402,8 +402,25 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).sum()
 
 
-def moe_update_bias(model: nn.Module) -> None:
-    """Apply update_bias() to every MoE layer of ``model`` (once per optimizer step)."""
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.update_bias()
+def moe_update_bias(model: nn.Module, group=None) -> None:
+    """Apply update_bias() to every MoE layer of ``model`` (once per optimizer step).
+
+    Under data parallelism (DDP, FSDP) each rank counted only its own tokens: pass the
+    data-parallel process group (e.g. ``torch.distributed.group.WORLD``) and the counts
+    are summed over it first, in one collective for all the layers, so every rank takes
+    the same step from the whole batch's routing. Without it, under FSDP each rank's
+    bias would follow its own tokens and drift from the others' (the bias is a buffer,
+    which FSDP neither shards nor syncs); under DDP, rank 0's buffers overwrite the
+    others' at each forward, balancing on rank 0's tokens alone. (A layer with an
+    ep_group also sums over that group: where it lies within ``group`` every count is
+    then taken the same number of times, which leaves the step, the sign of each
+    expert's imbalance, unchanged.)"""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and m.expert_bias is not None]
+    if group is not None and layers:
+        counts = torch.cat([layer.pending_counts for layer in layers])  # layers' E may differ
+        torch.distributed.all_reduce(counts, group=group)
+        sizes = [layer.pending_counts.numel() for layer in layers]
+        for layer, summed in zip(layers, counts.split(sizes)):
+            layer.pending_counts.copy_(summed)
+    for layer in layers:
+        layer.update_bias()

@@ -263,17 +263,7 @@ class Trainer:
             for layer in layers:
                 layer.pending_counts.zero_()
             return
-        if self.distributed and layers:
-            # A layer with an expert-parallel group sums its counts over that group
-            # itself (MoE.update_bias): summed here too, they would count twice.
-            if any(layer.ep_group is not None for layer in layers):
-                raise NotImplementedError("Trainer: MoE layers with an ep_group under DDP are "
-                                          "not supported (their counts would be summed twice)")
-            counts = torch.stack([layer.pending_counts for layer in layers])
-            dist.all_reduce(counts)  # one collective for all the layers
-            for layer, summed in zip(layers, counts):
-                layer.pending_counts.copy_(summed)
-        moe_update_bias(self.model)
+        moe_update_bias(self.model, dist.group.WORLD if self.distributed else None)
 
     # --- the run -------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
