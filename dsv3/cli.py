@@ -27,10 +27,38 @@ OPTIONAL_PACKAGES = {"datasets": "data", "datasketch": "data", "pyarrow": "data"
                      "transformers": "transformers", "pyspark": "spark"}
 
 
+def version_line() -> str:
+    """dsv3's version and what its kernels run on: the first lines a bug report needs."""
+    import torch
+
+    import dsv3
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("dsv3::expert_index", "CUDA")
+    return (f"dsv3 {dsv3.__version__} (torch {torch.__version__}, triton {triton_version}, "
+            f"CUDA kernels {'built' if cuda else 'not built'})")
+
+
+class _VersionAction(argparse.Action):
+    """--version, its line made only when asked (it imports triton)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsv3", description="dsv3: a Mixture-of-Experts engine for PyTorch; its data "
         "pipeline, trainer and evaluation as commands")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="show dsv3's, torch's and triton's versions and exit")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(dsv3.commands.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):

@@ -1,5 +1,6 @@
 """How the ``dsv3`` command reports what goes wrong (dsv3/user_errors.py): bad input as
-one error line with status 2, a bug with its traceback."""
+one error line with status 2, a bug with its traceback; and what ``--version`` says for a
+bug report."""
 import pytest
 
 import dsv3.commands.report as report_command
@@ -61,3 +62,15 @@ def test_the_command_line_loads_on_the_core_dependencies_alone():
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "train" in done.stdout and "eval" in done.stdout
+
+
+def test_version_names_dsv3_torch_triton_and_the_cuda_kernels(capsys):
+    import torch
+
+    import dsv3
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"dsv3 {dsv3.__version__} (torch {torch.__version__}, triton ")
+    assert line.endswith("CUDA kernels built)") or line.endswith("CUDA kernels not built)")
