@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
 
@@ -191,6 +192,27 @@ _SAVED_DSV3_OPS = ("route", "grouped_mm", "grouped_mm_gather")
 _SAC_HOOKS = ({"respect_saved_tensors_hooks": True}
               if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
 
+# Where it does not (torch 2.11: the caching mode keeps the outputs in its own store,
+# past the hooks), a counter registers here and is handed each tensor kept instead.
+_kept_observer = threading.local()
+
+
+@contextlib.contextmanager
+def observing_selective_saves(observe):
+    """While active (in this thread, as saved-tensor hooks are), selective checkpointing
+    hands ``observe`` each op output it keeps for the backward, on a torch whose
+    saved-tensor hooks miss those; a no-op where the hooks see them (_SAC_HOOKS), so a
+    counter that is also a hook counts them once and pays nothing more there."""
+    if _SAC_HOOKS:
+        yield
+        return
+    outer = getattr(_kept_observer, "observe", None)
+    _kept_observer.observe = observe
+    try:
+        yield
+    finally:
+        _kept_observer.observe = outer
+
 
 # Set while a residual projection (Block.residual_projections) runs, for the policy.
 _in_residual_projection = threading.local()
@@ -239,8 +261,54 @@ def _checkpoint_contexts(mode: str, residual_projections: list[nn.Module]):
     layers that this forward is a replay (their balance counts must not double)."""
     if mode == "full":
         return contextlib.nullcontext(), _replay(contextlib.nullcontext())
-    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_selective_policy)
+    observe = getattr(_kept_observer, "observe", None)
+    if observe is None:
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_selective_policy)
+    else:  # counting, on a torch whose hooks miss what the forward keeps (only there: one
+        # taking respect_saved_tensors_hooks finds its mode by type, which this would hide)
+        kept = _KeptOutputs(observe)
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(kept.policy)
+        forward_ctx = _entered_together(forward_ctx, kept)
     return forward_ctx, _replay(recompute_ctx, _marking(residual_projections))
+
+
+class _KeptOutputs(TorchDispatchMode):
+    """Entered above checkpoint's caching mode in the forward: every op passes through
+    here on its way there. The caching mode decides through ``policy``, which notes the
+    decision, and the output of an op it kept goes to ``observe`` once it returns (the
+    policy itself only sees the op and its inputs)."""
+
+    def __init__(self, observe):
+        super().__init__()
+        self.observe, self.keeps = observe, False
+
+    def policy(self, ctx, op, *args, **kwargs):
+        decision = _selective_policy(ctx, op, *args, **kwargs)
+        if not ctx.is_recompute:
+            self.keeps = decision in (CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_SAVE)
+        return decision
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.keeps = False  # an op the caching mode ignores never asks the policy
+        out = func(*args, **(kwargs or {}))
+        if self.keeps:
+            for tensor in _tensors(out):
+                self.observe(tensor)
+        return out
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
+@contextlib.contextmanager
+def _entered_together(outer, inner):
+    with outer, inner:
+        yield
 
 
 @contextlib.contextmanager

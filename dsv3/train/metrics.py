@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
 
 
@@ -126,20 +127,25 @@ def peak_memory_bytes(device: torch.device) -> int:
 def saved_activation_bytes(counter: list, model=None):
     """Adds to counter[0] the bytes autograd saves for the backward inside the block
     (each storage once), leaving out ``model``'s parameters (saved by reference, not
-    activations). Checkpointed regions save only their inputs here."""
+    activations). Checkpointed regions save their inputs here, and selective
+    checkpointing the op outputs it keeps (on any torch: see observing_selective_saves)."""
     seen = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None \
         else set()
 
-    def pack(tensor):
+    def count(tensor):
         if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key not in seen:
                 seen.add(key)
                 counter[0] += storage.nbytes()
+
+    def pack(tensor):
+        count(tensor)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            observing_selective_saves(count):
         yield
 
 
