@@ -6,7 +6,8 @@ dropped documents with their reason to a jsonl side file.
 
     sources      corpus (embedded stdlib text), readers (jsonl / parquet / text)
     steps        heuristics (+ textview), pii, quality, dedup, augment
-    running      pipeline (serial), scale (datasets.map / Spark), config + prepare
+    running      pipeline (serial), scale (datasets.map / Spark), config + prepare,
+                 movein (the outputs moved in so that an interruption can be finished)
     audit        review (spot-check sample, precision from verdicts)
     training     tokenizer (BPE + token arrays), mixture (schedules, sampler), loader
 

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsv3.data.mixture import MixtureSampler, MixtureSchedule, Unit
+from dsv3.data.movein import check_complete
 from dsv3.data.tokenizer import TokenizedCorpus
 
 
@@ -143,6 +144,7 @@ class PackedLoader:
                       num_workers: int = 0) -> "PackedLoader":
         """The loader over what ``dsv3 data prepare`` wrote to ``directory``
         (``tokens/`` and the schedule in ``mixture.json``)."""
+        check_complete(directory, "directory")  # mid-update: tokens of two runs
         path = os.path.join(directory, "mixture.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"directory: no mixture.json in {directory!r} "

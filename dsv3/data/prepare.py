@@ -23,12 +23,21 @@ the previous run's side files and rewritten its kept/. The cost: disk room for a
 second copy of the outputs while a run lasts. Every source pattern is matched, and
 the config checked, before any work starts.
 
+The move itself is one rename per file, and an interruption (Ctrl-C, a kill, a power
+cut) in its middle would leave a tokenizer of one run next to tokens of another. So
+it rolls forward (dsv3.data.movein): a journal written before the first rename names
+what is moved; while it is there the stage holds the files not yet moved and is kept
+(on Ctrl-C too), readers of the directory (the trainer) refuse it, and the next
+``dsv3 data prepare`` into it, once its own config checks pass, finishes the move
+first (saying so on stderr), then runs as usual. That finish completes the run that
+was interrupted: a new run that then fails leaves that one's outputs in place.
+
 A re-run into the same directory replaces these: a run that ends well removes the
 ``kept/``, ``tokens/`` and ``dropped/`` files that the previous run listed as its
 outputs in stats.json and this run did not write (a domain or step it no longer
-has), so the directory holds one run. No other file is touched, nor any source: a
-run whose output would replace one of its own source files stops before moving
-anything in.
+has), so the directory holds one run. No other file is touched, nor any source (of
+the run, or of an interrupted one whose move it finishes): a run whose output would
+replace one of its own source files stops before moving anything in.
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
@@ -49,6 +59,7 @@ from dsv3.data.config import build_steps, validate_config
 from dsv3.data.corpus import DOMAINS, embedded_corpus
 from dsv3.data.document import Document
 from dsv3.data.mixture import MixtureSchedule
+from dsv3.data.movein import finish_interrupted, journal_path, move_in
 from dsv3.data.pipeline import Pipeline
 from dsv3.data.readers import ReaderStats, expand_paths, read_documents, read_hf_dataset
 from dsv3.data.review import ReviewSampler
@@ -182,34 +193,6 @@ def _source_files(config: dict) -> dict[str, int]:
     return files
 
 
-def _remove_stale(out: str, previous: set[str], current: list[str], sources: dict) -> None:
-    for relative in sorted(previous - set(current)):
-        path = os.path.join(out, relative)
-        if os.path.isfile(path) and os.path.realpath(path) not in sources:
-            os.remove(path)
-
-
-def _move_in(stage: str, out: str, previous: set[str], current: list[str], config: dict) -> None:
-    """The staged run's files into ``out``, each by one rename (the stage is on the same
-    file system); stale outputs go after the others are in, stats.json last, so an
-    interrupted move leaves the old stats.json, whose list covers the files to remove."""
-    staged = sorted(os.path.relpath(os.path.join(d, f), stage)
-                    for d, _, files in os.walk(stage) for f in files)
-    sources = _source_files(config)
-    for relative in staged:
-        source = sources.get(os.path.realpath(os.path.join(out, relative)))
-        if source is not None:
-            raise ValueError(f"sources[{source}]: {os.path.join(out, relative)!r} is a source "
-                             f"of this run and also one of its outputs; move it out of "
-                             f"{out!r} or write the run elsewhere (nothing was written)")
-    staged.remove("stats.json")
-    for relative in staged:
-        os.makedirs(os.path.dirname(os.path.join(out, relative)), exist_ok=True)
-        os.replace(os.path.join(stage, relative), os.path.join(out, relative))
-    _remove_stale(out, previous, current, sources)
-    os.replace(os.path.join(stage, "stats.json"), os.path.join(out, "stats.json"))
-
-
 class NothingKeptError(ValueError):
     """Every document was dropped or skipped; the run's counts and side files are kept
     in its staging directory, which the message names, for a look at why."""
@@ -218,7 +201,8 @@ class NothingKeptError(ValueError):
 def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False) -> dict:
     """Run the whole preparation; returns what it wrote to ``stats.json``. Outputs an
     earlier run left in the same directory and this run did not rewrite are removed
-    at the end (see :func:`_previous_outputs`); a run that fails changes nothing there.
+    at the end (see :func:`_previous_outputs`); a run that fails changes nothing there
+    (but for finishing the move of an interrupted run, which comes first).
     ``progress=False`` also silences the progress bars of ``datasets`` (its readers and
     the datasets backend)."""
     config = validate_config(config)  # the CLI's config passes again unchanged
@@ -231,18 +215,26 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
         created.append(missing)
         missing = os.path.dirname(missing)
     os.makedirs(out, exist_ok=True)
+    interrupted = finish_interrupted(out, _source_files(config))
+    if interrupted is not None:
+        print(f"dsv3 data prepare: {out!r} was mid-update from an interrupted run: finished "
+              f"moving that run's outputs in (from {interrupted!r}) before this run starts",
+              file=sys.stderr)
     stage = tempfile.mkdtemp(prefix=".partial-", dir=out)
     keep_stage = False
     try:
         with datasets_progress(progress):
             stats = _prepare(config, stage, progress, skip_malformed)
-        _move_in(stage, out, _previous_outputs(out), stats["outputs"], config)
+        move_in(stage, out, sorted(_previous_outputs(out) - set(stats["outputs"])),
+                _source_files(config))
         return stats
     except NothingKeptError:
         keep_stage = True  # for a look at why; the message names it
         raise
     finally:
-        if not keep_stage:
+        # a journal is there once the move is decided: interrupted after that, the stage
+        # holds the files not yet moved, which the next run moves in
+        if not keep_stage and not os.path.lexists(journal_path(out)):
             shutil.rmtree(stage, ignore_errors=True)
             for directory in created:  # one that holds anything (``out``, once the run
                 try:                   # succeeded) stays, and so do those above it

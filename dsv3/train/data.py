@@ -19,6 +19,7 @@ import torch
 
 from dsv3.data.loader import PackedLoader
 from dsv3.data.mixture import MixtureSchedule
+from dsv3.data.movein import check_complete
 from dsv3.data.tokenizer import TokenizedCorpus
 
 
@@ -68,6 +69,8 @@ class TrainData:
     @classmethod
     def load(cls, data_dir: str | Path, val_fraction: float = 0.05) -> "TrainData":
         data_dir = Path(data_dir)
+        # before reading anything: mid-update, its tokens may be of another tokenizer
+        check_complete(str(data_dir), "data_dir")
         if not (data_dir / "mixture.json").is_file():
             raise FileNotFoundError(f"data_dir: no mixture.json in {str(data_dir)!r}; run "
                                     f"`dsv3 data prepare` first (or point data_dir at its output)")
