@@ -1,13 +1,13 @@
 """dsv3.eval decoding: greedy and sampled decoding with the KV cache equal to
 recomputing the whole sequence, seeds reproduce, top-k/top-p filters on a hand case,
-stops at eos, a prompt too long for the context loses its start so that
+stops at eos and where the caller's stop says, a prompt too long for the context loses its start so that
 max_new_tokens fit (using every position), bad arguments."""
 import math
 
 import pytest
 import torch
 
-from dsv3.eval.decoding import filter_logits, generate
+from dsv3.eval.decoding import filter_logits, generate, stop_at_text
 from test_eval_support import tiny_model
 
 PROMPT = [5, 17, 42, 7, 99]
@@ -54,6 +54,26 @@ def test_stops_at_eos():
     first = generate(model, PROMPT, max_new_tokens=5).tokens
     stopped = generate(model, PROMPT, max_new_tokens=5, eos_id=first[1])
     assert (stopped.tokens, stopped.finish_reason) == (first[:1], "eos")
+
+
+def test_stops_where_the_callers_stop_says():
+    model = tiny_model(max_seq_len=32)
+    first = generate(model, PROMPT, max_new_tokens=6).tokens
+    seen = []
+    stopped = generate(model, PROMPT, max_new_tokens=6,
+                       stop=lambda tokens: seen.append(list(tokens)) or len(tokens) == 3)
+    assert (stopped.tokens, stopped.finish_reason) == (first[:3], "stop")
+    assert seen == [first[:1], first[:2], first[:3]]  # after each new token, no further
+
+
+def test_stop_at_text_finds_a_stop_string_across_tokens():
+    pieces = {1: " ", 2: "a", 3: "\n", 4: "b"}
+    decode = lambda tokens: "".join(pieces[t] for t in tokens)  # noqa: E731
+    stop = stop_at_text(decode, ["", "a\nb"])
+    assert [stop([2]), stop([2, 3]), stop([2, 3, 4])] == [False, False, True]
+    leading = stop_at_text(decode, ["\n"], strip_leading=True)
+    assert [leading([3]), leading([1, 3]), leading([3, 2, 3])] == [False, False, True]
+    assert stop_at_text(decode, ["", ""]) is None and stop_at_text(decode, []) is None
 
 
 # With W = 32 positions and N new tokens, a prompt keeps its last W - N + 1 tokens: the

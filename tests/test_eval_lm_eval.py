@@ -89,9 +89,23 @@ def test_generate_until_stops_at_the_stop_string(lm_class):
     eos = text_codec.eos_id
     says = [[eos] + text_codec.encode("import os") + text_codec.encode("\nprint(os.getcwd())\n")]
     lm = lm_class(model=OracleModel(text_codec.vocab_size, says), codec=text_codec)
+    calls = []
+    model = lm.model
+    lm.model = lambda tokens_BS, kv_cache=None: calls.append(1) or model(tokens_BS, kv_cache)
+    lm.model.config = model.config
     (out,) = lm.generate_until([request("generate_until", "import os",
                                         {"until": [")\n"], "max_gen_toks": 30})])
     assert out == "\nprint(os.getcwd()"
+    # Decoding stops once the stop string is there, not at max_gen_toks or eos: one
+    # forward for the prompt, then one per new token but the last.
+    calls.clear()
+    (out,) = lm.generate_until([request("generate_until", "import os",
+                                        {"until": ["getcwd"], "max_gen_toks": 30})])
+    assert out == "\nprint(os."
+    generated = text_codec.encode("\nprint(os.getcwd())\n")
+    needed = next(n for n in range(1, len(generated) + 1)
+                  if "getcwd" in text_codec.decode(generated[:n]))
+    assert len(calls) == needed < len(generated)
 
 
 def test_needs_model_or_checkpoint(lm_class):

@@ -21,6 +21,7 @@ likely tokens whose probability reaches p; always at least one), drawn from a
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ from dsv3.model import KVCache
 @dataclass
 class Generation:
     tokens: list[int]  # generated ids, the eos id not included
-    finish_reason: str  # "eos" or "max_new_tokens"
+    finish_reason: str  # "eos", "max_new_tokens" or "stop" (the caller's stop said so)
     prompt_cut: int = 0  # tokens dropped from the prompt's start so that max_new_tokens fit
 
 
@@ -68,8 +69,12 @@ def filter_logits(logits_V: torch.Tensor, top_k: int | None, top_p: float | None
 
 def generate(model, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = None, use_cache: bool = True) -> Generation:
-    """Continue ``prompt`` (token ids) until ``eos_id`` or ``max_new_tokens``. A prompt
+             eos_id: int | None = None, use_cache: bool = True,
+             stop: Callable[[list[int]], bool] | None = None) -> Generation:
+    """Continue ``prompt`` (token ids) until ``eos_id``, ``max_new_tokens`` or ``stop``
+    (called with the tokens generated so far after each new one: True ends it, e.g.
+    once their text holds a stop string the caller cuts at, so that the tokens past it
+    are not computed for nothing; the tokens before are the same either way). A prompt
     too long to leave room for ``max_new_tokens`` in the model's context loses its start
     (``prompt_cut`` counts the tokens lost; module docstring)."""
     limit = context_limit(model)
@@ -82,13 +87,34 @@ def generate(model, prompt: list[int], max_new_tokens: int, temperature: float =
     cut = 0 if limit is None else max(0, len(prompt) - (limit - max_new_tokens + 1))
     with evaluating(model):
         tokens, finish_reason = _decode(model, list(prompt)[cut:], max_new_tokens, temperature,
-                                        top_k, top_p, seed, eos_id, use_cache)
+                                        top_k, top_p, seed, eos_id, use_cache, stop)
     return Generation(tokens, finish_reason, cut)
+
+
+def stop_at_text(decode: Callable[[list[int]], str], stops: Iterable[str],
+                 strip_leading: bool = False) -> Callable[[list[int]], bool] | None:
+    """A ``stop`` for ``generate``: True once the text of the tokens so far (its leading
+    whitespace stripped when ``strip_leading``, as a caller that strips it before cutting
+    does) holds any of ``stops``, which the caller then cuts at: stopping there, as
+    lm-eval's own models do, spares the tokens past it. None without a (non-empty) stop
+    string. The text the caller cuts is then the same as after a full generation
+    (unless one stop string overlaps another's occurrence: the cut comes at the first
+    found). Each call decodes all the tokens so far: a few ms over a whole generation,
+    against a model forward per token."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+
+    def stop(tokens: list[int]) -> bool:
+        text = decode(tokens)
+        text = text.lstrip() if strip_leading else text
+        return any(s in text for s in stops)
+    return stop
 
 
 @torch.no_grad()
 def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_id,
-            use_cache) -> tuple[list[int], str]:
+            use_cache, stop) -> tuple[list[int], str]:
     # The prompt was cut to leave room: the sequence never outgrows the context (the
     # max_new_tokens-th token is returned before it would be fed back).
     device = model_device(model)
@@ -112,5 +138,7 @@ def _decode(model, prompt, max_new_tokens, temperature, top_k, top_p, seed, eos_
         sequence.append(token)
         if len(generated) == max_new_tokens:
             return generated, "max_new_tokens"
+        if stop is not None and stop(generated):
+            return generated, "stop"
         if use_cache:
             logits_V = model(torch.tensor([[token]], device=device), kv_cache=cache)[0, -1]

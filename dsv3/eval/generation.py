@@ -4,7 +4,7 @@ continuations of sources against references, from any jsonl of
 
 sacrebleu's defaults are kept (BLEU: 13a tokenization, exponential smoothing off;
 chrF: character 6-grams, beta 2) so numbers compare with published ones. The decoded
-text is cut at the first stop string (default a newline): a small model rarely emits
+text is cut at the first stop string (default a newline), where decoding stops: a small model rarely emits
 its eos id right after one answer line. A prompt too long to leave room for
 ``max_new_tokens`` in the model's context loses its start (``decoding``), so a long
 source is still answered in full; ``truncated_prompts`` counts such prompts, as the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from dsv3.eval.decoding import generate
+from dsv3.eval.decoding import generate, stop_at_text
 from dsv3.eval.jsonl import read_jsonl_rows, require_str
 
 
@@ -61,7 +61,8 @@ def evaluate_generation(model, codec, pairs: list[dict], max_new_tokens: int = 3
         if codec.eos_id is not None:
             prompt = [codec.eos_id] + prompt
         out = generate(model, prompt, max_new_tokens, temperature, top_k, top_p,
-                       seed=seed + i, eos_id=codec.eos_id)
+                       seed=seed + i, eos_id=codec.eos_id,
+                       stop=stop_at_text(codec.decode, stop, strip_leading=True))
         truncated += out.prompt_cut > 0
         text = codec.decode(out.tokens).lstrip()
         for s in stop:

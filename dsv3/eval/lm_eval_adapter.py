@@ -26,7 +26,7 @@ that the default leaves a prompt room on a small model.
 """
 from __future__ import annotations
 
-from dsv3.eval.decoding import generate
+from dsv3.eval.decoding import generate, stop_at_text
 from dsv3.eval.perplexity import window_plan
 from dsv3.eval.scoring import context_limit, score_continuations, score_sequences
 
@@ -115,7 +115,8 @@ class _Dsv3LMMethods:
             out = generate(self.model, self._prefix() + self.codec.encode(context),
                            max_gen_toks, temperature,
                            top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),
-                           seed=int(kwargs.get("seed", 0)), eos_id=self.codec.eos_id)
+                           seed=int(kwargs.get("seed", 0)), eos_id=self.codec.eos_id,
+                           stop=stop_at_text(self.codec.decode, until))
             self.generations += 1
             self.truncated_prompts += out.prompt_cut > 0
             text = self.codec.decode(out.tokens)
