@@ -37,7 +37,7 @@ def version_line() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("dsv3::expert_index", "CUDA")
+    from dsv3.ops import CUDA_KERNELS_BUILT as cuda
     return (f"dsv3 {dsv3.__version__} (torch {torch.__version__}, triton {triton_version}, "
             f"CUDA kernels {'built' if cuda else 'not built'})")
 

@@ -74,3 +74,18 @@ def test_version_names_dsv3_torch_triton_and_the_cuda_kernels(capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"dsv3 {dsv3.__version__} (torch {torch.__version__}, triton ")
     assert line.endswith("CUDA kernels built)") or line.endswith("CUDA kernels not built)")
+
+
+def test_version_tells_the_cuda_kernels_built_from_tritons_stand_ins():
+    """Where the extension has no CUDA kernel for an op, the Triton backend registers a
+    Python one: asked after that, every build looked CUDA-built. The flag is taken
+    before; a process without triton (nothing registered) sees the build as it is."""
+    import subprocess
+    import sys
+
+    import dsv3.ops
+    probe = ("import sys; sys.modules['triton'] = None; import torch, dsv3.ops; "
+             "print(torch._C._dispatch_has_kernel_for_dispatch_key('dsv3::expert_index', 'CUDA'))")
+    built = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert built == str(dsv3.ops.CUDA_KERNELS_BUILT)

@@ -5,7 +5,7 @@ the op schemas and the CPU implementations) and then the Python side of each op:
 input checks, fake implementations for torch.compile and autograd formulas; and,
 where triton is installed, the Triton kernels (see ops/triton_backend.py).
 """
-import torch  # noqa: F401  (loads libc10/libtorch, which dsv3._C links against)
+import torch  # (first: loads libc10/libtorch, which dsv3._C links against)
 
 import dsv3._C  # noqa: F401  (registers the dsv3:: ops)
 from dsv3.ops.backend import triton_available
@@ -16,6 +16,10 @@ from dsv3.ops.permute import PermuteOutput, expert_index, permute, unpermute
 from dsv3.ops.quantize import Quantized, dequantize_int8, quantize_int8
 from dsv3.ops.route import SCORES, RouteOutput, RouteStatsOutput, route, route_with_stats
 from dsv3.ops.swiglu import swiglu
+
+# Whether dsv3._C was built with its CUDA kernels (dsv3 --version says), asked before the
+# Triton backend registers CUDA kernels of its own in Python for the ops lacking one.
+CUDA_KERNELS_BUILT = torch._C._dispatch_has_kernel_for_dispatch_key("dsv3::expert_index", "CUDA")
 
 if triton_available():
     from dsv3.ops import triton_backend
