@@ -1,7 +1,7 @@
 """``dsv3 report``: the run's own evaluation is optional, but an --eval that names
 a missing or malformed file (a hand-edited or partial one: the task and the field) is
 an error naming --eval and the path (exit 2), not a report silently without its
-evaluation, nor a traceback."""
+evaluation, nor a traceback. A DDP run's heat map counts every rank's tokens."""
 import json
 
 import pytest
@@ -79,3 +79,35 @@ def test_rebuilding_the_report_keeps_the_trainers_summary(run, capsys):
     assert _report(run) == 0
     page = (run / "report.html").read_text()
     assert "<th>stages</th><td>base, domain</td>" in page and "645000" in page
+
+
+def _ddp_checkpoint(run, ranks_saved):
+    """A 2-process run's checkpoint as far as the heat map reads it: state.pt and the
+    rank files of ``ranks_saved``, rank r having counted [r + 1, 10 * (r + 1)]."""
+    import torch
+
+    from dsv3.train import checkpoint as ckpt
+    path = ckpt.checkpoint_path(run)
+    path.parent.mkdir()
+    torch.save({"step": 3, "world": 2, "loader_stage": 0}, path)
+    for rank in ranks_saved:
+        own = {key: None for key in ckpt.RANK_KEYS}
+        own["load_counts"] = [torch.tensor([rank + 1.0, 10.0 * (rank + 1)])]
+        torch.save(own, ckpt.rank_path(run, rank, 3))
+
+
+@pytest.mark.parametrize("ranks_saved, counted, warned", [
+    ([0, 1], [3.0, 30.0], False), ([0], [1.0, 10.0], True)])
+def test_the_heat_map_counts_every_ranks_tokens(run, capsys, monkeypatch, ranks_saved,
+                                                 counted, warned):
+    """A DDP run's ranks each counted their own tokens (their rank files): the rebuilt
+    heat map sums them all; with a rank's file gone, rank 0's alone, with a warning."""
+    import dsv3.train.report as report_module
+    heat = []
+    monkeypatch.setattr(report_module, "write_report",
+                        lambda run, counts, *rest: heat.append(counts) or run / "report.html")
+    _ddp_checkpoint(run, ranks_saved)
+    assert _report(run) == 0
+    assert [counts.tolist() for counts in heat[0]] == [counted]
+    err = capsys.readouterr().err
+    assert ("counts rank 0's tokens only: rank 1's state" in err) == warned, err

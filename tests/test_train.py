@@ -373,6 +373,36 @@ def test_a_finished_run_started_again_trains_and_rewrites_nothing(tmp_path, caps
     assert all(path.read_bytes() == data for path, data in saved.items())
 
 
+def test_under_torchrun_a_finished_run_is_not_decided_by_one_rank_alone(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Before: each rank decided "finished, nothing to train" from its own out_dir,
+    before the process group; a rank whose disk had no checkpoint then waited in the
+    group for one that had returned. Under torchrun every rank joins the group, and
+    the trainer, once the ranks agree on the checkpoint, trains nothing."""
+    import torch.distributed as dist
+
+    from dsv3.train import checkpoint as ckpt
+    command = _command_run(tmp_path)
+    assert main(command) == 0
+    out = tmp_path / "out"  # the finished run, as if saved by 2 processes
+    state = torch.load(ckpt.checkpoint_path(out), weights_only=False)
+    torch.save({**state, "world": 2}, ckpt.checkpoint_path(out))
+    rank_file = ckpt.rank_path(out, 0, state["step"]).read_bytes()
+    ckpt.rank_path(out, 1, state["step"]).write_bytes(rank_file)
+
+    class JoinedTheGroup(Exception):
+        pass
+
+    def init_process_group(*args, **kwargs):
+        raise JoinedTheGroup
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(JoinedTheGroup):
+        main(command)
+
+
 def test_starting_over_removes_the_old_models_evaluation(tmp_path, capsys):
     """Before: --no-resume kept OUT/eval, so the new run's report showed the old model's
     scores and the cloze schedule started at the old model's level."""

@@ -2,6 +2,7 @@
 through tests/rank_runner.run_ranks in spawned processes, so they live in an
 importable module). Each rank checks its own result; the ranks compare what must
 agree with a collective."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -122,7 +123,24 @@ def check_ddp_metrics_cover_every_rank(rank, world, out_dir):
     trainer = Trainer(config, synthetic_data())
     reported = []  # the heat map's counts the trainer hands to its report
     trainer_module.write_report = lambda out, counts, **kwargs: reported.append(counts)
-    trainer.train(progress=False)
+    local = []  # each logged step's loss and expert loads on this rank, before combining
+
+    def spy(record, moe_stats, *args):
+        local.append(torch.cat([torch.as_tensor([float(record["loss"])]),
+                                *[s.tokens_per_expert.double() for s in moe_stats]]))
+        return reduce_logged_step(record, moe_stats, *args)
+    trainer_module.reduce_logged_step = spy
+    history = trainer.train(progress=False)
+    assert len(local) == 2  # both steps logged
+    every_step = [torch.empty_like(local[0]) for _ in range(world)]
+    for step, mine in enumerate(local):
+        dist.all_gather(every_step, mine)
+        summed = sum(every_step)
+        if rank == 0:  # the logged record: the ranks' mean loss, loads of both ranks' tokens
+            assert history[step]["loss"] == pytest.approx(summed[0].item() / world, rel=1e-6)
+            layer0 = summed[1:1 + trainer.model.moe_layers()[0].config.n_experts]
+            assert history[step]["moe/layer0/load_max_over_mean"] == pytest.approx(
+                (layer0.max() / layer0.mean()).item(), rel=1e-6)
     own = torch.stack(trainer.load_counts)
     every = [torch.empty_like(own) for _ in range(world)]
     dist.all_gather(every, own)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -53,7 +54,15 @@ def _report(args: argparse.Namespace) -> int:
     # The trainer's own summary (summary.json) when it wrote one; else what the checkpoint says.
     summary = None if (run / "summary.json").is_file() else (
         {"steps": state["step"]} if state else None)
-    path = write_report(run, run_load_counts(run, state) if state else None, summary, sections)
+    load_counts = None
+    if state:
+        try:
+            load_counts = run_load_counts(run, state)
+        except FileNotFoundError as e:  # e.g. a DDP run copied with rank 0's files alone
+            print(f"dsv3 report: warning: the heat map counts rank 0's tokens only: {e}",
+                  file=sys.stderr)
+            load_counts = state["load_counts"]
+    path = write_report(run, load_counts, summary, sections)
     print(path)
     return 0
 

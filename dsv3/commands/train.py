@@ -33,9 +33,13 @@ def _train(args: argparse.Namespace) -> int:
         if saved is not None and rank == 0:
             _say_resuming(config, saved, resume_changes(saved, config.to_dict()))
         out = Path(config.out_dir)
-        if (saved is not None and saved["step"] >= config.steps
+        # A finished run: nothing to train, nothing rewritten. Not decided here under
+        # torchrun: a rank that returned would leave the others waiting for it in the
+        # process group; there the trainer, once the ranks agree on the checkpoint,
+        # trains nothing and rewrites nothing either.
+        if (world == 1 and saved is not None and saved["step"] >= config.steps
                 and (out / "final" / "model.pt").is_file() and (out / "summary.json").is_file()):
-            return 0  # a finished run: nothing to train, nothing rewritten
+            return 0
         # (Finished but its export or report missing, e.g. killed between the last save and
         # the export: the trainer makes them and trains nothing.)
     distributed = world > 1

@@ -136,8 +136,11 @@ def run_load_counts(out_dir: Path, state: dict) -> list:
     files of the same step."""
     counts = [layer_counts.clone() for layer_counts in state["load_counts"]]
     for rank in range(1, state.get("world") or 1):
-        own = torch.load(rank_path(out_dir, rank, state["step"]), map_location="cpu",
-                         weights_only=False)
+        path = rank_path(out_dir, rank, state["step"])
+        if not path.is_file():
+            raise FileNotFoundError(f"rank {rank}'s state {path} is missing, so its tokens "
+                                    f"cannot be counted")
+        own = torch.load(path, map_location="cpu", weights_only=False)
         for total, layer_counts in zip(counts, own["load_counts"]):
             total += layer_counts.to(total.device)
     return counts

@@ -342,7 +342,7 @@ class Trainer:
         try:
             state = ckpt.load_state(self.out_dir, self.rank, self.world)
             finding = f"step {state['step']}" if state is not None else "no checkpoint"
-        except (OSError, ValueError) as error:  # perhaps on this rank alone: tell the others
+        except Exception as error:  # perhaps on this rank alone (a bad file): tell the others
             failure, finding = error, f"{type(error).__name__}: {error}"
         findings = [None] * self.world
         dist.all_gather_object(findings, finding)
