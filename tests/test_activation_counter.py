@@ -4,6 +4,7 @@ where checkpoint's cache keeps them past the saved-tensor hooks (torch 2.11, wit
 checkpoint's respect_saved_tensors_hooks), and where the hooks see them (2.14) the
 counter adds nothing of its own."""
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,20 @@ import dsv3.model as model_module
 from dsv3.model import ModelConfig, Transformer, observing_selective_saves
 from dsv3.moe import MoEConfig
 from dsv3.train.metrics import saved_activation_bytes
+
+
+@pytest.fixture(autouse=True, params=["torch's own", "none (as torch 2.11-2.13)"])
+def sac_hooks(request, monkeypatch):
+    """Every test also as on a torch whose checkpoint cannot route what selective
+    checkpointing keeps through saved-tensor hooks (the counter observes it instead),
+    so that path is tested on any torch."""
+    if request.param == "torch's own":
+        yield
+        return
+    monkeypatch.setattr(model_module, "_SAC_HOOKS", {})
+    with warnings.catch_warnings():  # torch 2.14 asks to choose: this is the other choice
+        warnings.filterwarnings("ignore", "A saved_tensors_hooks context", FutureWarning)
+        yield
 
 
 def small_model() -> Transformer:

@@ -92,14 +92,15 @@ def _write_journal(out: str, journal: dict) -> None:
     _fsync(out)
 
 
-def _refuse_replacing(out: str, relatives, sources: dict[str, int], why: str) -> None:
+def _refuse_replacing(out: str, relatives, sources: dict[str, int], why: str,
+                      left: str = "nothing was written") -> None:
     for relative in relatives:
         path = os.path.join(out, relative)
         source = sources.get(os.path.realpath(path))
         if source is not None:
             raise ValueError(f"sources[{source}]: {path!r} is a source of this run and also "
                              f"{why}; move it out of {out!r} or write the run elsewhere "
-                             f"(nothing was written)")
+                             f"({left})")
 
 
 def _remove_stale(out: str, stale, protected: set[str]) -> None:
@@ -210,6 +211,7 @@ def finish_interrupted(out: str, sources: dict[str, int]) -> str | None:
     if lost:
         raise ValueError(_cannot_finish(out, f"{sorted(lost)} are neither in {stage!r} nor "
                                              f"moved into {out!r}", stage))
-    _refuse_replacing(out, remaining, sources, "a file the interrupted run would move in")
+    _refuse_replacing(out, remaining, sources, "a file the interrupted run would move in",
+                      left="nothing more was moved: the directory is still mid-update")
     _finish(out, journal, set(sources))
     return stage
