@@ -10,6 +10,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 import dsv3.eval.lm_eval_adapter as adapter
 from test_eval_support import OracleModel, UniformModel, codec
@@ -153,9 +154,30 @@ def test_max_gen_toks_must_fit_the_context(lm_class):
         lm_class(model=model, codec=text_codec, max_gen_toks=33)
     lm = lm_class(model=model, codec=text_codec)
     with pytest.raises(ValueError, match=r"generate_until: the request's max_gen_toks must be "
-                                         r"a whole number >= 0 and <= the model's "
-                                         r"max_seq_len=32, got 2.5"):
+                                         r"a whole number >= 0, got 2.5"):
         lm.generate_until([request("generate_until", "a dog", {"max_gen_toks": 2.5})])
+
+
+def test_a_request_asking_past_the_context_gets_the_adapters_budget_and_is_counted(lm_class):
+    """A task written for large models (gsm8k asks for 256 new tokens) on a small one:
+    it used to fail the run there, after the tasks before it; now the request gets the
+    adapter's max_gen_toks and the results count it."""
+    text_codec = codec()
+    model = UniformModel(text_codec.vocab_size, max_seq_len=32)
+    says_7 = lambda tokens_BS, kv_cache=None: model(tokens_BS, kv_cache).index_fill(  # noqa: E731
+        -1, torch.tensor([7]), 1.0)
+    says_7.config = model.config
+    lm = lm_class(model=says_7, codec=text_codec, max_gen_toks=5)
+    outs = lm.generate_until([request("generate_until", "a dog", {"max_gen_toks": 256}),
+                              request("generate_until", "a cat", {"max_gen_toks": 32})])
+    assert outs == [text_codec.decode([7] * 5), text_codec.decode([7] * 32)]
+    assert (lm.generations, lm.capped_requests) == (2, 1)
+    from dsv3.eval.report import result_warnings
+    results = {"tasks": {"lm-eval:gsm8k": {"generations": 2, "truncated_prompts": 0,
+                                           "capped_requests": 1, "max_gen_toks": 5}}}
+    assert result_warnings(results) == [
+        "lm-eval:gsm8k: 1 of 2 requests asked for more new tokens (the task's max_gen_toks) "
+        "than the model's context holds and got 5 instead"]
 
 
 def test_run_evaluation_reports_lm_eval_prompts_the_context_cut(lm_class, monkeypatch):

@@ -19,8 +19,9 @@ own models do) and rolling log-likelihoods use ``perplexity``'s strided windows.
 ``generate_until`` cuts a context too long to leave room for ``max_gen_toks`` from the
 left, as lm-eval's own models do (``decoding``), and counts it: the adapter's
 ``generations`` and ``truncated_prompts`` add up over its calls, and ``dsv3 eval``
-reports them beside the task's scores. A task's ``max_gen_toks`` past the model's
-``max_seq_len`` is an error. Without one, a request gets the adapter's
+reports them beside the task's scores. A request's ``max_gen_toks`` past the model's
+``max_seq_len`` gets the adapter's instead, and is counted (``capped_requests``); the
+adapter's own past it is an error. Without one, a request gets the adapter's
 ``max_gen_toks``: by default 256, or half the model's context when that is less, so
 that the default leaves a prompt room on a small model.
 """
@@ -56,19 +57,33 @@ class _Dsv3LMMethods:
         self.max_gen_toks = self._checked_max_gen_toks(max_gen_toks, "Dsv3LM: max_gen_toks")
         self.generations = 0  # generate_until's outputs, over all its calls
         self.truncated_prompts = 0  # of which the context cut the prompt's start
+        self.capped_requests = 0  # of which asked for more tokens than the context holds
 
-    def _checked_max_gen_toks(self, value, name: str) -> int:
-        """``value`` as an int the model's context can generate (lm-eval passes model
-        arguments as text)."""
+    def _checked_max_gen_toks(self, value, name: str, fits: bool = True) -> int:
+        """``value`` as an int (lm-eval passes model arguments as text) that, when
+        ``fits``, the model's context can generate."""
         limit = context_limit(self.model)
-        wanted = "a whole number >= 0" + ("" if limit is None else
+        wanted = "a whole number >= 0" + ("" if limit is None or not fits else
                                           f" and <= the model's max_seq_len={limit}")
         try:  # an int, or its text; 2.5 or True is no token count
             tokens = int(value) if isinstance(value, str) or type(value) is int else None
         except ValueError:
             tokens = None
-        if tokens is None or tokens < 0 or (limit is not None and tokens > limit):
+        if tokens is None or tokens < 0 or (fits and limit is not None and tokens > limit):
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        return tokens
+
+    def _request_max_gen_toks(self, value) -> int:
+        """A request's own max_gen_toks. A task written for large models may ask for
+        more than a small model's context holds: rather than fail the run there, after
+        the tasks before it, such a request gets the adapter's max_gen_toks, and is
+        counted (``capped_requests``)."""
+        tokens = self._checked_max_gen_toks(value, "generate_until: the request's max_gen_toks",
+                                            fits=False)
+        limit = context_limit(self.model)
+        if limit is not None and tokens > limit:
+            self.capped_requests += 1
+            return self.max_gen_toks
         return tokens
 
     def _prefix(self) -> list[int]:
@@ -110,8 +125,7 @@ class _Dsv3LMMethods:
             temperature = float(kwargs.get("temperature", 0.0)) if do_sample else 0.0
             max_gen_toks = self.max_gen_toks
             if kwargs.get("max_gen_toks") is not None:
-                max_gen_toks = self._checked_max_gen_toks(
-                    kwargs["max_gen_toks"], "generate_until: the request's max_gen_toks")
+                max_gen_toks = self._request_max_gen_toks(kwargs["max_gen_toks"])
             out = generate(self.model, self._prefix() + self.codec.encode(context),
                            max_gen_toks, temperature,
                            top_k=kwargs.get("top_k"), top_p=kwargs.get("top_p"),

@@ -52,7 +52,7 @@ def summary_rows(results: dict) -> list[dict]:
 
 
 # What runner adds to an lm-eval task's results beside lm-eval's own (subtask -> metrics).
-LM_EVAL_COUNTS = ("generations", "truncated_prompts")
+LM_EVAL_COUNTS = ("generations", "truncated_prompts", "capped_requests", "max_gen_toks")
 
 
 def _task_rows(task: str, result: dict) -> list[dict]:
@@ -122,13 +122,19 @@ def _truncation_warning(task: str, result: dict) -> str:
 
 
 def result_warnings(results: dict) -> list[str]:
-    """What a task did that its numbers do not show: prompts cut to fit the context
-    (``dsv3 eval`` prints these on stderr too)."""
+    """What a task did that its numbers do not show: prompts cut to fit the context,
+    lm-eval requests whose token budget was capped (``dsv3 eval`` prints these on
+    stderr too)."""
     messages = []
     for task, result in results["tasks"].items():
         with _fields_of(f"tasks[{task!r}]"):
             if result.get("truncated_prompts"):
                 messages.append(_truncation_warning(task, result))
+            if result.get("capped_requests"):
+                messages.append(
+                    f"{task}: {result['capped_requests']} of {result['generations']} requests "
+                    f"asked for more new tokens (the task's max_gen_toks) than the model's "
+                    f"context holds and got {result['max_gen_toks']} instead")
             # Results written before generation cut prompts to leave room (a long
             # source then got one token) count those generations instead.
             if result.get("stopped_at_context"):

@@ -301,7 +301,8 @@ def _lm_eval(model, codec, task, options) -> dict:
     result = run_lm_eval(lm, [task], num_fewshot=options.k_shot, limit=options.lm_eval_limit)
     # Beside lm-eval's per-task metrics, what its generations lost to the context
     # (report.LM_EVAL_COUNTS: not a task of lm-eval's).
-    return {**result, "generations": lm.generations, "truncated_prompts": lm.truncated_prompts}
+    return {**result, "generations": lm.generations, "truncated_prompts": lm.truncated_prompts,
+            "capped_requests": lm.capped_requests, "max_gen_toks": lm.max_gen_toks}
 
 
 def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
