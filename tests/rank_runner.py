@@ -39,7 +39,19 @@ def _entry(rank, world, port, collective_timeout, fn, args):
 
 
 def run_ranks(world: int, fn, *args, timeout: float = 120, collective_timeout: float = 30):
-    """fn(rank, world, *args) on ``world`` spawned processes (fn must be importable)."""
+    """fn(rank, world, *args) on ``world`` spawned processes (fn must be importable).
+    The port free_port found may be taken by another process before rank 0 binds it
+    (EADDRINUSE, seen once in a full run): then, as fn never ran, the ranks start
+    again on another port, up to two more times."""
+    for attempt in range(3):
+        try:
+            return _run_ranks_once(world, fn, args, timeout, collective_timeout)
+        except mp.ProcessRaisedException as e:
+            if "EADDRINUSE" not in str(e) or attempt == 2:
+                raise
+
+
+def _run_ranks_once(world: int, fn, args, timeout: float, collective_timeout: float):
     context = mp.start_processes(_entry, args=(world, free_port(), collective_timeout, fn, args),
                                  nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
