@@ -176,21 +176,27 @@ def test_without_corpus_or_heldout_the_embedded_split_comes_with_a_warning(setup
         f"(perplexity and cloze then flatter it)\n")
 
 
+def assert_cut_prompts_reported(tmp_path, capsys, task, options, count, message):
+    """``dsv3 eval --tasks TASK`` counts ``count`` cut prompts in eval.json and warns
+    ``message`` on stderr and in eval.md."""
+    out = tmp_path / "out"
+    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
+                      task, *options, "--no-progress"]) == 0
+    assert json.loads((out / "eval.json").read_text())["tasks"][task]["truncated_prompts"] \
+        == count
+    assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
+    assert message in (out / "eval.md").read_text()
+
+
 def test_prompts_cut_to_fit_the_context_are_reported(setup, capsys):
     tmp_path, _ = setup
     dev = [{"question": "the cat sat on the mat " * 8, "choices": ["yes", "no"], "answer": 0,
             "split": "dev"}]
     rows = [{"question": "q", "choices": ["a", "b"], "answer": 0}] * 2
     mc = write_jsonl(tmp_path / "mc.jsonl", rows + dev)
-    out = tmp_path / "out"
-    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
-                      f"mc:{mc}", "--k-shot", "1", "--no-progress"]) == 0
-    assert json.loads((out / "eval.json").read_text())["tasks"][f"mc:{mc}"][
-        "truncated_prompts"] == 2
-    message = (f"mc:{mc}: 2 of 2 prompts were longer than the model's context and lost their "
-               f"start")
-    assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
-    assert message in (out / "eval.md").read_text()
+    assert_cut_prompts_reported(tmp_path, capsys, f"mc:{mc}", ["--k-shot", "1"], 2,
+                                f"mc:{mc}: 2 of 2 prompts were longer than the model's "
+                                f"context and lost their start")
 
 
 def test_sources_cut_to_leave_room_for_generation_are_reported(setup, capsys):
@@ -198,16 +204,10 @@ def test_sources_cut_to_leave_room_for_generation_are_reported(setup, capsys):
     gen = write_jsonl(tmp_path / "long.jsonl", [
         {"source": "the cat sat on the mat " * 10, "reference": "and slept"},
         {"source": "a dog", "reference": "ran"}])
-    out = tmp_path / "out"
-    assert eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--tasks",
-                      f"gen:{gen}", "--max-new-tokens", "8", "--no-progress"]) == 0
-    assert json.loads((out / "eval.json").read_text())["tasks"][f"gen:{gen}"][
-        "truncated_prompts"] == 1
-    message = (f"gen:{gen}: 1 of 2 prompts left the model's context too little room for the "
-               f"tokens to generate and lost their start: lower --max-new-tokens or shorten "
-               f"the prompts")
-    assert f"dsv3 eval: warning: {message}" in capsys.readouterr().err
-    assert message in (out / "eval.md").read_text()
+    assert_cut_prompts_reported(tmp_path, capsys, f"gen:{gen}", ["--max-new-tokens", "8"], 1,
+                                f"gen:{gen}: 1 of 2 prompts left the model's context too "
+                                f"little room for the tokens to generate and lost their start: "
+                                f"lower --max-new-tokens or shorten the prompts")
 
 
 def test_results_of_older_versions_still_warn_of_context_stops():
