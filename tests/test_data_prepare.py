@@ -7,6 +7,7 @@ import torch
 
 from dsv3.cli import main
 from dsv3.data.loader import PackedLoader
+from dsv3.data.prepare_lock import LOCK
 
 
 def _config(tmp_path, extra=""):
@@ -161,7 +162,7 @@ vocab_size = 300
                             "mixture.json", "review/index.html", "review/sample.jsonl",
                             "review/strata.json", "stats.json", "tokenizer.json",
                             "tokens/manifest.json", "tokens/reference.offsets.npy",
-                            "tokens/reference.tokens.npy"]
+                            "tokens/reference.tokens.npy", LOCK]
                            + [str(p.relative_to(out)) for p in mine]), files
 
 

@@ -15,6 +15,7 @@ import pytest
 from dsv3.cli import main
 from dsv3.data.loader import PackedLoader
 from dsv3.data.movein import JOURNAL, finish_interrupted
+from dsv3.data.prepare_lock import LOCK
 from dsv3.train.data import TrainData
 
 # Run A writes two domains; run B, the one interrupted, only the first, so its move
@@ -118,7 +119,7 @@ def test_an_interrupted_move_loses_nothing_and_the_next_prepare_finishes_it(
     if at == 0:
         # stopped writing the journal: the move was not decided, nothing changed
         assert _outputs(out) == before
-        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK]
     else:
         # decided: every file of B is either still in the stage or moved in, and the
         # trainer refuses the directory
@@ -135,7 +136,7 @@ def test_an_interrupted_move_loses_nothing_and_the_next_prepare_finishes_it(
     assert ("was mid-update from an interrupted run: finished moving that run's outputs "
             "in" in err) == (at > 0), err
     assert _outputs(out) == uninterrupted_b
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK]
     TrainData.load(out)
 
 
@@ -151,7 +152,7 @@ def test_finishing_alone_completes_the_interrupted_run(tmp_path, monkeypatch, ca
     assert "finished moving that run's outputs in" in err
     assert "mixture.weights: domains ['news'] have no kept documents" in err
     assert _outputs(out) == uninterrupted_b
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK]
 
 
 def test_an_interrupted_finish_is_finished_by_the_next_run(tmp_path, monkeypatch, capsys,
@@ -225,7 +226,7 @@ def test_a_move_that_cannot_be_finished_says_what_to_do(tmp_path, monkeypatch, c
     shutil.rmtree(stage, ignore_errors=True)
     assert _prepare(_config(tmp_path, RUN_B), out) == 0
     assert _outputs(out) == uninterrupted_b
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [LOCK]
 
 
 def test_finishing_touches_no_source_of_the_next_run(tmp_path, monkeypatch, uninterrupted_b):

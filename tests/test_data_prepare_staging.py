@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dsv3.cli import main
+from dsv3.data.prepare_lock import LOCK, exclusive_run
 
 
 def _source(path, n=40, broken_at=None):
@@ -32,9 +33,11 @@ def _prepare(cfg, out, *flags):
 
 def _snapshot(out):
     """Every file under ``out`` with its bytes and modification time, but for a staging
-    directory kept after a run that kept nothing."""
+    directory kept after a run that kept nothing and the (empty) lock file every run
+    takes."""
     return {str(p.relative_to(out)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(out.rglob("*")) if p.is_file() and ".partial-" not in str(p)}
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and ".partial-" not in str(p) and p.name != LOCK}
 
 
 def _good_run(tmp_path, capsys):
@@ -138,5 +141,23 @@ def test_an_output_that_would_replace_a_source_is_refused(tmp_path, capsys):
     assert f"sources[0]: {str(source)!r} is a source of this run and also one of its " \
            f"outputs" in err, err
     assert source.read_text() == text
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["kept", "kept/web.jsonl"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [LOCK, "kept",
+                                                                       "kept/web.jsonl"]
     _no_stage_left(tmp_path)
+
+
+def test_a_second_run_into_a_directory_being_written_stops_before_touching_it(tmp_path,
+                                                                              capsys):
+    """Two runs moving their outputs into one directory at once would mix them."""
+    source, out, before = _good_run(tmp_path, capsys)
+    with exclusive_run(str(out)):  # the first run, still writing (flock: per open file)
+        assert _prepare(_config(tmp_path, [str(source)]), out) == 2
+    err = capsys.readouterr().err
+    assert (f"output.dir: {str(out)!r} is being written by another `dsv3 data prepare`"
+            in err), err
+    assert _snapshot(out) == before
+    _no_stage_left(tmp_path)
+    # once the first run is done the directory is free again
+    assert _prepare(_config(tmp_path, [str(source)]), out) == 0
+    capsys.readouterr()
+    assert not (out / "dropped" / "exact_dedup.jsonl").read_text()

@@ -30,7 +30,9 @@ what is moved; while it is there the stage holds the files not yet moved and is 
 (on Ctrl-C too), readers of the directory (the trainer) refuse it, and the next
 ``dsv3 data prepare`` into it, once its own config checks pass, finishes the move
 first (saying so on stderr), then runs as usual. That finish completes the run that
-was interrupted: a new run that then fails leaves that one's outputs in place.
+was interrupted: a new run that then fails leaves that one's outputs in place. Runs
+into one directory take turns: one started while another is still writing there stops
+at once (dsv3.data.prepare_lock).
 
 A re-run into the same directory replaces these: a run that ends well removes the
 ``kept/``, ``tokens/`` and ``dropped/`` files that the previous run listed as its
@@ -41,6 +43,7 @@ replace one of its own source files stops before moving anything in.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -61,6 +64,7 @@ from dsv3.data.document import Document
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.movein import finish_interrupted, journal_path, move_in
 from dsv3.data.pipeline import Pipeline
+from dsv3.data.prepare_lock import LOCK, exclusive_run, lock_path
 from dsv3.data.readers import ReaderStats, expand_paths, read_documents, read_hf_dataset
 from dsv3.data.review import ReviewSampler
 from dsv3.data.scale import datasets_progress, run_scaled
@@ -215,6 +219,27 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
         created.append(missing)
         missing = os.path.dirname(missing)
     os.makedirs(out, exist_ok=True)
+    try:
+        with exclusive_run(out):
+            try:
+                return _prepare_into(out, config, progress, skip_malformed)
+            except BaseException:
+                # a failed run leaves no directory it created: one that holds just the
+                # lock file loses that first, while the lock is still held
+                if created and os.listdir(out) == [LOCK]:
+                    with contextlib.suppress(OSError):
+                        os.remove(lock_path(out))
+                raise
+    finally:
+        for directory in created:  # one that holds anything (``out``, once the run
+            try:                   # succeeded) stays, and so do those above it
+                os.rmdir(directory)
+            except OSError:
+                break
+
+
+def _prepare_into(out: str, config: dict, progress: bool, skip_malformed: bool) -> dict:
+    """The run, holding ``out``'s lock: finish an interrupted move, stage, move in."""
     interrupted = finish_interrupted(out, _source_files(config))
     if interrupted is not None:
         print(f"dsv3 data prepare: {out!r} was mid-update from an interrupted run: finished "
@@ -236,11 +261,6 @@ def prepare(config: dict, *, progress: bool = True, skip_malformed: bool = False
         # holds the files not yet moved, which the next run moves in
         if not keep_stage and not os.path.lexists(journal_path(out)):
             shutil.rmtree(stage, ignore_errors=True)
-            for directory in created:  # one that holds anything (``out``, once the run
-                try:                   # succeeded) stays, and so do those above it
-                    os.rmdir(directory)
-                except OSError:
-                    break
 
 
 def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> dict:
