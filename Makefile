@@ -18,7 +18,8 @@ all: build
 $(DEPS): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton numpy 'pytest>=8' 'pytest-benchmark>=4'
+	$(PYTHON) -m pip install -q torch==$(TORCH_VERSION) triton numpy 'pytest>=8' 'pytest-benchmark>=4' \
+		'pytest-xdist>=3'
 	$(PYTHON) -m pip install -q $(EXTRA_DEPS)
 	$(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
@@ -37,9 +38,15 @@ TRITON_TESTS := tests/test_route.py tests/test_permute.py tests/test_grouped_mm.
 	tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_gpt_oss_glu.py \
 	tests/test_expert_bias.py tests/test_transformers_gpt_oss.py
 
+# The interpreter runs each kernel in one Python thread: its pass takes a pytest-xdist
+# worker per core (at most 8: each holds its own torch, ~1 GB). The first pass stays in
+# one process, where torch's own threads already use the cores.
+INTERPRETER_WORKERS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+
 test: build
 	$(PYTHON) -m pytest -q tests
-	DSV3_BACKEND=triton TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu" $(TRITON_TESTS)
+	DSV3_BACKEND=triton TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(INTERPRETER_WORKERS) \
+		-m "not gpu" $(TRITON_TESTS)
 
 # The Triton kernels against another triton release (the GPU machine has 3.6, torch
 # 2.14.1 brings 3.8): that release goes into .triton-VERSION, ahead of the venv's on
@@ -54,7 +61,8 @@ check-triton: build
 		--target .triton-$(TRITON) triton==$(TRITON)
 	PYTHONPATH=.triton-$(TRITON) $(PYTHON) -m pytest -q tests/test_tuning.py tests/test_sm90_compile.py
 	test "$(INTERPRET)" != 1 || PYTHONPATH=.triton-$(TRITON) DSV3_BACKEND=triton \
-		TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m "not gpu" $(TRITON_TESTS)
+		TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(INTERPRETER_WORKERS) -m "not gpu" \
+		$(TRITON_TESTS)
 
 bench: build
 	$(PYTHON) -m benchmarks.run
