@@ -33,6 +33,19 @@ def test_expert_loads_and_moe_metrics_cover_every_micro_batch(tmp_path):
         assert small[f"moe/{key}"] == pytest.approx(big[f"moe/{key}"], rel=1e-5), key
 
 
+def test_expert_loads_stay_exact_past_what_fp32_counts(tmp_path):
+    """A long run's loads pass 2^24 copies an expert, where fp32 rounds single copies
+    away: the heat map of a long run drifted."""
+    config = three_stage_config(tmp_path, stages=[StageConfig("base", "lm", 1.0, seq_len=24)])
+    trainer = Trainer(config, synthetic_data())
+    for counts in trainer.load_counts:
+        counts.fill_(2 ** 24 + 1)
+    trainer.train_step()
+    for counts, stats in zip(trainer.load_counts, trainer.moe_stats):
+        assert torch.equal(counts - (2 ** 24 + 1), stats.tokens_per_expert.long())
+        assert stats.tokens_per_expert.sum() > 0
+
+
 def test_mfu_counts_the_output_head_of_a_tied_model():
     """Tied or not, the head is the same matmul and the embedding a lookup."""
     untied, tied = (Transformer(dataclasses.replace(preset("tiny"), tie_embeddings=tie))

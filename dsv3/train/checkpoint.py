@@ -134,7 +134,7 @@ def run_load_counts(out_dir: Path, state: dict) -> list:
     """The run's expert loads (per MoE layer) over every rank's tokens: ``state`` is
     rank 0's (load_state), whose counts are its own; the other ranks' are in their
     files of the same step."""
-    counts = [layer_counts.clone() for layer_counts in state["load_counts"]]
+    counts = [layer_counts.to(torch.int64, copy=True) for layer_counts in state["load_counts"]]
     for rank in range(1, state.get("world") or 1):
         path = rank_path(out_dir, rank, state["step"])
         if not path.is_file():
@@ -142,7 +142,7 @@ def run_load_counts(out_dir: Path, state: dict) -> list:
                                     f"cannot be counted")
         own = torch.load(path, map_location="cpu", weights_only=False)
         for total, layer_counts in zip(counts, own["load_counts"]):
-            total += layer_counts.to(total.device)
+            total += layer_counts.to(total.device, torch.int64)
     return counts
 
 

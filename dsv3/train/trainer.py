@@ -80,8 +80,9 @@ class Trainer:
         self.domain_tokens: dict[str, int] = {}  # realized mixture since the last log, in tokens
         self._loader = self._batches = None  # the current stage's PackedLoader and iterator
         self._loader_stage = -1
-        # Routed copies per expert over the run, kept on the device (no per-step sync).
-        self.load_counts = [torch.zeros(m.config.n_experts, device=self.device)
+        # Routed copies per expert over the run, kept on the device (no per-step sync);
+        # int64: fp32 stops counting single copies at 2^24 (16.8M) an expert.
+        self.load_counts = [torch.zeros(m.config.n_experts, dtype=torch.int64, device=self.device)
                             for m in self.model.moe_layers()]
         self.moe_stats = []  # per MoE layer, the last step's stats (step_moe_stats)
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
@@ -321,7 +322,8 @@ class Trainer:
         if self.compression is not None and state["compression"] is not None:
             self.compression.load_state_dict(state["compression"], self.device)
         self.domain_tokens = dict(state["domain_tokens"])
-        self.load_counts = [counts.to(self.device) for counts in state["load_counts"]]
+        self.load_counts = [counts.to(self.device, torch.int64)  # older checkpoints: fp32
+                            for counts in state["load_counts"]]
         if state["loader"] is not None:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
