@@ -161,3 +161,25 @@ def test_a_second_run_into_a_directory_being_written_stops_before_touching_it(tm
     assert _prepare(_config(tmp_path, [str(source)]), out) == 0
     capsys.readouterr()
     assert not (out / "dropped" / "exact_dedup.jsonl").read_text()
+
+
+def test_the_stage_of_a_killed_run_is_removed_by_the_next_one(tmp_path, capsys):
+    """A run killed mid-way (SIGKILL, a power cut: no `finally` runs) left its stage, a
+    partial second copy of the outputs, for good."""
+    source, out, before = _good_run(tmp_path, capsys)
+    killed = out / ".partial-killed"
+    (killed / "kept").mkdir(parents=True)
+    (killed / "kept" / "web.jsonl").write_text("half a run's documents\n")
+    looked_at = out / ".partial-nothing-kept"  # a run that kept nothing left it to read
+    looked_at.mkdir()
+    (looked_at / "stats.json").write_text("{}")
+    assert _prepare(_config(tmp_path, [str(source), str(source)]), out) == 0
+    err = capsys.readouterr().err
+    assert (f"removed {str(killed)!r}, the staging directory of a run into {str(out)!r} "
+            f"that was killed before it finished") in err, err
+    assert not killed.exists()
+    assert (looked_at / "stats.json").read_text() == "{}"
+    assert sorted(p.name for p in out.glob(".partial-*")) == [looked_at.name]
+    after = _snapshot(out)
+    assert after.keys() == before.keys()
+    assert after["tokenizer.json"][0] == before["tokenizer.json"][0]

@@ -30,9 +30,10 @@ what is moved; while it is there the stage holds the files not yet moved and is 
 (on Ctrl-C too), readers of the directory (the trainer) refuse it, and the next
 ``dsv3 data prepare`` into it, once its own config checks pass, finishes the move
 first (saying so on stderr), then runs as usual. That finish completes the run that
-was interrupted: a new run that then fails leaves that one's outputs in place. Runs
-into one directory take turns: one started while another is still writing there stops
-at once (dsv3.data.prepare_lock).
+was interrupted: a new run that then fails leaves that one's outputs in place. The
+stage of a run killed before its move (no stats.json in it yet) is removed by the
+next run, which says so. Runs into one directory take turns: one started while
+another is still writing there stops at once (dsv3.data.prepare_lock).
 
 A re-run into the same directory replaces these: a run that ends well removes the
 ``kept/``, ``tokens/`` and ``dropped/`` files that the previous run listed as its
@@ -245,6 +246,10 @@ def _prepare_into(out: str, config: dict, progress: bool, skip_malformed: bool) 
         print(f"dsv3 data prepare: {out!r} was mid-update from an interrupted run: finished "
               f"moving that run's outputs in (from {interrupted!r}) before this run starts",
               file=sys.stderr)
+    for dead in _dead_stages(out):
+        shutil.rmtree(dead, ignore_errors=True)
+        print(f"dsv3 data prepare: removed {dead!r}, the staging directory of a run into "
+              f"{out!r} that was killed before it finished", file=sys.stderr)
     stage = tempfile.mkdtemp(prefix=".partial-", dir=out)
     keep_stage = False
     try:
@@ -261,6 +266,17 @@ def _prepare_into(out: str, config: dict, progress: bool, skip_malformed: bool) 
         # holds the files not yet moved, which the next run moves in
         if not keep_stage and not os.path.lexists(journal_path(out)):
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _dead_stages(out: str) -> list[str]:
+    """The stages in ``out`` of runs that died (a kill, a power cut) before they wrote
+    their stats.json, or after their move emptied them: a second copy of the outputs,
+    or part of one, that nothing will read. Called holding the directory's lock, after
+    an interrupted move was finished, so no other run is using one. A stage with a
+    stats.json is kept: a run that kept nothing left it for a look at why."""
+    return sorted(path for path in glob.glob(os.path.join(glob.escape(out), ".partial-*"))
+                  if os.path.isdir(path) and not os.path.islink(path)
+                  and not os.path.lexists(os.path.join(path, "stats.json")))
 
 
 def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> dict:
