@@ -203,7 +203,9 @@ class MoE(nn.Module):
         bias = self.expert_bias
         module = super()._apply(fn, recurse)
         if bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(self.expert_bias.device)
+            # Through _buffers, not setattr: a bias that is a (frozen) nn.Parameter object
+            # (AFMoE's, Laguna's, shared with the HF block) would become a parameter.
+            self._buffers["expert_bias"] = bias.to(self.expert_bias.device)
         return module
 
     def __getstate__(self):

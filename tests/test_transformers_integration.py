@@ -182,7 +182,7 @@ def test_unpatch_restores_the_model():
     keys = model.state_dict().keys()
     dt.patch_moe(model)
     assert dt.patch_moe(model) == 0  # already patched: nothing left to replace
-    assert "model.layers.0.mlp.gate_up_proj" in model.state_dict()  # dsv3 names meanwhile
+    assert list(model.state_dict()) == list(keys)  # the HF names meanwhile too
     assert dt.unpatch_moe(model) == 2
     assert model.state_dict().keys() == keys
     assert_close(model(ids).logits, want, "logits after unpatch")

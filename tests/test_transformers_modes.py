@@ -4,7 +4,9 @@ supported MoE block, the modes of a listed architecture that dsv3.MoE does not c
 and the settings next to them that it does compute, DeepSeek-V2's group-limited routing,
 Laguna's routed scale, experts stored transposed, non-SwiGLU experts, to_module's config
 checks, and the clamped SwiGLU of GLM-5-Next, HunYuan-V4 (routed experts only) and
-DeepSeek-V4 (taken only from the known classes, with a valid limit). The numerical
+DeepSeek-V4 (taken only from the known classes, with a valid limit), experts whose
+act_fn is the function F.silu (LFM2-MoE), per-layer top-k (HunYuan-MoE-V1) and frozen
+bias Parameters kept fp32 buffers (AFMoE, Laguna). The numerical
 equivalence of the supported models is in test_transformers_integration.py."""
 import dataclasses
 import re
@@ -459,3 +461,68 @@ def test_plain_moe_to_module_checks_the_shared_width():
     with pytest.raises(ValueError, match=r"hf_config: its dots3-note block's shared MLP is 40 "
                                          r"wide, moe's shared experts 24"):
         dt.to_module(moe, tiny_config("dots3_note", shared_experts_intermediate_size=40))
+
+
+# --- activations, per-layer configs, frozen bias Parameters ----------------------------------
+def _lfm2_moe_model():
+    """LFM2-MoE, whose experts' act_fn is the function F.silu, not a module."""
+    config = transformers.Lfm2MoeConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=6,
+        num_experts_per_tok=2, num_dense_layers=0, max_position_embeddings=64,
+        layer_types=["full_attention", "full_attention"])
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.skipif(not hasattr(transformers, "Lfm2MoeConfig"),
+                    reason=f"transformers {transformers.__version__} has no LFM2-MoE")
+def test_experts_with_the_silu_function_run_on_dsv3():
+    model = _lfm2_moe_model()
+    assert model.model.layers[0].feed_forward.experts.act_fn is torch.nn.functional.silu
+    ids = input_ids()
+    want = model(ids).logits
+    model.set_experts_implementation("dsv3")
+    with DsvOpLog() as log:
+        got = model(ids).logits
+    assert log.ops, "the experts did not run on dsv3's ops"
+    assert_close(got, want, "logits")
+
+
+def test_per_layer_top_k_round_trips():
+    """HunYuan-MoE-V1 with a list moe_topk: each layer's router reads its own top-k by
+    layer index, which unpatch_moe passes back when it rebuilds the blocks."""
+    model = tiny_model("hunyuan_v1_moe", moe_topk=[2, 3]).eval()
+    ids = input_ids()
+    want = model(ids).logits
+    assert dt.patch_moe(model) == 2
+    assert [layer.mlp.config.top_k for layer in decoder_layers(model)] == [2, 3]
+    assert dt.unpatch_moe(model) == 2
+    assert [layer.mlp.gate.top_k for layer in decoder_layers(model)] == [2, 3]
+    assert_close(model(ids).logits, want, "logits after unpatch")
+
+
+def test_per_layer_config_needs_the_layer_index():
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["hunyuan_v1_moe"]))
+    config = tiny_config("hunyuan_v1_moe", moe_topk=[3, moe.config.top_k])
+    with pytest.raises(ValueError, match=r"^layer_idx: building the HunYuan-MoE-V1 block .* "
+                                         r"list moe_topk\), got None"):
+        dt.to_module(moe, config)
+    block = dt.to_module(moe, config, layer_idx=1)
+    assert block.gate.top_k == moe.config.top_k
+    with pytest.raises(ValueError, match=r"hf_config: .*top_k="):  # layer 0's top-k is 3
+        dt.to_module(moe, config, layer_idx=0)
+
+
+@pytest.mark.parametrize("arch", [arch_param("afmoe"), arch_param("laguna")])
+def test_frozen_bias_parameter_stays_an_fp32_buffer(arch):
+    """AFMoE's and Laguna's selection bias is a frozen nn.Parameter, which the patched
+    block holds as a buffer: model.to(dtype) keeps it an fp32 buffer, not a parameter."""
+    model = tiny_model(arch).eval()
+    dt.patch_moe(model)
+    block = sparse_block(model)
+    for dtype in (torch.bfloat16, torch.float16):
+        model.to(dtype)
+        assert "expert_bias" in block._buffers and "expert_bias" not in block._parameters
+        assert block.expert_bias.dtype == torch.float32
+    assert not any(name.endswith("expert_bias") for name, _ in model.named_parameters())

@@ -172,7 +172,7 @@ Those modes' experts still run on dsv3 through ``experts_implementation="dsv3"``
   (n_group None, A.X-K2-Light) or with every group kept; refused otherwise.
 
 Near misses, left to ``experts_implementation="dsv3"``: LFM2-MoE (renormalizes with
-+1e-6), LongCat-Flash (identity experts, no renormalization), ERNIE-4.5-VL-MoE (its
++1e-6), ERNIE-4.5-VL-MoE (its
 block routes text and vision tokens, by moe_mm_token_type_ids, to two expert sets of
 different widths, and returns its router logits too), A.X-K1 (normalizes the block's
 output: a post_mlp_layernorm inside the block), Kolibri-1 (chooses on logits + bias and
@@ -190,7 +190,9 @@ _apply_gate of their own that experts.py does not know; dsv3's SwiGLU, as the de
 gate, computes in the model dtype: the same in fp32 models only). Not listed:
 DeepSeek-V4, which scores with sqrt(softplus) and routes its first layers by a
 token-id table (hash_moe); its experts (the same clamped SwiGLU as GLM-5-Next's) run on
-dsv3 through ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS).
+dsv3 through ``experts_implementation="dsv3"`` (experts.CLAMPED_SWIGLU_EXPERTS). Not
+run on dsv3 at all: LongCat-Flash (identity experts beside the routed ones, no
+renormalization), whose experts module takes no ``experts_implementation``.
 
 Blocks are matched by exact class (module and name), never by isinstance: a subclass
 in another model may change the forward, and we would silently compute the wrong thing.

@@ -21,11 +21,33 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   them in the model dtype; in fp32 models they are the same.
 - Mixtral's (and MiniMax's) router jitter (training only, off by default): the same
   draws as HF's from the same RNG state, applied out of place (HF scales the block's
-  input in place).
+  input in place). For Mixtral the result is the same. MiniMax's differs in training
+  with jitter on: its decoder layer keeps the block's input tensor as the residual,
+  which HF's in-place scaling jitters too (the jitter reaches the residual stream),
+  where the patched block leaves it alone.
+- HF stand-ins for transformers' weight init: ``gate`` (the tap above), ``experts`` and
+  ``hf_block`` are instances of subclasses of the HF router, experts and block classes
+  without parameters, whose missing attributes are read from a view of the HF block
+  on this block's own tensors (``hf_view``). transformers' ``_init_weights`` picks its
+  branch by class and reads the HF names (module.weight, module.gate_up_proj,
+  module.e_score_correction_bias, ...), so ``model.init_weights()`` (e.g. after
+  building on the meta device, patch_moe and to_empty) initializes every tensor of
+  the patched block with the distribution the HF block's would get (the values
+  differ: the draws come in another order).
+- The HF block's state_dict names: a state_dict post-hook renames this block's entries
+  (``router.weight`` -> ``gate.weight``, ``gate_up_proj`` -> ``experts.gate_up_proj``,
+  ``expert_bias`` -> ``gate.e_score_correction_bias``, ``shared_experts.*`` ->
+  ``shared_mlp.*``, ...) to the names, order and shapes of the block it replaced
+  (``hf_keys``, from from_module), and loading renames them back (dsv3's names, as
+  patched models saved them before, load too). So a patched model's state_dict, and
+  save_pretrained's checkpoint, are the unpatched model's. named_parameters() keeps
+  dsv3's names.
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
-tensor the HF block returned, same shape and dtype.
+tensor the HF block returned, same shape and dtype. An input with no tokens (e.g.
+shape [1, 0, D]) raises a ValueError, as dsv3.MoE does, where HF blocks return an
+empty output.
 """
 import functools
 
@@ -36,46 +58,128 @@ from torch import nn
 from dsv3.moe import MoE, MoEConfig
 
 
-@functools.cache
-def logits_tap_class(router_cls: type) -> type:
-    """A subclass of ``router_cls`` with no parameters whose forward returns its input."""
+def _proxy_getattr(self, name: str):
+    # nn.Module's own lookup first (hooks, flags); then what the HF module of ``part``
+    # holds, read from a view of the owning block (see TransformersMoE.hf_view): so
+    # transformers' _init_weights, which dispatches on the class and reads the HF
+    # attribute names (module.weight, module.gate_up_proj, ...), initializes the
+    # patched block's own tensors, in place.
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        owner = self.__dict__.get("_owner")
+        if owner is None or name.startswith("__"):
+            raise
+    try:
+        view = owner.hf_view(self.__dict__["_part"])
+    except Exception as exc:  # still an AttributeError: hasattr() callers expect one
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r} (its HF "
+                             f"module could not be rebuilt: {exc})") from exc
+    return getattr(view, name)
 
-    def __init__(self):
-        nn.Module.__init__(self)  # not router_cls.__init__: the tap owns no weights
+
+def _proxy_no_forward(self, *args, **kwargs):
+    raise RuntimeError(f"{type(self).__name__} only stands for the HF module in transformers' "
+                       f"weight init; the TransformersMoE holding it computes the block")
+
+
+@functools.cache
+def hf_proxy_class(hf_cls: type, part: str) -> type:
+    """A subclass of ``hf_cls`` (the HF block's router, experts or block class, ``part``
+    "router", "experts" or "block") with no parameters of its own, whose missing
+    attributes are those of the HF module it stands for. The router's is also the logits
+    tap: its forward returns its input."""
+
+    def __init__(self, owner: "TransformersMoE | None" = None):
+        nn.Module.__init__(self)  # not hf_cls.__init__: the proxy owns no weights
+        # In __dict__, not as a submodule: the owner is this module's parent.
+        self.__dict__["_owner"], self.__dict__["_part"] = owner, part
 
     def forward(self, logits_TE):
         return logits_TE
 
     def __reduce_ex__(self, protocol):
         # Pickle finds classes by module and name, and this one is made here, not
-        # defined there: rebuild it from the router class instead (torch.save(model)).
-        return _new_tap, (router_cls,), self.__getstate__()
+        # defined there: rebuild it from the HF class instead (torch.save(model)).
+        return _new_proxy, (hf_cls, part), self.__getstate__()
 
-    return type(f"{router_cls.__name__}LogitsTap", (router_cls,),
-                {"__init__": __init__, "forward": forward, "__reduce_ex__": __reduce_ex__,
-                 "__module__": __name__,
-                 "__doc__": f"Where transformers' router_logits hooks observe a "
-                            f"dsv3 block that replaced a {router_cls.__name__}."})
+    suffix = {"router": "LogitsTap", "experts": "InitProxy", "block": "InitProxy"}[part]
+    return type(f"{hf_cls.__name__}{suffix}", (hf_cls,),
+                {"__init__": __init__, "__getattr__": _proxy_getattr,
+                 "forward": forward if part == "router" else _proxy_no_forward,
+                 "__reduce_ex__": __reduce_ex__, "__module__": __name__,
+                 "__doc__": f"Stands for the {hf_cls.__name__} of a dsv3 block that replaced "
+                            f"it: for transformers' router_logits hooks and weight init."})
+
+
+def logits_tap_class(router_cls: type) -> type:
+    """The router's proxy: a subclass of ``router_cls`` whose forward returns its input."""
+    return hf_proxy_class(router_cls, "router")
+
+
+def _new_proxy(hf_cls: type, part: str) -> nn.Module:
+    """An empty proxy for unpickling, which then restores its state."""
+    proxy_class = hf_proxy_class(hf_cls, part)
+    return proxy_class.__new__(proxy_class)
 
 
 def _new_tap(router_cls: type) -> nn.Module:
-    """An empty tap for unpickling, which then restores its state."""
-    tap_class = logits_tap_class(router_cls)
-    return tap_class.__new__(tap_class)
+    """Unpickles a logits tap saved before the proxies had a part."""
+    proxy = _new_proxy(router_cls, "router")
+    proxy.__dict__["_part"] = "router"
+    return proxy
 
 
 class TransformersMoE(MoE):
     """Build with ``from_module(hf_block)``: created on the meta device, then handed the
     block's own Parameters and modules."""
 
+    layer_idx = None  # for instances pickled before it was kept
+    hf_keys = ()  # likewise: before their state_dict took the HF block's names
+
     def __init__(self, config: MoEConfig, *, architecture, hf_config, router_cls: type,
-                 dtype: torch.dtype, jitter_noise: float = 0.0):
+                 dtype: torch.dtype, jitter_noise: float = 0.0, layer_idx: int | None = None,
+                 experts_cls: type | None = None, block_cls: type | None = None):
         super().__init__(config, device="meta", dtype=dtype)
         self.architecture = architecture
         self.hf_config = hf_config  # to rebuild the HF block in to_module
+        self.layer_idx = layer_idx  # likewise: per-layer configs (HunYuan's list moe_topk)
         self.jitter_noise = jitter_noise
-        self.gate = logits_tap_class(router_cls)()  # named for the recorders: see above
+        self.gate = hf_proxy_class(router_cls, "router")(self)  # named for the recorders
         self.shared_expert = self.shared_expert_gate = None
+        # Stand-ins that transformers' _init_weights recognizes by class (see the module
+        # docstring); registered after the router, whose generic nn.Linear init the
+        # router's own init then overrides, as in the HF block.
+        if experts_cls is not None:
+            self.experts = hf_proxy_class(experts_cls, "experts")(self)
+        if block_cls is not None:
+            self.hf_block = hf_proxy_class(block_cls, "block")(self)
+        # (dsv3 name, HF name, HF shape, dsv3 shape) of each state_dict entry, in the HF
+        # block's order: filled by from_module.
+        self.hf_keys = ()
+        self.register_state_dict_post_hook(_hf_state_dict)
+
+    def hf_view(self, part: str = "block") -> nn.Module:
+        """A transformers block (or its router, ``part="router"``, or experts,
+        ``"experts"``) built anew on this block's current tensors: what the proxies read
+        their attributes from. Not validated as to_module's result is, and not for
+        running: the HF router_logits hooks stay here."""
+        from dsv3.integrations.transformers.converters import hf_view  # it imports this
+        block = hf_view(self)
+        return {"block": block, "experts": block.experts,
+                "router": getattr(block, self.architecture.gate)}[part]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The HF block's names (its checkpoints', this module's state_dict's) back to
+        # this module's, before anything is loaded; state dicts with dsv3's names (saved
+        # before the HF names were kept) load as they are.
+        for name, hf_name, hf_shape, shape in self.hf_keys:
+            if prefix + hf_name in state_dict and prefix + name not in state_dict:
+                value = state_dict.pop(prefix + hf_name)
+                if value.shape == hf_shape != shape:  # ERNIE's [1, E] bias, an [E] here
+                    value = value.view(shape)
+                state_dict[prefix + name] = value
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_routing_bias(self, bias_E: torch.Tensor) -> None:
         """Use ``bias_E`` (a fixed buffer, e.g. DeepSeek-V3's e_score_correction_bias) to
@@ -99,3 +203,18 @@ class TransformersMoE(MoE):
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
+
+
+def _hf_state_dict(module: TransformersMoE, state_dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the block's entries under the HF block's names, in its order,
+    so that a patched model's state_dict (and save_pretrained's checkpoint) is the
+    unpatched model's."""
+    mine = {key: state_dict.pop(prefix + key) for key, _, _, _ in module.hf_keys
+            if prefix + key in state_dict}
+    # Entries with no HF counterpart (none in the listed architectures) follow, as named.
+    rest = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
+    for key, hf_key, hf_shape, _ in module.hf_keys:
+        if key in mine:
+            value = mine[key]  # ERNIE's bias: the [E] view back to its [1, E]
+            state_dict[prefix + hf_key] = value if value.shape == hf_shape else value.view(hf_shape)
+    state_dict.update(rest)

@@ -9,6 +9,8 @@ copy, and the new ones no longer alias the dsv3 module's). A TransformersMoE mad
 ``from_module`` holds the HF shared-expert modules themselves, so its round trip
 copies nothing.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -99,10 +101,12 @@ def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
         raise TypeError(f"block: {type(block).__name__} is not a supported sparse MoE block; "
                         f"supported architectures: {supported()}")
     experts, router = block.experts, getattr(block, arch.gate)
-    _, router_cls = arch.classes()
+    block_cls, router_cls = arch.classes()
     moe = TransformersMoE(_moe_config(arch, block), architecture=arch, hf_config=experts.config,
                           router_cls=router_cls, dtype=experts.gate_up_proj.dtype,
-                          jitter_noise=float(getattr(block, "jitter_noise", 0.0)))
+                          jitter_noise=float(getattr(block, "jitter_noise", 0.0)),
+                          layer_idx=_layer_idx(block, router), experts_cls=type(experts),
+                          block_cls=block_cls)
     moe.router.weight = _get_attr(router, arch.gate_weight)
     moe.gate_up_proj, moe.down_proj = experts.gate_up_proj, experts.down_proj
     if arch.bias is not None:
@@ -113,7 +117,33 @@ def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
     elif arch.shared:
         moe.shared_experts = _shared_module(arch, block)
     _move_hooks(router, moe.gate)
+    moe.hf_keys = _hf_keys(arch, block, moe)
     return moe.train(block.training)
+
+
+def _layer_idx(block: nn.Module, router: nn.Module) -> int | None:
+    """The decoder layer index the block was built for (HunYuan-MoE-V1's router keeps
+    it, and reads its per-layer moe_topk with it), or None."""
+    for module in (block, router):
+        if isinstance(getattr(module, "layer_idx", None), int):
+            return module.layer_idx
+    return None
+
+
+def _hf_keys(arch, block: nn.Module, moe: TransformersMoE) -> tuple:
+    """(moe's state_dict name, the block's name for the same tensor, the block's shape,
+    moe's shape), in the block's state_dict order: moe holds the block's very tensors,
+    but for ERNIE's [1, E] bias, of which it holds an [E] view."""
+    mine = {id(t): (name, t.shape) for name, t in moe.state_dict(keep_vars=True).items()}
+    keys = []
+    for hf_name, t in block.state_dict(keep_vars=True).items():
+        name, shape = mine.get(id(t), (None, None))
+        if name is None and hf_name == arch.bias:
+            name, shape = "expert_bias", moe.expert_bias.shape
+        if name is None:
+            raise ValueError(f"block: dsv3 has no counterpart to its {hf_name}")
+        keys.append((name, hf_name, t.shape, shape))
+    return tuple(keys)
 
 
 def _check_fused_shared(arch, shared: SwiGLUMLP, hf_mlp: nn.Module, want: MoEConfig) -> None:
@@ -158,7 +188,8 @@ def _hf_bias(arch, moe: MoE, hf_bias: torch.Tensor) -> torch.Tensor:
     return bias_E
 
 
-def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
+def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None, *,
+              layer_idx: int | None = None) -> nn.Module:
     """The transformers block computing what ``moe`` computes, with its Parameters.
 
     A gpt_oss.GptOssMoE gives back the GptOssMLP it came from (``hf_config``, if
@@ -168,6 +199,10 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
     one it kept). A plain dsv3.MoE needs ``hf_config`` (e.g. a MixtralConfig, or a
     vision-language model's config, whose text_config is used): its model_type picks
     the block, whose sizes and routing must match ``moe.config``.
+
+    ``layer_idx``: the decoder layer the block is for, where its config sets values per
+    layer (HunYuan-MoE-V1's list moe_topk); a TransformersMoE defaults to the one its
+    block was built for.
     """
     if isinstance(moe, gpt_oss.GptOssMoE):
         if hf_config is not None and getattr(hf_config, "model_type", None) != "gpt_oss":
@@ -189,9 +224,9 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
         if hasattr(hf_config, "get_text_config"):
             hf_config = hf_config.get_text_config()
         arch = architecture_for(getattr(hf_config, "model_type", None))
-    block_cls, _ = arch.classes()
-    with torch.device("meta"):  # every tensor is replaced below; allocate none
-        block = block_cls(hf_config)
+    if layer_idx is None:
+        layer_idx = getattr(moe, "layer_idx", None)  # a TransformersMoE's, from from_module
+    block = _new_block(arch, hf_config, layer_idx)
     if arch.bias is not None:  # first: a refusal may read its values (ERNIE-4.5-MoE's)
         _set_attr(block, arch.bias, _hf_bias(arch, moe, _get_attr(block, arch.bias)))
     want = _moe_config(arch, block, "hf_config")
@@ -201,6 +236,51 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
         raise ValueError(f"hf_config: its {arch.name} block does not match moe.config "
                          f"(moe vs hf_config): {', '.join(diffs)}")
 
+    _fill(arch, moe, block, want)
+    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"moe: nothing to fill the {arch.name} block's {', '.join(left)} from")
+    if isinstance(moe, TransformersMoE):
+        _move_hooks(moe.gate, getattr(block, arch.gate))
+        if hasattr(block, "jitter_noise"):
+            block.jitter_noise = moe.jitter_noise
+    return block.train(moe.training)
+
+
+def hf_view(moe: TransformersMoE) -> nn.Module:
+    """The transformers block on ``moe``'s current tensors, as to_module builds it but
+    unchecked (its values may be uninitialized memory, as after to_empty) and with the
+    router_logits hooks left on ``moe``: what transformers' weight init reads
+    (block.hf_proxy_class)."""
+    arch = moe.architecture
+    block = _new_block(arch, moe.hf_config, moe.layer_idx)
+    if arch.bias is not None:
+        _set_attr(block, arch.bias, _hf_bias(arch, moe, _get_attr(block, arch.bias)))
+    _fill(arch, moe, block)
+    return block
+
+
+def _new_block(arch, hf_config, layer_idx: int | None) -> nn.Module:
+    """``arch``'s block for ``hf_config`` on the meta device (every tensor is replaced
+    after), for decoder layer ``layer_idx`` where the block class takes one."""
+    block_cls, _ = arch.classes()
+    takes_layer = "layer_idx" in inspect.signature(block_cls).parameters
+    try:
+        with torch.device("meta"):
+            if takes_layer:
+                return block_cls(hf_config, layer_idx=layer_idx)
+            return block_cls(hf_config)
+    except (TypeError, IndexError) as exc:  # None, or past the list, as a list index
+        if not takes_layer or (isinstance(exc, TypeError) and layer_idx is not None):
+            raise
+        raise ValueError(f"layer_idx: building the {arch.name} block from this hf_config needs "
+                         f"the index of a decoder layer it has (a per-layer setting such as a "
+                         f"list moe_topk), got {layer_idx!r}: {exc}") from exc
+
+
+def _fill(arch, moe: MoE, block: nn.Module, want: MoEConfig | None = None) -> None:
+    """Put ``moe``'s router, experts and shared experts into ``block`` (a plain dsv3.MoE's
+    fused shared experts checked against ``want``, the block's config)."""
     _set_attr(getattr(block, arch.gate), arch.gate_weight, moe.router.weight)
     block.experts.gate_up_proj, block.experts.down_proj = moe.gate_up_proj, moe.down_proj
     if arch.gated_shared:
@@ -216,11 +296,3 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None) -> nn.Module:
             setattr(block, arch.shared[0], moe.shared_experts)
         else:
             raise ValueError(f"moe: {arch.name} needs shared experts, moe has none")
-    left = [n for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"moe: nothing to fill the {arch.name} block's {', '.join(left)} from")
-    if isinstance(moe, TransformersMoE):
-        _move_hooks(moe.gate, getattr(block, arch.gate))
-        if hasattr(block, "jitter_noise"):
-            block.jitter_noise = moe.jitter_noise
-    return block.train(moe.training)

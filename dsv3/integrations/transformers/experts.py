@@ -14,6 +14,7 @@ of leaving routing unfused (``patch_moe`` fuses it too).
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations import moe as hf_moe
@@ -94,8 +95,11 @@ def unsupported_reason(experts: nn.Module) -> str | None:
             return None
     elif type(experts)._apply_gate is not hf_moe._default_apply_gate:
         return "it overrides the gating function (_apply_gate) with one dsv3 does not know"
-    if not isinstance(getattr(experts, "act_fn", None), (nn.SiLU, SiLUActivation)):
-        return f"its activation is {type(getattr(experts, 'act_fn', None)).__name__}, not SiLU"
+    act_fn = getattr(experts, "act_fn", None)
+    # A module (ACT2FN's) or the function itself (LFM2-MoE's act_fn is F.silu).
+    if not (isinstance(act_fn, (nn.SiLU, SiLUActivation)) or act_fn is F.silu):
+        name = getattr(act_fn, "__name__", type(act_fn).__name__)
+        return f"its activation is {name}, not SiLU"
     return None
 
 

@@ -1,12 +1,12 @@
 """``patch_moe`` / ``unpatch_moe``: swap every supported sparse MoE block of a model
 for a dsv3.MoE on the same Parameters, and back.
 
-A patched model's state_dict names the expert weights the dsv3 way
-(``mlp.gate_up_proj``, ``mlp.router.weight``, ...), not transformers' way
-(``mlp.experts.gate_up_proj``, ``mlp.gate.weight``): ``unpatch_moe`` before
-``save_pretrained`` to write a checkpoint transformers can load. GPT-OSS's blocks are
-the exception: their replacement (gpt_oss.GptOssMoE) keeps the HF router and experts
-modules, so the state_dict keeps its keys.
+A patched model's state_dict has the unpatched model's keys (``mlp.experts.gate_up_proj``,
+``mlp.gate.weight``, ...; see block.py), so ``save_pretrained`` (which HF's Trainer
+calls itself) writes the checkpoint the unpatched model would, which transformers
+loads as usual (patch the loaded model again), and an HF state_dict loads into a
+patched model. GPT-OSS's replacement (gpt_oss.GptOssMoE) keeps the HF router and
+experts modules, so it keeps the keys as they are.
 """
 from torch import nn
 
