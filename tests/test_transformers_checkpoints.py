@@ -73,3 +73,21 @@ def test_dsv3_named_state_dict_still_loads():
     assert torch.equal(block.gate_up_proj, old["gate_up_proj"])
     assert torch.equal(block.expert_bias, old["expert_bias"])
     assert set(block.state_dict()) == {hf_name for _, hf_name, _, _ in block.hf_keys}
+
+
+def test_distributed_checkpoint_state_dicts_of_a_patched_model():
+    """torch.distributed.checkpoint's state-dict API, which sharded trainers save with,
+    pairs a patched model's parameters (dsv3's names) with its state_dict (HF's)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict
+    model = tiny_model("mixtral")
+    dt.patch_moe(model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(input_ids()).logits.float().sum().backward()
+    optimizer.step()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    assert list(model_state) == list(model.state_dict())
+    assert set(optimizer_state["state"]) == {name for name, _ in model.named_parameters()}
+    other = tiny_model("mixtral")
+    dt.patch_moe(other)
+    set_model_state_dict(other, model_state)
+    _equal_state_dicts(other.state_dict(), model.state_dict())
