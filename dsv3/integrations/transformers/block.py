@@ -112,11 +112,6 @@ def hf_proxy_class(hf_cls: type, part: str) -> type:
                             f"it: for transformers' router_logits hooks and weight init."})
 
 
-def logits_tap_class(router_cls: type) -> type:
-    """The router's proxy: a subclass of ``router_cls`` whose forward returns its input."""
-    return hf_proxy_class(router_cls, "router")
-
-
 def _new_proxy(hf_cls: type, part: str) -> nn.Module:
     """An empty proxy for unpickling, which then restores its state."""
     proxy_class = hf_proxy_class(hf_cls, part)
