@@ -258,10 +258,6 @@ class MoE(nn.Module):
             raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != c.dim:
             raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
-        if x.numel() == 0 and self.ep_group is None:
-            # (Expert-parallel layers take an empty batch: the other ranks' tokens may
-            # need this rank's experts, see _route_nothing.)
-            raise ValueError(f"MoE: x must hold at least one token, got shape {tuple(x.shape)}")
         gate_up, down = self.gate_up_proj, self.down_proj
         if x.device != gate_up.device:
             raise ValueError(f"MoE: x must be on the layer's device {gate_up.device}, got {x.device}")
@@ -303,6 +299,12 @@ class MoE(nn.Module):
             from dsv3.distributed.expert_parallel import expert_parallel_ffn
             y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, gate_up, down,
                                        c.n_experts, self.ep_group, c.swiglu_limit)
+        elif n_tokens == 0:
+            # An empty batch gives an empty output, as nn.Linear and the transformers
+            # blocks dsv3 replaces do (the grouped ops want at least one row). Built from
+            # the router's weights so that a backward through it still reaches x and the
+            # router, with zero gradients.
+            y_TD = weights_TK[:, :1] * x_TD
         else:
             y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
                                   down.transpose(1, 2), c.swiglu_limit)
@@ -310,14 +312,15 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD)
 
         self._record(loss_sums, routed_E, counts_E, dropped, n_tokens, logits_TE.dtype)
-        if self.collect_router_entropy and not getattr(_replaying, "active", False):
+        if (self.collect_router_entropy and n_tokens > 0
+                and not getattr(_replaying, "active", False)):
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
 
     def _route_nothing(self, logits_TE: torch.Tensor) -> tuple:
-        """Routing of an empty batch on an expert-parallel rank (an uneven last batch):
-        ops.route wants at least one token, yet the other ranks wait for this one in
-        both all-to-alls and may send it tokens for its experts. Empty weights, still
+        """Routing of an empty batch: ops.route wants at least one token. On an
+        expert-parallel rank (an uneven last batch) the other ranks still wait for this
+        one in both all-to-alls and may send it tokens for its experts. Empty weights, still
         computed from the router's logits so its weight gets a (zero) gradient and DDP
         sees it used; no balance losses (no tokens to average over)."""
         k, device = self.config.top_k, logits_TE.device

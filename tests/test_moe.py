@@ -393,6 +393,38 @@ def test_leading_dims(shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("overrides", [
+    pytest.param({}, id="softmax"),
+    pytest.param({"capacity_factor": 1.25}, id="capacity"),
+    pytest.param({"n_shared_experts": 1, "score": "sigmoid", "n_groups": 4, "topk_groups": 2,
+                  "bias_update_rate": 1e-3, "aux_loss_coef": 0.01, "z_loss_coef": 1e-3},
+                 id="deepseek_v3_like"),
+])
+@pytest.mark.parametrize("shape", [(0,), (2, 0)])
+def test_empty_batch_gives_empty_output_and_zero_gradients(shape, overrides, device):
+    # As nn.Linear and the transformers blocks patch_moe replaces: no tokens is an empty
+    # output (not an error), zero balance losses, zero counts, and a backward that
+    # still reaches x and the router.
+    moe = make_moe(**overrides).to(device)
+    moe.collect_router_entropy = True
+    x = torch.randn(*shape, 32, device=device, requires_grad=True)
+    y = moe(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    (y.sum() + dsv3.moe_aux_loss(moe)).backward()
+    assert x.grad.shape == x.shape
+    assert moe.router.weight.grad is not None and (moe.router.weight.grad == 0).all()
+    stats = moe.last_stats
+    assert stats.tokens_per_expert.tolist() == [0] * 8 and stats.dropped_tokens.item() == 0
+    assert stats.aux_loss.item() == 0 and stats.z_loss.item() == 0
+    assert moe.aux_loss.item() == 0 and stats.router_entropy is None
+    if moe.expert_bias is not None:  # no counts: the balancing step leaves the bias
+        moe.update_bias()
+        assert (moe.expert_bias == 0).all()
+    with torch.autocast(x.device.type, dtype=torch.float16):
+        assert moe(x.detach()).shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_moe_is_bitwise_deterministic(device):
     """No float atomics anywhere in the layer: two runs give the same bits (GPU too)."""
     moe = make_moe(n_shared_experts=1, dtype=torch.bfloat16).to(device)
