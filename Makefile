@@ -73,7 +73,7 @@ DATA_DIR ?= out/data
 RUN_DIR ?= out/demo
 demo: build
 	$(PYTHON) -m dsv3.cli data prepare --config demo --out $(DATA_DIR) --no-progress
-	$(PYTHON) -m dsv3.cli train --config dsv3/train/configs/demo.toml --data $(DATA_DIR) \
+	$(PYTHON) -m dsv3.cli train --config demo --data $(DATA_DIR) \
 		--out $(RUN_DIR) --no-resume
 	$(PYTHON) -m dsv3.cli eval --checkpoint $(RUN_DIR)/final --tasks ppl,cloze \
 		--corpus $(RUN_DIR)/final/heldout.jsonl --out $(RUN_DIR)/eval

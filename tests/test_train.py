@@ -5,6 +5,8 @@ input refused up front, naming the setting; the command's summary."""
 import dataclasses
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -256,6 +258,18 @@ def test_a_stage_longer_than_the_model_is_refused_before_any_training(tmp_path, 
     with pytest.raises(ValueError, match=r"stage 'domain' \(stages.1\): fraction=0.3 of steps=1 "
                                          r"is 0 optimizer steps"):
         load_config(DEMO, ["steps=1"])
+
+
+def test_shipped_config_is_taken_by_name_and_a_missing_file_lists_them(tmp_path, monkeypatch):
+    # From a pip install there is no dsv3/train/configs/demo.toml path to pass; the
+    # name works as with `dsv3 data prepare --config demo`.
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo") == load_config(Path(__file__).parents[1] / DEMO)
+    with pytest.raises(FileNotFoundError, match=r"--config: no such file 'demoo' "
+                                                r"\(shipped configs: \['demo'\]\)"):
+        load_config("demoo")
+    (tmp_path / "demo").write_text("steps = 700\n")  # a file of that name is the user's
+    assert load_config("demo").steps == 700
 
 
 def test_set_overrides_edit_the_defaults_or_name_the_bad_override(capsys):

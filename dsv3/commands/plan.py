@@ -77,7 +77,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("plan", help="estimate memory, communication and GPUs for a config")
-    parser.add_argument("--config", help="training config (TOML/YAML; default: built-in defaults)")
+    parser.add_argument("--config", help="training config (TOML/YAML) or a shipped config's name: demo "
+                        "(default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     parser.add_argument("--gpus", type=_count, default=8,
                         help="GPUs to plan for (default 8)")

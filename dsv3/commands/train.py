@@ -95,7 +95,8 @@ def _logged_loss(records: list[dict], config) -> dict | None:
 
 def register(groups: argparse._SubParsersAction) -> None:
     parser = groups.add_parser("train", help="train a model through the stages of a config")
-    parser.add_argument("--config", help="TOML or YAML training config (default: built-in defaults)")
+    parser.add_argument("--config", help="TOML or YAML training config, or a shipped config's name: demo "
+                             "(default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. optim.lr=1e-3 or stages.0.seq_len=64 "
                              "(repeatable; values parse as JSON when they can)")

@@ -19,6 +19,9 @@ from dsv3.train.schedule import SCHEDULES
 from dsv3.validate import number, of_type, whole_number
 
 STAGE_KINDS = ("lm", "curriculum", "dpo")
+# Configs that ship in the package, taken by name (``dsv3 train --config demo``), as
+# ``dsv3 data prepare`` takes its own: from a pip install there is no path to copy.
+SHIPPED_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -236,15 +239,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.toml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """``path`` if it is a file, else the shipped config of that name (a file of the
+    name wins: a user's own ``demo`` is theirs)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if str(path) in shipped_configs():
+        return SHIPPED_DIR / f"{path}.toml"
+    raise FileNotFoundError(f"--config: no such file {str(path)!r} (shipped configs: "
+                            f"{shipped_configs()})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
                 values: dict | None = None) -> TrainConfig:
     """Read a TOML/YAML config (or start from the defaults), apply ``--set`` overrides,
     then ``values`` as they are (not parsed: ``dsv3 train --out 2024`` is a path)."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = config_path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml  # optional: only YAML configs need it
             raw = yaml.safe_load(path.read_text()) or {}
