@@ -5,10 +5,12 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 TORCH_VERSION ?= 2.14.1
 DEPS := $(VENV)/.deps-installed
-# Beyond torch: the transformers integration, the data pipeline (+ Spark scale-out),
-# the trainer's monitoring and report, and the evaluation's BLEU/chrF.
-EXTRA_DEPS := 'transformers>=5.24,<6' 'datasets>=3' 'tokenizers>=0.20' tqdm 'datasketch>=1.6' \
-	pyarrow xxhash 'pyspark>=3.5' tensorboard matplotlib sacrebleu pyyaml
+# Beyond torch: the transformers integration (+ accelerate and PEFT, which its tests
+# combine it with), the data pipeline (+ Spark scale-out), the trainer's monitoring
+# and report, and the evaluation's BLEU/chrF.
+EXTRA_DEPS := 'transformers>=5.24,<6' 'accelerate>=1.10' 'peft>=0.21' 'datasets>=3' \
+	'tokenizers>=0.20' tqdm 'datasketch>=1.6' pyarrow xxhash 'pyspark>=3.5' tensorboard \
+	matplotlib sacrebleu pyyaml
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
 .PHONY: all build test check-triton bench demo clean

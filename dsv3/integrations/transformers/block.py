@@ -41,7 +41,10 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   (``hf_keys``, from from_module), and loading renames them back (dsv3's names, as
   patched models saved them before, load too). So a patched model's state_dict, and
   save_pretrained's checkpoint, are the unpatched model's. named_parameters() keeps
-  dsv3's names.
+  dsv3's names, in the HF block's order (``module_order``): optimizer states, keyed by
+  position, move between patched and unpatched models.
+- Refusals (wrappers.py): an adapter around the router, and accelerate's offloading
+  hooks, which act in forwards this block never calls.
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
@@ -55,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.integrations.transformers.wrappers import refuse_offloading_hook
 from dsv3.moe import MoE, MoEConfig
 
 
@@ -131,6 +135,7 @@ class TransformersMoE(MoE):
 
     layer_idx = None  # for instances pickled before it was kept
     hf_keys = ()  # likewise: before their state_dict took the HF block's names
+    module_order = None  # likewise: before their parameters took the HF block's order
 
     def __init__(self, config: MoEConfig, *, architecture, hf_config, router_cls: type,
                  dtype: torch.dtype, jitter_noise: float = 0.0, layer_idx: int | None = None,
@@ -153,6 +158,35 @@ class TransformersMoE(MoE):
         # block's order: filled by from_module.
         self.hf_keys = ()
         self.register_state_dict_post_hook(_hf_state_dict)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """nn.Module's walk, with this block and its children in ``module_order`` (set by
+        from_module): the order the HF block holds their Parameters in, so that
+        ``model.parameters()`` lists a patched model's Parameters in the unpatched model's
+        order. Optimizer state dicts (HF Trainer's optimizer.pt) are keyed by that
+        position, not by name: in another order, a resume across patched and unpatched
+        runs hands the Adam moments of the router to the experts (and fused AdamW on CPU
+        reads past their end). Mixtral's block holds its router first, where a plain
+        walk yields this module's own experts Parameters before any child's."""
+        order = self.module_order
+        if order is None:
+            yield from super().named_modules(memo, prefix, remove_duplicate)
+            return
+        if memo is None:
+            memo = set()
+        if self in memo:
+            return
+        if remove_duplicate:
+            memo.add(self)  # before any child, as nn.Module does: no cycle can revisit it
+        rest = [name for name in self._modules if name not in order]  # added after from_module
+        for name in [*order, *rest]:
+            if name == "":
+                yield prefix, self
+                continue
+            child = self._modules.get(name)
+            if child is not None:
+                child_prefix = f"{prefix}.{name}" if prefix else name
+                yield from child.named_modules(memo, child_prefix, remove_duplicate)
 
     def hf_view(self, part: str = "block") -> nn.Module:
         """A transformers block (or its router, ``part="router"``, or experts,
@@ -187,7 +221,39 @@ class TransformersMoE(MoE):
         self.register_buffer("pending_counts", torch.zeros_like(bias_E, dtype=torch.int64),
                              persistent=False)
 
+    @property
+    def _hf_hook(self):
+        # accelerate's hook slot, a property so that attaching an offloading hook (which
+        # this block could not honour, see wrappers.py) is refused as it happens, rather
+        # than failing later in the hook with a KeyError. Read by hasattr() and
+        # getattr(m, "_hf_hook", None): missing is an AttributeError.
+        try:
+            return self.__dict__["_hf_hook"]
+        except KeyError:
+            raise AttributeError("_hf_hook") from None
+
+    @_hf_hook.setter
+    def _hf_hook(self, hook) -> None:
+        refuse_offloading_hook(self, hook)
+        self.__dict__["_hf_hook"] = hook
+
+    @_hf_hook.deleter
+    def _hf_hook(self) -> None:
+        try:
+            del self.__dict__["_hf_hook"]
+        except KeyError:
+            raise AttributeError("_hf_hook") from None
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.router, nn.Linear):
+            # An adapter around the router (PEFT's lora.Linear or ParamWrapper): the
+            # fused routing reads router.weight, so the adapter's forward would never
+            # run and its update would be silently left out.
+            kind = type(self.router)
+            raise TypeError(f"{type(self).__name__}: its router is a "
+                            f"{kind.__module__}.{kind.__qualname__}, not the nn.Linear whose weight the "
+                            f"patched block routes with (an adapter on a patched block's router "
+                            f"would never run); leave the router out of the adapter's targets")
         x = hidden_states
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
@@ -213,3 +279,21 @@ def _hf_state_dict(module: TransformersMoE, state_dict, prefix: str, local_metad
             value = mine[key]  # ERNIE's bias: the [E] view back to its [1, E]
             state_dict[prefix + hf_key] = value if value.shape == hf_shape else value.view(hf_shape)
     state_dict.update(rest)
+
+
+def hf_module_order(block: TransformersMoE) -> tuple[str, ...] | None:
+    """The order (``""`` for the block itself, else a child's name) in which to walk
+    ``block`` so that its Parameters come in the order of the HF block's (its
+    ``hf_keys``, in the HF state_dict's order, whose Parameters come in the
+    named_parameters order); None where nn.Module's own walk gives that order already."""
+    owner = {name: name.partition(".")[0] if "." in name else ""
+             for name, _ in block.named_parameters()}
+    order = []
+    for name, _, _, _ in block.hf_keys:
+        unit = owner.get(name)  # None: a buffer
+        if unit is not None and unit not in order:
+            order.append(unit)
+    plain = [unit for unit in ["", *block._modules] if unit in order]
+    if order == plain:
+        return None
+    return (*order, *[unit for unit in ["", *block._modules] if unit not in order])

@@ -17,8 +17,9 @@ from torch import nn
 from dsv3.integrations.transformers import gpt_oss
 from dsv3.integrations.transformers.architectures import (architecture_for, architecture_of,
                                                           supported)
-from dsv3.integrations.transformers.block import TransformersMoE
+from dsv3.integrations.transformers.block import TransformersMoE, hf_module_order
 from dsv3.integrations.transformers.experts import swiglu_limit, unsupported_reason
+from dsv3.integrations.transformers.wrappers import refuse_foreign
 from dsv3.moe import MoE, MoEConfig, SwiGLUMLP
 
 # MoEConfig fields that must agree between a dsv3.MoE and the HF block it becomes.
@@ -101,6 +102,8 @@ def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
         raise TypeError(f"block: {type(block).__name__} is not a supported sparse MoE block; "
                         f"supported architectures: {supported()}")
     experts, router = block.experts, getattr(block, arch.gate)
+    # Before _moe_config: an adapter-wrapped experts module would read as "no gate".
+    refuse_foreign(block, {"router": router, "experts": experts}, "block")
     block_cls, router_cls = arch.classes()
     moe = TransformersMoE(_moe_config(arch, block), architecture=arch, hf_config=experts.config,
                           router_cls=router_cls, dtype=experts.gate_up_proj.dtype,
@@ -118,6 +121,7 @@ def from_module(block: nn.Module) -> TransformersMoE | gpt_oss.GptOssMoE:
         moe.shared_experts = _shared_module(arch, block)
     _move_hooks(router, moe.gate)
     moe.hf_keys = _hf_keys(arch, block, moe)
+    moe.module_order = hf_module_order(moe)  # parameters() in the block's order
     return moe.train(block.training)
 
 

@@ -14,6 +14,7 @@ from dsv3.integrations.transformers import gpt_oss
 from dsv3.integrations.transformers.architectures import architecture_of, supported
 from dsv3.integrations.transformers.block import TransformersMoE
 from dsv3.integrations.transformers.converters import from_module, to_module
+from dsv3.integrations.transformers.wrappers import adapter_wrapped, offloads_children
 
 PATCHED = (TransformersMoE, gpt_oss.GptOssMoE)
 
@@ -50,6 +51,7 @@ def patch_moe(model: nn.Module) -> int:
     if _patchable(model):  # in place needs a parent to put the new block in
         raise TypeError(f"patch_moe: model is itself a {type(model).__name__}; convert a lone "
                         f"block with from_module(block)")
+    _refuse_offloading_ancestors(model)
     count = _replace(model, _patchable, from_module)
     if count == 0 and not any(isinstance(m, PATCHED) for m in model.modules()):
         raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
@@ -62,4 +64,32 @@ def unpatch_moe(model: nn.Module) -> int:
     transformers block it replaced, on the same Parameters. Returns how many were restored."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_wrapped_blocks(model)
     return _replace(model, lambda m: isinstance(m, PATCHED), to_module)
+
+
+def _refuse_offloading_ancestors(model: nn.Module) -> None:
+    """A ValueError if accelerate offloads a supported block's tensors from a hook on a
+    module above it (preload_module_classes): that hook loads them by the names they
+    have now, which patching changes. (Hooks on the block's own parts are refused by
+    from_module.)"""
+    for path, module in model.named_modules():
+        if offloads_children(module) and any(_patchable(m) for m in module.modules()):
+            raise ValueError(f"patch_moe: accelerate offloads the weights under "
+                             f"{path or type(model).__name__} (cpu_offload, disk_offload or a "
+                             f"device_map with 'cpu' or 'disk'), MoE blocks included: a patched "
+                             f"block could not load them. Patch a model whose MoE blocks are "
+                             f"in memory, or run this one unpatched")
+
+
+def _refuse_wrapped_blocks(model: nn.Module) -> None:
+    """A ValueError if an adapter wraps a patched block itself (PEFT's target_parameters
+    on its own gate_up_proj / down_proj): the HF block holds those Parameters in its
+    experts module, so the wrapper, left around the HF block, would look for them there
+    in vain."""
+    for path, module in model.named_modules():
+        if adapter_wrapped(module) and isinstance(module._modules["base_layer"], PATCHED):
+            raise ValueError(f"unpatch_moe: the patched block {path}.base_layer is wrapped by "
+                             f"{type(module).__name__} (an adapter on its own Parameters), which "
+                             f"cannot move into the HF block; merge_and_unload() (or unload()) "
+                             f"the adapter first")
