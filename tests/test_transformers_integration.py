@@ -316,6 +316,27 @@ def _block_step(block, x, params):
 
 
 @pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_empty_batch_like_transformers(arch, route):
+    """No tokens ([2, 0, D]): transformers' blocks return an empty output (some attached
+    to the graph, some not); so must the patched ones (dsv3.MoE refused an empty batch
+    before)."""
+    outputs = []
+    for patched in (False, True):
+        model = tiny_model(arch)
+        if patched:
+            _apply(model, arch, route)
+        x = torch.randn(2, 0, model.config.get_text_config().hidden_size, requires_grad=True)
+        out = sparse_block(model)(x)
+        out = out[0] if isinstance(out, tuple) else out
+        outputs.append((out.shape, out.dtype))
+        if patched and out.requires_grad:
+            out.sum().backward()
+            assert x.grad.shape == x.shape
+    assert outputs[1] == outputs[0]
+
+
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(("arch", "device"), ARCH_DEVICES)
 def test_bf16_block_error_within_plain_pytorch(arch, route, device):
     """bf16 (DESIGN.md section 4), one MoE block: the error of the dsv3 block against
