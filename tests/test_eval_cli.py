@@ -188,6 +188,19 @@ def assert_cut_prompts_reported(tmp_path, capsys, task, options, count, message)
     assert message in (out / "eval.md").read_text()
 
 
+def test_cut_cloze_passages_get_advice_that_fits_cloze():
+    # Before: the multiple-choice advice ("lower --k-shot or shorten the questions"),
+    # though cloze has neither exemplars nor questions of the user's.
+    from dsv3.eval.report import result_warnings
+    results = {"tasks": {"cloze": {"accuracy": {"value": 0.5, "n": 40}, "truncated_prompts": 3},
+                         "mc:x.jsonl": {"accuracy": {"value": 0.5, "n": 4},
+                                        "truncated_prompts": 1}}}
+    cloze, mc = result_warnings(results)
+    assert cloze.startswith("cloze: 3 of 40 passages were longer than the model's context")
+    assert "k-shot" not in cloze and "max_seq_len" in cloze
+    assert mc.endswith("lower --k-shot or shorten the questions")
+
+
 def test_prompts_cut_to_fit_the_context_are_reported(setup, capsys):
     tmp_path, _ = setup
     dev = [{"question": "the cat sat on the mat " * 8, "choices": ["yes", "no"], "answer": 0,

@@ -9,12 +9,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
 from dsv3.user_errors import is_bad_input
 
 DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
                "perplexity, cloze and multiple choice with dynamic difficulty, BLEU/chrF, "
                "toxicity and bias; writes eval.json and eval.md.")
+# The task files' formats, which --help would otherwise leave to the module docstrings.
+FILE_FORMATS = """task files (jsonl, one object per line):
+  mc:PATH   {"question": str, "choices": [str, ...], "answer": index | letter | choice text,
+             "level": int (optional, on every test row or none),
+             "split": "test" (default, scored) | "dev" (few-shot pool)}
+  gen:PATH  {"source": str, "reference": str}  (BLEU and chrF of the continuation)
+  --corpus  {"domain": str, "text": str}
+  --toxicity-prompts  {"prompt": str}"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("eval", help="evaluate a checkpoint", description=DESCRIPTION)
+    parser = subparsers.add_parser("eval", help="evaluate a checkpoint", description=textwrap.fill(DESCRIPTION, 79),
+                                   epilog=FILE_FORMATS,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -143,7 +154,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dsv3.eval", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="python -m dsv3.eval",
+                                     description=textwrap.fill(DESCRIPTION, 79),
+                                     epilog=FILE_FORMATS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -109,6 +109,10 @@ def _truncation_warning(task: str, result: dict) -> str:
     """Scored prompts (mc, cloze: ``accuracy``) lose their start to fit the context;
     generated ones, to leave room in it for the tokens to generate."""
     cut = result["truncated_prompts"]
+    if task == "cloze":  # no exemplars and no questions of the user's to shorten
+        return (f"{task}: {cut} of {result['accuracy']['n']} passages were longer than the "
+                f"model's context and lost their start (their choices are still scored "
+                f"whole): a model with a longer max_seq_len would see them entire")
     if "accuracy" in result:
         return (f"{task}: {cut} of {result['accuracy']['n']} prompts were longer than the "
                 f"model's context and lost their start (few-shot exemplars first): lower "
