@@ -227,6 +227,26 @@ def test_patching_under_an_adapter_on_the_moe_is_refused(config):
     assert torch.equal(model(input_ids()).logits, want)
 
 
+@pytest.mark.parametrize("order", ["patch-then-lora", "lora-then-patch"])
+def test_lora_on_gpt_oss_experts_is_refused(order):
+    """GPT-OSS's patched block reads its HF experts' Parameters itself; LoRA on them
+    (PEFT's target_parameters) is refused with the reason, either way round (it failed
+    on the wrapper's missing hidden_size, or was called unsupported experts)."""
+    from test_transformers_gpt_oss import tiny_gpt_oss
+    model = tiny_gpt_oss()
+    config = dict(target_modules=[], target_parameters=["experts.gate_up_proj"])
+    if order == "patch-then-lora":
+        dt.patch_moe(model)
+        model = _lora(model, **config)
+        with pytest.raises(TypeError, match="GptOssMoE: its experts is wrapped by ParamWrapper"):
+            model(input_ids())
+    else:
+        model = _lora(model, **config)
+        with pytest.raises(ValueError, match="block: its experts is wrapped by ParamWrapper"):
+            dt.patch_moe(model)
+        assert not any(isinstance(m, dt.GptOssMoE) for m in model.modules())
+
+
 # --- accelerate ---------------------------------------------------------------------
 
 

@@ -287,6 +287,18 @@ def test_plain_moe_to_module_checks_the_config():
         dt.to_module(moe, transformers.LlamaConfig())
 
 
+def test_to_module_of_an_expert_parallel_shard_is_refused():
+    """Rank 0's layer of 2-way expert parallelism holds experts 0-1 of 4: no transformers
+    block computes that (before, one was built whose router chose experts it lacked)."""
+    moe = dsv3.MoE(dsv3.MoEConfig(dim=32, ffn_dim=48, n_experts=4, top_k=2))
+    moe.gate_up_proj = nn.Parameter(moe.gate_up_proj[:2].detach().clone())
+    moe.down_proj = nn.Parameter(moe.down_proj[:2].detach().clone())
+    moe.expert_range = range(0, 2)
+    with pytest.raises(ValueError, match=r"moe: holds 2 of its 4 experts \(experts 0-1, "
+                                         r"expert-parallel"):
+        dt.to_module(moe, tiny_config("mixtral"))
+
+
 # --- the clamped SwiGLU (GLM-5-Next, DeepSeek-V4, HunYuan-V4) -------------------------------
 @pytest.mark.skipif(missing("glm5_next") is not None, reason=str(missing("glm5_next")))
 def test_glm5_next_clamp_is_active():

@@ -215,6 +215,7 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None, *,
         return moe.to_module()
     if not isinstance(moe, MoE):
         raise TypeError(f"moe: expected a dsv3.MoE or a GptOssMoE, got {type(moe).__name__}")
+    _check_holds_every_expert(moe)
     if hf_config is None:
         if not isinstance(moe, TransformersMoE):
             raise ValueError("hf_config: required to convert a plain dsv3.MoE (it picks the "
@@ -249,6 +250,18 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None, *,
         if hasattr(block, "jitter_noise"):
             block.jitter_noise = moe.jitter_noise
     return block.train(moe.training)
+
+
+def _check_holds_every_expert(moe: MoE) -> None:
+    """A transformers block holds all its experts: an expert-parallel rank's layer (its
+    ``expert_range`` only) would make a block routing to experts it lacks."""
+    held, total = moe.gate_up_proj.shape[0], moe.config.n_experts
+    if held != total:
+        r = moe.expert_range
+        raise ValueError(f"moe: holds {held} of its {total} experts (experts {r.start}-"
+                         f"{r.stop - 1}, expert-parallel over its ep_group), where a "
+                         f"transformers block holds them all; convert a layer built without "
+                         f"ep_group, loaded with every expert's weights")
 
 
 def hf_view(moe: TransformersMoE) -> nn.Module:

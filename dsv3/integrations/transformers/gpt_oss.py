@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
+from dsv3.integrations.transformers.wrappers import adapter_wrapped, refuse_foreign
 from dsv3.ops.permute import unpermute_from_expert_index
 
 MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
@@ -129,6 +130,19 @@ def gpt_oss_experts(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: to
     return unpermute_from_expert_index(y_SD, row_map_TK, weights_TK)
 
 
+def _refuse_adapters(parts: dict[str, nn.Module], arg: str, error: type = ValueError) -> None:
+    """An ``error`` naming ``arg`` if an adapter wraps the router or the experts: the block
+    reads their Parameters in its fused ops and never calls their forward, where the
+    adapter acts, and its own Parameters are theirs (there is no other place to adapt)."""
+    for name, part in parts.items():
+        if adapter_wrapped(part):
+            raise error(f"{arg}: its {name} is wrapped by {type(part).__name__} (an adapter, "
+                        f"e.g. PEFT's LoRA), whose forward dsv3's GPT-OSS block never calls: "
+                        f"the adapter would be silently left out. Adapters on GPT-OSS's router "
+                        f"or experts need the model unpatched; adapters elsewhere (attention) "
+                        f"work on a patched model")
+
+
 class GptOssMoE(nn.Module):
     """Build with ``from_module(hf_block)``; ``to_module()`` gives the HF block back.
     Both share the ``router`` and ``experts`` modules (no copy)."""
@@ -139,6 +153,8 @@ class GptOssMoE(nn.Module):
 
     @classmethod
     def from_module(cls, block: nn.Module, arg: str = "block") -> "GptOssMoE":
+        _refuse_adapters({"router": block.router, "experts": block.experts}, arg)
+        refuse_foreign(block, {"router": block.router, "experts": block.experts}, arg)
         reason = unsupported_reason(block)
         if reason is not None:
             raise ValueError(f"{arg}: this {type(block).__name__} cannot run on dsv3: {reason}")
@@ -155,6 +171,9 @@ class GptOssMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         router, experts = self.router, self.experts
+        # An adapter added after patching (PEFT's target_parameters=["experts.gate_up_proj"])
+        # wraps a module whose Parameters this block reads itself.
+        _refuse_adapters({"router": router, "experts": experts}, type(self).__name__, TypeError)
         dim = experts.hidden_size
         gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
         down, down_bias = experts.down_proj, experts.down_proj_bias
