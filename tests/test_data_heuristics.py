@@ -128,3 +128,18 @@ def test_filter_step_counts_reasons_and_caches_one_view():
     assert text_view(kept[0]) is view          # cached
     kept[0].text = kept[0].text + " more"
     assert text_view(kept[0]) is not view      # recomputed after the text changed
+
+
+def test_languages_reach_the_step_stats():
+    """HeuristicFilter counted languages in a counter of its own that never reached
+    stats.json ("counts": {}), and a German corpus was dropped with no hint of why."""
+    german = ("Der Fluss trug kaltes Wasser aus den Bergen in ein ruhiges Tal, wo Bauern "
+              "Gerste und Weizen anbauten. ") * 8
+    docs = [Document(id="a", text=good_english()), Document(id="de", text=german),
+            Document(id="c", text=_ZH, domain="zh"), Document(id="skip", text="x", domain="code")]
+    step = HeuristicFilter(domains=["default", "zh"])
+    list(step(docs))
+    # "en" is "judged by the English rules": German is one of them, and fails them
+    assert step.stats.to_dict()["counts"] == {"lang_en": 2, "lang_zh": 1}
+    assert step.languages == {"en": 2, "zh": 1}
+    assert step.stats.dropped == {"gopher_stop_words": 1}

@@ -50,6 +50,8 @@ def test_malformed_line_stops_with_file_and_line_then_skips_by_flag(tmp_path, ca
     assert stats["readers"][0]["skipped"] == 1 and stats["readers"][0]["read"] == 6
     steps = stats["steps"]
     assert list(steps) == ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
+    # which rules judged the documents (heuristics is limited to "reference")
+    assert steps["heuristics"]["counts"] == {"lang_en": 8}
     assert steps["heuristics"]["seen"] == 16 + 6
     assert steps["pii"]["modified_by_reason"]["found_email"] >= 6
     # the six web documents differ only in a number: near-duplicates of the first
@@ -222,6 +224,9 @@ def test_prepare_option_errors_name_the_option(tmp_path, capsys):
     ({"mixture": {"seed": -1}}, "mixture.seed must be >= 0, got -1"),
     ({"mixture": {"max_chunk_tokens": 0}}, "mixture.max_chunk_tokens must be >= 1, got 0"),
     ({"mixture": {"weights": {"web": "lots"}}}, "mixture.weights['web']: expected a number"),
+    # found when the first document was kept, after every step had run on the others
+    ({"sources": [{"kind": "jsonl", "paths": "x", "default_domain": "Package Docs"}]},
+     "sources[0].default_domain: 'Package Docs' cannot name a file (use letters, digits"),
 ])
 def test_config_sections_are_checked_before_any_work(config, message):
     """Each of these used to pass validate_config and fail (or not) at the end of a run."""
@@ -254,3 +259,128 @@ def test_every_data_option_says_what_it_is_for():
     for name, parser in subcommands(subcommands(build_parser())["data"]).items():
         silent = [a.option_strings[0] for a in parser._actions if not a.help]
         assert not silent, (name, silent)
+
+
+def _small_config(tmp_path, sources, extra=""):
+    """A fast run: a jsonl source of six distinct documents (domain "web"), then
+    ``sources`` (TOML [[sources]] tables), exact dedup only."""
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(json.dumps({"text": f"document {i} about ships and wool " * 5,
+                                       "domain": "web"}) + "\n" for i in range(6)))
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(f'[[sources]]\nkind = "jsonl"\npaths = "{web}"\n{sources}\n'
+                   f'[steps]\norder = ["exact_dedup"]\n[tokenizer]\nvocab_size = 300\n{extra}')
+    return cfg
+
+
+def _run(cfg, out, *args):
+    return main(["data", "prepare", "--config", str(cfg), "--out", str(out), "--no-progress",
+                 *args])
+
+
+def test_a_text_source_that_is_not_utf8_is_named_then_its_line_skipped(tmp_path, capsys):
+    """A Latin-1 .txt ended the run with datasets' DatasetGenerationError ("An error
+    occurred while generating the dataset"), with --skip-malformed too."""
+    txt = tmp_path / "latin.txt"
+    txt.write_bytes(b"Caf\xe9 menu\nthe soup of the day\n")
+    cfg = _small_config(tmp_path, f'[[sources]]\nkind = "text"\npaths = "{txt}"\n'
+                        f'default_domain = "menus"')
+    assert _run(cfg, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"error: sources[1]: {txt}, line 1: not UTF-8 (invalid continuation byte)" in err, err
+    assert _run(cfg, tmp_path / "out", "--skip-malformed") == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["readers"][1]["skipped_by_reason"] == {"not UTF-8": 1}
+    [menu] = [json.loads(x) for x in (tmp_path / "out" / "kept" / "menus.jsonl").open()]
+    assert menu["text"] == "the soup of the day\n" and menu["metadata"]["skipped_lines"] == 1
+
+
+@pytest.mark.parametrize("kind, make, message", [
+    ("parquet", lambda d: (d / "bad.parquet").write_bytes(b"PAR1 truncated"),
+     "sources[1]: {d}/bad.parquet: cannot be read as parquet (ArrowInvalid: "),
+    ("text", lambda d: (d / "txt2").mkdir(),
+     "sources[1].paths: '{d}/txt2' is a directory; name the files in it with a glob such as "
+     "'{d}/txt2/*.txt'"),
+])
+def test_unreadable_source_files_name_the_source(tmp_path, capsys, kind, make, message):
+    """A corrupt parquet file ended with Arrow's bare message (the file only on an
+    earlier log line); a directory with "Unable to find" though it exists."""
+    make(tmp_path)
+    name = "bad.parquet" if kind == "parquet" else "txt2"
+    cfg = _small_config(tmp_path, f'[[sources]]\nkind = "{kind}"\npaths = "{tmp_path / name}"')
+    assert _run(cfg, tmp_path / "out", "--skip-malformed") == 2
+    err = capsys.readouterr().err
+    assert "error: " + message.format(d=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_record_domain_that_cannot_name_a_file_is_named_where_it_is_read(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"text": "pip install " * 20, "domain": "Package Docs"}) + "\n")
+    cfg = _small_config(tmp_path, f'[[sources]]\nkind = "jsonl"\npaths = "{docs}"')
+    assert _run(cfg, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    # was "document '...:1': domain 'Package Docs' cannot name a file", once kept
+    assert (f"error: sources[1]: {docs}, line 1: field 'domain' is not a domain name "
+            f"('Package Docs' cannot name a file") in err, err
+    assert _run(cfg, tmp_path / "out", "--skip-malformed") == 0, capsys.readouterr().err
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["readers"][1]["skipped_by_reason"] == {"field 'domain' is not a domain name": 1}
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("web = 0.5\nwbe = 0.5", "mixture.weights: domains ['wbe'] have no kept documents: no "
+     "source has any (the sources' domains: ['short', 'web'])"),
+    ("web = 0.5\nshort = 0.5", "mixture.weights: domains ['short'] have no kept documents "
+     "(kept: ['web'])"),
+])
+def test_a_mixture_domain_without_documents_fails_before_the_tokenizer(tmp_path, capsys,
+                                                                       monkeypatch, weights,
+                                                                       message):
+    """A typo in [mixture.weights] was reported after every step and the tokenizer's
+    training had run."""
+    import dsv3.data.prepare as prepare_module
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained before the mixture was checked")
+    monkeypatch.setattr(prepare_module, "train_tokenizer", no_tokenizer)
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "too short", "domain": "short"}) + "\n")
+    cfg = _small_config(tmp_path, f'[[sources]]\nkind = "jsonl"\npaths = "{short}"',
+                        f'[steps.heuristics]\ndomains = ["short"]\n[mixture.weights]\n{weights}')
+    cfg.write_text(cfg.read_text().replace('order = ["exact_dedup"]',
+                                           'order = ["heuristics", "exact_dedup"]'))
+    assert _run(cfg, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "error: " + message in err, err
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    """It printed a raw traceback (the stage was removed all the same)."""
+    import dsv3.data.prepare as prepare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare_module, "train_tokenizer", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    try:
+        rc = _run(_small_config(tmp_path, ""), out)
+    except KeyboardInterrupt:  # not pytest's: it would end the whole session
+        pytest.fail("KeyboardInterrupt escaped dsv3 data prepare")
+    assert rc == 130
+    assert capsys.readouterr().err == (f"dsv3 data prepare: interrupted; {str(out)!r} is as it "
+                                       f"was before this run\n")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK, "mine.txt"]
+
+
+@pytest.mark.parametrize("args, given", [(["--backend", "serial", "--num-proc", "4"],
+                                          "--backend serial"),
+                                         (["--num-proc", "4"], "[scale] backend = 'serial'")])
+def test_num_proc_with_the_serial_backend_is_named_as_ignored(tmp_path, capsys, args, given):
+    """It was ignored without a word: four processes asked for, one used."""
+    assert _run(_small_config(tmp_path, ""), tmp_path / "out", *args) == 0
+    assert capsys.readouterr().err == (
+        f"dsv3 data prepare: warning: --num-proc 4 is ignored: {given} runs in one process "
+        f"(--backend datasets or --backend spark would use 4)\n")

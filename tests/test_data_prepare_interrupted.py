@@ -94,8 +94,8 @@ def _interrupted_b(tmp_path, monkeypatch, **where):
     before = _outputs(out)
     with monkeypatch.context() as patch:
         interrupt = Interrupt(patch, **where)
-        with pytest.raises(KeyboardInterrupt):
-            _prepare(_config(tmp_path, RUN_B), out)
+        # the command says what is left (its one line is checked below) and exits 130
+        assert _prepare(_config(tmp_path, RUN_B), out) == 130
         assert interrupt.fired
     return out, before
 
@@ -115,7 +115,12 @@ def test_the_steps_are_counted_right(tmp_path, monkeypatch, uninterrupted_b):
 def test_an_interrupted_move_loses_nothing_and_the_next_prepare_finishes_it(
         tmp_path, monkeypatch, capsys, uninterrupted_b, at):
     out, before = _interrupted_b(tmp_path, monkeypatch, at=at)
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    # one line, no traceback, saying whether the next run has a move to finish
+    left = (f"{str(out)!r} is as it was before this run" if at == 0 else
+            f"it was moving its outputs into {str(out)!r}: the next `dsv3 data prepare` "
+            f"into it finishes that move first")
+    assert err == f"dsv3 data prepare: interrupted; {left}\n", err
     if at == 0:
         # stopped writing the journal: the move was not decided, nothing changed
         assert _outputs(out) == before
@@ -160,8 +165,7 @@ def test_an_interrupted_finish_is_finished_by_the_next_run(tmp_path, monkeypatch
     out, _ = _interrupted_b(tmp_path, monkeypatch, at=5)
     with monkeypatch.context() as patch:
         Interrupt(patch, at=2)  # the finish comes first
-        with pytest.raises(KeyboardInterrupt):
-            _prepare(_config(tmp_path, RUN_B), out)
+        assert _prepare(_config(tmp_path, RUN_B), out) == 130
     assert (out / JOURNAL).is_file()
     assert _prepare(_config(tmp_path, RUN_B), out) == 0
     assert "finished moving that run's outputs in" in capsys.readouterr().err

@@ -57,6 +57,8 @@ def test_inline_and_datasets_match_serial(tmp_path):
     serial = _run("serial", tmp_path)
     assert serial[1]["pii"]["dropped_by_reason"] == {"pii_ip": 1}
     assert serial[1]["exact_dedup"]["dropped"] >= 1
+    # the language counts travel back from the workers too (the replay merges counts)
+    assert serial[1]["heuristics"]["counts"] == {"lang_en": 52}
     _check_same(serial, _run("inline", tmp_path))
     _check_same(serial, _run("datasets", tmp_path, num_proc=2))
 

@@ -6,7 +6,8 @@ import re
 import pytest
 
 from dsv3.data.corpus import DOMAINS, embedded_corpus, embedded_corpus_dataset
-from dsv3.data.readers import MalformedRecordError, ReaderStats, expand_paths, read_documents
+from dsv3.data.readers import (MalformedRecordError, ReaderStats, UnreadableSourceError,
+                               expand_paths, read_documents)
 
 
 def test_embedded_corpus_is_real_deterministic_and_split_in_domains():
@@ -50,19 +51,25 @@ def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
     f = tmp_path / "data.jsonl"
     _write_jsonl(f, [json.dumps({"text": "ok one", "domain": "web"}), "{not json",
                      json.dumps({"body": "no text field"}), json.dumps({"text": 5}),
-                     json.dumps({"text": "ok two", "lang": "en"})])
+                     json.dumps({"text": "ok two", "lang": "en"}), '{"text": "x", oops}',
+                     json.dumps({"text": ["a"]})])
     stats = ReaderStats()
     docs = list(read_documents(str(f), on_error="skip", default_domain="misc", stats=stats))
     assert [(d.text, d.domain) for d in docs] == [("ok one", "web"), ("ok two", "misc")]
     assert docs[1].metadata["lang"] == "en" and docs[1].metadata["source"].endswith("data.jsonl:5")
     s = stats.to_dict()
-    assert s["read"] == 2 and s["skipped"] == 3
-    assert s["skipped_by_reason"] == {"field 'text' is a int, not a string": 1,
-                                      "invalid JSON (Expecting property name enclosed in "
-                                      "double quotes at column 2)": 1,
+    assert s["read"] == 2 and s["skipped"] == 5
+    # one key per kind of fault, whatever the column or type: a key per column made
+    # skipped_by_reason as long as the list of bad lines
+    assert s["skipped_by_reason"] == {"field 'text' is not a string": 2, "invalid JSON": 2,
                                       "missing field 'text'": 1}
+    # the particulars stay in the examples (and in the error without skipping)
     assert s["skipped_examples"][0].endswith("data.jsonl:2: invalid JSON (Expecting property "
                                              "name enclosed in double quotes at column 2)")
+    assert s["skipped_examples"][3].endswith("data.jsonl:6: invalid JSON (Expecting property "
+                                             "name enclosed in double quotes at column 15)")
+    assert s["skipped_examples"][4].endswith("data.jsonl:7: field 'text' is not a string "
+                                             "(a list)")
 
 
 def test_record_ids_carry_their_location_so_repeats_are_unique(tmp_path):
@@ -177,3 +184,78 @@ def test_missing_source_error_names_the_setting_and_where_it_looked(tmp_path, mo
     with pytest.raises(ValueError, match=r"sources\[0\]\.paths: expected a glob pattern or a "
                        r"non-empty list of them, got \[\]"):
         expand_paths([], "sources[0].paths")
+
+
+def test_text_file_not_utf8_names_its_line_and_skipping_loses_only_that_line(tmp_path):
+    """A Latin-1 byte failed the whole run with datasets' "An error occurred while
+    generating the dataset", naming neither the file nor the line, --skip-malformed
+    or not."""
+    f = tmp_path / "latin.txt"
+    f.write_bytes(b"first line\r\nCaf\xe9 au lait\nlast line\n")
+    with pytest.raises(MalformedRecordError, match=re.escape(
+            f"sources[1]: {f}, line 2: not UTF-8 (invalid continuation byte)")):
+        list(read_documents(str(f), format="text", source="sources[1]"))
+    stats = ReaderStats()
+    [doc] = read_documents(str(f), format="text", on_error="skip", stats=stats)
+    assert doc.text == "first line\nlast line\n" and doc.id == str(f)
+    assert doc.metadata["skipped_lines"] == 1  # the document says it is not the whole file
+    assert stats.to_dict() == {"read": 1, "skipped": 1, "skipped_by_reason": {"not UTF-8": 1},
+                               "skipped_examples": [f"{f}:2: not UTF-8 (invalid continuation "
+                                                    f"byte)"]}
+
+
+def test_clean_text_file_reads_as_datasets_read_it(tmp_path):
+    """Read without datasets now: universal newlines and a kept BOM, as its text
+    builder's text-mode open gave, so documents (and their ids) are unchanged."""
+    f = tmp_path / "a.txt"
+    f.write_bytes("\ufeffone\r\ntwo\rthree\n\nCafé".encode())
+    (tmp_path / "empty.txt").write_bytes(b"")
+    docs = list(read_documents(str(tmp_path / "*.txt"), format="text"))
+    assert [(d.id, d.text) for d in docs] == [(str(f), "\ufeffone\ntwo\nthree\n\nCafé"),
+                                              (str(tmp_path / "empty.txt"), "")]
+    assert "skipped_lines" not in docs[0].metadata
+
+
+def test_a_directory_in_paths_is_refused_with_the_glob_to_use(tmp_path):
+    """It failed with "Unable to find '.../txt2'" (text, though it exists) or
+    "[Errno 21] Is a directory" (jsonl), naming no setting."""
+    (tmp_path / "txt2").mkdir()
+    (tmp_path / "txt2" / "a.txt").write_text("x")
+    for fmt, suffix in [("text", "*.txt"), ("jsonl", "*.jsonl"), ("parquet", "*.parquet")]:
+        with pytest.raises(ValueError, match=re.escape(
+                f"sources[2].paths: {str(tmp_path / 'txt2')!r} is a directory; name the files "
+                f"in it with a glob such as {str(tmp_path / 'txt2' / suffix)!r}")):
+            list(read_documents(str(tmp_path / "txt2"), format=fmt, source="sources[2]"))
+    with pytest.raises(ValueError, match=re.escape(f"is a directory (matched by "
+                                                   f"{str(tmp_path / '*')!r})")):
+        expand_paths(str(tmp_path / "*"), "paths", "text")
+
+
+def test_corrupt_parquet_names_the_source_and_the_file(tmp_path):
+    """The error was Arrow's bare "Parquet magic bytes not found", the file named only
+    on a log line before it."""
+    f = tmp_path / "bad.parquet"
+    f.write_bytes(b"not parquet at all")
+    with pytest.raises(UnreadableSourceError, match=re.escape(
+            f"sources[0]: {f}: cannot be read as parquet (ArrowInvalid: Parquet magic bytes")):
+        list(read_documents(str(f), format="parquet", source="sources[0]", on_error="skip"))
+
+
+def test_a_domain_that_cannot_name_a_file_is_malformed_where_it_is_read(tmp_path):
+    """It failed once the first such document was kept, after every step had run on
+    all documents before it, with no file or line."""
+    f = tmp_path / "data.jsonl"
+    _write_jsonl(f, [json.dumps({"text": "ok", "domain": "docs"}),
+                     json.dumps({"text": "bad", "domain": "Package Docs"}),
+                     json.dumps({"text": "also bad", "domain": "a/b"})])
+    with pytest.raises(MalformedRecordError, match=re.escape(
+            f"{f}, line 2: field 'domain' is not a domain name ('Package Docs' cannot name "
+            f"a file (use letters, digits, '_', '-', '.'))")):
+        list(read_documents(str(f)))
+    stats = ReaderStats()
+    docs = list(read_documents(str(f), on_error="skip", stats=stats))
+    assert [d.domain for d in docs] == ["docs"]
+    assert stats.to_dict()["skipped_by_reason"] == {"field 'domain' is not a domain name": 2}
+    with pytest.raises(ValueError, match=re.escape(
+            "sources[4].default_domain: 'Package Docs' cannot name a file")):
+        list(read_documents(str(f), default_domain="Package Docs", source="sources[4]"))

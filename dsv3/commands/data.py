@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from dsv3.validate import whole_number
 
@@ -26,6 +27,32 @@ def _output_dir(option: str, path: str) -> None:
         raise ValueError(f"{option}: {path!r} exists and is not a directory")
 
 
+def _serial_num_proc(args: argparse.Namespace, backend: str) -> None:
+    """--num-proc above 1 for the serial backend, which runs in this one process, was
+    silently ignored: a user who asked for 4 processes got 1 and no word of it. A
+    warning, not an error: a script that loops over the backends with one --num-proc
+    is fair use."""
+    if backend == "serial" and args.num_proc is not None and args.num_proc > 1:
+        given = "--backend serial" if args.backend else "[scale] backend = 'serial'"
+        print(f"dsv3 data prepare: warning: --num-proc {args.num_proc} is ignored: {given} "
+              f"runs in one process (--backend datasets or --backend spark would use "
+              f"{args.num_proc})", file=sys.stderr)
+
+
+def _interrupted(out: str) -> int:
+    """Ctrl-C: one line on what is left instead of a traceback. prepare has already
+    removed its stage, or kept it with a journal when the move-in had begun (then the
+    next run into ``out`` finishes that move), so the line says which."""
+    from dsv3.data.movein import journal_path
+    if os.path.lexists(journal_path(out)):
+        left = (f"it was moving its outputs into {out!r}: the next `dsv3 data prepare` "
+                f"into it finishes that move first")
+    else:
+        left = f"{out!r} is as it was before this run"
+    print(f"dsv3 data prepare: interrupted; {left}", file=sys.stderr)
+    return 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from dsv3.data.config import load_config
     from dsv3.data.prepare import prepare
@@ -37,9 +64,14 @@ def _prepare(args: argparse.Namespace) -> int:
     _output_dir("--out" if args.out else "[output] dir", config["output"]["dir"])
     if args.backend:
         config["scale"]["backend"] = args.backend
+    _serial_num_proc(args, config["scale"]["backend"])
     if args.num_proc is not None:
         config["scale"]["num_proc"] = args.num_proc
-    stats = prepare(config, progress=not args.no_progress, skip_malformed=args.skip_malformed)
+    try:
+        stats = prepare(config, progress=not args.no_progress,
+                        skip_malformed=args.skip_malformed)
+    except KeyboardInterrupt:
+        return _interrupted(config["output"]["dir"])
     summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
                for name, s in stats["steps"].items()}
     print(json.dumps({"output": config["output"]["dir"], "steps": summary,
@@ -104,13 +136,17 @@ def register(groups: argparse._SubParsersAction) -> None:
                    "lists and this run did not write are removed; no other file, and no "
                    "source, is touched. A run that fails leaves the directory as it was")
     p.add_argument("--skip-malformed", action="store_true",
-                   help="skip and count malformed input records instead of stopping")
+                   help="skip and count malformed input records (a jsonl line that is "
+                   "not JSON, a missing text field, a domain that cannot name a file; in a "
+                   "text file, a line that is not UTF-8) instead of stopping at the first, "
+                   "named by file and line; a file that cannot be read at all still stops "
+                   "the run")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (datasets' own included)")
     p.add_argument("--backend", choices=["serial", "datasets", "spark"],
                    help="where per-document steps run (overrides [scale] backend)")
     p.add_argument("--num-proc", type=int, help="processes / Spark cores, >= 1 "
-                   "(overrides [scale] num_proc)")
+                   "(overrides [scale] num_proc); the serial backend ignores it, with a warning")
     p.set_defaults(func=_prepare)
 
     q = commands.add_parser("train-quality", help="train the quality classifier on labeled jsonl "

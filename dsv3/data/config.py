@@ -40,6 +40,7 @@ from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pii import PiiFilter
 from dsv3.data.quality import QualityFilter
+from dsv3.data.readers import domain_name_problem
 from dsv3.data.step import DroppedWriter, Step
 from dsv3.validate import whole_number
 
@@ -175,12 +176,19 @@ def _check_sources(sources: Any) -> None:
         required = {"hf": "name", "embedded": None}.get(kind, "paths")
         if required and required not in src:
             raise ValueError(f"sources[{i}]: {required!r} is required for kind {kind!r}")
+        if "default_domain" in src:
+            # a file name (kept/<domain>.jsonl): found wrong here, not once the first
+            # document is kept after every step has run on all before it
+            why = domain_name_problem(src["default_domain"])
+            if why is not None:
+                raise ValueError(f"sources[{i}].default_domain: {why}")
 
 
 def _check_sections(config: dict[str, Any]) -> None:
     """[output], [review], [tokenizer] and [mixture]: names and values, so that a typo
-    fails before any work (the mixture's domains can only be matched to the kept ones at
-    the end)."""
+    fails before any work (the mixture's domains can only be matched to the documents'
+    once those are read: prepare does that then, and again, before the tokenizer is
+    trained, against the kept ones)."""
     for section, known in SECTION_OPTIONS.items():
         if not isinstance(config[section], dict):
             raise ValueError(f"{section}: expected a table, got {config[section]!r}")

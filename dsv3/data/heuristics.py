@@ -1,4 +1,5 @@
-"""Heuristic quality rules (Gopher, C4 and FineWeb style) for English and Chinese.
+"""Heuristic quality rules (Gopher, C4 and FineWeb style) for English and Chinese only:
+a document in another language is judged by the English rules and mostly dropped.
 
 The rules are those the three published pipelines describe (length, word length,
 symbol ratios, bullet/ellipsis lines, stop words, line/paragraph/n-gram repetition,
@@ -30,6 +31,7 @@ ZH_STOP_WORDS = frozenset("的了是在和有我不这也就都而及与")
 TERMINAL_PUNCT = (".", "!", "?", '"', "'", "。", "！", "？", "”", "」", "…", "；", ";", ":")
 BULLETS = ("•", "●", "○", "▪", "■", "◦", "-", "*", "·", "–")
 ELLIPSES = ("...", "…")
+LANG_COUNT = "lang_"  # stats counts key prefix: documents judged per language
 
 
 @dataclass
@@ -216,7 +218,14 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
 
 
 class HeuristicFilter(Step):
-    """Drops documents failing a :class:`HeuristicRules` rule; records the language."""
+    """Drops documents failing a :class:`HeuristicRules` rule; records the language.
+
+    The language is only which rule set judged the document: "zh" when CJK ideographs
+    make up most of its letters, else "en". Text in any other language is "en" and
+    judged by the English rules, which most of it fails (German and Russian on the
+    stop words, Japanese on the mean word length): limit the step with ``domains``
+    for such text. The counts go to the step's stats (``lang_en``, ``lang_zh``), so
+    stats.json shows which rules judged how many documents."""
 
     name = "heuristics"
 
@@ -225,10 +234,17 @@ class HeuristicFilter(Step):
         if rules is not None and not isinstance(rules, HeuristicRules):
             raise TypeError(f"rules must be a HeuristicRules, got {type(rules).__name__}")
         self.rules = rules or HeuristicRules()
-        self.languages: Counter[str] = Counter()
+
+    @property
+    def languages(self) -> Counter[str]:
+        """Documents judged per language, from the step's counts: a counter of its own
+        never reached stats.json, and stayed empty where workers ran the step."""
+        return Counter({key[len(LANG_COUNT):]: n for key, n in self.stats.counts.items()
+                        if key.startswith(LANG_COUNT)})
 
     def apply(self, doc: Document) -> Document | str:
         view = text_view(doc)
         doc.metadata["lang"] = view.lang
-        self.languages[view.lang] += 1
+        # in the step's counts, which the scale-out backends carry back to the driver
+        self.stats.counts[LANG_COUNT + view.lang] += 1
         return check(view, self.rules) or doc

@@ -66,12 +66,11 @@ from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.movein import finish_interrupted, journal_path, move_in
 from dsv3.data.pipeline import Pipeline
 from dsv3.data.prepare_lock import LOCK, exclusive_run, lock_path
-from dsv3.data.readers import ReaderStats, expand_paths, read_documents, read_hf_dataset
+from dsv3.data.readers import (DOMAIN_NAME_RE, DOMAIN_NAME_RULE, ReaderStats, expand_paths,
+                               read_documents, read_hf_dataset)
 from dsv3.data.review import ReviewSampler
 from dsv3.data.scale import datasets_progress, run_scaled
 from dsv3.data.tokenizer import TokenizedCorpus, train_tokenizer
-
-_DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Iterator[Document]:
@@ -86,10 +85,12 @@ def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Itera
         if skip_malformed:
             src["on_error"] = "skip"
         reader_stats = ReaderStats()
+        label = f"sources[{i}]"  # errors name the source, not only its file
         if kind == "hf":
-            yield from read_hf_dataset(src.pop("name"), stats=reader_stats, **src)
+            yield from read_hf_dataset(src.pop("name"), stats=reader_stats, source=label, **src)
         else:
-            yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats, **src)
+            yield from read_documents(src.pop("paths"), format=kind, stats=reader_stats,
+                                      source=label, **src)
         stats.append({"source": i, "kind": kind, **reader_stats.to_dict()})
 
 
@@ -97,7 +98,31 @@ def _check_source_paths(config: dict) -> None:
     """Every local source matches files, before anything is read or written."""
     for i, src in enumerate(config["sources"]):
         if "paths" in src:
-            expand_paths(src["paths"], f"sources[{i}].paths")
+            expand_paths(src["paths"], f"sources[{i}].paths", src["kind"])
+
+
+def _missing_mixture_domains(config: dict, domains, why: str) -> None:
+    """A ``[mixture.weights]`` domain not among ``domains`` is an error; ``why`` ends
+    the message, naming the domains there are. The config cannot know the documents'
+    own domains, so this runs as soon as they are known, not after the tokenizer is
+    trained."""
+    weights = config["mixture"].get("weights") or {}
+    missing = sorted(d for d in weights if d not in domains)
+    if missing:
+        raise ValueError(f"mixture.weights: domains {missing} have no kept documents"
+                         f"{why.format(sorted(domains))}")
+
+
+def _check_mixture_after_reading(docs: Iterator[Document], config: dict
+                                 ) -> Iterator[Document]:
+    """``docs`` unchanged; once the last one is read, a weight for a domain that no
+    source had fails the run. With the datasets and Spark backends that is before any
+    step runs (the input is spilled first); streaming, the steps run alongside."""
+    seen: set[str] = set()
+    for doc in docs:
+        seen.add(doc.domain)
+        yield doc
+    _missing_mixture_domains(config, seen, ": no source has any (the sources' domains: {})")
 
 
 def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
@@ -106,9 +131,11 @@ def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     try:
         for doc in docs:
-            if not _DOMAIN_NAME_RE.match(doc.domain):
-                raise ValueError(f"document {doc.id!r}: domain {doc.domain!r} cannot name a file "
-                                 f"(use letters, digits, '_', '-', '.')")
+            # the readers and the config check domains as they come in; this is the
+            # last guard for documents that came another way
+            if not DOMAIN_NAME_RE.match(doc.domain):
+                raise ValueError(f"document {doc.id!r}: domain {doc.domain!r} cannot name a "
+                                 f"file ({DOMAIN_NAME_RULE})")
             f = files.get(doc.domain)
             if f is None:
                 f = files[doc.domain] = open(os.path.join(kept_dir, f"{doc.domain}.jsonl"), "w",
@@ -288,7 +315,8 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
     reviewer = ReviewSampler(review_cfg.get("per_stratum", 5), review_cfg.get("seed", 0))
     pipeline = Pipeline(build_steps(config, os.path.join(stage, "dropped")), reviewer=reviewer)
     try:
-        sources = read_sources(config, skip_malformed, reader_stats)
+        sources = _check_mixture_after_reading(
+            read_sources(config, skip_malformed, reader_stats), config)
         scale = config["scale"]
         if scale["backend"] == "serial":
             docs = pipeline.run(sources, progress=progress)
@@ -307,6 +335,8 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
         raise NothingKeptError(f"no documents were kept: this run's stats.json and dropped/ "
                                f"files are in {stage!r} (delete it when done; the earlier "
                                f"outputs are unchanged)")
+    # before the tokenizer is trained: a domain read but wholly dropped
+    _missing_mixture_domains(config, kept, " (kept: {})")
     t_steps = time.perf_counter()
 
     kept_dir = os.path.join(stage, "kept")

@@ -9,32 +9,73 @@ concatenated shards repeat ids, and a location is unique, so ids are unique with
 run without remembering the ids already read (a set of them grew by one entry per
 record: gigabytes at 100M records, where a reader streams in constant memory).
 
-Malformed records (a line that is not JSON, a missing or non-string text field) stop
-the run with an error naming file and line, unless ``on_error="skip"``: then they are
-skipped and counted in :class:`ReaderStats`, which ``prepare`` writes to its stats
-file. Nothing is lost silently either way.
+Malformed records (a line that is not JSON or not UTF-8, a missing or non-string text
+field, a domain that cannot name a file) stop the run with an error naming file and
+line, unless ``on_error="skip"``: then they are skipped and counted in
+:class:`ReaderStats`, which ``prepare`` writes to its stats file, under a reason that
+does not change from record to record ("invalid JSON"; the column is in the message
+and the examples only). Nothing is lost silently either way. A text file is one
+record: a line of it that is not UTF-8 is named by its line number, and skipping drops
+that line alone from the file's document (counted, and ``skipped_lines`` in the
+document's metadata), as skipping a jsonl line does. A file that cannot be read at all
+(a corrupt parquet file, a directory) always stops the run, with its name.
 
-jsonl is parsed line by line here rather than with ``load_dataset("json")`` because
-the Arrow JSON reader reports a byte block, not the line, and aborts the whole file;
-parquet and text go through ``datasets`` (their schema is enforced by the format, so
-only the field checks remain ours).
+jsonl and text are read as bytes and decoded line by line here rather than with
+``load_dataset("json"/"text")`` because those report a byte block or nothing at all
+(``DatasetGenerationError``), not the file and line, and abort the whole file; parquet
+goes through ``datasets`` (its schema is enforced by the format, so only the field
+checks remain ours).
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
 from collections import Counter
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from dsv3.data.document import Document
 
 FORMATS = ("jsonl", "parquet", "text")
 ON_ERROR = ("raise", "skip")
+# what a directory's files are usually called, for the glob an error suggests
+_FORMAT_GLOBS = {"jsonl": "*.jsonl", "parquet": "*.parquet", "text": "*.txt"}
+# prepare writes kept/<domain>.jsonl and tokens/<domain>.*: a domain is a file name
+DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+DOMAIN_NAME_RULE = "use letters, digits, '_', '-', '.'"
 
 
 class MalformedRecordError(ValueError):
     """A record that cannot become a document; the message names file and line."""
+
+
+class UnreadableSourceError(ValueError):
+    """A source file that cannot be read at all (a corrupt parquet file); the message
+    names the source and the file. Never skipped: a whole file is not one bad record."""
+
+
+class Problem(NamedTuple):
+    """Why a record is malformed. ``reason`` is what the stats count under, the same for
+    every record it fits (a key per JSON column or per type made one key per record);
+    ``detail`` is this record's particulars, for its message and the examples."""
+
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
+
+
+def domain_name_problem(domain: object) -> str | None:
+    """Why ``domain`` cannot be a domain's name, or None: checked where a domain enters
+    (the config, each record as it is read), since prepare only needs it as a file name
+    once the document is kept, after every step has run on everything before it."""
+    if not isinstance(domain, str) or not domain:
+        return f"expected a non-empty string, got {domain!r}"
+    if not DOMAIN_NAME_RE.match(domain):
+        return f"{domain!r} cannot name a file ({DOMAIN_NAME_RULE})"
+    return None
 
 
 class ReaderStats:
@@ -43,8 +84,8 @@ class ReaderStats:
         self.skipped: Counter[str] = Counter()
         self.examples: list[str] = []  # the first few skipped locations, for the stats file
 
-    def skip(self, where: str, why: str) -> None:
-        self.skipped[why] += 1
+    def skip(self, where: str, why: Problem) -> None:
+        self.skipped[why.reason] += 1
         if len(self.examples) < 20:
             self.examples.append(f"{where}: {why}")
 
@@ -54,11 +95,15 @@ class ReaderStats:
                 "skipped_examples": list(self.examples)}
 
 
-def expand_paths(paths: str | Sequence[str], label: str = "paths") -> list[str]:
+def expand_paths(paths: str | Sequence[str], label: str = "paths",
+                 format: str | None = None) -> list[str]:
     """The files that ``paths`` (a glob pattern or a list of them) name, in pattern then
     name order; ``label`` names the setting in errors (``sources[2].paths``). A relative
     pattern is taken from the working directory: the error shows where it looked, since
-    a config file elsewhere is the usual reason a pattern matches nothing."""
+    a config file elsewhere is the usual reason a pattern matches nothing. A directory
+    is refused with the glob that names its files (``format`` picks the suffix): which
+    of its files are data (hidden ones, subdirectories, a README) is the user's to say,
+    and reading one as a file failed with "Is a directory" or "Unable to find"."""
     patterns = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     if (not isinstance(patterns, (list, tuple)) or not patterns
             or not all(isinstance(p, (str, os.PathLike)) for p in patterns)):
@@ -73,8 +118,18 @@ def expand_paths(paths: str | Sequence[str], label: str = "paths") -> list[str]:
                      else ": a relative path is taken from the working directory")
             raise FileNotFoundError(f"{label}: nothing matches {pattern!r} (looked for "
                                     f"{os.path.abspath(pattern)!r}{where})")
+        for path in matched:
+            if os.path.isdir(path):
+                _directory_error(label, pattern, path, format)
         files.extend(matched)
     return files
+
+
+def _directory_error(label: str, pattern: str, path: str, format: str | None) -> None:
+    by = "" if path == pattern else f" (matched by {pattern!r})"
+    wanted = os.path.join(path, _FORMAT_GLOBS.get(format or "", "*"))
+    raise ValueError(f"{label}: {path!r} is a directory{by}; name the files in it with a "
+                     f"glob such as {wanted!r}")
 
 
 def _doc_id(record: dict, where: str) -> str:
@@ -85,18 +140,22 @@ def _doc_id(record: dict, where: str) -> str:
 
 
 def _record_to_doc(record: object, where: str, text_field: str, domain_field: str | None,
-                   default_domain: str) -> Document | str:
+                   default_domain: str) -> Document | Problem:
     """The document, or why the record is malformed."""
     if not isinstance(record, dict):
-        return f"record is a {type(record).__name__}, not an object"
+        return Problem("record is not an object", f"a {type(record).__name__}")
     text = record.get(text_field)
     if text is None:
-        return f"missing field {text_field!r}"
+        return Problem(f"missing field {text_field!r}")
     if not isinstance(text, str):
-        return f"field {text_field!r} is a {type(text).__name__}, not a string"
+        return Problem(f"field {text_field!r} is not a string", f"a {type(text).__name__}")
     domain = record.get(domain_field) if domain_field else None
-    if domain is not None and (not isinstance(domain, str) or not domain):
-        return f"field {domain_field!r} must be a non-empty string, got {domain!r}"
+    if domain is not None:
+        # checked here, with the record's file and line, rather than when the document is
+        # kept, after every step has run on all the documents before it
+        why = domain_name_problem(domain)
+        if why is not None:
+            return Problem(f"field {domain_field!r} is not a domain name", why)
     meta = {k: v for k, v in record.items() if k not in (text_field, domain_field)
             and isinstance(v, (str, int, float, bool))}
     meta["source"] = where
@@ -104,93 +163,144 @@ def _record_to_doc(record: object, where: str, text_field: str, domain_field: st
                     metadata=meta)
 
 
+def _check_options(on_error: str, default_domain: str, label: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    why = domain_name_problem(default_domain)
+    if why is not None:
+        raise ValueError(f"{label}default_domain: {why}")
+
+
 def read_documents(paths: str | Sequence[str], *, format: str = "jsonl",
                    text_field: str = "text", domain_field: str | None = "domain",
                    default_domain: str = "default", on_error: str = "raise",
-                   stats: ReaderStats | None = None) -> Iterator[Document]:
+                   stats: ReaderStats | None = None, source: str | None = None
+                   ) -> Iterator[Document]:
     """Documents from local files (glob patterns allowed), in file then line order.
 
     ``format``: ``jsonl`` (one JSON object per line), ``parquet`` (one row per record)
-    or ``text`` (one document per file). ``on_error``: ``raise`` or ``skip``."""
+    or ``text`` (one document per file). ``on_error``: ``raise`` or ``skip``.
+    ``source``: the setting these come from (``sources[2]``), put before every error."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    label = f"{source}." if source else ""
+    _check_options(on_error, default_domain, label)
     stats = stats if stats is not None else ReaderStats()
-    what = "line" if format == "jsonl" else "row"
-    located = ((f"{path}:{n}" if format != "text" else path, f"{path}, {what} {n}", record,
-                error) for path in expand_paths(paths)
-               for n, record, error in _records(path, format))
-    yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
+    located = (item for path in expand_paths(paths, f"{label}paths", format)
+               for item in _located(path, format, source))
+    yield from _documents(located, text_field, domain_field, default_domain, on_error, stats,
+                          source)
 
 
 def read_hf_dataset(name: str, *, config: str | None = None, split: str = "train",
                     data_files=None, streaming: bool = True, text_field: str = "text",
                     domain_field: str | None = "domain", default_domain: str = "default",
-                    on_error: str = "raise", stats: ReaderStats | None = None
-                    ) -> Iterator[Document]:
+                    on_error: str = "raise", stats: ReaderStats | None = None,
+                    source: str | None = None) -> Iterator[Document]:
     """Documents from ``datasets.load_dataset(name, config, split=...)``: a hub name
     where a network exists, or a builder such as "parquet" with local ``data_files``.
     Streaming by default, so a large hub dataset is read as it is processed."""
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+    _check_options(on_error, default_domain, f"{source}." if source else "")
     import datasets
     stats = stats if stats is not None else ReaderStats()
     ds = datasets.load_dataset(name, config, split=split, data_files=data_files,
                                streaming=streaming)
     located = ((f"{name}[{split}]:{n}", f"{name} [{split}], row {n}", row, None)
                for n, row in enumerate(ds, start=1))
-    yield from _documents(located, text_field, domain_field, default_domain, on_error, stats)
+    yield from _documents(located, text_field, domain_field, default_domain, on_error, stats,
+                          source)
 
 
 def _documents(located, text_field: str, domain_field: str | None, default_domain: str,
-               on_error: str, stats: ReaderStats) -> Iterator[Document]:
-    """(id/location, location for messages, record, parse error) -> documents, with
+               on_error: str, stats: ReaderStats, source: str | None) -> Iterator[Document]:
+    """(id/location, location for messages, record, problem) -> documents, with
     malformed records raised or skipped and counted."""
-    for where, message_where, record, error in located:
-        result = error if error is not None else _record_to_doc(
+    for where, message_where, record, problem in located:
+        result = problem if problem is not None else _record_to_doc(
             record, where, text_field, domain_field, default_domain)
-        if isinstance(result, str):
+        if isinstance(result, Problem):
             if on_error == "raise":
                 raise MalformedRecordError(
-                    f"{message_where}: {result} (pass on_error='skip' / --skip-malformed to "
-                    f"skip and count such records)")
-            stats.skip(where, result.split(":")[0])
+                    f"{source + ': ' if source else ''}{message_where}: {result} (pass "
+                    f"on_error='skip' / --skip-malformed to skip and count such records)")
+            stats.skip(where, result)
             continue
         stats.read += 1
         yield result
 
 
-def _records(path: str, format: str) -> Iterator[tuple[int, object, str | None]]:
-    """(line or row number from 1, record, parse error or None)."""
-    if format == "jsonl":
-        # bytes, each line decoded on its own: a text-mode file decodes 8 KiB ahead, so a
-        # bad byte surfaced on an earlier line's number and left no place to resume from
-        with open(path, "rb") as f:
-            line_no = 0
-            for chunk in f:
-                # \r and \r\n end lines too, as in the text mode this replaced: line
-                # numbers (and so document ids) stay what they were
-                for raw in chunk.splitlines():
-                    line_no += 1
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        yield line_no, None, f"not UTF-8 ({e.reason})"
-                        continue
-                    if not line.strip():
-                        continue
-                    try:
-                        yield line_no, json.loads(line), None
-                    except json.JSONDecodeError as e:
-                        yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
+def _located(path: str, format: str, source: str | None
+             ) -> Iterator[tuple[str, str, object, Problem | None]]:
+    """(id/location, location for messages, record, problem) of one file."""
+    if format == "text":
+        yield from _text_file(path)
         return
+    what = "line" if format == "jsonl" else "row"
+    records = _jsonl_records(path) if format == "jsonl" else _parquet_records(path, source)
+    for n, record, problem in records:
+        yield f"{path}:{n}", f"{path}, {what} {n}", record, problem
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[int, object, Problem | None]]:
+    """(line number from 1, record, problem or None)."""
+    # bytes, each line decoded on its own: a text-mode file decodes 8 KiB ahead, so a
+    # bad byte surfaced on an earlier line's number and left no place to resume from
+    with open(path, "rb") as f:
+        line_no = 0
+        for chunk in f:
+            # \r and \r\n end lines too, as in the text mode this replaced: line
+            # numbers (and so document ids) stay what they were
+            for raw in chunk.splitlines():
+                line_no += 1
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield line_no, None, Problem("not UTF-8", e.reason)
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield line_no, json.loads(line), None
+                except json.JSONDecodeError as e:
+                    yield line_no, None, Problem("invalid JSON", f"{e.msg} at column {e.colno}")
+
+
+def _parquet_records(path: str, source: str | None) -> Iterator[tuple[int, object, None]]:
+    """(row number from 1, record, None). A file Arrow cannot read ends the run with its
+    name: datasets named it only in a log line before the bare Arrow message."""
     import datasets
-    if format == "parquet":
+    try:  # builds the whole split here: reading the rows after this cannot fail so
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
-        for i, row in enumerate(ds, start=1):
-            yield i, row, None
-    else:  # text: the whole file is one document
-        ds = datasets.load_dataset("text", data_files=path, split="train", sample_by="document")
-        for i, row in enumerate(ds, start=1):
-            yield i, {"text": row["text"]}, None
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
+        cause = e.__cause__ or e  # DatasetGenerationError's own message says nothing
+        raise UnreadableSourceError(f"{source + ': ' if source else ''}{path}: cannot be "
+                                    f"read as parquet ({type(cause).__name__}: {cause})") from e
+    for i, row in enumerate(ds, start=1):
+        yield i, row, None
+
+
+def _text_file(path: str) -> Iterator[tuple[str, str, object, Problem | None]]:
+    """The file as one record (id: the path), after one problem per line that is not
+    UTF-8 (id ``path:line``). Decoded as datasets' text builder did (UTF-8, universal
+    newlines, a BOM kept), so a clean file's document is what it was; a bad line is
+    named rather than failing the whole file without a name."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text, bad = data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        kept = []
+        bad = 0
+        # a UTF-8 sequence holds no \n or \r byte, so splitting the bytes first cuts no
+        # character; bytes.splitlines ends lines where universal newlines do
+        for n, raw in enumerate(data.splitlines(keepends=True), start=1):
+            try:
+                kept.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad += 1
+                yield f"{path}:{n}", f"{path}, line {n}", None, Problem("not UTF-8", e.reason)
+        text = "".join(kept)
+    record: dict = {"text": text.replace("\r\n", "\n").replace("\r", "\n")}
+    if bad:  # the document says it is not the whole file
+        record["skipped_lines"] = bad
+    yield path, path, record, None
