@@ -15,6 +15,7 @@ from dsv3.cli import main
 from dsv3.train.config import StageConfig, TrainConfig, apply_overrides, load_config
 from dsv3.train.schedule import lr_factor
 from dsv3.train.trainer import Trainer
+from train_support import command_run as _command_run
 from train_support import synthetic_corpus, synthetic_data, three_stage_config
 
 
@@ -317,14 +318,16 @@ def test_out_and_data_are_paths_even_when_they_read_as_numbers(tmp_path, capsys,
     assert load_config(None, ["steps=50"], {"out_dir": "1e3"}).out_dir == "1e3"
 
 
-def _command_run(tmp_path, **overrides) -> list[str]:
-    """`dsv3 train` arguments for the tiny three-stage run on the synthetic corpus."""
-    data = tmp_path / "data"
-    synthetic_corpus().save(data / "tokens")
-    (data / "mixture.json").write_text(json.dumps({"weights": {"alpha": 0.5, "beta": 0.5}}))
-    config = tmp_path / "run.yaml"  # JSON is YAML
-    config.write_text(json.dumps(three_stage_config(tmp_path / "out", **overrides).to_dict()))
-    return ["train", "--config", str(config), "--data", str(data), "--no-progress"]
+def _saved_partway(tmp_path, steps: int = 3) -> list[str]:
+    """`dsv3 train` arguments (as _command_run) for a run saved after ``steps`` steps on
+    the data that command trains on (a resume must be on the same data)."""
+    from dsv3.train.data import TrainData
+    command = _command_run(tmp_path)
+    trainer = Trainer(three_stage_config(tmp_path / "out"), TrainData.load(tmp_path / "data"))
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.save()
+    return command
 
 
 def test_the_summary_reports_the_last_stages_own_loss(tmp_path, capsys):
@@ -337,11 +340,7 @@ def test_the_summary_reports_the_last_stages_own_loss(tmp_path, capsys):
 
 
 def test_resuming_under_other_settings_says_which_and_what_to_do(tmp_path, capsys):
-    trainer = Trainer(three_stage_config(tmp_path / "out"), synthetic_data())
-    for _ in range(3):
-        trainer.train_step()
-    trainer.save()
-    command = _command_run(tmp_path)
+    command = _saved_partway(tmp_path)
     assert main(command + ["--set", "steps=30", "--set", "stages.0.seq_len=32"]) == 2
     err = capsys.readouterr().err
     assert "holds a checkpoint of a run with other settings (steps: 20 -> 30; " \
@@ -360,11 +359,7 @@ def check_resume_conflicts(out_dir, override):
 
 def test_a_resume_says_where_it_starts_and_what_changed(tmp_path, capsys):
     """Before: a run resumed with another learning rate said nothing of it."""
-    trainer = Trainer(three_stage_config(tmp_path / "out"), synthetic_data())
-    for _ in range(3):
-        trainer.train_step()
-    trainer.save()
-    assert main(_command_run(tmp_path) + ["--set", "optim.lr=0.001"]) == 0
+    assert main(_saved_partway(tmp_path) + ["--set", "optim.lr=0.001"]) == 0
     err = capsys.readouterr().err
     assert "holds this run's checkpoint at step 3: resuming there, to step 20" in err
     assert "settings changed since it was saved (from here on): " in err

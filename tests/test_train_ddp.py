@@ -2,7 +2,8 @@
 tests/train_ddp_workers.py holds what each rank runs and checks): a resumed run
 continues every rank's own run bit for bit, and ranks that would resume from
 different checkpoints all refuse; the expert-bias balancing, the logged metrics and
-the report's heat map count every rank's tokens."""
+the report's heat map count every rank's tokens; a signal to one rank stops every
+rank after the same step."""
 import pytest
 
 import train_ddp_workers as workers
@@ -24,3 +25,7 @@ def test_ddp_expert_bias_steps_from_every_ranks_counts(tmp_path):
 
 def test_ddp_logged_metrics_and_heat_map_cover_every_rank(tmp_path):
     run_ranks(2, workers.check_ddp_metrics_cover_every_rank, str(tmp_path), timeout=300)
+
+
+def test_ddp_a_signal_to_one_rank_stops_every_rank_at_one_step(tmp_path):
+    run_ranks(2, workers.check_ddp_stop_on_one_ranks_signal, str(tmp_path), timeout=300)

@@ -111,16 +111,18 @@ def test_a_checkpoint_from_before_rank_files_resumes(tmp_path):
 
 def test_starting_over_removes_only_the_files_dsv3_wrote(tmp_path):
     """out_dir "." in a project with an eval/ of its own: --no-resume clears what dsv3
-    wrote in checkpoint/, final/ and eval/, and nothing else."""
+    wrote in checkpoint/, final/, eval/, tb/ and out_dir itself, and nothing else."""
     for name in ("checkpoint/state.pt", "checkpoint/rank0-step4.pt", "final/model.pt",
                  "final/config.json", "eval/eval.json", "eval/difficulty.json",
-                 "eval/my_script.py", "final/notes.txt"):
+                 "eval/my_script.py", "final/notes.txt", "tb/events.out.tfevents.1.host.2.0",
+                 "metrics.jsonl", "summary.json", "report.html", "README.md"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     ckpt.remove_run(tmp_path)
-    assert not (tmp_path / "checkpoint").exists()
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "tb").exists()
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["notes.txt"]
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["my_script.py"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "eval", "final"]
 
 
 def test_resume_changes_ignore_path_spellings(tmp_path, monkeypatch):

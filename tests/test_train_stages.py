@@ -2,16 +2,19 @@
 that stage (resumed runs too) and logs its step's metrics over every micro-batch;
 the LM stages share one learning-rate schedule over
 their own steps while each DPO stage restarts it; a curriculum stage ends at its
-full sequence length."""
+full sequence length; the prepared mixture schedule runs once across the stages
+without a mixture of their own."""
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import OptimConfig, StageConfig, load_config
+from dsv3.train.data import TrainData
 from dsv3.train.trainer import Trainer
-from train_support import synthetic_data, three_stage_config
+from train_support import synthetic_corpus, synthetic_data, three_stage_config
 
 # 20 steps: LM 0-7, DPO 8-11, LM 12-15, DPO 16-19.
 TWO_DPO_STAGES = [StageConfig("base", "lm", 0.4, seq_len=24),
@@ -126,6 +129,66 @@ def curriculum_lengths(config, index: int) -> list[int]:
 def test_a_curriculum_stage_ends_at_its_sequence_length(tmp_path):
     assert curriculum_lengths(three_stage_config(tmp_path), 1) == [16, 16, 16, 24, 24, 32]
     demo = dataclasses.replace(load_config("dsv3/train/configs/demo.toml"), out_dir=str(tmp_path))
+    # the synthetic data has none of the demo's domains (refused before any step)
+    demo.stages = [dataclasses.replace(s, mixture_start={}, mixture_end={}) for s in demo.stages]
     lengths = curriculum_lengths(demo, 1)  # 64 -> 256 over 180 steps
     assert lengths[0] == 64 and lengths[-1] == 256 and lengths == sorted(lengths)
     assert all(length % 8 == 0 for length in lengths)
+
+
+# 10 steps: two stages on the prepared mixture (0-3, 6-9) around one of its own (4-5).
+AROUND_A_STAGE_MIXTURE = [
+    StageConfig("first", "lm", 0.4, seq_len=24),
+    StageConfig("own", "lm", 0.2, seq_len=24, mixture_start={"alpha": 1.0}),
+    StageConfig("second", "lm", 0.4, seq_len=24)]
+
+
+def _prepared_mixture_data() -> TrainData:
+    """alpha falls from every token to none over the prepared schedule; units of at
+    most 8 tokens."""
+    return TrainData.from_corpus(synthetic_corpus(), {"alpha": [1.0, 0.0], "beta": [0.0, 1.0]},
+                                 val_fraction=0.1, max_chunk_tokens=8)
+
+
+def _stage_loader_at(trainer, step):
+    while trainer.step < step:
+        trainer.train_step()
+    trainer.train_step()  # opens the loader of the stage of `step`
+    return trainer._loader
+
+
+def test_the_prepared_mixture_runs_once_across_the_stages_without_their_own(tmp_path):
+    """Before: it restarted at each such stage (alpha back to 1.0 in "second") and
+    mixture.json's max_chunk_tokens was ignored (1024)."""
+    config = three_stage_config(tmp_path, steps=10, stages=AROUND_A_STAGE_MIXTURE)
+    trainer = Trainer(config, _prepared_mixture_data())
+    first = _stage_loader_at(trainer, 0)
+    assert first.schedule.weights_at(0.0) == pytest.approx([1.0, 0.0])
+    assert first.schedule.weights_at(1.0) == pytest.approx([0.5, 0.5])  # half of the tokens
+    assert first.settings["max_chunk_tokens"] == 8
+    second = _stage_loader_at(trainer, 6)
+    assert second.schedule.weights_at(0.0) == pytest.approx([0.5, 0.5])
+    assert second.schedule.weights_at(1.0) == pytest.approx([0.0, 1.0])
+
+
+def test_a_checkpoint_from_before_keeps_each_stages_own_schedule(tmp_path):
+    """Exact resume of a checkpoint saved before the schedule spanned the stages: its
+    run goes on as it started (each stage the whole schedule, 1024-token units)."""
+    config = three_stage_config(tmp_path, steps=10, stages=AROUND_A_STAGE_MIXTURE)
+    data = _prepared_mixture_data()
+    old = Trainer(config, data)
+    old.mixture_scope = "stage"  # as before
+    _stage_loader_at(old, 1)
+    old.save()
+    state = torch.load(ckpt.checkpoint_path(tmp_path), weights_only=False)
+    del state["mixture_scope"]
+    torch.save(state, ckpt.checkpoint_path(tmp_path))
+    old_second = _stage_loader_at(old, 6)
+    resumed = Trainer(config, data)
+    resumed.load_state_dict(ckpt.load_state(tmp_path))
+    assert resumed.mixture_scope == "stage"
+    second = _stage_loader_at(resumed, 6)
+    assert second.schedule.weights_at(0.0) == pytest.approx([1.0, 0.0])
+    assert second.settings == old_second.settings and second.settings["max_chunk_tokens"] == 1024
+    for name, value in old.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name

@@ -2,6 +2,9 @@
 through tests/rank_runner.run_ranks in spawned processes, so they live in an
 importable module). Each rank checks its own result; the ranks compare what must
 agree with a collective."""
+import os
+import signal
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,6 +14,7 @@ from dsv3.moe import MoEStats
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import StageConfig
 from dsv3.train.rank_metrics import reduce_logged_step
+from dsv3.train.stop import TrainingStopped
 from dsv3.train.trainer import Trainer
 from train_support import synthetic_data, three_stage_config
 
@@ -151,3 +155,39 @@ def check_ddp_metrics_cover_every_rank(rank, world, out_dir):
         assert torch.equal(torch.stack(reported[0]), heat)
         copies = 2 * config.micro_batch * 24 * 2 * world  # steps x rows x seq_len x top_k
         assert heat.sum(1).tolist() == [copies] * heat.shape[0]
+
+
+def check_ddp_stop_on_one_ranks_signal(rank, world, out_dir):
+    """A SIGTERM that reaches one rank alone (rank 1, before step 3) stops every rank
+    after that same step, with one checkpoint of that step; the resume continues the
+    run that never stopped, bit for bit. Before, rank 1 died and rank 0 waited in the
+    next all-reduce."""
+    data = synthetic_data()
+
+    def config(name):
+        return three_stage_config(f"{out_dir}/{name}", steps=6, log_every=2, stages=ONE_STAGE)
+
+    straight = Trainer(config("straight"), data)
+    straight.train(progress=False)
+    trainer = Trainer(config("stopped"), data)
+    real = trainer.train_step
+
+    def train_step(measure=False):
+        if rank == 1 and trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(measure=measure)
+
+    trainer.train_step = train_step
+    try:
+        trainer.train(progress=False)
+    except TrainingStopped as stopped:
+        assert (stopped.step, stopped.signal_name) == (3, "SIGTERM"), (rank, stopped)
+    else:
+        raise AssertionError(f"rank {rank} did not stop")
+    assert ckpt.saved_run(f"{out_dir}/stopped")["step"] == 3
+    assert ckpt.rank_path(f"{out_dir}/stopped", rank, 3).is_file()
+    resumed = Trainer(config("stopped"), data)
+    resumed.train(progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(),
+                            resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"rank {rank}: {name} differs after the stop and resume"

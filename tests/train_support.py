@@ -2,6 +2,7 @@
 two domains of a learnable toy language (next = (m * token + 3) mod V, 10% noise),
 so a few dozen steps visibly lower the loss."""
 import dataclasses
+import json
 
 import numpy as np
 
@@ -47,3 +48,15 @@ def three_stage_config(out_dir, **overrides) -> TrainConfig:
                             mixture_end={"alpha": 0.2, "beta": 0.8}),
                 StageConfig("preference", "dpo", 0.3, seq_len=16, lr_scale=0.3)])
     return dataclasses.replace(config, **overrides)
+
+
+def command_run(tmp_path, **overrides) -> list[str]:
+    """`dsv3 train` arguments for the tiny three-stage run on the synthetic corpus, its
+    data prepared in ``tmp_path/data`` (tokens and mixture.json, no tokenizer) and its
+    out_dir ``tmp_path/out``."""
+    data = tmp_path / "data"
+    synthetic_corpus().save(data / "tokens")
+    (data / "mixture.json").write_text(json.dumps({"weights": {"alpha": 0.5, "beta": 0.5}}))
+    config = tmp_path / "run.yaml"  # JSON is YAML
+    config.write_text(json.dumps(three_stage_config(tmp_path / "out", **overrides).to_dict()))
+    return ["train", "--config", str(config), "--data", str(data), "--no-progress"]

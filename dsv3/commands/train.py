@@ -8,6 +8,10 @@ import json
 import os
 from pathlib import Path
 
+# What a shell reports for a process ended by Ctrl-C (128 + SIGINT): scripts and
+# schedulers see that the run stopped short, though it saved its checkpoint.
+STOPPED_STATUS = 130
+
 
 def _train(args: argparse.Namespace) -> int:
     import torch
@@ -17,7 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from dsv3.train.checkpoint import check_resume, resume_changes, saved_run
     from dsv3.validate import output_path
     from dsv3.train.config import load_config
-    from dsv3.train.data import TrainData
+    from dsv3.train.data import TrainData, check_stage_mixtures
+    from dsv3.train.stop import TrainingStopped
     from dsv3.train.trainer import Trainer
 
     # Paths as given, not through --set's JSON parsing (--out 2024 is a directory, not 2024).
@@ -27,8 +32,12 @@ def _train(args: argparse.Namespace) -> int:
     output_path("out_dir", config.out_dir, directory=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    # The data before anything is decided or written: the stages' mixtures name its
+    # domains, and a resume must be on the data the checkpoint was trained on.
+    data = TrainData.load(config.data_dir, config.val_fraction)
+    check_stage_mixtures(config.stages, data.domains)
     if not args.no_resume:
-        check_resume(config.out_dir, config.to_dict(), world)
+        check_resume(config.out_dir, config.to_dict(), world, data.fingerprint)
         saved = saved_run(config.out_dir)
         if saved is not None and rank == 0:
             _say_resuming(config, saved, resume_changes(saved, config.to_dict()))
@@ -48,8 +57,12 @@ def _train(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        trainer = Trainer(config, TrainData.load(config.data_dir), device=args.device)
+        trainer = Trainer(config, data, device=args.device)
         history = trainer.train(resume=not args.no_resume, progress=not args.no_progress)
+    except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: saved, not finished
+        if rank == 0:
+            _say_stopped(stopped, args.no_resume)
+        return STOPPED_STATUS
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -75,10 +88,26 @@ def _say_resuming(config, saved: dict, changes: list[str]) -> None:
     else:
         print(f"{where}: resuming there, to step {config.steps} (--no-resume starts over)",
               file=sys.stderr)
+    if saved.get("data") is None and saved["step"] < config.steps:
+        print("dsv3 train: the checkpoint was saved before checkpoints recorded their data: "
+              "make sure --data is the data it was trained on (same tokenizer and tokens)",
+              file=sys.stderr)
     if changes:
         verb = "not applied" if saved["step"] >= config.steps else "from here on"
         print(f"dsv3 train: settings changed since it was saved ({verb}): "
               + "; ".join(changes), file=sys.stderr)
+
+
+def _say_stopped(stopped, no_resume: bool) -> None:
+    """One line on stderr: where the checkpoint is and how to go on from it."""
+    import sys
+
+    again = ("run the same command without --no-resume" if no_resume
+             else "run the same command again")
+    print(f"dsv3 train: stopped by {stopped.signal_name} at step {stopped.step} of "
+          f"{stopped.steps}; checkpoint saved in {os.path.join(stopped.out_dir, 'checkpoint')}; "
+          f"{again} to resume from step {stopped.step} (--no-resume starts over)",
+          file=sys.stderr)
 
 
 def _logged_loss(records: list[dict], config) -> dict | None:
@@ -94,16 +123,29 @@ def _logged_loss(records: list[dict], config) -> dict | None:
 
 
 def register(groups: argparse._SubParsersAction) -> None:
-    parser = groups.add_parser("train", help="train a model through the stages of a config")
+    parser = groups.add_parser(
+        "train", help="train a model through the stages of a config",
+        description="Train a model through the stages of a config, resuming from the "
+                    "checkpoint in out_dir if there is one.",
+        epilog="Ctrl-C (or SIGTERM) stops after the current step: the run saves its "
+               "checkpoint, exits with status 130 and resumes with the same command; a "
+               "second Ctrl-C stops at once, without saving. save_every = N (--set "
+               "save_every=N) also saves every N steps, for a run killed without warning "
+               "(0: only at the end and on a stop). A resume must be on the same data "
+               "(tokenizer, tokens, mixture.json, val_fraction) and model; --no-resume "
+               "starts over.")
     parser.add_argument("--config", help="TOML or YAML training config, or a shipped config's name: demo "
                              "(default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config value, e.g. optim.lr=1e-3 or stages.0.seq_len=64 "
                              "(repeatable; values parse as JSON when they can)")
-    parser.add_argument("--data", help="prepared data directory (overrides data_dir)")
-    parser.add_argument("--out", help="output directory (overrides out_dir)")
+    parser.add_argument("--data", help="prepared data directory (overrides data_dir; default "
+                                       "out/data, where `dsv3 data prepare` writes)")
+    parser.add_argument("--out", help="output directory (overrides out_dir; default out/run)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--no-resume", action="store_true",
-                        help="start over even if out_dir holds a checkpoint")
+                        help="start over even if out_dir holds a checkpoint: the old run's "
+                             "checkpoint, final/, eval/, metrics, TensorBoard logs and report "
+                             "are deleted first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_train)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from dsv3.train.metrics import TB_FILES
+
 # The trainer's state keys that are each rank's own (the rest is rank 0's to save).
 RANK_KEYS = ("rng", "compression", "loader", "domain_tokens", "load_counts")
 
@@ -72,28 +74,34 @@ def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
 
 
 # What each directory remove_run clears holds when dsv3 wrote it: only these go (a
-# user's own files there, e.g. an eval/ of their scripts with out_dir ".", stay).
+# user's own files there, e.g. an eval/ of their scripts or notes beside the report
+# with out_dir ".", stay). "." is out_dir itself, which is never removed.
 RUN_FILES = {"checkpoint": ("state.pt", "state.pt.tmp", "rank*-step*.pt", "rank*-step*.pt.tmp"),
              "final": ("config.json", "model.pt", "model.pt.tmp", "tokenizer.json",
                        "heldout.jsonl"),
-             "eval": ("eval.json", "eval.md", "difficulty.json")}
+             "eval": ("eval.json", "eval.md", "difficulty.json"),
+             "tb": TB_FILES,
+             ".": ("metrics.jsonl", "metrics.jsonl.tmp", "summary.json", "report.html")}
 
 
 def remove_run(out_dir: Path) -> None:
-    """Deletes the checkpoint, the exported model and the evaluation of the old model
-    (``OUT_DIR/eval``, where ``make demo`` writes it), for a run that starts over: left
-    until the new run's first save, an interrupted new run would resume the old one
-    (and export the old model as its own), and the new run's report would show the old
-    model's scores (and its cloze difficulty schedule would start at the old level).
-    Only the files dsv3 writes there (RUN_FILES); a directory left empty goes too."""
+    """Deletes every output of the old run, for a run that starts over (--no-resume):
+    its checkpoint, exported model, evaluation (``OUT_DIR/eval``, where ``make demo``
+    writes it), metrics, TensorBoard logs, summary and report. Left until the new run
+    writes its own, an interrupted new run would resume the old one (and export the
+    old model as its own), and the old report, summary and scores would stand beside
+    the new run's metrics as if they were its (the cloze difficulty schedule would
+    start at the old model's level). Only the files dsv3 writes there (RUN_FILES); a
+    directory left empty goes too."""
     for name, patterns in RUN_FILES.items():
         directory = Path(out_dir) / name
         if not directory.is_dir():
             continue
         for pattern in patterns:
             for path in directory.glob(pattern):
-                path.unlink(missing_ok=True)
-        if not any(directory.iterdir()):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+        if name != "." and not any(directory.iterdir()):
             directory.rmdir()
 
 
@@ -154,19 +162,66 @@ def saved_run(out_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    # "data": the data's fingerprint (None: saved before checkpoints kept one)
     if "world" not in state:  # written before rank files (one process)
         loader = state["loader"]
         return {"config": state["config"], "world": None, "step": state["step"],
-                "loader_stage": loader["stage"] if loader is not None else None}
+                "loader_stage": loader["stage"] if loader is not None else None,
+                "data": state.get("data")}
     return {"config": state["config"], "world": state["world"], "step": state["step"],
-            "loader_stage": state["loader_stage"]}
+            "loader_stage": state["loader_stage"], "data": state.get("data")}
+
+
+# What each part of a data fingerprint (data.data_fingerprint) covers, for the refusal.
+DATA_PARTS = {"tokenizer": "the tokenizer (tokenizer.json)",
+              "tokens": "the token data (tokens/: documents or token ids)",
+              "mixture": "mixture.json's weights, seed or max_chunk_tokens",
+              "val_fraction": "val_fraction (which documents are held out)"}
+
+
+def data_changes(saved: dict | None, now: dict | None) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data given
+    now (both fingerprints; none where either is missing: a checkpoint from before
+    fingerprints, or data built in memory without one)."""
+    if not saved or not now:
+        return []
+    changes = []
+    for part, what in DATA_PARTS.items():
+        if saved.get(part) != now.get(part):
+            changes.append(f"{what}: {saved.get(part)} -> {now.get(part)}"
+                           if part == "val_fraction" else what)
+    return changes
+
+
+def check_data(out_dir: Path, saved: dict | None, now: dict | None, data_dir=None) -> None:
+    """Refuses to resume on other data: the weights learned the old token ids, and the
+    saved stream position points into the old documents. Re-running `dsv3 data prepare`
+    into the same directory (a new tokenizer, new counts) is the usual way to get here."""
+    changes = data_changes(saved, now)
+    if changes:
+        where = f" in {data_dir}" if data_dir is not None else ""
+        raise ValueError(f"the checkpoint in {out_dir} was trained on other data than the "
+                         f"data{where} now (changed since: {'; '.join(changes)}), so it "
+                         f"cannot be resumed on it: pass --no-resume to start over there, "
+                         f"--out NEW_DIR to keep it, or --data the data it was trained on")
+
+
+# Settings added to TrainConfig since checkpoints were first written, with the value
+# the runs saved before them had: their absence is not a change.
+ADDED_SETTINGS = {"val_fraction": 0.05}
+
+
+def _saved_config(saved: dict, config: dict) -> dict:
+    """The saved config, with the settings ``config`` has that it predates."""
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in config}
+    return {**added, **saved["config"]}
 
 
 def resume_changes(saved: dict, config: dict) -> list[str]:
     """``"setting: saved -> now"`` for every setting that differs from the saved run's
     (a resume takes the new values from its step on: a learning rate may change mid-run;
     those that would break the data stream are refused by check_resume first)."""
-    old, new = _flatten(saved["config"]), _flatten(config)
+    old, new = _flatten(_saved_config(saved, config)), _flatten(config)
     # out_dir is where the checkpoint was found: the same run whatever its spelling. A
     # data_dir is the same one when both spellings name one directory from here.
     old.pop("out_dir", None), new.pop("out_dir", None)
@@ -177,14 +232,16 @@ def resume_changes(saved: dict, config: dict) -> list[str]:
 
 
 def resume_conflicts(saved: dict, config: dict) -> list[str]:
-    """``"setting: saved -> now"`` for each setting that shapes the data stream a resumed
-    run continues (the step split and batch shape of the stage it stopped in): with
-    one changed, the saved stream position means nothing to the new run."""
-    old, new = saved["config"], config
+    """``"setting: saved -> now"`` for each setting a resumed run cannot take: the model
+    (its weights are of the saved shape) and those that shape the data stream it
+    continues (the step split and batch shape of the stage it stopped in): with one
+    changed, the saved stream position means nothing to the new run."""
+    old, new = _saved_config(saved, config), config
     if len(old["stages"]) != len(new["stages"]):
         return [f"stages: {len(old['stages'])} -> {len(new['stages'])} stages"]
     stopped_in = saved["loader_stage"] if saved["loader_stage"] is not None else 0
-    names = ["steps", "micro_batch", "grad_accum"]
+    # the model first: its weights cannot load into another shape
+    names = ["model", "model_overrides", "steps", "micro_batch", "grad_accum", "val_fraction"]
     names += [f"stages.{i}.fraction" for i in range(len(new["stages"]))]
     names += [f"stages.{i}.seq_len" for i in range(stopped_in + 1)]
     return [f"{name}: {_lookup(old, name)!r} -> {_lookup(new, name)!r}" for name in names
@@ -207,12 +264,16 @@ def _lookup(config: dict, name: str):
     return node
 
 
-def check_resume(out_dir: Path, config: dict, world: int = 1) -> None:
+def check_resume(out_dir: Path, config: dict, world: int = 1,
+                 data: dict | None = None) -> None:
     """Refuses, before any training, a resume the saved run cannot continue: other
-    data-shaping settings (see resume_conflicts) or another number of processes."""
+    data (``data``, the data's fingerprint: see check_data), other data-shaping
+    settings (see resume_conflicts) or another number of processes."""
     saved = saved_run(out_dir)
     if saved is not None and (saved["world"] or 1) != world:
         raise ValueError(_world_mismatch(out_dir, saved["world"], world))
+    if saved is not None:
+        check_data(out_dir, saved["data"], data, config.get("data_dir"))
     conflicts = resume_conflicts(saved, config) if saved is not None else []
     if conflicts:
         raise ValueError(f"{out_dir} holds a checkpoint of a run with other settings "

@@ -50,7 +50,8 @@ class StageConfig:
     seq_len: int = 128
     seq_len_start: int | None = None  # curriculum: first sequence length (rises to seq_len)
     # Domain weights at the start and the end of the stage (interpolated linearly);
-    # empty: the domains' natural token shares.
+    # empty: the prepared mixture.json schedule, which runs once across all the stages
+    # that leave these empty (see data.py).
     mixture_start: dict = field(default_factory=dict)
     mixture_end: dict = field(default_factory=dict)
     dpo_beta: float = 0.1
@@ -114,8 +115,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/demo"
-    data_dir: str = "data/demo"  # what `dsv3 data prepare` wrote (tokenizer + token shards)
+    # Where `dsv3 data prepare` writes by default (tokenizer + token shards), and a run
+    # directory beside it (the demo config's own is out/demo).
+    out_dir: str = "out/run"
+    data_dir: str = "out/data"
+    # The share of each domain's documents held out (the last ones, whole): never
+    # trained on, exported to final/heldout.jsonl for the evaluation. 0 holds none out.
+    val_fraction: float = 0.05
     model: str = "tiny"  # a preset of dsv3.model.PRESETS
     model_overrides: dict = field(default_factory=dict)
     steps: int = 300
@@ -125,7 +131,10 @@ class TrainConfig:
     checkpointing: str = "none"
     seed: int = 0
     log_every: int = 10
-    save_every: int = 0  # 0: only at the end
+    # A checkpoint every save_every optimizer steps (0: only at the end), what a run
+    # killed without warning (a lost node, SIGKILL, a power cut) resumes from. Ctrl-C and
+    # SIGTERM need none: the run saves at the next step and stops (see stop.py).
+    save_every: int = 0
     compress_grads: bool = False  # DDP: dsv3's int8 compressed all-reduce hook
     compress_start_iter: int = 10
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -151,6 +160,8 @@ class TrainConfig:
         for name in ("save_every", "compress_start_iter"):
             whole_number(name, getattr(self, name), 0)
         whole_number("seed", self.seed)
+        # all held out would leave nothing to train on
+        number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         for name in ("out_dir", "data_dir", "model"):
             of_type(name, getattr(self, name), str)
         of_type("model_overrides", self.model_overrides, dict)

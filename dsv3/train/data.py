@@ -3,13 +3,21 @@ training part and a held-out part, served per stage by the data pipeline's
 resumable ``PackedLoader`` under the stage's domain-mixture schedule.
 
 The held-out part is the last ``val_fraction`` of each domain's documents (whole
-documents, so no text is in both). Each stage gets its own loader: its own
-sequence length and mixture (the stage's ``mixture_start``/``mixture_end``, else the
-prepared ``mixture.json`` schedule), with a token budget of exactly what the
-stage consumes, so the mixture's schedule runs from the stage's start to its end.
-Curriculum stages read rows at the final length and use a prefix while the
-length warms up. A rank of a data-parallel run folds its rank into the seed.
+documents, so no text is in both). Each stage gets its own loader, with its own
+sequence length and a token budget of exactly what the stage consumes. A stage
+with a mixture of its own (``mixture_start``/``mixture_end``) runs that schedule from
+its start to its end. The stages without one share the prepared ``mixture.json``
+schedule: it runs once across them, start to end, over their tokens together (the
+trainer hands each its part, see Trainer._mixture_span), so a stage with its own
+mixture between them pauses it rather than restarting it. mixture.json's
+``max_chunk_tokens`` and ``seed`` shape every stage's stream; its ``total_tokens``
+(the length of the schedule for a loader reading the prepared directory alone,
+``PackedLoader.from_prepared``) does not: the trainer stretches the schedule over
+the tokens its stages consume. Curriculum stages read rows at the final length and
+use a prefix while the length warms up. A rank of a data-parallel run folds its
+rank into the seed.
 """
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +31,84 @@ from dsv3.data.movein import check_complete
 from dsv3.data.tokenizer import TokenizedCorpus
 
 
+# Tokens read from each domain for the data fingerprint: evenly spaced blocks, not the
+# whole stream (a corpus may be terabytes; the offsets, read whole, change with almost
+# any edit, the blocks catch same-length documents of other tokens).
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_TOKENS = 16, 1024
+
+
+def _digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _tokens_digest(corpus: TokenizedCorpus) -> str:
+    """The token data's identity: vocabulary size, EOS, and per domain its document
+    offsets and sampled token blocks. Not its location: a data directory moved or
+    copied elsewhere is the same data."""
+    parts = [corpus.vocab_size, corpus.eos_id]
+    for domain in sorted(corpus.domains):
+        tokens, n = corpus.tokens[domain], len(corpus.tokens[domain])
+        starts = np.linspace(0, max(0, n - FINGERPRINT_BLOCK_TOKENS), FINGERPRINT_BLOCKS)
+        blocks = [np.asarray(tokens[int(i):int(i) + FINGERPRINT_BLOCK_TOKENS], dtype=np.uint32)
+                  for i in starts]
+        parts += [domain, n, np.ascontiguousarray(corpus.offsets[domain], dtype=np.int64).tobytes(),
+                  np.concatenate(blocks).tobytes()]
+    return _digest(*parts)
+
+
+def data_fingerprint(corpus: TokenizedCorpus, tokenizer_path: Path | None, mixture: dict,
+                     val_fraction: float) -> dict:
+    """What identifies the data a run trains on, kept in its checkpoint (a resume on
+    other data is refused, see checkpoint.data_changes): the tokenizer (its file's
+    bytes), the token data, what of mixture.json the trainer reads (the weights, the
+    loader seed, the chunk size: not ``total_tokens``, see stage_loader) and the
+    held-out share (it decides which documents are trained on)."""
+    tokenizer = _digest(Path(tokenizer_path).read_bytes()) if tokenizer_path else None
+    used = {k: mixture.get(k) for k in ("weights", "seed", "max_chunk_tokens")}
+    return {"tokenizer": tokenizer, "tokens": _tokens_digest(corpus), "mixture": _digest(used),
+            "val_fraction": val_fraction}
+
+
+def stage_mixture(stage, domains: list[str]) -> dict | None:
+    """A stage's own [start, end] shares per domain, normalized (None: it follows the
+    prepared mixture); a domain the data lacks is an error naming the stage."""
+    if not (stage.mixture_start or stage.mixture_end):
+        return None
+    start, end = stage.mixture_start or stage.mixture_end, stage.mixture_end or stage.mixture_start
+    unknown = sorted((set(start) | set(end)) - set(domains))
+    if unknown:
+        raise ValueError(f"stage {stage.name!r}: mixture names unknown domains {unknown}; "
+                         f"the data has {domains}")
+    weights = {d: [start.get(d, 0.0), end.get(d, 0.0)] for d in domains}
+    totals = [sum(w[0] for w in weights.values()), sum(w[1] for w in weights.values())]
+    return {d: [w[0] / totals[0], w[1] / totals[1]] for d, w in weights.items()}
+
+
+def check_stage_mixtures(stages, domains: list[str]) -> None:
+    """Every stage's mixture against the data's domains, before the first step: a
+    typo in a later stage would otherwise surface only when it starts, after the
+    earlier stages trained."""
+    for stage in stages:
+        stage_mixture(stage, domains)
+
+
+def schedule_part(weights: dict, start: float, end: float) -> dict:
+    """The part [start, end] of a mixture schedule (mixture.json's weight specs) as a
+    schedule of its own over [0, 1]: the same shares at the same points of the part.
+    The whole schedule is returned as it is."""
+    if (start, end) == (0.0, 1.0):
+        return weights
+    whole = MixtureSchedule(weights, 1)
+    points = [start, *[b for b in whole.breakpoints if start < b < end], end]
+    rows = [whole.weights_at(p) for p in points]
+    return {domain: [[(p - start) / (end - start), row[i]] for p, row in zip(points, rows)]
+            for i, domain in enumerate(whole.domains)}
+
+
 def _split(corpus: TokenizedCorpus, val_fraction: float):
     train_tokens, train_offsets, val = {}, {}, {}
     for domain in corpus.domains:
@@ -31,7 +117,8 @@ def _split(corpus: TokenizedCorpus, val_fraction: float):
         n_val = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
         if n_docs - n_val < 1:
             raise ValueError(f"domain {domain!r} has {n_docs} document(s): too few to hold "
-                             f"{n_val} out (lower val_fraction)")
+                             f"{n_val} out and train on the rest (val_fraction={val_fraction:g}; "
+                             f"0 holds none out, or give the domain more documents)")
         cut = int(offsets[n_docs - n_val])
         train_tokens[domain] = corpus.tokens[domain][:cut]
         train_offsets[domain] = offsets[:n_docs - n_val + 1]
@@ -47,6 +134,8 @@ class TrainData:
     default_weights: dict  # domain -> weight spec (mixture.json's)
     tokenizer_path: Path | None = None
     seed: int = 0
+    max_chunk_tokens: int = 1024  # mixture.json's: the longest unit taken from one document
+    fingerprint: dict | None = None  # data_fingerprint: what a resume checks
 
     @property
     def vocab_size(self) -> int:
@@ -59,12 +148,14 @@ class TrainData:
     @classmethod
     def from_corpus(cls, corpus: TokenizedCorpus, weights: dict | None = None,
                     tokenizer_path: Path | None = None, val_fraction: float = 0.05,
-                    seed: int = 0) -> "TrainData":
+                    seed: int = 0, max_chunk_tokens: int = 1024) -> "TrainData":
         train, val = _split(corpus, val_fraction)
         if weights is None:  # the domains' natural token shares
             total = sum(int(o[-1]) for o in train.offsets.values())
             weights = {d: int(train.offsets[d][-1]) / total for d in train.domains}
-        return cls(train, val, weights, tokenizer_path, seed)
+        fingerprint = data_fingerprint(corpus, tokenizer_path, {
+            "weights": weights, "seed": seed, "max_chunk_tokens": max_chunk_tokens}, val_fraction)
+        return cls(train, val, weights, tokenizer_path, seed, max_chunk_tokens, fingerprint)
 
     @classmethod
     def load(cls, data_dir: str | Path, val_fraction: float = 0.05) -> "TrainData":
@@ -79,24 +170,22 @@ class TrainData:
         tokenizer = data_dir / "tokenizer.json"
         return cls.from_corpus(corpus, mixture["weights"],
                                tokenizer if tokenizer.is_file() else None, val_fraction,
-                               mixture.get("seed", 0))
+                               mixture.get("seed", 0), mixture.get("max_chunk_tokens", 1024))
 
-    def stage_loader(self, stage, n_batches: int, batch_size: int, rank: int = 0) -> PackedLoader:
-        """The loader of one stage: ``n_batches`` batches of [batch_size, stage.seq_len + 1]."""
-        if stage.mixture_start or stage.mixture_end:
-            start, end = stage.mixture_start or stage.mixture_end, stage.mixture_end or stage.mixture_start
-            unknown = sorted((set(start) | set(end)) - set(self.domains))
-            if unknown:
-                raise ValueError(f"stage {stage.name!r}: mixture names unknown domains {unknown}; "
-                                 f"the data has {self.domains}")
-            weights = {d: [start.get(d, 0.0), end.get(d, 0.0)] for d in self.domains}
-            totals = [sum(w[0] for w in weights.values()), sum(w[1] for w in weights.values())]
-            weights = {d: [w[0] / totals[0], w[1] / totals[1]] for d, w in weights.items()}
-        else:
-            weights = self.default_weights
+    def stage_loader(self, stage, n_batches: int, batch_size: int, rank: int = 0,
+                     span: tuple[float, float] = (0.0, 1.0),
+                     max_chunk_tokens: int | None = None) -> PackedLoader:
+        """The loader of one stage: ``n_batches`` batches of [batch_size, stage.seq_len + 1].
+        A stage without a mixture of its own follows the part ``span`` of the prepared
+        schedule (the trainer's share of it for this stage); units are at most
+        ``max_chunk_tokens`` long (None: mixture.json's)."""
+        weights = stage_mixture(stage, self.domains)
+        if weights is None:
+            weights = schedule_part(self.default_weights, *span)
         budget = n_batches * batch_size * (stage.seq_len + 1)
         return PackedLoader(self.train, MixtureSchedule(weights, max(1, budget)), stage.seq_len,
-                            batch_size, seed=self.seed + 7919 * rank)
+                            batch_size, seed=self.seed + 7919 * rank,
+                            max_chunk_tokens=max_chunk_tokens or self.max_chunk_tokens)
 
 
 def preference_batch(streams: dict, batch: int, prompt_len: int, response_len: int, *,

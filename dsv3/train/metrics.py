@@ -10,7 +10,6 @@ this machine's matmuls can do".
 """
 import json
 import math
-import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,18 @@ import torch
 
 from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
+
+
+# What TensorBoard's SummaryWriter writes into OUT_DIR/tb: a fresh run removes these
+# alone (a user's own files there stay).
+TB_FILES = ("events.out.tfevents.*",)
+
+
+def remove_tb_logs(directory: Path) -> None:
+    for pattern in TB_FILES:
+        for path in directory.glob(pattern):
+            if path.is_file():
+                path.unlink(missing_ok=True)
 
 
 class MetricsLogger:
@@ -48,7 +59,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
             if fresh:
-                shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+                remove_tb_logs(self.out_dir / "tb")
             self._tb = SummaryWriter(str(self.out_dir / "tb"),
                                      purge_step=None if fresh else step + 1)
         except ImportError:  # tensorboard is optional: the JSONL file has everything

@@ -6,12 +6,15 @@ fp16 with a dynamic loss scale; weights stay fp32), backward (DDP all-reduces
 only on the last micro-batch, through dsv3's int8 hook if asked), unscale, clip,
 step, and nudge the MoE selection biases (not on a step fp16 skipped; under DDP
 from every rank's routing counts). Every ``log_every`` steps a metrics record (its
-losses and expert loads those of every rank's batch, see rank_metrics.py); at
-the end a checkpoint (each rank saves its own data position, see checkpoint.py),
-the exported model and the HTML report. A resumed run keeps the metrics up to its
-checkpoint's step and drops those logged after it (they are trained again).
+losses and expert loads those of every rank's batch, see rank_metrics.py); every
+``save_every`` steps and at the end a checkpoint (each rank saves its own data
+position, see checkpoint.py), at the end the exported model and the HTML report.
+Ctrl-C or SIGTERM stops after the current step with a checkpoint (stop.py). A
+resumed run keeps the metrics up to its checkpoint's step and drops those logged
+after it (they are trained again).
 """
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import replace
@@ -27,7 +30,7 @@ from dsv3.model import Transformer
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import TrainConfig
-from dsv3.train.data import TrainData, preference_batch
+from dsv3.train.data import TrainData, check_stage_mixtures, preference_batch
 from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
@@ -35,12 +38,14 @@ from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics
 from dsv3.train.rank_metrics import reduce_logged_step, summed_over_ranks
 from dsv3.train.report import write_report
 from dsv3.train.schedule import lr_factor
+from dsv3.train.stop import StopRequests, TrainingStopped, control_group
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
+        check_stage_mixtures(config.stages, data.domains)  # not when a later stage starts
         self.config, self.data = config, data
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -79,6 +84,10 @@ class Trainer:
         self.reference_stage = -1  # the DPO stage it was frozen for (as it entered it)
         self.domain_tokens: dict[str, int] = {}  # realized mixture since the last log, in tokens
         self._loader = self._batches = None  # the current stage's PackedLoader and iterator
+        # How the prepared mixture schedule spans the stages: "run" (once across those
+        # without their own mixture). A checkpoint from before it kept "stage" (each such
+        # stage ran the whole schedule, in units of at most 1024 tokens) and resumes so.
+        self.mixture_scope = "run"
         self._loader_stage = -1
         # Routed copies per expert over the run, kept on the device (no per-step sync);
         # int64: fp32 stops counting single copies at 2^24 (16.8M) an expert.
@@ -88,6 +97,8 @@ class Trainer:
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
         self.peak_flops = measure_matmul_flops(self.device, self.autocast_dtype or torch.float32)
         self._stage_ends = torch.tensor(config.stage_steps()).cumsum(0).tolist()
+        # where the ranks agree on a stop request each step (stop.py); made by every rank
+        self._stop_group = control_group() if self.distributed else None
 
     # --- stages ------------------------------------------------------------------------------
     def _stage_start(self, index: int) -> int:
@@ -140,10 +151,28 @@ class Trainer:
         reference.load_state_dict(state if state is not None else self.model.state_dict())
         return reference.eval().requires_grad_(False)
 
+    def _mixture_span(self, index: int) -> tuple[float, float]:
+        """Stage ``index``'s part of the prepared mixture schedule, which runs once across
+        the stages without a mixture of their own, in proportion to their tokens."""
+        c = self.config
+        tokens = [0 if s.kind == "dpo" or s.mixture_start or s.mixture_end
+                  else n * c.grad_accum * c.micro_batch * (s.seq_len + 1)
+                  for s, n in zip(c.stages, c.stage_steps())]
+        total = sum(tokens)
+        if not tokens[index]:  # a stage of its own mixture: the prepared one is not used
+            return 0.0, 1.0
+        # the last such stage ends at 1.0 exactly: its cumulative sum is the total
+        return sum(tokens[:index]) / total, sum(tokens[:index + 1]) / total
+
     def _open_loader(self, index: int, state: dict | None = None) -> None:
         stage = self.config.stages[index]
         n_batches = self.config.stage_steps()[index] * self.config.grad_accum
-        self._loader = self.data.stage_loader(stage, n_batches, self.config.micro_batch, self.rank)
+        if self.mixture_scope == "run":
+            span, chunk = self._mixture_span(index), None  # None: mixture.json's chunk size
+        else:  # resumed from before: each stage the whole schedule, the loader's 1024 chunks
+            span, chunk = (0.0, 1.0), 1024
+        self._loader = self.data.stage_loader(stage, n_batches, self.config.micro_batch, self.rank,
+                                              span, chunk)
         if state is not None:
             self._loader.load_state_dict(state)
         self._batches = iter(self._loader)
@@ -296,7 +325,8 @@ class Trainer:
                 "domain_tokens": dict(self.domain_tokens), "load_counts": self.load_counts,
                 "loader": ({"stage": self._loader_stage, "state": self._loader.state_dict()}
                            if self._loader is not None else None),
-                "config": self.config.to_dict()}
+                "config": self.config.to_dict(), "data": self.data.fingerprint,
+                "mixture_scope": self.mixture_scope}
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"]["model"] != self.config.model or \
@@ -305,6 +335,10 @@ class Trainer:
                              f"{state['config']['model']!r} {state['config']['model_overrides']}, "
                              f"this config asks for {self.config.model!r} "
                              f"{self.config.model_overrides}: use another out_dir")
+        # Before the weights: another tokenizer's vocabulary would fail there as a raw
+        # size mismatch, and one of the same size would load and train on other ids.
+        ckpt.check_data(self.out_dir, state.get("data"), self.data.fingerprint)
+        self._check_vocab(state["model"])
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -324,13 +358,32 @@ class Trainer:
         self.domain_tokens = dict(state["domain_tokens"])
         self.load_counts = [counts.to(self.device, torch.int64)  # older checkpoints: fp32
                             for counts in state["load_counts"]]
+        self.mixture_scope = state.get("mixture_scope", "stage")
         if state["loader"] is not None:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
+
+    def _check_vocab(self, weights: dict) -> None:
+        """A checkpoint from before data fingerprints, on data of another vocabulary."""
+        saved = weights["embed.weight"].shape[0]
+        if saved != self.data.vocab_size:
+            raise ValueError(f"the checkpoint in {self.out_dir} was trained on a vocabulary of "
+                             f"{saved} tokens, the data has {self.data.vocab_size} (another "
+                             f"tokenizer): pass --no-resume to start over there, --out NEW_DIR "
+                             f"to keep it, or --data the data it was trained on")
 
     def save(self) -> None:
         """Every rank calls it (each saves its own part; see checkpoint.py)."""
         ckpt.save_state(self.out_dir, self.state_dict(), self.rank,
                         dist.barrier if self.distributed else None)
+
+    def _stop(self, signum: int, saved: bool) -> None:
+        """Ends the run on a signal after this step: the regular checkpoint (unless this
+        step's periodic save wrote it), no export or report (the run is not finished)."""
+        if not saved:
+            self.save()
+        self.logger.close()
+        raise TrainingStopped(self.step, self.config.steps, self.out_dir,
+                              signal.Signals(signum).name)
 
     def _load_agreed_state(self) -> dict | None:
         """This rank's checkpoint state, once every rank has found the same step. Ranks
@@ -374,16 +427,23 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         loop_start = time.perf_counter()
-        while self.step < c.steps:
-            measure = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
-            record = self.train_step(measure=measure)
-            if measure:
-                self._log(record)
-                loss = record.get("loss", record.get("dpo/loss", float("nan")))
-                bar.set_postfix(stage=c.stages[record["stage"]].name, loss=f"{loss:.3f}")
-            if c.save_every and self.step % c.save_every == 0:
-                self.save()
-            bar.update(1)
+        with StopRequests(self._stop_group, self.distributed, announce=self.rank == 0) as stop:
+            while self.step < c.steps:
+                measure = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+                record = self.train_step(measure=measure)
+                if measure:
+                    self._log(record)
+                    loss = record.get("loss", record.get("dpo/loss", float("nan")))
+                    bar.set_postfix(stage=c.stages[record["stage"]].name, loss=f"{loss:.3f}")
+                saved = bool(c.save_every) and self.step % c.save_every == 0
+                if saved:
+                    self.save()
+                bar.update(1)
+                # A stop asked during the last step is not one: the run finishes as usual.
+                signum = stop.requested() if self.step < c.steps else 0
+                if signum:
+                    bar.close()
+                    self._stop(signum, saved)
         bar.close()
         self.loop_seconds = time.perf_counter() - loop_start  # steps, logging, data: no saving
         # A finished run started again trains nothing: its checkpoint (and the config it
