@@ -303,8 +303,8 @@ class MoE(nn.Module):
             # An empty batch gives an empty output, as nn.Linear and the transformers
             # blocks dsv3 replaces do (the grouped ops want at least one row). Built from
             # the router's weights so that a backward through it still reaches x and the
-            # router, with zero gradients.
-            y_TD = weights_TK[:, :1] * x_TD
+            # router, with zero gradients; in x's dtype (the weights are fp32).
+            y_TD = weights_TK[:, :1].to(x_TD.dtype) * x_TD
         else:
             y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
                                   down.transpose(1, 2), c.swiglu_limit)

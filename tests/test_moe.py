@@ -421,7 +421,11 @@ def test_empty_batch_gives_empty_output_and_zero_gradients(shape, overrides, dev
         moe.update_bias()
         assert (moe.expert_bias == 0).all()
     with torch.autocast(x.device.type, dtype=torch.float16):
-        assert moe(x.detach()).shape == x.shape
+        y = moe(x.detach())
+        assert y.shape == x.shape and y.dtype == torch.float16  # as a token-holding batch's
+    # a low-precision layer's output stays in its dtype (the router's weights are fp32)
+    half = moe.to(torch.float16)
+    assert half(x.detach().half()).dtype == torch.float16
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -315,18 +315,20 @@ def _block_step(block, x, params):
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad_out)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("arch", ARCH_PARAMS)
-def test_empty_batch_like_transformers(arch, route):
+def test_empty_batch_like_transformers(arch, route, dtype):
     """No tokens ([2, 0, D]): transformers' blocks return an empty output (some attached
     to the graph, some not); so must the patched ones (dsv3.MoE refused an empty batch
     before)."""
     outputs = []
     for patched in (False, True):
-        model = tiny_model(arch)
+        model = tiny_model(arch).to(dtype)
         if patched:
             _apply(model, arch, route)
-        x = torch.randn(2, 0, model.config.get_text_config().hidden_size, requires_grad=True)
+        x = torch.randn(2, 0, model.config.get_text_config().hidden_size, dtype=dtype,
+                        requires_grad=True)
         out = sparse_block(model)(x)
         out = out[0] if isinstance(out, tuple) else out
         outputs.append((out.shape, out.dtype))
