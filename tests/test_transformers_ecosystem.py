@@ -297,20 +297,28 @@ def _offload(model, how: str, tmp_path):
     accelerate = pytest.importorskip("accelerate")
     if how == "cpu_offload":
         return accelerate.cpu_offload(model, execution_device="cpu")
+    if how == "preload":  # the block's hook also places (offloads) its children
+        return accelerate.cpu_offload(model, execution_device="cpu",
+                                      preload_module_classes=["TransformersMoE"])
     return accelerate.dispatch_model(model, _layer_map("disk"), offload_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "disk"])
+@pytest.mark.parametrize("how", ["cpu_offload", "disk", "preload"])
 def test_offloading_a_patched_model_is_refused(how, tmp_path):
     """It failed at the first forward with a KeyError on a dsv3 name in accelerate's
-    hook; now the offload itself is refused, and the block keeps its weights."""
-    model = tiny_model("mixtral").eval()
+    hook; now the offload itself is refused, and the block keeps its weights, its
+    children's (router, shared expert) too: with preload_module_classes they were
+    left on the meta device, and the model computed garbage."""
+    model = tiny_model("qwen2_moe").eval()
     dt.patch_moe(model)
     block = sparse_block(model)
-    want = block.gate_up_proj.detach().clone()
+    want = {name: t.detach().clone() for name, t in block.state_dict().items()}
     with pytest.raises(RuntimeError, match="offload"):
         _offload(model, how, tmp_path)
-    assert torch.equal(block.gate_up_proj, want)
+    got = block.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert not got[name].is_meta and torch.equal(got[name], want[name]), name
 
 
 @pytest.mark.parametrize("how", ["cpu_offload", "disk"])

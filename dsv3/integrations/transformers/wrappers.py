@@ -90,12 +90,16 @@ def refuse_offloading_hook(block: nn.Module, hook) -> None:
 
 
 def _restore(block: nn.Module, weights) -> None:
-    """Put ``block``'s own tensors that an offloading hook moved to the meta device back
-    from ``weights`` (the hook's map, keyed by the block's state_dict names, the HF
-    block's: ``block.hf_keys`` pairs them with dsv3's)."""
+    """Put ``block``'s tensors (its own and its children's) that an offloading hook moved
+    to the meta device back from ``weights`` (the hook's map, keyed by the block's
+    state_dict names, the HF block's: ``block.hf_keys`` pairs them with dsv3's)."""
     for name, hf_name, _, shape in block.hf_keys:
-        for table in (block._parameters, block._buffers):
-            tensor = table.get(name)
+        # A dotted name is a child's tensor (the router's weight, a shared expert's):
+        # a hook that places submodules (preload_module_classes) offloaded those too.
+        path, _, leaf = name.rpartition(".")
+        owner = block.get_submodule(path) if path else block
+        for table in (owner._parameters, owner._buffers):
+            tensor = table.get(leaf)
             if tensor is None or not tensor.is_meta:
                 continue
             try:
@@ -104,4 +108,4 @@ def _restore(block: nn.Module, weights) -> None:
                 continue  # not offloaded: nothing to put back
             if isinstance(tensor, nn.Parameter):
                 value = nn.Parameter(value, requires_grad=tensor.requires_grad)
-            table[name] = value
+            table[leaf] = value
