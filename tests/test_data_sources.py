@@ -1,13 +1,18 @@
 """Embedded corpus and local-file readers, including malformed-record handling."""
+import bz2
+import gzip
 import json
+import lzma
 import os
 import re
+import sys
+import zipfile
 
 import pytest
 
 from dsv3.data.corpus import DOMAINS, embedded_corpus, embedded_corpus_dataset
-from dsv3.data.readers import (MalformedRecordError, ReaderStats, UnreadableSourceError,
-                               expand_paths, read_documents)
+from dsv3.data.readers import (ON_ERROR, MalformedRecordError, ReaderStats,
+                               UnreadableSourceError, expand_paths, read_documents)
 
 
 def test_embedded_corpus_is_real_deterministic_and_split_in_domains():
@@ -259,3 +264,165 @@ def test_a_domain_that_cannot_name_a_file_is_malformed_where_it_is_read(tmp_path
     with pytest.raises(ValueError, match=re.escape(
             "sources[4].default_domain: 'Package Docs' cannot name a file")):
         list(read_documents(str(f), default_domain="Package Docs", source="sources[4]"))
+
+
+_COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
+                ".lzma": lambda b: lzma.compress(b, format=lzma.FORMAT_ALONE)}
+# a BOM, CRLF, a lone CR, Unicode line separators and no final newline: as datasets'
+# text builder read them (from the plain and the compressed file alike)
+_TEXT_BYTES = "\ufeffone\r\ntwo\rthree\n\nCafé \u2028 x\x85y\r\nlast, no newline".encode()
+_TEXT = "\ufeffone\ntwo\nthree\n\nCafé \u2028 x\x85y\nlast, no newline"
+
+
+def test_compressed_text_files_read_as_the_plain_file(tmp_path):
+    """A .txt.gz was a "line 1: not UTF-8" error, and with skipping a document of the
+    compressed bytes that happened to decode (training data); datasets, before,
+    decompressed it."""
+    plain = tmp_path / "a.txt"
+    plain.write_bytes(_TEXT_BYTES)
+    [want] = read_documents(str(plain), format="text")
+    assert want.text == _TEXT
+    for suffix, compress in _COMPRESSORS.items():
+        f = tmp_path / f"a.txt{suffix}"
+        # two members/streams, split inside the CRLF: one file's text all the same
+        f.write_bytes(compress(_TEXT_BYTES[:6]) + compress(_TEXT_BYTES[6:])
+                      if suffix != ".lzma" else compress(_TEXT_BYTES))
+        for on_error in ON_ERROR:
+            stats = ReaderStats()
+            [doc] = read_documents(str(f), format="text", on_error=on_error, stats=stats)
+            assert (doc.id, doc.text, doc.metadata) == (str(f), want.text,
+                                                         {"source": str(f)}), suffix
+            assert stats.to_dict()["skipped"] == 0
+    # a bad byte inside is named by its line as in a plain file
+    bad = tmp_path / "latin.txt.gz"
+    bad.write_bytes(gzip.compress(b"first\nCaf\xe9\nlast\n"))
+    with pytest.raises(MalformedRecordError, match=re.escape(f"{bad}, line 2: not UTF-8")):
+        list(read_documents(str(bad), format="text"))
+    [doc] = read_documents(str(bad), format="text", on_error="skip")
+    assert doc.text == "first\nlast\n" and doc.metadata["skipped_lines"] == 1
+
+
+def test_compressed_jsonl_files_read_as_the_plain_file(tmp_path):
+    """A .jsonl.gz was never decompressed: every line "not UTF-8"."""
+    plain = tmp_path / "a.jsonl"
+    lines = [json.dumps({"text": f"record {i} café", "domain": "web", "n": i})
+             for i in range(3000)]
+    plain.write_bytes(("\r\n".join(lines) + "\n\n{broken\n").encode())
+    stats = ReaderStats()
+    want = [(d.text, d.domain, d.metadata["n"], d.id.rsplit(":", 1)[1])
+            for d in read_documents(str(plain), on_error="skip", stats=stats)]
+    assert len(want) == 3000 and stats.to_dict()["skipped"] == 1
+    for suffix, compress in _COMPRESSORS.items():
+        f = tmp_path / f"a.jsonl{suffix}"
+        f.write_bytes(compress(plain.read_bytes()))
+        got_stats = ReaderStats()
+        got = [(d.text, d.domain, d.metadata["n"], d.id.rsplit(":", 1)[1])
+               for d in read_documents(str(f), on_error="skip", stats=got_stats)]
+        assert got == want, suffix
+        assert got_stats.to_dict()["skipped_examples"] == [f"{f}:3002: invalid JSON "
+                                                          f"(Expecting property name enclosed "
+                                                          f"in double quotes at column 2)"]
+
+
+@pytest.mark.parametrize("format", ["text", "jsonl"])
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_a_truncated_compressed_file_is_named_never_skipped(tmp_path, format, suffix):
+    """A cut .gz went on as "not UTF-8" lines to skip, its prefix a document."""
+    body = "".join(json.dumps({"text": f"line {i} " * 8}) + "\n" for i in range(4000))
+    data = _COMPRESSORS[suffix](body.encode())
+    f = tmp_path / f"cut.{'txt' if format == 'text' else 'jsonl'}{suffix}"
+    f.write_bytes(data[:len(data) // 2])
+    kind = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}[suffix]
+    for on_error in ON_ERROR:
+        stats = ReaderStats()
+        with pytest.raises(UnreadableSourceError, match=re.escape(
+                f"sources[3]: {f}: cannot be decompressed as {kind} (EOFError: ")):
+            list(read_documents(str(f), format=format, on_error=on_error, stats=stats,
+                                source="sources[3]"))
+        assert stats.to_dict()["skipped"] == 0
+    f.write_bytes(b"not compressed at all\n")
+    with pytest.raises(UnreadableSourceError, match=re.escape(
+            f"sources[3]: {f}: cannot be decompressed as {kind} (")):
+        list(read_documents(str(f), format=format, on_error="skip", source="sources[3]"))
+
+
+def test_zstd_needs_its_package_and_archives_or_unnamed_compression_are_refused(
+        tmp_path, monkeypatch):
+    """Each was a "line 1: not UTF-8" error, or with skipping garbage or nothing."""
+    zst = tmp_path / "a.txt.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 8)
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as where it is not installed
+    with pytest.raises(UnreadableSourceError, match=re.escape(
+            f"sources[1]: {zst}: a zstd-compressed file needs the zstandard package "
+            f"(pip install zstandard)")):
+        list(read_documents(str(zst), format="text", on_error="skip", source="sources[1]"))
+    monkeypatch.undo()
+    zp = tmp_path / "a.zip"
+    with zipfile.ZipFile(zp, "w") as z:
+        z.writestr("a.txt", "hello")
+    (tmp_path / "b.tar.gz").write_bytes(gzip.compress(b"tar"))
+    (tmp_path / "c.txt").write_bytes(gzip.compress(b"unnamed gzip"))
+    (tmp_path / "d.jsonl").write_bytes(zp.read_bytes())
+    for name, fmt, message in [
+            ("a.zip", "text", "a zip archive is not read here: extract it and name its "
+                              "files in paths"),
+            ("b.tar.gz", "text", "a tar archive is not read here"),
+            ("c.txt", "text", "is gzip-compressed, but its name does not end in .gz: "
+                              "rename it so that it is decompressed"),
+            ("d.jsonl", "jsonl", "is a zip archive, not text: extract it")]:
+        with pytest.raises(UnreadableSourceError, match=re.escape(
+                f"sources[1]: {tmp_path / name}: {message}")):
+            list(read_documents(str(tmp_path / name), format=fmt, on_error="skip",
+                                source="sources[1]"))
+
+
+def test_zstd_files_read_as_the_plain_file_where_zstandard_is_installed(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    c = zstandard.ZstdCompressor()
+    f = tmp_path / "a.txt.zst"
+    f.write_bytes(c.compress(_TEXT_BYTES[:6]) + c.compress(_TEXT_BYTES[6:]))
+    [doc] = read_documents(str(f), format="text")
+    assert doc.text == _TEXT
+    f.write_bytes(f.read_bytes()[:-3])
+    with pytest.raises(UnreadableSourceError, match="cannot be decompressed as zstd"):
+        list(read_documents(str(f), format="text", on_error="skip"))
+
+
+def test_prepare_reads_compressed_sources_as_the_plain_files(tmp_path, capsys):
+    """End to end: kept documents of a .txt.gz and a .jsonl.bz2 are those of the plain
+    files; a truncated one ends the run naming sources[i], --skip-malformed or not."""
+    from dsv3.cli import main
+    rows = "".join(json.dumps({"text": f"document {i} about ships and wool " * 5,
+                               "domain": "web"}) + "\n" for i in range(6))
+    story = "The harbour was quiet.\r\nShips came in with wool and grain.\r\n" * 20
+
+    def run(name, jsonl, text):
+        (tmp_path / name).mkdir()
+        cfg = tmp_path / name / "cfg.toml"
+        cfg.write_text(f'[[sources]]\nkind = "jsonl"\npaths = "{jsonl}"\n'
+                       f'[[sources]]\nkind = "text"\npaths = "{text}"\n'
+                       f'default_domain = "stories"\n'
+                       f'[steps]\norder = ["exact_dedup"]\n[tokenizer]\nvocab_size = 300\n')
+        out = tmp_path / name / "out"
+        rc = main(["data", "prepare", "--config", str(cfg), "--out", str(out),
+                   "--no-progress", "--skip-malformed"])
+        if rc:
+            return rc
+        return {d: [(r["text"], r["domain"]) for r in map(
+            json.loads, (out / "kept" / f"{d}.jsonl").read_text().splitlines())]
+            for d in ("web", "stories")}
+
+    (tmp_path / "web.jsonl").write_text(rows)
+    (tmp_path / "story.txt").write_bytes(story.encode())
+    (tmp_path / "web.jsonl.bz2").write_bytes(bz2.compress(rows.encode()))
+    (tmp_path / "story.txt.gz").write_bytes(gzip.compress(story.encode()))
+    plain = run("plain", tmp_path / "web.jsonl", tmp_path / "story.txt")
+    assert len(plain["web"]) == 6 and plain["stories"] == [(story.replace("\r\n", "\n"),
+                                                            "stories")]
+    assert run("compressed", tmp_path / "web.jsonl.bz2", tmp_path / "story.txt.gz") == plain
+    capsys.readouterr()
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes((tmp_path / "story.txt.gz").read_bytes()[:-12])
+    assert run("cut", tmp_path / "web.jsonl.bz2", cut) == 2
+    assert (f"error: sources[1]: {cut}: cannot be decompressed as gzip (EOFError: "
+            in capsys.readouterr().err)

@@ -18,7 +18,14 @@ and the examples only). Nothing is lost silently either way. A text file is one
 record: a line of it that is not UTF-8 is named by its line number, and skipping drops
 that line alone from the file's document (counted, and ``skipped_lines`` in the
 document's metadata), as skipping a jsonl line does. A file that cannot be read at all
-(a corrupt parquet file, a directory) always stops the run, with its name.
+(a corrupt parquet file, a directory, a truncated .gz) always stops the run, with its
+name.
+
+A jsonl or text file whose name ends in ``.gz``, ``.bz2``, ``.xz``/``.lzma`` or
+``.zst``/``.zstd`` (the last with the ``zstandard`` package) is decompressed as it is
+read, as datasets' text builder did; an archive (``.zip``, ``.tar*``) is refused with
+what to do, and so is a compressed file whose name does not say so, since its bytes
+are no text (it failed as "not UTF-8", or with skipping became a garbage document).
 
 jsonl and text are read as bytes and decoded line by line here rather than with
 ``load_dataset("json"/"text")`` because those report a byte block or nothing at all
@@ -28,11 +35,17 @@ checks remain ours).
 """
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import io
 import json
+import lzma
 import os
 import re
+import zlib
 from collections import Counter
+from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Sequence
 
 from dsv3.data.document import Document
@@ -233,36 +246,37 @@ def _located(path: str, format: str, source: str | None
              ) -> Iterator[tuple[str, str, object, Problem | None]]:
     """(id/location, location for messages, record, problem) of one file."""
     if format == "text":
-        yield from _text_file(path)
+        yield from _text_file(path, source)
         return
     what = "line" if format == "jsonl" else "row"
-    records = _jsonl_records(path) if format == "jsonl" else _parquet_records(path, source)
+    records = (_jsonl_records(path, source) if format == "jsonl"
+               else _parquet_records(path, source))
     for n, record, problem in records:
         yield f"{path}:{n}", f"{path}, {what} {n}", record, problem
 
 
-def _jsonl_records(path: str) -> Iterator[tuple[int, object, Problem | None]]:
+def _jsonl_records(path: str, source: str | None
+                   ) -> Iterator[tuple[int, object, Problem | None]]:
     """(line number from 1, record, problem or None)."""
     # bytes, each line decoded on its own: a text-mode file decodes 8 KiB ahead, so a
     # bad byte surfaced on an earlier line's number and left no place to resume from
-    with open(path, "rb") as f:
-        line_no = 0
-        for chunk in f:
-            # \r and \r\n end lines too, as in the text mode this replaced: line
-            # numbers (and so document ids) stay what they were
-            for raw in chunk.splitlines():
-                line_no += 1
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield line_no, None, Problem("not UTF-8", e.reason)
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield line_no, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield line_no, None, Problem("invalid JSON", f"{e.msg} at column {e.colno}")
+    line_no = 0
+    for chunk in _binary_lines(path, source):
+        # \r and \r\n end lines too, as in the text mode this replaced: line
+        # numbers (and so document ids) stay what they were
+        for raw in chunk.splitlines():
+            line_no += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, Problem("not UTF-8", e.reason)
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield line_no, None, Problem("invalid JSON", f"{e.msg} at column {e.colno}")
 
 
 def _parquet_records(path: str, source: str | None) -> Iterator[tuple[int, object, None]]:
@@ -279,13 +293,13 @@ def _parquet_records(path: str, source: str | None) -> Iterator[tuple[int, objec
         yield i, row, None
 
 
-def _text_file(path: str) -> Iterator[tuple[str, str, object, Problem | None]]:
+def _text_file(path: str, source: str | None
+               ) -> Iterator[tuple[str, str, object, Problem | None]]:
     """The file as one record (id: the path), after one problem per line that is not
     UTF-8 (id ``path:line``). Decoded as datasets' text builder did (UTF-8, universal
-    newlines, a BOM kept), so a clean file's document is what it was; a bad line is
-    named rather than failing the whole file without a name."""
-    with open(path, "rb") as f:
-        data = f.read()
+    newlines, a BOM kept, a compressed file decompressed), so a clean file's document is
+    what it was; a bad line is named rather than failing the whole file without a name."""
+    data = _read_all(path, source)
     try:
         text, bad = data.decode("utf-8"), 0
     except UnicodeDecodeError:
@@ -304,3 +318,169 @@ def _text_file(path: str) -> Iterator[tuple[str, str, object, Problem | None]]:
     if bad:  # the document says it is not the whole file
         record["skipped_lines"] = bad
     yield path, path, record, None
+
+
+# -- compressed files ----------------------------------------------------------------
+# Chosen by the name's suffix. datasets chose by the first bytes; a name that does not
+# say what a file is gets refused below instead of guessed at.
+_COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".lzma": "xz",
+                         ".zst": "zstd", ".zstd": "zstd"}
+_SUFFIX_OF = {"gzip": ".gz", "bz2": ".bz2", "xz": ".xz", "zstd": ".zst"}
+_ARCHIVE_SUFFIXES = {".zip": "zip", ".tar": "tar", ".tgz": "tar", ".tbz2": "tar",
+                     ".txz": "tar", ".7z": "7z", ".rar": "rar", ".lz4": "lz4"}
+# the first bytes of compressed files and archives; none of them starts UTF-8 text
+_MAGIC = [(re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"\xfd7zXZ\x00"), "xz"),
+          (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
+          (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), "bz2"),
+          (re.compile(rb"PK(\x03\x04|\x05\x06)"), "zip"),
+          (re.compile(rb"7z\xbc\xaf\x27\x1c"), "7z"), (re.compile(rb"Rar!\x1a\x07"), "rar"),
+          (re.compile(rb"\x04\x22\x4d\x18"), "lz4")]
+_DECOMPRESSION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _compression(path: str, source: str | None) -> str | None:
+    """The compression ``path``'s name says it has (None: a plain file); an archive or a
+    format not read here is refused."""
+    name = os.path.basename(path).lower()
+    stem, suffix = os.path.splitext(name)
+    compression = _COMPRESSION_SUFFIXES.get(suffix)
+    if compression is not None:
+        name = stem
+        suffix = os.path.splitext(stem)[1]
+    archive = _ARCHIVE_SUFFIXES.get(suffix)
+    if archive is not None:
+        what = "archive" if archive != "lz4" else "file"
+        raise UnreadableSourceError(f"{_where(source, path)}: a {archive} {what} is not read "
+                                    f"here: extract it and name its files in paths")
+    return compression
+
+
+def _where(source: str | None, path: str) -> str:
+    return f"{source}: {path}" if source else path
+
+
+@contextmanager
+def _open_binary(path: str, source: str | None):
+    """``path`` opened for reading bytes, decompressed as its name says; with the
+    compression (None for a plain file)."""
+    compression = _compression(path, source)
+    if compression is None:
+        with open(path, "rb") as f:
+            head = f.peek(16)[:16]
+            for magic, kind in _MAGIC:
+                if magic.match(head):
+                    what = (f"is {kind}-compressed, but its name does not end in "
+                            f"{_SUFFIX_OF[kind]}: rename it so that it is decompressed"
+                            if kind in _SUFFIX_OF else
+                            f"is a {kind} {'archive' if kind != 'lz4' else 'file'}, not "
+                            f"text: extract it and name its files in paths")
+                    raise UnreadableSourceError(f"{_where(source, path)}: {what}")
+            yield f, None
+        return
+    if compression == "gzip":
+        f = gzip.open(path, "rb")
+    elif compression == "bz2":
+        f = bz2.open(path, "rb")
+    elif compression == "xz":
+        f = lzma.open(path, "rb")  # .xz and the older .lzma, told apart by their bytes
+    else:
+        try:
+            import zstandard
+        except ImportError:
+            raise UnreadableSourceError(
+                f"{_where(source, path)}: a zstd-compressed file needs the zstandard "
+                f"package (pip install zstandard), or decompress it first") from None
+        f = io.BufferedReader(_ZstdReader(open(path, "rb"), zstandard))
+    with f:
+        yield f, compression
+
+
+def _decompression_error(path: str, source: str | None, compression: str,
+                         e: BaseException) -> UnreadableSourceError:
+    return UnreadableSourceError(f"{_where(source, path)}: cannot be decompressed as "
+                                 f"{compression} ({type(e).__name__}: {e})")
+
+
+def _errors_of(compression: str) -> tuple[type[BaseException], ...]:
+    if compression == "zstd":
+        import zstandard
+        return _DECOMPRESSION_ERRORS + (zstandard.ZstdError,)
+    return _DECOMPRESSION_ERRORS
+
+
+def _binary_lines(path: str, source: str | None) -> Iterator[bytes]:
+    """The file's bytes a line (up to a newline byte) at a time, streamed, decompressed
+    as its name says; a decompression error is raised naming the source and the file
+    (never a "not UTF-8" line to skip)."""
+    with _open_binary(path, source) as (f, compression):
+        if compression is None:
+            yield from f
+            return
+        errors = _errors_of(compression)
+        lines = iter(f)
+        while True:
+            try:
+                chunk = next(lines)
+            except StopIteration:
+                return
+            except errors as e:
+                raise _decompression_error(path, source, compression, e) from e
+            yield chunk
+
+
+def _read_all(path: str, source: str | None) -> bytes:
+    """The file's bytes, decompressed as its name says (a text file is one document,
+    read whole as datasets' text builder did)."""
+    with _open_binary(path, source) as (f, compression):
+        try:
+            return f.read()
+        except _errors_of(compression) if compression else () as e:
+            raise _decompression_error(path, source, compression, e) from e
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd stream, frame after frame, that raises on a truncated last frame:
+    zstandard's own stream reader ends such a file early without a word."""
+
+    def __init__(self, raw, zstandard) -> None:
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # the decompressor of the frame being read
+        self._buffer = b""
+        self._pos = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._buffer):
+            if self._done:
+                return 0
+            self._fill()
+        n = min(len(b), len(self._buffer) - self._pos)
+        b[:n] = self._buffer[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _fill(self) -> None:
+        data = self._raw.read(1 << 16)
+        if not data:
+            if self._frame is not None and not self._frame.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker "
+                               "was reached")
+            self._done = True
+            return
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""
+        self._buffer, self._pos = b"".join(out), 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
