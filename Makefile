@@ -9,8 +9,8 @@ DEPS := $(VENV)/.deps-installed
 # combine it with), the data pipeline (+ Spark scale-out), the trainer's monitoring
 # and report, and the evaluation's BLEU/chrF.
 EXTRA_DEPS := 'transformers>=5.24,<6' 'accelerate>=1.10' 'peft>=0.21' 'datasets>=3' \
-	'tokenizers>=0.20' tqdm 'datasketch>=1.6' pyarrow xxhash 'pyspark>=3.5' tensorboard \
-	matplotlib sacrebleu pyyaml
+	'tokenizers>=0.20' tqdm 'datasketch>=1.6' pyarrow xxhash zstandard 'pyspark>=3.5' \
+	tensorboard matplotlib sacrebleu pyyaml
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
 .PHONY: all build test check-triton bench demo clean
