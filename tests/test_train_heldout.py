@@ -1,13 +1,20 @@
 """The held-out documents stay unseen by every stage: `final/heldout.jsonl` is what
 `dsv3 eval` scores the model on, so the DPO stage's preference pairs must come from
-the training split (they were once drawn from the held-out text)."""
+the training split (they were once drawn from the held-out text). The file is
+written whole or not at all, and a finished run without it (or another exported
+file) exports again."""
 import numpy as np
+import pytest
 
 import dsv3.train.trainer as trainer_module
+from dsv3.cli import main
 from dsv3.data.tokenizer import TokenizedCorpus
+from dsv3.train import checkpoint as ckpt
+from dsv3.train.config import StageConfig
 from dsv3.train.data import TrainData
 from dsv3.train.trainer import Trainer
-from train_support import VOCAB, three_stage_config
+from train_support import (VOCAB, command_run, synthetic_data, three_stage_config,
+                           word_tokenizer)
 
 HELD_OUT_TOKENS = range(40, VOCAB)  # only the held-out document uses these
 
@@ -44,3 +51,38 @@ def test_dpo_pairs_come_from_the_training_split(tmp_path, monkeypatch):
         for part in (prompt_BP, chosen_BR, rejected_BR):
             assert not any(int(t) in HELD_OUT_TOKENS for t in part.flatten()), \
                 "a preference pair holds held-out text"
+
+
+class InterruptedRead:
+    """A held-out stream whose reading is cut short, as by a Ctrl-C."""
+
+    def tolist(self):
+        raise KeyboardInterrupt
+
+
+def test_an_export_cut_short_keeps_the_old_held_out_file_whole(tmp_path):
+    """Before: heldout.jsonl was written in place, line by line: cut short, it held
+    the first domain's documents alone."""
+    data = synthetic_data()
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json")
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.export_heldout(path, {"alpha": data.val["alpha"], "beta": InterruptedRead()},
+                            tokenizer, 0)
+    assert path.read_text() == "old\n"
+
+
+def test_a_finished_run_missing_an_exported_file_exports_again(tmp_path, capsys):
+    """Before: `dsv3 train` found final/model.pt and summary.json and did nothing, so
+    a missing (or, cut short, partial) final/heldout.jsonl stayed missing."""
+    command = command_run(tmp_path, steps=4, stages=[StageConfig("base", seq_len=24)])
+    word_tokenizer(tmp_path / "data" / "tokenizer.json")
+    assert main(command) == 0
+    final = tmp_path / "out" / "final"
+    exported = {path.name: path.read_bytes() for path in final.iterdir()}
+    assert sorted(exported) == ["config.json", "heldout.jsonl", "model.pt", "tokenizer.json"]
+    for name in ("heldout.jsonl", "config.json"):
+        (final / name).unlink()
+        assert main(command) == 0
+        assert {path.name: path.read_bytes() for path in final.iterdir()} == exported, name

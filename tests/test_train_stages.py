@@ -3,7 +3,7 @@ that stage (resumed runs too) and logs its step's metrics over every micro-batch
 the LM stages share one learning-rate schedule over
 their own steps while each DPO stage restarts it; a curriculum stage ends at its
 full sequence length; the prepared mixture schedule runs once across the stages
-without a mixture of their own."""
+without a mixture of their own, over the spans the run started with."""
 import dataclasses
 import math
 
@@ -192,3 +192,31 @@ def test_a_checkpoint_from_before_keeps_each_stages_own_schedule(tmp_path):
     assert second.settings == old_second.settings and second.settings["max_chunk_tokens"] == 1024
     for name, value in old.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+def test_a_change_to_a_later_stage_does_not_move_the_current_stages_mixture(tmp_path):
+    """The spans the run started with are kept in its checkpoint. Before: a resume in
+    stage 0 with stage 2's seq_len changed (allowed: "from here on") recomputed the
+    token shares, and stage 0's part of the schedule moved mid-stage (its end from
+    alpha 0.5 to 0.66)."""
+    config = three_stage_config(tmp_path, steps=10, stages=AROUND_A_STAGE_MIXTURE)
+    data = _prepared_mixture_data()
+    trainer = Trainer(config, data)
+    _stage_loader_at(trainer, 1)
+    trainer.save()
+    longer = dataclasses.replace(AROUND_A_STAGE_MIXTURE[2], seq_len=48)
+    changed = dataclasses.replace(config, stages=[*AROUND_A_STAGE_MIXTURE[:2], longer])
+    assert ckpt.resume_conflicts(ckpt.saved_run(tmp_path), changed.to_dict()) == []
+    resumed = Trainer(changed, data)
+    resumed.load_state_dict(ckpt.load_state(tmp_path))
+    assert resumed._loader.schedule.weights_at(1.0) == pytest.approx([0.5, 0.5])
+    second = _stage_loader_at(resumed, 6)
+    assert second.schedule.weights_at(0.0) == pytest.approx([0.5, 0.5])
+    assert second.schedule.weights_at(1.0) == pytest.approx([0.0, 1.0])
+    # a checkpoint of today's development, before the spans were kept: computed as now
+    state = ckpt.load_state(tmp_path)
+    del state["mixture_spans"]
+    unkept = Trainer(changed, data)
+    unkept.load_state_dict(state)
+    first_share = 4 * 25 / (4 * 25 + 4 * 49)  # stage 0's tokens over both stages'
+    assert unkept._loader.schedule.weights_at(1.0) == pytest.approx([1 - first_share, first_share])

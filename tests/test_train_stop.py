@@ -1,10 +1,14 @@
 """Stopping a run on Ctrl-C or SIGTERM (dsv3/train/stop.py): the run saves its regular
 checkpoint at the next step boundary and stops; the resume reaches the same weights,
 bit for bit, as the run that never stopped; a second Ctrl-C stops at once; the
-previous handlers come back; `dsv3 train` exits with status 130 and says where the
-checkpoint is. (Under DDP: tests/test_train_ddp.py.)"""
+previous handlers come back (an ignored signal stays ignored); a signal in the last
+step or the export lets the run finish, and an export cut short is made again; `dsv3
+train` exits with status 128 + the signal's number and says where the checkpoint is.
+(Under DDP: tests/test_train_ddp.py.)"""
+import copy
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,7 +23,7 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.stop import TrainingStopped
 from dsv3.train.trainer import Trainer
 from dsv3.train.config import StageConfig
-from train_support import command_run, synthetic_data, three_stage_config
+from train_support import command_run, synthetic_data, three_stage_config, word_tokenizer
 
 
 def signal_at(trainer, step, *signums):
@@ -84,6 +88,89 @@ def test_a_signal_on_the_last_step_finishes_the_run(tmp_path):
     assert (tmp_path / "final" / "model.pt").is_file()
 
 
+class SignalOnRead:
+    """A held-out stream that sends this process SIGINT when the export reads it."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def tolist(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return self.tokens.tolist()
+
+
+def _exporting_data(tmp_path):
+    """The synthetic data with a tokenizer (so final/heldout.jsonl is written), and the
+    held-out file's whole text."""
+    data = synthetic_data()
+    data.tokenizer_path = word_tokenizer(tmp_path / "tokenizer.json")
+    ckpt.export_heldout(tmp_path / "whole.jsonl", data.val, data.tokenizer_path, 0)
+    return data, (tmp_path / "whole.jsonl").read_text()
+
+
+def test_a_first_signal_in_the_export_lets_the_run_finish(tmp_path, capsys):
+    """Before: the old handlers were back for the export: a Ctrl-C there interrupted it
+    (a Ctrl-C in the last step said "stopping after this step", and the next one did)."""
+    data, whole = _exporting_data(tmp_path)
+    data.val = {**data.val, "beta": SignalOnRead(data.val["beta"])}  # a SIGINT mid-export
+    config = three_stage_config(tmp_path / "out", steps=4, stages=[StageConfig("base", seq_len=24)])
+    handlers = {s: signal.getsignal(s) for s in stop_module.STOP_SIGNALS}
+    Trainer(config, data).train(progress=False)  # not KeyboardInterrupt
+    err = capsys.readouterr().err
+    assert "stopping after this step" not in err
+    assert "SIGINT: the run is finishing (its last step, checkpoint and export)" in err
+    assert (tmp_path / "out" / "final" / "heldout.jsonl").read_text() == whole
+    assert (tmp_path / "out" / "summary.json").is_file()
+    assert {s: signal.getsignal(s) for s in stop_module.STOP_SIGNALS} == handlers
+
+
+def test_a_second_ctrl_c_in_the_export_leaves_no_partial_file_and_the_rerun_exports(
+        tmp_path, monkeypatch, capsys):
+    """Before: the second Ctrl-C left a partial final/heldout.jsonl, and the run started
+    again saw final/model.pt and exported nothing: `dsv3 eval` scored part of the
+    held-out set."""
+    data, whole = _exporting_data(tmp_path)
+    monkeypatch.setattr(stop_module, "REPEAT_WINDOW_S", 0.0)
+    held_out = data.val
+    data.val = {**held_out, "beta": SignalOnRead(held_out["beta"])}  # the second Ctrl-C
+    config = three_stage_config(tmp_path / "out", steps=4, stages=[StageConfig("base", seq_len=24)])
+    with pytest.raises(KeyboardInterrupt):
+        signal_at(Trainer(config, data), 3, signal.SIGINT).train(progress=False)
+    err = capsys.readouterr().err  # the first, in the last step: the run finishes
+    assert "stopping after this step" not in err
+    assert "SIGINT: the run is finishing (its last step, checkpoint and export)" in err
+    final = tmp_path / "out" / "final"
+    assert not (final / "heldout.jsonl").exists()  # alpha's lines were written: not here
+    data.val = held_out
+    again = Trainer(config, data)
+    again.train(progress=False)  # the same command again: trains nothing, exports
+    assert again.step == 4 and (final / "heldout.jsonl").read_text() == whole
+    assert (tmp_path / "out" / "summary.json").is_file()
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    """`dsv3 train &` in a script: the shell starts it with SIGINT ignored. Before, the
+    trainer's handler replaced SIG_IGN and a SIGINT stopped the run."""
+    config = three_stage_config(tmp_path, steps=4, stages=[StageConfig("base", seq_len=24)])
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = signal_at(Trainer(config, synthetic_data()), 1, signal.SIGINT)
+        trainer.train(progress=False)  # not TrainingStopped
+        assert trainer.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_training_stopped_pickles_and_copies(tmp_path):
+    """Before: TypeError (__init__() missing 3 required positional arguments), e.g. when
+    multiprocessing or a test runner sends it to another process."""
+    stopped = TrainingStopped(10, 20, tmp_path, "SIGTERM")
+    for twin in (pickle.loads(pickle.dumps(stopped)), copy.copy(stopped), copy.deepcopy(stopped)):
+        assert type(twin) is TrainingStopped and str(twin) == str(stopped)
+        assert (twin.step, twin.steps, twin.out_dir, twin.signal_name, twin.signum) == \
+            (10, 20, tmp_path, "SIGTERM", signal.SIGTERM)
+
+
 # The `dsv3 train` process of the command test, its steps slowed (not changed) so that
 # the test's SIGINT lands mid-run.
 SLOW_TRAIN = """
@@ -134,6 +221,20 @@ def test_ctrl_c_in_dsv3_train_exits_130_with_a_checkpoint_to_resume(tmp_path, ca
     assert steps == [5, 10, 15, 20]  # each step logged once
 
 
+def test_sigterm_in_dsv3_train_exits_143(tmp_path, capsys, monkeypatch):
+    """128 + the signal's number, as a shell reports a command a signal ended (before:
+    130, Ctrl-C's, for SIGTERM too)."""
+    command = command_run(tmp_path)
+
+    def stopped(self, resume=True, progress=True):
+        raise TrainingStopped(3, 20, self.out_dir, "SIGTERM")
+
+    monkeypatch.setattr(Trainer, "train", stopped)
+    assert main(command) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "dsv3 train: stopped by SIGTERM at step 3 of 20; checkpoint saved in ")
+
+
 def test_help_and_the_demo_config_name_save_every(capsys):
     from dsv3.train.config import load_config
     assert load_config("demo").save_every == 100
@@ -141,3 +242,5 @@ def test_help_and_the_demo_config_name_save_every(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "save_every" in text and "Ctrl-C" in text and "status 130" in text
+    assert "143 on SIGTERM" in text
+    assert "--shutdown-timeout" in text and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in text

@@ -60,3 +60,14 @@ def command_run(tmp_path, **overrides) -> list[str]:
     config = tmp_path / "run.yaml"  # JSON is YAML
     config.write_text(json.dumps(three_stage_config(tmp_path / "out", **overrides).to_dict()))
     return ["train", "--config", str(config), "--data", str(data), "--no-progress"]
+
+
+def word_tokenizer(path):
+    """A real tokenizer file for the synthetic vocabulary (token i decodes to "ti"), so
+    that a run exports its held-out documents (final/heldout.jsonl); returns ``path``."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t1")).save(str(path))
+    return path

@@ -8,9 +8,10 @@ import json
 import os
 from pathlib import Path
 
-# What a shell reports for a process ended by Ctrl-C (128 + SIGINT): scripts and
-# schedulers see that the run stopped short, though it saved its checkpoint.
-STOPPED_STATUS = 130
+# What a shell reports for a process a signal ended is 128 + the signal's number (130
+# for Ctrl-C, 143 for SIGTERM): a stopped run exits so, and scripts and schedulers see
+# that it stopped short, though it saved its checkpoint.
+STOPPED_BASE = 128
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -18,10 +19,11 @@ def _train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from dsv3.devices import check_device
-    from dsv3.train.checkpoint import check_resume, resume_changes, saved_run
+    from dsv3.train.checkpoint import check_resume, exported, resume_changes, saved_run
     from dsv3.validate import output_path
     from dsv3.train.config import load_config
     from dsv3.train.data import TrainData, check_stage_mixtures
+    from dsv3.train.report import reported
     from dsv3.train.stop import TrainingStopped
     from dsv3.train.trainer import Trainer
 
@@ -47,10 +49,10 @@ def _train(args: argparse.Namespace) -> int:
         # process group; there the trainer, once the ranks agree on the checkpoint,
         # trains nothing and rewrites nothing either.
         if (world == 1 and saved is not None and saved["step"] >= config.steps
-                and (out / "final" / "model.pt").is_file() and (out / "summary.json").is_file()):
+                and exported(out, data.tokenizer_path is not None) and reported(out)):
             return 0
-        # (Finished but its export or report missing, e.g. killed between the last save and
-        # the export: the trainer makes them and trains nothing.)
+        # (Finished but a file of its export or report missing, e.g. killed between the
+        # last save and the export, or in it: the trainer makes them and trains nothing.)
     distributed = world > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -62,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as stopped:  # Ctrl-C or SIGTERM: saved, not finished
         if rank == 0:
             _say_stopped(stopped, args.no_resume)
-        return STOPPED_STATUS
+        return STOPPED_BASE + stopped.signum
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -128,11 +130,16 @@ def register(groups: argparse._SubParsersAction) -> None:
         description="Train a model through the stages of a config, resuming from the "
                     "checkpoint in out_dir if there is one.",
         epilog="Ctrl-C (or SIGTERM) stops after the current step: the run saves its "
-               "checkpoint, exits with status 130 and resumes with the same command; a "
-               "second Ctrl-C stops at once, without saving. save_every = N (--set "
-               "save_every=N) also saves every N steps, for a run killed without warning "
-               "(0: only at the end and on a stop). A resume must be on the same data "
-               "(tokenizer, tokens, mixture.json, val_fraction) and model; --no-resume "
+               "checkpoint, exits with status 130 (143 on SIGTERM: 128 + the signal's "
+               "number) and resumes with the same command; a second Ctrl-C stops at once, "
+               "without saving. In the last step the run finishes instead (checkpoint and "
+               "export). Under torchrun the workers are SIGKILLed 30 s after it passes the "
+               "signal on: if a step plus a save take longer, raise that with torchrun "
+               "--shutdown-timeout S (or TORCH_ELASTIC_SHUTDOWN_TIMEOUT=S), else the stop's "
+               "checkpoint is lost and the run resumes from the one before. save_every = N "
+               "(--set save_every=N) also saves every N steps, for a run killed without "
+               "warning (0: only at the end and on a stop). A resume must be on the same "
+               "data (tokenizer, tokens, mixture.json, val_fraction) and model; --no-resume "
                "starts over.")
     parser.add_argument("--config", help="TOML or YAML training config, or a shipped config's name: demo "
                              "(default: built-in defaults)")

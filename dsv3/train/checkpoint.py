@@ -18,7 +18,10 @@ different checkpoints.
 
 ``OUT_DIR/final/`` is what ``dsv3 eval`` loads: config.json, model.pt and the
 tokenizer, plus ``heldout.jsonl``, the documents the run held out (decoded back to
-text), so the evaluation measures unseen text."""
+text), so the evaluation measures unseen text. Each of its files is written whole or
+not at all (the same temporary file and rename), and a finished run started again
+makes the export again when one of them is missing (``exported``): an export cut
+short (a second Ctrl-C) is not taken for a whole one."""
 import json
 import os
 import shutil
@@ -40,15 +43,27 @@ def rank_path(out_dir: Path, rank: int, step: int) -> Path:
     return checkpoint_path(out_dir).parent / f"rank{rank}-step{step}.pt"
 
 
-def _write(path: Path, obj) -> None:
-    """``torch.save`` to a temporary file, synced to disk before it replaces ``path``:
-    without the sync a power loss after the rename can leave an empty file."""
+def write_whole(path: Path, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file, synced to disk before it replaces ``path``
+    (without the sync a power loss after the rename can leave an empty file): ``path``
+    is the old file or the whole new one, never part of it. Cut short (an error, a
+    Ctrl-C), the temporary file goes."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write(path: Path, obj) -> None:
+    """``torch.save`` to ``path``, whole or not at all (write_whole)."""
+    write_whole(path, lambda f: torch.save(obj, f))
 
 
 def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
@@ -77,11 +92,13 @@ def save_state(out_dir: Path, state: dict, rank: int = 0, barrier=None) -> Path:
 # user's own files there, e.g. an eval/ of their scripts or notes beside the report
 # with out_dir ".", stay). "." is out_dir itself, which is never removed.
 RUN_FILES = {"checkpoint": ("state.pt", "state.pt.tmp", "rank*-step*.pt", "rank*-step*.pt.tmp"),
-             "final": ("config.json", "model.pt", "model.pt.tmp", "tokenizer.json",
-                       "heldout.jsonl"),
+             "final": ("config.json", "model.pt", "tokenizer.json", "heldout.jsonl",
+                       "config.json.tmp", "model.pt.tmp", "tokenizer.json.tmp",
+                       "heldout.jsonl.tmp"),
              "eval": ("eval.json", "eval.md", "difficulty.json"),
              "tb": TB_FILES,
-             ".": ("metrics.jsonl", "metrics.jsonl.tmp", "summary.json", "report.html")}
+             ".": ("metrics.jsonl", "metrics.jsonl.tmp", "summary.json", "report.html",
+                   "summary.json.tmp", "report.html.tmp")}
 
 
 def remove_run(out_dir: Path) -> None:
@@ -294,24 +311,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def final_files(tokenizer: bool) -> tuple[str, ...]:
+    """The files of a run's export (final/): with a tokenizer, it and the held-out
+    documents too."""
+    return ("config.json", "model.pt") + (("tokenizer.json", "heldout.jsonl") if tokenizer else ())
+
+
+def exported(out_dir: Path, tokenizer: bool) -> bool:
+    """Whether final/ holds every file of the export (``tokenizer``: the run has one).
+    Each is written whole or not at all, so one missing is an export cut short."""
+    final = Path(out_dir) / "final"
+    return all((final / name).is_file() for name in final_files(tokenizer))
+
+
 def export_model(out_dir: Path, model, tokenizer_path: Path | None) -> Path:
-    """The evaluation layout: config.json (ModelConfig), model.pt (state dict), tokenizer.json."""
+    """The evaluation layout: config.json (ModelConfig), model.pt (state dict), tokenizer.json,
+    each written whole or not at all."""
     final = Path(out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
-    (final / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    _write(final / "model.pt", model.state_dict())  # never a half-written model.pt
+    config = json.dumps(model.config.to_dict(), indent=1)
+    write_whole(final / "config.json", lambda f: f.write(config), "w")
+    _write(final / "model.pt", model.state_dict())
     if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, final / "tokenizer.json")
+        with open(tokenizer_path, "rb") as source:
+            write_whole(final / "tokenizer.json", lambda f: shutil.copyfileobj(source, f))
     return final
 
 
 def export_heldout(path: Path, val: dict, tokenizer_path: Path, eos_id: int) -> int:
-    """Held-out token streams back to documents ({domain, text} per line); returns
-    how many. Byte-level BPE decodes to exactly the text that was encoded."""
+    """Held-out token streams back to documents ({domain, text} per line), written
+    whole or not at all (a part of the held-out set would be scored as all of it);
+    returns how many. Byte-level BPE decodes to exactly the text that was encoded."""
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     count = 0
-    with open(path, "w", encoding="utf-8") as out:
+
+    def write(out) -> None:
+        nonlocal count
         for domain, tokens in sorted(val.items()):
             ids = tokens.tolist()
             start = 0
@@ -321,4 +357,7 @@ def export_heldout(path: Path, val: dict, tokenizer_path: Path, eos_id: int) -> 
                                           "text": tokenizer.decode(ids[start:end])}) + "\n")
                     count += 1
                 start = end + 1
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, write, "w")
     return count

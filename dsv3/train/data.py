@@ -40,7 +40,8 @@ FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_TOKENS = 16, 1024
 def _digest(*parts) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in parts:
-        h.update(part if isinstance(part, bytes) else json.dumps(part, sort_keys=True).encode())
+        raw = isinstance(part, (bytes, memoryview))
+        h.update(part if raw else json.dumps(part, sort_keys=True).encode())
         h.update(b"\0")
     return h.hexdigest()
 
@@ -55,8 +56,10 @@ def _tokens_digest(corpus: TokenizedCorpus) -> str:
         starts = np.linspace(0, max(0, n - FINGERPRINT_BLOCK_TOKENS), FINGERPRINT_BLOCKS)
         blocks = [np.asarray(tokens[int(i):int(i) + FINGERPRINT_BLOCK_TOKENS], dtype=np.uint32)
                   for i in starts]
-        parts += [domain, n, np.ascontiguousarray(corpus.offsets[domain], dtype=np.int64).tobytes(),
-                  np.concatenate(blocks).tobytes()]
+        # The offsets hashed where they lie (a memory map when read from disk): as bytes
+        # (tobytes, as before: the same digest) they were a copy of them all in every rank.
+        offsets = np.ascontiguousarray(corpus.offsets[domain], dtype=np.int64)
+        parts += [domain, n, memoryview(offsets).cast("B"), np.concatenate(blocks).tobytes()]
     return _digest(*parts)
 
 

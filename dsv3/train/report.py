@@ -78,10 +78,13 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
     summary.json, so that `dsv3 report` rebuilding the page (to add the evaluation)
     shows the trainer's summary, not only what a checkpoint holds; without one given,
     that file's is used."""
+    from dsv3.train.checkpoint import write_whole  # each file whole or not at all
+
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
     if summary is not None:
-        summary_path.write_text(json.dumps(summary, indent=2))
+        text = json.dumps(summary, indent=2)
+        write_whole(summary_path, lambda f: f.write(text), "w")
     elif summary_path.is_file():
         summary = json.loads(summary_path.read_text())
     records = read_metrics(out_dir / "metrics.jsonl")
@@ -99,5 +102,11 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
         parts.append(f"<h2>Experts</h2><img src='{heatmap_png(load_counts)}' alt='expert heat map'>")
     parts.extend(sections)
     path = out_dir / "report.html"
-    path.write_text("\n".join(parts))
+    write_whole(path, lambda f: f.write("\n".join(parts)), "w")
     return path
+
+
+def reported(out_dir: Path) -> bool:
+    """Whether the run's report is there (summary.json and report.html, each written
+    whole or not at all): a finished run started again writes it only if not."""
+    return all((Path(out_dir) / name).is_file() for name in ("summary.json", "report.html"))

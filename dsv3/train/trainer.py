@@ -9,7 +9,8 @@ from every rank's routing counts). Every ``log_every`` steps a metrics record (i
 losses and expert loads those of every rank's batch, see rank_metrics.py); every
 ``save_every`` steps and at the end a checkpoint (each rank saves its own data
 position, see checkpoint.py), at the end the exported model and the HTML report.
-Ctrl-C or SIGTERM stops after the current step with a checkpoint (stop.py). A
+Ctrl-C or SIGTERM stops after the current step with a checkpoint (stop.py; from the
+last step on, the run finishes instead: the handlers stay until its export is written). A
 resumed run keeps the metrics up to its checkpoint's step and drops those logged
 after it (they are trained again).
 """
@@ -36,7 +37,7 @@ from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
                                 training_flops_per_token)
 from dsv3.train.rank_metrics import reduce_logged_step, summed_over_ranks
-from dsv3.train.report import write_report
+from dsv3.train.report import reported, write_report
 from dsv3.train.schedule import lr_factor
 from dsv3.train.stop import StopRequests, TrainingStopped, control_group
 
@@ -88,6 +89,10 @@ class Trainer:
         # without their own mixture). A checkpoint from before it kept "stage" (each such
         # stage ran the whole schedule, in units of at most 1024 tokens) and resumes so.
         self.mixture_scope = "run"
+        # Each stage's part of it, as the run started: kept in the checkpoint, so that a
+        # resume with a later stage changed (its seq_len: allowed, "from here on") does
+        # not move the current stage's part mid-stage.
+        self.mixture_spans = [self._mixture_span(i) for i in range(len(config.stages))]
         self._loader_stage = -1
         # Routed copies per expert over the run, kept on the device (no per-step sync);
         # int64: fp32 stops counting single copies at 2^24 (16.8M) an expert.
@@ -168,7 +173,7 @@ class Trainer:
         stage = self.config.stages[index]
         n_batches = self.config.stage_steps()[index] * self.config.grad_accum
         if self.mixture_scope == "run":
-            span, chunk = self._mixture_span(index), None  # None: mixture.json's chunk size
+            span, chunk = self.mixture_spans[index], None  # None: mixture.json's chunk size
         else:  # resumed from before: each stage the whole schedule, the loader's 1024 chunks
             span, chunk = (0.0, 1.0), 1024
         self._loader = self.data.stage_loader(stage, n_batches, self.config.micro_batch, self.rank,
@@ -326,7 +331,8 @@ class Trainer:
                 "loader": ({"stage": self._loader_stage, "state": self._loader.state_dict()}
                            if self._loader is not None else None),
                 "config": self.config.to_dict(), "data": self.data.fingerprint,
-                "mixture_scope": self.mixture_scope}
+                "mixture_scope": self.mixture_scope,
+                "mixture_spans": [list(span) for span in self.mixture_spans]}
 
     def load_state_dict(self, state: dict) -> None:
         if state["config"]["model"] != self.config.model or \
@@ -359,6 +365,9 @@ class Trainer:
         self.load_counts = [counts.to(self.device, torch.int64)  # older checkpoints: fp32
                             for counts in state["load_counts"]]
         self.mixture_scope = state.get("mixture_scope", "stage")
+        spans = state.get("mixture_spans")  # none: saved before they were kept (as now)
+        if spans is not None and len(spans) == len(self.config.stages):
+            self.mixture_spans = [tuple(span) for span in spans]
         if state["loader"] is not None:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
@@ -427,8 +436,12 @@ class Trainer:
         bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc="train", unit="step", dynamic_ncols=True)
         loop_start = time.perf_counter()
+        # The handlers stay through the final save and the export: from the last step on
+        # a signal lets the run finish (stop.py), and a first Ctrl-C does not cut the
+        # export short.
         with StopRequests(self._stop_group, self.distributed, announce=self.rank == 0) as stop:
             while self.step < c.steps:
+                stop.finishing = self.step + 1 == c.steps
                 measure = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
                 record = self.train_step(measure=measure)
                 if measure:
@@ -444,23 +457,31 @@ class Trainer:
                 if signum:
                     bar.close()
                     self._stop(signum, saved)
-        bar.close()
-        self.loop_seconds = time.perf_counter() - loop_start  # steps, logging, data: no saving
-        # A finished run started again trains nothing: its checkpoint (and the config it
-        # was trained with) and its exported model stand.
-        trained = self.step > first_step
-        if trained or state is None:
+            stop.finishing = True
+            bar.close()
+            self.loop_seconds = time.perf_counter() - loop_start  # steps, logging, data
+            self._finish(trained=self.step > first_step, fresh=state is None)
+        return self.logger.history
+
+    def _finish(self, trained: bool, fresh: bool) -> None:
+        """The end of the run: the checkpoint, the exported model (final/) and the report.
+        A finished run started again trains nothing: its checkpoint (and the config it
+        was trained with), its export and its report stand, but for a part that is
+        missing (e.g. an export cut short: each file is written whole or not at all)."""
+        c = self.config
+        if trained or fresh:
             self.save()
         self.logger.close()
-        if self.rank == 0 and (trained or not (self.out_dir / "final" / "model.pt").is_file()):
-            final = ckpt.export_model(self.out_dir, self.model, self.data.tokenizer_path)
-            if self.data.tokenizer_path is not None:
-                ckpt.export_heldout(final / "heldout.jsonl", self.data.val,
-                                    self.data.tokenizer_path, self.data.train.eos_id)
+        tokenizer = self.data.tokenizer_path
+        if self.rank == 0 and (trained or not ckpt.exported(self.out_dir, tokenizer is not None)):
+            ckpt.export_model(self.out_dir, self.model, tokenizer)
+            if tokenizer is not None:
+                ckpt.export_heldout(self.out_dir / "final" / "heldout.jsonl", self.data.val,
+                                    tokenizer, self.data.train.eos_id)
         # Its report stands too (it may hold an evaluation `dsv3 report` added), unless
         # it never got one. Its heat map counts every rank's tokens.
         load_counts = summed_over_ranks(self.load_counts) if self.distributed else self.load_counts
-        if self.rank == 0 and (trained or not (self.out_dir / "summary.json").is_file()):
+        if self.rank == 0 and (trained or not reported(self.out_dir)):
             losses = [r["loss"] for r in self.logger.history if "loss" in r]
             write_report(self.out_dir, load_counts, summary={
                 "steps": self.step, "stages": ", ".join(s.name for s in c.stages),
@@ -469,4 +490,3 @@ class Trainer:
                 "precision": c.precision, "checkpointing": c.checkpointing,
                 "first / last logged LM loss": (f"{losses[0]:.4f} / {losses[-1]:.4f}"
                                                 if losses else "n/a")})
-        return self.logger.history
