@@ -15,8 +15,8 @@ from dsv3.cli import main
 from dsv3.train.config import StageConfig, TrainConfig, apply_overrides, load_config
 from dsv3.train.schedule import lr_factor
 from dsv3.train.trainer import Trainer
-from train_support import command_run as _command_run
-from train_support import synthetic_corpus, synthetic_data, three_stage_config
+from train_support import command_run as _command_run, saved_partway
+from train_support import synthetic_data, three_stage_config
 
 
 def test_three_stages_log_the_panel_and_write_the_report(tmp_path):
@@ -318,18 +318,6 @@ def test_out_and_data_are_paths_even_when_they_read_as_numbers(tmp_path, capsys,
     assert load_config(None, ["steps=50"], {"out_dir": "1e3"}).out_dir == "1e3"
 
 
-def _saved_partway(tmp_path, steps: int = 3) -> list[str]:
-    """`dsv3 train` arguments (as _command_run) for a run saved after ``steps`` steps on
-    the data that command trains on (a resume must be on the same data)."""
-    from dsv3.train.data import TrainData
-    command = _command_run(tmp_path)
-    trainer = Trainer(three_stage_config(tmp_path / "out"), TrainData.load(tmp_path / "data"))
-    for _ in range(steps):
-        trainer.train_step()
-    trainer.save()
-    return command
-
-
 def test_the_summary_reports_the_last_stages_own_loss(tmp_path, capsys):
     assert main(_command_run(tmp_path)) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -340,7 +328,7 @@ def test_the_summary_reports_the_last_stages_own_loss(tmp_path, capsys):
 
 
 def test_resuming_under_other_settings_says_which_and_what_to_do(tmp_path, capsys):
-    command = _saved_partway(tmp_path)
+    command = saved_partway(tmp_path)
     assert main(command + ["--set", "steps=30", "--set", "stages.0.seq_len=32"]) == 2
     err = capsys.readouterr().err
     assert "holds a checkpoint of a run with other settings (steps: 20 -> 30; " \
@@ -359,7 +347,7 @@ def check_resume_conflicts(out_dir, override):
 
 def test_a_resume_says_where_it_starts_and_what_changed(tmp_path, capsys):
     """Before: a run resumed with another learning rate said nothing of it."""
-    assert main(_saved_partway(tmp_path) + ["--set", "optim.lr=0.001"]) == 0
+    assert main(saved_partway(tmp_path) + ["--set", "optim.lr=0.001"]) == 0
     err = capsys.readouterr().err
     assert "holds this run's checkpoint at step 3: resuming there, to step 20" in err
     assert "settings changed since it was saved (from here on): " in err

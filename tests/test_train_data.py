@@ -16,17 +16,7 @@ from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import StageConfig, TrainConfig, load_config
 from dsv3.train.data import TrainData
 from dsv3.train.trainer import Trainer
-from train_support import command_run, synthetic_corpus, three_stage_config
-
-
-def saved_partway(tmp_path, steps: int = 3) -> list[str]:
-    """`dsv3 train` arguments for a run saved after ``steps`` steps, on its data."""
-    command = command_run(tmp_path)
-    trainer = Trainer(three_stage_config(tmp_path / "out"), TrainData.load(tmp_path / "data"))
-    for _ in range(steps):
-        trainer.train_step()
-    trainer.save()
-    return command
+from train_support import command_run, saved_partway, synthetic_corpus, three_stage_config
 
 
 def refusal(command, capsys) -> str:

@@ -62,6 +62,19 @@ def command_run(tmp_path, **overrides) -> list[str]:
     return ["train", "--config", str(config), "--data", str(data), "--no-progress"]
 
 
+def saved_partway(tmp_path, steps: int = 3) -> list[str]:
+    """``command_run``'s arguments, for a run saved after ``steps`` steps on the data
+    that command trains on (a resume must be on the same data)."""
+    from dsv3.train.data import TrainData
+    from dsv3.train.trainer import Trainer
+    command = command_run(tmp_path)
+    trainer = Trainer(three_stage_config(tmp_path / "out"), TrainData.load(tmp_path / "data"))
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.save()
+    return command
+
+
 def word_tokenizer(path):
     """A real tokenizer file for the synthetic vocabulary (token i decodes to "ti"), so
     that a run exports its held-out documents (final/heldout.jsonl); returns ``path``."""
