@@ -27,7 +27,7 @@ import torch
 import xxhash
 
 from dsv3.data.document import Document
-from dsv3.data.readers import _jsonl_records
+from dsv3.data.readers import jsonl_records
 from dsv3.data.step import Step
 from dsv3.data.textview import WORDS_VERSION, TextView
 from dsv3.validate import number, whole_number
@@ -232,7 +232,7 @@ def make_featurizer(backend: str, encoder: str | None = None, **kwargs):
 def read_labeled(path: str, text_field: str = "text", label_field: str = "label"):
     """(texts, labels) from jsonl; labels 1/true = good, 0/false = bad."""
     texts, labels = [], []
-    for n, rec, error in _jsonl_records(path):
+    for n, rec, error in jsonl_records(path):
         if error is not None:
             raise ValueError(f"{path}, line {n}: {error}")
         text, label = rec.get(text_field), rec.get(label_field)

@@ -249,15 +249,17 @@ def _located(path: str, format: str, source: str | None
         yield from _text_file(path, source)
         return
     what = "line" if format == "jsonl" else "row"
-    records = (_jsonl_records(path, source) if format == "jsonl"
+    records = (jsonl_records(path, source) if format == "jsonl"
                else _parquet_records(path, source))
     for n, record, problem in records:
         yield f"{path}:{n}", f"{path}, {what} {n}", record, problem
 
 
-def _jsonl_records(path: str, source: str | None
-                   ) -> Iterator[tuple[int, object, Problem | None]]:
-    """(line number from 1, record, problem or None)."""
+def jsonl_records(path: str, source: str | None = None
+                  ) -> Iterator[tuple[int, object, Problem | None]]:
+    """(line number from 1, record, problem or None); ``source`` (``sources[2]``) is put
+    before the errors of a file that cannot be read. Also the reader of the quality
+    labels and review verdicts files."""
     # bytes, each line decoded on its own: a text-mode file decodes 8 KiB ahead, so a
     # bad byte surfaced on an earlier line's number and left no place to resume from
     line_no = 0

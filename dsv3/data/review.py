@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from typing import Iterator
 
 from dsv3.data.document import Document
-from dsv3.data.readers import _jsonl_records
+from dsv3.data.readers import jsonl_records
 
 VERDICTS = ("correct", "wrong")
 
@@ -137,7 +137,7 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) per non-blank line; a line that is not a JSON object
     stops with the file and its line named (json's own message counts lines within
     the one line it was given, so always says "line 1")."""
-    for n, rec, error in _jsonl_records(path):
+    for n, rec, error in jsonl_records(path):
         if error is None and not isinstance(rec, dict):
             error = f"expected a JSON object, got a {type(rec).__name__}"
         if error is not None:
