@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3.train.files import write_whole
 from dsv3.train.metrics import TB_FILES
 
 # The trainer's state keys that are each rank's own (the rest is rank 0's to save).
@@ -41,24 +42,6 @@ def checkpoint_path(out_dir: Path) -> Path:
 
 def rank_path(out_dir: Path, rank: int, step: int) -> Path:
     return checkpoint_path(out_dir).parent / f"rank{rank}-step{step}.pt"
-
-
-def write_whole(path: Path, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file, synced to disk before it replaces ``path``
-    (without the sync a power loss after the rename can leave an empty file): ``path``
-    is the old file or the whole new one, never part of it. Cut short (an error, a
-    Ctrl-C), the temporary file goes."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write(path: Path, obj) -> None:

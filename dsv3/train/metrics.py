@@ -18,6 +18,7 @@ import torch
 
 from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
+from dsv3.train.files import write_whole
 
 
 # What TensorBoard's SummaryWriter writes into OUT_DIR/tb: a fresh run removes these
@@ -52,9 +53,8 @@ class MetricsLogger:
         path = self.out_dir / "metrics.jsonl"
         if not fresh:
             self.history = [r for r in _read_records(path) if r["step"] <= step]
-            tmp = path.with_name(path.name + ".tmp")  # a crash here keeps the old file
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            tmp.replace(path)
+            kept = "".join(json.dumps(r) + "\n" for r in self.history)
+            write_whole(path, lambda f: f.write(kept), "w")  # a crash here keeps the old file
         self._jsonl = path.open("w" if fresh else "a")
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dsv3.train.files import write_whole  # noqa: E402  (each file whole or not at all)
+
 CURVES = [  # (title, metric keys)
     # The DPO loss (~ln 2) lives on another scale than the LM loss: its own panel.
     ("LM loss", ["loss"]),
@@ -78,7 +80,6 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
     summary.json, so that `dsv3 report` rebuilding the page (to add the evaluation)
     shows the trainer's summary, not only what a checkpoint holds; without one given,
     that file's is used."""
-    from dsv3.train.checkpoint import write_whole  # each file whole or not at all
 
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"

@@ -1,0 +1,24 @@
+"""Writing a run's files whole or not at all: the checkpoint, the export, the metrics
+and the report are each read back by a later run or command, which must never find
+half a file (a crash or Ctrl-C mid-write). Its own module so that checkpoint.py,
+metrics.py and report.py can all use it (checkpoint.py imports metrics.py)."""
+import os
+from pathlib import Path
+
+
+def write_whole(path: Path, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file, synced to disk before it replaces ``path``
+    (without the sync a power loss after the rename can leave an empty file): ``path``
+    is the old file or the whole new one, never part of it. Cut short (an error, a
+    Ctrl-C), the temporary file goes."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
