@@ -119,7 +119,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
                   SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  COUNT_BINS: tl.constexpr, GROUP_MAX: tl.constexpr = False):
+                  GROUP_MAX: tl.constexpr = False):
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
     SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
@@ -261,18 +261,11 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
-    if COUNT_BINS > 0:
-        # One atomic per expert and program, not per copy: the copies' atomics land on
-        # a few counters (Mixtral: 8, in one 32-byte sector; DeepSeek-V3: 256), and L2
-        # serialises atomics to one address: millions a batch. The histogram is summed
-        # in shared memory, for about the instructions the per-copy atomics took.
-        copies = tl.reshape(tl.where(out_mask, top_ids, 0), (BLOCK_K * BLOCK_T,))
-        per_expert = tl.histogram(copies, COUNT_BINS,
-                                  mask=tl.reshape(out_mask, (BLOCK_K * BLOCK_T,)))
-        bins = tl.arange(0, COUNT_BINS)
-        tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0))
-    else:
-        tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
+    # One atomic per copy. A per-program tl.histogram before the atomics (fewer
+    # same-address atomics at Mixtral's 8 experts) was right under the interpreter but
+    # miscounted on an H200 (triton 3.6), depending on the routing's code path: see
+    # benchmarks/RESULTS.md, 2026-11-30.
+    tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
 
 
 @triton.jit
@@ -412,10 +405,6 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
-# Up to this many experts (DeepSeek-V3's 256) the counts are summed per program
-# before their atomics (_route_kernel); past it, each copy counts itself, its atomics
-# spread over more counters while the histogram's bins grow.
-_HISTOGRAM_EXPERTS = 256
 
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
@@ -428,12 +417,9 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     while logits_TE.shape[1] % vector:
         vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
-    n_experts = logits_TE.shape[1]
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
             "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
-            "COUNT_BINS": (triton.next_power_of_2(n_experts)
-                           if n_experts <= _HISTOGRAM_EXPERTS else 0),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
@@ -495,7 +481,6 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
     grad_logits_TE = torch.empty_like(logits_TE)
     blocks = _blocks(logits_TE, top_k)
     blocks.pop("BLOCK_G")
-    blocks.pop("COUNT_BINS")
 
     def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
         return grad.contiguous() if grad is not None else logits_TE
