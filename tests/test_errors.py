@@ -200,6 +200,11 @@ KERNEL_VALUES = [
                                                          offsets(2, 5), False,
                                                          tokens(0, -1, 2, 3, 4)),
                  ValueError, "token_S", id="wgrad_token_negative"),
+    # X <= Y: the Triton wgrad copies the gathered rows before its kernel, and checks them
+    pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(5, 4), torch.randn(5, 6),
+                                                         offsets(2, 5), False,
+                                                         tokens(0, 1, 2, 7, 4)),
+                 ValueError, "token_S", id="wgrad_token_past_x_copied_first"),
     pytest.param(lambda: torch.ops.dsv3.grouped_mm_wgrad(torch.randn(4, 4), torch.randn(9, 3),
                                                          offsets(2, 9), False),
                  ValueError, "grad_y_SY", id="wgrad_x_rows_ne_grad_rows"),

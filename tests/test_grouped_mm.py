@@ -313,6 +313,45 @@ def test_wgrad_tma_with_x_unreadable_by_tma(persistent, dtype, device):
     check_wgrad_variant(True, persistent, False, False, dtype, device, dim_x=36)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim_x, copied_first", [(40, True), (96, False)],
+                         ids=["X_le_Y_copied", "X_gt_Y_gathered"])
+def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
+        dim_x, copied_first, dtype, device, monkeypatch):
+    """The tuned Triton wgrad copies the gathered rows first where X <= Y (the plain
+    kernel on the copy is faster on an H200) and gathers in the kernel otherwise. Both
+    match a loop, with a dropped copy's -1 token and NaN grad rows past the last expert
+    left unread."""
+    grouped_gemm, _ = triton_grouped_gemm(device, dtype)
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda t, *a, original=torch.Tensor.index_select:
+                        copies.append(t.shape) or original(t, *a))
+    X, Y, T = dim_x, 72, 50
+    counts_E, offsets_E = variant_offsets(device)
+    n_rows = offsets_E[-1].item() + VARIANT_DROPPED
+    x_TX = torch.randn(T, X).to(dtype)
+    token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32)
+    token_S[-VARIANT_DROPPED:] = -1  # a dropped copy's row: never read
+    dy_SY = torch.randn(n_rows, Y).to(dtype)
+    dy_SY[-VARIANT_DROPPED:] = float("nan")
+    args = [t.to(device) for t in (x_TX, dy_SY, offsets_E, token_S)]
+    grad_w_EXY = grouped_gemm.grouped_mm_wgrad(*args[:3], False, args[3]).cpu()
+    assert (copies == [x_TX.shape]) == copied_first
+    x_SX, dy_SY = x_TX[token_S[:-VARIANT_DROPPED].long()], dy_SY[:-VARIANT_DROPPED]
+    starts = [0, *offsets_E[:-1].tolist()]
+
+    def wgrad_loop(x, dy):
+        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
+
+    if dtype == torch.float32:
+        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
+    else:
+        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
+                                  wgrad_loop(x_SX, dy_SY))
+
+
 def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x):
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     X, Y, T = dim_x, 72, 50  # several tiles per expert at the interpreter's 32 x 32

@@ -465,7 +465,42 @@ def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
 
 def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
                      transposed: bool, token_S: torch.Tensor | None = None) -> torch.Tensor:
-    return _wgrad(_wgrad_tuned, x_SX, grad_y_SY, offsets_E, transposed, token_S)
+    if token_S is None or not _gather_first(x_SX, grad_y_SY, token_S):
+        return _wgrad(_wgrad_tuned, x_SX, grad_y_SY, offsets_E, transposed, token_S)
+    # The gathered rows copied first, then the plain wgrad: measured on an H200
+    # (benchmarks/RESULTS.md, 2026-11-30), Mixtral's gate/up wgrad took 5.04 ms with
+    # its rows gathered in the kernel (pointer loads: TMA reads whole tiles only)
+    # against 3.52 ms on an expert-ordered copy (persistent, TMA), which costs about
+    # 0.03 ms to write at copy bandwidth.
+    _check_shapes("grouped_mm_wgrad", x_SX, offsets_E, token_S, grad_y_SY=grad_y_SY)
+    tokens_ok, token_S = _readable_tokens(x_SX.shape[0], offsets_E, token_S)
+    grad_w = _wgrad(_wgrad_tuned, x_SX.index_select(0, token_S), grad_y_SY, offsets_E,
+                    transposed, None)
+    # After the kernel's own check of offsets_E, so the errors come in the kernel's order.
+    _raise_on_bad_input(torch.stack([torch.ones_like(tokens_ok), tokens_ok]), "grouped_mm_wgrad",
+                        grad_y_SY.shape[0], token_S, x_SX.shape[0])
+    return grad_w
+
+
+def _gather_first(x_TX: torch.Tensor, grad_y_SY: torch.Tensor, token_S: torch.Tensor) -> bool:
+    """Whether the wgrad copies its gathered rows before running: where that copy is
+    no larger than grad_y_SY, which is live anyway, so the backward's memory grows by
+    at most that much (Mixtral's gate/up: X=4096 against Y=28672). The rows of a
+    DeepSeek-V3-like layer (X=7168, Y=4096) stay gathered in the kernel."""
+    return (x_TX.shape[1] <= grad_y_SY.shape[1] and x_TX.shape[0] > 0
+            and token_S.shape[0] > 0 and grad_y_SY.shape[0] == token_S.shape[0])
+
+
+def _readable_tokens(n_tokens: int, offsets_E: torch.Tensor, token_S: torch.Tensor):
+    """Whether every row the wgrad reads (those before offsets_E[-1]) names a row of x,
+    as the gathering kernel checks, and token_S clamped into x so that the copy reads
+    inside it whatever the other rows hold (a dropped copy's row may hold -1). On the
+    device, no host sync."""
+    token_S = token_S.to(torch.int64)
+    rows_S = torch.arange(token_S.shape[0], device=token_S.device)
+    read_S = rows_S < offsets_E[-1].to(torch.int64) if offsets_E.numel() else rows_S < 0
+    bad_S = read_S & ((token_S < 0) | (token_S >= n_tokens))
+    return ~bad_S.any(), token_S.clamp(0, n_tokens - 1)
 
 
 def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: torch.Tensor,
