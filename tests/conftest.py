@@ -44,6 +44,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
 
+def pytest_runtest_logreport(report):
+    """With DSV3_FAILURE_LOG set, each failure's report is appended there as it
+    happens: benchmarks/gpu_check.sh stops pytest at its time limit, and a stopped
+    pytest prints no summary (under xdist this runs in the controller)."""
+    path = os.environ.get("DSV3_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"==== {report.nodeid} [{report.when}]\n{report.longreprtext[-4000:]}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

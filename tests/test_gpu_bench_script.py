@@ -160,6 +160,7 @@ def test_gpu_check_resumes_the_benchmarks_once_the_cuda_context_is_lost(tmp_path
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$* variants=${{DSV3_GEMM_VARIANTS:-on}}" >> {log}
 case "$*" in
+  *"-m pytest"*) echo "pytest failure_log=$DSV3_FAILURE_LOG" >> {log}; exit 0 ;;
   *benchmarks.gpu_bench*--resume*) echo "| table |" > "$OUT/gpu_bench.md"; exit 0 ;;
   *benchmarks.gpu_bench*) exit {gpu_bench.CUDA_LOST} ;;
 esac
@@ -181,6 +182,11 @@ echo "ncu $*" >> {log}
     assert "--resume" in bench_calls[1] and bench_calls[1].endswith("variants=0")
     assert "| table |" in done.stdout
     assert done.returncode == 1 and "status 1" in done.stdout
+    calls = log.read_text().splitlines()
+    # the benchmarks first: the tests take the time left after them
+    pytest_call = next(i for i, line in enumerate(calls) if line.startswith("pytest "))
+    assert calls.index(bench_calls[1]) < pytest_call
+    assert calls[pytest_call].endswith("out/pytest_failures.txt")
     ncu_calls = [line for line in log.read_text().splitlines() if line.startswith("ncu ")]
     assert len(ncu_calls) == 1 and "--clock-control none" in ncu_calls[0]
     assert ncu_calls[0].endswith("python3 -m benchmarks.ncu_case")
@@ -219,3 +225,21 @@ def test_gpu_check_runs_every_test_file_with_gpu_cases():
     listed = set(re.findall(r"tests/(test_\w+\.py)", script.split("tests=(", 1)[1].split(")")[0]))
     assert with_gpu_cases, "the pattern no longer finds the GPU-marked test files"
     assert with_gpu_cases <= listed, f"not run by gpu_check.sh: {sorted(with_gpu_cases - listed)}"
+
+
+def test_failure_log_gets_each_failure_as_it_happens(tmp_path, monkeypatch):
+    """tests/conftest.py appends each failed report to DSV3_FAILURE_LOG (gpu_check.sh
+    stops pytest at its time limit, before any summary), and nothing without it."""
+    from types import SimpleNamespace
+
+    import conftest
+    report = SimpleNamespace(failed=True, nodeid="tests/test_x.py::test_y[cuda]", when="call",
+                             longreprtext="AssertionError: output 2 differs")
+    monkeypatch.delenv("DSV3_FAILURE_LOG", raising=False)
+    conftest.pytest_runtest_logreport(report)  # no log asked for: nothing written
+    log = tmp_path / "failures.txt"
+    monkeypatch.setenv("DSV3_FAILURE_LOG", str(log))
+    conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="passed"))
+    conftest.pytest_runtest_logreport(report)
+    assert log.read_text() == ("==== tests/test_x.py::test_y[cuda] [call]\n"
+                               "AssertionError: output 2 differs\n")
