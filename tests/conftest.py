@@ -47,9 +47,10 @@ def pytest_configure(config):
 def pytest_runtest_logreport(report):
     """With DSV3_FAILURE_LOG set, each failure's report is appended there as it
     happens: benchmarks/gpu_check.sh stops pytest at its time limit, and a stopped
-    pytest prints no summary (under xdist this runs in the controller)."""
+    pytest prints no summary. Under xdist the controller writes them all (a crashed
+    worker's too); the workers, which run this hook as well, write nothing."""
     path = os.environ.get("DSV3_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as log:
             log.write(f"==== {report.nodeid} [{report.when}]\n{report.longreprtext[-4000:]}\n")
 

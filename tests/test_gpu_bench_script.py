@@ -229,17 +229,22 @@ def test_gpu_check_runs_every_test_file_with_gpu_cases():
 
 def test_failure_log_gets_each_failure_as_it_happens(tmp_path, monkeypatch):
     """tests/conftest.py appends each failed report to DSV3_FAILURE_LOG (gpu_check.sh
-    stops pytest at its time limit, before any summary), and nothing without it."""
+    stops pytest at its time limit, before any summary), once under xdist, and nothing
+    without it."""
     from types import SimpleNamespace
 
     import conftest
     report = SimpleNamespace(failed=True, nodeid="tests/test_x.py::test_y[cuda]", when="call",
                              longreprtext="AssertionError: output 2 differs")
     monkeypatch.delenv("DSV3_FAILURE_LOG", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)  # as in the controller
     conftest.pytest_runtest_logreport(report)  # no log asked for: nothing written
     log = tmp_path / "failures.txt"
     monkeypatch.setenv("DSV3_FAILURE_LOG", str(log))
     conftest.pytest_runtest_logreport(SimpleNamespace(failed=False, nodeid="passed"))
+    with monkeypatch.context() as worker:  # an xdist worker leaves it to the controller
+        worker.setenv("PYTEST_XDIST_WORKER", "gw0")
+        conftest.pytest_runtest_logreport(report)
     conftest.pytest_runtest_logreport(report)
     assert log.read_text() == ("==== tests/test_x.py::test_y[cuda] [call]\n"
                                "AssertionError: output 2 differs\n")

@@ -60,7 +60,7 @@ CASES = [
     pytest.param(60, 64, 6, "sigmoid", 3.0, 8, 3, True, 2.5, "random", id="negative_choices"),
     # 160 experts, top-6 (DeepSeek-V2's sizes): the last slab is partly past the end.
     pytest.param(90, 160, 6, "softmax", True, 1, 1, False, 1.0, "random", id="E160_K6"),
-    # 384 experts, more than the GPU kernel sums per program: each copy counts itself.
+    # 384 experts (Kimi-K2's count): six slabs of 64, searched in a loop.
     pytest.param(50, 384, 4, "softmax", False, 1, 1, True, 1.0, "random", id="E384_K4"),
 ]
 # The same columns, routed with group_score="max": a group scored by its best selection
