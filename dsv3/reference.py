@@ -164,8 +164,8 @@ def _round_half_away(r):
 
 def quantize_int8(x_N, block_size, error_N=None):
     """(q_N int8, scales_B fp32, new_error_N fp32): v = x + error; per block
-    scale = max|v| / 127, q = round(v / scale); new_error = v - q * scale. A block
-    with inf/NaN: scale NaN, q 0, residual 0."""
+    scale = max|v| / 127, q = round(v / scale) within +-127; new_error = v - q * scale.
+    A block with inf/NaN: scale NaN, q 0, residual 0."""
     v_N = x_N.float() + (error_N.float() if error_N is not None else 0)
     n = v_N.numel()
     n_blocks = -(-n // block_size)
@@ -174,7 +174,9 @@ def quantize_int8(x_N, block_size, error_N=None):
     scales_B = torch.where(finite_B, padded_BX.abs().amax(1) / 127, math.nan)
     usable_B = finite_B & (scales_B > 0)
     safe_B = torch.where(usable_B, scales_B, 1.0)
-    level_BX = torch.where(usable_B[:, None], _round_half_away(padded_BX / safe_B[:, None]), 0.0)
+    # Clamped: a denormal scale is rounded, and v / scale can pass 127.5.
+    level_BX = torch.where(usable_B[:, None],
+                           _round_half_away(padded_BX / safe_B[:, None]).clamp(-127, 127), 0.0)
     level_N = level_BX.flatten()[:n]
     new_error_N = v_N - level_N * scales_B.repeat_interleave(block_size)[:n]
     # A non-finite block (an fp16 overflow) leaves a zero residual behind.

@@ -2,6 +2,8 @@
 spawned processes, so they live in an importable module). Every rank can rebuild
 every other rank's inputs from seeds, so each one checks the collective result
 against the exact answer itself."""
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -68,6 +70,33 @@ def check_compressed_all_reduce(rank, world):
     torch.testing.assert_close(x_N, torch.stack([rank_tensor(1000, r, salt=2)
                                                  for r in range(world)]).sum(0))
     assert state.stats.compression_ratio == 1.0
+    # A strided fp32 view in the warm-up: its values reduced, its base's others untouched
+    # (.float() of fp32 is the view itself, which gloo reduced over the wrong memory).
+    base_N = rank_tensor(1000, rank, salt=4)
+    before_N = base_N.clone()
+    view_N = base_N[::2]
+    compressed_all_reduce(view_N, CompressionState(start_iter=1), average=True)
+    torch.testing.assert_close(view_N, torch.stack([rank_tensor(1000, r, salt=4)[::2]
+                                                    for r in range(world)]).mean(0))
+    assert torch.equal(base_N[1::2], before_N[1::2])
+
+
+def check_shared_state_warns(rank, world):
+    """A state whose keys alternate between steps (two models sharing it) frees the
+    residuals every step: a warning says so, once. One model's keys, even after a
+    one-time change of layout (DDP's bucket rebuild), give none."""
+    def run(keys):
+        state = CompressionState(start_iter=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for key in keys:
+                compressed_all_reduce(rank_tensor(300, rank), state, key=key)
+                state.step()
+        return [str(w.message) for w in caught if "shared by two models" in str(w.message)]
+
+    assert run(["a"] * 5) == []
+    assert run(["a", "a", "b", "b", "b"]) == []  # one rebuild frees once
+    assert len(run(["a", "b", "a", "b", "a", "b"])) == 1
 
 
 def check_error_feedback(rank, world):

@@ -12,6 +12,10 @@ def test_compressed_all_reduce_error_bounds(world):
     run_ranks(world, workers.check_compressed_all_reduce)
 
 
+def test_a_state_shared_by_two_models_is_warned_about():
+    run_ranks(2, workers.check_shared_state_warns)
+
+
 def test_error_feedback_and_checkpointed_state():
     run_ranks(2, workers.check_error_feedback)
 

@@ -27,6 +27,9 @@ CASES = [
     pytest.param(256, 256, "halves", id="halves"),
     # Huge dynamic range within a block: small values quantize to 0 and go to the residual.
     pytest.param(256, 64, "range", id="dynamic_range"),
+    # Values near the smallest floats: max|v| / 127 is a denormal and rounded, so v / scale
+    # can pass 127.5; levels stay within +-127 (int8 would wrap to the other sign).
+    pytest.param(512, 256, "denormal_scale", id="denormal_scale"),
     # Many blocks: several GPU programs (each takes several blocks), the last one partial.
     pytest.param(20000, 128, "random", id="many_programs"),
 ]
@@ -42,6 +45,10 @@ def make_values(n, block_size, pattern, device):
         x_N[0] = 127.0
     elif pattern == "range":
         x_N = x_N * torch.logspace(-6, 2, n)
+    elif pattern == "denormal_scale":
+        x_N = x_N * 1e-41
+        x_N[:block_size] = 0
+        x_N[0] = 2e-42  # alone in its block: 2e-42 / (2e-42 / 127) rounds past 127.5
     return x_N.to(device)
 
 
@@ -57,6 +64,10 @@ def test_quantize_matches_reference(n, block_size, pattern, with_error, device):
     assert got.scales_B.shape == (math.ceil(n / block_size),)
     for name, g, w in zip(("q_N", "scales_B", "error_N"), got, want):
         assert torch.equal(g.cpu(), w), f"{name} differs from the reference"
+    # Levels keep to +-127 and to their values' signs.
+    q_N, v_cpu_N = got.q_N.cpu().int(), (x_N + (error_N if error_N is not None else 0)).cpu()
+    assert q_N.abs().max() <= 127
+    assert (q_N * v_cpu_N.sign() >= 0).all(), "a level has the other sign than its value"
     # One round trip loses at most half a level per value, and the residual is exactly that loss.
     v_N = x_N + (error_N if error_N is not None else 0)
     back_N = ops.dequantize_int8(got.q_N, got.scales_B, block_size)

@@ -63,7 +63,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(
       scales[b] = scale;
       for (int64_t i = lo; i < hi; ++i) {
         const float v = residual[i];
-        const float level = scale > 0.f ? std::round(v / scale) : 0.f;  // half away from zero
+        // Half away from zero; clamped, since a denormal scale (max|v| below about
+        // 1.5e-36) is rounded and v / scale can pass 127.5 (int8 would wrap).
+        const float level =
+            scale > 0.f ? std::min(127.f, std::max(-127.f, std::round(v / scale))) : 0.f;
         q[i] = static_cast<int8_t>(level);
         residual[i] = v - level * scale;
       }

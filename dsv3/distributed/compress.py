@@ -66,7 +66,10 @@ class CompressionStats:
 
 @dataclass
 class CompressionState:
-    """Error-feedback residuals and settings, one state per training run.
+    """Error-feedback residuals and settings, one state per DDP model (or per set of
+    tensors reduced together each step): ``step()`` frees the residuals of keys that
+    its iteration did not reduce, so two models sharing a state would free each
+    other's every step (a warning says so) and lose their error feedback.
 
     ``start_iter``: steps all-reduced uncompressed first (as PowerSGD's
     ``start_powerSGD_iter``): early gradients are large and fast-changing and DDP
@@ -84,6 +87,8 @@ class CompressionState:
     # Keys reduced compressed since the last step(), and loaded keys spared by the next one.
     _used_keys: set = field(default_factory=set, init=False, repr=False)
     _spared_keys: set = field(default_factory=set, init=False, repr=False)
+    _freed_last_step: bool = field(default=False, init=False, repr=False)
+    _warned_alternating: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
@@ -107,8 +112,20 @@ class CompressionState:
         would add one more. Loaded residuals are spared once: after a restart DDP's
         first iteration runs the initial layout again, and the saved buckets return in
         the second."""
-        self.residuals = {key: value for key, value in self.residuals.items()
-                          if key in self._used_keys or key in self._spared_keys}
+        kept = {key: value for key, value in self.residuals.items()
+                if key in self._used_keys or key in self._spared_keys}
+        # Residuals freed two steps running: not one bucket rebuild (which frees once)
+        # but keys reduced on alternate steps, as by two models sharing this state.
+        freeing = len(kept) < len(self.residuals)
+        if freeing and self._freed_last_step and not self._warned_alternating:
+            self._warned_alternating = True
+            warnings.warn("CompressionState: residuals of keys reduced in the last "
+                          "iteration were freed again: is this state shared by two models "
+                          "(or are tensors reduced on alternate steps)? Each DDP model "
+                          "needs a CompressionState of its own, or its error feedback is "
+                          "lost.", stacklevel=2)
+        self._freed_last_step = freeing
+        self.residuals = kept
         self._used_keys, self._spared_keys = set(), set()
         self.iteration += 1
 
@@ -223,7 +240,9 @@ def _compressed_all_reduce(tensor, state, group, average, key):
     state.stats.calls += 1
     state.stats.bytes_fp32 += 2 * (world - 1) * tensor.numel() * 4 // world
     if not state.compressing or world == 1:
-        reduced = tensor.float()
+        # A dense fp32 buffer: .float() of an fp32 tensor is the tensor itself, and a
+        # strided view (x[::2]) would be reduced over the wrong memory, its base's too.
+        reduced = tensor.float().contiguous()
         _collective(dist.all_reduce, reduced, group=group)
         state.stats.bytes_sent += 2 * (world - 1) * tensor.numel() * 4 // world
         tensor.copy_(reduced / world if average else reduced)

@@ -55,6 +55,8 @@ def _quantize_kernel(x_ptr, error_ptr, q_ptr, scales_ptr, new_error_ptr, n, n_bl
     whole = tl.where(ratio < 0, -tl.floor(-ratio), tl.floor(ratio))  # trunc
     half_up = tl.where(tl.abs(ratio - whole) >= 0.5, 1.0, 0.0)
     level = tl.where(usable, whole + tl.where(ratio < 0, -half_up, half_up), 0.0)
+    # A denormal scale is rounded: v / scale can pass 127.5, which int8 would wrap.
+    level = tl.minimum(tl.maximum(level, -127.0), 127.0)
     tl.store(scales_ptr + blocks, scale, mask=blocks < n_blocks)
     tl.store(q_ptr + idx, level.to(tl.int8), mask=mask)
     # inf/NaN block: NaN scale (AMP's scaler sees it), clean residual.
