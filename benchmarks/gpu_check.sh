@@ -3,17 +3,18 @@
 # build dsv3._C in place for Hopper, run the GPU benchmarks, run the GPU tests,
 # profile the wgrad under Nsight Compute if time is left, and leave logs, JSON and a
 # markdown table in $OUT (at most 8 files come back: these are 8).
-#   run(command="TOTAL_S=540 bash benchmarks/gpu_check.sh", timeout_s=580)
+#   run(command="TOTAL_S=530 bash benchmarks/gpu_check.sh", timeout_s=570)
 # The whole script keeps inside TOTAL_S (default 500 s): each phase has its own
 # limit and the benchmarks stop starting new cases when their time is up, so a slow
 # phase costs figures, not the run. On an H200 (2026-11-30, commit b785d62): build
 # 50 s, every benchmark case 111 s, the 822 GPU tests 281 s in 16 workers (Triton's
 # compiles dominate; a cache warmed by an earlier call covered 61% of them), ncu 80 s.
-# TOTAL_S=540 leaves the tests about 335 s. The benchmarks run before the tests:
-# that day the tests came first, were stopped at 61% and left the benchmarks 64 s.
-# Each failure is written to pytest_failures.txt as it happens (tests/conftest.py),
-# so a stopped pytest still says what failed. If a benchmark loses the CUDA context, the cases
-# left run again without the GEMMs' TMA and persistent variants (below). Before
+# TOTAL_S=530 (the issue asks for under 9 minutes) leaves the tests about 325 s.
+# The benchmarks run before the tests: that day the tests came first, were stopped
+# at 61% and left the benchmarks 64 s. Each failure is written to
+# pytest_failures.txt as it happens (tests/conftest.py), so a stopped pytest still
+# says what failed. If a benchmark loses the CUDA context, the cases left run again
+# without the GEMMs' TMA and persistent variants (below). Before
 # spending device time, `python -m benchmarks.sm90_compile_check` and
 # `python -m benchmarks.gpu_bench --smoke --out DIR` check the Triton kernels and
 # every benchmark case here.
