@@ -465,14 +465,13 @@ def grouped_mm_gather(x_TX: torch.Tensor, w_EXY: torch.Tensor, offsets_E: torch.
 
 def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.Tensor,
                      transposed: bool, token_S: torch.Tensor | None = None) -> torch.Tensor:
-    _check_shapes("grouped_mm_wgrad", x_SX, offsets_E, token_S, grad_y_SY=grad_y_SY)
     if token_S is None or not _gather_first(x_SX, grad_y_SY, offsets_E, token_S):
         return _wgrad(_wgrad_tuned, x_SX, grad_y_SY, offsets_E, transposed, token_S)
     # The gathered rows copied first, then the plain wgrad: measured on an H200
     # (benchmarks/RESULTS.md, 2026-11-30), Mixtral's gate/up wgrad took 5.04 ms with
     # its rows gathered in the kernel (pointer loads: TMA reads whole tiles only)
     # against 3.52 ms on an expert-ordered copy (persistent, TMA), which costs about
-    # 0.03 ms to write at copy bandwidth.
+    # 0.03 ms to write at copy bandwidth. _wgrad checks the rest (dtypes, devices).
     tokens_ok, token_S = _readable_tokens(x_SX.shape[0], offsets_E, token_S)
     grad_w = _wgrad(_wgrad_tuned, x_SX.index_select(0, token_S), grad_y_SY, offsets_E,
                     transposed, None)
@@ -488,7 +487,11 @@ def _gather_first(x_TX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: torch.
     no larger than grad_y_SY, which is live anyway, so the backward's memory grows by
     at most that much (Mixtral's gate/up: X=4096 against Y=28672). The rows of a
     DeepSeek-V3-like layer (X=7168, Y=4096) stay gathered in the kernel, and calls with
-    nothing to compute keep the kernel path's checks."""
+    nothing to compute or malformed keep the kernel path's checks."""
+    if not (x_TX.dim() == grad_y_SY.dim() == 2 and offsets_E.dim() == token_S.dim() == 1
+            and token_S.dtype == torch.int32
+            and x_TX.device == grad_y_SY.device == offsets_E.device == token_S.device):
+        return False
     return (0 < x_TX.shape[1] <= grad_y_SY.shape[1] and x_TX.shape[0] > 0
             and offsets_E.shape[0] > 0 and 0 < token_S.shape[0] == grad_y_SY.shape[0])
 
