@@ -424,8 +424,8 @@ def profile_rows(name, T, D, F, E, K):
             + op_times("device time by op, _grouped_mm layer fwd+bwd", name, peer, on_gpu))
 
 
-MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "graph_ms", "peer_ms", "bound_ms", "floor_ms",
-                "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
+MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "graph_ms", "peer_ms", "bound_ms",
+                "floor_ms", "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
                 "loop_over_dsv3", "rel_err", "config", "tma_over_pointer", "persistent_over_grid",
                 "variants", "error"]
 PROFILE_COLUMNS = ["bench", "shape", "op", "ms_per_step", "calls", "share", "variants"]

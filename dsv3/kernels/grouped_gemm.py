@@ -439,8 +439,11 @@ def _raise_on_bad_input(ok: torch.Tensor, op: str, n_rows: int, token_S, n_token
     """The C++ kernel's checks of offsets_E and token_S, from the flags the kernel cleared."""
     device_checks.raise_unless(ok[0], f"{op}: offsets_E must be non-decreasing and <= S={n_rows}")
     if token_S is not None:
-        device_checks.raise_unless(ok[1], f"{op}: token_S values must be rows of x "
-                                          f"({n_tokens} rows)")
+        device_checks.raise_unless(ok[1], _bad_tokens_message(op, n_tokens))
+
+
+def _bad_tokens_message(op: str, n_tokens: int) -> str:
+    return f"{op}: token_S values must be rows of x ({n_tokens} rows)"
 
 
 def _check_without_kernel(op: str, offsets_E: torch.Tensor, n_rows: int, token_S,
@@ -476,8 +479,7 @@ def grouped_mm_wgrad(x_SX: torch.Tensor, grad_y_SY: torch.Tensor, offsets_E: tor
     grad_w = _wgrad(_wgrad_tuned, x_SX.index_select(0, token_S), grad_y_SY, offsets_E,
                     transposed, None)
     # After the kernel's own check of offsets_E, so the errors come in the kernel's order.
-    _raise_on_bad_input(torch.stack([torch.ones_like(tokens_ok), tokens_ok]), "grouped_mm_wgrad",
-                        grad_y_SY.shape[0], token_S, x_SX.shape[0])
+    device_checks.raise_unless(tokens_ok, _bad_tokens_message("grouped_mm_wgrad", x_SX.shape[0]))
     return grad_w
 
 
@@ -501,10 +503,8 @@ def _readable_tokens(n_tokens: int, offsets_E: torch.Tensor, token_S: torch.Tens
     as the gathering kernel checks, and token_S clamped into x so that the copy reads
     inside it whatever the other rows hold (a dropped copy's row may hold -1). On the
     device, no host sync."""
-    token_S = token_S.to(torch.int64)
-    rows_S = torch.arange(token_S.shape[0], device=token_S.device)
-    read_S = rows_S < offsets_E[-1].to(torch.int64) if offsets_E.numel() else rows_S < 0
-    bad_S = read_S & ((token_S < 0) | (token_S >= n_tokens))
+    rows_S = torch.arange(token_S.shape[0], device=token_S.device, dtype=torch.int32)
+    bad_S = (rows_S < offsets_E[-1]) & ((token_S < 0) | (token_S >= n_tokens))
     return ~bad_S.any(), token_S.clamp(0, n_tokens - 1)
 
 
