@@ -364,3 +364,37 @@ def test_group_max_op_registration(score, bias, stats):
     bias_E = torch.randn(8) if bias else None
     torch.library.opcheck(torch.ops.dsv3.route.default,
                           (logits_TE, 3, score, bias_E, 4, 2, False, 1.5, stats, "max"))
+
+
+# Cases whose tiles differ in shape: slots masked past K (K=3, 6), experts masked past E
+# (E=7, 160), groups, a bias, 256 experts in several slabs, one-hot and atomic counts.
+TILE_ORDER_CASES = ["mixtral", "primeE7_TK39", "softmax_bias", "deepseek_groups", "E160_K6",
+                    "E256_ungrouped", "max_sigmoid_bias"]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton router under the "
+                    "interpreter pass, where the kernel's layout choice can be switched")
+@pytest.mark.parametrize("tokens_outer", [False, True])
+@pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in TILE_ORDER_CASES])
+def test_route_same_in_either_tile_order(T, E, K, score, with_bias, n_groups, topk_groups,
+                                         normalize, scale, pattern, group_score, tokens_outer,
+                                         monkeypatch):
+    """The router loads and stores its tiles token-major under Triton 3.6 and as
+    [rows, T, ...] from 3.7 on (router._TOKENS_OUTER: a layout choice, no other change).
+    Both orders, whichever Triton is installed: forward with the loss sums, and the
+    backward with all three gradients, against the reference."""
+    import triton.language as tl
+
+    from dsv3.kernels import router
+    monkeypatch.setattr(router, "_TOKENS_OUTER", tl.constexpr(tokens_outer))
+    logits_TE = make_logits(T, E, pattern, torch.float32, "cpu")
+    bias_E = _bias_scale(with_bias) * torch.randn(E) if with_bias else None
+    kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
+                  normalize=normalize, scale=scale, group_score=group_score)
+
+    def reference_with_stats(logits, bias):
+        return (*reference.route(logits, bias_E=bias, **kwargs),
+                *reference.route_stats(logits, score))
+
+    check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
+             reference_with_stats, [logits_TE, bias_E], differentiable=(0,))

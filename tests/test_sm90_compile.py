@@ -76,6 +76,42 @@ def test_sass_stats_of_sm90_cubins():
     assert swiglu["mufu"] > 0 and swiglu["gmma"] == swiglu["hmma"] == 0
 
 
+
+_ROUTER_SASS_SCRIPT = """
+import json, torch
+from benchmarks import sm90_compile_check as check
+check.install()
+from dsv3.kernels import router
+stats = {}
+for dtype in (torch.float32, torch.bfloat16):
+    logits = torch.randn(300, 256, dtype=dtype)
+    router.route(logits, 8, "sigmoid", torch.randn(256), 8, 4, True, 2.5, False)
+    stats[f"forward {dtype}"] = check.sass_stats(check.COMPILED[-1]["cubin"])
+    router.route_backward(torch.rand(300, 8), torch.randn(256), torch.randn(()), logits,
+                          torch.randint(0, 256, (300, 8), dtype=torch.int32), "sigmoid", True,
+                          2.5)
+    stats[f"backward {dtype}"] = check.sass_stats(check.COMPILED[-1]["cubin"])
+print(json.dumps({name: {k: s[k] for k in ("shfl", "stl", "sass")} for name, s in stats.items()}))
+"""
+
+
+def test_router_keeps_one_token_a_thread():
+    """DeepSeek-V3's router (256 experts, top-8, 4 of 8 groups) and its backward keep
+    a token's row in one thread: its reductions over experts need no shuffles and it does
+    not spill. Under Triton 3.6 (the GPU machine's) the plain loads put the experts
+    across the lanes: 2930 shuffles, 15.8k instructions and spills before the router
+    loaded its tiles token-major there (router._TOKENS_OUTER); ``make check-triton``
+    runs this file under 3.6."""
+    result = subprocess.run([sys.executable, "-c", _ROUTER_SASS_SCRIPT], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = json.loads(result.stdout.splitlines()[-1])
+    for name, kernel in stats.items():
+        # a few shuffles are the per-program flags (the forward's NaN flag). (The loss
+        # sums, route(stats=True), add sums over the block's tokens: shuffles by design.)
+        assert kernel["shfl"] <= 8 and kernel["stl"] == 0, (name, stats)
+
+
 _SIDE_BY_SIDE_SCRIPT = """
 import json, threading, torch
 from triton.runtime.autotuner import Autotuner

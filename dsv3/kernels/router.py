@@ -29,6 +29,39 @@ from dsv3.kernels.config import INTERPRET
 # shuffle tree: the first version of this kernel spent ~6 ns a token on that, 0.02 of
 # HBM bandwidth on an H200.) Tiles made here keep the token axis last for the same
 # reason ([rows, BLOCK_T]: lanes along tokens).
+#
+# That layout comes from Triton's coalescing pass, which orders a load's axes by the
+# contiguity of its addresses. The chunk and token axes tie (neither is contiguous),
+# and Triton 3.6 breaks the tie the other way from 3.7 on: the earlier axis goes
+# faster, so it put the chunks across the lanes. Compiled for sm_90, DeepSeek-V3's
+# router (fp32 logits) then had 2930 shuffles and 15.8k instructions against 2 and
+# 8.6k under 3.8 (benchmarks/sm90_compile_check --sass); the GPU machine runs 3.6.
+# Under 3.6 these tiles are therefore loaded and stored token-major ([BLOCK_T,
+# chunks, CW], the token axis first) and permuted, which moves no data.
+_TOKENS_OUTER: tl.constexpr = tl.constexpr(
+    tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7))
+
+
+@triton.jit
+def _load_tile(pointers, mask, other):
+    """tl.load of a [rows, BLOCK_T, ...] tile (3-D, or 2-D [rows, BLOCK_T]) laid out
+    one token a thread under every supported Triton (see _TOKENS_OUTER)."""
+    if _TOKENS_OUTER:
+        if len(pointers.shape) == 3:
+            return tl.permute(tl.load(tl.permute(pointers, (1, 0, 2)),
+                                      mask=tl.permute(mask, (1, 0, 2)), other=other), (1, 0, 2))
+        return tl.trans(tl.load(tl.trans(pointers), mask=tl.trans(mask), other=other))
+    return tl.load(pointers, mask=mask, other=other)
+
+
+@triton.jit
+def _store_tile(pointers, values, mask):
+    """tl.store of a [rows, BLOCK_T, CW] tile, token-major where _load_tile loads so."""
+    if _TOKENS_OUTER:
+        tl.store(tl.permute(pointers, (1, 0, 2)), tl.permute(values, (1, 0, 2)),
+                 mask=tl.permute(mask, (1, 0, 2)))
+    else:
+        tl.store(pointers, values, mask=mask)
 
 
 @triton.jit
@@ -39,8 +72,8 @@ def _load_slab(logits_ptr, tokens, n_tokens, row_stride, col0, first, GROUP_SIZE
     offsets = first + tl.arange(0, CHUNKS)[:, None, None] * CW + tl.arange(0, CW)[None, None, :]
     valid = (offsets < GROUP_SIZE) & (tokens < n_tokens)[None, :, None]
     cols = col0[None, :, None] + offsets
-    logits = tl.load(logits_ptr + tokens[None, :, None].to(tl.int64) * row_stride + cols,
-                     mask=valid, other=float("-inf")).to(tl.float32)
+    logits = _load_tile(logits_ptr + tokens[None, :, None].to(tl.int64) * row_stride + cols,
+                        valid, float("-inf")).to(tl.float32)
     return logits, cols, valid
 
 
@@ -80,7 +113,7 @@ def _probs(logits, valid, row_max, row_scale, SIGMOID: tl.constexpr):
 def _choice(probs, cols, valid, bias_ptr, HAS_BIAS: tl.constexpr):
     """Selection scores: the scores plus the bias, -inf where invalid."""
     if HAS_BIAS:
-        probs += tl.load(bias_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        probs += _load_tile(bias_ptr + cols, valid, 0.0).to(tl.float32)
     return tl.where(valid, probs, float("-inf"))
 
 
@@ -271,8 +304,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     weights = top_scores
     if HAS_BIAS:  # the weights are the scores without the bias: recompute the chosen ones
-        chosen = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + top_ids,
-                         mask=out_mask, other=float("-inf")).to(tl.float32)
+        chosen = _load_tile(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + top_ids,
+                            out_mask, float("-inf")).to(tl.float32)
         if SIGMOID:
             weights = _reciprocal(1.0 + _exp(-chosen))
         else:
@@ -341,7 +374,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             probs = exps  # scaled by 1 / exp_total below
         score_total += _sum3(probs)
         if HAS_GRAD_SUM:
-            h = tl.load(grad_sum_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
             h_dot_p += _sum3(h * probs)
     exp_scale = _reciprocal(tl.where(exp_total > 0, exp_total, 1.0))
     if not SIGMOID:  # the sums were of exps: make them sums of scores
@@ -365,8 +398,8 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     slot_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     slot_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
-    chosen_logits = tl.load(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
-                            mask=slot_mask, other=0.0).to(tl.float32)
+    chosen_logits = _load_tile(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
+                               slot_mask, 0.0).to(tl.float32)
     if SIGMOID:
         chosen_p = _reciprocal(1.0 + _exp(-chosen_logits))
     else:
@@ -383,7 +416,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             grad_chosen = scale * grad_w
     chosen_dense = tl.zeros((BLOCK_K, BLOCK_T), tl.float32)
     if HAS_GRAD_SUM:
-        h_chosen = tl.load(grad_sum_ptr + chosen, mask=slot_mask, other=0.0).to(tl.float32)
+        h_chosen = _load_tile(grad_sum_ptr + chosen, slot_mask, 0.0).to(tl.float32)
         chosen_dense = (h_chosen - h_shift[None, :]) * sum_scale[None, :]
     # Softmax's sum_j dL/dp_j p_j: the top-k's g terms plus the dense part's
     # sum_e (h_e - h_shift) / t p_e = (h.p - h_shift * sum p) / t.
@@ -402,14 +435,14 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
                 * exp_scale[None, :, None]
         grad_p = tl.zeros(logits.shape, tl.float32)
         if HAS_GRAD_SUM:
-            h = tl.load(grad_sum_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
             grad_p = (h - h_shift[None, :, None]) * sum_scale[None, :, None]
         grad = _score_grad(grad_p, probs, g_dot_p_all[None, :, None], SIGMOID)
         if HAS_GRAD_Z:
             softmax = tl.where(valid, _exp(logits - lse[None, :, None]), 0.0)
             grad += z_scale[None, :, None] * softmax
-        tl.store(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
-                 mask=valid)
+        _store_tile(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
+                    valid)
     if HAS_GRAD_W:  # the chosen entries again, now with their g term
         # These stores overwrite ones of the dense loop above, and nothing orders two
         # threads' stores to one address. Today's layouts put a token's dense tile and its
