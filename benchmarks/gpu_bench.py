@@ -245,6 +245,21 @@ def gather_rows(name, T, D, F, E, K):
              "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}]
 
 
+def _per_copy_count_atomics(fn):
+    """``fn`` with the Triton router counting experts by one atomic per copy (its choice
+    past router._ONE_HOT_COUNTS) rather than by per-program one-hot sums."""
+    def call():
+        if DEVICE != "cuda":  # the CPU smoke run takes the C++ router
+            return fn()
+        from dsv3.kernels import router
+        saved, router._ONE_HOT_COUNTS = router._ONE_HOT_COUNTS, 0
+        try:
+            return fn()
+        finally:
+            router._ONE_HOT_COUNTS = saved
+    return call
+
+
 def memory_rows():
     T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
     route_T = MEMORY_SHAPE["route_T"]
@@ -287,6 +302,11 @@ def memory_rows():
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route (softmax, Mixtral-like)", f"T{mixtral_T} E8 K2",
          lambda: dsv3.ops.route(mixtral_logits_TE, 2), mixtral_T * (8 * 2 + 2 * 8)),
+        # The same with its expert counts by one atomic per copy, as for many experts,
+        # instead of per-program one-hot sums: which of the two wins at 8 counters.
+        ("route (softmax, Mixtral-like), per-copy count atomics", f"T{mixtral_T} E8 K2",
+         _per_copy_count_atomics(lambda: dsv3.ops.route(mixtral_logits_TE, 2)),
+         mixtral_T * (8 * 2 + 2 * 8)),
         # The router's backward with all three gradients (weights, score sums, z loss).
         ("route backward (sigmoid, all gradients)", route_shape,
          lambda: torch.ops.dsv3.route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq,

@@ -183,7 +183,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
                   SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  GROUP_MAX: tl.constexpr = False):
+                  COUNT_BINS: tl.constexpr, GROUP_MAX: tl.constexpr = False):
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
     SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
@@ -317,11 +317,20 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
-    # One atomic per copy. A per-program tl.histogram before the atomics (fewer
-    # same-address atomics at Mixtral's 8 experts) was right under the interpreter but
-    # miscounted on an H200 (triton 3.6), depending on the routing's code path: see
-    # benchmarks/RESULTS.md, 2026-11-30.
-    tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
+    if COUNT_BINS > 0:
+        # Few experts (Mixtral's 8): every copy's atomic would land on a few counters in
+        # one 32-byte sector, which L2 serialises (16M a batch at 8M tokens, top-2).
+        # The program sums its copies per expert first, a one-hot [K, T, bins] tile
+        # reduced over tokens and slots, then adds them with at most COUNT_BINS atomics.
+        # Plain sums, not tl.histogram: its masked form miscounted on an H200 with
+        # triton 3.6 while the interpreter got it right (benchmarks/RESULTS.md, run 4).
+        bins = tl.arange(0, COUNT_BINS)
+        hits = (top_ids[:, :, None] == bins[None, None, :]) & out_mask[:, :, None]
+        # Over the slots first, inside each thread; then one sum across the lanes a bin.
+        per_expert = tl.sum(tl.sum(hits.to(tl.int32), 0), 0)
+        tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0))
+    else:  # many experts: one atomic per copy, spread over as many counters
+        tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
 
 
 @triton.jit
@@ -461,6 +470,10 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
+# Counts summed per program (COUNT_BINS) while a thread's one-hot slots x bins stay
+# this small: top-2 of 8 takes 16, top-8 of 256 would take 2048 (it keeps one atomic
+# per copy, over 256 counters).
+_ONE_HOT_COUNTS = 64
 
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
@@ -473,9 +486,11 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     while logits_TE.shape[1] % vector:
         vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
+    bins, block_k = triton.next_power_of_2(logits_TE.shape[1]), triton.next_power_of_2(top_k)
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
+            "COUNT_BINS": bins if bins * block_k <= _ONE_HOT_COUNTS else 0,
             "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
-            "BLOCK_K": triton.next_power_of_2(top_k), "BLOCK_G": triton.next_power_of_2(n_groups),
+            "BLOCK_K": block_k, "BLOCK_G": triton.next_power_of_2(n_groups),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
@@ -537,6 +552,7 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
     grad_logits_TE = torch.empty_like(logits_TE)
     blocks = _blocks(logits_TE, top_k)
     blocks.pop("BLOCK_G")
+    blocks.pop("COUNT_BINS")
 
     def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
         return grad.contiguous() if grad is not None else logits_TE
