@@ -240,9 +240,31 @@ def gather_rows(name, T, D, F, E, K):
     # Run 4 timed the fused op plainly at 0.675 ms at E=128 against 0.465 ms unfused,
     # where run 2 had 0.48 against 0.50: the graph tells host from kernel.
     fused_ms, unfused_ms = graph_ms(fused), graph_ms(unfused)
-    return [{"bench": "gather+grouped_mm fwd (peer: permute then GEMM)", "shape": name,
+    rows = [{"bench": "gather+grouped_mm fwd (peer: permute then GEMM)", "shape": name,
              "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused), "peer_ms": unfused_ms,
              "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}]
+    # The same for the first GEMM's weight gradient: rows read through token_S (in the
+    # kernel where X > Y, as at E=128; copied first where X <= Y, as at Mixtral's) against
+    # the permuted copy's plain wgrad. Its token reads kept the loop from pipelining
+    # before run 5 (grouped_gemm._PTX_TOKEN_LOADS).
+    token_S = torch.empty(T * K, device=DEVICE, dtype=torch.int32)
+    token_S[row_map_TK.flatten().long()] = torch.arange(
+        T, device=DEVICE, dtype=torch.int32).repeat_interleave(K)
+    dy_S2F = torch.randn(T * K, 2 * F, device=DEVICE, dtype=torch.bfloat16)
+
+    def fused_wgrad():
+        return torch.ops.dsv3.grouped_mm_wgrad(x_TD, dy_S2F, offsets_E, True, token_S)
+
+    def unfused_wgrad():
+        return torch.ops.dsv3.grouped_mm_wgrad(torch.ops.dsv3.permute_rows(x_TD, row_map_TK),
+                                               dy_S2F, offsets_E, True)
+
+    error = relative_error(fused_wgrad(), unfused_wgrad())
+    fused_ms, unfused_ms = graph_ms(fused_wgrad), graph_ms(unfused_wgrad)
+    rows.append({"bench": "gathered wgrad (peer: permute then wgrad)", "shape": name,
+                 "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused_wgrad), "peer_ms": unfused_ms,
+                 "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error})
+    return rows
 
 
 def _per_copy_count_atomics(fn):

@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dsv3.kernels import device_checks, tuning
-from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
+from dsv3.kernels.config import (INTERPRET, dot_precision, matmul_configs, persistent_programs,
                                  prune_matmul, prune_wgrad, wgrad_configs)
 
 
@@ -105,15 +105,21 @@ def _grouped_order(tile, n_row_tiles, n_col_tiles, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _report_bad_tokens(ok_ptr, bad):
+    """Clears the flag ok[1] (the launcher raises on it) if any of ``bad`` is set."""
+    tl.store(ok_ptr + 1 + tl.zeros_like(bad.to(tl.int32)), 0, mask=bad)
+
+
+@triton.jit
 def _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER: tl.constexpr):
-    """(rows of x a tile reads, which of them to read): its own rows below end_row, or
-    (permute fused in) the tokens they copy. token_S comes from the caller: a token that
-    is not a row of x is not read, and clears the flag ok[1]."""
+    """The forward's (rows of x a tile reads, which of them to read): its own rows below
+    end_row, or (permute fused in) the tokens they copy. token_S comes from the caller:
+    a token that is not a row of x is not read, and is reported (_report_bad_tokens)."""
     live = rows < end_row
     if GATHER:
         tokens = tl.load(token_ptr + rows, mask=live, other=0)
         in_x = (tokens >= 0) & (tokens < n_tokens)
-        tl.store(ok_ptr + 1 + tl.zeros_like(rows), 0, mask=live & ~in_x)
+        _report_bad_tokens(ok_ptr, live & ~in_x)
         return tokens.to(tl.int64), live & in_x
     return rows.to(tl.int64), live
 
@@ -172,19 +178,59 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
                  mask=(rows[:, None] < end_row) & (cols[None, :] < DIM_Y))
 
 
+# On a GPU the wgrad's reduction loop reads token_S through inline PTX. A tl.load of it
+# there becomes an asynchronous copy in the same group as the x and dy tiles whose
+# addresses it gives, so every step waited for all copies in flight (async_wait num = 0
+# in the sm_90 TTGIR, Triton 3.6 and 3.8): the gathered wgrad ran its loads one step
+# ahead where the plain one runs num_stages - 1. Run 4 timed Mixtral's gathered gate/up
+# wgrad at 5.04 ms against 3.52 ms on expert-ordered rows. Read as plain registers, the
+# tokens leave the loop pipelined as the plain one is (num = num_stages - 1). The
+# interpreter has no PTX.
+_PTX_TOKEN_LOADS: tl.constexpr = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
-def _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, r0, end, n_tokens, xs, ys, DIM_X, DIM_Y,
-                stride_xs, stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr,
-                GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc plus one BLOCK_K step of the reduction over rows [r0, min(r0 + BLOCK_K, end)),
-    through pointers, masked at the expert's end."""
-    rows = r0 + tl.arange(0, BLOCK_K)
-    x_rows, x_live = _input_rows(token_ptr, ok_ptr, rows, end, n_tokens, GATHER)
+def _tokens_at(token_ptr, rows, end):
+    """token_S[rows] for a reduction step whose live rows are those below ``end`` (>= 1):
+    the others read row end - 1, in bounds, and are masked by the caller."""
+    in_bounds = token_ptr + tl.minimum(rows, end - 1)
+    if _PTX_TOKEN_LOADS:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [in_bounds],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    return tl.load(in_bounds)
+
+
+@triton.jit
+def _x_tile_T(x_ptr, token_ptr, rows, end, n_tokens, xs, DIM_X, stride_xs, stride_xx, bad_rows,
+              GATHER: tl.constexpr):
+    """The wgrad's [BLOCK_M, BLOCK_K] tile of x^T for reduction rows ``rows`` (below end),
+    through pointers, and ``bad_rows`` with those whose token names no row of x added.
+    Nothing is stored in the loop: the bad rows are reported once after it."""
+    if GATHER:
+        live = rows < end
+        tokens = _tokens_at(token_ptr, rows, end)
+        in_x = (tokens >= 0) & (tokens < n_tokens)
+        x_rows, x_live = tokens.to(tl.int64), live & in_x
+        bad_rows = bad_rows | (live & ~in_x)
+    else:
+        x_rows, x_live = rows.to(tl.int64), rows < end
     x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
                        mask=x_live[None, :] & (xs[:, None] < DIM_X), other=0.0)
+    return x_tile_T, bad_rows
+
+
+@triton.jit
+def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end, n_tokens, xs, ys, DIM_X,
+                DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr,
+                GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(acc plus one BLOCK_K step of the reduction over rows [r0, min(r0 + BLOCK_K, end)),
+    through pointers, masked at the expert's end; bad_rows as _x_tile_T leaves it)."""
+    rows = r0 + tl.arange(0, BLOCK_K)
+    x_tile_T, bad_rows = _x_tile_T(x_ptr, token_ptr, rows, end, n_tokens, xs, DIM_X, stride_xs,
+                                   stride_xx, bad_rows, GATHER)
     dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
                       mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
-    return tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+    return tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION), bad_rows
 
 
 @triton.jit
@@ -205,6 +251,7 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
     xs = x_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     ys = y_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bad_rows = tl.arange(0, BLOCK_K) < 0  # reduction rows seen naming no row of x
     if USE_TMA and dy_desc is not None:
         # The whole BLOCK_K steps through TMA, unmasked (all their rows are this
         # expert's); then the partial last one, if any, through masked pointers: a TMA
@@ -216,21 +263,22 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
             if x_desc is not None:
                 x_tile_T = x_desc.load([r0, x_tile * BLOCK_M]).trans()
             else:
-                x_rows, x_live = _input_rows(token_ptr, ok_ptr, r0 + tl.arange(0, BLOCK_K), end,
-                                             n_tokens, GATHER)
-                x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
-                                   mask=x_live[None, :] & (xs[:, None] < DIM_X), other=0.0)
+                x_tile_T, bad_rows = _x_tile_T(x_ptr, token_ptr, r0 + tl.arange(0, BLOCK_K), end,
+                                               n_tokens, xs, DIM_X, stride_xs, stride_xx,
+                                               bad_rows, GATHER)
             dy_tile = dy_desc.load([r0, y_tile * BLOCK_N])
             acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
         if tail < end:
-            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, tail, end, n_tokens, xs, ys,
-                              DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION,
-                              GATHER, BLOCK_K)
+            acc, bad_rows = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, tail, end,
+                                        n_tokens, xs, ys, DIM_X, DIM_Y, stride_xs, stride_xx,
+                                        stride_ds, stride_dy, PRECISION, GATHER, BLOCK_K)
     else:
         for r0 in range(start, end, BLOCK_K):
-            acc = _wgrad_step(x_ptr, dy_ptr, token_ptr, ok_ptr, acc, r0, end, n_tokens, xs, ys,
-                              DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION,
-                              GATHER, BLOCK_K)
+            acc, bad_rows = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end,
+                                        n_tokens, xs, ys, DIM_X, DIM_Y, stride_xs, stride_xx,
+                                        stride_ds, stride_dy, PRECISION, GATHER, BLOCK_K)
+    if GATHER:
+        _report_bad_tokens(ok_ptr, bad_rows)
     out_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx + ys[None, :] * stride_wy
     tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty),
              mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
