@@ -374,19 +374,23 @@ TILE_ORDER_CASES = ["mixtral", "primeE7_TK39", "softmax_bias", "deepseek_groups"
 
 @pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton router under the "
                     "interpreter pass, where the kernel's layout choice can be switched")
+@pytest.mark.parametrize("one_hot_counts", [0, 64], ids=["per_copy_counts", "one_hot_counts"])
 @pytest.mark.parametrize("tokens_outer", [False, True])
 @pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in TILE_ORDER_CASES])
 def test_route_same_in_either_tile_order(T, E, K, score, with_bias, n_groups, topk_groups,
                                          normalize, scale, pattern, group_score, tokens_outer,
-                                         monkeypatch):
+                                         one_hot_counts, monkeypatch):
     """The router loads and stores its tiles token-major under Triton 3.6 and as
     [rows, T, ...] from 3.7 on (router._TOKENS_OUTER: a layout choice, no other change).
-    Both orders, whichever Triton is installed: forward with the loss sums, and the
-    backward with all three gradients, against the reference."""
+    Both orders, whichever Triton is installed, and both ways of counting copies per
+    expert (one atomic per copy; per-program one-hot sums, up to 64 slots x bins):
+    forward with the loss sums, and the backward with all three gradients, against the
+    reference."""
     import triton.language as tl
 
     from dsv3.kernels import router
     monkeypatch.setattr(router, "_TOKENS_OUTER", tl.constexpr(tokens_outer))
+    monkeypatch.setattr(router, "_ONE_HOT_COUNTS", one_hot_counts)
     logits_TE = make_logits(T, E, pattern, torch.float32, "cpu")
     bias_E = _bias_scale(with_bias) * torch.randn(E) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,

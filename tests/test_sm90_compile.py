@@ -87,6 +87,11 @@ for dtype in (torch.float32, torch.bfloat16):
     logits = torch.randn(300, 256, dtype=dtype)
     router.route(logits, 8, "sigmoid", torch.randn(256), 8, 4, True, 2.5, False)
     stats[f"forward {dtype}"] = check.sass_stats(check.COMPILED[-1]["cubin"])
+    # softmax over 60 experts, and 160 with a bias (a slab partly past the row's end)
+    for E, K, bias in ((60, 4, None), (160, 6, torch.randn(160))):
+        router.route(torch.randn(300, E, dtype=dtype), K, "softmax", bias, 1, 1, True, 1.0,
+                     False)
+        stats[f"forward E{E} {dtype}"] = check.sass_stats(check.COMPILED[-1]["cubin"])
     router.route_backward(torch.rand(300, 8), torch.randn(256), torch.randn(()), logits,
                           torch.randint(0, 256, (300, 8), dtype=torch.int32), "sigmoid", True,
                           2.5)
@@ -96,12 +101,13 @@ print(json.dumps({name: {k: s[k] for k in ("shfl", "stl", "sass")} for name, s i
 
 
 def test_router_keeps_one_token_a_thread():
-    """DeepSeek-V3's router (256 experts, top-8, 4 of 8 groups) and its backward keep
-    a token's row in one thread: its reductions over experts need no shuffles and it does
-    not spill. Under Triton 3.6 (the GPU machine's) the plain loads put the experts
-    across the lanes: 2930 shuffles, 15.8k instructions and spills before the router
-    loaded its tiles token-major there (router._TOKENS_OUTER); ``make check-triton``
-    runs this file under 3.6."""
+    """DeepSeek-V3's router (256 experts, top-8, 4 of 8 groups), two softmax routers (60
+    and 160 experts) and DeepSeek-V3's backward keep a token's row in one thread: their
+    reductions over experts need no shuffles and they do not spill. Under Triton 3.6
+    (the GPU machine's) the plain loads put the experts across the lanes: 2930
+    shuffles, 15.8k instructions and spills before the router loaded its tiles
+    token-major there (router._TOKENS_OUTER); ``make check-triton`` runs this file
+    under 3.6."""
     result = subprocess.run([sys.executable, "-c", _ROUTER_SASS_SCRIPT], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

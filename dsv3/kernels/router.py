@@ -241,7 +241,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
     # from every program would put all of them on one address (65k at 8M tokens).
     any_nan = tl.max(has_nan.to(tl.int32), 0)
-    tl.atomic_max(nan_ptr, any_nan, mask=any_nan > 0)
+    tl.atomic_max(nan_ptr, any_nan, mask=any_nan > 0, sem="relaxed")
 
     if STATS:
         # This program's row of partial sums: row-normalized scores per expert, then lse^2.
@@ -317,6 +317,9 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
+    # The counts' and the NaN flag's atomics are relaxed: nothing in this kernel reads
+    # them, and the kernels after it on the stream see them whole. (The default acq_rel
+    # put a fence before each one in the sm_90 SASS.)
     if COUNT_BINS > 0:
         # Few experts (Mixtral's 8): every copy's atomic would land on a few counters in
         # one 32-byte sector, which L2 serialises (16M a batch at 8M tokens, top-2).
@@ -328,9 +331,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         hits = (top_ids[:, :, None] == bins[None, None, :]) & out_mask[:, :, None]
         # Over the slots first, inside each thread; then one sum across the lanes a bin.
         per_expert = tl.sum(tl.sum(hits.to(tl.int32), 0), 0)
-        tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0))
+        tl.atomic_add(counts_ptr + bins, per_expert, mask=(bins < N_EXPERTS) & (per_expert > 0),
+                      sem="relaxed")
     else:  # many experts: one atomic per copy, spread over as many counters
-        tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask)
+        tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask, sem="relaxed")
 
 
 @triton.jit
@@ -471,9 +475,10 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
 _SLAB_EXPERTS = 64
 # Counts summed per program (COUNT_BINS) while a thread's one-hot slots x bins stay
-# this small: top-2 of 8 takes 16, top-8 of 256 would take 2048 (it keeps one atomic
-# per copy, over 256 counters).
-_ONE_HOT_COUNTS = 64
+# this small: Mixtral's top-2 of 8 takes 16, the one shape gpu_bench times both ways.
+# Wider ones (top-4 of 16: 64) cost more instructions than they might save in
+# contention, unmeasured; top-8 of 256 would take 2048. Past it, one atomic per copy.
+_ONE_HOT_COUNTS = 16
 
 
 def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
