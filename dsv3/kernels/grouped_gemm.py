@@ -183,21 +183,25 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
 # addresses it gives, so every step waited for all copies in flight (async_wait num = 0
 # in the sm_90 TTGIR, Triton 3.6 and 3.8): the gathered wgrad ran its loads one step
 # ahead where the plain one runs num_stages - 1. Run 4 timed Mixtral's gathered gate/up
-# wgrad at 5.04 ms against 3.52 ms on expert-ordered rows. Read as plain registers, the
-# tokens leave the loop pipelined as the plain one is (num = num_stages - 1). The
-# interpreter has no PTX.
+# wgrad at 5.04 ms against 3.52 ms on expert-ordered rows. Read into registers, the
+# tokens leave the loop pipelined as the plain one is (the same async_wait counts,
+# tests/test_sm90_compile.py). The interpreter has no PTX.
 _PTX_TOKEN_LOADS: tl.constexpr = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
 def _tokens_at(token_ptr, rows, end):
-    """token_S[rows] for a reduction step whose live rows are those below ``end`` (>= 1):
-    the others read row end - 1, in bounds, and are masked by the caller."""
-    in_bounds = token_ptr + tl.minimum(rows, end - 1)
+    """token_S[rows] where rows < end (end <= token_S's length), 0 elsewhere: the other
+    lanes read nothing. The guard is inside the PTX because the pipeliner issues the
+    first steps' reads before it knows the loop runs at all: for an expert with no rows
+    (end == start, even 0) an unguarded read would land outside token_S."""
+    live = rows < end
     if _PTX_TOKEN_LOADS:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [in_bounds],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    return tl.load(in_bounds)
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
+            "=r,l,r", [token_ptr + rows, live.to(tl.int32)], dtype=tl.int32, is_pure=True,
+            pack=1)
+    return tl.load(token_ptr + rows, mask=live, other=0)
 
 
 @triton.jit
