@@ -30,6 +30,7 @@ import torch
 import triton
 
 import dsv3
+from benchmarks.autotune_report import WGRAD_FLAGS, autotune_picks, tuned_choice
 from benchmarks.op_profile import op_times
 from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
@@ -163,60 +164,6 @@ def gemm_rows(name, T, D, F, E, K):
 
 
 # The flags of the kernels' variants: names of a launch with the flag set and unset.
-VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer")}
-WGRAD_FLAGS = ("PERSISTENT", "USE_TMA")
-
-
-def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
-    """The config the autotuner ran (read after the timed calls), and for each variant
-    flag whether it won: the best time with it over the best without it
-    ("tma_over_pointer", "persistent_over_grid") when this shape tuned it. The key is
-    the tuner's key values and the dtypes, so a shape may still reuse an earlier
-    shape's pick ("reused")."""
-    config = tuner.best_config
-    choice = {"config": tuned_label(config, flags)}
-    if len(tuner.configs) > 1 and len(tuner.cache) == tuned_before:
-        choice["config"] += " (reused)"
-        return choice
-    timings = getattr(tuner, "configs_timings", None) or {}  # absent with a single config
-    for flag in flags:
-        on, off = VARIANTS[flag]
-        best = {}
-        for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
-            ms = t[0] if isinstance(t, (list, tuple)) else t
-            best[c.kwargs[flag]] = min(ms, best.get(c.kwargs[flag], float("inf")))
-        if len(best) == 2:
-            choice[f"{on}_over_{off}"] = best[True] / best[False]
-    return choice
-
-
-def autotune_picks() -> list[dict]:
-    """Every config the GEMM autotuners settled on in this run, one row per key, the
-    layers' own GEMMs included (the gathered first GEMM and its wgrad have no row of
-    their own): which variants are ever picked, and so which are worth keeping."""
-    picks = []
-    for gemm, tuner, flags in (("forward/dgrad", grouped_gemm._grouped_mm_tuned, ("USE_TMA",)),
-                               ("wgrad", grouped_gemm._wgrad_tuned, WGRAD_FLAGS)):
-        names = [name for name in tuner.keys if name in tuner.arg_names]
-        for key, config in tuner.cache.items():
-            shape = " ".join(f"{name}={value}" for name, value in zip(names, key))
-            picks.append({"bench": f"autotune pick, {gemm}", "shape": shape,
-                          "config": tuned_label(config, flags)})
-            # Every config's median, fastest first (the JSON only): which are ever close.
-            timed = getattr(tuner, "timings", {}).get(key, {})
-            medians = {tuned_label(c, flags): t[0] if isinstance(t, (list, tuple)) else t
-                       for c, t in timed.items()}
-            if medians:
-                picks[-1]["timings_ms"] = dict(sorted(medians.items(), key=lambda item: item[1]))
-    return picks
-
-
-def tuned_label(config, flags: tuple[str, ...]) -> str:
-    names = " ".join(VARIANTS[flag][0 if config.kwargs[flag] else 1] for flag in flags)
-    return (f"{names} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x"
-            f"{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}")
-
-
 def gather_rows(name, T, D, F, E, K):
     """The permute fused into the first GEMM vs permute_rows then grouped_mm: does
     skipping the write and re-read of x_SD win at this shape?"""

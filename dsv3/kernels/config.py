@@ -64,7 +64,7 @@ def matmul_configs() -> list[triton.Config]:
 def tma_block_shapes(nargs: dict) -> None:
     """Pre-launch hook of the forward's configs: a TMA descriptor's block shape is part
     of it, and the tiles are known only once a config is chosen, so the wrapper builds
-    the descriptors with a dummy one (or none: grouped_gemm.tma_descriptors). The
+    the descriptors with a dummy one (or none: tma_descriptors.tma_descriptors). The
     pointer configs run it too: the descriptors are arguments of every launch, and
     their block shapes part of the compiled kernel's signature."""
     if nargs["x_desc"] is not None:
@@ -142,12 +142,12 @@ def prune_oversized(configs, named_args, **kwargs):
 
 def prune_matmul(configs, named_args, **kwargs):
     """prune_oversized, and without the TMA configs where the wrapper built no
-    descriptors (grouped_gemm.tma_descriptors): they would time the pointer loads again."""
+    descriptors (tma_descriptors.tma_descriptors): they would time the pointer loads again."""
     return _prune_tma(configs, named_args["w_desc"] is None, named_args, **kwargs)
 
 
 def prune_wgrad(configs, named_args, **kwargs):
-    """prune_matmul for the wgrad (grouped_gemm.wgrad_descriptors), and without the
+    """prune_matmul for the wgrad (tma_descriptors.wgrad_descriptors), and without the
     short-reduction tiles where experts have SHORT_REDUCTION_ROWS rows or more."""
     if named_args["rows_per_expert_log2"] > SHORT_REDUCTION_ROWS.bit_length() - 1:
         configs = [c for c in configs if not _is_short_reduction(c)]
