@@ -35,6 +35,7 @@ from benchmarks.op_profile import op_times
 from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
 from dsv3.kernels import config as kernel_config
+from dsv3.ops.permute import invert_row_map
 
 # (name, T, D, F, E, K): routed rows per rank S = T*K spread over E local experts. The
 # GEMM is x_SD @ w[e] of D -> 2F, so "mixtral-like" is the layer's first GEMM and
@@ -165,8 +166,9 @@ def gemm_rows(name, T, D, F, E, K):
 
 # The flags of the kernels' variants: names of a launch with the flag set and unset.
 def gather_rows(name, T, D, F, E, K):
-    """The permute fused into the first GEMM vs permute_rows then grouped_mm: does
-    skipping the write and re-read of x_SD win at this shape?"""
+    """The permute fused into the first GEMM (and into its weight gradient) vs
+    permute_rows then the plain op: does skipping the write and re-read of x_SD win at
+    this shape?"""
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
     w_E2FD = torch.randn(E, 2 * F, D, device=DEVICE, dtype=torch.bfloat16) * D ** -0.5
     experts_TK = torch.rand(T, E, device=DEVICE).argsort(1)[:, :K].to(torch.int32)
@@ -175,28 +177,16 @@ def gather_rows(name, T, D, F, E, K):
     error = relative_error(
         dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK),
         torch._grouped_mm(torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F, offs=offsets_E))
-    def fused():
-        return dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK)
-
-    def unfused():
-        return torch.ops.dsv3.grouped_mm(torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F,
-                                         offsets_E)
-
-    # Both through CUDA graphs, so that the op's host work (its checks and row-map
-    # inversion, a few launches) does not count as kernel time; eager_ms is the plain call.
-    # Run 4 timed the fused op plainly at 0.675 ms at E=128 against 0.465 ms unfused,
-    # where run 2 had 0.48 against 0.50: the graph tells host from kernel.
-    fused_ms, unfused_ms = graph_ms(fused), graph_ms(unfused)
-    rows = [{"bench": "gather+grouped_mm fwd (peer: permute then GEMM)", "shape": name,
-             "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused), "peer_ms": unfused_ms,
-             "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}]
+    rows = [_fused_vs_unfused(
+        "gather+grouped_mm fwd (peer: permute then GEMM)", name, error,
+        lambda: dsv3.ops.gather_grouped_mm(x_TD, w_ED2F, offsets_E, row_map_TK),
+        lambda: torch.ops.dsv3.grouped_mm(torch.ops.dsv3.permute_rows(x_TD, row_map_TK), w_ED2F,
+                                          offsets_E))]
     # The same for the first GEMM's weight gradient: rows read through token_S (in the
     # kernel where X > Y, as at E=128; copied first where X <= Y, as at Mixtral's) against
     # the permuted copy's plain wgrad. Its token reads kept the loop from pipelining
     # before run 5 (grouped_gemm._PTX_TOKEN_LOADS).
-    token_S = torch.empty(T * K, device=DEVICE, dtype=torch.int32)
-    token_S[row_map_TK.flatten().long()] = torch.arange(
-        T, device=DEVICE, dtype=torch.int32).repeat_interleave(K)
+    token_S = invert_row_map("gpu_bench", row_map_TK)
     dy_S2F = torch.randn(T * K, 2 * F, device=DEVICE, dtype=torch.bfloat16)
 
     def fused_wgrad():
@@ -206,12 +196,21 @@ def gather_rows(name, T, D, F, E, K):
         return torch.ops.dsv3.grouped_mm_wgrad(torch.ops.dsv3.permute_rows(x_TD, row_map_TK),
                                                dy_S2F, offsets_E, True)
 
-    error = relative_error(fused_wgrad(), unfused_wgrad())
-    fused_ms, unfused_ms = graph_ms(fused_wgrad), graph_ms(unfused_wgrad)
-    rows.append({"bench": "gathered wgrad (peer: permute then wgrad)", "shape": name,
-                 "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused_wgrad), "peer_ms": unfused_ms,
-                 "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error})
+    rows.append(_fused_vs_unfused("gathered wgrad (peer: permute then wgrad)", name,
+                                  relative_error(fused_wgrad(), unfused_wgrad()), fused_wgrad,
+                                  unfused_wgrad))
     return rows
+
+
+def _fused_vs_unfused(bench: str, shape: str, error: float, fused, unfused) -> dict:
+    """A row timing ``fused`` against ``unfused``, both through CUDA graphs, so that the
+    ops' host work (checks, the row map's inversion: a few launches) does not count as
+    kernel time; eager_ms is the plain call. Run 4 timed the fused forward plainly at
+    0.675 ms at E=128 against 0.465 ms unfused, where run 2 had 0.48 against 0.50: the
+    graph tells host from kernel."""
+    fused_ms, unfused_ms = graph_ms(fused), graph_ms(unfused)
+    return {"bench": bench, "shape": shape, "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused),
+            "peer_ms": unfused_ms, "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}
 
 
 def _per_copy_count_atomics(fn):

@@ -111,16 +111,24 @@ def _report_bad_tokens(ok_ptr, bad):
 
 
 @triton.jit
+def _rows_of_x(tokens, live, n_tokens):
+    """(rows of x that live rows copying ``tokens`` read, which of them to read, which
+    name no row of x: not read, and reported)."""
+    in_x = (tokens >= 0) & (tokens < n_tokens)
+    return tokens.to(tl.int64), live & in_x, live & ~in_x
+
+
+@triton.jit
 def _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER: tl.constexpr):
     """The forward's (rows of x a tile reads, which of them to read): its own rows below
     end_row, or (permute fused in) the tokens they copy. token_S comes from the caller:
     a token that is not a row of x is not read, and is reported (_report_bad_tokens)."""
     live = rows < end_row
     if GATHER:
-        tokens = tl.load(token_ptr + rows, mask=live, other=0)
-        in_x = (tokens >= 0) & (tokens < n_tokens)
-        _report_bad_tokens(ok_ptr, live & ~in_x)
-        return tokens.to(tl.int64), live & in_x
+        x_rows, read, bad = _rows_of_x(tl.load(token_ptr + rows, mask=live, other=0), live,
+                                       n_tokens)
+        _report_bad_tokens(ok_ptr, bad)
+        return x_rows, read
     return rows.to(tl.int64), live
 
 
@@ -190,12 +198,12 @@ _PTX_TOKEN_LOADS: tl.constexpr = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
-def _tokens_at(token_ptr, rows, end):
-    """token_S[rows] where rows < end (end <= token_S's length), 0 elsewhere: the other
-    lanes read nothing. The guard is inside the PTX because the pipeliner issues the
-    first steps' reads before it knows the loop runs at all: for an expert with no rows
-    (end == start, even 0) an unguarded read would land outside token_S."""
-    live = rows < end
+def _tokens_at(token_ptr, rows, live):
+    """token_S[rows] where ``live`` (rows below the expert's end, so inside token_S), 0
+    elsewhere: the other lanes read nothing. The guard is inside the PTX because the
+    pipeliner issues the first steps' reads before it knows the loop runs at all: for an
+    expert with no rows (end == start, even 0) an unguarded read would land outside
+    token_S."""
     if _PTX_TOKEN_LOADS:
         return tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
@@ -210,14 +218,12 @@ def _x_tile_T(x_ptr, token_ptr, rows, end, n_tokens, xs, DIM_X, stride_xs, strid
     """The wgrad's [BLOCK_M, BLOCK_K] tile of x^T for reduction rows ``rows`` (below end),
     through pointers, and ``bad_rows`` with those whose token names no row of x added.
     Nothing is stored in the loop: the bad rows are reported once after it."""
+    live = rows < end
     if GATHER:
-        live = rows < end
-        tokens = _tokens_at(token_ptr, rows, end)
-        in_x = (tokens >= 0) & (tokens < n_tokens)
-        x_rows, x_live = tokens.to(tl.int64), live & in_x
-        bad_rows = bad_rows | (live & ~in_x)
+        x_rows, x_live, bad = _rows_of_x(_tokens_at(token_ptr, rows, live), live, n_tokens)
+        bad_rows = bad_rows | bad
     else:
-        x_rows, x_live = rows.to(tl.int64), rows < end
+        x_rows, x_live = rows.to(tl.int64), live
     x_tile_T = tl.load(x_ptr + x_rows[None, :] * stride_xs + xs[:, None] * stride_xx,
                        mask=x_live[None, :] & (xs[:, None] < DIM_X), other=0.0)
     return x_tile_T, bad_rows
