@@ -105,3 +105,27 @@ def test_a_bucket_residual_returns_only_to_a_bucket_of_the_same_parameters():
     same_size_other_params = (bucket(0, (4, 8), (32,)), bucket(0, (8, 8)))
     assert _bucket_key(same_size_other_params[0]) != _bucket_key(same_size_other_params[1])
     assert _bucket_key(bucket(1, (8, 8))) == _bucket_key(bucket(1, (8, 8)))
+
+
+@pytest.mark.gpu
+def test_compressed_all_reduce_makes_no_host_sync_on_a_gpu(tmp_path):
+    """The DDP hook reduces every bucket through compressed_all_reduce: a host read
+    there (the ranks' agreement check once read the gathered sizes) stalls the backward
+    at each bucket until the communication before it is done. One rank on NCCL; the
+    warm-up call lets NCCL set up its communicator first."""
+    import torch.distributed as dist
+    from dsv3.distributed import CompressionState, compressed_all_reduce
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        state = CompressionState(start_iter=0)
+        grad_N = torch.randn(4096, device="cuda")
+        expected_N = grad_N.clone()
+        compressed_all_reduce(grad_N, state, average=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            compressed_all_reduce(grad_N, state, average=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(grad_N, expected_N)  # the mean over one rank
+    finally:
+        dist.destroy_process_group()

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3 import ops
+from dsv3.kernels import device_checks
 
 
 @dataclass
@@ -163,12 +164,23 @@ def _check_ranks_agree(numel: int, state: CompressionState, group, device) -> No
     """A tensor of another size on some rank, or a rank that compresses while another
     does not (its iteration restored from another step's checkpoint), would make the
     collectives below hang or corrupt memory: compare first (one tiny collective)
-    and say which rank."""
+    and say which rank. On a GPU the comparison stays on the device (a device-side
+    assert, as the kernels' input checks): reading it on the host would stall the
+    backward at every DDP bucket until all communication before it had finished.
+    Every rank gathers the same values, so all of them stop, before the mismatched
+    collectives run."""
     mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter],
                         dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _collective(dist.all_gather, gathered, mine, group=group)
-    numels, compressing, iterations, start_iters = zip(*torch.stack(gathered).tolist())
+    ranks_W4 = torch.stack(gathered)
+    if ranks_W4.device.type != "cpu":
+        agree = (ranks_W4[:, 0] == numel).all() & (ranks_W4[:, 1] == ranks_W4[0, 1]).all()
+        device_checks.raise_unless(agree, "compressed_all_reduce: the ranks disagree on the "
+                                   "tensor's number of elements or on compressing "
+                                   "(state.iteration, state.start_iter)")
+        return
+    numels, compressing, iterations, start_iters = zip(*ranks_W4.tolist())
     if any(n != numel for n in numels):
         raise ValueError(f"compressed_all_reduce: tensor must have the same number of elements "
                          f"on every rank, got {list(numels)} (rank order)")
