@@ -1,11 +1,13 @@
 """What the grouped-GEMM autotuners chose in a GPU benchmark run, as table rows: the
-config each key settled on, whether each variant flag (persistent launch, TMA loads)
-won where it was weighed, and every config's median. Read from the tuners after the
+config each key settled on, whether each variant flag (persistent launch, TMA loads,
+flattened loops) won where it was weighed, and every config's median. Read from the tuners after the
 timed calls; gpu_bench adds these rows to its report."""
 from dsv3.kernels import grouped_gemm
 
 
-VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer")}
+VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer"),
+            "FLATTEN": ("flat", "nested")}
+FORWARD_FLAGS = ("FLATTEN", "USE_TMA")
 WGRAD_FLAGS = ("PERSISTENT", "USE_TMA")
 
 
@@ -26,7 +28,7 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
         best = {}
         for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
             ms = t[0] if isinstance(t, (list, tuple)) else t
-            best[c.kwargs[flag]] = min(ms, best.get(c.kwargs[flag], float("inf")))
+            best[_has(c, flag)] = min(ms, best.get(_has(c, flag), float("inf")))
         if len(best) == 2:
             choice[f"{on}_over_{off}"] = best[True] / best[False]
     return choice
@@ -37,7 +39,7 @@ def autotune_picks() -> list[dict]:
     layers' own GEMMs included (the gathered first GEMM and its wgrad have no row of
     their own): which variants are ever picked, and so which are worth keeping."""
     picks = []
-    for gemm, tuner, flags in (("forward/dgrad", grouped_gemm._grouped_mm_tuned, ("USE_TMA",)),
+    for gemm, tuner, flags in (("forward/dgrad", grouped_gemm._grouped_mm_tuned, FORWARD_FLAGS),
                                ("wgrad", grouped_gemm._wgrad_tuned, WGRAD_FLAGS)):
         names = [name for name in tuner.keys if name in tuner.arg_names]
         for key, config in tuner.cache.items():
@@ -54,6 +56,11 @@ def autotune_picks() -> list[dict]:
 
 
 def tuned_label(config, flags: tuple[str, ...]) -> str:
-    names = " ".join(VARIANTS[flag][0 if config.kwargs[flag] else 1] for flag in flags)
+    names = " ".join(VARIANTS[flag][0 if _has(config, flag) else 1] for flag in flags)
     return (f"{names} {config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}x"
             f"{config.kwargs['BLOCK_K']} w{config.num_warps} s{config.num_stages}")
+
+
+def _has(config, flag: str) -> bool:
+    """Whether ``config`` takes the variant: a config without the flag does not."""
+    return bool(config.kwargs.get(flag, False))

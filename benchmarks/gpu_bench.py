@@ -30,7 +30,7 @@ import torch
 import triton
 
 import dsv3
-from benchmarks.autotune_report import WGRAD_FLAGS, autotune_picks, tuned_choice
+from benchmarks.autotune_report import FORWARD_FLAGS, WGRAD_FLAGS, autotune_picks, tuned_choice
 from benchmarks.op_profile import op_times
 from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
@@ -160,7 +160,7 @@ def gemm_rows(name, T, D, F, E, K):
                      "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
         if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels
             rows[-1].update(tuned_choice(tuner, tuned_before, WGRAD_FLAGS if kind == "wgrad"
-                                         else ("USE_TMA",)))
+                                         else FORWARD_FLAGS))
     return rows
 
 
@@ -415,6 +415,7 @@ def profile_rows(name, T, D, F, E, K):
 MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "graph_ms", "peer_ms", "bound_ms",
                 "floor_ms", "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
                 "loop_over_dsv3", "rel_err", "config", "tma_over_pointer", "persistent_over_grid",
+                "flat_over_nested",
                 "variants", "error"]
 PROFILE_COLUMNS = ["bench", "shape", "op", "ms_per_step", "calls", "share", "variants"]
 

@@ -27,13 +27,14 @@ SHAPE = (4096, 4096, 14336, 8, 2)
 def launches():
     """(name, config) of each profiled launch: the pointer-grid tile the tuner starts
     from, and its persistent and TMA variants."""
-    tile = config.config_with(config.matmul_configs()[0], BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
-    wgrad = {name: config.config_with(tile, config.wgrad_tma_block_shapes, PERSISTENT=persistent,
-                                      USE_TMA=tma)
+    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    wgrad = {name: config.config_with(config.wgrad_configs()[0], config.wgrad_tma_block_shapes,
+                                      PERSISTENT=persistent, USE_TMA=tma, **tile)
              for name, persistent, tma in [("wgrad grid pointer", False, False),
                                            ("wgrad persistent pointer", True, False),
                                            ("wgrad grid tma", False, True)]}
-    return {"forward pointer": config.config_with(tile, USE_TMA=False), **wgrad}
+    return {"forward pointer": config.config_with(config.matmul_configs()[0], USE_TMA=False,
+                                                  FLATTEN=False, **tile), **wgrad}
 
 
 def main(argv=None) -> None:

@@ -87,8 +87,9 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
     assert gpu_bench.autotune_picks() == [
         {"bench": "autotune pick, forward/dgrad",
          "shape": "DIM_X=4096 DIM_Y=28672 rows_per_expert_log2=12 GATHER=True W_KMAJOR=True",
-         "config": "tma 64x128x64 w4 s2",
-         "timings_ms": {"tma 64x128x64 w4 s2": 0.7, "pointer 64x128x64 w4 s2": 0.9}},
+         "config": "nested tma 64x128x64 w4 s2",  # a config without FLATTEN: nested
+         "timings_ms": {"nested tma 64x128x64 w4 s2": 0.7,
+                        "nested pointer 64x128x64 w4 s2": 0.9}},
         {"bench": "autotune pick, wgrad",
          "shape": "DIM_X=7168 DIM_Y=4096 rows_per_expert_log2=8 GATHER=False",
          "config": "grid pointer 64x128x64 w4 s2"}]

@@ -238,10 +238,13 @@ W_LAYOUTS = {
 @pytest.mark.parametrize("layout", list(W_LAYOUTS))
 @pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
-def test_forward_launch_variants_match_reference(tma, gather, layout, dtype, device):
-    """Both forward loads (pointers, TMA descriptors), whatever configs the autotuner
-    holds (the interpreter and DSV3_AUTOTUNE=0 keep the pointer one only), against a
-    per-expert loop. Gathered rows, fp32 and the strided w take the pointer loads."""
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flat"])
+def test_forward_launch_variants_match_reference(flatten, tma, gather, layout, dtype, device):
+    """Both forward loads (pointers, TMA descriptors), with the tile and step loops
+    nested or flattened, whatever configs the autotuner holds (the interpreter and
+    DSV3_AUTOTUNE=0 keep the pointer nested one only), against a per-expert loop.
+    Gathered rows, fp32 and the strided w take the pointer loads. (The interpreter runs
+    the flattened loop nested: the flattening is Triton's, on a GPU.)"""
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     # X = 40, Y = 72: multiples of 8 (16-byte rows in 16-bit dtypes, as TMA needs), not
     # of any block, so the last k step and column tile run past the ends.
@@ -271,7 +274,8 @@ def test_forward_launch_variants_match_reference(tma, gather, layout, dtype, dev
     # BLOCK_K = BLOCK_N / 2, as on a GPU (64 of 128), not the interpreter's square 32s:
     # a w tile read in the wrong shape fails here too.
     tiles = config.matmul_configs()[0]
-    launch = config.config_with(tiles, USE_TMA=tma, BLOCK_K=tiles.kwargs["BLOCK_N"] // 2)
+    launch = config.config_with(tiles, USE_TMA=tma, FLATTEN=flatten,
+                                BLOCK_K=tiles.kwargs["BLOCK_N"] // 2)
     y_SY = grouped_gemm.grouped_mm_with(launch, x, w, offsets, tokens).cpu()
     assert (y_SY[-VARIANT_DROPPED:] == 0).all()
 
@@ -423,7 +427,7 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
 
 def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     """DSV3_GEMM_VARIANTS=0 (config.VARIANTS): the GPU's configs without the TMA and
-    persistent launches, every tile kept; gpu_check.sh falls back to it after a
+    persistent launches and the flattened forward loops, every tile kept; gpu_check.sh falls back to it after a
     benchmark loses the CUDA context."""
     pytest.importorskip("triton")
     from dsv3.kernels import config
@@ -431,10 +435,11 @@ def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     monkeypatch.setattr(config, "AUTOTUNE", True)
     all_forward, all_wgrad = config.matmul_configs(), config.wgrad_configs()
     assert any(c.kwargs["USE_TMA"] for c in all_forward)
+    assert any(c.kwargs["FLATTEN"] for c in all_forward)
     assert any(c.kwargs["PERSISTENT"] for c in all_wgrad)
     monkeypatch.setattr(config, "VARIANTS", False)
     forward, wgrad = config.matmul_configs(), config.wgrad_configs()
-    assert forward == [c for c in all_forward if not c.kwargs["USE_TMA"]]
+    assert forward == [c for c in all_forward if not (c.kwargs["USE_TMA"] or c.kwargs["FLATTEN"])]
     assert wgrad == [c for c in all_wgrad if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"])]
     assert len(wgrad) == len(config._tiles()) + len(config.SHORT_REDUCTION_TILES)
 

@@ -181,6 +181,65 @@ def test_gathered_wgrad_loop_is_pipelined():
             assert max(loop["gathered"]) > 0, (launch, report)
 
 
+_FLAT_FORWARD_SCRIPT = """
+import json, re, torch, triton
+from triton.runtime.jit import JITFunction
+from benchmarks import sm90_compile_check as check
+check.install()
+compiled = []
+launch = JITFunction.run
+def keep(self, *args, **kwargs):
+    compiled.append(launch(self, *args, **kwargs))
+    return compiled[-1]
+JITFunction.run = keep
+from dsv3.kernels import grouped_gemm
+from dsv3.kernels.config import config_with, tma_block_shapes
+
+def store_in_step_loop(ttgir):
+    # The scf.for holding the first async wgmma: does its body also store the output
+    # tile? (MLIR indents 2 per region: the body is what follows, indented deeper.)
+    lines = ttgir.splitlines()
+    dot = next(i for i, line in enumerate(lines) if "warp_group_dot " in line and "isAsync = true" in line)
+    indent = lambda line: len(line) - len(line.lstrip())
+    loop = next(i for i in range(dot, -1, -1)
+                if "scf.for" in lines[i] and indent(lines[i]) < indent(lines[dot]))
+    end = next(i for i in range(dot, len(lines)) if indent(lines[i]) <= indent(lines[loop]))
+    return any(re.search(r"tt.store .*tensor<128x256x", line) for line in lines[dot:end])
+
+x_SX = torch.randn(1024, 256, dtype=torch.bfloat16)
+w_EXY = torch.randn(8, 256, 512, dtype=torch.bfloat16)
+offsets_E = torch.linspace(0, 1000, 8, dtype=torch.int32)
+report = {}
+for tma in (False, True):
+    for flatten in (False, True):
+        config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64},
+                                           num_warps=8, num_stages=3),
+                             tma_block_shapes, USE_TMA=tma, FLATTEN=flatten)
+        grouped_gemm.grouped_mm_with(config, x_SX, w_EXY, offsets_E)
+        stats = check.sass_stats(compiled[-1].asm["cubin"])
+        report[f"tma={tma} flatten={flatten}"] = {
+            "store_in_step_loop": store_in_step_loop(compiled[-1].asm["ttgir"]),
+            "stl": stats["stl"], "regs": stats["regs"]}
+print(json.dumps(report))
+"""
+
+
+def test_forward_flattens_its_loops():
+    """FLATTEN=True has Triton fuse the forward's tile loop and step loop into one, so the
+    next tile's loads are in flight while a tile stores (the store sits in the loop that
+    runs the wgmma); FLATTEN=False keeps them nested. The fused loop does not spill at
+    128x256 (8 experts). The fusion needs every tile to run the same steps: the dropped-copies tail, which has no
+    steps, is stored in a loop of its own (with it in the same loop Triton 3.6 left the
+    loops nested)."""
+    result = subprocess.run([sys.executable, "-c", _FLAT_FORWARD_SCRIPT], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    for launch, kernel in report.items():
+        assert kernel["store_in_step_loop"] == ("flatten=True" in launch), (launch, report)
+        assert kernel["stl"] == 0 or "flatten=False" in launch, (launch, report)
+
+
 _SIDE_BY_SIDE_SCRIPT = """
 import json, threading, torch
 from triton.runtime.autotuner import Autotuner

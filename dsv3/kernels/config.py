@@ -5,7 +5,7 @@ so that its many shapes do not each compile and time four configs), the size of
 persistent launches and the tl.dot precision per dtype.
 
 ``DSV3_GEMM_VARIANTS=0`` keeps the GEMMs to their pointer-load grid launches: no
-TMA loads, no persistent wgrad. A way round a Triton or driver that mishandles
+TMA loads, no persistent wgrad, no flattened forward loop. A way round a Triton or driver that mishandles
 them, and what benchmarks/gpu_check.sh falls back to if a benchmark loses the
 CUDA context."""
 import functools
@@ -50,15 +50,22 @@ def _has_variant(config: triton.Config) -> bool:
 def matmul_configs() -> list[triton.Config]:
     """Forward/dgrad: the tiles with pointer loads, plus versions of a few of them whose
     loads go through Hopper's tensor memory accelerator (TMA: fewer registers and no
-    address math, but whole boxes, so some rows are read only to be masked). Neither
-    was timed against the other yet, so the autotuner decides; the single config of the
-    interpreter and of ``DSV3_AUTOTUNE=0`` stays the pointer one, and the tests run the
-    TMA one explicitly."""
-    configs = [config_with(config, tma_block_shapes, USE_TMA=False) for config in _tiles()]
+    address math, but whole boxes, so some rows are read only to be masked), and of the
+    two largest with the tile loop flattened into the step loop (FLATTEN: one pipeline
+    across tiles, so a tile's store no longer waits for the next tile's first loads;
+    Triton's persistent-matmul tutorial flattens the same way). None was timed against
+    the others yet, so the autotuner decides; the single config of the interpreter and
+    of ``DSV3_AUTOTUNE=0`` stays the pointer one, and the tests run the others
+    explicitly."""
+    configs = [config_with(config, tma_block_shapes, USE_TMA=False, FLATTEN=False)
+               for config in _tiles()]
     if INTERPRET or not AUTOTUNE or not VARIANTS:
         return configs
-    return configs + [config_with(config, USE_TMA=True) for config in configs
-                      if _has_variant(config)]
+    tma = [config_with(config, USE_TMA=True) for config in configs if _has_variant(config)]
+    flat = [config_with(config, FLATTEN=True) for config in configs + tma
+            if config.kwargs["BLOCK_M"] == 128 and config.num_stages == 3
+            and _has_variant(config)]
+    return configs + tma + flat
 
 
 def tma_block_shapes(nargs: dict) -> None:

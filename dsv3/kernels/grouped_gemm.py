@@ -15,7 +15,10 @@ segment and their cumulative sum (the rows after the last expert, dropped copies
 form one more segment whose tiles store zeros, so no separate memset is needed).
 The walk stops at the real number of tiles, so tiny and huge experts share one
 launch, the launch size does not depend on the routing, and no program idles
-on a tile past the end.
+on a tile past the end. The tail's tiles are zeros and have a loop of their own, so
+that every tile of the main walk runs the same steps: Triton can then flatten the
+tile and step loops into one pipeline (the FLATTEN variant), whose next tile's loads
+are in flight while a tile stores.
 
 Where the inputs allow (16-bit, TMA-aligned; see tma_descriptors), both GEMMs may
 load their tiles through Hopper's TMA instead of pointers: a constexpr apart, one
@@ -139,16 +142,24 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
                        stride_we, stride_wx, stride_wy, stride_ys, stride_yy, PRECISION: tl.constexpr,
                        GATHER: tl.constexpr, W_KMAJOR: tl.constexpr, USE_TMA: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, FLATTEN: tl.constexpr = False):
     _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E)
     starts, ends, tiles, tiles_end = _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M,
                                                     BLOCK_E)
     n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
     n_tiles = tl.sum(tiles, 0) * n_col_tiles
+    # The experts' tiles come first, the dropped-copies tail's last.
+    is_tail = tl.arange(0, BLOCK_E) == n_experts
+    tail_first_tile = tl.sum(tl.where(is_tail, tiles_end - tiles, 0), 0)
+    tail_first_row = tl.sum(tl.where(is_tail, starts, 0), 0)
+    expert_tiles = tail_first_tile * n_col_tiles
     inner = tl.arange(0, BLOCK_K)
     # A segment's tiles are flat tiles [first_tile, first_tile + its tiles) * n_col_tiles;
-    # within it they are taken in grouped order.
-    for flat_tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+    # within it they are taken in grouped order. Every tile runs the same DIM_X / BLOCK_K
+    # steps, so Triton can flatten the two loops into one (FLATTEN, a variant for the
+    # autotuner): the next tile's first loads then go out before this tile's store.
+    for flat_tile in tl.range(tl.program_id(0), expert_tiles, tl.num_programs(0),
+                              flatten=FLATTEN):
         segment, first_row, end_row, first_tile, segment_tiles = _find_segment(
             starts, ends, tiles, tiles_end, flat_tile // n_col_tiles, BLOCK_E)
         tile, col_tile = _grouped_order(flat_tile - first_tile * n_col_tiles, segment_tiles,
@@ -156,34 +167,47 @@ def _grouped_mm_kernel(x_ptr, w_ptr, y_ptr, offsets_ptr, token_ptr, ok_ptr, x_de
         rows = first_row + tile * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if segment < n_experts:  # the tail segment stores the zeros it was initialised with
-            w_base = w_ptr + segment.to(tl.int64) * stride_we
-            x_rows, x_live = _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER)
-            for k0 in range(0, DIM_X, BLOCK_K):
-                ks = k0 + inner
-                if USE_TMA and x_desc is not None:
-                    # TMA copies whole boxes, zero past the tensors' ends: the rows past
-                    # this expert's are the next segment's, loaded and then masked at
-                    # the store like the rest of the tile.
-                    x_tile = x_desc.load([first_row + tile * BLOCK_M, k0])
-                else:  # pointers: gathered rows are scattered, no TMA box holds them
-                    x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
-                                     mask=x_live[:, None] & (ks[None, :] < DIM_X), other=0.0)
-                if USE_TMA and w_desc is not None:
-                    if W_KMAJOR:
-                        w_tile = w_desc.load([segment, col_tile * BLOCK_N, k0])
-                        w_tile = w_tile.reshape(BLOCK_N, BLOCK_K).trans()
-                    else:
-                        w_tile = w_desc.load([segment, k0, col_tile * BLOCK_N])
-                        w_tile = w_tile.reshape(BLOCK_K, BLOCK_N)
+        w_base = w_ptr + segment.to(tl.int64) * stride_we
+        x_rows, x_live = _input_rows(token_ptr, ok_ptr, rows, end_row, n_tokens, GATHER)
+        for k0 in range(0, DIM_X, BLOCK_K):
+            ks = k0 + inner
+            if USE_TMA and x_desc is not None:
+                # TMA copies whole boxes, zero past the tensors' ends: the rows past
+                # this expert's are the next segment's, loaded and then masked at
+                # the store like the rest of the tile.
+                x_tile = x_desc.load([first_row + tile * BLOCK_M, k0])
+            else:  # pointers: gathered rows are scattered, no TMA box holds them
+                x_tile = tl.load(x_ptr + x_rows[:, None] * stride_xs + ks[None, :] * stride_xx,
+                                 mask=x_live[:, None] & (ks[None, :] < DIM_X), other=0.0)
+            if USE_TMA and w_desc is not None:
+                if W_KMAJOR:
+                    w_tile = w_desc.load([segment, col_tile * BLOCK_N, k0])
+                    w_tile = w_tile.reshape(BLOCK_N, BLOCK_K).trans()
                 else:
-                    w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
-                                     mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y),
-                                     other=0.0)
-                acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
-        out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
-        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < end_row) & (cols[None, :] < DIM_Y))
+                    w_tile = w_desc.load([segment, k0, col_tile * BLOCK_N])
+                    w_tile = w_tile.reshape(BLOCK_K, BLOCK_N)
+            else:
+                w_tile = tl.load(w_base + ks[:, None] * stride_wx + cols[None, :] * stride_wy,
+                                 mask=(ks[:, None] < DIM_X) & (cols[None, :] < DIM_Y),
+                                 other=0.0)
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=PRECISION)
+        _store_tile(y_ptr, acc, rows, end_row, cols, DIM_Y, stride_ys, stride_yy)
+    # The tail's rows (copies no expert took) are zeros: stored without a loop of
+    # GEMM steps, which would also keep the experts' loop from flattening.
+    for flat_tile in range(expert_tiles + tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (tail_first_row + (flat_tile // n_col_tiles - tail_first_tile) * BLOCK_M
+                + tl.arange(0, BLOCK_M))
+        cols = (flat_tile % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_tile(y_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), rows, n_rows, cols,
+                    DIM_Y, stride_ys, stride_yy)
+
+
+@triton.jit
+def _store_tile(y_ptr, acc, rows, end_row, cols, DIM_Y, stride_ys, stride_yy):
+    """The forward's [BLOCK_M, BLOCK_N] output tile, rows below end_row."""
+    out_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ys + cols[None, :] * stride_yy
+    tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < end_row) & (cols[None, :] < DIM_Y))
 
 
 # On a GPU the wgrad's reduction loop reads token_S through inline PTX. A tl.load of it
