@@ -118,6 +118,9 @@ SASS_CLASSES = {
 # "/*0120*/   @!P0 LDC R146, c[0x0][0x238] ;" -> LDC; data lines ("/*0000*/ .byte ...") don't match.
 _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*)",
                           re.MULTILINE)
+# The same with the opcode's modifiers: LDG.E.128.
+_FULL_OPCODE = re.compile(
+    r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", re.MULTILINE)
 
 
 def _nvidia_tool(name: str) -> str:
@@ -129,9 +132,8 @@ def _nvidia_tool(name: str) -> str:
     return path
 
 
-def sass_stats(cubin: bytes) -> dict:
-    """Static statistics of a cubin's SASS: registers per thread ("regs"), instructions
-    ("sass"), the counts of each of SASS_CLASSES, and every opcode's count ("opcodes")."""
+def _disassembled(cubin: bytes) -> tuple[str, str]:
+    """(the cubin's SASS, cuobjdump's resource usage)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
@@ -141,6 +143,20 @@ def sass_stats(cubin: bytes) -> dict:
         # Triton's metadata has no register count (it reads it from the driver at load)
         usage = subprocess.run([_nvidia_tool("cuobjdump"), "-res-usage", file.name], check=True,
                                capture_output=True, text=True).stdout
+    return sass, usage
+
+
+def sass_opcodes(cubin: bytes) -> list[str]:
+    """The cubin's instructions in program order, each as its full opcode (LDG.E.128):
+    where a load or copy is issued relative to another."""
+    sass, _ = _disassembled(cubin)
+    return _FULL_OPCODE.findall(sass)
+
+
+def sass_stats(cubin: bytes) -> dict:
+    """Static statistics of a cubin's SASS: registers per thread ("regs"), instructions
+    ("sass"), the counts of each of SASS_CLASSES, and every opcode's count ("opcodes")."""
+    sass, usage = _disassembled(cubin)
     opcodes = Counter(_INSTRUCTION.findall(sass))
     # one "REG:n" per function in the cubin; Triton's has the kernel alone
     stats = {"regs": max(map(int, re.findall(r"\bREG:(\d+)", usage)), default=0),

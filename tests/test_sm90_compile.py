@@ -240,6 +240,57 @@ def test_forward_flattens_its_loops():
         assert kernel["stl"] == 0 or "flatten=False" in launch, (launch, report)
 
 
+_WGRAD_TAIL_SCRIPT = """
+import json, torch, triton
+from triton.runtime.jit import JITFunction
+from benchmarks import sm90_compile_check as check
+check.install()
+compiled = []
+launch = JITFunction.run
+def keep(self, *args, **kwargs):
+    compiled.append(launch(self, *args, **kwargs))
+    return compiled[-1]
+JITFunction.run = keep
+from dsv3.kernels import grouped_gemm
+from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
+x_SX = torch.randn(1000, 256, dtype=torch.bfloat16)
+dy_SY = torch.randn(1000, 512, dtype=torch.bfloat16)
+offsets_E = torch.tensor([100, 300, 301, 700, 1000], dtype=torch.int32)
+report = {}
+for block_n in (128, 256):
+    for persistent in (False, True):
+        config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64},
+                                           num_warps=8, num_stages=3),
+                             wgrad_tma_block_shapes, PERSISTENT=persistent, USE_TMA=True)
+        grouped_gemm.grouped_mm_wgrad_with(config, x_SX, dy_SY, offsets_E, True)
+        ops = check.sass_opcodes(compiled[-1].asm["cubin"])
+        first_copy = next(i for i, op in enumerate(ops) if op.startswith("UTMALDG"))
+        report[f"128x{block_n} persistent={persistent}"] = {
+            "tail_loads": [i for i, op in enumerate(ops) if op == "LDG.E.128"],
+            "tail_stores": [i for i, op in enumerate(ops) if op == "STS.128"],
+            "first_copy": first_copy, "stl": check.sass_stats(compiled[-1].asm["cubin"])["stl"]}
+print(json.dumps(report))
+"""
+
+
+def test_wgrad_tail_loads_overlap_the_loop():
+    """The TMA wgrad's partial last step (rows up to the expert's end, through masked
+    pointers) is loaded before the loop's first TMA copy and stored to shared memory
+    only after it, so the loop runs while those loads are in flight. Loaded after the
+    loop, every tile waited one more round trip; loaded before it but stored there
+    (Triton stores a dot's operands right after their loads), the loop's copies waited
+    for them instead (grouped_gemm._held)."""
+    result = subprocess.run([sys.executable, "-c", _WGRAD_TAIL_SCRIPT], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    for launch, kernel in report.items():
+        assert kernel["tail_loads"] and kernel["tail_stores"], (launch, report)
+        assert max(kernel["tail_loads"]) < kernel["first_copy"], (launch, report)
+        assert min(kernel["tail_stores"]) > kernel["first_copy"], (launch, report)
+        assert kernel["stl"] == 0, (launch, report)
+
+
 _SIDE_BY_SIDE_SCRIPT = """
 import json, threading, torch
 from triton.runtime.autotuner import Autotuner

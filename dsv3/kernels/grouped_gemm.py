@@ -254,16 +254,45 @@ def _x_tile_T(x_ptr, token_ptr, rows, end, n_tokens, xs, DIM_X, stride_xs, strid
 
 
 @triton.jit
-def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end, n_tokens, xs, ys, DIM_X,
-                DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr,
-                GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(acc plus one BLOCK_K step of the reduction over rows [r0, min(r0 + BLOCK_K, end)),
-    through pointers, masked at the expert's end; bad_rows as _x_tile_T leaves it)."""
+def _held(tile):
+    """``tile`` itself, through an opaque move where it is used. Triton stores a dot's
+    loaded operands to shared memory right after their loads, which waits for them
+    there: loaded before the wgrad's loop for use after it, the partial last step's
+    tiles would hold back the loop's first TMA copies until they arrived. Moved after
+    the loop (not pure: it stays where it is written), they are waited for there."""
+    if _PTX_TOKEN_LOADS:
+        if tile.dtype.primitive_bitwidth == 16:
+            return tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [tile], dtype=tile.dtype,
+                                             is_pure=False, pack=1)
+        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tile.dtype,
+                                         is_pure=False, pack=1)
+    return tile
+
+
+@triton.jit
+def _wgrad_step_tiles(x_ptr, dy_ptr, token_ptr, bad_rows, r0, end, n_tokens, xs, ys, DIM_X,
+                      DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, GATHER: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """(the x^T and dy tiles of one BLOCK_K step of the reduction over rows [r0,
+    min(r0 + BLOCK_K, end)), through pointers, zero past the expert's end; bad_rows as
+    _x_tile_T leaves it)."""
     rows = r0 + tl.arange(0, BLOCK_K)
     x_tile_T, bad_rows = _x_tile_T(x_ptr, token_ptr, rows, end, n_tokens, xs, DIM_X, stride_xs,
                                    stride_xx, bad_rows, GATHER)
     dy_tile = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_ds + ys[None, :] * stride_dy,
                       mask=(rows[:, None] < end) & (ys[None, :] < DIM_Y), other=0.0)
+    return x_tile_T, dy_tile, bad_rows
+
+
+@triton.jit
+def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end, n_tokens, xs, ys, DIM_X,
+                DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy, PRECISION: tl.constexpr,
+                GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(acc plus one BLOCK_K step of _wgrad_step_tiles, bad_rows)."""
+    x_tile_T, dy_tile, bad_rows = _wgrad_step_tiles(x_ptr, dy_ptr, token_ptr, bad_rows, r0, end,
+                                                    n_tokens, xs, ys, DIM_X, DIM_Y, stride_xs,
+                                                    stride_xx, stride_ds, stride_dy, GATHER,
+                                                    BLOCK_K)
     return tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION), bad_rows
 
 
@@ -288,11 +317,17 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
     bad_rows = tl.arange(0, BLOCK_K) < 0  # reduction rows seen naming no row of x
     if USE_TMA and dy_desc is not None:
         # The whole BLOCK_K steps through TMA, unmasked (all their rows are this
-        # expert's); then the partial last one, if any, through masked pointers: a TMA
-        # box past `end` would add the next expert's rows into the sum. Where x has no
-        # descriptor (gathered rows are scattered; or TMA cannot read x) it keeps to
-        # pointer loads while dy takes TMA.
+        # expert's); the partial last one, if any, through masked pointers: a TMA box
+        # past `end` would add the next expert's rows into the sum. Its tiles are loaded
+        # before the loop and added after it, so their latency hides behind the loop
+        # (loaded after it, every tile waited one more round trip to memory, which in
+        # fine-grained experts' reductions of a few steps is a good part of the tile).
+        # Where x has no descriptor (gathered rows are scattered; or TMA cannot read x)
+        # it keeps to pointer loads while dy takes TMA.
         tail = start + (end - start) // BLOCK_K * BLOCK_K
+        x_tail_T, dy_tail, bad_rows = _wgrad_step_tiles(
+            x_ptr, dy_ptr, token_ptr, bad_rows, tail, end, n_tokens, xs, ys, DIM_X, DIM_Y,
+            stride_xs, stride_xx, stride_ds, stride_dy, GATHER, BLOCK_K)
         for r0 in range(start, tail, BLOCK_K):
             if x_desc is not None:
                 x_tile_T = x_desc.load([r0, x_tile * BLOCK_M]).trans()
@@ -303,9 +338,7 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
             dy_tile = dy_desc.load([r0, y_tile * BLOCK_N])
             acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
         if tail < end:
-            acc, bad_rows = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, tail, end,
-                                        n_tokens, xs, ys, DIM_X, DIM_Y, stride_xs, stride_xx,
-                                        stride_ds, stride_dy, PRECISION, GATHER, BLOCK_K)
+            acc = tl.dot(_held(x_tail_T), _held(dy_tail), acc, input_precision=PRECISION)
     else:
         for r0 in range(start, end, BLOCK_K):
             acc, bad_rows = _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end,
