@@ -129,3 +129,35 @@ def test_compressed_all_reduce_makes_no_host_sync_on_a_gpu(tmp_path):
         torch.testing.assert_close(grad_N, expected_N)  # the mean over one rank
     finally:
         dist.destroy_process_group()
+
+
+_DISAGREEING_RANKS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from dsv3.distributed import CompressionState, compress, compressed_all_reduce
+dist.init_process_group("nccl", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+collective = compress._collective
+def disagreeing(fn, *args, **kwargs):  # the agreement check's gather, as if a rank held 7
+    result = collective(fn, *args, **kwargs)
+    if fn is dist.all_gather and args[1].numel() == 4:
+        args[0][0][0] = 7
+    return result
+compress._collective = disagreeing
+try:
+    compressed_all_reduce(torch.randn(4096, device="cuda"), CompressionState(start_iter=0))
+    torch.cuda.synchronize()
+    print("no error")
+except RuntimeError as error:
+    print("raised:", error)
+"""
+
+
+@pytest.mark.gpu
+def test_ranks_disagreeing_on_a_gpu_stop_at_a_device_assert(tmp_path):
+    """The GPU side of the agreement check: gathered sizes that differ stop the call at a
+    device-side assert (in a subprocess: the assert ends its CUDA context)."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", _DISAGREEING_RANKS_SCRIPT,
+                             str(tmp_path / "store")], capture_output=True, text=True, timeout=300)
+    assert "raised:" in result.stdout and "assert" in result.stdout.lower(), (
+        result.stdout + result.stderr)

@@ -197,9 +197,10 @@ def test_a_few_rows_of_another_dtype_than_the_weights_are_refused():
 
 # Rows per expert for the launch-variant tests: empty experts (first and in the middle),
 # a single-row expert, one of over two 32-row steps (the interpreter's BLOCK_M and
-# BLOCK_K: the forward's row tiles, the wgrad's reduction) ending in a partial one; the
-# VARIANT_DROPPED rows after the last expert are dropped copies.
-VARIANT_COUNTS_E = [0, 1, 37, 0, 70, 5]
+# BLOCK_K: the forward's row tiles, the wgrad's reduction) ending in a partial one, one
+# of whole steps only (128: 32- and 64-row steps, as on a GPU); the VARIANT_DROPPED rows
+# after the last expert are dropped copies.
+VARIANT_COUNTS_E = [0, 1, 37, 0, 70, 128, 5]
 VARIANT_DROPPED = 3
 
 
@@ -247,8 +248,10 @@ def test_forward_launch_variants_match_reference(flatten, tma, gather, layout, d
     the flattened loop nested: the flattening is Triton's, on a GPU.)"""
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     # X = 40, Y = 72: multiples of 8 (16-byte rows in 16-bit dtypes, as TMA needs), not
-    # of any block, so the last k step and column tile run past the ends.
-    X, Y = 40, 72
+    # of any block, so the last k step and column tile run past the ends. Flattened, X =
+    # 200: several k steps a tile on a GPU too (BLOCK_K 64), whose fused loop must start
+    # each tile's sum afresh.
+    X, Y = (200 if flatten else 40), 72
     counts_E, offsets_E = variant_offsets(device)
     n_rows = offsets_E[-1].item() + VARIANT_DROPPED
     x_SX = torch.randn(n_rows, X).to(dtype)

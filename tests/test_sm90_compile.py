@@ -209,15 +209,19 @@ def store_in_step_loop(ttgir):
 x_SX = torch.randn(1024, 256, dtype=torch.bfloat16)
 w_EXY = torch.randn(8, 256, 512, dtype=torch.bfloat16)
 offsets_E = torch.linspace(0, 1000, 8, dtype=torch.int32)
+token_S = torch.arange(1024, dtype=torch.int32) // 2
 report = {}
-for tma in (False, True):
+for tma, gathered in ((False, False), (True, False), (True, True)):
     for flatten in (False, True):
         config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64},
                                            num_warps=8, num_stages=3),
                              tma_block_shapes, USE_TMA=tma, FLATTEN=flatten)
-        grouped_gemm.grouped_mm_with(config, x_SX, w_EXY, offsets_E)
+        if gathered:  # x's rows through token_S (pointers), w through TMA
+            grouped_gemm.grouped_mm_with(config, x_SX[:512], w_EXY, offsets_E, token_S)
+        else:
+            grouped_gemm.grouped_mm_with(config, x_SX, w_EXY, offsets_E)
         stats = check.sass_stats(compiled[-1].asm["cubin"])
-        report[f"tma={tma} flatten={flatten}"] = {
+        report[f"tma={tma} gathered={gathered} flatten={flatten}"] = {
             "store_in_step_loop": store_in_step_loop(compiled[-1].asm["ttgir"]),
             "stl": stats["stl"], "regs": stats["regs"]}
 print(json.dumps(report))
@@ -228,7 +232,9 @@ def test_forward_flattens_its_loops():
     """FLATTEN=True has Triton fuse the forward's tile loop and step loop into one, so the
     next tile's loads are in flight while a tile stores (the store sits in the loop that
     runs the wgmma); FLATTEN=False keeps them nested. The fused loop does not spill at
-    128x256 (8 experts). The fusion needs every tile to run the same steps: the dropped-copies tail, which has no
+    128x256 (8 experts), gathered rows included where w takes TMA (with both operands
+    through pointers it spills: 50 stores under 3.6, left to the autotuner). The fusion
+    needs every tile to run the same steps: the dropped-copies tail, which has no
     steps, is stored in a loop of its own (with it in the same loop Triton 3.6 left the
     loops nested)."""
     result = subprocess.run([sys.executable, "-c", _FLAT_FORWARD_SCRIPT], cwd=ROOT, env=ENV,
@@ -256,19 +262,26 @@ from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
 x_SX = torch.randn(1000, 256, dtype=torch.bfloat16)
 dy_SY = torch.randn(1000, 512, dtype=torch.bfloat16)
 offsets_E = torch.tensor([100, 300, 301, 700, 1000], dtype=torch.int32)
+token_S = torch.arange(1000, dtype=torch.int32) // 2
 report = {}
 for block_n in (128, 256):
     for persistent in (False, True):
-        config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64},
-                                           num_warps=8, num_stages=3),
-                             wgrad_tma_block_shapes, PERSISTENT=persistent, USE_TMA=True)
-        grouped_gemm.grouped_mm_wgrad_with(config, x_SX, dy_SY, offsets_E, True)
-        ops = check.sass_opcodes(compiled[-1].asm["cubin"])
-        first_copy = next(i for i, op in enumerate(ops) if op.startswith("UTMALDG"))
-        report[f"128x{block_n} persistent={persistent}"] = {
-            "tail_loads": [i for i, op in enumerate(ops) if op == "LDG.E.128"],
-            "tail_stores": [i for i, op in enumerate(ops) if op == "STS.128"],
-            "first_copy": first_copy, "stl": check.sass_stats(compiled[-1].asm["cubin"])["stl"]}
+        for gathered in (False, True):
+            config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n,
+                                                "BLOCK_K": 64}, num_warps=8, num_stages=3),
+                                 wgrad_tma_block_shapes, PERSISTENT=persistent, USE_TMA=True)
+            if gathered:  # x's rows through token_S (pointers, LDGSTS in the loop)
+                grouped_gemm.grouped_mm_wgrad_with(config, x_SX[:500], dy_SY, offsets_E, True,
+                                                   token_S)
+            else:
+                grouped_gemm.grouped_mm_wgrad_with(config, x_SX, dy_SY, offsets_E, True)
+            ops = check.sass_opcodes(compiled[-1].asm["cubin"])
+            first_copy = next(i for i, op in enumerate(ops) if op.startswith("UTMALDG"))
+            report[f"128x{block_n} persistent={persistent} gathered={gathered}"] = {
+                "tail_loads": [i for i, op in enumerate(ops) if op == "LDG.E.128"],
+                "tail_stores": [i for i, op in enumerate(ops) if op == "STS.128"],
+                "first_copy": first_copy,
+                "stl": check.sass_stats(compiled[-1].asm["cubin"])["stl"]}
 print(json.dumps(report))
 """
 

@@ -163,14 +163,19 @@ class CompressionState:
 def _check_ranks_agree(numel: int, state: CompressionState, group, device) -> None:
     """A tensor of another size on some rank, or a rank that compresses while another
     does not (its iteration restored from another step's checkpoint), would make the
-    collectives below hang or corrupt memory: compare first (one tiny collective)
-    and say which rank. On a GPU the comparison stays on the device (a device-side
-    assert, as the kernels' input checks): reading it on the host would stall the
-    backward at every DDP bucket until all communication before it had finished.
-    Every rank gathers the same values, so all of them stop, before the mismatched
-    collectives run."""
-    mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter],
-                        dtype=torch.int64, device=device)
+    collectives below hang or corrupt memory: compare first (one tiny collective).
+    On the CPU the error says each rank's values. On a GPU the comparison stays on the
+    device (a device-side assert, as the kernels' input checks): a host sync here (a
+    read of the result, or a blocking copy of the values in) would stall the backward
+    at every DDP bucket until all communication before it had finished. Every rank
+    gathers the same values, so all of them stop, before the mismatched collectives
+    run."""
+    values = [numel, int(state.compressing), state.iteration, state.start_iter]
+    if torch.device(device).type == "cuda":  # from pinned memory: an asynchronous copy
+        mine = torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device,
+                                                                          non_blocking=True)
+    else:
+        mine = torch.tensor(values, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _collective(dist.all_gather, gathered, mine, group=group)
     ranks_W4 = torch.stack(gathered)

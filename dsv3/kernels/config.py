@@ -38,8 +38,8 @@ def _tiles() -> list[triton.Config]:
 
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_stages) that the autotuner also tries in a variant
-# (the persistent wgrad, the forward's TMA loads): one program per SM (128x256), two
-# (128x128) and four (64x128).
+# (the persistent wgrad, TMA loads; the forward's flattened loops on the two 128-row
+# ones): one program per SM (128x256), two (128x128) and four (64x128).
 VARIANT_TILES = {(128, 256, 3), (128, 128, 3), (64, 128, 4)}
 
 

@@ -82,7 +82,8 @@ def _segment_table(offsets_ptr, n_experts, n_rows, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _find_segment(starts, ends, tiles, tiles_end, row_tile, BLOCK_E: tl.constexpr):
     """(segment, first row, end row, first row tile, row tiles) of the segment holding
-    row tile ``row_tile``. Segment ``n_experts`` is the dropped-copies tail."""
+    row tile ``row_tile``: an expert's (the forward's walk stops before the tail's
+    tiles, segment ``n_experts``)."""
     seg = tl.arange(0, BLOCK_E)
     segment = tl.sum((tiles_end <= row_tile).to(tl.int32), 0)
     here = seg == segment
@@ -261,10 +262,8 @@ def _held(tile):
     tiles would hold back the loop's first TMA copies until they arrived. Moved after
     the loop (not pure: it stays where it is written), they are waited for there."""
     if _PTX_TOKEN_LOADS:
-        if tile.dtype.primitive_bitwidth == 16:
-            return tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [tile], dtype=tile.dtype,
-                                             is_pure=False, pack=1)
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tile.dtype,
+        tl.static_assert(tile.dtype.primitive_bitwidth == 16, "TMA wgrads are 16-bit")
+        return tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [tile], dtype=tile.dtype,
                                          is_pure=False, pack=1)
     return tile
 
