@@ -185,7 +185,7 @@ def gather_rows(name, T, D, F, E, K):
     # The same for the first GEMM's weight gradient: rows read through token_S (in the
     # kernel where X > Y, as at E=128; copied first where X <= Y, as at Mixtral's) against
     # the permuted copy's plain wgrad. Its token reads kept the loop from pipelining
-    # before run 5 (grouped_gemm._PTX_TOKEN_LOADS).
+    # before run 5 (grouped_gemm_kernels._PTX_TOKEN_LOADS).
     token_S = invert_row_map("gpu_bench", row_map_TK)
     dy_S2F = torch.randn(T * K, 2 * F, device=DEVICE, dtype=torch.bfloat16)
 

@@ -120,7 +120,8 @@ _INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][
                           re.MULTILINE)
 # The same with the opcode's modifiers: LDG.E.128.
 _FULL_OPCODE = re.compile(
-    r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", re.MULTILINE)
+    r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)",
+    re.MULTILINE)
 
 
 def _nvidia_tool(name: str) -> str:

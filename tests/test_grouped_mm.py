@@ -430,8 +430,8 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
 
 def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     """DSV3_GEMM_VARIANTS=0 (config.VARIANTS): the GPU's configs without the TMA and
-    persistent launches and the flattened forward loops, every tile kept; gpu_check.sh falls back to it after a
-    benchmark loses the CUDA context."""
+    persistent launches and the flattened forward loops, every tile kept; gpu_check.sh
+    falls back to it after a benchmark loses the CUDA context."""
     pytest.importorskip("triton")
     from dsv3.kernels import config
     monkeypatch.setattr(config, "INTERPRET", False)

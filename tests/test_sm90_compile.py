@@ -199,7 +199,8 @@ def store_in_step_loop(ttgir):
     # The scf.for holding the first async wgmma: does its body also store the output
     # tile? (MLIR indents 2 per region: the body is what follows, indented deeper.)
     lines = ttgir.splitlines()
-    dot = next(i for i, line in enumerate(lines) if "warp_group_dot " in line and "isAsync = true" in line)
+    dot = next(i for i, line in enumerate(lines)
+               if "warp_group_dot " in line and "isAsync = true" in line)
     indent = lambda line: len(line) - len(line.lstrip())
     loop = next(i for i in range(dot, -1, -1)
                 if "scf.for" in lines[i] and indent(lines[i]) < indent(lines[dot]))
@@ -292,7 +293,7 @@ def test_wgrad_tail_loads_overlap_the_loop():
     only after it, so the loop runs while those loads are in flight. Loaded after the
     loop, every tile waited one more round trip; loaded before it but stored there
     (Triton stores a dot's operands right after their loads), the loop's copies waited
-    for them instead (grouped_gemm._held)."""
+    for them instead (grouped_gemm_kernels._held)."""
     result = subprocess.run([sys.executable, "-c", _WGRAD_TAIL_SCRIPT], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -5,9 +5,9 @@ so that its many shapes do not each compile and time four configs), the size of
 persistent launches and the tl.dot precision per dtype.
 
 ``DSV3_GEMM_VARIANTS=0`` keeps the GEMMs to their pointer-load grid launches: no
-TMA loads, no persistent wgrad, no flattened forward loop. A way round a Triton or driver that mishandles
-them, and what benchmarks/gpu_check.sh falls back to if a benchmark loses the
-CUDA context."""
+TMA loads, no persistent wgrad, no flattened forward loop. A way round a Triton or
+driver that mishandles them, and what benchmarks/gpu_check.sh falls back to if a
+benchmark loses the CUDA context."""
 import functools
 import os
 
