@@ -119,7 +119,9 @@ def test_router_keeps_one_token_a_thread():
 
 
 
-_WGRAD_PIPELINE_SCRIPT = """
+# The preamble of the scripts that read one compiled kernel's TTGIR or SASS: compile-only
+# launches (check.install) whose compiled kernels are kept in ``compiled``.
+_KEEP_COMPILED = """
 import json, re, torch, triton
 from triton.runtime.jit import JITFunction
 from benchmarks import sm90_compile_check as check
@@ -130,6 +132,10 @@ def keep(self, *args, **kwargs):
     compiled.append(launch(self, *args, **kwargs))
     return compiled[-1]
 JITFunction.run = keep
+"""
+
+
+_WGRAD_PIPELINE_SCRIPT = _KEEP_COMPILED + """
 from dsv3.kernels import grouped_gemm
 from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
 x_TX = torch.randn(512, 256, dtype=torch.bfloat16)
@@ -181,17 +187,7 @@ def test_gathered_wgrad_loop_is_pipelined():
             assert max(loop["gathered"]) > 0, (launch, report)
 
 
-_FLAT_FORWARD_SCRIPT = """
-import json, re, torch, triton
-from triton.runtime.jit import JITFunction
-from benchmarks import sm90_compile_check as check
-check.install()
-compiled = []
-launch = JITFunction.run
-def keep(self, *args, **kwargs):
-    compiled.append(launch(self, *args, **kwargs))
-    return compiled[-1]
-JITFunction.run = keep
+_FLAT_FORWARD_SCRIPT = _KEEP_COMPILED + """
 from dsv3.kernels import grouped_gemm
 from dsv3.kernels.config import config_with, tma_block_shapes
 
@@ -247,17 +243,7 @@ def test_forward_flattens_its_loops():
         assert kernel["stl"] == 0 or "flatten=False" in launch, (launch, report)
 
 
-_WGRAD_TAIL_SCRIPT = """
-import json, torch, triton
-from triton.runtime.jit import JITFunction
-from benchmarks import sm90_compile_check as check
-check.install()
-compiled = []
-launch = JITFunction.run
-def keep(self, *args, **kwargs):
-    compiled.append(launch(self, *args, **kwargs))
-    return compiled[-1]
-JITFunction.run = keep
+_WGRAD_TAIL_SCRIPT = _KEEP_COMPILED + """
 from dsv3.kernels import grouped_gemm
 from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
 x_SX = torch.randn(1000, 256, dtype=torch.bfloat16)
