@@ -16,6 +16,15 @@ ENV = {k: v for k, v in os.environ.items()
                     "DSV3_AUTOTUNE_CACHE")}
 
 
+
+def _run_script(script: str, timeout: int):
+    """Runs ``script`` in a fresh interpreter (install() swaps Triton's driver and launcher
+    for the whole process) and returns the JSON its last line prints."""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
 def test_triton_kernels_compile_for_sm90():
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.sm90_compile_check", "--dtypes", "bfloat16"],
@@ -51,10 +60,7 @@ print(json.dumps({kernel: check.sass_stats(cubin) for kernel, cubin in first.ite
 
 def test_sass_stats_of_sm90_cubins():
     """nvdisasm ships with Triton, so a missing one fails here rather than skipping."""
-    result = subprocess.run([sys.executable, "-c", _SASS_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    stats = json.loads(result.stdout.splitlines()[-1])
+    stats = _run_script(_SASS_SCRIPT, timeout=300)
     gemm, swiglu = stats["_grouped_mm_kernel"], stats["_swiglu_kernel"]
     for kernel in (gemm, swiglu):
         assert 0 < kernel["regs"] <= 255
@@ -108,10 +114,7 @@ def test_router_keeps_one_token_a_thread():
     shuffles, 15.8k instructions and spills before the router loaded its tiles
     token-major there (router._TOKENS_OUTER); ``make check-triton`` runs this file
     under 3.6."""
-    result = subprocess.run([sys.executable, "-c", _ROUTER_SASS_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    stats = json.loads(result.stdout.splitlines()[-1])
+    stats = _run_script(_ROUTER_SASS_SCRIPT, timeout=600)
     for name, kernel in stats.items():
         # a few shuffles are the per-program flags (the forward's NaN flag). (The loss
         # sums, route(stats=True), add sums over the block's tokens: shuffles by design.)
@@ -173,10 +176,7 @@ def test_gathered_wgrad_loop_is_pipelined():
     in PTX instead, each read guarded by its row's liveness, since the pipeliner issues
     the first steps' reads before it knows the loop runs (an empty expert's would land
     outside token_S)."""
-    result = subprocess.run([sys.executable, "-c", _WGRAD_PIPELINE_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = _run_script(_WGRAD_PIPELINE_SCRIPT, timeout=600)
     for launch, loop in report.items():
         assert loop["token_reads"] > 0 and loop["unguarded"] == 0, (launch, report)
         # x through pointers: the same waits gathered as on expert-ordered rows (3 stages:
@@ -234,10 +234,7 @@ def test_forward_flattens_its_loops():
     needs every tile to run the same steps: the dropped-copies tail, which has no
     steps, is stored in a loop of its own (with it in the same loop Triton 3.6 left the
     loops nested)."""
-    result = subprocess.run([sys.executable, "-c", _FLAT_FORWARD_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = _run_script(_FLAT_FORWARD_SCRIPT, timeout=600)
     for launch, kernel in report.items():
         assert kernel["store_in_step_loop"] == ("flatten=True" in launch), (launch, report)
         assert kernel["stl"] == 0 or "flatten=False" in launch, (launch, report)
@@ -280,10 +277,7 @@ def test_wgrad_tail_loads_overlap_the_loop():
     loop, every tile waited one more round trip; loaded before it but stored there
     (Triton stores a dot's operands right after their loads), the loop's copies waited
     for them instead (grouped_gemm_kernels._held)."""
-    result = subprocess.run([sys.executable, "-c", _WGRAD_TAIL_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = _run_script(_WGRAD_TAIL_SCRIPT, timeout=600)
     for launch, kernel in report.items():
         assert kernel["tail_loads"] and kernel["tail_stores"], (launch, report)
         assert max(kernel["tail_loads"]) < kernel["first_copy"], (launch, report)
@@ -329,10 +323,7 @@ def test_autotuner_compiles_configs_side_by_side_and_times_those_kernels():
     """dsv3/kernels/tuning.py compiles a new key's configs in threads; Triton's
     autotuner must then time each one without compiling it again (same
     specialization, the TMA descriptors' block shapes included)."""
-    result = subprocess.run([sys.executable, "-c", _SIDE_BY_SIDE_SCRIPT], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = _run_script(_SIDE_BY_SIDE_SCRIPT, timeout=300)
     on_main_thread = report["on_main_thread"]
     assert report["tma"] > 0
     forward_timed, wgrad_timed = report["timed"]
