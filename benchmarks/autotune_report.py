@@ -28,7 +28,8 @@ def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:
         best = {}
         for c, t in timings.items():  # a median, or [median, p20, p80] by triton version
             ms = t[0] if isinstance(t, (list, tuple)) else t
-            best[_has(c, flag)] = min(ms, best.get(_has(c, flag), float("inf")))
+            variant = _has(c, flag)
+            best[variant] = min(ms, best.get(variant, float("inf")))
         if len(best) == 2:
             choice[f"{on}_over_{off}"] = best[True] / best[False]
     return choice

@@ -16,7 +16,6 @@ ENV = {k: v for k, v in os.environ.items()
                     "DSV3_AUTOTUNE_CACHE")}
 
 
-
 def _run_script(script: str, timeout: int):
     """Runs ``script`` in a fresh interpreter (install() swaps Triton's driver and launcher
     for the whole process) and returns the JSON its last line prints."""
@@ -24,6 +23,7 @@ def _run_script(script: str, timeout: int):
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.splitlines()[-1])
+
 
 def test_triton_kernels_compile_for_sm90():
     result = subprocess.run(

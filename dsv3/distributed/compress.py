@@ -170,12 +170,10 @@ def _check_ranks_agree(numel: int, state: CompressionState, group, device) -> No
     at every DDP bucket until all communication before it had finished. Every rank
     gathers the same values, so all of them stop, before the mismatched collectives
     run."""
-    values = [numel, int(state.compressing), state.iteration, state.start_iter]
-    if torch.device(device).type == "cuda":  # from pinned memory: an asynchronous copy
-        mine = torch.tensor(values, dtype=torch.int64, pin_memory=True).to(device,
-                                                                          non_blocking=True)
-    else:
-        mine = torch.tensor(values, dtype=torch.int64, device=device)
+    # To a GPU from pinned memory: an asynchronous copy (on the CPU .to() is a no-op).
+    mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter],
+                        dtype=torch.int64, pin_memory=torch.device(device).type == "cuda"
+                        ).to(device, non_blocking=True)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _collective(dist.all_gather, gathered, mine, group=group)
     ranks_W4 = torch.stack(gathered)
