@@ -8,7 +8,7 @@ from dsv3.kernels import grouped_gemm
 VARIANTS = {"PERSISTENT": ("persistent", "grid"), "USE_TMA": ("tma", "pointer"),
             "FLATTEN": ("flat", "nested")}
 FORWARD_FLAGS = ("FLATTEN", "USE_TMA")
-WGRAD_FLAGS = ("PERSISTENT", "USE_TMA")
+WGRAD_FLAGS = ("PERSISTENT", "USE_TMA", "FLATTEN")
 
 
 def tuned_choice(tuner, tuned_before: int, flags: tuple[str, ...]) -> dict:

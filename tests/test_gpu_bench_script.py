@@ -53,15 +53,19 @@ def test_tuned_choice_names_the_variant_and_its_margin():
         "config": "tma 128x128x64 w8 s3", "tma_over_pointer": 0.75}
     assert gpu_bench.tuned_choice(forward, 1, ("USE_TMA",)) == {
         "config": "tma 128x128x64 w8 s3 (reused)"}
-    # The wgrad's two flags, each weighed over the configs with and without it.
-    launches = {(p, t): config(PERSISTENT=p, USE_TMA=t) for p in (False, True) for t in (False, True)}
-    times = {(False, False): 4.0, (True, False): 3.0, (False, True): 2.5, (True, True): 2.0}
+    # The wgrad's three flags, each weighed over the configs with and without it (the
+    # flattened walk is a persistent TMA launch only).
+    launches = {(p, t, False): config(PERSISTENT=p, USE_TMA=t, FLATTEN=False)
+                for p in (False, True) for t in (False, True)}
+    launches[True, True, True] = config(PERSISTENT=True, USE_TMA=True, FLATTEN=True)
+    times = {(False, False, False): 4.0, (True, False, False): 3.0, (False, True, False): 2.5,
+             (True, True, False): 2.0, (True, True, True): 1.8}
     wgrad = SimpleNamespace(configs=list(launches.values()), cache={("key",): None},
-                            best_config=launches[True, True],
+                            best_config=launches[True, True, True],
                             configs_timings={launches[k]: [t] for k, t in times.items()})
     assert gpu_bench.tuned_choice(wgrad, 0, gpu_bench.WGRAD_FLAGS) == {
-        "config": "persistent tma 128x128x64 w8 s3",
-        "persistent_over_grid": 2.0 / 2.5, "tma_over_pointer": 2.0 / 3.0}
+        "config": "persistent tma flat 128x128x64 w8 s3", "persistent_over_grid": 1.8 / 2.5,
+        "tma_over_pointer": 1.8 / 3.0, "flat_over_nested": 1.8 / 2.0}
 
 
 def test_autotune_picks_list_every_tuned_key(monkeypatch):
@@ -92,7 +96,7 @@ def test_autotune_picks_list_every_tuned_key(monkeypatch):
                         "nested pointer 64x128x64 w4 s2": 0.9}},
         {"bench": "autotune pick, wgrad",
          "shape": "DIM_X=7168 DIM_Y=4096 rows_per_expert_log2=8 GATHER=False",
-         "config": "grid pointer 64x128x64 w4 s2"}]
+         "config": "grid pointer nested 64x128x64 w4 s2"}]
 
 
 def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_path, monkeypatch):

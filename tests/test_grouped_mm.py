@@ -202,6 +202,12 @@ def test_a_few_rows_of_another_dtype_than_the_weights_are_refused():
 # after the last expert are dropped copies.
 VARIANT_COUNTS_E = [0, 1, 37, 0, 70, 128, 5]
 VARIANT_DROPPED = 3
+# Nearly even rows per expert, an empty one among them: the flattened wgrad walks them
+# all in its uniform loop (every tile runs the longest expert's steps: 3 of BLOCK_K =
+# 16 on the CPU, 1 of 64 on a GPU, at most a quarter more than the experts' own 15 of 5),
+# where VARIANT_COUNTS_E's are too uneven for it (8 steps against an average of 18 / 7)
+# and go to the nested loop.
+EVEN_COUNTS_E = [48, 40, 0, 33, 45, 48]
 
 
 def triton_grouped_gemm(device, dtype):
@@ -215,11 +221,11 @@ def triton_grouped_gemm(device, dtype):
     return grouped_gemm, config
 
 
-def variant_offsets(device):
-    """offsets_E of VARIANT_COUNTS_E; 100 times over on a GPU, whose persistent launch
-    has a program or more per SM (264 on an H200 at 128 x 128), so that each walks
-    several tiles as the interpreter's 3 programs do."""
-    counts_E = torch.tensor(VARIANT_COUNTS_E * (1 if device == "cpu" else 100))
+def variant_offsets(device, counts=VARIANT_COUNTS_E):
+    """offsets_E of ``counts``; 100 times over on a GPU, whose persistent launch has a
+    program or more per SM (264 on an H200 at 128 x 128), so that each walks several
+    tiles as the interpreter's 3 programs do."""
+    counts_E = torch.tensor(counts * (1 if device == "cpu" else 100))
     return counts_E, counts_E.cumsum(0).to(torch.int32)
 
 
@@ -321,6 +327,20 @@ def test_wgrad_tma_with_x_unreadable_by_tma(persistent, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True], ids=["EXY", "EYX"])
+@pytest.mark.parametrize("counts", [EVEN_COUNTS_E, VARIANT_COUNTS_E], ids=["even", "skewed"])
+def test_wgrad_flattened_walk_matches_reference(counts, transposed, dtype, device):
+    """The persistent TMA wgrad with FLATTEN: nearly even routing takes the uniform
+    flattened loop (descriptors built per tile over the expert's rows, every tile
+    running the longest expert's steps, an empty expert's tiles zeros), skewed routing
+    the nested loop it falls back to. X = 200: several BLOCK_K steps a tile on a GPU.
+    (The interpreter runs the flattened loop nested: the flattening is Triton's.)"""
+    check_wgrad_variant(True, True, transposed, False, dtype, device, dim_x=200, flatten=True,
+                        counts=counts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("dim_x, copied_first", [(40, True), (96, False)],
                          ids=["X_le_Y_copied", "X_gt_Y_gathered"])
@@ -359,10 +379,11 @@ def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
                                   wgrad_loop(x_SX, dy_SY))
 
 
-def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x):
+def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x,
+                        flatten=False, counts=VARIANT_COUNTS_E):
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     X, Y, T = dim_x, 72, 50  # several tiles per expert at the interpreter's 32 x 32
-    counts_E, offsets_E = variant_offsets(device)
+    counts_E, offsets_E = variant_offsets(device, counts)
     n_rows = offsets_E[-1].item() + VARIANT_DROPPED
     x_TX = torch.randn(T if gather else n_rows, X).to(dtype)
     token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32) if gather else None
@@ -377,7 +398,8 @@ def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_
         assert ((descriptors is not None)
                 == (dtype != torch.float32 and grouped_gemm.has_tma(args[0].device)))
         assert descriptors is None or (descriptors[0] is None) == (gather or X % 8 != 0)
-    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent, USE_TMA=tma)
+    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent, USE_TMA=tma,
+                                FLATTEN=flatten)
     if device == "cpu":
         # Non-square blocks, as on a GPU (128 x 128 x 64), not the interpreter's 32s: a
         # descriptor box or a tile read in the wrong shape fails here. BLOCK_K = 16 also
@@ -414,7 +436,7 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
 
     def kept(rows_per_expert):
         log2 = grouped_gemm._rows_per_expert_log2(rows_per_expert * 32, 32)
-        named_args = {"rows_per_expert_log2": log2, "dy_desc": None,
+        named_args = {"rows_per_expert_log2": log2, "x_desc": None, "dy_desc": None,
                       "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
         return config.prune_wgrad(configs, named_args)
 
@@ -426,6 +448,29 @@ def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
     # no descriptors, no TMA configs; the long-reduction tiles stay either way
     assert not any(c.kwargs["USE_TMA"] for c in kept(128))
     assert len(kept(4096)) == len([c for c in configs if not c.kwargs["USE_TMA"]]) - len(short)
+
+
+def test_wgrad_flattened_walk_tried_only_where_tma_reads_x(monkeypatch):
+    """The flattened wgrad reads x and dy through descriptors it builds on the device:
+    the autotuner weighs it (persistent TMA launches of 128-row tiles) only where x has
+    a host descriptor too, i.e. is TMA-readable and not gathered."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import config
+    monkeypatch.setattr(config, "INTERPRET", False)
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    configs = config.wgrad_configs()
+    flat = [c for c in configs if c.kwargs["FLATTEN"]]
+    assert flat and all(c.kwargs["PERSISTENT"] and c.kwargs["USE_TMA"]
+                        and c.kwargs["BLOCK_M"] == 128 for c in flat)
+
+    def kept(x_desc):
+        named_args = {"rows_per_expert_log2": 12, "x_desc": x_desc, "dy_desc": object(),
+                      "x_ptr": torch.empty(0, dtype=torch.bfloat16)}
+        return config.prune_wgrad(configs, named_args)
+
+    assert all(c in kept(object()) for c in flat)
+    assert not any(c.kwargs["FLATTEN"] for c in kept(None))
+    assert any(c.kwargs["USE_TMA"] for c in kept(None))  # dy alone still through TMA
 
 
 def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
@@ -440,10 +485,12 @@ def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     assert any(c.kwargs["USE_TMA"] for c in all_forward)
     assert any(c.kwargs["FLATTEN"] for c in all_forward)
     assert any(c.kwargs["PERSISTENT"] for c in all_wgrad)
+    assert any(c.kwargs["FLATTEN"] for c in all_wgrad)
     monkeypatch.setattr(config, "VARIANTS", False)
     forward, wgrad = config.matmul_configs(), config.wgrad_configs()
     assert forward == [c for c in all_forward if not (c.kwargs["USE_TMA"] or c.kwargs["FLATTEN"])]
-    assert wgrad == [c for c in all_wgrad if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"])]
+    assert wgrad == [c for c in all_wgrad
+                     if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"] or c.kwargs["FLATTEN"])]
     assert len(wgrad) == len(config._tiles()) + len(config.SHORT_REDUCTION_TILES)
 
 

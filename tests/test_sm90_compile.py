@@ -187,13 +187,10 @@ def test_gathered_wgrad_loop_is_pipelined():
             assert max(loop["gathered"]) > 0, (launch, report)
 
 
-_FLAT_FORWARD_SCRIPT = _KEEP_COMPILED + """
-from dsv3.kernels import grouped_gemm
-from dsv3.kernels.config import config_with, tma_block_shapes
-
-def store_in_step_loop(ttgir):
-    # The scf.for holding the first async wgmma: does its body also store the output
-    # tile? (MLIR indents 2 per region: the body is what follows, indented deeper.)
+# The scf.for holding a TTGIR's first async wgmma, as its lines. (MLIR indents 2 per
+# region: the body is what follows, indented deeper.)
+_STEP_LOOP = """
+def step_loop(ttgir):
     lines = ttgir.splitlines()
     dot = next(i for i, line in enumerate(lines)
                if "warp_group_dot " in line and "isAsync = true" in line)
@@ -201,7 +198,16 @@ def store_in_step_loop(ttgir):
     loop = next(i for i in range(dot, -1, -1)
                 if "scf.for" in lines[i] and indent(lines[i]) < indent(lines[dot]))
     end = next(i for i in range(dot, len(lines)) if indent(lines[i]) <= indent(lines[loop]))
-    return any(re.search(r"tt.store .*tensor<128x256x", line) for line in lines[dot:end])
+    return lines[loop:end]
+"""
+
+
+_FLAT_FORWARD_SCRIPT = _KEEP_COMPILED + _STEP_LOOP + """
+from dsv3.kernels import grouped_gemm
+from dsv3.kernels.config import config_with, tma_block_shapes
+
+def store_in_step_loop(ttgir):  # does the loop running the wgmma also store the tile?
+    return any(re.search(r"tt.store .*tensor<128x256x", line) for line in step_loop(ttgir))
 
 x_SX = torch.randn(1024, 256, dtype=torch.bfloat16)
 w_EXY = torch.randn(8, 256, 512, dtype=torch.bfloat16)
@@ -238,6 +244,50 @@ def test_forward_flattens_its_loops():
     for launch, kernel in report.items():
         assert kernel["store_in_step_loop"] == ("flatten=True" in launch), (launch, report)
         assert kernel["stl"] == 0 or "flatten=False" in launch, (launch, report)
+
+
+_FLAT_WGRAD_SCRIPT = _KEEP_COMPILED + _STEP_LOOP + """
+from dsv3.kernels import grouped_gemm
+from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
+x_SX = torch.randn(1000, 256, dtype=torch.bfloat16)
+dy_SY = torch.randn(1000, 512, dtype=torch.bfloat16)
+offsets_E = torch.tensor([100, 300, 301, 700, 1000], dtype=torch.int32)
+report = {}
+for block_n in (128, 256):
+    for flatten in (False, True):
+        config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64},
+                                           num_warps=8, num_stages=3),
+                             wgrad_tma_block_shapes, PERSISTENT=True, USE_TMA=True,
+                             FLATTEN=flatten)
+        grouped_gemm.grouped_mm_wgrad_with(config, x_SX, dy_SY, offsets_E, True)
+        ttgir = compiled[-1].asm["ttgir"]
+        loop = step_loop(ttgir)
+        report[f"128x{block_n} flatten={flatten}"] = {
+            "store_in_step_loop": any(re.search(rf"tt.store .*tensor<128x{block_n}x", line)
+                                      for line in loop),
+            "tma_copies_in_step_loop": sum("async_tma_copy_global_to_local" in line
+                                           for line in loop),
+            "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
+            "descriptors_in_step_loop": sum("tensormap_create" in line for line in loop),
+            "stl": check.sass_stats(compiled[-1].asm["cubin"])["stl"]}
+print(json.dumps(report))
+"""
+
+
+def test_wgrad_flattens_its_uniform_walk():
+    """FLATTEN has the persistent TMA wgrad walk its tiles in one fused loop
+    (grouped_gemm_kernels._wgrad_uniform_walk): the loop running the wgmma also stores
+    dw's tile and builds each tile's descriptors, and its TMA copies stay pipelined (the
+    first stages' copies issued before it), not spilling. Without FLATTEN the first
+    wgmma's loop is a tile's reduction, which stores nothing."""
+    report = _run_script(_FLAT_WGRAD_SCRIPT, timeout=600)
+    for launch, kernel in report.items():
+        flat = "flatten=True" in launch
+        assert kernel["store_in_step_loop"] == flat, (launch, report)
+        assert (kernel["descriptors_in_step_loop"] > 0) == flat, (launch, report)
+        assert kernel["tma_copies_in_step_loop"] >= 2, (launch, report)
+        assert kernel["tma_copies"] > kernel["tma_copies_in_step_loop"], (launch, report)
+        assert kernel["stl"] == 0, (launch, report)
 
 
 _WGRAD_TAIL_SCRIPT = _KEEP_COMPILED + """

@@ -5,7 +5,7 @@ so that its many shapes do not each compile and time four configs), the size of
 persistent launches and the tl.dot precision per dtype.
 
 ``DSV3_GEMM_VARIANTS=0`` keeps the GEMMs to their pointer-load grid launches: no
-TMA loads, no persistent wgrad, no flattened forward loop. A way round a Triton or
+TMA loads, no persistent wgrad, no flattened loops. A way round a Triton or
 driver that mishandles them, and what benchmarks/gpu_check.sh falls back to if a
 benchmark loses the CUDA context."""
 import functools
@@ -38,7 +38,7 @@ def _tiles() -> list[triton.Config]:
 
 
 # Tile shapes (BLOCK_M, BLOCK_N, num_stages) that the autotuner also tries in a variant
-# (the persistent wgrad, TMA loads; the forward's flattened loops on the two 128-row
+# (the persistent wgrad, TMA loads; both GEMMs' flattened loops on the two 128-row
 # ones): one program per SM (128x256), two (128x128) and four (64x128).
 VARIANT_TILES = {(128, 256, 3), (128, 128, 3), (64, 128, 4)}
 
@@ -94,13 +94,15 @@ def wgrad_tma_block_shapes(nargs: dict) -> None:
 def wgrad_configs() -> list[triton.Config]:
     """The tiles as the grid launch (a program per expert and tile) with pointer loads,
     plus versions of a few of them as a persistent launch (a fixed number of programs
-    walking all the tiles) and with TMA loads, each launch. Which wins depends on the
-    GPU and on the rows per expert, so the autotuner decides; the single config of the
-    interpreter and of ``DSV3_AUTOTUNE=0`` stays the pointer grid launch, and the tests
-    run the others explicitly."""
-    configs = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
-               for config in _tiles()]
-    short = [config_with(config, wgrad_tma_block_shapes, PERSISTENT=False, USE_TMA=False)
+    walking all the tiles) and with TMA loads, each launch, and of the two 128-row ones
+    as the persistent TMA launch walking its tiles in one flattened loop (FLATTEN:
+    grouped_gemm_kernels._wgrad_uniform_walk). Which wins depends on the GPU and on the
+    rows per expert, so the autotuner decides; the single config of the interpreter and
+    of ``DSV3_AUTOTUNE=0`` stays the pointer grid launch, and the tests run the others
+    explicitly."""
+    plain = {"PERSISTENT": False, "USE_TMA": False, "FLATTEN": False}
+    configs = [config_with(config, wgrad_tma_block_shapes, **plain) for config in _tiles()]
+    short = [config_with(config, wgrad_tma_block_shapes, **plain)
              for config in SHORT_REDUCTION_TILES]
     if INTERPRET or not AUTOTUNE:
         return configs
@@ -109,7 +111,10 @@ def wgrad_configs() -> list[triton.Config]:
     variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
                 for config in configs if _has_variant(config)
                 for persistent, tma in ((True, False), (False, True), (True, True))]
-    return configs + variants + short
+    flat = [config_with(config, FLATTEN=True) for config in variants
+            if config.kwargs["PERSISTENT"] and config.kwargs["USE_TMA"]
+            and config.kwargs["BLOCK_M"] == 128 and config.num_stages == 3]
+    return configs + variants + flat + short
 
 
 # Wgrad tiles for experts of few rows (DeepSeek-V3 at 4096 tokens: 128 rows an expert,
@@ -154,10 +159,14 @@ def prune_matmul(configs, named_args, **kwargs):
 
 
 def prune_wgrad(configs, named_args, **kwargs):
-    """prune_matmul for the wgrad (tma_descriptors.wgrad_descriptors), and without the
-    short-reduction tiles where experts have SHORT_REDUCTION_ROWS rows or more."""
+    """prune_matmul for the wgrad (tma_descriptors.wgrad_descriptors), without the
+    short-reduction tiles where experts have SHORT_REDUCTION_ROWS rows or more, and
+    without the flattened walk where x has no descriptor (gathered rows, or TMA cannot
+    read x): it reads both operands through TMA only."""
     if named_args["rows_per_expert_log2"] > SHORT_REDUCTION_ROWS.bit_length() - 1:
         configs = [c for c in configs if not _is_short_reduction(c)]
+    if named_args["x_desc"] is None:
+        configs = [c for c in configs if not c.kwargs.get("FLATTEN")]
     return _prune_tma(configs, named_args["dy_desc"] is None, named_args, **kwargs)
 
 

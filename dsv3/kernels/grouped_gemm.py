@@ -10,6 +10,7 @@ import triton
 
 from dsv3.kernels import device_checks, tuning
 from dsv3.kernels.grouped_gemm_kernels import _grouped_mm_kernel, _grouped_mm_wgrad_kernel
+from dsv3.kernels.scratch import triton_scratch
 from dsv3.kernels.tma_descriptors import has_tma, tma_descriptors, wgrad_descriptors
 from dsv3.kernels.config import (dot_precision, matmul_configs, persistent_programs,
                                  prune_matmul, prune_wgrad, wgrad_configs)
@@ -210,8 +211,9 @@ def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: 
                           offsets_E: torch.Tensor, transposed: bool,
                           token_S: torch.Tensor | None = None) -> torch.Tensor:
     """grouped_mm_wgrad launched with ``config`` instead of the autotuner's pick: the
-    tests run each variant (``PERSISTENT``, ``USE_TMA``) this way, whatever configs the
-    tuner holds. A one-config tuner, so that the config's pre-launch hook runs."""
+    tests run each variant (``PERSISTENT``, ``USE_TMA``, ``FLATTEN``) this way, whatever
+    configs the tuner holds. A one-config tuner, so that the config's pre-launch hook
+    runs."""
     return _wgrad(_wgrad_tuner([config]), x_SX, grad_y_SY, offsets_E, transposed, token_S)
 
 
@@ -244,13 +246,16 @@ def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     descriptors = (wgrad_descriptors(x_SX, grad_y_SY, gathered=token_S is not None)
                    if _wants_tma(kernel) else None)
     x_desc, dy_desc = descriptors or (None, None)
-    kernel[grid](
-        x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E, ok,
-        x_desc, dy_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y,
-        _rows_per_expert_log2(n_rows, n_experts),
-        *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
-        PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None,
-        BLOCK_E=triton.next_power_of_2(n_experts + 1), GROUP_M=GROUP_M)
+    # The flattened walk builds its TMA descriptors on the device, in memory Triton
+    # asks its allocator for at launch.
+    with triton_scratch(x_SX.device):
+        kernel[grid](
+            x_SX, grad_y_SY, view_EXY, offsets_E, token_S if token_S is not None else offsets_E,
+            ok, x_desc, dy_desc, n_rows, x_SX.shape[0], n_experts, dim_x, dim_y,
+            _rows_per_expert_log2(n_rows, n_experts),
+            *x_SX.stride(), *grad_y_SY.stride(), *view_EXY.stride(),
+            PRECISION=dot_precision(x_SX.dtype), GATHER=token_S is not None,
+            BLOCK_E=triton.next_power_of_2(n_experts + 1), GROUP_M=GROUP_M)
     _raise_on_bad_input(ok, op, n_rows, token_S, x_SX.shape[0])
     return grad_w
 

@@ -28,7 +28,9 @@ scattered, so they keep to pointer loads while the other operand takes TMA.
 The wgrad has two launches, a constexpr apart, and the autotuner picks: a grid of
 one program per (tile, expert), and a persistent walk over all (expert, tile)
 pairs like the forward's. Every expert has the same tiles there (its rows are the
-reduction), so neither needs a tile table.
+reduction), so neither needs a tile table. The persistent TMA walk may also run as
+one flattened loop (FLATTEN), whose tiles build their own TMA descriptors over
+their expert's rows (_wgrad_uniform_walk).
 
 offsets_E and token_S come from the caller: the kernels keep every access inside the
 tensors whatever they hold, and report bad values through flags (device_checks) where
@@ -293,6 +295,15 @@ def _wgrad_step(x_ptr, dy_ptr, token_ptr, acc, bad_rows, r0, end, n_tokens, xs, 
 
 
 @triton.jit
+def _expert_rows(offsets_ptr, expert, n_rows):
+    """(first row, end row) of ``expert``, in [0, n_rows] whatever offsets_E holds."""
+    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(offsets_ptr + expert)
+    start = tl.minimum(tl.maximum(start, 0), n_rows)
+    return start, tl.maximum(tl.minimum(end, n_rows), start)
+
+
+@triton.jit
 def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc, expert,
                 tile, n_rows, n_tokens, DIM_X, DIM_Y, stride_xs, stride_xx, stride_ds, stride_dy,
                 stride_we, stride_wx, stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
@@ -301,10 +312,7 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
     """The ``tile``-th output tile of dw[expert] = x_e^T @ dy_e, reduced over the expert's
     rows (tiles in grouped order). An empty expert's loop runs zero times and stores the
     zeros it started from: every dw[e] is written, no memset needed."""
-    start = tl.load(offsets_ptr + expert - 1, mask=expert > 0, other=0)
-    end = tl.load(offsets_ptr + expert)
-    start = tl.minimum(tl.maximum(start, 0), n_rows)  # in bounds whatever offsets_E holds
-    end = tl.maximum(tl.minimum(end, n_rows), start)
+    start, end = _expert_rows(offsets_ptr, expert, n_rows)
     x_tile, y_tile = _grouped_order(tile, tl.cdiv(DIM_X, BLOCK_M), tl.cdiv(DIM_Y, BLOCK_N),
                                     GROUP_M)
     xs = x_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -342,7 +350,74 @@ def _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, d
                                         stride_ds, stride_dy, PRECISION, GATHER, BLOCK_K)
     if GATHER:
         _report_bad_tokens(ok_ptr, bad_rows)
-    out_ptrs = dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx + ys[None, :] * stride_wy
+    _store_dw_tile(dw_ptr, acc, expert, xs, ys, DIM_X, DIM_Y, stride_we, stride_wx, stride_wy)
+
+
+@triton.jit
+def _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts, DIM_X, DIM_Y,
+                        stride_xs, stride_ds, stride_we, stride_wx, stride_wy,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    """The persistent wgrad's walk as one flattened loop (FLATTEN), returning how many of
+    the (expert, tile) pairs it took: all of them, or none under skewed routing.
+
+    Flattened, the next tile's loads are in flight while a tile stores; for experts of a
+    few BLOCK_K steps (DeepSeek-V3 at 4096 tokens: 2) that store is a good part of the
+    tile. Triton (3.6) flattens only loops whose inner step count is the same for every
+    tile, and once flattened it pipelines TMA loads but not x^T's pointer loads. TMA
+    descriptors over the whole of x and dy would read the next expert's rows into the
+    sum, so each tile builds its own over its expert's rows, which TMA reads as zeros
+    past the end: every tile can then run the longest expert's steps. (Triton keeps one
+    descriptor per pipeline stage, so copies in flight never read a rewritten one; the
+    launcher gives it their memory, scratch.triton_scratch.) x and dy are 16-bit and
+    TMA-readable, their rows not gathered: the launcher offers FLATTEN only then."""
+    starts, ends, _ = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
+    steps = tl.where(tl.arange(0, BLOCK_E) < n_experts, (ends - starts + BLOCK_K - 1) // BLOCK_K,
+                     0)
+    max_steps = tl.max(steps, 0)
+    # Every tile runs the longest expert's steps, the others' past their rows adding
+    # TMA's zeros: taken while that is at most a quarter more steps than the experts'
+    # own (balanced routing: none, or a third step for some experts of two), and left to
+    # the nested loop under more skewed routing.
+    uniform = max_steps * n_experts * 4 <= tl.sum(steps, 0) * 5
+    n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
+    tiles = tl.cdiv(DIM_X, BLOCK_M) * n_col_tiles
+    walked = tl.where(uniform, n_experts * tiles, 0)
+    for flat_tile in tl.range(tl.program_id(0), walked, tl.num_programs(0), flatten=True):
+        # Clamped as well: the pipeliner works out the descriptors of tiles stages ahead,
+        # whose reads of offsets_E it may issue before knowing the walk has them.
+        expert = tl.minimum(flat_tile // tiles, n_experts - 1)
+        start, end = _expert_rows(offsets_ptr, expert, n_rows)
+        # An empty expert still gets a descriptor of one row (none of zero rows is
+        # valid), inside x and dy; its sum is replaced by zeros below.
+        first = tl.minimum(start, n_rows - 1)
+        rows = tl.maximum(end - first, 1)
+        x_desc = tl.make_tensor_descriptor(x_ptr + first.to(tl.int64) * stride_xs,
+                                           shape=[rows, DIM_X], strides=[stride_xs, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
+        dy_desc = tl.make_tensor_descriptor(dy_ptr + first.to(tl.int64) * stride_ds,
+                                            shape=[rows, DIM_Y], strides=[stride_ds, 1],
+                                            block_shape=[BLOCK_K, BLOCK_N])
+        x_tile, y_tile = _grouped_order(flat_tile % tiles, tl.cdiv(DIM_X, BLOCK_M), n_col_tiles,
+                                        GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, max_steps * BLOCK_K, BLOCK_K):
+            x_tile_T = x_desc.load([r0, x_tile * BLOCK_M]).trans()
+            dy_tile = dy_desc.load([r0, y_tile * BLOCK_N])
+            acc = tl.dot(x_tile_T, dy_tile, acc, input_precision=PRECISION)
+        acc = tl.where(end > start, acc, 0.0)
+        xs = x_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        ys = y_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        _store_dw_tile(dw_ptr, acc, expert, xs, ys, DIM_X, DIM_Y, stride_we, stride_wx,
+                       stride_wy)
+    return walked
+
+
+@triton.jit
+def _store_dw_tile(dw_ptr, acc, expert, xs, ys, DIM_X, DIM_Y, stride_we, stride_wx, stride_wy):
+    """The wgrad's output tile dw[expert][xs, ys], inside dw."""
+    out_ptrs = (dw_ptr + expert.to(tl.int64) * stride_we + xs[:, None] * stride_wx
+                + ys[None, :] * stride_wy)
     tl.store(out_ptrs, acc.to(dw_ptr.dtype.element_ty),
              mask=(xs[:, None] < DIM_X) & (ys[None, :] < DIM_Y))
 
@@ -355,16 +430,24 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_p
                              stride_wy, PRECISION: tl.constexpr, GATHER: tl.constexpr,
                              USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-                             PERSISTENT: tl.constexpr):
+                             PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr = False):
     _report_offsets(offsets_ptr, ok_ptr, n_experts, n_rows, BLOCK_E)
     if PERSISTENT:
         # A fixed number of programs walks every (expert, tile) with a stride, expert
         # outermost: one launch and pipeline fill per program rather than per tile, which
         # may pay where an expert's reduction is only a few BLOCK_K steps (to be measured;
         # the autotuner weighs both variants). Every expert has the same tiles, so the
-        # walk needs no table and its length no host sync.
+        # walk needs no table and its length no host sync. FLATTEN walks them in one
+        # flattened loop where routing allows, and this loop takes what it left.
         tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
-        for flat_tile in range(tl.program_id(0), n_experts * tiles, tl.num_programs(0)):
+        walked = 0
+        if FLATTEN:
+            walked = _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts,
+                                         DIM_X, DIM_Y, stride_xs, stride_ds, stride_we,
+                                         stride_wx, stride_wy, PRECISION, BLOCK_M, BLOCK_N,
+                                         BLOCK_K, BLOCK_E, GROUP_M)
+        for flat_tile in range(tl.program_id(0) + walked, n_experts * tiles,
+                               tl.num_programs(0)):
             _wgrad_tile(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_ptr, x_desc, dy_desc,
                         flat_tile // tiles, flat_tile % tiles, n_rows, n_tokens, DIM_X, DIM_Y,
                         stride_xs, stride_xx, stride_ds, stride_dy, stride_we, stride_wx,
