@@ -203,11 +203,13 @@ def test_a_few_rows_of_another_dtype_than_the_weights_are_refused():
 VARIANT_COUNTS_E = [0, 1, 37, 0, 70, 128, 5]
 VARIANT_DROPPED = 3
 # Nearly even rows per expert, an empty one among them: the flattened wgrad walks them
-# all in its uniform loop (every tile runs the longest expert's steps: 3 of BLOCK_K =
-# 16 on the CPU, 1 of 64 on a GPU, at most a quarter more than the experts' own 15 of 5),
-# where VARIANT_COUNTS_E's are too uneven for it (8 steps against an average of 18 / 7)
-# and go to the nested loop.
-EVEN_COUNTS_E = [48, 40, 0, 33, 45, 48]
+# all in its uniform loop, every tile running the longest expert's steps, at most a
+# quarter more than the experts' own (on the CPU's BLOCK_K = 16: 7 steps x 8 experts
+# against 45, just inside; on a GPU's 64: 2 x 8 against 13). Experts of fewer steps
+# (64 rows: 4 of 16, 1 of 64) run whole steps past their end, and most end inside a
+# step. VARIANT_COUNTS_E's are too uneven for it (8 steps x 7 against 18) and go to the
+# nested loop.
+EVEN_COUNTS_E = [110, 64, 109, 109, 82, 0, 101, 112]
 
 
 def triton_grouped_gemm(device, dtype):
@@ -334,49 +336,48 @@ def test_wgrad_flattened_walk_matches_reference(counts, transposed, dtype, devic
     """The persistent TMA wgrad with FLATTEN: nearly even routing takes the uniform
     flattened loop (descriptors built per tile over the expert's rows, every tile
     running the longest expert's steps, an empty expert's tiles zeros), skewed routing
-    the nested loop it falls back to. X = 200: several BLOCK_K steps a tile on a GPU.
-    (The interpreter runs the flattened loop nested: the flattening is Triton's.)"""
+    the nested loop it falls back to (tests/test_wgrad_uniform_walk.py
+    checks which). X = 200: two rows of dw tiles on a GPU too (BLOCK_M 128). (The
+    interpreter runs the flattened loop nested: the flattening is Triton's.)"""
     check_wgrad_variant(True, True, transposed, False, dtype, device, dim_x=200, flatten=True,
                         counts=counts)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dim_x, copied_first", [(40, True), (96, False)],
-                         ids=["X_le_Y_copied", "X_gt_Y_gathered"])
-def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
-        dim_x, copied_first, dtype, device, monkeypatch):
-    """The tuned Triton wgrad copies the gathered rows first where X <= Y (the plain
-    kernel on the copy is faster on an H200) and gathers in the kernel otherwise. Both
-    match a loop, with a dropped copy's -1 token and NaN grad rows past the last expert
-    left unread."""
-    grouped_gemm, _ = triton_grouped_gemm(device, dtype)
-    copies = []
-    monkeypatch.setattr(torch.Tensor, "index_select",
-                        lambda t, *a, original=torch.Tensor.index_select:
-                        copies.append(t.shape) or original(t, *a))
-    X, Y, T = dim_x, 72, 50
-    counts_E, offsets_E = variant_offsets(device)
-    n_rows = offsets_E[-1].item() + VARIANT_DROPPED
-    x_TX = torch.randn(T, X).to(dtype)
-    token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32)
-    token_S[-VARIANT_DROPPED:] = -1  # a dropped copy's row: never read
-    dy_SY = torch.randn(n_rows, Y).to(dtype)
-    dy_SY[-VARIANT_DROPPED:] = float("nan")
-    args = [t.to(device) for t in (x_TX, dy_SY, offsets_E, token_S)]
-    grad_w_EXY = grouped_gemm.grouped_mm_wgrad(*args[:3], False, args[3]).cpu()
-    assert (copies == [x_TX.shape]) == copied_first
-    x_SX, dy_SY = x_TX[token_S[:-VARIANT_DROPPED].long()], dy_SY[:-VARIANT_DROPPED]
-    starts = [0, *offsets_E[:-1].tolist()]
+@pytest.mark.parametrize("unreadable", ["x_strided", "dy_expanded"])
+def test_wgrad_flattened_walk_leaves_inputs_tma_cannot_read_to_the_nested_loop(unreadable,
+                                                                              device):
+    """A FLATTEN config launched where TMA cannot read x or dy (as the autotuner's pick
+    for a key is reused on later calls: here a one-config tuner, which prunes nothing)
+    computes the right gradient through the nested loop's pointer loads: a strided x,
+    and an expanded dy (autograd's gradient of a sum, strides 0)."""
+    grouped_gemm, config = triton_grouped_gemm(device, torch.float16)
+    X, Y = 40, 72
+    counts_E, offsets_E = variant_offsets(device, EVEN_COUNTS_E)  # would take the flat walk
+    n_rows = offsets_E[-1].item()
+    x_SX = torch.randn(n_rows, 2 * X, dtype=torch.float16, device=device)
+    dy_SY = torch.randn(n_rows, Y, dtype=torch.float16, device=device)
+    if unreadable == "x_strided":
+        x_SX = x_SX[:, ::2]
+    else:
+        dy_SY = torch.randn((), dtype=torch.float16, device=device).expand(n_rows, Y)
+        x_SX = x_SX[:, :X].contiguous()
+    descriptors = grouped_gemm.wgrad_descriptors(x_SX, dy_SY, gathered=False)
+    assert descriptors is None or descriptors[0] is None  # no TMA for dy, or none for x
+    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=True, USE_TMA=True,
+                                FLATTEN=True)
+    if device == "cpu":  # a GPU's shape of blocks (see check_wgrad_variant)
+        launch = config.config_with(launch, BLOCK_N=64, BLOCK_K=16)
+    grad_w_EXY = grouped_gemm.grouped_mm_wgrad_with(launch, x_SX, dy_SY, offsets_E.to(device),
+                                                    False)
 
     def wgrad_loop(x, dy):
+        starts = [0, *offsets_E[:-1].tolist()]
         return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
 
-    if dtype == torch.float32:
-        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
-    else:
-        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
-                                  wgrad_loop(x_SX, dy_SY))
+    x_SX, dy_SY = x_SX.cpu(), dy_SY.cpu()
+    assert_close_to_reference(grad_w_EXY.cpu(), wgrad_loop(x_SX.double(), dy_SY.double()),
+                              wgrad_loop(x_SX, dy_SY))
 
 
 def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x,

@@ -247,29 +247,34 @@ def test_forward_flattens_its_loops():
 
 
 _FLAT_WGRAD_SCRIPT = _KEEP_COMPILED + _STEP_LOOP + """
-from dsv3.kernels import grouped_gemm
-from dsv3.kernels.config import config_with, wgrad_tma_block_shapes
+from dsv3.kernels import config, grouped_gemm
 x_SX = torch.randn(1000, 256, dtype=torch.bfloat16)
 dy_SY = torch.randn(1000, 512, dtype=torch.bfloat16)
 offsets_E = torch.tensor([100, 300, 301, 700, 1000], dtype=torch.int32)
 report = {}
 for block_n in (128, 256):
     for flatten in (False, True):
-        config = config_with(triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64},
-                                           num_warps=8, num_stages=3),
-                             wgrad_tma_block_shapes, PERSISTENT=True, USE_TMA=True,
-                             FLATTEN=flatten)
-        grouped_gemm.grouped_mm_wgrad_with(config, x_SX, dy_SY, offsets_E, True)
+        # The autotuner's persistent TMA config of this tile, nested or flattened.
+        tuned, = [c for c in config.wgrad_configs()
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) == (128, block_n, 3)
+                   and c.kwargs["PERSISTENT"] and c.kwargs["USE_TMA"]
+                   and c.kwargs["FLATTEN"] == flatten]
+        grouped_gemm.grouped_mm_wgrad_with(tuned, x_SX, dy_SY, offsets_E, True)
         ttgir = compiled[-1].asm["ttgir"]
         loop = step_loop(ttgir)
+        stats = check.sass_stats(compiled[-1].asm["cubin"])
         report[f"128x{block_n} flatten={flatten}"] = {
+            "capped": tuned.maxnreg is not None,
+            # the registers of the programs persistent_programs puts on one SM
+            "sm_registers": (stats["regs"] * tuned.num_warps * 32
+                             * config._programs_per_sm(128 * block_n)),
             "store_in_step_loop": any(re.search(rf"tt.store .*tensor<128x{block_n}x", line)
                                       for line in loop),
             "tma_copies_in_step_loop": sum("async_tma_copy_global_to_local" in line
                                            for line in loop),
             "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
             "descriptors_in_step_loop": sum("tensormap_create" in line for line in loop),
-            "stl": check.sass_stats(compiled[-1].asm["cubin"])["stl"]}
+            "stl": stats["stl"]}
 print(json.dumps(report))
 """
 
@@ -278,8 +283,10 @@ def test_wgrad_flattens_its_uniform_walk():
     """FLATTEN has the persistent TMA wgrad walk its tiles in one fused loop
     (grouped_gemm_kernels._wgrad_uniform_walk): the loop running the wgmma also stores
     dw's tile and builds each tile's descriptors, and its TMA copies stay pipelined (the
-    first stages' copies issued before it), not spilling. Without FLATTEN the first
-    wgmma's loop is a tile's reduction, which stores nothing."""
+    first stages' copies issued before it). Without FLATTEN the first wgmma's loop is a
+    tile's reduction, which stores nothing. The programs the persistent launch puts on
+    an SM fit its 64K registers: the 128x128 walk (two an SM) only with its register
+    cap, under which it spills a few values; uncapped configs do not spill."""
     report = _run_script(_FLAT_WGRAD_SCRIPT, timeout=600)
     for launch, kernel in report.items():
         flat = "flatten=True" in launch
@@ -287,7 +294,9 @@ def test_wgrad_flattens_its_uniform_walk():
         assert (kernel["descriptors_in_step_loop"] > 0) == flat, (launch, report)
         assert kernel["tma_copies_in_step_loop"] >= 2, (launch, report)
         assert kernel["tma_copies"] > kernel["tma_copies_in_step_loop"], (launch, report)
-        assert kernel["stl"] == 0, (launch, report)
+        assert kernel["sm_registers"] <= 65536, (launch, report)
+        assert kernel["stl"] == 0 or kernel["capped"], (launch, report)
+    assert report["128x128 flatten=True"]["capped"], report
 
 
 _WGRAD_TAIL_SCRIPT = _KEEP_COMPILED + """

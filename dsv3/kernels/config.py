@@ -111,10 +111,28 @@ def wgrad_configs() -> list[triton.Config]:
     variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
                 for config in configs if _has_variant(config)
                 for persistent, tma in ((True, False), (False, True), (True, True))]
-    flat = [config_with(config, FLATTEN=True) for config in variants
+    flat = [config_with(config, FLATTEN=True, maxnreg=_flat_wgrad_registers(config))
+            for config in variants
             if config.kwargs["PERSISTENT"] and config.kwargs["USE_TMA"]
             and config.kwargs["BLOCK_M"] == 128 and config.num_stages == 3]
     return configs + variants + flat + short
+
+
+# Registers of a thread on sm_90: 64K a multiprocessor, at most 255 a thread.
+SM90_REGISTERS = 65536
+
+
+def _flat_wgrad_registers(config: triton.Config) -> int | None:
+    """The register cap of a flattened wgrad config: where persistent_programs puts
+    several programs on a multiprocessor they must share its registers (two 128x128
+    programs of 256 threads: 128 each). Uncapped, the flattened 128x128 walk takes 150
+    (sm_90, Triton 3.6 and 3.8), so only one would fit; capped, it spills a few values
+    (tests/test_sm90_compile.py). None (no cap) where one program takes the SM."""
+    tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+    per_sm = _programs_per_sm(tile)
+    if per_sm == 1:
+        return None
+    return min(SM90_REGISTERS // (per_sm * config.num_warps * 32), 255)
 
 
 # Wgrad tiles for experts of few rows (DeepSeek-V3 at 4096 tokens: 128 rows an expert,
@@ -131,11 +149,12 @@ SHORT_REDUCTION_TILES = [
 SHORT_REDUCTION_ROWS = 512
 
 
-def config_with(config: triton.Config, pre_hook=None, **kwargs) -> triton.Config:
-    """``config`` with its meta-parameters updated by ``kwargs``, and its pre-launch
-    hook replaced by ``pre_hook`` if given."""
+def config_with(config: triton.Config, pre_hook=None, maxnreg=None, **kwargs) -> triton.Config:
+    """``config`` with its meta-parameters updated by ``kwargs``, its pre-launch hook
+    replaced by ``pre_hook`` and its register cap by ``maxnreg`` if given."""
     return triton.Config({**config.kwargs, **kwargs}, num_warps=config.num_warps,
-                         num_stages=config.num_stages, pre_hook=pre_hook or config.pre_hook)
+                         num_stages=config.num_stages, maxnreg=maxnreg or config.maxnreg,
+                         pre_hook=pre_hook or config.pre_hook)
 
 
 # Shared memory one program may use on sm_90 (227 KB; CUDA guide, compute capability 9.0).
@@ -200,8 +219,12 @@ def persistent_programs(device: torch.device, tile_elements: int) -> int:
     each other's memory latency)."""
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
-    per_sm = min(max(32768 // tile_elements, 1), 4)
-    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _programs_per_sm(tile_elements) * _sm_count(
+        device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _programs_per_sm(tile_elements: int) -> int:
+    return min(max(32768 // tile_elements, 1), 4)
 
 
 @functools.cache

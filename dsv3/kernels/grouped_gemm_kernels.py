@@ -369,17 +369,11 @@ def _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts, D
     sum, so each tile builds its own over its expert's rows, which TMA reads as zeros
     past the end: every tile can then run the longest expert's steps. (Triton keeps one
     descriptor per pipeline stage, so copies in flight never read a rewritten one; the
-    launcher gives it their memory, scratch.triton_scratch.) x and dy are 16-bit and
-    TMA-readable, their rows not gathered: the launcher offers FLATTEN only then."""
-    starts, ends, _ = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
-    steps = tl.where(tl.arange(0, BLOCK_E) < n_experts, (ends - starts + BLOCK_K - 1) // BLOCK_K,
-                     0)
-    max_steps = tl.max(steps, 0)
-    # Every tile runs the longest expert's steps, the others' past their rows adding
-    # TMA's zeros: taken while that is at most a quarter more steps than the experts'
-    # own (balanced routing: none, or a third step for some experts of two), and left to
-    # the nested loop under more skewed routing.
-    uniform = max_steps * n_experts * 4 <= tl.sum(steps, 0) * 5
+    launcher gives it their memory, scratch.triton_scratch.) The caller takes it only
+    where x and dy have host descriptors, i.e. are TMA-readable (16-bit, 16-byte aligned
+    rows, unit last stride) and x's rows are not gathered: the strides given here are
+    then valid for TMA."""
+    uniform, max_steps = _uniform_steps(offsets_ptr, n_experts, n_rows, BLOCK_K, BLOCK_E)
     n_col_tiles = tl.cdiv(DIM_Y, BLOCK_N)
     tiles = tl.cdiv(DIM_X, BLOCK_M) * n_col_tiles
     walked = tl.where(uniform, n_experts * tiles, 0)
@@ -389,8 +383,9 @@ def _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts, D
         expert = tl.minimum(flat_tile // tiles, n_experts - 1)
         start, end = _expert_rows(offsets_ptr, expert, n_rows)
         # An empty expert still gets a descriptor of one row (none of zero rows is
-        # valid), inside x and dy; its sum is replaced by zeros below.
-        first = tl.minimum(start, n_rows - 1)
+        # valid), inside x and dy (x_desc there: n_rows > 0); its sum is replaced by
+        # zeros below.
+        first = tl.maximum(tl.minimum(start, n_rows - 1), 0)
         rows = tl.maximum(end - first, 1)
         x_desc = tl.make_tensor_descriptor(x_ptr + first.to(tl.int64) * stride_xs,
                                            shape=[rows, DIM_X], strides=[stride_xs, 1],
@@ -411,6 +406,20 @@ def _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts, D
         _store_dw_tile(dw_ptr, acc, expert, xs, ys, DIM_X, DIM_Y, stride_we, stride_wx,
                        stride_wy)
     return walked
+
+
+@triton.jit
+def _uniform_steps(offsets_ptr, n_experts, n_rows, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(whether the wgrad takes its uniform walk, the longest expert's BLOCK_K steps).
+    Every tile of that walk runs the longest expert's steps, the others' past their rows
+    adding TMA's zeros: taken while that is at most a quarter more steps than the
+    experts' own (balanced routing: none, or a third step for some experts of two), and
+    left to the nested loop under more skewed routing."""
+    starts, ends, _ = _segments(offsets_ptr, n_experts, n_rows, BLOCK_E)
+    steps = tl.where(tl.arange(0, BLOCK_E) < n_experts, (ends - starts + BLOCK_K - 1) // BLOCK_K,
+                     0)
+    max_steps = tl.max(steps, 0)
+    return max_steps * n_experts * 4 <= tl.sum(steps, 0) * 5, max_steps
 
 
 @triton.jit
@@ -441,7 +450,9 @@ def _grouped_mm_wgrad_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, token_ptr, ok_p
         # flattened loop where routing allows, and this loop takes what it left.
         tiles = tl.cdiv(DIM_X, BLOCK_M) * tl.cdiv(DIM_Y, BLOCK_N)
         walked = 0
-        if FLATTEN:
+        if FLATTEN and x_desc is not None and dy_desc is not None:
+            # (Checked here too: the autotuner's pick for a key is reused on later calls,
+            # whose x or dy TMA may not read, e.g. a strided or expanded gradient.)
             walked = _wgrad_uniform_walk(x_ptr, dy_ptr, dw_ptr, offsets_ptr, n_rows, n_experts,
                                          DIM_X, DIM_Y, stride_xs, stride_ds, stride_we,
                                          stride_wx, stride_wy, PRECISION, BLOCK_M, BLOCK_N,
