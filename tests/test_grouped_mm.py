@@ -208,7 +208,7 @@ VARIANT_DROPPED = 3
 # against 45, just inside; on a GPU's 64: 2 x 8 against 13). Experts of fewer steps
 # (64 rows: 4 of 16, 1 of 64) run whole steps past their end, and most end inside a
 # step. VARIANT_COUNTS_E's are too uneven for it (8 steps x 7 against 18) and go to the
-# nested loop.
+# nested loop. (A GPU runs each list 100 times over, variant_offsets: the same ratios.)
 EVEN_COUNTS_E = [110, 64, 109, 109, 82, 0, 101, 112]
 
 
@@ -380,6 +380,45 @@ def test_wgrad_flattened_walk_leaves_inputs_tma_cannot_read_to_the_nested_loop(u
                               wgrad_loop(x_SX, dy_SY))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim_x, copied_first", [(40, True), (96, False)],
+                         ids=["X_le_Y_copied", "X_gt_Y_gathered"])
+def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
+        dim_x, copied_first, dtype, device, monkeypatch):
+    """The tuned Triton wgrad copies the gathered rows first where X <= Y (the plain
+    kernel on the copy is faster on an H200) and gathers in the kernel otherwise. Both
+    match a loop, with a dropped copy's -1 token and NaN grad rows past the last expert
+    left unread."""
+    grouped_gemm, _ = triton_grouped_gemm(device, dtype)
+    copies = []
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda t, *a, original=torch.Tensor.index_select:
+                        copies.append(t.shape) or original(t, *a))
+    X, Y, T = dim_x, 72, 50
+    counts_E, offsets_E = variant_offsets(device)
+    n_rows = offsets_E[-1].item() + VARIANT_DROPPED
+    x_TX = torch.randn(T, X).to(dtype)
+    token_S = torch.randint(0, T, (n_rows,), dtype=torch.int32)
+    token_S[-VARIANT_DROPPED:] = -1  # a dropped copy's row: never read
+    dy_SY = torch.randn(n_rows, Y).to(dtype)
+    dy_SY[-VARIANT_DROPPED:] = float("nan")
+    args = [t.to(device) for t in (x_TX, dy_SY, offsets_E, token_S)]
+    grad_w_EXY = grouped_gemm.grouped_mm_wgrad(*args[:3], False, args[3]).cpu()
+    assert (copies == [x_TX.shape]) == copied_first
+    x_SX, dy_SY = x_TX[token_S[:-VARIANT_DROPPED].long()], dy_SY[:-VARIANT_DROPPED]
+    starts = [0, *offsets_E[:-1].tolist()]
+
+    def wgrad_loop(x, dy):
+        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
+
+    if dtype == torch.float32:
+        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
+    else:
+        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
+                                  wgrad_loop(x_SX, dy_SY))
+
+
 def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x,
                         flatten=False, counts=VARIANT_COUNTS_E):
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
@@ -472,6 +511,18 @@ def test_wgrad_flattened_walk_tried_only_where_tma_reads_x(monkeypatch):
     assert all(c in kept(object()) for c in flat)
     assert not any(c.kwargs["FLATTEN"] for c in kept(None))
     assert any(c.kwargs["USE_TMA"] for c in kept(None))  # dy alone still through TMA
+
+
+def test_config_with_keeps_a_register_cap_unless_told():
+    """config.config_with carries a config's register cap (the flattened 128x128 wgrad's)
+    to what it derives, replaces it when given one, and clears it with None."""
+    triton = pytest.importorskip("triton")
+    from dsv3.kernels import config
+    capped = triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=3, maxnreg=128)
+    assert config.config_with(capped, FLATTEN=False).maxnreg == 128
+    assert config.config_with(capped, maxnreg=96).maxnreg == 96
+    assert config.config_with(capped, maxnreg=None).maxnreg is None
+    assert config.config_with(triton.Config({"BLOCK_M": 64})).maxnreg is None
 
 
 def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):

@@ -149,11 +149,16 @@ SHORT_REDUCTION_TILES = [
 SHORT_REDUCTION_ROWS = 512
 
 
-def config_with(config: triton.Config, pre_hook=None, maxnreg=None, **kwargs) -> triton.Config:
+_KEEP = object()  # config_with's default register cap: the config's own
+
+
+def config_with(config: triton.Config, pre_hook=None, maxnreg=_KEEP, **kwargs) -> triton.Config:
     """``config`` with its meta-parameters updated by ``kwargs``, its pre-launch hook
-    replaced by ``pre_hook`` and its register cap by ``maxnreg`` if given."""
+    replaced by ``pre_hook`` if given, and its register cap by ``maxnreg`` if given
+    (None: no cap)."""
     return triton.Config({**config.kwargs, **kwargs}, num_warps=config.num_warps,
-                         num_stages=config.num_stages, maxnreg=maxnreg or config.maxnreg,
+                         num_stages=config.num_stages,
+                         maxnreg=config.maxnreg if maxnreg is _KEEP else maxnreg,
                          pre_hook=pre_hook or config.pre_hook)
 
 
