@@ -1,9 +1,11 @@
 """The grouped GEMM launches that benchmarks/gpu_check.sh runs under Nsight Compute
-(``ncu``): the Mixtral-like wgrad, the GEMM furthest from its bound on the H200
-(0.68 of dense cuBLAS against the forward's 0.86, run 2), in its grid, persistent
-and TMA launches, with the forward of the same shape beside it. Timings say how far
-a kernel is from its bound; ncu's throughput, occupancy and warp-stall sections say
-why, which no amount of timing shows.
+(``ncu``): the DeepSeek-V3-like wgrad at 4096 tokens (32 local experts of 128 rows,
+two BLOCK_K steps a tile), the GEMM furthest behind ``torch._grouped_mm`` in run 4
+(0.78x), in the launch the autotuner picked there (grid, TMA), the persistent TMA
+one, and that one with its walk flattened at both tile sizes the autotuner weighs.
+Timings say how far a kernel is from its bound; ncu's throughput, occupancy and
+warp-stall sections say why, which no amount of timing shows. (Run 4 profiled the
+Mixtral-like wgrad's grid, persistent and TMA launches: benchmarks/RESULTS.md.)
 
 Each config runs once, fixed (no autotuning: its many timed launches would drown the
 profile); ncu measures the kernel alone, so its compilation before the launch does
@@ -17,24 +19,25 @@ import os
 import sys
 
 import torch
+import triton
 
 from dsv3.kernels import config, grouped_gemm
 
-# (T, D, F, E, K) of gpu_bench's "mixtral-like" GEMM shape: 8192 routed rows, 8 experts.
-SHAPE = (4096, 4096, 14336, 8, 2)
+# (T, D, F, E, K) of gpu_bench's "dsv3-like T4096" GEMM shape: 4096 routed rows, 32 experts.
+SHAPE = (4096, 7168, 2048, 32, 1)
 
 
 def launches():
-    """(name, config) of each profiled launch: the pointer-grid tile the tuner starts
-    from, and its persistent and TMA variants."""
-    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
-    wgrad = {name: config.config_with(config.wgrad_configs()[0], config.wgrad_tma_block_shapes,
-                                      PERSISTENT=persistent, USE_TMA=tma, **tile)
-             for name, persistent, tma in [("wgrad grid pointer", False, False),
-                                           ("wgrad persistent pointer", True, False),
-                                           ("wgrad grid tma", False, True)]}
-    return {"forward pointer": config.config_with(config.matmul_configs()[0], USE_TMA=False,
-                                                  FLATTEN=False, **tile), **wgrad}
+    """(name, config) of each profiled launch: the autotuner's configs of these tiles
+    (8 warps, 3 stages, as config.VARIANT_TILES), whatever configs it holds here."""
+    def tile(block_n):
+        return triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64}, num_warps=8,
+                             num_stages=3)
+
+    return {"wgrad grid tma 128x128": config.wgrad_variant(tile(128), tma=True),
+            "wgrad persistent tma nested 128x128": config.wgrad_variant(tile(128), True, True),
+            "wgrad persistent tma flat 128x128": config.wgrad_variant(tile(128), True, True, True),
+            "wgrad persistent tma flat 128x256": config.wgrad_variant(tile(256), True, True, True)}
 
 
 def main(argv=None) -> None:
@@ -49,18 +52,16 @@ def main(argv=None) -> None:
             "run the smoke test as TRITON_INTERPRET=1 python -m benchmarks.ncu_case --smoke"
             if args.smoke else "run it on a GPU, or check the script with "
             "TRITON_INTERPRET=1 python -m benchmarks.ncu_case --smoke"))
-    device, dtype = ("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)
+    # fp16 on the CPU: TMA-readable as bf16 is on the GPU (the interpreter's bf16 dot is
+    # wrong), so the smoke run takes the same walks.
+    device, dtype = ("cpu", torch.float16) if args.smoke else ("cuda", torch.bfloat16)
     T, D, F, E, K = (64, 32, 48, 4, 2) if args.smoke else SHAPE
     rows = T * K
     x_SD = torch.randn(rows, D, device=device, dtype=dtype)
     dy_S2F = torch.randn(rows, 2 * F, device=device, dtype=dtype)
-    w_ED2F = torch.randn(E, 2 * F, D, device=device, dtype=dtype).transpose(1, 2) * D ** -0.5
     offsets_E = torch.linspace(rows // E, rows, E, device=device).to(torch.int32)
     for name, launch in launches().items():
-        if name.startswith("forward"):
-            out = grouped_gemm.grouped_mm_with(launch, x_SD, w_ED2F, offsets_E)
-        else:
-            out = grouped_gemm.grouped_mm_wgrad_with(launch, x_SD, dy_S2F, offsets_E, True)
+        out = grouped_gemm.grouped_mm_wgrad_with(launch, x_SD, dy_S2F, offsets_E, True)
         print(f"ran {name}: {tuple(out.shape)}, finite {bool(out.float().isfinite().all())}",
               flush=True)
 

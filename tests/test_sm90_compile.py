@@ -286,7 +286,8 @@ def test_wgrad_flattens_its_uniform_walk():
     first stages' copies issued before it). Without FLATTEN the first wgmma's loop is a
     tile's reduction, which stores nothing. The programs the persistent launch puts on
     an SM fit its 64K registers: the 128x128 walk (two an SM) only with its register
-    cap, under which it spills a few values; uncapped configs do not spill."""
+    cap, under which it spills a few values (3 under Triton 3.8, 6 under 3.6: more would
+    be worth a look); uncapped configs do not spill."""
     report = _run_script(_FLAT_WGRAD_SCRIPT, timeout=600)
     for launch, kernel in report.items():
         flat = "flatten=True" in launch
@@ -295,7 +296,7 @@ def test_wgrad_flattens_its_uniform_walk():
         assert kernel["tma_copies_in_step_loop"] >= 2, (launch, report)
         assert kernel["tma_copies"] > kernel["tma_copies_in_step_loop"], (launch, report)
         assert kernel["sm_registers"] <= 65536, (launch, report)
-        assert kernel["stl"] == 0 or kernel["capped"], (launch, report)
+        assert kernel["stl"] == 0 or (kernel["capped"] and kernel["stl"] <= 8), (launch, report)
     assert report["128x128 flatten=True"]["capped"], report
 
 

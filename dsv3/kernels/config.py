@@ -100,22 +100,27 @@ def wgrad_configs() -> list[triton.Config]:
     rows per expert, so the autotuner decides; the single config of the interpreter and
     of ``DSV3_AUTOTUNE=0`` stays the pointer grid launch, and the tests run the others
     explicitly."""
-    plain = {"PERSISTENT": False, "USE_TMA": False, "FLATTEN": False}
-    configs = [config_with(config, wgrad_tma_block_shapes, **plain) for config in _tiles()]
-    short = [config_with(config, wgrad_tma_block_shapes, **plain)
-             for config in SHORT_REDUCTION_TILES]
+    configs = [wgrad_variant(config) for config in _tiles()]
+    short = [wgrad_variant(config) for config in SHORT_REDUCTION_TILES]
     if INTERPRET or not AUTOTUNE:
         return configs
     if not VARIANTS:
         return configs + short
-    variants = [config_with(config, PERSISTENT=persistent, USE_TMA=tma)
+    variants = [wgrad_variant(config, persistent, tma)
                 for config in configs if _has_variant(config)
                 for persistent, tma in ((True, False), (False, True), (True, True))]
-    flat = [config_with(config, FLATTEN=True, maxnreg=_flat_wgrad_registers(config))
-            for config in variants
-            if config.kwargs["PERSISTENT"] and config.kwargs["USE_TMA"]
+    flat = [wgrad_variant(config, persistent=True, tma=True, flatten=True)
+            for config in configs if _has_variant(config)
             and config.kwargs["BLOCK_M"] == 128 and config.num_stages == 3]
     return configs + variants + flat + short
+
+
+def wgrad_variant(tile: triton.Config, persistent: bool = False, tma: bool = False,
+                  flatten: bool = False) -> triton.Config:
+    """The wgrad config of ``tile``'s blocks, warps and stages as the launch these flags
+    name (flatten: a persistent TMA launch, register-capped where it shares an SM)."""
+    return config_with(tile, wgrad_tma_block_shapes, PERSISTENT=persistent, USE_TMA=tma,
+                       FLATTEN=flatten, maxnreg=_flat_wgrad_registers(tile) if flatten else None)
 
 
 # Registers of a thread on sm_90: 64K a multiprocessor, at most 255 a thread.
