@@ -133,8 +133,7 @@ def _flat_wgrad_registers(config: triton.Config) -> int | None:
     programs of 256 threads: 128 each). Uncapped, the flattened 128x128 walk takes 150
     (sm_90, Triton 3.6 and 3.8), so only one would fit; capped, it spills a few values
     (tests/test_sm90_compile.py). None (no cap) where one program takes the SM."""
-    tile = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-    per_sm = _programs_per_sm(tile)
+    per_sm = _programs_per_sm(config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"])
     if per_sm == 1:
         return None
     return min(SM90_REGISTERS // (per_sm * config.num_warps * 32), 255)
