@@ -231,6 +231,12 @@ def variant_offsets(device, counts=VARIANT_COUNTS_E):
     return counts_E, counts_E.cumsum(0).to(torch.int32)
 
 
+def wgrad_loop(x_SX, dy_SY, offsets_E):
+    """dw[e] = x_e^T @ dy_e, expert by expert: the wgrad tests' reference."""
+    starts = [0, *offsets_E[:-1].tolist()]
+    return torch.stack([x_SX[s:e].T @ dy_SY[s:e] for s, e in zip(starts, offsets_E.tolist())])
+
+
 # Views of w_EXY's values in other layouts (made on the device: a copy there would
 # make a non-dense view contiguous).
 W_LAYOUTS = {
@@ -370,14 +376,10 @@ def test_wgrad_flattened_walk_leaves_inputs_tma_cannot_read_to_the_nested_loop(u
         launch = config.config_with(launch, BLOCK_N=64, BLOCK_K=16)
     grad_w_EXY = grouped_gemm.grouped_mm_wgrad_with(launch, x_SX, dy_SY, offsets_E.to(device),
                                                     False)
-
-    def wgrad_loop(x, dy):
-        starts = [0, *offsets_E[:-1].tolist()]
-        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
-
     x_SX, dy_SY = x_SX.cpu(), dy_SY.cpu()
-    assert_close_to_reference(grad_w_EXY.cpu(), wgrad_loop(x_SX.double(), dy_SY.double()),
-                              wgrad_loop(x_SX, dy_SY))
+    assert_close_to_reference(grad_w_EXY.cpu(),
+                              wgrad_loop(x_SX.double(), dy_SY.double(), offsets_E),
+                              wgrad_loop(x_SX, dy_SY, offsets_E))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -407,16 +409,12 @@ def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
     grad_w_EXY = grouped_gemm.grouped_mm_wgrad(*args[:3], False, args[3]).cpu()
     assert (copies == [x_TX.shape]) == copied_first
     x_SX, dy_SY = x_TX[token_S[:-VARIANT_DROPPED].long()], dy_SY[:-VARIANT_DROPPED]
-    starts = [0, *offsets_E[:-1].tolist()]
-
-    def wgrad_loop(x, dy):
-        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
-
     if dtype == torch.float32:
-        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
+        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY, offsets_E))
     else:
-        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
-                                  wgrad_loop(x_SX, dy_SY))
+        assert_close_to_reference(grad_w_EXY,
+                                  wgrad_loop(x_SX.double(), dy_SY.double(), offsets_E),
+                                  wgrad_loop(x_SX, dy_SY, offsets_E))
 
 
 def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x,
@@ -454,15 +452,12 @@ def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_
     x_SX = (x_TX[token_S.long()] if gather else x_TX)[:-VARIANT_DROPPED]
     dy_SY = dy_SY[:-VARIANT_DROPPED]
 
-    def wgrad_loop(x, dy):
-        starts = [0, *offsets_E[:-1].tolist()]
-        return torch.stack([x[s:e].T @ dy[s:e] for s, e in zip(starts, offsets_E.tolist())])
-
     if dtype in (torch.float16, torch.bfloat16):
-        assert_close_to_reference(grad_w_EXY, wgrad_loop(x_SX.double(), dy_SY.double()),
-                                  wgrad_loop(x_SX, dy_SY))
+        assert_close_to_reference(grad_w_EXY,
+                                  wgrad_loop(x_SX.double(), dy_SY.double(), offsets_E),
+                                  wgrad_loop(x_SX, dy_SY, offsets_E))
     else:
-        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY))
+        assert_close(grad_w_EXY, wgrad_loop(x_SX, dy_SY, offsets_E))
 
 
 def test_wgrad_short_reduction_tiles_tried_only_for_few_rows(monkeypatch):
