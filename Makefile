@@ -38,7 +38,8 @@ build: dsv3/.built
 TRITON_TESTS := tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py \
 	tests/test_swiglu.py tests/test_moe.py tests/test_quantize.py tests/test_errors.py \
 	tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_gpt_oss_glu.py \
-	tests/test_expert_bias.py tests/test_transformers_gpt_oss.py tests/test_wgrad_uniform_walk.py
+	tests/test_expert_bias.py tests/test_transformers_gpt_oss.py tests/test_wgrad_uniform_walk.py \
+	tests/test_interpreter_patching.py
 
 # The interpreter runs each kernel in one Python thread: its pass takes a pytest-xdist
 # worker per core (at most 8: each holds its own torch, ~1 GB). The first pass stays in

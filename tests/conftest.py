@@ -30,6 +30,12 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 TRITON_INTERPRETED = (os.environ.get("TRITON_INTERPRET") == "1"
                       and os.environ.get("DSV3_BACKEND") == "triton")
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Patch triton.language once per launch, not on every helper's call (a third of
+    # the interpreter pass's time; tests/interpreter_patching.py says why it is safe).
+    from interpreter_patching import install as _install_interpreter_patching
+    _install_interpreter_patching()
+
 # Dtypes every op and the layer are tested in (fp64: the gradchecks). The Triton
 # interpreter computes bf16 wrongly (tl.dot garbage, truncating casts; DESIGN.md §4), so
 # its pass covers fp32/fp16 and bf16 Triton runs are left to the GPU tests.
