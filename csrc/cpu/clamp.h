@@ -34,6 +34,16 @@ inline void check_hidden(const at::Tensor& h_S2F, const char* op) {
                     ": h_S2F must be 2-D [S, 2F] with an even last dim, got ", h_S2F.sizes());
 }
 
+// grad_a_SF, the gradient of the activation of h_S2F [S, 2F], is [S, F]: the kernels
+// read it row by row beside h.
+inline void check_output_grad(const at::Tensor& grad_a_SF, const at::Tensor& h_S2F,
+                              const char* op) {
+  const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
+  TORCH_CHECK_VALUE(grad_a_SF.dim() == 2 && grad_a_SF.size(0) == n_rows && grad_a_SF.size(1) == ffn,
+                    op, ": grad_a_SF must be [S, F] = [", n_rows, ", ", ffn,
+                    "] for h_S2F of shape ", h_S2F.sizes(), ", got ", grad_a_SF.sizes());
+}
+
 inline void check_limit(const std::optional<double>& limit, const char* op) {
   TORCH_CHECK_VALUE(!limit || (*limit > 0 && std::isfinite(*limit)), op,
                     ": limit must be a finite number > 0 (or None), got ", *limit);

@@ -225,10 +225,7 @@ at::Tensor gpt_oss_glu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Te
   check_numbers(alpha, limit, "gpt_oss_glu_backward");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
-  TORCH_CHECK_VALUE(grad_a_SF_in.dim() == 2 && grad_a_SF_in.size(0) == n_rows &&
-                        grad_a_SF_in.size(1) == ffn,
-                    "gpt_oss_glu_backward: grad_a_SF must be [S, F] = [", n_rows, ", ", ffn,
-                    "] for h_S2F of shape ", h_S2F.sizes(), ", got ", grad_a_SF_in.sizes());
+  clamp::check_output_grad(grad_a_SF_in, h_S2F, "gpt_oss_glu_backward");
   const at::Tensor grad_a_SF = grad_a_SF_in.to(h_S2F.scalar_type()).contiguous();
   at::Tensor grad_h_S2F = empty_output(h_S2F.sizes(), h_S2F.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_S2F.scalar_type(),

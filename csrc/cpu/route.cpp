@@ -198,6 +198,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
                     "route: topk_groups must be in [1, n_groups]");
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= topk_groups * (n_experts / n_groups),
                     "route: top_k must be in [1, experts in the selected groups]");
+  // The kernel reads bias_E[e] for every expert: a shorter bias would be read past its end.
+  TORCH_CHECK_VALUE(!bias_E.has_value() || (bias_E->dim() == 1 && bias_E->size(0) == n_experts),
+                    "route: bias_E must be 1-D [E=", n_experts, "], got ",
+                    bias_E.has_value() ? bias_E->sizes() : at::IntArrayRef());
   const auto acc_type = logits_TE.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor weights_TK = at::empty({n_tokens, top_k}, logits_TE.options().dtype(acc_type));
   at::Tensor experts_TK = at::empty({n_tokens, top_k}, logits_TE.options().dtype(at::kInt));
@@ -300,12 +304,45 @@ void route_backward_kernel(const at::Tensor* grad_weights_TK, const at::Tensor* 
   });
 }
 
+// A direct torch.ops call reaches the kernel without ops.route's checks, and the kernel
+// indexes the scores by experts_TK's ids, the gradients by token, slot and expert.
+void check_backward_inputs(const c10::optional<at::Tensor>& grad_weights_TK,
+                           const c10::optional<at::Tensor>& grad_score_sum_E,
+                           const c10::optional<at::Tensor>& grad_lse_sq_sum,
+                           const at::Tensor& logits_TE, const at::Tensor& experts_TK) {
+  TORCH_CHECK_VALUE(logits_TE.dim() == 2, "route_backward: logits_TE must be 2-D [T, E], got ",
+                    logits_TE.sizes());
+  const int64_t n_tokens = logits_TE.size(0), n_experts = logits_TE.size(1);
+  TORCH_CHECK_VALUE(experts_TK.dim() == 2 && experts_TK.size(0) == n_tokens &&
+                        experts_TK.scalar_type() == at::kInt,
+                    "route_backward: experts_TK must be int32 [T=", n_tokens, ", K], got ",
+                    experts_TK.scalar_type(), " ", experts_TK.sizes());
+  TORCH_CHECK_VALUE(!grad_weights_TK.has_value() || grad_weights_TK->sizes() == experts_TK.sizes(),
+                    "route_backward: grad_weights_TK must have experts_TK's shape ",
+                    experts_TK.sizes(), ", got ",
+                    grad_weights_TK.has_value() ? grad_weights_TK->sizes() : at::IntArrayRef());
+  TORCH_CHECK_VALUE(!grad_score_sum_E.has_value() ||
+                        (grad_score_sum_E->dim() == 1 && grad_score_sum_E->size(0) == n_experts),
+                    "route_backward: grad_score_sum_E must be 1-D [E=", n_experts, "], got ",
+                    grad_score_sum_E.has_value() ? grad_score_sum_E->sizes() : at::IntArrayRef());
+  TORCH_CHECK_VALUE(!grad_lse_sq_sum.has_value() || grad_lse_sq_sum->numel() == 1,
+                    "route_backward: grad_lse_sq_sum must have one element, got ",
+                    grad_lse_sq_sum.has_value() ? grad_lse_sq_sum->sizes() : at::IntArrayRef());
+  const at::Tensor ids = experts_TK.contiguous();
+  const int32_t* id = ids.const_data_ptr<int32_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    TORCH_CHECK_VALUE(id[i] >= 0 && id[i] < n_experts, "route_backward: experts_TK values must "
+                      "be in [0, ", n_experts, "), got ", id[i]);
+}
+
 at::Tensor route_backward_cpu(const c10::optional<at::Tensor>& grad_weights_TK,
                               const c10::optional<at::Tensor>& grad_score_sum_E,
                               const c10::optional<at::Tensor>& grad_lse_sq_sum,
                               const at::Tensor& logits_TE_in, const at::Tensor& experts_TK,
                               c10::string_view score_name, bool normalize, double scale) {
   const Score score = parse_score(score_name);
+  check_backward_inputs(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE_in,
+                        experts_TK);
   const at::Tensor logits_TE = logits_TE_in.contiguous();
   const auto acc_type = logits_TE.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto as_acc = [&](const c10::optional<at::Tensor>& grad) {

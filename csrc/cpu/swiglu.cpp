@@ -218,8 +218,9 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_a_SF_in, const at::Tensor&
   check_hidden(h_S2F_in, "swiglu_backward");
   check_limit(limit, "swiglu_backward");
   const at::Tensor h_S2F = h_S2F_in.contiguous();
-  const at::Tensor grad_a_SF = grad_a_SF_in.to(h_S2F.scalar_type()).contiguous();
   const int64_t n_rows = h_S2F.size(0), ffn = h_S2F.size(1) / 2;
+  clamp::check_output_grad(grad_a_SF_in, h_S2F, "swiglu_backward");
+  const at::Tensor grad_a_SF = grad_a_SF_in.to(h_S2F.scalar_type()).contiguous();
   at::Tensor grad_h_S2F = empty_output(h_S2F.sizes(), h_S2F.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_S2F.scalar_type(),
                                   "swiglu_backward", [&] {

@@ -15,12 +15,14 @@ With a limit the inputs are first clamped exactly as dsv3/kernels/swiglu.py does
 convention on the bounds); HAS_LIMIT and GRAD_AT_LIMIT are constexpr, so the
 unclamped variant carries no clamp code. Offsets are int64: S * 2F reaches 2^31 at
 GPT-OSS-120B's F = 2880 from S = 372k routed rows."""
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from dsv3.kernels.config import INTERPRET
-from dsv3.kernels.swiglu import _clamp, _limit_in, _passes_clamp
+from dsv3.kernels.swiglu import _clamp, _limit_in, _passes_clamp, check_glu_inputs
 
 _BLOCK = 256 if INTERPRET else 1024  # output elements (gate/up pairs) per program
 # 8 warps: 256 threads, each loading 8 fp16/bf16 h values (one 128-bit load) that
@@ -78,7 +80,15 @@ def _gpt_oss_glu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, n_h, alpha, LIM
     tl.store(grad_h_ptr + offs_h, grad_pairs.to(grad_h_ptr.dtype.element_ty), mask=mask_h)
 
 
+def _check_inputs(op: str, h_S2F, alpha: float, limit: float | None, grad_a_SF=None) -> None:
+    """The C++ kernel's checks (csrc/cpu/gpt_oss_glu.cpp), for direct torch.ops calls."""
+    check_glu_inputs(op, h_S2F, limit, grad_a_SF)
+    if not math.isfinite(alpha):
+        raise ValueError(f"{op}: alpha must be finite, got {alpha}")
+
+
 def gpt_oss_glu(h_S2F: torch.Tensor, alpha: float, limit: float | None = None) -> torch.Tensor:
+    _check_inputs("gpt_oss_glu", h_S2F, alpha, limit)
     h_S2F = h_S2F.contiguous()
     n_rows, ffn = h_S2F.shape[0], h_S2F.shape[1] // 2
     a_SF = h_S2F.new_empty(n_rows, ffn)
@@ -92,11 +102,8 @@ def gpt_oss_glu(h_S2F: torch.Tensor, alpha: float, limit: float | None = None) -
 
 def gpt_oss_glu_backward(grad_a_SF: torch.Tensor, h_S2F: torch.Tensor, alpha: float,
                          limit: float | None = None, grad_at_limit: bool = False) -> torch.Tensor:
+    _check_inputs("gpt_oss_glu_backward", h_S2F, alpha, limit, grad_a_SF)
     h_S2F = h_S2F.contiguous()
-    n_rows, ffn = h_S2F.shape[0], h_S2F.shape[1] // 2
-    if tuple(grad_a_SF.shape) != (n_rows, ffn):  # the kernel would read past it
-        raise ValueError(f"gpt_oss_glu_backward: grad_a_SF must be [S, F] = [{n_rows}, {ffn}] "
-                         f"for h_S2F of shape {tuple(h_S2F.shape)}, got {tuple(grad_a_SF.shape)}")
     grad_h_S2F = torch.empty_like(h_S2F)
     n = grad_a_SF.numel()
     if n:

@@ -347,7 +347,7 @@ def _score_grad(grad_p, probs, g_dot_p, SIGMOID: tl.constexpr):
 
 @triton.jit
 def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, experts_ptr,
-                           grad_logits_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
+                           grad_logits_ptr, ok_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
                            TOP_K: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
                            HAS_GRAD_W: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
                            HAS_GRAD_Z: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
@@ -411,6 +411,12 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     slot_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
     slot_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
+    # An id outside [0, E) (a direct op call's) clears the "ids were good" flag, written
+    # only by the threads that saw one (no reduction across the lanes), and reads and
+    # writes expert 0 instead, inside the rows; the launcher raises.
+    in_range = (chosen >= 0) & (chosen < N_EXPERTS)
+    tl.store(ok_ptr + tl.zeros_like(chosen), 0, mask=slot_mask & ~in_range)
+    chosen = tl.where(in_range, chosen, 0)
     chosen_logits = _load_tile(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
                                slot_mask, 0.0).to(tl.float32)
     if SIGMOID:
@@ -499,8 +505,47 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
+def _check_route(logits_TE, top_k, bias_E, n_groups, topk_groups) -> None:
+    """The C++ kernel's checks (csrc/cpu/route.cpp), which a direct torch.ops call meets
+    without ops.route's: the kernel reads bias_E for every expert, and its tiles and
+    slots are sized by the others."""
+    if logits_TE.dim() != 2:
+        raise ValueError("route: logits_TE must be 2-D [T, E]")
+    n_experts = logits_TE.shape[1]
+    if n_groups < 1 or n_experts % n_groups:
+        raise ValueError("route: n_groups must divide n_experts")
+    if not 1 <= topk_groups <= n_groups:
+        raise ValueError("route: topk_groups must be in [1, n_groups]")
+    if not 1 <= top_k <= topk_groups * (n_experts // n_groups):
+        raise ValueError("route: top_k must be in [1, experts in the selected groups]")
+    if bias_E is not None and tuple(bias_E.shape) != (n_experts,):
+        raise ValueError(f"route: bias_E must be 1-D [E={n_experts}], got {tuple(bias_E.shape)}")
+
+
+def _check_route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE,
+                          experts_TK) -> None:
+    """The C++ kernel's shape checks (its id check is the kernel's flag here)."""
+    if logits_TE.dim() != 2:
+        raise ValueError(f"route_backward: logits_TE must be 2-D [T, E], got "
+                         f"{tuple(logits_TE.shape)}")
+    n_tokens, n_experts = logits_TE.shape
+    if experts_TK.dim() != 2 or experts_TK.shape[0] != n_tokens or experts_TK.dtype != torch.int32:
+        raise ValueError(f"route_backward: experts_TK must be int32 [T={n_tokens}, K], got "
+                         f"{experts_TK.dtype} {tuple(experts_TK.shape)}")
+    if grad_weights_TK is not None and grad_weights_TK.shape != experts_TK.shape:
+        raise ValueError(f"route_backward: grad_weights_TK must have experts_TK's shape "
+                         f"{tuple(experts_TK.shape)}, got {tuple(grad_weights_TK.shape)}")
+    if grad_score_sum_E is not None and tuple(grad_score_sum_E.shape) != (n_experts,):
+        raise ValueError(f"route_backward: grad_score_sum_E must be 1-D [E={n_experts}], got "
+                         f"{tuple(grad_score_sum_E.shape)}")
+    if grad_lse_sq_sum is not None and grad_lse_sq_sum.numel() != 1:
+        raise ValueError(f"route_backward: grad_lse_sq_sum must have one element, got "
+                         f"{tuple(grad_lse_sq_sum.shape)}")
+
+
 def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats,
           group_score="top2_sum"):
+    _check_route(logits_TE, top_k, bias_E, n_groups, topk_groups)
     logits_TE = logits_TE.contiguous()
     # The kernel reads bias_E[e] at bias_ptr + e: a strided view (bias[::2]) would
     # have it pick experts by other experts' biases.
@@ -551,10 +596,13 @@ def _raise_on_bad_bias(bias_E: torch.Tensor) -> None:
 
 def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE, experts_TK,
                    score, normalize, scale):
+    _check_route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE,
+                          experts_TK)
     logits_TE = logits_TE.contiguous()
     n_tokens, n_experts = logits_TE.shape
     top_k = experts_TK.shape[1]
     grad_logits_TE = torch.empty_like(logits_TE)
+    ok = device_checks.good_flags(logits_TE.device)
     blocks = _blocks(logits_TE, top_k)
     blocks.pop("BLOCK_G")
     blocks.pop("COUNT_BINS")
@@ -564,8 +612,9 @@ def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE
 
     _route_backward_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_T"]),)](
         pointer(grad_weights_TK), pointer(grad_score_sum_E), pointer(grad_lse_sq_sum), logits_TE,
-        experts_TK.contiguous(), grad_logits_TE, n_tokens, float(scale),
+        experts_TK.contiguous(), grad_logits_TE, ok, n_tokens, float(scale),
         N_EXPERTS=n_experts, TOP_K=top_k, SIGMOID=score == "sigmoid", NORMALIZE=normalize,
         HAS_GRAD_W=grad_weights_TK is not None, HAS_GRAD_SUM=grad_score_sum_E is not None,
         HAS_GRAD_Z=grad_lse_sq_sum is not None, **blocks)
+    device_checks.raise_unless(ok, f"route_backward: experts_TK values must be in [0, {n_experts})")
     return grad_logits_TE

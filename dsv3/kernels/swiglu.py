@@ -9,6 +9,7 @@ on the bounds themselves unless GRAD_AT_LIMIT (torch 2.12 and before pass it the
 2.14 takes the minimum-norm subgradient, 0). The clamp is a constexpr branch
 (HAS_LIMIT): without a limit the kernels compile to the code they were before it existed."""
 import functools
+import math
 
 import torch
 import triton
@@ -77,6 +78,21 @@ def _swiglu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, ffn, LIMIT, HAS_LIMI
     tl.store(grad_h_ptr + row * 2 * ffn + ffn + col, grad_up.to(out_ty), mask=mask)
 
 
+def check_glu_inputs(op: str, h_S2F: torch.Tensor, limit: float | None,
+                     grad_a_SF: torch.Tensor | None = None) -> None:
+    """csrc/cpu/clamp.h's checks, which a direct torch.ops call meets without the Python
+    wrappers': the kernels index h by row and column pair, and grad_a_SF beside it."""
+    if h_S2F.dim() != 2 or h_S2F.shape[1] % 2:
+        raise ValueError(f"{op}: h_S2F must be 2-D [S, 2F] with an even last dim, "
+                         f"got {tuple(h_S2F.shape)}")
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"{op}: limit must be a finite number > 0 (or None), got {limit}")
+    n_rows, ffn = h_S2F.shape[0], h_S2F.shape[1] // 2
+    if grad_a_SF is not None and tuple(grad_a_SF.shape) != (n_rows, ffn):
+        raise ValueError(f"{op}: grad_a_SF must be [S, F] = [{n_rows}, {ffn}] for h_S2F of "
+                         f"shape {tuple(h_S2F.shape)}, got {tuple(grad_a_SF.shape)}")
+
+
 @functools.lru_cache(maxsize=64)  # a tensor and .item() each launch: ~2 us
 def _limit_in(limit: float | None, dtype: torch.dtype) -> float:
     """``limit`` rounded to ``dtype``, what torch's clamp compares and clamps with
@@ -86,6 +102,7 @@ def _limit_in(limit: float | None, dtype: torch.dtype) -> float:
 
 
 def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    check_glu_inputs("swiglu", h_S2F, limit)
     h_S2F = h_S2F.contiguous()
     n_rows, ffn = h_S2F.shape[0], h_S2F.shape[1] // 2
     a_SF = h_S2F.new_empty(n_rows, ffn)
@@ -97,6 +114,7 @@ def swiglu(h_S2F: torch.Tensor, limit: float | None = None) -> torch.Tensor:
 
 def swiglu_backward(grad_a_SF: torch.Tensor, h_S2F: torch.Tensor, limit: float | None = None,
                     grad_at_limit: bool = False) -> torch.Tensor:
+    check_glu_inputs("swiglu_backward", h_S2F, limit, grad_a_SF)
     h_S2F = h_S2F.contiguous()
     grad_h_S2F = torch.empty_like(h_S2F)
     n = grad_a_SF.numel()
