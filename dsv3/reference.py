@@ -99,6 +99,10 @@ def grouped_mm(x_SX, w_EXY, offsets_E):
     y_SY = x_SX.new_zeros(x_SX.shape[0], w_EXY.shape[2])
     start = 0
     for e, end in enumerate(offsets_E.tolist()):
+        # The kernels' check: a slice would wrap a negative end and clip one past S.
+        if not start <= end <= x_SX.shape[0]:
+            raise ValueError(f"grouped_mm: offsets_E must be non-decreasing and <= "
+                             f"S={x_SX.shape[0]}, got offsets_E[{e}] = {end} after {start}")
         y_SY[start:end] = x_SX[start:end] @ w_EXY[e]
         start = end
     return y_SY

@@ -35,6 +35,10 @@ def tokens(*rows):
     return torch.tensor(rows, dtype=I32)
 
 
+def ids(rows):
+    return torch.tensor(rows, dtype=I32)
+
+
 def nan_logits():
     logits_TE = logits(70, 8)  # past the 64-token grain: the NaN is in the second chunk
     logits_TE[65, 3] = float("nan")
@@ -248,6 +252,45 @@ KERNEL_VALUES = [
     pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8, 3),
                                                            row_map() - 1, torch.rand(4, 2)),
                  ValueError, "row_map_TK", id="unpermute_backward_row_map_negative"),
+    # route's and route_backward's raw kernels index by expert id, token and slot
+    pytest.param(lambda: torch.ops.dsv3.route(torch.randn(4, 16), 2, "sigmoid", torch.zeros(1), 1,
+                                              1, True, 1.0, False),
+                 ValueError, "bias_E", id="raw_route_bias_shorter_than_E"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(torch.ones(4, 2), None, None,
+                                                       torch.randn(4, 8), ids([[0, 1]] * 3 + [[6, 8]]),
+                                                       "softmax", True, 1.0),
+                 ValueError, "experts_TK", id="raw_route_backward_id_past_E"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(None, torch.ones(8), None,
+                                                       torch.randn(4, 8), ids([[0, -1]] * 4),
+                                                       "sigmoid", True, 1.0),
+                 ValueError, "experts_TK", id="raw_route_backward_id_negative"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(None, torch.ones(2), None,
+                                                       torch.randn(4, 8), ids([[0, 1]] * 4),
+                                                       "softmax", True, 1.0),
+                 ValueError, "grad_score_sum_E", id="raw_route_backward_score_sum_short"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(torch.ones(2, 2), None, None,
+                                                       torch.randn(4, 8), ids([[0, 1]] * 4),
+                                                       "softmax", True, 1.0),
+                 ValueError, "grad_weights_TK", id="raw_route_backward_grad_fewer_tokens"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(torch.ones(4, 2), None, None,
+                                                       torch.randn(4, 8), ids([[0, 1]] * 2),
+                                                       "softmax", True, 1.0),
+                 ValueError, "experts_TK", id="raw_route_backward_ids_fewer_tokens"),
+    pytest.param(lambda: torch.ops.dsv3.route_backward(None, None, torch.ones(0),
+                                                       torch.randn(4, 8), ids([[0, 1]] * 4),
+                                                       "softmax", True, 1.0),
+                 ValueError, "grad_lse_sq_sum", id="raw_route_backward_lse_grad_empty"),
+    pytest.param(lambda: torch.ops.dsv3.swiglu_backward(torch.randn(1, 1), torch.randn(64, 64)),
+                 ValueError, "grad_a_SF", id="raw_swiglu_backward_grad_wrong_shape"),
+    pytest.param(lambda: torch.ops.dsv3.swiglu(torch.randn(4, 7)),
+                 ValueError, "h_S2F", id="raw_swiglu_odd_last_dim"),
+    pytest.param(lambda: torch.ops.dsv3.swiglu(torch.randn(4, 8), -1.0),
+                 ValueError, "limit", id="raw_swiglu_limit_negative"),
+    pytest.param(lambda: torch.ops.dsv3.gpt_oss_glu_backward(torch.randn(4, 3), torch.randn(4, 8),
+                                                             1.702),
+                 ValueError, "grad_a_SF", id="raw_gpt_oss_glu_backward_grad_wrong_shape"),
+    pytest.param(lambda: torch.ops.dsv3.gpt_oss_glu(torch.randn(4, 8), float("nan")),
+                 ValueError, "alpha", id="raw_gpt_oss_glu_alpha_nan"),
 ]
 
 SWIGLU = [
@@ -306,6 +349,22 @@ CONFIG_TYPES = [
 def test_op_rejects_bad_input(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("ends", [(4, 2), (-1, 6), (3, 9)], ids=["decreasing", "negative", "past_S"])
+def test_bad_offsets_rejected_on_every_backend(backend, ends, monkeypatch):
+    """The reference path (DSV3_BACKEND=reference, fp64 on a GPU) slices rows by the
+    offsets, where a negative end wraps and one past S clips; add_expert_bias's forward
+    searches them, which assumes them sorted. Each must refuse them as the kernels do."""
+    monkeypatch.setenv("DSV3_BACKEND", backend)
+    x_SX, w_EXY, bias_EN = torch.randn(6, 4), torch.randn(2, 4, 5), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="offsets_E"):
+        ops.grouped_mm(x_SX, w_EXY, offsets(*ends))
+    with pytest.raises(ValueError, match="offsets_E"):
+        ops.gather_grouped_mm(torch.randn(3, 4), w_EXY, offsets(*ends), row_map(3, 2))
+    with torch.no_grad(), pytest.raises(ValueError, match="offsets_E"):
+        ops.add_expert_bias(x_SX, bias_EN, offsets(*ends))
 
 
 def test_neg_inf_logits_are_allowed():

@@ -31,7 +31,9 @@ std::vector<int64_t> read_offsets(const at::Tensor& offsets_E, int64_t n_experts
   std::vector<int64_t> starts(n_experts + 1, 0);
   for (int64_t e = 0; e < n_experts; ++e) {
     TORCH_CHECK_VALUE(data[e] >= starts[e] && data[e] <= n_rows, op,
-                      ": offsets_E must be non-decreasing and <= S=", n_rows, ", got ", offsets_E);
+                      ": offsets_E must be non-decreasing and <= S=", n_rows, ", got offsets_E[",
+                      e, "] = ", data[e], e > 0 ? " after " : " (from 0)",
+                      e > 0 ? std::to_string(starts[e]) : std::string());
     starts[e + 1] = data[e];
   }
   return starts;

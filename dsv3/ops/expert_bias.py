@@ -12,6 +12,7 @@ is set.
 """
 import torch
 
+from dsv3.kernels import device_checks
 from dsv3.ops.backend import use_reference
 from dsv3.ops.checks import FLOAT_DTYPES, check_no_forward_ad, check_tensor
 
@@ -89,4 +90,11 @@ def add_expert_bias(y_SN: torch.Tensor, bias_EN: torch.Tensor,
         raise ValueError(f"{op}: bias_EN must have at least one expert, got shape "
                          f"{tuple(bias_EN.shape)}")
     check_no_forward_ad(op, y_SN, bias_EN)
+    # The rows' experts come from a binary search, which assumes sorted offsets: bad ones
+    # would add other experts' biases silently (the backward's wgrad would refuse them,
+    # but only with gradients on). Checked on the device: no host sync on a GPU.
+    ends_E = offsets_E.to(torch.int64)
+    starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    device_checks.raise_unless(((ends_E >= starts_E) & (ends_E <= y_SN.shape[0])).all(),
+                               f"{op}: offsets_E must be non-decreasing and <= S={y_SN.shape[0]}")
     return _AddExpertBias.apply(y_SN, bias_EN, offsets_E.contiguous())
