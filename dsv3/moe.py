@@ -262,6 +262,11 @@ class MoE(nn.Module):
         if x.device != gate_up.device:
             raise ValueError(f"MoE: x must be on the layer's device {gate_up.device}, got {x.device}")
         device_type = x.device.type
+        if device_type == "meta":  # which experts a token goes to depends on its values
+            raise NotImplementedError("MoE: x on the meta device: routing needs the values "
+                                      "(materialize the layer, e.g. with to_empty(), first)")
+        if not x.is_floating_point():  # autocast below would cast token ids silently
+            raise TypeError(f"MoE: x must be a floating-point tensor, got {x.dtype}")
         # Autocast's own rule: it casts floating tensors other than float64 (an fp64 layer
         # stays fp64, as its shared experts' nn.Linear does under autocast).
         if torch.is_autocast_enabled(device_type) and gate_up.dtype != torch.float64:

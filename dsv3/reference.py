@@ -142,7 +142,9 @@ def moe(x_TD, router_ED, gate_up_E2FD, down_EDF, *, top_k, score="softmax", bias
     ``swiglu_limit`` clamps the routed experts' SwiGLU (see ``swiglu``); ``group_score``
     scores the groups of group-limited routing (see ``route``).
     """
-    logits_TE = F.linear(x_TD.float(), router_ED.float())
+    # Router logits in fp32, as the layer computes them; in fp64 for fp64 inputs.
+    router_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    logits_TE = F.linear(x_TD.to(router_dtype), router_ED.to(router_dtype))
     weights_TK, experts_TK, _ = route(logits_TE, top_k, score, bias_E, n_groups, topk_groups,
                                       normalize, scale, group_score)
     y_TD = torch.zeros_like(x_TD)

@@ -406,6 +406,19 @@ def small_moe():
     return MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2))
 
 
+def test_moe_refuses_integer_x_under_autocast():
+    """Autocast casts x to its dtype; token ids passed by mistake were cast silently."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match=r"MoE: x\b"):
+        small_moe()(torch.ones(5, 8, dtype=torch.int64))
+
+
+def test_moe_on_the_meta_device_says_why_not():
+    """Routing needs the values: before, autocast's device check failed deep inside."""
+    moe = MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2), device=META)
+    with pytest.raises(NotImplementedError, match=r"MoE: x on the meta device"):
+        moe(torch.randn(5, 8, device=META))
+
+
 @pytest.mark.parametrize("x, error", [
     pytest.param(torch.randn(5, 7), ValueError, id="wrong_last_dim"),
     pytest.param(torch.randn(0, 7), ValueError, id="empty_batch_wrong_last_dim"),

@@ -554,6 +554,17 @@ def test_float64_layer_passes_gradcheck_with_its_balance_losses(score):
     assert moe.aux_loss.dtype == moe.last_stats.z_loss.dtype == torch.float64
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_float64_layer_matches_the_float64_reference(score):
+    """The reference routes fp64 inputs in fp64, as the layer does: before, its logits were
+    fp32 and the two differed by ~1e-8, which a float64 comparison cannot accept."""
+    moe = make_moe(torch.float64, score=score, n_shared_experts=1)
+    x_TD = torch.randn(40, 32, dtype=torch.float64)
+    params = [p.detach() for p in moe.parameters()]
+    torch.testing.assert_close(run_moe(moe, x_TD, *params), run_reference(moe, x_TD, *params),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n_shared_experts", [0, 1])
 def test_float64_layer_ignores_autocast(n_shared_experts):
     """Autocast leaves float64 alone (only fp32 is eligible), and so does the layer: before,
