@@ -2,6 +2,8 @@
 side files and review sample as the plain generator chain."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +131,40 @@ def test_datasets_progress_bars_follow_progress_and_restore_the_global_switch(tm
         assert datasets.are_progress_bars_disabled()
     finally:
         datasets.enable_progress_bars()
+
+
+def test_quality_step_on_datasets_matches_serial(tmp_path):
+    """The driver's quality model starts torch's OpenMP threads, which datasets.map's
+    forked workers inherit dead: before, each worker hung in its first parallel region
+    (with --num-proc 1 too). The datasets run is a subprocess, so a hang fails here
+    instead of stalling the suite."""
+    from dsv3.data.quality import make_featurizer, train_quality
+    from test_data_quality import labeled
+
+    train_quality(*labeled(n_good=40), make_featurizer("hashed"), str(tmp_path / "model"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[[sources]]
+kind = "embedded"
+domains = ["reference", "docstrings"]
+max_docs_per_domain = 15
+[steps]
+order = ["quality"]
+[steps.quality]
+model = "{tmp_path / 'model'}"
+threshold = 0.3
+[tokenizer]
+vocab_size = 300
+""")
+    outs = {}
+    for backend in ("serial", "datasets"):
+        argv = ["data", "prepare", "--config", str(cfg), "--out", str(tmp_path / backend),
+                "--no-progress", "--backend", backend, "--num-proc", "2"]
+        done = subprocess.run([sys.executable, "-m", "dsv3.cli", *argv], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stats = json.loads((tmp_path / backend / "stats.json").read_text())
+        outs[backend] = (stats["steps"], stats["tokens"],
+                         {p.name: p.read_text() for p in (tmp_path / backend / "kept").iterdir()})
+    assert outs["serial"][0]["quality"]["seen"] > 0
+    assert outs["serial"] == outs["datasets"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from collections import Counter
 from typing import Any, Iterable, Iterator
@@ -37,6 +38,11 @@ from dsv3.data.step import Step
 BACKENDS = ("inline", "datasets", "spark")
 
 _WORKER_STEPS: dict[str, list[Step]] = {}  # per process: steps built once per config
+# The process that imported this module. datasets.map's workers are forked from it and
+# inherit its torch, whose OpenMP thread pool (started by, e.g., the quality model's
+# initialisation in the driver) does not survive a fork: libgomp's first parallel
+# region in the child waits forever for the parent's threads.
+_IMPORTING_PID = os.getpid()
 
 
 def split_steps(steps: list[Step]) -> tuple[list[Step], list[Step]]:
@@ -51,9 +57,18 @@ def _worker_steps(steps_config: dict) -> list[Step]:
     key = json.dumps(steps_config, sort_keys=True)
     steps = _WORKER_STEPS.get(key)
     if steps is None:
+        _one_thread_if_forked()
         steps = split_steps(build_steps({"steps": steps_config}, dropped_dir=None))[0]
         _WORKER_STEPS[key] = steps
     return steps
+
+
+def _one_thread_if_forked() -> None:
+    """In a forked worker, torch on one thread: it never enters the inherited OpenMP
+    pool, and the num_proc workers share the cores anyway."""
+    torch = sys.modules.get("torch")
+    if torch is not None and os.getpid() != _IMPORTING_PID:
+        torch.set_num_threads(1)
 
 
 def process_row(row: dict, steps: list[Step]) -> dict:
