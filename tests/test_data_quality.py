@@ -182,6 +182,9 @@ vocab_size = 300
     data.write_text(json.dumps({"text": "x", "label": "good"}) + "\n")
     with pytest.raises(ValueError, match=r"labeled.jsonl, line 1: field 'label' must be 0/1"):
         read_labeled(str(data))
+    data.write_text(json.dumps({"text": "x", "label": 1}) + "\n" + json.dumps(["x", 1]) + "\n")
+    with pytest.raises(ValueError, match=r"labeled.jsonl, line 2: expected a JSON object, got a list"):
+        read_labeled(str(data))  # was AttributeError: 'list' object has no attribute 'get'
     with pytest.raises(ValueError, match="encoder: the 'hf' backend needs a local model directory"):
         make_featurizer("hf")
     with pytest.raises(ValueError, match="backend must be one of"):

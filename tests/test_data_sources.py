@@ -426,3 +426,18 @@ def test_prepare_reads_compressed_sources_as_the_plain_files(tmp_path, capsys):
     assert run("cut", tmp_path / "web.jsonl.bz2", cut) == 2
     assert (f"error: sources[1]: {cut}: cannot be decompressed as gzip (EOFError: "
             in capsys.readouterr().err)
+
+
+def test_lone_surrogate_escape_is_named_and_skippable(tmp_path):
+    """JSON can spell half a UTF-16 pair ("\\ud800"); the str it gave failed far later,
+    hashing the document, with no file or line named, and --skip-malformed kept it. A
+    whole escaped pair (an emoji) is one character and reads."""
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 here"}\n{"text": "last"}\n')
+    with pytest.raises(MalformedRecordError, match=re.escape(
+            f"sources[0]: {f}, line 2: not UTF-8 (a lone surrogate escape (\\ud800) is not text)")):
+        list(read_documents(str(f), source="sources[0]"))
+    stats = ReaderStats()
+    docs = list(read_documents(str(f), on_error="skip", stats=stats))
+    assert [d.text for d in docs] == ["ok \U0001F600", "last"]
+    assert stats.to_dict()["skipped_by_reason"] == {"not UTF-8": 1}

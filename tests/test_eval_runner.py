@@ -263,3 +263,15 @@ def test_max_new_tokens_past_the_context_fails_before_the_model_loads(tmp_path, 
             f"max_seq_len=32 can generate (at most 32, after a one-token prompt), for "
             f"gen:{gen}, toxicity\n") == capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_lone_surrogate_in_a_corpus_is_named_by_file_and_line(tmp_path, capsys, checkpoint,
+                                                              no_loading):
+    """Valid JSON, but half a UTF-16 pair: the tokenizer failed on it with a type error."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"domain": "a", "text": "fine"}\n{"domain": "a", "text": "bad \\udc00"}\n')
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
+            "--corpus", str(corpus)]
+    assert eval_main(argv) == 2
+    assert (f"corpus file: {corpus}:2: a lone surrogate escape (\\udc00) is not text"
+            in capsys.readouterr().err)

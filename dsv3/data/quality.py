@@ -235,6 +235,8 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
     for n, rec, error in jsonl_records(path):
         if error is not None:
             raise ValueError(f"{path}, line {n}: {error}")
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}, line {n}: expected a JSON object, got a {type(rec).__name__}")
         text, label = rec.get(text_field), rec.get(label_field)
         if not isinstance(text, str):
             raise ValueError(f"{path}, line {n}: field {text_field!r} must be a string")

@@ -48,6 +48,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Sequence
 
+from dsv3 import json_text
 from dsv3.data.document import Document
 
 FORMATS = ("jsonl", "parquet", "text")
@@ -276,9 +277,11 @@ def jsonl_records(path: str, source: str | None = None
             if not line.strip():
                 continue
             try:
-                yield line_no, json.loads(line), None
+                yield line_no, json_text.loads(line), None
             except json.JSONDecodeError as e:
                 yield line_no, None, Problem("invalid JSON", f"{e.msg} at column {e.colno}")
+            except json_text.LoneSurrogateError as e:
+                yield line_no, None, Problem("not UTF-8", str(e))
 
 
 def _parquet_records(path: str, source: str | None) -> Iterator[tuple[int, object, None]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from dsv3 import json_text
+
 
 def _decode(line: bytes, where: str) -> str:
     try:
@@ -48,9 +50,11 @@ def read_jsonl_rows(path: str, required: tuple[str, ...],
             continue
         where = f"{what}: {path}:{number}"
         try:
-            row = json.loads(line)
+            row = json_text.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where} is not JSON ({e.msg})") from None
+        except json_text.LoneSurrogateError as e:
+            raise ValueError(f"{where}: {e}") from None
         if not isinstance(row, dict):
             raise ValueError(f"{where} must be a JSON object")
         missing = [field for field in required if field not in row]
