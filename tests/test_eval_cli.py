@@ -159,10 +159,19 @@ def test_without_corpus_the_checkpoints_heldout_documents_are_scored(setup, caps
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("empty_heldout", [False, True])
 def test_without_corpus_or_heldout_the_embedded_split_comes_with_a_warning(setup, capsys,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           empty_heldout):
+    """An empty heldout.jsonl (a run with val_fraction = 0 holds nothing out) is no held-out
+    documents too: before, eval refused it as a corpus file that "holds no rows"."""
     import dsv3.eval.loading
     tmp_path, _ = setup
+    heldout = tmp_path / "ckpt" / "heldout.jsonl"
+    held = f"no {heldout}"
+    if empty_heldout:
+        heldout.write_text("")
+        held = f"an empty {heldout} (trained with val_fraction = 0)"
 
     def load(*args, **kwargs):  # the warning comes before the model: no need to run it
         raise KeyboardInterrupt
@@ -171,7 +180,7 @@ def test_without_corpus_or_heldout_the_embedded_split_comes_with_a_warning(setup
         eval_main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
                    "--tasks", "ppl"])
     assert capsys.readouterr().err == (
-        f"dsv3 eval: warning: no --corpus and no {tmp_path / 'ckpt' / 'heldout.jsonl'}: using "
+        f"dsv3 eval: warning: no --corpus and {held}: using "
         f"the embedded corpus' held-out split, which may overlap the model's training data "
         f"(perplexity and cloze then flatter it)\n")
 

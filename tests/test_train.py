@@ -214,6 +214,14 @@ def test_unknown_keys_and_domains(tmp_path):
         load_config(path)
     with pytest.raises(ValueError, match="--set expects key=value"):
         load_config(None, ["steps"])
+    # a syntax error names the file (it was TOML's message alone); PyYAML's in one line
+    path.write_text("steps = \n")
+    with pytest.raises(ValueError, match=rf"config file {path}: invalid TOML \(Invalid value"):
+        load_config(path)
+    yaml_path = tmp_path / "bad.yaml"
+    yaml_path.write_text("a: [\n")
+    with pytest.raises(ValueError, match=rf"config file {yaml_path}: invalid YAML \([^\n]*\)$"):
+        load_config(yaml_path)
     config = three_stage_config(tmp_path, stages=[
         StageConfig("base", "lm", 1.0, seq_len=24, mixture_start={"gamma": 1.0})])
     with pytest.raises(ValueError, match=r"unknown domains \['gamma'\]"):

@@ -91,7 +91,14 @@ def _corpus(args: argparse.Namespace) -> str | None:
     if args.corpus:
         return args.corpus
     heldout = os.path.join(args.checkpoint, "heldout.jsonl")
-    return heldout if os.path.isfile(heldout) else None
+    # A run trained with val_fraction = 0 holds out nothing and exports an empty file:
+    # that is a checkpoint without held-out documents, not a corpus file with no rows.
+    return heldout if os.path.isfile(heldout) and _holds_a_row(heldout) else None
+
+
+def _holds_a_row(path: str) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
     check_fits(prepared, codec, config.max_seq_len)
     uses_documents = any(needs_documents(task, options) for task in tasks)
     if uses_documents and corpus is None:
-        warn(f"no --corpus and no {os.path.join(args.checkpoint, 'heldout.jsonl')}: using the "
+        heldout = os.path.join(args.checkpoint, "heldout.jsonl")
+        held = f"an empty {heldout} (trained with val_fraction = 0)" if os.path.isfile(
+            heldout) else f"no {heldout}"
+        warn(f"no --corpus and {held}: using the "
              f"embedded corpus' held-out split, which may overlap the model's training data "
              f"(perplexity and cloze then flatter it)")
     model, codec = load_checkpoint(args.checkpoint, args.device)

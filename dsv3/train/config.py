@@ -275,9 +275,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         path = config_path(path)
         if path.suffix in (".yaml", ".yml"):
             import yaml  # optional: only YAML configs need it
-            raw = yaml.safe_load(path.read_text()) or {}
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                message = " ".join(str(e).split())  # PyYAML's spans lines: one error line
+                raise ValueError(f"config file {path}: invalid YAML ({message})") from None
         else:
-            raw = tomllib.loads(path.read_text())
+            try:
+                raw = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config file {path}: invalid TOML ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path}: expected a table of settings, got {raw!r}")
     if "stages" not in raw:  # ``--set stages.0.seq_len=..`` edits the default stages
