@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from dsv3 import torch_files
 from dsv3.eval.jsonl import read_text
 from dsv3.model import ModelConfig, Transformer
 
@@ -109,7 +110,8 @@ def load_checkpoint(directory: str, device: str | torch.device = "cpu"
     config, codec = read_checkpoint(directory)
     directory = os.fspath(directory)
     model = Transformer(dropless(config))
-    state = torch.load(os.path.join(directory, "model.pt"), map_location="cpu", weights_only=True)
+    state = torch_files.load(os.path.join(directory, "model.pt"), "model weights",
+                             map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"load_checkpoint: model.pt must hold a state_dict, got "
                          f"{type(state).__name__}")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3 import torch_files
 from dsv3.train.files import write_whole
 from dsv3.train.metrics import TB_FILES
 
@@ -120,7 +121,7 @@ def load_state(out_dir: Path, rank: int = 0, world: int | None = None) -> dict |
     path = checkpoint_path(out_dir)
     if not path.is_file():
         return None
-    shared = torch.load(path, map_location="cpu", weights_only=False)
+    shared = torch_files.load(path, map_location="cpu", weights_only=False)
     saved_world = shared.get("world")
     if saved_world is None:  # written before rank files: state.pt is one process's whole state
         if world not in (None, 1):
@@ -133,7 +134,7 @@ def load_state(out_dir: Path, rank: int = 0, world: int | None = None) -> dict |
         raise FileNotFoundError(f"{path} is at step {shared['step']}, but rank {rank}'s own "
                                 f"state {own_path} is missing: every rank must see the same "
                                 f"out_dir (a shared filesystem)")
-    own = torch.load(own_path, map_location="cpu", weights_only=False)
+    own = torch_files.load(own_path, map_location="cpu", weights_only=False)
     del shared["loader_stage"]
     return {**shared, **{k: own[k] for k in RANK_KEYS}}
 
@@ -148,7 +149,7 @@ def run_load_counts(out_dir: Path, state: dict) -> list:
         if not path.is_file():
             raise FileNotFoundError(f"rank {rank}'s state {path} is missing, so its tokens "
                                     f"cannot be counted")
-        own = torch.load(path, map_location="cpu", weights_only=False)
+        own = torch_files.load(path, map_location="cpu", weights_only=False)
         for total, layer_counts in zip(counts, own["load_counts"]):
             total += layer_counts.to(total.device, torch.int64)
     return counts
@@ -161,7 +162,7 @@ def saved_run(out_dir: Path) -> dict | None:
     path = checkpoint_path(out_dir)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = torch_files.load(path, map_location="cpu", weights_only=False, mmap=True)
     # "data": the data's fingerprint (None: saved before checkpoints kept one)
     if "world" not in state:  # written before rank files (one process)
         loader = state["loader"]
