@@ -220,3 +220,18 @@ def test_a_change_to_a_later_stage_does_not_move_the_current_stages_mixture(tmp_
     unkept.load_state_dict(state)
     first_share = 4 * 25 / (4 * 25 + 4 * 49)  # stage 0's tokens over both stages'
     assert unkept._loader.schedule.weights_at(1.0) == pytest.approx([1 - first_share, first_share])
+
+
+def test_a_dpo_stage_too_long_for_the_data_is_refused_before_any_step(tmp_path):
+    """Pairs need a stream longer than a prompt and two responses: before, this stopped
+    the run when the DPO stage started, after the earlier stages trained, with nothing
+    saved and no stage named."""
+    data = TrainData.from_corpus(synthetic_corpus(docs=2, doc_len=40), val_fraction=0.0)
+    config = three_stage_config(tmp_path / "run")  # DPO at seq_len 16 needs > 24 tokens
+    Trainer(config, data)  # 80 tokens a domain: enough
+    config = dataclasses.replace(config, stages=[
+        *config.stages[:2], dataclasses.replace(config.stages[2], seq_len=64)])
+    with pytest.raises(ValueError, match=r"stage 'preference' \(stages\.2\): no domain has more "
+                                         r"than 96 tokens for preference pairs"):
+        Trainer(config, data)
+    assert not (tmp_path / "run").exists()

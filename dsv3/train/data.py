@@ -191,6 +191,26 @@ class TrainData:
                             max_chunk_tokens=max_chunk_tokens or self.max_chunk_tokens)
 
 
+def preference_lengths(seq_len: int) -> tuple[int, int]:
+    """(prompt_len, response_len) of a DPO stage's pairs: half its sequence each."""
+    return seq_len // 2, seq_len - seq_len // 2
+
+
+def check_preference_stages(stages, streams: dict) -> None:
+    """Each DPO stage against the training streams, before the first step: a stream too
+    short for its pairs would otherwise stop the run when the stage starts, after the
+    earlier stages trained (and before their work was saved)."""
+    for i, stage in enumerate(stages):
+        if stage.kind != "dpo":
+            continue
+        prompt_len, response_len = preference_lengths(stage.seq_len)
+        need = prompt_len + 2 * response_len
+        if not any(len(stream) > need for stream in streams.values()):
+            raise ValueError(f"stage {stage.name!r} (stages.{i}): no domain has more than {need} "
+                             f"tokens for preference pairs (a prompt of {prompt_len} and two "
+                             f"responses of {response_len}); lower its seq_len or add data")
+
+
 def preference_batch(streams: dict, batch: int, prompt_len: int, response_len: int, *,
                      seed: int, step: int, micro: int = 0, rank: int = 0):
     """DPO pairs from token streams (domain -> 1-D tokens; the trainer passes the

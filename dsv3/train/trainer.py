@@ -31,7 +31,8 @@ from dsv3.model import Transformer
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import TrainConfig
-from dsv3.train.data import TrainData, check_stage_mixtures, preference_batch
+from dsv3.train.data import (TrainData, check_preference_stages, check_stage_mixtures,
+                             preference_batch, preference_lengths)
 from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
@@ -47,6 +48,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Trainer:
     def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
         check_stage_mixtures(config.stages, data.domains)  # not when a later stage starts
+        check_preference_stages(config.stages, data.train.tokens)
         self.config, self.data = config, data
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -192,9 +194,8 @@ class Trainer:
         c = self.config
         forward = self.ddp if self.ddp is not None else self.model
         if stage.kind == "dpo":
-            prompt_len = stage.seq_len // 2
             prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
-                self.data.train.tokens, c.micro_batch, prompt_len, stage.seq_len - prompt_len,
+                self.data.train.tokens, c.micro_batch, *preference_lengths(stage.seq_len),
                 seed=c.seed, step=self.step, micro=micro, rank=self.rank))
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
