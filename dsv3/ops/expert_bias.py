@@ -95,6 +95,8 @@ def add_expert_bias(y_SN: torch.Tensor, bias_EN: torch.Tensor,
     # but only with gradients on). Checked on the device: no host sync on a GPU.
     ends_E = offsets_E.to(torch.int64)
     starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
+    # The message leaves S out: formatting it would make torch.compile specialize on the
+    # row count (a recompile for every token count).
     device_checks.raise_unless(((ends_E >= starts_E) & (ends_E <= y_SN.shape[0])).all(),
-                               f"{op}: offsets_E must be non-decreasing and <= S={y_SN.shape[0]}")
+                               f"{op}: offsets_E must be non-decreasing and <= S (y_SN's rows)")
     return _AddExpertBias.apply(y_SN, bias_EN, offsets_E.contiguous())
