@@ -45,6 +45,10 @@ def test_malformed_line_stops_with_file_and_line_then_skips_by_flag(tmp_path, ca
     assert "web.jsonl, line 7: invalid JSON" in capsys.readouterr().err
     assert main(["data", "prepare", "--config", str(cfg), "--no-progress",
                  "--skip-malformed"]) == 0
+    printed = capsys.readouterr()
+    # the skip is said, not only counted in stats.json
+    assert json.loads(printed.out)["skipped_records"] == {"sources[1]": {"invalid JSON": 1}}
+    assert "warning: skipped 1 malformed record(s) (sources[1]: 1 invalid JSON)" in printed.err
     out = tmp_path / "out"
     stats = json.loads((out / "stats.json").read_text())
     assert stats["readers"][0]["skipped"] == 1 and stats["readers"][0]["read"] == 6

@@ -74,10 +74,27 @@ def _prepare(args: argparse.Namespace) -> int:
         return _interrupted(config["output"]["dir"])
     summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
                for name, s in stats["steps"].items()}
+    skipped = _skipped_records(stats["readers"])
     print(json.dumps({"output": config["output"]["dir"], "steps": summary,
+                      "skipped_records": skipped,
                       "tokens": {d: m["tokens"] for d, m in stats["tokens"]["domains"].items()}},
                      indent=2))
     return 0
+
+
+def _skipped_records(readers: list[dict]) -> dict:
+    """--skip-malformed's skips per source, also said on stderr: records left out of the
+    corpus should not pass unnoticed (stats.json's readers list has the first locations)."""
+    skipped = {f"sources[{r['source']}]": r["skipped_by_reason"]
+               for r in readers if r["skipped"]}
+    if skipped:
+        total = sum(sum(by_reason.values()) for by_reason in skipped.values())
+        where = "; ".join(f"{source}: " + ", ".join(f"{n} {reason}"
+                                                   for reason, n in by_reason.items())
+                          for source, by_reason in skipped.items())
+        print(f"dsv3 data prepare: warning: skipped {total} malformed record(s) ({where}); "
+              f"their locations are in stats.json under readers", file=sys.stderr)
+    return skipped
 
 
 def _train_quality(args: argparse.Namespace) -> int:
