@@ -173,7 +173,8 @@ def _sass_columns(stats: dict) -> str:
 
 
 def _cases(dtypes):
-    from dsv3.kernels import gpt_oss_glu, grouped_gemm, permute, quantize, router, swiglu
+    from dsv3.kernels import (gpt_oss_glu, grouped_gemm, permute, quantize, router,
+                              router_backward, swiglu)
     for dtype in dtypes:
         for n_tokens, n_experts, top_k, dim, ffn in [(64, 8, 2, 64, 96), (37, 256, 8, 48, 40)]:
             n_rows = n_tokens * top_k
@@ -210,7 +211,7 @@ def _cases(dtypes):
                     logits, top_k, score, bias if score == "sigmoid" else None, *groups, True,
                     2.5, stats)
                 experts = torch.randint(0, n_experts, (n_tokens, top_k), dtype=torch.int32)
-                yield f"route_backward {score}", lambda: router.route_backward(
+                yield f"route_backward {score}", lambda: router_backward.route_backward(
                     weights, torch.randn(n_experts), torch.randn(()), logits, experts, score,
                     True, 2.5)
             # Groups scored by their best expert (GROUP_MAX, group_score="max"): softmax

@@ -26,7 +26,7 @@ from dsv3 import reference
 triton = pytest.importorskip("triton")  # the Triton kernels are optional
 
 from dsv3.kernels import (config, gpt_oss_glu, grouped_gemm, permute, quantize,  # noqa: E402
-                          router, swiglu)
+                          router, router_backward, swiglu)
 
 # The interpreter runs Triton on CPU tensors; on a GPU the same tests run natively.
 DEVICES = ([pytest.param("cpu", marks=pytest.mark.skipif(
@@ -109,8 +109,8 @@ def test_route_writes_every_output(routing, device, int_poison):
     grad_w_TK = torch.randn(n_tokens, top_k, device=device)
     grad_sum_E = torch.randn(n_experts, device=device) if routing["stats"] else None
     grad_z = torch.tensor(0.5, device=device) if routing["stats"] else None
-    run_poisoned(int_poison, router.route_backward, grad_w_TK, grad_sum_E, grad_z, logits_TE,
-                 experts_TK, routing["score"], True, 2.5)
+    run_poisoned(int_poison, router_backward.route_backward, grad_w_TK, grad_sum_E, grad_z,
+                 logits_TE, experts_TK, routing["score"], True, 2.5)
 
 
 @pytest.mark.parametrize("int_poison", INT_POISONS)

@@ -402,3 +402,47 @@ def test_route_same_in_either_tile_order(T, E, K, score, with_bias, n_groups, to
 
     check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
              reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+
+
+# Cases over one slab and several, groups or none, ties, slabs padded past a group's or
+# the row's end (groups of 2 in slabs of 4, E=160), K below a power of two (3, 6).
+SELECTION_CASES = ["mixtral", "softmax_bias", "deepseek_groups", "ties_groups",
+                   "ties_equal_rows", "ties_E256_groups", "E160_K6", "negative_choices",
+                   "groups_of_128", "max_ties_groups", "max_deepseek_v2_E160"]
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton router under the "
+                    "interpreter pass, where its selection method can be switched")
+@pytest.mark.parametrize("network", [False, True], ids=["rounds", "network"])
+@pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in SELECTION_CASES])
+def test_route_same_by_rounds_or_network(T, E, K, score, with_bias, n_groups, topk_groups,
+                                         normalize, scale, pattern, group_score, network,
+                                         monkeypatch):
+    """The router takes its top-k in rounds or by a bitonic network over packed keys
+    (router._network picks per shape): each way, wherever the network fits (a slab of at
+    least the next power of two of K), the same ids, weights and counts as the
+    reference, ties to the lower id."""
+    from dsv3.kernels import router
+    monkeypatch.setattr(router, "_network", lambda block_k, slab, merges: network
+                        and block_k <= slab)
+    logits_TE = make_logits(T, E, pattern, torch.float32, "cpu")
+    bias_E = _bias_scale(with_bias) * torch.randn(E) if with_bias else None
+    kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
+                  normalize=normalize, scale=scale, group_score=group_score)
+    check_op(lambda logits, bias: ops.route(logits, bias_E=bias, **kwargs),
+             lambda logits, bias: reference.route(logits, bias_E=bias, **kwargs),
+             [logits_TE, bias_E], differentiable=(0,))
+
+
+def test_network_is_picked_where_it_saves_instructions():
+    """router._network's rule on the routers its sm_90 counts were taken for."""
+    router = pytest.importorskip("dsv3.kernels.router")
+
+    def network(E, K, n_groups=1, topk_groups=1, dtype=torch.float32):
+        return router._blocks(torch.empty(1, E, dtype=dtype), K, n_groups, topk_groups)["NETWORK"]
+
+    assert network(256, 8, 8, 4) and network(256, 8, 8, 4, torch.bfloat16)  # DeepSeek-V3
+    assert network(128, 8)  # Qwen3-MoE: two slabs of 64
+    assert not network(8, 2)  # Mixtral: top-2
+    assert not network(40, 8) and not network(64, 6)  # one slab: rounds are cheaper
+    assert not network(12, 6, 3, 2)  # groups of 4 in a slab of 4: too small for 8 slots

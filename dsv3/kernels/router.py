@@ -5,8 +5,9 @@ selection-only bias, the normalized and scaled weights, the per-expert counts
 program's partial sums for the balance losses (normalized scores per expert and
 logsumexp^2, added up afterwards in program order: deterministic). HBM sees the
 logits once: the kernel's later passes over a token's row (group scores, then the
-top-k over the kept groups only) hit the L1/L2 copy. The backward recomputes the
-scores from the logits instead of saving the [T, E] probabilities.
+top-k over the kept groups only) hit the L1/L2 copy. The backward
+(router_backward.py) recomputes the scores from the logits instead of saving the
+[T, E] probabilities.
 
 Ties go to the lower expert index, as in the CPU kernel and the reference (a stable
 descending sort). A group is scored by the sum of its two best selection scores
@@ -17,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels import device_checks
-from dsv3.kernels.router_checks import check_route, check_route_backward
+from dsv3.kernels import bitonic, device_checks
+from dsv3.kernels.router_checks import check_route
 from dsv3.kernels.config import INTERPRET
 
 
@@ -178,13 +179,32 @@ def _merge_slab(logits_ptr, bias_ptr, tokens, n_tokens, group, first, row_max, r
 
 
 @triton.jit
+def _merge_slab_keys(logits_ptr, bias_ptr, tokens, n_tokens, group, first, row_max, row_scale,
+                     top_keys, MERGE: tl.constexpr, N_EXPERTS: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SLAB_CHUNKS: tl.constexpr, CW: tl.constexpr):
+    """_merge_slab by a bitonic network (NETWORK): the top-k list is [T, BLOCK_K] keys
+    (dsv3/kernels/bitonic.py), sorted descending."""
+    logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
+                                     group * GROUP_SIZE, first, GROUP_SIZE, SLAB_CHUNKS, CW)
+    choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols, valid,
+                     bias_ptr, HAS_BIAS)
+    keys = tl.permute(bitonic.keys_of(choice, cols, valid, N_EXPERTS), (1, 0, 2))
+    slab_top = bitonic.top_keys(tl.reshape(keys, (keys.shape[0], keys.shape[1] * CW)), BLOCK_K)
+    if MERGE:
+        slab_top = bitonic.merge_top_keys(top_keys, slab_top)
+    return slab_top
+
+
+@triton.jit
 def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, nan_ptr,
                   partial_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
                   TOP_K: tl.constexpr, N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr,
                   SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
                   STATS: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
                   SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
-                  COUNT_BINS: tl.constexpr, GROUP_MAX: tl.constexpr = False):
+                  COUNT_BINS: tl.constexpr, NETWORK: tl.constexpr,
+                  GROUP_MAX: tl.constexpr = False):
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
     SLABS: tl.constexpr = (GROUP_SIZE + SLAB - 1) // SLAB
@@ -269,13 +289,15 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                        lse_shift + tl.log(tl.where(exp_total > 0, exp_total, 1.0)), float("-inf"))
         tl.store(partial_row + N_EXPERTS, tl.sum(tl.where(token_mask, lse * lse, 0.0), 0))
 
-    # Pass 2, the kept groups only, best group first: the top-k, kept as a sorted list
-    # ([BLOCK_K, T] scores and ids) and merged with each slab in TOP_K rounds. A round
-    # takes the best score and, among equal ones, the lowest expert id (the reference's
-    # stable sort), so the result does not depend on the order slabs come in.
+    # Pass 2, the kept groups only, best group first: the top-k. With NETWORK, each slab's
+    # top-k by a bitonic network merged into the list (bitonic.py); else the list is
+    # merged with each slab in TOP_K rounds, a round taking the best score and, among
+    # equal ones, the lowest expert id. Either way ties go to the lower id (the
+    # reference's stable sort), whatever order the slabs come in.
     slots = tl.arange(0, BLOCK_K)
     top_scores = tl.full((BLOCK_K, BLOCK_T), float("-inf"), tl.float32)
     top_ids = tl.full((BLOCK_K, BLOCK_T), N_EXPERTS, tl.int32)
+    top_keys = bitonic.no_keys(BLOCK_T, BLOCK_K)
     for r in tl.static_range(TOPK_GROUPS):
         group = no_token
         if N_GROUPS > 1:
@@ -283,23 +305,39 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             group_scores = tl.where(group_ids[:, None] == group[None, :], float("-inf"),
                                     group_scores)
         if SLABS == 1:  # a group of up to 64 experts (DeepSeek-V3's 32, Mixtral's 8)
-            top_scores, top_ids = _merge_slab(
-                logits_ptr, bias_ptr, tokens, n_tokens, group, 0, row_max, row_scale,
-                top_scores, top_ids, slots, r > 0, N_EXPERTS, GROUP_SIZE, TOP_K, SIGMOID,
-                HAS_BIAS, SLAB_CHUNKS, CW)
+            if NETWORK:
+                top_keys = _merge_slab_keys(
+                    logits_ptr, bias_ptr, tokens, n_tokens, group, 0, row_max, row_scale,
+                    top_keys, r > 0, N_EXPERTS, GROUP_SIZE, BLOCK_K, SIGMOID, HAS_BIAS,
+                    SLAB_CHUNKS, CW)
+            else:
+                top_scores, top_ids = _merge_slab(
+                    logits_ptr, bias_ptr, tokens, n_tokens, group, 0, row_max, row_scale,
+                    top_scores, top_ids, slots, r > 0, N_EXPERTS, GROUP_SIZE, TOP_K, SIGMOID,
+                    HAS_BIAS, SLAB_CHUNKS, CW)
         else:
             # A loop, not unrolled: unrolled over its 6 slabs, a 384-expert top-8 over fp32
             # logits took 75 s to compile for sm_90 on this project's CI machine (2.9 s
             # rolled; 128 experts: 7.5 s against 2.3 s). The first slab merges with the
             # empty list, which changes nothing.
             for s in range(SLABS):
-                top_scores, top_ids = _merge_slab(
-                    logits_ptr, bias_ptr, tokens, n_tokens, group, s * SLAB, row_max,
-                    row_scale, top_scores, top_ids, slots, True, N_EXPERTS, GROUP_SIZE, TOP_K,
-                    SIGMOID, HAS_BIAS, SLAB_CHUNKS, CW)
+                if NETWORK:
+                    top_keys = _merge_slab_keys(
+                        logits_ptr, bias_ptr, tokens, n_tokens, group, s * SLAB, row_max,
+                        row_scale, top_keys, True, N_EXPERTS, GROUP_SIZE, BLOCK_K, SIGMOID,
+                        HAS_BIAS, SLAB_CHUNKS, CW)
+                else:
+                    top_scores, top_ids = _merge_slab(
+                        logits_ptr, bias_ptr, tokens, n_tokens, group, s * SLAB, row_max,
+                        row_scale, top_scores, top_ids, slots, True, N_EXPERTS, GROUP_SIZE,
+                        TOP_K, SIGMOID, HAS_BIAS, SLAB_CHUNKS, CW)
+    if NETWORK:
+        top_keys_KT = tl.trans(top_keys)
+        top_scores = bitonic.scores_of(top_keys_KT)
+        top_ids = bitonic.ids_of(top_keys_KT, N_EXPERTS)
     # A NaN or +inf row (flagged above: the op raises, on a GPU asynchronously) equals no
-    # score, so its ids stay N_EXPERTS; kept below it, its loads, stores and counts stay
-    # inside their tensors until the error is seen.
+    # score in the rounds, so its ids stay N_EXPERTS; kept below it, its loads, stores and
+    # counts stay inside their tensors until the error is seen. (Keys always hold ids.)
     top_ids = tl.minimum(top_ids, N_EXPERTS - 1)
 
     out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
@@ -338,145 +376,6 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         tl.atomic_add(counts_ptr + top_ids, 1, mask=out_mask, sem="relaxed")
 
 
-@triton.jit
-def _score_grad(grad_p, probs, g_dot_p, SIGMOID: tl.constexpr):
-    """dL/dlogit from dL/dp: sigmoid p (1 - p) dL/dp; softmax p (dL/dp - sum_j dL/dp_j p_j)."""
-    if SIGMOID:
-        return grad_p * probs * (1.0 - probs)
-    return probs * (grad_p - g_dot_p)
-
-
-@triton.jit
-def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, experts_ptr,
-                           grad_logits_ptr, ok_ptr, n_tokens, scale, N_EXPERTS: tl.constexpr,
-                           TOP_K: tl.constexpr, SIGMOID: tl.constexpr, NORMALIZE: tl.constexpr,
-                           HAS_GRAD_W: tl.constexpr, HAS_GRAD_SUM: tl.constexpr,
-                           HAS_GRAD_Z: tl.constexpr, BLOCK_T: tl.constexpr, CW: tl.constexpr,
-                           SLAB_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One thread per token, as in the forward. With p the scores, s the sum of the
-    # chosen ones and g = dL/dw: normalized weights give dL/dp_k = scale / s * (g_k -
-    # sum_j g_j p_j / s), else scale * g_k. Score sums (q = p / sum(p), h =
-    # dL/d(score_sum_E)): dL/dp_e += (h_e - h.q) / sum(p), dense over e. Softmax:
-    # dL/dl_e = p_e (dL/dp_e - sum_j dL/dp_j p_j); sigmoid: dL/dp_e p_e (1 - p_e).
-    # z: d(lse^2)/dl_e = 2 lse softmax(l)_e. The row is written dense (every term but
-    # the top-k's), then the k chosen entries are rewritten with their g term added.
-    SLAB: tl.constexpr = SLAB_CHUNKS * CW
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    token_mask = tokens < n_tokens
-    no_col = tl.zeros((BLOCK_T,), tl.int32)
-    zeros = tl.zeros((BLOCK_T,), tl.float32)
-    # Row statistics: the max and exp-sum of the logits (softmax scores, logsumexp),
-    # the sum of the scores and sum_e h_e p_e (score sums).
-    row_high = tl.full((BLOCK_T,), float("-inf"), tl.float32)
-    for first in range(0, N_EXPERTS, SLAB):
-        logits, _, _ = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
-                                  N_EXPERTS, SLAB_CHUNKS, CW)
-        row_high = tl.maximum(row_high, _max3(logits))
-    row_max = tl.where(row_high == float("-inf"), 0.0, row_high)
-    exp_total = zeros
-    score_total = zeros
-    h_dot_p = zeros
-    for first in range(0, N_EXPERTS, SLAB):
-        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
-                                         N_EXPERTS, SLAB_CHUNKS, CW)
-        if HAS_GRAD_Z or not SIGMOID:  # sigmoid needs the exp-sum for the z term only
-            exps = tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0)
-            exp_total += _sum3(exps)
-        if SIGMOID:
-            probs = tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
-        else:
-            probs = exps  # scaled by 1 / exp_total below
-        score_total += _sum3(probs)
-        if HAS_GRAD_SUM:
-            h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
-            h_dot_p += _sum3(h * probs)
-    exp_scale = _reciprocal(tl.where(exp_total > 0, exp_total, 1.0))
-    if not SIGMOID:  # the sums were of exps: make them sums of scores
-        score_total = score_total * exp_scale
-        h_dot_p = h_dot_p * exp_scale
-    lse = tl.where(exp_total > 0, row_max + tl.log(tl.where(exp_total > 0, exp_total, 1.0)),
-                   float("-inf"))
-    lse = tl.where(token_mask, lse, 0.0)
-    # The dense part of dL/dp: (h_e - h.p / t) / t, t = the score sum (1 for softmax, as
-    # the reference leaves it).
-    sum_total = score_total if SIGMOID else tl.full((BLOCK_T,), 1.0, tl.float32)
-    sum_total = tl.where(sum_total > 0, sum_total, 1.0)
-    sum_scale = _reciprocal(sum_total)
-    h_shift = h_dot_p * sum_scale
-    z_scale = zeros
-    if HAS_GRAD_Z:
-        z_scale = 2.0 * tl.load(grad_z_ptr).to(tl.float32) * lse
-
-    # The top-k's dL/dp, from the chosen scores (gathered).
-    slots = tl.arange(0, BLOCK_K)
-    slot_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
-    slot_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
-    chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
-    # An id outside [0, E) (a direct op call's) clears the "ids were good" flag, written
-    # only by the threads that saw one (no reduction across the lanes), and reads and
-    # writes expert 0 instead, inside the rows; the launcher raises.
-    in_range = (chosen >= 0) & (chosen < N_EXPERTS)
-    tl.store(ok_ptr + tl.zeros_like(chosen), 0, mask=slot_mask & ~in_range)
-    chosen = tl.where(in_range, chosen, 0)
-    chosen_logits = _load_tile(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
-                               slot_mask, 0.0).to(tl.float32)
-    if SIGMOID:
-        chosen_p = _reciprocal(1.0 + _exp(-chosen_logits))
-    else:
-        chosen_p = _exp(chosen_logits - row_max[None, :]) * exp_scale[None, :]
-    chosen_p = tl.where(slot_mask, chosen_p, 0.0)
-    grad_chosen = tl.zeros((BLOCK_K, BLOCK_T), tl.float32)
-    if HAS_GRAD_W:
-        grad_w = tl.load(grad_w_ptr + slot_offsets, mask=slot_mask, other=0.0).to(tl.float32)
-        if NORMALIZE:
-            total = tl.sum(chosen_p, 0) + 1e-20
-            g_dot_p = tl.sum(grad_w * chosen_p, 0)
-            grad_chosen = scale / total[None, :] * (grad_w - (g_dot_p / total)[None, :])
-        else:
-            grad_chosen = scale * grad_w
-    chosen_dense = tl.zeros((BLOCK_K, BLOCK_T), tl.float32)
-    if HAS_GRAD_SUM:
-        h_chosen = _load_tile(grad_sum_ptr + chosen, slot_mask, 0.0).to(tl.float32)
-        chosen_dense = (h_chosen - h_shift[None, :]) * sum_scale[None, :]
-    # Softmax's sum_j dL/dp_j p_j: the top-k's g terms plus the dense part's
-    # sum_e (h_e - h_shift) / t p_e = (h.p - h_shift * sum p) / t.
-    g_dot_p_all = tl.sum(grad_chosen * chosen_p, 0)
-    if HAS_GRAD_SUM:
-        g_dot_p_all += (h_dot_p - h_shift * score_total) * sum_scale
-
-    out_row = grad_logits_ptr + tokens.to(tl.int64) * N_EXPERTS
-    for first in range(0, N_EXPERTS, SLAB):
-        logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_col, first,
-                                         N_EXPERTS, SLAB_CHUNKS, CW)
-        if SIGMOID:
-            probs = tl.where(valid, _reciprocal(1.0 + _exp(-logits)), 0.0)
-        else:
-            probs = tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0) \
-                * exp_scale[None, :, None]
-        grad_p = tl.zeros(logits.shape, tl.float32)
-        if HAS_GRAD_SUM:
-            h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
-            grad_p = (h - h_shift[None, :, None]) * sum_scale[None, :, None]
-        grad = _score_grad(grad_p, probs, g_dot_p_all[None, :, None], SIGMOID)
-        if HAS_GRAD_Z:
-            softmax = tl.where(valid, _exp(logits - lse[None, :, None]), 0.0)
-            grad += z_scale[None, :, None] * softmax
-        _store_tile(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
-                    valid)
-    if HAS_GRAD_W:  # the chosen entries again, now with their g term
-        # These stores overwrite ones of the dense loop above, and nothing orders two
-        # threads' stores to one address. Today's layouts put a token's dense tile and its
-        # [BLOCK_K] slots in the same thread (program order then suffices), but that is the
-        # compiler's choice, not a promise: were a slot's entry another thread's, the
-        # dense value could land last. The barrier orders them (one per program).
-        tl.debug_barrier()
-        grad = _score_grad(chosen_dense + grad_chosen, chosen_p, g_dot_p_all[None, :], SIGMOID)
-        if HAS_GRAD_Z:
-            grad += z_scale[None, :] * _exp(chosen_logits - lse[None, :])
-        tl.store(out_row[None, :] + chosen, grad.to(grad_logits_ptr.dtype.element_ty),
-                 mask=slot_mask)
-
-
 # Tokens per program, one per thread (4 warps); experts per slab, at most
 # (kept in registers while the top-k merges them: 64 fp32 scores and their ids).
 _TOKENS_PER_PROGRAM = 16 if INTERPRET else 128
@@ -486,9 +385,23 @@ _SLAB_EXPERTS = 64
 # Wider ones (top-4 of 16: 64) cost more instructions than they might save in
 # contention, unmeasured; top-8 of 256 would take 2048. Past it, one atomic per copy.
 _ONE_HOT_COUNTS = 16
+# The top-k by a bitonic network (NETWORK) from top-4 on, where the list is merged with
+# more than one slab (groups kept, or groups past a slab); sm_90 instructions and
+# registers a token under Triton 3.6, rounds -> network: DeepSeek-V3 (top-8 of 4 x 32)
+# 8,800 / 228 -> 6,648 / 113, Qwen3-MoE (top-8 of 128) 4,872 / 252 -> 3,856 / 128. Over
+# one slab the rounds cost less (top-8 of 40: 2,328 -> 2,456; Mixtral's top-2 of 8: 400
+# -> 1,112).
+_NETWORK_TOP_K = 4
 
 
-def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
+def _network(block_k: int, slab: int, merges: int) -> bool:
+    """Whether the top-k of block_k (a power of two) over ``merges`` slabs of ``slab``
+    experts is taken by the bitonic network (it needs a slab of at least block_k)."""
+    return _NETWORK_TOP_K <= block_k <= slab and merges > 1
+
+
+def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1,
+            topk_groups: int = 1) -> dict:
     group_size = logits_TE.shape[1] // n_groups
     # Experts per load: 16 bytes, or fewer where E is not a multiple (rows must start
     # on a whole vector). The row stride is E, a compile-time constant, so the
@@ -498,11 +411,14 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1) -> dict:
     while logits_TE.shape[1] % vector:
         vector //= 2
     chunks = triton.next_power_of_2(triton.cdiv(group_size, vector))
+    slab_chunks = min(chunks, max(_SLAB_EXPERTS // vector, 1))
     bins, block_k = triton.next_power_of_2(logits_TE.shape[1]), triton.next_power_of_2(top_k)
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "COUNT_BINS": bins if bins * block_k <= _ONE_HOT_COUNTS else 0,
-            "SLAB_CHUNKS": min(chunks, max(_SLAB_EXPERTS // vector, 1)),
-            "BLOCK_K": block_k, "BLOCK_G": triton.next_power_of_2(n_groups),
+            "SLAB_CHUNKS": slab_chunks, "BLOCK_K": block_k,
+            "NETWORK": _network(block_k, slab_chunks * vector,
+                                topk_groups * triton.cdiv(group_size, slab_chunks * vector)),
+            "BLOCK_G": triton.next_power_of_2(n_groups),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
@@ -520,7 +436,7 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
     experts_TK = torch.empty(n_tokens, top_k, device=device, dtype=torch.int32)
     counts_E = torch.zeros(n_experts, device=device, dtype=torch.int32)
     nan_flag = torch.zeros(1, device=device, dtype=torch.int32)
-    blocks = _blocks(logits_TE, top_k, n_groups)
+    blocks = _blocks(logits_TE, top_k, n_groups, topk_groups if n_groups > 1 else 1)
     n_programs = triton.cdiv(n_tokens, blocks["BLOCK_T"])
     partial_PX = torch.empty(n_programs if stats else 0, n_experts + 1, device=device,
                              dtype=torch.float32)
@@ -555,29 +471,3 @@ def _raise_on_nan(nan_flag: torch.Tensor) -> None:
 def _raise_on_bad_bias(bias_E: torch.Tensor) -> None:
     """The C++ kernel's check that bias_E is finite."""
     device_checks.raise_unless(torch.isfinite(bias_E).all(), "route: bias_E must be finite")
-
-
-def route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE, experts_TK,
-                   score, normalize, scale):
-    check_route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq_sum, logits_TE,
-                         experts_TK)
-    logits_TE = logits_TE.contiguous()
-    n_tokens, n_experts = logits_TE.shape
-    top_k = experts_TK.shape[1]
-    grad_logits_TE = torch.empty_like(logits_TE)
-    ok = device_checks.good_flags(logits_TE.device)
-    blocks = _blocks(logits_TE, top_k)
-    blocks.pop("BLOCK_G")
-    blocks.pop("COUNT_BINS")
-
-    def pointer(grad):  # an absent gradient is never read: any tensor fills the slot
-        return grad.contiguous() if grad is not None else logits_TE
-
-    _route_backward_kernel[(triton.cdiv(n_tokens, blocks["BLOCK_T"]),)](
-        pointer(grad_weights_TK), pointer(grad_score_sum_E), pointer(grad_lse_sq_sum), logits_TE,
-        experts_TK.contiguous(), grad_logits_TE, ok, n_tokens, float(scale),
-        N_EXPERTS=n_experts, TOP_K=top_k, SIGMOID=score == "sigmoid", NORMALIZE=normalize,
-        HAS_GRAD_W=grad_weights_TK is not None, HAS_GRAD_SUM=grad_score_sum_E is not None,
-        HAS_GRAD_Z=grad_lse_sq_sum is not None, **blocks)
-    device_checks.raise_unless(ok, f"route_backward: experts_TK values must be in [0, {n_experts})")
-    return grad_logits_TE

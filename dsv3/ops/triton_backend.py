@@ -12,13 +12,14 @@ import warnings
 import torch
 
 from dsv3 import reference
-from dsv3.kernels import config, gpt_oss_glu, grouped_gemm, permute, quantize, router, swiglu
+from dsv3.kernels import (config, gpt_oss_glu, grouped_gemm, permute, quantize, router,
+                          router_backward, swiglu)
 from dsv3.ops import backend
 from dsv3.ops.backend import selected_backend
 
 TRITON_KERNELS = {
     "dsv3::route": router.route,
-    "dsv3::route_backward": router.route_backward,
+    "dsv3::route_backward": router_backward.route_backward,
     "dsv3::permute_rows": permute.permute_rows,
     "dsv3::unpermute": permute.unpermute,
     "dsv3::unpermute_backward": permute.unpermute_backward,
