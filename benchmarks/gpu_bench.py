@@ -213,18 +213,23 @@ def _fused_vs_unfused(bench: str, shape: str, error: float, fused, unfused) -> d
             "peer_ms": unfused_ms, "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}
 
 
-def _per_copy_count_atomics(fn):
-    """``fn`` with the Triton router counting experts by one atomic per copy (its choice
-    past router._ONE_HOT_COUNTS) rather than by per-program one-hot sums."""
+def _router_variant(fn, **settings):
+    """``fn`` with the Triton router's module settings replaced for the call: e.g.
+    _ONE_HOT_COUNTS=0 (one count atomic per copy, its choice for many experts, instead
+    of per-program one-hot sums) or _network (whether the top-k takes a bitonic network
+    or rounds)."""
     def call():
         if DEVICE != "cuda":  # the CPU smoke run takes the C++ router
             return fn()
         from dsv3.kernels import router
-        saved, router._ONE_HOT_COUNTS = router._ONE_HOT_COUNTS, 0
+        saved = {name: getattr(router, name) for name in settings}
+        for name, value in settings.items():
+            setattr(router, name, value)
         try:
             return fn()
         finally:
-            router._ONE_HOT_COUNTS = saved
+            for name, value in saved.items():
+                setattr(router, name, value)
     return call
 
 
@@ -266,6 +271,10 @@ def memory_rows():
     cases = [  # (name, shape, call, fewest bytes it must move)
         ("route (sigmoid, 8 groups)", route_shape,
          lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
+        # The same top-k taken in rounds instead of by the bitonic network: which wins.
+        ("route (sigmoid, 8 groups), top-k in rounds", route_shape,
+         _router_variant(lambda: dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4),
+                         _network=lambda block_k, slab, merges: False), route_bytes),
         ("route + loss sums", route_shape,
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route (softmax, Mixtral-like)", f"T{mixtral_T} E8 K2",
@@ -273,7 +282,7 @@ def memory_rows():
         # The same with its expert counts by one atomic per copy, as for many experts,
         # instead of per-program one-hot sums: which of the two wins at 8 counters.
         ("route (softmax, Mixtral-like), per-copy count atomics", f"T{mixtral_T} E8 K2",
-         _per_copy_count_atomics(lambda: dsv3.ops.route(mixtral_logits_TE, 2)),
+         _router_variant(lambda: dsv3.ops.route(mixtral_logits_TE, 2), _ONE_HOT_COUNTS=0),
          mixtral_T * (8 * 2 + 2 * 8)),
         # The router's backward with all three gradients (weights, score sums, z loss).
         ("route backward (sigmoid, all gradients)", route_shape,
