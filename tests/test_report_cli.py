@@ -105,7 +105,8 @@ def test_the_heat_map_counts_every_ranks_tokens(run, capsys, monkeypatch, ranks_
     import dsv3.train.report as report_module
     heat = []
     monkeypatch.setattr(report_module, "write_report",
-                        lambda run, counts, *rest: heat.append(counts) or run / "report.html")
+                        lambda run, counts, *rest, **options:
+                        heat.append(counts) or run / "report.html")
     _ddp_checkpoint(run, ranks_saved)
     assert _report(run) == 0
     assert [counts.tolist() for counts in heat[0]] == [counted]

@@ -51,9 +51,9 @@ def _report(args: argparse.Namespace) -> int:
     option = "--eval" if args.eval is not None else "--run"
     sections = [_eval_section(eval_json, option)] if eval_json else []
     state = load_state(run)
-    # The trainer's own summary (summary.json) when it wrote one; else what the checkpoint says.
-    summary = None if (run / "summary.json").is_file() else (
-        {"steps": state["step"]} if state else None)
+    # The trainer's own summary (summary.json) when it wrote one; else what the checkpoint
+    # says, on the page only: summary.json is the trainer's (see write_report).
+    fallback = {"steps": state["step"]} if state else None
     load_counts = None
     if state:
         try:
@@ -62,7 +62,9 @@ def _report(args: argparse.Namespace) -> int:
             print(f"dsv3 report: warning: the heat map counts rank 0's tokens only: {e}",
                   file=sys.stderr)
             load_counts = state["load_counts"]
-    path = write_report(run, load_counts, summary, sections)
+    path = write_report(run, load_counts, None, sections, fallback_summary=fallback,
+                        warn=lambda message: print(f"dsv3 report: warning: {message}",
+                                                   file=sys.stderr))
     print(path)
     return 0
 

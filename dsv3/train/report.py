@@ -7,6 +7,7 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
@@ -29,10 +30,63 @@ CURVES = [  # (title, metric keys)
 ]
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """metrics.jsonl's records, each a JSON object with a whole-number "step" (the
+    curves' x axis); a bad line is a ValueError naming the file and line. But for the
+    last one: the logger appends a line per record, so a crash mid-write leaves only
+    the last line cut short (the trainer's own reader, dsv3.train.metrics, leaves it
+    out on resume): it is left out here too, and ``warn`` told."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline ending the last line starts no line
+    records = []
+    for number, line in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:  # Python's message names neither file nor line
+            raise ValueError(f"{where}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise ValueError(f"{where} is not JSON ({e.msg})") from None
+            if warn is not None:
+                warn(f"{where}: the last line is cut short (a crash mid-write?) and left out "
+                     f"({e.msg})")
+            continue
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be a JSON object, got {type(record).__name__}")
+        step = record.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"{where} lacks a whole-number 'step' (got {step!r})")
+        records.append(record)
+    return records
+
+
+def read_summary(path: Path) -> dict | None:
+    """summary.json (the trainer's summary of the run) as an object; None without one.
+    The trainer writes it whole, so a damaged one was damaged since: a ValueError
+    naming it."""
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid UTF-8 (byte {e.start + 1})") from None
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 def _png(figure) -> str:
@@ -42,8 +96,10 @@ def _png(figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def curves_png(records: list[dict]) -> str:
+def curves_png(records: list[dict]) -> str | None:
     panels = [(title, keys) for title, keys in CURVES if any(k in r for r in records for k in keys)]
+    if not panels:  # records of metrics no panel plots: no figure (matplotlib refuses 0 rows)
+        return None
     figure, axes = plt.subplots(-(-len(panels) // 2), 2, figsize=(11, 2.6 * -(-len(panels) // 2)),
                                 squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
@@ -74,21 +130,29 @@ def heatmap_png(load_counts) -> str:
 
 
 def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
-                 sections: list[str] = ()) -> Path:
+                 sections: list[str] = (), *, fallback_summary: dict | None = None,
+                 warn: Callable[[str], None] | None = None) -> Path:
     """``out_dir/report.html`` from ``out_dir/metrics.jsonl``; ``sections`` are extra
-    HTML fragments (e.g. the evaluation table). The ``summary`` is kept beside it in
-    summary.json, so that `dsv3 report` rebuilding the page (to add the evaluation)
-    shows the trainer's summary, not only what a checkpoint holds; without one given,
-    that file's is used."""
+    HTML fragments (e.g. the evaluation table). The trainer's ``summary`` is kept
+    beside it in summary.json, so that `dsv3 report` rebuilding the page (to add the
+    evaluation) shows the trainer's summary, not only what a checkpoint holds; without
+    one given, that file's is shown, and without that file, ``fallback_summary`` (what
+    `dsv3 report` reads off the checkpoint), which is shown only, never saved: a
+    stand-in summary.json would be shown as the run's by every later report, stale once
+    the run went on, and would tell `dsv3 train` the run was reported, so that it never
+    wrote the real one. ``warn`` hears of a metrics line left out (``read_metrics``)."""
 
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
+    # Both files read before anything is written: a damaged one fails with nothing changed.
+    records = read_metrics(out_dir / "metrics.jsonl", warn)
     if summary is not None:
         text = json.dumps(summary, indent=2)
         write_whole(summary_path, lambda f: f.write(text), "w")
-    elif summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-    records = read_metrics(out_dir / "metrics.jsonl")
+    else:
+        summary = read_summary(summary_path)
+        if summary is None:
+            summary = fallback_summary
     parts = ["<!doctype html><meta charset='utf-8'><title>dsv3 training report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>",
@@ -97,8 +161,9 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
         parts.append("<table>" + "".join(
             f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
             for k, v in summary.items()) + "</table>")
-    if records:
-        parts.append(f"<h2>Curves</h2><img src='{curves_png(records)}' alt='training curves'>")
+    curves = curves_png(records) if records else None
+    if curves:
+        parts.append(f"<h2>Curves</h2><img src='{curves}' alt='training curves'>")
     if load_counts:
         parts.append(f"<h2>Experts</h2><img src='{heatmap_png(load_counts)}' alt='expert heat map'>")
     parts.extend(sections)
