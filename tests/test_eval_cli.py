@@ -262,3 +262,44 @@ def test_the_report_shows_only_the_histories_of_tasks_run(tmp_path):
     assert set(result["difficulty"]) == {"cloze", f"mc:{mc}"}  # eval.json keeps them all
     for page in (markdown_table(result), html_fragment(result)):
         assert f"mc:{mc}" in page and "cloze" not in page
+
+
+def test_results_that_cannot_be_rendered_leave_the_old_files(tmp_path):
+    """eval.md was opened (emptied) before its table was rendered: an error left it
+    0 bytes, beside a new eval.json."""
+    from dsv3.eval.report import write_results
+    (tmp_path / "eval.json").write_text("old")
+    (tmp_path / "eval.md").write_text("old")
+    broken = {"tasks": {"cloze": {}}, "difficulty": {"cloze": {"threshold": 0.5}}}
+    with pytest.raises(ValueError, match="difficulty\\['cloze'\\] lacks the field 'history'"):
+        write_results(str(tmp_path), broken)
+    assert (tmp_path / "eval.json").read_text() == (tmp_path / "eval.md").read_text() == "old"
+
+
+def test_a_nan_perplexity_reads_nan_in_eval_md_and_in_the_html_from_eval_json(tmp_path):
+    """eval.json writes NaN as null: the HTML built from it (`dsv3 report`) showed an
+    empty cell where eval.md says nan."""
+    from dsv3.eval.report import write_results
+    nan = float("nan")
+    results = {"tasks": {"ppl": {"all": {"perplexity": nan, "bits_per_byte": nan,
+                                         "tokens": 0, "bytes": 0}}}}
+    json_path, md_path = write_results(str(tmp_path), results)
+    assert "| ppl | perplexity [all] (n: tokens) | nan |  | 0 |" in open(md_path).read()
+    fragment = html_fragment(json.loads(open(json_path).read()))
+    assert "<td>perplexity [all] (n: tokens)</td><td>nan</td><td></td><td>0</td>" in fragment
+
+
+def test_results_that_cannot_be_written_leave_the_difficulty_state(setup, capsys):
+    """The schedules were saved before eval.json / eval.md: results that could not be
+    written (eval.md a directory) still moved the leveled task's history on."""
+    tmp_path, files = setup
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--corpus",
+            files["corpus"], "--tasks", f"mc:{files['mc']}", "--no-progress"]
+    assert eval_main(argv) == 0
+    state_before = (out / "difficulty.json").read_text()
+    (out / "eval.md").unlink()
+    (out / "eval.md").mkdir()
+    assert eval_main(argv) != 0
+    assert "eval.md" in capsys.readouterr().err
+    assert (out / "difficulty.json").read_text() == state_before

@@ -82,3 +82,24 @@ def test_embedded_corpus_is_deterministic_with_a_held_out_tenth():
     held = held_out_documents()
     assert held == [d for d in documents if is_held_out(d[1])]
     assert 0 < len(held) < len(documents) / 4
+
+
+@pytest.mark.parametrize("history, message", [
+    ("x", "history must be a list of entries, got str"),
+    ([1, 2], "history entry 0 must be an object with evaluation, level, accuracy, promoted; "
+             "got 1"),
+    ([{"evaluation": 0, "level": 1, "accuracy": 0.5}], "history entry 0 lacks 'promoted'"),
+    ([{"evaluation": 0, "level": 1, "accuracy": 0.5, "promoted": "no"}],
+     "history entry 0: promoted must be true or false, got 'no'"),
+    ([{"evaluation": 0, "level": 1.5, "accuracy": 0.5, "promoted": False}],
+     "history entry 0: level must be a whole number, got 1.5"),
+])
+def test_a_malformed_history_is_named_with_its_entry(tmp_path, history, message):
+    """The report renders every entry (accuracy as a number, promoted as yes/no): a
+    bad one failed only there, after the model had run."""
+    import json
+    path = tmp_path / "difficulty.json"
+    path.write_text(json.dumps({"cloze": {"levels": [1, 2], "history": history}}))
+    with pytest.raises(ValueError) as error:
+        load_schedules(str(path))
+    assert str(error.value) == f"difficulty state: {path}: 'cloze': {message}"

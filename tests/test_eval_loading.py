@@ -75,3 +75,36 @@ def test_a_checkpoint_trained_with_a_capacity_is_evaluated_dropless(tmp_path):
     one, eight = (domain_perplexity(model, text_codec, documents, batch_size=b)["all"]
                   for b in (1, 8))
     assert one["perplexity"] == pytest.approx(eight["perplexity"], rel=1e-5)
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("max_seq_len"), " lacks the field(s) ['max_seq_len']"),
+    (lambda c: [c.pop("rope_theta"), c.pop("moe")], " lacks the field(s) ['moe', 'rope_theta']"),
+    (lambda c: c["moe"].pop("n_experts"), ": moe lacks the field(s) ['n_experts']"),
+    (lambda c: c["moe"].update(experts=4), ": moe has keys MoEConfig does not know: ['experts']"),
+    (lambda c: c.update(dim="32"), ": ModelConfig: dim must be a whole number, got '32'"),
+])
+def test_a_config_lacking_a_field_is_refused(tmp_path, edit, message):
+    """A missing max_seq_len was the default 512 for a model trained at 32, silently;
+    a bad value was named without its file."""
+    save_checkpoint(tmp_path, tiny_model(), train_tokenizer())
+    _edit_config(tmp_path, edit)
+    with pytest.raises(ValueError) as error:
+        load_checkpoint(str(tmp_path))
+    assert str(error.value) == f"checkpoint: {tmp_path / 'config.json'}{message}"
+
+
+def test_a_config_from_before_the_later_moe_fields_loads(tmp_path):
+    """swiglu_limit and group_score came after the first checkpoints: their defaults
+    are what those checkpoints were trained with."""
+    save_checkpoint(tmp_path, tiny_model(), train_tokenizer())
+    _edit_config(tmp_path, lambda c: [c["moe"].pop("swiglu_limit"), c["moe"].pop("group_score")])
+    model, _ = load_checkpoint(str(tmp_path))
+    assert model.config.moe.swiglu_limit is None and model.config.moe.group_score == "top2_sum"

@@ -275,3 +275,50 @@ def test_lone_surrogate_in_a_corpus_is_named_by_file_and_line(tmp_path, capsys, 
     assert eval_main(argv) == 2
     assert (f"corpus file: {corpus}:2: a lone surrogate escape (\\udc00) is not text"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"model": {"type": "WordLevel", "vocab": {"a"',
+     "is not a readable tokenizers file (cut short or overwritten? EOF while parsing"),
+    (b"", "tokenizer.json is empty"),
+    (b"\xff\xfe{}", "tokenizer.json:1: not valid UTF-8 (invalid start byte: byte 0xff"),
+    (b"[]", "is not a readable tokenizers file (cut short or overwritten? invalid type: "
+            "sequence, expected struct Tokenizer"),
+    (b'{"model": 1}', "is not a readable tokenizers file (")])
+def test_a_damaged_tokenizer_is_one_error_line(tmp_path, capsys, checkpoint, no_loading,
+                                               content, message):
+    """tokenizers' own error was a traceback naming no file ("Exception: EOF while
+    parsing an object at line 11 column 10")."""
+    path = tmp_path / "ckpt" / "tokenizer.json"
+    path.write_bytes(content)
+    argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
+            "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS)]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsv3 eval: error: checkpoint: {path}") and err.count("\n") == 1, err
+    assert message in err
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"levels": [1, 2], "history": "x"}, "'cloze': history must be a list of entries, got str"),
+    ({"levels": [1, 2], "history": [1, 2]}, "'cloze': history entry 0 must be an object"),
+    ({"levels": [1, 2], "history": [{"evaluation": 0, "level": 1, "accuracy": "0.5",
+                                     "promoted": False}]},
+     "'cloze': history entry 0: accuracy must be a number in [0, 1], got '0.5'"),
+])
+def test_a_malformed_history_fails_before_the_model_runs(tmp_path, capsys, checkpoint,
+                                                         no_loading, state, message):
+    """It passed the checks and failed once the model had run: difficulty.json saved,
+    then eval.md left empty by the report that could not render the history."""
+    out = tmp_path / "o"
+    out.mkdir()
+    text = json.dumps({"cloze": state})
+    (out / "difficulty.json").write_text(text)
+    argv = ["--checkpoint", checkpoint, "--out", str(out), "--tasks", "ppl,cloze",
+            "--corpus", write_jsonl(tmp_path / "corpus.jsonl", CORPUS), "--no-progress"]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dsv3 eval: error: difficulty state: {out / 'difficulty.json'}: ")
+    assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in out.iterdir()) == ["difficulty.json"]
+    assert (out / "difficulty.json").read_text() == text

@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     from dsv3.eval.loading import load_checkpoint, read_checkpoint
     from dsv3.eval.report import result_warnings, write_results
     from dsv3.eval.runner import (EvalOptions, check_fits, needs_documents,
-                                  parse_tasks, prepare_evaluation, run_prepared)
+                                  parse_tasks, prepare_evaluation, run_prepared,
+                                  save_difficulty)
     from dsv3.validate import output_path
 
     tasks = parse_tasks(args.tasks)
@@ -145,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
              f"embedded corpus' held-out split, which may overlap the model's training data "
              f"(perplexity and cloze then flatter it)")
     model, codec = load_checkpoint(args.checkpoint, args.device)
-    results = run_prepared(model, codec, prepared)
+    # The schedules are saved once the results are written: an evaluation whose results
+    # could not be written (eval.md a directory, say) must not move a task's level.
+    results = run_prepared(model, codec, prepared, save_state=False)
     results["checkpoint"] = os.path.abspath(args.checkpoint)
     if uses_documents:
         results["corpus"] = (os.path.abspath(corpus) if corpus else
@@ -157,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
     for message in result_warnings(results):
         warn(message)
     json_path, md_path = write_results(args.out, results)
+    save_difficulty(prepared)
     with open(md_path, encoding="utf-8") as f:
         print(f.read(), end="")
     print(f"wrote {json_path} and {md_path}")

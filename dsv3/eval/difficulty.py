@@ -33,6 +33,13 @@ class DifficultySchedule:
             self.current = self.levels[0]
         if self.current not in self.levels:
             raise ValueError(f"current level {self.current!r} is not one of {self.levels}")
+        # A saved state's history is appended to and rendered (eval.md, the report) only
+        # after the model ran: a bad entry must fail here, before it, by its index.
+        if not isinstance(self.history, list):
+            raise ValueError(f"history must be a list of entries, got "
+                             f"{type(self.history).__name__}")
+        for index, entry in enumerate(self.history):
+            _check_entry(entry, f"history entry {index}")
 
     def record(self, accuracy: float) -> bool:
         """Log an evaluation at the current level; promote when it passed. Returns
@@ -49,6 +56,28 @@ class DifficultySchedule:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+HISTORY_FIELDS = ("evaluation", "level", "accuracy", "promoted")  # what ``record`` appends
+
+
+def _check_entry(entry, where: str) -> None:
+    """One history entry as ``record`` writes it (the reports format each field)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object with {', '.join(HISTORY_FIELDS)}; "
+                         f"got {entry!r}")
+    for name in HISTORY_FIELDS:
+        if name not in entry:
+            raise ValueError(f"{where} lacks {name!r}")
+    for name in ("evaluation", "level"):
+        if not isinstance(entry[name], int) or isinstance(entry[name], bool):
+            raise ValueError(f"{where}: {name} must be a whole number, got {entry[name]!r}")
+    accuracy = entry["accuracy"]
+    if (not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool)
+            or not 0 <= accuracy <= 1):
+        raise ValueError(f"{where}: accuracy must be a number in [0, 1], got {accuracy!r}")
+    if not isinstance(entry["promoted"], bool):
+        raise ValueError(f"{where}: promoted must be true or false, got {entry['promoted']!r}")
 
 
 def load_schedules(path: str) -> dict[str, DifficultySchedule]:

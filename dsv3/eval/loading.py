@@ -24,6 +24,7 @@ import torch
 from dsv3 import torch_files
 from dsv3.eval.jsonl import read_text
 from dsv3.model import ModelConfig, Transformer
+from dsv3.moe import MoEConfig
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "tokenizer.json")
 # Tried in order for the end-of-text id: GPT-2 style first, then common alternatives.
@@ -58,6 +59,25 @@ class TextCodec:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+# MoEConfig fields added after the trainer had written checkpoints without them: such a
+# checkpoint was trained with their defaults (no clamp, DeepSeek-V3's group score). Every
+# other field has been in config.json since the trainer first wrote one, so a config
+# without it is damaged, and a default (max_seq_len 512 for a model trained at 64, say)
+# would be a silent wrong guess.
+OPTIONAL_MOE_FIELDS = ("swiglu_limit", "group_score")
+
+
+def _check_fields(raw: dict, config_class, optional: tuple[str, ...], where: str) -> None:
+    """``raw`` holds every field of ``config_class`` but the ``optional`` ones, and no other."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ValueError(f"{where} has keys {config_class.__name__} does not know: {unknown}")
+    missing = sorted(fields - set(raw) - set(optional))
+    if missing:
+        raise ValueError(f"{where} lacks the field(s) {missing}")
+
+
 def load_config(path: str) -> ModelConfig:
     try:
         raw = json.loads(read_text(path, "checkpoint"))
@@ -65,11 +85,29 @@ def load_config(path: str) -> ModelConfig:
         raise ValueError(f"checkpoint: {path} is not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"checkpoint: {path} must hold a JSON object, got {type(raw).__name__}")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"checkpoint: {path} has keys ModelConfig does not know: {unknown}")
-    return ModelConfig(**raw)  # ModelConfig validates values and turns a moe dict into MoEConfig
+    _check_fields(raw, ModelConfig, (), f"checkpoint: {path}")
+    if isinstance(raw["moe"], dict):  # else None (dense) or a wrong type, ModelConfig's to name
+        _check_fields(raw["moe"], MoEConfig, OPTIONAL_MOE_FIELDS, f"checkpoint: {path}: moe")
+    try:  # ModelConfig validates values and turns a moe dict into MoEConfig
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as e:  # its message names the field, not the file
+        raise ValueError(f"checkpoint: {path}: {e}") from None
+
+
+def load_tokenizer(path: str):
+    """The ``tokenizers.Tokenizer`` in ``path``; a damaged file (cut short, empty, not
+    UTF-8, not a tokenizer) is a ValueError naming it, not the library's bare
+    Exception naming neither file nor fault."""
+    from tokenizers import Tokenizer
+
+    text = read_text(path, "checkpoint")  # a byte that is not UTF-8 named by its line
+    if not text.strip():
+        raise ValueError(f"checkpoint: {path} is empty")
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception, whatever the fault
+        raise ValueError(f"checkpoint: {path} is not a readable tokenizers file (cut short "
+                         f"or overwritten? {e})") from None
 
 
 def dropless(config: ModelConfig) -> ModelConfig:
@@ -83,8 +121,6 @@ def read_checkpoint(directory: str) -> tuple[ModelConfig, TextCodec]:
     """(config as saved, TextCodec) of a checkpoint directory, without reading the
     weights: enough to check an evaluation's inputs against ``max_seq_len`` before
     model.pt is loaded."""
-    from tokenizers import Tokenizer
-
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"load_checkpoint: directory must be a path, got "
                         f"{type(directory).__name__}")
@@ -96,7 +132,7 @@ def read_checkpoint(directory: str) -> tuple[ModelConfig, TextCodec]:
         raise FileNotFoundError(f"load_checkpoint: {directory!r} lacks {', '.join(missing)} "
                                 f"(a checkpoint holds {', '.join(CHECKPOINT_FILES)})")
     config = load_config(os.path.join(directory, "config.json"))
-    codec = TextCodec(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")))
+    codec = TextCodec(load_tokenizer(os.path.join(directory, "tokenizer.json")))
     if codec.vocab_size > config.vocab_size:
         raise ValueError(f"load_checkpoint: tokenizer.json has {codec.vocab_size} tokens but "
                          f"config.json's vocab_size is {config.vocab_size}")

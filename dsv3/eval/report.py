@@ -46,7 +46,7 @@ def summary_rows(results: dict) -> list[dict]:
     rows = []
     for task, result in results["tasks"].items():
         with _fields_of(f"tasks[{task!r}]"):
-            rows += [{**row, "value": _fmt(row["value"]), "ci95": _ci(row["ci95"]),
+            rows += [{**row, "value": _value(row["value"]), "ci95": _ci(row["ci95"]),
                       "n": _fmt(row["n"])} for row in _task_rows(task, result)]
     return rows
 
@@ -99,6 +99,12 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def _value(value) -> str:
+    """A metric's value; null is a NaN read back from eval.json (which writes NaN as
+    null), shown as eval.md shows the NaN itself, not as an empty cell."""
+    return "nan" if value is None else _fmt(value)
 
 
 def _ci(ci) -> str:
@@ -234,8 +240,13 @@ def write_results(out_dir: str, results: dict) -> tuple[str, str]:
     """Writes eval.json and eval.md into out_dir; returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, md_path = os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")
+    # Both rendered before either file is opened: results that cannot be rendered leave
+    # the files of the last evaluation as they were, not a new eval.json beside an
+    # emptied eval.md.
+    json_text = json.dumps(_json_safe(results), indent=2, allow_nan=False)
+    table = markdown_table(results)
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
+        f.write(json_text)
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown_table(results))
+        f.write(table)
     return json_path, md_path

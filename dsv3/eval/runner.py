@@ -327,8 +327,10 @@ def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
     return _lm_eval(model, codec, inputs, options)
 
 
-def run_prepared(model, codec, prepared: PreparedEvaluation) -> dict:
-    """{"tasks": {name: result}, "difficulty": {task: schedule}}; saves the schedules."""
+def run_prepared(model, codec, prepared: PreparedEvaluation, save_state: bool = True) -> dict:
+    """{"tasks": {name: result}, "difficulty": {task: schedule}}; saves the schedules
+    (save_difficulty) unless ``save_state`` is False, for a caller that saves them once
+    the results are written."""
     options, schedules = prepared.options, prepared.schedules
     check_fits(prepared, codec, scoring.context_limit(model))
     # The factor the model was built with (evaluating() leaves model.config alone).
@@ -336,14 +338,21 @@ def run_prepared(model, codec, prepared: PreparedEvaluation) -> dict:
     with scoring.evaluating(model):
         results = {task: _run_task(model, codec, task, prepared.inputs[task], options)
                    for task in prepared.tasks}
-    state = options.difficulty_state
-    if state:
-        os.makedirs(os.path.dirname(os.path.abspath(state)), exist_ok=True)
-        difficulty.save_schedules(state, schedules)
+    if save_state:
+        save_difficulty(prepared)
     out = {"tasks": results, "difficulty": {t: s.to_dict() for t, s in schedules.items()}}
     if moe is not None:  # ``dsv3 eval`` puts the checkpoint's own factor here instead
         out["moe"] = {"evaluated": "dropless", "trained_capacity_factor": moe.capacity_factor}
     return out
+
+
+def save_difficulty(prepared: PreparedEvaluation) -> None:
+    """The leveled tasks' schedules, as the run left them, into the difficulty state
+    file (when the options name one)."""
+    state = prepared.options.difficulty_state
+    if state:
+        os.makedirs(os.path.dirname(os.path.abspath(state)), exist_ok=True)
+        difficulty.save_schedules(state, prepared.schedules)
 
 
 def run_evaluation(model, codec, tasks: list[str], options: EvalOptions | None = None) -> dict:
