@@ -260,6 +260,12 @@ def test_forward_launch_variants_match_reference(flatten, tma, gather, layout, d
     DSV3_AUTOTUNE=0 keep the pointer nested one only), against a per-expert loop.
     Gathered rows, fp32 and the strided w take the pointer loads. (The interpreter runs
     the flattened loop nested: the flattening is Triton's, on a GPU.)"""
+    check_forward_variant(flatten, tma, gather, layout, dtype, device)
+
+
+def check_forward_variant(flatten, tma, gather, layout, dtype, device, launch_config=None):
+    """The forward launched with ``launch_config`` (a GPU autotuner config as it is), or
+    else with the first tile as ``flatten`` and ``tma`` say, against a per-expert loop."""
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     # X = 40, Y = 72: multiples of 8 (16-byte rows in 16-bit dtypes, as TMA needs), not
     # of any block, so the last k step and column tile run past the ends. Flattened, X =
@@ -291,8 +297,8 @@ def test_forward_launch_variants_match_reference(flatten, tma, gather, layout, d
     # BLOCK_K = BLOCK_N / 2, as on a GPU (64 of 128), not the interpreter's square 32s:
     # a w tile read in the wrong shape fails here too.
     tiles = config.matmul_configs()[0]
-    launch = config.config_with(tiles, USE_TMA=tma, FLATTEN=flatten,
-                                BLOCK_K=tiles.kwargs["BLOCK_N"] // 2)
+    launch = launch_config or config.config_with(tiles, USE_TMA=tma, FLATTEN=flatten,
+                                                 BLOCK_K=tiles.kwargs["BLOCK_N"] // 2)
     y_SY = grouped_gemm.grouped_mm_with(launch, x, w, offsets, tokens).cpu()
     assert (y_SY[-VARIANT_DROPPED:] == 0).all()
 
@@ -349,14 +355,58 @@ def test_wgrad_flattened_walk_matches_reference(counts, transposed, dtype, devic
                         counts=counts)
 
 
+def tuned_flattened_configs(config, monkeypatch, configs_of: str) -> list:
+    """The FLATTEN configs the GPU's autotuner holds, as it holds them (tiles, stages,
+    register caps): the tests above launch the first tile only, uncapped."""
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    monkeypatch.setattr(config, "VARIANTS", True)
+    flattened = [c for c in getattr(config, configs_of)() if c.kwargs["FLATTEN"]]
+    assert flattened, configs_of
+    return flattened
+
+
+# The flattened wgrad builds a TMA descriptor per tile in global memory, fenced by one
+# warp and read by two (benchmarks/RESULTS.md): a stale descriptor would corrupt a tile
+# now and then, so each case runs several times.
+FLATTENED_REPEATS = 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts", [EVEN_COUNTS_E, VARIANT_COUNTS_E], ids=["even", "skewed"])
+def test_every_tuned_flattened_wgrad_config_matches_reference(counts, dtype, monkeypatch):
+    """Each flattened wgrad config the autotuner may pick (128x128 capped to two
+    programs an SM's registers, and 128x256), even and skewed routing, transposed
+    output and not, against a per-expert loop."""
+    _, config = triton_grouped_gemm("cuda", dtype)
+    for launch in tuned_flattened_configs(config, monkeypatch, "wgrad_configs"):
+        for transposed in (False, True):
+            for _ in range(FLATTENED_REPEATS):
+                check_wgrad_variant(True, True, transposed, False, dtype, "cuda", dim_x=200,
+                                    flatten=True, counts=counts, launch_config=launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+def test_every_tuned_flattened_forward_config_matches_reference(gather, dtype, monkeypatch):
+    """Each flattened forward config the autotuner may pick (pointer and TMA loads,
+    128x128 and 128x256 tiles, three stages), against a per-expert loop."""
+    _, config = triton_grouped_gemm("cuda", dtype)
+    for launch in tuned_flattened_configs(config, monkeypatch, "matmul_configs"):
+        check_forward_variant(True, launch.kwargs["USE_TMA"], gather, "EXY", dtype, "cuda",
+                              launch_config=launch)
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("unreadable", ["x_strided", "dy_expanded"])
+@pytest.mark.parametrize("unreadable", ["x_strided", "dy_expanded", "dy_rows_repeated"])
 def test_wgrad_flattened_walk_leaves_inputs_tma_cannot_read_to_the_nested_loop(unreadable,
                                                                               device):
     """A FLATTEN config launched where TMA cannot read x or dy (as the autotuner's pick
     for a key is reused on later calls: here a one-config tuner, which prunes nothing)
     computes the right gradient through the nested loop's pointer loads: a strided x,
-    and an expanded dy (autograd's gradient of a sum, strides 0)."""
+    an expanded dy (autograd's gradient of a sum, strides 0), and one whose rows repeat
+    a row (strides (0, 1): TMA is not trusted with a zero stride)."""
     grouped_gemm, config = triton_grouped_gemm(device, torch.float16)
     X, Y = 40, 72
     counts_E, offsets_E = variant_offsets(device, EVEN_COUNTS_E)  # would take the flat walk
@@ -366,7 +416,8 @@ def test_wgrad_flattened_walk_leaves_inputs_tma_cannot_read_to_the_nested_loop(u
     if unreadable == "x_strided":
         x_SX = x_SX[:, ::2]
     else:
-        dy_SY = torch.randn((), dtype=torch.float16, device=device).expand(n_rows, Y)
+        shape = () if unreadable == "dy_expanded" else (Y,)
+        dy_SY = torch.randn(shape, dtype=torch.float16, device=device).expand(n_rows, Y)
         x_SX = x_SX[:, :X].contiguous()
     descriptors = grouped_gemm.wgrad_descriptors(x_SX, dy_SY, gathered=False)
     assert descriptors is None or descriptors[0] is None  # no TMA for dy, or none for x
@@ -418,7 +469,9 @@ def test_gathered_wgrad_copies_its_rows_first_where_no_larger_than_grad_y(
 
 
 def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_x,
-                        flatten=False, counts=VARIANT_COUNTS_E):
+                        flatten=False, counts=VARIANT_COUNTS_E, launch_config=None):
+    """The wgrad launched with ``launch_config`` (a GPU autotuner config as it is), or
+    else with the first tile as the flags say, against a per-expert loop."""
     grouped_gemm, config = triton_grouped_gemm(device, dtype)
     X, Y, T = dim_x, 72, 50  # several tiles per expert at the interpreter's 32 x 32
     counts_E, offsets_E = variant_offsets(device, counts)
@@ -436,9 +489,10 @@ def check_wgrad_variant(tma, persistent, transposed, gather, dtype, device, dim_
         assert ((descriptors is not None)
                 == (dtype != torch.float32 and grouped_gemm.has_tma(args[0].device)))
         assert descriptors is None or (descriptors[0] is None) == (gather or X % 8 != 0)
-    launch = config.config_with(config.wgrad_configs()[0], PERSISTENT=persistent, USE_TMA=tma,
-                                FLATTEN=flatten)
-    if device == "cpu":
+    launch = launch_config or config.config_with(config.wgrad_configs()[0],
+                                                 PERSISTENT=persistent, USE_TMA=tma,
+                                                 FLATTEN=flatten)
+    if device == "cpu" and launch_config is None:
         # Non-square blocks, as on a GPU (128 x 128 x 64), not the interpreter's 32s: a
         # descriptor box or a tile read in the wrong shape fails here. BLOCK_K = 16 also
         # gives the experts of 37 and 70 rows two and four whole TMA steps.

@@ -9,9 +9,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 def _tma_readable(t: torch.Tensor) -> bool:
     """What a TMA descriptor asks of its tensor: non-empty, the last dim contiguous,
-    the base and the other strides multiples of 16 bytes."""
+    the base and the other strides multiples of 16 bytes, and none of them 0 (an
+    expanded tensor, rows repeated: 0 is a multiple of 16, but the hardware's reading of
+    a zero stride is undocumented, and the flattened wgrad would build such
+    descriptors on the device, where nothing checks them)."""
     return (t.numel() > 0 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
+            and all(stride > 0 and stride * t.element_size() % 16 == 0
+                    for stride in t.stride()[:-1]))
 
 
 def has_tma(device: torch.device) -> bool:
