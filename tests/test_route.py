@@ -329,13 +329,16 @@ def test_non_contiguous_logits():
     (8, "softmax", False, 1),  # E a power of two
     (8, "sigmoid", True, 2),  # the bias path reloads the chosen logits
     (160, "softmax", True, 1),  # E not a power of two: masked expert columns
+    (24, "sigmoid", True, 3),  # 3 groups: the padding group past them must not be read
 ])
 def test_triton_router_keeps_a_nan_rows_copies_in_bounds(E, score, with_bias, n_groups, device,
                                                          monkeypatch):
     """A NaN or +inf row makes the op raise, on a GPU through an asynchronous device
     assert, after the kernel ran: what the kernel stored and counted for that row must
     stay inside experts_TK's range and counts_E. (Its selection matched no score and
-    left the id at E, one past the last counter.)"""
+    left the id at E, one past the last counter.) Its reads too: with groups not a power
+    of two, a NaN row's group pick could name a padding group, whose columns lie past the
+    row's end (a fault on a GPU for the last row; the interpreter reads on)."""
     router = pytest.importorskip("dsv3.kernels.router")  # triton is optional
     from dsv3.kernels import config
     if device == "cpu" and not config.INTERPRET:
@@ -344,6 +347,7 @@ def test_triton_router_keeps_a_nan_rows_copies_in_bounds(E, score, with_bias, n_
     T, K = 20, 4
     logits_TE = torch.randn(T, E)
     logits_TE[3] = float("nan")
+    logits_TE[T - 1] = float("nan")  # the last row: a read past its end leaves the tensor
     logits_TE[11, 2] = float("inf")
     bias_E = torch.randn(E) if with_bias else None
     args = [t.to(device) if t is not None else None for t in (logits_TE, bias_E)]
@@ -405,28 +409,32 @@ def test_route_same_in_either_tile_order(T, E, K, score, with_bias, n_groups, to
 
 
 # Cases over one slab and several, groups or none, ties, slabs padded past a group's or
-# the row's end (groups of 2 in slabs of 4, E=160), K below a power of two (3, 6).
+# the row's end (groups of 20 in slabs of 32; E=160), groups inside a vector (groups of
+# 2: rounds either way), K below a power of two (3, 6).
 SELECTION_CASES = ["mixtral", "softmax_bias", "deepseek_groups", "ties_groups",
                    "ties_equal_rows", "ties_E256_groups", "E160_K6", "negative_choices",
                    "groups_of_128", "max_ties_groups", "max_deepseek_v2_E160"]
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETED, reason="runs the Triton router under the "
-                    "interpreter pass, where its selection method can be switched")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("network", [False, True], ids=["rounds", "network"])
 @pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in SELECTION_CASES])
 def test_route_same_by_rounds_or_network(T, E, K, score, with_bias, n_groups, topk_groups,
                                          normalize, scale, pattern, group_score, network,
-                                         monkeypatch):
+                                         device, monkeypatch):
     """The router takes its top-k in rounds or by a bitonic network over packed keys
     (router._network picks per shape): each way, wherever the network fits (a slab of at
-    least the next power of two of K), the same ids, weights and counts as the
-    reference, ties to the lower id."""
+    least the next power of two of K, groups on whole vectors), the same ids, weights
+    and counts as the reference, ties to the lower id. On a GPU the network's
+    compare-exchange is inline PTX, which the interpreter never runs."""
+    if device == "cpu" and not TRITON_INTERPRETED:
+        pytest.skip("runs the Triton router on CPU tensors under the interpreter pass")
     from dsv3.kernels import router
     monkeypatch.setattr(router, "_network", lambda block_k, slab, merges: network
                         and block_k <= slab)
-    logits_TE = make_logits(T, E, pattern, torch.float32, "cpu")
-    bias_E = _bias_scale(with_bias) * torch.randn(E) if with_bias else None
+    logits_TE = make_logits(T, E, pattern, torch.float32, device)
+    bias_E = (_bias_scale(with_bias) * torch.randn(E, device=device) if with_bias
+              else None)
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale, group_score=group_score)
     check_op(lambda logits, bias: ops.route(logits, bias_E=bias, **kwargs),
@@ -446,3 +454,4 @@ def test_network_is_picked_where_it_saves_instructions():
     assert not network(8, 2)  # Mixtral: top-2
     assert not network(40, 8) and not network(64, 6)  # one slab: rounds are cheaper
     assert not network(12, 6, 3, 2)  # groups of 4 in a slab of 4: too small for 8 slots
+    assert not network(72, 6, 8, 3)  # groups of 9 start inside 16-byte vectors

@@ -304,6 +304,11 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             group = tl.argmax(group_scores, 0, tie_break_left=True).to(tl.int32)
             group_scores = tl.where(group_ids[:, None] == group[None, :], float("-inf"),
                                     group_scores)
+            # A NaN row's group scores are NaN, which Triton 3.6's argmax ranks below the
+            # -inf of the padding groups past N_GROUPS (BLOCK_G is a power of two): the
+            # loads below would read past the row's end and bias_E's. The row raises; its
+            # reads stay inside the tensors.
+            group = tl.minimum(group, N_GROUPS - 1)
         if SLABS == 1:  # a group of up to 64 experts (DeepSeek-V3's 32, Mixtral's 8)
             if NETWORK:
                 top_keys = _merge_slab_keys(
@@ -337,7 +342,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         top_ids = bitonic.ids_of(top_keys_KT, N_EXPERTS)
     # A NaN or +inf row (flagged above: the op raises, on a GPU asynchronously) equals no
     # score in the rounds, so its ids stay N_EXPERTS; kept below it, its loads, stores and
-    # counts stay inside their tensors until the error is seen. (Keys always hold ids.)
+    # counts stay inside their tensors until the error is seen. (The network's keys hold
+    # ids in range but for a NaN row's, whose scores may decode as anything.)
     top_ids = tl.minimum(top_ids, N_EXPERTS - 1)
 
     out_mask = (slots[:, None] < TOP_K) & token_mask[None, :]
@@ -416,8 +422,12 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1,
     return {"BLOCK_T": _TOKENS_PER_PROGRAM, "CW": vector,
             "COUNT_BINS": bins if bins * block_k <= _ONE_HOT_COUNTS else 0,
             "SLAB_CHUNKS": slab_chunks, "BLOCK_K": block_k,
-            "NETWORK": _network(block_k, slab_chunks * vector,
-                                topk_groups * triton.cdiv(group_size, slab_chunks * vector)),
+            # Only where groups start on whole vectors: else a token's experts spread over
+            # the lanes and Triton moves the keys through shared memory (E=72 in groups
+            # of 9: 220 shared-memory accesses and 58 barriers against 58 and 20).
+            "NETWORK": group_size % vector == 0 and _network(
+                block_k, slab_chunks * vector,
+                topk_groups * triton.cdiv(group_size, slab_chunks * vector)),
             "BLOCK_G": triton.next_power_of_2(n_groups),
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
