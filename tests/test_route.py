@@ -455,3 +455,32 @@ def test_network_is_picked_where_it_saves_instructions():
     assert not network(40, 8) and not network(64, 6)  # one slab: rounds are cheaper
     assert not network(12, 6, 3, 2)  # groups of 4 in a slab of 4: too small for 8 slots
     assert not network(72, 6, 8, 3)  # groups of 9 start inside 16-byte vectors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score, with_bias, n_groups, topk_groups", [
+    ("softmax", False, 1, 1), ("softmax", False, 4, 2), ("sigmoid", False, 1, 1),
+    ("sigmoid", True, 4, 2)])
+def test_a_row_of_minus_inf_logits_routes_as_the_reference(score, with_bias, n_groups,
+                                                          topk_groups, device):
+    """A row whose logits are all -inf (masked out whole): its softmax is NaN in torch,
+    the reference and every kernel (weights and the row's share of the score sums), its
+    sigmoid scores 0 (normalized weights 0, score sums 0 / 0); its experts the first K,
+    as equal scores go. The Triton router once gave softmax weights 0 and sums without
+    the NaN. (With a selection bias on softmax scores, the Triton router chooses by the
+    bias where the reference's and the C++ kernel's NaN choices fall back to the first
+    K: not compared here.)"""
+    T, E, K = 21, 16, 3
+    logits_TE = torch.randn(T, E, device=device)
+    logits_TE[[1, T - 1]] = float("-inf")
+    bias_E = torch.randn(E, device=device) if with_bias else None
+    kwargs = dict(top_k=K, score=score, bias_E=bias_E, n_groups=n_groups,
+                  topk_groups=topk_groups)
+    got = ops.route_with_stats(logits_TE, **kwargs)
+    want = (*reference.route(logits_TE, **kwargs), *reference.route_stats(logits_TE, score))
+    for name, g, w in zip(("weights", "experts", "counts", "score sums", "lse^2"), got, want):
+        if g.is_floating_point():
+            torch.testing.assert_close(g, w.to(g.dtype), equal_nan=True, msg=name)
+        else:
+            assert torch.equal(g.cpu(), w.cpu()), name
+    assert got[0][1].isnan().all() == (score == "softmax")

@@ -259,6 +259,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 score = best + runner_up if GROUP_SIZE > 1 and not GROUP_MAX else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
+    all_minus_inf = token_mask & (row_high == float("-inf"))
     # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
     # from every program would put all of them on one address (65k at 8M tokens).
     any_nan = tl.max(has_nan.to(tl.int32), 0)
@@ -277,7 +278,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                                           first, N_EXPERTS, SLAB_CHUNKS, CW)
             score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
             exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
-        score_scale = _reciprocal(tl.where(score_total > 0, score_total, 1.0))
+        # An all -inf row's normalized scores are NaN, as the reference's: 0 / 0 for
+        # sigmoid scores, and softmax has none (see the weights below).
+        score_scale = tl.where(all_minus_inf, float("nan"),
+                               _reciprocal(tl.where(score_total > 0, score_total, 1.0)))
         for first in range(0, N_EXPERTS, SLAB):
             logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
                                           first, N_EXPERTS, SLAB_CHUNKS, CW)
@@ -356,6 +360,11 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
         else:
             weights = _exp(chosen - row_max[None, :]) * row_scale[None, :]
     weights = tl.where(out_mask, weights, 0.0)
+    if not SIGMOID:
+        # A row of -inf logits has no softmax: torch's, the reference's and the C++
+        # kernel's is NaN, and so are its weights here. (Its choice, by the zeros the
+        # scores are computed as, is the reference's: the first K experts.)
+        weights = tl.where(all_minus_inf[None, :], float("nan"), weights)
     if NORMALIZE:
         weights = weights / (tl.sum(weights, 0)[None, :] + 1e-20)
     weights = weights * scale
