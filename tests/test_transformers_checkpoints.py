@@ -58,6 +58,13 @@ def test_save_pretrained_of_a_patched_model_round_trips(arch, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     loaded.eval()
     _equal_state_dicts(loaded.state_dict(), want)
+    # Loaded tensors may sit at any offset of the memory-mapped checkpoint (here 40 bytes
+    # past a 64-byte boundary, with safetensors 0.8.0), where the CPU matmuls take other
+    # code paths and differ in the last bits: the bit-for-bit comparison is on aligned
+    # copies.
+    with torch.no_grad():
+        for parameter in loaded.parameters():
+            parameter.data = parameter.data.clone()
     assert torch.equal(loaded(ids).logits, want_logits)
     dt.patch_moe(loaded)  # patched after loading: the patched model it was saved from
     assert torch.equal(loaded(ids).logits, patched_logits)
