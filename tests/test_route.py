@@ -459,17 +459,16 @@ def test_network_is_picked_where_it_saves_instructions():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("score, with_bias, n_groups, topk_groups", [
-    ("softmax", False, 1, 1), ("softmax", False, 4, 2), ("sigmoid", False, 1, 1),
-    ("sigmoid", True, 4, 2)])
+    ("softmax", False, 1, 1), ("softmax", False, 4, 2), ("softmax", True, 1, 1),
+    ("softmax", True, 4, 2), ("sigmoid", False, 1, 1), ("sigmoid", True, 4, 2)])
 def test_a_row_of_minus_inf_logits_routes_as_the_reference(score, with_bias, n_groups,
                                                           topk_groups, device):
     """A row whose logits are all -inf (masked out whole): its softmax is NaN in torch,
     the reference and every kernel (weights and the row's share of the score sums), its
     sigmoid scores 0 (normalized weights 0, score sums 0 / 0); its experts the first K,
-    as equal scores go. The Triton router once gave softmax weights 0 and sums without
-    the NaN. (With a selection bias on softmax scores, the Triton router chooses by the
-    bias where the reference's and the C++ kernel's NaN choices fall back to the first
-    K: not compared here.)"""
+    as equal scores go, with a selection bias too on softmax scores (NaN plus the bias).
+    The Triton router once gave softmax weights 0, sums without the NaN, and experts
+    chosen by the bias."""
     T, E, K = 21, 16, 3
     logits_TE = torch.randn(T, E, device=device)
     logits_TE[[1, T - 1]] = float("-inf")

@@ -112,10 +112,14 @@ def _probs(logits, valid, row_max, row_scale, SIGMOID: tl.constexpr):
 
 
 @triton.jit
-def _choice(probs, cols, valid, bias_ptr, HAS_BIAS: tl.constexpr):
-    """Selection scores: the scores plus the bias, -inf where invalid."""
+def _choice(probs, cols, valid, bias_ptr, row_scale, HAS_BIAS: tl.constexpr,
+            SIGMOID: tl.constexpr):
+    """Selection scores: the scores plus the bias, -inf where invalid. A softmax row of
+    -inf logits (row_scale 0) has no scores: its experts are the first K, as the
+    reference's NaN scores leave them whatever the bias, so it takes no bias."""
     if HAS_BIAS:
-        probs += _load_tile(bias_ptr + cols, valid, 0.0).to(tl.float32)
+        bias_valid = valid if SIGMOID else valid & (row_scale > 0)[None, :, None]
+        probs += _load_tile(bias_ptr + cols, bias_valid, 0.0).to(tl.float32)
     return tl.where(valid, probs, float("-inf"))
 
 
@@ -160,7 +164,7 @@ def _merge_slab(logits_ptr, bias_ptr, tokens, n_tokens, group, first, row_max, r
     logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                      group * GROUP_SIZE, first, GROUP_SIZE, SLAB_CHUNKS, CW)
     choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols, valid,
-                     bias_ptr, HAS_BIAS)
+                     bias_ptr, row_scale, HAS_BIAS, SIGMOID)
     merged_scores = top_scores
     merged_ids = top_ids
     for k in tl.static_range(TOP_K):
@@ -188,7 +192,7 @@ def _merge_slab_keys(logits_ptr, bias_ptr, tokens, n_tokens, group, first, row_m
     logits, cols, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS,
                                      group * GROUP_SIZE, first, GROUP_SIZE, SLAB_CHUNKS, CW)
     choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols, valid,
-                     bias_ptr, HAS_BIAS)
+                     bias_ptr, row_scale, HAS_BIAS, SIGMOID)
     keys = tl.permute(bitonic.keys_of(choice, cols, valid, N_EXPERTS), (1, 0, 2))
     slab_top = bitonic.top_keys(tl.reshape(keys, (keys.shape[0], keys.shape[1] * CW)), BLOCK_K)
     if MERGE:
@@ -230,7 +234,9 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
                                           first, N_EXPERTS, SLAB_CHUNKS, CW)
             row_total += _sum3(tl.where(valid, _exp(logits - row_max[None, :, None]), 0.0))
-        row_scale = _reciprocal(tl.where(row_total > 0, row_total, 1.0))
+        # 0 for a row of -inf logits (its scores are 0 either way; _choice reads it).
+        row_scale = tl.where(row_total > 0,
+                             _reciprocal(tl.where(row_total > 0, row_total, 1.0)), 0.0)
 
     # Pass 1, every expert (softmax: only with groups): the group scores, the sum of
     # each group's two best selection scores (DeepSeek-V3), or with GROUP_MAX its best
@@ -250,7 +256,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                                                             _nan_max))
                 if N_GROUPS > 1:
                     choice = _choice(_probs(logits, valid, row_max, row_scale, SIGMOID), cols,
-                                     valid, bias_ptr, HAS_BIAS)
+                                     valid, bias_ptr, row_scale, HAS_BIAS, SIGMOID)
                     if GROUP_MAX:
                         best = tl.maximum(best, _max3(choice))
                     else:
