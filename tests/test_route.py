@@ -483,3 +483,15 @@ def test_a_row_of_minus_inf_logits_routes_as_the_reference(score, with_bias, n_g
         else:
             assert torch.equal(g.cpu(), w.cpu()), name
     assert got[0][1].isnan().all() == (score == "softmax")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sigmoid_scores_that_all_underflow_make_nan_score_sums_as_the_reference(device):
+    """Logits of -200 have sigmoid scores of 0 in fp32: the row's normalized scores are
+    0 / 0, NaN in the reference and the C++ kernel; the Triton router added 0."""
+    logits_TE = torch.randn(21, 16, device=device)
+    logits_TE[4] = -200.0
+    got, _ = ops.route_with_stats(logits_TE, 3, "sigmoid")[3:]
+    want, _ = reference.route_stats(logits_TE, "sigmoid")
+    assert got.isnan().all()
+    torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True)

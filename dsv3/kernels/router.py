@@ -284,9 +284,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                                           first, N_EXPERTS, SLAB_CHUNKS, CW)
             score_total += _sum3(_probs(logits, valid, row_max, row_scale, SIGMOID))
             exp_total += _sum3(tl.where(valid, _exp(logits - lse_shift[None, :, None]), 0.0))
-        # An all -inf row's normalized scores are NaN, as the reference's: 0 / 0 for
-        # sigmoid scores, and softmax has none (see the weights below).
-        score_scale = tl.where(all_minus_inf, float("nan"),
+        # A row whose scores are all 0 has NaN normalized scores, as the reference's: 0 / 0
+        # for sigmoid scores that underflow (logits of -inf, or of -200), and a softmax
+        # row of -inf logits has none (see the weights below; its row_scale is 0).
+        score_scale = tl.where(token_mask & (score_total == 0), float("nan"),
                                _reciprocal(tl.where(score_total > 0, score_total, 1.0)))
         for first in range(0, N_EXPERTS, SLAB):
             logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token,
