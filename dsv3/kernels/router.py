@@ -265,7 +265,6 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 score = best + runner_up if GROUP_SIZE > 1 and not GROUP_MAX else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
-    all_minus_inf = token_mask & (row_high == float("-inf"))
     # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
     # from every program would put all of them on one address (65k at 8M tokens).
     any_nan = tl.max(has_nan.to(tl.int32), 0)
@@ -368,10 +367,10 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             weights = _exp(chosen - row_max[None, :]) * row_scale[None, :]
     weights = tl.where(out_mask, weights, 0.0)
     if not SIGMOID:
-        # A row of -inf logits has no softmax: torch's, the reference's and the C++
-        # kernel's is NaN, and so are its weights here. (Its choice, by the zeros the
-        # scores are computed as, is the reference's: the first K experts.)
-        weights = tl.where(all_minus_inf[None, :], float("nan"), weights)
+        # A row of -inf logits (row_scale 0) has no softmax: torch's, the reference's
+        # and the C++ kernel's is NaN, and so are its weights here. (Its choice, by the
+        # zeros the scores are computed as, is the reference's: the first K experts.)
+        weights = tl.where((row_scale == 0)[None, :], float("nan"), weights)
     if NORMALIZE:
         weights = weights / (tl.sum(weights, 0)[None, :] + 1e-20)
     weights = weights * scale
