@@ -495,3 +495,43 @@ def test_sigmoid_scores_that_all_underflow_make_nan_score_sums_as_the_reference(
     want, _ = reference.route_stats(logits_TE, "sigmoid")
     assert got.isnan().all()
     torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True)
+
+
+# Cases whose counts are summed per program (slots x bins up to 16): top-2 of 8, one
+# token, top-1 (every token to one expert), unnormalized, sigmoid, groups of 4 experts,
+# and groups scored by their best.
+WIDE_CASES = ["mixtral", "T1", "one_expert", "softmax_raw_scale", "sigmoid", "group_size_1",
+              "max_softmax_norm"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wide", [False, True], ids=["token_a_thread", "four_tokens_a_thread"])
+@pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in WIDE_CASES])
+def test_route_same_with_four_tokens_a_thread(T, E, K, score, with_bias, n_groups, topk_groups,
+                                              normalize, scale, pattern, group_score, wide,
+                                              device, monkeypatch):
+    """Where the counts are summed per program, the forward gives each thread four tokens
+    once the tokens fill enough programs (router._widened): ids, weights, counts, the
+    loss sums and the backward as the reference's either way, and a NaN row still
+    raises."""
+    if device == "cpu" and not TRITON_INTERPRETED:
+        pytest.skip("runs the Triton router on CPU tensors under the interpreter pass")
+    from dsv3.kernels import router
+    monkeypatch.setattr(router, "_WIDE_MIN_PROGRAMS", 0 if wide else 1 << 40)
+    logits_TE = make_logits(T, E, pattern, torch.float32, device)
+    blocks = router._widened(router._blocks(logits_TE, K, n_groups, topk_groups), T)
+    assert blocks["BLOCK_T"] == router._TOKENS_PER_PROGRAM * (4 if wide else 1)
+    bias_E = (_bias_scale(with_bias) * torch.randn(E, device=device) if with_bias
+              else None)
+    kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
+                  normalize=normalize, scale=scale, group_score=group_score)
+
+    def reference_with_stats(logits, bias):
+        return (*reference.route(logits, bias_E=bias, **kwargs),
+                *reference.route_stats(logits, score))
+
+    check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
+             reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+    logits_TE[T // 2, E // 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ops.route(logits_TE, bias_E=bias_E, **kwargs)

@@ -265,10 +265,6 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
                 score = best + runner_up if GROUP_SIZE > 1 and not GROUP_MAX else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
-    # Only a program that saw one writes the flag (zeroed by the launcher): an atomic
-    # from every program would put all of them on one address (65k at 8M tokens).
-    any_nan = tl.max(has_nan.to(tl.int32), 0)
-    tl.atomic_max(nan_ptr, any_nan, mask=any_nan > 0, sem="relaxed")
 
     if STATS:
         # This program's row of partial sums: row-normalized scores per expert, then lse^2.
@@ -374,6 +370,12 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     if NORMALIZE:
         weights = weights / (tl.sum(weights, 0)[None, :] + 1e-20)
     weights = weights * scale
+    # Only a token that has one writes the flag (zeroed by the launcher): a masked-off
+    # atomic sends nothing, so routing without NaN puts no traffic on the one address
+    # (a batch of NaN rows, which raises anyway, pays an atomic a row).
+    # Written after the passes over the logits: a write between two of them would keep
+    # the compiler from reusing the first pass's loads in the next.
+    tl.atomic_max(nan_ptr + no_token, 1, mask=has_nan & token_mask, sem="relaxed")
     out_offsets = tokens[None, :].to(tl.int64) * TOP_K + slots[:, None]
     tl.store(weights_ptr + out_offsets, weights, mask=out_mask)
     tl.store(experts_ptr + out_offsets, top_ids, mask=out_mask)
@@ -406,6 +408,14 @@ _SLAB_EXPERTS = 64
 # Wider ones (top-4 of 16: 64) cost more instructions than they might save in
 # contention, unmeasured; top-8 of 256 would take 2048. Past it, one atomic per copy.
 _ONE_HOT_COUNTS = 16
+# Tokens a thread takes where the counts are summed per program (COUNT_BINS): the
+# program's sums, its setup and its counters' atomics are then paid once for four
+# tokens a thread. sm_90 (Triton 3.6), Mixtral's top-2 of 8 over fp32 logits: 344
+# instructions a token at one token a thread, 270 at four (69 registers); with more
+# experts the selection outweighs that share (top-4 of 16: 568 -> 546), so they keep
+# one. Taken where the launch still has a full wave of programs for 132 SMs.
+_WIDE_TOKENS_PER_THREAD = 4
+_WIDE_MIN_PROGRAMS = 2 if INTERPRET else 128
 # The top-k by a bitonic network (NETWORK) from top-4 on, where the list is merged with
 # more than one slab (groups kept, or groups past a slab); sm_90 instructions and
 # registers a token under Triton 3.6, rounds -> network: DeepSeek-V3 (top-8 of 4 x 32)
@@ -447,6 +457,15 @@ def _blocks(logits_TE: torch.Tensor, top_k: int, n_groups: int = 1,
             "num_warps": max(_TOKENS_PER_PROGRAM // 32, 1)}
 
 
+def _widened(blocks: dict, n_tokens: int) -> dict:
+    """The forward's blocks, with _WIDE_TOKENS_PER_THREAD tokens a thread (same warps)
+    where the counts are summed per program and the tokens fill enough programs."""
+    wide = blocks["BLOCK_T"] * _WIDE_TOKENS_PER_THREAD
+    if blocks["COUNT_BINS"] and n_tokens >= _WIDE_MIN_PROGRAMS * wide:
+        return {**blocks, "BLOCK_T": wide}
+    return blocks
+
+
 def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, scale, stats,
           group_score="top2_sum"):
     check_route(logits_TE, top_k, bias_E, n_groups, topk_groups)
@@ -461,7 +480,8 @@ def route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sca
     experts_TK = torch.empty(n_tokens, top_k, device=device, dtype=torch.int32)
     counts_E = torch.zeros(n_experts, device=device, dtype=torch.int32)
     nan_flag = torch.zeros(1, device=device, dtype=torch.int32)
-    blocks = _blocks(logits_TE, top_k, n_groups, topk_groups if n_groups > 1 else 1)
+    blocks = _widened(_blocks(logits_TE, top_k, n_groups, topk_groups if n_groups > 1 else 1),
+                      n_tokens)
     n_programs = triton.cdiv(n_tokens, blocks["BLOCK_T"])
     partial_PX = torch.empty(n_programs if stats else 0, n_experts + 1, device=device,
                              dtype=torch.float32)
