@@ -264,6 +264,13 @@ KERNEL_VALUES = [
                                                        torch.randn(4, 8), ids([[0, -1]] * 4),
                                                        "sigmoid", True, 1.0),
                  ValueError, "experts_TK", id="raw_route_backward_id_negative"),
+    # 80 experts: the Triton kernel's row is two slabs, and it flags bad ids before its
+    # passes over them (one slab: after)
+    pytest.param(lambda: torch.ops.dsv3.route_backward(torch.ones(4, 2), torch.ones(80), None,
+                                                       torch.randn(4, 80),
+                                                       ids([[0, 1]] * 3 + [[79, 80]]),
+                                                       "sigmoid", True, 1.0),
+                 ValueError, "experts_TK", id="raw_route_backward_id_past_E_two_slabs"),
     pytest.param(lambda: torch.ops.dsv3.route_backward(None, torch.ones(2), None,
                                                        torch.randn(4, 8), ids([[0, 1]] * 4),
                                                        "softmax", True, 1.0),

@@ -36,6 +36,7 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     # z: d(lse^2)/dl_e = 2 lse softmax(l)_e. The row is written dense (every term but
     # the top-k's), then the k chosen entries are rewritten with their g term added.
     SLAB: tl.constexpr = SLAB_CHUNKS * CW
+    ONE_SLAB: tl.constexpr = N_EXPERTS <= SLAB
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
     no_col = tl.zeros((BLOCK_T,), tl.int32)
@@ -89,9 +90,15 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     chosen = tl.load(experts_ptr + slot_offsets, mask=slot_mask, other=0)
     # An id outside [0, E) (a direct op call's) clears the "ids were good" flag, written
     # only by the threads that saw one (no reduction across the lanes), and reads and
-    # writes expert 0 instead, inside the rows; the launcher raises.
+    # writes expert 0 instead, inside the rows; the launcher raises. A row of one slab
+    # writes the flag after its last pass over the logits, which then reuses the first
+    # passes' loads and exps (sm_90, Triton 3.6: Mixtral's 272 -> 208 instructions a
+    # token, 424 -> 344 with every gradient); a wider row writes it here, which keeps
+    # fewer registers live through its passes (DeepSeek-V3's: 128 against 167).
     in_range = (chosen >= 0) & (chosen < N_EXPERTS)
-    tl.store(ok_ptr + tl.zeros_like(chosen), 0, mask=slot_mask & ~in_range)
+    bad_token = tl.max((slot_mask & ~in_range).to(tl.int32), 0) > 0  # in-thread: slots
+    if not ONE_SLAB:
+        tl.store(ok_ptr + no_col, 0, mask=bad_token)
     chosen = tl.where(in_range, chosen, 0)
     chosen_logits = _load_tile(logits_ptr + tokens[None, :].to(tl.int64) * N_EXPERTS + chosen,
                                slot_mask, 0.0).to(tl.float32)
@@ -138,6 +145,8 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             grad += z_scale[None, :, None] * softmax
         _store_tile(out_row[None, :, None] + cols, grad.to(grad_logits_ptr.dtype.element_ty),
                     valid)
+    if ONE_SLAB:
+        tl.store(ok_ptr + no_col, 0, mask=bad_token)
     if HAS_GRAD_W:  # the chosen entries again, now with their g term
         # These stores overwrite ones of the dense loop above, and nothing orders two
         # threads' stores to one address. Today's layouts put a token's dense tile and its
