@@ -214,6 +214,14 @@ def _cases(dtypes):
                 yield f"route_backward {score}", lambda: router_backward.route_backward(
                     weights, torch.randn(n_experts), torch.randn(()), logits, experts, score,
                     True, 2.5)
+            if router._blocks(logits, top_k)["COUNT_BINS"]:
+                # Enough tokens for four a thread (router._widened: Mixtral's top-2 of 8).
+                many = torch.randn(router._WIDE_MIN_PROGRAMS * 4 * router._TOKENS_PER_PROGRAM,
+                                   n_experts, dtype=dtype)
+                for score, stats in [("softmax", False), ("softmax", True), ("sigmoid", True)]:
+                    yield f"route {score} four tokens a thread", lambda: router.route(
+                        many, top_k, score, bias if score == "sigmoid" else None, 1, 1, True,
+                        2.5, stats)
             # Groups scored by their best expert (GROUP_MAX, group_score="max"): softmax
             # without a bias, as DeepSeek-V2 routes, and sigmoid with one. The backward
             # does not depend on how experts were chosen: no new variant of it.
