@@ -148,6 +148,17 @@ def test_route_matches_reference(T, E, K, score, with_bias, n_groups, topk_group
                 .to(counts_E) * T).all()
 
 
+def check_route_with_stats(logits_TE, bias_E, **kwargs):
+    """ops.route_with_stats against the reference (ids, weights, counts, the loss sums
+    and d(logits) from all three differentiable outputs); returns check_op's result."""
+    def reference_with_stats(logits, bias):
+        return (*reference.route(logits, bias_E=bias, **kwargs),
+                *reference.route_stats(logits, kwargs["score"]))
+
+    return check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
+                    reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(CASE_COLUMNS, ALL_CASES)
@@ -160,14 +171,7 @@ def test_route_with_stats_matches_reference(T, E, K, score, with_bias, n_groups,
     bias_E = _bias_scale(with_bias) * torch.randn(E, device=device) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale, group_score=group_score)
-
-    def reference_with_stats(logits, bias):
-        return (*reference.route(logits, bias_E=bias, **kwargs),
-                *reference.route_stats(logits, score))
-
-    (_, _, _, score_sum_E, lse_sq_sum), _ = check_op(
-        lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
-        reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+    (_, _, _, score_sum_E, lse_sq_sum), _ = check_route_with_stats(logits_TE, bias_E, **kwargs)
     assert score_sum_E.shape == (E,) and lse_sq_sum.shape == ()
     # Each token's normalized scores sum to 1.
     assert abs(score_sum_E.sum().item() - T) <= 1e-4 * T
@@ -399,13 +403,7 @@ def test_route_same_in_either_tile_order(T, E, K, score, with_bias, n_groups, to
     bias_E = _bias_scale(with_bias) * torch.randn(E) if with_bias else None
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale, group_score=group_score)
-
-    def reference_with_stats(logits, bias):
-        return (*reference.route(logits, bias_E=bias, **kwargs),
-                *reference.route_stats(logits, score))
-
-    check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
-             reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+    check_route_with_stats(logits_TE, bias_E, **kwargs)
 
 
 # Cases over one slab and several, groups or none, ties, slabs padded past a group's or
@@ -525,13 +523,7 @@ def test_route_same_with_four_tokens_a_thread(T, E, K, score, with_bias, n_group
               else None)
     kwargs = dict(top_k=K, score=score, n_groups=n_groups, topk_groups=topk_groups,
                   normalize=normalize, scale=scale, group_score=group_score)
-
-    def reference_with_stats(logits, bias):
-        return (*reference.route(logits, bias_E=bias, **kwargs),
-                *reference.route_stats(logits, score))
-
-    check_op(lambda logits, bias: ops.route_with_stats(logits, bias_E=bias, **kwargs),
-             reference_with_stats, [logits_TE, bias_E], differentiable=(0,))
+    check_route_with_stats(logits_TE, bias_E, **kwargs)
     logits_TE[T // 2, E // 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ops.route(logits_TE, bias_E=bias_E, **kwargs)
