@@ -436,7 +436,8 @@ _ONE_HOT_COUNTS = 16
 # tokens a thread. sm_90 (Triton 3.6), Mixtral's top-2 of 8 over fp32 logits: 344
 # instructions a token at one token a thread, 270 at four (69 registers); with more
 # experts the selection outweighs that share (top-4 of 16: 568 -> 546), so they keep
-# one. Taken where the launch still has a full wave of programs for 132 SMs.
+# one. Taken from 128 such programs on (about one an SM of an H200's 132): below, the
+# launch keeps more, smaller programs to spread over the SMs.
 _WIDE_TOKENS_PER_THREAD = 4
 _WIDE_MIN_PROGRAMS = 2 if INTERPRET else 128
 # The top-k by a bitonic network (NETWORK) from top-4 on, where the list is merged with
