@@ -279,6 +279,11 @@ def memory_rows():
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route (softmax, Mixtral-like)", f"T{mixtral_T} E8 K2",
          lambda: dsv3.ops.route(mixtral_logits_TE, 2), mixtral_T * (8 * 2 + 2 * 8)),
+        # The same with one token a thread (router._widened gives it four): which wins.
+        ("route (softmax, Mixtral-like), one token a thread", f"T{mixtral_T} E8 K2",
+         _router_variant(lambda: dsv3.ops.route(mixtral_logits_TE, 2),
+                         _WIDE_MIN_PROGRAMS=1 << 62),
+         mixtral_T * (8 * 2 + 2 * 8)),
         # The same with its expert counts by one atomic per copy, as for many experts,
         # instead of per-program one-hot sums: which of the two wins at 8 counters.
         ("route (softmax, Mixtral-like), per-copy count atomics", f"T{mixtral_T} E8 K2",
