@@ -233,6 +233,17 @@ def _router_variant(fn, **settings):
     return call
 
 
+def _triton_kernel(name, *args):
+    """A call of dsv3.kernels.permute's Triton kernel ``name`` on ``args`` on a GPU, where
+    the op runs the compiled CUDA kernel instead; elsewhere (the CPU smoke run) the op."""
+    def call():
+        if DEVICE != "cuda":
+            return getattr(torch.ops.dsv3, name)(*args)
+        from dsv3.kernels import permute
+        return getattr(permute, name)(*args)
+    return call
+
+
 def memory_rows():
     T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
     route_T = MEMORY_SHAPE["route_T"]
@@ -301,6 +312,11 @@ def memory_rows():
         # routing weights' (y_SD read).
         ("unpermute backward", rows_shape,
          lambda: torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK),
+         T * D * 2 * (1 + 2 * K)),
+        # The same by the Triton kernel (the op runs csrc/cuda's where it was built): the
+        # two layouts of one algorithm side by side.
+        ("unpermute backward, Triton kernel", rows_shape,
+         _triton_kernel("unpermute_backward", grad_y_TD, x_SD, row_map_TK, weights_TK),
          T * D * 2 * (1 + 2 * K)),
         # The layer's elementwise step between its GEMMs, at the Mixtral-like layer's size:
         # h read, a written; backward: grad_a and h read, grad_h written.

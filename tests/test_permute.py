@@ -29,6 +29,12 @@ CASES = [
     pytest.param(40, 7, 2, 16, "empty", id="empty_experts"),
     # Dropped copies (expert id -1) must land after every expert's rows.
     pytest.param(40, 8, 2, 16, "dropped", id="dropped"),
+    # Top-10: past the 8 copies whose dots the CUDA backward reduces at once; rows of
+    # 2112 values span several of its column blocks (and the Triton kernels').
+    pytest.param(5, 16, 10, 2112, "random", id="K10_D2112"),
+    # D = 604: bf16 rows of 1208 bytes, not 16-byte multiples (the CUDA kernels' scalar
+    # path), over several column blocks.
+    pytest.param(6, 8, 3, 604, "random", id="D604"),
     # Medium: 9003 copies span more than one 4096-copy chunk of the C++ counting sort.
     # The interpreter pass runs that index on the C++ kernel too (the first pass checks
     # it at full size) and runs one Triton program per copy, about 5 ms each there:
