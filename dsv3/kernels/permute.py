@@ -68,12 +68,12 @@ def _unpermute_backward_kernel(grad_ptr, y_ptr, row_map_ptr, weights_ptr, grad_r
                                partial_dots_ptr, ok_ptr, n_rows, dim, top_k,
                                BLOCK_D: tl.constexpr):
     # grad_rows[row_map[t, k]] = w[t, k] * grad[t]; grad_w[t, k] = <grad[t], y[row_map[t, k]]>,
-    # here each column block's share of that dot (summed over the blocks by the launcher,
-    # in order: deterministic). A program per token and column block, as the forward:
-    # grad[t]'s block is read once for its K copies, and there are D / BLOCK_D times the
-    # programs to keep loads in flight. (One program per token walking the whole row for
-    # each copy in turn reached 0.70 of copy bandwidth on an H200, run 4; the forward's
-    # layout 0.95.)
+    # here each column block's share of that dot (summed over the blocks by the launcher
+    # with torch's sum: the same bits every run). A program per token and column block,
+    # as the forward: grad[t]'s block is read once for its K copies, and there are
+    # D / BLOCK_D times the programs to keep loads in flight. (The CUDA kernel in that
+    # other layout, a block per token walking the whole row for each copy in turn,
+    # reached 0.70 of copy bandwidth on an H200, run 4; the forward's layout 0.95.)
     token = tl.program_id(0)
     block = tl.program_id(1)
     cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
