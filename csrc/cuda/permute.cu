@@ -337,6 +337,7 @@ __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* 
     // the warps' sums in order.
 #pragma unroll
     for (int j = 0; j < kDotChunk; ++j) {
+      if (first + j >= top_k) break;  // the same for the whole block: top-2 reduces two
       acc_t dot = dots[j];
       for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
       if (lane == 0) warp_sums[j][warp] = dot;
