@@ -355,12 +355,18 @@ def test_wgrad_flattened_walk_matches_reference(counts, transposed, dtype, devic
                         counts=counts)
 
 
-def tuned_flattened_configs(config, monkeypatch, configs_of: str) -> list:
-    """The FLATTEN configs the GPU's autotuner holds, as it holds them (tiles, stages,
-    register caps): the tests above launch the first tile only, uncapped."""
+def tuned_configs(config, monkeypatch, configs_of: str) -> list:
+    """The configs the GPU's autotuner holds, as it holds them (tiles, stages, register
+    caps): DSV3_AUTOTUNE=0, as the GPU pass runs, and the tests above launch the first
+    tile only, uncapped."""
     monkeypatch.setattr(config, "AUTOTUNE", True)
     monkeypatch.setattr(config, "VARIANTS", True)
-    flattened = [c for c in getattr(config, configs_of)() if c.kwargs["FLATTEN"]]
+    return getattr(config, configs_of)()
+
+
+def tuned_flattened_configs(config, monkeypatch, configs_of: str) -> list:
+    """The FLATTEN configs of tuned_configs."""
+    flattened = [c for c in tuned_configs(config, monkeypatch, configs_of) if c.kwargs["FLATTEN"]]
     assert flattened, configs_of
     return flattened
 
@@ -396,6 +402,39 @@ def test_every_tuned_flattened_forward_config_matches_reference(gather, dtype, m
     for launch in tuned_flattened_configs(config, monkeypatch, "matmul_configs"):
         check_forward_variant(True, launch.kwargs["USE_TMA"], gather, "EXY", dtype, "cuda",
                               launch_config=launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["EXY", "EYX_T"])
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+def test_every_tuned_forward_config_matches_reference(gather, layout, monkeypatch):
+    """Each forward config the autotuner may pick (64x64 to 128x256 tiles, three and four
+    stages, pointer and TMA loads, nested and flattened), bf16, w row-major and K-major,
+    rows in order and gathered, against a per-expert loop."""
+    _, config = triton_grouped_gemm("cuda", torch.bfloat16)
+    launches = tuned_configs(config, monkeypatch, "matmul_configs")
+    assert len(launches) > 1
+    for launch in launches:
+        check_forward_variant(launch.kwargs["FLATTEN"], launch.kwargs["USE_TMA"], gather,
+                              layout, torch.bfloat16, "cuda", launch_config=launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [0, 1], ids=["even_configs", "odd_configs"])
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["EXY", "EYX"])
+def test_every_tuned_wgrad_config_matches_reference(transposed, gather, share, monkeypatch):
+    """Each wgrad config the autotuner may pick (grid and persistent, pointer and TMA,
+    flattened, the two-stage tiles for short reductions), bf16, in two shares so that
+    each test stays within the GPU pass's time limit, against a per-expert loop."""
+    _, config = triton_grouped_gemm("cuda", torch.bfloat16)
+    launches = tuned_configs(config, monkeypatch, "wgrad_configs")
+    assert len(launches) > 2
+    for launch in launches[share::2]:
+        flags = launch.kwargs
+        check_wgrad_variant(flags["USE_TMA"], flags["PERSISTENT"], transposed, gather,
+                            torch.bfloat16, "cuda", dim_x=200, flatten=flags["FLATTEN"],
+                            launch_config=launch)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -283,12 +283,15 @@ def test_balance_loss_and_bias_see_the_routing_before_capacity(capacity_factor):
     assert capped.last_stats.tokens_per_expert.sum() < dropless.last_stats.tokens_per_expert.sum()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("z_loss_coef", [0.0, 0.01], ids=["aux_only", "aux_and_z"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_aux_loss_gradient_matches_formula(score):
+def test_aux_loss_gradient_matches_formula(score, z_loss_coef, device):
     """The router's fused loss sums give the same router-weight gradient as the
-    Switch aux loss and z-loss written out in plain PyTorch."""
-    moe = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01, score=score)
-    x_TD = torch.randn(50, 32)
+    Switch aux loss and z-loss written out in plain PyTorch; with z_loss_coef 0 (the
+    default) the router's backward takes no z-loss gradient, a variant of its own."""
+    moe = make_moe(aux_loss_coef=0.1, z_loss_coef=z_loss_coef, score=score).to(device)
+    x_TD = torch.randn(50, 32, device=device)
     moe(x_TD)
     moe.aux_loss.backward()
     router_ED = moe.router.weight.detach().clone().requires_grad_()
@@ -297,7 +300,7 @@ def test_aux_loss_gradient_matches_formula(score):
     scores_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
     counts_E = torch.bincount(reference_experts(moe, x_TD).flatten(), minlength=8)
     want = (0.1 * 8 * (counts_E.float() / 100 * scores_TE.mean(0)).sum()
-            + 0.01 * logits_TE.logsumexp(-1).square().mean())
+            + z_loss_coef * logits_TE.logsumexp(-1).square().mean())
     want.backward()
     assert_close(moe.router.weight.grad, router_ED.grad, "d(router weight) of aux_loss")
 

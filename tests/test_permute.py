@@ -4,7 +4,8 @@ the permutation, placement of dropped copies, determinism of the combine."""
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, TRITON_INTERPRETED, assert_close, check_op, make_experts
+from conftest import (DEVICES, DTYPES, LOW_PRECISION, TRITON_INTERPRETED, assert_close,
+                      assert_close_to_reference, check_op, make_experts)
 from dsv3 import ops, reference
 
 # (T, E, K, D, expert pattern)
@@ -35,6 +36,9 @@ CASES = [
     # D = 604: bf16 rows of 1208 bytes, not 16-byte multiples (the CUDA kernels' scalar
     # path), over several column blocks.
     pytest.param(6, 8, 3, 604, "random", id="D604"),
+    # Top-10 over rows of 2110 values: 4220 bytes in 16-bit dtypes, 8440 in fp32, no
+    # 16-byte multiples (the CUDA backward's scalar path) with more than 8 copies.
+    pytest.param(4, 16, 10, 2110, "random", id="K10_D2110"),
     # Medium: 9003 copies span more than one 4096-copy chunk of the C++ counting sort.
     # The interpreter pass runs that index on the C++ kernel too (the first pass checks
     # it at full size) and runs one Triton program per copy, about 5 ms each there:
@@ -117,6 +121,46 @@ def test_unpermute_matches_reference(T, E, K, D, pattern, with_weights, dtype, d
     check_op(lambda y, w: ops.unpermute(y, row_map_TK, w),
              lambda y, w: reference.unpermute(y, row_map_TK, w),
              [y_SD, weights_TK], differentiable=(0, 1) if with_weights else (0,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, E, K, D, pattern", CASES)
+def test_triton_permutation_kernels_on_the_gpu(T, E, K, D, pattern, dtype):
+    """A GPU build runs csrc/cuda's permutation kernels for the ops; the Triton ones
+    (dsv3/kernels/permute.py) serve builds without nvcc. Each against the reference on
+    the GPU: the scatter exactly, the weighted combine and its backward (the copies'
+    gradients and the routing weights') within the dtype's tolerance."""
+    from dsv3.kernels import permute as triton_permute
+    experts_TK = make_experts(T, E, K, pattern, "cuda")
+    _, row_map_TK = ops.expert_index(experts_TK, E)
+    rows_S = row_map_TK.flatten().long()
+    x_TD = torch.randn(T, D, device="cuda").to(dtype)
+    x_SD = torch.empty(T * K, D, device="cuda", dtype=dtype)
+    x_SD[rows_S] = x_TD.repeat_interleave(K, 0)
+    assert torch.equal(triton_permute.permute_rows(x_TD, row_map_TK), x_SD)
+
+    y_SD = torch.randn(T * K, D, device="cuda").to(dtype)
+    weights_TK = torch.rand(T, K, device="cuda")
+    grad_TD = torch.randn(T, D, device="cuda").to(dtype)
+    got = (triton_permute.unpermute(y_SD, row_map_TK, weights_TK),
+           *triton_permute.unpermute_backward(grad_TD, y_SD, row_map_TK, weights_TK))
+
+    def reference_run(y, w, grad):
+        y, w = y.clone().requires_grad_(), w.clone().requires_grad_()
+        out = reference.unpermute(y, row_map_TK, w)
+        return (out.detach(), *torch.autograd.grad(out, (y, w), grad.to(out.dtype)))
+
+    names = ("y_TD", "grad_y_SD", "grad_weights_TK")
+    if dtype in LOW_PRECISION:
+        exact = reference_run(y_SD.double(), weights_TK.double(), grad_TD.double())
+        plain = reference_run(y_SD, weights_TK, grad_TD)
+        for name, out, want, low in zip(names, got, exact, plain, strict=True):
+            assert_close_to_reference(out.cpu(), want.cpu(), low.cpu(), name, dtype)
+    else:
+        for name, out, want in zip(names, got, reference_run(y_SD, weights_TK, grad_TD),
+                                   strict=True):
+            assert_close(out, want, name)
 
 
 def test_unpermute_is_deterministic():

@@ -102,11 +102,13 @@ def test_non_finite_block_propagates_and_leaves_clean_residual(bad, device):
     assert torch.isnan(back_N[256:512]).all() and torch.isfinite(back_N[:256]).all()
 
 
-def test_low_precision_input_is_quantized_from_its_values():
-    x_N = torch.randn(300).to(torch.bfloat16)
-    got = ops.quantize_int8(x_N, 128)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_input_is_quantized_from_its_values(dtype, device):
+    x_N = torch.randn(300).to(dtype)
+    got = ops.quantize_int8(x_N.to(device), 128)
     want = reference.quantize_int8(x_N.float(), 128)
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want, strict=True))
 
 
 @pytest.mark.parametrize("call, error, match", [

@@ -500,14 +500,21 @@ def test_sigmoid_scores_that_all_underflow_make_nan_score_sums_as_the_reference(
 # and groups scored by their best.
 WIDE_CASES = ["mixtral", "T1", "one_expert", "softmax_raw_scale", "sigmoid", "group_size_1",
               "max_softmax_norm"]
+# Mixtral's router over several four-token programs, the last one partial (the
+# interpreter's programs take 64 tokens, a GPU's 512), with a bias.
+SEVERAL_WIDE_PROGRAMS = pytest.param(130 if TRITON_INTERPRETED else 1100, 8, 2, "softmax", True,
+                                     1, 1, True, 1.0, "random", "top2_sum",
+                                     id="mixtral_several_programs")
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("wide", [False, True], ids=["token_a_thread", "four_tokens_a_thread"])
-@pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in WIDE_CASES])
+@pytest.mark.parametrize(CASE_COLUMNS, [case for case in ALL_CASES if case.id in WIDE_CASES]
+                         + [SEVERAL_WIDE_PROGRAMS])
 def test_route_same_with_four_tokens_a_thread(T, E, K, score, with_bias, n_groups, topk_groups,
                                               normalize, scale, pattern, group_score, wide,
-                                              device, monkeypatch):
+                                              dtype, device, monkeypatch):
     """Where the counts are summed per program, the forward gives each thread four tokens
     once the tokens fill enough programs (router._widened): ids, weights, counts, the
     loss sums and the backward as the reference's either way, and a NaN row still
@@ -516,7 +523,7 @@ def test_route_same_with_four_tokens_a_thread(T, E, K, score, with_bias, n_group
         pytest.skip("runs the Triton router on CPU tensors under the interpreter pass")
     from dsv3.kernels import router
     monkeypatch.setattr(router, "_WIDE_MIN_PROGRAMS", 0 if wide else 1 << 40)
-    logits_TE = make_logits(T, E, pattern, torch.float32, device)
+    logits_TE = make_logits(T, E, pattern, dtype, device)
     blocks = router._widened(router._blocks(logits_TE, K, n_groups, topk_groups), T)
     assert blocks["BLOCK_T"] == router._TOKENS_PER_PROGRAM * (4 if wide else 1)
     bias_E = (_bias_scale(with_bias) * torch.randn(E, device=device) if with_bias
