@@ -231,7 +231,7 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     GROUP_SIZE: tl.constexpr = N_EXPERTS // N_GROUPS
     # The loss sums' cross-token reductions (barriers) and stores after the selection
     # where a row is at most 16 experts: the selection's pass then reuses the loads and
-    # exps of the passes before it (sm_90, Triton 3.6: 8-14% fewer instructions, Mixtral's
+    # exps of the passes before it (sm_90, Triton 3.6: 7-14% fewer instructions, Mixtral's
     # 600 -> 560 a token). Wider rows keep them before: their logits would stay live
     # through the selection (64 experts: 96 -> 168 registers).
     LATE_SUMS: tl.constexpr = N_EXPERTS <= 16
