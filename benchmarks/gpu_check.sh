@@ -83,7 +83,8 @@ tests=(tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py tests/
        tests/test_quantize.py tests/test_moe.py tests/test_cuda_graph.py tests/test_errors.py
        tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_transformers_integration.py
        tests/test_gpt_oss_glu.py tests/test_expert_bias.py tests/test_transformers_gpt_oss.py
-       tests/test_distributed.py tests/test_triton_scratch.py)
+       tests/test_distributed.py tests/test_triton_scratch.py
+       tests/test_gemm_tuned_configs.py)  # last: dozens of compiles, see its docstring
 parallel=()
 python3 -c "import xdist" 2> /dev/null && parallel=(-n 16)
 python3 -c "import pytest_timeout" 2> /dev/null && parallel+=(--timeout 120)
