@@ -80,8 +80,9 @@ echo "   benchmarks done at $SECONDS s"
 # pytest_failures.txt as it happens.
 echo "== pytest -m gpu"
 tests=(tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py tests/test_swiglu.py
-       tests/test_quantize.py tests/test_moe.py tests/test_cuda_graph.py tests/test_errors.py
-       tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_transformers_integration.py
+       tests/test_quantize.py tests/test_moe.py tests/test_moe_balance.py tests/test_cuda_graph.py
+       tests/test_errors.py tests/test_gpu_hazards.py tests/test_ops_review.py
+       tests/test_transformers_integration.py
        tests/test_gpt_oss_glu.py tests/test_expert_bias.py tests/test_transformers_gpt_oss.py
        tests/test_distributed.py tests/test_triton_scratch.py
        tests/test_gemm_tuned_configs.py)  # last: dozens of compiles, see its docstring
