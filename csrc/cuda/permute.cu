@@ -279,9 +279,9 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
 // grad_y_SD[row_map[t, k]] = w[t, k] * grad[t] for every k, the token's piece of grad
 // read once for its K copies, and the routing weights' gradient as each block's partial
 // dots of grad[t] and y_SD[row_map[t, k]], summed over the blocks afterwards by torch's
-// sum (the same bits every run). A block per token walking the whole row once per copy, with a block
-// reduction and two barriers after each, reached 0.70 of copy bandwidth on an H200 at
-// DeepSeek-V3's T16384 D7168 K8 (run 4), where the forward in this layout reached 0.95.
+// sum (the same bits every run). A block per token walking the whole row once per copy,
+// with a block reduction and two barriers after each, reached 0.70 of copy bandwidth on
+// an H200 at DeepSeek-V3's T16384 D7168 K8 (run 4); the forward in this layout, 0.95.
 constexpr int kDotChunk = 8;  // copies whose partial dots a thread holds at once
 
 template <typename scalar_t, int kVec>
@@ -339,7 +339,8 @@ __global__ void unpermute_backward_kernel(const scalar_t* grad, const scalar_t* 
     for (int j = 0; j < kDotChunk; ++j) {
       if (first + j >= top_k) break;  // the same for the whole block: top-2 reduces two
       acc_t dot = dots[j];
-      for (int offset = 16; offset > 0; offset /= 2) dot += __shfl_down_sync(0xffffffff, dot, offset);
+      for (int offset = 16; offset > 0; offset /= 2)
+        dot += __shfl_down_sync(0xffffffff, dot, offset);
       if (lane == 0) warp_sums[j][warp] = dot;
     }
     __syncthreads();
