@@ -206,7 +206,9 @@ def _store_loss_sums(logits_ptr, partial_row, tokens, n_tokens, token_mask, row_
                      SIGMOID: tl.constexpr, SLAB: tl.constexpr, SLAB_CHUNKS: tl.constexpr,
                      CW: tl.constexpr):
     """The program's row of partial sums for the balance losses: the row-normalized
-    scores summed per expert over its tokens, then their logsumexp^2 summed."""
+    scores summed per expert over its tokens, then their logsumexp^2 summed. The sums
+    over the tokens are shuffle trees across the lanes (about a fifth of this path's
+    instructions): the price of one thread per token."""
     no_token = tl.zeros_like(tokens)
     for first in range(0, N_EXPERTS, SLAB):
         logits, _, valid = _load_slab(logits_ptr, tokens, n_tokens, N_EXPERTS, no_token, first,
@@ -292,9 +294,8 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
     has_nan = (row_high != row_high) | (row_high == float("inf"))
 
     if STATS:
-        # This program's row of partial sums: row-normalized scores per expert, then lse^2.
-        # The sums over the block's tokens are shuffle trees across the lanes (about a
-        # fifth of this path's instructions): the price of one thread per token.
+        # This program's row of partial sums (_store_loss_sums), from each token's score
+        # and exp totals.
         partial_row = partial_ptr + tl.program_id(0).to(tl.int64) * (N_EXPERTS + 1)
         lse_shift = tl.where(row_high == float("-inf"), 0.0, row_high)
         score_total = tl.zeros((BLOCK_T,), tl.float32)
