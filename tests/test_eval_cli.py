@@ -276,6 +276,28 @@ def test_results_that_cannot_be_rendered_leave_the_old_files(tmp_path):
     assert (tmp_path / "eval.json").read_text() == (tmp_path / "eval.md").read_text() == "old"
 
 
+def test_a_table_that_cannot_be_written_goes_with_the_old_one(tmp_path, monkeypatch):
+    """Each file is written whole, eval.json first. If eval.md then fails (a full disk,
+    a kill), the new results must not stand beside the old table: it is removed."""
+    from dsv3.eval import report
+    (tmp_path / "eval.json").write_text("old")
+    (tmp_path / "eval.md").write_text("old")
+    real = report.write_whole
+
+    def full_disk_for_the_table(path, write, mode="wb"):
+        if str(path).endswith("eval.md"):
+            raise OSError(28, "No space left on device")
+        real(path, write, mode)
+
+    monkeypatch.setattr(report, "write_whole", full_disk_for_the_table)
+    results = {"tasks": {"ppl": {"all": {"perplexity": 2.0, "bits_per_byte": 1.0,
+                                         "tokens": 4, "bytes": 4}}}}
+    with pytest.raises(OSError, match="No space left"):
+        report.write_results(str(tmp_path), results)
+    assert json.loads((tmp_path / "eval.json").read_text())["tasks"] == results["tasks"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no .tmp either
+
+
 def test_a_nan_perplexity_reads_nan_in_eval_md_and_in_the_html_from_eval_json(tmp_path):
     """eval.json writes NaN as null: the HTML built from it (`dsv3 report`) showed an
     empty cell where eval.md says nan."""

@@ -16,6 +16,8 @@ import json
 import math
 import os
 
+from dsv3.whole_files import write_whole
+
 
 def _rate_rows(task: str, result: dict, label: str = "") -> list[dict]:
     rows = []
@@ -245,8 +247,15 @@ def write_results(out_dir: str, results: dict) -> tuple[str, str]:
     # emptied eval.md.
     json_text = json.dumps(_json_safe(results), indent=2, allow_nan=False)
     table = markdown_table(results)
-    with open(json_path, "w", encoding="utf-8") as f:
-        f.write(json_text)
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(table)
+    # Each file whole or not at all: a kill mid-write leaves the old file, never a cut
+    # eval.json that `dsv3 report` would fail on. eval.json, the results, goes first;
+    # if its table then cannot be written, the old table goes too rather than stay
+    # beside results it does not show.
+    write_whole(json_path, lambda f: f.write(json_text), "w")
+    try:
+        write_whole(md_path, lambda f: f.write(table), "w")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(md_path)
+        raise
     return json_path, md_path

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dsv3 import torch_files
-from dsv3.train.files import write_whole
+from dsv3.whole_files import write_whole
 from dsv3.train.metrics import TB_FILES
 
 # The trainer's state keys that are each rank's own (the rest is rank 0's to save).

@@ -18,7 +18,7 @@ import torch
 
 from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
-from dsv3.train.files import write_whole
+from dsv3.whole_files import write_whole
 
 
 # What TensorBoard's SummaryWriter writes into OUT_DIR/tb: a fresh run removes these

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsv3.train.files import write_whole  # noqa: E402  (each file whole or not at all)
+from dsv3.whole_files import write_whole  # noqa: E402  (each file whole or not at all)
 
 CURVES = [  # (title, metric keys)
     # The DPO loss (~ln 2) lives on another scale than the LM loss: its own panel.

@@ -1,7 +1,8 @@
-"""Writing a run's files whole or not at all: the checkpoint, the export, the metrics
-and the report are each read back by a later run or command, which must never find
-half a file (a crash or Ctrl-C mid-write). Its own module so that checkpoint.py,
-metrics.py and report.py can all use it (checkpoint.py imports metrics.py)."""
+"""Writing files whole or not at all. A training run's checkpoint, export, metrics and
+report, the evaluation's results and the data pipeline's models and labels are each
+read back by a later run or command, which must never find half a file (a crash or
+Ctrl-C mid-write) or an input overwritten by a failed write. Its own module, below
+the trainer, the evaluation and the data pipeline, so that all of them can use it."""
 import os
 from pathlib import Path
 
