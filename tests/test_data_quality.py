@@ -223,3 +223,42 @@ def test_train_quality_rejects_bad_numbers(tmp_path):
     with pytest.raises(ValueError, match="epochs must be >= 1, got -1"):
         QualityClassifier(featurizer).fit(texts, labels, epochs=-1)
     assert not (tmp_path / "m").exists()
+
+
+def test_the_threshold_trained_at_is_the_filters_default(tmp_path):
+    """train-quality reports precision/recall at --threshold and saves it: a
+    [steps.quality] without a threshold of its own filters at it, not at 0.5."""
+    from dsv3.data.config import build_steps
+    texts, labels = labeled(n_good=40, kinds=("spam",))
+    metrics = train_quality(texts, labels, make_featurizer("hashed"), str(tmp_path / "m"),
+                            threshold=0.8, epochs=2)
+    assert metrics["threshold"] == 0.8
+    assert QualityFilter(str(tmp_path / "m")).threshold == 0.8
+    assert QualityFilter(str(tmp_path / "m"), threshold=0.3).threshold == 0.3
+    config = {"steps": {"order": ["quality"], "quality": {"model": str(tmp_path / "m")}}}
+    assert [step.threshold for step in build_steps(config, None)] == [0.8]
+
+
+def test_a_model_saved_in_pieces_from_two_runs_is_refused(tmp_path):
+    """head.pt and featurizer.json of different saves (a save cut short between them)
+    would score one run's features with another's head: load refuses the pair. A model
+    saved before the ids and thresholds were recorded still loads, at 0.5."""
+    import shutil
+
+    import torch
+    texts, labels = labeled(n_good=40, kinds=("spam",))
+    for name in ("a", "b"):
+        train_quality(texts, labels, make_featurizer("hashed"), str(tmp_path / name),
+                      threshold=0.7, epochs=1)
+    shutil.copy(tmp_path / "a" / "head.pt", tmp_path / "b" / "head.pt")
+    with pytest.raises(ValueError, match="head.pt and featurizer.json in .* come from "
+                                         "different saves"):
+        QualityClassifier.load(str(tmp_path / "b"))
+    old = tmp_path / "a"  # as saved before: no id, no threshold
+    state = torch.load(old / "head.pt", weights_only=True)
+    del state["model_id"], state["threshold"]
+    torch.save(state, old / "head.pt")
+    config = json.loads((old / "featurizer.json").read_text())
+    del config["model_id"]
+    (old / "featurizer.json").write_text(json.dumps(config))
+    assert QualityClassifier.load(str(old)).threshold == 0.5

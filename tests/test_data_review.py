@@ -196,3 +196,18 @@ def test_review_strata_file_errors_name_the_file(tmp_path, capsys):
     strata.write_text('{"seed": 0}')
     assert main(["data", "review", "--sample", str(sample)]) == 2
     assert "expected an object with a 'strata' list" in capsys.readouterr().err
+
+
+def test_labels_out_refuses_to_overwrite_its_own_input(tmp_path, capsys):
+    """--labels-out on the sample (or the verdicts) file would replace the verdicts with
+    the labels made from them: refused, and the file left as it was."""
+    sample, items = _sample(tmp_path)
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text(json.dumps({"review_id": items[0]["review_id"], "verdict": "correct"}))
+    for flag, target in (("--sample", sample), ("--verdicts", verdicts)):
+        before = target.read_bytes()
+        assert main(["data", "review", "--sample", str(sample), "--verdicts", str(verdicts),
+                     "--labels-out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"--labels-out: {str(target)!r} is the {flag} file" in err, err
+        assert target.read_bytes() == before

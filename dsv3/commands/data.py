@@ -7,6 +7,7 @@ import os
 import sys
 
 from dsv3.validate import whole_number
+from dsv3.whole_files import write_whole
 
 # Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
 # prints them as one "error:" line and exits with status 2, as argparse does. They are
@@ -122,6 +123,12 @@ def _review(args: argparse.Namespace) -> int:
         _input_file("--verdicts", args.verdicts)
     if args.labels_out and os.path.isdir(args.labels_out):
         raise ValueError(f"--labels-out: {args.labels_out!r} is a directory, not a file")
+    for flag, given in (("--sample", args.sample), ("--verdicts", args.verdicts)):
+        # the labels would replace the verdicts they are made from
+        if args.labels_out and given and os.path.exists(args.labels_out) \
+                and os.path.samefile(args.labels_out, given):
+            raise ValueError(f"--labels-out: {args.labels_out!r} is the {flag} file; "
+                             f"write the labels to another file")
     strata_path = os.path.join(os.path.dirname(args.sample), "strata.json")
     if not os.path.exists(strata_path):
         raise FileNotFoundError(f"--sample: no strata.json next to {args.sample!r}")
@@ -132,9 +139,8 @@ def _review(args: argparse.Namespace) -> int:
     if args.labels_out:
         rows = verdicts_to_labels(items)
         os.makedirs(os.path.dirname(args.labels_out) or ".", exist_ok=True)
-        with open(args.labels_out, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_whole(args.labels_out, lambda f: f.write(text), "w")
         report["labels_written"] = len(rows)
     print(json.dumps(report, indent=2))
     return 0
@@ -179,7 +185,9 @@ def register(groups: argparse._SubParsersAction) -> None:
                    help="the field holding the label: 1 or true = good, 0 or false = bad")
     q.add_argument("--holdout", type=float, default=0.2, help="held-out fraction, in (0, 1)")
     q.add_argument("--threshold", type=float, default=0.5,
-                   help="keep when P(good) >= this, in [0, 1]")
+                   help="keep when P(good) >= this, in [0, 1]: the metrics are "
+                   "reported at it, and it is saved with the model as the threshold that "
+                   "prepare's [steps.quality] uses unless it sets its own")
     q.add_argument("--epochs", type=int, default=20, help="full-batch training passes, >= 1")
     q.add_argument("--seed", type=int, default=0,
                    help="seeds the held-out split and the training")

@@ -9,7 +9,8 @@ and so other entry points (the trainer, tests) can build the same steps from a d
                         (jsonl, parquet, text) is a glob pattern or a list of them
     [steps]             order = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
     [steps.<name>]      that step's options (``quality`` needs ``model``, a directory
-                        from ``dsv3 data train-quality``, and takes ``threshold``);
+                        from ``dsv3 data train-quality``, and takes ``threshold``,
+                        by default the one saved with the model);
                         ``domains = [...]`` limits it to those
                         domains, ``write_dropped = false`` turns its side file off
                         ``augment`` takes rate, seed and lexicon = a TSV path or "learned"
@@ -80,7 +81,7 @@ def _quality(opts: dict, common: dict) -> Step:
     if "model" not in opts:
         raise ValueError("steps.quality: 'model' (a directory from `dsv3 data train-quality`) "
                          "is required")
-    return QualityFilter(opts.pop("model"), opts.pop("threshold", 0.5),
+    return QualityFilter(opts.pop("model"), opts.pop("threshold", None),
                          opts.pop("batch_size", 32), **_no_more(opts, "quality"), **common)
 
 

@@ -12,13 +12,15 @@ Two featurizers behind one interface (texts -> features):
 
 Both heads are trained with logistic loss; a document is kept when its probability
 of being good reaches the threshold. ``train_quality`` trains on labeled jsonl and
-reports precision/recall of the "good" class on a held-out split.
+reports precision/recall of the "good" class on a held-out split, at the threshold
+it saves with the model: the one the filter uses unless given another.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import uuid
 import warnings
 from typing import Sequence
 
@@ -31,6 +33,7 @@ from dsv3.data.readers import jsonl_records
 from dsv3.data.step import Step
 from dsv3.data.textview import WORDS_VERSION, TextView
 from dsv3.validate import number, whole_number
+from dsv3.whole_files import write_whole
 
 BACKENDS = ("hashed", "hf")
 
@@ -127,8 +130,10 @@ class HFEncoder:
 
 
 class QualityClassifier:
-    def __init__(self, featurizer: HashedNgrams | HFEncoder) -> None:
+    def __init__(self, featurizer: HashedNgrams | HFEncoder, threshold: float = 0.5) -> None:
+        check_threshold(threshold)
         self.featurizer = featurizer
+        self.threshold = threshold  # saved with the model: QualityFilter's default
         if isinstance(featurizer, HashedNgrams):
             self.head: torch.nn.Module = torch.nn.EmbeddingBag(featurizer.size, 1, mode="mean")
             torch.nn.init.zeros_(self.head.weight)
@@ -175,12 +180,16 @@ class QualityClassifier:
         return torch.sigmoid(self._logits(self.featurizer(texts))).numpy()
 
     def save(self, directory: str) -> None:
+        """head.pt and featurizer.json, each written whole, and tagged with one new id:
+        a save cut short between the two leaves a pair that ``load`` refuses, not a
+        head scored on another run's features."""
         os.makedirs(directory, exist_ok=True)
-        torch.save({"head": self.head.state_dict(), "bias": self.bias.detach(),
-                    "mean": self.mean, "std": self.std},
-                   os.path.join(directory, "head.pt"))
-        with open(os.path.join(directory, "featurizer.json"), "w") as f:
-            json.dump(self.featurizer.config(), f)
+        model_id = uuid.uuid4().hex
+        state = {"head": self.head.state_dict(), "bias": self.bias.detach(), "mean": self.mean,
+                 "std": self.std, "threshold": self.threshold, "model_id": model_id}
+        write_whole(os.path.join(directory, "head.pt"), lambda f: torch.save(state, f))
+        text = json.dumps({**self.featurizer.config(), "model_id": model_id})
+        write_whole(os.path.join(directory, "featurizer.json"), lambda f: f.write(text), "w")
 
     @classmethod
     def load(cls, directory: str) -> "QualityClassifier":
@@ -199,8 +208,11 @@ class QualityClassifier:
             cfg = json.load(f)
         featurizer = (_hashed_from_config(cfg, directory) if cfg["backend"] == "hashed"
                       else HFEncoder(cfg["path"], cfg["max_length"]))
-        model = cls(featurizer)
         state = torch.load(os.path.join(directory, "head.pt"), weights_only=True)
+        if state.get("model_id") != cfg.get("model_id"):  # both absent: saved before the ids
+            raise ValueError(f"model: head.pt and featurizer.json in {directory!r} come from "
+                             f"different saves (one was cut short?); train the model again")
+        model = cls(featurizer, state.get("threshold", 0.5))
         model.head.load_state_dict(state["head"])
         model.bias.data.copy_(state["bias"])
         model.mean, model.std = state["mean"], state["std"]
@@ -277,27 +289,31 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_d
     metrics = precision_recall(model.predict_proba([texts[i] for i in test]),
                                [labels[i] for i in test], threshold)
     metrics["train_n"] = len(train)
+    model.threshold = threshold
     model.save(out_dir)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    text = json.dumps(metrics, indent=2)
+    write_whole(os.path.join(out_dir, "metrics.json"), lambda f: f.write(text), "w")
     return metrics
 
 
 class QualityFilter(Step):
-    """Keeps documents whose predicted probability of being good reaches ``threshold``;
-    the score goes into ``metadata["quality"]``. As a generator it scores documents in
+    """Keeps documents whose predicted probability of being good reaches ``threshold``
+    (by default the one the model was trained and reported at, 0.5 for a model saved
+    before thresholds were); the score goes into ``metadata["quality"]``. As a generator it scores documents in
     batches of ``batch_size`` (an encoder's forward pass is much cheaper per document
     in a batch); :meth:`apply`, used by the scale-out workers, scores one at a time."""
 
     name = "quality"
 
-    def __init__(self, model: str | QualityClassifier, threshold: float = 0.5,
+    def __init__(self, model: str | QualityClassifier, threshold: float | None = None,
                  batch_size: int = 32, **kwargs) -> None:
         super().__init__(**kwargs)
-        check_threshold(threshold)
+        if threshold is not None:
+            check_threshold(threshold)
         whole_number("batch_size", batch_size, 1)
         self.model = QualityClassifier.load(model) if isinstance(model, str) else model
-        self.threshold, self.batch_size = threshold, batch_size
+        self.threshold = self.model.threshold if threshold is None else threshold
+        self.batch_size = batch_size
 
     def _decide(self, doc: Document, score: float) -> Document | str:
         doc.metadata["quality"] = round(score, 4)
