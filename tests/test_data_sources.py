@@ -180,6 +180,18 @@ def test_jsonl_lines_end_at_cr_and_crlf_as_in_text_mode(tmp_path):
     assert [d.id for d in read_documents(str(f))] == [f"{f}:{n}" for n in (1, 2, 3, 5)]
 
 
+def test_a_byte_order_mark_opens_a_jsonl_file_and_loses_no_record(tmp_path):
+    """Windows tools start a UTF-8 file with a BOM: its first record was an "invalid
+    JSON" error, and with --skip-malformed a lost document. A BOM inside a later line
+    is still that line's fault."""
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "one"}\n{"text": "two"}\n\xef\xbb\xbf{"text": "three"}\n')
+    with pytest.raises(MalformedRecordError, match=r"data\.jsonl, line 3: invalid JSON"):
+        list(read_documents(str(f)))
+    docs = list(read_documents(str(f), on_error="skip"))
+    assert [(d.id, d.text) for d in docs] == [(f"{f}:1", "one"), (f"{f}:2", "two")]
+
+
 def test_missing_source_error_names_the_setting_and_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=re.escape(

@@ -198,6 +198,19 @@ def test_invalid_utf8_is_named_by_file_and_line(tmp_path, capsys, checkpoint, no
     assert f"error: {what}: {bad}:2: not valid UTF-8 (invalid start byte: byte 0xff" in err
 
 
+def test_a_byte_order_mark_opens_a_task_file_and_is_not_its_first_row(tmp_path):
+    """A jsonl task file saved by a Windows tool starts with a BOM: its first row was
+    "is not JSON". A BOM further in is still that row's fault."""
+    from dsv3.eval.jsonl import read_jsonl_rows
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "one"}\r\n{"text": "two"}\n')
+    assert [row for _, row in read_jsonl_rows(str(path), ("text",))] == [{"text": "one"},
+                                                                         {"text": "two"}]
+    path.write_bytes(b'{"text": "one"}\n\xef\xbb\xbf{"text": "two"}\n')
+    with pytest.raises(ValueError, match=r"task.jsonl:2 is not JSON"):
+        read_jsonl_rows(str(path), ("text",))
+
+
 @pytest.mark.parametrize("row, message", [
     ({"domain": "a", "text": None}, "field 'text' must be a string, got NoneType None"),
     ({"domain": "a", "text": 123}, "field 'text' must be a string, got int 123"),

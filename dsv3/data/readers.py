@@ -270,7 +270,9 @@ def jsonl_records(path: str, source: str | None = None
         for raw in chunk.splitlines():
             line_no += 1
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark (Windows tools write one) opens the file, not the
+                # first record: JSON may not start with one.
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield line_no, None, Problem("not UTF-8", e.reason)
                 continue

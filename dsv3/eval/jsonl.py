@@ -28,7 +28,8 @@ def read_lines(path: str, what: str) -> list[tuple[int, str]]:
         raise FileNotFoundError(f"{what}: no file {path!r}")
     with open(path, "rb") as f:
         raw = f.read()
-    lines = raw.split(b"\n")
+    # A byte-order mark (Windows tools write one) opens the file, not its first line.
+    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the newline that ends the last line starts no line
     return [(number, _decode(line.rstrip(b"\r"), f"{what}: {path}:{number}"))
