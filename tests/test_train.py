@@ -182,6 +182,9 @@ def test_config_file_and_overrides(tmp_path):
     (dict(optim=dict(schedule="step")), "optim.schedule must be one of"),
     (dict(stages=[dict(name="c", kind="curriculum", seq_len=32, seq_len_start=64)]),
      "seq_len_start must be in"),
+    # only a curriculum stage warms its length up: elsewhere it was silently ignored
+    (dict(stages=[dict(name="a", seq_len=64, seq_len_start=16)]),
+     "stage 'a': seq_len_start is for kind 'curriculum' stages; this stage is 'lm'"),
     # the default 20-step warm-up over a 10-step run never reaches the peak lr
     (dict(steps=10), r"optim.warmup_steps=20 is not below the 10 language-modelling steps "
                      r"of steps=10 \(DPO stages excluded\).*lower optim.warmup_steps"),

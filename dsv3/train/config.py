@@ -3,10 +3,11 @@ overridden from the command line with ``--set section.key=value``.
 
 A run is ``steps`` optimizer steps split into stages by ``fraction``; each stage
 has its own objective (``lm``: next-token prediction; ``curriculum``: the same
-with the sequence length rising from ``seq_len_start`` to ``seq_len`` and
-documents ordered from easy to hard; ``dpo``: preference optimization against a
+with the sequence length rising from ``seq_len_start`` to ``seq_len``, a curriculum
+by length: documents are not reordered; ``dpo``: preference optimization against a
 frozen copy of the model as it entered the stage), its own domain-mixture
-schedule and sequence length."""
+schedule (``mixture_start`` to ``mixture_end``, in any kind of stage) and sequence
+length."""
 import dataclasses
 import itertools
 import json
@@ -65,6 +66,10 @@ class StageConfig:
         number(f"{where} fraction", self.fraction, 0, 1, low_open=True)
         whole_number(f"{where} seq_len", self.seq_len, 2)
         if self.seq_len_start is not None:
+            if self.kind != "curriculum":  # only a curriculum stage warms its length up
+                raise ValueError(f"{where} seq_len_start is for kind 'curriculum' stages; "
+                                 f"this stage is {self.kind!r} and trains at seq_len "
+                                 f"throughout")
             whole_number(f"{where} seq_len_start", self.seq_len_start)
             if not 2 <= self.seq_len_start <= self.seq_len:
                 raise ValueError(f"{where} seq_len_start must be in [2, seq_len={self.seq_len}], "
