@@ -98,6 +98,32 @@ def lr_factors(config) -> list[float]:
     return [trainer.lr_at(step) / config.optim.lr for step in range(config.steps)]
 
 
+def test_dpo_steps_train_on_the_policys_balance_losses(tmp_path, monkeypatch):
+    """The LM stages added the MoE aux / z losses to their loss and the DPO stages did
+    not, so routing could drift from balance there. Each DPO micro-batch's backward
+    now runs through the policy's (not the frozen reference's) balance losses."""
+    import dsv3.train.trainer as trainer_module
+    reached = []
+
+    def moe_aux_loss(model):
+        aux = real(model)
+        assert model is trainer.model and aux.requires_grad
+        aux.register_hook(lambda grad: reached.append(grad.item()))
+        return aux
+
+    real = trainer_module.moe_aux_loss
+    monkeypatch.setattr(trainer_module, "moe_aux_loss", moe_aux_loss)
+    config = three_stage_config(tmp_path, steps=4, grad_accum=2, stages=[
+        StageConfig("base", "lm", 0.5, seq_len=24), StageConfig("pref", "dpo", 0.5, seq_len=16)])
+    trainer = Trainer(config, synthetic_data())
+    for _ in range(2):
+        trainer.train_step()
+    reached.clear()
+    assert trainer.stage_at(trainer.step)[1].kind == "dpo"
+    trainer.train_step()
+    assert reached == [pytest.approx(0.5)] * 2  # each micro-batch's, scaled by 1 / grad_accum
+
+
 def test_lm_stages_share_a_schedule_over_their_steps_and_dpo_restarts_it(tmp_path):
     """WSD over the 14 LM steps: warm-up 3, decay over the last 3 (2.8) LM steps down
     to the floor; the DPO stage (lr_scale 0.3) restarts it over its 6 steps."""

@@ -204,7 +204,10 @@ class Trainer:
             for name, value in (("dpo/loss", loss.detach()), ("dpo/reward_margin", margin.mean()),
                                 ("dpo/reward_accuracy", accuracy)):
                 record[name] = record.get(name, 0.0) + value / c.grad_accum
-            return loss, c.micro_batch * stage.seq_len * 2
+            # The policy's balance losses, as in the LM stages: without them a DPO stage
+            # lets the routing drift from balance (the frozen reference has its own
+            # layers, so these are the policy's forward alone).
+            return loss + moe_aux_loss(self.model), c.micro_batch * stage.seq_len * 2
         seq_len = self.seq_len_at(stage, progress)
         data_start = time.perf_counter()
         batch = next(self._batches)
