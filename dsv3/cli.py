@@ -7,7 +7,8 @@ file, with no edit here. A handler returns an exit code; bad input it raises
 (dsv3.user_errors: a ValueError/TypeError naming the setting at fault, a path that
 is missing, a directory or not writable, a missing optional package) is printed as
 one ``dsv3 COMMAND: error:`` line with exit status 2, as argparse does for a bad
-option; any other exception is a bug and keeps its traceback.
+option; a Ctrl-C that the command did not catch itself is one ``interrupted`` line
+with status 130; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pkgutil
 import sys
 
 import dsv3.commands
-from dsv3.user_errors import is_bad_input
+from dsv3.user_errors import interrupted, is_bad_input
 
 
 # The optional packages the commands import, and the pyproject extra that brings each.
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return interrupted(f"{parser.prog} {args.group}")
     except Exception as e:
         if not is_bad_input(e):
             raise

@@ -1,6 +1,11 @@
 """Which exceptions a command reports as bad input, in one error line with exit status
-2 as argparse does, and which as a bug, with its traceback. Shared by the ``dsv3``
-command and ``python -m dsv3.eval``, so that both draw the line in the same place."""
+2 as argparse does, and which as a bug, with its traceback; and how a Ctrl-C that no
+command caught ends. Shared by the ``dsv3`` command and ``python -m dsv3.eval``, so
+that both draw the line in the same place."""
+import sys
+
+# What a shell reports for a command that Ctrl-C (SIGINT, signal 2) ended: 128 + 2.
+INTERRUPTED_STATUS = 130
 
 
 def is_bad_input(error: BaseException) -> bool:
@@ -11,3 +16,11 @@ def is_bad_input(error: BaseException) -> bool:
     if isinstance(error, (ValueError, TypeError, ImportError, FileNotFoundError)):
         return True
     return isinstance(error, OSError) and error.filename is not None
+
+
+def interrupted(prog: str) -> int:
+    """A Ctrl-C is the user's choice, not a bug: one line instead of a traceback, and the
+    shell's status for it. Commands that can stop cleanly (``train`` saves first,
+    ``data prepare`` says what it left) catch it before this, with lines of their own."""
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return INTERRUPTED_STATUS

@@ -1,6 +1,6 @@
 """How the ``dsv3`` command reports what goes wrong (dsv3/user_errors.py): bad input as
-one error line with status 2, a bug with its traceback; and what ``--version`` says for a
-bug report."""
+one error line with status 2, a bug with its traceback, a Ctrl-C as one line with status
+130; and what ``--version`` says for a bug report."""
 import pytest
 
 import dsv3.commands.report as report_command
@@ -28,6 +28,17 @@ def test_an_oserror_without_a_path_is_a_bug_with_its_traceback(tmp_path, monkeyp
     monkeypatch.setattr(report_command, "_report", times_out)
     with pytest.raises(TimeoutError):
         main(["report", "--run", str(tmp_path)])
+
+
+def test_a_ctrl_c_no_command_caught_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """It was a KeyboardInterrupt traceback (dsv3 report, dsv3 eval, a second Ctrl-C in
+    dsv3 train); 130 is what a shell reports for a command Ctrl-C ended."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_command, "_report", interrupted)
+    assert main(["report", "--run", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "dsv3 report: interrupted\n"
 
 
 def test_a_missing_optional_package_names_the_extra_that_brings_it(tmp_path, capsys,
