@@ -54,6 +54,22 @@ def test_precision_estimates_and_intervals():
     assert r["precision"] == pytest.approx(0.86)
     assert r["ci95"][0] < 0.86 < r["ci95"][1] and r["judged"] == 20
     assert r["domains"]["b"]["precision"] == 0.5
+    assert "unjudged_domains" not in r
+
+
+def test_a_step_judged_in_part_lists_the_domains_its_precision_leaves_out():
+    """The combined precision of a step whose drops were judged in one of its domains
+    read as the whole step's, with no word of the domain (and its 5,000 drops) left
+    out."""
+    items = [{"step": "s", "domain": "a", "decision": "dropped", "verdict": "correct"}] * 4
+    strata = [{"step": "s", "domain": "a", "decision": "dropped", "population": 100},
+              {"step": "s", "domain": "b", "decision": "dropped", "population": 5000},
+              {"step": "s", "domain": "c", "decision": "dropped", "population": 0},
+              {"step": "s", "domain": "d", "decision": "kept", "population": 70},
+              {"step": "t", "domain": "e", "decision": "dropped", "population": 9}]
+    r = estimate_precision(items, strata)
+    assert r["s"]["precision"] == 1.0 and r["s"]["unjudged_domains"] == {"b": 5000}
+    assert set(r) == {"s"}
 
 
 def test_verdicts_to_labels():

@@ -206,7 +206,10 @@ def wilson(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
 
 
 def estimate_precision(items: list[dict], strata: list[dict]) -> dict:
-    """Per step: precision of its drops, per domain (Wilson) and combined (stratified)."""
+    """Per step: precision of its drops, per domain (Wilson) and combined (stratified).
+    The combined figure covers the judged domains only: the step's domains whose drops
+    got no verdict are listed under ``unjudged_domains`` (with the drops they hold),
+    so that a figure over part of a step does not read as the whole step's."""
     population = {(s["step"], s["domain"]): s["population"] for s in strata
                   if s["decision"] == "dropped"}
     judged: dict[tuple[str, str], list[bool]] = defaultdict(list)
@@ -232,6 +235,10 @@ def estimate_precision(items: list[dict], strata: list[dict]) -> dict:
         r["precision"] = p
         r["ci95"] = list(wilson(p * n_eff, n_eff))
         r["judged"] = sum(d["judged"] for d in doms)
+        unjudged = {domain: dropped for (of, domain), dropped in sorted(population.items())
+                    if of == step and dropped > 0 and domain not in r["domains"]}
+        if unjudged:
+            r["unjudged_domains"] = unjudged
     return report
 
 
