@@ -308,8 +308,13 @@ class MoE(nn.Module):
             # An empty batch gives an empty output, as nn.Linear and the transformers
             # blocks dsv3 replaces do (the grouped ops want at least one row). Built from
             # the router's weights so that a backward through it still reaches x and the
-            # router, with zero gradients; in x's dtype (the weights are fp32).
+            # router, with zero gradients; in x's dtype (the weights are fp32). The
+            # experts' weights join through empty slices (sums of nothing): they get zero
+            # gradients too, so DDP finds every parameter used on a rank whose batch
+            # is empty, and the ranks' reductions still match.
             y_TD = weights_TK[:, :1].to(x_TD.dtype) * x_TD
+            for weight in (gate_up, down):
+                y_TD = y_TD + weight.narrow(0, 0, 0).sum().to(x_TD.dtype)
         else:
             y_TD = routed_experts(x_TD, experts_TK, weights_TK, gate_up.transpose(1, 2),
                                   down.transpose(1, 2), c.swiglu_limit)

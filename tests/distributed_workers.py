@@ -404,6 +404,25 @@ def check_expert_parallel_under_ddp(rank, world):
     assert all(torch.equal(g, gathered[0]) for g in gathered)
 
 
+def check_plain_ddp_with_an_empty_rank(rank, world):
+    """Plain DDP (no expert parallelism) where rank 1's batch is empty: its layer left
+    the experts' weights out of the graph, so DDP failed the next step with "Expected
+    to have finished reduction in the prior iteration". Every rank now takes two steps,
+    and each parameter's gradient is the same on every rank (the average over them)."""
+    config = dsv3.MoEConfig(dim=8, ffn_dim=8, n_experts=4, n_shared_experts=1)
+    torch.manual_seed(0)
+    ddp = DDP(dsv3.MoE(config))
+    for step in range(2):
+        ddp.zero_grad()
+        x = torch.randn(0 if rank == 1 else 5, 8, generator=torch.Generator().manual_seed(step))
+        (ddp(x).sum() + dsv3.moe_aux_loss(ddp)).backward()
+        for name, parameter in ddp.module.named_parameters():
+            gathered = [torch.empty_like(parameter.grad) for _ in range(world)]
+            dist.all_gather(gathered, parameter.grad)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), (step, name)
+            assert gathered[0].abs().sum() > 0, (step, name)  # rank 0's tokens, halved
+
+
 def ep_groups(ep_size: int):
     """The world split in expert-parallel groups of ``ep_size`` consecutive ranks (every
     rank makes every group, as new_group requires); this rank's group."""

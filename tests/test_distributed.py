@@ -76,6 +76,10 @@ def test_expert_parallel_rank_with_an_empty_batch():
               collective_timeout=10)
 
 
+def test_plain_ddp_with_a_rank_whose_batch_is_empty():
+    run_ranks(2, workers.check_plain_ddp_with_an_empty_rank, collective_timeout=10)
+
+
 def test_expert_parallel_layer_under_ddp():
     run_ranks(2, workers.check_expert_parallel_under_ddp, collective_timeout=10)
 
