@@ -17,7 +17,7 @@ import copy
 import functools
 import inspect
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -101,10 +101,26 @@ PRESETS = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A copy of ``PRESETS[name]`` with ``overrides``; deep, so that changing its ``moe``
-    leaves the preset (and every later ``preset(name)``) alone."""
+    leaves the preset (and every later ``preset(name)``) alone. A dict for ``moe``
+    changes those of the preset's MoE fields it names (``moe={"top_k": 4}``), as
+    ``--set model_overrides.moe.top_k=4`` means; a new ``dim`` carries over to the MoE
+    layers, whose dim must equal it, unless ``moe`` sets theirs."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return replace(copy.deepcopy(PRESETS[name]), **overrides)
+    base = copy.deepcopy(PRESETS[name])
+    moe = overrides.get("moe")
+    if isinstance(moe, dict):
+        known = {f.name for f in fields(MoEConfig)}
+        unknown = sorted(set(moe) - known)
+        if unknown:
+            raise ValueError(f"moe: unknown keys {unknown}; known: {sorted(known)}")
+        merged = {**(asdict(base.moe) if base.moe is not None else {}), **moe}
+        if "dim" in overrides and "dim" not in moe:
+            merged["dim"] = overrides["dim"]
+        overrides["moe"] = merged
+    elif "moe" not in overrides and "dim" in overrides and base.moe is not None:
+        overrides["moe"] = replace(base.moe, dim=overrides["dim"])
+    return replace(base, **overrides)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):

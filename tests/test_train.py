@@ -300,6 +300,28 @@ def test_set_overrides_edit_the_defaults_or_name_the_bad_override(capsys):
             load_config(DEMO, [override])
 
 
+def test_moe_overrides_change_the_presets_moe_fields_they_name():
+    """--set model_overrides.moe.top_k=4 replaced the preset's whole MoE config (an error
+    for the fields it lacked: "missing 3 required positional arguments"), and a new
+    dim had to restate the whole MoE config to match it."""
+    tiny = load_config(DEMO, []).model_config().moe
+    model = load_config(DEMO, ["model_overrides.moe.top_k=4"]).model_config()
+    assert model.moe == dataclasses.replace(tiny, top_k=4)
+    model = load_config(DEMO, ["model_overrides.dim=128"]).model_config()
+    assert model.dim == model.moe.dim == 128 and model.moe.n_experts == tiny.n_experts
+    model = load_config(DEMO, ["model_overrides.dim=128", "model_overrides.moe.ffn_dim=32"]
+                        ).model_config()
+    assert (model.moe.dim, model.moe.ffn_dim, model.moe.top_k) == (128, 32, tiny.top_k)
+    for override, match in [("model_overrides.moe.topk=4",
+                             r"model_overrides.moe: unknown keys \['topk'\]; known: \["),
+                            ("model_overrides.moe.top_k=40",
+                             r"model_overrides.moe: top_k=40 must be <= "),
+                            ("model_overrides.moe.dim=32",
+                             r"moe.dim=32 must equal dim=64")]:
+        with pytest.raises(ValueError, match=match):
+            load_config(DEMO, [override]).model_config()
+
+
 def test_internal_errors_keep_their_traceback(monkeypatch):
     import dsv3.commands.train as train_command
 

@@ -144,8 +144,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="TOML or YAML training config, or a shipped config's name: demo "
                              "(default: built-in defaults)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config value, e.g. optim.lr=1e-3 or stages.0.seq_len=64 "
-                             "(repeatable; values parse as JSON when they can)")
+                        help="override a config value, e.g. optim.lr=1e-3, stages.0.seq_len=64 "
+                             "or model_overrides.moe.top_k=4 (the model preset's fields; a "
+                             "moe field changes that field alone) (repeatable; values parse "
+                             "as JSON when they can)")
     parser.add_argument("--data", help="prepared data directory (overrides data_dir; default "
                                        "out/data, where `dsv3 data prepare` writes)")
     parser.add_argument("--out", help="output directory (overrides out_dir; default out/run)")

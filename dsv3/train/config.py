@@ -201,7 +201,14 @@ class TrainConfig:
         unknown = sorted(set(self.model_overrides) - known)
         if unknown:
             raise ValueError(f"model_overrides: unknown keys {unknown}; known: {sorted(known)}")
-        return preset(self.model, **self.model_overrides)
+        try:
+            return preset(self.model, **self.model_overrides)
+        except ValueError as e:  # the MoE's own keys and values: named as the user set them
+            message = str(e)
+            for prefix in ("moe:", "MoEConfig:"):
+                if message.startswith(prefix):
+                    raise ValueError(f"model_overrides.moe:{message[len(prefix):]}") from None
+            raise
 
     def stage_steps(self) -> list[int]:
         """Optimizer steps per stage: each stage ends at its cumulative fraction of the
