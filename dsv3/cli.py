@@ -8,7 +8,8 @@ file, with no edit here. A handler returns an exit code; bad input it raises
 is missing, a directory or not writable, a missing optional package) is printed as
 one ``dsv3 COMMAND: error:`` line with exit status 2, as argparse does for a bad
 option; a Ctrl-C that the command did not catch itself is one ``interrupted`` line
-with status 130; any other exception is a bug and keeps its traceback.
+with status 130, output cut off by a closed pipe ends quietly with status 141; any
+other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pkgutil
 import sys
 
 import dsv3.commands
-from dsv3.user_errors import interrupted, is_bad_input
+from dsv3.user_errors import closed_pipe, interrupted, is_bad_input
 
 
 # The optional packages the commands import, and the pyproject extra that brings each.
@@ -71,9 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, handled below, not at exit
+        return status
     except KeyboardInterrupt:
         return interrupted(f"{parser.prog} {args.group}")
+    except BrokenPipeError:
+        return closed_pipe()
     except Exception as e:
         if not is_bad_input(e):
             raise

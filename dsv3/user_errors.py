@@ -2,10 +2,13 @@
 2 as argparse does, and which as a bug, with its traceback; and how a Ctrl-C that no
 command caught ends. Shared by the ``dsv3`` command and ``python -m dsv3.eval``, so
 that both draw the line in the same place."""
+import os
 import sys
 
 # What a shell reports for a command that Ctrl-C (SIGINT, signal 2) ended: 128 + 2.
 INTERRUPTED_STATUS = 130
+# ... and one whose output pipe closed (SIGPIPE, signal 13): 128 + 13.
+CLOSED_PIPE_STATUS = 141
 
 
 def is_bad_input(error: BaseException) -> bool:
@@ -24,3 +27,12 @@ def interrupted(prog: str) -> int:
     ``data prepare`` says what it left) catch it before this, with lines of their own."""
     print(f"{prog}: interrupted", file=sys.stderr)
     return INTERRUPTED_STATUS
+
+
+def closed_pipe() -> int:
+    """Output piped to a reader that stopped early (``dsv3 plan | head``): end quietly,
+    as other command-line tools do, not with a BrokenPipeError traceback. stdout goes
+    to /dev/null first, so that Python's flush at exit finds no closed pipe either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return CLOSED_PIPE_STATUS

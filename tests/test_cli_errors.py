@@ -41,6 +41,22 @@ def test_a_ctrl_c_no_command_caught_is_one_line_and_status_130(tmp_path, capsys,
     assert capsys.readouterr().err == "dsv3 report: interrupted\n"
 
 
+def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`dsv3 plan | head -1` ended in a BrokenPipeError traceback; 141 is what a shell
+    reports for a command whose output pipe closed (128 + SIGPIPE)."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line (head -1 after it)
+    try:
+        done = subprocess.run([sys.executable, "-m", "dsv3.cli", "plan"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, ""), done.stderr
+
+
 def test_a_missing_optional_package_names_the_extra_that_brings_it(tmp_path, capsys,
                                                                    monkeypatch):
     def needs_matplotlib(args):

@@ -98,8 +98,17 @@ def test_deepseek_v3_experts_shard_at_most_256_ways(capsys):
     assert gpus_needed(config, 80, **settings) is None
     assert not plan(config, gpus=4096, gpu_mem_gb=80, **settings).fits
     assert main(["plan", "--set", "model=deepseek-v3", "--gpus", "256", "--zero", "3"]) == 0
-    assert "more than 4096 x 80GB (ep: experts split at most 256 ways, ZeRO-3)" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "more than 4096 x 80GB (ep: experts split at most 256 ways, ZeRO-3)" in out
+    # what no GPU count helps: a GPU's own activations, and the modes that shrink them
+    assert "a GPU holds 51.5 GB of activations (checkpointing=none, micro_batch=8)" in out
+    assert "selective 32.5 GB, full 3.3 GB (--set checkpointing=...)" in out
+    assert main(["plan", "--set", "model=deepseek-v3", "--set", "checkpointing=full",
+                 "--gpus", "256", "--zero", "3"]) == 0
+    assert "GPUs needed                      256 x 80GB" in capsys.readouterr().out
+    assert main(["plan", "--set", "model=deepseek-v3", "--zero", "0"]) == 0
+    assert "weights, gradients and optimizer state, over the 72.0 GB usable before its " \
+        "51.5 GB of activations: a higher --zero stage" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("strategy, zero", [("ep", 0), ("ep", 3), ("ddp", 0)])
@@ -129,10 +138,28 @@ def test_plan_command(capsys):
 
 def test_plan_vocab_size_is_applied(capsys):
     totals = []
-    for vocab in ("1000", "1000000"):  # 64 x 2 x 999000 parameters apart: shows at 0.001B
+    for vocab in ("1000", "1000000"):  # 64 x 2 x 999000 parameters apart
         assert main(["plan", "--set", "model=tiny", "--vocab-size", vocab]) == 0
-        totals.append(capsys.readouterr().out.splitlines()[0])
-    assert totals[0] != totals[1]
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"vocabulary                       {vocab} (--vocab-size)"
+        totals.append(lines[1])
+    assert totals == ["parameters (total / active)      510K / 289K",
+                      "parameters (total / active)      128M / 128M"]
+
+
+def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys):
+    """`dsv3 train` builds its model with the tokenizer's vocabulary, whatever the preset
+    says; plan used the preset's (the demo's 2048 against its tokenizer's 8192)."""
+    (tmp_path / "tokens").mkdir()
+    (tmp_path / "tokens" / "manifest.json").write_text('{"vocab_size": 8192, "eos_id": 0}')
+    assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"vocabulary                       8192 (the tokenizer in {tmp_path})")
+    assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path / 'none'}"]) == 0
+    assert capsys.readouterr().out.startswith("vocabulary                       2048 (the preset's)")
+    assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}",
+                 "--set", "model_overrides.vocab_size=300"]) == 0
+    assert "300 (model_overrides.vocab_size)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -163,10 +190,10 @@ def test_a_dpo_stage_plans_its_doubled_rows_and_its_reference_model(tmp_path, ca
     fp32 weights (4 B per parameter; autocast caches no copy of frozen weights)."""
     from dsv3.train.config import StageConfig
     from dsv3.train.trainer import Trainer
-    from train_support import synthetic_data, three_stage_config
+    from train_support import VOCAB, synthetic_data, three_stage_config
     config = three_stage_config(tmp_path, steps=4, log_every=1, stages=[
         StageConfig("base", "lm", 0.5, seq_len=32), StageConfig("pref", "dpo", 0.5, seq_len=32)])
-    model = config.model_config()
+    model = dataclasses.replace(config.model_config(), vocab_size=VOCAB)  # the trainer's
     settings = dict(gpus=1, gpu_mem_gb=80, micro_batch=config.micro_batch, seq_len=32,
                     precision="fp32", checkpointing="none", strategy="ddp")
     lm, dpo = plan(model, **settings), plan(model, dpo_seq_len=32, **settings)

@@ -322,6 +322,16 @@ def test_moe_overrides_change_the_presets_moe_fields_they_name():
             load_config(DEMO, [override]).model_config()
 
 
+def test_a_vocabulary_other_than_the_tokenizers_is_refused(tmp_path):
+    """The model takes the tokenizer's vocabulary: an override of it was replaced
+    without a word, and the run trained at another size than the user asked."""
+    config = three_stage_config(tmp_path)
+    config.model_overrides["vocab_size"] = 100
+    with pytest.raises(ValueError, match=r"model_overrides.vocab_size=100: the model takes its "
+                                         r"tokenizer's vocabulary, 64 in "):
+        Trainer(config, synthetic_data())
+
+
 def test_internal_errors_keep_their_traceback(monkeypatch):
     import dsv3.commands.train as train_command
 

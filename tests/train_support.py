@@ -38,8 +38,8 @@ def three_stage_config(out_dir, **overrides) -> TrainConfig:
         out_dir=str(out_dir), steps=20, micro_batch=4, log_every=5,
         # a one-step warm-up: the default 20 would outlast these runs of a few steps
         optim=OptimConfig(warmup_steps=1),
-        model_overrides=dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, max_seq_len=64,
-                             dense_ffn_dim=64,
+        # no vocab_size: the trainer takes the data's (VOCAB), as from a real tokenizer
+        model_overrides=dict(dim=32, n_layers=2, n_heads=2, max_seq_len=64, dense_ffn_dim=64,
                              moe=dict(dim=32, ffn_dim=32, n_experts=4, top_k=2,
                                       bias_update_rate=1e-3)),
         stages=[StageConfig("base", "lm", 0.4, seq_len=24),

@@ -39,6 +39,18 @@ def _gpu_mem(text: str) -> str:
     return text
 
 
+def _prepared_vocab_size(data_dir: str) -> int | None:
+    """The vocabulary of the tokenizer `dsv3 data prepare` wrote to ``data_dir``, which
+    the trainer's model takes whatever the preset says; None where there is none."""
+    import json
+    import os
+    try:
+        with open(os.path.join(data_dir, "tokens", "manifest.json"), encoding="utf-8") as f:
+            return int(json.load(f)["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):  # not prepared (or not readable)
+        return None
+
+
 def _plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -47,8 +59,14 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or [])
     model = config.model_config()
+    vocab_from = "the preset's"
     if args.vocab_size is not None:  # not truthiness: 0 is refused by the parser, not ignored
-        model = replace(model, vocab_size=args.vocab_size)
+        model, vocab_from = replace(model, vocab_size=args.vocab_size), "--vocab-size"
+    elif "vocab_size" in config.model_overrides:
+        vocab_from = "model_overrides.vocab_size"
+    elif (prepared := _prepared_vocab_size(config.data_dir)) is not None:
+        # what `dsv3 train` builds: its model takes the tokenizer's vocabulary
+        model, vocab_from = replace(model, vocab_size=prepared), f"the tokenizer in {config.data_dir}"
     # the first stage is never DPO; a DPO stage doubles its rows and holds a reference model
     seq_len = max(stage.seq_len for stage in config.stages if stage.kind != "dpo")
     dpo_seq_len = max((stage.seq_len for stage in config.stages if stage.kind == "dpo"),
@@ -59,6 +77,7 @@ def _plan(args: argparse.Namespace) -> int:
                     compress_grads=config.compress_grads, zero=args.zero)
     gpu_mem = _gigabytes(args.gpu_mem)
     result = plan(model, gpus=args.gpus, gpu_mem_gb=gpu_mem, **settings)
+    print(f"{'vocabulary':32s} {model.vocab_size} ({vocab_from})")
     print(result.table())
     verdict = "fits" if result.fits else "does not fit"
     print(f"{'on ' + str(args.gpus) + ' x ' + args.gpu_mem:32s} {verdict} "
@@ -69,10 +88,30 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{'GPUs needed':32s} {needed} x {args.gpu_mem} "
               f"({args.strategy}: {layout}, ZeRO-{args.zero})")
     else:  # under "ep" the experts shard at most n_experts ways: more GPUs may never fit
-        widest = plan(model, gpus=4096, gpu_mem_gb=gpu_mem, **settings).expert_parallel
+        widest = plan(model, gpus=4096, gpu_mem_gb=gpu_mem, **settings)
         print(f"{'GPUs needed':32s} more than 4096 x {args.gpu_mem} ({args.strategy}: experts "
-              f"split at most {widest} ways, ZeRO-{args.zero})")
+              f"split at most {widest.expert_parallel} ways, ZeRO-{args.zero})")
+        print(f"{'':32s} {_why_never(widest, config, gpu_mem)}")
     return 0
+
+
+def _why_never(widest, config, gpu_mem: float) -> str:
+    """What still fills a GPU at the widest split, and what would shrink it: GPUs
+    divide the weights, not a GPU's own micro-batch's activations."""
+    usable = 0.9 * gpu_mem
+    activations = widest.activations_gb[config.checkpointing]
+    held = widest.weights_gb + widest.reference_gb + widest.gradients_gb + widest.optimizer_gb
+    if held < usable:  # the activations overflow what the weights leave
+        others = ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in widest.activations_gb.items()
+                           if mode != config.checkpointing)
+        return (f"even then a GPU holds {activations:.1f} GB of activations "
+                f"(checkpointing={config.checkpointing}, micro_batch={config.micro_batch}) "
+                f"beside {held:.1f} GB of weights, gradients and optimizer state, over the "
+                f"{usable:.1f} GB usable: more GPUs do not shrink them; other checkpointing "
+                f"modes need {others} (--set checkpointing=...), or lower micro_batch")
+    return (f"even then a GPU holds {held:.1f} GB of weights, gradients and optimizer state, "
+            f"over the {usable:.1f} GB usable before its {activations:.1f} GB of activations: "
+            f"a higher --zero stage shards the replicated ones, or more memory a GPU")
 
 
 def register(groups: argparse._SubParsersAction) -> None:
@@ -89,5 +128,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage for the replicated parameters (default 0)")
     parser.add_argument("--vocab-size", type=_count,
-                        help="vocabulary (default: the preset's)")
+                        help="vocabulary (default: model_overrides.vocab_size, else that of "
+                        "the tokenizer prepared in data_dir, which `dsv3 train` takes, else "
+                        "the preset's)")
     parser.set_defaults(func=_plan)

@@ -11,7 +11,7 @@ import os
 import sys
 import textwrap
 
-from dsv3.user_errors import interrupted, is_bad_input
+from dsv3.user_errors import closed_pipe, interrupted, is_bad_input
 
 DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
                "perplexity, cloze and multiple choice with dynamic difficulty, BLEU/chrF, "
@@ -175,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        status = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, handled below, not at exit
+        return status
     except KeyboardInterrupt:  # eval.json and difficulty.json are each old or whole
         return interrupted("dsv3 eval")
+    except BrokenPipeError:
+        return closed_pipe()
     except Exception as e:
         if not is_bad_input(e):
             raise

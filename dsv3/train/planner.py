@@ -141,7 +141,7 @@ class Plan:
 
     def table(self) -> str:
         rows = [("parameters (total / active)",
-                 f"{self.parameters['total'] / 1e9:.3f}B / {self.parameters['active'] / 1e9:.3f}B"),
+                 f"{_count(self.parameters['total'])} / {_count(self.parameters['active'])}"),
                 ("strategy, GPUs", f"{self.strategy}, {self.gpus}"),
                 ("parallel layout", self.layout()),
                 ("weights per GPU", f"{self.weights_gb:.2f} GB"),
@@ -225,3 +225,11 @@ def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **
             return gpus
         gpus *= 2
     return None
+
+
+def _count(n: float) -> str:
+    """A parameter count in the unit that shows it: 1.43M, not 0.001B."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"

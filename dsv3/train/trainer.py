@@ -56,6 +56,12 @@ class Trainer:
         self.world = dist.get_world_size() if self.distributed else 1
         self.out_dir = Path(config.out_dir)
         torch.manual_seed(config.seed)
+        wanted = config.model_overrides.get("vocab_size", data.vocab_size)
+        if wanted != data.vocab_size:  # it was replaced without a word
+            raise ValueError(f"model_overrides.vocab_size={wanted}: the model takes its "
+                             f"tokenizer's vocabulary, {data.vocab_size} in "
+                             f"{config.data_dir}; drop the override, or prepare the data "
+                             f"with another [tokenizer] vocab_size")
         model_config = replace(config.model_config(), vocab_size=data.vocab_size)
         self.model = Transformer(model_config).to(self.device)
         self.model.set_checkpointing(config.checkpointing)
