@@ -67,3 +67,34 @@ def test_a_skipped_fp16_step_leaves_the_expert_bias(tmp_path):
     assert not trainer.train_step()["skipped"]
     assert any(not torch.equal(layer.expert_bias, bias)
                for layer, bias in zip(trainer.model.moe_layers(), biases))
+
+
+def test_the_progress_bar_shows_each_steps_stage_and_the_last_logged_loss(tmp_path,
+                                                                         monkeypatch):
+    """Its text was set on logged steps only: between them it showed the stage of the
+    last logged step (at step 39 of 60 "stage=base" in the next stage), and no loss at
+    all before the first log."""
+    import dsv3.train.trainer as trainer_module
+    shown = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def set_postfix(self, postfix, refresh=True):
+            shown.append(dict(postfix))
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "tqdm", Bar)
+    config = three_stage_config(tmp_path, steps=10, log_every=4)
+    trainer = Trainer(config, synthetic_data())
+    trainer.train(progress=True)
+    stages = [config.stages[trainer.stage_at(step)[0]].name for step in range(10)]
+    assert [p["stage"] for p in shown] == stages
+    assert [p["loss"].split(" (")[-1] for p in shown] == \
+        ["not logged yet"] * 3 + ["step 4)"] * 4 + ["step 8)"] * 2 + ["step 10)"]

@@ -449,6 +449,9 @@ class Trainer:
         # The handlers stay through the final save and the export: from the last step on
         # a signal lets the run finish (stop.py), and a first Ctrl-C does not cut the
         # export short.
+        # The bar shows the stage of the step just taken and the last logged loss, with
+        # its step: a loss is read only on logged steps (reading it waits for the device).
+        postfix = {"stage": "", "loss": "not logged yet"}
         with StopRequests(self._stop_group, self.distributed, announce=self.rank == 0) as stop:
             while self.step < c.steps:
                 stop.finishing = self.step + 1 == c.steps
@@ -457,7 +460,9 @@ class Trainer:
                 if measure:
                     self._log(record)
                     loss = record.get("loss", record.get("dpo/loss", float("nan")))
-                    bar.set_postfix(stage=c.stages[record["stage"]].name, loss=f"{loss:.3f}")
+                    postfix["loss"] = f"{loss:.3f} (step {self.step})"
+                postfix["stage"] = c.stages[record["stage"]].name
+                bar.set_postfix(postfix, refresh=False)  # shown with the update below
                 saved = bool(c.save_every) and self.step % c.save_every == 0
                 if saved:
                     self.save()
