@@ -106,6 +106,10 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "heuristics: unknown rule(s) ['min_wrods']" in capsys.readouterr().err
     assert main(["data", "prepare", "--config", str(tmp_path / "none.toml")]) == 2
     assert "--config: no such file" in capsys.readouterr().err
+    # a bare "[Errno 20] Not a directory: '/dev/null/x'" named no option
+    assert main(["data", "prepare", "--config", "demo", "--out", "/dev/null/x"]) == 2
+    assert "error: --out: cannot create /dev/null/x: /dev/null is a file" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["demo", "deepseek_v3_recipe"])

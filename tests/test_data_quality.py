@@ -199,6 +199,8 @@ vocab_size = 300
     (["--holdout", "1"], "--holdout must be in (0, 1), got 1.0"),
     (["--data", "nope.jsonl"], "--data: no such file 'nope.jsonl'"),
     (["--backend", "hf"], "--encoder: the 'hf' backend needs a local model directory"),
+    # a bare "[Errno 20] Not a directory: '/dev/null/x'", and only after the training
+    (["--out", "/dev/null/x"], "--out: cannot create /dev/null/x: /dev/null is a file"),
 ])
 def test_cli_train_quality_rejects_bad_options_before_training(tmp_path, capsys, args, message):
     """Zero epochs used to save the untrained head and exit 0; a threshold of 3 gave

@@ -197,6 +197,9 @@ def test_review_errors_name_the_file_line_and_option(tmp_path, capsys):
                           (["--sample", str(sample), "--verdicts", str(tmp_path / "no.jsonl")],
                            "--verdicts: no such file"),
                           (["--sample", str(tmp_path)], "--sample: "),
+                          (["--sample", str(sample), "--labels-out", "/dev/null/x/l.jsonl"],
+                           "--labels-out: cannot create /dev/null/x/l.jsonl: /dev/null is a "
+                           "file, not a directory"),
                           ]:
         assert main(["data", "review", *argv]) == 2
         err = capsys.readouterr().err

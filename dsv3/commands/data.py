@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from dsv3.validate import whole_number
+from dsv3.validate import output_path, whole_number
 from dsv3.whole_files import write_whole
 
 # Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
@@ -21,11 +21,6 @@ def _input_file(option: str, path: str) -> None:
         raise ValueError(f"{option}: {path!r} is a directory, not a file")
     if not os.path.exists(path):  # not isfile: a pipe (--data <(zcat x.gz)) is readable too
         raise FileNotFoundError(f"{option}: no such file {path!r}")
-
-
-def _output_dir(option: str, path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{option}: {path!r} exists and is not a directory")
 
 
 def _serial_num_proc(args: argparse.Namespace, backend: str) -> None:
@@ -62,7 +57,7 @@ def _prepare(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.out:
         config["output"]["dir"] = args.out
-    _output_dir("--out" if args.out else "[output] dir", config["output"]["dir"])
+    output_path("--out" if args.out else "[output] dir", config["output"]["dir"], directory=True)
     if args.backend:
         config["scale"]["backend"] = args.backend
     _serial_num_proc(args, config["scale"]["backend"])
@@ -106,7 +101,7 @@ def _train_quality(args: argparse.Namespace) -> int:
     check_threshold(args.threshold, "--threshold")
     check_holdout(args.holdout, "--holdout")
     _input_file("--data", args.data)
-    _output_dir("--out", args.out)
+    output_path("--out", args.out, directory=True)  # before the training, not at its save
     check_encoder(args.encoder, args.backend, "--encoder")
     texts, labels = read_labeled(args.data, args.text_field, args.label_field)
     featurizer = make_featurizer(args.backend, args.encoder)
@@ -123,6 +118,8 @@ def _review(args: argparse.Namespace) -> int:
         _input_file("--verdicts", args.verdicts)
     if args.labels_out and os.path.isdir(args.labels_out):
         raise ValueError(f"--labels-out: {args.labels_out!r} is a directory, not a file")
+    if args.labels_out:
+        output_path("--labels-out", args.labels_out)
     for flag, given in (("--sample", args.sample), ("--verdicts", args.verdicts)):
         # the labels would replace the verdicts they are made from
         if args.labels_out and given and os.path.exists(args.labels_out) \
