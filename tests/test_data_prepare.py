@@ -1,6 +1,7 @@
 """`dsv3 data prepare` end to end on a small config: outputs, stats, malformed input,
 config errors, and the trainer-side loader over what it wrote."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,6 +362,32 @@ def test_a_mixture_domain_without_documents_fails_before_the_tokenizer(tmp_path,
     assert _run(cfg, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "error: " + message in err, err
+
+
+def test_sigterm_is_taken_as_ctrl_c_is_and_exits_143(tmp_path):
+    """A scheduler's SIGTERM killed the run outright: no word, its stage and lock left
+    for the next run to clear. In a process of its own: a SIGTERM that no handler took
+    would end pytest."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    out.mkdir()
+    script = (
+        "import os, signal, time, sys\n"
+        "import dsv3.data.prepare as prepare_module\n"
+        "from dsv3.cli import main\n"
+        "def terminated(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+        "prepare_module.train_tokenizer = terminated\n"
+        f"sys.exit(main(['data', 'prepare', '--config', {str(_small_config(tmp_path, ''))!r}, "
+        f"'--out', {str(out)!r}, '--no-progress']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stderr) == (143, f"dsv3 data prepare: terminated (SIGTERM); "
+                                                   f"{str(out)!r} is as it was before this "
+                                                   f"run\n"), done.stderr
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # the stage is gone
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):

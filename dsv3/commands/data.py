@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 from dsv3.validate import output_path, whole_number
@@ -35,18 +37,39 @@ def _serial_num_proc(args: argparse.Namespace, backend: str) -> None:
               f"{args.num_proc})", file=sys.stderr)
 
 
-def _interrupted(out: str) -> int:
-    """Ctrl-C: one line on what is left instead of a traceback. prepare has already
-    removed its stage, or kept it with a journal when the move-in had begun (then the
-    next run into ``out`` finishes that move), so the line says which."""
+class _Terminated(KeyboardInterrupt):
+    """A SIGTERM (a scheduler's stop, ``kill``), taken as a Ctrl-C is: killed outright,
+    prepare left its stage and its lock for the next run to clear."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While prepare runs, SIGTERM raises _Terminated in the main thread, where Python
+    delivers signals, as SIGINT raises KeyboardInterrupt; the old handler comes back."""
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(out: str, terminated: bool) -> int:
+    """Ctrl-C or SIGTERM: one line on what is left instead of a traceback. prepare has
+    already removed its stage, or kept it with a journal when the move-in had begun (then
+    the next run into ``out`` finishes that move), so the line says which."""
     from dsv3.data.movein import journal_path
     if os.path.lexists(journal_path(out)):
         left = (f"it was moving its outputs into {out!r}: the next `dsv3 data prepare` "
                 f"into it finishes that move first")
     else:
         left = f"{out!r} is as it was before this run"
-    print(f"dsv3 data prepare: interrupted; {left}", file=sys.stderr)
-    return 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    print(f"dsv3 data prepare: {how}; {left}", file=sys.stderr)
+    # 128 + the signal's number, as a shell reports a command that SIGINT or SIGTERM ended
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -64,10 +87,11 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.num_proc is not None:
         config["scale"]["num_proc"] = args.num_proc
     try:
-        stats = prepare(config, progress=not args.no_progress,
-                        skip_malformed=args.skip_malformed)
-    except KeyboardInterrupt:
-        return _interrupted(config["output"]["dir"])
+        with _sigterm_as_interrupt():
+            stats = prepare(config, progress=not args.no_progress,
+                            skip_malformed=args.skip_malformed)
+    except KeyboardInterrupt as stopped:
+        return _interrupted(config["output"]["dir"], isinstance(stopped, _Terminated))
     summary = {name: {k: s[k] for k in ("seen", "kept", "dropped")}
                for name, s in stats["steps"].items()}
     skipped = _skipped_records(stats["readers"])
