@@ -42,3 +42,27 @@ def test_cache_is_off_by_default():
     out_SF = dsv3.ops.swiglu(torch.randn(2048, 1024))
     del out_SF
     assert dsv3.ops.release_cached_memory() == 0
+
+
+def test_a_limit_that_is_not_a_whole_number_of_mib_keeps_no_cache_and_says_so():
+    """A negative limit was cast to a size near 2^64: a cache without bound. A word
+    was 0 without a warning."""
+    code = textwrap.dedent("""
+        import warnings, torch, dsv3
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out_SF = dsv3.ops.swiglu(torch.randn(2048, 1024))
+        del out_SF
+        assert dsv3.ops.release_cached_memory() == 0
+        print([str(w.message) for w in caught])
+    """)
+    for value in ("-5", "abc", "12MB"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DSV3_CPU_CACHE_MB": value}
+        env.pop("DSV3_BACKEND", None)
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        # a Python warning, or c10's line on stderr where no Python handler is set
+        said = f"DSV3_CPU_CACHE_MB must be a whole number of MiB >= 0, got '{value}': the " \
+               f"CPU kernels keep no freed outputs"
+        assert said in result.stdout + result.stderr, (result.stdout, result.stderr)

@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -36,8 +37,24 @@ struct OutputCache {
   OutputCache() {
     const char* huge = std::getenv("DSV3_HUGE_PAGES");
     enabled = huge == nullptr || std::string(huge) != "0";
-    const char* limit = std::getenv("DSV3_CPU_CACHE_MB");
-    limit_bytes = static_cast<size_t>(limit ? std::atoll(limit) : 0) << 20;
+    limit_bytes = cache_limit_bytes();
+  }
+
+  // DSV3_CPU_CACHE_MB as bytes. atoll took "-5" to a size_t near 2^64 (a cache without
+  // bound) and "abc" to 0 without a word: a value that is not a whole number of MiB
+  // >= 0 keeps no cache, and says so.
+  static size_t cache_limit_bytes() {
+    const char* text = std::getenv("DSV3_CPU_CACHE_MB");
+    if (text == nullptr || *text == '\0') return 0;
+    char* end = nullptr;
+    errno = 0;
+    const long long mib = std::strtoll(text, &end, 10);
+    if (errno != 0 || *end != '\0' || mib < 0 || mib > (1LL << 40)) {
+      TORCH_WARN("DSV3_CPU_CACHE_MB must be a whole number of MiB >= 0, got '", text,
+                 "': the CPU kernels keep no freed outputs");
+      return 0;
+    }
+    return static_cast<size_t>(mib) << 20;
   }
 
   struct Block {
