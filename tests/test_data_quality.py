@@ -185,6 +185,10 @@ vocab_size = 300
     data.write_text(json.dumps({"text": "x", "label": 1}) + "\n" + json.dumps(["x", 1]) + "\n")
     with pytest.raises(ValueError, match=r"labeled.jsonl, line 2: expected a JSON object, got a list"):
         read_labeled(str(data))  # was AttributeError: 'list' object has no attribute 'get'
+    data.write_text(json.dumps({"text": "x", "good": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"labeled.jsonl, line 1: no field 'label' \(fields: "
+                                         r"\['good', 'text'\]\)"):
+        read_labeled(str(data))  # was "field 'label' must be 0/1 or true/false, got None"
     with pytest.raises(ValueError, match="encoder: the 'hf' backend needs a local model directory"):
         make_featurizer("hf")
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -527,3 +527,11 @@ def test_a_process_group_argument_that_is_not_one_is_named(make, name):
     attribute 'size'"), naming neither the argument nor what it should be."""
     with pytest.raises(TypeError, match=f"{name} must be a torch.distributed ProcessGroup"):
         make()
+
+
+@pytest.mark.parametrize("state", [{"block": 256}, {"block_size": 256, "iteration": 3}, [1, 2]])
+def test_compression_state_refuses_what_is_not_its_state_dict(state):
+    """A model's state_dict passed by mistake was a bare KeyError: 'block_size'."""
+    with pytest.raises(ValueError, match=r"CompressionState.load_state_dict: expected a dict "
+                                         r"from CompressionState.state_dict\(\) with keys "):
+        CompressionState().load_state_dict(state)

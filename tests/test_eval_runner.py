@@ -198,6 +198,17 @@ def test_invalid_utf8_is_named_by_file_and_line(tmp_path, capsys, checkpoint, no
     assert f"error: {what}: {bad}:2: not valid UTF-8 (invalid start byte: byte 0xff" in err
 
 
+def test_a_file_that_is_not_regular_reads_as_its_contents(tmp_path):
+    """/dev/null (or a pipe) was "no file '/dev/null'", though it is there; a directory
+    is said to be one."""
+    from dsv3.eval.jsonl import read_lines
+    assert read_lines("/dev/null", "--corpus") == []
+    with pytest.raises(ValueError, match=f"--corpus: {str(tmp_path)!r} is a directory"):
+        read_lines(str(tmp_path), "--corpus")
+    with pytest.raises(FileNotFoundError, match="--corpus: no file "):
+        read_lines(str(tmp_path / "none.jsonl"), "--corpus")
+
+
 def test_a_byte_order_mark_opens_a_task_file_and_is_not_its_first_row(tmp_path):
     """A jsonl task file saved by a Windows tool starts with a BOM: its first row was
     "is not JSON". A BOM further in is still that row's fault."""

@@ -249,7 +249,11 @@ def read_labeled(path: str, text_field: str = "text", label_field: str = "label"
             raise ValueError(f"{path}, line {n}: {error}")
         if not isinstance(rec, dict):
             raise ValueError(f"{path}, line {n}: expected a JSON object, got a {type(rec).__name__}")
-        text, label = rec.get(text_field), rec.get(label_field)
+        missing = [field for field in (text_field, label_field) if field not in rec]
+        if missing:  # "must be a string, got None" hid that the field is not there at all
+            raise ValueError(f"{path}, line {n}: no field {missing[0]!r} (fields: "
+                             f"{sorted(rec)})")
+        text, label = rec[text_field], rec[label_field]
         if not isinstance(text, str):
             raise ValueError(f"{path}, line {n}: field {text_field!r} must be a string")
         if label not in (0, 1, True, False):

@@ -139,6 +139,12 @@ class CompressionState:
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         """Restores a ``state_dict()``; the residuals go to ``device`` (by default they
         stay on the CPU and move to each tensor's device on its first reduction)."""
+        needed = ("block_size", "start_iter", "iteration", "residuals")
+        if not isinstance(state, dict) or any(key not in state for key in needed):
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"CompressionState.load_state_dict: expected a dict from "
+                             f"CompressionState.state_dict() with keys {list(needed)}, got "
+                             f"{have}")
         if state["block_size"] != self.block_size:
             raise ValueError(f"CompressionState.load_state_dict: block_size {state['block_size']} "
                              f"in the checkpoint, {self.block_size} here")

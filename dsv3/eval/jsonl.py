@@ -24,7 +24,9 @@ def _decode(line: bytes, where: str) -> str:
 
 def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     """(line number, text) per line of a UTF-8 text file, the line ending removed."""
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
+        raise ValueError(f"{what}: {path!r} is a directory, not a file")
+    if not os.path.exists(path):  # not isfile: a pipe (<(zcat x.gz)) or a device reads too
         raise FileNotFoundError(f"{what}: no file {path!r}")
     with open(path, "rb") as f:
         raw = f.read()
