@@ -36,6 +36,10 @@ inline void check_weights_like_row_map(const c10::optional<at::Tensor>& weights_
   TORCH_CHECK_VALUE(!weights_TK.has_value() || weights_TK->sizes() == row_map_TK.sizes(), op,
                     ": weights_TK must have row_map_TK's shape ", row_map_TK.sizes(), ", got ",
                     weights_TK->sizes());
+  // Routing weights are probabilities: integer ones were cast and summed as given.
+  TORCH_CHECK_TYPE(!weights_TK.has_value() || at::isFloatingType(weights_TK->scalar_type()), op,
+                   ": weights_TK must be a floating-point tensor, got ",
+                   weights_TK->scalar_type());
 }
 
 }  // namespace dsv3

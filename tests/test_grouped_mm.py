@@ -187,10 +187,9 @@ def test_a_few_rows_over_a_long_reduction_are_as_accurate_as_blas():
 
 def test_a_few_rows_of_another_dtype_than_the_weights_are_refused():
     """The raw op skips the Python checks: rows of another dtype must not be read as
-    the weights' dtype by the few-rows path (BLAS refuses them)."""
-    if TRITON_INTERPRETED:
-        pytest.skip("DSV3_BACKEND=triton replaced the C++ kernels for this process")
-    with pytest.raises(RuntimeError, match="same dtype"):
+    the weights' dtype by the few-rows path. The kernels refuse them (the Triton
+    launcher too), naming both arguments."""
+    with pytest.raises(TypeError, match="grouped_mm: x and w_EXY must have one dtype, got "):
         torch.ops.dsv3.grouped_mm(torch.randn(2, 8), torch.randn(1, 8, 4).to(torch.bfloat16),
                                   torch.tensor([2], dtype=torch.int32))
 

@@ -125,8 +125,17 @@ def test_low_precision_input_is_quantized_from_its_values(dtype, device):
      "scales_RB must have shape"),
     (lambda: ops.dequantize_int8(torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), 4),
      ValueError, "must both be 1-D or both 2-D"),
+    # no gradient: torch's fallback only warned "silently incorrect" on backward
+    (lambda: ops.quantize_int8(torch.randn(8, requires_grad=True), 4), TypeError,
+     r"quantize_int8: x_N requires grad, but the quantization has no gradient .* pass "
+     r"x_N.detach\(\)"),
+    (lambda: ops.quantize_int8(torch.randn(8), 4, torch.zeros(8, requires_grad=True)),
+     TypeError, "quantize_int8: error_N requires grad"),
+    (lambda: ops.dequantize_int8(torch.zeros(8, dtype=torch.int8),
+                                 torch.ones(2, requires_grad=True), 4),
+     TypeError, "dequantize_int8: scales_RB requires grad"),
 ], ids=["x_2d", "x_int", "block_0", "block_float", "x_empty", "error_shape", "error_dtype",
-        "q_float", "scales_shape", "scales_dims"])
+        "q_float", "scales_shape", "scales_dims", "x_grad", "error_grad", "scales_grad"])
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

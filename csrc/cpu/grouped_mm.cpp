@@ -134,7 +134,7 @@ at::Tensor input_rows(const at::Tensor& x, const at::Tensor& token_S, int64_t be
 // rows are read in place, gathered or not (no index_select copy).
 bool small_segment_mm(const at::Tensor& x, const at::Tensor& token_S, int64_t begin,
                       int64_t count, const at::Tensor& w_XY, at::Tensor& out) {
-  // (Mixed dtypes go to BLAS, which refuses them: the rows are read as w's dtype here.)
+  // (The rows are read as w's dtype: grouped_mm_impl has refused mixed dtypes.)
   if (count > kSmallRowsMax || x.scalar_type() != w_XY.scalar_type() ||
       (x.stride(1) != 1 && x.size(1) > 1))
     return false;
@@ -152,6 +152,9 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w_EXY, const a
   TORCH_CHECK_VALUE(x.dim() == 2 && w_EXY.dim() == 3 && x.size(1) == w_EXY.size(1), op,
                     ": expected x [rows, X] and w_EXY [E, X, Y], got ", x.sizes(), " and ",
                     w_EXY.sizes());
+  // BLAS said "expected m1 and m2 to have the same dtype", naming neither op nor argument
+  TORCH_CHECK_TYPE(x.scalar_type() == w_EXY.scalar_type(), op, ": x and w_EXY must have one "
+                   "dtype, got ", x.scalar_type(), " and ", w_EXY.scalar_type());
   // Autograd is handled by the op; the inner mm_out calls must not see it.
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t n_rows = token_S.defined() ? token_S.size(0) : x.size(0);
@@ -205,6 +208,8 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_y_SY
   TORCH_CHECK_VALUE(x.dim() == 2 && grad_y_SY.dim() == 2 && n_rows == grad_y_SY.size(0), op,
                     ": expected x [S, X] (or x_TX with token_S [S]) and grad_y_SY [S, Y], got ",
                     x.sizes(), " and ", grad_y_SY.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == grad_y_SY.scalar_type(), op, ": x and grad_y_SY must "
+                   "have one dtype, got ", x.scalar_type(), " and ", grad_y_SY.scalar_type());
   at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t n_experts = offsets_E.numel();
   const auto starts = read_offsets(offsets_E, n_experts, n_rows, op);

@@ -72,6 +72,10 @@ def _check_shapes(op: str, x, offsets_E, token_S, w_EXY=None, grad_y_SY=None) ->
                          f"{tuple(x.shape)} and {tuple(w_EXY.shape)}")
     if grad_y_SY is not None and grad_y_SY.dim() != 2:
         raise ValueError(f"{op}: grad_y_SY must be 2-D [S, Y], got {tuple(grad_y_SY.shape)}")
+    for name, other in (("w_EXY", w_EXY), ("grad_y_SY", grad_y_SY)):
+        if other is not None and other.dtype != x.dtype:  # as the C++ kernel's check
+            raise TypeError(f"{op}: x and {name} must have one dtype, got {x.dtype} and "
+                            f"{other.dtype}")
     n_experts = w_EXY.shape[0] if w_EXY is not None else offsets_E.numel()
     if offsets_E.dtype != torch.int32 or tuple(offsets_E.shape) != (n_experts,):
         raise ValueError(f"{op}: offsets_E must be int32 of shape [E={n_experts}], got "

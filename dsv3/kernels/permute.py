@@ -106,6 +106,9 @@ def _check_shapes(op: str, row_map_TK: torch.Tensor, rows_TD: torch.Tensor | Non
     if weights_TK is not None and weights_TK.shape != row_map_TK.shape:
         raise ValueError(f"{op}: weights_TK must have row_map_TK's shape "
                          f"{tuple(row_map_TK.shape)}, got {tuple(weights_TK.shape)}")
+    if weights_TK is not None and not weights_TK.is_floating_point():
+        raise TypeError(f"{op}: weights_TK must be a floating-point tensor, got "
+                        f"{weights_TK.dtype}")
 
 
 def permute_rows(x_TD: torch.Tensor, row_map_TK: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,16 @@ def _dequantize_fake(q_RN, scales_RB, block_size):
     return q_RN.new_empty(q_RN.shape[-1], dtype=torch.float32)
 
 
+def _refuse_grad(op: str, **tensors) -> None:
+    """Without an autograd formula torch's fallback gave the outputs a grad_fn that only
+    warns "silently incorrect" on backward: a tensor that needs a gradient is refused."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.requires_grad:
+            raise TypeError(f"{op}: {name} requires grad, but the quantization has no "
+                            f"gradient (it carries gradients as data): pass "
+                            f"{name}.detach()")
+
+
 def quantize_int8(x_N: torch.Tensor, block_size: int = 256,
                   error_N: torch.Tensor | None = None) -> Quantized:
     """Quantize the 1-D ``x_N`` (+ ``error_N``, the previous residual) to int8 with
@@ -47,6 +57,7 @@ def quantize_int8(x_N: torch.Tensor, block_size: int = 256,
         if error_N.shape != x_N.shape:
             raise ValueError(f"{op}: error_N must have shape {tuple(x_N.shape)}, "
                              f"got {tuple(error_N.shape)}")
+    _refuse_grad(op, x_N=x_N, error_N=error_N)
     if use_reference(x_N):
         return Quantized(*reference.quantize_int8(x_N, block_size, error_N))
     return Quantized(*torch.ops.dsv3.quantize_int8(x_N, block_size, error_N))
@@ -59,6 +70,7 @@ def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int
     op = "dequantize_int8"
     check_tensor(op, "q_RN", q_RN, dtypes=(torch.int8,))
     check_tensor(op, "scales_RB", scales_RB, dtypes=(torch.float32,), like=q_RN)
+    _refuse_grad(op, scales_RB=scales_RB)
     check_int(op, "block_size", block_size, low=1)
     if q_RN.dim() not in (1, 2) or scales_RB.dim() != q_RN.dim():
         raise ValueError(f"{op}: q_RN and scales_RB must both be 1-D or both 2-D, got shapes "
