@@ -34,6 +34,13 @@ def test_each_dpo_stage_freezes_the_model_it_starts_from(tmp_path):
                 assert torch.equal(value, entering[name]), f"step {step}: reference {name}"
 
 
+def _lm_then_dpo(tmp_path, steps: int) -> Trainer:
+    """An LM stage, then a DPO stage, each half the steps, two micro-batches a step."""
+    config = three_stage_config(tmp_path, steps=steps, grad_accum=2, stages=[
+        StageConfig("base", "lm", 0.5, seq_len=24), StageConfig("pref", "dpo", 0.5, seq_len=16)])
+    return Trainer(config, synthetic_data())
+
+
 def test_dpo_metrics_are_the_mean_over_the_micro_batches(tmp_path, monkeypatch):
     """As the LM loss: with grad_accum=2, not the last micro-batch's alone."""
     import dsv3.train.trainer as trainer_module
@@ -46,9 +53,7 @@ def test_dpo_metrics_are_the_mean_over_the_micro_batches(tmp_path, monkeypatch):
 
     trainer_module_dpo_loss = trainer_module.dpo_loss
     monkeypatch.setattr(trainer_module, "dpo_loss", dpo_loss)
-    config = three_stage_config(tmp_path, steps=6, grad_accum=2, stages=[
-        StageConfig("base", "lm", 0.5, seq_len=24), StageConfig("pref", "dpo", 0.5, seq_len=16)])
-    trainer = Trainer(config, synthetic_data())
+    trainer = _lm_then_dpo(tmp_path, steps=6)
     for _ in range(4):  # the LM stage, then the DPO stage's first step (every loss ln 2)
         trainer.train_step()
     seen.clear()
@@ -113,9 +118,7 @@ def test_dpo_steps_train_on_the_policys_balance_losses(tmp_path, monkeypatch):
 
     real = trainer_module.moe_aux_loss
     monkeypatch.setattr(trainer_module, "moe_aux_loss", moe_aux_loss)
-    config = three_stage_config(tmp_path, steps=4, grad_accum=2, stages=[
-        StageConfig("base", "lm", 0.5, seq_len=24), StageConfig("pref", "dpo", 0.5, seq_len=16)])
-    trainer = Trainer(config, synthetic_data())
+    trainer = _lm_then_dpo(tmp_path, steps=4)
     for _ in range(2):
         trainer.train_step()
     reached.clear()
