@@ -12,9 +12,11 @@ one process, as ratios.
   reference loop, and both layers' device time op by op (torch.profiler);
 - GPT-OSS's MoE block fwd+bwd: dsv3's (``patch_moe``'s GptOssMoE) vs transformers'
   own, with its ``grouped_mm`` experts implementation and its ``eager`` loop.
-Timing: ``triton.testing.do_bench`` (CUDA events, median). Each GEMM and layer
-row also carries dsv3's relative error against the peer's output, so a fast wrong
-kernel shows. JSON and a markdown table are rewritten in --out after every case,
+Timing: ``triton.testing.do_bench`` (CUDA events, median of at least MIN_SAMPLES
+calls). Every row says in ``check`` whether what it timed computed the right thing
+(benchmarks/bench_checks.py): a GEMM, gather or layer row against the peer's outputs
+(the layer's gradients too; ``rel_err`` gives the forward's), every other row against
+dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON and a markdown table are rewritten in --out after every case,
 so a run cut short by its time limit still leaves what it measured.
 """
 import argparse
@@ -31,6 +33,8 @@ import triton
 
 import dsv3
 from benchmarks.autotune_report import FORWARD_FLAGS, WGRAD_FLAGS, autotune_picks, tuned_choice
+from benchmarks.bench_checks import (FLOAT_TOLERANCE, check_label, disagreement,
+                                     gradients_against_reference, outputs_against_reference)
 from benchmarks.op_profile import op_times
 from benchmarks.providers import grouped_mm_layer
 from dsv3.kernels import autotune_cache, grouped_gemm
@@ -77,13 +81,27 @@ def use_smoke_sizes() -> None:
                         gpt_oss_F=36)
 
 
+# Timed calls behind each median, however long a call. do_bench times int(rep / its own
+# estimate of a call) calls: at rep=40 ms, run 4's 17 ms layer steps were medians of 2
+# calls and its 200 ms loops of 1.
+MIN_SAMPLES = 10
+
+
 def bench_ms(fn) -> float:
     if DEVICE == "cpu":  # smoke run: one timed call is enough to exercise the case
         fn()
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+    fn()  # compiled and tuned before the estimate
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate_ms = (time.perf_counter() - start) * 1e3
+    # 1.5x: do_bench's estimate, which sizes the count, may come out above this one
+    rep_ms = max(40.0, 1.5 * MIN_SAMPLES * estimate_ms)
+    return triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
 
 
 def graph_ms(fn) -> float:
@@ -115,6 +133,12 @@ def relative_error(ours: torch.Tensor, peer: torch.Tensor) -> float:
     """||ours - peer|| / ||peer|| in fp32 (bf16 operands, fp32 accumulation: ~1e-3)."""
     diff = (ours.float() - peer.float()).norm()
     return (diff / peer.float().norm().clamp_min(1e-30)).item()
+
+
+def _error_check(error: float) -> str:
+    """A row's check from its relative error against the peer."""
+    return check_label(None if error <= FLOAT_TOLERANCE else
+                       f"relative error {error:.3g} against the peer > {FLOAT_TOLERANCE}")
 
 
 def balanced_offsets(n_rows: int, n_experts: int) -> torch.Tensor:
@@ -157,7 +181,8 @@ def gemm_rows(name, T, D, F, E, K):
                      "peer_ms": t_peer, "bound_ms": t_dense, "floor_ms": floor_ms,
                      "dsv3_vs_floor": floor_ms / t_ours,
                      "dsv3_tflops": flops / t_ours / 1e9, "dsv3_vs_bound": t_dense / t_ours,
-                     "peer_over_dsv3": t_peer / t_ours, "rel_err": error})
+                     "peer_over_dsv3": t_peer / t_ours, "rel_err": error,
+                     "check": _error_check(error)})
         if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels
             rows[-1].update(tuned_choice(tuner, tuned_before, WGRAD_FLAGS if kind == "wgrad"
                                          else FORWARD_FLAGS))
@@ -210,7 +235,8 @@ def _fused_vs_unfused(bench: str, shape: str, error: float, fused, unfused) -> d
     graph tells host from kernel."""
     fused_ms, unfused_ms = graph_ms(fused), graph_ms(unfused)
     return {"bench": bench, "shape": shape, "dsv3_ms": fused_ms, "eager_ms": bench_ms(fused),
-            "peer_ms": unfused_ms, "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error}
+            "peer_ms": unfused_ms, "peer_over_dsv3": unfused_ms / fused_ms, "rel_err": error,
+            "check": _error_check(error)}
 
 
 def _router_variant(fn, **settings):
@@ -247,11 +273,11 @@ def _triton_kernel(name, *args):
 def memory_rows():
     T, D, E, K = (MEMORY_SHAPE[k] for k in "TDEK")
     route_T = MEMORY_SHAPE["route_T"]
-    logits_TE = torch.randn(route_T, E, device=DEVICE, dtype=torch.bfloat16)
+    # fp32 logits, as every dsv3 layer routes on (dsv3/moe.py: bf16 ties flip choices)
+    logits_TE = torch.randn(route_T, E, device=DEVICE)
     bias_E = torch.randn(E, device=DEVICE) * 0.01
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
-    _, experts_TK, _ = dsv3.ops.route(logits_TE[:T].float(), K, "sigmoid", bias_E, 8, 4, True,
-                                      2.5)
+    _, experts_TK, _ = dsv3.ops.route(logits_TE[:T], K, "sigmoid", bias_E, 8, 4, True, 2.5)
     weights_TK = torch.rand(T, K, device=DEVICE)
     grad_N = torch.randn(1 << MEMORY_SHAPE["grad_log2"], device=DEVICE)  # 1 GiB of fp32 gradients on the GPU
     residual_N = torch.randn_like(grad_N) * 1e-3
@@ -259,16 +285,16 @@ def memory_rows():
                          dtype=torch.int8)
     scales_8B = torch.rand(8, q_8N.shape[1] // 256, device=DEVICE)
     x_SD, offsets_E, row_map_TK = dsv3.ops.permute(x_TD, experts_TK, E)
-    route_bytes = route_T * E * 2 + route_T * K * 8  # bf16 logits in; fp32 weights, int32 ids out
+    route_bytes = route_T * E * 4 + route_T * K * 8  # fp32 logits in; fp32 weights, int32 ids out
     _, route_experts_TK, _ = dsv3.ops.route(logits_TE, K, "sigmoid", bias_E, 8, 4)
     grad_weights_TK = torch.randn(route_T, K, device=DEVICE)
     grad_score_sum_E = torch.randn(E, device=DEVICE)
     grad_lse_sq = torch.randn((), device=DEVICE)
-    # bf16 logits in, bf16 d(logits) out (the top-k inputs are small)
-    route_backward_bytes = 2 * route_T * E * 2 + route_T * K * 8
+    # fp32 logits in, fp32 d(logits) out (the top-k inputs are small)
+    route_backward_bytes = 2 * route_T * E * 4 + route_T * K * 8
     # Mixtral's router (softmax top-2 of 8): little compute a token, so bandwidth-bound.
     mixtral_T = MEMORY_SHAPE["mixtral_route_T"]
-    mixtral_logits_TE = torch.randn(mixtral_T, 8, device=DEVICE, dtype=torch.bfloat16)
+    mixtral_logits_TE = torch.randn(mixtral_T, 8, device=DEVICE)
     route_shape, rows_shape = f"T{route_T} E{E} K{K}", f"T{T} D{D} E{E} K{K}"
     grad_y_TD = torch.randn_like(x_TD)
     swiglu_S, swiglu_F = MEMORY_SHAPE["swiglu_S"], MEMORY_SHAPE["swiglu_F"]
@@ -289,17 +315,17 @@ def memory_rows():
         ("route + loss sums", route_shape,
          lambda: dsv3.ops.route_with_stats(logits_TE, K, "sigmoid", bias_E, 8, 4), route_bytes),
         ("route (softmax, Mixtral-like)", f"T{mixtral_T} E8 K2",
-         lambda: dsv3.ops.route(mixtral_logits_TE, 2), mixtral_T * (8 * 2 + 2 * 8)),
+         lambda: dsv3.ops.route(mixtral_logits_TE, 2), mixtral_T * (8 * 4 + 2 * 8)),
         # The same with one token a thread (router._widened gives it four): which wins.
         ("route (softmax, Mixtral-like), one token a thread", f"T{mixtral_T} E8 K2",
          _router_variant(lambda: dsv3.ops.route(mixtral_logits_TE, 2),
                          _WIDE_MIN_PROGRAMS=1 << 62),
-         mixtral_T * (8 * 2 + 2 * 8)),
+         mixtral_T * (8 * 4 + 2 * 8)),
         # The same with its expert counts by one atomic per copy, as for many experts,
         # instead of per-program one-hot sums: which of the two wins at 8 counters.
         ("route (softmax, Mixtral-like), per-copy count atomics", f"T{mixtral_T} E8 K2",
          _router_variant(lambda: dsv3.ops.route(mixtral_logits_TE, 2), _ONE_HOT_COUNTS=0),
-         mixtral_T * (8 * 2 + 2 * 8)),
+         mixtral_T * (8 * 4 + 2 * 8)),
         # The router's backward with all three gradients (weights, score sums, z loss).
         ("route backward (sigmoid, all gradients)", route_shape,
          lambda: torch.ops.dsv3.route_backward(grad_weights_TK, grad_score_sum_E, grad_lse_sq,
@@ -337,17 +363,38 @@ def memory_rows():
         ("dequantize_int8 (8 chunks summed)", f"8 x N {q_8N.shape[1]}",
          lambda: dsv3.ops.dequantize_int8(q_8N, scales_8B, 256), q_8N.numel() + q_8N.shape[1] * 4),
     ]
+    # What each case computes, against the reference (bench_checks): the raw backward
+    # calls through the public op on the same kernel, with the gradients they are fed.
+    checks = {
+        "route backward (sigmoid, all gradients)": lambda: gradients_against_reference(
+            lambda logits: dsv3.ops.route_with_stats(logits, K, "sigmoid", bias_E, 8, 4, True,
+                                                     2.5),
+            [logits_TE], (grad_weights_TK, None, None, grad_score_sum_E, grad_lse_sq)),
+        "unpermute backward": lambda: gradients_against_reference(
+            lambda y, w: dsv3.ops.unpermute(y, row_map_TK, w), [x_SD, weights_TK], grad_y_TD),
+        # the Triton kernel against the op's (checked in the row above)
+        "unpermute backward, Triton kernel": lambda: disagreement(
+            _triton_kernel("unpermute_backward", grad_y_TD, x_SD, row_map_TK, weights_TK)(),
+            torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK)),
+        "swiglu backward": lambda: gradients_against_reference(dsv3.ops.swiglu, [h_S2F],
+                                                               grad_a_SF),
+        "gpt_oss_glu backward": lambda: gradients_against_reference(
+            lambda h: dsv3.ops.gpt_oss_glu(h, 1.702, 7.0), [gate_up_S2F], grad_glu_SF),
+    }
     rows = []
     for name, shape, fn, n_bytes in cases:
+        check = checks.get(name, lambda: outputs_against_reference(fn))()
         ms = graph_ms(fn)
         rows.append({"bench": name, "shape": shape, "dsv3_ms": ms, "eager_ms": bench_ms(fn),
-                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / BANDWIDTH})
+                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / BANDWIDTH,
+                     "check": check_label(check)})
     return rows
 
 
 def layer_steps(T, D, F, E, K):
     """One forward+backward step of dsv3.MoE, of the ``torch._grouped_mm`` layer and of
-    the reference loop on the same weights, and the relative error of the forwards."""
+    the reference loop on the same weights; the relative error of the forwards, and the
+    check of the forward and the gradients against the peer's."""
     moe = dsv3.MoE(dsv3.MoEConfig(dim=D, ffn_dim=F, n_experts=E, top_k=K, aux_loss_coef=0.0),
                    device=DEVICE, dtype=torch.bfloat16)
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -361,18 +408,28 @@ def layer_steps(T, D, F, E, K):
             forward().backward(grad_TD)
         return run
 
-    with torch.no_grad():
-        error = relative_error(moe(x_TD), grouped_mm_layer(x_TD, *weights, K))
+    def output_and_gradients(forward):
+        for leaf in [x_TD, *weights]:
+            leaf.grad = None
+        y_TD = forward()
+        y_TD.backward(grad_TD)
+        return [y_TD.detach()] + [leaf.grad for leaf in [x_TD, *weights]]
+
+    ours_out = output_and_gradients(lambda: moe(x_TD))
+    peer_out = output_and_gradients(lambda: grouped_mm_layer(x_TD, *weights, K))
+    error = relative_error(ours_out[0], peer_out[0])
+    # the forward and every gradient (x, router, gate/up, down) against the peer's
+    check = check_label(disagreement(ours_out, peer_out))
     return (step(lambda: moe(x_TD)), step(lambda: grouped_mm_layer(x_TD, *weights, K)),
-            step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]), error)
+            step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]), error, check)
 
 
 def layer_rows(name, T, D, F, E, K):
-    ours, peer, loop, error = layer_steps(T, D, F, E, K)
+    ours, peer, loop, error, check = layer_steps(T, D, F, E, K)
     t_ours, t_peer, t_loop = bench_ms(ours), bench_ms(peer), bench_ms(loop)
     row = {"bench": "layer fwd+bwd", "shape": name, "dsv3_ms": t_ours, "peer_ms": t_peer,
            "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours, "loop_over_dsv3": t_loop / t_ours,
-           "rel_err": error}
+           "rel_err": error, "check": check}
     # dsv3's step replayed from a CUDA graph (it makes no host sync): its kernels' time
     # without the host's, to tell whether the eager step keeps the GPU busy. Last, and
     # a failed capture leaves the eager figures standing.
@@ -430,13 +487,14 @@ def gpt_oss_rows(name, T, D, F, E, K):
     t_peer, t_loop = bench_ms(step(hf("grouped_mm"))), bench_ms(step(hf("eager")))
     return [{"bench": "gpt-oss block fwd+bwd", "shape": name, "dsv3_ms": t_ours,
              "peer_ms": t_peer, "loop_ms": t_loop, "peer_over_dsv3": t_peer / t_ours,
-             "loop_over_dsv3": t_loop / t_ours, "rel_err": error}]
+             "loop_over_dsv3": t_loop / t_ours, "rel_err": error,
+             "check": _error_check(error)}]
 
 
 def profile_rows(name, T, D, F, E, K):
     """Where a layer step's device time goes, op by op, for dsv3.MoE and the
     ``torch._grouped_mm`` layer: which of dsv3's kernels a slower layer loses on."""
-    ours, peer, _, _ = layer_steps(T, D, F, E, K)
+    ours, peer, *_ = layer_steps(T, D, F, E, K)
     on_gpu = DEVICE == "cuda"
     return (op_times("device time by op, dsv3 layer fwd+bwd", name, ours, on_gpu)
             + op_times("device time by op, _grouped_mm layer fwd+bwd", name, peer, on_gpu))
@@ -444,7 +502,8 @@ def profile_rows(name, T, D, F, E, K):
 
 MAIN_COLUMNS = ["bench", "shape", "dsv3_ms", "eager_ms", "graph_ms", "peer_ms", "bound_ms",
                 "floor_ms", "loop_ms", "dsv3_tflops", "dsv3_vs_bound", "dsv3_vs_floor", "peer_over_dsv3",
-                "loop_over_dsv3", "rel_err", "config", "tma_over_pointer", "persistent_over_grid",
+                "loop_over_dsv3", "rel_err", "check", "config", "tma_over_pointer",
+                "persistent_over_grid",
                 "flat_over_nested",
                 "variants", "error"]
 PROFILE_COLUMNS = ["bench", "shape", "op", "ms_per_step", "calls", "share", "variants"]
@@ -472,6 +531,8 @@ def _table(rows, columns) -> str:
 # assert is sticky: every later CUDA call fails). gpu_check.sh then runs the cases
 # left in a fresh process with DSV3_GEMM_VARIANTS=0 and --resume.
 CUDA_LOST = 3
+# Exit status when every case ran but some computed a wrong result (their rows' check).
+WRONG_RESULT = 4
 
 
 def cuda_lost() -> bool:
@@ -579,6 +640,12 @@ def main(argv=None):
     add_autotune_picks()
     save()
     print(markdown(rows, state["header"]))
+    wrong = [f"{row['bench']} {row.get('shape', '')}: {row['check']}" for row in rows
+             if str(row.get("check", "")).startswith("FAILED")]
+    if wrong:
+        print("\n".join(["Computed a wrong result (their timings are no figures):", *wrong]),
+              file=sys.stderr)
+        sys.exit(WRONG_RESULT)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ timeout "$bench_s" python3 -m benchmarks.gpu_bench --out "$OUT" --budget-s $((be
   > "$OUT/bench.log" 2>&1
 bench_status=$?
 [ "$bench_status" -eq 0 ] || status=1
+# Status 4: every case ran, but some computed a wrong result (their rows' check column
+# says which; their timings are no figures): the run fails, the tests below say more.
 # Status 3: a case lost the CUDA context (illegal address, device-side assert), so
 # every later case would fail too. Run the cases left in a fresh process, the GEMMs
 # without their TMA and persistent variants (the least proven code); a case that

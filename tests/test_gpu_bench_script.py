@@ -18,6 +18,7 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
     figures = [row for row in rows if "op" not in row]
     for row in figures:
         assert row["dsv3_ms"] > 0
+        assert row["check"] == "ok", row  # what it timed, against the reference or the peer
         # bf16 against the peer's bf16: rounding only (the layer may route a near-tie apart).
         assert row.get("rel_err", 0.0) < 2e-2, row
     # Each profiled step: its longest ops, the rest in one row, and a total that adds up.
@@ -33,6 +34,50 @@ def test_every_gpu_benchmark_case_runs_and_agrees_with_its_peer(tmp_path):
         assert sum(row["ms_per_step"] for row in parts) == pytest.approx(total["ms_per_step"])
     # two tables, each with a header and a rule
     assert (tmp_path / "gpu_bench.md").read_text().count("\n|") == len(rows) + 4
+
+
+def test_a_case_that_computes_a_wrong_result_fails_the_run(tmp_path, monkeypatch, capsys):
+    """Run 4 timed a router whose per-expert counts were wrong and wrote its rows as
+    figures. The router rows now check their outputs against the reference: counts
+    off as run 4's were fail the row and the run (WRONG_RESULT), the others stand."""
+    import dsv3
+
+    real_route = dsv3.ops.route
+
+    def counts_off(*args, **kwargs):
+        weights_TK, experts_TK, counts_E = real_route(*args, **kwargs)
+        if backend.selected_backend() == "reference":
+            return weights_TK, experts_TK, counts_E
+        return weights_TK, experts_TK, counts_E.roll(1)  # the right total, misplaced
+
+    from dsv3.ops import backend
+    monkeypatch.setattr(dsv3.ops, "route", counts_off)
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", gpu_bench.memory_rows, ())])
+    with pytest.raises(SystemExit) as exited:
+        gpu_bench.main(["--smoke", "--out", str(tmp_path)])
+    assert exited.value.code == gpu_bench.WRONG_RESULT
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    checks = {row["bench"]: row["check"] for row in rows}
+    assert checks["route (sigmoid, 8 groups)"].startswith("FAILED: output 2: relative error")
+    assert checks["route (softmax, Mixtral-like)"].startswith("FAILED: output 2")
+    assert checks["permute"] == checks["unpermute backward"] == "ok"
+    assert "Computed a wrong result" in capsys.readouterr().err
+
+
+def test_the_checks_compare_what_they_should():
+    """bench_checks' tolerances: rounding passes, a wrong kernel does not."""
+    import torch
+
+    from benchmarks.bench_checks import disagreement
+    x = torch.randn(1000)
+    assert disagreement(x, x * (1 + 1e-3)) is None
+    assert disagreement(x, x.flip(0)).startswith("output 0: relative error")
+    ids = torch.randint(0, 64, (1000,))
+    assert disagreement(ids, ids) is None and disagreement(ids, ids.roll(1)) is not None
+    nan = torch.tensor([1.0, float("nan")])
+    assert disagreement(nan, nan.clone()) is None
+    assert disagreement(nan, torch.tensor([1.0, 2.0])).startswith("output 0: NaN")
+    assert disagreement((x, None), (x,)) == "2 outputs against the reference's 1"
 
 
 def test_tuned_choice_names_the_variant_and_its_margin():
