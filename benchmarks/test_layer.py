@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from benchmarks.providers import DTYPES, PROVIDERS, SHAPES, Shape, Unavailable, make_step
+from benchmarks.bench_checks import disagreement
+from benchmarks.providers import (DTYPES, PROVIDERS, SHAPES, Shape, Unavailable, make_step,
+                                  outputs_and_gradients, reference_outputs)
 
 # Seconds of timed rounds per case: one call ranges from ~30 ms to a few seconds,
 # so a fixed round count would either starve the fast cases of samples or spend
@@ -57,6 +59,12 @@ def test_layer(benchmark, shape, dtype_name, provider):
         step = make_step(provider, shape, DTYPES[dtype_name])
     except Unavailable as reason:
         pytest.skip(str(reason))
+    if provider in ("dsv3", "grouped_mm"):  # the same layer as the reference loop
+        # A timing of a wrong result is no figure: fail the case, not print it.
+        wrong = disagreement(outputs_and_gradients(step),
+                             reference_outputs(shape, DTYPES[dtype_name]))
+        if wrong is not None:
+            pytest.fail(f"{provider} disagrees with the reference loop ({wrong}): not timed")
     call_s = _warm_up(step)
     rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(TARGET_SECONDS / call_s)))
 

@@ -75,3 +75,38 @@ def test_ncu_case_without_gpu_or_interpreter_says_to_set_triton_interpret():
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "TRITON_INTERPRET=1" in result.stderr
+
+
+def test_layer_providers_are_checked_against_the_reference_loop():
+    """`make bench` times dsv3 and the grouped_mm layer only once their output and every
+    gradient agree with the reference loop's: here they do, and a provider computing
+    something else (the dense FFN, which is no MoE layer) does not pass."""
+    import torch
+
+    from benchmarks.bench_checks import disagreement
+    from benchmarks.providers import (Shape, make_step, outputs_and_gradients,
+                                      reference_outputs, unavailable_reason)
+    shape = Shape.parse("T64-D32-F16-E4-K2")
+    truth = reference_outputs(shape, torch.float32)
+    providers = ["dsv3"] + (["grouped_mm"] if unavailable_reason("grouped_mm", torch.float32)
+                            is None else [])
+    for provider in providers:
+        step = make_step(provider, shape, torch.float32)
+        assert disagreement(outputs_and_gradients(step), truth) is None, provider
+    dense = outputs_and_gradients(make_step("dense", shape, torch.float32))
+    assert disagreement(dense, truth) is not None
+
+
+def test_a_contended_run_gets_no_verdicts_and_a_verdict_judges_what_it_shows():
+    """A contended run printed ✓/✗ on ratios timed under different loads; 1.2504 printed
+    "1.25 ✗" against the 1.25 target."""
+    from benchmarks import run
+    row = {"shape": "T1-D1-F1-E1-K1", "dtype": "fp32", "gflop": 1.0, "dsv3/dense": 1.2504,
+           "median_ms": {p: 1.0 for p in run.PROVIDERS},
+           "peak_extra_mib": {p: 1.0 for p in run.PROVIDERS},
+           "reference/dsv3": 2.0, "grouped_mm/dsv3": 1.5}
+    assert "| 1.25 ✓ |" in run.markdown_table([row])
+    quiet_row = run.markdown_table([row]).splitlines()[-1]
+    contended_row = run.markdown_table([row], contended=True).splitlines()[-1]
+    assert "| 1.25 |" in contended_row and "✗" not in contended_row
+    assert contended_row.count("✓") == quiet_row.count("✓") - 1  # the memory verdict stays
