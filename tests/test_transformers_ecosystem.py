@@ -17,6 +17,7 @@ from hf_models import ARCHS, input_ids, sparse_block, tiny_model, transformers
 from transformers_support import arch_param
 
 import dsv3.integrations.transformers as dt
+from dsv3.integrations.transformers.wrappers import offloading
 
 # GraniteMoE-SWA: its checkpoints keep the fused expert keys (most families' are
 # converted back to per-expert keys by save_pretrained, which a Trainer resume, through
@@ -313,12 +314,24 @@ def test_offloading_a_patched_model_is_refused(how, tmp_path):
     dt.patch_moe(model)
     block = sparse_block(model)
     want = {name: t.detach().clone() for name, t in block.state_dict().items()}
+    whole = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    logits = model(input_ids()).logits
     with pytest.raises(RuntimeError, match="offload"):
         _offload(model, how, tmp_path)
     got = block.state_dict()
     assert list(got) == list(want)
     for name in want:
         assert not got[name].is_meta and torch.equal(got[name], want[name]), name
+    # ... and so do the modules accelerate offloaded before it reached the block (the
+    # embeddings, the first layer's attention): their hooks kept them on the meta
+    # device, and save_pretrained failed on "Cannot copy out of meta tensor"
+    got = model.state_dict()
+    for name in whole:
+        assert not got[name].is_meta and torch.equal(got[name], whole[name]), name
+    # (hooks that only align devices may stay: dsv3 cannot tell them from earlier ones)
+    assert not any(offloading(getattr(m, "_hf_hook", None)) for m in model.modules())
+    model.save_pretrained(tmp_path / "saved")
+    assert torch.equal(model(input_ids()).logits, logits)
 
 
 @pytest.mark.parametrize("how", ["cpu_offload", "disk"])

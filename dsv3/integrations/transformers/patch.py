@@ -14,7 +14,8 @@ from dsv3.integrations.transformers import gpt_oss
 from dsv3.integrations.transformers.architectures import architecture_of, supported
 from dsv3.integrations.transformers.block import TransformersMoE
 from dsv3.integrations.transformers.converters import from_module, to_module
-from dsv3.integrations.transformers.wrappers import adapter_wrapped, offloads_children
+from dsv3.integrations.transformers.wrappers import (adapter_wrapped, offloads_children,
+                                                     remember_model)
 
 PATCHED = (TransformersMoE, gpt_oss.GptOssMoE)
 
@@ -53,6 +54,9 @@ def patch_moe(model: nn.Module) -> int:
                         f"block with from_module(block)")
     _refuse_offloading_ancestors(model)
     count = _replace(model, _patchable, from_module)
+    for module in model.modules():
+        if isinstance(module, PATCHED):
+            remember_model(module, model)  # an offload refused later takes back all its hooks
     if count == 0 and not any(isinstance(m, PATCHED) for m in model.modules()):
         raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
                         f"dsv3 supports; supported architectures: {supported()}")

@@ -17,7 +17,20 @@ itself, in its fused routing and experts ops, without calling those modules. So:
 
 Both libraries are recognized by duck typing (neither is a dependency of dsv3).
 """
+import weakref
+
 from torch import nn
+
+# The model each patched block was patched in (patch_moe): accelerate attaches its hooks
+# module by module, so by the time it reaches a patched block it has offloaded the
+# modules before it; a refusal takes those hooks back too. Weak, and kept here rather
+# than on the block, so that a block neither keeps its model alive nor fails to pickle.
+_PATCHED_IN: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def remember_model(block: nn.Module, model: nn.Module) -> None:
+    """Record that ``block`` was patched into ``model``."""
+    _PATCHED_IN[block] = weakref.ref(model)
 
 
 def adapter_wrapped(module: nn.Module | None) -> bool:
@@ -80,6 +93,9 @@ def refuse_offloading_hook(block: nn.Module, hook) -> None:
         weights = getattr(h, "weights_map", None)
         if getattr(h, "offload", False) and weights is not None:
             _restore(block, weights)
+    model = _PATCHED_IN.get(block, lambda: None)()
+    if model is not None:
+        _detach_offloading_hooks(model)
     raise RuntimeError(
         f"accelerate is offloading a patched dsv3 block ({type(block).__name__}): its "
         f"weights would stay on the meta device, looked up by dsv3's names in a state_dict "
@@ -87,6 +103,18 @@ def refuse_offloading_hook(block: nn.Module, hook) -> None:
         f"never runs. Offload the model before patch_moe is refused too; keep the MoE "
         f"blocks in memory (a device_map of devices only), or unpatch_moe the model "
         f"before offloading it")
+
+
+def _detach_offloading_hooks(model: nn.Module) -> None:
+    """Takes back the offloading hooks accelerate attached to ``model``'s modules before
+    it reached the refused block: left, they kept those modules' weights on the meta
+    device (state_dict and save_pretrained then failed). Only offloading hooks: any
+    the model had before (a device_map's placement) are none, patch_moe having refused
+    an offloaded model. accelerate's own removal puts the weights back."""
+    from accelerate.hooks import remove_hook_from_module  # accelerate is the caller here
+    for module in model.modules():
+        if offloading(getattr(module, "_hf_hook", None)):
+            remove_hook_from_module(module)
 
 
 def _restore(block: nn.Module, weights) -> None:
