@@ -110,3 +110,29 @@ def test_a_contended_run_gets_no_verdicts_and_a_verdict_judges_what_it_shows():
     contended_row = run.markdown_table([row], contended=True).splitlines()[-1]
     assert "| 1.25 |" in contended_row and "✗" not in contended_row
     assert contended_row.count("✓") == quiet_row.count("✓") - 1  # the memory verdict stays
+
+
+def test_transformers_bench_checks_its_providers_and_leaves_noise_undecided(monkeypatch):
+    """Every provider is checked against eager before any timing (a provider computing
+    something else stops the run); a route counts as faster only by more than the
+    margin, and a shared run gets no verdicts."""
+    from benchmarks import transformers_bench as tb
+    tb.check_providers("mixtral")  # they all compute transformers' model
+    real_build = tb.build
+
+    def wrong_patch(model_name, dtype, provider):
+        model = real_build(model_name, dtype, provider)
+        if provider == "patch_moe":
+            with torch.no_grad():
+                model.model.layers[0].mlp.gate_up_proj.mul_(2)
+        return model
+
+    monkeypatch.setattr(tb, "build", wrong_patch)
+    with pytest.raises(SystemExit, match="mixtral: patch_moe disagrees with eager"):
+        tb.check_providers("mixtral")
+    times = {"eager": 1.0, "grouped_mm": 1.0, "batched_mm": 2.0}
+    assert tb.verdict({**times, "dsv3": 0.9, "patch_moe": 0.95}) == "✓ both routes"
+    assert tb.verdict({**times, "dsv3": 0.9, "patch_moe": 0.99}) == "✓ one route"
+    assert tb.verdict({**times, "dsv3": 1.01, "patch_moe": 0.99}) == "≈ (within 3%)"
+    assert tb.verdict({**times, "dsv3": 1.1, "patch_moe": 1.2}) == "✗"
+    assert tb.verdict({**times, "dsv3": 0.5, "patch_moe": 0.5}, contended=True) == "–"
