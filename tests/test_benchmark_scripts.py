@@ -136,3 +136,12 @@ def test_transformers_bench_checks_its_providers_and_leaves_noise_undecided(monk
     assert tb.verdict({**times, "dsv3": 1.01, "patch_moe": 0.99}) == "≈ (within 3%)"
     assert tb.verdict({**times, "dsv3": 1.1, "patch_moe": 1.2}) == "✗"
     assert tb.verdict({**times, "dsv3": 0.5, "patch_moe": 0.5}, contended=True) == "–"
+
+
+def test_the_data_pipeline_benchmark_reports_medians_of_its_passes():
+    """It timed one pass a chain: one sample each behind its speed-up."""
+    from benchmarks.data_pipeline import _median_pass
+    passes = [({"a"}, 3.0, 2.0), ({"a"}, 1.0, 9.0), ({"a"}, 2.0, 1.0)]
+    assert _median_pass(passes) == ({"a"}, 2.0, 2.0)
+    with pytest.raises(AssertionError, match="kept different documents"):
+        _median_pass([({"a"}, 1.0, 1.0), ({"b"}, 1.0, 1.0)])
