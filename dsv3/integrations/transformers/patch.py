@@ -24,12 +24,22 @@ def _patchable(module: nn.Module) -> bool:
     return architecture_of(module) is not None or gpt_oss.matches(module)
 
 
-def _replace(model: nn.Module, select, convert) -> int:
+def _replace(model: nn.Module, select, convert, op: str) -> int:
     """All or nothing: every selected child is converted before any is replaced, so a
-    refused block (convert raises) leaves the model as it was."""
-    targets = [(parent, name, child) for parent in model.modules()
+    refused block (convert raises) leaves the model as it was. A refusal names the
+    block's path in the model ("patch_moe: model.layers.3.mlp: ..."), which a model
+    whose layers differ (per-layer settings) needs to be told."""
+    targets = [(parent, name, child, f"{path}.{name}" if path else name)
+               for path, parent in model.named_modules()
                for name, child in parent.named_children() if select(child)]
-    converted = [convert(child) for _, _, child in targets]
+    converted = []
+    for _, _, child, path in targets:
+        try:
+            converted.append(convert(child))
+        except (TypeError, ValueError) as error:
+            reason = str(error).removeprefix("block: ")
+            raise type(error)(f"{op}: {path}: {reason}") from error
+    targets = [target[:3] for target in targets]
     for (parent, name, _), new in zip(targets, converted, strict=True):
         setattr(parent, name, new)
     return len(targets)
@@ -53,7 +63,7 @@ def patch_moe(model: nn.Module) -> int:
         raise TypeError(f"patch_moe: model is itself a {type(model).__name__}; convert a lone "
                         f"block with from_module(block)")
     _refuse_offloading_ancestors(model)
-    count = _replace(model, _patchable, from_module)
+    count = _replace(model, _patchable, from_module, "patch_moe")
     for module in model.modules():
         if isinstance(module, PATCHED):
             remember_model(module, model)  # an offload refused later takes back all its hooks
@@ -69,7 +79,7 @@ def unpatch_moe(model: nn.Module) -> int:
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch_moe: model must be a torch.nn.Module, got {type(model).__name__}")
     _refuse_wrapped_blocks(model)
-    return _replace(model, lambda m: isinstance(m, PATCHED), to_module)
+    return _replace(model, lambda m: isinstance(m, PATCHED), to_module, "unpatch_moe")
 
 
 def _refuse_offloading_ancestors(model: nn.Module) -> None:
