@@ -38,7 +38,9 @@ def _replace(model: nn.Module, select, convert, op: str) -> int:
             converted.append(convert(child))
         except (TypeError, ValueError) as error:
             reason = str(error).removeprefix("block: ")
-            raise type(error)(f"{op}: {path}: {reason}") from error
+            # the base class: a subclass's constructor may want other arguments
+            kind = TypeError if isinstance(error, TypeError) else ValueError
+            raise kind(f"{op}: {path}: {reason}") from error
     targets = [target[:3] for target in targets]
     for (parent, name, _), new in zip(targets, converted, strict=True):
         setattr(parent, name, new)
