@@ -303,9 +303,10 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_d
 class QualityFilter(Step):
     """Keeps documents whose predicted probability of being good reaches ``threshold``
     (by default the one the model was trained and reported at, 0.5 for a model saved
-    before thresholds were); the score goes into ``metadata["quality"]``. As a generator it scores documents in
-    batches of ``batch_size`` (an encoder's forward pass is much cheaper per document
-    in a batch); :meth:`apply`, used by the scale-out workers, scores one at a time."""
+    before thresholds were); the score goes into ``metadata["quality"]``. As a
+    generator it scores documents in batches of ``batch_size`` (an encoder's forward
+    pass is much cheaper per document in a batch); :meth:`apply`, used by the
+    scale-out workers, scores one at a time."""
 
     name = "quality"
 
