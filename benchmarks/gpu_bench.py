@@ -16,8 +16,9 @@ Timing: ``triton.testing.do_bench`` (CUDA events, median of at least MIN_SAMPLES
 calls). Every row says in ``check`` whether what it timed computed the right thing
 (benchmarks/bench_checks.py): a GEMM, gather or layer row against the peer's outputs
 (the layer's gradients too; ``rel_err`` gives the forward's), every other row against
-dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON and a markdown table are rewritten in --out after every case,
-so a run cut short by its time limit still leaves what it measured.
+dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON
+and a markdown table are rewritten in --out after every case, so a run cut short by
+its time limit still leaves what it measured.
 """
 import argparse
 import json

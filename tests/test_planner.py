@@ -156,7 +156,8 @@ def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"vocabulary                       8192 (the tokenizer in {tmp_path})")
     assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path / 'none'}"]) == 0
-    assert capsys.readouterr().out.startswith("vocabulary                       2048 (the preset's)")
+    assert capsys.readouterr().out.startswith(
+        "vocabulary                       2048 (the preset's)")
     assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}",
                  "--set", "model_overrides.vocab_size=300"]) == 0
     assert "300 (model_overrides.vocab_size)" in capsys.readouterr().out

@@ -66,7 +66,8 @@ def _plan(args: argparse.Namespace) -> int:
         vocab_from = "model_overrides.vocab_size"
     elif (prepared := _prepared_vocab_size(config.data_dir)) is not None:
         # what `dsv3 train` builds: its model takes the tokenizer's vocabulary
-        model, vocab_from = replace(model, vocab_size=prepared), f"the tokenizer in {config.data_dir}"
+        model = replace(model, vocab_size=prepared)
+        vocab_from = f"the tokenizer in {config.data_dir}"
     # the first stage is never DPO; a DPO stage doubles its rows and holds a reference model
     seq_len = max(stage.seq_len for stage in config.stages if stage.kind != "dpo")
     dpo_seq_len = max((stage.seq_len for stage in config.stages if stage.kind == "dpo"),
