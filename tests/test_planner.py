@@ -147,7 +147,7 @@ def test_plan_vocab_size_is_applied(capsys):
                       "parameters (total / active)      128M / 128M"]
 
 
-def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys):
+def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys, monkeypatch):
     """`dsv3 train` builds its model with the tokenizer's vocabulary, whatever the preset
     says; plan used the preset's (the demo's 2048 against its tokenizer's 8192)."""
     (tmp_path / "tokens").mkdir()
@@ -161,6 +161,13 @@ def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys):
     assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}",
                  "--set", "model_overrides.vocab_size=300"]) == 0
     assert "300 (model_overrides.vocab_size)" in capsys.readouterr().out
+    # a bare preset is planned as the preset, whatever ./out/data holds
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "data" / "tokens").mkdir(parents=True)
+    (tmp_path / "out" / "data" / "tokens" / "manifest.json").write_text('{"vocab_size": 64}')
+    assert main(["plan", "--set", "model=deepseek-v3"]) == 0
+    assert capsys.readouterr().out.startswith("vocabulary                       129280 (the "
+                                              "preset's)")
 
 
 @pytest.mark.parametrize("option, value, expected", [

@@ -39,6 +39,14 @@ def _gpu_mem(text: str) -> str:
     return text
 
 
+def _plans_a_run(args: argparse.Namespace) -> bool:
+    """Whether the command plans a training run on data (a --config, or a data_dir
+    set): then its prepared tokenizer sets the vocabulary. A bare preset
+    (``--set model=deepseek-v3``) keeps the preset's, whatever ./out/data holds."""
+    return args.config is not None or any(
+        item.split("=", 1)[0].strip() == "data_dir" for item in args.set or [])
+
+
 def _prepared_vocab_size(data_dir: str) -> int | None:
     """The vocabulary of the tokenizer `dsv3 data prepare` wrote to ``data_dir``, which
     the trainer's model takes whatever the preset says; None where there is none."""
@@ -64,7 +72,7 @@ def _plan(args: argparse.Namespace) -> int:
         model, vocab_from = replace(model, vocab_size=args.vocab_size), "--vocab-size"
     elif "vocab_size" in config.model_overrides:
         vocab_from = "model_overrides.vocab_size"
-    elif (prepared := _prepared_vocab_size(config.data_dir)) is not None:
+    elif _plans_a_run(args) and (prepared := _prepared_vocab_size(config.data_dir)) is not None:
         # what `dsv3 train` builds: its model takes the tokenizer's vocabulary
         model = replace(model, vocab_size=prepared)
         vocab_from = f"the tokenizer in {config.data_dir}"
@@ -129,7 +137,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage for the replicated parameters (default 0)")
     parser.add_argument("--vocab-size", type=_count,
-                        help="vocabulary (default: model_overrides.vocab_size, else that of "
-                        "the tokenizer prepared in data_dir, which `dsv3 train` takes, else "
-                        "the preset's)")
+                        help="vocabulary (default: model_overrides.vocab_size, else, with "
+                        "--config or --set data_dir=..., that of the tokenizer prepared in "
+                        "data_dir, which `dsv3 train` takes, else the preset's)")
     parser.set_defaults(func=_plan)
