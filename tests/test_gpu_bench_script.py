@@ -52,7 +52,8 @@ def test_a_case_that_computes_a_wrong_result_fails_the_run(tmp_path, monkeypatch
 
     from dsv3.ops import backend
     monkeypatch.setattr(dsv3.ops, "route", counts_off)
-    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", gpu_bench.memory_rows, ())])
+    from benchmarks.gpu_bandwidth import memory_rows
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", memory_rows, ())])
     with pytest.raises(SystemExit) as exited:
         gpu_bench.main(["--smoke", "--out", str(tmp_path)])
     assert exited.value.code == gpu_bench.WRONG_RESULT
