@@ -239,6 +239,12 @@ def _fused_vs_unfused(bench: str, shape: str, error: float, fused, unfused) -> d
             "check": _error_check(error)}
 
 
+def memory_rows():
+    """The bandwidth-bound cases (gpu_bandwidth.py), with this module's settings."""
+    from benchmarks import gpu_bandwidth
+    return gpu_bandwidth.memory_rows(sys.modules[__name__])
+
+
 def layer_steps(T, D, F, E, K):
     """One forward+backward step of dsv3.MoE, of the ``torch._grouped_mm`` layer and of
     the reference loop on the same weights; the relative error of the forwards, and the
@@ -407,7 +413,6 @@ def jobs():
     """(job id, job, shape), cheapest and most asked-for first, so a run cut short
     loses the least: the bandwidth-bound kernels, the GEMMs of the layers' shapes and
     the fine-grained ones, the layers, their op profiles, then the DeepSeek-V3 GEMMs."""
-    from benchmarks.gpu_bandwidth import memory_rows  # it reads this module's settings
     early = [s for s in GEMM_SHAPES if not s[0].startswith(LATE_GEMM_SHAPES)]
     late = [s for s in GEMM_SHAPES if s[0].startswith(LATE_GEMM_SHAPES)]
     listed = ([(memory_rows, None)] + [(gemm_rows, s) for s in early]

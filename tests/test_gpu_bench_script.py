@@ -52,8 +52,7 @@ def test_a_case_that_computes_a_wrong_result_fails_the_run(tmp_path, monkeypatch
 
     from dsv3.ops import backend
     monkeypatch.setattr(dsv3.ops, "route", counts_off)
-    from benchmarks.gpu_bandwidth import memory_rows
-    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", memory_rows, ())])
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", gpu_bench.memory_rows, ())])
     with pytest.raises(SystemExit) as exited:
         gpu_bench.main(["--smoke", "--out", str(tmp_path)])
     assert exited.value.code == gpu_bench.WRONG_RESULT
@@ -299,3 +298,19 @@ def test_failure_log_gets_each_failure_as_it_happens(tmp_path, monkeypatch):
     conftest.pytest_runtest_logreport(report)
     assert log.read_text() == ("==== tests/test_x.py::test_y[cuda] [call]\n"
                                "AssertionError: output 2 differs\n")
+
+
+def test_the_smoke_run_as_gpu_check_starts_it(tmp_path):
+    """gpu_check.sh runs `python -m benchmarks.gpu_bench`: the module is then __main__,
+    and a case module that imported benchmarks.gpu_bench got a second copy, without
+    --smoke's settings (the bandwidth cases asked for a GPU). Run it that way."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--smoke", "--out",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert [row for row in rows if "error" in row] == []
+    assert any(row["bench"] == "permute" and row["check"] == "ok" for row in rows)
