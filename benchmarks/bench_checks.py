@@ -61,11 +61,12 @@ def disagreement(got, want) -> str | None:
             continue
         if tuple(g.shape) != tuple(w.shape):
             return f"output {i}: shape {tuple(g.shape)} against {tuple(w.shape)}"
-        g, w = g.detach().double().cpu(), w.detach().double().cpu()
-        nan = g.isnan() | w.isnan()
+        # On the tensors' device, in fp64: a GPU case's outputs run to 2^28 values, which
+        # the host would take seconds of the run's budget to compare.
+        g, w = g.detach().double(), w.detach().to(device=g.device, dtype=torch.float64)
         if not torch.equal(g.isnan(), w.isnan()):
             return f"output {i}: NaN in {int((g.isnan() != w.isnan()).sum())} other places"
-        g, w = g[~nan], w[~nan]
+        g, w = g.nan_to_num(0.0), w.nan_to_num(0.0)  # the same places: left out
         if not got[i].is_floating_point():
             error = (g - w).abs().sum() / w.abs().sum().clamp_min(1)
             limit = INTEGER_TOLERANCE
