@@ -61,12 +61,18 @@ def disagreement(got, want) -> str | None:
             continue
         if tuple(g.shape) != tuple(w.shape):
             return f"output {i}: shape {tuple(g.shape)} against {tuple(w.shape)}"
+        if g.dtype != w.dtype:
+            return f"output {i}: dtype {g.dtype} against {w.dtype}"
         # On the tensors' device, in fp64: a GPU case's outputs run to 2^28 values, which
         # the host would take seconds of the run's budget to compare.
         g, w = g.detach().double(), w.detach().to(device=g.device, dtype=torch.float64)
-        if not torch.equal(g.isnan(), w.isnan()):
-            return f"output {i}: NaN in {int((g.isnan() != w.isnan()).sum())} other places"
-        g, w = g.nan_to_num(0.0), w.nan_to_num(0.0)  # the same places: left out
+        for what, where in (("NaN", torch.isnan), ("+inf", torch.isposinf),
+                            ("-inf", torch.isneginf)):
+            if not torch.equal(where(g), where(w)):
+                return f"output {i}: {what} in {int((where(g) != where(w)).sum())} other places"
+        # the same non-finite places: left out, so that they neither hide nor make errors
+        finite = torch.isfinite(w)
+        g, w = torch.where(finite, g, 0.0), torch.where(finite, w, 0.0)
         if not got[i].is_floating_point():
             error = (g - w).abs().sum() / w.abs().sum().clamp_min(1)
             limit = INTEGER_TOLERANCE

@@ -15,8 +15,9 @@ one process, as ratios.
 Timing: ``triton.testing.do_bench`` (CUDA events, median of at least MIN_SAMPLES
 calls). Every row says in ``check`` whether what it timed computed the right thing
 (benchmarks/bench_checks.py): a GEMM, gather or layer row against the peer's outputs
-(the layer's gradients too; ``rel_err`` gives the forward's), every other row against
-dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON
+(the layer's gradients too; ``rel_err`` gives the forward's), the GPT-OSS block's row
+by its experts' forward against transformers' (its routing and backward unchecked
+there), every other row against dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON
 and a markdown table are rewritten in --out after every case, so a run cut short by
 its time limit still leaves what it measured.
 """
@@ -57,10 +58,10 @@ LAYER_SHAPES = [("mixtral-like", 4096, 4096, 14336, 8, 2), ("fine E128 F768", 40
 GPT_OSS_SHAPES = [("gpt-oss-20b-like", 4096, 2880, 2880, 32, 4)]
 # GEMM shapes run after the layers: the largest, and none of the layers' own.
 LATE_GEMM_SHAPES = ("dsv3-like",)
-# The router reads only T·E logits: at T=16384 that is 8 MB, a couple of microseconds
-# at HBM speed, below a launch's own cost; route_T tokens make its bound measurable.
+# The router reads only T·E fp32 logits: at T=16384 that is 16 MB, a few microseconds
+# at HBM speed, near a launch's own cost; route_T tokens make its bound measurable.
 MEMORY_SHAPE = {"T": 16384, "D": 7168, "E": 256, "K": 8, "route_T": 131072, "grad_log2": 28,
-                "q_log2": 25, "mixtral_route_T": 1 << 23,  # 128 MB of 8-expert logits
+                "q_log2": 25, "mixtral_route_T": 1 << 23,  # 256 MB of 8-expert fp32 logits
                 "swiglu_S": 8192, "swiglu_F": 14336,  # the Mixtral-like layer's h_S2F
                 # GPT-OSS-120B-like: 16384 routed rows (T 4096, top-4), its F = 2880
                 "gpt_oss_S": 16384, "gpt_oss_F": 2880}

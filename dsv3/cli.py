@@ -19,7 +19,7 @@ import pkgutil
 import sys
 
 import dsv3.commands
-from dsv3.user_errors import closed_pipe, interrupted, is_bad_input
+from dsv3.user_errors import closed_pipe, interrupted, is_bad_input, stdout_closed
 
 
 # The optional packages the commands import, and the pyproject extra that brings each.
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return interrupted(f"{parser.prog} {args.group}")
     except BrokenPipeError:
+        if not stdout_closed():  # another pipe or socket broke: a real failure
+            raise
         return closed_pipe()
     except Exception as e:
         if not is_bad_input(e):

@@ -29,6 +29,23 @@ def interrupted(prog: str) -> int:
     return INTERRUPTED_STATUS
 
 
+def stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone: a BrokenPipeError from anything
+    else (a socket, a worker's pipe) is a real failure, not a ``| head`` that stopped
+    reading. Asked of the pipe itself (POLLERR), and of any output still buffered."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    try:
+        import select
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor: not a pipe
+        return False
+
+
 def closed_pipe() -> int:
     """Output piped to a reader that stopped early (``dsv3 plan | head``): end quietly,
     as other command-line tools do, not with a BrokenPipeError traceback. stdout goes

@@ -57,6 +57,17 @@ def test_output_into_a_pipe_closed_early_ends_quietly(tmp_path):
     assert (done.returncode, done.stderr) == (141, ""), done.stderr
 
 
+def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """Only a closed stdout (`| head`) ends quietly: a socket or a worker's pipe that broke
+    is a real failure, which the quiet 141 hid."""
+    def socket_broke(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(report_command, "_report", socket_broke)
+    with pytest.raises(BrokenPipeError):
+        main(["report", "--run", str(tmp_path)])
+
+
 def test_a_missing_optional_package_names_the_extra_that_brings_it(tmp_path, capsys,
                                                                    monkeypatch):
     def needs_matplotlib(args):

@@ -390,6 +390,18 @@ def test_sigterm_is_taken_as_ctrl_c_is_and_exits_143(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [LOCK]  # the stage is gone
 
 
+def test_prepare_runs_from_a_thread_other_than_the_main_one(tmp_path):
+    """Only the main thread may set signal handlers: the SIGTERM handler made
+    `dsv3.cli.main(["data", "prepare", ...])` from a worker thread fail at once."""
+    import threading
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        rc=_run(_small_config(tmp_path, ""), tmp_path / "out")))
+    thread.start()
+    thread.join(300)
+    assert result == {"rc": 0} and (tmp_path / "out" / "stats.json").is_file()
+
+
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
     """It printed a raw traceback (the stage was removed all the same)."""
     import dsv3.data.prepare as prepare_module

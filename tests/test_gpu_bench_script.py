@@ -78,6 +78,14 @@ def test_the_checks_compare_what_they_should():
     assert disagreement(nan, nan.clone()) is None
     assert disagreement(nan, torch.tensor([1.0, 2.0])).startswith("output 0: NaN")
     assert disagreement((x, None), (x,)) == "2 outputs against the reference's 1"
+    # an inf in the reference made the norm inf and every error 0: all passed
+    inf = float("inf")
+    assert disagreement(torch.tensor([inf, 100.0, -50.0]), torch.tensor([inf, 1.0, 2.0])) \
+        .startswith("output 0: relative error")
+    assert disagreement(torch.tensor([inf, 1.0]), torch.tensor([inf, 1.0])) is None
+    assert disagreement(torch.tensor([inf, 1.0]), torch.tensor([-inf, 1.0])) \
+        .startswith("output 0: +inf")
+    assert disagreement(ids.int(), ids.float()).startswith("output 0: dtype torch.int32")
 
 
 def test_tuned_choice_names_the_variant_and_its_margin():

@@ -218,3 +218,10 @@ def test_a_dpo_stage_plans_its_doubled_rows_and_its_reference_model(tmp_path, ca
     # the command reads the DPO stage from the config
     assert main(["plan", "--config", "dsv3/train/configs/demo.toml"]) == 0
     assert "DPO reference model per GPU" in capsys.readouterr().out
+
+
+def test_parameter_counts_pick_their_unit_after_rounding():
+    """999.6M printed as 1e+03M: the unit was picked before the rounding."""
+    from dsv3.train.planner import _count
+    assert [_count(n) for n in (0, 512, 999_999, 1_430_000, 999.6e6, 37.5e9, 999.7e9)] == \
+        ["0", "512", "1M", "1.43M", "1B", "37.5B", "1T"]

@@ -139,3 +139,11 @@ def test_low_precision_input_is_quantized_from_its_values(dtype, device):
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_inputs_that_require_grad_are_fine_where_no_graph_is_built():
+    """Quantizing a Parameter under no_grad builds no graph: it is not refused."""
+    weight_N = torch.nn.Parameter(torch.randn(64))
+    with torch.no_grad():
+        q_N, scales_B, _ = ops.quantize_int8(weight_N, 16)
+        assert ops.dequantize_int8(q_N, scales_B, 16).shape == (64,)

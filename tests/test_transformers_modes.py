@@ -265,6 +265,18 @@ def test_experts_implementation_transposed_layout():
         assert_close(g, w, "weight grad")
 
 
+def test_a_refusal_keeps_its_class_with_the_blocks_path():
+    """A WrongType (a TypeError and a ValueError both) was re-raised as a plain
+    TypeError, which `except ValueError` no longer caught."""
+    from dsv3.validate import WrongType
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("mixtral"))
+    block = model.model.layers[0].mlp
+    block.top_k = block.gate.top_k = 2.5
+    with pytest.raises(WrongType, match=r"^patch_moe: model\.layers\.0\.mlp: MoEConfig: top_k "
+                                        r"must be a whole number, got 2.5"):
+        dt.patch_moe(model)
+
+
 def test_non_swiglu_experts_are_refused():
     config = tiny_config("mixtral")
     config.hidden_act = "gelu"

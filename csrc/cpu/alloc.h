@@ -48,8 +48,9 @@ struct OutputCache {
     if (text == nullptr || *text == '\0') return 0;
     char* end = nullptr;
     errno = 0;
-    const long long mib = std::strtoll(text, &end, 10);
-    if (errno != 0 || *end != '\0' || mib < 0 || mib > (1LL << 40)) {
+    const long long mib = std::strtoll(text, &end, 10);  // skips leading whitespace
+    while (*end == ' ' || *end == '\t' || *end == '\n') ++end;  // and so, trailing
+    if (errno != 0 || end == text || *end != '\0' || mib < 0 || mib > (1LL << 40)) {
       TORCH_WARN("DSV3_CPU_CACHE_MB must be a whole number of MiB >= 0, got '", text,
                  "': the CPU kernels keep no freed outputs");
       return 0;

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 from dsv3.validate import output_path, whole_number
 from dsv3.whole_files import write_whole
@@ -49,6 +50,9 @@ def _sigterm_as_interrupt():
     def terminate(signum, frame):
         raise _Terminated()
 
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (dsv3.cli.main run from a thread)
+        return
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield

@@ -11,7 +11,7 @@ import os
 import sys
 import textwrap
 
-from dsv3.user_errors import closed_pipe, interrupted, is_bad_input
+from dsv3.user_errors import closed_pipe, interrupted, is_bad_input, stdout_closed
 
 DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
                "perplexity, cloze and multiple choice with dynamic difficulty, BLEU/chrF, "
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # eval.json and difficulty.json are each old or whole
         return interrupted("dsv3 eval")
     except BrokenPipeError:
+        if not stdout_closed():  # another pipe or socket broke: a real failure
+            raise
         return closed_pipe()
     except Exception as e:
         if not is_bad_input(e):

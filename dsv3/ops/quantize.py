@@ -33,6 +33,8 @@ def _dequantize_fake(q_RN, scales_RB, block_size):
 def _refuse_grad(op: str, **tensors) -> None:
     """Without an autograd formula torch's fallback gave the outputs a grad_fn that only
     warns "silently incorrect" on backward: a tensor that needs a gradient is refused."""
+    if not torch.is_grad_enabled():  # no graph is built: nothing to warn about
+        return
     for name, tensor in tensors.items():
         if tensor is not None and tensor.requires_grad:
             raise TypeError(f"{op}: {name} requires grad, but the quantization has no "

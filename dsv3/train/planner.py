@@ -228,8 +228,9 @@ def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **
 
 
 def _count(n: float) -> str:
-    """A parameter count in the unit that shows it: 1.43M, not 0.001B."""
+    """A parameter count in the unit that shows it: 1.43M, not 0.001B. The unit is
+    picked after rounding to 3 digits, so 999.6M shows as 1B, not 1e+03M."""
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
+        if float(f"{n / scale:.3g}") >= 1:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.0f}"

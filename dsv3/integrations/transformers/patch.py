@@ -37,10 +37,12 @@ def _replace(model: nn.Module, select, convert, op: str) -> int:
         try:
             converted.append(convert(child))
         except (TypeError, ValueError) as error:
-            reason = str(error).removeprefix("block: ")
-            # the base class: a subclass's constructor may want other arguments
-            kind = TypeError if isinstance(error, TypeError) else ValueError
-            raise kind(f"{op}: {path}: {reason}") from error
+            message = f"{op}: {path}: {str(error).removeprefix('block: ')}"
+            try:  # its own class (WrongType is a TypeError and a ValueError both) ...
+                renamed = type(error)(message)
+            except Exception:  # ... unless its constructor wants other arguments
+                renamed = (TypeError if isinstance(error, TypeError) else ValueError)(message)
+            raise renamed from error
     targets = [target[:3] for target in targets]
     for (parent, name, _), new in zip(targets, converted, strict=True):
         setattr(parent, name, new)
