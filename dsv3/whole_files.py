@@ -23,3 +23,8 @@ def write_whole(path: Path, write, mode: str = "wb") -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text_whole(path, text: str) -> None:
+    """``text`` to ``path`` in UTF-8, whole or not at all (write_whole)."""
+    write_whole(path, lambda f: f.write(text), "w")

@@ -281,14 +281,14 @@ def test_a_table_that_cannot_be_written_goes_with_the_old_one(tmp_path, monkeypa
     from dsv3.eval import report
     (tmp_path / "eval.json").write_text("old")
     (tmp_path / "eval.md").write_text("old")
-    real = report.write_whole
+    real = report.write_text_whole
 
-    def full_disk_for_the_table(path, write, mode="wb"):
+    def full_disk_for_the_table(path, text):
         if str(path).endswith("eval.md"):
             raise OSError(28, "No space left on device")
-        real(path, write, mode)
+        real(path, text)
 
-    monkeypatch.setattr(report, "write_whole", full_disk_for_the_table)
+    monkeypatch.setattr(report, "write_text_whole", full_disk_for_the_table)
     results = {"tasks": {"ppl": {"all": {"perplexity": 2.0, "bits_per_byte": 1.0,
                                          "tokens": 4, "bytes": 4}}}}
     with pytest.raises(OSError, match="No space left"):

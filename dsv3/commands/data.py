@@ -10,7 +10,7 @@ import sys
 import threading
 
 from dsv3.validate import output_path, whole_number
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole
 
 # Bad values are raised as ValueError/FileNotFoundError naming the option; dsv3.cli
 # prints them as one "error:" line and exits with status 2, as argparse does. They are
@@ -165,7 +165,7 @@ def _review(args: argparse.Namespace) -> int:
         rows = verdicts_to_labels(items)
         os.makedirs(os.path.dirname(args.labels_out) or ".", exist_ok=True)
         text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        write_whole(args.labels_out, lambda f: f.write(text), "w")
+        write_text_whole(args.labels_out, text)
         report["labels_written"] = len(rows)
     print(json.dumps(report, indent=2))
     return 0

@@ -33,7 +33,7 @@ from dsv3.data.readers import jsonl_records
 from dsv3.data.step import Step
 from dsv3.data.textview import WORDS_VERSION, TextView
 from dsv3.validate import number, whole_number
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole, write_whole
 
 BACKENDS = ("hashed", "hf")
 
@@ -189,7 +189,7 @@ class QualityClassifier:
                  "std": self.std, "threshold": self.threshold, "model_id": model_id}
         write_whole(os.path.join(directory, "head.pt"), lambda f: torch.save(state, f))
         text = json.dumps({**self.featurizer.config(), "model_id": model_id})
-        write_whole(os.path.join(directory, "featurizer.json"), lambda f: f.write(text), "w")
+        write_text_whole(os.path.join(directory, "featurizer.json"), text)
 
     @classmethod
     def load(cls, directory: str) -> "QualityClassifier":
@@ -296,7 +296,7 @@ def train_quality(texts: Sequence[str], labels: Sequence[int], featurizer, out_d
     model.threshold = threshold
     model.save(out_dir)
     text = json.dumps(metrics, indent=2)
-    write_whole(os.path.join(out_dir, "metrics.json"), lambda f: f.write(text), "w")
+    write_text_whole(os.path.join(out_dir, "metrics.json"), text)
     return metrics
 
 

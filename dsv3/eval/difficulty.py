@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from dsv3.eval.jsonl import read_text
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole
 
 
 @dataclass
@@ -102,7 +102,7 @@ def load_schedules(path: str) -> dict[str, DifficultySchedule]:
 
 def save_schedules(path: str, schedules: dict[str, DifficultySchedule]) -> None:
     text = json.dumps({task: s.to_dict() for task, s in schedules.items()}, indent=2)
-    write_whole(path, lambda f: f.write(text), "w")  # a crash mid-write must not lose the history
+    write_text_whole(path, text)  # a crash mid-write must not lose the history
 
 
 def schedule_for(schedules: dict[str, DifficultySchedule], task: str, levels: list[int],

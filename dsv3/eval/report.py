@@ -16,7 +16,7 @@ import json
 import math
 import os
 
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole
 
 
 def _rate_rows(task: str, result: dict, label: str = "") -> list[dict]:
@@ -251,9 +251,9 @@ def write_results(out_dir: str, results: dict) -> tuple[str, str]:
     # eval.json that `dsv3 report` would fail on. eval.json, the results, goes first;
     # if its table then cannot be written, the old table goes too rather than stay
     # beside results it does not show.
-    write_whole(json_path, lambda f: f.write(json_text), "w")
+    write_text_whole(json_path, json_text)
     try:
-        write_whole(md_path, lambda f: f.write(table), "w")
+        write_text_whole(md_path, table)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(md_path)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dsv3 import torch_files
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole, write_whole
 from dsv3.train.metrics import TB_FILES
 
 # The trainer's state keys that are each rank's own (the rest is rank 0's to save).
@@ -314,7 +314,7 @@ def export_model(out_dir: Path, model, tokenizer_path: Path | None) -> Path:
     final = Path(out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
     config = json.dumps(model.config.to_dict(), indent=1)
-    write_whole(final / "config.json", lambda f: f.write(config), "w")
+    write_text_whole(final / "config.json", config)
     _write(final / "model.pt", model.state_dict())
     if tokenizer_path is not None:
         with open(tokenizer_path, "rb") as source:

@@ -18,7 +18,7 @@ import torch
 
 from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
-from dsv3.whole_files import write_whole
+from dsv3.whole_files import write_text_whole
 
 
 # What TensorBoard's SummaryWriter writes into OUT_DIR/tb: a fresh run removes these
@@ -54,7 +54,7 @@ class MetricsLogger:
         if not fresh:
             self.history = [r for r in _read_records(path) if r["step"] <= step]
             kept = "".join(json.dumps(r) + "\n" for r in self.history)
-            write_whole(path, lambda f: f.write(kept), "w")  # a crash here keeps the old file
+            write_text_whole(path, kept)  # a crash here keeps the old file
         self._jsonl = path.open("w" if fresh else "a")
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsv3.whole_files import write_whole  # noqa: E402  (each file whole or not at all)
+from dsv3.whole_files import write_text_whole  # noqa: E402  (each file whole or not at all)
 
 CURVES = [  # (title, metric keys)
     # The DPO loss (~ln 2) lives on another scale than the LM loss: its own panel.
@@ -148,7 +148,7 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
     records = read_metrics(out_dir / "metrics.jsonl", warn)
     if summary is not None:
         text = json.dumps(summary, indent=2)
-        write_whole(summary_path, lambda f: f.write(text), "w")
+        write_text_whole(summary_path, text)
     else:
         summary = read_summary(summary_path)
         if summary is None:
@@ -168,7 +168,7 @@ def write_report(out_dir: Path, load_counts=None, summary: dict | None = None,
         parts.append(f"<h2>Experts</h2><img src='{heatmap_png(load_counts)}' alt='expert heat map'>")
     parts.extend(sections)
     path = out_dir / "report.html"
-    write_whole(path, lambda f: f.write("\n".join(parts)), "w")
+    write_text_whole(path, "\n".join(parts))
     return path
 
 
