@@ -142,29 +142,29 @@ def memory_rows(bench) -> list[dict]:
         ("dequantize_int8 (8 chunks summed)", f"8 x N {q_8N.shape[1]}",
          lambda: dsv3.ops.dequantize_int8(q_8N, scales_8B, 256), q_8N.numel() + q_8N.shape[1] * 4),
     ]
-    # What each case computes, against the reference (bench_checks): the raw backward
-    # calls through the public op on the same kernel, with the gradients they are fed.
+    # What each case's call ``fn`` computes, against the reference (bench_checks): the
+    # raw backward calls through the public op on the same kernel, with the gradients
+    # they are fed.
     checks = {
-        "route backward (sigmoid, all gradients)": lambda: gradients_against_reference(
+        "route backward (sigmoid, all gradients)": lambda fn: gradients_against_reference(
             lambda logits: dsv3.ops.route_with_stats(logits, K, "sigmoid", bias_E, 8, 4, True,
                                                      2.5),
             [logits_TE], (grad_weights_TK, None, None, grad_score_sum_E, grad_lse_sq)),
-        "unpermute backward": lambda: gradients_against_reference(
+        "unpermute backward": lambda fn: gradients_against_reference(
             lambda y, w: dsv3.ops.unpermute(y, row_map_TK, w), [x_SD, weights_TK], grad_y_TD),
         # the Triton kernel against the op's (checked in the row above): the compiled CUDA
         # kernel where it was built; on the CPU smoke run, and on a GPU build without
         # csrc/cuda, the op is the same kernel and this check cannot fail
-        "unpermute backward, Triton kernel": lambda: disagreement(
-            _triton_kernel(device, "unpermute_backward", grad_y_TD, x_SD, row_map_TK, weights_TK)(),
-            torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK)),
-        "swiglu backward": lambda: gradients_against_reference(dsv3.ops.swiglu, [h_S2F],
-                                                               grad_a_SF),
-        "gpt_oss_glu backward": lambda: gradients_against_reference(
+        "unpermute backward, Triton kernel": lambda fn: disagreement(
+            fn(), torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK)),
+        "swiglu backward": lambda fn: gradients_against_reference(dsv3.ops.swiglu, [h_S2F],
+                                                                  grad_a_SF),
+        "gpt_oss_glu backward": lambda fn: gradients_against_reference(
             lambda h: dsv3.ops.gpt_oss_glu(h, 1.702, 7.0), [gate_up_S2F], grad_glu_SF),
     }
     rows = []
     for name, shape, fn, n_bytes in cases:
-        check = checks.get(name, lambda: outputs_against_reference(fn))()
+        check = checks.get(name, outputs_against_reference)(fn)
         ms = bench.graph_ms(fn)
         rows.append({"bench": name, "shape": shape, "dsv3_ms": ms,
                      "eager_ms": bench.bench_ms(fn),

@@ -17,9 +17,9 @@ calls). Every row says in ``check`` whether what it timed computed the right thi
 (benchmarks/bench_checks.py): a GEMM, gather or layer row against the peer's outputs
 (the layer's gradients too; ``rel_err`` gives the forward's), the GPT-OSS block's row
 by its experts' forward against transformers' (its routing and backward unchecked
-there), every other row against dsv3/reference.py. A failed check fails the run (exit status WRONG_RESULT). JSON
-and a markdown table are rewritten in --out after every case, so a run cut short by
-its time limit still leaves what it measured.
+there), every other row against dsv3/reference.py. A failed check fails the run (exit
+status WRONG_RESULT). JSON and a markdown table are rewritten in --out after every
+case, so a run cut short by its time limit still leaves what it measured.
 """
 import argparse
 import json
@@ -37,7 +37,7 @@ import dsv3
 from benchmarks.autotune_report import FORWARD_FLAGS, WGRAD_FLAGS, autotune_picks, tuned_choice
 from benchmarks.bench_checks import FLOAT_TOLERANCE, check_label, disagreement
 from benchmarks.op_profile import op_times
-from benchmarks.providers import grouped_mm_layer
+from benchmarks.providers import Step, grouped_mm_layer, outputs_and_gradients
 from dsv3.kernels import autotune_cache, grouped_gemm
 from dsv3.kernels import config as kernel_config
 from dsv3.ops.permute import invert_row_map
@@ -255,28 +255,14 @@ def layer_steps(T, D, F, E, K):
     x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     grad_TD = torch.randn_like(x_TD)
     weights = [moe.router.weight, moe.gate_up_proj, moe.down_proj]
-
-    def step(forward):
-        def run():
-            for leaf in [x_TD, *weights]:
-                leaf.grad = None
-            forward().backward(grad_TD)
-        return run
-
-    def output_and_gradients(forward):
-        for leaf in [x_TD, *weights]:
-            leaf.grad = None
-        y_TD = forward()
-        y_TD.backward(grad_TD)
-        return [y_TD.detach()] + [leaf.grad for leaf in [x_TD, *weights]]
-
-    ours_out = output_and_gradients(lambda: moe(x_TD))
-    peer_out = output_and_gradients(lambda: grouped_mm_layer(x_TD, *weights, K))
+    ours, peer, loop = (Step(forward, grad_TD, [x_TD, *weights]) for forward in (
+        lambda: moe(x_TD), lambda: grouped_mm_layer(x_TD, *weights, K),
+        lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]))
+    ours_out, peer_out = outputs_and_gradients(ours), outputs_and_gradients(peer)
     error = relative_error(ours_out[0], peer_out[0])
     # the forward and every gradient (x, router, gate/up, down) against the peer's
     check = check_label(disagreement(ours_out, peer_out))
-    return (step(lambda: moe(x_TD)), step(lambda: grouped_mm_layer(x_TD, *weights, K)),
-            step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=K)[0]), error, check)
+    return ours, peer, loop, error, check
 
 
 def layer_rows(name, T, D, F, E, K):
