@@ -3,6 +3,8 @@ of a given memory it needs (see dsv3.train.planner)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 
 from dsv3.validate import number, option, whole_number
@@ -50,8 +52,6 @@ def _plans_a_run(args: argparse.Namespace) -> bool:
 def _prepared_vocab_size(data_dir: str) -> int | None:
     """The vocabulary of the tokenizer `dsv3 data prepare` wrote to ``data_dir``, which
     the trainer's model takes whatever the preset says; None where there is none."""
-    import json
-    import os
     try:
         with open(os.path.join(data_dir, "tokens", "manifest.json"), encoding="utf-8") as f:
             return int(json.load(f)["vocab_size"])
