@@ -335,6 +335,24 @@ def test_offloading_a_patched_model_is_refused(how, tmp_path):
     assert torch.equal(model(input_ids()).logits, logits)
 
 
+def test_a_refused_offload_keeps_the_hooks_the_model_had_before():
+    """The rollback took back every offloading hook in the model, the user's own offload
+    of the embeddings (attached before patch_moe) too; now only those attached since."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("qwen2_moe").eval()
+    embeddings = model.get_input_embeddings()
+    accelerate.cpu_offload(embeddings, execution_device="cpu")
+    own_hook = embeddings._hf_hook
+    dt.patch_moe(model)
+    logits = model(input_ids()).logits
+    with pytest.raises(RuntimeError, match="offload"):
+        accelerate.cpu_offload(model.model.layers, execution_device="cpu")
+    assert embeddings._hf_hook is own_hook
+    assert not any(offloading(getattr(m, "_hf_hook", None))
+                   for name, m in model.model.layers.named_modules())
+    assert torch.equal(model(input_ids()).logits, logits)
+
+
 @pytest.mark.parametrize("how", ["cpu_offload", "disk"])
 def test_patching_an_offloaded_model_is_refused(how, tmp_path):
     """It patched, and failed at the forward on meta weights ("x must be on the layer's

@@ -70,7 +70,7 @@ def patch_moe(model: nn.Module) -> int:
     count = _replace(model, _patchable, from_module, "patch_moe")
     for module in model.modules():
         if isinstance(module, PATCHED):
-            remember_model(module, model)  # an offload refused later takes back all its hooks
+            remember_model(module, model)  # an offload refused later takes back its hooks
     if count == 0 and not any(isinstance(m, PATCHED) for m in model.modules()):
         raise TypeError(f"patch_moe: model ({type(model).__name__}) has no sparse MoE block "
                         f"dsv3 supports; supported architectures: {supported()}")

@@ -26,11 +26,20 @@ from torch import nn
 # modules before it; a refusal takes those hooks back too. Weak, and kept here rather
 # than on the block, so that a block neither keeps its model alive nor fails to pickle.
 _PATCHED_IN: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# The hooks the model's modules already had when it was patched (a user's own offload
+# of, say, the embeddings): a refusal leaves those in place and takes back only the
+# ones attached since.
+_HOOKS_AT_PATCH: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
 
 
 def remember_model(block: nn.Module, model: nn.Module) -> None:
-    """Record that ``block`` was patched into ``model``."""
+    """Record that ``block`` was patched into ``model``, and the hooks ``model``'s
+    modules carry now."""
     _PATCHED_IN[block] = weakref.ref(model)
+    for module in model.modules():
+        hook = module.__dict__.get("_hf_hook")
+        if hook is not None:
+            _HOOKS_AT_PATCH[module] = hook
 
 
 def adapter_wrapped(module: nn.Module | None) -> bool:
@@ -108,12 +117,13 @@ def refuse_offloading_hook(block: nn.Module, hook) -> None:
 def _detach_offloading_hooks(model: nn.Module) -> None:
     """Takes back the offloading hooks accelerate attached to ``model``'s modules before
     it reached the refused block: left, they kept those modules' weights on the meta
-    device (state_dict and save_pretrained then failed). Only offloading hooks: any
-    the model had before (a device_map's placement) are none, patch_moe having refused
-    an offloaded model. accelerate's own removal puts the weights back."""
+    device (state_dict and save_pretrained then failed). Only offloading hooks, and
+    only those attached since patch_moe: a hook a module had then (the user's own) is
+    left alone. accelerate's own removal puts the weights back."""
     from accelerate.hooks import remove_hook_from_module  # accelerate is the caller here
     for module in model.modules():
-        if offloading(getattr(module, "_hf_hook", None)):
+        hook = module.__dict__.get("_hf_hook")
+        if offloading(hook) and _HOOKS_AT_PATCH.get(module) is not hook:
             remove_hook_from_module(module)
 
 
