@@ -160,7 +160,12 @@ def test_plan_takes_the_prepared_tokenizers_vocabulary(tmp_path, capsys, monkeyp
         "vocabulary                       2048 (the preset's)")
     assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}",
                  "--set", "model_overrides.vocab_size=300"]) == 0
-    assert "300 (model_overrides.vocab_size)" in capsys.readouterr().out
+    # planned as asked (a what-if), with the warning that train refuses it against this data
+    assert (f"300 (model_overrides.vocab_size; dsv3 train would refuse it: the tokenizer "
+            f"in {tmp_path} has 8192)") in capsys.readouterr().out
+    assert main(["plan", "--config", "demo", "--set", f"data_dir={tmp_path}",
+                 "--set", "model_overrides.vocab_size=8192"]) == 0
+    assert "8192 (model_overrides.vocab_size)\n" in capsys.readouterr().out
     # a bare preset is planned as the preset, whatever ./out/data holds
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out" / "data" / "tokens").mkdir(parents=True)

@@ -72,6 +72,10 @@ def _plan(args: argparse.Namespace) -> int:
         model, vocab_from = replace(model, vocab_size=args.vocab_size), "--vocab-size"
     elif "vocab_size" in config.model_overrides:
         vocab_from = "model_overrides.vocab_size"
+        prepared = _prepared_vocab_size(config.data_dir) if _plans_a_run(args) else None
+        if prepared is not None and prepared != model.vocab_size:  # planned as asked, but
+            vocab_from += (f"; dsv3 train would refuse it: the tokenizer in "
+                           f"{config.data_dir} has {prepared}")
     elif _plans_a_run(args) and (prepared := _prepared_vocab_size(config.data_dir)) is not None:
         # what `dsv3 train` builds: its model takes the tokenizer's vocabulary
         model = replace(model, vocab_size=prepared)
