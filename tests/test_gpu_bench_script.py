@@ -64,6 +64,35 @@ def test_a_case_that_computes_a_wrong_result_fails_the_run(tmp_path, monkeypatch
     assert "Computed a wrong result" in capsys.readouterr().err
 
 
+def test_the_gpt_oss_row_checks_the_experts_gradients(monkeypatch):
+    """The GPT-OSS row checked the experts' forward only: a wrong backward was timed
+    as a figure. Now a gradient off by 10% fails the row."""
+    import torch
+
+    import dsv3.integrations.transformers.gpt_oss as gpt_oss
+
+    class WrongGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y_TD):
+            return y_TD.clone()
+
+        @staticmethod
+        def backward(ctx, grad_TD):
+            return grad_TD * 1.1
+
+    real_forward = gpt_oss.experts_forward
+    monkeypatch.setattr(gpt_oss, "experts_forward",
+                        lambda *args: WrongGradient.apply(real_forward(*args)))
+    monkeypatch.setattr(gpu_bench, "DEVICE", gpu_bench.DEVICE)  # use_smoke_sizes sets them
+    for name in ("GEMM_SHAPES", "LAYER_SHAPES", "GPT_OSS_SHAPES", "COPY_BYTES"):
+        monkeypatch.setattr(gpu_bench, name, getattr(gpu_bench, name))
+    monkeypatch.setattr(gpu_bench, "MEMORY_SHAPE", dict(gpu_bench.MEMORY_SHAPE))
+    gpu_bench.use_smoke_sizes()
+    [row] = gpu_bench.gpt_oss_rows(*gpu_bench.GPT_OSS_SHAPES[0])
+    assert row["check"].startswith("FAILED: experts against the peer's: output 1: relative "
+                                   "error 0.1"), row
+
+
 def test_the_checks_compare_what_they_should():
     """bench_checks' tolerances: rounding passes, a wrong kernel does not."""
     import torch
