@@ -92,18 +92,21 @@ def outputs_against_reference(fn) -> str | None:
     return disagreement(got, want)
 
 
-def gradients_against_reference(forward, inputs: list[torch.Tensor], grad_out) -> str | None:
+def gradients(forward, inputs: list[torch.Tensor], grad_out) -> list[torch.Tensor]:
     """The gradients that ``forward(*inputs)``'s backward (from ``grad_out``, one per
-    output that has one) gives each input, kernels against reference."""
-    def gradients():
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-        outputs = _flat(forward(*leaves))
-        pairs = [(o, g) for o, g in zip(outputs, _flat(grad_out)) if g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return [leaf.grad for leaf in leaves if leaf.requires_grad]
-    got = gradients()
+    output that has one) gives each floating-point input."""
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    outputs = _flat(forward(*leaves))
+    pairs = [(o, g) for o, g in zip(outputs, _flat(grad_out)) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return [leaf.grad for leaf in leaves if leaf.requires_grad]
+
+
+def gradients_against_reference(forward, inputs: list[torch.Tensor], grad_out) -> str | None:
+    """``gradients(forward, inputs, grad_out)``, kernels against reference."""
+    got = gradients(forward, inputs, grad_out)
     with reference_backend():
-        want = gradients()
+        want = gradients(forward, inputs, grad_out)
     return disagreement(got, want)
 
 

@@ -9,8 +9,9 @@ passed in as its module (``bench``): run as ``python -m benchmarks.gpu_bench`` t
 import torch
 
 import dsv3
-from benchmarks.bench_checks import (check_label, disagreement, gradients_against_reference,
-                                     outputs_against_reference)
+from benchmarks.bench_checks import (check_label, disagreement, gradients,
+                                     gradients_against_reference, outputs_against_reference,
+                                     reference_backend)
 
 
 def _router_variant(device, fn, **settings):
@@ -145,18 +146,24 @@ def memory_rows(bench) -> list[dict]:
     # What each case's call ``fn`` computes, against the reference (bench_checks): the
     # raw backward calls through the public op on the same kernel, with the gradients
     # they are fed.
+    def unpermute(y_SD, w_TK):
+        return dsv3.ops.unpermute(y_SD, row_map_TK, w_TK)
+
+    def reference_gradients(*args):
+        with reference_backend():
+            return gradients(*args)
+
     checks = {
         "route backward (sigmoid, all gradients)": lambda fn: gradients_against_reference(
             lambda logits: dsv3.ops.route_with_stats(logits, K, "sigmoid", bias_E, 8, 4, True,
                                                      2.5),
             [logits_TE], (grad_weights_TK, None, None, grad_score_sum_E, grad_lse_sq)),
         "unpermute backward": lambda fn: gradients_against_reference(
-            lambda y, w: dsv3.ops.unpermute(y, row_map_TK, w), [x_SD, weights_TK], grad_y_TD),
-        # the Triton kernel against the op's (checked in the row above): the compiled CUDA
-        # kernel where it was built; on the CPU smoke run, and on a GPU build without
-        # csrc/cuda, the op is the same kernel and this check cannot fail
+            unpermute, [x_SD, weights_TK], grad_y_TD),
+        # the Triton kernel's (grad_y_SD, grad_weights_TK) against the reference's, not
+        # the op's: without csrc/cuda the op is the same kernel
         "unpermute backward, Triton kernel": lambda fn: disagreement(
-            fn(), torch.ops.dsv3.unpermute_backward(grad_y_TD, x_SD, row_map_TK, weights_TK)),
+            fn(), reference_gradients(unpermute, [x_SD, weights_TK], grad_y_TD)),
         "swiglu backward": lambda fn: gradients_against_reference(dsv3.ops.swiglu, [h_S2F],
                                                                   grad_a_SF),
         "gpt_oss_glu backward": lambda fn: gradients_against_reference(
