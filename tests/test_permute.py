@@ -189,6 +189,22 @@ def test_unpermute_is_deterministic():
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_weight_gives_nan_bf16_rows(device):
+    """NaN 0x7fffffff (CUDA's canonical NaN, e.g. weights routed on a GPU) came out of
+    the CPU kernels' bf16 rounding as -0.0: its rounding increment carried into the
+    sign bit. Now it stays NaN, forward and backward, as the reference gives."""
+    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    y_SD = torch.ones(2, 4, dtype=torch.bfloat16, device=device, requires_grad=True)
+    row_map_TK = torch.tensor([[0, 1]], dtype=torch.int32, device=device)
+    weights_TK = torch.tensor([[1.0, 0.0]], device=device)
+    weights_TK[0, 1] = nan.to(device)[0]  # the bit pattern itself, not Python's NaN
+    y_TD = ops.unpermute(y_SD, row_map_TK, weights_TK)
+    assert y_TD.isnan().all()
+    [grad_SD] = torch.autograd.grad(y_TD, y_SD, torch.ones_like(y_TD))
+    assert grad_SD[1].isnan().all() and torch.equal(grad_SD[0].cpu(), torch.ones(4, dtype=torch.bfloat16))
+
+
 def test_permute_unpermute_round_trip():
     """Unweighted unpermute of a permute sums the K copies: K * x."""
     x_TD = torch.randn(50, 16)

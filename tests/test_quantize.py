@@ -90,6 +90,19 @@ def test_dequantize_sums_rows_in_order(n_rows, n, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_reads_strided_and_expanded_inputs(device):
+    """The C++ kernel read a 1-D q_N or scales_B as dense: a strided one gave wrong
+    sums, an expanded one (stride 0) read past its storage."""
+    parts = ops.quantize_int8(torch.randn(2 * 512, device=device), 256)
+    q_N, scales_B = parts.q_N.view(512, 2)[:, 0], parts.scales_B.view(2, 2)[:, 0]
+    assert torch.equal(ops.dequantize_int8(q_N, scales_B, 256).cpu(),
+                       reference.dequantize_int8(q_N.cpu(), scales_B.cpu(), 256))
+    q_N = torch.tensor([7], dtype=torch.int8, device=device).expand(4096)
+    scales_B = torch.tensor([0.5], device=device).expand(16)
+    assert torch.equal(ops.dequantize_int8(q_N, scales_B, 256).cpu(), torch.full((4096,), 3.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_block_propagates_and_leaves_clean_residual(bad, device):
     """An fp16 overflow must reach AMP's scaler (NaN out) but not the error feedback."""

@@ -287,6 +287,15 @@ def test_group_score_max_is_deepseek_v2_group_limited_greedy():
     assert_close(weights_TK, want_w * scale, "weights")
 
 
+@pytest.mark.parametrize("op", [ops.route, ops.route_with_stats])
+def test_logits_without_experts_are_named(op):
+    """It said "n_groups must be in [1, 0], got 1", naming an argument the caller left
+    at its default."""
+    with pytest.raises(ValueError, match=r"route: logits_TE must have a column per expert.*"
+                                         r"\(3, 0\)"):
+        op(torch.zeros(3, 0), 1)
+
+
 @pytest.mark.parametrize("group_score, error", [
     ("sum", ValueError),  # not one of the two
     ("Max", ValueError),  # names are exact

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "alloc.h"
@@ -33,6 +34,9 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cpu(const at::Tensor& experts_TK
   TORCH_CHECK_VALUE(n_experts >= 1, "expert_index: n_experts must be >= 1, got ", n_experts);
   const at::Tensor experts_TK = experts_TK_in.contiguous();
   const int64_t n_copies = experts_TK.numel(), n_bins = n_experts + 1;
+  // offsets_E and row_map_TK are int32: more copies would wrap them (as the CUDA op says)
+  TORCH_CHECK_VALUE(n_copies < std::numeric_limits<int32_t>::max(),
+                    "expert_index: experts_TK has too many entries for int32 rows: ", n_copies);
   const int32_t* experts = experts_TK.const_data_ptr<int32_t>();
   const int64_t chunk = std::max<int64_t>(4096, (n_copies + at::get_num_threads() - 1) /
                                                     std::max(at::get_num_threads(), 1));

@@ -81,9 +81,10 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q_RN_in, const at::Tensor& scal
   TORCH_CHECK_TYPE(q_RN_in.scalar_type() == at::kChar, "dequantize_int8: q_RN must be int8");
   TORCH_CHECK_TYPE(scales_RB_in.scalar_type() == at::kFloat,
                    "dequantize_int8: scales_RB must be float32");
-  const at::Tensor q_RN = q_RN_in.dim() == 1 ? q_RN_in.unsqueeze(0) : q_RN_in.contiguous();
+  // (contiguous after the unsqueeze too: a strided or expanded 1-D q_N was read as dense)
+  const at::Tensor q_RN = (q_RN_in.dim() == 1 ? q_RN_in.unsqueeze(0) : q_RN_in).contiguous();
   const at::Tensor scales_RB =
-      scales_RB_in.dim() == 1 ? scales_RB_in.unsqueeze(0) : scales_RB_in.contiguous();
+      (scales_RB_in.dim() == 1 ? scales_RB_in.unsqueeze(0) : scales_RB_in).contiguous();
   TORCH_CHECK_VALUE(q_RN.dim() == 2, "dequantize_int8: q_RN must be 1-D or 2-D, got ",
                     q_RN_in.sizes());
   const int64_t n_rows = q_RN.size(0), n = q_RN.size(1);

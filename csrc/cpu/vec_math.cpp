@@ -10,13 +10,16 @@ DSV3_MULTIVERSION void to_float(const c10::BFloat16* src, float* dst, int64_t n)
   }
 }
 
-// NaN stays NaN and overflow goes to inf: the rounding increment only adds low bits.
+// Overflow goes to inf. A NaN keeps its sign and top payload bits, with the quiet bit
+// set: the rounding increment would carry a NaN whose low bits are all set (0x7fffffff,
+// CUDA's canonical NaN) into the sign bit, and give -0.0. A select, so it vectorizes.
 DSV3_MULTIVERSION void from_float(const float* src, c10::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t bits;
     std::memcpy(&bits, src + i, sizeof(bits));
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    dst[i].x = static_cast<uint16_t>(bits >> 16);
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    dst[i].x = static_cast<uint16_t>(nan ? (bits >> 16) | 0x40u : rounded);
   }
 }
 

@@ -116,6 +116,9 @@ def _route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sc
     check_tensor(op, "logits_TE", logits_TE, dim=2, dtypes=FLOAT_DTYPES)
     check_tokens(op, "logits_TE", logits_TE)
     n_experts = logits_TE.shape[1]
+    if n_experts == 0:  # before the checks whose ranges it bounds (n_groups in [1, 0])
+        raise ValueError(f"{op}: logits_TE must have a column per expert, at least one, got "
+                         f"shape {tuple(logits_TE.shape)}")
     if score not in SCORES:
         raise ValueError(f"{op}: score must be one of {SCORES}, got {score!r}")
     check_int(op, "n_groups", n_groups, low=1, high=n_experts)
