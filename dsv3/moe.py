@@ -301,7 +301,10 @@ class MoE(nn.Module):
                 weights_TK, experts_TK, counts_E, n_tokens)
 
         if self.ep_group is not None:
-            from dsv3.distributed.expert_parallel import expert_parallel_ffn
+            from dsv3.distributed.expert_parallel import check_ranks_agree, expert_parallel_ffn
+            if not self.__dict__.get("_ep_ranks_checked", False):
+                check_ranks_agree(x_TD, c.n_experts, self.ep_group)
+                self._ep_ranks_checked = True
             y_TD = expert_parallel_ffn(x_TD, experts_TK, weights_TK, gate_up, down,
                                        c.n_experts, self.ep_group, c.swiglu_limit)
         elif n_tokens == 0:

@@ -483,6 +483,81 @@ def check_trainer_ddp(rank, world, out_dir, compress):
     gathered = [torch.empty_like(checksum) for _ in range(world)]
     dist.all_gather(gathered, checksum)
     assert torch.equal(gathered[0], gathered[1]), "DDP replicas diverged"
-    if compress:
+    if compress:  # the last window's figures (the stats restart at each log)
         assert trainer.compression.iteration == 12
-        assert 0 < trainer.compression.stats.compression_ratio < 1
+        assert 0 < history[-1]["comm_ratio"] < 1 and trainer.compression.stats.calls == 0
+
+
+def check_block_sizes_and_fp64_warm_up(rank, world):
+    """Ranks with different block sizes: a ValueError naming state.block_size on every
+    rank, where the all-to-all ran with mismatched sizes and gloo aborted the process.
+    And an fp64 tensor in the warm-up is reduced in fp64, as the plain all_reduce it
+    stands in for (it was rounded through fp32)."""
+    state = CompressionState(start_iter=0, block_size=256 if rank == 0 else 128)
+    try:
+        compressed_all_reduce(torch.ones(1024), state)
+    except ValueError as error:
+        assert "state.block_size must be the same on every rank, got [256, 128]" in str(error)
+    else:
+        raise AssertionError("ranks with different block sizes were not detected")
+    x = torch.full((4,), 1.0 + 1e-12, dtype=torch.float64) * (rank + 1)
+    plain = x.clone()
+    dist.all_reduce(plain)
+    warm = compressed_all_reduce(x.clone(), CompressionState(start_iter=10))
+    assert warm.dtype == torch.float64 and torch.equal(warm, plain), (warm - plain).abs().max()
+
+
+def check_expert_parallel_misuse_is_named(rank, world):
+    """Ranks that built different layers: a ValueError on every rank at the first call,
+    where the exchanges ran with mismatched sizes (a gloo abort). And
+    ddp_ignore_expert_parameters on a model already in DDP is refused: DDP had fixed
+    its buckets and went on averaging the experts over ranks holding others."""
+    from dsv3.distributed import ddp_ignore_expert_parameters
+    config = dsv3.MoEConfig(dim=16 + 8 * rank, ffn_dim=24, n_experts=4, top_k=2)
+    layer = dsv3.MoE(config, ep_group=dist.group.WORLD)
+    try:
+        layer(torch.randn(6, config.dim))
+    except ValueError as error:
+        assert "disagree on (dim, n_experts, dtype): [(16, 4, 'torch.float32'), (24, 4, " \
+               "'torch.float32')]" in str(error), error
+    else:
+        raise AssertionError("ranks with different layers were not detected")
+    config = dsv3.MoEConfig(dim=16, ffn_dim=24, n_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), dsv3.MoE(config, ep_group=dist.group.WORLD))
+    try:
+        ddp_ignore_expert_parameters(DDP(model))
+    except ValueError as error:
+        assert "model is already wrapped in DistributedDataParallel" in str(error), error
+    else:
+        raise AssertionError("a model already in DDP was accepted")
+
+
+def check_compression_settings_on_resume(rank, world, out_dir):
+    """The trainer logs its compression figures per logging window (they were the
+    whole run's, the warm-up included), and a resumed run takes the config's
+    compress_start_iter (the checkpoint's overrode it, though the CLI reported the
+    change as applied)."""
+    from dsv3.train.config import StageConfig
+    from dsv3.train.trainer import Trainer
+    from train_support import synthetic_data, three_stage_config
+    data = synthetic_data()
+
+    def config(start_iter):
+        return three_stage_config(out_dir, steps=9, log_every=3, compress_grads=True,
+                                  compress_start_iter=start_iter,
+                                  stages=[StageConfig("base", "lm", 1.0, seq_len=24)])
+    trainer = Trainer(config(3), data)
+    logged = []
+    trainer.logger.log = lambda step, metrics: logged.append(metrics["comm_ratio"])
+    for step in range(1, 7):  # as train() does, stopped after step 6
+        record = trainer.train_step(measure=step % 3 == 0)
+        if step % 3 == 0:
+            trainer._log(record)
+    # steps 1-3 uncompressed (fp32: ratio 1); steps 4-6 int8 (about a quarter)
+    assert len(logged) == 2 and logged[0] == 1.0 and 0 < logged[1] < 0.3, logged
+    trainer.save()
+    resumed = Trainer(config(8), data)
+    resumed.load_state_dict(resumed._load_agreed_state())
+    assert resumed.compression.start_iter == 8 and resumed.compression.iteration == 6
+    assert not resumed.compression.compressing

@@ -28,6 +28,18 @@ def test_local_errors_and_divergent_states_are_named():
     run_ranks(2, workers.check_local_errors_and_divergent_states, collective_timeout=10)
 
 
+def test_block_size_disagreement_is_named_and_fp64_warm_up_is_exact():
+    run_ranks(2, workers.check_block_sizes_and_fp64_warm_up, collective_timeout=10)
+
+
+def test_expert_parallel_misuse_is_named():
+    run_ranks(2, workers.check_expert_parallel_misuse_is_named, collective_timeout=10)
+
+
+def test_trainer_compression_figures_per_window_and_start_iter_on_resume(tmp_path):
+    run_ranks(2, workers.check_compression_settings_on_resume, str(tmp_path))
+
+
 def test_resume_at_another_world_size_drops_the_residuals(tmp_path):
     run_ranks(4, workers.save_compression_state, str(tmp_path))
     run_ranks(2, workers.check_resume_at_another_world_size, str(tmp_path))
@@ -141,8 +153,9 @@ from dsv3.distributed import CompressionState, compress, compressed_all_reduce
 dist.init_process_group("nccl", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 collective = compress._collective
 def disagreeing(fn, *args, **kwargs):  # the agreement check's gather, as if a rank held 7
+    # (its 5 values: numel, compressing, iteration, start_iter, block_size)
     result = collective(fn, *args, **kwargs)
-    if fn is dist.all_gather and args[1].numel() == 4:
+    if fn is dist.all_gather and args[1].numel() == 5:
         args[0][0][0] = 7
     return result
 compress._collective = disagreeing

@@ -177,22 +177,27 @@ def _check_ranks_agree(numel: int, state: CompressionState, group, device) -> No
     gathers the same values, so all of them stop, before the mismatched collectives
     run."""
     # To a GPU from pinned memory: an asynchronous copy (on the CPU .to() is a no-op).
-    mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter],
+    mine = torch.tensor([numel, int(state.compressing), state.iteration, state.start_iter,
+                         state.block_size],
                         dtype=torch.int64, pin_memory=torch.device(device).type == "cuda"
                         ).to(device, non_blocking=True)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     _collective(dist.all_gather, gathered, mine, group=group)
-    ranks_W4 = torch.stack(gathered)
-    if ranks_W4.device.type != "cpu":
-        agree = (ranks_W4[:, 0] == numel).all() & (ranks_W4[:, 1] == ranks_W4[0, 1]).all()
+    ranks_W5 = torch.stack(gathered)
+    if ranks_W5.device.type != "cpu":
+        agree = ((ranks_W5[:, 0] == numel).all() & (ranks_W5[:, 1] == ranks_W5[0, 1]).all()
+                 & (ranks_W5[:, 4] == state.block_size).all())
         device_checks.raise_unless(agree, "compressed_all_reduce: the ranks disagree on the "
-                                   "tensor's number of elements or on compressing "
-                                   "(state.iteration, state.start_iter)")
+                                   "tensor's number of elements, on compressing "
+                                   "(state.iteration, state.start_iter) or on state.block_size")
         return
-    numels, compressing, iterations, start_iters = zip(*ranks_W4.tolist())
+    numels, compressing, iterations, start_iters, block_sizes = zip(*ranks_W5.tolist())
     if any(n != numel for n in numels):
         raise ValueError(f"compressed_all_reduce: tensor must have the same number of elements "
                          f"on every rank, got {list(numels)} (rank order)")
+    if any(size != state.block_size for size in block_sizes):  # the chunks would not line up
+        raise ValueError(f"compressed_all_reduce: state.block_size must be the same on every "
+                         f"rank, got {list(block_sizes)} (rank order)")
     if len(set(compressing)) > 1:
         raise ValueError(f"compressed_all_reduce: the ranks disagree on compressing: "
                          f"state.iteration {list(iterations)}, state.start_iter "
@@ -261,11 +266,13 @@ def _compressed_all_reduce(tensor, state, group, average, key):
     state.stats.calls += 1
     state.stats.bytes_fp32 += 2 * (world - 1) * tensor.numel() * 4 // world
     if not state.compressing or world == 1:
-        # A dense fp32 buffer: .float() of an fp32 tensor is the tensor itself, and a
-        # strided view (x[::2]) would be reduced over the wrong memory, its base's too.
-        reduced = tensor.float().contiguous()
+        # A dense buffer, fp32 or fp64 (a plain all_reduce rounds nothing): .float() of
+        # an fp32 tensor is the tensor itself, and a strided view (x[::2]) would be
+        # reduced over the wrong memory, its base's too.
+        wide = tensor if tensor.dtype == torch.float64 else tensor.float()
+        reduced = wide.contiguous()
         _collective(dist.all_reduce, reduced, group=group)
-        state.stats.bytes_sent += 2 * (world - 1) * tensor.numel() * 4 // world
+        state.stats.bytes_sent += 2 * (world - 1) * tensor.numel() * reduced.element_size() // world
         tensor.copy_(reduced / world if average else reduced)
         return tensor
 

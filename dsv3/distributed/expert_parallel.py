@@ -57,6 +57,29 @@ def local_expert_range(n_experts: int, group) -> range:
     return range(rank * per_rank, (rank + 1) * per_rank)
 
 
+# dtype codes for check_ranks_agree (floating inputs only reach the layer)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_ranks_agree(x_TD: torch.Tensor, n_experts: int, group) -> None:
+    """A ValueError on every rank if the ranks of ``group`` disagree on the layer's
+    input width, expert count or dtype: the exchanges would run with mismatched sizes,
+    which gloo ends with an abort and NCCL may not notice. One small all_gather (and a
+    host read): the layer makes it on its first call only."""
+    code = _DTYPES.index(x_TD.dtype) if x_TD.dtype in _DTYPES else -1
+    mine = torch.tensor([x_TD.shape[-1], n_experts, code], dtype=torch.int64,
+                        device=x_TD.device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    ranks = [tuple(t.tolist()) for t in gathered]
+    if any(r != ranks[0] for r in ranks):
+        described = [(dim, experts, str(_DTYPES[c]) if c >= 0 else "other")
+                     for dim, experts, c in ranks]
+        raise ValueError(f"expert parallelism: the ranks of ep_group disagree on (dim, "
+                         f"n_experts, dtype): {described} (rank order); every rank must "
+                         f"build the same layer and feed it the same dtype")
+
+
 def expert_parallel_ffn(x_TD: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor,
                         gate_up_local_E2FD: torch.Tensor, down_local_EDF: torch.Tensor,
                         n_experts: int, group, swiglu_limit: float | None = None) -> torch.Tensor:
@@ -130,6 +153,13 @@ def ddp_ignore_expert_parameters(model: torch.nn.Module) -> list[str]:
     from torch.nn.parallel import DistributedDataParallel
     from dsv3.moe import MoE
 
+    wrapped = [name or "model" for name, module in model.named_modules()
+               if isinstance(module, DistributedDataParallel)]
+    if wrapped:  # DDP fixed the parameters it reduces when it was built
+        raise ValueError(f"ddp_ignore_expert_parameters: {wrapped[0]} is already wrapped in "
+                         f"DistributedDataParallel, which would still average the expert "
+                         f"weights over ranks that hold other experts; call it on the model "
+                         f"before wrapping it")
     layers = [(name, module) for name, module in model.named_modules()
               if isinstance(module, MoE) and module.ep_group is not None]
     replica_groups = {}  # per ep_group, made in the same order on every rank

@@ -327,6 +327,7 @@ class Trainer:
             metrics.update(comm_bytes=stats.bytes_sent, comm_ratio=stats.compression_ratio,
                            compression_error=stats.relative_error if stats.value_sq is not None
                            else None)
+            stats.reset()  # per logging window, as the domain shares: not the whole run's
         self.logger.log(self.step, metrics)
 
     def state_dict(self) -> dict:
@@ -371,6 +372,9 @@ class Trainer:
             "reference_stage", -1 if state["reference"] is None else self.stage_at(last_step)[0])
         if self.compression is not None and state["compression"] is not None:
             self.compression.load_state_dict(state["compression"], self.device)
+            # the checkpoint's start_iter is the old config's: a changed compress_start_iter
+            # is reported as applied "from here on", so it is
+            self.compression.start_iter = self.config.compress_start_iter
         self.domain_tokens = dict(state["domain_tokens"])
         self.load_counts = [counts.to(self.device, torch.int64)  # older checkpoints: fp32
                             for counts in state["load_counts"]]
