@@ -86,3 +86,26 @@ def test_gemm_variants_switch_keeps_the_pointer_grid_launches(monkeypatch):
     assert wgrad == [c for c in all_wgrad
                      if not (c.kwargs["USE_TMA"] or c.kwargs["PERSISTENT"] or c.kwargs["FLATTEN"])]
     assert len(wgrad) == len(config._tiles()) + len(config.SHORT_REDUCTION_TILES)
+
+
+@pytest.mark.parametrize("dtype, precision, flat_fwd_kept", [
+    (torch.bfloat16, "ieee", True), (torch.float32, "ieee", True),
+    (torch.float32, "tf32", False)])
+def test_configs_that_overflow_shared_memory_are_not_launched(monkeypatch, dtype, precision,
+                                                              flat_fwd_kept):
+    """The flattened fp32 forward under TF32 (128x128x64, 3 stages) needs 262,144 B of
+    shared memory on sm_90 (compiled with Triton 3.6), past the 232,448 an SM has: the
+    pipeline-only estimate kept it, and the autotuner paid a compile and a failed
+    launch per new shape. Every config the compile check measured below the limit stays."""
+    pytest.importorskip("triton")
+    from dsv3.kernels import config
+    monkeypatch.setattr(config, "INTERPRET", False)
+    monkeypatch.setattr(config, "AUTOTUNE", True)
+    forward = config.matmul_configs()
+    named_args = {"w_desc": object(), "x_ptr": torch.empty(0, dtype=dtype)}
+    kept = config.prune_matmul(forward, named_args, PRECISION=precision)
+    flat_128 = [c for c in forward if c.kwargs["FLATTEN"] and c.kwargs["BLOCK_N"] == 128
+                and not c.kwargs["USE_TMA"]]
+    assert flat_128 and all((c in kept) == flat_fwd_kept for c in flat_128)
+    if dtype == torch.bfloat16:  # every bf16 config fits (the largest measured: 196,608 B)
+        assert kept == forward

@@ -170,13 +170,28 @@ def config_with(config: triton.Config, pre_hook=None, maxnreg=_KEEP, **kwargs) -
 SM90_SHARED_BYTES = 232448
 
 
+def shared_bytes(config: triton.Config, element: int, precision: str | None) -> int:
+    """An upper estimate of the shared memory a grouped-GEMM config takes: its pipelined
+    tiles (stages x (A tile + B tile)), and, where the loops are flattened and the dot
+    runs on tensor cores (16-bit inputs, or fp32 as TF32), the result tile too: the
+    pipeline's buffers stay live through each tile's store, so the layout change before
+    it no longer reuses them. (Triton 3.6, sm_90: the fp32 TF32 flattened 128x128x64
+    3-stage forward takes 262,144 B, its nested twin 196,608; bf16 flattened tiles add
+    at most their result tile.)"""
+    kw = config.kwargs
+    pipeline = config.num_stages * element * kw["BLOCK_K"] * (kw["BLOCK_M"] + kw["BLOCK_N"])
+    tensor_cores = element < 4 or precision != "ieee"
+    result = kw["BLOCK_M"] * kw["BLOCK_N"] * element if kw.get("FLATTEN") and tensor_cores else 0
+    return pipeline + result
+
+
 def prune_oversized(configs, named_args, **kwargs):
-    """Autotune pre-filter: drop configs whose pipelined tiles (stages x (A tile + B
-    tile)) cannot fit in shared memory for this dtype; fp32's 4-stage 128x256 tiles
-    need 288 KB. Launching them would only fail."""
+    """Autotune pre-filter: drop configs that cannot fit in shared memory for this dtype
+    (shared_bytes); fp32's 4-stage 128x256 tiles need 288 KB. Launching them would only
+    fail."""
     element = named_args["x_ptr"].element_size()
-    fitting = [c for c in configs if c.num_stages * element * c.kwargs["BLOCK_K"]
-               * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) <= SM90_SHARED_BYTES]
+    precision = kwargs.get("PRECISION", named_args.get("PRECISION"))  # a keyword at launch
+    fitting = [c for c in configs if shared_bytes(c, element, precision) <= SM90_SHARED_BYTES]
     return fitting or configs[:1]
 
 
