@@ -4,11 +4,19 @@
 // write and unmapped (a TLB shootdown across threads) when freed; on the VMs we
 // measure on that costs as much as the grouped GEMM itself for the E x D x F weight
 // gradients of fine-grained MoE. Large outputs therefore go on transparent huge
-// pages (2 MiB: 512x fewer faults). Optionally (DSV3_CPU_CACHE_MB > 0) freed ones are
-// kept for reuse: a training step allocates the same sizes every step, so they come
-// back already faulted in. That is faster still (measured: E=64 layer -10..20%) but
-// holds idle blocks during a step, which raised the layer's peak memory above the
-// reference loop's (E=8: 256 vs 235 MiB), so it is off by default.
+// pages (2 MiB: 512x fewer faults), and freed ones are kept for reuse: a training
+// step allocates the same sizes every step, so they come back already faulted in.
+// Measured on the 2-core VM (benchmarks/output_cache.py; RESULTS.md, "CPU output
+// cache on and off"): the layer's median step 3-9% faster and its mean 11-29% than
+// mapping each output afresh, which also made 7-15% of steps over 1.6x the fastest.
+//
+// Memory: a kept block is memory held for nothing until reused, so (1) a request
+// takes the smallest kept block that holds it, however much larger (it is resident
+// anyway), and (2) a request that no kept block holds first unmaps every kept block
+// (all smaller than it: idle), so idle blocks never pile up beside new mappings. A
+// step's peak then stays near that of mapping afresh (the layer benchmark's, in a
+// fresh process: 5-24% above it, still below the per-expert reference loop's), and
+// DSV3_CPU_CACHE_MB (default 512, 0: keep none) caps what is kept.
 // Small outputs use the regular allocator.
 #pragma once
 
@@ -26,8 +34,9 @@
 namespace dsv3 {
 
 // Environment knobs, read once: DSV3_HUGE_PAGES=0 turns this path off;
-// DSV3_CPU_CACHE_MB caps the bytes kept for reuse (default 0: no cache).
+// DSV3_CPU_CACHE_MB caps the bytes kept for reuse (default kDefaultCacheMiB; 0: none).
 struct OutputCache {
+  static constexpr long long kDefaultCacheMiB = 512;
   std::mutex mutex;
   std::multimap<size_t, void*> free_blocks;  // padded size -> mapping
   size_t cached_bytes = 0;
@@ -45,7 +54,7 @@ struct OutputCache {
   // >= 0 keeps no cache, and says so.
   static size_t cache_limit_bytes() {
     const char* text = std::getenv("DSV3_CPU_CACHE_MB");
-    if (text == nullptr || *text == '\0') return 0;
+    if (text == nullptr || *text == '\0') return static_cast<size_t>(kDefaultCacheMiB) << 20;
     char* end = nullptr;
     errno = 0;
     const long long mib = std::strtoll(text, &end, 10);  // skips leading whitespace
@@ -63,12 +72,15 @@ struct OutputCache {
     size_t size;
   };
 
+  // The smallest kept block of at least ``padded`` bytes; or, where none is, {} after
+  // unmapping every kept block (all too small for this request, and idle).
   Block take(size_t padded) {
     std::lock_guard<std::mutex> lock(mutex);
-    // Best fit up to twice the request: a block left idle in the cache is memory
-    // held for nothing, so a somewhat larger one is better used than kept.
     auto it = free_blocks.lower_bound(padded);
-    if (it == free_blocks.end() || it->first > 2 * padded) return {nullptr, 0};
+    if (it == free_blocks.end()) {
+      release_locked();
+      return {nullptr, 0};
+    }
     const Block block{it->second, it->first};
     free_blocks.erase(it);
     cached_bytes -= block.size;
@@ -90,6 +102,10 @@ struct OutputCache {
   // Unmaps every cached block; returns the bytes released.
   size_t release() {
     std::lock_guard<std::mutex> lock(mutex);
+    return release_locked();
+  }
+
+  size_t release_locked() {
     for (const auto& [padded, block] : free_blocks) munmap(block, padded);
     free_blocks.clear();
     const size_t released = cached_bytes;

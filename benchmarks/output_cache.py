@@ -1,0 +1,136 @@
+"""dsv3's CPU output cache (csrc/cpu/alloc.h) on and off, side by side: the layer
+step's time and the memory it costs, for the layer benchmark's shapes.
+
+Each (shape, dtype, setting) runs in a fresh process, the two settings alternating
+``--rounds`` times, so a drift of the machine falls on both. Per setting the table
+gives the median and mean step time over every round's steps, the share of steps
+over 1.6x the fastest (the occasional slow steps that fresh mappings gave on the
+2-core VM), and the peak extra memory of one step in a fresh process
+(benchmarks/memory.py's method). "on" is the default (DSV3_CPU_CACHE_MB unset),
+"off" is DSV3_CPU_CACHE_MB=0.
+
+    python -m benchmarks.output_cache [--shapes T4096-D512-F1024-E8-K2 ...]
+                                      [--dtypes fp32 bf16] [--steps 30] [--rounds 2]
+                                      [--write-results]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+SLOW_FACTOR = 1.6
+SETTINGS = {"on": None, "off": "0"}  # DSV3_CPU_CACHE_MB
+
+
+def _child(shape: str, dtype: str, steps: int) -> None:
+    """Times ``steps`` layer steps after a warm-up; prints their times (ms) as JSON."""
+    from benchmarks.providers import DTYPES, Shape, make_step
+    step = make_step("dsv3", Shape.parse(shape), DTYPES[dtype])
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps(times))
+
+
+def _environment(setting: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != "DSV3_CPU_CACHE_MB"}
+    if SETTINGS[setting] is not None:
+        env["DSV3_CPU_CACHE_MB"] = SETTINGS[setting]
+    return env
+
+
+def _step_times(shape: str, dtype: str, steps: int, setting: str) -> list[float]:
+    command = [sys.executable, "-m", "benchmarks.output_cache", "--child", shape, dtype,
+               str(steps)]
+    result = subprocess.run(command, env=_environment(setting), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _peak_mib(shape: str, dtype: str, setting: str) -> float:
+    command = [sys.executable, "-m", "benchmarks.memory", "--shape", shape, "--dtype", dtype,
+               "--provider", "dsv3"]
+    result = subprocess.run(command, env=_environment(setting), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+    return float(result.stdout.split()[-2])  # "... dsv3: 183.9 MiB"
+
+
+def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:
+    times = {setting: [] for setting in SETTINGS}
+    for _ in range(rounds):
+        for setting in SETTINGS:
+            times[setting] += _step_times(shape, dtype, steps, setting)
+    row = {"shape": shape, "dtype": dtype}
+    for setting, values in times.items():
+        fastest = min(values)
+        row[setting] = {"median_ms": statistics.median(values), "mean_ms": statistics.mean(values),
+                        "slow_share": sum(v > SLOW_FACTOR * fastest for v in values) / len(values),
+                        "peak_mib": _peak_mib(shape, dtype, setting)}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| shape | dtype | median ms on / off | mean ms on / off | off/on (mean) | "
+             f"steps > {SLOW_FACTOR}x fastest, on / off | peak MiB on / off |",
+             "|---|---|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        on, off = row["on"], row["off"]
+        lines.append(f"| {row['shape']} | {row['dtype']} | {on['median_ms']:.1f} / "
+                     f"{off['median_ms']:.1f} | {on['mean_ms']:.1f} / {off['mean_ms']:.1f} | "
+                     f"{off['mean_ms'] / on['mean_ms']:.2f} | {on['slow_share']:.0%} / "
+                     f"{off['slow_share']:.0%} | {on['peak_mib']:.1f} / {off['peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def _shape_name(name: str) -> str:
+    from benchmarks.providers import Shape
+    try:
+        return Shape.parse(name).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv=None) -> None:
+    from benchmarks.providers import DTYPES, SHAPES
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        _child(*sys.argv[2:4], int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=[shape.name for shape in SHAPES],
+                        type=_shape_name,
+                        help="layer shapes, T<tokens>-D<dim>-F<ffn>-E<experts>-K<top-k>")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
+    parser.add_argument("--write-results", action="store_true",
+                        help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be >= 1")
+    from benchmarks.contention import foreign_cores, snapshot
+    before = snapshot()
+    rows = [measure(shape, dtype, args.steps, args.rounds)
+            for shape in args.shapes for dtype in args.dtypes]
+    foreign = foreign_cores(before, snapshot())
+    body = (table(rows) + f"\n\n- {args.rounds} processes per setting, alternating, "
+            f"{args.steps} timed steps each after 3 warm-up steps; peak: one step in a fresh "
+            f"process (benchmarks/memory.py).\n- Other processes used {foreign:.2f} cores on "
+            f"average while this ran.\n")
+    print(body)
+    if args.write_results:
+        from benchmarks.results import append_section, command_line
+        append_section("CPU output cache on and off", command_line("benchmarks.output_cache", argv),
+                       body)
+
+
+if __name__ == "__main__":
+    main()
