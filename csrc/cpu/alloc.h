@@ -7,8 +7,8 @@
 // pages (2 MiB: 512x fewer faults), and freed ones are kept for reuse: a training
 // step allocates the same sizes every step, so they come back already faulted in.
 // Measured on the 2-core VM (benchmarks/output_cache.py; RESULTS.md, "CPU output
-// cache on and off"): the layer's median step 3-9% faster and its mean 11-29% than
-// mapping each output afresh, which also made 7-15% of steps over 1.6x the fastest.
+// cache on and off"): the layer's median step 4-11% faster and its mean 9-26% than
+// mapping each output afresh, which also made 3-10% of steps over 1.6x the fastest.
 //
 // Memory: a kept block is memory held for nothing until reused, so (1) a request
 // takes the smallest kept block that holds it, however much larger (it is resident
