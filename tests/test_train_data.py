@@ -200,3 +200,73 @@ def test_the_token_digest_is_todays_and_copies_no_offsets():
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20, f"{peak / 2**20:.1f} MiB allocated"
+
+
+def _numbered_documents(n_docs: int = 200) -> TrainData:
+    """One domain of ``n_docs`` 20-token documents, document i made of token i + 1."""
+    from dsv3.data.tokenizer import TokenizedCorpus
+    tokens = {"web": np.concatenate([np.array([i + 1] * 19 + [0], dtype=np.uint32)
+                                     for i in range(n_docs)])}
+    offsets = {"web": np.arange(0, 20 * (n_docs + 1), 20, dtype=np.int64)}
+    return TrainData.from_corpus(TokenizedCorpus(tokens, offsets, 0, 300), {"web": 1.0},
+                                 val_fraction=0.0)
+
+
+def _documents_read(loader, n_batches: int) -> list[int]:
+    read = []
+    for k, batch in enumerate(loader):
+        read += [t - 1 for t in batch["input_ids"].flatten().tolist() if t != 0]
+        if k == n_batches - 1:
+            return sorted(set(read))
+
+
+def test_a_stage_reads_on_where_the_last_one_stopped():
+    """Each stage's loader started again at the first document: stage 2 read stage 1's
+    documents in the same order, and the rest of the corpus was never read."""
+    from dsv3.train.config import StageConfig
+    data = _numbered_documents()
+    first = data.stage_loader(StageConfig("pretrain", seq_len=63), n_batches=10, batch_size=2)
+    read_first = _documents_read(first, 10)
+    second = data.stage_loader(StageConfig("anneal", seq_len=63), n_batches=10, batch_size=2,
+                               span=(0.5, 1.0), after=first)
+    read_second = _documents_read(second, 10)
+    assert len(read_first) >= 60 and len(read_second) >= 60
+    assert len(set(read_first) & set(read_second)) <= 1  # the document cut between them
+
+
+def test_data_parallel_ranks_read_their_own_documents():
+    """Rank r reshuffled the whole corpus (seed + 7919 r): ranks read the same documents
+    and left others unread within an epoch."""
+    from dsv3.train.config import StageConfig
+    data = _numbered_documents()
+    # 15 batches of 2 x 64 tokens: 96 of each rank's 100 documents, within one epoch
+    read = [_documents_read(data.stage_loader(StageConfig("pretrain", seq_len=63), 15, 2,
+                                              rank=rank, world=2), 15) for rank in (0, 1)]
+    assert not set(read[0]) & set(read[1])
+    assert len(set(read[0]) | set(read[1])) >= 190
+
+
+def test_the_trainer_opens_a_stage_after_the_last_stages_loader(tmp_path, monkeypatch):
+    """The trainer's part of reading on: each LM stage's loader is opened after the
+    previous LM stage's (across the DPO stage, which reads no loader), a restored one
+    from its own saved position."""
+    from dsv3.train.config import StageConfig
+    from dsv3.train.trainer import Trainer
+    from train_support import synthetic_data, three_stage_config
+    stages = [StageConfig("base", "lm", 0.4, seq_len=24),
+              StageConfig("preference", "dpo", 0.2, seq_len=16),
+              StageConfig("anneal", "lm", 0.4, seq_len=24)]
+    trainer = Trainer(three_stage_config(tmp_path, steps=10, stages=stages), synthetic_data())
+    opened = []
+    stage_loader = trainer.data.stage_loader
+
+    def recording(stage, *args, **kwargs):
+        loader = stage_loader(stage, *args, **kwargs)
+        opened.append((stage.name, args[-1], loader))  # args[-1]: after
+        return loader
+    monkeypatch.setattr(trainer.data, "stage_loader", recording)
+    for _ in range(10):
+        trainer.train_step()
+    assert [(name, after is None) for name, after, _ in opened] == [("base", True),
+                                                                   ("anneal", False)]
+    assert opened[1][1] is opened[0][2]

@@ -75,20 +75,22 @@ class PackedBatches(IterableDataset):
 
     def __init__(self, corpus: TokenizedCorpus, schedule: MixtureSchedule, seq_len: int,
                  batch_size: int, seed: int = 0, max_chunk_tokens: int = 1024,
-                 start: dict | None = None) -> None:
+                 start: dict | None = None, shard: int = 0, n_shards: int = 1) -> None:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.corpus, self.schedule = corpus, schedule
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.max_chunk_tokens, self.start = max_chunk_tokens, start
+        self.shard, self.n_shards = shard, n_shards
         self.tokens = [corpus.tokens[d] for d in schedule.domains]
         # validate the domains and the start position now, not in a worker
         self._cursor()
 
     def _cursor(self) -> StreamCursor:
         return StreamCursor(MixtureSampler(self.schedule, self.corpus.offsets, self.seed,
-                                           self.max_chunk_tokens), self.start)
+                                           self.max_chunk_tokens, self.shard, self.n_shards),
+                            self.start)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -113,26 +115,40 @@ class PackedLoader:
 
     def __init__(self, corpus: TokenizedCorpus, schedule: MixtureSchedule, seq_len: int,
                  batch_size: int, seed: int = 0, max_chunk_tokens: int = 1024,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, shard: int = 0, n_shards: int = 1) -> None:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.corpus, self.schedule = corpus, schedule
         self.settings = {"seq_len": seq_len, "batch_size": batch_size, "seed": seed,
                          "max_chunk_tokens": max_chunk_tokens,
                          "domains": list(schedule.domains),
-                         "total_tokens": schedule.total_tokens}
+                         "total_tokens": schedule.total_tokens,
+                         "shard": shard, "n_shards": n_shards}
         self.num_workers = num_workers
         self.batches_done = 0
         self._tokens_per_batch = batch_size * (seq_len + 1)
         # lengths-only twin of the workers' cursor, advanced per batch handed out
         self._position = PackedBatches(corpus, schedule, seq_len, batch_size, seed,
-                                       max_chunk_tokens)._cursor()
+                                       max_chunk_tokens, shard=shard, n_shards=n_shards)._cursor()
+
+    def document_positions(self) -> dict[str, list[int]]:
+        """Where the batches handed out so far left each domain's documents
+        (MixtureSampler.document_positions)."""
+        return self._position.sampler.document_positions()
+
+    def continue_documents(self, positions: dict) -> None:
+        """Before the first batch: read on from ``positions`` (another loader's
+        document_positions over the same documents), not from the first document."""
+        if self.batches_done:
+            raise RuntimeError("continue_documents: this loader has handed out batches")
+        self._position.sampler.continue_documents(positions)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         s = self.settings
         dataset = PackedBatches(self.corpus, self.schedule, s["seq_len"], s["batch_size"],
                                 s["seed"], s["max_chunk_tokens"],
-                                start=self._position.state_dict())
+                                start=self._position.state_dict(), shard=s["shard"],
+                                n_shards=s["n_shards"])
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
         for batch in loader:
             self.batches_done += 1
@@ -172,6 +188,7 @@ class PackedLoader:
                 **self.settings}
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"shard": 0, "n_shards": 1, **state}  # saved before ranks shared documents
         for key, value in self.settings.items():
             if state.get(key) != value:
                 raise ValueError(f"state: saved with {key}={state.get(key)!r}, this loader has "

@@ -7,12 +7,18 @@ function of training progress (tokens sampled / ``total_tokens``), e.g. tech
 :class:`MixtureSampler` turns it into a stream of *units* (a chunk of at most
 ``max_chunk_tokens`` tokens of one document) with a deficit rule instead of random
 draws: every domain accrues target tokens at its current share of each emitted unit,
-and the next unit comes from the domain furthest behind its target. The realized share
-then tracks the schedule to within about one unit per domain at every point of the
-stream (random draws would drift by the square root of the unit count), there is no
-random state to carry, and the sampler's whole state is a few numbers per domain.
-Randomness only orders documents inside a domain: a permutation seeded by
-(seed, domain, epoch), re-drawn each time a domain is exhausted and repeats.
+and a new document comes from the domain furthest behind its target. A document's
+chunks follow one another: interleaved with other domains' units, a chunk cut
+mid-document ran straight into another document's text, with no end-of-text between
+them, and its next chunk came after that document without its own beginning. The
+realized share then tracks the schedule to within about one document per domain at
+every point of the stream (random draws would drift by the square root of the
+document count), there is no random state to carry, and the sampler's whole state is
+a few numbers per domain. Randomness only orders documents inside a domain: a
+permutation seeded by (seed, domain, epoch), re-drawn each time a domain is exhausted
+and repeats. Data-parallel ranks each read a share of every permutation (``shard`` of
+``n_shards``), so no document is read twice in an epoch; a domain of fewer documents
+than ranks is read whole by each, from a different document.
 
 What it costs: the stream is a pure function of (schedule, document lengths, seed),
 so to start at token N a fresh sampler replays the choices up to N (lengths only,
@@ -130,13 +136,17 @@ class MixtureSampler:
     (n_docs + 1 increasing offsets, as written by :mod:`dsv3.data.tokenize`)."""
 
     def __init__(self, schedule: MixtureSchedule, doc_offsets: Mapping[str, np.ndarray],
-                 seed: int = 0, max_chunk_tokens: int = 1024) -> None:
+                 seed: int = 0, max_chunk_tokens: int = 1024, shard: int = 0,
+                 n_shards: int = 1) -> None:
         missing = [d for d in schedule.domains if d not in doc_offsets]
         if missing:
             raise ValueError(f"doc_offsets: no documents for scheduled domains {missing}")
         if max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
+        if not 0 <= shard < n_shards:
+            raise ValueError(f"shard must be in [0, n_shards={n_shards}), got {shard}")
         self.schedule, self.seed, self.max_chunk = schedule, seed, max_chunk_tokens
+        self.shard, self.n_shards = shard, n_shards
         self.offsets = [np.asarray(doc_offsets[d], dtype=np.int64) for d in schedule.domains]
         for name, off in zip(schedule.domains, self.offsets):
             if len(off) < 2 or (np.diff(off) <= 0).any():
@@ -164,22 +174,32 @@ class MixtureSampler:
         self.cursor = [list(map(int, c)) for c in state["cursor"]]
 
     def _order(self, d: int, epoch: int) -> np.ndarray:
+        """Domain ``d``'s documents in epoch ``epoch``, this shard's share of them."""
         cached = self._perm_cache.get(d)
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, d, epoch])
-            cached = (epoch, rng.permutation(len(self.offsets[d]) - 1))
+            order = rng.permutation(len(self.offsets[d]) - 1)
+            if len(order) >= self.n_shards:
+                order = order[self.shard::self.n_shards]
+            else:  # too few to share: every rank reads them all, from its own first one
+                order = np.roll(order, -self.shard)
+            cached = (epoch, order)
             self._perm_cache[d] = cached
         return cached[1]
 
     def _next_unit_of(self, d: int) -> Unit:
         epoch, pos, chunk = self.cursor[d]
-        doc = int(self._order(d, epoch)[pos])
+        order = self._order(d, epoch)
+        doc = int(order[pos])
         start, end = int(self.offsets[d][doc]), int(self.offsets[d][doc + 1])
         begin = start + chunk * self.max_chunk
+        if begin >= end:  # carried from a sampler of longer chunks: the document is read
+            self.cursor[d] = [epoch, pos + 1, 0] if pos + 1 < len(order) else [epoch + 1, 0, 0]
+            return self._next_unit_of(d)
         length = min(self.max_chunk, end - begin)
         if begin + length < end:
             self.cursor[d] = [epoch, pos, chunk + 1]
-        elif pos + 1 < len(self.offsets[d]) - 1:
+        elif pos + 1 < len(order):
             self.cursor[d] = [epoch, pos + 1, 0]
         else:
             self.cursor[d] = [epoch + 1, 0, 0]
@@ -191,10 +211,12 @@ class MixtureSampler:
     def __next__(self) -> Unit:
         weights = self.schedule.weights_at(self.tokens / self.schedule.total_tokens)
         target, actual = self.target, self.actual
-        # the wanted domain furthest behind its target, the earlier one on a tie; a domain
-        # at share 0 is never drawn, even when rounding leaves every wanted one ahead
+        # a document begun goes on (chunk > 0); else the wanted domain furthest behind its
+        # target, the earlier one on a tie. A domain at share 0 is never drawn, even when
+        # rounding leaves every wanted one ahead, nor its begun document continued.
         wanted = [i for i, w in enumerate(weights) if w > 0]
-        d = max(wanted, key=lambda i: (target[i] - actual[i], -i))
+        begun = [i for i in wanted if self.cursor[i][2] > 0]
+        d = begun[0] if begun else max(wanted, key=lambda i: (target[i] - actual[i], -i))
         unit = self._next_unit_of(d)
         n = unit.length
         for i, w in enumerate(weights):
@@ -202,6 +224,22 @@ class MixtureSampler:
         actual[d] += n
         self.tokens += n
         return unit
+
+    def document_positions(self) -> dict[str, list[int]]:
+        """Where each domain's reading stands, by name: [epoch, position in the epoch's
+        order, tokens read of the current document]. Another sampler over the same
+        documents (a later training stage's, of another schedule) continues from it
+        with :meth:`continue_documents`, rather than reading the same documents again."""
+        return {name: [epoch, pos, chunk * self.max_chunk]
+                for name, (epoch, pos, chunk) in zip(self.schedule.domains, self.cursor)}
+
+    def continue_documents(self, positions: Mapping[str, Sequence[int]]) -> None:
+        """Start each named domain's reading at ``positions`` (document_positions'),
+        a begun document at its next whole chunk of this sampler's size."""
+        for d, name in enumerate(self.schedule.domains):
+            if name in positions:
+                epoch, pos, read = (int(v) for v in positions[name])
+                self.cursor[d] = [epoch, pos, -(-read // self.max_chunk)]
 
     def epochs(self) -> dict[str, int]:
         """Completed passes over each domain (a domain repeats when exhausted)."""

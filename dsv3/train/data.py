@@ -14,8 +14,11 @@ mixture between them pauses it rather than restarting it. mixture.json's
 (the length of the schedule for a loader reading the prepared directory alone,
 ``PackedLoader.from_prepared``) does not: the trainer stretches the schedule over
 the tokens its stages consume. Curriculum stages read rows at the final length and
-use a prefix while the length warms up. A rank of a data-parallel run folds its
-rank into the seed.
+use a prefix while the length warms up. Each stage reads on where the one before it
+left each domain's documents (a stage's loader used to start again from the first
+document, so every stage read the same ones), and each rank of a data-parallel run
+reads its own share of every domain's documents (they used to read one shuffled
+corpus each, in part the same documents).
 """
 import hashlib
 import json
@@ -177,18 +180,25 @@ class TrainData:
 
     def stage_loader(self, stage, n_batches: int, batch_size: int, rank: int = 0,
                      span: tuple[float, float] = (0.0, 1.0),
-                     max_chunk_tokens: int | None = None) -> PackedLoader:
+                     max_chunk_tokens: int | None = None, world: int = 1,
+                     after: PackedLoader | None = None) -> PackedLoader:
         """The loader of one stage: ``n_batches`` batches of [batch_size, stage.seq_len + 1].
         A stage without a mixture of its own follows the part ``span`` of the prepared
         schedule (the trainer's share of it for this stage); units are at most
-        ``max_chunk_tokens`` long (None: mixture.json's)."""
+        ``max_chunk_tokens`` long (None: mixture.json's). Rank ``rank`` of ``world``
+        reads its share of the documents; with ``after`` (the previous stage's loader)
+        it reads on from where that one stopped."""
         weights = stage_mixture(stage, self.domains)
         if weights is None:
             weights = schedule_part(self.default_weights, *span)
         budget = n_batches * batch_size * (stage.seq_len + 1)
-        return PackedLoader(self.train, MixtureSchedule(weights, max(1, budget)), stage.seq_len,
-                            batch_size, seed=self.seed + 7919 * rank,
-                            max_chunk_tokens=max_chunk_tokens or self.max_chunk_tokens)
+        loader = PackedLoader(self.train, MixtureSchedule(weights, max(1, budget)), stage.seq_len,
+                              batch_size, seed=self.seed,
+                              max_chunk_tokens=max_chunk_tokens or self.max_chunk_tokens,
+                              shard=rank, n_shards=world)
+        if after is not None:
+            loader.continue_documents(after.document_positions())
+        return loader
 
 
 def preference_lengths(seq_len: int) -> tuple[int, int]:

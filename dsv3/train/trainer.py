@@ -184,8 +184,11 @@ class Trainer:
             span, chunk = self.mixture_spans[index], None  # None: mixture.json's chunk size
         else:  # resumed from before: each stage the whole schedule, the loader's 1024 chunks
             span, chunk = (0.0, 1.0), 1024
+        # a new stage reads on where the last LM stage's loader left the documents (a
+        # restored loader has its own position)
+        after = self._loader if state is None else None
         self._loader = self.data.stage_loader(stage, n_batches, self.config.micro_batch, self.rank,
-                                              span, chunk)
+                                              span, chunk, self.world, after)
         if state is not None:
             self._loader.load_state_dict(state)
         self._batches = iter(self._loader)
