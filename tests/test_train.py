@@ -471,3 +471,34 @@ def test_a_finished_run_without_its_export_gets_it_back(tmp_path, capsys):
     assert (tmp_path / "out" / "final" / "model.pt").is_file()
     assert json.loads(capsys.readouterr().out)["steps"] == 20
     assert (tmp_path / "out" / "checkpoint" / "state.pt").read_bytes() == state
+
+
+def test_a_resume_applies_the_configs_weight_decay_and_betas(tmp_path):
+    """A resume reported changed optim.weight_decay / optim.betas as applied from there
+    on, but loading the optimizer's state put the saved ones back."""
+    from dsv3.train import checkpoint as ckpt
+    from dsv3.train.config import OptimConfig
+    trainer = Trainer(three_stage_config(tmp_path), synthetic_data())
+    for _ in range(2):
+        trainer.train_step()
+    trainer.save()
+    changed = three_stage_config(tmp_path, optim=OptimConfig(warmup_steps=1, weight_decay=0.02,
+                                                             betas=(0.8, 0.9)))
+    resumed = Trainer(changed, synthetic_data())
+    resumed.load_state_dict(ckpt.load_state(resumed.out_dir))
+    assert [(g["weight_decay"], g["betas"]) for g in resumed.optimizer.param_groups] == [
+        (0.02, (0.8, 0.9)), (0.0, (0.8, 0.9))]
+    # the moments came back with it
+    saved, loaded = (t.optimizer.state_dict()["state"] for t in (trainer, resumed))
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k]["exp_avg"], loaded[k]["exp_avg"]) for k in saved)
+
+
+def test_a_large_seed_reaches_the_dpo_stage():
+    """Past a seed of about 7e7 the preference pairs' generator seed overflowed int64:
+    the first DPO step stopped the run, after the earlier stages had trained."""
+    from dsv3.train.data import preference_batch
+    streams = synthetic_data().train.tokens
+    for seed in (10**8, 2**63 - 1):
+        prompt, chosen, rejected = preference_batch(streams, 2, 4, 4, seed=seed, step=5)
+        assert prompt.shape == (2, 4) and chosen.shape == rejected.shape == (2, 4)

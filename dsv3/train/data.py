@@ -229,7 +229,10 @@ def preference_batch(streams: dict, batch: int, prompt_len: int, response_len: i
     response is the text's real continuation; the rejected one is the same length
     taken from elsewhere in the stream (fluent, but not what follows). Drawn from a
     generator seeded by (seed, step, micro, rank): a resumed run redraws them."""
-    gen = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + micro) * 257 + rank)
+    # kept to 63 bits: past about 7e7, the seed's product overflowed manual_seed's int64
+    # and the first DPO step of a run stopped with "Overflow when unpacking long long"
+    mixed = ((seed * 1_000_003 + step) * 1009 + micro) * 257 + rank
+    gen = torch.Generator().manual_seed(mixed % (1 << 63))
     need = prompt_len + 2 * response_len
     usable = [s for _, s in sorted(streams.items()) if len(s) > need]
     if not usable:

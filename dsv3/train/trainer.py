@@ -277,6 +277,10 @@ class Trainer:
         self.moe_stats = [step_moe_stats(stats) for stats in zip(*micro_stats)]
         for counts, stats in zip(self.load_counts, self.moe_stats):
             counts += stats.tokens_per_expert
+        if measure and self.device.type == "cuda":
+            # the step's kernels, not their launches: on the GPU path nothing waits for
+            # them before the next step (fp16's loss scale aside)
+            torch.cuda.synchronize(self.device)
         step_time = time.perf_counter() - start
         self.step += 1
         record.update(grad_norm=grad_norm, step_time_ms=1e3 * step_time,
@@ -361,7 +365,13 @@ class Trainer:
         self._check_vocab(state["model"])
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
+        # The saved groups' hyperparameters come back with it; a resume reports a changed
+        # weight_decay or betas as applied from here on, so the config's are (lr is set
+        # every step). The no-decay group keeps 0.
+        decay_groups = [group["weight_decay"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, weight_decay in zip(self.optimizer.param_groups, decay_groups):
+            group["weight_decay"], group["betas"] = weight_decay, tuple(self.config.optim.betas)
         if state["scaler"]:  # empty when saved without a loss scale (fp32, bf16): a fresh one
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
