@@ -364,3 +364,37 @@ def test_adversarial_200kb_inputs_stay_fast(text):
         if took < limit:
             return
     pytest.fail(f"took {took:.2f} s, limit {limit:.2f} s (20x ordinary text of the same size)")
+
+
+@pytest.mark.parametrize("text, kind, value", [
+    # a password holding punctuation: the value stopped at the first "#"
+    ("DB_PASSWORD=Xk9#mP2$vL8@qR4!nT6", "secret", "Xk9#mP2$vL8@qR4!nT6"),
+    ('passwd: "s3cr3t!Passw0rd#2024", next', "secret", "s3cr3t!Passw0rd#2024"),
+    # North American numbers with dots or spaces (only (555) 123-4567 and dashes were)
+    ("call 415.555.2671 today", "phone", "415.555.2671"),
+    ("call 415 555 2671 today", "phone", "415 555 2671"),
+    # kinds that were not looked for
+    ("IBAN: DE89 3704 0044 0532 0130 00.", "iban", "DE89 3704 0044 0532 0130 00"),
+    ("pay GB82WEST12345698765432 now", "iban", "GB82WEST12345698765432"),
+    ("SSN: 078-05-1120", "us_ssn", "078-05-1120"),
+    # a card written with dots
+    ("card 4111.1111.1111.1111", "bank_card", "4111.1111.1111.1111"),
+    # a Chinese mobile run into its label is still one
+    ("手机13812345678", "phone", "13812345678"),
+])
+def test_formats_that_were_missed_are_found(text, kind, value):
+    spans = find_pii(text)
+    assert [(s.kind, text[s.start:s.end]) for s in spans] == [(kind, value)]
+
+
+@pytest.mark.parametrize("text", [
+    "The fund held 15000000000 yuan in 2020.",  # an amount of 11 digits starting 15
+    "row id 13800000000 was updated",
+    "y = a[dec::-1]",  # a slice of a named start, not the address "dec::"
+    "x = buf[abc::]",
+    "IBAN: DE88 3704 0044 0532 0130 00",  # a wrong check digit
+    "case 000-12-3456 and 666-12-3456 and 912-34-5678",  # not issued as SSNs
+    "the password=changeme default",  # not random: no secret
+])
+def test_look_alikes_of_those_formats_are_left(text):
+    assert find_pii(text) == []

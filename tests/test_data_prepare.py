@@ -3,6 +3,7 @@ config errors, and the trainer-side loader over what it wrote."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,8 +94,11 @@ web = [0.1, 0.3]
             break
     n = int(counts.sum())  # 20480 tokens: progress 0 -> 0.2, reference 0.6 -> 0.52
     expected = torch.tensor(loader.schedule.mean_weights(0, n), dtype=torch.float32)
-    # the deficit sampler stays within about a chunk per domain of its target
-    assert torch.allclose(counts / n, expected, atol=3 * 128 / n), (counts / n, expected)
+    # the deficit sampler stays within about a document per domain of its target (a
+    # document's chunks follow one another)
+    longest = max(int(np.diff(offsets).max()) for offsets in loader.corpus.offsets.values())
+    assert torch.allclose(counts / n, expected, atol=(longest + 2 * 128) / n), (counts / n,
+                                                                                expected)
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):

@@ -3,7 +3,8 @@
 Each kind has a permissive regex that finds candidates and a validator that rejects
 look-alikes, which is where precision comes from: Chinese resident ID numbers must
 carry a valid birth date and the GB 11643-1999 check character, bank cards must pass
-Luhn and start like a card network, IPs must parse, secrets must look random.
+Luhn and start like a card network, IBANs their ISO 13616 mod-97 check, US social
+security numbers the SSA's ranges, IPs must parse, secrets must look random.
 
 Matching runs on an NFKC-normalized copy (full-width digits, the full-width ＠, the
 full-width full stop become ASCII), normalized character by
@@ -28,7 +29,8 @@ from typing import Callable, Mapping
 from dsv3.data.document import Document
 from dsv3.data.step import Step
 
-KINDS = ("email", "phone", "cn_id", "bank_card", "ip", "url_credentials", "secret")
+KINDS = ("email", "phone", "cn_id", "bank_card", "iban", "us_ssn", "ip", "url_credentials",
+         "secret")
 POLICIES = ("replace", "drop", "keep")
 PLACEHOLDERS = {k: f"<{k.upper()}>" for k in KINDS}
 
@@ -131,13 +133,39 @@ def _card_network_ok(d: str) -> bool:
 
 
 def valid_bank_card(s: str) -> bool:
-    d = re.sub(r"[ -]", "", s)
+    d = re.sub(r"[ .-]", "", s)
     if not (13 <= len(d) <= 19 and d.isdigit()):
         return False
     # an 18-digit number with a region and birth date is a mistyped ID, not a card
     if len(d) == 18 and _id_shaped(d):
         return False
     return _card_network_ok(d) and luhn_ok(d)
+
+
+def valid_iban(s: str) -> bool:
+    """ISO 13616: a country code, two check digits and up to 30 letters or digits,
+    whose letters as numbers (A=10 ... Z=35), the first four characters moved last,
+    leave 1 modulo 97."""
+    compact = s.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    digits = "".join(str(int(ch, 36)) for ch in compact[4:] + compact[:4])
+    return int(digits) % 97 == 1
+
+
+def valid_us_ssn(s: str) -> bool:
+    """AAA-GG-SSSS as the SSA issues them: no area 000, 666 or 900-999, no group 00,
+    no serial 0000."""
+    area, group, serial = s.split("-")
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _cn_mobile_ok(s: str) -> bool:
+    """A Chinese mobile number, not an amount or an id of 11 digits that happens to
+    start 13-19 ("15000000000 yuan"): its last eight digits are not six zeros or more
+    at the end, nor one digit repeated."""
+    subscriber = re.sub(r"\D", "", s)[-8:]
+    return not subscriber.endswith("000000") and len(set(subscriber)) > 1
 
 
 def _valid_ip(s: str) -> bool:
@@ -169,8 +197,9 @@ def _valid_ipv6(s: str) -> bool:
     which is no one's address (and is x[::1])."""
     address = s.split("%")[0]
     groups = [g for g in address.split(":") if g]
+    # a lone group beside "::" is a slice of a named start ("a[dec::-1]", "x[abc::]")
     return (("::" in address or address.count(":") == 7) and _valid_ip(s)
-            and max(map(len, groups), default=0) >= 3
+            and len(groups) >= 2 and max(map(len, groups), default=0) >= 3
             and (len(groups) >= 3 or not all(g.isdigit() for g in groups)))
 
 
@@ -251,26 +280,39 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
         r"|auth[_-]?token|password|passwd|client[_-]?secret)(?:[_-][A-Za-z0-9]{1,16}){0,3}"
         r"[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9_\-/+=.]{16,})"),
      1, _looks_random),
+    # a password's value may hold any printable character ("Xk9#mP2$vL8@qR4!nT6"),
+    # up to a quote, a space or a closing bracket or separator
+    ("secret", (
+        r"(?i)(?<![A-Za-z0-9])(?:password|passwd|pwd)(?:[_-][A-Za-z0-9]{1,16}){0,3}"
+        r"[\"']?\s*[:=]\s*[\"']?([^\s\"'`,;)\]}]{16,})"),
+     1, _looks_random),
     ("email", (
         rf"(?<![.+-]|{_EW})(?:{_EA}(?:(?:{_EW}|\.){{0,62}}{_EW})?)"
         rf"@(?:{_EA}(?:(?:{_EA}|-){{0,61}}{_EA})?\.)+"
         rf"(?:[^\W\d_{_NO_SPACE_CHARS}]{{2,24}}|xn--[a-z0-9-]{{2,59}})(?!{_EW})"),
      0, lambda s: ".." not in s),
     ("cn_id", (_ND + r"([1-8]\d{16}[\dXx])" + _NT), 1, valid_cn_id),
-    # 4-4-4-4(+), and 4-6-5 / 4-6-4 as Amex and Diners print them
+    # 4-4-4-4(+), dotted too, and 4-6-5 / 4-6-4 as Amex and Diners print them
     ("bank_card", (
-        _ND + r"(\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}|\d{4}[ -]?\d{6}[ -]?\d{4,5}|\d{13,19})" + _NT),
+        _ND + r"(\d{4}(?:[ -]?\d{4}){2}[ -]?\d{1,7}|\d{4}(?:\.\d{4}){3}|\d{4}[ -]?\d{6}[ -]?\d{4,5}"
+        r"|\d{13,19})" + _NT),
      1, valid_bank_card),
+    # IBAN: country, check digits, then the account in groups of four (or run together)
+    ("iban", (r"(?<![A-Za-z0-9])([A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?)"
+              r"(?![A-Za-z0-9])"), 1, valid_iban),
+    ("us_ssn", (_ND + r"(\d{3}-\d{2}-\d{4})" + _NT), 1, valid_us_ssn),
     # Chinese mobiles: 1[3-9]x, optionally +86 / 0086 / 86, optionally split 3-4-4
     ("phone", (
-        _ND + r"((?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2})" + _NT), 1, lambda s: True),
+        _ND + r"((?:(?:\+|00)?86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2})" + _NT), 1, _cn_mobile_ok),
     # international: a + and country code, "(+44)" too, then groups of digits
     ("phone", (
         _ND + r"((?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}"
         r"(?:[ .-]?\d{2,4}){1,4})" + _NT),
      1, _phone_ok),
-    # North American style without a country code: (555) 123-4567, 555-123-4567
-    ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4})" + _NT),
+    # North American style without a country code: (555) 123-4567, 555-123-4567, and
+    # with dots or spaces where the area code and exchange are valid (2-9 first)
+    ("phone", (_ND + r"(\(\d{3}\) ?\d{3}-\d{4}|\d{3}-\d{3}-\d{4}"
+               r"|[2-9]\d{2}([. ])[2-9]\d{2}\2\d{4})" + _NT),
      1, lambda s: True),
     # a version pin ("pkg==10.2.3.4", "pkg[extra]~=10.2.3.4", a requirements line)
     # claims its span before the ip rules see it; not reported. It is the only context
@@ -296,7 +338,7 @@ _PATTERNS = [(kind, re.compile(p, 0 if kind in _UNICODE_KINDS else re.ASCII), gr
 _NOT_REPORTED = frozenset({"version"})
 # Cheap gates: a family whose trigger cannot occur in the text is not run at all.
 _NEEDS_AT = frozenset({"email", "url_credentials"})
-_NEEDS_DIGIT = frozenset({"cn_id", "bank_card", "phone", "ip", "version"})
+_NEEDS_DIGIT = frozenset({"cn_id", "bank_card", "iban", "us_ssn", "phone", "ip", "version"})
 
 
 def _origin_end(origin: list[int], end: int, n: int) -> int:
