@@ -74,3 +74,27 @@ def test_minhash_matches_decomposed_and_composed_copies():
 def test_minhash_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MinHashDedup(**kwargs)
+
+
+def test_minhash_drops_by_the_threshold_not_by_a_bucket_hit():
+    """An LSH bucket hit was taken as the decision: at threshold 0.8 it kept about half
+    the pairs of Jaccard 0.8-0.85 and dropped a third of those at 0.75-0.8. Now a
+    candidate's estimated Jaccard decides (its spread, about 0.035, is what remains)."""
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(20000)]
+    step = MinHashDedup(threshold=0.8)
+    dropped_by_band = {}
+    for i in range(300):
+        words = [rng.choice(vocab) for _ in range(400)]
+        variant = list(words)
+        for j in rng.sample(range(400), rng.randint(1, 12)):
+            variant[j] = rng.choice(vocab)
+        a = Document(f"a{i}", " ".join(words), "web", {})
+        b = Document(f"b{i}", " ".join(variant), "web", {})
+        first, second = step.shingles(a), step.shingles(b)
+        jaccard = len(first & second) / len(first | second)
+        band = next(low for low in (0.85, 0.8, 0.75, 0.0) if jaccard >= low)
+        dropped_by_band.setdefault(band, []).append(len(list(step([a, b]))) == 1)
+    share = {band: sum(d) / len(d) for band, d in dropped_by_band.items()}
+    assert share[0.85] == 1.0 and share[0.8] >= 0.7, share
+    assert share[0.75] <= 0.35 and share.get(0.0, 0.0) <= 0.15, share
