@@ -367,8 +367,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layers))
         self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
+        self._tie_weights()
         self.init_rope()
         # load_state_dict(assign=True) on a meta-device model leaves the tables on meta.
         self.register_load_state_dict_post_hook(_init_rope_after_load)
@@ -396,10 +395,18 @@ class Transformer(nn.Module):
                 dtype = buffer.dtype if buffer is not None else table_SH.dtype
                 self.register_buffer(name, table_SH.to(dtype), persistent=False)
 
+    def _tie_weights(self) -> None:
+        """The head shares the embedding's Parameter (tie_embeddings). Done again after
+        to_empty() and load_state_dict(assign=True), which give each its own tensor:
+        they were counted twice and trained apart."""
+        if self.config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
     def _apply(self, fn, recurse=True):
         # to_empty() (and every .to()) goes through here: the tables are recomputed
         # rather than kept as whatever fn made of them (uninitialized, for to_empty).
         module = super()._apply(fn, recurse)
+        self._tie_weights()
         self.init_rope()
         return module
 
@@ -484,6 +491,7 @@ class Transformer(nn.Module):
 def _init_rope_after_load(model: Transformer, incompatible_keys) -> None:
     # On the weights' device: after load_state_dict(assign=True) from the meta device
     # they hold the loaded tensors while the tables are still on meta.
+    model._tie_weights()
     model.init_rope(model.embed.weight.device)
 
 

@@ -228,3 +228,24 @@ def test_bad_tokens_and_too_long_input():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="checkpointing must be one of"):
         model.set_checkpointing("some")
+
+
+def test_tied_embeddings_stay_tied_on_the_meta_device_paths(tmp_path):
+    """to_empty() and load_state_dict(assign=True) gave the head and the embedding a
+    tensor each: num_parameters counted vocab x dim twice and they trained apart."""
+    from dsv3.model import ModelConfig, Transformer
+    from dsv3.train.planner import parameter_counts
+    config = ModelConfig(vocab_size=97, dim=32, n_layers=1, n_heads=4, max_seq_len=64,
+                         dense_ffn_dim=48, tie_embeddings=True)
+    with torch.device("meta"):
+        emptied = Transformer(config)
+    emptied.to_empty(device="cpu")
+    source = Transformer(config)
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    with torch.device("meta"):
+        loaded = Transformer(config)
+    loaded.load_state_dict(torch.load(tmp_path / "weights.pt"), assign=True)
+    for model in (emptied, loaded):
+        assert model.head.weight is model.embed.weight
+        assert model.num_parameters() == parameter_counts(config)["total"]
+    assert torch.equal(loaded(torch.arange(8)[None]), source(torch.arange(8)[None]))
