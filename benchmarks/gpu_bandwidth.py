@@ -9,9 +9,8 @@ passed in as its module (``bench``): run as ``python -m benchmarks.gpu_bench`` t
 import torch
 
 import dsv3
-from benchmarks.bench_checks import (check_label, disagreement, gradients,
-                                     gradients_against_reference, outputs_against_reference,
-                                     reference_backend)
+from benchmarks.bench_checks import (check_label, disagreement, gradients_against_reference,
+                                     outputs_against_reference, reference_gradients)
 
 
 def _router_variant(device, fn, **settings):
@@ -148,10 +147,6 @@ def memory_rows(bench) -> list[dict]:
     # they are fed.
     def unpermute(y_SD, w_TK):
         return dsv3.ops.unpermute(y_SD, row_map_TK, w_TK)
-
-    def reference_gradients(*args):
-        with reference_backend():
-            return gradients(*args)
 
     checks = {
         "route backward (sigmoid, all gradients)": lambda fn: gradients_against_reference(

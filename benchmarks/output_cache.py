@@ -46,22 +46,24 @@ def _environment(setting: str) -> dict:
     return env
 
 
-def _step_times(shape: str, dtype: str, steps: int, setting: str) -> list[float]:
-    command = [sys.executable, "-m", "benchmarks.output_cache", "--child", shape, dtype,
-               str(steps)]
+def _module_output(setting: str, module: str, *args: str) -> str:
+    """The stdout of ``python -m module args`` under the cache ``setting``."""
+    command = [sys.executable, "-m", module, *args]
     result = subprocess.run(command, env=_environment(setting), capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.splitlines()[-1])
+    return result.stdout
+
+
+def _step_times(shape: str, dtype: str, steps: int, setting: str) -> list[float]:
+    out = _module_output(setting, "benchmarks.output_cache", "--child", shape, dtype, str(steps))
+    return json.loads(out.splitlines()[-1])
 
 
 def _peak_mib(shape: str, dtype: str, setting: str) -> float:
-    command = [sys.executable, "-m", "benchmarks.memory", "--shape", shape, "--dtype", dtype,
-               "--provider", "dsv3"]
-    result = subprocess.run(command, env=_environment(setting), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
-    return float(result.stdout.split()[-2])  # "... dsv3: 183.9 MiB"
+    out = _module_output(setting, "benchmarks.memory", "--shape", shape, "--dtype", dtype,
+                         "--provider", "dsv3")
+    return float(out.split()[-2])  # "... dsv3: 183.9 MiB"
 
 
 def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:

@@ -193,16 +193,12 @@ class MixtureSampler:
         doc = int(order[pos])
         start, end = int(self.offsets[d][doc]), int(self.offsets[d][doc + 1])
         begin = start + chunk * self.max_chunk
+        next_document = [epoch, pos + 1, 0] if pos + 1 < len(order) else [epoch + 1, 0, 0]
         if begin >= end:  # carried from a sampler of longer chunks: the document is read
-            self.cursor[d] = [epoch, pos + 1, 0] if pos + 1 < len(order) else [epoch + 1, 0, 0]
+            self.cursor[d] = next_document
             return self._next_unit_of(d)
         length = min(self.max_chunk, end - begin)
-        if begin + length < end:
-            self.cursor[d] = [epoch, pos, chunk + 1]
-        elif pos + 1 < len(order):
-            self.cursor[d] = [epoch, pos + 1, 0]
-        else:
-            self.cursor[d] = [epoch + 1, 0, 0]
+        self.cursor[d] = [epoch, pos, chunk + 1] if begin + length < end else next_document
         return Unit(d, begin, length)
 
     def __iter__(self):
