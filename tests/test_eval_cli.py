@@ -171,7 +171,7 @@ def test_without_corpus_or_heldout_the_embedded_split_comes_with_a_warning(setup
     held = f"no {heldout}"
     if empty_heldout:
         heldout.write_text("")
-        held = f"an empty {heldout} (trained with val_fraction = 0)"
+        held = f"an empty {heldout} (its run held no documents out)"
 
     def load(*args, **kwargs):  # the warning comes before the model: no need to run it
         raise KeyboardInterrupt

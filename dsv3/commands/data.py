@@ -101,7 +101,8 @@ def _prepare(args: argparse.Namespace) -> int:
     skipped = _skipped_records(stats["readers"])
     print(json.dumps({"output": config["output"]["dir"], "steps": summary,
                       "skipped_records": skipped,
-                      "tokens": {d: m["tokens"] for d, m in stats["tokens"]["domains"].items()}},
+                      "tokens": {d: m["tokens"] for d, m in stats["tokens"]["domains"].items()},
+                      "heldout_documents": stats["heldout"]["documents"]},
                      indent=2))
     return 0
 

@@ -37,6 +37,9 @@ def _train(args: argparse.Namespace) -> int:
     # The data before anything is decided or written: the stages' mixtures name its
     # domains, and a resume must be on the data the checkpoint was trained on.
     data = TrainData.load(config.data_dir, config.val_fraction)
+    # the share it was split with, saved and compared on a resume as such (a checkpoint
+    # of a run with the setting unset holds the number, as one from before it could be)
+    config.val_fraction = data.val_fraction
     check_stage_mixtures(config.stages, data.domains)
     if not args.no_resume:
         check_resume(config.out_dir, config.to_dict(), world, data.fingerprint)

@@ -8,7 +8,8 @@ matches (English: "Because X, Y." <-> "Y because X.", "If X, Y." -> "Y if X.";
 Chinese: 因为X，所以Y。 -> 之所以Y，是因为X。, 虽然X，但是Y。 -> 尽管X，Y。), otherwise
 one of its words with a known synonym is swapped; a chosen sentence with neither stays
 as it is. The realized rate (sentences changed / sentences seen) is therefore at most
-``rate`` and is reported in the step's counts, not assumed.
+``rate`` and is reported in the step's counts, not assumed. Held-out documents
+(dsv3.data.heldout) are left as they are: the evaluation scores them as written.
 
 Synonyms come from an offline :class:`Lexicon`: a user-supplied TSV file
 (``word<TAB>syn1,syn2``; the way to bring a Chinese thesaurus), or neighbours learned
@@ -30,6 +31,7 @@ from typing import Iterable
 import numpy as np
 
 from dsv3.data.document import Document
+from dsv3.data.heldout import is_held_out
 from dsv3.data.step import Step
 
 _SENTENCE_SPLIT = re.compile(r"((?<=[.!?])\s+|(?<=[。！？]))")
@@ -201,6 +203,9 @@ class Augmenter(Step):
         return sentence[:m.start()] + new + sentence[m.end():]
 
     def apply(self, doc: Document) -> Document:
+        if is_held_out(doc):  # scored as written, never trained on (dsv3.data.heldout)
+            self.stats.counts["heldout_documents_left_as_they_are"] += 1
+            return doc
         pieces = _SENTENCE_SPLIT.split(doc.text)
         changed = 0
         for i in range(0, len(pieces), 2):  # even: sentences, odd: separators

@@ -14,6 +14,8 @@ and so other entry points (the trainer, tests) can build the same steps from a d
                         ``domains = [...]`` limits it to those
                         domains, ``write_dropped = false`` turns its side file off
                         ``augment`` takes rate, seed and lexicon = a TSV path or "learned"
+    [heldout]           fraction (default 0.05), seed: the documents held out from
+                        training, never augmented (dsv3.data.heldout)
     [review]            per_stratum, seed
     [tokenizer]         vocab_size, min_frequency
     [mixture]           total_tokens, seed, max_chunk_tokens, [mixture.weights] per domain
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 from dsv3.data.augment import Augmenter, Lexicon
 from dsv3.data.dedup import ExactDedup, MinHashDedup
+from dsv3.data.heldout import HeldOutChooser
 from dsv3.data.heuristics import HeuristicFilter, HeuristicRules
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.pii import PiiFilter
@@ -47,7 +50,7 @@ from dsv3.validate import whole_number
 
 DEFAULT_ORDER = ["heuristics", "pii", "exact_dedup", "minhash_dedup"]
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf")
-SECTIONS = ("output", "sources", "steps", "review", "tokenizer", "mixture", "scale")
+SECTIONS = ("output", "sources", "steps", "heldout", "review", "tokenizer", "mixture", "scale")
 SCALE_BACKENDS = ("serial", "datasets", "spark")
 # the options each kind of source takes besides ``kind`` (its reader's keywords)
 _READER_OPTIONS = ("paths", "text_field", "domain_field", "default_domain", "on_error")
@@ -56,7 +59,8 @@ SOURCE_OPTIONS = {"embedded": ("domains", "max_docs_per_domain"),
                          "domain_field", "default_domain", "on_error"),
                   "jsonl": _READER_OPTIONS, "parquet": _READER_OPTIONS, "text": _READER_OPTIONS}
 # the options of the plain sections ([steps] and [scale] have their own checks)
-SECTION_OPTIONS = {"output": ("dir",), "review": ("per_stratum", "seed"),
+SECTION_OPTIONS = {"output": ("dir",), "heldout": ("fraction", "seed"),
+                   "review": ("per_stratum", "seed"),
                    "tokenizer": ("vocab_size", "min_frequency"),
                    "mixture": ("weights", "total_tokens", "seed", "max_chunk_tokens")}
 
@@ -141,7 +145,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"config: unknown section(s) {unknown}; known: {list(SECTIONS)}")
     config = {"output": {"dir": "out/data"}, "sources": [{"kind": "embedded"}], "steps": {},
-              "review": {}, "tokenizer": {}, "mixture": {}, "scale": {}, **config}
+              "heldout": {}, "review": {}, "tokenizer": {}, "mixture": {}, "scale": {}, **config}
     scale = {"backend": "serial", "num_proc": 1, "spill_dir": None, **config["scale"]}
     if (scale["backend"] not in SCALE_BACKENDS
             or set(scale) != {"backend", "num_proc", "spill_dir"}):
@@ -186,10 +190,10 @@ def _check_sources(sources: Any) -> None:
 
 
 def _check_sections(config: dict[str, Any]) -> None:
-    """[output], [review], [tokenizer] and [mixture]: names and values, so that a typo
-    fails before any work (the mixture's domains can only be matched to the documents'
-    once those are read: prepare does that then, and again, before the tokenizer is
-    trained, against the kept ones)."""
+    """[output], [heldout], [review], [tokenizer] and [mixture]: names and values, so
+    that a typo fails before any work (the mixture's domains can only be matched to the
+    documents' once those are read: prepare does that then, and again, before the
+    tokenizer is trained, against the kept ones)."""
     for section, known in SECTION_OPTIONS.items():
         if not isinstance(config[section], dict):
             raise ValueError(f"{section}: expected a table, got {config[section]!r}")
@@ -205,6 +209,7 @@ def _check_sections(config: dict[str, Any]) -> None:
         section, key = label.split(".")
         if key in config[section]:
             whole_number(label, config[section][key], low)
+    HeldOutChooser(**config["heldout"])  # its values (the names are checked above)
     if not isinstance(config["output"].get("dir", ""), str):
         raise ValueError(f"output.dir: expected a path, got {config['output']['dir']!r}")
     mixture = config["mixture"]

@@ -159,7 +159,8 @@ class PackedLoader:
     def from_prepared(cls, directory: str, seq_len: int, batch_size: int,
                       num_workers: int = 0) -> "PackedLoader":
         """The loader over what ``dsv3 data prepare`` wrote to ``directory``
-        (``tokens/`` and the schedule in ``mixture.json``)."""
+        (``tokens/`` and the schedule in ``mixture.json``): its training documents,
+        not the held-out ones (dsv3.data.heldout)."""
         check_complete(directory, "directory")  # mid-update: tokens of two runs
         path = os.path.join(directory, "mixture.json")
         if not os.path.exists(path):
@@ -167,7 +168,7 @@ class PackedLoader:
                                     f"(write it with `dsv3 data prepare`)")
         with open(path) as f:
             mix = json.load(f)
-        corpus = TokenizedCorpus.load(os.path.join(directory, "tokens"))
+        corpus = TokenizedCorpus.load(os.path.join(directory, "tokens")).training_part()
         schedule = MixtureSchedule(mix["weights"], mix["total_tokens"])
         return cls(corpus, schedule, seq_len, batch_size, seed=mix["seed"],
                    max_chunk_tokens=mix["max_chunk_tokens"], num_workers=num_workers)

@@ -7,9 +7,11 @@ training); the datasets and Spark backends spill the input to parquet shards fir
     stats.json            per-step kept/dropped/modified counts with reasons, reader
                           counts (malformed records skipped), tokens per domain
     dropped/<step>.jsonl  every dropped document with its step and reason
-    kept/<domain>.jsonl   the documents that made it through
+    kept/<domain>.jsonl   the documents that made it through, the held-out ones last
+                          (flagged "heldout": never augmented, see dsv3.data.heldout)
     tokenizer.json        the byte-level BPE trained on the kept documents
-    tokens/               per-domain token arrays + offsets (TokenizedCorpus)
+    tokens/               per-domain token arrays + offsets (TokenizedCorpus), and in
+                          its manifest how many of each domain's last are held out
     mixture.json          the schedule the trainer's loader will follow
     review/               the spot-check sample: sample.jsonl, strata.json, index.html
 
@@ -62,6 +64,7 @@ from dsv3.data.augment import Augmenter, Lexicon
 from dsv3.data.config import build_steps, validate_config
 from dsv3.data.corpus import DOMAINS, embedded_corpus
 from dsv3.data.document import Document
+from dsv3.data.heldout import HELDOUT_KEY, HeldOutChooser, is_held_out
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.data.movein import finish_interrupted, journal_path, move_in
 from dsv3.data.pipeline import Pipeline
@@ -125,10 +128,21 @@ def _check_mixture_after_reading(docs: Iterator[Document], config: dict
     _missing_mixture_domains(config, seen, ": no source has any (the sources' domains: {})")
 
 
-def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
+def _write_kept(docs: Iterator[Document], kept_dir: str
+                ) -> tuple[dict[str, int], dict[str, int]]:
+    """Each domain's kept documents to ``kept/<domain>.jsonl``, the held-out ones
+    (dsv3.data.heldout) last; returns the documents per domain and the held-out ones
+    among them. A domain whose every document was held out trains on them all: its
+    documents keep their place and lose the flag (they were not augmented either)."""
     os.makedirs(kept_dir, exist_ok=True)
-    files: dict[str, Any] = {}
+    files: dict[tuple[str, bool], Any] = {}
     counts: dict[str, int] = {}
+    held: dict[str, int] = {}
+
+    def path(domain: str, held_out: bool) -> str:
+        # the held-out ones wait in a hidden file until every document is written
+        return os.path.join(kept_dir, f".{domain}.heldout" if held_out else f"{domain}.jsonl")
+
     try:
         for doc in docs:
             # the readers and the config check domains as they come in; this is the
@@ -136,16 +150,35 @@ def _write_kept(docs: Iterator[Document], kept_dir: str) -> dict[str, int]:
             if not DOMAIN_NAME_RE.match(doc.domain):
                 raise ValueError(f"document {doc.id!r}: domain {doc.domain!r} cannot name a "
                                  f"file ({DOMAIN_NAME_RULE})")
-            f = files.get(doc.domain)
+            key = (doc.domain, is_held_out(doc))
+            f = files.get(key)
             if f is None:
-                f = files[doc.domain] = open(os.path.join(kept_dir, f"{doc.domain}.jsonl"), "w",
-                                             encoding="utf-8")
+                f = files[key] = open(path(*key), "w", encoding="utf-8")
             f.write(json.dumps(doc.to_row(), ensure_ascii=False) + "\n")
             counts[doc.domain] = counts.get(doc.domain, 0) + 1
+            held[doc.domain] = held.get(doc.domain, 0) + key[1]
     finally:
         for f in files.values():
             f.close()
-    return counts
+    for domain in counts:
+        if not held[domain]:
+            continue
+        trained_on_all = held[domain] == counts[domain]
+        with open(path(domain, False), "a", encoding="utf-8") as out, \
+                open(path(domain, True), encoding="utf-8") as waiting:
+            for line in waiting:
+                if trained_on_all:
+                    row = json.loads(line)
+                    row["metadata"].pop(HELDOUT_KEY, None)
+                    line = json.dumps(row, ensure_ascii=False) + "\n"
+                out.write(line)
+        os.remove(path(domain, True))
+        if trained_on_all:
+            print(f"dsv3 data prepare: every kept document of domain {domain!r} "
+                  f"({counts[domain]}) fell in the held-out share; it holds none out and "
+                  f"trains on them all", file=sys.stderr)
+            held[domain] = 0
+    return counts, held
 
 
 def _kept_texts(kept_dir: str, domain: str) -> Iterator[str]:
@@ -159,11 +192,13 @@ def _bar(items: Iterator, **kwargs) -> Iterator:
     yield from tqdm(items, unit="doc", **kwargs)
 
 
-def _mixture(config: dict, manifest: dict) -> dict:
-    """The schedule to store: the configured one, or constant natural token shares."""
+def _mixture(config: dict, corpus: TokenizedCorpus) -> dict:
+    """The schedule to store: the configured one, or constant natural shares of the
+    training tokens (the held-out documents are not trained on)."""
     mix = dict(config["mixture"])
     weights = mix.pop("weights", None)
-    tokens = {d: m["tokens"] for d, m in manifest["domains"].items()}
+    held = corpus.heldout["documents"] if corpus.heldout else {}
+    tokens = {d: int(o[len(o) - 1 - held.get(d, 0)]) for d, o in corpus.offsets.items()}
     if weights is None:
         total = sum(tokens.values())
         weights = {d: n / total for d, n in tokens.items()}
@@ -311,12 +346,13 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
     _resolve_learned_lexicon(config, skip_malformed)
     t0 = time.perf_counter()
     reader_stats: list[dict] = []
+    chooser = HeldOutChooser(**config["heldout"])
     review_cfg = config["review"]
     reviewer = ReviewSampler(review_cfg.get("per_stratum", 5), review_cfg.get("seed", 0))
     pipeline = Pipeline(build_steps(config, os.path.join(stage, "dropped")), reviewer=reviewer)
     try:
         sources = _check_mixture_after_reading(
-            read_sources(config, skip_malformed, reader_stats), config)
+            chooser.mark(read_sources(config, skip_malformed, reader_stats)), config)
         scale = config["scale"]
         if scale["backend"] == "serial":
             docs = pipeline.run(sources, progress=progress)
@@ -325,7 +361,7 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
                               scale["num_proc"], spill_dir=scale.get("spill_dir"),
                               progress=progress)
             docs = _bar(docs, desc="documents kept") if progress else docs
-        kept = _write_kept(docs, os.path.join(stage, "kept"))
+        kept, held = _write_kept(docs, os.path.join(stage, "kept"))
     finally:
         pipeline.close()
     review = reviewer.write(os.path.join(stage, "review"))
@@ -349,16 +385,20 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
     tokenizer.save(os.path.join(stage, "tokenizer.json"))
     by_domain = {d: (_bar(_kept_texts(kept_dir, d), desc=f"tokenizing {d}", total=kept[d])
                      if progress else _kept_texts(kept_dir, d)) for d in sorted(kept)}
-    manifest = TokenizedCorpus.encode(by_domain, tokenizer).save(os.path.join(stage, "tokens"))
+    corpus = TokenizedCorpus.encode(by_domain, tokenizer)
+    heldout = {**chooser.to_dict(), "documents": {d: held[d] for d in sorted(kept)}}
+    corpus = TokenizedCorpus(corpus.tokens, corpus.offsets, corpus.eos_id, corpus.vocab_size,
+                             heldout)
+    manifest = corpus.save(os.path.join(stage, "tokens"))
     t_tokens = time.perf_counter()
 
-    mixture = _mixture(config, manifest)
+    mixture = _mixture(config, corpus)
     with open(os.path.join(stage, "mixture.json"), "w") as f:
         json.dump(mixture, f, indent=2)
     side_files = {s.name for s in pipeline.steps if s.dropped_writer is not None}
     return pipeline.write_stats(os.path.join(stage, "stats.json"), extra={
         "outputs": _outputs(manifest["domains"], side_files),
-        "readers": reader_stats, "kept_by_domain": kept, "review": review,
+        "readers": reader_stats, "kept_by_domain": kept, "heldout": heldout, "review": review,
         "augmentation": {s.name: {"rate": s.rate, "realized_rate": round(s.realized_rate, 4)}
                          for s in pipeline.steps if isinstance(s, Augmenter)}, "tokens": manifest,
         "mixture": mixture,

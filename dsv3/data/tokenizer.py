@@ -6,6 +6,8 @@ Each document is encoded once and stored per domain as one flat ``uint32`` token
 plus document offsets (``.npy``, memory-mapped when read), which is all the mixture
 sampler and the packer need: a document is a slice, and its length is a subtraction.
 An end-of-text token closes every document, so packed sequences mark where one ends.
+When ``dsv3 data prepare`` held documents out (dsv3.data.heldout), they are each
+domain's last ones, and ``heldout`` says how many (the manifest's ``"heldout"``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from contextlib import contextmanager
 from typing import Iterable, Mapping
 
 import numpy as np
+
+from dsv3.validate import number
 
 EOS = "<|endoftext|>"
 
@@ -53,19 +57,36 @@ def specials_as_text(tokenizer):
 
 
 class TokenizedCorpus:
-    """Per-domain ``tokens`` (uint32) and ``offsets`` (int64, n_docs + 1) arrays."""
+    """Per-domain ``tokens`` (uint32) and ``offsets`` (int64, n_docs + 1) arrays, and
+    ``heldout``: None, or the prepared held-out split, ``{"fraction", "seed",
+    "documents": {domain: how many of its last documents are held out}}``."""
 
     def __init__(self, tokens: Mapping[str, np.ndarray], offsets: Mapping[str, np.ndarray],
-                 eos_id: int, vocab_size: int) -> None:
+                 eos_id: int, vocab_size: int, heldout: dict | None = None) -> None:
         if set(tokens) != set(offsets):
             raise ValueError(f"tokens and offsets name different domains: "
                              f"{sorted(tokens)} vs {sorted(offsets)}")
         self.tokens, self.offsets = dict(tokens), dict(offsets)
         self.eos_id, self.vocab_size = eos_id, vocab_size
+        if heldout is not None:
+            _check_heldout(heldout, {d: len(o) - 1 for d, o in self.offsets.items()})
+        self.heldout = heldout
 
     @property
     def domains(self) -> list[str]:
         return list(self.tokens)
+
+    def training_part(self) -> "TokenizedCorpus":
+        """The corpus without its held-out documents (itself when none are): what a
+        loader may train on."""
+        if self.heldout is None:
+            return self
+        tokens, offsets = {}, {}
+        for d, o in self.offsets.items():
+            n_train = len(o) - 1 - self.heldout["documents"][d]
+            offsets[d] = o[:n_train + 1]
+            tokens[d] = self.tokens[d][:int(o[n_train])]
+        return TokenizedCorpus(tokens, offsets, self.eos_id, self.vocab_size)
 
     @classmethod
     def encode(cls, docs_by_domain: Mapping[str, Iterable[str]], tokenizer,
@@ -104,6 +125,8 @@ class TokenizedCorpus:
             np.save(os.path.join(directory, f"{d}.offsets.npy"), self.offsets[d])
             manifest["domains"][d] = {"documents": len(self.offsets[d]) - 1,
                                       "tokens": int(self.offsets[d][-1])}
+        if self.heldout is not None:
+            manifest["heldout"] = self.heldout
         with open(os.path.join(directory, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=2)
         return manifest
@@ -120,4 +143,22 @@ class TokenizedCorpus:
                   for d in manifest["domains"]}
         offsets = {d: np.load(os.path.join(directory, f"{d}.offsets.npy"))
                    for d in manifest["domains"]}
-        return cls(tokens, offsets, manifest["eos_id"], manifest["vocab_size"])
+        try:
+            return cls(tokens, offsets, manifest["eos_id"], manifest["vocab_size"],
+                       manifest.get("heldout"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def _check_heldout(heldout: dict, documents: dict[str, int]) -> None:
+    """A held-out split names every domain, and leaves each at least one document to
+    train on."""
+    counts = heldout.get("documents") if isinstance(heldout, dict) else None
+    if not isinstance(counts, dict) or set(counts) != set(documents):
+        raise ValueError(f"heldout: expected held-out document counts for the domains "
+                         f"{sorted(documents)}, got {heldout!r}")
+    number("heldout.fraction", heldout.get("fraction"), 0, 1, high_open=True)
+    for domain, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < documents[domain]:
+            raise ValueError(f"heldout: domain {domain!r} has {documents[domain]} document(s), "
+                             f"so 0 to {documents[domain] - 1} can be held out, got {n!r}")

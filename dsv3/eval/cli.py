@@ -91,7 +91,8 @@ def _corpus(args: argparse.Namespace) -> str | None:
     if args.corpus:
         return args.corpus
     heldout = os.path.join(args.checkpoint, "heldout.jsonl")
-    # A run trained with val_fraction = 0 holds out nothing and exports an empty file:
+    # A run that held out nothing (val_fraction or the data's [heldout] fraction 0)
+    # exports an empty file:
     # that is a checkpoint without held-out documents, not a corpus file with no rows.
     return heldout if os.path.isfile(heldout) and _holds_a_row(heldout) else None
 
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     uses_documents = any(needs_documents(task, options) for task in tasks)
     if uses_documents and corpus is None:
         heldout = os.path.join(args.checkpoint, "heldout.jsonl")
-        held = f"an empty {heldout} (trained with val_fraction = 0)" if os.path.isfile(
+        held = f"an empty {heldout} (its run held no documents out)" if os.path.isfile(
             heldout) else f"no {heldout}"
         warn(f"no --corpus and {held}: using the "
              f"embedded corpus' held-out split, which may overlap the model's training data "

@@ -126,7 +126,10 @@ class TrainConfig:
     data_dir: str = "out/data"
     # The share of each domain's documents held out (the last ones, whole): never
     # trained on, exported to final/heldout.jsonl for the evaluation. 0 holds none out.
-    val_fraction: float = 0.05
+    # None: the documents `dsv3 data prepare` held out ([heldout] fraction in the data
+    # config), or 0.05 in data prepared before it chose them; a number must then match
+    # the prepared one (dsv3.train.data.resolve_val_fraction).
+    val_fraction: float | None = None
     model: str = "tiny"  # a preset of dsv3.model.PRESETS
     model_overrides: dict = field(default_factory=dict)
     steps: int = 300
@@ -166,7 +169,8 @@ class TrainConfig:
             whole_number(name, getattr(self, name), 0)
         whole_number("seed", self.seed)
         # all held out would leave nothing to train on
-        number("val_fraction", self.val_fraction, 0, 1, high_open=True)
+        if self.val_fraction is not None:
+            number("val_fraction", self.val_fraction, 0, 1, high_open=True)
         for name in ("out_dir", "data_dir", "model"):
             of_type(name, getattr(self, name), str)
         of_type("model_overrides", self.model_overrides, dict)

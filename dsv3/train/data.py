@@ -2,9 +2,11 @@
 training part and a held-out part, served per stage by the data pipeline's
 resumable ``PackedLoader`` under the stage's domain-mixture schedule.
 
-The held-out part is the last ``val_fraction`` of each domain's documents (whole
-documents, so no text is in both). Each stage gets its own loader, with its own
-sequence length and a token budget of exactly what the stage consumes. A stage
+The held-out part is each domain's last documents (whole documents, so no text is in
+both): those ``dsv3 data prepare`` chose and never augmented (dsv3.data.heldout), or,
+in data prepared before it chose them, the last ``val_fraction`` of them. Each stage
+gets its own loader, with its own sequence length and a token budget of exactly what
+the stage consumes. A stage
 with a mixture of its own (``mixture_start``/``mixture_end``) runs that schedule from
 its start to its end. The stages without one share the prepared ``mixture.json``
 schedule: it runs once across them, start to end, over their tokens together (the
@@ -115,12 +117,36 @@ def schedule_part(weights: dict, start: float, end: float) -> dict:
             for i, domain in enumerate(whole.domains)}
 
 
+DEFAULT_VAL_FRACTION = 0.05  # for data prepared before the split was made there
+
+
+def resolve_val_fraction(corpus: TokenizedCorpus, val_fraction: float | None) -> float:
+    """The held-out share a run uses: the prepared split's (data from ``dsv3 data
+    prepare``, which chose the documents, see dsv3.data.heldout), where a setting
+    other than it is an error rather than ignored; else the setting, by default 0.05."""
+    if corpus.heldout is None:
+        return DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    prepared = corpus.heldout["fraction"]
+    if val_fraction is not None and val_fraction != prepared:
+        raise ValueError(f"val_fraction = {val_fraction:g}: this data holds out its own "
+                         f"documents, chosen when it was prepared ([heldout] fraction = "
+                         f"{prepared:g} in its data config; they are never augmented): leave "
+                         f"val_fraction unset, or prepare the data again with another "
+                         f"[heldout] fraction")
+    return prepared
+
+
 def _split(corpus: TokenizedCorpus, val_fraction: float):
+    """Per domain, its last documents held out: those the data was prepared with, or
+    else ``val_fraction`` of them."""
     train_tokens, train_offsets, val = {}, {}, {}
     for domain in corpus.domains:
         offsets = corpus.offsets[domain]
         n_docs = len(offsets) - 1
-        n_val = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
+        if corpus.heldout is not None:  # checked at load to leave >= 1 to train on
+            n_val = corpus.heldout["documents"][domain]
+        else:
+            n_val = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
         if n_docs - n_val < 1:
             raise ValueError(f"domain {domain!r} has {n_docs} document(s): too few to hold "
                              f"{n_val} out and train on the rest (val_fraction={val_fraction:g}; "
@@ -142,6 +168,7 @@ class TrainData:
     seed: int = 0
     max_chunk_tokens: int = 1024  # mixture.json's: the longest unit taken from one document
     fingerprint: dict | None = None  # data_fingerprint: what a resume checks
+    val_fraction: float = DEFAULT_VAL_FRACTION  # the held-out share (resolve_val_fraction)
 
     @property
     def vocab_size(self) -> int:
@@ -153,18 +180,20 @@ class TrainData:
 
     @classmethod
     def from_corpus(cls, corpus: TokenizedCorpus, weights: dict | None = None,
-                    tokenizer_path: Path | None = None, val_fraction: float = 0.05,
+                    tokenizer_path: Path | None = None, val_fraction: float | None = None,
                     seed: int = 0, max_chunk_tokens: int = 1024) -> "TrainData":
+        val_fraction = resolve_val_fraction(corpus, val_fraction)
         train, val = _split(corpus, val_fraction)
         if weights is None:  # the domains' natural token shares
             total = sum(int(o[-1]) for o in train.offsets.values())
             weights = {d: int(train.offsets[d][-1]) / total for d in train.domains}
         fingerprint = data_fingerprint(corpus, tokenizer_path, {
             "weights": weights, "seed": seed, "max_chunk_tokens": max_chunk_tokens}, val_fraction)
-        return cls(train, val, weights, tokenizer_path, seed, max_chunk_tokens, fingerprint)
+        return cls(train, val, weights, tokenizer_path, seed, max_chunk_tokens, fingerprint,
+                   val_fraction)
 
     @classmethod
-    def load(cls, data_dir: str | Path, val_fraction: float = 0.05) -> "TrainData":
+    def load(cls, data_dir: str | Path, val_fraction: float | None = None) -> "TrainData":
         data_dir = Path(data_dir)
         # before reading anything: mid-update, its tokens may be of another tokenizer
         check_complete(str(data_dir), "data_dir")

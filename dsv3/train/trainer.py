@@ -49,6 +49,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
         check_stage_mixtures(config.stages, data.domains)  # not when a later stage starts
         check_preference_stages(config.stages, data.train.tokens)
+        if config.val_fraction is None:  # saved as the share the data was split with
+            config.val_fraction = data.val_fraction
         self.config, self.data = config, data
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.distributed = dist.is_available() and dist.is_initialized()
