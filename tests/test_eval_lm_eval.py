@@ -200,3 +200,42 @@ def test_run_evaluation_reports_lm_eval_prompts_the_context_cut(lm_class, monkey
         "tokens to generate and lost their start: lower the task's max_gen_toks or shorten "
         "the prompts"]
     assert "| lm-eval:fake fake | exact_match,none | 0.5 |" in markdown_table(results)
+
+
+def test_trailing_whitespace_of_any_kind_moves_to_the_continuation(lm_class):
+    """lm-eval's own models move all of the context's trailing whitespace
+    (``context.rstrip()`` in ``_encode_pair``), a newline too; the adapter moved only
+    spaces, so a context ending in "\\n" had its newline scored as context, and the
+    continuation's log-likelihood summed one token fewer than on lm-eval's models."""
+    assert adapter.split_pair("Q: 2+2?\n", "4") == ("Q: 2+2?", "\n4")
+    assert adapter.split_pair("The quick \t\n ", "fox") == ("The quick", " \t\n fox")
+    assert adapter.split_pair("The quick", " fox") == ("The quick", " fox")
+    text_codec = codec()
+    vocab, eos = text_codec.vocab_size, text_codec.eos_id
+    knows = [[eos] + text_codec.encode("The quick") + text_codec.encode("\nbrown fox")]
+    lm = lm_class(model=OracleModel(vocab, knows), codec=text_codec)
+    ((logprob, greedy),) = lm.loglikelihood([request("loglikelihood", "The quick\n",
+                                                     "brown fox")])
+    n = len(text_codec.encode("\nbrown fox"))
+    assert logprob == pytest.approx(n * (20 - math.log(math.exp(20) + vocab - 1)), abs=1e-6)
+    assert greedy is True
+
+
+@pytest.mark.parametrize("value", ["auto", "auto:4"])
+def test_batch_size_auto_is_the_adapters_default(lm_class, value):
+    """lm-eval passes --batch_size as text and allows "auto"/"auto:N": int("auto")
+    failed with a message that named no argument."""
+    text_codec = codec()
+    lm = lm_class(model=UniformModel(text_codec.vocab_size), codec=text_codec,
+                  batch_size=value)
+    assert lm.batch_size == adapter.DEFAULT_BATCH_SIZE
+    assert lm_class(model=lm.model, codec=text_codec, batch_size="16").batch_size == 16
+
+
+@pytest.mark.parametrize("value", ["big", "0", 0, 2.5, True, "automatic"])
+def test_a_bad_batch_size_is_named(lm_class, value):
+    text_codec = codec()
+    with pytest.raises(ValueError, match=r"Dsv3LM: batch_size must be a whole number >= 1, "
+                                         r"\"auto\" or \"auto:N\", got "):
+        lm_class(model=UniformModel(text_codec.vocab_size), codec=text_codec,
+                 batch_size=value)

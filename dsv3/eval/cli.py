@@ -122,9 +122,7 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     # eval.json is written last: a bad --out must not cost the whole evaluation.
     output_path("--out", args.out, directory=True)
-    corpus = _corpus(args)
     options = EvalOptions(
-        documents=read_documents(corpus) if corpus else None,
         batch_size=args.batch_size, seed=args.seed, k_shot=args.k_shot,
         cloze_items=args.cloze_items, threshold=args.threshold,
         difficulty_state=args.difficulty_state or os.path.join(args.out, "difficulty.json"),
@@ -132,13 +130,21 @@ def run(args: argparse.Namespace) -> int:
         toxicity_classifier=args.toxicity_classifier, toxicity_prompts=args.toxicity_prompts,
         bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit,
         progress=not args.no_progress)
+    # The documents are read only for a task that scores them: a damaged heldout.jsonl
+    # must not stop an evaluation of mc files alone.
+    uses_documents = any(needs_documents(task, options) for task in tasks)
+    corpus = _corpus(args) if uses_documents else None
+    if corpus:
+        options.documents = read_documents(corpus)
+    elif args.corpus:  # given on purpose, so say it was not read
+        warn(f"--corpus {args.corpus} is not used: none of the tasks ({', '.join(tasks)}) "
+             f"reads documents")
     # Every task's options and files before the model: a missing --bias-spec must not
     # surface only after ppl ran, its results lost.
     prepared = prepare_evaluation(tasks, options)
     config, codec = read_checkpoint(args.checkpoint)
     # A choice longer than the context fails here, not after ppl ran: results kept.
     check_fits(prepared, codec, config.max_seq_len)
-    uses_documents = any(needs_documents(task, options) for task in tasks)
     if uses_documents and corpus is None:
         heldout = os.path.join(args.checkpoint, "heldout.jsonl")
         held = f"an empty {heldout} (its run held no documents out)" if os.path.isfile(

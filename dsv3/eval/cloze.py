@@ -5,7 +5,7 @@ telling them apart is:
 
 | level | choices | context words | answer words | distractors from |
 |---|---|---|---|---|
-| 1 | 2 | 48 | 8 | another domain (another document when there is one domain) |
+| 1 | 2 | 48 | 8 | another domain (any other document when no other domain's is long enough) |
 | 2 | 4 | 32 | 8 | other documents, any domain |
 | 3 | 4 | 16 | 6 | the same document (same topic and style: only real continuation skill helps) |
 
@@ -44,10 +44,13 @@ class _Doc:
         return self.text[self.words[first][0]:self.words[first + count - 1][1]]
 
 
-def _distractor_pool(doc: _Doc, docs: list[_Doc], kind: str) -> list[_Doc]:
+def _distractor_pool(doc: _Doc, docs: list[_Doc], kind: str, words: int) -> list[_Doc]:
+    """The documents a distractor of ``words`` words can be cut from. Too short ones
+    go before the other-domain fallback: another domain whose documents are all short
+    must not leave the pool empty while this domain has long ones."""
     if kind == "same-document":
         return [doc]
-    others = [d for d in docs if d is not doc]
+    others = [d for d in docs if d is not doc and len(d.words) >= words]
     if kind == "other-domain":
         return [d for d in others if d.domain != doc.domain] or others
     return others
@@ -78,8 +81,7 @@ def cloze_items(documents: list[tuple[str, str]], level: int, n_items: int = 40,
             continue
         truth = doc.span(answer_at, spec.answer_words)
         choices = {truth}
-        pool = [d for d in _distractor_pool(doc, docs, spec.distractors)
-                if len(d.words) >= spec.answer_words]
+        pool = _distractor_pool(doc, docs, spec.distractors, spec.answer_words)
         for _ in range(20 * spec.n_choices):
             if len(choices) == spec.n_choices or not pool:
                 break

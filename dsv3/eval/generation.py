@@ -2,13 +2,14 @@
 continuations of sources against references, from any jsonl of
 ``{"source": ..., "reference": ...}`` rows.
 
-sacrebleu's defaults are kept (BLEU: 13a tokenization, exponential smoothing off;
-chrF: character 6-grams, beta 2) so numbers compare with published ones. The decoded
-text is cut at the first stop string (default a newline), where decoding stops: a small model rarely emits
-its eos id right after one answer line. A prompt too long to leave room for
-``max_new_tokens`` in the model's context loses its start (``decoding``), so a long
-source is still answered in full; ``truncated_prompts`` counts such prompts, as the
-multiple-choice results count theirs.
+sacrebleu's defaults are kept (BLEU: 13a tokenization, exponential smoothing,
+``smooth_method='exp'``; chrF: character 6-grams, beta 2) so numbers compare with
+published ones. The decoded text is cut at the first stop string (default a
+newline), where decoding stops: a small model rarely emits its eos id right after
+one answer line. A prompt too long to leave room for ``max_new_tokens`` in the
+model's context loses its start (``decoding``), so a long source is still answered
+in full; ``truncated_prompts`` counts such prompts, as the multiple-choice results
+count theirs.
 """
 from __future__ import annotations
 
@@ -17,10 +18,24 @@ from tqdm.auto import tqdm
 from dsv3.eval.decoding import generate, stop_at_text
 from dsv3.eval.jsonl import read_jsonl_rows, require_str
 
+INSTALL_HINT = ("gen: BLEU and chrF need sacrebleu, an optional package: "
+                "pip install 'dsv3[eval]'")
+
+
+def sacrebleu_module():
+    """sacrebleu, imported on first use (it is an optional package); the runner asks
+    for it when it reads a gen task's file, so that a missing one is reported before
+    the model loads, not after the other tasks ran."""
+    try:
+        import sacrebleu
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    return sacrebleu
+
 
 def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """{"bleu", "chrf"} in [0, 100] for parallel lists of strings (one reference each)."""
-    import sacrebleu
+    sacrebleu = sacrebleu_module()
 
     if not isinstance(hypotheses, list) or not all(isinstance(h, str) for h in hypotheses):
         raise TypeError("hypotheses must be a list of str")

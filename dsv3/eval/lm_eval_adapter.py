@@ -13,8 +13,11 @@ the import fails with the install command. Tasks fetch their data from the HF hu
 this needs network (or a populated HF cache); dsv3's own tasks do not.
 
 Where it differs from lm-eval's HF model: the context and continuation are tokenized
-separately (trailing spaces of the context move to the continuation, as lm-eval's
+separately (trailing whitespace of the context moves to the continuation, as lm-eval's
 own models do) and rolling log-likelihoods use ``perplexity``'s strided windows.
+``batch_size`` takes lm-eval's ``"auto"`` and ``"auto:N"`` as the adapter's default
+(``DEFAULT_BATCH_SIZE``) rather than searching for the largest batch that fits: the
+model is scored dropless, so the batch size changes the speed, never a score.
 
 ``generate_until`` cuts a context too long to leave room for ``max_gen_toks`` from the
 left, as lm-eval's own models do (``decoding``), and counts it: the adapter's
@@ -32,6 +35,7 @@ from dsv3.eval.perplexity import window_plan
 from dsv3.eval.scoring import context_limit, score_continuations, score_sequences
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF model's default
+DEFAULT_BATCH_SIZE = 8  # what "auto" gets (see the module docstring)
 INSTALL_HINT = ("the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval "
                 "(its tasks also need network access to the HF hub, or a populated cache)")
 
@@ -40,7 +44,7 @@ class _Dsv3LMMethods:
     """The lm-eval LM methods; mixed into lm-eval's LM base by ``lm_eval_class``."""
 
     def __init__(self, model=None, codec=None, checkpoint: str | None = None,
-                 batch_size: int | str = 8, max_gen_toks: int | str | None = None,
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, max_gen_toks: int | str | None = None,
                  device: str = "cpu"):
         super().__init__()
         if checkpoint is not None:
@@ -49,7 +53,7 @@ class _Dsv3LMMethods:
         if model is None or codec is None:
             raise ValueError("Dsv3LM: pass model= and codec=, or checkpoint=")
         self.model, self.codec = model, codec
-        self.batch_size = int(batch_size)
+        self.batch_size = _batch_size(batch_size)
         limit = context_limit(model)
         if max_gen_toks is None:  # see the module docstring
             max_gen_toks = DEFAULT_MAX_GEN_TOKS if limit is None else \
@@ -92,10 +96,8 @@ class _Dsv3LMMethods:
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = []
         for request in requests:
-            context, continuation = request.args
-            stripped = context.rstrip(" ")
-            continuation = context[len(stripped):] + continuation
-            pairs.append((self._prefix() + self.codec.encode(stripped),
+            context, continuation = split_pair(*request.args)
+            pairs.append((self._prefix() + self.codec.encode(context),
                           self.codec.encode(continuation)))
         scored = score_continuations(self.model, pairs, self.batch_size)
         return [(r.logprobs.sum().item(), bool(r.greedy.all())) for r in scored]
@@ -139,6 +141,31 @@ class _Dsv3LMMethods:
                     text = text.split(stop)[0]
             outputs.append(text)
         return outputs
+
+
+def _batch_size(value) -> int:
+    """``Dsv3LM``'s batch_size as an int: lm-eval passes model arguments as text, and
+    "auto" or "auto:N" for the largest batch that fits (here the default, see the
+    module docstring)."""
+    if isinstance(value, str) and (value == "auto" or value.startswith("auto:")):
+        return DEFAULT_BATCH_SIZE
+    try:  # an int, or its text; 2.5 or True is no batch size
+        size = int(value) if isinstance(value, str) or type(value) is int else None
+    except ValueError:
+        size = None
+    if size is None or size < 1:
+        raise ValueError(f"Dsv3LM: batch_size must be a whole number >= 1, \"auto\" or "
+                         f"\"auto:N\", got {value!r}")
+    return size
+
+
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """(context, continuation) with the context's trailing whitespace moved onto the
+    continuation, as lm-eval's ``_encode_pair`` does (``context.rstrip()``: spaces,
+    newlines, tabs), so that a request ending in "\n" scores the same text split the
+    same way as on lm-eval's own models."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
 
 
 _CLASS = None

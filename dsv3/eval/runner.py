@@ -94,6 +94,8 @@ def parse_tasks(spec: str) -> list[str]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"tasks must be a comma-separated list, got {spec!r}")
     tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:  # "," or " , ": nothing to run, yet eval.json would be overwritten
+        raise ValueError(f"tasks must name at least one task, got {spec!r}")
     for task in tasks:
         _check_task_name(task)
     if len(set(tasks)) != len(tasks):
@@ -218,6 +220,7 @@ def _prepare_task(task: str, documents, schedules, options) -> object:
     if kind == "mc":
         return _prepare_mc(task, arg, schedules, options)
     if kind == "gen":
+        generation.sacrebleu_module()  # missing: its install hint now, not after the other tasks
         return generation.read_pairs(arg)
     if task == "toxicity":
         return _prepare_toxicity(documents, options)
