@@ -10,6 +10,7 @@ transformers uses, so weights move between the two without reshuffling.
 import contextlib
 import math
 import threading
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -164,6 +165,9 @@ class MoE(nn.Module):
     def __init__(self, config: MoEConfig, *, device=None, dtype=None, ep_group=None):
         super().__init__()
         self.config = c = config
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            # trainable weights: an integer dtype failed deep in nn.Parameter, unnamed
+            raise TypeError(f"MoE: dtype must be a floating-point torch.dtype, got {dtype!r}")
         factory = {"device": device, "dtype": dtype}
         self.ep_group = ep_group
         self.expert_range = range(c.n_experts)
@@ -383,7 +387,18 @@ class MoE(nn.Module):
             # the forward's record: its counts are in, and its aux_loss is the one the
             # loss was built from (the replay's would hold the recomputed graph alive).
             return
-        if self.training and self.expert_bias is not None:
+        if self.training and not torch.is_grad_enabled():
+            # No step learns from this forward. Under reentrant checkpointing it is the
+            # first pass, and the replay in backward records again: counting both would
+            # count the batch twice, and the router would get nothing from this aux_loss.
+            if c.aux_loss_coef > 0 or c.z_loss_coef > 0:
+                warnings.warn(
+                    "MoE: a training-mode forward without gradients (torch.no_grad, or the "
+                    "first pass of torch.utils.checkpoint(..., use_reentrant=True)): its "
+                    "aux_loss carries no gradient, so the router learns nothing from the "
+                    "balance losses; checkpoint with use_reentrant=False, or call eval() "
+                    "for a forward that trains nothing", stacklevel=3)
+        elif self.training and self.expert_bias is not None:
             self.pending_counts += routed_E
         self.aux_loss = aux + z
         # The stats' losses live in one new stacked tensor, never a detached alias or a

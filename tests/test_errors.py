@@ -551,3 +551,11 @@ def test_compression_state_refuses_what_is_not_its_state_dict(state):
     with pytest.raises(ValueError, match=r"CompressionState.load_state_dict: expected a dict "
                                          r"from CompressionState.state_dict\(\) with keys "):
         CompressionState().load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, "bfloat16", torch.bool])
+def test_a_layer_dtype_that_cannot_train_is_named(dtype):
+    """Before: "Only Tensors of floating point and complex dtype can require gradients"
+    from deep in nn.Parameter (a string passed as far as torch.empty)."""
+    with pytest.raises(TypeError, match=r"MoE: dtype must be a floating-point torch.dtype"):
+        MoE(MoEConfig(dim=8, ffn_dim=16, n_experts=4, top_k=2), dtype=dtype)

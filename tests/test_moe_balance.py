@@ -169,3 +169,21 @@ def test_update_bias_is_a_noop_without_rate():
     moe(torch.randn(8, 32))
     moe.update_bias()
     assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items())
+
+
+def test_reentrant_checkpointing_counts_a_batch_once_and_warns_of_the_lost_loss():
+    """Its first pass runs under no_grad and the replay in backward runs the layer
+    again. Before: the selection bias counted the batch twice, and the aux_loss of the
+    first pass (no gradient) left the router untrained by it, without a word."""
+    from torch.utils.checkpoint import checkpoint
+    x_TD = torch.randn(40, 32)
+    plain = make_moe(bias_update_rate=1e-3, aux_loss_coef=0.1)
+    plain(x_TD).sum().backward()
+    moe = make_moe(bias_update_rate=1e-3, aux_loss_coef=0.1)
+    moe.load_state_dict(plain.state_dict())
+    with pytest.warns(UserWarning, match=r"aux_loss carries no gradient.*use_reentrant=False"):
+        y = checkpoint(moe, x_TD.requires_grad_(), use_reentrant=True)
+    assert not moe.aux_loss.requires_grad
+    y.sum().backward()
+    assert torch.equal(moe.pending_counts, plain.pending_counts)
+    assert plain.pending_counts.sum() == 40 * 2

@@ -56,6 +56,33 @@ def test_parameters_come_in_the_unpatched_order(arch):
     assert [id(p) for p in model.parameters() if p.requires_grad] == want
 
 
+# Families whose frozen selection bias is an nn.Parameter, held by the patched block
+# as a buffer (README: build the optimizer over the trainable parameters there).
+BIAS_PARAMETER_ARCHS = {"afmoe", "laguna", "ernie4_5_moe", "ernie4_5_moe_no_shared"}
+
+
+@pytest.mark.parametrize("arch", [arch_param(a) for a in ARCHS])
+def test_frozen_parameters_too_come_in_the_unpatched_order(arch):
+    """An optimizer over every parameter (a plain AdamW(model.parameters())) counts the
+    frozen ones. Where the patched model lacks one (the bias it holds as a buffer), the
+    counts differ, so loading the other model's state refuses; it never pairs a
+    moment with the wrong parameter."""
+    model = tiny_model(arch)
+    want = [id(p) for p in model.parameters()]
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    dt.patch_moe(model)
+    got = [id(p) for p in model.parameters()]
+    if arch not in BIAS_PARAMETER_ARCHS:
+        assert got == want
+        return
+    lost = [i for i in want if i not in set(got)]
+    assert lost and set(lost) <= frozen
+    assert [i for i in want if i in set(got)] == [i for i in got if i in set(want)]
+    unpatched = torch.optim.AdamW(tiny_model(arch).parameters())
+    with pytest.raises(ValueError, match="size"):
+        torch.optim.AdamW(model.parameters()).load_state_dict(unpatched.state_dict())
+
+
 def test_optimizer_state_moves_between_patched_and_unpatched_models():
     """An Adam state saved with the unpatched model loads into the patched one (and
     back), each moment on the Parameter it was computed for."""

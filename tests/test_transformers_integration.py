@@ -211,6 +211,21 @@ def test_plain_moe_to_module(arch):
     assert_close(block(x), moe(x), "HF block output")
 
 
+def test_to_module_refuses_routing_the_block_has_no_place_for():
+    """Before: a capacity (copies past it dropped) and a learned selection bias were
+    left out of a Mixtral block without a word, and the block computed otherwise."""
+    capped = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["mixtral"], capacity_factor=0.5))
+    with pytest.raises(ValueError, match=r"^moe: capacity_factor=0.5: a .* block has no "
+                                         r"capacity"):
+        dt.to_module(capped, tiny_config("mixtral"))
+    biased = dsv3.MoE(dsv3.MoEConfig(dim=32, **PLAIN_CONFIGS["mixtral"], bias_update_rate=1e-3))
+    dt.to_module(biased, tiny_config("mixtral"))  # a zero bias changes no choice
+    biased.expert_bias.copy_(0.1 * torch.randn(biased.config.n_experts))
+    with pytest.raises(ValueError, match=r"^moe: its expert_bias .* is non-zero, and a .* "
+                                         r"block chooses experts without one"):
+        dt.to_module(biased, tiny_config("mixtral"))
+
+
 @pytest.mark.skipif(not hasattr(transformers, "SarvamMoEConfig"),
                     reason=f"transformers {transformers.__version__} has no Sarvam-MoE")
 def test_patched_model_of_another_model_type_round_trips():

@@ -552,3 +552,20 @@ def test_frozen_bias_parameter_stays_an_fp32_buffer(arch):
         assert "expert_bias" in block._buffers and "expert_bias" not in block._parameters
         assert block.expert_bias.dtype == torch.float32
     assert not any(name.endswith("expert_bias") for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("arch", [arch_param(a) for a in ("mixtral", "qwen2_moe", "deepseek_v3")])
+def test_under_autocast_a_patched_block_returns_the_hf_blocks_dtype(arch):
+    """Before: the patched block returned dsv3.MoE's autocast dtype (bf16) where the HF
+    block returns its input's (fp32)."""
+    model = tiny_model(arch)
+    block = sparse_block(model)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = block(x)
+        patched = dt.from_module(block)
+        got = patched(x)
+    want = want[0] if isinstance(want, tuple) else want
+    assert got.dtype == want.dtype == torch.float32
+    # both in bf16 arithmetic, in their own order
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()

@@ -14,10 +14,11 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   the block owns a tap: an instance of a subclass of that router class whose forward
   is the identity on logits. It is the submodule ``gate``, the name most HF blocks give
   their router, because some recorders also filter by module name (MiniMax's records
-  only modules under "mlp.gate"). Only when a hook sits on it (i.e. the
-  model was asked for router_logits) does the block compute the logits for it, once
-  more, outside dsv3.MoE's fused router: a [T, D] x [D, E] matmul, small next to the
-  experts. The logits are fp32 (dsv3 routes in fp32), where Mixtral and Qwen record
+  only modules under "mlp.gate"). Only when a hook sits on it does the block compute
+  the logits for it, once more, outside dsv3.MoE's fused router: a [T, D] x [D, E]
+  matmul, small next to the experts. transformers adds its recorder hooks on the
+  first forward asked for any recorded output (router_logits, or hidden states) and
+  keeps them, so from then on every forward pays that matmul. The logits are fp32 (dsv3 routes in fp32), where Mixtral and Qwen record
   them in the model dtype; in fp32 models they are the same.
 - Mixtral's (and MiniMax's) router jitter (training only, off by default): the same
   draws as HF's from the same RNG state, applied out of place (HF scales the block's
@@ -48,9 +49,8 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
-tensor the HF block returned, same shape and dtype. An input with no tokens (e.g.
-shape [1, 0, D]) raises a ValueError, as dsv3.MoE does, where HF blocks return an
-empty output.
+tensor the HF block returned, same shape and dtype (under autocast too). An input
+with no tokens (e.g. shape [1, 0, D]) gives an empty output, as HF blocks do.
 """
 import functools
 
@@ -260,7 +260,9 @@ class TransformersMoE(MoE):
         if self.gate._forward_hooks:  # transformers is recording router_logits
             x_TD = x.reshape(-1, self.config.dim)
             self.gate(F.linear(x_TD.float(), self.router.weight.float()))
-        y = super().forward(x)
+        # Under autocast dsv3.MoE returns the autocast dtype; the HF block returns its
+        # input's (it accumulates the experts' outputs into a tensor of that dtype).
+        y = super().forward(x).to(hidden_states.dtype)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y

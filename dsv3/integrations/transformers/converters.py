@@ -231,6 +231,7 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None, *,
         arch = architecture_for(getattr(hf_config, "model_type", None))
     if layer_idx is None:
         layer_idx = getattr(moe, "layer_idx", None)  # a TransformersMoE's, from from_module
+    _check_no_routing_beyond(arch, moe)
     block = _new_block(arch, hf_config, layer_idx)
     if arch.bias is not None:  # first: a refusal may read its values (ERNIE-4.5-MoE's)
         _set_attr(block, arch.bias, _hf_bias(arch, moe, _get_attr(block, arch.bias)))
@@ -250,6 +251,24 @@ def to_module(moe: MoE | gpt_oss.GptOssMoE, hf_config=None, *,
         if hasattr(block, "jitter_noise"):
             block.jitter_noise = moe.jitter_noise
     return block.train(moe.training)
+
+
+def _check_no_routing_beyond(arch, moe: MoE) -> None:
+    """What a plain dsv3.MoE may route with that the block has no place for: a capacity
+    (the block computes every routed copy) and a selection bias where the block keeps
+    none (Mixtral's). Either would make a block that routes otherwise, without a word."""
+    if moe.config.capacity_factor is not None:
+        raise ValueError(f"moe: capacity_factor={moe.config.capacity_factor!r}: a {arch.name} "
+                         f"block has no capacity (it computes every routed copy), so it would "
+                         f"not compute what moe computes; convert a layer with "
+                         f"capacity_factor=None")
+    bias_E = moe.expert_bias
+    if arch.bias is None and bias_E is not None and bool(bias_E.ne(0).any()):
+        raise ValueError(f"moe: its expert_bias (a learned selection bias, bias_update_rate="
+                         f"{moe.config.bias_update_rate!r}) is non-zero, and a {arch.name} "
+                         f"block chooses experts without one, so it would route otherwise; "
+                         f"convert to an architecture with a selection bias (e.g. "
+                         f"DeepSeek-V3's)")
 
 
 def _check_holds_every_expert(moe: MoE) -> None:
