@@ -398,3 +398,32 @@ def test_formats_that_were_missed_are_found(text, kind, value):
 ])
 def test_look_alikes_of_those_formats_are_left(text):
     assert find_pii(text) == []
+
+
+@pytest.mark.parametrize("text, value", [
+    # national numbers, no country code: a number only after a word that says phone
+    ("Tel: 020 7946 0958", "020 7946 0958"),
+    ("Call me on 020 7946 0958 today", "020 7946 0958"),
+    ("Mobile: 07700 900123", "07700 900123"),
+    ("Fax (020) 7946-0958", "(020) 7946-0958"),
+    ("my phone number is 0301234567.", "0301234567"),
+    ("PHONE 5551234567", "5551234567"),
+    ("call us at 555-1234", "555-1234"),
+    ("联系电话：010-12345678", "010-12345678"),
+])
+def test_national_numbers_after_a_phone_word_are_found(text, value):
+    """Before: missed (only +CC, North American dashed/dotted and Chinese mobiles)."""
+    assert [(s.kind, text[s.start:s.end]) for s in find_pii(text)] == [("phone", value)]
+
+
+@pytest.mark.parametrize("text", [
+    "microphone 12345678 ordered",  # a word ending in "phone"
+    "the hotel 0301234567 booking",
+    "Phone 2024 2025 models",  # two years
+    "the cell 1024 2048 grid",  # "cell" alone: a grid's as often
+    "phones sold 1234567 units",
+    "tel 123456",  # too short for a number
+    "He was 5551234567 in line.",  # no phone word: a bare number stays
+])
+def test_numbers_without_a_phone_word_before_them_are_left(text):
+    assert find_pii(text) == []
