@@ -251,6 +251,42 @@ def test_a_change_to_a_later_stage_does_not_move_the_current_stages_mixture(tmp_
     assert unkept._loader.schedule.weights_at(1.0) == pytest.approx([1 - first_share, first_share])
 
 
+def test_a_later_stage_that_loses_or_gains_its_own_mixture_takes_the_rest_of_the_schedule(
+        tmp_path):
+    """Before: the saved spans were restored for every stage. A later stage that lost its
+    own mixture kept its unused (0, 1) and ran the prepared schedule again from alpha
+    1.0; when one gained one, the stage after it kept its saved part, and the part in
+    between was never read."""
+    config = three_stage_config(tmp_path, steps=10, stages=AROUND_A_STAGE_MIXTURE)
+    data = _prepared_mixture_data()
+    trainer = Trainer(config, data)
+    _stage_loader_at(trainer, 1)
+    trainer.save()
+    plain = dataclasses.replace(AROUND_A_STAGE_MIXTURE[1], mixture_start={})
+    lost = dataclasses.replace(config, stages=[AROUND_A_STAGE_MIXTURE[0], plain,
+                                               AROUND_A_STAGE_MIXTURE[2]])
+    resumed = Trainer(lost, data)
+    resumed.load_state_dict(ckpt.load_state(tmp_path))
+    assert resumed._loader.schedule.weights_at(1.0) == pytest.approx([0.5, 0.5])  # kept
+    # stages 1 and 2 share the schedule's second half by their tokens (1 : 2)
+    assert resumed.mixture_spans[1] == pytest.approx((0.5, 0.5 + 0.5 / 3))
+    middle = _stage_loader_at(resumed, 4)
+    assert middle.schedule.weights_at(0.0) == pytest.approx([0.5, 0.5])
+    assert resumed.mixture_spans[2] == (pytest.approx(0.5 + 0.5 / 3), 1.0)
+
+    all_plain = three_stage_config(tmp_path / "b", steps=10,
+                                   stages=[AROUND_A_STAGE_MIXTURE[0], plain,
+                                           AROUND_A_STAGE_MIXTURE[2]])
+    trainer = Trainer(all_plain, data)
+    _stage_loader_at(trainer, 1)
+    trainer.save()
+    gained = dataclasses.replace(all_plain, stages=list(AROUND_A_STAGE_MIXTURE))
+    resumed = Trainer(gained, data)
+    resumed.load_state_dict(ckpt.load_state(tmp_path / "b"))
+    assert resumed.mixture_spans[0] == pytest.approx((0.0, 0.4))  # kept, mid-stage
+    assert resumed.mixture_spans[2] == (pytest.approx(0.4), 1.0)  # not its saved (0.6, 1)
+
+
 def test_a_dpo_stage_too_long_for_the_data_is_refused_before_any_step(tmp_path):
     """Pairs need a stream longer than a prompt and two responses: before, this stopped
     the run when the DPO stage started, after the earlier stages trained, with nothing

@@ -10,7 +10,7 @@ the stage consumes. A stage
 with a mixture of its own (``mixture_start``/``mixture_end``) runs that schedule from
 its start to its end. The stages without one share the prepared ``mixture.json``
 schedule: it runs once across them, start to end, over their tokens together (the
-trainer hands each its part, see Trainer._mixture_span), so a stage with its own
+trainer hands each its part, see Trainer._spans_from), so a stage with its own
 mixture between them pauses it rather than restarting it. mixture.json's
 ``max_chunk_tokens`` and ``seed`` shape every stage's stream; its ``total_tokens``
 (the length of the schedule for a loader reading the prepared directory alone,
@@ -111,6 +111,9 @@ def schedule_part(weights: dict, start: float, end: float) -> dict:
     if (start, end) == (0.0, 1.0):
         return weights
     whole = MixtureSchedule(weights, 1)
+    if end <= start:  # no part left (a resumed run's later stage): the shares at its end
+        row = whole.weights_at(end)
+        return {domain: [[0.0, row[i]], [1.0, row[i]]] for i, domain in enumerate(whole.domains)}
     points = [start, *[b for b in whole.breakpoints if start < b < end], end]
     rows = [whole.weights_at(p) for p in points]
     return {domain: [[(p - start) / (end - start), row[i]] for p, row in zip(points, rows)]

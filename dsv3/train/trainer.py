@@ -102,7 +102,7 @@ class Trainer:
         # Each stage's part of it, as the run started: kept in the checkpoint, so that a
         # resume with a later stage changed (its seq_len: allowed, "from here on") does
         # not move the current stage's part mid-stage.
-        self.mixture_spans = [self._mixture_span(i) for i in range(len(config.stages))]
+        self.mixture_spans = self._spans_from(0, 0.0, [])
         self._loader_stage = -1
         # Routed copies per expert over the run, kept on the device (no per-step sync);
         # int64: fp32 stops counting single copies at 2^24 (16.8M) an expert.
@@ -166,18 +166,40 @@ class Trainer:
         reference.load_state_dict(state if state is not None else self.model.state_dict())
         return reference.eval().requires_grad_(False)
 
-    def _mixture_span(self, index: int) -> tuple[float, float]:
-        """Stage ``index``'s part of the prepared mixture schedule, which runs once across
-        the stages without a mixture of their own, in proportion to their tokens."""
+    def _schedule_tokens(self) -> list[int]:
+        """Per stage, the tokens it reads under the prepared mixture schedule: 0 for a
+        stage with a mixture of its own and for a DPO stage."""
         c = self.config
-        tokens = [0 if s.kind == "dpo" or s.mixture_start or s.mixture_end
-                  else n * c.grad_accum * c.micro_batch * (s.seq_len + 1)
-                  for s, n in zip(c.stages, c.stage_steps())]
-        total = sum(tokens)
-        if not tokens[index]:  # a stage of its own mixture: the prepared one is not used
-            return 0.0, 1.0
-        # the last such stage ends at 1.0 exactly: its cumulative sum is the total
-        return sum(tokens[:index]) / total, sum(tokens[:index + 1]) / total
+        return [0 if s.kind == "dpo" or s.mixture_start or s.mixture_end
+                else n * c.grad_accum * c.micro_batch * (s.seq_len + 1)
+                for s, n in zip(c.stages, c.stage_steps())]
+
+    def _spans_from(self, first: int, start: float, kept: list) -> list[tuple[float, float]]:
+        """Each stage's part of the prepared mixture schedule, which runs once across the
+        stages without a mixture of their own, in proportion to their tokens: ``kept``
+        (the parts of the stages before ``first``), then the stages from ``first`` on
+        sharing the part [start, 1]. A stage of its own mixture gets (0, 1), unused."""
+        tokens = self._schedule_tokens()[first:]
+        total, before, spans = sum(tokens), 0, list(kept)
+        for n in tokens:
+            if not n:
+                spans.append((0.0, 1.0))
+                continue
+            # the last such stage ends at 1.0 exactly: its cumulative sum is the total
+            end = 1.0 if before + n == total else start + (1.0 - start) * (before + n) / total
+            spans.append((start + (1.0 - start) * before / total, end))
+            before += n
+        return spans
+
+    def _resumed_spans(self, saved: list, stopped_in: int) -> list[tuple[float, float]]:
+        """The saved spans up to the stage the run stopped in (its part must not move
+        mid-stage), and the later stages sharing the rest of the schedule as the config
+        has them now: a later stage that lost its own mixture got its saved (0, 1) and
+        ran the whole schedule again; one that gained one left its part unread."""
+        kept = [tuple(span) for span in saved[:stopped_in + 1]]
+        tokens = self._schedule_tokens()
+        start = max((kept[i][1] for i in range(len(kept)) if tokens[i]), default=0.0)
+        return self._spans_from(stopped_in + 1, start, kept)
 
     def _open_loader(self, index: int, state: dict | None = None) -> None:
         stage = self.config.stages[index]
@@ -396,7 +418,9 @@ class Trainer:
         self.mixture_scope = state.get("mixture_scope", "stage")
         spans = state.get("mixture_spans")  # none: saved before they were kept (as now)
         if spans is not None and len(spans) == len(self.config.stages):
-            self.mixture_spans = [tuple(span) for span in spans]
+            loader = state["loader"]
+            self.mixture_spans = self._resumed_spans(spans, -1 if loader is None
+                                                     else loader["stage"])
         if state["loader"] is not None:
             self._open_loader(state["loader"]["stage"], state["loader"]["state"])
 
