@@ -192,3 +192,26 @@ def test_a_loader_over_the_prepared_directory_reads_no_held_out_document(tmp_pat
         assert len(loader.corpus.offsets[domain]) - 1 == len(corpus.offsets[domain]) - 1 - n_held
         cut = int(corpus.offsets[domain][-1 - n_held])
         assert len(loader.corpus.tokens[domain]) == cut
+
+
+def test_a_learned_lexicon_learns_nothing_from_held_out_documents(tmp_path, monkeypatch):
+    """Before: it learned from every source document, so a word only held-out documents
+    have could be swapped into training text."""
+    from dsv3.data import prepare
+    from dsv3.data.augment import Lexicon
+    rows = _rows(30, ("web",))
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = validate_config({
+        "sources": [{"kind": "jsonl", "paths": str(tmp_path / "src.jsonl")}],
+        "steps": {"order": ["augment"], "augment": {"lexicon": "learned"}},
+        "heldout": {"fraction": 0.3}})
+    seen = []
+    learn = Lexicon.learn.__func__
+    monkeypatch.setattr(Lexicon, "learn", classmethod(
+        lambda cls, texts, **kw: learn(cls, seen.extend(texts) or seen, **kw)))
+    prepare._resolve_learned_lexicon(config, skip_malformed=False)
+    chooser = HeldOutChooser(0.3)
+    held = {r["text"] for r in rows if chooser.held_out(Document("x", r["text"], "web"))}
+    assert held and seen
+    assert set(seen) == {r["text"] for r in rows} - held
+    assert isinstance(config["steps"]["augment"]["lexicon"], dict)  # resolved

@@ -160,7 +160,8 @@ class PackedLoader:
                       num_workers: int = 0) -> "PackedLoader":
         """The loader over what ``dsv3 data prepare`` wrote to ``directory``
         (``tokens/`` and the schedule in ``mixture.json``): its training documents,
-        not the held-out ones (dsv3.data.heldout)."""
+        not the held-out ones (dsv3.data.heldout). Data prepared before the held-out
+        choice was made there has none marked: all its documents are read."""
         check_complete(directory, "directory")  # mid-update: tokens of two runs
         path = os.path.join(directory, "mixture.json")
         if not os.path.exists(path):

@@ -218,12 +218,16 @@ def _mixture(config: dict, corpus: TokenizedCorpus) -> dict:
 
 
 def _resolve_learned_lexicon(config: dict, skip_malformed: bool, max_docs: int = 20_000) -> None:
-    """``lexicon = "learned"``: learn neighbours from (up to ``max_docs`` of) the sources
-    in a first pass and put the table in the config, where every worker can read it."""
+    """``lexicon = "learned"``: learn neighbours from (up to ``max_docs`` of) the sources'
+    training documents in a first pass and put the table in the config, where every
+    worker can read it."""
     augment = config["steps"].get("augment", {})
     if augment.get("lexicon") == "learned":
-        texts = [d.text for d in itertools.islice(read_sources(config, skip_malformed, []),
-                                                  max_docs)]
+        # not from the held-out documents: their words would be swapped into training text
+        chooser = HeldOutChooser(**config["heldout"])
+        texts = [d.text for d in itertools.islice(
+            (d for d in read_sources(config, skip_malformed, []) if not chooser.held_out(d)),
+            max_docs)]
         config["steps"]["augment"] = {**augment, "lexicon": Lexicon.learn(texts).synonyms}
 
 
