@@ -98,3 +98,14 @@ def test_the_progress_bar_shows_each_steps_stage_and_the_last_logged_loss(tmp_pa
     assert [p["stage"] for p in shown] == stages
     assert [p["loss"].split(" (")[-1] for p in shown] == \
         ["not logged yet"] * 3 + ["step 4)"] * 4 + ["step 8)"] * 2 + ["step 10)"]
+
+
+def test_a_diverged_loss_is_logged_with_an_infinite_perplexity(tmp_path):
+    """Before: exp() of a finite loss above ~709.8 raised OverflowError and ended the
+    run on its next logged step, before its record or a checkpoint was written."""
+    trainer = Trainer(three_stage_config(tmp_path), synthetic_data())
+    with torch.no_grad():
+        trainer.model.head.weight.mul_(2e5)  # logits in the thousands
+    record = trainer.train_step(measure=True)
+    assert 709.8 < record["loss"] < float("inf")
+    assert record["perplexity"] == float("inf")

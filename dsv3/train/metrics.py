@@ -138,13 +138,26 @@ def peak_memory_bytes(device: torch.device) -> int:
 def saved_activation_bytes(counter: list, model=None):
     """Adds to counter[0] the bytes autograd saves for the backward inside the block
     (each storage once), leaving out ``model``'s parameters (saved by reference, not
-    activations). Checkpointed regions save their inputs here, and selective
+    activations) and autocast's copies of them. Checkpointed regions save their inputs here, and selective
     checkpointing the op outputs it keeps (on any torch: see observing_selective_saves)."""
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None \
-        else set()
+    params = list(model.parameters()) if model is not None else []
+    seen = {p.untyped_storage().data_ptr() for p in params}
+    param_ids = {id(p) for p in params}
+
+    def weight_cast(tensor) -> bool:
+        # Autocast's low-precision copy of a parameter (or a view of it, the transposed
+        # weight a matmul saves): a new storage, but the weights' (the planner counts it
+        # there), not an activation.
+        base = tensor._base if tensor._base is not None else tensor
+        fn = base.grad_fn
+        if fn is None or type(fn).__name__ != "ToCopyBackward0":
+            return False
+        source = fn.next_functions[0][0]
+        return id(getattr(source, "variable", None)) in param_ids
 
     def count(tensor):
-        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+        if (isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
+                and not weight_cast(tensor)):
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key not in seen:

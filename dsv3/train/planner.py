@@ -13,15 +13,17 @@ Per GPU, with AdamW over fp32 master weights:
   (data parallel; a layout is buildable when E divides N). ZeRO stages 1-3 also
   shard the replicated (non-expert) part's optimizer state, gradients and weights
   over the N GPUs.
-Activations per micro-batch (bytes in the compute dtype, what autograd saves):
+Activations per micro-batch (what autograd saves; in the compute dtype, but for the
+  residual stream and the RMSNorms, fp32 under autocast too):
   per token and layer, attention saves its norm input, the q/k/v projections, the
   attention output and its log-sum-exp, and the output projection's input;
   the FFN saves its norm input and, for an MoE layer, the routed copies' hidden
   states (2F and F per copy), the copies' outputs, and the routing; plus the
   log-softmax (vocab per token, fp32) of the loss. "full" checkpointing keeps only
   each block's input and recomputes one block at a time; "selective" keeps the
-  matmul outputs the backward reads and recomputes the elementwise work. The formulas are checked against the bytes autograd actually
-  saves on the small presets (tests/test_planner.py).
+  matmul outputs the backward reads and recomputes the elementwise work. The formulas
+  are checked against the bytes autograd actually saves on the small presets, in fp32
+  and bf16 (tests/test_planner.py).
 A DPO stage (``dpo_seq_len``) runs 2 x micro_batch rows (chosen and rejected) of its
   seq_len - 1 input tokens through the model, and holds a frozen reference model:
   4 B per parameter held, sharded as the weights are; no autocast copy (autocast
@@ -30,7 +32,8 @@ A DPO stage (``dpo_seq_len``) runs 2 x micro_batch rows (chosen and rejected) of
 Communication per optimizer step and GPU: the gradient all-reduce of the
 replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
 ~25.4% of fp32) plus, under "ep", the experts' over their N/E replicas, and the
-token all-to-alls within the E-way group (dispatch and combine, forward and backward).
+token all-to-alls within the E-way group (dispatch and combine, forward and backward,
+and forward again in the backward of a checkpointed block).
 """
 import math
 from dataclasses import dataclass
@@ -77,7 +80,11 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing:
     """Bytes autograd keeps per token of a micro-batch (see the module docstring);
     ``recompute_peak`` adds the one block that full checkpointing recomputes at a time."""
     d, heads = config.dim, config.n_heads
-    norm = 2 * d + 1  # input and inverse RMS
+    # The residual stream and the RMSNorms stay fp32 under autocast (the embedding is
+    # fp32, a bf16 branch added to it promotes back): a norm's input, its normalized
+    # output and inverse RMS, and a checkpointed block's input, are 4 B whatever the
+    # precision. Before, they were priced in the compute dtype, half under bf16.
+    norm = 4 * (2 * d + 1)
     # q/k/v and their rotated copies, attention output and log-sum-exp, projection inputs
     kv = (config.n_kv_heads or heads) * (d // heads)
     attention = 5 * d + 3 * kv + 2 * heads
@@ -100,18 +107,18 @@ def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing:
                    + routing)
             selective_ffn = (m.top_k * (2 * m.ffn_dim + d) + 2 * m.n_shared_experts * m.ffn_dim
                              + m.n_experts + 2 * m.top_k)
-        block = dtype_bytes * (2 * norm + attention + ffn)
+        block = 2 * norm + dtype_bytes * (attention + ffn)
         biggest_block = max(biggest_block, block)
         blocks.append(block)
-        kept_selective += dtype_bytes * (selective_attention + selective_ffn)
+        kept_selective += 4 * d + dtype_bytes * (selective_attention - d + selective_ffn)
     if checkpointing == "full":
-        kept = dtype_bytes * d * config.n_layers + (biggest_block if recompute_peak else 0)
+        kept = 4 * d * config.n_layers + (biggest_block if recompute_peak else 0)
     elif checkpointing == "selective":
         kept = kept_selective
     else:
         kept = sum(blocks)
-    # final norm and head input in the compute dtype; the loss keeps the fp32 log-softmax
-    return kept + dtype_bytes * (norm + d) + 4 * config.vocab_size + 8
+    # final norm, head input in the compute dtype; the loss keeps the fp32 log-softmax
+    return kept + norm + dtype_bytes * d + 4 * config.vocab_size + 8
 
 
 @dataclass
@@ -197,8 +204,12 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     if strategy == "ep" and ep > 1 and moe_layers:
         # a DPO step also sends its rows through the reference (forward only: half as much)
         copies = max(tokens, 1.5 * dpo_tokens) * config.moe.top_k * grad_accum
-        # dispatch + combine, forward + backward, the share bound for other GPUs
-        alltoall = 4 * moe_layers * copies * config.dim * dtype_bytes * (ep - 1) / ep / GB
+        # dispatch + combine, forward + backward, the share bound for other GPUs; a
+        # checkpointed block runs its forward again in the backward: its exchanges too
+        # (selective checkpointing keeps matmul and routing outputs, not the exchanges')
+        exchanges = 4 if checkpointing == "none" else 6
+        alltoall = (exchanges * moe_layers * copies * config.dim * dtype_bytes * (ep - 1) / ep
+                    / GB)
     sharded = held - replicated  # the experts a GPU owns under "ep"
 
     def per_gpu(bytes_per_param: int, zero_stage: int) -> float:

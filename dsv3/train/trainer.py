@@ -45,6 +45,15 @@ from dsv3.train.stop import StopRequests, TrainingStopped, control_group
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _perplexity(loss: float) -> float:
+    """exp(loss); inf past float range (a diverging run's loss above ~709.8 raised
+    OverflowError, which ended the run unlogged and unsaved)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
         check_stage_mixtures(config.stages, data.domains)  # not when a later stage starts
@@ -76,7 +85,11 @@ class Trainer:
             # saved residuals would find no bucket of theirs (and the resumed run would
             # part from the one that never stopped). The hook waits for each bucket
             # anyway, so the rebuilt order would overlap nothing more.
-            self.ddp = DDP(self.model, find_unused_parameters=config.compress_grads)
+            # The gradients are views into DDP's buckets: by default DDP keeps the buckets
+            # beside them, another 4 B a parameter (measured: 369 MB of RSS for a 50M
+            # parameter model against 202 MB with views), which the planner's 4 B leaves out.
+            self.ddp = DDP(self.model, find_unused_parameters=config.compress_grads,
+                           gradient_as_bucket_view=True)
             if config.compress_grads:
                 from dsv3.distributed import CompressionState, int8_compress_hook
                 self.compression = CompressionState(start_iter=config.compress_start_iter)
@@ -320,7 +333,7 @@ class Trainer:
         if measure:  # device values are read (a device sync) on logged steps only
             record = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
             if "loss" in record:
-                record["perplexity"] = math.exp(record["loss"])
+                record["perplexity"] = _perplexity(record["loss"])
             record["activation_mb"] = activation[0] / 2**20
         return record
 
