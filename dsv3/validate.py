@@ -75,3 +75,23 @@ def output_path(label: str, path, directory: bool = False) -> None:
         raise ValueError(f"{label}: cannot create {path}: {target} is a file, not a directory")
     if not os.access(target, os.W_OK):
         raise ValueError(f"{label}: cannot write {path}: {target} is not writable")
+    missing = path if directory else os.path.dirname(path)
+    if not os.path.exists(missing):
+        _try_to_create(label, path, missing, target)
+
+
+def _try_to_create(label: str, path: str, missing: str, existing: str) -> None:
+    """Create the directories from ``existing`` down to ``missing``, then remove them
+    again: permission bits pass where a file system takes no directory (/proc, /sys:
+    there it failed later, as a bare "[Errno 2] No such file or directory")."""
+    try:
+        os.makedirs(missing)
+    except OSError as e:
+        raise ValueError(f"{label}: cannot create {path}: {e.strerror} "
+                         f"(in {existing})") from None
+    while missing != existing:  # empty: only this check made them
+        try:
+            os.rmdir(missing)
+        except OSError:
+            break
+        missing = os.path.dirname(missing)

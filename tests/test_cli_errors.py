@@ -127,3 +127,20 @@ def test_version_tells_the_cuda_kernels_built_from_tritons_stand_ins():
     built = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                            check=True).stdout.strip()
     assert built == str(dsv3.ops.CUDA_KERNELS_BUILT)
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self"), reason="needs /proc")
+def test_an_output_directory_no_file_system_takes_is_named_before_any_work(tmp_path, capsys):
+    """/proc passes the permission check for root, but takes no directory: before, the
+    run failed once it wrote, as a bare "[Errno 2] No such file or directory"."""
+    status = main(["train", "--out", "/proc/dsv3-run", "--data", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "out_dir: cannot create /proc/dsv3-run: " in err
+
+
+def test_checking_an_output_path_leaves_no_directory_behind(tmp_path):
+    from dsv3.validate import output_path
+    output_path("--out", str(tmp_path / "a" / "b" / "c"), directory=True)
+    output_path("--out", str(tmp_path / "d" / "report.json"))
+    assert list(tmp_path.iterdir()) == []
