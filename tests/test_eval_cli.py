@@ -17,7 +17,8 @@ from dsv3.eval.cli import main as eval_main
 from dsv3.eval.multiple_choice import build_prompts, read_mc_file
 from dsv3.eval.report import html_fragment, markdown_table
 from dsv3.eval.runner import EvalOptions, parse_tasks, run_evaluation
-from test_eval_support import OracleModel, codec, save_checkpoint, tiny_model, train_tokenizer
+from test_eval_support import (OracleModel, codec, save_checkpoint, tiny_model, train_tokenizer,
+                               write_jsonl)
 
 CORPUS = [{"domain": "prose",
            "text": "the cat sat on the mat and then the dog ran in the park " * 6},
@@ -26,11 +27,6 @@ CORPUS = [{"domain": "prose",
 MC_ROWS = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1)],
             "answer": 0, "level": level} for level, (a, b) in
            [(1, (1, 2)), (1, (2, 2)), (2, (3, 4)), (2, (5, 1)), (3, (6, 7))]]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture

@@ -15,15 +15,10 @@ from dsv3.eval.cloze import cloze_items
 from dsv3.eval.generation import corpus_scores
 from dsv3.eval.report import html_fragment, markdown_table, result_warnings
 from dsv3.eval.runner import parse_tasks, prepare_evaluation
-from test_eval_support import save_checkpoint, tiny_model, train_tokenizer
+from test_eval_support import save_checkpoint, tiny_model, train_tokenizer, write_jsonl
 
 MC_ROWS = [{"question": "What is 1 plus 2?", "choices": ["3", "4"], "answer": 0},
            {"question": "What is 2 plus 2?", "choices": ["4", "5"], "answer": 0}]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture

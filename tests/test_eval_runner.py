@@ -10,7 +10,8 @@ import pytest
 
 from dsv3.eval.cli import main as eval_main
 from dsv3.eval.runner import EvalOptions, run_evaluation
-from test_eval_support import UniformModel, codec, save_checkpoint, tiny_model, train_tokenizer
+from test_eval_support import (UniformModel, codec, save_checkpoint, tiny_model, train_tokenizer,
+                               write_jsonl)
 
 CORPUS = [{"domain": "prose",
            "text": "the cat sat on the mat and then the dog ran in the park " * 6},
@@ -19,11 +20,6 @@ CORPUS = [{"domain": "prose",
 DOCS = [(row["domain"], row["text"]) for row in CORPUS]
 MC_ROWS = [{"question": f"q{i}", "choices": ["yes", "no"], "answer": 0, "level": level}
            for i, level in enumerate([1, 1, 2, 2])]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture

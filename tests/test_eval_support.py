@@ -86,3 +86,9 @@ class OracleModel(UniformModel):
                 if token is not None:
                     logits_BSV[b, t, token] = 20.0
         return logits_BSV[:, -new:]
+
+
+def write_jsonl(path, rows) -> str:
+    """``rows`` as a jsonl file at ``path``; returns the path as a str."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
