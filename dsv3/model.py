@@ -123,16 +123,19 @@ def preset(name: str, **overrides) -> ModelConfig:
     return replace(base, **overrides)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None):
-    """cos/sin [S, head_dim/2] of the rotary embedding (fp32)."""
-    freqs_H = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles_SH = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs_H)
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None,
+                dtype=torch.float32):
+    """cos/sin [S, head_dim/2] of the rotary embedding (fp32, or fp64 for an fp64 model:
+    computed in fp32 they hold it to fp32 accuracy, and its gradchecks fail)."""
+    freqs_H = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+    angles_SH = torch.outer(torch.arange(seq_len, device=device, dtype=dtype), freqs_H)
     return angles_SH.cos(), angles_SH.sin()
 
 
 def apply_rope(x_BNSH, cos_SH, sin_SH):
-    """Rotate channel pairs (first half, second half) of each head by its position."""
-    first, second = x_BNSH.float().chunk(2, dim=-1)
+    """Rotate channel pairs (first half, second half) of each head by its position, in
+    fp32 at least (fp64 stays fp64)."""
+    first, second = x_BNSH.to(torch.promote_types(x_BNSH.dtype, torch.float32)).chunk(2, dim=-1)
     rotated = torch.cat([first * cos_SH - second * sin_SH, first * sin_SH + second * cos_SH], -1)
     return rotated.to(x_BNSH.dtype)
 
@@ -152,9 +155,12 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x_BSD).split([self.n_heads * self.head_dim,
                                          self.n_kv_heads * self.head_dim,
                                          self.n_kv_heads * self.head_dim], dim=-1)
-        q_BNSH = apply_rope(q.view(batch, seq, -1, self.head_dim).transpose(1, 2), cos_SH, sin_SH)
-        k_BNSH = apply_rope(k.view(batch, seq, -1, self.head_dim).transpose(1, 2), cos_SH, sin_SH)
-        v_BNSH = v.view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        # Sizes spelled out, not -1: an empty batch or sequence has none to infer.
+        q_BNSH = apply_rope(q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2),
+                            cos_SH, sin_SH)
+        k_BNSH = apply_rope(k.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2),
+                            cos_SH, sin_SH)
+        v_BNSH = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k_BNSH, v_BNSH = kv_cache.update(self, k_BNSH, v_BNSH)
         # Causal over the cached prefix too: query i sits at absolute position prefix + i.
@@ -164,7 +170,7 @@ class Attention(nn.Module):
         y_BNSH = F.scaled_dot_product_attention(q_BNSH, k_BNSH, v_BNSH, attn_mask=mask,
                                                 is_causal=mask is None and seq > 1,
                                                 enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.out(y_BNSH.transpose(1, 2).reshape(batch, seq, -1))
+        return self.out(y_BNSH.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -384,7 +390,9 @@ class Transformer(nn.Module):
         old_cos = self._buffers.get("rope_cos")
         if device is None and old_cos is not None:
             device = old_cos.device
-        cos_SH, sin_SH = rope_tables(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, device)
+        wanted = old_cos.dtype if old_cos is not None else torch.float32
+        cos_SH, sin_SH = rope_tables(c.dim // c.n_heads, c.max_seq_len, c.rope_theta, device,
+                                     torch.float64 if wanted == torch.float64 else torch.float32)
         for name, table_SH in (("rope_cos", cos_SH), ("rope_sin", sin_SH)):
             buffer = self._buffers.get(name)
             if buffer is not None and buffer.device == table_SH.device and (
@@ -430,6 +438,13 @@ class Transformer(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, MoE):
+            # The routed experts are bare Parameters, not Linears: they kept MoE's own
+            # uniform init (std 1/sqrt(3 fan_in): 0.036 in "small", 0.007 in
+            # "deepseek-v3") where every other matmul weight here, the router and the
+            # shared experts included, starts at std 0.02.
+            nn.init.normal_(module.gate_up_proj, std=0.02)
+            nn.init.normal_(module.down_proj, std=0.02)
 
     def set_checkpointing(self, mode: str) -> None:
         if mode not in CHECKPOINTING:
@@ -440,6 +455,16 @@ class Transformer(nn.Module):
         if tokens_BS.dim() != 2 or tokens_BS.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"Transformer: tokens_BS must be an int tensor [batch, seq], got "
                              f"{tokens_BS.dtype} {tuple(tokens_BS.shape)}")
+        if (tokens_BS.device.type == "cpu" and tokens_BS.numel()
+                and not torch.compiler.is_compiling() and (
+                    tokens_BS.min() < 0 or tokens_BS.max() >= self.config.vocab_size)):
+            # nn.Embedding said "index out of range in self". Not checked on the GPU,
+            # where reading the ids back would wait for the device every step (it
+            # fails there with a device-side assert), nor in a compiled graph (a branch
+            # on values breaks it).
+            raise ValueError(f"Transformer: tokens_BS holds ids from {int(tokens_BS.min())} "
+                             f"to {int(tokens_BS.max())}, outside the vocabulary [0, "
+                             f"{self.config.vocab_size})")
         start = kv_cache.length if kv_cache is not None else 0
         seq = tokens_BS.shape[1]
         if start + seq > self.config.max_seq_len:

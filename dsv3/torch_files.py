@@ -19,12 +19,13 @@ _UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueErr
 
 
 def load(path, what: str = "checkpoint", **kwargs):
-    """``torch.load(path, **kwargs)``; a file that is missing stays FileNotFoundError,
-    one that cannot be read as a torch.save file is a ValueError naming it."""
+    """``torch.load(path, **kwargs)``; a file that is missing, unreadable to this user or
+    a directory stays that OSError, one that cannot be read as a torch.save file is a
+    ValueError naming it."""
     try:
         return torch.load(path, **kwargs)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # the path's own trouble, which the error names: not a damaged file
     except _UNREADABLE as e:
         detail = " ".join(str(e).split())[:200]
         raise ValueError(f"{Path(path)} is not a readable {what} file (cut short or "

@@ -5,6 +5,7 @@ against the full forward, parameter counts, bad configs, presets and meta-device
 import collections
 import dataclasses
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -249,3 +250,45 @@ def test_tied_embeddings_stay_tied_on_the_meta_device_paths(tmp_path):
         assert model.head.weight is model.embed.weight
         assert model.num_parameters() == parameter_counts(config)["total"]
     assert torch.equal(loaded(torch.arange(8)[None]), source(torch.arange(8)[None]))
+
+
+def test_routed_experts_start_at_the_models_init_std():
+    """Before: they kept MoE's own uniform init (std 0.036 in "small", 0.007 in
+    "deepseek-v3") where every other matmul weight starts at 0.02."""
+    torch.manual_seed(0)
+    model = Transformer(preset("small"))
+    for moe in model.moe_layers():
+        for weight in (moe.gate_up_proj, moe.down_proj):
+            assert abs(weight.detach().std().item() - 0.02) < 0.001
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5)])
+def test_an_empty_batch_or_sequence_gives_an_empty_output(shape):
+    """Before: "cannot reshape tensor of 0 elements ... -1 ... ambiguous" in attention
+    (the MoE layers already took an empty batch)."""
+    config = replace(preset("tiny"), vocab_size=64)
+    model = Transformer(config)
+    logits = model(torch.zeros(shape, dtype=torch.long))
+    assert logits.shape == (*shape, 64)
+    logits.sum().backward()
+
+
+def test_an_fp64_model_runs_rotary_in_fp64():
+    """Before: apply_rope computed in fp32 and the tables were fp32, so an fp64
+    model's attention failed gradcheck."""
+    config = replace(preset("tiny"), vocab_size=64, max_seq_len=16)
+    model = Transformer(config).double()
+    assert model.rope_cos.dtype == torch.float64
+    attention = model.blocks[0].attn
+    x = torch.randn(1, 5, config.dim, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x: attention(x, model.rope_cos[:5], model.rope_sin[:5]), (x,))
+
+
+@pytest.mark.parametrize("bad", [64, -1])
+def test_token_ids_outside_the_vocabulary_are_named(bad):
+    """Before: IndexError "index out of range in self" from nn.Embedding."""
+    model = Transformer(replace(preset("tiny"), vocab_size=64))
+    with pytest.raises(ValueError, match=rf"tokens_BS holds ids from -?\d+ to \d+, outside "
+                                         rf"the vocabulary \[0, 64\)"):
+        model(torch.tensor([[1, bad]]))

@@ -43,3 +43,9 @@ def test_eval_on_a_damaged_model_file_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {weights} is not a readable model weights file" in err
     assert err.count("\n") <= 2  # the embedded-split warning, then the error
+
+
+def test_a_directory_is_not_called_a_damaged_file(tmp_path):
+    """Before: "not a readable checkpoint file (cut short or overwritten?)"."""
+    with pytest.raises(IsADirectoryError):
+        torch_files.load(tmp_path)
