@@ -143,3 +143,46 @@ def test_languages_reach_the_step_stats():
     assert step.stats.to_dict()["counts"] == {"lang_en": 2, "lang_zh": 1}
     assert step.languages == {"en": 2, "zh": 1}
     assert step.stats.dropped == {"gopher_stop_words": 1}
+
+
+def test_hashes_and_ellipses_are_each_held_to_the_symbol_limit():
+    """Gopher: above 0.1 "for either the hash symbol or the ellipsis". Before, their
+    sum was: a text at 0.06 of each was dropped."""
+    text = good_english()
+    n_words = len(text_view(Document("d", text)).words)
+    each = int(0.06 * n_words)
+    both = text + " #" * each + " ..." * each
+    assert check(TextView(both), HeuristicRules()) is None
+    assert check(TextView(text + " #" * (2 * each)), HeuristicRules()) == "gopher_symbol_ratio"
+
+
+def test_fineweb_line_rules_drop_at_their_thresholds():
+    """FineWeb drops at a punctuated-line ratio <= 0.12 and a short-line ratio >= 0.67;
+    before, a document exactly at either threshold was kept."""
+    long_line = "the river carried cold water from mountains toward a quiet valley where"
+    only_line_rules = HeuristicRules(**{f: None for f in (
+        "min_words", "min_stop_words", "max_dup_line_fraction", "max_dup_line_char_fraction",
+        "max_line_char_dup_fraction", "max_dup_paragraph_fraction",
+        "max_dup_paragraph_char_fraction", "max_newline_word_ratio")},
+        max_top_ngram_char_fraction={}, max_dup_ngram_char_fraction={})
+    punctuated = [long_line + "."] * 3 + [f"{long_line} {i}" for i in range(22)]  # 3/25
+    assert check(TextView("\n".join(punctuated)), only_line_rules) == "fineweb_line_punctuation"
+    short = [f"word {i}." for i in range(67)] + [f"{long_line} {i}." for i in range(33)]
+    assert check(TextView("\n".join(short)), only_line_rules) == "fineweb_short_lines"
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"min_words": "50"}, r"steps.heuristics.min_words must be a whole number, got '50'"),
+    ({"max_dup_ngram_char_fraction": 0.1},
+     r"steps.heuristics.max_dup_ngram_char_fraction must be a table of n = limit, got 0.1"),
+    ({"max_top_ngram_char_fraction": {"two": 0.2}},
+     r"steps.heuristics.max_top_ngram_char_fraction: 'two' is not an n-gram length"),
+    ({"drop_lorem_ipsum": 1}, r"steps.heuristics.drop_lorem_ipsum must be a bool, got 1"),
+    ({"max_symbol_word_ratio": -0.1},
+     r"steps.heuristics.max_symbol_word_ratio must be >= 0, got -0.1"),
+])
+def test_a_rule_of_the_wrong_type_is_named(rules, message):
+    """Before: "'<' not supported between instances of 'int' and 'str'" on the first
+    document, or an AttributeError traceback for a number where a table goes."""
+    with pytest.raises(ValueError, match=message):
+        HeuristicRules.from_dict(rules)

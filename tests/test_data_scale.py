@@ -168,3 +168,32 @@ vocab_size = 300
                          {p.name: p.read_text() for p in (tmp_path / backend / "kept").iterdir()})
     assert outs["serial"][0]["quality"]["seen"] > 0
     assert outs["serial"] == outs["datasets"]
+
+
+def test_a_step_file_rewritten_between_runs_is_read_again(tmp_path):
+    """The workers' steps were cached per process by config alone: a lexicon (or a
+    quality model) rewritten at the same path kept its old contents there, on inline
+    and on Spark's reused workers, where serial read the new one."""
+    lexicon = tmp_path / "syn.tsv"
+    steps = {"order": ["augment"], "augment": {"rate": 1.0, "lexicon": str(lexicon)}}
+    doc = Document("d", "The quick fox ran home.", "web")
+
+    def run():
+        config = validate_config({"steps": steps})
+        built = build_steps(config, None)
+        return [d.text for d in run_scaled([doc], built, config["steps"], "inline", 1,
+                                           spill_dir=str(tmp_path))]
+    lexicon.write_text("quick\tfast\n")
+    assert run() == ["The fast fox ran home."]
+    lexicon.write_text("quick\tspeedy\n")
+    assert run() == ["The speedy fox ran home."]
+
+
+@pytest.mark.parametrize("backend", ["inline", "datasets"])
+def test_an_input_with_no_documents_gives_none(tmp_path, backend):
+    """Before: the datasets backend failed reading its empty shard ("BatchSize must be
+    greater than 0"), where serial ended with "no documents were kept"."""
+    config = validate_config({"steps": STEPS})
+    steps = build_steps(config, None)
+    assert list(run_scaled([], steps, config["steps"], backend, 1,
+                           spill_dir=str(tmp_path))) == []

@@ -4,7 +4,9 @@ a document in another language is judged by the English rules and mostly dropped
 The rules are those the three published pipelines describe (length, word length,
 symbol ratios, bullet/ellipsis lines, stop words, line/paragraph/n-gram repetition,
 terminal punctuation, short lines, lorem ipsum, curly braces); thresholds are the
-published defaults, all in one dataclass so a config can change any of them. All
+published defaults, all in one dataclass so a config can change any of them. One
+deliberate difference: FineWeb's two line rules count the non-blank lines, where
+FineWeb counts blank ones too (see check). All
 rules read one shared :class:`~dsv3.data.textview.TextView` per document.
 
 Chinese differs where a rule counts words: a CJK ideograph counts as one word, the
@@ -22,13 +24,14 @@ import numpy as np
 from dsv3.data.document import Document
 from dsv3.data.step import Step
 from dsv3.data.textview import TextView, text_view
+from dsv3.validate import WrongType, number, of_type, whole_number
 
 _WHITESPACE_TOKEN_RE = re.compile(r"\S+")
 _ALPHA_TOKEN_RE = re.compile(r"\S*[^\W\d_]\S*")
 EN_STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 ZH_STOP_WORDS = frozenset("的了是在和有我不这也就都而及与")
 # After NFKC the full-width forms are ASCII; both are listed because rules run on raw text.
-TERMINAL_PUNCT = (".", "!", "?", '"', "'", "。", "！", "？", "”", "」", "…", "；", ";", ":")
+TERMINAL_PUNCT = (".", "!", "?", '"', "'", "。", "！", "？", "”", "」", "…", "；", ";", ":", "：")
 BULLETS = ("•", "●", "○", "▪", "■", "◦", "-", "*", "·", "–")
 ELLIPSES = ("...", "…")
 LANG_COUNT = "lang_"  # stats counts key prefix: documents judged per language
@@ -43,7 +46,7 @@ class HeuristicRules:
     max_words: int | None = 100_000
     min_mean_word_length: float | None = 3.0      # English only
     max_mean_word_length: float | None = 10.0     # English only
-    max_symbol_word_ratio: float | None = 0.1     # '#' and ellipses per word
+    max_symbol_word_ratio: float | None = 0.1     # '#' per word, and ellipses per word
     max_bullet_line_fraction: float | None = 0.9
     max_ellipsis_line_fraction: float | None = 0.3
     min_alpha_word_fraction: float | None = 0.8
@@ -76,8 +79,41 @@ class HeuristicRules:
         d = dict(d)
         for key in ("max_top_ngram_char_fraction", "max_dup_ngram_char_fraction"):
             if key in d:  # TOML keys are strings
-                d[key] = {int(n): float(v) for n, v in d[key].items()}
+                d[key] = _ngram_table(f"steps.heuristics.{key}", d[key])
+        for f in fields(cls):
+            if f.name in d and f.name not in ("max_top_ngram_char_fraction",
+                                              "max_dup_ngram_char_fraction"):
+                _check_rule(f"steps.heuristics.{f.name}", d[f.name], f.type)
         return cls(**d)
+
+
+def _check_rule(label: str, value, kind: str) -> None:
+    """A rule's value of its declared type (a config's "50" or a table where a number
+    goes failed on the first document, naming no rule, or with a traceback)."""
+    if value is None and "None" in kind:
+        return
+    if kind.startswith("bool"):
+        of_type(label, value, bool)
+    elif kind.startswith("int"):
+        whole_number(label, value, 0)
+    else:
+        number(label, value, 0)
+
+
+def _ngram_table(label: str, table) -> dict[int, float]:
+    """{n: limit} from a TOML table (string keys)."""
+    if not isinstance(table, dict):
+        raise WrongType(f"{label} must be a table of n = limit, got {table!r}")
+    out = {}
+    for n, limit in table.items():
+        try:
+            n_int = int(n)
+        except (TypeError, ValueError):
+            raise ValueError(f"{label}: {n!r} is not an n-gram length") from None
+        whole_number(f"{label}.{n}", n_int, 1)
+        number(f"{label}.{n}", limit, 0)
+        out[n_int] = float(limit)
+    return out
 
 
 def _dup_fraction(items: list[str]) -> tuple[float, float]:
@@ -148,8 +184,10 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
         if r.max_mean_word_length is not None and mean > r.max_mean_word_length:
             return "gopher_long_mean_word_length"
     if r.max_symbol_word_ratio is not None:
-        symbols = text.count("#") + text.count("...") + text.count("…")
-        if symbols / max(n_words, 1) > r.max_symbol_word_ratio:
+        # each symbol against the limit on its own, as Gopher states it ("for either the
+        # hash symbol or the ellipsis"): their sum dropped documents under it for both
+        hashes, ellipses = text.count("#"), text.count("...") + text.count("…")
+        if max(hashes, ellipses) / max(n_words, 1) > r.max_symbol_word_ratio:
             return "gopher_symbol_ratio"
     lines = view.lines
     if lines:
@@ -181,13 +219,16 @@ def check(view: TextView, rules: HeuristicRules) -> str | None:
         if len(found) < r.min_stop_words:
             return "gopher_stop_words"
     if lines:
+        # FineWeb's comparisons (at the threshold drops); over the non-blank lines,
+        # where FineWeb counts blank ones too: text whose paragraphs are set apart by
+        # a blank line would be judged twice as harshly as the same text without
         if (r.min_line_punct_fraction is not None and
                 sum(line.endswith(TERMINAL_PUNCT) for line in lines) / len(lines)
-                < r.min_line_punct_fraction):
+                <= r.min_line_punct_fraction):
             return "fineweb_line_punctuation"
         if (r.max_short_line_fraction is not None and
                 sum(len(line) <= r.short_line_chars for line in lines) / len(lines)
-                > r.max_short_line_fraction):
+                >= r.max_short_line_fraction):
             return "fineweb_short_lines"
     if (r.max_newline_word_ratio is not None
             and text.count("\n") / max(n_words, 1) > r.max_newline_word_ratio):

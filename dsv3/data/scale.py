@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import uuid
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -37,7 +38,11 @@ from dsv3.data.step import Step
 # "inline" runs the workers' code path in this process: the replay without the cluster
 BACKENDS = ("inline", "datasets", "spark")
 
-_WORKER_STEPS: dict[str, list[Step]] = {}  # per process: steps built once per config
+# Per process: the steps of the run it last served, built once. Keyed by the run too: a
+# process serves several runs (inline, Spark's reused Python workers, a notebook), and a
+# quality model or lexicon file rewritten at the same path between them must be read
+# again (the old model kept scoring); only the last run's are kept (each holds a model).
+_WORKER_STEPS: dict[str, list[Step]] = {}
 # The process that imported this module. datasets.map's workers are forked from it and
 # inherit its torch, whose OpenMP thread pool (started by, e.g., the quality model's
 # initialisation in the driver) does not survive a fork: libgomp's first parallel
@@ -53,12 +58,13 @@ def split_steps(steps: list[Step]) -> tuple[list[Step], list[Step]]:
     return steps[:n], steps[n:]
 
 
-def _worker_steps(steps_config: dict) -> list[Step]:
-    key = json.dumps(steps_config, sort_keys=True)
+def _worker_steps(steps_config: dict, run: str) -> list[Step]:
+    key = run + json.dumps(steps_config, sort_keys=True)
     steps = _WORKER_STEPS.get(key)
     if steps is None:
         _one_thread_if_forked()
         steps = split_steps(build_steps({"steps": steps_config}, dropped_dir=None))[0]
+        _WORKER_STEPS.clear()
         _WORKER_STEPS[key] = steps
     return steps
 
@@ -100,9 +106,11 @@ def process_row(row: dict, steps: list[Step]) -> dict:
 _COLUMNS = ("idx", "id", "text", "domain", "metadata")
 
 
-def _spill(docs: Iterable[Document], directory: str, rows_per_shard: int) -> list[str]:
+def _spill(docs: Iterable[Document], directory: str, rows_per_shard: int
+           ) -> tuple[list[str], int]:
     """Write the input to numbered parquet shards with a global row index, holding one
-    shard in memory at a time; the workers read the shards, the replay re-reads them."""
+    shard in memory at a time; the workers read the shards, the replay re-reads them.
+    Returns the shards and the number of rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     schema = pa.schema([("idx", pa.int64())] + [(c, pa.string()) for c in _COLUMNS[1:]])
@@ -115,14 +123,16 @@ def _spill(docs: Iterable[Document], directory: str, rows_per_shard: int) -> lis
         paths.append(path)
         rows.clear()
 
+    n_rows = 0
     for idx, d in enumerate(docs):
         rows.append({"idx": idx, "id": d.id, "text": d.text, "domain": d.domain,
                      "metadata": json.dumps(d.metadata, ensure_ascii=False)})
+        n_rows += 1
         if len(rows) == rows_per_shard:
             flush()
     if rows or not paths:
         flush()
-    return paths
+    return paths, n_rows
 
 
 def _read_shards(paths: list[str]) -> Iterator[dict]:
@@ -132,8 +142,8 @@ def _read_shards(paths: list[str]) -> Iterator[dict]:
             yield from batch.to_pylist()
 
 
-def _map_batch(batch: dict, steps_config: dict) -> dict:
-    steps = _worker_steps(steps_config)
+def _map_batch(batch: dict, steps_config: dict, run: str) -> dict:
+    steps = _worker_steps(steps_config, run)
     out = [process_row(dict(zip(batch, values)), steps) for values in zip(*batch.values())]
     return {k: [r[k] for r in out] for k in out[0]} if out else {}
 
@@ -161,7 +171,7 @@ def datasets_progress(enabled: bool) -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _on_datasets(paths: list[str], steps_config: dict, num_proc: int,
+def _on_datasets(paths: list[str], steps_config: dict, run: str, num_proc: int,
                  cache_dir: str, progress: bool = True) -> Iterator[dict]:
     import datasets
     # memory-mapped from the shards; the cache lives in this run's spill directory, so
@@ -170,12 +180,13 @@ def _on_datasets(paths: list[str], steps_config: dict, num_proc: int,
     with datasets_progress(progress):
         ds = datasets.Dataset.from_parquet(paths, cache_dir=cache_dir)
         mapped = ds.map(_map_batch, batched=True, batch_size=64, num_proc=num_proc,
-                        fn_kwargs={"steps_config": steps_config}, desc="per-document steps",
+                        fn_kwargs={"steps_config": steps_config, "run": run},
+                        desc="per-document steps",
                         remove_columns=ds.column_names, load_from_cache_file=False)
     yield from mapped
 
 
-def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[dict]:
+def _on_spark(paths: list[str], steps_config: dict, run: str, num_proc: int) -> Iterator[dict]:
     import sys
     from pyspark.sql import SparkSession
     # Spark's Python workers must be this interpreter (same packages), not `python3`
@@ -188,7 +199,7 @@ def _on_spark(paths: list[str], steps_config: dict, num_proc: int) -> Iterator[d
     spark.sparkContext.setLogLevel("ERROR")
 
     def partition(it):
-        steps = _worker_steps(steps_config)
+        steps = _worker_steps(steps_config, run)
         for row in it:
             yield process_row(row.asDict(), steps)
 
@@ -210,15 +221,18 @@ def run_scaled(docs: Iterable[Document], steps: list[Step], steps_config: dict,
     if num_proc < 1:
         raise ValueError(f"num_proc must be >= 1, got {num_proc}")
     mapped_steps, rest = split_steps(steps)
+    run = uuid.uuid4().hex  # the workers build this run's steps afresh (_WORKER_STEPS)
     with tempfile.TemporaryDirectory(prefix="dsv3-scale-", dir=spill_dir) as tmp:
-        paths = _spill(docs, tmp, rows_per_shard)
-        if backend == "datasets":
-            results = _on_datasets(paths, steps_config, num_proc, os.path.join(tmp, "cache"),
-                                   progress)
+        paths, n_rows = _spill(docs, tmp, rows_per_shard)
+        if n_rows == 0:  # nothing to map (datasets cannot read a shard with no rows)
+            results = iter(())
+        elif backend == "datasets":
+            results = _on_datasets(paths, steps_config, run, num_proc,
+                                   os.path.join(tmp, "cache"), progress)
         elif backend == "spark":
-            results = _on_spark(paths, steps_config, num_proc)
+            results = _on_spark(paths, steps_config, run, num_proc)
         else:
-            local = _worker_steps(steps_config)
+            local = _worker_steps(steps_config, run)
             results = (process_row(r, local) for r in _read_shards(paths))
         stream: Iterable[Document] = _replay(_read_shards(paths), results, mapped_steps)
         for step in rest:
