@@ -135,6 +135,37 @@ def test_grouped_mm_non_contiguous_rows():
                  reference.grouped_mm(x_SX, w_EXY, offsets_E))
 
 
+def _column_major_past_int32(S, X, dtype=torch.float16):
+    """A column-major [S, X] view whose last element lies past 2^31 elements from its
+    first (x[s, k] at s + k * 2^26): virtual memory, only the S * X used elements are
+    written (a few pages each). fp16: 5 GB of address space, not 10."""
+    stride = 2**26
+    storage = torch.empty((X - 1) * stride + S, dtype=dtype)
+    view = storage.as_strided((S, X), (1, stride))
+    view.copy_(torch.randn(S, X, dtype=dtype))
+    return view
+
+
+def test_column_major_operands_past_int32_offsets():
+    """The Triton kernels' in-row offsets are int32: such an x, or grad_y (a
+    transposed output's gradient), was read outside the tensor (a segfault under the
+    interpreter, an illegal address on a GPU)."""
+    x_SX = _column_major_past_int32(16, 40)
+    w_EXY = torch.randn(2, 40, 36, dtype=torch.float16, requires_grad=True)
+    offsets_E = torch.tensor([6, 16], dtype=torch.int32)
+    def same(got, want):  # the same sums, perhaps in another order (BLAS on the CPU)
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=4e-3 * scale)
+
+    y_SY = ops.grouped_mm(x_SX, w_EXY, offsets_E)
+    want_SY = ops.grouped_mm(x_SX.contiguous(), w_EXY, offsets_E)
+    same(y_SY, want_SY)
+    dy_SY = _column_major_past_int32(16, 36)  # wgrad reads x and it in place
+    got, = torch.autograd.grad(y_SY, w_EXY, dy_SY)
+    want, = torch.autograd.grad(want_SY, w_EXY, dy_SY.contiguous())
+    same(got, want)
+
+
 # Segments of 1-4 rows (decoding) skip BLAS on the CPU (csrc/cpu/small_rows.h); 5 rows
 # and up take it. Every count from 0 to 6 per expert, in one call, each weight layout
 # (the strided one has neither dim contiguous: BLAS again), rows read in place from a

@@ -91,10 +91,22 @@ def _dense(offsets_E, token_S):
     return offsets_E.contiguous(), token_S.contiguous() if token_S is not None else None
 
 
+def _addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy where the kernels' offsets within a row (or an
+    expert's matrix) would pass 2^31 elements: those are int32 (the column index times
+    its stride; only the row and expert offsets are 64-bit), and a column-major view
+    that large (a transposed output's gradient) was read outside the tensor. Any
+    ordinary layout has them far below that, and is passed as it is."""
+    inner = sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])
+                if size > 0)
+    return t if inner < 2**31 else t.contiguous()
+
+
 def _forward(kernel, x_SX, w_EXY, offsets_E, token_S):
     op = "grouped_mm_gather" if token_S is not None else "grouped_mm"
     _check_shapes(op, x_SX, offsets_E, token_S, w_EXY=w_EXY)
     offsets_E, token_S = _dense(offsets_E, token_S)
+    x_SX, w_EXY = _addressable(x_SX), _addressable(w_EXY)
     n_rows = token_S.shape[0] if token_S is not None else x_SX.shape[0]
     dim_x = x_SX.shape[1]
     n_experts, _, dim_y = w_EXY.shape
@@ -224,6 +236,7 @@ def grouped_mm_wgrad_with(config: triton.Config, x_SX: torch.Tensor, grad_y_SY: 
 def _wgrad(kernel, x_SX, grad_y_SY, offsets_E, transposed, token_S):
     _check_shapes("grouped_mm_wgrad", x_SX, offsets_E, token_S, grad_y_SY=grad_y_SY)
     offsets_E, token_S = _dense(offsets_E, token_S)
+    x_SX, grad_y_SY = _addressable(x_SX), _addressable(grad_y_SY)
     dim_x, dim_y, n_experts = x_SX.shape[1], grad_y_SY.shape[1], offsets_E.shape[0]
     if transposed:  # stored [E, Y, X], written through [E, X, Y] strides
         grad_w = torch.empty(n_experts, dim_y, dim_x, device=x_SX.device, dtype=x_SX.dtype)
