@@ -20,6 +20,7 @@ from torch import nn
 from dsv3 import ops
 from dsv3.ops.permute import unpermute_from_expert_index
 from dsv3.ops.route import GROUP_SCORES
+from dsv3.ops.router_logits import router_logits
 from dsv3.validate import number, whole_number
 
 ACTIVATIONS = ("swiglu",)
@@ -286,7 +287,7 @@ class MoE(nn.Module):
         # fp64 for an fp64 layer: it runs exactly, gradients and balance losses included.
         router_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type, enabled=False):
-            logits_TE = F.linear(x_TD.to(router_dtype), self.router.weight.to(router_dtype))
+            logits_TE = router_logits(x_TD, self.router.weight, router_dtype)
         if n_tokens == 0:
             weights_TK, experts_TK, counts_E, *loss_sums = self._route_nothing(logits_TE)
         else:
