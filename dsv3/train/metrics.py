@@ -138,8 +138,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 def saved_activation_bytes(counter: list, model=None):
     """Adds to counter[0] the bytes autograd saves for the backward inside the block
     (each storage once), leaving out ``model``'s parameters (saved by reference, not
-    activations) and autocast's copies of them. Checkpointed regions save their inputs here, and selective
-    checkpointing the op outputs it keeps (on any torch: see observing_selective_saves)."""
+    activations) and autocast's copies of them. Checkpointed regions save their
+    inputs here, and selective checkpointing the op outputs it keeps (on any torch:
+    see observing_selective_saves)."""
     params = list(model.parameters()) if model is not None else []
     seen = {p.untyped_storage().data_ptr() for p in params}
     param_ids = {id(p) for p in params}

@@ -18,8 +18,9 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   the logits for it, once more, outside dsv3.MoE's fused router: a [T, D] x [D, E]
   matmul, small next to the experts. transformers adds its recorder hooks on the
   first forward asked for any recorded output (router_logits, or hidden states) and
-  keeps them, so from then on every forward pays that matmul. The logits are fp32 (dsv3 routes in fp32), where Mixtral and Qwen record
-  them in the model dtype; in fp32 models they are the same.
+  keeps them, so from then on every forward pays that matmul. The logits are fp32
+  (dsv3 routes in fp32), where Mixtral and Qwen record them in the model dtype; in
+  fp32 models they are the same.
 - Mixtral's (and MiniMax's) router jitter (training only, off by default): the same
   draws as HF's from the same RNG state, applied out of place (HF scales the block's
   input in place). For Mixtral the result is the same. MiniMax's differs in training
