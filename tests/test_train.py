@@ -498,7 +498,7 @@ def test_a_large_seed_reaches_the_dpo_stage():
     """Past a seed of about 7e7 the preference pairs' generator seed overflowed int64:
     the first DPO step stopped the run, after the earlier stages had trained."""
     from dsv3.train.data import preference_batch
-    streams = synthetic_data().train.tokens
+    corpus = synthetic_data().train
     for seed in (10**8, 2**63 - 1):
-        prompt, chosen, rejected = preference_batch(streams, 2, 4, 4, seed=seed, step=5)
+        prompt, chosen, rejected = preference_batch(corpus, 2, 4, 4, seed=seed, step=5)
         assert prompt.shape == (2, 4) and chosen.shape == rejected.shape == (2, 4)

@@ -288,15 +288,15 @@ def test_a_later_stage_that_loses_or_gains_its_own_mixture_takes_the_rest_of_the
 
 
 def test_a_dpo_stage_too_long_for_the_data_is_refused_before_any_step(tmp_path):
-    """Pairs need a stream longer than a prompt and two responses: before, this stopped
-    the run when the DPO stage started, after the earlier stages trained, with nothing
-    saved and no stage named."""
+    """Pairs need a document holding a prompt and its continuation: before, data too
+    short stopped the run when the DPO stage started, after the earlier stages trained,
+    with nothing saved and no stage named."""
     data = TrainData.from_corpus(synthetic_corpus(docs=2, doc_len=40), val_fraction=0.0)
-    config = three_stage_config(tmp_path / "run")  # DPO at seq_len 16 needs > 24 tokens
-    Trainer(config, data)  # 80 tokens a domain: enough
+    config = three_stage_config(tmp_path / "run")  # DPO at seq_len 16: 16-token windows
+    Trainer(config, data)  # documents of 40 tokens: enough
     config = dataclasses.replace(config, stages=[
         *config.stages[:2], dataclasses.replace(config.stages[2], seq_len=64)])
-    with pytest.raises(ValueError, match=r"stage 'preference' \(stages\.2\): no domain has more "
-                                         r"than 96 tokens for preference pairs"):
+    with pytest.raises(ValueError, match=r"stage 'preference' \(stages\.2\): no domain has a "
+                                         r"document of 64 tokens for a preference pair"):
         Trainer(config, data)
     assert not (tmp_path / "run").exists()

@@ -218,11 +218,21 @@ def _saved_config(saved: dict, config: dict) -> dict:
     return {**added, **saved["config"]}
 
 
+def _resolved(config: dict, old: dict) -> dict:
+    """``config`` with an unset val_fraction (None: the share the data was prepared
+    with) taken as the saved run's: the data fingerprint, checked on its own, is what
+    tells a changed split (`dsv3 train` resolves it before comparing)."""
+    if config.get("val_fraction", 0) is None:
+        return {**config, "val_fraction": old.get("val_fraction")}
+    return config
+
+
 def resume_changes(saved: dict, config: dict) -> list[str]:
     """``"setting: saved -> now"`` for every setting that differs from the saved run's
     (a resume takes the new values from its step on: a learning rate may change mid-run;
     those that would break the data stream are refused by check_resume first)."""
-    old, new = _flatten(_saved_config(saved, config)), _flatten(config)
+    saved_config = _saved_config(saved, config)
+    old, new = _flatten(saved_config), _flatten(_resolved(config, saved_config))
     # out_dir is where the checkpoint was found: the same run whatever its spelling. A
     # data_dir is the same one when both spellings name one directory from here.
     old.pop("out_dir", None), new.pop("out_dir", None)
@@ -237,7 +247,8 @@ def resume_conflicts(saved: dict, config: dict) -> list[str]:
     (its weights are of the saved shape) and those that shape the data stream it
     continues (the step split and batch shape of the stage it stopped in): with one
     changed, the saved stream position means nothing to the new run."""
-    old, new = _saved_config(saved, config), config
+    old = _saved_config(saved, config)
+    new = _resolved(config, old)
     if len(old["stages"]) != len(new["stages"]):
         return [f"stages: {len(old['stages'])} -> {len(new['stages'])} stages"]
     stopped_in = saved["loader_stage"] if saved["loader_stage"] is not None else 0

@@ -238,51 +238,104 @@ def preference_lengths(seq_len: int) -> tuple[int, int]:
     return seq_len // 2, seq_len - seq_len // 2
 
 
-def check_preference_stages(stages, streams: dict) -> None:
-    """Each DPO stage against the training streams, before the first step: a stream too
+def _windows_per_document(offsets, length: int) -> np.ndarray:
+    """Cumulative count over the documents of the windows of ``length`` tokens that
+    fit inside one (0 for a shorter document)."""
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    return np.cumsum(np.maximum(lengths - length + 1, 0))
+
+
+def _usable_for_pairs(corpus: TokenizedCorpus, prompt_len: int, response_len: int) -> dict:
+    """domain -> (cumulative prompt+response windows, cumulative response windows), for
+    the domains that hold a pair: a document with a prompt and its continuation, and
+    room for a rejected response that does not overlap it (2 x response_len - 1
+    positions overlap at most)."""
+    usable = {}
+    for domain in sorted(corpus.domains):
+        pairs = _windows_per_document(corpus.offsets[domain], prompt_len + response_len)
+        responses = _windows_per_document(corpus.offsets[domain], response_len)
+        if len(pairs) and pairs[-1] > 0 and responses[-1] >= 2 * response_len:
+            usable[domain] = (pairs, responses)
+    return usable
+
+
+def check_preference_stages(stages, corpus: TokenizedCorpus) -> None:
+    """Each DPO stage against the training documents, before the first step: data too
     short for its pairs would otherwise stop the run when the stage starts, after the
     earlier stages trained (and before their work was saved)."""
     for i, stage in enumerate(stages):
         if stage.kind != "dpo":
             continue
         prompt_len, response_len = preference_lengths(stage.seq_len)
-        need = prompt_len + 2 * response_len
-        if not any(len(stream) > need for stream in streams.values()):
-            raise ValueError(f"stage {stage.name!r} (stages.{i}): no domain has more than {need} "
-                             f"tokens for preference pairs (a prompt of {prompt_len} and two "
-                             f"responses of {response_len}); lower its seq_len or add data")
+        if not _usable_for_pairs(corpus, prompt_len, response_len):
+            raise ValueError(f"stage {stage.name!r} (stages.{i}): no domain has a document of "
+                             f"{prompt_len + response_len} tokens for a preference pair (a "
+                             f"prompt of {prompt_len} and its continuation of {response_len}) "
+                             f"and room for a rejected response; lower its seq_len or add data")
 
 
-def preference_batch(streams: dict, batch: int, prompt_len: int, response_len: int, *,
-                     seed: int, step: int, micro: int = 0, rank: int = 0):
-    """DPO pairs from token streams (domain -> 1-D tokens; the trainer passes the
-    training split's: the held-out documents are what the evaluation scores, so no
-    stage may train on them). Returns (prompt_BP, chosen_BR, rejected_BR). The chosen
-    response is the text's real continuation; the rejected one is the same length
-    taken from elsewhere in the stream (fluent, but not what follows). Drawn from a
-    generator seeded by (seed, step, micro, rank): a resumed run redraws them."""
-    # kept to 63 bits: past about 7e7, the seed's product overflowed manual_seed's int64
-    # and the first DPO step of a run stopped with "Overflow when unpacking long long"
-    mixed = ((seed * 1_000_003 + step) * 1009 + micro) * 257 + rank
-    gen = torch.Generator().manual_seed(mixed % (1 << 63))
-    need = prompt_len + 2 * response_len
-    usable = [s for _, s in sorted(streams.items()) if len(s) > need]
+def _pair_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """One generator seed per (seed, step, micro-batch, rank), 63 bits: a product of them
+    (the seed before) gave rank 257 the pairs of rank 0's next micro-batch."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _draw(windows_cum: np.ndarray, offsets, gen: torch.Generator) -> int:
+    """The start of a window drawn uniformly from all of a domain's windows."""
+    r = int(torch.randint(int(windows_cum[-1]), (1,), generator=gen))
+    document = int(np.searchsorted(windows_cum, r, side="right"))
+    before = int(windows_cum[document - 1]) if document else 0
+    return int(offsets[document]) + r - before
+
+
+def preference_batch(corpus: TokenizedCorpus, batch: int, prompt_len: int, response_len: int,
+                     *, seed: int, step: int, micro: int = 0, rank: int = 0,
+                     weights: dict | None = None):
+    """DPO pairs from ``corpus`` (the trainer passes the training split: the held-out
+    documents are what the evaluation scores, so no stage may train on them). Returns
+    (prompt_BP, chosen_BR, rejected_BR). The prompt and the chosen response are one
+    document's text, the response its real continuation (a window across documents
+    made the start of another one the "continuation"); the rejected one is the same
+    length from elsewhere in the domain (fluent, but not what follows). A pair's domain
+    is drawn by ``weights`` (domain -> share; None: in proportion to the domains' pair
+    windows, their text), among the domains that hold pairs. Drawn from a generator
+    seeded by (seed, step, micro, rank): a resumed run redraws them."""
+    gen = torch.Generator().manual_seed(_pair_seed(seed, step, micro, rank))
+    # counted once per corpus and pair shape, not at every micro-batch
+    cache = corpus.__dict__.setdefault("_pair_windows", {})
+    if (prompt_len, response_len) not in cache:
+        cache[prompt_len, response_len] = _usable_for_pairs(corpus, prompt_len, response_len)
+    usable = cache[prompt_len, response_len]
     if not usable:
-        raise ValueError(f"no domain has more than {need} tokens for preference pairs")
+        raise ValueError(f"no domain has a document of {prompt_len + response_len} tokens "
+                         f"and room for a rejected response of {response_len}")
+    domains = list(usable)
+    if weights is None:
+        shares = [float(usable[d][0][-1]) for d in domains]
+    else:
+        shares = [float(weights.get(d, 0.0)) for d in domains]
+        if sum(shares) <= 0:
+            raise ValueError(f"the mixture gives no weight to a domain with preference pairs "
+                             f"({domains})")
+    probabilities = torch.tensor(shares, dtype=torch.float64)
 
-    def window(stream, start: int, length: int) -> torch.Tensor:
+    def window(domain: str, start: int, length: int) -> torch.Tensor:
         # Only the window becomes int64: a domain's stream may be a large memory map.
+        stream = corpus.tokens[domain]
         return torch.as_tensor(np.asarray(stream[start:start + length], dtype=np.int64))
 
     prompts, chosen, rejected = [], [], []
     for _ in range(batch):
-        stream = usable[int(torch.randint(len(usable), (1,), generator=gen))]
-        start = int(torch.randint(len(stream) - prompt_len - response_len, (1,), generator=gen))
-        prompts.append(window(stream, start, prompt_len))
-        chosen.append(window(stream, start + prompt_len, response_len))
+        domain = domains[int(torch.multinomial(probabilities, 1, generator=gen))]
+        pairs, responses = usable[domain]
+        offsets = corpus.offsets[domain]
+        start = _draw(pairs, offsets, gen)
+        prompts.append(window(domain, start, prompt_len))
+        chosen.append(window(domain, start + prompt_len, response_len))
         while True:  # a window that does not overlap the real continuation
-            other = int(torch.randint(len(stream) - response_len, (1,), generator=gen))
+            other = _draw(responses, offsets, gen)
             if abs(other - (start + prompt_len)) >= response_len:
                 break
-        rejected.append(window(stream, other, response_len))
+        rejected.append(window(domain, other, response_len))
     return torch.stack(prompts), torch.stack(chosen), torch.stack(rejected)

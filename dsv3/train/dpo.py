@@ -20,13 +20,15 @@ def response_logprob(model, prompt_BP: torch.Tensor, response_BR: torch.Tensor) 
 
 def dpo_loss(policy, reference, prompt_BP, chosen_BR, rejected_BR, beta: float):
     """(loss, reward margin per row, reward accuracy): the two responses go through
-    each model in one batch."""
-    both_prompt = torch.cat([prompt_BP, prompt_BP])
-    both_response = torch.cat([chosen_BR, rejected_BR])
+    each model in one batch, each pair's rows side by side (chosen, rejected, chosen,
+    ...): an MoE with a capacity drops the batch's later tokens first, which with the
+    chosen rows first all fell on the rejected ones."""
+    both_prompt = torch.stack([prompt_BP, prompt_BP], dim=1).flatten(0, 1)
+    both_response = torch.stack([chosen_BR, rejected_BR], dim=1).flatten(0, 1)
     policy_logp = response_logprob(policy, both_prompt, both_response)
     with torch.no_grad():
         reference_logp = response_logprob(reference, both_prompt, both_response)
     rewards = beta * (policy_logp - reference_logp)
-    chosen_reward, rejected_reward = rewards.chunk(2)
+    chosen_reward, rejected_reward = rewards.view(-1, 2).unbind(1)
     margin = chosen_reward - rejected_reward
     return -F.logsigmoid(margin).mean(), margin.detach(), (margin > 0).float().mean().detach()

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from dsv3.data.mixture import MixtureSchedule
 from dsv3.model import Transformer
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import TrainConfig
 from dsv3.train.data import (TrainData, check_preference_stages, check_stage_mixtures,
-                             preference_batch, preference_lengths)
+                             preference_batch, preference_lengths, stage_mixture)
 from dsv3.train.dpo import dpo_loss
 from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
@@ -57,7 +58,7 @@ def _perplexity(loss: float) -> float:
 class Trainer:
     def __init__(self, config: TrainConfig, data: TrainData, device: str | None = None):
         check_stage_mixtures(config.stages, data.domains)  # not when a later stage starts
-        check_preference_stages(config.stages, data.train.tokens)
+        check_preference_stages(config.stages, data.train)
         if config.val_fraction is None:  # saved as the share the data was split with
             config.val_fraction = data.val_fraction
         self.config, self.data = config, data
@@ -174,10 +175,25 @@ class Trainer:
                          o.schedule, o.min_lr_ratio, o.decay_fraction)
 
     def _frozen_copy(self, state: dict | None = None) -> Transformer:
-        """The DPO reference: the model as it is now (or ``state``), frozen."""
-        reference = Transformer(self.model.config).to(self.device)
+        """The DPO reference: the model as it is now (or ``state``), frozen. Built
+        without drawing from the global RNG: a resume builds it again after restoring
+        the RNG, which its random init then moved on from the uninterrupted run's."""
+        with torch.random.fork_rng(devices=[]):
+            reference = Transformer(self.model.config).to(self.device)
         reference.load_state_dict(state if state is not None else self.model.state_dict())
         return reference.eval().requires_grad_(False)
+
+    def _preference_weights(self, index: int, progress: float) -> dict:
+        """The domain shares a DPO stage draws its pairs by: its own mixture at its
+        ``progress``, else the prepared schedule where the language-model stages before
+        it left it (the stage pauses it, as a stage of its own mixture does)."""
+        stage = self.config.stages[index]
+        own = stage_mixture(stage, self.data.domains)
+        tokens = self._schedule_tokens()
+        at = max((self.mixture_spans[i][1] for i in range(index) if tokens[i]), default=0.0)
+        schedule = MixtureSchedule(own, 1) if own is not None else MixtureSchedule(
+            self.data.default_weights, 1)
+        return dict(zip(schedule.domains, schedule.weights_at(progress if own else at)))
 
     def _schedule_tokens(self) -> list[int]:
         """Per stage, the tokens it reads under the prepared mixture schedule: 0 for a
@@ -236,13 +252,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype,
                               enabled=self.autocast_dtype is not None)
 
-    def _micro_loss(self, stage, progress, micro: int, record: dict):
+    def _micro_loss(self, index: int, stage, progress, micro: int, record: dict):
         c = self.config
         forward = self.ddp if self.ddp is not None else self.model
         if stage.kind == "dpo":
             prompt, chosen, rejected = (t.to(self.device) for t in preference_batch(
-                self.data.train.tokens, c.micro_batch, *preference_lengths(stage.seq_len),
-                seed=c.seed, step=self.step, micro=micro, rank=self.rank))
+                self.data.train, c.micro_batch, *preference_lengths(stage.seq_len),
+                seed=c.seed, step=self.step, micro=micro, rank=self.rank,
+                weights=self._preference_weights(index, progress)))
             with self._autocast():
                 loss, margin, accuracy = dpo_loss(forward, self.reference, prompt, chosen,
                                                   rejected, stage.dpo_beta)
@@ -297,7 +314,7 @@ class Trainer:
             counting = saved_activation_bytes(activation, self.model) if (measure and micro == 0) \
                 else nullcontext()
             with sync, counting:
-                loss, n_tokens = self._micro_loss(stage, progress, micro, record)
+                loss, n_tokens = self._micro_loss(index, stage, progress, micro, record)
                 self.scaler.scale(loss / c.grad_accum).backward()
             micro_stats.append([layer.last_stats for layer in self.model.moe_layers()])
             tokens += n_tokens
