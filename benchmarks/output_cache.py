@@ -13,13 +13,11 @@ over 1.6x the fastest (the occasional slow steps that fresh mappings gave on the
                                       [--dtypes fp32 bf16] [--steps 30] [--rounds 2]
                                       [--write-results]
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 
 SLOW_FACTOR = 1.6
 SETTINGS = {"on": None, "off": "0"}  # DSV3_CPU_CACHE_MB
@@ -27,16 +25,8 @@ SETTINGS = {"on": None, "off": "0"}  # DSV3_CPU_CACHE_MB
 
 def _child(shape: str, dtype: str, steps: int) -> None:
     """Times ``steps`` layer steps after a warm-up; prints their times (ms) as JSON."""
-    from benchmarks.providers import DTYPES, Shape, make_step
-    step = make_step("dsv3", Shape.parse(shape), DTYPES[dtype])
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    print(json.dumps(times))
+    from benchmarks.side_by_side import dsv3_step_times
+    print(json.dumps(dsv3_step_times(shape, dtype, steps)[1]))
 
 
 def _environment(setting: str) -> dict:
@@ -93,45 +83,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _shape_name(name: str) -> str:
-    from benchmarks.providers import Shape
-    try:
-        return Shape.parse(name).name
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def main(argv=None) -> None:
-    from benchmarks.providers import DTYPES, SHAPES
+    from benchmarks import side_by_side
+    from benchmarks.providers import DTYPES
     if argv is None and sys.argv[1:2] == ["--child"]:
         _child(*sys.argv[2:4], int(sys.argv[4]))
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=[shape.name for shape in SHAPES],
-                        type=_shape_name,
-                        help="layer shapes, T<tokens>-D<dim>-F<ffn>-E<experts>-K<top-k>")
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
-    parser.add_argument("--write-results", action="store_true",
-                        help="append the table to benchmarks/RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be >= 1")
-    from benchmarks.contention import foreign_cores, snapshot
-    before = snapshot()
-    rows = [measure(shape, dtype, args.steps, args.rounds)
-            for shape in args.shapes for dtype in args.dtypes]
-    foreign = foreign_cores(before, snapshot())
-    body = (table(rows) + f"\n\n- {args.rounds} processes per setting, alternating, "
-            f"{args.steps} timed steps each after 3 warm-up steps; peak: one step in a fresh "
-            f"process (benchmarks/memory.py).\n- Other processes used {foreign:.2f} cores on "
-            f"average while this ran.\n")
-    print(body)
-    if args.write_results:
-        from benchmarks.results import append_section, command_line
-        append_section("CPU output cache on and off", command_line("benchmarks.output_cache", argv),
-                       body)
+    args = side_by_side.parse(__doc__.split("\n\n")[0], argv, list(DTYPES))
+    side_by_side.run(args, measure, table, "; peak: one step in a fresh process "
+                     "(benchmarks/memory.py)", "CPU output cache on and off",
+                     "benchmarks.output_cache", argv)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ for the backward (dsv3.train.metrics.saved_activation_bytes, parameters left out
                                          [--dtypes bf16] [--steps 30] [--rounds 2]
                                          [--write-results]
 """
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import time
 
 SETTINGS = ("layer dtype", "fp32")
 
@@ -27,18 +25,11 @@ def _child(shape: str, dtype: str, steps: int, setting: str) -> None:
     import torch.nn.functional as F
 
     import dsv3.moe
-    from benchmarks.providers import DTYPES, Shape, make_step
+    from benchmarks.side_by_side import dsv3_step_times
     from dsv3.train.metrics import saved_activation_bytes
     if setting == "fp32":
         dsv3.moe.router_logits = lambda x, w, dtype: F.linear(x.to(dtype), w.to(dtype))
-    step = make_step("dsv3", Shape.parse(shape), DTYPES[dtype])
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
+    step, times = dsv3_step_times(shape, dtype, steps)
     counter = [0]
     with saved_activation_bytes(counter):
         step.forward()
@@ -79,36 +70,13 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from benchmarks.output_cache import _shape_name
-    from benchmarks.providers import DTYPES, SHAPES
+    from benchmarks import side_by_side
     if argv is None and sys.argv[1:2] == ["--child"]:
         _child(*sys.argv[2:4], int(sys.argv[4]), sys.argv[5])
         return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=[shape.name for shape in SHAPES],
-                        type=_shape_name,
-                        help="layer shapes, T<tokens>-D<dim>-F<ffn>-E<experts>-K<top-k>")
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
-    parser.add_argument("--write-results", action="store_true",
-                        help="append the table to benchmarks/RESULTS.md")
-    args = parser.parse_args(argv)
-    if args.steps < 1 or args.rounds < 1:
-        parser.error("--steps and --rounds must be >= 1")
-    from benchmarks.contention import foreign_cores, snapshot
-    before = snapshot()
-    rows = [measure(shape, dtype, args.steps, args.rounds)
-            for shape in args.shapes for dtype in args.dtypes]
-    foreign = foreign_cores(before, snapshot())
-    body = (table(rows) + f"\n\n- {args.rounds} processes per setting, alternating, "
-            f"{args.steps} timed steps each after 3 warm-up steps.\n- Other processes used "
-            f"{foreign:.2f} cores on average while this ran.\n")
-    print(body)
-    if args.write_results:
-        from benchmarks.results import append_section, command_line
-        append_section("Router backward in the layer's dtype against fp32",
-                       command_line("benchmarks.router_backward", argv), body)
+    args = side_by_side.parse(__doc__.split("\n\n")[0], argv, ["bf16"])
+    side_by_side.run(args, measure, table, "", "Router backward in the layer's dtype against "
+                     "fp32", "benchmarks.router_backward", argv)
 
 
 if __name__ == "__main__":
