@@ -244,3 +244,106 @@ def test_loader_state_mismatch_is_an_error():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="seq_len must be a positive int, got 0"):
         PackedLoader(corpus, schedule, seq_len=0, batch_size=2)
+
+
+# --- the hand-over between stages, and the ranks' shares (a review's findings) --------
+
+def _read(sampler, n_units):
+    """(domain name, document start) of each unit's document, for n units."""
+    out = []
+    for _ in range(n_units):
+        u = next(sampler)
+        name = sampler.schedule.domains[u.domain]
+        offsets = sampler.offsets[u.domain]
+        out.append((name, int(offsets[np.searchsorted(offsets, u.start, side="right") - 1])))
+    return out
+
+
+def test_a_stage_listing_the_domains_in_another_order_reads_on_not_again():
+    """The permutation was seeded by the domain's place in the schedule: a stage whose
+    schedule listed the domains in another order read the same positions of another
+    permutation, reading documents again and skipping others."""
+    offsets = {d: np.arange(0, 41) * 10 for d in ("code", "web")}  # 40 documents each
+    first = MixtureSampler(MixtureSchedule({"web": 0.5, "code": 0.5}, 10_000), offsets,
+                           max_chunk_tokens=10)
+    second = MixtureSampler(MixtureSchedule({"code": 0.5, "web": 0.5}, 10_000), offsets,
+                            max_chunk_tokens=10)
+    read = _read(first, 40)
+    second.continue_documents(first.document_positions())
+    assert not set(read) & set(_read(second, 40))  # the rest of the epoch, each once
+
+
+def test_the_next_stage_starts_at_the_first_token_not_handed_out():
+    """The positions were the sampler's, past the chunk the last batch cut: up to a
+    chunk per stage was skipped (a document's end, with its end-of-text, among them)."""
+    offsets = {"a": np.array([0, 5000, 10_000])}
+    corpus = TokenizedCorpus({"a": np.arange(10_000, dtype=np.uint32)}, offsets, eos_id=0,
+                             vocab_size=10_000)
+    schedule = MixtureSchedule({"a": 1.0}, 10_000)
+    first = PackedLoader(corpus, schedule, seq_len=99, batch_size=1, max_chunk_tokens=1024)
+    last = [b["input_ids"][0] for b in _batches(first, 3)][-1]
+    second = PackedLoader(corpus, schedule, seq_len=99, batch_size=1, max_chunk_tokens=1024)
+    second.continue_documents(first.document_positions(), first.shuffle)
+    following = _batches(second, 1)[0]["input_ids"][0]
+    assert int(following[0]) == int(last[-1]) + 1
+
+
+def test_a_document_begun_before_its_domain_falls_to_share_zero_is_finished():
+    """It was dropped mid-text, and the next unit, another domain's, followed it with no
+    end-of-text between them."""
+    weights = {"a": [[0, 0.5], [0.5, 0.0], [1, 0.0]], "b": [[0, 0.5], [0.5, 1.0], [1, 1.0]]}
+    offsets = {"a": np.arange(0, 11) * 5000, "b": np.arange(0, 501) * 100}
+    s = MixtureSampler(MixtureSchedule(weights, 40_000), offsets, max_chunk_tokens=256)
+    units = []
+    while s.tokens < 40_000:
+        units.append(next(s))
+    for unit, after in zip(units, units[1:]):
+        if after.domain != unit.domain:  # a switch only at a document's end
+            ends = offsets["ab"[unit.domain]]
+            assert unit.start + unit.length in set(ends.tolist()), unit
+
+
+def test_ranks_shares_hold_about_equal_tokens():
+    """Documents were dealt out one by one: with uneven lengths a rank's share held 25%
+    fewer tokens, and it began its next epoch while the other was reading this one."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(6, 1.2, 201).astype(int), 1, 5000)
+    offsets = {"a": np.concatenate([[0], np.cumsum(lengths)])}
+    schedule = MixtureSchedule({"a": 1.0}, 10**6)
+    shares = []
+    for shard in (0, 1):
+        s = MixtureSampler(schedule, offsets, shard=shard, n_shards=2)
+        order = s._order(0, 0)
+        shares.append(int(lengths[order].sum()))
+    assert set(np.concatenate([MixtureSampler(schedule, offsets, shard=r, n_shards=2)._order(0, 0)
+                               for r in (0, 1)]).tolist()) == set(range(201))
+    assert abs(shares[0] - shares[1]) <= lengths.max()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_chunk_tokens": 512.0}, r"max_chunk_tokens must be a whole number, got 512.0"),
+    ({"seed": -1}, r"seed must be >= 0, got -1"),
+    ({"shard": True}, r"shard must be a whole number, got True"),
+])
+def test_bad_sampler_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MixtureSampler(MixtureSchedule({"a": 1.0}, 100), {"a": np.array([0, 10])}, **kwargs)
+
+
+def test_a_state_saved_before_the_shuffle_by_name_resumes_its_own_stream():
+    """A run saved with the positional shuffle and chunk-counting cursor goes on as it
+    started, not in the new permutations."""
+    schedule = MixtureSchedule(RECIPE, total_tokens=200_000)
+    offsets = synthetic_offsets(np.random.default_rng(2), RECIPE, docs=30)
+    old = MixtureSampler(schedule, offsets, seed=1, max_chunk_tokens=256)
+    old._set_shuffle("position")
+    for _ in range(300):
+        next(old)
+    state = old.state_dict()
+    del state["shuffle"], state["cursor_unit"]  # as saved then
+    state["cursor"] = [[e, p, -(-read // 256)] for e, p, read in state["cursor"]]
+    assert all(read % 256 == 0 for _, _, read in old.state_dict()["cursor"])
+    resumed = MixtureSampler(schedule, offsets, seed=1, max_chunk_tokens=256)
+    resumed.load_state_dict(state)
+    assert resumed.shuffle == "position"
+    assert [next(resumed) for _ in range(300)] == [next(old) for _ in range(300)]

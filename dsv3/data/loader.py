@@ -133,15 +133,22 @@ class PackedLoader:
 
     def document_positions(self) -> dict[str, list[int]]:
         """Where the batches handed out so far left each domain's documents
-        (MixtureSampler.document_positions)."""
-        return self._position.sampler.document_positions()
+        (MixtureSampler.document_positions): at the first token not handed out, in
+        the unit the last batch cut too (its rest was skipped by the next stage)."""
+        return self._position.sampler.document_positions(self._position.pending)
 
-    def continue_documents(self, positions: dict) -> None:
+    @property
+    def shuffle(self) -> str:
+        """How the sampler orders each domain's documents (MixtureSampler._order)."""
+        return self._position.sampler.shuffle
+
+    def continue_documents(self, positions: dict, shuffle: str | None = None) -> None:
         """Before the first batch: read on from ``positions`` (another loader's
-        document_positions over the same documents), not from the first document."""
+        document_positions over the same documents, in the permutations of its
+        ``shuffle``), not from the first document."""
         if self.batches_done:
             raise RuntimeError("continue_documents: this loader has handed out batches")
-        self._position.sampler.continue_documents(positions)
+        self._position.sampler.continue_documents(positions, shuffle)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         s = self.settings

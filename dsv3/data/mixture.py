@@ -14,11 +14,16 @@ them, and its next chunk came after that document without its own beginning. The
 realized share then tracks the schedule to within about one document per domain at
 every point of the stream (random draws would drift by the square root of the
 document count), there is no random state to carry, and the sampler's whole state is
-a few numbers per domain. Randomness only orders documents inside a domain: a
-permutation seeded by (seed, domain, epoch), re-drawn each time a domain is exhausted
-and repeats. Data-parallel ranks each read a share of every permutation (``shard`` of
-``n_shards``), so no document is read twice in an epoch; a domain of fewer documents
-than ranks is read whole by each, from a different document.
+a few numbers per domain. A document begun is finished even if its domain's share
+falls to 0 meanwhile (at most its rest over the share). Randomness only orders
+documents inside a domain: a permutation seeded by (seed, domain name, epoch),
+re-drawn each time a domain is exhausted and repeats. Data-parallel ranks each read a
+run of every permutation holding about 1/``n_shards`` of its tokens (``shard`` of
+``n_shards``), so no document is read twice in an epoch and the ranks reach its end
+together; a domain that cannot be shared so (fewer documents than ranks, or one
+document holding most of its text) is read whole by each, from a different document.
+A later sampler (the next training stage's) reads on from where another stopped
+(:meth:`MixtureSampler.document_positions`, :meth:`MixtureSampler.continue_documents`).
 
 What it costs: the stream is a pure function of (schedule, document lengths, seed),
 so to start at token N a fresh sampler replays the choices up to N (lengths only,
@@ -27,11 +32,14 @@ about a microsecond per unit) unless it is given a saved :meth:`state_dict`.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from dsv3.validate import whole_number
 
 WeightSpec = float | Sequence[float] | Sequence[Sequence[float]]
 # How far from 1 a row of shares may sum. Configs and prepared mixture.json files
@@ -39,6 +47,8 @@ WeightSpec = float | Sequence[float] | Sequence[Sequence[float]]
 # the contract; rows are then divided by their sum, so the sampler draws from exact
 # shares whatever the rounding.
 SUM_TOLERANCE = 1e-6
+# How a new sampler orders each domain's documents (MixtureSampler._order).
+SHUFFLE = "name"
 
 
 def _points(name: str, spec: WeightSpec) -> list[tuple[float, float]]:
@@ -141,12 +151,17 @@ class MixtureSampler:
         missing = [d for d in schedule.domains if d not in doc_offsets]
         if missing:
             raise ValueError(f"doc_offsets: no documents for scheduled domains {missing}")
-        if max_chunk_tokens < 1:
-            raise ValueError(f"max_chunk_tokens must be >= 1, got {max_chunk_tokens}")
-        if not 0 <= shard < n_shards:
+        # checked here, not on the first batch in a worker ("slice indices must be
+        # integers" for a max_chunk_tokens of 512.0 from a hand-edited mixture.json)
+        whole_number("max_chunk_tokens", max_chunk_tokens, 1)
+        whole_number("n_shards", n_shards, 1)
+        whole_number("seed", seed, 0)
+        whole_number("shard", shard, 0)
+        if shard >= n_shards:
             raise ValueError(f"shard must be in [0, n_shards={n_shards}), got {shard}")
         self.schedule, self.seed, self.max_chunk = schedule, seed, max_chunk_tokens
         self.shard, self.n_shards = shard, n_shards
+        self.shuffle = SHUFFLE  # a state saved before it was kept loads as "position"
         self.offsets = [np.asarray(doc_offsets[d], dtype=np.int64) for d in schedule.domains]
         for name, off in zip(schedule.domains, self.offsets):
             if len(off) < 2 or (np.diff(off) <= 0).any():
@@ -157,12 +172,15 @@ class MixtureSampler:
 
     def _initial_state(self) -> dict:
         n = len(self.offsets)
+        # per domain: epoch, position in the epoch's order, tokens read of that document
         return {"tokens": 0, "target": [0.0] * n, "actual": [0] * n,
-                "cursor": [[0, 0, 0] for _ in range(n)]}  # epoch, doc position, chunk
+                "cursor": [[0, 0, 0] for _ in range(n)], "cursor_unit": "tokens",
+                "shuffle": self.shuffle}
 
     def state_dict(self) -> dict:
         return {"tokens": self.tokens, "target": list(self.target), "actual": list(self.actual),
-                "cursor": [list(c) for c in self.cursor]}
+                "cursor": [list(c) for c in self.cursor], "cursor_unit": "tokens",
+                "shuffle": self.shuffle}
 
     def load_state_dict(self, state: dict) -> None:
         n = len(self.offsets)
@@ -172,33 +190,72 @@ class MixtureSampler:
         self.target = [float(x) for x in state["target"]]
         self.actual = [int(x) for x in state["actual"]]
         self.cursor = [list(map(int, c)) for c in state["cursor"]]
+        if state.get("cursor_unit") != "tokens":  # saved counting chunks read
+            self.cursor = [[e, p, chunk * self.max_chunk] for e, p, chunk in self.cursor]
+        self._set_shuffle(state.get("shuffle", "position"))
+
+    def _set_shuffle(self, shuffle: str) -> None:
+        if shuffle not in ("name", "position"):
+            raise ValueError(f"state: unknown shuffle {shuffle!r}")
+        if shuffle != self.shuffle:
+            self.shuffle = shuffle
+            self._perm_cache.clear()
 
     def _order(self, d: int, epoch: int) -> np.ndarray:
-        """Domain ``d``'s documents in epoch ``epoch``, this shard's share of them."""
+        """Domain ``d``'s documents in epoch ``epoch``, this shard's share of them.
+
+        Seeded by the domain's name: seeded by its place in the schedule (``shuffle``
+        "position", kept for runs saved with it), a stage whose schedule lists the
+        domains in another order read the same position of another permutation,
+        reading again documents the stage before had read and skipping others. The
+        shares are runs of the permutation of about equal tokens: dealt out one by
+        one, a rank whose share held fewer tokens began its next epoch while another
+        was still reading this one."""
         cached = self._perm_cache.get(d)
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([self.seed, d, epoch])
-            order = rng.permutation(len(self.offsets[d]) - 1)
-            if len(order) >= self.n_shards:
-                order = order[self.shard::self.n_shards]
-            else:  # too few to share: every rank reads them all, from its own first one
-                order = np.roll(order, -self.shard)
+            if self.shuffle == "name":
+                name = self.schedule.domains[d].encode()
+                key = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big")
+                order = np.random.default_rng([self.seed, key, epoch]).permutation(
+                    len(self.offsets[d]) - 1)
+                order = self._token_share(d, order)
+            else:
+                order = np.random.default_rng([self.seed, d, epoch]).permutation(
+                    len(self.offsets[d]) - 1)
+                if len(order) >= self.n_shards:
+                    order = order[self.shard::self.n_shards]
+                else:  # too few to share: every rank reads them all, from its own first
+                    order = np.roll(order, -self.shard)
             cached = (epoch, order)
             self._perm_cache[d] = cached
         return cached[1]
 
+    def _token_share(self, d: int, order: np.ndarray) -> np.ndarray:
+        """This shard's run of ``order``: the documents that start in its n_shards-th of
+        the permutation's tokens. Where some shard would get none (fewer documents than
+        ranks, or one document holding most of the tokens), every rank reads them all,
+        from its own first one."""
+        if self.n_shards == 1:
+            return order
+        lengths = np.diff(self.offsets[d])[order]
+        before = np.cumsum(lengths) - lengths
+        owner = before * self.n_shards // int(lengths.sum())
+        if len(np.unique(owner)) < self.n_shards:
+            return np.roll(order, -self.shard)
+        return order[owner == self.shard]
+
     def _next_unit_of(self, d: int) -> Unit:
-        epoch, pos, chunk = self.cursor[d]
+        epoch, pos, read = self.cursor[d]
         order = self._order(d, epoch)
         doc = int(order[pos])
         start, end = int(self.offsets[d][doc]), int(self.offsets[d][doc + 1])
-        begin = start + chunk * self.max_chunk
+        begin = start + read
         next_document = [epoch, pos + 1, 0] if pos + 1 < len(order) else [epoch + 1, 0, 0]
-        if begin >= end:  # carried from a sampler of longer chunks: the document is read
+        if begin >= end:  # carried past the document's end: it is read
             self.cursor[d] = next_document
             return self._next_unit_of(d)
         length = min(self.max_chunk, end - begin)
-        self.cursor[d] = [epoch, pos, chunk + 1] if begin + length < end else next_document
+        self.cursor[d] = [epoch, pos, read + length] if begin + length < end else next_document
         return Unit(d, begin, length)
 
     def __iter__(self):
@@ -207,11 +264,13 @@ class MixtureSampler:
     def __next__(self) -> Unit:
         weights = self.schedule.weights_at(self.tokens / self.schedule.total_tokens)
         target, actual = self.target, self.actual
-        # a document begun goes on (chunk > 0); else the wanted domain furthest behind its
-        # target, the earlier one on a tie. A domain at share 0 is never drawn, even when
-        # rounding leaves every wanted one ahead, nor its begun document continued.
+        # a document begun goes on, whatever its domain's share now (one left at share 0
+        # mid-document ran into another domain's text with no end-of-text: the share
+        # overshoots by at most that document's rest); else the wanted domain furthest
+        # behind its target, the earlier one on a tie. A domain at share 0 is never
+        # drawn for a new document, even when rounding leaves every wanted one ahead.
         wanted = [i for i, w in enumerate(weights) if w > 0]
-        begun = [i for i in wanted if self.cursor[i][2] > 0]
+        begun = [i for i in range(len(weights)) if self.cursor[i][2] > 0]
         d = begun[0] if begun else max(wanted, key=lambda i: (target[i] - actual[i], -i))
         unit = self._next_unit_of(d)
         n = unit.length
@@ -221,21 +280,38 @@ class MixtureSampler:
         self.tokens += n
         return unit
 
-    def document_positions(self) -> dict[str, list[int]]:
+    def document_positions(self, pending: tuple[Unit, int] | None = None
+                           ) -> dict[str, list[int]]:
         """Where each domain's reading stands, by name: [epoch, position in the epoch's
         order, tokens read of the current document]. Another sampler over the same
         documents (a later training stage's, of another schedule) continues from it
-        with :meth:`continue_documents`, rather than reading the same documents again."""
-        return {name: [epoch, pos, chunk * self.max_chunk]
-                for name, (epoch, pos, chunk) in zip(self.schedule.domains, self.cursor)}
+        with :meth:`continue_documents`, rather than reading the same documents again.
+        ``pending``: the last unit drawn and how many of its tokens were used (a batch
+        cut it): its domain stands at the first token not used, not after the unit."""
+        positions = {name: list(c) for name, c in zip(self.schedule.domains, self.cursor)}
+        if pending is not None:
+            unit, used = pending
+            d, offsets = unit.domain, self.offsets[unit.domain]
+            epoch, pos, read = self.cursor[d]
+            if read == 0:  # the unit ended its document: the cursor moved to the next
+                pos -= 1
+                if pos < 0:
+                    epoch -= 1
+                    pos = len(self._order(d, epoch)) - 1
+            doc = int(np.searchsorted(offsets, unit.start, side="right")) - 1
+            positions[self.schedule.domains[d]] = [epoch, pos,
+                                                   unit.start + used - int(offsets[doc])]
+        return positions
 
-    def continue_documents(self, positions: Mapping[str, Sequence[int]]) -> None:
-        """Start each named domain's reading at ``positions`` (document_positions'),
-        a begun document at its next whole chunk of this sampler's size."""
+    def continue_documents(self, positions: Mapping[str, Sequence[int]],
+                           shuffle: str | None = None) -> None:
+        """Start each named domain's reading at ``positions`` (document_positions'), in
+        the permutations of ``shuffle`` (the other sampler's; None: this one's)."""
+        if shuffle is not None:
+            self._set_shuffle(shuffle)
         for d, name in enumerate(self.schedule.domains):
             if name in positions:
-                epoch, pos, read = (int(v) for v in positions[name])
-                self.cursor[d] = [epoch, pos, -(-read // self.max_chunk)]
+                self.cursor[d] = [int(v) for v in positions[name]]
 
     def epochs(self) -> dict[str, int]:
         """Completed passes over each domain (a domain repeats when exhausted)."""

@@ -229,7 +229,7 @@ class TrainData:
                               max_chunk_tokens=max_chunk_tokens or self.max_chunk_tokens,
                               shard=rank, n_shards=world)
         if after is not None:
-            loader.continue_documents(after.document_positions())
+            loader.continue_documents(after.document_positions(), after.shuffle)
         return loader
 
 
