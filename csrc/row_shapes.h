@@ -42,4 +42,23 @@ inline void check_weights_like_row_map(const c10::optional<at::Tensor>& weights_
                    weights_TK->scalar_type());
 }
 
+// Every tensor on `ref`'s device. The dispatcher runs the CUDA kernel when any argument
+// is a CUDA tensor, and the kernel reads each through a raw pointer: a row map or
+// weights left on the CPU (or on another GPU) was dereferenced there, an illegal
+// address that ends the CUDA context.
+inline void check_same_device(const at::Tensor& ref, const char* ref_name,
+                              const at::Tensor& other, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(other.device() == ref.device(), op, ": ", name, " must be on ", ref_name,
+                    "'s device ", ref.device(), ", got ", other.device());
+}
+
+// The copies' rows y_SD [S, D] are row_map_TK's S = T * K rows, each named once: a row
+// the map does not name was left unwritten in a gradient (uninitialized memory).
+inline void check_copy_rows_match(const at::Tensor& y_SD, const at::Tensor& row_map_TK,
+                                  const char* op) {
+  TORCH_CHECK_VALUE(y_SD.size(0) == row_map_TK.numel(), op, ": y_SD must have T * K = ",
+                    row_map_TK.numel(), " rows (one per entry of row_map_TK), got ",
+                    y_SD.size(0));
+}
+
 }  // namespace dsv3

@@ -210,3 +210,28 @@ def test_permute_unpermute_round_trip():
     x_TD = torch.randn(50, 16)
     x_SD, _, row_map_TK = ops.permute(x_TD, make_experts(50, 8, 3), 8)
     assert_close(ops.unpermute(x_SD, row_map_TK), 3 * x_TD)
+
+
+@pytest.mark.gpu
+def test_the_cuda_kernels_refuse_what_they_would_read_wrong():
+    """Direct torch.ops calls reach csrc/cuda without the Python wrappers' checks. A row
+    map left on the CPU was read through its host pointer on the device (an illegal
+    address that ends the CUDA context), a y_SD of other than T * K rows left rows of
+    its gradient unwritten, and an expert count past the histogram's shared memory
+    failed as a bare CUDA error."""
+    from dsv3 import _C  # noqa: F401  (the dsv3:: ops)
+    experts_TK = torch.randint(0, 4, (8, 2), device="cuda", dtype=torch.int32)
+    _, row_map_TK = torch.ops.dsv3.expert_index(experts_TK, 4)
+    y_SD, weights_TK = torch.randn(16, 8, device="cuda"), torch.rand(8, 2, device="cuda")
+    with pytest.raises(ValueError, match="unpermute: row_map_TK must be on y_SD's device"):
+        torch.ops.dsv3.unpermute(y_SD, row_map_TK.cpu(), weights_TK)
+    with pytest.raises(ValueError, match="unpermute: weights_TK must be on y_SD's device"):
+        torch.ops.dsv3.unpermute(y_SD, row_map_TK, weights_TK.cpu())
+    with pytest.raises(ValueError, match=r"unpermute_backward: y_SD must have T \* K = 16 rows"):
+        torch.ops.dsv3.unpermute_backward(torch.randn(8, 8, device="cuda"),
+                                          torch.randn(21, 8, device="cuda"), row_map_TK,
+                                          weights_TK)
+    with pytest.raises(ValueError, match="permute_rows: row_map_TK must be on x_TD's device"):
+        torch.ops.dsv3.permute_rows(torch.randn(8, 8, device="cuda"), row_map_TK.cpu())
+    with pytest.raises(ValueError, match="expert_index: n_experts must be < 12288 on CUDA"):
+        torch.ops.dsv3.expert_index(experts_TK, 12288)

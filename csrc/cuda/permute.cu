@@ -23,6 +23,8 @@ namespace dsv3 {
 namespace {
 
 constexpr int kBlock = 256;
+// expert_index histogram: (n_experts + 1) ints of dynamic shared memory within 48 KiB.
+constexpr int64_t kMaxExperts = 48 * 1024 / sizeof(int);
 
 // Bin of a copy: its expert, or n_experts for a dropped copy (id -1) and for an
 // out-of-range id.
@@ -78,6 +80,10 @@ std::tuple<at::Tensor, at::Tensor> expert_index_cuda(const at::Tensor& experts_T
   TORCH_CHECK_TYPE(experts_TK_in.scalar_type() == at::kInt, "expert_index: experts_TK must be int32");
   TORCH_CHECK_VALUE(experts_TK_in.dim() == 2, "expert_index: experts_TK must be 2-D [T, K]");
   TORCH_CHECK_VALUE(n_experts >= 1, "expert_index: n_experts must be >= 1, got ", n_experts);
+  // One int of shared memory per expert (and one more) in the histogram kernel, which
+  // launches with the default 48 KiB: past it the launch fails with a bare CUDA error.
+  TORCH_CHECK_VALUE(n_experts < kMaxExperts, "expert_index: n_experts must be < ", kMaxExperts,
+                    " on CUDA (the histogram's shared memory), got ", n_experts);
   const c10::cuda::CUDAGuard guard(experts_TK_in.device());
   const at::Tensor experts_TK = experts_TK_in.contiguous();
   const int64_t n_copies = experts_TK.numel();
@@ -174,6 +180,7 @@ __global__ void permute_rows_kernel(const vec_t* x, const int32_t* row_map, vec_
 
 at::Tensor permute_rows_cuda(const at::Tensor& x_TD_in, const at::Tensor& row_map_TK_in) {
   check_rows_per_token(x_TD_in, row_map_TK_in, "permute_rows", "x_TD");
+  check_same_device(x_TD_in, "x_TD", row_map_TK_in, "row_map_TK", "permute_rows");
   const c10::cuda::CUDAGuard guard(x_TD_in.device());
   const at::Tensor x_TD = x_TD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = x_TD.size(0), top_k = row_map_TK.size(1);
@@ -241,6 +248,11 @@ at::Tensor unpermute_cuda(const at::Tensor& y_SD_in, const at::Tensor& row_map_T
   check_copy_rows(y_SD_in, "unpermute");
   check_row_map_shape(row_map_TK_in, "unpermute");
   check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute");
+  check_copy_rows_match(y_SD_in, row_map_TK_in, "unpermute");
+  check_same_device(y_SD_in, "y_SD", row_map_TK_in, "row_map_TK", "unpermute");
+  if (weights_TK_in.has_value()) {
+    check_same_device(y_SD_in, "y_SD", *weights_TK_in, "weights_TK", "unpermute");
+  }
   const c10::cuda::CUDAGuard guard(y_SD_in.device());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const int64_t n_tokens = row_map_TK.size(0), top_k = row_map_TK.size(1), dim = y_SD.size(1);
@@ -361,6 +373,10 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_cuda(const at::Tensor& gra
   check_rows_per_token(grad_y_TD_in, row_map_TK_in, "unpermute_backward", "grad_y_TD",
                        y_SD_in.size(1));
   check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute_backward");
+  check_copy_rows_match(y_SD_in, row_map_TK_in, "unpermute_backward");
+  check_same_device(y_SD_in, "y_SD", row_map_TK_in, "row_map_TK", "unpermute_backward");
+  check_same_device(y_SD_in, "y_SD", weights_TK_in, "weights_TK", "unpermute_backward");
+  check_same_device(y_SD_in, "y_SD", grad_y_TD_in, "grad_y_TD", "unpermute_backward");
   const c10::cuda::CUDAGuard guard(y_SD_in.device());
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();
   const at::Tensor grad_y_TD = grad_y_TD_in.contiguous().to(y_SD.scalar_type());
