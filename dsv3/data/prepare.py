@@ -197,8 +197,7 @@ def _mixture(config: dict, corpus: TokenizedCorpus) -> dict:
     training tokens (the held-out documents are not trained on)."""
     mix = dict(config["mixture"])
     weights = mix.pop("weights", None)
-    held = corpus.heldout["documents"] if corpus.heldout else {}
-    tokens = {d: int(o[len(o) - 1 - held.get(d, 0)]) for d, o in corpus.offsets.items()}
+    tokens = {d: int(o[-1]) for d, o in corpus.training_part().offsets.items()}
     if weights is None:
         total = sum(tokens.values())
         weights = {d: n / total for d, n in tokens.items()}

@@ -79,13 +79,16 @@ class TokenizedCorpus:
     def training_part(self) -> "TokenizedCorpus":
         """The corpus without its held-out documents (itself when none are): what a
         loader may train on."""
-        if self.heldout is None:
-            return self
+        return self if self.heldout is None else self.without_last(self.heldout["documents"])
+
+    def without_last(self, n_docs: Mapping[str, int]) -> "TokenizedCorpus":
+        """The corpus without each domain's last ``n_docs[domain]`` documents (views of
+        the same arrays, no copy)."""
         tokens, offsets = {}, {}
         for d, o in self.offsets.items():
-            n_train = len(o) - 1 - self.heldout["documents"][d]
-            offsets[d] = o[:n_train + 1]
-            tokens[d] = self.tokens[d][:int(o[n_train])]
+            n_kept = len(o) - 1 - n_docs[d]
+            offsets[d] = o[:n_kept + 1]
+            tokens[d] = self.tokens[d][:int(o[n_kept])]
         return TokenizedCorpus(tokens, offsets, self.eos_id, self.vocab_size)
 
     @classmethod

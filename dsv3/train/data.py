@@ -142,23 +142,21 @@ def resolve_val_fraction(corpus: TokenizedCorpus, val_fraction: float | None) ->
 def _split(corpus: TokenizedCorpus, val_fraction: float):
     """Per domain, its last documents held out: those the data was prepared with, or
     else ``val_fraction`` of them."""
-    train_tokens, train_offsets, val = {}, {}, {}
+    n_val = {}
     for domain in corpus.domains:
-        offsets = corpus.offsets[domain]
-        n_docs = len(offsets) - 1
+        n_docs = len(corpus.offsets[domain]) - 1
         if corpus.heldout is not None:  # checked at load to leave >= 1 to train on
-            n_val = corpus.heldout["documents"][domain]
+            n_val[domain] = corpus.heldout["documents"][domain]
         else:
-            n_val = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
-        if n_docs - n_val < 1:
+            n_val[domain] = max(1, round(val_fraction * n_docs)) if val_fraction > 0 else 0
+        if n_docs - n_val[domain] < 1:
             raise ValueError(f"domain {domain!r} has {n_docs} document(s): too few to hold "
-                             f"{n_val} out and train on the rest (val_fraction={val_fraction:g}; "
-                             f"0 holds none out, or give the domain more documents)")
-        cut = int(offsets[n_docs - n_val])
-        train_tokens[domain] = corpus.tokens[domain][:cut]
-        train_offsets[domain] = offsets[:n_docs - n_val + 1]
-        val[domain] = torch.from_numpy(np.asarray(corpus.tokens[domain][cut:], dtype=np.int64))
-    train = TokenizedCorpus(train_tokens, train_offsets, corpus.eos_id, corpus.vocab_size)
+                             f"{n_val[domain]} out and train on the rest (val_fraction="
+                             f"{val_fraction:g}; 0 holds none out, or give the domain more "
+                             f"documents)")
+    train = corpus.without_last(n_val)
+    val = {d: torch.from_numpy(np.asarray(corpus.tokens[d][len(train.tokens[d]):],
+                                          dtype=np.int64)) for d in corpus.domains}
     return train, val
 
 
