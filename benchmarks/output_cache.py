@@ -13,60 +13,26 @@ over 1.6x the fastest (the occasional slow steps that fresh mappings gave on the
                                       [--dtypes fp32 bf16] [--steps 30] [--rounds 2]
                                       [--write-results]
 """
-import json
-import os
 import statistics
-import subprocess
-import sys
+
+from benchmarks.side_by_side import peak_mib, step_times
 
 SLOW_FACTOR = 1.6
-SETTINGS = {"on": None, "off": "0"}  # DSV3_CPU_CACHE_MB
-
-
-def _child(shape: str, dtype: str, steps: int) -> None:
-    """Times ``steps`` layer steps after a warm-up; prints their times (ms) as JSON."""
-    from benchmarks.side_by_side import dsv3_step_times
-    print(json.dumps(dsv3_step_times(shape, dtype, steps)[1]))
-
-
-def _environment(setting: str) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != "DSV3_CPU_CACHE_MB"}
-    if SETTINGS[setting] is not None:
-        env["DSV3_CPU_CACHE_MB"] = SETTINGS[setting]
-    return env
-
-
-def _module_output(setting: str, module: str, *args: str) -> str:
-    """The stdout of ``python -m module args`` under the cache ``setting``."""
-    command = [sys.executable, "-m", module, *args]
-    result = subprocess.run(command, env=_environment(setting), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
-    return result.stdout
-
-
-def _step_times(shape: str, dtype: str, steps: int, setting: str) -> list[float]:
-    out = _module_output(setting, "benchmarks.output_cache", "--child", shape, dtype, str(steps))
-    return json.loads(out.splitlines()[-1])
-
-
-def _peak_mib(shape: str, dtype: str, setting: str) -> float:
-    out = _module_output(setting, "benchmarks.memory", "--shape", shape, "--dtype", dtype,
-                         "--provider", "dsv3")
-    return float(out.split()[-2])  # "... dsv3: 183.9 MiB"
+VARIABLE = "DSV3_CPU_CACHE_MB"
+SETTINGS = {"on": None, "off": "0"}
 
 
 def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:
     times = {setting: [] for setting in SETTINGS}
     for _ in range(rounds):
         for setting in SETTINGS:
-            times[setting] += _step_times(shape, dtype, steps, setting)
+            times[setting] += step_times(VARIABLE, SETTINGS[setting], shape, dtype, steps)
     row = {"shape": shape, "dtype": dtype}
     for setting, values in times.items():
         fastest = min(values)
         row[setting] = {"median_ms": statistics.median(values), "mean_ms": statistics.mean(values),
                         "slow_share": sum(v > SLOW_FACTOR * fastest for v in values) / len(values),
-                        "peak_mib": _peak_mib(shape, dtype, setting)}
+                        "peak_mib": peak_mib(VARIABLE, SETTINGS[setting], shape, dtype)}
     return row
 
 
@@ -86,9 +52,6 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     from benchmarks import side_by_side
     from benchmarks.providers import DTYPES
-    if argv is None and sys.argv[1:2] == ["--child"]:
-        _child(*sys.argv[2:4], int(sys.argv[4]))
-        return
     args = side_by_side.parse(__doc__.split("\n\n")[0], argv, list(DTYPES))
     side_by_side.run(args, measure, table, "; peak: one step in a fresh process "
                      "(benchmarks/memory.py)", "CPU output cache on and off",

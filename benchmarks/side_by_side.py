@@ -2,6 +2,9 @@
 their options, the machine's load while they ran, and the table appended to
 RESULTS.md. Each supplies its own measure() and table()."""
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 
@@ -21,6 +24,35 @@ def dsv3_step_times(shape: str, dtype: str, steps: int):
     return step, times
 
 
+def module_output(variable: str, value: str | None, module: str, *args: str) -> str:
+    """The stdout of ``python -m module args`` with the environment ``variable`` set to
+    ``value`` (None: unset), in a fresh process."""
+    env = {key: text for key, text in os.environ.items() if key != variable}
+    if value is not None:
+        env[variable] = value
+    command = [sys.executable, "-m", module, *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` failed:\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def step_times(variable: str, value: str | None, shape: str, dtype: str,
+               steps: int) -> list[float]:
+    """dsv3_step_times' ms in a fresh process with ``variable`` set to ``value``."""
+    out = module_output(variable, value, "benchmarks.side_by_side", "--child", shape, dtype,
+                        str(steps))
+    return json.loads(out.splitlines()[-1])
+
+
+def peak_mib(variable: str, value: str | None, shape: str, dtype: str) -> float:
+    """The dsv3 layer step's peak extra memory (benchmarks/memory.py's method) with
+    ``variable`` set to ``value``."""
+    out = module_output(variable, value, "benchmarks.memory", "--shape", shape, "--dtype",
+                        dtype, "--provider", "dsv3")
+    return float(out.split()[-2])  # "... dsv3: 183.9 MiB"
+
+
 def shape_name(name: str) -> str:
     from benchmarks.providers import Shape
     try:
@@ -29,14 +61,18 @@ def shape_name(name: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def parse(description: str, argv, default_dtypes: list[str]) -> argparse.Namespace:
+def parse(description: str, argv, default_dtypes: list[str],
+          default_shapes: list[str] | None = None, default_steps: int = 30) -> argparse.Namespace:
+    """The options; the shapes default to the layer benchmark's."""
     from benchmarks.providers import DTYPES, SHAPES
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--shapes", nargs="+", default=[shape.name for shape in SHAPES],
+    parser.add_argument("--shapes", nargs="+",
+                        default=default_shapes or [shape.name for shape in SHAPES],
                         type=shape_name,
                         help="layer shapes, T<tokens>-D<dim>-F<ffn>-E<experts>-K<top-k>")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=default_dtypes)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per process")
+    parser.add_argument("--steps", type=int, default=default_steps,
+                        help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per setting")
     parser.add_argument("--write-results", action="store_true",
                         help="append the table to benchmarks/RESULTS.md")
@@ -63,3 +99,8 @@ def run(args: argparse.Namespace, measure, table, notes: str, title: str, module
         from benchmarks.results import append_section, command_line
         append_section(title, command_line(module, argv if argv is not None else sys.argv[1:]),
                        body)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    # step_times' child: the step's times (ms) as JSON
+    print(json.dumps(dsv3_step_times(sys.argv[2], sys.argv[3], int(sys.argv[4]))[1]))

@@ -10,8 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["checkpointing", "comm_bench", "data_pipeline", "expert_split", "gpu_bench",
-           "memory", "ncu_case", "run", "sm90_compile_check", "trainer_overhead",
-           "transformers_bench"]
+           "half_gemm", "memory", "ncu_case", "output_cache", "router_backward", "run",
+           "sm90_compile_check", "trainer_overhead", "transformers_bench"]
 
 
 def _run(*args, timeout=120):

@@ -1,6 +1,6 @@
 """The router's logits (dsv3/ops/router_logits.py): computed in fp32 whatever the
-layer's dtype, their gradients in the layer's (bf16/fp16) dtype, and no fp32 copy of
-the layer's input kept for the backward."""
+layer's dtype, their gradients in the layer's (bf16/fp16) dtype (through fp32 on a CPU
+without native half GEMMs), and no fp32 copy of the layer's input kept for the backward."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +21,13 @@ def test_a_full_precision_layer_gets_f_linears_values_and_gradients(dtype):
                                                  torch.autograd.grad(want, (x, w), g)))
 
 
+@pytest.mark.parametrize("half_gemm", ["native", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_low_precision_layer_routes_in_fp32_and_backpropagates_in_its_dtype(dtype):
+def test_a_low_precision_layer_routes_in_fp32_and_backpropagates_in_its_dtype(
+        dtype, half_gemm, monkeypatch):
+    """The backward's GEMMs in the layer's dtype; on a CPU without native half GEMMs
+    (DSV3_CPU_HALF_GEMM=fp32 forces it) in fp32, rounded to the layer's dtype."""
+    monkeypatch.setenv("DSV3_CPU_HALF_GEMM", half_gemm)
     x = torch.randn(64, 48).to(dtype).requires_grad_()
     w = torch.randn(8, 48).to(dtype).requires_grad_()
     g = torch.randn(64, 8)
@@ -31,9 +36,13 @@ def test_a_low_precision_layer_routes_in_fp32_and_backpropagates_in_its_dtype(dt
     assert torch.equal(logits, F.linear(x.float(), w.float()))  # the choices: exact
     grad_x, grad_w = torch.autograd.grad(logits, (x, w), g)
     assert grad_x.dtype == grad_w.dtype == dtype
-    # what it promises: the layer's-dtype GEMMs of the rounded gradient...
-    assert torch.equal(grad_x, g.to(dtype) @ w)
-    assert torch.equal(grad_w, g.to(dtype).t() @ x)
+    # what it promises: the layer's-dtype GEMMs of the rounded gradient, or fp32 ones...
+    if half_gemm == "native":
+        assert torch.equal(grad_x, g.to(dtype) @ w)
+        assert torch.equal(grad_w, g.to(dtype).t() @ x)
+    else:
+        assert torch.equal(grad_x, (g @ w.float()).to(dtype))
+        assert torch.equal(grad_w, (g.t() @ x.float()).to(dtype))
     # ...within a rounding of the exact gradients
     exact_x, exact_w = g.double() @ w.double(), g.double().t() @ x.double()
     for got, exact in ((grad_x, exact_x), (grad_w, exact_w)):

@@ -4,7 +4,8 @@
 // the last offset belong to dropped copies and are zero-filled so they carry
 // nothing forward. Large segments use multithreaded BLAS one after another;
 // many small segments run side by side, one single-threaded BLAS call per thread,
-// which avoids paying the threading overhead of BLAS per tiny GEMM.
+// which avoids paying the threading overhead of BLAS per tiny GEMM. bf16/fp16 segments
+// go through fp32 copies on CPUs without native half-precision GEMMs (half_gemm.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "half_gemm.h"
 #include "small_rows.h"
 
 namespace dsv3 {
@@ -162,13 +164,14 @@ at::Tensor grouped_mm_impl(const at::Tensor& x, const at::Tensor& w_EXY, const a
   const auto starts = read_offsets(offsets_E, n_experts, n_rows, op);
   at::Tensor y_SY = empty_output({n_rows, w_EXY.size(2)}, x.options());
   y_SY.narrow(0, starts.back(), n_rows - starts.back()).zero_();
+  const bool in_fp32 = half_gemm_in_fp32(x.scalar_type());
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     if (count == 0) return;
     at::Tensor out = y_SY.narrow(0, begin, count);
     const at::Tensor w_XY = w_EXY[e];
     if (small_segment_mm(x, token_S, begin, count, w_XY, out)) return;
-    at::mm_out(out, input_rows(x, token_S, begin, count), w_XY);
+    cpu_mm_out(out, input_rows(x, token_S, begin, count), w_XY, in_fp32);
   });
   return y_SY;
 }
@@ -216,6 +219,7 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_y_SY
   const int64_t dim_x = x.size(1), dim_y = grad_y_SY.size(1);
   at::Tensor grad_w = transposed ? empty_output({n_experts, dim_y, dim_x}, x.options())
                                  : empty_output({n_experts, dim_x, dim_y}, x.options());
+  const bool in_fp32 = half_gemm_in_fp32(x.scalar_type());
   for_each_expert(starts, [&](int64_t e) {
     const int64_t begin = starts[e], count = starts[e + 1] - begin;
     at::Tensor out = grad_w[e];
@@ -226,9 +230,9 @@ at::Tensor grouped_mm_wgrad_cpu(const at::Tensor& x, const at::Tensor& grad_y_SY
     const at::Tensor rows = input_rows(x, token_S, begin, count);
     const at::Tensor dy = grad_y_SY.narrow(0, begin, count);
     if (transposed)
-      at::mm_out(out, dy.t(), rows);
+      cpu_mm_out(out, dy.t(), rows, in_fp32);
     else
-      at::mm_out(out, rows.t(), dy);
+      cpu_mm_out(out, rows.t(), dy, in_fp32);
   });
   return grad_w;
 }

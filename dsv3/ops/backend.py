@@ -47,3 +47,12 @@ def use_reference(tensor: torch.Tensor) -> bool:
     if tensor.device.type == "cuda":
         return not triton_available()
     return tensor.device.type != "cpu"
+
+
+def native_cpu_half_matmul(dtype: torch.dtype) -> bool:
+    """Whether torch multiplies ``dtype`` (bf16 or fp16) CPU matrices with oneDNN's
+    native kernels, as at::mm decides: on CPUs without them (AVX2) it falls back to a
+    loop many times slower than fp32 (csrc/cpu/half_gemm.h)."""
+    query = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    return bool(getattr(torch.ops.mkldnn, query)())

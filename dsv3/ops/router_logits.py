@@ -8,13 +8,24 @@ under autocast) holds in bf16 anyway. Computed in that dtype, as every other mat
 gradient is under mixed precision, the backward's two GEMMs run at bf16 speed (on
 the CPU 4x the fp32 ones: 0.3 against 1.3 ms each at T=4096, D=512, E=64), and the
 fp32 copy of x that ``F.linear`` kept for the weight's gradient (4 bytes per token
-and model dimension, in every MoE layer) is not kept: x itself is. An fp32 or fp64
-layer takes ``F.linear`` as before.
+and model dimension, in every MoE layer) is not kept: x itself is. On a CPU without
+native bf16/fp16 GEMMs (AVX2 only: there they ran 20-100x slower than fp32) the two
+GEMMs take fp32 copies instead, as the CPU grouped GEMMs do (csrc/cpu/half_gemm.h,
+``DSV3_CPU_HALF_GEMM``). An fp32 or fp64 layer takes ``F.linear`` as before.
 """
 import torch
 import torch.nn.functional as F
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _gemm_dtype(x_TD: torch.Tensor) -> torch.dtype:
+    """The backward GEMMs' dtype: x's, or fp32 on a CPU without native half GEMMs. Under
+    torch.compile x's: the compiled graph's GEMMs are torch's to place."""
+    if x_TD.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            torch.ops.dsv3.cpu_half_gemm_in_fp32(x_TD.dtype):
+        return torch.float32
+    return x_TD.dtype
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -27,7 +38,7 @@ class _RouterLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_TE: torch.Tensor):
         x_TD, weight_ED = ctx.saved_tensors
-        dtype = x_TD.dtype
+        dtype = _gemm_dtype(x_TD)
         grad_x = grad_weight = None
         # the dtypes as chosen here, whatever autocast region the backward runs in
         with torch.autocast(x_TD.device.type, enabled=False):

@@ -1,0 +1,65 @@
+"""The CPU GEMMs of a bf16 layer through fp32 copies against torch's own
+half-precision matmul (csrc/cpu/half_gemm.h, ``DSV3_CPU_HALF_GEMM=fp32`` against
+``native``), side by side: the layer step's time and its peak extra memory. Where
+torch has no native bf16/fp16 matmul (AVX2 CPUs), ``auto`` takes the fp32 copies.
+
+Each (shape, dtype, setting) runs in a fresh process, the settings alternating
+``--rounds`` times, so a drift of the machine falls on both. fp32 rows are a control:
+the setting touches only bf16 and fp16. The native path can take seconds a step on
+such a CPU: the default is one shape and a few steps.
+
+    python -m benchmarks.half_gemm [--shapes T4096-D512-F256-E64-K2 ...]
+                                   [--dtypes bf16 fp32] [--steps 5] [--rounds 2]
+                                   [--write-results]
+"""
+import statistics
+
+from benchmarks.side_by_side import peak_mib, step_times
+
+VARIABLE = "DSV3_CPU_HALF_GEMM"
+SETTINGS = ("fp32", "native")
+DEFAULT_SHAPES = ["T4096-D512-F256-E64-K2"]
+DEFAULT_STEPS = 5
+
+
+def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:
+    times = {setting: [] for setting in SETTINGS}
+    for _ in range(rounds):
+        for setting in SETTINGS:
+            times[setting] += step_times(VARIABLE, setting, shape, dtype, steps)
+    return {"shape": shape, "dtype": dtype,
+            **{s: {"median_ms": statistics.median(times[s]),
+                   "peak_mib": peak_mib(VARIABLE, s, shape, dtype)} for s in SETTINGS}}
+
+
+def table(rows: list[dict]) -> str:
+    copies, native = SETTINGS
+    lines = [f"| shape | dtype | median ms, {copies} copies / {native} | {native}/{copies} "
+             f"copies | peak MiB, {copies} copies / {native} |", "|---|---|--:|--:|--:|"]
+    for row in rows:
+        a, b = row[copies], row[native]
+        lines.append(f"| {row['shape']} | {row['dtype']} | {a['median_ms']:.1f} / "
+                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | "
+                     f"{a['peak_mib']:.1f} / {b['peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def machine_notes() -> str:
+    import torch
+    return (f"; torch's native CPU matmul here: bf16 "
+            f"{torch.ops.mkldnn._is_mkldnn_bf16_supported()}, fp16 "
+            f"{torch.ops.mkldnn._is_mkldnn_fp16_supported()} (CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}); peak: one step in a fresh process "
+            f"(benchmarks/memory.py)")
+
+
+def main(argv=None) -> None:
+    from benchmarks import side_by_side
+    args = side_by_side.parse(__doc__.split("\n\n")[0], argv, ["bf16", "fp32"],
+                              DEFAULT_SHAPES, DEFAULT_STEPS)
+    side_by_side.run(args, measure, table, machine_notes(), "CPU half-precision GEMMs through "
+                     "fp32 copies against torch's native ones", "benchmarks.half_gemm", argv)
+
+
+if __name__ == "__main__":
+    main()
