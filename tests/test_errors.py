@@ -227,6 +227,11 @@ KERNEL_VALUES = [
     pytest.param(lambda: torch.ops.dsv3.unpermute_backward(torch.randn(4, 3), torch.randn(8),
                                                            row_map(), torch.rand(4, 2)),
                  ValueError, "y_SD", id="unpermute_backward_y_1d"),
+    # the forward read a 3-D y_SD's memory as [S, D] rows, and a 1-D one failed unnamed
+    pytest.param(lambda: torch.ops.dsv3.unpermute(torch.randn(8), row_map(), None),
+                 ValueError, "unpermute: y_SD must be 2-D", id="raw_unpermute_y_1d"),
+    pytest.param(lambda: torch.ops.dsv3.unpermute(torch.randn(8, 2, 3), row_map(), None),
+                 ValueError, "unpermute: y_SD must be 2-D", id="raw_unpermute_y_3d"),
     pytest.param(lambda: torch.ops.dsv3.grouped_mm(torch.randn(5, 4), torch.randn(2, 2, 3),
                                                    offsets(2, 5)),
                  ValueError, "w_EXY", id="raw_grouped_mm_w_too_short"),

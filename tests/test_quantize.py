@@ -160,3 +160,13 @@ def test_inputs_that_require_grad_are_fine_where_no_graph_is_built():
     with torch.no_grad():
         q_N, scales_B, _ = ops.quantize_int8(weight_N, 16)
         assert ops.dequantize_int8(q_N, scales_B, 16).shape == (64,)
+
+
+def test_a_block_size_past_the_tensor_is_one_block():
+    """ceil(n / block_size) overflowed near 2^63: no blocks, scales never written."""
+    x_N = torch.randn(10)
+    for block_size in (10, 11, 2**62, 2**63 - 1):
+        q = ops.quantize_int8(x_N, block_size)
+        assert q.scales_B.shape == (1,)
+        torch.testing.assert_close(ops.dequantize_int8(q.q_N, q.scales_B, block_size), x_N,
+                                   rtol=0, atol=x_N.abs().max().item() / 127)

@@ -2,6 +2,7 @@
 #include "half_gemm.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -40,6 +41,10 @@ bool half_gemm_in_fp32(at::ScalarType dtype) {
 }
 
 void cpu_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool in_fp32) {
+  // A custom op's kernel still sees the caller's autocast (this thread's, not the
+  // OpenMP workers'): it cast the fp32 copies back to bf16 (slow, and fp16 operands
+  // under a bf16 autocast lost precision). The dtypes are chosen here.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (!in_fp32) {
     at::mm_out(out, a, b);
     return;

@@ -197,6 +197,7 @@ void unpermute_backward_tokens(const double* grad_y, const double* y_rows, const
 
 at::Tensor unpermute_cpu(const at::Tensor& y_SD_in, const at::Tensor& row_map_TK_in,
                          const c10::optional<at::Tensor>& weights_TK_in) {
+  check_copy_rows(y_SD_in, "unpermute");  // before size(0): a 0-D y_SD has none
   check_row_map(row_map_TK_in, y_SD_in.size(0), "unpermute");
   check_weights_like_row_map(weights_TK_in, row_map_TK_in, "unpermute");
   const at::Tensor y_SD = y_SD_in.contiguous(), row_map_TK = row_map_TK_in.contiguous();

@@ -13,6 +13,10 @@
 namespace dsv3 {
 namespace {
 
+// ceil(n / block_size) without n + block_size - 1, which overflowed for a block_size
+// near 2^63 (0 blocks, and the scales left unwritten).
+int64_t blocks_of(int64_t n, int64_t block_size) { return n / block_size + (n % block_size != 0); }
+
 void check_block_size(int64_t block_size, const char* op) {
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
 }
@@ -22,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int8_cpu(
   check_block_size(block_size, "quantize_int8");
   TORCH_CHECK_VALUE(x_N.dim() == 1, "quantize_int8: x_N must be 1-D, got ", x_N.sizes());
   const at::Tensor x = x_N.to(at::kFloat).contiguous();
-  const int64_t n = x.numel(), n_blocks = (n + block_size - 1) / block_size;
+  const int64_t n = x.numel(), n_blocks = blocks_of(n, block_size);
   at::Tensor error;
   if (error_N.has_value()) {
     TORCH_CHECK_VALUE(error_N->sizes() == x_N.sizes(), "quantize_int8: error_N must have shape ",
@@ -88,7 +92,7 @@ at::Tensor dequantize_int8_cpu(const at::Tensor& q_RN_in, const at::Tensor& scal
   TORCH_CHECK_VALUE(q_RN.dim() == 2, "dequantize_int8: q_RN must be 1-D or 2-D, got ",
                     q_RN_in.sizes());
   const int64_t n_rows = q_RN.size(0), n = q_RN.size(1);
-  const int64_t n_blocks = (n + block_size - 1) / block_size;
+  const int64_t n_blocks = blocks_of(n, block_size);
   TORCH_CHECK_VALUE(scales_RB.dim() == 2 && scales_RB.size(0) == n_rows &&
                         scales_RB.size(1) == n_blocks,
                     "dequantize_int8: scales_RB must have shape [", n_rows, ", ", n_blocks,

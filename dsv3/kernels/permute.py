@@ -134,6 +134,7 @@ def _raise_on_bad_row_map(ok: torch.Tensor, op: str, n_rows: int) -> None:
 
 
 def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Tensor | None):
+    _check_copy_rows("unpermute", y_SD)
     _check_shapes("unpermute", row_map_TK, weights_TK=weights_TK)
     y_SD, row_map_TK = y_SD.contiguous(), row_map_TK.contiguous()
     n_tokens, top_k = row_map_TK.shape
@@ -148,9 +149,13 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor, weights_TK: torch.Te
     return y_TD
 
 
-def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
+def _check_copy_rows(op: str, y_SD: torch.Tensor) -> None:
     if y_SD.dim() != 2:
-        raise ValueError(f"unpermute_backward: y_SD must be 2-D [S, D], got {tuple(y_SD.shape)}")
+        raise ValueError(f"{op}: y_SD must be 2-D [S, D], got {tuple(y_SD.shape)}")
+
+
+def unpermute_backward(grad_y_TD, y_SD, row_map_TK, weights_TK):
+    _check_copy_rows("unpermute_backward", y_SD)
     _check_shapes("unpermute_backward", row_map_TK, grad_y_TD, "grad_y_TD", y_SD.shape[1],
                   weights_TK)
     y_SD, row_map_TK = y_SD.contiguous(), row_map_TK.contiguous()

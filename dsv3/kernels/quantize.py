@@ -90,8 +90,15 @@ _QUANTIZE_VALUES = 2048
 _DEQUANTIZE_VALUES = 4096
 
 
+def _within(block_size: int, n: int) -> int:
+    """A block longer than the tensor is one block of the tensor's length: the same
+    scales and values, and a tile Triton can size (a block_size near 2^63 is not)."""
+    return max(min(block_size, n), 1)
+
+
 def quantize_int8(x_N: torch.Tensor, block_size: int, error_N: torch.Tensor | None):
     n = x_N.numel()
+    block_size = _within(block_size, n)
     n_blocks = triton.cdiv(n, block_size)
     x_N = x_N.contiguous()
     q_N = torch.empty(n, device=x_N.device, dtype=torch.int8)
@@ -111,6 +118,7 @@ def dequantize_int8(q_RN: torch.Tensor, scales_RB: torch.Tensor, block_size: int
     q_RN = (q_RN.reshape(1, -1) if q_RN.dim() == 1 else q_RN).contiguous()
     scales_RB = (scales_RB.reshape(1, -1) if scales_RB.dim() == 1 else scales_RB).contiguous()
     n_rows, n = q_RN.shape
+    block_size = _within(block_size, n)
     n_blocks = scales_RB.shape[1]
     sum_N = torch.empty(n, device=q_RN.device, dtype=torch.float32)
     block = triton.next_power_of_2(block_size)
