@@ -1,4 +1,4 @@
-"""The router's backward in the layer's dtype (dsv3/ops/router_logits.py) against the
+"""The router's backward in the layer's dtype (dsv3.ops.linear.py) against the
 fp32 backward it replaced (``F.linear`` on fp32 copies of x and the weight), side by
 side: the layer step's time and the bytes autograd keeps for the backward.
 

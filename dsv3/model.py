@@ -243,12 +243,15 @@ _in_residual_projection = threading.local()
 def _selective_policy(ctx, op, *args, **kwargs):
     """Keep matmul and routing outputs, except the projections whose output only
     feeds a residual add (nothing in the backward reads it: keeping it is waste)."""
-    if op in _SAVED_OPS:
+    kept_dsv3_op = getattr(op, "namespace", None) == "dsv3" and op._opname in _SAVED_DSV3_OPS
+    if op in _SAVED_OPS or kept_dsv3_op:
         # Told by the module running, not by the weight's storage: under autocast the
-        # matmul reads autocast's bf16 copy of the weight, a storage of its own.
+        # matmul reads autocast's bf16 copy of the weight, a storage of its own. (A
+        # projection's matmul is a dsv3 grouped_mm where a bf16 HalfLinear multiplies
+        # fp32 copies on the CPU: dsv3/ops/linear.py.)
         saved = not getattr(_in_residual_projection, "active", False)
     else:
-        saved = getattr(op, "namespace", None) == "dsv3" and op._opname in _SAVED_DSV3_OPS
+        saved = False
     return CheckpointPolicy.MUST_SAVE if saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 

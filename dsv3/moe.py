@@ -20,7 +20,7 @@ from torch import nn
 from dsv3 import ops
 from dsv3.ops.permute import unpermute_from_expert_index
 from dsv3.ops.route import GROUP_SCORES
-from dsv3.ops.router_logits import router_logits
+from dsv3.ops.linear import HalfLinear, router_logits
 from dsv3.validate import number, whole_number
 
 ACTIVATIONS = ("swiglu",)
@@ -140,8 +140,8 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, swiglu_limit: float | None = None, **factory):
         super().__init__()
-        self.gate_up_proj = nn.Linear(dim, 2 * hidden_dim, bias=False, **factory)
-        self.down_proj = nn.Linear(hidden_dim, dim, bias=False, **factory)
+        self.gate_up_proj = HalfLinear(dim, 2 * hidden_dim, bias=False, **factory)
+        self.down_proj = HalfLinear(hidden_dim, dim, bias=False, **factory)
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

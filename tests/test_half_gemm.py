@@ -1,13 +1,15 @@
 """bf16/fp16 GEMMs on the CPU through fp32 copies (csrc/cpu/half_gemm.h): both
 paths of DSV3_CPU_HALF_GEMM, whatever this machine's own choice, give the reference's
 outputs and gradients (grouped GEMM, gathered, weight gradient, the router's
-backward); the path asked for is the one that runs; a bad value is refused by name."""
+backward, the shared experts' HalfLinear); the path asked for is the one that runs;
+a bad value is refused by name."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import check_op, make_experts
 from dsv3 import ops, reference
-from dsv3.ops.router_logits import router_logits
+from dsv3.ops.linear import HalfLinear, half_linear, router_logits
 
 HALF = [torch.bfloat16, torch.float16]
 MODES = ["fp32", "native"]
@@ -92,9 +94,15 @@ def test_the_kernels_multiply_in_the_dtype_asked_for(mode, dtype, half_gemm):
 
     def step():
         ops.gather_grouped_mm(x_TX, w_EXY, offsets_E, row_map_TK).sum().backward()
-    want = "float" if mode == "fp32" else {torch.bfloat16: "c10::BFloat16",
-                                           torch.float16: "c10::Half"}[dtype]
+    want = gemm_dtype_name(mode, dtype)
     assert mm_input_dtypes(step) == {(want, want)}
+
+
+def gemm_dtype_name(mode: str, dtype: torch.dtype) -> str:
+    """How the profiler names the dtype the GEMMs should run in."""
+    if mode == "fp32":
+        return "float"
+    return {torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}[dtype]
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -112,7 +120,68 @@ def test_router_backward_in_either_mode(mode, dtype, half_gemm):
 
     def backward():
         router_logits(x_TD, weight_ED, torch.float32).sum().backward()
-    want = "float" if mode == "fp32" else {torch.bfloat16: "c10::BFloat16",
-                                           torch.float16: "c10::Half"}[dtype]
+    want = gemm_dtype_name(mode, dtype)
     # the forward's fp32 GEMM, then the backward's two
     assert mm_input_dtypes(backward) == {("float", "float"), (want, want)}
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mode", MODES)
+def test_half_linear_matches_f_linear_in_either_mode(mode, dtype, half_gemm):
+    """The shared experts' projections: against fp64, within twice plain torch's error
+    in that dtype; every GEMM, forward and backward, in the dtype the mode asks for."""
+    half_gemm(mode)
+    x_TD, weight_OD = torch.randn(40, 24).to(dtype), (torch.randn(36, 24) / 24**0.5).to(dtype)
+    check_op(half_linear, F.linear, [x_TD, weight_OD], differentiable=(0, 1))
+    layer = HalfLinear(24, 36, bias=False, dtype=dtype)
+    x_BTD = torch.randn(2, 5, 24).to(dtype).requires_grad_()
+
+    def step():
+        y_BTO = layer(x_BTD)
+        assert y_BTO.shape == (2, 5, 36) and y_BTO.dtype == dtype
+        y_BTO.sum().backward()
+    want = gemm_dtype_name(mode, dtype)
+    assert mm_input_dtypes(step) == {(want, want)}
+    assert x_BTD.grad.dtype == layer.weight.grad.dtype == dtype
+
+
+def test_half_linear_under_autocast_rounds_the_fp32_weight_as_autocast_does(half_gemm):
+    """An fp32 master weight under bf16 autocast: bf16 out, an fp32 gradient for the
+    weight, both close to what F.linear under autocast gives."""
+    half_gemm("fp32")
+    x_TD = torch.randn(30, 16).bfloat16().requires_grad_()
+    weight_OD = torch.randn(12, 16, requires_grad=True)
+    g_TO = torch.randn(30, 12).bfloat16()
+    results = []
+    for linear in (half_linear, F.linear):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_TO = linear(x_TD, weight_OD)
+        results.append((y_TO, *torch.autograd.grad(y_TO, (x_TD, weight_OD), g_TO)))
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert results[0][2].dtype == torch.float32
+
+
+def test_a_biased_half_linear_is_nn_linear(half_gemm):
+    half_gemm("fp32")
+    layer = HalfLinear(8, 4, dtype=torch.bfloat16)
+    x_TD = torch.randn(3, 8).bfloat16()
+    assert torch.equal(layer(x_TD), F.linear(x_TD, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("autocast_dtype, dtype", [(torch.bfloat16, torch.float16),
+                                                   (torch.float16, torch.bfloat16)])
+def test_the_kernels_ignore_the_callers_autocast(autocast_dtype, dtype, half_gemm):
+    """The kernels choose their GEMMs' dtypes: an autocast around the op cast the fp32
+    copies back to the autocast dtype (fp16 at bf16 precision, large bf16 values to
+    fp16's inf)."""
+    half_gemm("fp32")
+    scale = 1e3 if dtype == torch.bfloat16 else 1.0  # products past fp16's range, in bf16
+    x_SX = (torch.randn(64, 32) * scale).to(dtype)
+    w_EXY = (torch.randn(2, 32, 16) * scale).to(dtype)
+    offsets_E = torch.tensor([40, 64], dtype=torch.int32)
+    want = ops.grouped_mm(x_SX, w_EXY, offsets_E)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        got = ops.grouped_mm(x_SX, w_EXY, offsets_E)
+    assert torch.isfinite(got).all() and torch.equal(got, want)

@@ -1,4 +1,4 @@
-"""The router's logits (dsv3/ops/router_logits.py): computed in fp32 whatever the
+"""The router's logits (dsv3.ops.linear.py): computed in fp32 whatever the
 layer's dtype, their gradients in the layer's (bf16/fp16) dtype (through fp32 on a CPU
 without native half GEMMs), and no fp32 copy of the layer's input kept for the backward."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from dsv3.ops.router_logits import router_logits
+from dsv3.ops.linear import router_logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
