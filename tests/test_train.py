@@ -66,17 +66,26 @@ def test_half_precision_on_a_cpu_without_native_matmul_warns(tmp_path, monkeypat
     import dsv3.train.trainer as trainer_module
     monkeypatch.setattr(trainer_module, "native_cpu_half_matmul", lambda dtype: native)
     rates = {torch.bfloat16: 1.5e9, torch.float32: 90e9}
-    monkeypatch.setattr(trainer_module, "measure_matmul_flops",
-                        lambda device, dtype: rates[dtype])
+    measured = []
+
+    def measure(device, dtype, size=1024):
+        measured.append((dtype, size))
+        return rates[dtype]
+    monkeypatch.setattr(trainer_module, "measure_matmul_flops", measure)
     config = three_stage_config(tmp_path, precision="bf16", steps=2,
                                 stages=[StageConfig("base", "lm", 1.0, seq_len=24)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(config, synthetic_data())
+        trainer = Trainer(config, synthetic_data())
     slow = [str(w.message) for w in caught if "no native bf16 matmul" in str(w.message)]
     if native:
-        assert slow == []
+        assert slow == [] and trainer.peak_flops == 1.5e9
+        assert measured == [(torch.bfloat16, 1024)]
     else:
+        # MFU against fp32's rate (the expert GEMMs multiply fp32 copies: it read over
+        # 100% against bf16's), and bf16's timed small (1024^3 took 13 s there)
+        assert trainer.peak_flops == 90e9
+        assert measured == [(torch.float32, 1024), (torch.bfloat16, 256)]
         assert slow == ["precision='bf16': this CPU has no native bf16 matmul (torch runs it "
                         "on AVX512 or AMX), and multiplies at 1.5 GFLOP/s in it against 90.0 "
                         "in fp32: precision='fp32' trains faster here"]
@@ -200,6 +209,7 @@ def test_config_file_and_overrides(tmp_path):
     (dict(stages=[dict(name="p", kind="dpo")]), "the first stage cannot be dpo"),
     (dict(stages=[dict(name="a", kind="rlhf")]), "kind must be one of"),
     (dict(precision="fp8"), "precision must be one of"),
+    (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64\)"),
     (dict(checkpointing="some"), "checkpointing must be one of"),
     (dict(micro_batch=0), "micro_batch must be >= 1, got 0"),
     (dict(optim=dict(schedule="step")), "optim.schedule must be one of"),

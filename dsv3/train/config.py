@@ -168,6 +168,9 @@ class TrainConfig:
         for name in ("save_every", "compress_start_iter"):
             whole_number(name, getattr(self, name), 0)
         whole_number("seed", self.seed)
+        if not -2**63 <= self.seed < 2**64:  # torch.manual_seed's range; past it, an
+            # "Overflow when unpacking long long" naming no setting
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
         # all held out would leave nothing to train on
         if self.val_fraction is not None:
             number("val_fraction", self.val_fraction, 0, 1, high_open=True)
