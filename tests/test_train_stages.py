@@ -300,3 +300,29 @@ def test_a_dpo_stage_too_long_for_the_data_is_refused_before_any_step(tmp_path):
                                          r"document of 64 tokens for a preference pair"):
         Trainer(config, data)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("mixture", [dict(mixture_start={"beta": 1.0}),
+                                     dict(mixture_start={"alpha": 1.0}, mixture_end={"beta": 1.0})])
+def test_a_dpo_mixture_of_no_domain_with_pairs_is_refused_before_any_step(tmp_path, mixture):
+    """Only alpha's documents hold a pair at seq_len 16: a DPO mixture weighing none of
+    them, at either end, stopped the run when the stage came to draw, naming neither."""
+    import numpy as np
+
+    from dsv3.data.tokenizer import TokenizedCorpus
+    corpus = synthetic_corpus(docs=4, doc_len=60)
+    short_docs = np.arange(1, 51, dtype=np.uint32).reshape(5, 10)
+    short_docs[:, -1] = 0  # each ends with the end-of-text id
+    tokens = {"alpha": corpus.tokens["alpha"], "beta": short_docs.ravel()}
+    offsets = {"alpha": corpus.offsets["alpha"], "beta": np.arange(0, 51, 10, dtype=np.int64)}
+    data = TrainData.from_corpus(TokenizedCorpus(tokens, offsets, eos_id=0, vocab_size=64),
+                                 val_fraction=0.0)
+    config = three_stage_config(tmp_path / "run")
+    pairs_from = dataclasses.replace(config.stages[2], mixture_start={"alpha": 1.0})
+    Trainer(dataclasses.replace(config, stages=[*config.stages[:2], pairs_from]), data)
+    config = dataclasses.replace(config, stages=[
+        *config.stages[:2], dataclasses.replace(config.stages[2], **mixture)])
+    name = "mixture_end" if "mixture_end" in mixture else "mixture_start"
+    with pytest.raises(ValueError, match=rf"stage 'preference' \(stages\.2\): its {name} gives "
+                                         rf"no weight to a domain with preference pairs"):
+        Trainer(config, data)

@@ -265,11 +265,22 @@ def check_preference_stages(stages, corpus: TokenizedCorpus) -> None:
         if stage.kind != "dpo":
             continue
         prompt_len, response_len = preference_lengths(stage.seq_len)
-        if not _usable_for_pairs(corpus, prompt_len, response_len):
+        usable = _usable_for_pairs(corpus, prompt_len, response_len)
+        if not usable:
             raise ValueError(f"stage {stage.name!r} (stages.{i}): no domain has a document of "
                              f"{prompt_len + response_len} tokens for a preference pair (a "
                              f"prompt of {prompt_len} and its continuation of {response_len}) "
                              f"and room for a rejected response; lower its seq_len or add data")
+        # Its own mixture draws the pairs' domains: one weighing none of those with pairs,
+        # at either end (the ends are reached: the shares move linearly between them),
+        # failed when the stage came to draw.
+        own = stage_mixture(stage, list(corpus.domains))
+        for end, name in ((0, "mixture_start"), (1, "mixture_end")):
+            if own is not None and not sum(own[d][end] for d in usable) > 0:
+                setting = name if getattr(stage, name) else f"{name} (from the other end)"
+                raise ValueError(f"stage {stage.name!r} (stages.{i}): its {setting} gives no "
+                                 f"weight to a domain with preference pairs of its seq_len "
+                                 f"({sorted(usable)})")
 
 
 def _pair_seed(seed: int, step: int, micro: int, rank: int) -> int:
