@@ -202,14 +202,15 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     moe_layers = 0 if config.moe is None else config.n_layers - config.n_dense_layers
     alltoall = 0.0
     if strategy == "ep" and ep > 1 and moe_layers:
-        # a DPO step also sends its rows through the reference (forward only: half as much)
-        copies = max(tokens, 1.5 * dpo_tokens) * config.moe.top_k * grad_accum
         # dispatch + combine, forward + backward, the share bound for other GPUs; a
         # checkpointed block runs its forward again in the backward: its exchanges too
         # (selective checkpointing keeps matmul and routing outputs, not the exchanges')
         exchanges = 4 if checkpointing == "none" else 6
-        alltoall = (exchanges * moe_layers * copies * config.dim * dtype_bytes * (ep - 1) / ep
-                    / GB)
+        # a DPO step also sends its rows through the reference: its forward's two
+        # exchanges, never checkpointed (it runs in eval mode, without a backward)
+        token_exchanges = max(tokens * exchanges, dpo_tokens * (exchanges + 2))
+        alltoall = (moe_layers * token_exchanges * config.moe.top_k * grad_accum * config.dim
+                    * dtype_bytes * (ep - 1) / ep / GB)
     sharded = held - replicated  # the experts a GPU owns under "ep"
 
     def per_gpu(bytes_per_param: int, zero_stage: int) -> float:
