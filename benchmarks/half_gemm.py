@@ -10,8 +10,9 @@ such a CPU: the default is one shape and a few steps.
 
     python -m benchmarks.half_gemm [--shapes T4096-D512-F256-E64-K2 ...]
                                    [--dtypes bf16 fp32] [--steps 5] [--rounds 2]
-                                   [--write-results]
+                                   [--shared-experts 0] [--write-results]
 """
+import functools
 import statistics
 
 from benchmarks.side_by_side import peak_mib, step_times
@@ -22,14 +23,16 @@ DEFAULT_SHAPES = ["T4096-D512-F256-E64-K2"]
 DEFAULT_STEPS = 5
 
 
-def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:
+def measure(shape: str, dtype: str, steps: int, rounds: int, n_shared: int = 0) -> dict:
     times = {setting: [] for setting in SETTINGS}
     for _ in range(rounds):
         for setting in SETTINGS:
-            times[setting] += step_times(VARIABLE, setting, shape, dtype, steps)
-    return {"shape": shape, "dtype": dtype,
+            times[setting] += step_times(VARIABLE, setting, shape, dtype, steps, n_shared)
+    # benchmarks/memory.py builds the layer without shared experts: no peak for those
+    return {"shape": shape + (f" + {n_shared} shared" if n_shared else ""), "dtype": dtype,
             **{s: {"median_ms": statistics.median(times[s]),
-                   "peak_mib": peak_mib(VARIABLE, s, shape, dtype)} for s in SETTINGS}}
+                   "peak_mib": None if n_shared else peak_mib(VARIABLE, s, shape, dtype)}
+               for s in SETTINGS}}
 
 
 def table(rows: list[dict]) -> str:
@@ -38,9 +41,10 @@ def table(rows: list[dict]) -> str:
              f"copies | peak MiB, {copies} copies / {native} |", "|---|---|--:|--:|--:|"]
     for row in rows:
         a, b = row[copies], row[native]
+        peak = ("-" if a["peak_mib"] is None
+                else f"{a['peak_mib']:.1f} / {b['peak_mib']:.1f}")
         lines.append(f"| {row['shape']} | {row['dtype']} | {a['median_ms']:.1f} / "
-                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | "
-                     f"{a['peak_mib']:.1f} / {b['peak_mib']:.1f} |")
+                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -56,8 +60,8 @@ def machine_notes() -> str:
 def main(argv=None) -> None:
     from benchmarks import side_by_side
     args = side_by_side.parse(__doc__.split("\n\n")[0], argv, ["bf16", "fp32"],
-                              DEFAULT_SHAPES, DEFAULT_STEPS)
-    side_by_side.run(args, measure, table, machine_notes(), "CPU half-precision GEMMs through "
+                              DEFAULT_SHAPES, DEFAULT_STEPS, shared_experts=True)
+    side_by_side.run(args, functools.partial(measure, n_shared=args.shared_experts), table, machine_notes(), "CPU half-precision GEMMs through "
                      "fp32 copies against torch's native ones", "benchmarks.half_gemm", argv)
 
 

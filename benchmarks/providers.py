@@ -123,21 +123,27 @@ def unavailable_reason(provider: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def make_step(provider: str, shape: Shape, dtype: torch.dtype, seed: int = 0) -> Step:
-    """One forward+backward of ``provider`` at ``shape``; raises Unavailable."""
+def make_step(provider: str, shape: Shape, dtype: torch.dtype, seed: int = 0,
+              n_shared_experts: int = 0) -> Step:
+    """One forward+backward of ``provider`` at ``shape``; raises Unavailable. Shared
+    experts (``n_shared_experts`` of F each) only for dsv3: the peers' layers here have
+    none."""
     reason = unavailable_reason(provider, dtype)
     if reason is not None:
         raise Unavailable(reason)
+    if n_shared_experts and provider != "dsv3":
+        raise ValueError(f"n_shared_experts: only the dsv3 layer has shared experts here, "
+                         f"not {provider!r}")
     torch.manual_seed(seed)
     config = dsv3.MoEConfig(dim=shape.D, ffn_dim=shape.F, n_experts=shape.E, top_k=shape.K,
-                            aux_loss_coef=0.0)
+                            aux_loss_coef=0.0, n_shared_experts=n_shared_experts)
     moe = dsv3.MoE(config, dtype=dtype)
     x_TD = torch.randn(shape.T, shape.D, dtype=dtype, requires_grad=True)
     grad_TD = torch.randn(shape.T, shape.D, dtype=dtype)
     weights = [moe.router.weight, moe.gate_up_proj, moe.down_proj]
 
     if provider == "dsv3":
-        return Step(lambda: moe(x_TD), grad_TD, [x_TD, *weights])
+        return Step(lambda: moe(x_TD), grad_TD, [x_TD, *moe.parameters()])
     if provider == "reference":
         return Step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=shape.K)[0], grad_TD,
                     [x_TD, *weights])

@@ -9,11 +9,12 @@ import sys
 import time
 
 
-def dsv3_step_times(shape: str, dtype: str, steps: int):
+def dsv3_step_times(shape: str, dtype: str, steps: int, n_shared_experts: int = 0):
     """(the dsv3 layer step at ``shape`` and ``dtype``, the ms of ``steps`` calls of it
     after 3 warm-up calls): what a child process of these benchmarks measures."""
     from benchmarks.providers import DTYPES, Shape, make_step
-    step = make_step("dsv3", Shape.parse(shape), DTYPES[dtype])
+    step = make_step("dsv3", Shape.parse(shape), DTYPES[dtype],
+                     n_shared_experts=n_shared_experts)
     for _ in range(3):
         step()
     times = []
@@ -38,10 +39,10 @@ def module_output(variable: str, value: str | None, module: str, *args: str) -> 
 
 
 def step_times(variable: str, value: str | None, shape: str, dtype: str,
-               steps: int) -> list[float]:
+               steps: int, n_shared_experts: int = 0) -> list[float]:
     """dsv3_step_times' ms in a fresh process with ``variable`` set to ``value``."""
     out = module_output(variable, value, "benchmarks.side_by_side", "--child", shape, dtype,
-                        str(steps))
+                        str(steps), str(n_shared_experts))
     return json.loads(out.splitlines()[-1])
 
 
@@ -62,10 +63,15 @@ def shape_name(name: str) -> str:
 
 
 def parse(description: str, argv, default_dtypes: list[str],
-          default_shapes: list[str] | None = None, default_steps: int = 30) -> argparse.Namespace:
-    """The options; the shapes default to the layer benchmark's."""
+          default_shapes: list[str] | None = None, default_steps: int = 30,
+          shared_experts: bool = False) -> argparse.Namespace:
+    """The options; the shapes default to the layer benchmark's. ``shared_experts``:
+    a --shared-experts option too (the dsv3 layer's, 0 by default)."""
     from benchmarks.providers import DTYPES, SHAPES
     parser = argparse.ArgumentParser(description=description)
+    if shared_experts:
+        parser.add_argument("--shared-experts", type=int, default=0,
+                            help="shared experts of the layer (each as wide as a routed one)")
     parser.add_argument("--shapes", nargs="+",
                         default=default_shapes or [shape.name for shape in SHAPES],
                         type=shape_name,
@@ -103,4 +109,5 @@ def run(args: argparse.Namespace, measure, table, notes: str, title: str, module
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
     # step_times' child: the step's times (ms) as JSON
-    print(json.dumps(dsv3_step_times(sys.argv[2], sys.argv[3], int(sys.argv[4]))[1]))
+    print(json.dumps(dsv3_step_times(sys.argv[2], sys.argv[3], int(sys.argv[4]),
+                                     int(sys.argv[5]))[1]))
