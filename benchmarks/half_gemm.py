@@ -15,10 +15,10 @@ such a CPU: the default is one shape and a few steps.
 import functools
 import statistics
 
-from benchmarks.side_by_side import peak_mib, step_times
+from benchmarks.side_by_side import peak_mib, step_times, two_setting_table
 
 VARIABLE = "DSV3_CPU_HALF_GEMM"
-SETTINGS = ("fp32", "native")
+SETTINGS = {"fp32 copies": "fp32", "native": "native"}  # DSV3_CPU_HALF_GEMM
 DEFAULT_SHAPES = ["T4096-D512-F256-E64-K2"]
 DEFAULT_STEPS = 5
 
@@ -27,25 +27,18 @@ def measure(shape: str, dtype: str, steps: int, rounds: int, n_shared: int = 0) 
     times = {setting: [] for setting in SETTINGS}
     for _ in range(rounds):
         for setting in SETTINGS:
-            times[setting] += step_times(VARIABLE, setting, shape, dtype, steps, n_shared)
+            times[setting] += step_times(VARIABLE, SETTINGS[setting], shape, dtype, steps,
+                                         n_shared)
     # benchmarks/memory.py builds the layer without shared experts: no peak for those
     return {"shape": shape + (f" + {n_shared} shared" if n_shared else ""), "dtype": dtype,
             **{s: {"median_ms": statistics.median(times[s]),
-                   "peak_mib": None if n_shared else peak_mib(VARIABLE, s, shape, dtype)}
+                   "peak_mib": None if n_shared
+                   else peak_mib(VARIABLE, SETTINGS[s], shape, dtype)}
                for s in SETTINGS}}
 
 
 def table(rows: list[dict]) -> str:
-    copies, native = SETTINGS
-    lines = [f"| shape | dtype | median ms, {copies} copies / {native} | {native}/{copies} "
-             f"copies | peak MiB, {copies} copies / {native} |", "|---|---|--:|--:|--:|"]
-    for row in rows:
-        a, b = row[copies], row[native]
-        peak = ("-" if a["peak_mib"] is None
-                else f"{a['peak_mib']:.1f} / {b['peak_mib']:.1f}")
-        lines.append(f"| {row['shape']} | {row['dtype']} | {a['median_ms']:.1f} / "
-                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | {peak} |")
-    return "\n".join(lines)
+    return two_setting_table(rows, tuple(SETTINGS), "peak_mib", "peak MiB")
 
 
 def machine_notes() -> str:

@@ -58,15 +58,8 @@ def measure(shape: str, dtype: str, steps: int, rounds: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    new, old = SETTINGS
-    lines = [f"| shape | dtype | median ms, {new} / {old} | {old}/{new} | saved MiB, "
-             f"{new} / {old} |", "|---|---|--:|--:|--:|"]
-    for row in rows:
-        a, b = row[new], row[old]
-        lines.append(f"| {row['shape']} | {row['dtype']} | {a['median_ms']:.1f} / "
-                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | "
-                     f"{a['saved_mib']:.1f} / {b['saved_mib']:.1f} |")
-    return "\n".join(lines)
+    from benchmarks.side_by_side import two_setting_table
+    return two_setting_table(rows, SETTINGS, "saved_mib", "saved MiB")
 
 
 def main(argv=None) -> None:

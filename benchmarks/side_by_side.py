@@ -54,6 +54,21 @@ def peak_mib(variable: str, value: str | None, shape: str, dtype: str) -> float:
     return float(out.split()[-2])  # "... dsv3: 183.9 MiB"
 
 
+def two_setting_table(rows: list[dict], names: tuple[str, str], memory: str,
+                      memory_label: str) -> str:
+    """The A/B table: per row, each setting's median ms and the ratio (second over
+    first), and each one's ``memory`` MiB (None: "-")."""
+    first, second = names
+    lines = [f"| shape | dtype | median ms, {first} / {second} | {second}/{first} | "
+             f"{memory_label}, {first} / {second} |", "|---|---|--:|--:|--:|"]
+    for row in rows:
+        a, b = row[first], row[second]
+        mib = "-" if a[memory] is None else f"{a[memory]:.1f} / {b[memory]:.1f}"
+        lines.append(f"| {row['shape']} | {row['dtype']} | {a['median_ms']:.1f} / "
+                     f"{b['median_ms']:.1f} | {b['median_ms'] / a['median_ms']:.2f} | {mib} |")
+    return "\n".join(lines)
+
+
 def shape_name(name: str) -> str:
     from benchmarks.providers import Shape
     try:
