@@ -63,15 +63,15 @@ def test_mixed_precision(tmp_path, precision):
 def test_half_precision_on_a_cpu_without_native_matmul_warns(tmp_path, monkeypatch, native):
     """bf16 autocast where torch has no native CPU bf16 matmul (AVX2): told, with the
     two measured rates; where it has one, nothing is said."""
-    import dsv3.train.trainer as trainer_module
-    monkeypatch.setattr(trainer_module, "native_cpu_half_matmul", lambda dtype: native)
+    import dsv3.train.metrics as metrics_module
+    monkeypatch.setattr(metrics_module, "native_cpu_half_matmul", lambda dtype: native)
     rates = {torch.bfloat16: 1.5e9, torch.float32: 90e9}
     measured = []
 
     def measure(device, dtype, size=1024):
         measured.append((dtype, size))
         return rates[dtype]
-    monkeypatch.setattr(trainer_module, "measure_matmul_flops", measure)
+    monkeypatch.setattr(metrics_module, "measure_matmul_flops", measure)
     config = three_stage_config(tmp_path, precision="bf16", steps=2,
                                 stages=[StageConfig("base", "lm", 1.0, seq_len=24)])
     with warnings.catch_warnings(record=True) as caught:

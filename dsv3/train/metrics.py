@@ -11,6 +11,7 @@ this machine's matmuls can do".
 import json
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from dsv3.model import observing_selective_saves
 from dsv3.moe import MoEStats
+from dsv3.ops.backend import native_cpu_half_matmul
 from dsv3.whole_files import write_text_whole
 
 
@@ -112,6 +114,28 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size ** 3 / sorted(times)[len(times) // 2]
+
+
+def peak_matmul_flops(device: torch.device, autocast_dtype: torch.dtype | None,
+                      precision: str) -> float:
+    """The device's matmul FLOP/s in a run's precision, MFU's denominator. bf16/fp16
+    autocast on a CPU that torch has no native matmul for (AVX2, no AVX512/AMX) is
+    told: the model's own layers then multiply many times slower than in fp32
+    (measured on a 2-core AVX2 EPYC: ~1 against ~90 GFLOP/s), which nothing else
+    says. There the peak is fp32's: dsv3's expert GEMMs multiply fp32 copies, and
+    against the half-precision rate MFU read over 100%. The half-precision rate is
+    then timed on a small matmul (the usual 1024^3 ones took 13 s there)."""
+    dtype = autocast_dtype or torch.float32
+    if device.type != "cpu" or autocast_dtype is None or native_cpu_half_matmul(dtype):
+        return measure_matmul_flops(device, dtype)
+    fp32_flops = measure_matmul_flops(device, torch.float32)
+    half_flops = measure_matmul_flops(device, dtype, size=256)
+    if half_flops < fp32_flops:
+        warnings.warn(f"precision={precision!r}: this CPU has no native {precision} matmul "
+                      f"(torch runs it on AVX512 or AMX), and multiplies at "
+                      f"{half_flops / 1e9:.1f} GFLOP/s in it against {fp32_flops / 1e9:.1f} "
+                      f"in fp32: precision='fp32' trains faster here", stacklevel=3)
+    return max(fp32_flops, half_flops)
 
 
 def training_flops_per_token(model, seq_len: int) -> float:

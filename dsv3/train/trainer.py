@@ -17,7 +17,6 @@ after it (they are trained again).
 import math
 import signal
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -30,14 +29,13 @@ from tqdm import tqdm
 
 from dsv3.data.mixture import MixtureSchedule
 from dsv3.model import Transformer
-from dsv3.ops.backend import native_cpu_half_matmul
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
 from dsv3.train.config import TrainConfig
 from dsv3.train.data import (TrainData, check_preference_stages, check_stage_mixtures,
                              preference_batch, preference_lengths, stage_mixture)
 from dsv3.train.dpo import dpo_loss
-from dsv3.train.metrics import (MetricsLogger, measure_matmul_flops, moe_metrics, param_norm,
+from dsv3.train.metrics import (MetricsLogger, moe_metrics, peak_matmul_flops, param_norm,
                                 peak_memory_bytes, saved_activation_bytes, step_moe_stats,
                                 training_flops_per_token)
 from dsv3.train.rank_metrics import reduce_logged_step, summed_over_ranks
@@ -126,33 +124,10 @@ class Trainer:
                             for m in self.model.moe_layers()]
         self.moe_stats = []  # per MoE layer, the last step's stats (step_moe_stats)
         self.logger = MetricsLogger(self.out_dir, enabled=self.rank == 0)
-        self.peak_flops = self._measure_peak_flops()
+        self.peak_flops = peak_matmul_flops(self.device, self.autocast_dtype, config.precision)
         self._stage_ends = torch.tensor(config.stage_steps()).cumsum(0).tolist()
         # where the ranks agree on a stop request each step (stop.py); made by every rank
         self._stop_group = control_group() if self.distributed else None
-
-    def _measure_peak_flops(self) -> float:
-        """The device's matmul FLOP/s in the run's precision, MFU's denominator. bf16/fp16
-        autocast on a CPU that torch has no native matmul for (AVX2, no AVX512/AMX) is
-        told: the model's own layers then multiply many times slower than in fp32
-        (measured on a 2-core AVX2 EPYC: ~1 against ~90 GFLOP/s), which nothing else
-        says. There the peak is fp32's: dsv3's expert GEMMs multiply fp32 copies, and
-        against the half-precision rate MFU read over 100%. The half-precision rate is
-        then timed on a small matmul (the usual 1024^3 ones took 13 s there)."""
-        dtype = self.autocast_dtype or torch.float32
-        if self.device.type != "cpu" or self.autocast_dtype is None or \
-                native_cpu_half_matmul(dtype):
-            return measure_matmul_flops(self.device, dtype)
-        fp32_flops = measure_matmul_flops(self.device, torch.float32)
-        half_flops = measure_matmul_flops(self.device, dtype, size=256)
-        if half_flops < fp32_flops:
-            warnings.warn(
-                f"precision={self.config.precision!r}: this CPU has no native "
-                f"{self.config.precision} matmul (torch runs it on AVX512 or AMX), and "
-                f"multiplies at {half_flops / 1e9:.1f} GFLOP/s in it against "
-                f"{fp32_flops / 1e9:.1f} in fp32: precision='fp32' trains faster here",
-                stacklevel=3)
-        return max(fp32_flops, half_flops)
 
     # --- stages ------------------------------------------------------------------------------
     def _stage_start(self, index: int) -> int:
