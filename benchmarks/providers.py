@@ -143,7 +143,9 @@ def make_step(provider: str, shape: Shape, dtype: torch.dtype, seed: int = 0,
     weights = [moe.router.weight, moe.gate_up_proj, moe.down_proj]
 
     if provider == "dsv3":
-        return Step(lambda: moe(x_TD), grad_TD, [x_TD, *moe.parameters()])
+        # the peers' leaves, in their order, then the shared experts' weights
+        shared = list(moe.shared_experts.parameters()) if n_shared_experts else []
+        return Step(lambda: moe(x_TD), grad_TD, [x_TD, *weights, *shared])
     if provider == "reference":
         return Step(lambda: dsv3.reference.moe(x_TD, *weights, top_k=shape.K)[0], grad_TD,
                     [x_TD, *weights])
