@@ -248,6 +248,17 @@ def test_a_directory_in_paths_is_refused_with_the_glob_to_use(tmp_path):
         expand_paths(str(tmp_path / "*"), "paths", "text")
 
 
+def test_an_empty_parquet_part_file_gives_no_documents(tmp_path):
+    """Spark and pandas write 0-row part files: one stopped the run ("BatchSize must be
+    greater than 0"), even with on_error="skip"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "part-1.parquet")
+    docs = list(read_documents(str(tmp_path / "part-*.parquet"), format="parquet"))
+    assert [d.text for d in docs] == ["one", "two"]
+
+
 def test_corrupt_parquet_names_the_source_and_the_file(tmp_path):
     """The error was Arrow's bare "Parquet magic bytes not found", the file named only
     on a log line before it."""

@@ -56,6 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Iterator
 
 from tqdm.auto import tqdm
@@ -99,9 +100,18 @@ def read_sources(config: dict, skip_malformed: bool, stats: list[dict]) -> Itera
 
 def _check_source_paths(config: dict) -> None:
     """Every local source matches files, before anything is read or written."""
+    read_by: dict[str, int] = {}  # real path -> the source that reads it
     for i, src in enumerate(config["sources"]):
-        if "paths" in src:
-            expand_paths(src["paths"], f"sources[{i}].paths", src["kind"])
+        if "paths" not in src:
+            continue
+        with warnings.catch_warnings():  # the reading itself warns of overlaps, once
+            warnings.simplefilter("ignore")
+            paths = expand_paths(src["paths"], f"sources[{i}].paths", src["kind"])
+        for path in paths:
+            first = read_by.setdefault(os.path.realpath(path), i)
+            if first != i:  # mixture weights, not a second reading, weight a domain up
+                raise ValueError(f"sources[{i}].paths: {path!r} is also read by "
+                                 f"sources[{first}]; its documents would count twice")
 
 
 def _missing_mixture_domains(config: dict, domains, why: str) -> None:
@@ -380,9 +390,14 @@ def _prepare(config: dict, stage: str, progress: bool, skip_malformed: bool) -> 
 
     kept_dir = os.path.join(stage, "kept")
     tok_cfg = config["tokenizer"]
-    all_texts = itertools.chain.from_iterable(_kept_texts(kept_dir, d) for d in sorted(kept))
+    # the training documents only (each domain's held-out ones end its file): a
+    # vocabulary fitted to the held-out text would flatter its loss, as a lexicon
+    # learned from it would (_resolve_learned_lexicon)
+    all_texts = itertools.chain.from_iterable(
+        itertools.islice(_kept_texts(kept_dir, d), kept[d] - held[d]) for d in sorted(kept))
     if progress:
-        all_texts = _bar(all_texts, desc="training tokenizer", total=sum(kept.values()))
+        all_texts = _bar(all_texts, desc="training tokenizer",
+                         total=sum(kept[d] - held[d] for d in kept))
     tokenizer = train_tokenizer(all_texts, vocab_size=tok_cfg.get("vocab_size", 8192),
                                 min_frequency=tok_cfg.get("min_frequency", 2))
     tokenizer.save(os.path.join(stage, "tokenizer.json"))

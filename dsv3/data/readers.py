@@ -43,6 +43,7 @@ import json
 import lzma
 import os
 import re
+import warnings
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -124,6 +125,7 @@ def expand_paths(paths: str | Sequence[str], label: str = "paths",
         raise ValueError(f"{label}: expected a glob pattern or a non-empty list of them, "
                          f"got {paths!r}")
     files: list[str] = []
+    seen: dict[str, str] = {}  # real path -> the pattern that named it first
     for pattern in patterns:
         pattern = os.fspath(pattern)
         matched = sorted(glob.glob(pattern))
@@ -135,7 +137,15 @@ def expand_paths(paths: str | Sequence[str], label: str = "paths",
         for path in matched:
             if os.path.isdir(path):
                 _directory_error(label, pattern, path, format)
-        files.extend(matched)
+            real = os.path.realpath(path)
+            if real in seen:
+                # overlapping patterns (a file and a glob over its folder): read twice,
+                # its documents would count double under the same ids
+                warnings.warn(f"{label}: {path!r} (matched by {pattern!r}) is already read "
+                              f"through {seen[real]!r}; reading it once", stacklevel=2)
+                continue
+            seen[real] = pattern
+            files.append(path)
     return files
 
 
@@ -290,7 +300,12 @@ def _parquet_records(path: str, source: str | None) -> Iterator[tuple[int, objec
     """(row number from 1, record, None). A file Arrow cannot read ends the run with its
     name: datasets named it only in a log line before the bare Arrow message."""
     import datasets
+    import pyarrow.parquet as pq
     try:  # builds the whole split here: reading the rows after this cannot fail so
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            # Spark and pandas write empty part files; datasets refuses them ("BatchSize
+            # must be greater than 0"), and they hold no documents to lose
+            return
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e  # DatasetGenerationError's own message says nothing
