@@ -215,3 +215,18 @@ def test_a_learned_lexicon_learns_nothing_from_held_out_documents(tmp_path, monk
     assert held and seen
     assert set(seen) == {r["text"] for r in rows} - held
     assert isinstance(config["steps"]["augment"]["lexicon"], dict)  # resolved
+
+
+def test_the_tokenizer_is_trained_on_no_held_out_document(tmp_path, monkeypatch):
+    """Before: it was trained on every kept document, the held-out ones at the end of
+    each domain's file included, so its vocabulary fitted the text eval scores."""
+    from dsv3.data import prepare
+    seen = []
+    train = prepare.train_tokenizer
+    monkeypatch.setattr(prepare, "train_tokenizer",
+                        lambda texts, **kw: train(seen.extend(texts) or seen, **kw))
+    out = _prepare(tmp_path, _rows(30), steps="order = []")
+    kept = [row for d in ("news", "web") for row in _kept(out, d)]
+    held = {row["text"] for row in kept if row["metadata"].get("heldout")}
+    assert held and seen
+    assert sorted(seen) == sorted(row["text"] for row in kept if row["text"] not in held)

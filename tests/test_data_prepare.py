@@ -240,6 +240,11 @@ def test_prepare_option_errors_name_the_option(tmp_path, capsys):
     # found when the first document was kept, after every step had run on the others
     ({"sources": [{"kind": "jsonl", "paths": "x", "default_domain": "Package Docs"}]},
      "sources[0].default_domain: 'Package Docs' cannot name a file (use letters, digits"),
+    # these failed mid-run: "'<' not supported between instances of 'str' and 'int'"
+    ({"scale": {"backend": "datasets", "num_proc": "2"}}, "scale.num_proc must be a whole"),
+    ({"scale": {"backend": "datasets", "num_proc": 0}}, "scale.num_proc must be >= 1, got 0"),
+    ({"sources": [{"kind": "embedded", "max_docs_per_domain": "5"}]},
+     "sources[0].max_docs_per_domain must be a whole number, got '5'"),
 ])
 def test_config_sections_are_checked_before_any_work(config, message):
     """Each of these used to pass validate_config and fail (or not) at the end of a run."""
@@ -435,3 +440,60 @@ def test_num_proc_with_the_serial_backend_is_named_as_ignored(tmp_path, capsys, 
     assert capsys.readouterr().err == (
         f"dsv3 data prepare: warning: --num-proc 4 is ignored: {given} runs in one process "
         f"(--backend datasets or --backend spark would use 4)\n")
+
+
+@pytest.mark.parametrize("steps, message", [
+    # a string was taken letter by letter: the step judged no document, silently
+    ({"heuristics": {"domains": "reference"}},
+     "steps.heuristics: domains must be a list of domain names, got 'reference'"),
+    ({"heuristics": {"write_dropped": "no"}},  # "no" is true: the side file was written
+     "steps.heuristics.write_dropped must be true or false, got 'no'"),
+    # these ran until the first document and failed with Python's words, no setting
+    ({"minhash_dedup": {"ngram": 2.5}}, "steps.minhash_dedup: ngram must be a whole number"),
+    ({"minhash_dedup": {"threshold": 1.5}}, "steps.minhash_dedup: threshold must be in (0, 1)"),
+    ({"pii": {"policy": {"email": "dropp"}}}, "steps.pii: policy['email']: unknown action"),
+    ({"augment": {"lexicon": "no-such-synonyms.tsv"}},
+     "steps.augment: [Errno 2] No such file or directory: 'no-such-synonyms.tsv'"),
+])
+def test_step_options_are_checked_and_named_before_any_work(steps, message):
+    from dsv3.data.config import build_steps, validate_config
+    config = validate_config({"steps": {"order": list(steps), **steps}})
+    with pytest.raises(ValueError) as error:
+        build_steps(config, dropped_dir=None)
+    assert str(error.value).startswith(message), error.value
+
+
+def test_a_file_two_sources_read_is_refused_and_one_source_reads_it_once(tmp_path, capsys):
+    """Overlapping patterns read a file twice, its documents doubled under the same ids."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": f"Document number {i} is here "
+                                                             f"with some words.", "domain": "web"})
+                                         + "\n" for i in range(20)))
+    cfg = tmp_path / "c.toml"
+    body = f"""[output]
+dir = "{tmp_path / 'out'}"
+[steps]
+order = []
+[tokenizer]
+vocab_size = 300
+"""
+    cfg.write_text(body + f"""[[sources]]
+kind = "jsonl"
+paths = ["{src / 'a.jsonl'}", "{src / '*.jsonl'}"]
+""")
+    with pytest.warns(UserWarning, match=r"sources\[0\]\.paths: .*a\.jsonl.* is already read"):
+        assert main(["data", "prepare", "--config", str(cfg), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["kept_by_domain"] == \
+        {"web": 20}
+    cfg.write_text(body + f"""[[sources]]
+kind = "jsonl"
+paths = "{src / 'a.jsonl'}"
+[[sources]]
+kind = "jsonl"
+paths = "{src / '*.jsonl'}"
+""")
+    assert main(["data", "prepare", "--config", str(cfg), "--no-progress"]) == 2
+    assert f"sources[1].paths: {str(src / 'a.jsonl')!r} is also read by sources[0]" in \
+        capsys.readouterr().err

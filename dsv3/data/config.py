@@ -151,6 +151,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
             or set(scale) != {"backend", "num_proc", "spill_dir"}):
         raise ValueError(f"scale: expected backend in {list(SCALE_BACKENDS)}, num_proc and "
                          f"optionally spill_dir, got {config['scale']}")
+    whole_number("scale.num_proc", scale["num_proc"], 1)
+    if scale["spill_dir"] is not None and not isinstance(scale["spill_dir"], str):
+        raise ValueError(f"scale.spill_dir: expected a path, got {scale['spill_dir']!r}")
     config["scale"] = scale
     _check_sources(config["sources"])
     order = config["steps"].get("order", DEFAULT_ORDER)
@@ -178,6 +181,8 @@ def _check_sources(sources: Any) -> None:
         if unknown:
             raise ValueError(f"sources[{i}]: unknown option(s) {unknown} for kind {kind!r}; "
                              f"known: {sorted(allowed)}")
+        if "max_docs_per_domain" in src and src["max_docs_per_domain"] is not None:
+            whole_number(f"sources[{i}].max_docs_per_domain", src["max_docs_per_domain"], 1)
         required = {"hf": "name", "embedded": None}.get(kind, "paths")
         if required and required not in src:
             raise ValueError(f"sources[{i}]: {required!r} is required for kind {kind!r}")
@@ -230,11 +235,17 @@ def build_steps(config: dict[str, Any], dropped_dir: str | None) -> list[Step]:
     for name in config["steps"].get("order", DEFAULT_ORDER):
         opts = dict(config["steps"].get(name, {}))
         write = opts.pop("write_dropped", True)
+        if not isinstance(write, bool):  # "no" is a true value
+            raise ValueError(f"steps.{name}.write_dropped must be true or false, got {write!r}")
         common = {"domains": opts.pop("domains", None)}
         if write and dropped_dir is not None:
             common["dropped_writer"] = DroppedWriter(os.path.join(dropped_dir, f"{name}.jsonl"))
         try:
             steps.append(STEP_BUILDERS[name](opts, common))
-        except TypeError as e:  # an unknown keyword reaching a step's constructor
-            raise ValueError(f"steps.{name}: {e}") from None
+        except (TypeError, ValueError, OSError) as e:
+            # an unknown keyword or a bad value reaching a step's constructor, a missing
+            # lexicon file: the message names the option, this the step
+            message = str(e)
+            raise ValueError(message if message.startswith(f"steps.{name}")
+                             else f"steps.{name}: {message}") from None
     return steps

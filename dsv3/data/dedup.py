@@ -31,6 +31,7 @@ import numpy as np
 from dsv3.data.document import Document
 from dsv3.data.step import Step
 from dsv3.data.textview import text_view
+from dsv3.validate import number, whole_number
 
 _SPACE_RE = re.compile(r"\s+")
 
@@ -66,12 +67,10 @@ class MinHashDedup(Step):
     def __init__(self, threshold: float = 0.8, ngram: int = 5, num_perm: int = 128,
                  seed: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        if ngram < 1:
-            raise ValueError(f"ngram must be >= 1, got {ngram}")
-        if num_perm < 16:
-            raise ValueError(f"num_perm must be >= 16, got {num_perm}")
+        number("threshold", threshold, 0.0, 1.0, low_open=True, high_open=True)
+        whole_number("ngram", ngram, 1)
+        whole_number("num_perm", num_perm, 16)
+        whole_number("seed", seed, 0)
         from datasketch import MinHash, MinHashLSH
         self._minhash_cls = MinHash
         self.threshold, self.ngram, self.num_perm, self.seed = threshold, ngram, num_perm, seed

@@ -92,6 +92,11 @@ class Step:
 
     def __init__(self, *, domains: Iterable[str] | None = None,
                  dropped_writer: DroppedWriter | None = None) -> None:
+        if domains is not None and (isinstance(domains, (str, bytes)) or not all(
+                isinstance(d, str) for d in domains)):
+            # a string would be taken letter by letter ("web" as {"w", "e", "b"}) and
+            # the step would judge no document
+            raise ValueError(f"domains must be a list of domain names, got {domains!r}")
         self.domains = frozenset(domains) if domains is not None else None
         self.dropped_writer = dropped_writer
         self.stats = StepStats()
