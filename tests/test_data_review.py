@@ -73,12 +73,35 @@ def test_a_step_judged_in_part_lists_the_domains_its_precision_leaves_out():
 
 
 def test_verdicts_to_labels():
-    items = [{"review_id": "1", "text": "x", "decision": "dropped", "verdict": "correct"},
-             {"review_id": "2", "text": "y", "decision": "dropped", "verdict": "wrong"},
-             {"review_id": "3", "text": "z", "decision": "kept", "verdict": "wrong"},
-             {"review_id": "4", "text": "w", "decision": "kept", "verdict": None}]
+    def item(rid, text, decision, verdict, step="heuristics"):
+        return {"review_id": rid, "step": step, "text": text, "decision": decision,
+                "verdict": verdict}
+    items = [item("1", "x", "dropped", "correct"), item("2", "y", "dropped", "wrong"),
+             item("3", "z", "kept", "wrong"), item("4", "w", "kept", None),
+             item("5", "q", "dropped", "correct", step="quality")]
     assert [(r["text"], r["label"]) for r in verdicts_to_labels(items)] == [
-        ("x", 0), ("y", 1), ("z", 0)]
+        ("x", 0), ("y", 1), ("z", 0), ("q", 0)]
+
+
+def test_labels_come_from_quality_decisions_only_and_each_text_once():
+    """A dedup or PII drop judged correct said the dropped copy was bad text, and the
+    kept copy of the same text good: train-quality learned from both."""
+    good = "A well written paragraph about rivers."
+    items = [{"review_id": "d", "step": "exact_dedup", "text": good, "decision": "dropped",
+              "verdict": "correct"},
+             {"review_id": "p", "step": "pii", "text": good, "decision": "kept",
+              "verdict": "correct"},
+             {"review_id": "h1", "step": "heuristics", "text": good, "decision": "kept",
+              "verdict": "correct"},
+             {"review_id": "q1", "step": "quality", "text": good, "decision": "kept",
+              "verdict": "correct"},
+             {"review_id": "h2", "step": "heuristics", "text": "spam", "decision": "kept",
+              "verdict": "correct"},
+             {"review_id": "q2", "step": "quality", "text": "spam", "decision": "kept",
+              "verdict": "wrong"}]
+    rows = verdicts_to_labels(items)
+    # the good text once, from heuristics; "spam" judged both ways is left out
+    assert [(r["text"], r["label"], r["review_id"]) for r in rows] == [(good, 1, "h1")]
 
 
 def test_review_cli_over_prepare_output(tmp_path, capsys):
@@ -112,7 +135,19 @@ vocab_size = 300
                  "--labels-out", str(labels)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["judged"] == len(dropped)
-    assert 0.0 <= report["steps"]["heuristics"]["precision"] <= 1.0
+    # the stratified estimate by hand: each domain's share of the judged drops that
+    # were right, weighted by how many documents the step dropped there
+    right = {}
+    for it, v in zip(dropped, ["correct", "wrong"] * 4):
+        right.setdefault(it["domain"], []).append(v == "correct")
+    strata = json.loads((sample.parent / "strata.json").read_text())["strata"]
+    population = {s["domain"]: s["population"] for s in strata
+                  if s["step"] == "heuristics" and s["decision"] == "dropped"
+                  and s["domain"] in right}
+    expected = sum(population[d] * sum(v) / len(v) for d, v in right.items()) \
+        / sum(population.values())
+    assert report["steps"]["heuristics"]["precision"] == pytest.approx(expected)
+    assert 0.0 < expected < 1.0  # both verdicts given: a wrong sign or weight would show
     assert report["labels_written"] == len(dropped) == len(labels.read_text().splitlines())
     verdicts.write_text(json.dumps({"review_id": "nope", "verdict": "correct"}) + "\n")
     with pytest.raises(ValueError, match=r"verdicts.jsonl, line 1: review_id 'nope' is not in"):

@@ -224,8 +224,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     r.add_argument("--sample", required=True, help="review/sample.jsonl written by prepare")
     r.add_argument("--verdicts", help="verdicts.jsonl from the review page (else the "
                    "'verdict' fields filled in the sample file are used)")
-    r.add_argument("--labels-out", help="write judged documents as {text, label} jsonl "
-                   "for train-quality")
+    r.add_argument("--labels-out", help="write the documents judged on the quality steps' "
+                   "decisions (heuristics, quality; dedup and PII drops say nothing of "
+                   "quality) as {text, label} jsonl for train-quality")
     r.set_defaults(func=_review)
 
     # dsv3.cli names the command in its "dsv3 COMMAND: error:" line by ``group``; a

@@ -11,8 +11,9 @@ A reviewer answers, for each sampled decision, whether the step was right
 ("correct" / "wrong"). A step's precision (of its drops) is the share of dropped
 documents that deserved it; per stratum it gets a Wilson 95% interval, and over a
 step the strata are combined weighted by their populations (stratified estimator,
-normal-approximation interval). Verdicts also become classifier labels: a document
-rightly dropped or wrongly kept is bad (0), the other way round good (1).
+normal-approximation interval). Verdicts on the quality steps' decisions (heuristics,
+quality) also become classifier labels: a document rightly dropped or wrongly kept is
+bad (0), the other way round good (1).
 """
 from __future__ import annotations
 
@@ -242,12 +243,23 @@ def estimate_precision(items: list[dict], strata: list[dict]) -> dict:
     return report
 
 
-def verdicts_to_labels(items: list[dict]) -> list[dict]:
-    """Judged items as classifier training rows: {"text", "label"} (1 = good)."""
-    rows = []
+# The steps whose decisions are about a text's quality. A dedup or PII drop says nothing
+# of it: the second copy of a good text is dropped rightly, and labelling that copy bad
+# would teach the quality classifier that good text is bad.
+QUALITY_STEPS = ("heuristics", "quality")
+
+
+def verdicts_to_labels(items: list[dict], steps=QUALITY_STEPS) -> list[dict]:
+    """Judged items of ``steps`` as classifier training rows: {"text", "label"} (1 =
+    good), each text once; a text judged both ways (through two steps) is left out."""
+    by_text: dict[str, dict] = {}
+    conflicting: set[str] = set()
     for it in items:
-        if it["verdict"] is None:
+        if it["verdict"] is None or it["step"] not in steps:
             continue
         bad = (it["decision"] == "dropped") == (it["verdict"] == "correct")
-        rows.append({"text": it["text"], "label": 0 if bad else 1, "review_id": it["review_id"]})
-    return rows
+        row = {"text": it["text"], "label": 0 if bad else 1, "review_id": it["review_id"]}
+        first = by_text.setdefault(it["text"], row)
+        if first["label"] != row["label"]:
+            conflicting.add(it["text"])
+    return [row for text, row in by_text.items() if text not in conflicting]
