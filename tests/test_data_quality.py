@@ -135,7 +135,7 @@ def _tiny_bert(path, texts):
     BertModel(cfg).save_pretrained(str(path))
 
 
-def test_hf_encoder_backend_from_a_local_tiny_bert(tmp_path):
+def test_hf_encoder_backend_from_a_local_tiny_bert(tmp_path, monkeypatch):
     import torch
     torch.manual_seed(0)
     # a random encoder's pooled states reflect character statistics, so it can tell prose
@@ -143,11 +143,27 @@ def test_hf_encoder_backend_from_a_local_tiny_bert(tmp_path):
     # is the backend's plumbing end to end, with a bar a broken head would not clear
     texts, labels = labeled(n_good=60, kinds=("noise", "spam"))
     _tiny_bert(tmp_path / "bert", texts)
-    featurizer = make_featurizer("hf", str(tmp_path / "bert"))
+    monkeypatch.chdir(tmp_path)  # the encoder named relative to where it is trained
+    featurizer = make_featurizer("hf", "bert")
     metrics = train_quality(texts, labels, featurizer, str(tmp_path / "m"), epochs=100)
     assert metrics["precision"] >= 0.8 and metrics["recall"] >= 0.8, metrics
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # featurizer.json said "bert": not found here
     reloaded = QualityClassifier.load(str(tmp_path / "m"))
     assert reloaded.predict_proba(texts[:3]).shape == (3,)
+    # the filter as a generator (the serial backend) decides as one document at a time
+    # (the datasets/Spark workers) does, at a threshold equal to a document's own score:
+    # scored in padded batches, its score moved in the last bits, to either side
+    solo = [float(reloaded.predict_proba([t])[0]) for t in texts[:40]]
+    batched = [float(p) for i in range(0, 40, 16)
+               for p in reloaded.predict_proba(texts[i:min(i + 16, 40)])]
+    # where a batch moved a score (which ones, and whether any, depends on the CPU's
+    # matmul kernels), the higher of its two scores keeps it one way only
+    moved = [max(p, q) for p, q in zip(solo, batched) if p != q]
+    for threshold in sorted(solo)[::8] + moved:
+        docs = [Document(str(i), t) for i, t in enumerate(texts[:40])]
+        kept = [d.id for d in QualityFilter(reloaded, threshold, batch_size=16).run(docs)]
+        assert kept == [str(i) for i, p in enumerate(solo) if p >= threshold], threshold
 
 
 def test_cli_train_quality_and_label_errors(tmp_path, capsys):

@@ -104,11 +104,20 @@ class HashedNgrams:
 
 
 class HFEncoder:
-    """A frozen HF encoder from a local directory; mean of the last hidden states."""
+    """A frozen HF encoder from a local directory; mean of the last hidden states.
+
+    The directory is kept as an absolute path (a saved model's featurizer.json names
+    it): a relative one loaded only from the directory it was trained in. A text's
+    features depend, in the last bits, on the batch it was padded in (the matmuls'
+    shapes change), so the filter scores one text at a time with it
+    (``scores_depend_on_batch``): the same score whatever the backend or batching."""
+
+    scores_depend_on_batch = True
 
     def __init__(self, path: str, max_length: int = 256, batch_size: int = 16) -> None:
         check_encoder(path)
         from transformers import AutoModel, AutoTokenizer
+        path = os.path.abspath(path)
         self.path, self.max_length, self.batch_size = path, max_length, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
@@ -304,9 +313,10 @@ class QualityFilter(Step):
     """Keeps documents whose predicted probability of being good reaches ``threshold``
     (by default the one the model was trained and reported at, 0.5 for a model saved
     before thresholds were); the score goes into ``metadata["quality"]``. As a
-    generator it scores documents in batches of ``batch_size`` (an encoder's forward
-    pass is much cheaper per document in a batch); :meth:`apply`, used by the
-    scale-out workers, scores one at a time."""
+    generator it scores documents in batches of ``batch_size`` (cheaper per document);
+    :meth:`apply`, used by the scale-out workers, scores one at a time, and so does the
+    generator with an HF encoder, whose scores would otherwise move with the batch
+    (:class:`HFEncoder`) and could fall on either side of the threshold by backend."""
 
     name = "quality"
 
@@ -346,8 +356,10 @@ class QualityFilter(Step):
                     yield self.keep(result)
             batch.clear()
 
+        size = 1 if getattr(self.model.featurizer, "scores_depend_on_batch", False) \
+            else self.batch_size
         for doc in docs:
             batch.append(doc)
-            if len(batch) == self.batch_size:
+            if len(batch) == size:
                 yield from flush()
         yield from flush()
