@@ -2,6 +2,7 @@
 sentence choice, flags and the realized rate; the learned lexicon on a planted corpus."""
 import json
 import random
+import time
 
 import pytest
 
@@ -17,9 +18,43 @@ from dsv3.data.document import Document
     ("因为下雨了，所以比赛推迟了。", "之所以比赛推迟了，是因为下雨了。"),
     ("虽然价格很高，但是质量很好。", "尽管价格很高，质量很好。"),
     ("Nothing to restructure here.", None),
+    # still fire: a two-word clause with a pronoun subject, "!", a reason after a negation
+    ("Because it rains, we stay.", "We stay because it rains."),
+    ("If you like, we can go.", "We can go if you like."),
+    ("The build failed because the linker ran out of memory!",
+     "Because the linker ran out of memory, the build failed!"),
 ])
 def test_restructuring_rules(sentence, expected):
     assert restructure(sentence) == expected
+
+
+@pytest.mark.parametrize("sentence", [
+    "Since 2010, prices have risen.",  # "since" as often means time: not "because 2010"
+    "Since then, the module has been deprecated.",
+    "If so, why?",  # a question, and a one-word condition: not "Why if so?"
+    "If so, the module is deprecated.",
+    "If nothing else, it is cheap.",  # an idiom: "if nothing else" is not a condition
+    "This is not because of you.",  # not "Because of you, this is not."
+    "It is not because the list is empty that the loop never runs.",
+    "It works only because the cache is warm.",  # the reason narrowed, not the claim
+    "Because of this, the loop never runs.",  # a fragment, not a clause
+    "Because the list is empty, does the loop run?",
+    "因为下雨了，所以比赛推迟了吗？",  # 吗 would land mid-sentence
+])
+def test_restructuring_leaves_what_moving_would_change(sentence):
+    """Before: each of these was rewritten into a sentence that said something else."""
+    assert restructure(sentence) is None
+
+
+def test_a_long_sentence_is_not_restructured_and_costs_little():
+    """Before: the "X because Y" rule was quadratic on a comma-free run without an end
+    mark (about 10 s for this 100 KB; 19 s at 136 KB)."""
+    text = "it broke because " * 6000
+    start = time.perf_counter()
+    assert restructure(text) is None
+    doc = Augmenter(Lexicon({}), rate=1.0).apply(Document("long", text))
+    assert time.perf_counter() - start < 1.0
+    assert doc.text == text and not doc.metadata["augmented"]
 
 
 def _doc(i, n=40):

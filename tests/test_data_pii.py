@@ -410,6 +410,11 @@ def test_look_alikes_of_those_formats_are_left(text):
     ("PHONE 5551234567", "5551234567"),
     ("call us at 555-1234", "555-1234"),
     ("联系电话：010-12345678", "010-12345678"),
+    # the same words in Traditional script (Taiwan, Hong Kong): were left unscrubbed
+    ("手機：0912-345-678", "0912-345-678"),
+    ("電話：(02) 2345-6789", "(02) 2345-6789"),
+    ("傳真：02-2345-6789", "02-2345-6789"),
+    ("聯絡電話：02-2345-6789", "02-2345-6789"),
 ])
 def test_national_numbers_after_a_phone_word_are_found(text, value):
     """Before: missed (only +CC, North American dashed/dotted and Chinese mobiles)."""
@@ -424,6 +429,7 @@ def test_national_numbers_after_a_phone_word_are_found(text, value):
     "phones sold 1234567 units",
     "tel 123456",  # too short for a number
     "He was 5551234567 in line.",  # no phone word: a bare number stays
+    "電話 2024 2025 型號",  # two years, after the Traditional word too
 ])
 def test_numbers_without_a_phone_word_before_them_are_left(text):
     assert find_pii(text) == []

@@ -6,7 +6,7 @@ carry a valid birth date and the GB 11643-1999 check character, bank cards must 
 Luhn and start like a card network, IBANs their ISO 13616 mod-97 check, US social
 security numbers the SSA's ranges, IPs must parse, secrets must look random. A phone
 number without a country code ("020 7946 0958") is one only right after a word that
-says phone ("Tel:", "call me on", "电话"): by itself it is any number.
+says phone ("Tel:", "call me on", "电话", "電話"): by itself it is any number.
 
 Matching runs on an NFKC-normalized copy (full-width digits, the full-width ＠, the
 full-width full stop become ASCII), normalized character by
@@ -349,10 +349,14 @@ _RAW_PATTERNS: list[tuple[str, str, int, Callable[[str], bool]]] = [
     # The word's first letter comes first, as a plain class: the search then skips to
     # those letters, where an alternation under (?i) was tried at every position
     # (half of this rule's time on the embedded corpus).
+    # The Chinese words in Simplified and Traditional script (电话/電話, 手机/手機,
+    # 传真/傳真; NFKC does not map one to the other, and Taiwan and Hong Kong text
+    # uses the latter): a character class per character also takes text that mixes
+    # them. "联系电话", "聯絡電話" end in the word and are found by it.
     ("phone", (
         r"(?:[TtPpMmCcFfWw](?<![A-Za-z][A-Za-z])(?i:(?<=t)el(?:ephone)?|(?<=p)hone"
         r"|(?<=m)obile|(?<=c)ellphone|(?<=c)ell(?=\s*:)|(?<=f)ax|(?<=w)hatsapp"
-        r"|(?<=c)all (?:us|me) (?:at|on))(?![A-Za-z])|电话|手机|传真)"
+        r"|(?<=c)all (?:us|me) (?:at|on))(?![A-Za-z])|[电電][话話]|手[机機]|[传傳]真)"
         r"[^\d\n+]{0,12}?(?<![\w.])(\(?\d{2,5}\)?(?:[ .-]?\d{2,5}){1,5})" + _NT),
      1, _national_phone_ok),
 ]
