@@ -21,6 +21,7 @@ from dsv3.data.document import Document
     # still fire: a two-word clause with a pronoun subject, "!", a reason after a negation
     ("Because it rains, we stay.", "We stay because it rains."),
     ("If you like, we can go.", "We can go if you like."),
+    ("If the list is empty, then the loop never runs.", "The loop never runs if the list is empty."),
     ("The build failed because the linker ran out of memory!",
      "Because the linker ran out of memory, the build failed!"),
 ])
@@ -106,6 +107,10 @@ def test_learned_lexicon_finds_planted_synonyms_and_skips_prefix_antonyms():
 def test_argument_and_lexicon_errors(tmp_path):
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\], got 1.5"):
         Augmenter(rate=1.5)
+    with pytest.raises(ValueError, match=r"rate must be a number, got '0.2'"):
+        Augmenter(rate="0.2")  # compared with floats mid-run: a TypeError naming nothing
+    with pytest.raises(ValueError, match=r"seed must be a whole number, got 1.5"):
+        Augmenter(seed=1.5)
     with pytest.raises(TypeError, match="lexicon must be a Lexicon, got dict"):
         Augmenter({"a": ["b"]})
     bad = tmp_path / "lex.tsv"

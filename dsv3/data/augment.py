@@ -37,6 +37,7 @@ import numpy as np
 from dsv3.data.document import Document
 from dsv3.data.heldout import is_held_out
 from dsv3.data.step import Step
+from dsv3.validate import number, whole_number
 
 _SENTENCE_SPLIT = re.compile(r"((?<=[.!?])\s+|(?<=[。！？]))")
 _WORD = re.compile(r"[A-Za-z]+")
@@ -191,6 +192,8 @@ def _if_last(m: re.Match) -> str | None:
     condition, rest, end = m.groups()
     if _too_short(condition):
         return None
+    if rest.lower().startswith("then "):  # "If X, then Y." -> "Y if X.", not "Then Y if X."
+        rest = rest[len("then "):]
     return f"{_upper_first(rest)} if {_lower_first(condition)}{end}"
 
 
@@ -235,8 +238,8 @@ class Augmenter(Step):
     def __init__(self, lexicon: Lexicon | None = None, rate: float = 0.15, seed: int = 0,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        number("rate", rate, 0.0, 1.0)
+        whole_number("seed", seed)
         if lexicon is not None and not isinstance(lexicon, Lexicon):
             raise TypeError(f"lexicon must be a Lexicon, got {type(lexicon).__name__}")
         self.lexicon, self.rate, self.seed = lexicon or Lexicon({}), rate, seed
