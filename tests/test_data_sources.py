@@ -57,17 +57,17 @@ def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
     _write_jsonl(f, [json.dumps({"text": "ok one", "domain": "web"}), "{not json",
                      json.dumps({"body": "no text field"}), json.dumps({"text": 5}),
                      json.dumps({"text": "ok two", "lang": "en"}), '{"text": "x", oops}',
-                     json.dumps({"text": ["a"]})])
+                     json.dumps({"text": ["a"]}), json.dumps({"text": None})])
     stats = ReaderStats()
     docs = list(read_documents(str(f), on_error="skip", default_domain="misc", stats=stats))
     assert [(d.text, d.domain) for d in docs] == [("ok one", "web"), ("ok two", "misc")]
     assert docs[1].metadata["lang"] == "en" and docs[1].metadata["source"].endswith("data.jsonl:5")
     s = stats.to_dict()
-    assert s["read"] == 2 and s["skipped"] == 5
+    assert s["read"] == 2 and s["skipped"] == 6
     # one key per kind of fault, whatever the column or type: a key per column made
     # skipped_by_reason as long as the list of bad lines
     assert s["skipped_by_reason"] == {"field 'text' is not a string": 2, "invalid JSON": 2,
-                                      "missing field 'text'": 1}
+                                      "missing field 'text'": 1, "field 'text' is null": 1}
     # the particulars stay in the examples (and in the error without skipping)
     assert s["skipped_examples"][0].endswith("data.jsonl:2: invalid JSON (Expecting property "
                                              "name enclosed in double quotes at column 2)")
@@ -80,12 +80,14 @@ def test_jsonl_reader_skips_and_counts_when_asked(tmp_path):
 def test_record_ids_carry_their_location_so_repeats_are_unique(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     _write_jsonl(a, [json.dumps(r) for r in [{"id": "7", "text": "one"}, {"id": "7", "text": "two"},
-                                              {"text": "no id"}, {"id": 8, "text": "three"}]])
+                                              {"text": "no id"}, {"id": 8, "text": "three"},
+                                              {"id": None, "text": "null id"}]])
     _write_jsonl(b, [json.dumps(r) for r in [{"id": "7", "text": "four"},
                                               {"id": "8", "text": "five"}]])
     docs = list(read_documents(str(tmp_path / "*.jsonl")))
-    assert [d.id for d in docs] == [f"7@{a}:1", f"7@{a}:2", f"{a}:3", f"8@{a}:4", f"7@{b}:1",
-                                    f"8@{b}:2"]
+    # a null id is no id (it read "None@...")
+    assert [d.id for d in docs] == [f"7@{a}:1", f"7@{a}:2", f"{a}:3", f"8@{a}:4", f"{a}:5",
+                                    f"7@{b}:1", f"8@{b}:2"]
     assert docs[1].metadata["id"] == "7"  # the source's own id stays in the metadata
     again = [d.id for d in read_documents(str(tmp_path / "*.jsonl"))]
     assert again == [d.id for d in docs]  # the same ids on every read
@@ -118,7 +120,7 @@ def test_parquet_and_text_readers(tmp_path):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["first", None, "third"], "domain": ["a", "a", "b"]}),
                    tmp_path / "d.parquet")
-    with pytest.raises(MalformedRecordError, match=r"d\.parquet, row 2: missing field 'text'"):
+    with pytest.raises(MalformedRecordError, match=r"d\.parquet, row 2: field 'text' is null"):
         list(read_documents(str(tmp_path / "d.parquet"), format="parquet"))
     docs = list(read_documents(str(tmp_path / "d.parquet"), format="parquet", on_error="skip"))
     assert [(d.text, d.domain) for d in docs] == [("first", "a"), ("third", "b")]
@@ -146,7 +148,7 @@ def test_hf_dataset_reader_through_load_dataset(tmp_path):
     import pyarrow.parquet as pq
     from dsv3.data.readers import read_hf_dataset
     pq.write_table(pa.table({"body": ["one", "two", None]}), tmp_path / "x.parquet")
-    with pytest.raises(MalformedRecordError, match=r"parquet \[train\], row 3: missing field 'body'"):
+    with pytest.raises(MalformedRecordError, match=r"parquet \[train\], row 3: field 'body' is null"):
         list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"), text_field="body"))
     stats = ReaderStats()
     docs = list(read_hf_dataset("parquet", data_files=str(tmp_path / "x.parquet"),

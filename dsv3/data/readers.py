@@ -160,7 +160,7 @@ def _doc_id(record: dict, where: str) -> str:
     """The record's location, after its own id when it has one: unique within a run
     because the location is (so a repeated id needs no memory of earlier ones), and
     still naming the id the source gave it."""
-    return f"{record['id']}@{where}" if "id" in record else where
+    return f"{record['id']}@{where}" if record.get("id") is not None else where
 
 
 def _record_to_doc(record: object, where: str, text_field: str, domain_field: str | None,
@@ -168,9 +168,11 @@ def _record_to_doc(record: object, where: str, text_field: str, domain_field: st
     """The document, or why the record is malformed."""
     if not isinstance(record, dict):
         return Problem("record is not an object", f"a {type(record).__name__}")
-    text = record.get(text_field)
-    if text is None:
+    if text_field not in record:
         return Problem(f"missing field {text_field!r}")
+    text = record[text_field]
+    if text is None:  # a parquet column's null, a jsonl "text": null
+        return Problem(f"field {text_field!r} is null")
     if not isinstance(text, str):
         return Problem(f"field {text_field!r} is not a string", f"a {type(text).__name__}")
     domain = record.get(domain_field) if domain_field else None
