@@ -41,10 +41,12 @@ def _snapshot(out):
 
 
 def _good_run(tmp_path, capsys):
-    """A first run whose dropped/ side file is not empty (every document twice)."""
+    """A first run whose dropped/ side file is not empty (every document twice: in two
+    files, as one file named twice is read once)."""
     source = _source(tmp_path / "a.jsonl")
+    copy = _source(tmp_path / "b.jsonl")
     out = tmp_path / "out"
-    assert _prepare(_config(tmp_path, [str(source), str(source)]), out) == 0
+    assert _prepare(_config(tmp_path, [str(source), str(copy)]), out) == 0
     capsys.readouterr()
     assert len((out / "dropped" / "exact_dedup.jsonl").read_text().splitlines()) == 40
     return source, out, _snapshot(out)
@@ -173,7 +175,7 @@ def test_the_stage_of_a_killed_run_is_removed_by_the_next_one(tmp_path, capsys):
     looked_at = out / ".partial-nothing-kept"  # a run that kept nothing left it to read
     looked_at.mkdir()
     (looked_at / "stats.json").write_text("{}")
-    assert _prepare(_config(tmp_path, [str(source), str(source)]), out) == 0
+    assert _prepare(_config(tmp_path, [str(source), str(tmp_path / "b.jsonl")]), out) == 0
     err = capsys.readouterr().err
     assert (f"removed {str(killed)!r}, the staging directory of a run into {str(out)!r} "
             f"that was killed before it finished") in err, err
