@@ -96,6 +96,24 @@ def test_all_is_weighted_by_tokens_not_averaged_over_domains():
     assert result["all"]["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-9)
 
 
+class DivergedModel(UniformModel):
+    """Sure of a token no text here has: every target costs about 1e4 nats."""
+
+    def __call__(self, tokens_BS, kv_cache=None):
+        logits_BSV = super().__call__(tokens_BS, kv_cache)
+        logits_BSV[:, :, -1] = 1e4
+        return logits_BSV
+
+
+def test_a_diverged_model_has_an_infinite_perplexity_not_an_overflow():
+    """exp(1e4) raised OverflowError, ending `dsv3 eval` with every task's results lost."""
+    text_codec = codec()
+    result = domain_perplexity(DivergedModel(text_codec.vocab_size), text_codec,
+                               [("prose", "the cat sat on the mat")])
+    assert result["prose"]["perplexity"] == math.inf
+    assert result["prose"]["nll_per_token"] == pytest.approx(1e4, rel=1e-3)
+
+
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="stride must be in"):
         window_plan(10, 4, 5)

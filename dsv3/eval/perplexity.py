@@ -65,8 +65,18 @@ def nll_by_domain(model, token_documents: list[tuple[str, list[int]]], stride: i
     return totals
 
 
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean NLL per token); inf past float range: a diverged model's NLL above
+    ~709.8 per token raised OverflowError, which lost the run's log (training) or every
+    task's results (``dsv3 eval``)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 def _summary(nll: float, tokens: int, n_bytes: int) -> dict:
-    return {"perplexity": math.exp(nll / tokens) if tokens else float("nan"),
+    return {"perplexity": perplexity_of(nll / tokens) if tokens else float("nan"),
             "nll_per_token": nll / tokens if tokens else float("nan"),
             # Bits per UTF-8 byte: comparable across tokenizers, unlike perplexity.
             "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),

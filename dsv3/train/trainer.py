@@ -14,7 +14,6 @@ last step on, the run finishes instead: the handlers stay until its export is wr
 resumed run keeps the metrics up to its checkpoint's step and drops those logged
 after it (they are trained again).
 """
-import math
 import signal
 import time
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from dsv3.data.mixture import MixtureSchedule
+from dsv3.eval.perplexity import perplexity_of
 from dsv3.model import Transformer
 from dsv3.moe import moe_aux_loss, moe_update_bias
 from dsv3.train import checkpoint as ckpt
@@ -44,15 +44,6 @@ from dsv3.train.schedule import lr_factor
 from dsv3.train.stop import StopRequests, TrainingStopped, control_group
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _perplexity(loss: float) -> float:
-    """exp(loss); inf past float range (a diverging run's loss above ~709.8 raised
-    OverflowError, which ended the run unlogged and unsaved)."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
 
 
 class Trainer:
@@ -350,7 +341,7 @@ class Trainer:
         if measure:  # device values are read (a device sync) on logged steps only
             record = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in record.items()}
             if "loss" in record:
-                record["perplexity"] = _perplexity(record["loss"])
+                record["perplexity"] = perplexity_of(record["loss"])
             record["activation_mb"] = activation[0] / 2**20
         return record
 
