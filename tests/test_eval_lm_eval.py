@@ -239,3 +239,22 @@ def test_a_bad_batch_size_is_named(lm_class, value):
                                          r"\"auto\" or \"auto:N\", got "):
         lm_class(model=UniformModel(text_codec.vocab_size), codec=text_codec,
                  batch_size=value)
+
+
+def test_lm_eval_tasks_keep_their_own_few_shot_default_unless_k_shot_is_given(
+        lm_class, monkeypatch):
+    """--k-shot's default 0 went to lm-eval as num_fewshot=0, which overrides a task's
+    own default (gsm8k's 5) with only a log line: every lm-eval task ran 0-shot."""
+    from dsv3.eval.runner import EvalOptions, run_evaluation
+    text_codec = codec()
+    asked = []
+
+    def fake_lm_eval(lm, tasks, num_fewshot=None, limit=None):  # lm-eval needs the hub
+        asked.append(num_fewshot)
+        return {tasks[0]: {"exact_match,none": 0.5}}
+    monkeypatch.setattr(adapter, "run_lm_eval", fake_lm_eval)
+    model = UniformModel(text_codec.vocab_size, max_seq_len=32)
+    run_evaluation(model, text_codec, ["lm-eval:fake"], EvalOptions(progress=False))
+    run_evaluation(model, text_codec, ["lm-eval:fake"], EvalOptions(k_shot=3, progress=False))
+    run_evaluation(model, text_codec, ["lm-eval:fake"], EvalOptions(k_shot=0, progress=False))
+    assert asked == [None, 3, 0]

@@ -45,9 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cloze-items", type=int, default=40,
                         help="cloze items drawn per evaluation (fewer when the documents run "
                              "out; default 40)")
-    parser.add_argument("--k-shot", type=int, default=0,
-                        help="few-shot exemplars for mc tasks, from the file's \"split\": "
-                             "\"dev\" rows (default 0)")
+    parser.add_argument("--k-shot", type=int, default=None,
+                        help="few-shot exemplars: for mc tasks from the file's \"split\": "
+                             "\"dev\" rows (default 0), for lm-eval tasks lm-eval's "
+                             "num_fewshot (default: each task's own, e.g. 5 for gsm8k)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="sequences per forward when scoring (speed and memory only: "
                              "the model is evaluated dropless, so results do not depend on "

@@ -1,12 +1,15 @@
 """Run any lm-evaluation-harness (``lm-eval``) task on a dsv3 model.
 
 ``Dsv3LM`` implements lm-eval's ``LM`` interface (``loglikelihood``,
-``loglikelihood_rolling``, ``generate_until``) on this package's scoring and decoding,
-and registers itself as lm-eval model ``"dsv3"``, so both work:
+``loglikelihood_rolling``, ``generate_until``) on this package's scoring and decoding:
 
     lm = Dsv3LM(checkpoint="runs/tiny")                  # or Dsv3LM(model=m, codec=c)
     results = run_lm_eval(lm, ["hellaswag"], num_fewshot=0, limit=100)
-    # lm_eval --model dsv3 --model_args checkpoint=runs/tiny --tasks hellaswag
+
+or from the command line, ``dsv3 eval --checkpoint runs/tiny --tasks lm-eval:hellaswag``.
+Once built, the class is also in lm-eval's model registry as ``"dsv3"``, for code of the
+same process that names models there (``simple_evaluate(model="dsv3", ...)``); lm-eval's
+own ``lm_eval`` command never imports dsv3 and does not know the name.
 
 lm-eval is optional and is imported only when the adapter is first used; without it
 the import fails with the install command. Tasks fetch their data from the HF hub, so
@@ -181,7 +184,7 @@ def lm_eval_class():
             raise ImportError(INSTALL_HINT) from e
         _CLASS = type("Dsv3LM", (_Dsv3LMMethods, LM), {"__module__": __name__,
                                                         "__doc__": _Dsv3LMMethods.__doc__})
-        try:  # lets lm-eval's own CLI find it as --model dsv3
+        try:  # lets this process's lm-eval calls name it "dsv3"
             from lm_eval.api.registry import register_model
             register_model("dsv3")(_CLASS)
         except (ImportError, ValueError, AssertionError):

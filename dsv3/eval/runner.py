@@ -54,7 +54,9 @@ class EvalOptions:
     documents: list[tuple[str, str]] | None = None
     batch_size: int = 8
     seed: int = 0
-    k_shot: int = 0
+    # None: mc tasks take no exemplars and lm-eval tasks their own default (gsm8k 5);
+    # a number applies to both
+    k_shot: int | None = None
     cloze_items: int = 40
     threshold: float = 0.85
     difficulty_state: str | None = None  # None: schedules live only for this run
@@ -114,9 +116,10 @@ def _check_options(options: EvalOptions) -> None:
     """The numeric settings, named as the command spells them."""
     for value, option, minimum in ((options.batch_size, "--batch-size", 1),
                                    (options.cloze_items, "--cloze-items", 1),
-                                   (options.k_shot, "--k-shot", 0),
                                    (options.max_new_tokens, "--max-new-tokens", 1)):
         validate.whole_number(option, value, minimum)
+    if options.k_shot is not None:
+        validate.whole_number("--k-shot", options.k_shot, 0)
     validate.number("--threshold", options.threshold, 0, 1, low_open=True)
     if options.lm_eval_limit is not None:  # lm-eval reads 0 as "no limit"
         validate.whole_number("--lm-eval-limit", options.lm_eval_limit, 1)
@@ -171,12 +174,13 @@ def _prepare_mc(task: str, path: str, schedules, options) -> LeveledTask:
     if levels:
         schedule = difficulty.schedule_for(schedules, task, levels, options.threshold)
         items = [it for it in items if it.level == schedule.current]
+    k_shot = options.k_shot or 0
     try:  # the few-shot draw needs enough dev rows; the prompts themselves are cheap
-        multiple_choice.build_prompts(items, dev, options.k_shot, options.seed)
+        multiple_choice.build_prompts(items, dev, k_shot, options.seed)
     except ValueError as e:
-        raise ValueError(f"{task}: --k-shot {options.k_shot}: {e} (dev rows of {path} are "
+        raise ValueError(f"{task}: --k-shot {k_shot}: {e} (dev rows of {path} are "
                          f"those with \"split\": \"dev\")") from None
-    return LeveledTask(items, dev, options.k_shot, multiple_choice.DEFAULT_TEMPLATE, schedule)
+    return LeveledTask(items, dev, k_shot, multiple_choice.DEFAULT_TEMPLATE, schedule)
 
 
 def _toxicity_prompts(documents, options) -> list[str]:
