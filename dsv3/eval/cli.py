@@ -11,6 +11,7 @@ import os
 import sys
 import textwrap
 
+from dsv3 import validate
 from dsv3.user_errors import closed_pipe, interrupted, is_bad_input, stdout_closed
 
 DESCRIPTION = ("Evaluate a dsv3 checkpoint (config.json, model.pt, tokenizer.json): held-out "
@@ -24,6 +25,23 @@ FILE_FORMATS = """task files (jsonl, one object per line):
   gen:PATH  {"source": str, "reference": str}  (BLEU and chrF of the continuation)
   --corpus  {"domain": str, "text": str}
   --toxicity-prompts  {"prompt": str}"""
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _escaped(text: str) -> str:
+    """A shell argument with \\n, \\t and \\\\ read as the characters they name (a
+    newline is awkward to type); any other backslash is an error, not a guess."""
+    out, chars = [], iter(text)
+    for c in chars:
+        if c == "\\":
+            nxt = next(chars, "")
+            if nxt not in _ESCAPES:
+                raise ValueError(f"unknown escape '\\{nxt}' in {text!r}: use \\n, \\t or \\\\")
+            c = _ESCAPES[nxt]
+        out.append(c)
+    return "".join(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toxicity-lexicon", help="word/phrase list, one per line")
     parser.add_argument("--toxicity-classifier", help="local HF text-classification model dir")
     parser.add_argument("--toxicity-prompts", help="jsonl of {prompt} (default: document starts)")
+    parser.add_argument("--gen-stop", type=validate.option(_escaped), default="\n",
+                        help="text at which gen: generations stop and are cut, with \\n "
+                             "and \\t escapes; '' for none (end of text or "
+                             "--max-new-tokens). A reference may not hold it "
+                             "(default \\n: one-line answers)")
     parser.add_argument("--bias-spec", help='JSON {"templates": [...], "terms": [...]}')
     parser.add_argument("--lm-eval-limit", type=int,
                         help="examples per lm-eval task, >= 1 (default: all)")
@@ -129,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         difficulty_state=args.difficulty_state or os.path.join(args.out, "difficulty.json"),
         max_new_tokens=args.max_new_tokens, toxicity_lexicon=args.toxicity_lexicon,
         toxicity_classifier=args.toxicity_classifier, toxicity_prompts=args.toxicity_prompts,
-        bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit,
+        bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit, gen_stop=args.gen_stop,
         progress=not args.no_progress)
     # The documents are read only for a task that scores them: a damaged heldout.jsonl
     # must not stop an evaluation of mc files alone.

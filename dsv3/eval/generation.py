@@ -5,7 +5,7 @@ continuations of sources against references, from any jsonl of
 sacrebleu's defaults are kept (BLEU: 13a tokenization, exponential smoothing,
 ``smooth_method='exp'``; chrF: character 6-grams, beta 2) so numbers compare with
 published ones. The decoded text is cut at the first stop string (default a
-newline), where decoding stops: a small model rarely emits its eos id right after
+newline, ``--gen-stop``), where decoding stops, and a reference may not hold it: a small model rarely emits its eos id right after
 one answer line. A prompt too long to leave room for ``max_new_tokens`` in the
 model's context loses its start (``decoding``), so a long source is still answered
 in full; ``truncated_prompts`` counts such prompts, as the multiple-choice results
@@ -50,14 +50,21 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, flo
             "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
 
 
-def read_pairs(path: str) -> list[dict]:
+def read_pairs(path: str, stop: str = "\n") -> list[dict]:
     """The rows of a generation file, each with a str source and one str reference
     (what ``corpus_scores`` takes), checked here so a bad row is named by its line
-    before any decoding."""
+    before any decoding. A reference holding ``stop`` is refused: every hypothesis is
+    cut there, so none could match it (a two-line reference capped BLEU near 67 for a
+    model that wrote it exactly)."""
     rows = read_jsonl_rows(path, ("source", "reference"), what="generation file")
     for where, row in rows:
         for field in ("source", "reference"):
             require_str(row, field, where)
+        if stop and stop in row["reference"]:
+            raise ValueError(f"{where}: the reference holds {stop!r}, where --gen-stop cuts "
+                             f"every generation; choose another stop (e.g. --gen-stop "
+                             f"'\\n\\n') or --gen-stop '' (stop at end of text or "
+                             f"--max-new-tokens)")
     return [row for _, row in rows]
 
 

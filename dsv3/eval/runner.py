@@ -66,6 +66,7 @@ class EvalOptions:
     toxicity_prompts: str | None = None  # jsonl of {"prompt"}; None: starts of the documents
     bias_spec: str | None = None
     lm_eval_limit: int | None = None
+    gen_stop: str = "\n"  # where gen: generations are cut ("": only eos/max_new_tokens)
     progress: bool = True
 
 
@@ -225,7 +226,7 @@ def _prepare_task(task: str, documents, schedules, options) -> object:
         return _prepare_mc(task, arg, schedules, options)
     if kind == "gen":
         generation.sacrebleu_module()  # missing: its install hint now, not after the other tasks
-        return generation.read_pairs(arg)
+        return generation.read_pairs(arg, options.gen_stop)
     if task == "toxicity":
         return _prepare_toxicity(documents, options)
     if task == "bias":
@@ -320,8 +321,9 @@ def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
     if task == "cloze" or kind == "mc":
         return _run_leveled(model, codec, inputs, options)
     if kind == "gen":
-        return generation.evaluate_generation(model, codec, inputs, options.max_new_tokens,
-                                              seed=options.seed, progress=options.progress)
+        return generation.evaluate_generation(
+            model, codec, inputs, options.max_new_tokens, seed=options.seed,
+            stop=(options.gen_stop,) if options.gen_stop else (), progress=options.progress)
     if task == "toxicity":
         scorer, prompts = inputs
         return safety.evaluate_toxicity(model, codec, prompts, scorer,
