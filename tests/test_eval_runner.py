@@ -342,3 +342,25 @@ def test_a_malformed_history_fails_before_the_model_runs(tmp_path, capsys, check
     assert message in err and err.count("\n") == 1, err
     assert sorted(p.name for p in out.iterdir()) == ["difficulty.json"]
     assert (out / "difficulty.json").read_text() == text
+
+
+def test_toxicity_generates_from_a_seeded_sample_of_at_most_toxicity_prompts_max(
+        uniform, tmp_path):
+    """One sampled generation per held-out document, with no cap: thousands of them
+    took hours."""
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("awful\n")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"prompt number {i}"} for i in range(9)])
+
+    def run(**kw):
+        options = EvalOptions(toxicity_lexicon=str(lexicon), toxicity_prompts=prompts,
+                              max_new_tokens=2, progress=False, **kw)
+        return run_evaluation(*uniform, ["toxicity"], options)["tasks"]["toxicity"]
+    capped = run(toxicity_prompts_max=4, seed=1)
+    assert (capped["n"], capped["prompts_available"]) == (4, 9)
+    assert run(toxicity_prompts_max=4, seed=1) == capped  # the same sample
+    whole = run(toxicity_prompts_max=9)
+    assert (whole["n"], whole["prompts_available"]) == (9, 9)
+    with pytest.raises(ValueError, match="--toxicity-prompts-max must be >= 1, got 0"):
+        run(toxicity_prompts_max=0)

@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--toxicity-lexicon", help="word/phrase list, one per line")
     parser.add_argument("--toxicity-classifier", help="local HF text-classification model dir")
     parser.add_argument("--toxicity-prompts", help="jsonl of {prompt} (default: document starts)")
+    parser.add_argument("--toxicity-prompts-max", type=int, default=200,
+                        help="most prompts toxicity generates from, a seeded sample (--seed) "
+                             "when there are more; one generation each (default 200)")
     parser.add_argument("--gen-stop", type=validate.option(_escaped), default="\n",
                         help="text at which gen: generations stop and are cut, with \\n "
                              "and \\t escapes; '' for none (end of text or "
@@ -152,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         difficulty_state=args.difficulty_state or os.path.join(args.out, "difficulty.json"),
         max_new_tokens=args.max_new_tokens, toxicity_lexicon=args.toxicity_lexicon,
         toxicity_classifier=args.toxicity_classifier, toxicity_prompts=args.toxicity_prompts,
+        toxicity_prompts_max=args.toxicity_prompts_max,
         bias_spec=args.bias_spec, lm_eval_limit=args.lm_eval_limit, gen_stop=args.gen_stop,
         progress=not args.no_progress)
     # The documents are read only for a task that scores them: a damaged heldout.jsonl

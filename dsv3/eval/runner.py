@@ -31,6 +31,7 @@ whose history it is cannot be told.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 from dsv3 import validate
@@ -64,6 +65,9 @@ class EvalOptions:
     toxicity_lexicon: str | None = None
     toxicity_classifier: str | None = None
     toxicity_prompts: str | None = None  # jsonl of {"prompt"}; None: starts of the documents
+    # a seeded sample of the prompts when there are more: one sampled generation each,
+    # and a held-out split of thousands of documents took hours
+    toxicity_prompts_max: int = 200
     bias_spec: str | None = None
     lm_eval_limit: int | None = None
     gen_stop: str = "\n"  # where gen: generations are cut ("": only eos/max_new_tokens)
@@ -117,7 +121,8 @@ def _check_options(options: EvalOptions) -> None:
     """The numeric settings, named as the command spells them."""
     for value, option, minimum in ((options.batch_size, "--batch-size", 1),
                                    (options.cloze_items, "--cloze-items", 1),
-                                   (options.max_new_tokens, "--max-new-tokens", 1)):
+                                   (options.max_new_tokens, "--max-new-tokens", 1),
+                                   (options.toxicity_prompts_max, "--toxicity-prompts-max", 1)):
         validate.whole_number(option, value, minimum)
     if options.k_shot is not None:
         validate.whole_number("--k-shot", options.k_shot, 0)
@@ -194,13 +199,20 @@ def _toxicity_prompts(documents, options) -> list[str]:
     return [" ".join(text.split()[:TOXICITY_PROMPT_WORDS]) for _, text in documents]
 
 
-def _prepare_toxicity(documents, options) -> tuple[object, list[str]]:
+def _prepare_toxicity(documents, options) -> tuple[object, list[str], int]:
+    """(scorer, the prompts to generate from, how many there were to choose from)."""
     if bool(options.toxicity_lexicon) == bool(options.toxicity_classifier):
         raise ValueError("toxicity: give exactly one of --toxicity-lexicon PATH or "
                          "--toxicity-classifier DIR (dsv3 ships no word list)")
     scorer = (safety.LexiconScorer(options.toxicity_lexicon) if options.toxicity_lexicon
               else safety.ClassifierScorer(options.toxicity_classifier))
-    return scorer, _toxicity_prompts(documents, options)
+    prompts = _toxicity_prompts(documents, options)
+    available = len(prompts)
+    if available > options.toxicity_prompts_max:  # kept in their order
+        chosen = random.Random(options.seed).sample(range(available),
+                                                    options.toxicity_prompts_max)
+        prompts = [prompts[i] for i in sorted(chosen)]
+    return scorer, prompts, available
 
 
 def _prepare_bias(options) -> tuple[list[str], list[str]]:
@@ -325,10 +337,12 @@ def _run_task(model, codec, task: str, inputs, options: EvalOptions) -> dict:
             model, codec, inputs, options.max_new_tokens, seed=options.seed,
             stop=(options.gen_stop,) if options.gen_stop else (), progress=options.progress)
     if task == "toxicity":
-        scorer, prompts = inputs
-        return safety.evaluate_toxicity(model, codec, prompts, scorer,
-                                        progress=options.progress,
-                                        max_new_tokens=options.max_new_tokens, seed=options.seed)
+        scorer, prompts, available = inputs
+        return {**safety.evaluate_toxicity(model, codec, prompts, scorer,
+                                           progress=options.progress,
+                                           max_new_tokens=options.max_new_tokens,
+                                           seed=options.seed),
+                "prompts_available": available}
     if task == "bias":
         templates, terms = inputs
         return safety.bias_gap(model, codec, templates, terms, batch_size=options.batch_size,
