@@ -189,9 +189,15 @@ def _histories(results: dict) -> list[tuple[str, dict, list[tuple[str, ...]]]]:
     return out
 
 
+def _md_row(cells) -> str:
+    """A markdown table row; a ``|`` inside a cell (a domain ``en|news``, a file name) is
+    escaped, or it would end the cell and shift every column after it."""
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| task | metric | value | 95% CI | n |", "|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['metric']} | {r['value']} | {r['ci95']} | {r['n']} |"
+    lines += [_md_row(r[k] for k in ("task", "metric", "value", "ci95", "n"))
               for r in summary_rows(results)]
     for title, items in (("Warnings", result_warnings(results)), ("Notes", _notes(results))):
         if items:
@@ -200,7 +206,7 @@ def markdown_table(results: dict) -> str:
         lines += ["", f"Difficulty history of {task} (threshold {schedule['threshold']}, "
                       f"now level {schedule['current']}):", "",
                   "| evaluation | level | accuracy | promoted |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in history]
+        lines += [_md_row(row) for row in history]
     return "\n".join(lines) + "\n"
 
 
