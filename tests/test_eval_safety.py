@@ -88,6 +88,12 @@ def test_bias_spec_file_and_bad_input(tmp_path):
         bias_gap(model, text_codec, ["Ends with {term}"], ["a", "b"])
     with pytest.raises(ValueError, match="terms must be a list of at least 2"):
         bias_gap(model, text_codec, ["The {term} works"], ["a"])
+    # A repeated term got one row of the table, its last scores overwriting the others.
+    with pytest.raises(ValueError, match=r"terms must differ, got 'cat' more than once"):
+        bias_gap(model, text_codec, ["The {term} works"], ["cat", "dog", "cat"])
+    path.write_text(json.dumps({"templates": ["The {term} works"], "terms": ["a", "b", "a"]}))
+    with pytest.raises(ValueError, match=r"bias spec: .*bias\.json: terms must differ"):
+        read_bias_spec(str(path))
 
 
 def test_missing_judges_are_named(tmp_path):

@@ -145,6 +145,11 @@ def bias_parts(templates: list[str], terms: list[str],
     checked; without a scorer the text after the term is what gets scored."""
     if not isinstance(terms, list) or len(terms) < 2 or not all(isinstance(t, str) for t in terms):
         raise ValueError(f"terms must be a list of at least 2 strings, got {terms!r}")
+    # A repeated term would get one row of the per-term table, its last score slice
+    # overwriting the others (and ``generations`` counting it twice).
+    repeated = next((t for i, t in enumerate(terms) if t in terms[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"terms must differ, got {repeated!r} more than once in {terms!r}")
     if not isinstance(templates, list) or not templates:
         raise ValueError("templates must be a non-empty list of strings")
     parts = [_split_template(t, i) for i, t in enumerate(templates)]
