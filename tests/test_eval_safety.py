@@ -1,7 +1,8 @@
 """dsv3.eval safety: the lexicon judge (word boundaries, phrases, comments; entries in
-unspaced scripts such as Chinese and Japanese), the
-toxicity rate of generations from a model steered to say a listed word, the bias gap
-and per-term table against hand-computed log-probs, and bad input."""
+unspaced scripts such as Chinese and Japanese), the toxicity rate of generations from a
+model steered to say a listed word, a local classifier against transformers' own
+text-classification pipeline (single- and multi-label), the bias gap and per-term
+table against hand-computed log-probs, and bad input (repeated terms too)."""
 import json
 import math
 
@@ -142,6 +143,60 @@ def test_local_classifier_scores_its_toxic_label(tmp_path):
     assert toxicity_rate(["a dog ran", "the cat"], scorer, threshold=0.99)["rate"] == 1.0
     with pytest.raises(ValueError, match=r"toxic_labels: none of \['hateful'\]"):
         ClassifierScorer(str(tmp_path), toxic_labels=("hateful",))
+
+
+def _tiny_classifier(directory, labels: list[str], bias: list[float], **config) -> None:
+    """A seeded random tiny BERT classifier with ``labels`` saved in ``directory``, with
+    a tokenizer; ``bias`` moves its labels apart so a wrong activation shows."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    from test_eval_support import train_tokenizer
+    torch.manual_seed(0)
+    bert = BertConfig(vocab_size=300, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=16, max_position_embeddings=64,
+                      id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)}, **config)
+    model = BertForSequenceClassification(bert)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 2.0)  # so the texts score apart
+        model.classifier.bias.copy_(torch.tensor(bias))
+    model.save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(),
+                            pad_token="<|endoftext|>").save_pretrained(directory)
+
+
+@pytest.mark.parametrize("labels, bias, config, toxic", [
+    # exclusive labels: a softmax across them, toxic ones summed
+    (["clean", "toxic", "insult"], [0.5, 1.0, -1.0], {}, ("toxic",)),
+    (["clean", "toxic", "insult"], [0.5, 1.0, -1.0], {}, ("toxic", "insult")),
+    # labels that hold together (unitary/toxic-bert's kind): a sigmoid per label, the
+    # most toxic one counting (a softmax across them scored far below the pipeline)
+    (["toxic", "insult", "obscene"], [1.0, -0.5, 2.0],
+     {"problem_type": "multi_label_classification"}, ("toxic",)),
+    (["toxic", "insult", "obscene"], [1.0, -0.5, 2.0],
+     {"problem_type": "multi_label_classification"}, ("toxic", "insult")),
+    # a single logit: a sigmoid too (a softmax over one label is always 1.0)
+    (["toxic"], [-1.0], {}, ("toxic",)),
+])
+def test_classifier_scores_as_the_transformers_pipeline_does(tmp_path, labels, bias, config,
+                                                             toxic):
+    from transformers import pipeline
+    _tiny_classifier(tmp_path, labels, bias, **config)
+    texts = ["a dog ran in the park", "the cat", "The quick brown fox jumps over the lazy dog."]
+    reference = pipeline("text-classification", model=str(tmp_path), top_k=None)(texts)
+    per_label = [{entry["label"]: entry["score"] for entry in scores} for scores in reference]
+    combine = max if config.get("problem_type") or len(labels) == 1 else sum
+    want = [combine(scores[name] for name in toxic) for scores in per_label]
+    got = ClassifierScorer(str(tmp_path), toxic_labels=toxic)(texts)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert max(want) - min(want) > 1e-3  # the texts score apart: each is checked as its own
+
+
+def test_regression_classifier_is_refused(tmp_path):
+    _tiny_classifier(tmp_path, ["toxic"], [0.0], problem_type="regression")
+    with pytest.raises(ValueError, match="classifier: .* is a regression model"):
+        ClassifierScorer(str(tmp_path), toxic_labels=("toxic",))
 
 
 def test_bias_gap_with_a_scorer_judges_generated_continuations(lexicon):
