@@ -286,8 +286,14 @@ class MoE(nn.Module):
         # Router logits in fp32 (in bf16, near-equal scores tie and flip expert choices), in
         # fp64 for an fp64 layer: it runs exactly, gradients and balance losses included.
         router_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type, enabled=False):
-            logits_TE = router_logits(x_TD, self.router.weight, router_dtype)
+        if type(self.router) is nn.Linear and not (self.router._forward_hooks
+                                                   or self.router._forward_pre_hooks):
+            with torch.autocast(device_type, enabled=False):
+                logits_TE = router_logits(x_TD, self.router.weight, router_dtype)
+        else:
+            # an adapter (PEFT's LoRA), a parametrization or a hook on the router: its own
+            # forward gives the logits, or they would be silently left out (and untrained)
+            logits_TE = self.router(x_TD).to(router_dtype)
         if n_tokens == 0:
             weights_TK, experts_TK, counts_E, *loss_sums = self._route_nothing(logits_TE)
         else:
