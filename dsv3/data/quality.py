@@ -71,6 +71,8 @@ class HashedNgrams:
     which version a model's head was trained on (saved in featurizer.json), so a model
     from before a tokenisation change is recognised when loaded."""
 
+    scores_depend_on_batch = False  # each text's features are its own
+
     def __init__(self, dim_bits: int = 18, max_chars: int = 20_000,
                  words_version: int = WORDS_VERSION) -> None:
         if not 8 <= dim_bits <= 24:
@@ -356,8 +358,7 @@ class QualityFilter(Step):
                     yield self.keep(result)
             batch.clear()
 
-        size = 1 if getattr(self.model.featurizer, "scores_depend_on_batch", False) \
-            else self.batch_size
+        size = 1 if self.model.featurizer.scores_depend_on_batch else self.batch_size
         for doc in docs:
             batch.append(doc)
             if len(batch) == size:
