@@ -27,3 +27,16 @@ def test_a_pipe_in_a_name_stays_inside_its_cell():
     assert all(len(r) == 5 for r in rows)
     assert ["ppl", "perplexity [en|news] (n: tokens)", "2", "", "4"] in rows
     assert ["bias", "score [a|b]", "0", "", "1"] in rows
+
+
+def test_a_line_break_in_a_name_stays_inside_its_row():
+    """A newline in a name (an mc file's task name, a bias term) ended the row there:
+    the rest of the row, and every row after it, fell out of the table."""
+    results = {"tasks": {
+        "ppl": {"two\nlines": {"perplexity": 2.0, "bits_per_byte": 0.5, "tokens": 4, "bytes": 9},
+                "crlf\r\nname": {"perplexity": 3.0, "bits_per_byte": 0.5, "tokens": 5,
+                                 "bytes": 9}}}}
+    table = markdown_table(results)
+    assert "| ppl | perplexity [two<br>lines] (n: tokens) | 2 |  | 4 |" in table
+    assert "| ppl | perplexity [crlf<br>name] (n: tokens) | 3 |  | 5 |" in table
+    assert len(table.splitlines()) == 2 + 2 * 2  # header, rule; two metrics per domain

@@ -191,8 +191,15 @@ def _histories(results: dict) -> list[tuple[str, dict, list[tuple[str, ...]]]]:
 
 def _md_row(cells) -> str:
     """A markdown table row; a ``|`` inside a cell (a domain ``en|news``, a file name) is
-    escaped, or it would end the cell and shift every column after it."""
-    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+    escaped, or it would end the cell and shift every column after it, and a line break
+    becomes ``<br>``, or it would end the row (and the table with it)."""
+    return "| " + " | ".join(_md_cell(str(cell)) for cell in cells) + " |"
+
+
+def _md_cell(text: str) -> str:
+    for line_break in ("\r\n", "\n", "\r"):
+        text = text.replace(line_break, "<br>")
+    return text.replace("|", "\\|")
 
 
 def markdown_table(results: dict) -> str:
