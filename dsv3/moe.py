@@ -40,6 +40,16 @@ def recomputing():
         _replaying.active = previous
 
 
+def autocast_compute_dtype(device_type: str, weight_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype autocast would run an expert GEMM in on ``device_type`` with weights of
+    ``weight_dtype``, or None where it would leave them alone (outside autocast, or an
+    fp64 layer: autocast casts floating tensors other than float64). dsv3's custom ops
+    get no autocast of their own: their callers cast the operands to it."""
+    if torch.is_autocast_enabled(device_type) and weight_dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 @dataclass
 class MoEConfig:
     dim: int
@@ -162,9 +172,14 @@ class MoE(nn.Module):
     # expert_range, which depends on the config, is filled in by __setstate__.
     ep_group = None
     collect_router_entropy = False
+    input_name = "x"  # forward's argument, as its errors name it
 
     def __init__(self, config: MoEConfig, *, device=None, dtype=None, ep_group=None):
         super().__init__()
+        if not isinstance(config, MoEConfig):  # a dict or None failed on c.n_experts, unnamed
+            raise TypeError(f"MoE: config must be a dsv3.MoEConfig, got {type(config).__name__}"
+                            + (" (build one with MoEConfig(**config))"
+                               if isinstance(config, dict) else ""))
         self.config = c = config
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             # trainable weights: an integer dtype failed deep in nn.Parameter, unnamed
@@ -257,43 +272,45 @@ class MoE(nn.Module):
                 self.expert_bias.zero_()
                 self.pending_counts.zero_()
 
+    def check_input(self, x) -> None:
+        """Refuses, naming the argument (``input_name``), what forward cannot compute:
+        a non-tensor, a last dim other than ``dim``, another device than the layer's,
+        the meta device, integer values."""
+        c, arg = self.config, f"{type(self).__name__}: {self.input_name}"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != c.dim:
+            raise ValueError(f"{arg} must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
+        device = self.gate_up_proj.device
+        if x.device != device:
+            raise ValueError(f"{arg} must be on the layer's device {device}, got {x.device}")
+        if x.device.type == "meta":  # which experts a token goes to depends on its values
+            raise NotImplementedError(f"{arg} on the meta device: routing needs the values "
+                                      f"(materialize the layer, e.g. with to_empty(), first)")
+        if not x.is_floating_point():  # autocast in forward would cast token ids silently
+            raise TypeError(f"{arg} must be a floating-point tensor, got {x.dtype}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"MoE: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != c.dim:
-            raise ValueError(f"MoE: x must have shape [..., dim={c.dim}], got {tuple(x.shape)}")
+        self.check_input(x)
         gate_up, down = self.gate_up_proj, self.down_proj
-        if x.device != gate_up.device:
-            raise ValueError(f"MoE: x must be on the layer's device {gate_up.device}, got {x.device}")
         device_type = x.device.type
-        if device_type == "meta":  # which experts a token goes to depends on its values
-            raise NotImplementedError("MoE: x on the meta device: routing needs the values "
-                                      "(materialize the layer, e.g. with to_empty(), first)")
-        if not x.is_floating_point():  # autocast below would cast token ids silently
-            raise TypeError(f"MoE: x must be a floating-point tensor, got {x.dtype}")
-        # Autocast's own rule: it casts floating tensors other than float64 (an fp64 layer
-        # stays fp64, as its shared experts' nn.Linear does under autocast).
-        if torch.is_autocast_enabled(device_type) and gate_up.dtype != torch.float64:
+        # Autocast's own rule (an fp64 layer stays fp64, as its shared experts' nn.Linear
+        # does under autocast).
+        compute_dtype = autocast_compute_dtype(device_type, gate_up.dtype)
+        if compute_dtype is not None:
             # Mixed precision: the experts run in the autocast dtype from the fp32 master
-            # weights (the casts are differentiable); custom ops get no autocast of their own.
-            compute_dtype = torch.get_autocast_dtype(device_type)
+            # weights (the casts are differentiable).
             x, gate_up, down = x.to(compute_dtype), gate_up.to(compute_dtype), down.to(compute_dtype)
         elif x.dtype != gate_up.dtype:
-            raise TypeError(f"MoE: x must have the layer's dtype {gate_up.dtype}, got {x.dtype}")
+            raise TypeError(f"{type(self).__name__}: {self.input_name} must have the layer's "
+                            f"dtype {gate_up.dtype}, got {x.dtype}")
         x_TD = x.reshape(-1, c.dim)
         n_tokens = x_TD.shape[0]
         # Router logits in fp32 (in bf16, near-equal scores tie and flip expert choices), in
         # fp64 for an fp64 layer: it runs exactly, gradients and balance losses included.
         router_dtype = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
-        if type(self.router) is nn.Linear and not (self.router._forward_hooks
-                                                   or self.router._forward_pre_hooks):
-            with torch.autocast(device_type, enabled=False):
-                logits_TE = router_logits(x_TD, self.router.weight, router_dtype)
-        else:
-            # an adapter (PEFT's LoRA), a parametrization or a hook on the router: its own
-            # forward gives the logits, or they would be silently left out (and untrained)
-            logits_TE = self.router(x_TD).to(router_dtype)
+        logits_TE = self.logits_for(x_TD, router_dtype)
         if n_tokens == 0:
             weights_TK, experts_TK, counts_E, *loss_sums = self._route_nothing(logits_TE)
         else:
@@ -340,6 +357,19 @@ class MoE(nn.Module):
                 and not getattr(_replaying, "active", False)):
             self.last_stats.router_entropy = self._router_entropy(logits_TE.detach())
         return y_TD.view(x.shape)
+
+    def logits_for(self, x_TD: torch.Tensor, router_dtype: torch.dtype) -> torch.Tensor:
+        """The router's logits [T, E] for ``x_TD``, in ``router_dtype``: the fused
+        projection from its weight, outside autocast, when the router is exactly an
+        nn.Linear with no hooks; else the router's own forward, or an adapter (PEFT's
+        LoRA), a parametrization or a hook on it would be silently left out (and
+        untrained)."""
+        router = self.router
+        if type(router) is nn.Linear and not (router._forward_hooks
+                                              or router._forward_pre_hooks):
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return router_logits(x_TD, router.weight, router_dtype)
+        return router(x_TD).to(router_dtype)
 
     def _route_nothing(self, logits_TE: torch.Tensor) -> tuple:
         """Routing of an empty batch: ops.route wants at least one token. On an
@@ -435,6 +465,7 @@ class MoE(nn.Module):
 def moe_aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of the auxiliary losses (load balance + z-loss) of every MoE layer's last
     forward; add it to the task loss."""
+    _check_model("moe_aux_loss", model)
     losses = [m.aux_loss for m in model.modules() if isinstance(m, MoE) and m.aux_loss is not None]
     if not losses:
         param = next(model.parameters(), None)
@@ -455,6 +486,7 @@ def moe_update_bias(model: nn.Module, group=None) -> None:
     ep_group also sums over that group: where it lies within ``group`` every count is
     then taken the same number of times, which leaves the step, the sign of each
     expert's imbalance, unchanged.)"""
+    _check_model("moe_update_bias", model)
     layers = [m for m in model.modules() if isinstance(m, MoE) and m.expert_bias is not None]
     if group is not None and layers:
         counts = torch.cat([layer.pending_counts for layer in layers])  # layers' E may differ
@@ -464,3 +496,12 @@ def moe_update_bias(model: nn.Module, group=None) -> None:
             layer.pending_counts.copy_(summed)
     for layer in layers:
         layer.update_bias()
+
+
+def _check_model(caller: str, model) -> None:
+    # A list of layers or None failed on .modules(), naming neither the call nor the fix.
+    if not isinstance(model, nn.Module):
+        hint = (" (wrap a list of layers in torch.nn.ModuleList)"
+                if isinstance(model, (list, tuple)) else "")
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}{hint}")

@@ -465,6 +465,30 @@ def test_moe_rejects_non_tensor():
         small_moe()([[0.0] * 8])
 
 
+@pytest.mark.parametrize("config, hint", [
+    (dict(dim=8, ffn_dim=16, n_experts=4), r"got dict \(build one with MoEConfig\(\*\*config\)\)"),
+    (None, "got NoneType$")])
+def test_moe_refuses_a_config_that_is_not_a_moe_config(config, hint):
+    """A dict or None failed on config.n_experts with a bare AttributeError."""
+    with pytest.raises(TypeError, match=r"MoE: config must be a dsv3.MoEConfig, " + hint):
+        MoE(config)
+
+
+@pytest.mark.parametrize("fn", ["moe_aux_loss", "moe_update_bias"])
+def test_the_model_wide_helpers_refuse_what_is_not_a_module(fn):
+    """A list of layers or None failed on .modules() with a bare AttributeError."""
+    import dsv3
+    helper = getattr(dsv3, fn)
+    with pytest.raises(TypeError, match=fn + r": model must be a torch.nn.Module, got list "
+                                        r"\(wrap a list of layers in torch.nn.ModuleList\)"):
+        helper([small_moe()])
+    with pytest.raises(TypeError, match=fn + r": model must be a torch.nn.Module, got NoneType"):
+        helper(None)
+    layers = torch.nn.ModuleList([small_moe()])
+    layers[0](torch.randn(5, 8))
+    helper(layers)  # the fix the message names works
+
+
 def test_moe_rejects_nan_input():
     x = torch.randn(5, 8)
     x[2, 1] = float("nan")
