@@ -5,6 +5,7 @@ be refused with the reason: a patched block reads its router's and experts'
 Parameters itself, so wrappers and hooks that act in those modules' forward (PEFT's
 adapter layers, accelerate's offloading) would otherwise be silently bypassed."""
 import os
+import re
 import warnings
 
 import pytest
@@ -230,14 +231,60 @@ def test_lora_on_the_patched_experts_parameters(tmp_path):
     assert_close(merged(input_ids()).logits, want, "unpatched merged logits")
 
 
-def test_lora_on_a_patched_router_is_refused():
-    """The fused routing reads router.weight: an adapter around the router would never
-    run, and the model would silently compute without it."""
+def _shared_lora_name(name: str) -> str:
+    """A LoRA Parameter's name as the unpatched model has it: the patched block's router
+    sits under the block's own wrappers (``mlp.base_layer.base_layer.router``) where the
+    unpatched one's is ``mlp.gate``, and its experts' adapters wrap ``mlp`` itself."""
+    return re.sub(r"\.mlp\.(base_layer\.)*router\.", ".mlp.gate.", name).replace(".experts.", ".")
+
+
+@pytest.mark.parametrize("arch", [arch_param(a) for a in ("mixtral", "qwen3_moe", "deepseek_v3")])
+def test_all_linear_lora_on_a_patched_model(arch):
+    """PEFT's target_modules="all-linear" on these models adapts the router and the
+    experts too (PEFT 0.21 maps transformers v4's Linears onto v5's router weight and
+    fused experts, for most listed architectures). On a patched model it wrapped the
+    router, which the patched block refused at its forward; now the patched model
+    computes what the unpatched one does, given the same adapter weights, and its
+    adapters get the same gradients."""
+    want_model = _lora(tiny_model(arch), target_modules="all-linear")
+    model = tiny_model(arch)
+    dt.patch_moe(model)
+    model = _lora(model, target_modules="all-linear")
+    want_lora = {n: p for n, p in want_model.named_parameters() if "lora_" in n}
+    lora = {_shared_lora_name(n): p for n, p in model.named_parameters() if "lora_" in n}
+    assert sorted(lora) == sorted(n.replace(".experts.", ".") for n in want_lora)
+    assert any(".mlp.gate.lora_A" in name for name in lora)  # the router is adapted
+    with torch.no_grad():  # drawn in another order: the unpatched model's values
+        for name, value in want_lora.items():
+            lora[name.replace(".experts.", ".")].copy_(value)
+    assert_close(model(input_ids()).logits, want_model(input_ids()).logits, "logits")
+    _loss(model).backward()
+    _loss(want_model).backward()
+    for name, value in want_lora.items():
+        assert value.grad.abs().sum() > 0, name
+        assert_close(lora[name.replace(".experts.", ".")].grad, value.grad, name)
+
+
+def test_lora_on_the_patched_router():
+    """LoRA on the patched router (an nn.Linear) acts as the unpatched model's LoRA on
+    its router's weight: same logits, router_logits and adapter gradients. It was
+    refused at the forward: the fused routing read router.weight."""
+    want_model = _lora(tiny_model("mixtral"), target_modules=["gate"])
     model = tiny_model("mixtral")
     dt.patch_moe(model)
     model = _lora(model, target_modules=["router"])
-    with pytest.raises(TypeError, match="router"):
-        model(input_ids())
+    want = want_model(input_ids(), output_router_logits=True)
+    got = model(input_ids(), output_router_logits=True)
+    assert_close(got.logits, want.logits, "logits")
+    for layer, (g, w) in enumerate(zip(got.router_logits, want.router_logits, strict=True)):
+        assert_close(g.float(), w.float(), f"router_logits {layer}")
+    _loss(model).backward()
+    _loss(want_model).backward()
+    got_grads, want_grads = _lora_grads(model), _lora_grads(want_model)
+    assert [_shared_lora_name(k) for k in got_grads] == list(want_grads)
+    for g, (key, w) in zip(got_grads.values(), want_grads.items()):
+        assert g.abs().sum() > 0
+        assert_close(g, w, key)
 
 
 @pytest.mark.parametrize("config", [dict(target_modules=[], target_parameters=[
@@ -378,6 +425,20 @@ def test_a_refused_offload_keeps_the_hooks_the_model_had_before():
     assert not any(offloading(getattr(m, "_hf_hook", None))
                    for name, m in model.model.layers.named_modules())
     assert torch.equal(model(input_ids()).logits, logits)
+
+
+def test_offloading_a_patched_gpt_oss_is_refused_at_its_forward():
+    """GPT-OSS's patched block keeps the HF router and experts modules, on which
+    cpu_offload puts its hooks; their forwards, which would load the weights, never run.
+    It failed deep in the ops on meta tensors; now the block names the offload."""
+    accelerate = pytest.importorskip("accelerate")
+    from test_transformers_gpt_oss import tiny_gpt_oss
+    model = tiny_gpt_oss().eval()
+    dt.patch_moe(model)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    with pytest.raises(RuntimeError, match=r"GptOssMoE: accelerate offloads its (router|experts)'s "
+                                           r"weights \(cpu_offload"):
+        model(input_ids())
 
 
 @pytest.mark.parametrize("how", ["cpu_offload", "disk"])

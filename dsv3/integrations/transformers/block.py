@@ -45,8 +45,11 @@ block it replaces) plus the parts of the HF block that dsv3.MoE does not have:
   save_pretrained's checkpoint, are the unpatched model's. named_parameters() keeps
   dsv3's names, in the HF block's order (``module_order``): optimizer states, keyed by
   position, move between patched and unpatched models.
-- Refusals (wrappers.py): an adapter around the router, and accelerate's offloading
-  hooks, which act in forwards this block never calls.
+- An adapter on the router (PEFT's LoRA: ``target_modules=["router"]``, or
+  ``"all-linear"``, which on the unpatched model adapts the router's weight) or a hook
+  on it takes part: dsv3.MoE then routes on the router's own forward.
+- Refusals (wrappers.py): accelerate's offloading hooks, which act in forwards this
+  block never calls, and patching a block whose HF router or experts an adapter wraps.
 
 dsv3.MoE's own load-balance and z-losses are switched off (coef 0): the HF model
 computes its aux loss from router_logits, as before the patch. The output is the
@@ -56,7 +59,6 @@ with no tokens (e.g. shape [1, 0, D]) gives an empty output, as HF blocks do.
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.integrations.transformers.wrappers import refuse_offloading_hook
@@ -137,6 +139,7 @@ class TransformersMoE(MoE):
     layer_idx = None  # for instances pickled before it was kept
     hf_keys = ()  # likewise: before their state_dict took the HF block's names
     module_order = None  # likewise: before their parameters took the HF block's order
+    input_name = "hidden_states"  # the HF block's argument, as errors name it
 
     def __init__(self, config: MoEConfig, *, architecture, hf_config, router_cls: type,
                  dtype: torch.dtype, jitter_noise: float = 0.0, layer_idx: int | None = None,
@@ -246,21 +249,16 @@ class TransformersMoE(MoE):
             raise AttributeError("_hf_hook") from None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.router, nn.Linear):
-            # An adapter around the router (PEFT's lora.Linear or ParamWrapper): the
-            # fused routing reads router.weight, so the adapter's forward would never
-            # run and its update would be silently left out.
-            kind = type(self.router)
-            raise TypeError(f"{type(self).__name__}: its router is a "
-                            f"{kind.__module__}.{kind.__qualname__}, not the nn.Linear whose weight the "
-                            f"patched block routes with (an adapter on a patched block's router "
-                            f"would never run); leave the router out of the adapter's targets")
+        # Before the jitter and the logits tap, which would fail first on a wrong shape
+        # naming neither the argument nor the size it needs.
+        self.check_input(hidden_states)
         x = hidden_states
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         if self.gate._forward_hooks:  # transformers is recording router_logits
-            x_TD = x.reshape(-1, self.config.dim)
-            self.gate(F.linear(x_TD.float(), self.router.weight.float()))
+            # The router's logits as dsv3.MoE takes them (through an adapter on the
+            # router too, PEFT's LoRA), in fp32.
+            self.gate(self.logits_for(x.reshape(-1, self.config.dim), torch.float32))
         # Under autocast dsv3.MoE returns the autocast dtype; the HF block returns its
         # input's (it accumulates the experts' outputs into a tensor of that dtype).
         y = super().forward(x).to(hidden_states.dtype)

@@ -20,7 +20,7 @@ from transformers.activations import SiLUActivation
 from transformers.integrations import moe as hf_moe
 
 from dsv3.integrations.transformers import gpt_oss
-from dsv3.moe import routed_experts
+from dsv3.moe import autocast_compute_dtype, routed_experts
 
 NAME = "dsv3"
 
@@ -111,18 +111,30 @@ def dsv3_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         raise NotImplementedError(
             f'experts_implementation="{NAME}" cannot run {type(self).__name__}: {reason}; '
             f'use experts_implementation="grouped_mm" for this model')
+    # Under autocast the HF loop's F.linear calls run in the autocast dtype; the custom
+    # ops get none of their own, so the operands are cast here as autocast would (a
+    # differentiable cast of the stored weights). Without it fp32 activations met bf16
+    # weights in the grouped GEMM and were refused there.
+    compute_dtype = autocast_compute_dtype(hidden_states.device.type, self.gate_up_proj.dtype)
+    x_TD = hidden_states if compute_dtype is None else hidden_states.to(compute_dtype)
+    experts_TK = top_k_index.to(torch.int32)  # the routers hand out int64 ids
     if gpt_oss.is_gpt_oss_experts(self):
-        return gpt_oss.experts_forward(self, hidden_states, top_k_index.to(torch.int32),
-                                       top_k_weights)
-    # Weights as [in, out] per expert: views of either stored layout, never copies.
-    if self.is_transposed:  # stored [E, D, 2F] / [E, F, D]
-        gate_up_ED2F, down_EFD = self.gate_up_proj, self.down_proj
-    else:  # nn.Linear's [out, in]: [E, 2F, D] / [E, D, F]
-        gate_up_ED2F, down_EFD = self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
-    # The routers hand out int64 ids; our ops take int32. Weights may be fp32 or the
-    # model dtype (Qwen casts them down); unpermute accumulates in fp32 either way.
-    return routed_experts(hidden_states, top_k_index.to(torch.int32), top_k_weights,
-                          gate_up_ED2F, down_EFD, swiglu_limit(self))
+        y_TD = gpt_oss.experts_forward(self, x_TD, experts_TK, top_k_weights)
+    else:
+        # Weights as [in, out] per expert: views of either stored layout, never copies.
+        if self.is_transposed:  # stored [E, D, 2F] / [E, F, D]
+            gate_up_ED2F, down_EFD = self.gate_up_proj, self.down_proj
+        else:  # nn.Linear's [out, in]: [E, 2F, D] / [E, D, F]
+            gate_up_ED2F = self.gate_up_proj.transpose(1, 2)
+            down_EFD = self.down_proj.transpose(1, 2)
+        if compute_dtype is not None:
+            gate_up_ED2F, down_EFD = gate_up_ED2F.to(compute_dtype), down_EFD.to(compute_dtype)
+        # Routing weights may be fp32 or the model dtype (Qwen casts them down): unpermute
+        # accumulates in fp32 either way.
+        y_TD = routed_experts(x_TD, experts_TK, top_k_weights, gate_up_ED2F, down_EFD,
+                              swiglu_limit(self))
+    # The HF loop accumulates into zeros_like(hidden_states): its dtype, under autocast too.
+    return y_TD.to(hidden_states.dtype)
 
 
 def register() -> None:

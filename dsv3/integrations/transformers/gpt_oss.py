@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3 import ops
-from dsv3.integrations.transformers.wrappers import adapter_wrapped, refuse_foreign
+from dsv3.integrations.transformers.wrappers import (adapter_wrapped, refuse_foreign,
+                                                     refuse_offloaded)
+from dsv3.moe import autocast_compute_dtype
 from dsv3.ops.permute import unpermute_from_expert_index
 
 MODULE = "transformers.models.gpt_oss.modeling_gpt_oss"
@@ -109,10 +111,15 @@ def unsupported_reason(block: nn.Module) -> str | None:
 
 def experts_forward(experts: nn.Module, x_TD: torch.Tensor, experts_TK: torch.Tensor,
                     weights_TK: torch.Tensor) -> torch.Tensor:
-    """GptOssExperts' function on dsv3's ops (its weights, biases, alpha and limit)."""
+    """GptOssExperts' function on dsv3's ops (its weights, biases, alpha and limit), in
+    ``x_TD``'s dtype: under autocast the caller casts ``x_TD`` to the autocast dtype, and
+    the weights and biases follow it here."""
     limit = experts.limit
-    return gpt_oss_experts(x_TD, experts_TK, weights_TK, experts.gate_up_proj,
-                           experts.gate_up_proj_bias, experts.down_proj, experts.down_proj_bias,
+    weights = (experts.gate_up_proj, experts.gate_up_proj_bias, experts.down_proj,
+               experts.down_proj_bias)
+    if autocast_compute_dtype(x_TD.device.type, experts.gate_up_proj.dtype) is not None:
+        weights = tuple(w.to(x_TD.dtype) for w in weights)
+    return gpt_oss_experts(x_TD, experts_TK, weights_TK, *weights,
                            float(experts.alpha), None if limit is None else float(limit))
 
 
@@ -174,6 +181,11 @@ class GptOssMoE(nn.Module):
         # An adapter added after patching (PEFT's target_parameters=["experts.gate_up_proj"])
         # wraps a module whose Parameters this block reads itself.
         _refuse_adapters({"router": router, "experts": experts}, type(self).__name__, TypeError)
+        # Offloaded since patching (accelerate's cpu_offload of the patched model): the
+        # hooks sit on the HF router and experts, whose forwards would load their weights
+        # and never run; refused by name, where the meta weights failed deep in the ops.
+        refuse_offloaded(self, {"router": router, "experts": experts}, type(self).__name__,
+                         RuntimeError)
         dim = experts.hidden_size
         gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
         down, down_bias = experts.down_proj, experts.down_proj_bias
@@ -182,10 +194,10 @@ class GptOssMoE(nn.Module):
         if router._forward_hooks:  # transformers is recording router_logits
             router(x_TD)
         device_type = x_TD.device.type
-        if torch.is_autocast_enabled(device_type):
-            # The custom ops get no autocast of their own: cast as autocast would cast
-            # the HF loop's matmuls (differentiable casts from the fp32 weights).
-            dtype = torch.get_autocast_dtype(device_type)
+        dtype = autocast_compute_dtype(device_type, gate_up.dtype)
+        if dtype is not None:
+            # Cast as autocast would cast the HF loop's matmuls (differentiable casts
+            # from the fp32 weights).
             x_TD, gate_up, gate_up_bias, down, down_bias = (
                 t.to(dtype) for t in (x_TD, gate_up, gate_up_bias, down, down_bias))
         # GptOssMLP's dtypes: its output has the input's (its experts' loop accumulates

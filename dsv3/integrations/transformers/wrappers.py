@@ -9,7 +9,8 @@ itself, in its fused routing and experts ops, without calling those modules. So:
   fused Parameters, ``target_parameters``) wrap a module and act in its forward, which
   never runs: the adapter would be silently left out of the output and get no
   gradient. (An adapter on the patched block's own Parameters, ``target_parameters=
-  ["gate_up_proj", "down_proj"]``, wraps the block itself and does act.)
+  ["gate_up_proj", "down_proj"]``, wraps the block itself and does act, as does one on
+  its router, ``target_modules=["router"]``: the block then calls the router.)
 - accelerate's offloading hooks (cpu_offload, disk_offload, a device_map with "cpu"
   or "disk") keep a module's tensors on the meta device and load them in that
   module's forward, which never runs; and they look the tensors up in the state_dict
@@ -79,11 +80,20 @@ def refuse_foreign(block: nn.Module, parts: dict[str, nn.Module | None], arg: st
                 f"PEFT's LoRA), whose forward a patched block never calls: it reads the "
                 f"{name}'s Parameters itself, so the adapter would be silently left out. "
                 f"Patch the model before adding adapters, and put them on the patched "
-                f"block's own Parameters (target_parameters=['gate_up_proj', 'down_proj']) "
-                f"or outside the MoE blocks")
+                f"block's own modules and Parameters (target_modules=['router'], "
+                f"target_parameters=['gate_up_proj', 'down_proj']) or outside the MoE "
+                f"blocks")
+    refuse_offloaded(block, parts, arg)
+
+
+def refuse_offloaded(block: nn.Module, parts: dict[str, nn.Module | None], arg: str,
+                     error: type = ValueError) -> None:
+    """An ``error`` naming ``arg`` if accelerate offloads the weights of ``block`` or of
+    one of its ``parts``: a patched block reads them without calling the module whose
+    forward would load them."""
     for name, part in {"block": block, **parts}.items():
         if part is not None and offloaded(part):
-            raise ValueError(
+            raise error(
                 f"{arg}: accelerate offloads its {name}'s weights (cpu_offload, disk_offload "
                 f"or a device_map with 'cpu' or 'disk'): they stay on the meta device until "
                 f"that module's forward, which a patched block never calls. Patch a model "
