@@ -4,22 +4,30 @@ read back by a later run or command, which must never find half a file (a crash 
 Ctrl-C mid-write) or an input overwritten by a failed write. Its own module, below
 the trainer, the evaluation and the data pipeline, so that all of them can use it."""
 import os
+import secrets
 import stat
 from pathlib import Path
 
 
 def write_whole(path: Path, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temporary file (``path`` + ".tmp"), synced to disk before
+    """``write(file)`` into a temporary file beside ``path``, synced to disk before
     it replaces ``path`` (without the sync a power loss after the rename can leave an
     empty file): ``path`` is the old file or the whole new one, never part of it. Cut
     short (an error, a Ctrl-C), the temporary file goes. The new file keeps the old
     one's permissions (a private 0600 file came back 0644), and a ``path`` that is a
     symbolic link has the file it points to replaced, the link kept (it was replaced
-    by a plain file, and its target kept the old content)."""
+    by a plain file, and its target kept the old content). The temporary file's name is
+    this write's own (``path``'s name, the process id, a random part, ".tmp"), created
+    exclusively: with a fixed ``path`` + ".tmp", two writers of one file (two ranks,
+    two commands) wrote into the same temporary file, and a user's own file of that
+    name was overwritten, then deleted."""
     path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    exclusive = mode.replace("w", "x")  # never opens a file that is already there
+    # Opened before the try: a failed open has made nothing to remove.
+    file = open(tmp, exclusive, **({} if "b" in mode else {"encoding": "utf-8"}))
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with file as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
