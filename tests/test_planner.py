@@ -93,6 +93,24 @@ def test_expert_parallel_prices_whole_experts():
     assert gpus_needed(six, 1e-3, max_gpus=4, **settings) is None
 
 
+def test_gpus_needed_finds_whole_expert_groups_of_any_size():
+    """6 experts split 3 or 6 ways: on the powers of two searched before, 4 GPUs hold a
+    3-way group and 8 a 6-way one, each with GPUs left over, so a config that fits on 3
+    GPUs was said to need more than 4096."""
+    config = preset("small")
+    six = dataclasses.replace(config, moe=dataclasses.replace(config.moe, n_experts=6))
+    settings = dict(micro_batch=1, seq_len=64, precision="fp32", checkpointing="full")
+    on_three = plan(six, gpus=3, gpu_mem_gb=1, **settings)
+    on_two = plan(six, gpus=2, gpu_mem_gb=1, **settings)
+    used = [p.weights_gb + p.gradients_gb + p.optimizer_gb + p.activations_gb["full"]
+            for p in (on_three, on_two)]
+    memory = (used[0] + used[1]) / 2 / 0.9  # fits 3 GPUs' share, not 2 GPUs'
+    assert gpus_needed(six, memory, **settings) == 3
+    assert plan(six, gpus=3, gpu_mem_gb=memory, **settings).layout() == "3-way expert x 1-way data"
+    # plain data parallelism holds no expert groups: its counts stay powers of two
+    assert gpus_needed(six, 1e3, strategy="ddp", **settings) == 1
+
+
 def test_all_to_all_traffic_counts_the_checkpointed_replay():
     """Under checkpointing the block's forward runs again in the backward, its dispatch
     and combine too: 6 exchanges a layer, not 4 (measured: 378 rows sent against 252

@@ -228,15 +228,29 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
 
 
 def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:
-    """Fewest GPUs (powers of two) on which the plan fits with a buildable layout
-    (whole expert-parallel groups, see ``Plan.layout``), or None up to max_gpus."""
-    gpus = 1
-    while gpus <= max_gpus:
+    """Fewest GPUs on which the plan fits with a buildable layout (whole expert-parallel
+    groups, see ``Plan.layout``), among the counts ``_gpu_counts`` tries, or None up to
+    max_gpus."""
+    for gpus in _gpu_counts(config, max_gpus, kwargs.get("strategy", "ep")):
         result = plan(config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, **kwargs)
         if result.fits and result.buildable:
             return gpus
-        gpus *= 2
     return None
+
+
+def _gpu_counts(config: ModelConfig, max_gpus: int, strategy: str) -> list[int]:
+    """Powers of two, and under "ep" each divisor of n_experts times a power of two.
+    Powers of two alone never hold whole expert groups once n_experts has an odd factor
+    (6 experts: 4 GPUs split 3-way, 8 GPUs 6-way, each with GPUs left over), so a
+    config that fits on 3 or 6 GPUs was reported as needing more than max_gpus."""
+    n_experts = config.moe.n_experts if strategy == "ep" and config.moe is not None else 1
+    counts = set()
+    for divisor in (d for d in range(1, n_experts + 1) if n_experts % d == 0):
+        gpus = divisor
+        while gpus <= max_gpus:
+            counts.add(gpus)
+            gpus *= 2
+    return sorted(counts)
 
 
 def _count(n: float) -> str:
