@@ -152,6 +152,20 @@ def test_deepseek_v3_experts_shard_at_most_256_ways(capsys):
         "51.5 GB of activations: a higher --zero stage" in capsys.readouterr().out
 
 
+def test_what_never_fits_offers_no_step_past_zero_3_nor_experts_under_ddp(capsys):
+    """At ZeRO-3 the advice was "a higher --zero stage", which there is none of; under
+    ddp the line said "experts split at most 1 ways", though ddp splits none."""
+    args = ["plan", "--set", "model=deepseek-v3", "--set", "checkpointing=full", "--zero", "3"]
+    assert main([*args, "--gpu-mem", "16GB"]) == 0
+    out = capsys.readouterr().out
+    assert "more than 4096 x 16GB (ep: experts split at most 256 ways, ZeRO-3)" in out
+    assert "higher --zero" not in out and "more memory a GPU" in out
+    assert main([*args, "--gpu-mem", "2GB", "--strategy", "ddp"]) == 0
+    out = capsys.readouterr().out
+    assert "more than 4096 x 2GB (ddp: ZeRO-3)" in out and "experts split" not in out
+    assert "higher --zero" not in out
+
+
 @pytest.mark.parametrize("strategy, zero", [("ep", 0), ("ep", 3), ("ddp", 0)])
 def test_mixed_precision_counts_the_autocast_weight_copy(strategy, zero):
     config = preset("small")
