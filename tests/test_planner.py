@@ -72,6 +72,18 @@ def test_gpu_count_and_sharding():
             plan(config, gpus=8, gpu_mem_gb=memory, **settings)
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(precision="fp8"), "precision must be one of"),  # was priced as bf16, silently
+    (dict(checkpointing="ful"), "checkpointing must be one of"),  # was a bare KeyError
+    (dict(micro_batch=0), "micro_batch must be >= 1, got 0"),  # was 0 GB of activations
+    (dict(dpo_seq_len=1), "dpo_seq_len must be >= 2, got 1"),  # no input token to a row
+])
+def test_plan_refuses_bad_settings_by_name(setting, message):
+    settings = {**dict(gpus=2, gpu_mem_gb=80, micro_batch=1, seq_len=64), **setting}
+    with pytest.raises(ValueError, match=message):
+        plan(preset("small"), **settings)
+
+
 def test_expert_parallel_prices_whole_experts():
     config = preset("small")  # 16 experts, 5 MoE layers
     counts = parameter_counts(config)

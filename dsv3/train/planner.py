@@ -38,7 +38,9 @@ and forward again in the backward of a checkpointed block).
 import math
 from dataclasses import dataclass
 
-from dsv3.model import ModelConfig
+from dsv3.model import CHECKPOINTING, ModelConfig
+from dsv3.train.config import PRECISIONS
+from dsv3.validate import whole_number
 
 GB = 1e9
 
@@ -176,6 +178,17 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    # an unknown precision was priced as bf16 without a word; an unknown checkpointing
+    # mode failed with a bare KeyError at the end
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len),
+                        ("grad_accum", grad_accum)):
+        whole_number(name, value, 1)
+    if dpo_seq_len is not None:  # its rows are dpo_seq_len - 1 input tokens
+        whole_number("dpo_seq_len", dpo_seq_len, 2)
     # 0 or NaN memory would make nothing fit and gpus_needed search all the way up
     if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
         raise ValueError(f"gpu_mem_gb must be positive and finite, got {gpu_mem_gb}")
