@@ -72,6 +72,18 @@ def test_gpu_count_and_sharding():
             plan(config, gpus=8, gpu_mem_gb=memory, **settings)
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(precision="fp8"), "precision must be one of"),  # was priced as bf16, silently
+    (dict(checkpointing="ful"), "checkpointing must be one of"),  # was a bare KeyError
+    (dict(micro_batch=0), "micro_batch must be >= 1, got 0"),  # was 0 GB of activations
+    (dict(dpo_seq_len=1), "dpo_seq_len must be >= 2, got 1"),  # no input token to a row
+])
+def test_plan_refuses_bad_settings_by_name(setting, message):
+    settings = {**dict(gpus=2, gpu_mem_gb=80, micro_batch=1, seq_len=64), **setting}
+    with pytest.raises(ValueError, match=message):
+        plan(preset("small"), **settings)
+
+
 def test_expert_parallel_prices_whole_experts():
     config = preset("small")  # 16 experts, 5 MoE layers
     counts = parameter_counts(config)
@@ -91,6 +103,24 @@ def test_expert_parallel_prices_whole_experts():
     six = dataclasses.replace(config, moe=dataclasses.replace(config.moe, n_experts=6))
     assert not plan(six, gpus=4, gpu_mem_gb=80, **settings).buildable  # a 3-way group on 4
     assert gpus_needed(six, 1e-3, max_gpus=4, **settings) is None
+
+
+def test_gpus_needed_finds_whole_expert_groups_of_any_size():
+    """6 experts split 3 or 6 ways: on the powers of two searched before, 4 GPUs hold a
+    3-way group and 8 a 6-way one, each with GPUs left over, so a config that fits on 3
+    GPUs was said to need more than 4096."""
+    config = preset("small")
+    six = dataclasses.replace(config, moe=dataclasses.replace(config.moe, n_experts=6))
+    settings = dict(micro_batch=1, seq_len=64, precision="fp32", checkpointing="full")
+    on_three = plan(six, gpus=3, gpu_mem_gb=1, **settings)
+    on_two = plan(six, gpus=2, gpu_mem_gb=1, **settings)
+    used = [p.weights_gb + p.gradients_gb + p.optimizer_gb + p.activations_gb["full"]
+            for p in (on_three, on_two)]
+    memory = (used[0] + used[1]) / 2 / 0.9  # fits 3 GPUs' share, not 2 GPUs'
+    assert gpus_needed(six, memory, **settings) == 3
+    assert plan(six, gpus=3, gpu_mem_gb=memory, **settings).layout() == "3-way expert x 1-way data"
+    # plain data parallelism holds no expert groups: its counts stay powers of two
+    assert gpus_needed(six, 1e3, strategy="ddp", **settings) == 1
 
 
 def test_all_to_all_traffic_counts_the_checkpointed_replay():
@@ -132,6 +162,20 @@ def test_deepseek_v3_experts_shard_at_most_256_ways(capsys):
     assert main(["plan", "--set", "model=deepseek-v3", "--zero", "0"]) == 0
     assert "weights, gradients and optimizer state, over the 72.0 GB usable before its " \
         "51.5 GB of activations: a higher --zero stage" in capsys.readouterr().out
+
+
+def test_what_never_fits_offers_no_step_past_zero_3_nor_experts_under_ddp(capsys):
+    """At ZeRO-3 the advice was "a higher --zero stage", which there is none of; under
+    ddp the line said "experts split at most 1 ways", though ddp splits none."""
+    args = ["plan", "--set", "model=deepseek-v3", "--set", "checkpointing=full", "--zero", "3"]
+    assert main([*args, "--gpu-mem", "16GB"]) == 0
+    out = capsys.readouterr().out
+    assert "more than 4096 x 16GB (ep: experts split at most 256 ways, ZeRO-3)" in out
+    assert "higher --zero" not in out and "more memory a GPU" in out
+    assert main([*args, "--gpu-mem", "2GB", "--strategy", "ddp"]) == 0
+    out = capsys.readouterr().out
+    assert "more than 4096 x 2GB (ddp: ZeRO-3)" in out and "experts split" not in out
+    assert "higher --zero" not in out
 
 
 @pytest.mark.parametrize("strategy, zero", [("ep", 0), ("ep", 3), ("ddp", 0)])

@@ -102,15 +102,19 @@ def _plan(args: argparse.Namespace) -> int:
               f"({args.strategy}: {layout}, ZeRO-{args.zero})")
     else:  # under "ep" the experts shard at most n_experts ways: more GPUs may never fit
         widest = plan(model, gpus=4096, gpu_mem_gb=gpu_mem, **settings)
-        print(f"{'GPUs needed':32s} more than 4096 x {args.gpu_mem} ({args.strategy}: experts "
-              f"split at most {widest.expert_parallel} ways, ZeRO-{args.zero})")
-        print(f"{'':32s} {_why_never(widest, config, gpu_mem)}")
+        # under "ddp" nothing is split: "experts split at most 1 ways" said otherwise
+        split = (f"experts split at most {widest.expert_parallel} ways, "
+                 if args.strategy == "ep" else "")
+        print(f"{'GPUs needed':32s} more than 4096 x {args.gpu_mem} ({args.strategy}: "
+              f"{split}ZeRO-{args.zero})")
+        print(f"{'':32s} {_why_never(widest, config, gpu_mem, args.zero)}")
     return 0
 
 
-def _why_never(widest, config, gpu_mem: float) -> str:
+def _why_never(widest, config, gpu_mem: float, zero: int) -> str:
     """What still fills a GPU at the widest split, and what would shrink it: GPUs
-    divide the weights, not a GPU's own micro-batch's activations."""
+    divide the weights, not a GPU's own micro-batch's activations. ZeRO-3 shards all
+    the replicated state already: no higher stage is offered there."""
     usable = 0.9 * gpu_mem
     activations = widest.activations_gb[config.checkpointing]
     held = widest.weights_gb + widest.reference_gb + widest.gradients_gb + widest.optimizer_gb
@@ -122,9 +126,11 @@ def _why_never(widest, config, gpu_mem: float) -> str:
                 f"beside {held:.1f} GB of weights, gradients and optimizer state, over the "
                 f"{usable:.1f} GB usable: more GPUs do not shrink them; other checkpointing "
                 f"modes need {others} (--set checkpointing=...), or lower micro_batch")
+    remedy = ("a higher --zero stage shards the replicated ones, or more memory a GPU"
+              if zero < 3 else "more memory a GPU (ZeRO-3 shards the replicated ones already)")
     return (f"even then a GPU holds {held:.1f} GB of weights, gradients and optimizer state, "
             f"over the {usable:.1f} GB usable before its {activations:.1f} GB of activations: "
-            f"a higher --zero stage shards the replicated ones, or more memory a GPU")
+            f"{remedy}")
 
 
 def register(groups: argparse._SubParsersAction) -> None:

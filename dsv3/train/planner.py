@@ -38,7 +38,9 @@ and forward again in the backward of a checkpointed block).
 import math
 from dataclasses import dataclass
 
-from dsv3.model import ModelConfig
+from dsv3.model import CHECKPOINTING, ModelConfig
+from dsv3.train.config import PRECISIONS
+from dsv3.validate import whole_number
 
 GB = 1e9
 
@@ -176,6 +178,17 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
         raise ValueError(f"zero must be 0, 1, 2 or 3, got {zero!r}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
+    # an unknown precision was priced as bf16 without a word; an unknown checkpointing
+    # mode failed with a bare KeyError at the end
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if checkpointing not in CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {checkpointing!r}")
+    for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len),
+                        ("grad_accum", grad_accum)):
+        whole_number(name, value, 1)
+    if dpo_seq_len is not None:  # its rows are dpo_seq_len - 1 input tokens
+        whole_number("dpo_seq_len", dpo_seq_len, 2)
     # 0 or NaN memory would make nothing fit and gpus_needed search all the way up
     if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
         raise ValueError(f"gpu_mem_gb must be positive and finite, got {gpu_mem_gb}")
@@ -228,15 +241,29 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
 
 
 def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:
-    """Fewest GPUs (powers of two) on which the plan fits with a buildable layout
-    (whole expert-parallel groups, see ``Plan.layout``), or None up to max_gpus."""
-    gpus = 1
-    while gpus <= max_gpus:
+    """Fewest GPUs on which the plan fits with a buildable layout (whole expert-parallel
+    groups, see ``Plan.layout``), among the counts ``_gpu_counts`` tries, or None up to
+    max_gpus."""
+    for gpus in _gpu_counts(config, max_gpus, kwargs.get("strategy", "ep")):
         result = plan(config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, **kwargs)
         if result.fits and result.buildable:
             return gpus
-        gpus *= 2
     return None
+
+
+def _gpu_counts(config: ModelConfig, max_gpus: int, strategy: str) -> list[int]:
+    """Powers of two, and under "ep" each divisor of n_experts times a power of two.
+    Powers of two alone never hold whole expert groups once n_experts has an odd factor
+    (6 experts: 4 GPUs split 3-way, 8 GPUs 6-way, each with GPUs left over), so a
+    config that fits on 3 or 6 GPUs was reported as needing more than max_gpus."""
+    n_experts = config.moe.n_experts if strategy == "ep" and config.moe is not None else 1
+    counts = set()
+    for divisor in (d for d in range(1, n_experts + 1) if n_experts % d == 0):
+        gpus = divisor
+        while gpus <= max_gpus:
+            counts.add(gpus)
+            gpus *= 2
+    return sorted(counts)
 
 
 def _count(n: float) -> str:
