@@ -62,6 +62,10 @@ def test_missing_explicit_eval_is_an_error(run, tmp_path, capsys, given):
     ('{"tasks": {"cloze": {"accuracy": 0.5}}}', "tasks['cloze'] is malformed"),
     ('{"tasks": {"cloze": {}}, "difficulty": {"cloze": {"threshold": 0.5}}}',
      "difficulty['cloze'] lacks the field 'history'"),
+    # a task from a newer dsv3 or a typo: its results were left out of the table, silently
+    ('{"tasks": {"ppl": {}, "summarize": {"rouge": 0.3}}}',
+     "tasks['summarize'] is not a task this dsv3 reports (known: ppl, cloze, toxicity, bias, "
+     "mc:NAME, gen:NAME, lm-eval:NAME)"),
 ])
 def test_malformed_eval_names_the_option_and_file(run, tmp_path, capsys, text, match):
     bad = tmp_path / "bad.json"
