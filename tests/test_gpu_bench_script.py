@@ -279,6 +279,38 @@ echo "ncu $*" >> {log}
     assert ncu_calls[0].endswith("python3 -m benchmarks.ncu_case")
 
 
+def test_gpu_check_stops_pytest_so_that_it_still_reports(tmp_path):
+    """A cold GPU test phase runs past its limit; stopped by SIGTERM, pytest printed
+    nothing more, so the log lacked its counts and the 30 slowest tests the script
+    promises. Stopped by SIGINT it prints them; here a stand-in pytest that reports only
+    on SIGINT, at the smallest TOTAL_S (the tests' 30 s floor)."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("""#!/usr/bin/env bash
+case "$*" in
+  *"-m pytest"*) trap 'echo "== slowest 30 durations =="; echo "3 passed (interrupted)"; exit 2' INT
+                 sleep 300 & wait ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    script = Path(gpu_bench.__file__).with_name("gpu_check.sh")
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+           "OUT": str(tmp_path / "out"), "CUDA_HOME": str(tmp_path), "TOTAL_S": "40"}
+    start = time.monotonic()
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert time.monotonic() - start < 40 + 5, done.stdout
+    log = (tmp_path / "out" / "pytest_gpu.log").read_text()
+    assert "slowest 30 durations" in log and "3 passed (interrupted)" in log
+    assert done.returncode == 1 and "status 1" in done.stdout
+
+
 def test_ncu_case_runs_every_launch(tmp_path):
     """benchmarks/ncu_case.py, which gpu_check.sh runs under Nsight Compute, on tiny CPU
     tensors through Triton's interpreter (its --smoke mode)."""
