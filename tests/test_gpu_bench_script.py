@@ -233,6 +233,32 @@ def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_pa
     assert "| variants |" in (tmp_path / "gpu_bench.md").read_text()
 
 
+def test_a_run_cut_short_leaves_its_files_and_says_where(tmp_path, monkeypatch):
+    """gpu_check.sh stops gpu_bench with SIGINT at its limit. The JSON and markdown
+    were written only once the first case (every bandwidth-bound kernel) finished, so
+    a run cut or hung there left neither; now they hold the header from the start, and
+    an interrupted case is a row saying so."""
+    seen = []
+
+    def first(shape):
+        seen.append(all((tmp_path / name).is_file() for name in ("gpu_bench.json", "gpu_bench.md")))
+        return [{"bench": "first", "shape": shape, "dsv3_ms": 1.0}]
+
+    def cut(shape):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("first", first, ("s",)), ("cut", cut, ("s",)),
+                                                    ("never", first, ("s",))])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.main(["--smoke", "--out", str(tmp_path)])
+    assert seen == [True]
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [(row["bench"], row.get("error")) for row in saved["rows"]] == [
+        ("first", None), ("cut", "stopped at the time limit")]
+    assert saved["done"] == ["first"]
+    assert "stopped at the time limit" in (tmp_path / "gpu_bench.md").read_text()
+
+
 def test_gpu_check_resumes_the_benchmarks_once_the_cuda_context_is_lost(tmp_path):
     """gpu_check.sh's own steps, with a stand-in python3 that logs each call: the
     benchmark run that exits CUDA_LOST is followed by a --resume run without the GEMM
