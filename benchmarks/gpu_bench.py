@@ -462,6 +462,7 @@ def main(argv=None):
         if DEVICE == "cuda":  # the CPU smoke run takes the C++ kernels: no tuner ran
             rows.extend({**row, **variants} for row in autotune_picks())
 
+    save()  # the header at once: a first case cut short or hung still leaves both files
     for job_id, job, shape in jobs():
         # A resumed run (other variants) tries again what failed or lost the context.
         tried = f"{job_id} ({variants_label})"
@@ -474,6 +475,11 @@ def main(argv=None):
         try:
             rows += [{**row, **variants} for row in (job(*shape) if shape else job())]
             state["done"].append(job_id)
+        except KeyboardInterrupt:  # gpu_check.sh's time limit: say where, keep the picks
+            rows.append({"bench": job_id, **variants, "error": "stopped at the time limit"})
+            add_autotune_picks()
+            save()
+            raise
         except Exception as error:  # one failing case must not hide the others' figures
             rows.append({"bench": job_id, **variants,
                          "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})

@@ -233,6 +233,32 @@ def test_a_lost_cuda_context_stops_the_run_and_resume_runs_the_cases_left(tmp_pa
     assert "| variants |" in (tmp_path / "gpu_bench.md").read_text()
 
 
+def test_a_run_cut_short_leaves_its_files_and_says_where(tmp_path, monkeypatch):
+    """gpu_check.sh stops gpu_bench with SIGINT at its limit. The JSON and markdown
+    were written only once the first case (every bandwidth-bound kernel) finished, so
+    a run cut or hung there left neither; now they hold the header from the start, and
+    an interrupted case is a row saying so."""
+    seen = []
+
+    def first(shape):
+        seen.append(all((tmp_path / name).is_file() for name in ("gpu_bench.json", "gpu_bench.md")))
+        return [{"bench": "first", "shape": shape, "dsv3_ms": 1.0}]
+
+    def cut(shape):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("first", first, ("s",)), ("cut", cut, ("s",)),
+                                                    ("never", first, ("s",))])
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.main(["--smoke", "--out", str(tmp_path)])
+    assert seen == [True]
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [(row["bench"], row.get("error")) for row in saved["rows"]] == [
+        ("first", None), ("cut", "stopped at the time limit")]
+    assert saved["done"] == ["first"]
+    assert "stopped at the time limit" in (tmp_path / "gpu_bench.md").read_text()
+
+
 def test_gpu_check_resumes_the_benchmarks_once_the_cuda_context_is_lost(tmp_path):
     """gpu_check.sh's own steps, with a stand-in python3 that logs each call: the
     benchmark run that exits CUDA_LOST is followed by a --resume run without the GEMM
@@ -277,6 +303,38 @@ echo "ncu $*" >> {log}
     ncu_calls = [line for line in log.read_text().splitlines() if line.startswith("ncu ")]
     assert len(ncu_calls) == 1 and "--clock-control none" in ncu_calls[0]
     assert ncu_calls[0].endswith("python3 -m benchmarks.ncu_case")
+
+
+def test_gpu_check_stops_pytest_so_that_it_still_reports(tmp_path):
+    """A cold GPU test phase runs past its limit; stopped by SIGTERM, pytest printed
+    nothing more, so the log lacked its counts and the 30 slowest tests the script
+    promises. Stopped by SIGINT it prints them; here a stand-in pytest that reports only
+    on SIGINT, at the smallest TOTAL_S (the tests' 30 s floor)."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text("""#!/usr/bin/env bash
+case "$*" in
+  *"-m pytest"*) trap 'echo "== slowest 30 durations =="; echo "3 passed (interrupted)"; exit 2' INT
+                 sleep 300 & wait ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    script = Path(gpu_bench.__file__).with_name("gpu_check.sh")
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}",
+           "OUT": str(tmp_path / "out"), "CUDA_HOME": str(tmp_path), "TOTAL_S": "40"}
+    start = time.monotonic()
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert time.monotonic() - start < 40 + 5, done.stdout
+    log = (tmp_path / "out" / "pytest_gpu.log").read_text()
+    assert "slowest 30 durations" in log and "3 passed (interrupted)" in log
+    assert done.returncode == 1 and "status 1" in done.stdout
 
 
 def test_ncu_case_runs_every_launch(tmp_path):
