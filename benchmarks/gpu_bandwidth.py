@@ -6,6 +6,8 @@ bandwidth, and each checked against dsv3/reference.py before it is timed
 passed in as its module (``bench``): run as ``python -m benchmarks.gpu_bench`` that is
 ``__main__``, whose settings ``--smoke`` has changed, not a second import of it.
 """
+import traceback
+
 import torch
 
 import dsv3
@@ -166,10 +168,20 @@ def memory_rows(bench) -> list[dict]:
     }
     rows = []
     for name, shape, fn, n_bytes in cases:
-        check = checks.get(name, outputs_against_reference)(fn)
-        ms = bench.graph_ms(fn)
-        rows.append({"bench": name, "shape": shape, "dsv3_ms": ms,
-                     "eager_ms": bench.bench_ms(fn),
-                     "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bench.BANDWIDTH,
-                     "check": check_label(check)})
+        try:
+            check = checks.get(name, outputs_against_reference)(fn)
+            ms = bench.graph_ms(fn)
+            rows.append({"bench": name, "shape": shape, "dsv3_ms": ms,
+                         "eager_ms": bench.bench_ms(fn),
+                         "dsv3_vs_bound": n_bytes / (ms * 1e-3) / bench.BANDWIDTH,
+                         "check": check_label(check)})
+        except Exception as error:
+            # The cases are one job of gpu_bench's: one that raises (a variant that does
+            # not compile) would drop every other case's row with it. A lost CUDA context
+            # goes up to gpu_bench, which stops the run and resumes it.
+            if bench.cuda_lost():
+                raise
+            traceback.print_exc()
+            rows.append({"bench": name, "shape": shape,
+                         "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
     return rows

@@ -64,6 +64,28 @@ def test_a_case_that_computes_a_wrong_result_fails_the_run(tmp_path, monkeypatch
     assert "Computed a wrong result" in capsys.readouterr().err
 
 
+def test_a_bandwidth_case_that_raises_loses_only_its_own_row(tmp_path, monkeypatch):
+    """The bandwidth-bound cases are one job: a case that raised (a variant that does not
+    compile on the GPU's Triton) dropped every other case's row with it."""
+    import dsv3
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such kernel\nsecond line")
+
+    monkeypatch.setattr(dsv3.ops, "swiglu", broken)
+    monkeypatch.setattr(gpu_bench, "jobs", lambda: [("memory", gpu_bench.memory_rows, ())])
+    gpu_bench.main(["--smoke", "--out", str(tmp_path)])
+    rows = {row["bench"]: row for row in
+            json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]}
+    # the backward's check runs the op forward too
+    failed = {name for name, row in rows.items() if "error" in row}
+    assert failed == {"swiglu", "swiglu backward"}
+    assert rows["swiglu"]["error"] == "RuntimeError: no such kernel"
+    assert "dsv3_ms" not in rows["swiglu"]
+    assert len(rows) > 10 and all(row["check"] == "ok" for name, row in rows.items()
+                                  if name not in failed)
+
+
 def test_the_gpt_oss_row_checks_the_experts_gradients(monkeypatch):
     """The GPT-OSS row checked the experts' forward only: a wrong backward was timed
     as a figure. Now a gradient off by 10% fails the row."""
