@@ -109,7 +109,11 @@ def test_errors_reach_the_user_as_one_line(setup, capsys):
     assert eval_main(base + ["--tasks", "ppl,nonsense"]) == 2
     assert "unknown task 'nonsense'" in capsys.readouterr().err
     assert eval_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    # named by the option, not by the internal function that read it
+    assert f"error: --checkpoint: directory {str(tmp_path / 'none')!r} does not exist" in \
+        capsys.readouterr().err
+    assert eval_main(base + ["--tasks", "ppl", "--corpus", str(tmp_path / "absent.jsonl")]) == 2
+    assert "error: --corpus: " in capsys.readouterr().err
     corpus = ["--corpus", str(tmp_path / "corpus.jsonl")]
     assert eval_main(base + ["--tasks", "toxicity"] + corpus) == 2
     assert "--toxicity-lexicon PATH or --toxicity-classifier DIR" in capsys.readouterr().err

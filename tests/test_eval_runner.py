@@ -172,8 +172,8 @@ BAD_UTF8 = b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"x": "bad \
 
 
 @pytest.mark.parametrize("option, what, content", [
-    ("--corpus", "corpus file", b'{"domain": "a", "text": "fine"}\n{"domain": "a", '
-                                b'"text": "bad \xff"}\n'),
+    ("--corpus", "--corpus", b'{"domain": "a", "text": "fine"}\n{"domain": "a", '
+                             b'"text": "bad \xff"}\n'),
     ("mc", "multiple-choice file", BAD_UTF8),
     ("--toxicity-lexicon", "lexicon", b"fine\nbad \xff\n"),
     ("--bias-spec", "bias spec", b'{"templates": ["The {term} ran"],\n "terms": ["\xff", "b"]}'),
@@ -229,7 +229,7 @@ def test_corpus_rows_must_hold_strings(tmp_path, capsys, checkpoint, no_loading,
     argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
             "--corpus", corpus]
     assert eval_main(argv) == 2
-    assert f"corpus file: {corpus}:2: {message}" in capsys.readouterr().err
+    assert f"--corpus: {corpus}:2: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task, extra, message", [
@@ -293,7 +293,7 @@ def test_lone_surrogate_in_a_corpus_is_named_by_file_and_line(tmp_path, capsys, 
     argv = ["--checkpoint", checkpoint, "--out", str(tmp_path / "o"), "--tasks", "ppl",
             "--corpus", str(corpus)]
     assert eval_main(argv) == 2
-    assert (f"corpus file: {corpus}:2: a lone surrogate escape (\\udc00) is not text"
+    assert (f"--corpus: {corpus}:2: a lone surrogate escape (\\udc00) is not text"
             in capsys.readouterr().err)
 
 

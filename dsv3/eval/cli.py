@@ -163,14 +163,15 @@ def run(args: argparse.Namespace) -> int:
     uses_documents = any(needs_documents(task, options) for task in tasks)
     corpus = _corpus(args) if uses_documents else None
     if corpus:
-        options.documents = read_documents(corpus)
+        options.documents = read_documents(
+            corpus, "--corpus" if args.corpus else "--checkpoint's heldout.jsonl")
     elif args.corpus:  # given on purpose, so say it was not read
         warn(f"--corpus {args.corpus} is not used: none of the tasks ({', '.join(tasks)}) "
              f"reads documents")
     # Every task's options and files before the model: a missing --bias-spec must not
     # surface only after ppl ran, its results lost.
     prepared = prepare_evaluation(tasks, options)
-    config, codec = read_checkpoint(args.checkpoint)
+    config, codec = read_checkpoint(args.checkpoint, "--checkpoint")
     # A choice longer than the context fails here, not after ppl ran: results kept.
     check_fits(prepared, codec, config.max_seq_len)
     if uses_documents and corpus is None:
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         warn(f"no --corpus and {held}: using the "
              f"embedded corpus' held-out split, which may overlap the model's training data "
              f"(perplexity and cloze then flatter it)")
-    model, codec = load_checkpoint(args.checkpoint, args.device)
+    model, codec = load_checkpoint(args.checkpoint, args.device, "--checkpoint")
     # The schedules are saved once the results are written: an evaluation whose results
     # could not be written (eval.md a directory, say) must not move a task's level.
     results = run_prepared(model, codec, prepared, save_state=False)

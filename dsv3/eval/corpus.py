@@ -65,8 +65,9 @@ def held_out_documents() -> list[tuple[str, str]]:
     return [(domain, text) for domain, text in embedded_documents() if is_held_out(text)]
 
 
-def read_documents(path: str) -> list[tuple[str, str]]:
+def read_documents(path: str, what: str = "corpus file") -> list[tuple[str, str]]:
     """(domain, text) documents from a jsonl of {"domain", "text"} rows, both strings (a
-    null text would otherwise be scored as the word "None")."""
+    null text would otherwise be scored as the word "None"); errors name ``what`` (the
+    CLI's option)."""
     return [(require_str(row, "domain", where), require_str(row, "text", where))
-            for where, row in read_jsonl_rows(path, ("domain", "text"), what="corpus file")]
+            for where, row in read_jsonl_rows(path, ("domain", "text"), what=what)]

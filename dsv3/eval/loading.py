@@ -117,42 +117,43 @@ def dropless(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=None))
 
 
-def read_checkpoint(directory: str) -> tuple[ModelConfig, TextCodec]:
+def read_checkpoint(directory: str, arg: str = "load_checkpoint"
+                    ) -> tuple[ModelConfig, TextCodec]:
     """(config as saved, TextCodec) of a checkpoint directory, without reading the
     weights: enough to check an evaluation's inputs against ``max_seq_len`` before
-    model.pt is loaded."""
+    model.pt is loaded. Errors name ``arg`` (the CLI's ``--checkpoint``)."""
     if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"load_checkpoint: directory must be a path, got "
+        raise TypeError(f"{arg}: directory must be a path, got "
                         f"{type(directory).__name__}")
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"load_checkpoint: directory {directory!r} does not exist")
+        raise FileNotFoundError(f"{arg}: directory {directory!r} does not exist")
     missing = [n for n in CHECKPOINT_FILES if not os.path.isfile(os.path.join(directory, n))]
     if missing:
-        raise FileNotFoundError(f"load_checkpoint: {directory!r} lacks {', '.join(missing)} "
+        raise FileNotFoundError(f"{arg}: {directory!r} lacks {', '.join(missing)} "
                                 f"(a checkpoint holds {', '.join(CHECKPOINT_FILES)})")
     config = load_config(os.path.join(directory, "config.json"))
     codec = TextCodec(load_tokenizer(os.path.join(directory, "tokenizer.json")))
     if codec.vocab_size > config.vocab_size:
-        raise ValueError(f"load_checkpoint: tokenizer.json has {codec.vocab_size} tokens but "
+        raise ValueError(f"{arg}: tokenizer.json has {codec.vocab_size} tokens but "
                          f"config.json's vocab_size is {config.vocab_size}")
     return config, codec
 
 
-def load_checkpoint(directory: str, device: str | torch.device = "cpu"
-                    ) -> tuple[Transformer, TextCodec]:
+def load_checkpoint(directory: str, device: str | torch.device = "cpu",
+                    arg: str = "load_checkpoint") -> tuple[Transformer, TextCodec]:
     """(model in eval mode on ``device``, dropless, its TextCodec) from a checkpoint
     directory."""
-    config, codec = read_checkpoint(directory)
+    config, codec = read_checkpoint(directory, arg)
     directory = os.fspath(directory)
     model = Transformer(dropless(config))
     state = torch_files.load(os.path.join(directory, "model.pt"), "model weights",
                              map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"load_checkpoint: model.pt must hold a state_dict, got "
+        raise ValueError(f"{arg}: model.pt must hold a state_dict, got "
                          f"{type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"load_checkpoint: model.pt does not fit config.json: {e}") from None
+        raise ValueError(f"{arg}: model.pt does not fit config.json: {e}") from None
     return model.to(device).eval(), codec
