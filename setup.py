@@ -2,8 +2,12 @@
 
 The CPU kernels (csrc/cpu, OpenMP) are always built. The CUDA kernels (csrc/cuda)
 are added when torch was built with CUDA and nvcc is found; ``DSV3_BUILD_CUDA=0|1``
-overrides that guess and ``DSV3_CUDA_ARCHS`` (default "80;90") picks the targets. See DESIGN.md section 3 for why CUDA_HOME and the extra
-include directory are set the way they are.
+overrides that guess and ``DSV3_CUDA_ARCHS`` (default "80;90") picks the targets.
+``CUDA_HOME`` defaults to /usr/local/cuda: torch otherwise guesses it from nvcc's path
+(/usr/local where nvcc is linked into /usr/local/bin), where the toolkit's headers are
+not. pip's CUDA wheels ship some headers (cuSPARSE and friends, which torch's headers
+include) outside the toolkit, under site-packages/nvidia/cu*/include: those
+directories are added to the include path.
 """
 import glob
 import os
