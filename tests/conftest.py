@@ -1,7 +1,7 @@
 """Shared test machinery: seeding, the one tolerance table, the reference
 comparison helper every op test uses, input generators and the ``gpu`` marker.
 
-Tolerances (DESIGN.md §4): fp32/fp64 outputs must match the reference to a
+Tolerances: fp32/fp64 outputs must match the reference to a
 relative tolerance; for fp16/bf16 the kernel is compared with an fp64 run of the
 reference and may be at most 2x as wrong as plain PyTorch in the same low
 precision, plus a small floor (so an exactly-right plain result does not demand
@@ -37,7 +37,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _install_interpreter_patching()
 
 # Dtypes every op and the layer are tested in (fp64: the gradchecks). The Triton
-# interpreter computes bf16 wrongly (tl.dot garbage, truncating casts; DESIGN.md §4), so
+# interpreter computes bf16 wrongly (tl.dot garbage, truncating casts), so
 # its pass covers fp32/fp16 and bf16 Triton runs are left to the GPU tests.
 DTYPES = ([torch.float32, torch.float16] if TRITON_INTERPRETED
           else [torch.float32, torch.bfloat16, torch.float16])

@@ -1,4 +1,4 @@
-"""Bad input is part of the contract (DESIGN.md §4): every public function given a
+"""Bad input is part of the contract: every public function given a
 wrong shape, dtype, device or value raises ValueError/TypeError naming the
 argument, before any kernel runs. Nothing is silently clamped or dropped."""
 import subprocess

@@ -79,7 +79,7 @@ def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_gemm, device):
     torch's bf16 sum, plus the floor. The upstream gradient has a mean, so the sums
     grow with the row count."""
     if by_gemm and TRITON_INTERPRETED:
-        pytest.skip("Triton's interpreter computes bf16 dots wrongly (DESIGN.md section 4)")
+        pytest.skip("Triton's interpreter computes bf16 dots wrongly")
     n_experts, n_rows, width = 4, 65536, 64
     gen = torch.Generator().manual_seed(4)
     grad_SN = (torch.randn(n_rows, width, generator=gen) + 1.0).to(torch.bfloat16)

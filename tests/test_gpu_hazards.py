@@ -6,7 +6,7 @@ allocation made while a kernel's launcher runs is poisoned here (NaN for floats,
 smallest value or 0 for integers: 0 is a "bad input" flag, the smallest value an
 out-of-range index), so an element left unwritten shows up whatever the allocator does.
 
-The routings are the edge cases of DESIGN.md §4: empty experts (first, middle, last),
+The routings are the degenerate ones: empty experts (first, middle, last),
 dropped copies (expert -1, rows past offsets_E[-1]), all copies on one expert, a token
 count and widths that are multiples of no block. Each output must be finite and equal,
 bit for bit, to an unpoisoned run (the kernels are deterministic: no atomics on floats).

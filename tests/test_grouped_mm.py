@@ -249,7 +249,7 @@ def triton_grouped_gemm(device, dtype):
     if device == "cpu" and not config.INTERPRET:
         pytest.skip("Triton runs on CPU tensors only under TRITON_INTERPRET=1")
     if device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the interpreter's bf16 tl.dot is wrong (DESIGN.md §4)")
+        pytest.skip("the interpreter's bf16 tl.dot is wrong")
     return grouped_gemm, config
 
 

@@ -24,7 +24,7 @@ from dsv3.integrations.transformers import gpt_oss
 # Small enough that the clamp acts: gate/up values of a tiny block are about 1 in size.
 SWIGLU_LIMIT = 0.8
 N_EXPERTS, TOP_K, DIM = 6, 2, 32
-# Triton's interpreter computes bf16 wrongly (DESIGN.md section 4): the bf16 cases run
+# Triton's interpreter computes bf16 wrongly: the bf16 cases run
 # on the C++ kernels and on a GPU.
 NOT_INTERPRETED_BF16 = pytest.mark.skipif(TRITON_INTERPRETED,
                                           reason="bf16 under Triton's interpreter is wrong")

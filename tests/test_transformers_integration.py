@@ -1,6 +1,6 @@
 """dsv3 under transformers models, numerically: experts_implementation="dsv3" and
 patch_moe give the logits and every parameter gradient of the original model (fp32
-tolerances of the table in conftest, DESIGN.md section 4; bf16 blocks within plain
+tolerances of the table in conftest; bf16 blocks within plain
 PyTorch's error), generate the same tokens, keep output_router_logits, the aux loss and
 the router jitter working, share the original Parameters, round-trip through
 from_module / to_module / unpatch_moe, from_pretrained and torch.save, and leave
@@ -356,7 +356,7 @@ def test_empty_batch_like_transformers(arch, route, dtype):
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(("arch", "device"), ARCH_DEVICES)
 def test_bf16_block_error_within_plain_pytorch(arch, route, device):
-    """bf16 (DESIGN.md section 4), one MoE block: the error of the dsv3 block against
+    """bf16 (conftest's rule), one MoE block: the error of the dsv3 block against
     the same block in fp64 is at most 2x the stock bf16 block's, plus a small floor;
     output and every gradient. (Whole bf16 models are not compared: one near-tie
     routed differently in layer 1 changes the logits far more than any kernel error.)"""
