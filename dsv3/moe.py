@@ -291,8 +291,13 @@ class MoE(nn.Module):
             raise TypeError(f"{arg} must be a floating-point tensor, got {x.dtype}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
         self.check_input(x)
+        return self.checked_forward(x)
+
+    def checked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward on an ``x`` that check_input has passed: for a subclass that checks
+        its input itself, before work of its own."""
+        c = self.config
         gate_up, down = self.gate_up_proj, self.down_proj
         device_type = x.device.type
         # Autocast's own rule (an fp64 layer stays fp64, as its shared experts' nn.Linear

@@ -261,7 +261,7 @@ class TransformersMoE(MoE):
             self.gate(self.logits_for(x.reshape(-1, self.config.dim), torch.float32))
         # Under autocast dsv3.MoE returns the autocast dtype; the HF block returns its
         # input's (it accumulates the experts' outputs into a tensor of that dtype).
-        y = super().forward(x).to(hidden_states.dtype)
+        y = self.checked_forward(x).to(hidden_states.dtype)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y
