@@ -187,19 +187,16 @@ class GptOssMoE(nn.Module):
         refuse_offloaded(self, {"router": router, "experts": experts}, type(self).__name__,
                          RuntimeError)
         dim = experts.hidden_size
-        gate_up, gate_up_bias = experts.gate_up_proj, experts.gate_up_proj_bias
-        down, down_bias = experts.down_proj, experts.down_proj_bias
-        _check_hidden_states(hidden_states, dim, gate_up)
+        _check_hidden_states(hidden_states, dim, experts.gate_up_proj)
         x_TD = hidden_states.reshape(-1, dim)
         if router._forward_hooks:  # transformers is recording router_logits
             router(x_TD)
         device_type = x_TD.device.type
-        dtype = autocast_compute_dtype(device_type, gate_up.dtype)
+        dtype = autocast_compute_dtype(device_type, experts.gate_up_proj.dtype)
         if dtype is not None:
-            # Cast as autocast would cast the HF loop's matmuls (differentiable casts
-            # from the fp32 weights).
-            x_TD, gate_up, gate_up_bias, down, down_bias = (
-                t.to(dtype) for t in (x_TD, gate_up, gate_up_bias, down, down_bias))
+            # Cast as autocast would cast the HF loop's matmuls; experts_forward casts
+            # the weights to match (differentiable casts from the fp32 weights).
+            x_TD = x_TD.to(dtype)
         # GptOssMLP's dtypes: its output has the input's (its experts' loop accumulates
         # into zeros_like(hidden_states)), its routing weights the router logits' (the
         # autocast dtype under autocast).
@@ -211,10 +208,7 @@ class GptOssMoE(nn.Module):
         with torch.autocast(device_type, enabled=False):
             logits_TE = F.linear(x_TD.float(), router.weight.float(), router.bias.float())
         weights_TK, experts_TK, _ = ops.route(logits_TE, router.top_k, "softmax")
-        limit = experts.limit
-        y_TD = gpt_oss_experts(x_TD, experts_TK, weights_TK, gate_up, gate_up_bias, down,
-                               down_bias, float(experts.alpha),
-                               None if limit is None else float(limit))
+        y_TD = experts_forward(experts, x_TD, experts_TK, weights_TK)
         return y_TD.view(hidden_states.shape).to(out_dtype), weights_TK.to(weights_dtype)
 
 
