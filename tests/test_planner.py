@@ -95,14 +95,45 @@ def test_expert_parallel_prices_whole_experts():
     wide = plan(config, gpus=32, gpu_mem_gb=80, **settings)
     assert wide.expert_parallel == 16 and wide.layout() == "16-way expert x 2-way data"
     assert wide.weights_gb == pytest.approx((dense + moe_layers * per_expert) * 4 / 1e9)
-    # 3 GPUs: the largest divisor of 16 that is <= 3, a 2-way group, 8 experts each
+    # 3 GPUs with room: all three replicate the 16 experts (no whole 2-way groups on 3)
     odd = plan(config, gpus=3, gpu_mem_gb=80, **settings)
-    assert expert_parallel_size(config, 3) == 2 and odd.expert_parallel == 2
-    assert odd.weights_gb == pytest.approx((dense + counts["experts"] / 2) * 4 / 1e9)
-    assert not odd.buildable  # 3 GPUs are no whole number of 2-way groups
+    assert odd.expert_parallel == 1 and odd.buildable
+    assert odd.weights_gb == pytest.approx(counts["total"] * 4 / 1e9)
+    # where only the widest split fits: the largest divisor of 16 that is <= 3, a 2-way
+    # group of 8 experts a GPU, one GPU left over
+    tight_gb = _held_gb(plan(config, gpus=2, gpu_mem_gb=80, **settings)) / 0.9
+    tight = plan(config, gpus=3, gpu_mem_gb=tight_gb, **settings)
+    assert expert_parallel_size(config, 3) == 2 and tight.expert_parallel == 2 and tight.fits
+    assert tight.weights_gb == pytest.approx((dense + counts["experts"] / 2) * 4 / 1e9)
+    assert not tight.buildable  # 3 GPUs are no whole number of 2-way groups
     six = dataclasses.replace(config, moe=dataclasses.replace(config.moe, n_experts=6))
-    assert not plan(six, gpus=4, gpu_mem_gb=80, **settings).buildable  # a 3-way group on 4
+    assert not plan(six, gpus=4, gpu_mem_gb=1e-3, **settings).buildable  # a 3-way group on 4
     assert gpus_needed(six, 1e-3, max_gpus=4, **settings) is None
+
+
+def _held_gb(p) -> float:
+    return p.weights_gb + p.gradients_gb + p.optimizer_gb + p.activations_gb["none"]
+
+
+def test_plan_uses_every_gpu_where_that_fits():
+    """12 GPUs, 16 experts: 4-way expert x 3-way data uses them all; before, the plan
+    priced the widest split, 8 x 1, and left 4 GPUs idle even where 4 x 3 fits."""
+    config = preset("small")
+    settings = dict(micro_batch=1, seq_len=64, precision="fp32")
+    roomy = plan(config, gpus=12, gpu_mem_gb=80, **settings)
+    assert roomy.fits and roomy.buildable and roomy.layout() == "4-way expert x 3-way data"
+    # between what the 8-way and the 4-way splits hold a GPU: only 8 of the 12 take it
+    eight_gb = _held_gb(plan(config, gpus=8, gpu_mem_gb=80, **settings))
+    assert eight_gb < _held_gb(roomy)
+    tight = plan(config, gpus=12, gpu_mem_gb=(eight_gb + _held_gb(roomy)) / 2 / 0.9, **settings)
+    assert tight.fits and tight.layout() == "8-way expert x 1-way data (+4 GPUs left over)"
+    # nothing fits: the widest split, the least a GPU can hold, shows how far off it is
+    short = plan(config, gpus=12, gpu_mem_gb=eight_gb / 2, **settings)
+    assert not short.fits and short.expert_parallel == 8
+    assert _held_gb(short) == pytest.approx(eight_gb)
+    # a dense model has no experts to split
+    dense = dataclasses.replace(config, moe=None)
+    assert plan(dense, gpus=12, gpu_mem_gb=80, **settings).layout() == "1-way expert x 12-way data"
 
 
 def test_gpus_needed_finds_whole_expert_groups_of_any_size():

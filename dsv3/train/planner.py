@@ -7,10 +7,12 @@ Per GPU, with AdamW over fp32 master weights:
   low-precision copy autocast keeps until the backward), gradients 4 B, optimizer
   state 8 B (two moments) per parameter held, for the parameters a GPU holds:
   everything under plain data parallelism ("ddp"); under "ep" the dense part plus
-  n_experts/E whole experts, where the expert-parallel group size E is the largest
-  divisor of n_experts that is <= N (``dsv3.MoE(config, ep_group=...)`` needs E to
-  divide n_experts) and the remaining N/E factor replicates the expert shards
-  (data parallel; a layout is buildable when E divides N). ZeRO stages 1-3 also
+  n_experts/E whole experts, where the expert-parallel group size E divides
+  n_experts (``dsv3.MoE(config, ep_group=...)`` needs that) and the N/E factor
+  replicates the expert shards (data parallel). E is the largest size that also
+  divides N (every GPU used: 4 x 3 on 12 GPUs with 16 experts) where that fits,
+  else the largest divisor of n_experts <= N, with GPUs left over (8 x 1, +4) when
+  that is what fits. ZeRO stages 1-3 also
   shard the replicated (non-expert) part's optimizer state, gradients and weights
   over the N GPUs.
 Activations per micro-batch (what autograd saves; in the compute dtype, but for the
@@ -69,12 +71,18 @@ def parameter_counts(config: ModelConfig) -> dict:
 
 
 def expert_parallel_size(config: ModelConfig, gpus: int) -> int:
-    """The expert-parallel group size on ``gpus`` GPUs: the largest divisor of
-    n_experts that is <= gpus (1 for a dense model)."""
+    """The widest expert-parallel group on ``gpus`` GPUs: the largest divisor of
+    n_experts that is <= gpus (1 for a dense model); it may leave GPUs over."""
     if config.moe is None:
         return 1
     n = config.moe.n_experts
     return max(e for e in range(1, min(n, gpus) + 1) if n % e == 0)
+
+
+def whole_expert_parallel_size(config: ModelConfig, gpus: int) -> int:
+    """The widest expert-parallel group that uses all ``gpus`` GPUs in whole groups:
+    the largest size dividing both n_experts and gpus (1 for a dense model)."""
+    return 1 if config.moe is None else math.gcd(config.moe.n_experts, gpus)
 
 
 def activation_bytes_per_token(config: ModelConfig, seq_len: int, checkpointing: str,
@@ -192,8 +200,26 @@ def plan(config: ModelConfig, *, gpus: int, gpu_mem_gb: float, micro_batch: int,
     # 0 or NaN memory would make nothing fit and gpus_needed search all the way up
     if not (math.isfinite(gpu_mem_gb) and gpu_mem_gb > 0):
         raise ValueError(f"gpu_mem_gb must be positive and finite, got {gpu_mem_gb}")
+    settings = dict(config=config, gpus=gpus, gpu_mem_gb=gpu_mem_gb, micro_batch=micro_batch,
+                    seq_len=seq_len, grad_accum=grad_accum, precision=precision,
+                    checkpointing=checkpointing, strategy=strategy,
+                    compress_grads=compress_grads, zero=zero, dpo_seq_len=dpo_seq_len)
+    if strategy == "ddp":
+        return _price(ep=1, **settings)
+    # Every GPU in whole expert groups where that fits; before, the widest split was
+    # priced whatever it left over (12 GPUs, 16 experts: 8 x 1 with 4 idle, not 4 x 3).
+    whole = _price(ep=whole_expert_parallel_size(config, gpus), **settings)
+    widest = expert_parallel_size(config, gpus)
+    if whole.fits or whole.expert_parallel == widest:
+        return whole
+    return _price(ep=widest, **settings)
+
+
+def _price(config: ModelConfig, *, ep: int, gpus: int, gpu_mem_gb: float, micro_batch: int,
+           seq_len: int, grad_accum: int, precision: str, checkpointing: str, strategy: str,
+           compress_grads: bool, zero: int, dpo_seq_len: int | None) -> Plan:
+    """The plan of an ``ep``-way expert-parallel layout (inputs checked by ``plan``)."""
     counts = parameter_counts(config)
-    ep = 1 if strategy == "ddp" else expert_parallel_size(config, gpus)
     held = counts["total"] - counts["experts"] + counts["experts"] / ep
     replicated = counts["total"] if strategy == "ddp" else counts["total"] - counts["experts"]
     dtype_bytes = 4 if precision == "fp32" else 2
