@@ -170,6 +170,25 @@ def test_all_to_all_traffic_counts_the_checkpointed_replay():
             1.5 * plain)
 
 
+def test_zero3_prices_the_weight_all_gathers():
+    """ZeRO-3 gathers the sharded weights for each micro-batch's forward and backward
+    ((N-1)/N of them each time, in the compute dtype), a DPO step also its fp32
+    reference's; stages 0-2 gather no weights."""
+    config = preset("small")
+    settings = dict(gpus=8, gpu_mem_gb=80, micro_batch=2, seq_len=64, grad_accum=3)
+    counts = parameter_counts(config)
+    replicated = counts["total"] - counts["experts"]  # under "ep" the experts are not sharded
+    assert all(plan(config, zero=stage, **settings).allgather_gb == 0 for stage in (0, 1, 2))
+    zero3 = plan(config, zero=3, **settings)
+    assert zero3.allgather_gb == pytest.approx(7 / 8 * replicated * 2 * 2 * 3 / 1e9)
+    assert "ZeRO-3 weight all-gathers per step" in zero3.table()
+    assert "all-gathers" not in plan(config, zero=2, **settings).table()
+    fp32 = plan(config, zero=3, precision="fp32", strategy="ddp", **settings)
+    assert fp32.allgather_gb == pytest.approx(7 / 8 * counts["total"] * 4 * 2 * 3 / 1e9)
+    dpo = plan(config, zero=3, dpo_seq_len=32, **settings)
+    assert dpo.allgather_gb == pytest.approx(7 / 8 * replicated * (2 * 2 + 4) * 3 / 1e9)
+
+
 def test_deepseek_v3_experts_shard_at_most_256_ways(capsys):
     # the command's defaults (fp32, micro-batch 8 x 128, no checkpointing), ZeRO-3: 256 experts
     # shard at most 256 ways, so 1024 GPUs still hold one expert a layer each and do not fit

@@ -33,7 +33,9 @@ A DPO stage (``dpo_seq_len``) runs 2 x micro_batch rows (chosen and rejected) of
   saves no activations. Activations are the larger of the LM and the DPO stages'.
 Communication per optimizer step and GPU: the gradient all-reduce of the
 replicated parameters (ring: 2 (N-1)/N of the bytes; int8 compression sends
-~25.4% of fp32) plus, under "ep", the experts' over their N/E replicas, and the
+~25.4% of fp32) plus, under "ep", the experts' over their N/E replicas; under
+ZeRO-3 the all-gathers of the sharded weights ((N-1)/N of them, twice a
+micro-batch, and for a DPO stage's reference once more); and the
 token all-to-alls within the E-way group (dispatch and combine, forward and backward,
 and forward again in the backward of a checkpointed block).
 """
@@ -145,6 +147,7 @@ class Plan:
     fits: bool
     expert_parallel: int = 1  # E: GPUs the experts are sharded over; gpus / E replicas
     reference_gb: float = 0.0  # a DPO stage's frozen reference model, per GPU
+    allgather_gb: float = 0.0  # ZeRO-3's weight all-gathers, per step and GPU
 
     @property
     def buildable(self) -> bool:
@@ -170,6 +173,8 @@ class Plan:
                  for mode, gb in self.activations_gb.items()]
         rows += [("gradient all-reduce per step", f"{self.allreduce_gb:.2f} GB"),
                  ("expert all-to-all per step", f"{self.alltoall_gb:.2f} GB")]
+        if self.allgather_gb:
+            rows.insert(-1, ("ZeRO-3 weight all-gathers per step", f"{self.allgather_gb:.2f} GB"))
         return "\n".join(f"{name:32s} {value}" for name, value in rows)
 
 
@@ -238,6 +243,15 @@ def _price(config: ModelConfig, *, ep: int, gpus: int, gpu_mem_gb: float, micro_
     expert_ring = 2 * (replicas - 1) / replicas if strategy == "ep" else 0.0
     allreduce = ((ring * replicated + expert_ring * (held - replicated)) * 4
                  * (0.254 if compress_grads else 1.0) / GB)
+    allgather = 0.0
+    if zero == 3:
+        # ZeRO-3 holds 1/N of the replicated weights: each micro-batch gathers them for
+        # its forward and again for its backward (in the compute dtype), and a DPO step
+        # once more for the frozen fp32 reference's forward. ZeRO paper (Rajbhandari et
+        # al., 2020): 3x the weights' bytes a step with the gradients' reduce-scatter,
+        # against 2x for data parallelism.
+        gathered_bytes = 2 * dtype_bytes + (4 if dpo_seq_len is not None else 0)
+        allgather = ring / 2 * replicated * gathered_bytes * grad_accum / GB
     moe_layers = 0 if config.moe is None else config.n_layers - config.n_dense_layers
     alltoall = 0.0
     if strategy == "ep" and ep > 1 and moe_layers:
@@ -263,7 +277,7 @@ def _price(config: ModelConfig, *, ep: int, gpus: int, gpu_mem_gb: float, micro_
     fits = (weights + reference + gradients + optimizer + activations[checkpointing]
             <= 0.9 * gpu_mem_gb)
     return Plan(counts, strategy, gpus, weights, gradients, optimizer, activations, allreduce,
-                alltoall, fits, ep, reference)
+                alltoall, fits, ep, reference, allgather)
 
 
 def gpus_needed(config: ModelConfig, gpu_mem_gb: float, max_gpus: int = 4096, **kwargs) -> int | None:
