@@ -174,7 +174,7 @@ class Plan:
         rows += [("gradient all-reduce per step", f"{self.allreduce_gb:.2f} GB"),
                  ("expert all-to-all per step", f"{self.alltoall_gb:.2f} GB")]
         if self.allgather_gb:
-            rows.insert(-1, ("ZeRO-3 weight all-gathers per step", f"{self.allgather_gb:.2f} GB"))
+            rows.insert(-1, ("ZeRO-3 weight gathers per step", f"{self.allgather_gb:.2f} GB"))
         return "\n".join(f"{name:32s} {value}" for name, value in rows)
 
 
