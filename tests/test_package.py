@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,23 @@ def test_unknown_backend_is_rejected(monkeypatch):
     monkeypatch.setenv("DSV3_BACKEND", "triton-please")
     with pytest.raises(ValueError, match="DSV3_BACKEND"):
         ops.swiglu(torch.randn(2, 4))
+
+
+def test_cuda_without_triton_warns_once_that_it_takes_the_reference(monkeypatch):
+    """CUDA tensors without triton run plain PyTorch: right, but slow, and said once
+    (a fake CUDA tensor stands in for a GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsv3.ops import backend
+    with FakeTensorMode():
+        x_cuda = torch.empty(2, device="cuda")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert not backend.use_reference(x_cuda)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    backend._warn_reference_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="triton is not installed.*pip install triton"):
+        assert backend.use_reference(x_cuda)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.use_reference(x_cuda)  # no second warning
+        assert not backend.use_reference(torch.empty(2))  # the CPU kernels need no triton

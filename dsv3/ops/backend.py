@@ -13,6 +13,7 @@ does float64 wherever the Triton kernels would run.
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -45,8 +46,20 @@ def use_reference(tensor: torch.Tensor) -> bool:
     if tensor.dtype == torch.float64 and (tensor.device.type == "cuda" or triton_on_cpu):
         return True
     if tensor.device.type == "cuda":
-        return not triton_available()
+        if triton_available():
+            return False
+        _warn_reference_fallback()
+        return True
     return tensor.device.type != "cpu"
+
+
+@functools.cache
+def _warn_reference_fallback() -> None:
+    """Once a process: CUDA tensors without triton run every op in plain PyTorch,
+    several times slower than the kernels, which a user would otherwise not know."""
+    warnings.warn("dsv3: triton is not installed, so ops on CUDA tensors take the plain "
+                  "PyTorch reference path (correct, but without dsv3's kernels); "
+                  "pip install triton to use them", RuntimeWarning, stacklevel=3)
 
 
 def native_cpu_half_matmul(dtype: torch.dtype) -> bool:
