@@ -7,7 +7,7 @@
   ``TRITON_INTERPRET=1``); ops without a Triton kernel keep their CPU kernel;
 - ``reference``: the plain-PyTorch reference path everywhere, to debug a kernel
   against the truth without changing any call site.
-Devices without kernels (or CUDA without triton) take the reference path, and so
+Devices without kernels (or CUDA without triton: warned once) take the reference path, and so
 does float64 wherever the Triton kernels would run.
 """
 import functools
