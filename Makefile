@@ -13,7 +13,7 @@ EXTRA_DEPS := 'transformers>=5.24,<6' 'accelerate>=1.10' 'peft>=0.21' 'datasets>
 	tensorboard matplotlib sacrebleu pyyaml
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
 
-.PHONY: all build test check-triton bench demo clean
+.PHONY: all build test check-triton check-torch bench demo clean
 
 all: build
 
@@ -68,6 +68,21 @@ check-triton: build
 	test "$(INTERPRET)" != 1 || PYTHONPATH=.triton-$(TRITON) DSV3_BACKEND=triton \
 		TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not gpu" \
 		$(TRITON_TESTS)
+
+# The C++/CUDA sources against another torch's headers, without installing it (the
+# GPU machine builds with torch 2.11; the venv has 2.14.1): only that torch's wheel is
+# fetched (~0.5 GB, none of its CUDA libraries), its headers unpacked into
+# .torch-VERSION, and every source compiled with the build's flags (the .cu for sm_90,
+# when nvcc is here). E.g. `make check-torch CHECK_TORCH=2.12.0`.
+CHECK_TORCH ?= 2.11.0
+TORCH_HEADERS := .torch-$(CHECK_TORCH)/torch/include
+check-torch: $(DEPS)
+	test -d $(TORCH_HEADERS) || { $(PYTHON) -m pip download -q --no-deps \
+		-d .torch-$(CHECK_TORCH) torch==$(CHECK_TORCH) && $(PYTHON) -c "import glob, zipfile; \
+		wheel = zipfile.ZipFile(glob.glob('.torch-$(CHECK_TORCH)/torch-*.whl')[0]); \
+		wheel.extractall('.torch-$(CHECK_TORCH)', \
+		[n for n in wheel.namelist() if n.startswith('torch/include/')])"; }
+	$(PYTHON) csrc/check_headers.py $(TORCH_HEADERS)
 
 bench: build
 	$(PYTHON) -m benchmarks.run
