@@ -65,11 +65,18 @@ def test_dpo_metrics_are_the_mean_over_the_micro_batches(tmp_path, monkeypatch):
             f"{name} {record[name]} is not the mean of {values}"
 
 
+@pytest.fixture(scope="module")
+def straight_two_dpo_run(tmp_path_factory):
+    """One uninterrupted run for every resume case to match (each trained its own)."""
+    trainer = Trainer(three_stage_config(tmp_path_factory.mktemp("straight"),
+                                         stages=TWO_DPO_STAGES), synthetic_data())
+    trainer.train(progress=False)
+    return trainer
+
+
 @pytest.mark.parametrize("stop", [14, 18])  # between the DPO stages; inside the second
-def test_resume_keeps_the_stages_own_reference(tmp_path, stop):
-    data = synthetic_data()
-    straight = Trainer(three_stage_config(tmp_path / "a", stages=TWO_DPO_STAGES), data)
-    straight.train(progress=False)
+def test_resume_keeps_the_stages_own_reference(tmp_path, stop, straight_two_dpo_run):
+    data, straight = synthetic_data(), straight_two_dpo_run
     first = Trainer(three_stage_config(tmp_path / "b", stages=TWO_DPO_STAGES), data)
     for _ in range(stop):
         first.train_step()
