@@ -492,7 +492,8 @@ def check_block_sizes_and_fp64_warm_up(rank, world):
     """Ranks with different block sizes: a ValueError naming state.block_size on every
     rank, where the all-to-all ran with mismatched sizes and gloo aborted the process.
     And an fp64 tensor in the warm-up is reduced in fp64, as the plain all_reduce it
-    stands in for (it was rounded through fp32)."""
+    stands in for (it was rounded through fp32); compressed, a value beyond fp32's range
+    spoils only its own block."""
     state = CompressionState(start_iter=0, block_size=256 if rank == 0 else 128)
     try:
         compressed_all_reduce(torch.ones(1024), state)
@@ -505,6 +506,14 @@ def check_block_sizes_and_fp64_warm_up(rank, world):
     dist.all_reduce(plain)
     warm = compressed_all_reduce(x.clone(), CompressionState(start_iter=10))
     assert warm.dtype == torch.float64 and torch.equal(warm, plain), (warm - plain).abs().max()
+    # Compressed, fp64 goes through fp32 (README): a value beyond fp32's range makes its
+    # own block of the sum NaN, as an overflow does, and leaves the other blocks right.
+    wide = torch.ones(1024, dtype=torch.float64)
+    wide[300] = 1e300 if rank == 0 else 1.0
+    summed = compressed_all_reduce(wide, CompressionState(start_iter=0, block_size=256))
+    assert torch.isnan(summed[256:512]).all(), summed[256:512]
+    assert torch.equal(summed[:256], torch.full((256,), 2.0, dtype=torch.float64))
+    assert torch.equal(summed[512:], torch.full((512,), 2.0, dtype=torch.float64))
 
 
 def check_expert_parallel_misuse_is_named(rank, world):
