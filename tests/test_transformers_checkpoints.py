@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")  # only where it is not installed; CI has it
 
 from conftest import assert_close
-from hf_models import ARCHS, input_ids, sparse_block, tiny_model, transformers
+from hf_models import ARCHS, input_ids, sparse_block, tiny_model
 from transformers_support import arch_param
 
 import dsv3.integrations.transformers as dt
@@ -42,9 +42,20 @@ def test_patched_state_dict_is_the_unpatched_models(arch):
     assert_close(model(ids).logits, other(ids).logits, "logits after load_state_dict")
 
 
-@pytest.mark.parametrize("arch", [arch_param(a) for a in ("mixtral", "qwen2_moe", "deepseek_v3")])
+# Every arch of ARCHS round-trips (checked, 5.24); these run: besides three plain ones,
+# GPT-OSS's own block (gpt_oss.GptOssMoE), ERNIE's frozen [1, E] bias Parameter (an [E]
+# buffer once patched) and a vision-language model.
+@pytest.mark.parametrize("arch", [arch_param(a) for a in ("mixtral", "qwen2_moe", "deepseek_v3",
+                                                          "gpt_oss", "ernie4_5_moe",
+                                                          "qwen3_vl_moe")])
 def test_save_pretrained_of_a_patched_model_round_trips(arch, tmp_path):
-    model = tiny_model(arch).eval()
+    if arch == "gpt_oss":
+        from test_transformers_gpt_oss import tiny_gpt_oss
+        # The limit 5.17 hard-codes (ignoring the config's), so that the loaded model,
+        # which 5.17 gives that limit, computes the same.
+        model = tiny_gpt_oss(swiglu_limit=7.0).eval()
+    else:
+        model = tiny_model(arch).eval()
     want = {key: value.clone() for key, value in model.state_dict().items()}
     ids = input_ids()
     want_logits = model(ids).logits
@@ -53,8 +64,9 @@ def test_save_pretrained_of_a_patched_model_round_trips(arch, tmp_path):
     model.save_pretrained(tmp_path)
 
     # The experts loop tiny_model runs (transformers' default differs, in the last bits).
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, output_loading_info=True, experts_implementation="eager")
+    # (Its own class: a vision-language model is no causal LM.)
+    loaded, info = type(model).from_pretrained(tmp_path, output_loading_info=True,
+                                               experts_implementation="eager")
     assert not info["missing_keys"] and not info["unexpected_keys"]
     loaded.eval()
     _equal_state_dicts(loaded.state_dict(), want)
