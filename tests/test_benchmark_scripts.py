@@ -9,7 +9,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["checkpointing", "comm_bench", "data_pipeline", "expert_split", "gpu_bench",
+SCRIPTS = ["checkpointing", "comm_bench", "cpu_kernels", "data_pipeline", "expert_split", "gpu_bench",
            "half_gemm", "memory", "ncu_case", "output_cache", "router_backward", "run",
            "sm90_compile_check", "trainer_overhead", "transformers_bench"]
 
@@ -145,3 +145,31 @@ def test_the_data_pipeline_benchmark_reports_medians_of_its_passes():
     assert _median_pass(passes) == ({"a"}, 2.0, 2.0)
     with pytest.raises(AssertionError, match="kept different documents"):
         _median_pass([({"a"}, 1.0, 1.0), ({"b"}, 1.0, 1.0)])
+
+
+def test_cpu_kernels_times_every_kernel_checked_against_the_reference(capsys):
+    from benchmarks import cpu_kernels
+    assert cpu_kernels.main(["--shape", "T32-D16-F8-E8-K2", "--rounds", "1", "--calls", "1",
+                             "--quantize-log2", "12"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| op ", "|---"))]
+    ops = {row[0].lstrip("| ").split(",")[0].split(":")[0].split(" (")[0] for row in rows}
+    assert ops == {"route", "route_with_stats", "expert_index", "permute", "unpermute",
+                   "swiglu", "gpt_oss_glu", "add_expert_bias", "grouped_mm",
+                   "gather_grouped_mm", "quantize_int8", "dequantize_int8"}
+    assert {row[1] for row in rows} == {"fp32", "bf16", "int32"}
+    assert all(row[-1].rstrip(" |") == "ok" for row in rows), rows
+
+
+def test_cpu_kernels_row_of_a_wrong_kernel_says_so():
+    """A kernel that disagrees with the reference gets FAILED in its row, not a time."""
+    import os
+    from benchmarks import cpu_kernels
+    x = torch.ones(8)
+
+    def call():  # the "kernel" adds 1 where the reference does not
+        return x + (os.environ.get("DSV3_BACKEND") != "reference")
+
+    row = cpu_kernels.measure(cpu_kernels.Case("wrong", "fp32", call), rounds=1, calls=1,
+                              bandwidth=1e9)
+    assert row["check"].startswith("FAILED: output 0: relative error"), row
