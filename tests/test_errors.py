@@ -102,6 +102,10 @@ PERMUTE = [
                  id="index_n_experts_zero"),
     pytest.param(lambda: ops.expert_index(experts(), 8.0), TypeError, "n_experts",
                  id="index_n_experts_float"),
+    # past int64: the schema's own error said "expected int, found int"
+    pytest.param(lambda: ops.expert_index(experts(), 2**63), ValueError,
+                 r"expert_index: n_experts must be in \[1, 2\*\*63 - 1\]",
+                 id="index_n_experts_past_int64"),
     pytest.param(lambda: ops.permute("x", experts(), 8), TypeError, "x_TD", id="x_not_tensor"),
     pytest.param(lambda: ops.permute(torch.randn(4), experts(), 8), ValueError, "x_TD",
                  id="x_1d"),

@@ -58,6 +58,23 @@ def test_other_alphas_match_reference(alpha, dtype, device):
     check_op(*glu(alpha, 2.0), [h_S2F], differentiable=(0,))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("limit", [None, 2.0])
+@pytest.mark.parametrize("dtype, alpha", [(torch.float32, 3e38), (torch.float32, -3e38),
+                                          (torch.float64, 1e300)])
+def test_a_huge_finite_alpha_keeps_the_gate_gradient_finite(dtype, alpha, limit, device):
+    """alpha * gate overflows to inf where the sigmoid has saturated (s(1 - s) = 0):
+    torch's gradient is finite there. The kernels' s (1 + alpha g (1 - s)) made it
+    inf * 0 = NaN; s + g s (1 - s) alpha (torch's order) does not."""
+    h_S2F = (3 * torch.randn(5, 2 * 8, device=device)).to(dtype)
+    got, want = h_S2F.clone().requires_grad_(), h_S2F.clone().requires_grad_()
+    grad_a_SF = torch.randn(5, 8, device=device, dtype=dtype)
+    (got_grad,) = torch.autograd.grad(ops.gpt_oss_glu(got, alpha, limit), got, grad_a_SF)
+    (want_grad,) = torch.autograd.grad(reference.gpt_oss_glu(want, alpha, limit), want, grad_a_SF)
+    assert want_grad.isfinite().all() and got_grad.isfinite().all()
+    torch.testing.assert_close(got_grad, want_grad)
+
+
 def test_fp32_sigmoid_is_as_accurate_as_torch():
     """The C++ kernels' polynomial sigmoid (vec::fast_sigmoid) against torch's fp32 over
     alpha * gate in [-85, 85] (the polynomial's whole range) and a fine grid near 0:

@@ -147,8 +147,14 @@ def test_low_precision_input_is_quantized_from_its_values(dtype, device):
     (lambda: ops.dequantize_int8(torch.zeros(8, dtype=torch.int8),
                                  torch.ones(2, requires_grad=True), 4),
      TypeError, "dequantize_int8: scales_RB requires grad"),
+    # past int64: the schema's own error said "expected int, found int"
+    (lambda: ops.quantize_int8(torch.randn(8), 2**63), ValueError, r"block_size must be in "
+     r"\[1, 2\*\*63 - 1\]"),
+    (lambda: ops.dequantize_int8(torch.zeros(8, dtype=torch.int8), torch.ones(1), 2**63),
+     ValueError, "dequantize_int8: block_size"),
 ], ids=["x_2d", "x_int", "block_0", "block_float", "x_empty", "error_shape", "error_dtype",
-        "q_float", "scales_shape", "scales_dims", "x_grad", "error_grad", "scales_grad"])
+        "q_float", "scales_shape", "scales_dims", "x_grad", "error_grad", "scales_grad",
+        "block_past_int64", "dequantize_block_past_int64"])
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

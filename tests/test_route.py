@@ -504,6 +504,30 @@ def test_sigmoid_scores_that_all_underflow_make_nan_score_sums_as_the_reference(
     torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("score, normalize, output", [
+    ("softmax", False, "weights"), ("softmax", True, "weights"), ("sigmoid", False, "score sums")])
+def test_the_gradient_of_a_row_without_scores_is_nan_as_the_reference(score, normalize, output,
+                                                                      device):
+    """A softmax row of -inf logits has NaN weights and a sigmoid row whose scores all
+    underflow NaN score sums (0 / 0): their gradients are NaN too, in the reference and
+    the C++ kernel. The Triton router's backward divided by 1 instead and gave zeros (or,
+    for the sums, finite values), a NaN forward with a clean-looking gradient."""
+    logits_TE = torch.randn(21, 16, device=device)
+    logits_TE[4] = float("-inf") if score == "softmax" else -200.0
+    grads = []
+    for route, stats in ((ops.route_with_stats, lambda l: ()),
+                         (reference.route, lambda l: reference.route_stats(l, score))):
+        leaf = logits_TE.clone().requires_grad_()
+        weights_TK, _, _, *sums = (*route(leaf, 3, score, normalize=normalize), *stats(leaf))
+        loss = weights_TK.sum() if output == "weights" else sums[0].sum()
+        grads.append(torch.autograd.grad(loss, leaf)[0])
+    got, want = grads
+    assert got[4].isnan().all()
+    assert not got[torch.arange(21) != 4].isnan().any()
+    torch.testing.assert_close(got, want.to(got.dtype), equal_nan=True)
+
+
 # Cases whose counts are summed per program (slots x bins up to 16): top-2 of 8, one
 # token, top-1 (every token to one expert), unnormalized, sigmoid, groups of 4 experts,
 # and groups scored by their best.

@@ -49,14 +49,19 @@ DSV3_MULTIVERSION void glu_chunk(const float* gate_up, float* out, int64_t n, fl
   }
 }
 
-// With s = sigmoid(alpha g): d(up) = dy g s; d(gate) = dy (u + 1) s (1 + alpha g (1 - s)),
-// written interleaved as the input.
+// With s = sigmoid(alpha g) and t = dy (u + 1): d(up) = dy (g s);
+// d(gate) = t s + t g (1 - s) s alpha, written interleaved as the input. Multiplied in
+// torch autograd's order (mul, sigmoid and mul backwards), so overflows and infinities
+// give torch's values: the factored t s (1 + alpha g (1 - s)) overflowed alpha g for a
+// large finite alpha, and made inf * 0 = NaN where the sigmoid saturates and torch's
+// gradient is finite.
 DSV3_MULTIVERSION void glu_backward_chunk(const float* dy, const float* gate_up,
                                           float* grad_gate_up, int64_t n, float alpha) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate_up[2 * i], u = gate_up[2 * i + 1];
     const float s = fast_sigmoid(alpha * g);
-    grad_gate_up[2 * i] = dy[i] * (u + 1.0f) * s * (1.0f + alpha * g * (1.0f - s));
+    const float t = dy[i] * (u + 1.0f);
+    grad_gate_up[2 * i] = t * s + t * g * (1.0f - s) * s * alpha;
     grad_gate_up[2 * i + 1] = dy[i] * (g * s);
   }
 }
@@ -89,7 +94,8 @@ DSV3_MULTIVERSION void glu_clamped_backward_chunk(const float* dy, const float* 
     const float g = g_in > v ? v : g_in;
     const float u = u_in > v ? v : (u_in < -v ? -v : u_in);
     const float s = fast_sigmoid(alpha * g);
-    const float grad_gate = dy[i] * (u + 1.0f) * s * (1.0f + alpha * g * (1.0f - s));
+    const float t = dy[i] * (u + 1.0f);
+    const float grad_gate = t * s + t * g * (1.0f - s) * s * alpha;
     grad_gate_up[2 * i] = g_in < pass_below ? grad_gate : 0.0f;
     grad_gate_up[2 * i + 1] = std::fabs(u_in) < pass_below ? dy[i] * (g * s) : 0.0f;
   }
@@ -174,7 +180,8 @@ void glu_backward_rows(const double* grad, const double* h, double* grad_h, int6
       const double sig = 1.0 / (1.0 + std::exp(-alpha * g));
       const bool gate_in = !limit || passes(g_in, *limit, at_limit);  // no lower bound
       const bool up_in = !limit || passes(std::fabs(u_in), *limit, at_limit);
-      grad_h[i] = gate_in ? dy * (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)) : 0.0;
+      const double t = dy * (u + 1.0);  // torch's order, as in glu_backward_chunk
+      grad_h[i] = gate_in ? t * sig + t * g * (1.0 - sig) * sig * alpha : 0.0;
       grad_h[i + 1] = up_in ? dy * (g * sig) : 0.0;
     }
 }

@@ -61,8 +61,11 @@ def _gpt_oss_glu_kernel(h_ptr, a_ptr, n, n_h, alpha, LIMIT, HAS_LIMIT: tl.conste
 def _gpt_oss_glu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, n_h, alpha, LIMIT,
                                  HAS_LIMIT: tl.constexpr, GRAD_AT_LIMIT: tl.constexpr,
                                  BLOCK: tl.constexpr):
-    # With s = sigmoid(alpha g): d(up) = dy g s; d(gate) = dy (up + 1) s (1 + alpha g (1 - s)),
-    # on the clamped g and up; each zero where its input was clamped.
+    # With s = sigmoid(alpha g) and t = dy (up + 1): d(up) = dy (g s);
+    # d(gate) = t s + t g (1 - s) s alpha, on the clamped g and up; each zero where its
+    # input was clamped. Multiplied in torch autograd's order, so overflows give torch's
+    # values: t s (1 + alpha g (1 - s)) overflowed alpha g for a large finite alpha, and
+    # made inf * 0 = NaN where the sigmoid saturates (torch: a finite gradient).
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     dy = tl.load(grad_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
@@ -71,7 +74,8 @@ def _gpt_oss_glu_backward_kernel(grad_ptr, h_ptr, grad_h_ptr, n, n_h, alpha, LIM
         gate_in, up_in = _passes_clamp(gate, up, LIMIT, GRAD_AT_LIMIT)
         gate, up = _clamp(gate, up, LIMIT)
     sig = 1.0 / (1.0 + tl.exp(-alpha * gate))
-    grad_gate = dy * (up + 1.0) * sig * (1.0 + alpha * gate * (1.0 - sig))
+    t = dy * (up + 1.0)
+    grad_gate = t * sig + t * gate * (1.0 - sig) * sig * alpha
     grad_up = dy * (gate * sig)  # not (dy * gate) * sig, which overflows to inf * 0
     if HAS_LIMIT:
         grad_gate = tl.where(gate_in, grad_gate, 0.0)

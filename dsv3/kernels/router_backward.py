@@ -67,7 +67,11 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
             h_dot_p += _sum3(h * probs)
     exp_scale = _reciprocal(tl.where(exp_total > 0, exp_total, 1.0))
-    if not SIGMOID:  # the sums were of exps: make them sums of scores
+    if not SIGMOID:
+        # A row of -inf logits has no softmax (0 / 0): NaN scores, as the forward's
+        # weights and sums, torch's, the reference's and the C++ kernel's, so NaN
+        # gradients too, not the zeros a divisor of 1 made of it.
+        exp_scale = tl.where(token_mask & (exp_total == 0), float("nan"), exp_scale)  # the sums were of exps: make them sums of scores
         score_total = score_total * exp_scale
         h_dot_p = h_dot_p * exp_scale
     lse = tl.where(exp_total > 0, row_max + tl.log(tl.where(exp_total > 0, exp_total, 1.0)),
@@ -76,8 +80,11 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
     # The dense part of dL/dp: (h_e - h.p / t) / t, t = the score sum (1 for softmax, as
     # the reference leaves it).
     sum_total = score_total if SIGMOID else tl.full((BLOCK_T,), 1.0, tl.float32)
-    sum_total = tl.where(sum_total > 0, sum_total, 1.0)
-    sum_scale = _reciprocal(sum_total)
+    sum_scale = _reciprocal(tl.where(sum_total > 0, sum_total, 1.0))
+    # Sigmoid scores that all underflow (logits of -inf, or of -200) have NaN normalized
+    # scores (0 / 0), in the forward's sums as in the reference: NaN gradients of the
+    # sums too, as the reference's and the C++ kernel's, not a divisor of 1's finite ones.
+    sum_scale = tl.where(token_mask & (sum_total == 0), float("nan"), sum_scale)
     h_shift = h_dot_p * sum_scale
     z_scale = zeros
     if HAS_GRAD_Z:

@@ -22,12 +22,20 @@ def check_tensor(op: str, name: str, value, *, dim: int | None = None, dtypes=No
         raise ValueError(f"{op}: {name} must be on {like.device}, got {value.device}")
 
 
+# The largest int the op schemas' ``int`` (int64) takes.
+INT64_MAX = 2**63 - 1
+
+
 def check_int(op: str, name: str, value, *, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ValueError(f"{op}: {name} must be in {bound}, got {value}")
+    if value > INT64_MAX:
+        # Past int64 the kernels' schema refused it with "Expected a value of type 'int'
+        # ... but instead found type 'int'", and the reference path overflowed elsewhere.
+        raise ValueError(f"{op}: {name} must be in [{low}, 2**63 - 1] (an int64), got {value}")
 
 
 def check_tokens(op: str, name: str, value: torch.Tensor) -> None:
