@@ -67,11 +67,11 @@ def _route_backward_kernel(grad_w_ptr, grad_sum_ptr, grad_z_ptr, logits_ptr, exp
             h = _load_tile(grad_sum_ptr + cols, valid, 0.0).to(tl.float32)
             h_dot_p += _sum3(h * probs)
     exp_scale = _reciprocal(tl.where(exp_total > 0, exp_total, 1.0))
-    if not SIGMOID:
+    if not SIGMOID:  # the sums were of exps: make them sums of scores
         # A row of -inf logits has no softmax (0 / 0): NaN scores, as the forward's
         # weights and sums, torch's, the reference's and the C++ kernel's, so NaN
         # gradients too, not the zeros a divisor of 1 made of it.
-        exp_scale = tl.where(token_mask & (exp_total == 0), float("nan"), exp_scale)  # the sums were of exps: make them sums of scores
+        exp_scale = tl.where(token_mask & (exp_total == 0), float("nan"), exp_scale)
         score_total = score_total * exp_scale
         h_dot_p = h_dot_p * exp_scale
     lse = tl.where(exp_total > 0, row_max + tl.log(tl.where(exp_total > 0, exp_total, 1.0)),
