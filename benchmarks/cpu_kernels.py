@@ -269,7 +269,8 @@ def main(argv=None) -> int:
     body = (f"Shape {shape.name}; int8 cases on {quantize_values} fp32 values, block 256.\n\n"
             + table(rows)
             + f"\n\n- Medians of {args.rounds} rounds of up to {args.calls} calls per path "
-            f"(fewer where a round would pass {ROUND_S:.0f} s; a path's fewest timed calls: {fewest}), "
+            f"(fewer where a round would pass {ROUND_S:.0f} s; a path's fewest timed "
+            f"calls: {fewest}), "
             f"the two paths alternating a round at a time, after a checking call each.\n"
             f"- Copy bandwidth (256 MiB fp32, read + write): {bandwidth / 1e9:.1f} GB/s.\n"
             f"- Other processes used {foreign:.2f} cores on average while this ran.\n")

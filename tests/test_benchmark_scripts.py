@@ -9,8 +9,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["checkpointing", "comm_bench", "cpu_kernels", "data_pipeline", "expert_split", "gpu_bench",
-           "half_gemm", "memory", "ncu_case", "output_cache", "router_backward", "run",
+SCRIPTS = ["checkpointing", "comm_bench", "cpu_kernels", "data_pipeline", "expert_split",
+           "gpu_bench", "half_gemm", "memory", "ncu_case", "output_cache", "router_backward", "run",
            "sm90_compile_check", "trainer_overhead", "transformers_bench"]
 
 
