@@ -77,6 +77,13 @@ TORCH_LIBRARY(dsv3, m) {
   m.def(
       "gpt_oss_glu_backward(Tensor grad_a_SF, Tensor h_S2F, float alpha, float? limit=None, "
       "bool grad_at_limit=False) -> Tensor");
+  // Biased expert projections: out_SN = y_SN + bias_EN[e] on expert e's rows
+  // [offsets_E[e-1], offsets_E[e]) (rows past the last offset unchanged), and the bias
+  // gradient, each expert's rows summed (fp32 accumulation; zeros for an expert
+  // without rows). CPU kernels only: on a GPU the op is composed of torch ops and the
+  // grouped GEMM's wgrad (dsv3/ops/expert_bias.py).
+  m.def("add_expert_bias(Tensor y_SN, Tensor bias_EN, Tensor offsets_E) -> Tensor");
+  m.def("expert_row_sums(Tensor grad_SN, Tensor offsets_E) -> Tensor");
 }
 
 namespace {

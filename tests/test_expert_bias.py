@@ -1,6 +1,6 @@
 """ops.add_expert_bias (the per-expert biases of GPT-OSS's projections) against a loop over
 experts: output and both gradients, on routings with empty experts, one hot expert and
-dropped copies (rows past offsets_E[-1]); both ways of summing the bias gradient give
+dropped copies (rows past offsets_E[-1]); every way of summing the bias gradient gives
 the same sums; bad arguments are named."""
 import pytest
 import torch
@@ -48,14 +48,17 @@ def test_matches_loop_over_experts(pattern, dtype, device):
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_both_sums_agree(pattern):
-    """The kernels' sum (the grouped wgrad with ones) and the reference path's index_add_."""
+def test_every_sum_agrees(pattern):
+    """The GPU kernels' sum (the grouped wgrad with ones), the CPU kernel's row sums and
+    the reference path's index_add_."""
     y_SN, bias_EN, offsets_E = _inputs(pattern, torch.float32, "cpu", n_tokens=300)
     expert_S = expert_bias._expert_of_row(offsets_E, y_SN.shape[0])
     grad_SN = torch.randn_like(y_SN)
     by_index = expert_bias._bias_grad(grad_SN, offsets_E, expert_S, 6, by_gemm=False)
     by_gemm = expert_bias._bias_grad(grad_SN, offsets_E, expert_S, 6, by_gemm=True)
+    by_rows = torch.ops.dsv3.expert_row_sums(grad_SN, offsets_E)
     torch.testing.assert_close(by_gemm, by_index, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_rows, by_index, rtol=1e-5, atol=1e-5)
     want = torch.stack([grad_SN[expert_S == e].double().sum(0) for e in range(6)]).float()
     torch.testing.assert_close(by_index, want, rtol=1e-5, atol=1e-5)
 
@@ -71,14 +74,14 @@ def test_bias_grad_is_deterministic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("by_gemm", [False, True])
+@pytest.mark.parametrize("by_gemm", [False, True, None])  # None: the op's choice
 def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_gemm, device):
     """The bias gradient sums each expert's rows in fp32, as torch's own bf16 sum does:
     over 16k rows an expert (a long GEMM reduction, where a bf16 GEMM may split K and
     add the partial sums in bf16), its error against fp64 is at most 2x that of
     torch's bf16 sum, plus the floor. The upstream gradient has a mean, so the sums
     grow with the row count."""
-    if by_gemm and TRITON_INTERPRETED:
+    if by_gemm is not False and TRITON_INTERPRETED:  # None there: the op's choice, the GEMM
         pytest.skip("Triton's interpreter computes bf16 dots wrongly")
     n_experts, n_rows, width = 4, 65536, 64
     gen = torch.Generator().manual_seed(4)
@@ -89,6 +92,20 @@ def test_bf16_bias_grad_of_many_rows_within_plain_pytorch(by_gemm, device):
                                  n_experts, by_gemm)
     rows = grad_SN.view(n_experts, -1, width)
     assert_close_to_reference(got, rows.double().sum(1), rows.sum(1), "bias grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs_and_a_long_row(dtype):
+    """Transposed (column-major) y and bias, and rows wider than the CPU kernel's column
+    block: the same values as contiguous ones."""
+    y_SN, bias_EN, offsets_E = _inputs("dropped", dtype, "cpu", width=300)
+    y_cm, bias_cm = y_SN.t().contiguous().t(), bias_EN.t().contiguous().t()
+    torch.testing.assert_close(ops.add_expert_bias(y_cm, bias_cm, offsets_E),
+                               _reference(y_SN, bias_EN, offsets_E), rtol=0, atol=0)
+    grad_SN = torch.randn_like(y_SN)
+    want = expert_bias._bias_grad(grad_SN, offsets_E, None, 6, by_gemm=False)
+    torch.testing.assert_close(torch.ops.dsv3.expert_row_sums(grad_SN.t().contiguous().t(),
+                                                              offsets_E), want)
 
 
 def test_fp64_gradcheck():

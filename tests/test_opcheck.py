@@ -65,6 +65,11 @@ def op_cases():
         pytest.param(d.gpt_oss_glu.default,
                      (3 * torch.randn(18, 8, requires_grad=True), 1.702, 2.0),
                      id="gpt_oss_glu_clamped"),
+        # biased experts' CPU kernels (their autograd is ops.add_expert_bias's Function)
+        pytest.param(d.add_expert_bias.default, (y_SD.detach(), torch.randn(4, 5), offsets_E),
+                     id="add_expert_bias"),
+        pytest.param(d.expert_row_sums.default, (torch.randn(18, 5), offsets_E),
+                     id="expert_row_sums"),
     ]
 
 
@@ -96,6 +101,9 @@ def strided_cases():
                      id="swiglu_backward"),
         pytest.param(d.gpt_oss_glu_backward.default, (grad_a_SF, _column_major(h_S2F), 1.702),
                      id="gpt_oss_glu_backward"),
+        pytest.param(d.add_expert_bias.default,
+                     (_column_major(torch.randn(12, 5)), _column_major(torch.randn(4, 5)),
+                      ops.expert_index(experts_TK, 4)[0]), id="add_expert_bias"),
     ]
 
 

@@ -1,8 +1,10 @@
 """``add_expert_bias``: each expert's bias added to its rows of a grouped GEMM's output,
 for experts whose projections carry biases (GPT-OSS's).
 
-Composed of existing ops rather than a kernel of its own. The forward is one gather and
-one add. The bias gradient, a sum over each expert's rows, is the grouped GEMM's weight
+On the CPU, C++ kernels of their own (csrc/cpu/expert_bias.cpp): the add in one pass
+into the kernels' cached outputs, the bias gradient as plain row sums. Elsewhere (a GPU,
+Triton's kernels on CPU tensors, torch.compile) composed of existing ops: the forward
+is one gather and one add. There the bias gradient, a sum over each expert's rows, is the grouped GEMM's weight
 gradient with ones for its input (ones_S^T @ grad_SN per expert): the layer's own wgrad
 kernels, accumulating in fp32 (on tensor cores in bf16/fp16), without atomics
 (deterministic) and without a host sync (CUDA-graph capturable), at 2*16*S*N FLOPs: the
@@ -13,6 +15,7 @@ is set.
 import torch
 
 from dsv3.kernels import device_checks
+from dsv3.ops import backend
 from dsv3.ops.backend import use_reference
 from dsv3.ops.checks import FLOAT_DTYPES, check_no_forward_ad, check_tensor
 
@@ -27,13 +30,33 @@ def _expert_of_row(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets_E, rows_S, right=True)
 
 
+def _on_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """Whether this call takes the C++ kernels: CPU tensors, outside torch.compile (which
+    fuses the composed ops itself), unless the Triton or reference path was chosen."""
+    return (tensor.device.type == "cpu" and not backend.triton_on_cpu
+            and not use_reference(tensor) and not torch.compiler.is_compiling())
+
+
+@torch.library.register_fake("dsv3::add_expert_bias")
+def _add_expert_bias_fake(y_SN, bias_EN, offsets_E):
+    return torch.empty_like(y_SN, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("dsv3::expert_row_sums")
+def _expert_row_sums_fake(grad_SN, offsets_E):
+    return grad_SN.new_empty(offsets_E.shape[0], grad_SN.shape[1])
+
+
 class _AddExpertBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_SN, bias_EN, offsets_E):
         n_experts = bias_EN.shape[0]
+        ctx.n_experts = n_experts
+        if _on_cpu_kernels(y_SN):
+            ctx.save_for_backward(None, offsets_E)
+            return torch.ops.dsv3.add_expert_bias(y_SN, bias_EN, offsets_E)
         expert_S = _expert_of_row(offsets_E, y_SN.shape[0])
         ctx.save_for_backward(expert_S, offsets_E)
-        ctx.n_experts = n_experts
         # Rows past offsets_E[-1] (copies dropped by a capacity limit) belong to no
         # expert: they keep their value (as grouped_mm leaves them, zero), by a zero bias
         # row E appended, rather than a where() over [S, N]: one gather and one add, the
@@ -52,11 +75,14 @@ class _AddExpertBias(torch.autograd.Function):
         return grad_y_SN, grad_bias_EN, None
 
 
-def _bias_grad(grad_SN: torch.Tensor, offsets_E: torch.Tensor, expert_S: torch.Tensor,
+def _bias_grad(grad_SN: torch.Tensor, offsets_E: torch.Tensor, expert_S: torch.Tensor | None,
                n_experts: int, by_gemm: bool | None = None) -> torch.Tensor:
     """sum of grad_SN over each expert's rows, [E, N], accumulated in fp32 (fp64 for
-    fp64): by the grouped GEMM's wgrad (``by_gemm``; by default wherever the op would
-    run its kernels) or, on the reference path, an index_add_ over the rows' experts."""
+    fp64): by the C++ row sums on the CPU kernels' path, else by the grouped GEMM's
+    wgrad (``by_gemm``; by default wherever the op would run its kernels) or, on the
+    reference path, an index_add_ over the rows' experts (``expert_S``)."""
+    if by_gemm is None and _on_cpu_kernels(grad_SN):
+        return torch.ops.dsv3.expert_row_sums(grad_SN, offsets_E)
     if by_gemm is None:
         by_gemm = not use_reference(grad_SN)
     if by_gemm:
@@ -64,6 +90,8 @@ def _bias_grad(grad_SN: torch.Tensor, offsets_E: torch.Tensor, expert_S: torch.T
         sums_EXN = torch.ops.dsv3.grouped_mm_wgrad(ones_SX, grad_SN.contiguous(), offsets_E,
                                                    False)
         return sums_EXN[:, 0].contiguous()  # every row of the ones gives the same sums
+    if expert_S is None:  # the forward took the C++ kernels, which need no row experts
+        expert_S = _expert_of_row(offsets_E, grad_SN.shape[0])
     acc = torch.float64 if grad_SN.dtype == torch.float64 else torch.float32
     sums_EN = grad_SN.new_zeros(n_experts + 1, grad_SN.shape[1], dtype=acc)
     sums_EN.index_add_(0, expert_S, grad_SN.to(acc))  # row E: rows past offsets_E[-1]

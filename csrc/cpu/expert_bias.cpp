@@ -1,0 +1,135 @@
+// Biased expert projections (GPT-OSS's) on the CPU: each expert's bias added to its
+// rows of a grouped GEMM's output, and the bias gradient, the sum of each expert's rows.
+//
+// Why kernels of their own: the composed torch path (a gathered [S, N] bias, then an
+// add) wrote two fresh [S, N] tensors per call, and on the 2-core VM the page faults
+// of fresh multi-megabyte tensors cost more than the add itself: it ran slower than the
+// reference loop (benchmarks.cpu_kernels, RESULTS.md). Here the add is one pass into an
+// output from the kernels' cache (alloc.h), and the row sums one pass over the
+// gradient in the accumulation type (the GPU path takes them from the grouped GEMM's
+// wgrad with a ones operand, which on the CPU costs a GEMM's passes for a sum).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "alloc.h"
+
+namespace dsv3 {
+namespace {
+
+constexpr int64_t kRowGrain = 64;
+constexpr int64_t kColumnBlock = 256;  // columns summed per task: a block of accumulators
+
+// offsets_E as int64 cumulative ends, checked non-decreasing and <= n_rows: the rows of
+// expert e are [ends[e-1], ends[e]); rows past ends[E-1] belong to no expert.
+std::vector<int64_t> expert_ends(const at::Tensor& offsets_E, int64_t n_experts, int64_t n_rows,
+                                 const char* op) {
+  TORCH_CHECK_TYPE(offsets_E.scalar_type() == at::kInt, op, ": offsets_E must be int32");
+  TORCH_CHECK_VALUE(offsets_E.dim() == 1 && offsets_E.size(0) == n_experts, op,
+                    ": offsets_E must have shape [E=", n_experts, "], got ", offsets_E.sizes());
+  const at::Tensor offsets = offsets_E.contiguous();
+  const int32_t* data = offsets.const_data_ptr<int32_t>();
+  std::vector<int64_t> ends(n_experts);
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t start = e == 0 ? 0 : ends[e - 1];
+    TORCH_CHECK_VALUE(data[e] >= start && data[e] <= n_rows, op,
+                      ": offsets_E must be non-decreasing and <= S=", n_rows, ", got offsets_E[",
+                      e, "] = ", data[e]);
+    ends[e] = data[e];
+  }
+  return ends;
+}
+
+void check_rows(const at::Tensor& y_SN, const char* op) {
+  TORCH_CHECK_VALUE(y_SN.dim() == 2, op, ": y_SN must be 2-D, got ", y_SN.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(y_SN.scalar_type()), op,
+                   ": y_SN must be floating point, got ", y_SN.scalar_type());
+}
+
+at::Tensor add_expert_bias_cpu(const at::Tensor& y_SN, const at::Tensor& bias_EN,
+                               const at::Tensor& offsets_E) {
+  const char* op = "add_expert_bias";
+  check_rows(y_SN, op);
+  TORCH_CHECK_VALUE(bias_EN.dim() == 2 && bias_EN.size(1) == y_SN.size(1), op,
+                    ": bias_EN must have shape [E, N=", y_SN.size(1), "], got ", bias_EN.sizes());
+  TORCH_CHECK_TYPE(bias_EN.scalar_type() == y_SN.scalar_type(), op,
+                   ": bias_EN must have y_SN's dtype ", y_SN.scalar_type(), ", got ",
+                   bias_EN.scalar_type());
+  const int64_t n_rows = y_SN.size(0), width = y_SN.size(1), n_experts = bias_EN.size(0);
+  const std::vector<int64_t> ends = expert_ends(offsets_E, n_experts, n_rows, op);
+  const at::Tensor y = y_SN.contiguous(), bias = bias_EN.contiguous();
+  at::Tensor out_SN = empty_output({n_rows, width}, y.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "add_expert_bias",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // one rounding, as torch's add
+    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
+    const scalar_t* bias_data = bias.const_data_ptr<scalar_t>();
+    scalar_t* out_data = out_SN.data_ptr<scalar_t>();
+    at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
+      // the first expert whose rows end past `begin` owns it
+      int64_t e = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
+      for (int64_t r = begin; r < end; ++r) {
+        while (e < n_experts && ends[e] <= r) ++e;
+        const scalar_t* y_row = y_data + r * width;
+        scalar_t* out_row = out_data + r * width;
+        if (e == n_experts) {  // a dropped copy's row: no expert, its value kept
+          std::copy(y_row, y_row + width, out_row);
+          continue;
+        }
+        const scalar_t* bias_row = bias_data + e * width;
+        for (int64_t n = 0; n < width; ++n)
+          out_row[n] = static_cast<scalar_t>(static_cast<acc_t>(y_row[n]) +
+                                             static_cast<acc_t>(bias_row[n]));
+      }
+    });
+  });
+  return out_SN;
+}
+
+// sums_EN[e] = sum of grad_SN's rows of expert e, in the accumulation type (fp32, fp64
+// for fp64), rows in order: deterministic. An expert without rows gets zeros.
+at::Tensor expert_row_sums_cpu(const at::Tensor& grad_SN, const at::Tensor& offsets_E) {
+  const char* op = "expert_row_sums";
+  check_rows(grad_SN, op);
+  const int64_t n_rows = grad_SN.size(0), width = grad_SN.size(1);
+  const int64_t n_experts = offsets_E.dim() == 1 ? offsets_E.size(0) : 0;
+  const std::vector<int64_t> ends = expert_ends(offsets_E, n_experts, n_rows, op);
+  const at::Tensor grad = grad_SN.contiguous();
+  at::Tensor sums_EN = at::empty({n_experts, width}, grad.options());
+  const int64_t n_blocks = (width + kColumnBlock - 1) / kColumnBlock;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "expert_row_sums",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
+    scalar_t* sums_data = sums_EN.data_ptr<scalar_t>();
+    at::parallel_for(0, n_experts * n_blocks, 1, [&](int64_t begin, int64_t end) {
+      acc_t acc[kColumnBlock];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t e = task / n_blocks, first = (task % n_blocks) * kColumnBlock;
+        const int64_t count = std::min(kColumnBlock, width - first);
+        std::fill(acc, acc + count, acc_t(0));
+        for (int64_t r = e == 0 ? 0 : ends[e - 1]; r < ends[e]; ++r) {
+          const scalar_t* row = grad_data + r * width + first;
+          for (int64_t n = 0; n < count; ++n) acc[n] += static_cast<acc_t>(row[n]);
+        }
+        scalar_t* out = sums_data + e * width + first;
+        for (int64_t n = 0; n < count; ++n) out[n] = static_cast<scalar_t>(acc[n]);
+      }
+    });
+  });
+  return sums_EN;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsv3, CPU, m) {
+  m.impl("add_expert_bias", &add_expert_bias_cpu);
+  m.impl("expert_row_sums", &expert_row_sums_cpu);
+}
+
+}  // namespace dsv3
