@@ -10,20 +10,21 @@
 // wgrad with a ones operand, which on the CPU costs a GEMM's passes for a sum).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "alloc.h"
+#include "vec_math.h"
 
 namespace dsv3 {
 namespace {
 
 constexpr int64_t kRowGrain = 64;
-constexpr int64_t kColumnBlock = 256;  // columns summed per task: a block of accumulators
+constexpr int64_t kColumnBlock = 256;  // floats per buffer, and columns per row-sum task
 
 // offsets_E as int64 cumulative ends, checked non-decreasing and <= n_rows: the rows of
 // expert e are [ends[e-1], ends[e]); rows past ends[E-1] belong to no expert.
@@ -43,6 +44,48 @@ std::vector<int64_t> expert_ends(const at::Tensor& offsets_E, int64_t n_experts,
     ends[e] = data[e];
   }
   return ends;
+}
+
+DSV3_MULTIVERSION void add_floats(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+// out = y + bias, rounded once to the dtype (as torch's add): float rows directly, 16-bit
+// ones widened to float chunks (multiversioned loops, vec_math.h), double in double.
+template <typename scalar_t>
+void add_row(const scalar_t* y, const scalar_t* bias, scalar_t* out, int64_t width) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    for (int64_t n = 0; n < width; ++n) out[n] = y[n] + bias[n];
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    add_floats(y, bias, out, width);
+  } else {
+    float y_buf[kColumnBlock], bias_buf[kColumnBlock], sum_buf[kColumnBlock];
+    for (int64_t first = 0; first < width; first += kColumnBlock) {
+      const int64_t count = std::min(kColumnBlock, width - first);
+      vec::to_float(y + first, y_buf, count);
+      vec::to_float(bias + first, bias_buf, count);
+      add_floats(y_buf, bias_buf, sum_buf, count);
+      vec::from_float(sum_buf, out + first, count);
+    }
+  }
+}
+
+// sums[0:count] = the sum of `n_rows` rows (stride `width`) of `count` columns, in rows'
+// order, accumulated in float (double for double).
+template <typename scalar_t>
+void sum_rows(const scalar_t* rows, int64_t n_rows, int64_t width, int64_t count,
+              scalar_t* sums) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    std::fill(sums, sums + count, 0.0);
+    for (int64_t r = 0; r < n_rows; ++r)
+      for (int64_t n = 0; n < count; ++n) sums[n] += rows[r * width + n];
+  } else {
+    float acc[kColumnBlock], row_buf[kColumnBlock];
+    std::fill(acc, acc + count, 0.0f);
+    for (int64_t r = 0; r < n_rows; ++r)
+      vec::axpy(1.0f, vec::as_float(rows + r * width, row_buf, count), acc, count);
+    vec::from_float(acc, sums, count);
+  }
 }
 
 void check_rows(const at::Tensor& y_SN, const char* op) {
@@ -66,7 +109,6 @@ at::Tensor add_expert_bias_cpu(const at::Tensor& y_SN, const at::Tensor& bias_EN
   at::Tensor out_SN = empty_output({n_rows, width}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "add_expert_bias",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;  // one rounding, as torch's add
     const scalar_t* y_data = y.const_data_ptr<scalar_t>();
     const scalar_t* bias_data = bias.const_data_ptr<scalar_t>();
     scalar_t* out_data = out_SN.data_ptr<scalar_t>();
@@ -81,10 +123,7 @@ at::Tensor add_expert_bias_cpu(const at::Tensor& y_SN, const at::Tensor& bias_EN
           std::copy(y_row, y_row + width, out_row);
           continue;
         }
-        const scalar_t* bias_row = bias_data + e * width;
-        for (int64_t n = 0; n < width; ++n)
-          out_row[n] = static_cast<scalar_t>(static_cast<acc_t>(y_row[n]) +
-                                             static_cast<acc_t>(bias_row[n]));
+        add_row(y_row, bias_data + e * width, out_row, width);
       }
     });
   });
@@ -104,21 +143,14 @@ at::Tensor expert_row_sums_cpu(const at::Tensor& grad_SN, const at::Tensor& offs
   const int64_t n_blocks = (width + kColumnBlock - 1) / kColumnBlock;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "expert_row_sums",
                                   [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* grad_data = grad.const_data_ptr<scalar_t>();
     scalar_t* sums_data = sums_EN.data_ptr<scalar_t>();
     at::parallel_for(0, n_experts * n_blocks, 1, [&](int64_t begin, int64_t end) {
-      acc_t acc[kColumnBlock];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t e = task / n_blocks, first = (task % n_blocks) * kColumnBlock;
-        const int64_t count = std::min(kColumnBlock, width - first);
-        std::fill(acc, acc + count, acc_t(0));
-        for (int64_t r = e == 0 ? 0 : ends[e - 1]; r < ends[e]; ++r) {
-          const scalar_t* row = grad_data + r * width + first;
-          for (int64_t n = 0; n < count; ++n) acc[n] += static_cast<acc_t>(row[n]);
-        }
-        scalar_t* out = sums_data + e * width + first;
-        for (int64_t n = 0; n < count; ++n) out[n] = static_cast<scalar_t>(acc[n]);
+        const int64_t start = e == 0 ? 0 : ends[e - 1];
+        sum_rows(grad_data + start * width + first, ends[e] - start, width,
+                 std::min(kColumnBlock, width - first), sums_data + e * width + first);
       }
     });
   });
