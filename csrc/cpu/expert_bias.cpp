@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "offsets.h"
 #include "vec_math.h"
 
 namespace dsv3 {
@@ -25,26 +26,6 @@ namespace {
 
 constexpr int64_t kRowGrain = 64;
 constexpr int64_t kColumnBlock = 256;  // floats per buffer, and columns per row-sum task
-
-// offsets_E as int64 cumulative ends, checked non-decreasing and <= n_rows: the rows of
-// expert e are [ends[e-1], ends[e]); rows past ends[E-1] belong to no expert.
-std::vector<int64_t> expert_ends(const at::Tensor& offsets_E, int64_t n_experts, int64_t n_rows,
-                                 const char* op) {
-  TORCH_CHECK_TYPE(offsets_E.scalar_type() == at::kInt, op, ": offsets_E must be int32");
-  TORCH_CHECK_VALUE(offsets_E.dim() == 1 && offsets_E.size(0) == n_experts, op,
-                    ": offsets_E must have shape [E=", n_experts, "], got ", offsets_E.sizes());
-  const at::Tensor offsets = offsets_E.contiguous();
-  const int32_t* data = offsets.const_data_ptr<int32_t>();
-  std::vector<int64_t> ends(n_experts);
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t start = e == 0 ? 0 : ends[e - 1];
-    TORCH_CHECK_VALUE(data[e] >= start && data[e] <= n_rows, op,
-                      ": offsets_E must be non-decreasing and <= S=", n_rows, ", got offsets_E[",
-                      e, "] = ", data[e]);
-    ends[e] = data[e];
-  }
-  return ends;
-}
 
 DSV3_MULTIVERSION void add_floats(const float* a, const float* b, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
@@ -104,7 +85,7 @@ at::Tensor add_expert_bias_cpu(const at::Tensor& y_SN, const at::Tensor& bias_EN
                    ": bias_EN must have y_SN's dtype ", y_SN.scalar_type(), ", got ",
                    bias_EN.scalar_type());
   const int64_t n_rows = y_SN.size(0), width = y_SN.size(1), n_experts = bias_EN.size(0);
-  const std::vector<int64_t> ends = expert_ends(offsets_E, n_experts, n_rows, op);
+  const std::vector<int64_t> starts = read_offsets(offsets_E, n_experts, n_rows, op);
   const at::Tensor y = y_SN.contiguous(), bias = bias_EN.contiguous();
   at::Tensor out_SN = empty_output({n_rows, width}, y.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "add_expert_bias",
@@ -114,9 +95,9 @@ at::Tensor add_expert_bias_cpu(const at::Tensor& y_SN, const at::Tensor& bias_EN
     scalar_t* out_data = out_SN.data_ptr<scalar_t>();
     at::parallel_for(0, n_rows, kRowGrain, [&](int64_t begin, int64_t end) {
       // the first expert whose rows end past `begin` owns it
-      int64_t e = std::upper_bound(ends.begin(), ends.end(), begin) - ends.begin();
+      int64_t e = std::upper_bound(starts.begin() + 1, starts.end(), begin) - starts.begin() - 1;
       for (int64_t r = begin; r < end; ++r) {
-        while (e < n_experts && ends[e] <= r) ++e;
+        while (e < n_experts && starts[e + 1] <= r) ++e;
         const scalar_t* y_row = y_data + r * width;
         scalar_t* out_row = out_data + r * width;
         if (e == n_experts) {  // a dropped copy's row: no expert, its value kept
@@ -137,7 +118,7 @@ at::Tensor expert_row_sums_cpu(const at::Tensor& grad_SN, const at::Tensor& offs
   check_rows(grad_SN, op);
   const int64_t n_rows = grad_SN.size(0), width = grad_SN.size(1);
   const int64_t n_experts = offsets_E.dim() == 1 ? offsets_E.size(0) : 0;
-  const std::vector<int64_t> ends = expert_ends(offsets_E, n_experts, n_rows, op);
+  const std::vector<int64_t> starts = read_offsets(offsets_E, n_experts, n_rows, op);
   const at::Tensor grad = grad_SN.contiguous();
   at::Tensor sums_EN = at::empty({n_experts, width}, grad.options());
   const int64_t n_blocks = (width + kColumnBlock - 1) / kColumnBlock;
@@ -148,8 +129,7 @@ at::Tensor expert_row_sums_cpu(const at::Tensor& grad_SN, const at::Tensor& offs
     at::parallel_for(0, n_experts * n_blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t e = task / n_blocks, first = (task % n_blocks) * kColumnBlock;
-        const int64_t start = e == 0 ? 0 : ends[e - 1];
-        sum_rows(grad_data + start * width + first, ends[e] - start, width,
+        sum_rows(grad_data + starts[e] * width + first, starts[e + 1] - starts[e], width,
                  std::min(kColumnBlock, width - first), sums_data + e * width + first);
       }
     });

@@ -15,6 +15,7 @@
 
 #include "alloc.h"
 #include "half_gemm.h"
+#include "offsets.h"
 #include "small_rows.h"
 
 namespace dsv3 {
@@ -22,24 +23,6 @@ namespace {
 
 // Below this many rows per expert (on average) BLAS cannot keep all threads busy.
 constexpr int64_t kSmallSegmentRows = 1024;
-
-std::vector<int64_t> read_offsets(const at::Tensor& offsets_E, int64_t n_experts, int64_t n_rows,
-                                  const char* op) {
-  TORCH_CHECK_TYPE(offsets_E.scalar_type() == at::kInt, op, ": offsets_E must be int32");
-  TORCH_CHECK_VALUE(offsets_E.dim() == 1 && offsets_E.size(0) == n_experts, op,
-                    ": offsets_E must have shape [E=", n_experts, "], got ", offsets_E.sizes());
-  const at::Tensor offsets = offsets_E.contiguous();
-  const int32_t* data = offsets.const_data_ptr<int32_t>();
-  std::vector<int64_t> starts(n_experts + 1, 0);
-  for (int64_t e = 0; e < n_experts; ++e) {
-    TORCH_CHECK_VALUE(data[e] >= starts[e] && data[e] <= n_rows, op,
-                      ": offsets_E must be non-decreasing and <= S=", n_rows, ", got offsets_E[",
-                      e, "] = ", data[e], e > 0 ? " after " : " (from 0)",
-                      e > 0 ? std::to_string(starts[e]) : std::string());
-    starts[e + 1] = data[e];
-  }
-  return starts;
-}
 
 using ThreadPlan = std::vector<std::vector<int64_t>>;  // experts per thread
 
