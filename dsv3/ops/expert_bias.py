@@ -2,15 +2,15 @@
 for experts whose projections carry biases (GPT-OSS's).
 
 On the CPU, C++ kernels of their own (csrc/cpu/expert_bias.cpp): the add in one pass
-into the kernels' cached outputs, the bias gradient as plain row sums. Elsewhere (a GPU,
-Triton's kernels on CPU tensors, torch.compile) composed of existing ops: the forward
-is one gather and one add. There the bias gradient, a sum over each expert's rows, is the grouped GEMM's weight
-gradient with ones for its input (ones_S^T @ grad_SN per expert): the layer's own wgrad
-kernels, accumulating in fp32 (on tensor cores in bf16/fp16), without atomics
-(deterministic) and without a host sync (CUDA-graph capturable), at 2*16*S*N FLOPs: the
-ones are 16 wide, the narrowest operand a GPU matmul tile takes. fp32 gradients get
-the layer's fp32 GEMM precision: TF32 inputs where torch.backends.cuda.matmul.allow_tf32
-is set.
+into the kernels' cached outputs, the bias gradient as plain row sums. Elsewhere (a
+GPU, Triton's kernels on CPU tensors, torch.compile) composed of existing ops: the
+forward is one gather and one add. There the bias gradient, a sum over each expert's
+rows, is the grouped GEMM's weight gradient with ones for its input (ones_S^T @ grad_SN
+per expert): the layer's own wgrad kernels, accumulating in fp32 (on tensor cores in
+bf16/fp16), without atomics (deterministic) and without a host sync (CUDA-graph
+capturable), at 2*16*S*N FLOPs: the ones are 16 wide, the narrowest operand a GPU
+matmul tile takes. fp32 gradients get the layer's fp32 GEMM precision: TF32 inputs
+where torch.backends.cuda.matmul.allow_tf32 is set.
 """
 import torch
 
