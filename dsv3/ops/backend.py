@@ -53,6 +53,12 @@ def use_reference(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
+def on_cpu_kernels(tensor: torch.Tensor) -> bool:
+    """True when calls on ``tensor`` take the C++ CPU kernels (not Triton's on CPU
+    tensors, nor the reference path)."""
+    return tensor.device.type == "cpu" and not triton_on_cpu and not use_reference(tensor)
+
+
 @functools.cache
 def _warn_reference_fallback() -> None:
     """Once a process: CUDA tensors without triton run every op in plain PyTorch,

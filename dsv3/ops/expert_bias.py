@@ -33,8 +33,7 @@ def _expert_of_row(offsets_E: torch.Tensor, n_rows: int) -> torch.Tensor:
 def _on_cpu_kernels(tensor: torch.Tensor) -> bool:
     """Whether this call takes the C++ kernels: CPU tensors, outside torch.compile (which
     fuses the composed ops itself), unless the Triton or reference path was chosen."""
-    return (tensor.device.type == "cpu" and not backend.triton_on_cpu
-            and not use_reference(tensor) and not torch.compiler.is_compiling())
+    return backend.on_cpu_kernels(tensor) and not torch.compiler.is_compiling()
 
 
 @torch.library.register_fake("dsv3::add_expert_bias")

@@ -157,9 +157,7 @@ def unpermute(y_SD: torch.Tensor, row_map_TK: torch.Tensor,
     backward writes each row once, so a row named twice would get one copy's gradient
     and another none."""
     _check_unpermute("unpermute", y_SD, row_map_TK, weights_TK)
-    on_cpu_kernel = (y_SD.device.type == "cpu" and not backend.triton_on_cpu
-                     and not use_reference(y_SD))
-    if not on_cpu_kernel:  # the C++ kernel checks the map in the pass it makes anyway
+    if not backend.on_cpu_kernels(y_SD):  # the C++ kernel checks the map in its own pass
         invert_row_map("unpermute", row_map_TK)
     return _unpermute(y_SD, row_map_TK, weights_TK)
 
