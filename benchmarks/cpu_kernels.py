@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import dsv3
-from benchmarks.bench_checks import check_label, disagreement, reference_backend
+from benchmarks.bench_checks import check_label, disagreement, gradients, reference_backend
 from benchmarks.providers import DTYPES, Shape
 from benchmarks.side_by_side import shape_name
 
@@ -43,16 +43,9 @@ class Case:
 
 
 def _grads(forward: Callable, inputs: list[torch.Tensor], grad_outs: list) -> Callable:
-    """A call running ``forward(*inputs)`` and the backward from ``grad_outs`` (None for
-    an output without one); it returns the inputs' gradients."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def call():
-        outputs = forward(*leaves)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outs) if g is not None]
-        return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs])
-    return call
+    """A call running ``forward(*inputs)`` and its backward from ``grad_outs`` (None for
+    an output without one): bench_checks.gradients, the inputs' gradients."""
+    return lambda: gradients(forward, inputs, grad_outs)
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
