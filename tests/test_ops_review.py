@@ -136,6 +136,9 @@ def test_moe_under_jvp_is_a_clear_error():
     # Before: a NaN scale gave NaN weights.
     ({"scale": float("nan")}, ValueError, "route: scale must be finite"),
     ({"scale": torch.tensor(2.0)}, TypeError, "route: scale must be a number, got Tensor"),
+    # Before: accepted, every weight inf (the weights are fp32 for fp32/fp16/bf16 logits).
+    ({"scale": 1e39}, ValueError, r"route: scale 1e\+39 is past the range of the torch.float32"),
+    ({"scale": -10 ** 40}, ValueError, "route: scale -10+ is past the range"),
     # Before: on the reference backend any truthy value normalized.
     ({"normalize": "no"}, TypeError, "route: normalize must be True or False, got 'no'"),
 ])
@@ -144,6 +147,15 @@ def test_route_rejects_bad_scale_and_normalize(kwargs, error, pattern, backend, 
     monkeypatch.setenv("DSV3_BACKEND", backend)
     with pytest.raises(error, match=pattern):
         ops.route(torch.randn(4, 8), 2, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_route_takes_a_scale_past_fp32_for_fp64_logits(backend, monkeypatch):
+    # fp64 logits give fp64 weights, which hold a scale no fp32 weight could.
+    monkeypatch.setenv("DSV3_BACKEND", backend)
+    weights_TK = ops.route(torch.randn(4, 8, dtype=torch.float64), 2, scale=1e39)[0]
+    assert weights_TK.dtype == torch.float64 and torch.isfinite(weights_TK).all()
+    assert_close(weights_TK.sum(-1), torch.full((4,), 1e39, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("bad", ["past_the_end", "negative_wrapping_onto_a_free_row"])

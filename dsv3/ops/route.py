@@ -133,6 +133,13 @@ def _route(logits_TE, top_k, score, bias_E, n_groups, topk_groups, normalize, sc
     check_int(op, "top_k", top_k, low=1, high=topk_groups * (n_experts // n_groups))
     check_bool(op, "normalize", normalize)
     check_number(op, "scale", scale)
+    weight_dtype = torch.float64 if logits_TE.dtype == torch.float64 else torch.float32
+    if not isinstance(scale, (torch.SymInt, torch.SymFloat)) \
+            and abs(scale) > torch.finfo(weight_dtype).max:
+        # The weights are computed in fp32 (fp64 for fp64 logits): past its range every
+        # chosen expert's weight would be inf (and a zero weight NaN).
+        raise ValueError(f"{op}: scale {scale} is past the range of the {weight_dtype} routing "
+                         f"weights (max {torch.finfo(weight_dtype).max})")
     check_no_forward_ad(op, logits_TE)
     if bias_E is not None:
         check_tensor(op, "bias_E", bias_E, dim=1, dtypes=FLOAT_DTYPES, like=logits_TE)
