@@ -37,7 +37,11 @@ def nvidia_include_dirs() -> list[str]:
 
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
+    # -fno-trapping-math: nothing here reads the floating-point exception flags, and
+    # without it GCC leaves every loop with a compare-and-select (vec::fast_exp's clamp:
+    # SwiGLU, the router) scalar in its AVX2 and baseline builds; results are unchanged
+    # (no reassociation, no contraction: that is -ffast-math's, not this).
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math"]
     link_flags = ["-fopenmp"]
     if not cuda_wanted():
         return cpp_extension.CppExtension(

@@ -24,6 +24,9 @@
 
 namespace dsv3::vec {
 
+// Its clamp is a compare-and-select: loops calling it vectorize for AVX2 and the
+// baseline only because setup.py builds with -fno-trapping-math.
+//
 // exp(x) for float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
 // degree-6 Taylor polynomial of e^r (relative error < 2e-7); 2^n is built in the
 // exponent bits. Inputs are clamped to [-87, 88] so 2^n stays a normal float.
