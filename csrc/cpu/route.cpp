@@ -13,7 +13,11 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "route_rows.h"
+#include "vec_math.h"
 
 namespace dsv3 {
 namespace {
@@ -37,60 +41,49 @@ GroupScore parse_group_score(c10::string_view group_score) {
                     "'");
 }
 
-// Fills prob_E with softmax or sigmoid of one token's logits; returns false on NaN
-// or +inf (which would turn the softmax into NaN); -inf is a legal "never" logit.
+// Fills prob_E with softmax or sigmoid of one token's logits, and *lse (when lse is
+// not null) with log(sum exp(logits)); returns false on NaN or +inf (which would turn
+// the softmax into NaN); -inf is a legal "never" logit. Float math (fp32, fp16, bf16
+// logits) goes through route_rows' vectorized rows, widened into row_buffer; fp64
+// stays with std::exp.
 template <typename scalar_t, typename acc_t>
-bool token_scores(const scalar_t* logits_E, int64_t n_experts, Score score, acc_t* prob_E) {
-  bool finite = true;
-  if (score == Score::Sigmoid) {
-    for (int64_t e = 0; e < n_experts; ++e) {
-      acc_t l = static_cast<acc_t>(logits_E[e]);
-      finite &= !std::isnan(l) && l != std::numeric_limits<acc_t>::infinity();
-      prob_E[e] = acc_t(1) / (acc_t(1) + std::exp(-l));
+bool token_scores(const scalar_t* logits_E, int64_t n_experts, Score score, acc_t* prob_E,
+                  acc_t* lse, acc_t* row_buffer) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const float* row = vec::as_float(logits_E, row_buffer, n_experts);
+    if (score == Score::Softmax) {
+      float row_lse;
+      const bool usable = route_rows::softmax(row, n_experts, prob_E, &row_lse);
+      if (lse) *lse = row_lse;
+      return usable;
     }
+    if (lse) *lse = route_rows::logsumexp(row, n_experts);
+    return route_rows::sigmoid(row, n_experts, prob_E);
+  } else {
+    bool finite = true;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const acc_t l = static_cast<acc_t>(logits_E[e]);
+      finite &= !std::isnan(l) && l != std::numeric_limits<acc_t>::infinity();
+    }
+    acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t e = 0; e < n_experts; ++e)
+      max_logit = std::max(max_logit, static_cast<acc_t>(logits_E[e]));
+    acc_t total = 0;  // sum exp(l - max): the softmax's and the lse's
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const acc_t shifted = std::exp(static_cast<acc_t>(logits_E[e]) - max_logit);
+      total += shifted;
+      if (score == Score::Softmax) prob_E[e] = shifted;
+    }
+    if (score == Score::Softmax)
+      for (int64_t e = 0; e < n_experts; ++e) prob_E[e] /= total;
+    else
+      for (int64_t e = 0; e < n_experts; ++e)
+        prob_E[e] = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(logits_E[e])));
+    if (lse)
+      *lse = max_logit == -std::numeric_limits<acc_t>::infinity() ? max_logit
+                                                                  : max_logit + std::log(total);
     return finite;
   }
-  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t e = 0; e < n_experts; ++e) {
-    acc_t l = static_cast<acc_t>(logits_E[e]);
-    finite &= !std::isnan(l) && l != std::numeric_limits<acc_t>::infinity();
-    max_logit = l > max_logit ? l : max_logit;
-  }
-  acc_t total = 0;
-  for (int64_t e = 0; e < n_experts; ++e) {
-    prob_E[e] = std::exp(static_cast<acc_t>(logits_E[e]) - max_logit);
-    total += prob_E[e];
-  }
-  for (int64_t e = 0; e < n_experts; ++e) prob_E[e] /= total;
-  return finite;
-}
-
-// Index of the largest value in [begin, end) not yet taken; ties go to the lowest
-// index so routing is deterministic and matches a stable descending sort.
-template <typename acc_t>
-int64_t argmax_untaken(const acc_t* value, const std::vector<char>& taken, int64_t begin,
-                       int64_t end) {
-  int64_t best = -1;
-  for (int64_t i = begin; i < end; ++i) {
-    if (taken[i]) continue;
-    if (best < 0 || value[i] > value[best]) best = i;
-  }
-  return best;
-}
-
-// log(sum_e exp(l_e)) of one token's logits, shifted by the max for range.
-template <typename scalar_t, typename acc_t>
-acc_t token_logsumexp(const scalar_t* logits_E, int64_t n_experts) {
-  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const acc_t l = static_cast<acc_t>(logits_E[e]);
-    max_logit = l > max_logit ? l : max_logit;
-  }
-  if (max_logit == -std::numeric_limits<acc_t>::infinity()) return max_logit;
-  acc_t total = 0;
-  for (int64_t e = 0; e < n_experts; ++e)
-    total += std::exp(static_cast<acc_t>(logits_E[e]) - max_logit);
-  return max_logit + std::log(total);
 }
 
 // Tokens per chunk of the parallel loop. Fixed (not derived from the thread count)
@@ -104,7 +97,7 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
                   at::Tensor& weights_TK, at::Tensor& experts_TK, at::Tensor* partial_sums_CX) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n_tokens = logits_TE.size(0), n_experts = logits_TE.size(1);
-  const int64_t group_size = n_experts / n_groups;
+  const route_rows::Groups groups{n_groups, topk_groups, group_score_kind == GroupScore::Top2Sum};
   const scalar_t* logits = logits_TE.const_data_ptr<scalar_t>();
   at::Tensor bias_acc;
   if (bias_E.has_value()) {
@@ -123,11 +116,14 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
   const int64_t n_chunks = (n_tokens + kTokensPerChunk - 1) / kTokensPerChunk;
 
   at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> prob_E(n_experts), choice_E(n_experts), group_score_G(n_groups);
-    std::vector<char> taken_E(n_experts), taken_G(n_groups);
+    std::vector<acc_t> prob_E(n_experts), selection_E(n_experts), row_buffer(n_experts);
+    std::vector<acc_t> scratch(route_rows::scratch_values(n_experts, groups));
+    std::vector<int32_t> slots(route_rows::scratch_slots(groups));
     for (int64_t t = chunk_begin * kTokensPerChunk;
          t < std::min(n_tokens, chunk_end * kTokensPerChunk); ++t) {
-      if (!token_scores(logits + t * n_experts, n_experts, score, prob_E.data())) {
+      acc_t lse = 0;  // set by token_scores when the loss sums are wanted
+      if (!token_scores(logits + t * n_experts, n_experts, score, prob_E.data(),
+                        partial ? &lse : nullptr, row_buffer.data())) {
         nan_token.store(t);
         continue;
       }
@@ -137,42 +133,20 @@ void route_kernel(const at::Tensor& logits_TE, int64_t top_k, Score score,
         for (int64_t e = 0; e < n_experts; ++e) row_total += prob_E[e];
         const acc_t inv_total = score == Score::Softmax ? acc_t(1) : acc_t(1) / row_total;
         for (int64_t e = 0; e < n_experts; ++e) sums[e] += prob_E[e] * inv_total;
-        const acc_t lse = token_logsumexp<scalar_t, acc_t>(logits + t * n_experts, n_experts);
         sums[n_experts] += lse * lse;
       }
-      for (int64_t e = 0; e < n_experts; ++e) {
-        choice_E[e] = prob_E[e] + (bias ? bias[e] : acc_t(0));
-        taken_E[e] = 0;
+      const acc_t* choice_E = prob_E.data();
+      if (bias) {
+        for (int64_t e = 0; e < n_experts; ++e) selection_E[e] = prob_E[e] + bias[e];
+        choice_E = selection_E.data();
       }
-      if (n_groups > 1) {
-        // A group's score is the sum of its two best choice scores (DeepSeek-V3) or its
-        // best one (GroupScore::Max, DeepSeek-V2); experts outside the best topk_groups
-        // groups are marked taken (excluded, never chosen: DeepSeek-V2 zeroes their
-        // scores instead, which picks the same experts while the kept scores are > 0 and
-        // nothing ties: its topk orders ties as it likes, ours goes to the lower index).
-        for (int64_t g = 0; g < n_groups; ++g) {
-          const int64_t lo = g * group_size, hi = lo + group_size;
-          int64_t first = argmax_untaken(choice_E.data(), taken_E, lo, hi);
-          acc_t group_score = choice_E[first];
-          if (group_score_kind == GroupScore::Top2Sum && group_size > 1) {
-            taken_E[first] = 1;
-            group_score += choice_E[argmax_untaken(choice_E.data(), taken_E, lo, hi)];
-            taken_E[first] = 0;
-          }
-          group_score_G[g] = group_score;
-          taken_G[g] = 0;
-        }
-        for (int64_t i = 0; i < topk_groups; ++i)
-          taken_G[argmax_untaken(group_score_G.data(), taken_G, 0, n_groups)] = 1;
-        for (int64_t e = 0; e < n_experts; ++e) taken_E[e] = !taken_G[e / group_size];
-      }
+      int32_t* chosen = experts + t * top_k;
+      route_rows::select_experts(choice_E, n_experts, groups, top_k, scratch.data(),
+                                 slots.data(), chosen);
       acc_t total = 0;
       for (int64_t k = 0; k < top_k; ++k) {
-        const int64_t e = argmax_untaken(choice_E.data(), taken_E, 0, n_experts);
-        taken_E[e] = 1;
-        experts[t * top_k + k] = static_cast<int32_t>(e);
-        weights[t * top_k + k] = prob_E[e];
-        total += prob_E[e];
+        weights[t * top_k + k] = prob_E[chosen[k]];
+        total += prob_E[chosen[k]];
       }
       // The 1e-20 keeps an all-zero sigmoid row finite (as DeepSeek-V3 does).
       const acc_t factor = normalize ? acc_t(scale) / (total + acc_t(1e-20)) : acc_t(scale);
@@ -258,10 +232,21 @@ void route_backward_kernel(const at::Tensor* grad_weights_TK, const at::Tensor* 
   scalar_t* grad_logits = grad_logits_TE.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, n_tokens, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> prob_E(n_experts), grad_p_E(n_experts);
+    std::vector<acc_t> prob_E(n_experts), grad_p_E(n_experts), row_buffer(n_experts);
+    std::vector<acc_t> sigmoid_softmax_E(grad_lse_sq_sum && score == Score::Sigmoid ? n_experts : 0);
     for (int64_t t = begin; t < end; ++t) {
       const scalar_t* row = logits + t * n_experts;
-      token_scores(row, n_experts, score, prob_E.data());
+      // The z-loss term needs lse and softmax(l): the scores themselves for softmax.
+      acc_t lse = 0;
+      const acc_t* softmax_E = prob_E.data();
+      token_scores(row, n_experts, score, prob_E.data(),
+                   grad_lse_sq_sum && score == Score::Softmax ? &lse : nullptr,
+                   row_buffer.data());
+      if (grad_lse_sq_sum && score == Score::Sigmoid) {
+        token_scores(row, n_experts, Score::Softmax, sigmoid_softmax_E.data(), &lse,
+                     row_buffer.data());
+        softmax_E = sigmoid_softmax_E.data();
+      }
       std::fill(grad_p_E.begin(), grad_p_E.end(), acc_t(0));
       if (grad_w) {
         const int32_t* chosen = experts + t * top_k;
@@ -290,14 +275,12 @@ void route_backward_kernel(const at::Tensor* grad_weights_TK, const at::Tensor* 
       acc_t gp_dot_p = 0;
       if (score == Score::Softmax)
         for (int64_t e = 0; e < n_experts; ++e) gp_dot_p += grad_p_E[e] * prob_E[e];
-      acc_t lse = 0;
-      if (grad_lse_sq_sum) lse = token_logsumexp<scalar_t, acc_t>(row, n_experts);
       for (int64_t e = 0; e < n_experts; ++e) {
         const acc_t p = prob_E[e];
         acc_t grad = score == Score::Softmax ? p * (grad_p_E[e] - gp_dot_p)
                                              : grad_p_E[e] * p * (acc_t(1) - p);
         if (grad_lse_sq_sum)
-          grad += grad_z * acc_t(2) * lse * std::exp(static_cast<acc_t>(row[e]) - lse);
+          grad += grad_z * acc_t(2) * lse * softmax_E[e];
         out[e] = static_cast<scalar_t>(grad);
       }
     }
