@@ -27,5 +27,8 @@ def append_section(title: str, command: str, body: str) -> None:
     from benchmarks.run import git_commit, machine
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     m = machine()
-    append_text(f"## {title}, {now} · commit {git_commit()}\n\n`{command}` on {m['cpu']}, "
-                f"{m['cores']} cores, torch {m['torch']}.\n\n{body}")
+    # The vector ISA too: the VMs differ (AVX-512 or AVX2 only), and the kernels' loops
+    # are built per ISA, so a figure means little without it.
+    append_text(f"## {title}, {now} · commit {git_commit()}\n\n`{command}` on {m['cpu']} "
+                f"(CPU capability {m['cpu_capability']}), {m['cores']} cores, "
+                f"torch {m['torch']}.\n\n{body}")

@@ -66,6 +66,21 @@ def test_recorded_command_has_the_options_used(monkeypatch):
         "python -m benchmarks.trainer_overhead --steps 10")
 
 
+def test_appended_section_names_commit_command_and_vector_isa(monkeypatch, tmp_path):
+    # The VMs differ in ISA (AVX-512 or AVX2 only) and the kernels are built per ISA: a
+    # section without it could not be told apart from another machine's.
+    from benchmarks import results
+    from benchmarks.run import git_commit
+    monkeypatch.setattr(results, "RESULTS_MD", tmp_path / "RESULTS.md")
+    results.append_section("A table", "python -m benchmarks.x --y", "| a |")
+    text = (tmp_path / "RESULTS.md").read_text()
+    heading, machine_line, body = text.strip().split("\n\n")
+    assert heading.startswith("## A table, ") and heading.endswith(f"commit {git_commit()}")
+    assert machine_line.startswith("`python -m benchmarks.x --y` on ")
+    assert f"(CPU capability {torch.backends.cpu.get_cpu_capability()})" in machine_line
+    assert body == "| a |"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_ncu_case_without_gpu_or_interpreter_says_to_set_triton_interpret():
     import os
