@@ -87,29 +87,11 @@ void select_experts(const float* choice_E, int64_t n_experts, const Groups& grou
     select_experts<float>(choice_E, n_experts, groups, top_k, scratch, slots, chosen_K);
     return;
   }
-  float* kept_E = scratch;
-  float* group_score_G = kept_E + n_experts;
-  float* best_group_score_G = group_score_G + groups.n_groups;
-  float* best_value_K = best_group_score_G + groups.n_groups;
-  if (groups.n_groups > 1) {
-    const int64_t group_size = n_experts / groups.n_groups;
-    const int64_t n_best = groups.top2_sum ? std::min<int64_t>(2, group_size) : 1;
-    for (int64_t g = 0; g < groups.n_groups; ++g) {
-      float best_value[2];
-      int32_t best_index[2];
-      std::copy_n(choice_E + g * group_size, group_size, kept_E);  // taking consumes it
-      take_top_k(kept_E, static_cast<int32_t>(group_size), n_best, best_value, best_index);
-      group_score_G[g] = n_best == 2 ? best_value[0] + best_value[1] : best_value[0];
-    }
-    take_top_k(group_score_G, static_cast<int32_t>(groups.n_groups), groups.topk_groups,
-               best_group_score_G, slots);
-    std::fill_n(kept_E, n_experts, -kInf);
-    for (int64_t i = 0; i < groups.topk_groups; ++i)
-      std::copy_n(choice_E + slots[i] * group_size, group_size, kept_E + slots[i] * group_size);
-  } else {
-    std::copy_n(choice_E, n_experts, kept_E);
-  }
-  take_top_k(kept_E, static_cast<int32_t>(n_experts), top_k, best_value_K, chosen_K);
+  const auto take = [](float* values, int64_t n, int64_t k, float* best_value_K,
+                       int32_t* best_index_K) {
+    take_top_k(values, static_cast<int32_t>(n), k, best_value_K, best_index_K);
+  };
+  select_experts_by(take, choice_E, n_experts, groups, top_k, scratch, slots, chosen_K);
 }
 
 bool softmax(const float* logits_E, int64_t n_experts, float* prob_E, float* lse) {

@@ -68,32 +68,43 @@ void top_k_by_insertion(const acc_t* value_E, int64_t n, int64_t top_k, acc_t* b
 // topk_groups best groups (DeepSeek-V2 zeroes the others' scores instead, which picks
 // the same experts while the kept scores are > 0 and nothing ties: its topk orders ties
 // as it likes, ours goes to the lower index). Ties go to the lower index, groups as
-// experts. Generic version, by insertion (fp64); float has a vectorized overload.
-template <typename acc_t>
-void select_experts(const acc_t* choice_E, int64_t n_experts, const Groups& groups,
-                    int64_t top_k, acc_t* scratch, int32_t* slots, int32_t* chosen_K) {
+// experts. top_k_of(values, n, k, best_value_K, best_index_K) is the selection; it may
+// consume values (each is a scratch copy).
+template <typename acc_t, typename TopK>
+void select_experts_by(const TopK& top_k_of, const acc_t* choice_E, int64_t n_experts,
+                       const Groups& groups, int64_t top_k, acc_t* scratch, int32_t* slots,
+                       int32_t* chosen_K) {
   acc_t* kept_E = scratch;
   acc_t* group_score_G = kept_E + n_experts;
   acc_t* best_group_score_G = group_score_G + groups.n_groups;
   acc_t* best_value_K = best_group_score_G + groups.n_groups;  // top_k <= n_experts
-  const acc_t* candidates_E = choice_E;
   if (groups.n_groups > 1) {
     const int64_t group_size = n_experts / groups.n_groups;
     const int64_t n_best = groups.top2_sum ? std::min<int64_t>(2, group_size) : 1;
     for (int64_t g = 0; g < groups.n_groups; ++g) {
       acc_t best_value[2];
       int32_t best_index[2];
-      top_k_by_insertion(choice_E + g * group_size, group_size, n_best, best_value, best_index);
+      std::copy_n(choice_E + g * group_size, group_size, kept_E);
+      top_k_of(kept_E, group_size, n_best, best_value, best_index);
       group_score_G[g] = n_best == 2 ? best_value[0] + best_value[1] : best_value[0];
     }
-    top_k_by_insertion(group_score_G, groups.n_groups, groups.topk_groups, best_group_score_G,
-                       slots);
+    top_k_of(group_score_G, groups.n_groups, groups.topk_groups, best_group_score_G, slots);
     std::fill_n(kept_E, n_experts, -std::numeric_limits<acc_t>::infinity());
     for (int64_t i = 0; i < groups.topk_groups; ++i)
       std::copy_n(choice_E + slots[i] * group_size, group_size, kept_E + slots[i] * group_size);
-    candidates_E = kept_E;
+  } else {
+    std::copy_n(choice_E, n_experts, kept_E);
   }
-  top_k_by_insertion(candidates_E, n_experts, top_k, best_value_K, chosen_K);
+  top_k_of(kept_E, n_experts, top_k, best_value_K, chosen_K);
+}
+
+// The generic selection, by insertion (fp64, and float rows of NaN scores); float has a
+// vectorized overload.
+template <typename acc_t>
+void select_experts(const acc_t* choice_E, int64_t n_experts, const Groups& groups,
+                    int64_t top_k, acc_t* scratch, int32_t* slots, int32_t* chosen_K) {
+  select_experts_by(&top_k_by_insertion<acc_t>, choice_E, n_experts, groups, top_k, scratch,
+                    slots, chosen_K);
 }
 
 void select_experts(const float* choice_E, int64_t n_experts, const Groups& groups,
