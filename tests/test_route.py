@@ -174,6 +174,22 @@ def test_route_orders_scores_far_below_the_best(score, with_bias, n_groups, topk
     assert far_below.any() and (weights_TK[far_below] > 0).any()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_groups_scored_minus_inf_are_kept_in_order(device):
+    # A bias near -fp32's max makes a group's top-2 sum -inf: groups 2 and 3 here. With 3
+    # groups kept, the third is group 2 (the lower of the tied -inf groups), never a group
+    # already kept a second time, and its experts tie (prob - 3e38 rounds to -3e38).
+    bias_E = torch.zeros(16, device=device)
+    bias_E[8:] = -3e38
+    logits_TE = torch.randn(5, 16, device=device)
+    kwargs = dict(top_k=10, score="sigmoid", n_groups=4, topk_groups=3, normalize=True)
+    (_, experts_TK, counts_E), _ = check_op(
+        lambda logits, bias: ops.route(logits, bias_E=bias, **kwargs),
+        lambda logits, bias: reference.route(logits, bias_E=bias, **kwargs),
+        [logits_TE, bias_E], differentiable=(0,))
+    assert (experts_TK[:, 8:].sort(1).values.cpu() == torch.tensor([8, 9])).all()
+
+
 def check_route_with_stats(logits_TE, bias_E, **kwargs):
     """ops.route_with_stats against the reference (ids, weights, counts, the loss sums
     and d(logits) from all three differentiable outputs); returns check_op's result."""

@@ -57,10 +57,12 @@ DSV3_MULTIVERSION void sigmoids(const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = 1.0f / (1.0f + vec::fast_exp(-x[i]));
 }
 
-// Takes the top_k of value (consumed: each pick becomes -inf), best first, ties to the
-// lower index: per pick a vectorized max, then a vectorized search for its first index,
-// with no data-dependent branch (the insertion mispredicted through ~25 inserts a token
-// at 64 experts, top-8). Needs no NaN and at least top_k values above -inf.
+// Takes the top_k of value (consumed: each pick becomes NaN, which neither the max nor
+// the search sees, so an untaken -inf, e.g. a group's top-2 sum under a bias near -fp32's
+// max, is still found after taken ones), best first, ties to the lower index: per pick a
+// vectorized max, then a vectorized search for its first index, with no data-dependent
+// branch (the insertion mispredicted through ~25 inserts a token at 64 experts, top-8).
+// Needs no NaN and at least top_k values.
 DSV3_MULTIVERSION void take_top_k(float* value, int32_t n, int64_t top_k, float* best_value_K,
                                   int32_t* best_index_K) {
   for (int64_t k = 0; k < top_k; ++k) {
@@ -75,7 +77,7 @@ DSV3_MULTIVERSION void take_top_k(float* value, int32_t n, int64_t top_k, float*
     }
     best_value_K[k] = best;
     best_index_K[k] = first;
-    value[first] = -kInf;
+    value[first] = std::numeric_limits<float>::quiet_NaN();
   }
 }
 

@@ -291,6 +291,14 @@ def _route_kernel(logits_ptr, bias_ptr, weights_ptr, experts_ptr, counts_ptr, na
             if N_GROUPS > 1:
                 score = best + runner_up if GROUP_SIZE > 1 and not GROUP_MAX else best
                 group_scores = tl.where(group_ids[:, None] == g, score[None, :], group_scores)
+    if N_GROUPS > 1:
+        # Pass 2 marks a kept group -inf: a group scored -inf (a top-2 sum overflowing under
+        # a bias near -fp32's max) is raised to -fp32's max, still below every other
+        # score and tied to the lower group, so it is kept in the reference's order
+        # rather than a kept group a second time.
+        group_scores = tl.where((group_ids[:, None] < N_GROUPS)
+                                & (group_scores == float("-inf")), -3.4028234663852886e38,
+                                group_scores)
     has_nan = (row_high != row_high) | (row_high == float("inf"))
 
     if STATS:
