@@ -35,7 +35,7 @@ build: dsv3/.built
 
 # Two passes: everything on the C++ CPU kernels, then the op and layer tests again
 # through the Triton kernels on CPU tensors under Triton's interpreter.
-TRITON_TESTS := tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py \
+TRITON_TESTS := tests/test_route.py tests/test_route_extremes.py tests/test_permute.py tests/test_grouped_mm.py \
 	tests/test_swiglu.py tests/test_moe.py tests/test_moe_balance.py tests/test_quantize.py \
 	tests/test_errors.py tests/test_gpu_hazards.py tests/test_ops_review.py tests/test_gpt_oss_glu.py \
 	tests/test_expert_bias.py tests/test_transformers_gpt_oss.py tests/test_wgrad_uniform_walk.py \
