@@ -12,8 +12,8 @@ namespace dsv3::route_rows {
 namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-// Below this, fast_exp's clamp answers exp(-87): those entries take std::exp.
-constexpr float kFastExpLow = -87.0f;
+// Below fast_exp's clamp, entries take std::exp.
+constexpr float kFastExpLow = vec::kFastExpLowest;
 
 // False when the row holds NaN or +inf.
 DSV3_MULTIVERSION bool all_usable(const float* x, int64_t n) {
@@ -54,7 +54,7 @@ DSV3_MULTIVERSION void divide(float* x, float by, int64_t n) {
 }
 
 DSV3_MULTIVERSION void sigmoids(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = 1.0f / (1.0f + vec::fast_exp(-x[i]));
+  for (int64_t i = 0; i < n; ++i) out[i] = vec::fast_sigmoid(x[i]);
 }
 
 // Takes the top_k of value (consumed: each pick becomes NaN, which neither the max nor

@@ -30,8 +30,10 @@ namespace dsv3::vec {
 // exp(x) for float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a
 // degree-6 Taylor polynomial of e^r (relative error < 2e-7); 2^n is built in the
 // exponent bits. Inputs are clamped to [-87, 88] so 2^n stays a normal float.
+constexpr float kFastExpLowest = -87.0f;  // below it fast_exp answers exp(-87)
+
 inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  x = x < kFastExpLowest ? kFastExpLowest : (x > 88.0f ? 88.0f : x);
   // Adding and removing 1.5 * 2^23 rounds to the nearest integer in any vector ISA.
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
