@@ -85,7 +85,7 @@ echo "   benchmarks done at $SECONDS s"
 # (DSV3_AUTOTUNE=0: the benchmarks autotune). Each failure goes to
 # pytest_failures.txt as it happens.
 echo "== pytest -m gpu"
-tests=(tests/test_route.py tests/test_permute.py tests/test_grouped_mm.py tests/test_swiglu.py
+tests=(tests/test_route.py tests/test_route_extremes.py tests/test_permute.py tests/test_grouped_mm.py tests/test_swiglu.py
        tests/test_quantize.py tests/test_moe.py tests/test_moe_balance.py tests/test_cuda_graph.py
        tests/test_errors.py tests/test_gpu_hazards.py tests/test_ops_review.py
        tests/test_transformers_integration.py
